@@ -1,0 +1,39 @@
+/// Cluster state. One protocol, two backends (embedded SQLite now; etcd for clusters later).
+///
+/// Every mutating call is a single conditional transaction: it either applies completely or
+/// throws without changing anything. Methods that can conflict throw CairnError with the
+/// status the CSI caller should see (ALREADY_EXISTS, NOT_FOUND, FAILED_PRECONDITION).
+public protocol MetadataStore: Sendable {
+    // Nodes
+    func registerNode(_ node: NodeRecord) async throws
+    func node(id: String) async throws -> NodeRecord?
+
+    // Volumes
+    /// Inserts the volume; throws ALREADY_EXISTS when the name or id is taken.
+    func createVolume(_ volume: VolumeRecord) async throws
+    func volume(id: String) async throws -> VolumeRecord?
+    func volume(named name: String) async throws -> VolumeRecord?
+    /// Volumes ordered by id, strictly after `afterID`, at most `limit` (0 = no limit).
+    func listVolumes(afterID: String?, limit: Int) async throws -> [VolumeRecord]
+    /// Deletes the volume and every record that refers to it. No error if absent.
+    func deleteVolume(id: String) async throws
+    func provisionedBytes() async throws -> Int64
+
+    // Attachments (ControllerPublish)
+    func attachments(volumeID: String) async throws -> [AttachmentRecord]
+    /// Raises the volume's epoch and records the attachment with it, in one transaction.
+    /// With `exclusive`, throws FAILED_PRECONDITION if another node holds an attachment.
+    /// Returns the stored attachment.
+    func attach(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int,
+                exclusive: Bool) async throws -> AttachmentRecord
+    func detach(volumeID: String, nodeID: String) async throws
+
+    // Node-side records
+    func stage(volumeID: String, nodeID: String) async throws -> StageRecord?
+    func stages(nodeID: String) async throws -> [StageRecord]
+    func putStage(_ record: StageRecord) async throws
+    func removeStage(volumeID: String, nodeID: String) async throws
+    func publishes(volumeID: String) async throws -> [PublishRecord]
+    func putPublish(_ record: PublishRecord) async throws
+    func removePublish(volumeID: String, targetPath: String) async throws
+}

@@ -1,0 +1,127 @@
+import Foundation
+
+/// How a volume is consumed: a filesystem (mount) or a raw block device (block).
+public enum AccessType: String, Codable, Sendable {
+    case mount, block
+}
+
+/// A volume as the controller knows it. `epoch` is the fencing epoch: raised on every
+/// ControllerPublish so that only the newest attachment can write (design invariant 2).
+public struct VolumeRecord: Codable, Sendable, Equatable {
+    public var id: String
+    public var name: String
+    public var capacityBytes: Int64
+    public var parameters: [String: String]
+    /// The filesystem the volume is formatted with on first stage ("" for block-only use).
+    public var fsType: String
+    /// CSI access modes (raw enum values) the volume was created for.
+    public var accessModes: [Int]
+    public var accessibleTopology: [String: String]
+    public var epoch: Int64
+    public var createdAt: Date
+
+    public init(id: String, name: String, capacityBytes: Int64, parameters: [String: String],
+                fsType: String, accessModes: [Int], accessibleTopology: [String: String],
+                epoch: Int64 = 0, createdAt: Date = Date()) {
+        self.id = id
+        self.name = name
+        self.capacityBytes = capacityBytes
+        self.parameters = parameters
+        self.fsType = fsType
+        self.accessModes = accessModes
+        self.accessibleTopology = accessibleTopology
+        self.epoch = epoch
+        self.createdAt = createdAt
+    }
+}
+
+/// ControllerPublish's record: the volume may be used by `nodeID`.
+public struct AttachmentRecord: Codable, Sendable, Equatable {
+    public var volumeID: String
+    public var nodeID: String
+    public var readonly: Bool
+    /// CSI access mode (raw) of the capability it was published with.
+    public var accessMode: Int
+    public var epoch: Int64
+    public var createdAt: Date
+
+    public init(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int, epoch: Int64,
+                createdAt: Date = Date()) {
+        self.volumeID = volumeID
+        self.nodeID = nodeID
+        self.readonly = readonly
+        self.accessMode = accessMode
+        self.epoch = epoch
+        self.createdAt = createdAt
+    }
+}
+
+/// A node that can attach volumes.
+public struct NodeRecord: Codable, Sendable, Equatable {
+    public var id: String
+    public var topology: [String: String]
+    public var maxVolumes: Int64
+    public var registeredAt: Date
+
+    public init(id: String, topology: [String: String], maxVolumes: Int64, registeredAt: Date = Date()) {
+        self.id = id
+        self.topology = topology
+        self.maxVolumes = maxVolumes
+        self.registeredAt = registeredAt
+    }
+}
+
+/// NodeStageVolume's record: the volume's device on this node and where it is staged.
+public struct StageRecord: Codable, Sendable, Equatable {
+    public var volumeID: String
+    public var nodeID: String
+    public var stagingPath: String
+    public var accessType: AccessType
+    /// The block device (loop device) last attached for the volume.
+    public var devicePath: String
+    public var fsType: String
+    public var mountFlags: [String]
+    public var accessMode: Int
+    public var createdAt: Date
+
+    public init(volumeID: String, nodeID: String, stagingPath: String, accessType: AccessType,
+                devicePath: String, fsType: String, mountFlags: [String], accessMode: Int,
+                createdAt: Date = Date()) {
+        self.volumeID = volumeID
+        self.nodeID = nodeID
+        self.stagingPath = stagingPath
+        self.accessType = accessType
+        self.devicePath = devicePath
+        self.fsType = fsType
+        self.mountFlags = mountFlags
+        self.accessMode = accessMode
+        self.createdAt = createdAt
+    }
+}
+
+/// NodePublishVolume's record: one target path the volume is bound to.
+public struct PublishRecord: Codable, Sendable, Equatable {
+    public var volumeID: String
+    public var nodeID: String
+    public var targetPath: String
+    public var stagingPath: String
+    public var accessType: AccessType
+    public var readonly: Bool
+    public var accessMode: Int
+    public var mountFlags: [String]
+    public var createdAt: Date
+
+    public init(volumeID: String, nodeID: String, targetPath: String, stagingPath: String,
+                accessType: AccessType, readonly: Bool, accessMode: Int, mountFlags: [String],
+                createdAt: Date = Date()) {
+        self.volumeID = volumeID
+        self.nodeID = nodeID
+        self.targetPath = targetPath
+        self.stagingPath = stagingPath
+        self.accessType = accessType
+        self.readonly = readonly
+        self.accessMode = accessMode
+        self.mountFlags = mountFlags
+        self.createdAt = createdAt
+    }
+}

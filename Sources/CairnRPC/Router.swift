@@ -1,0 +1,46 @@
+import CairnCore
+import Logging
+import SwiftProtobuf
+import Synchronization
+
+/// What a handler knows about its call besides the request.
+public struct RPCContext: Sendable {
+    public let method: String
+    /// When the client gives up; nil when it set no deadline.
+    public let deadline: ContinuousClock.Instant?
+    public let logger: Logger
+}
+
+/// Maps full gRPC method names ("/csi.v1.Node/NodeStageVolume") to typed handlers.
+/// Decoding failures become INVALID_ARGUMENT here, so handlers only ever see valid messages.
+public final class Router: Sendable {
+    public typealias RawHandler = @Sendable ([UInt8], RPCContext) async throws -> [UInt8]
+
+    private let routes = Mutex<[String: RawHandler]>([:])
+
+    public init() {}
+
+    public func register<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message>(
+        _ method: String,
+        _ handler: @escaping @Sendable (Request, RPCContext) async throws -> Response
+    ) {
+        let raw: RawHandler = { bytes, context in
+            let request: Request
+            do {
+                request = try Request(serializedBytes: bytes)
+            } catch {
+                throw CairnError.invalidArgument(
+                    "the request is not a valid \(Request.protoMessageName) message (\(error)); is the client speaking CSI v1?")
+            }
+            let response = try await handler(request, context)
+            return try response.serializedBytes()
+        }
+        routes.withLock { $0[method] = raw }
+    }
+
+    public func handler(for method: String) -> RawHandler? {
+        routes.withLock { $0[method] }
+    }
+
+    public var methods: [String] { routes.withLock { $0.keys.sorted() } }
+}

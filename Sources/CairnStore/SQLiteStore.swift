@@ -1,0 +1,228 @@
+import CairnCore
+import Foundation
+import GRDB
+import Logging
+
+/// The embedded metadata store: one SQLite database in WAL mode, through GRDB.
+///
+/// Records are stored as JSON documents keyed by their identity columns, so adding a field
+/// to a record needs no migration; the columns that queries filter on are real columns.
+/// Every mutation is one SQLite transaction (GRDB's `write`), which is what makes each state
+/// change atomic across a crash: a plugin restart sees either the old or the new state.
+public final class SQLiteStore: MetadataStore {
+    private let pool: DatabasePool
+    private let logger: Logger
+
+    public init(path: String, logger: Logger) throws {
+        self.logger = logger
+        var config = Configuration()
+        config.busyMode = .timeout(10)
+        config.prepareDatabase { db in
+            // WAL plus synchronous=FULL: a transaction acknowledged is on stable storage.
+            try db.execute(sql: "PRAGMA synchronous = FULL")
+        }
+        do {
+            pool = try DatabasePool(path: path, configuration: config)
+        } catch {
+            throw CairnError.unavailable("cannot open the metadata store at \(path): \(error)")
+        }
+        try Self.migrator.migrate(pool)
+        logger.debug("metadata store open", metadata: ["store.path": "\(path)"])
+    }
+
+    private static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1") { db in
+            try db.execute(sql: """
+                CREATE TABLE nodes (id TEXT PRIMARY KEY, doc BLOB NOT NULL);
+                CREATE TABLE volumes (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+                                      capacity INTEGER NOT NULL, doc BLOB NOT NULL);
+                CREATE TABLE attachments (volume_id TEXT NOT NULL, node_id TEXT NOT NULL,
+                                          doc BLOB NOT NULL, PRIMARY KEY (volume_id, node_id));
+                CREATE TABLE stages (volume_id TEXT NOT NULL, node_id TEXT NOT NULL,
+                                     doc BLOB NOT NULL, PRIMARY KEY (volume_id, node_id));
+                CREATE TABLE publishes (volume_id TEXT NOT NULL, target_path TEXT NOT NULL,
+                                        doc BLOB NOT NULL, PRIMARY KEY (volume_id, target_path));
+                """)
+        }
+        return migrator
+    }
+
+    // MARK: encoding
+
+    private static func encode<T: Encodable>(_ value: T) throws -> Data {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .millisecondsSince1970
+        encoder.outputFormatting = .sortedKeys
+        return try encoder.encode(value)
+    }
+
+    private static func decode<T: Decodable>(_ type: T.Type, _ data: Data) throws -> T {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .millisecondsSince1970
+        return try decoder.decode(type, from: data)
+    }
+
+    private static func fetchAll<T: Decodable>(_ db: Database, _ type: T.Type, _ sql: String,
+                                               _ arguments: StatementArguments = []) throws -> [T] {
+        try Data.fetchAll(db, sql: sql, arguments: arguments).map { try decode(type, $0) }
+    }
+
+    private static func fetchOne<T: Decodable>(_ db: Database, _ type: T.Type, _ sql: String,
+                                               _ arguments: StatementArguments = []) throws -> T? {
+        try Data.fetchOne(db, sql: sql, arguments: arguments).map { try decode(type, $0) }
+    }
+
+    private func read<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
+        do { return try await pool.read(body) } catch let e as CairnError { throw e } catch {
+            throw CairnError.unavailable("metadata store read failed: \(error)")
+        }
+    }
+
+    private func write<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
+        do { return try await pool.write(body) } catch let e as CairnError { throw e } catch {
+            throw CairnError.unavailable("metadata store write failed: \(error)")
+        }
+    }
+
+    // MARK: nodes
+
+    public func registerNode(_ node: NodeRecord) async throws {
+        let doc = try Self.encode(node)
+        try await write { db in
+            try db.execute(sql: "INSERT OR REPLACE INTO nodes (id, doc) VALUES (?, ?)", arguments: [node.id, doc])
+        }
+    }
+
+    public func node(id: String) async throws -> NodeRecord? {
+        try await read { db in try Self.fetchOne(db, NodeRecord.self, "SELECT doc FROM nodes WHERE id = ?", [id]) }
+    }
+
+    // MARK: volumes
+
+    public func createVolume(_ volume: VolumeRecord) async throws {
+        let doc = try Self.encode(volume)
+        try await write { db in
+            if try Bool.fetchOne(db, sql: "SELECT 1 FROM volumes WHERE id = ? OR name = ?", arguments: [volume.id, volume.name]) == true {
+                throw CairnError.alreadyExists("a volume named \"\(volume.name)\" or with id \(volume.id) already exists")
+            }
+            try db.execute(sql: "INSERT INTO volumes (id, name, capacity, doc) VALUES (?, ?, ?, ?)",
+                           arguments: [volume.id, volume.name, volume.capacityBytes, doc])
+        }
+    }
+
+    public func volume(id: String) async throws -> VolumeRecord? {
+        try await read { db in try Self.fetchOne(db, VolumeRecord.self, "SELECT doc FROM volumes WHERE id = ?", [id]) }
+    }
+
+    public func volume(named name: String) async throws -> VolumeRecord? {
+        try await read { db in try Self.fetchOne(db, VolumeRecord.self, "SELECT doc FROM volumes WHERE name = ?", [name]) }
+    }
+
+    public func listVolumes(afterID: String?, limit: Int) async throws -> [VolumeRecord] {
+        try await read { db in
+            try Self.fetchAll(db, VolumeRecord.self,
+                              "SELECT doc FROM volumes WHERE id > ? ORDER BY id LIMIT ?",
+                              [afterID ?? "", limit > 0 ? limit : -1])
+        }
+    }
+
+    public func deleteVolume(id: String) async throws {
+        try await write { db in
+            for table in ["attachments", "stages", "publishes", "volumes"] {
+                let column = table == "volumes" ? "id" : "volume_id"
+                try db.execute(sql: "DELETE FROM \(table) WHERE \(column) = ?", arguments: [id])
+            }
+        }
+    }
+
+    public func provisionedBytes() async throws -> Int64 {
+        try await read { db in try Int64.fetchOne(db, sql: "SELECT COALESCE(SUM(capacity), 0) FROM volumes") ?? 0 }
+    }
+
+    // MARK: attachments
+
+    public func attachments(volumeID: String) async throws -> [AttachmentRecord] {
+        try await read { db in
+            try Self.fetchAll(db, AttachmentRecord.self,
+                              "SELECT doc FROM attachments WHERE volume_id = ? ORDER BY node_id", [volumeID])
+        }
+    }
+
+    public func attach(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int,
+                       exclusive: Bool) async throws -> AttachmentRecord {
+        try await write { db in
+            guard var volume = try Self.fetchOne(db, VolumeRecord.self, "SELECT doc FROM volumes WHERE id = ?", [volumeID]) else {
+                throw CairnError.notFound("volume \(volumeID) does not exist")
+            }
+            let existing = try Self.fetchAll(db, AttachmentRecord.self,
+                                             "SELECT doc FROM attachments WHERE volume_id = ?", [volumeID])
+            if exclusive, let other = existing.first(where: { $0.nodeID != nodeID }) {
+                throw CairnError.failedPrecondition(
+                    "volume \(volumeID) is published to node \(other.nodeID) with a single-node access mode; unpublish it there first")
+            }
+            volume.epoch += 1
+            let attachment = AttachmentRecord(volumeID: volumeID, nodeID: nodeID, readonly: readonly,
+                                              accessMode: accessMode, epoch: volume.epoch)
+            try db.execute(sql: "UPDATE volumes SET doc = ? WHERE id = ?", arguments: [try Self.encode(volume), volumeID])
+            try db.execute(sql: "INSERT OR REPLACE INTO attachments (volume_id, node_id, doc) VALUES (?, ?, ?)",
+                           arguments: [volumeID, nodeID, try Self.encode(attachment)])
+            return attachment
+        }
+    }
+
+    public func detach(volumeID: String, nodeID: String) async throws {
+        try await write { db in
+            try db.execute(sql: "DELETE FROM attachments WHERE volume_id = ? AND node_id = ?", arguments: [volumeID, nodeID])
+        }
+    }
+
+    // MARK: node-side records
+
+    public func stage(volumeID: String, nodeID: String) async throws -> StageRecord? {
+        try await read { db in
+            try Self.fetchOne(db, StageRecord.self, "SELECT doc FROM stages WHERE volume_id = ? AND node_id = ?", [volumeID, nodeID])
+        }
+    }
+
+    public func stages(nodeID: String) async throws -> [StageRecord] {
+        try await read { db in
+            try Self.fetchAll(db, StageRecord.self, "SELECT doc FROM stages WHERE node_id = ? ORDER BY volume_id", [nodeID])
+        }
+    }
+
+    public func putStage(_ record: StageRecord) async throws {
+        let doc = try Self.encode(record)
+        try await write { db in
+            try db.execute(sql: "INSERT OR REPLACE INTO stages (volume_id, node_id, doc) VALUES (?, ?, ?)",
+                           arguments: [record.volumeID, record.nodeID, doc])
+        }
+    }
+
+    public func removeStage(volumeID: String, nodeID: String) async throws {
+        try await write { db in
+            try db.execute(sql: "DELETE FROM stages WHERE volume_id = ? AND node_id = ?", arguments: [volumeID, nodeID])
+        }
+    }
+
+    public func publishes(volumeID: String) async throws -> [PublishRecord] {
+        try await read { db in
+            try Self.fetchAll(db, PublishRecord.self,
+                              "SELECT doc FROM publishes WHERE volume_id = ? ORDER BY target_path", [volumeID])
+        }
+    }
+
+    public func putPublish(_ record: PublishRecord) async throws {
+        let doc = try Self.encode(record)
+        try await write { db in
+            try db.execute(sql: "INSERT OR REPLACE INTO publishes (volume_id, target_path, doc) VALUES (?, ?, ?)",
+                           arguments: [record.volumeID, record.targetPath, doc])
+        }
+    }
+
+    public func removePublish(volumeID: String, targetPath: String) async throws {
+        try await write { db in
+            try db.execute(sql: "DELETE FROM publishes WHERE volume_id = ? AND target_path = ?", arguments: [volumeID, targetPath])
+        }
+    }
+}
