@@ -1,0 +1,126 @@
+// The kernel-facing half of the Node service: loop devices, filesystems and mounts.
+//
+// `Mounter` is the seam between CSI semantics (NodeService) and the machine. It has one Linux
+// implementation (LinuxMounter) and, in the tests, an in-memory fake. When the node role runs
+// in a container and the agent does the privileged work, the agent's client is another Mounter.
+//
+// What this module may not touch: the metadata store and volume backings (NodeService owns the
+// records; the Mounter is told which file or device to work on and never chooses one itself).
+
+/// What a device holds, according to `blkid -p`.
+public enum DeviceContent: Sendable, Equatable, CustomStringConvertible {
+    /// No signature at all: safe to format.
+    case empty
+    /// A filesystem (`TYPE` with `USAGE=filesystem`).
+    case filesystem(String)
+    /// Anything else that must never be formatted over: a partition table, RAID member, LUKS…
+    case other(String)
+
+    public var description: String {
+        switch self {
+        case .empty: "no filesystem"
+        case .filesystem(let type): "a \(type) filesystem"
+        case .other(let what): what
+        }
+    }
+}
+
+/// One line of /proc/self/mountinfo (proc(5)), unescaped.
+public struct MountInfo: Sendable, Equatable {
+    public var mountID: Int
+    public var parentID: Int
+    public var major: UInt32
+    public var minor: UInt32
+    /// The directory of the source filesystem that is mounted here ("/" for a whole filesystem;
+    /// for a bind mount of a device node, the node's path inside devtmpfs, e.g. "/loop3").
+    public var root: String
+    public var mountPoint: String
+    /// Per-mount options (ro/rw, nosuid, nodev, noexec, relatime…).
+    public var mountOptions: [String]
+    /// Optional fields such as `shared:1` or `master:2`.
+    public var optionalFields: [String]
+    public var fsType: String
+    /// The mount source, e.g. `/dev/loop3` (or "none", "tmpfs"…).
+    public var source: String
+    /// Per-superblock options.
+    public var superOptions: [String]
+
+    public init(mountID: Int, parentID: Int, major: UInt32, minor: UInt32, root: String,
+                mountPoint: String, mountOptions: [String], optionalFields: [String],
+                fsType: String, source: String, superOptions: [String]) {
+        self.mountID = mountID
+        self.parentID = parentID
+        self.major = major
+        self.minor = minor
+        self.root = root
+        self.mountPoint = mountPoint
+        self.mountOptions = mountOptions
+        self.optionalFields = optionalFields
+        self.fsType = fsType
+        self.source = source
+        self.superOptions = superOptions
+    }
+
+    /// Read-only at the mount point (a bind mount made read-only) or at the superblock (e.g. ext4
+    /// remounted itself read-only after I/O errors with errors=remount-ro).
+    public var isReadOnly: Bool { mountOptions.contains("ro") || superOptions.contains("ro") }
+}
+
+/// Capacity of a mounted filesystem (statvfs(3)).
+public struct FilesystemStats: Sendable, Equatable {
+    public var totalBytes: Int64
+    public var availableBytes: Int64
+    public var usedBytes: Int64
+    public var totalInodes: Int64
+    public var freeInodes: Int64
+    public var usedInodes: Int64
+
+    public init(totalBytes: Int64, availableBytes: Int64, usedBytes: Int64,
+                totalInodes: Int64, freeInodes: Int64, usedInodes: Int64) {
+        self.totalBytes = totalBytes
+        self.availableBytes = availableBytes
+        self.usedBytes = usedBytes
+        self.totalInodes = totalInodes
+        self.freeInodes = freeInodes
+        self.usedInodes = usedInodes
+    }
+}
+
+/// The privileged operations the Node service needs. Every method throws `CairnError` whose
+/// message names the device or path and says what the operator can do about it.
+public protocol Mounter: Sendable {
+    /// Attaches `file` as a new loop device with direct I/O and returns its path (`/dev/loopN`).
+    func attachLoop(file: String, readOnly: Bool) async throws -> String
+    /// The loop devices currently backed by `file` (empty when none; never throws for a missing file).
+    func loopDevices(backing file: String) async throws -> [String]
+    /// Detaches a loop device. No error when it is already detached.
+    func detachLoop(device: String) async throws
+    /// What the device holds (`blkid -p`).
+    func probe(device: String) async throws -> DeviceContent
+    /// Creates a filesystem on an empty device. Callers must have probed it `.empty` first.
+    func makeFilesystem(device: String, fsType: String) async throws
+    /// Checks (and where safe, repairs) the filesystem before it is mounted; throws when it is
+    /// damaged beyond automatic repair, so that a broken filesystem is never mounted.
+    func checkFilesystem(device: String, fsType: String) async throws
+    /// Mounts `device` at `target` (an existing directory).
+    func mount(device: String, at target: String, fsType: String, options: [String]) async throws
+    /// Bind-mounts `source` (a directory or a device node) at `target`; `readOnly` makes the new
+    /// mount point read-only; `options` are per-mount flags (nosuid, nodev, noexec, noatime…).
+    func bindMount(source: String, at target: String, readOnly: Bool, options: [String]) async throws
+    /// Unmounts the topmost mount at `target`.
+    func unmount(_ target: String) async throws
+    /// Every mount visible to this process, in /proc/self/mountinfo order (parents first).
+    func mountTable() async throws -> [MountInfo]
+    /// Capacity and inode counts of the filesystem mounted at `path`.
+    func filesystemStats(path: String) async throws -> FilesystemStats
+    /// Size of a block device in bytes.
+    func blockDeviceSize(device: String) async throws -> Int64
+}
+
+extension Mounter {
+    /// The topmost mount at exactly `path` (the one a process sees), or nil when nothing is
+    /// mounted there. `path` must be normalised and symlink-free, as mountinfo paths are.
+    public func mountInfo(at path: String) async throws -> MountInfo? {
+        try await mountTable().last { $0.mountPoint == path }
+    }
+}

@@ -1,0 +1,783 @@
+import CSIProto
+import CairnCore
+import Foundation
+import Logging
+
+/// CSI Node service: makes a volume attached to this node usable at the paths the CO asks for.
+///
+/// Stage attaches the volume's backing file as a loop device (direct I/O) and, for mount access,
+/// puts a filesystem on it (only when it has none) and mounts it at the staging path. Publish
+/// bind-mounts the staging directory (or the loop device node, for block access) at each target.
+///
+/// Every RPC reads the same way: validate → take the volume's lock (a concurrent call on the same
+/// volume gets ABORTED) → return early when the work is already done, judged from the machine's
+/// real state (mountinfo, loop devices), not only from the records → act → persist the record.
+/// Records are the plugin's memory between calls; the kernel is the truth. After a reboot the
+/// records survive but the loop devices and mounts do not, and a repeated NodeStageVolume
+/// rebuilds them.
+///
+/// Owns: loop devices of volume backings, mounts at staging and target paths inside `pathRoots`,
+/// StageRecord and PublishRecord rows of this node. Never touches attachments or volumes.
+public final class NodeService: Sendable {
+    /// The topology segment every node reports; volumes are accessible from one node today.
+    public static let topologyKey = "topology.cairn.dev/node"
+
+    let nodeID: String
+    let topology: [String: String]
+    let maxVolumesPerNode: Int64
+    let store: any MetadataStore
+    let backing: any VolumeBacking
+    let mounter: any Mounter
+    let pathRoots: [String]
+    let locks: VolumeLocks
+    let logger: Logger
+
+    public init(nodeID: String, topology: [String: String], maxVolumesPerNode: Int64,
+                store: any MetadataStore, backing: any VolumeBacking, mounter: any Mounter,
+                pathRoots: [String], locks: VolumeLocks, logger: Logger) {
+        self.nodeID = nodeID
+        self.topology = topology
+        self.maxVolumesPerNode = maxVolumesPerNode
+        self.store = store
+        self.backing = backing
+        self.mounter = mounter
+        self.pathRoots = pathRoots
+        self.locks = locks
+        self.logger = logger
+    }
+
+    // MARK: NodeStageVolume
+
+    public func nodeStageVolume(_ request: Csi_V1_NodeStageVolumeRequest) async throws -> Csi_V1_NodeStageVolumeResponse {
+        try Validate.volumeID(request.volumeID)
+        let stagingPath = try Validate.path(request.stagingTargetPath, field: "staging_target_path", roots: pathRoots)
+        guard request.hasVolumeCapability else { throw CairnError.invalidArgument("volume_capability is required") }
+        let access = try AccessRules.parse(request.volumeCapability, field: "volume_capability")
+        try MountFlags.check(access.mountFlags, field: "volume_capability.mount.mount_flags")
+        let volumeID = request.volumeID
+        try await locks.withLock(volumeID, operation: "NodeStageVolume") {
+            try await stage(volumeID: volumeID, stagingPath: stagingPath, access: access)
+        }
+        return Csi_V1_NodeStageVolumeResponse()
+    }
+
+    private func stage(volumeID: String, stagingPath: String, access: RequestedAccess) async throws {
+        let volume = try await requireVolume(volumeID)
+        var meta = metadata(volumeID, path: stagingPath)
+
+        guard let attachment = try await store.attachments(volumeID: volumeID).first(where: { $0.nodeID == nodeID }) else {
+            throw CairnError.failedPrecondition(
+                "volume \(volumeID) is not attached to node \(nodeID); call ControllerPublishVolume for this node first")
+        }
+        try checkCapability(access, against: volume)
+        let readOnly = AccessRules.isReaderOnly(access.mode) || attachment.readonly || MountFlags.asksReadOnly(access.mountFlags)
+        let fsType: String
+        switch access.accessType {
+        case .block:
+            fsType = ""
+        case .mount:
+            fsType = !access.fsType.isEmpty ? access.fsType
+                : !volume.fsType.isEmpty ? volume.fsType : AccessRules.defaultFilesystem
+            guard AccessRules.supportedFilesystems.contains(fsType) else {
+                throw CairnError.failedPrecondition(
+                    "volume \(volumeID) records filesystem \"\(fsType)\", which this node cannot mount; supported: \(AccessRules.supportedFilesystems.joined(separator: ", "))")
+            }
+        }
+        var record = StageRecord(volumeID: volumeID, nodeID: nodeID, stagingPath: stagingPath,
+                                 accessType: access.accessType, devicePath: "", fsType: fsType,
+                                 mountFlags: access.mountFlags, accessMode: access.mode.rawValue)
+
+        // Already staged? First what the records say…
+        let file = try backing.file(volumeID: volumeID)
+        let devices = try await mounter.loopDevices(backing: file)
+        let table = try await mounter.mountTable()
+        let existing = try await store.stage(volumeID: volumeID, nodeID: nodeID)
+        if let existing {
+            if existing.stagingPath != stagingPath {
+                if isStageLive(existing, devices: devices, table: table) {
+                    throw CairnError.failedPrecondition(
+                        "volume \(volumeID) is already staged at \(existing.stagingPath) on this node (CSI allows one staging path per volume per node); call NodeUnstageVolume there first")
+                }
+                logger.info("replacing a stale stage record whose mount and device are gone",
+                            metadata: metadata(volumeID, path: existing.stagingPath))
+            } else if !isSameStage(existing, record) {
+                throw CairnError.alreadyExists(
+                    "volume \(volumeID) is already staged at \(stagingPath) with \(describe(existing)); this request asks for \(describe(record)). Repeat the original capability, or call NodeUnstageVolume first")
+            }
+        }
+
+        // …then what the kernel says.
+        let stagingReal = resolved(stagingPath)
+        let elsewhere = table.filter { usesVolume($0, devices: devices) && $0.mountPoint != stagingReal }
+        switch access.accessType {
+        case .mount:
+            if let mounted = table.last(where: { $0.mountPoint == stagingReal }) {
+                guard devices.contains(mounted.source) else {
+                    throw CairnError.failedPrecondition(
+                        "\(stagingPath) already has \(mounted.source) (\(mounted.fsType)) mounted, which is not volume \(volumeID); unmount it or stage at another path")
+                }
+                if mounted.fsType != fsType {
+                    throw CairnError.alreadyExists(
+                        "volume \(volumeID) is already mounted at \(stagingPath) as \(mounted.fsType), not \(fsType); call NodeUnstageVolume first")
+                }
+                if existing != record.with(device: mounted.source, createdAt: existing?.createdAt) {
+                    record.devicePath = mounted.source
+                    if let existing { record.createdAt = existing.createdAt }
+                    try await store.putStage(record)
+                    logger.info("adopted an existing staging mount", metadata: meta.with("device", mounted.source))
+                } else {
+                    logger.debug("already staged", metadata: meta.with("device", mounted.source))
+                }
+                return
+            }
+            if let user = elsewhere.first {
+                throw CairnError.failedPrecondition(
+                    "volume \(volumeID)'s device \(user.source) is still mounted at \(user.mountPoint), outside the staging path; unmount it there (or NodeUnpublish/NodeUnstage the old paths) before staging at \(stagingPath)")
+            }
+            try requireDirectory(stagingPath, field: "staging_target_path",
+                                 hint: "the CO must create the staging directory before NodeStageVolume")
+        case .block:
+            if let existing, existing.stagingPath == stagingPath, devices.contains(existing.devicePath) {
+                logger.debug("already staged", metadata: meta.with("device", existing.devicePath))
+                return
+            }
+            if let device = devices.first {
+                // A loop device survives a plugin restart; reuse it rather than stacking a second one.
+                record.devicePath = device
+                if let existing, existing.stagingPath == stagingPath { record.createdAt = existing.createdAt }
+                try await store.putStage(record)
+                logger.info("staged for block access on the existing loop device", metadata: meta.with("device", device))
+                return
+            }
+        }
+
+        // Act.
+        if let problem = backing.problem(volumeID: volumeID, expectedBytes: volume.capacityBytes) {
+            throw CairnError.failedPrecondition("volume \(volumeID) cannot be staged: \(problem)")
+        }
+        if devices.count > 1 {
+            logger.warning("several loop devices are backed by the volume's file; using the first",
+                           metadata: meta.with("device", devices.joined(separator: ",")))
+        }
+        let device: String
+        let attachedNow: Bool
+        if let first = devices.first {
+            device = first
+            attachedNow = false
+        } else {
+            device = try await mounter.attachLoop(file: file, readOnly: readOnly && access.accessType == .block)
+            attachedNow = true
+            logger.info("attached the volume's backing file as a loop device", metadata: meta.with("device", device))
+        }
+        meta["device"] = "\(device)"
+        do {
+            if access.accessType == .mount {
+                try await prepareFilesystem(volumeID: volumeID, device: device, fsType: fsType, readOnly: readOnly, meta: meta)
+                var options = access.mountFlags.filter { $0 != "ro" && $0 != "rw" }
+                if readOnly {
+                    options.append("ro")
+                    // Several nodes read the volume at once: none may replay the xfs log.
+                    if fsType == "xfs" && access.mode == .multiNodeReaderOnly { options.append("norecovery") }
+                }
+                try await mounter.mount(device: device, at: stagingReal, fsType: fsType, options: options)
+                logger.info("mounted the volume at its staging path", metadata: meta.with("fs.type", fsType))
+            }
+        } catch {
+            if attachedNow {
+                do {
+                    try await mounter.detachLoop(device: device)
+                } catch {
+                    logger.error("could not detach the loop device after a failed stage; detach it by hand",
+                                 metadata: meta.with("error", "\(error)"))
+                }
+            }
+            throw error
+        }
+        record.devicePath = device
+        try await store.putStage(record)
+        logger.info("staged", metadata: meta)
+    }
+
+    /// Formats an empty device, checks a device that already holds the requested filesystem and
+    /// refuses anything else: a volume that holds data is never reformatted.
+    private func prepareFilesystem(volumeID: String, device: String, fsType: String, readOnly: Bool,
+                                   meta: Logger.Metadata) async throws {
+        switch try await mounter.probe(device: device) {
+        case .empty:
+            try await mounter.makeFilesystem(device: device, fsType: fsType)
+            logger.info("created a filesystem on the volume", metadata: meta.with("fs.type", fsType))
+        case .filesystem(let found) where found == fsType:
+            // A read-only stage must not write to the device, so no repair; the kernel refuses
+            // to mount a filesystem it cannot read.
+            if !readOnly { try await mounter.checkFilesystem(device: device, fsType: fsType) }
+        case let content:
+            throw CairnError.failedPrecondition(
+                "volume \(volumeID)'s device \(device) holds \(content), not the requested \(fsType) filesystem; Cairn never reformats a volume that holds data: stage it with the filesystem it has, or create a new volume")
+        }
+    }
+
+    /// "Exceeds capabilities": what the volume itself cannot honour, whatever its state.
+    private func checkCapability(_ access: RequestedAccess, against volume: VolumeRecord) throws {
+        if access.accessType == .mount, !access.fsType.isEmpty, !volume.fsType.isEmpty, access.fsType != volume.fsType {
+            throw CairnError.failedPrecondition(
+                "volume \(volume.id) was created with a \(volume.fsType) filesystem; it cannot be used as \(access.fsType)")
+        }
+        let modes = volume.accessModes.compactMap { AccessMode(rawValue: $0) }
+        if !modes.isEmpty, !AccessRules.isReaderOnly(access.mode), modes.allSatisfy(AccessRules.isReaderOnly) {
+            throw CairnError.failedPrecondition(
+                "volume \(volume.id) was created for read-only access (\(modes.map(csiName).joined(separator: ", "))); it cannot be used with \(csiName(access.mode))")
+        }
+    }
+
+    // MARK: NodeUnstageVolume
+
+    public func nodeUnstageVolume(_ request: Csi_V1_NodeUnstageVolumeRequest) async throws -> Csi_V1_NodeUnstageVolumeResponse {
+        try Validate.volumeID(request.volumeID)
+        let stagingPath = try Validate.path(request.stagingTargetPath, field: "staging_target_path", roots: pathRoots)
+        let volumeID = request.volumeID
+        try await locks.withLock(volumeID, operation: "NodeUnstageVolume") {
+            try await unstage(volumeID: volumeID, stagingPath: stagingPath)
+        }
+        return Csi_V1_NodeUnstageVolumeResponse()
+    }
+
+    private func unstage(volumeID: String, stagingPath: String) async throws {
+        _ = try await requireVolume(volumeID)
+        let meta = metadata(volumeID, path: stagingPath)
+        let existing = try await store.stage(volumeID: volumeID, nodeID: nodeID)
+        if let existing, existing.stagingPath != stagingPath {
+            // Not staged at this path: nothing to undo here (the other staging path is left alone).
+            logger.info("not staged at this path; nothing to do", metadata: meta.with("staged.path", existing.stagingPath))
+            return
+        }
+
+        let table = try await mounter.mountTable()
+        let stillPublished = try await store.publishes(volumeID: volumeID)
+            .filter { $0.nodeID == nodeID && isMounted($0.targetPath, in: table) }
+        if !stillPublished.isEmpty {
+            throw CairnError.failedPrecondition(
+                "volume \(volumeID) is still published at \(stillPublished.map(\.targetPath).joined(separator: ", ")); call NodeUnpublishVolume for every target first")
+        }
+        let file = try backing.file(volumeID: volumeID)
+        let devices = try await mounter.loopDevices(backing: file)
+        let stagingReal = resolved(stagingPath)
+        let users = table.filter { usesVolume($0, devices: devices) && $0.mountPoint != stagingReal }
+        if !users.isEmpty {
+            throw CairnError.failedPrecondition(
+                "volume \(volumeID)'s device is still mounted at \(users.map(\.mountPoint).joined(separator: ", ")), which Cairn did not publish; unmount those paths first")
+        }
+
+        // Unmount what is ours at the staging path (loop: the same device may be stacked there).
+        for _ in 0..<8 {
+            guard let mounted = try await mounter.mountInfo(at: stagingReal) else { break }
+            guard usesVolume(mounted, devices: devices) else {
+                if existing == nil {
+                    logger.info("the staging path holds another mount and the volume is not staged there; nothing to do",
+                                metadata: meta.with("device", mounted.source))
+                    return
+                }
+                throw CairnError.failedPrecondition(
+                    "\(stagingPath) has \(mounted.source) (\(mounted.fsType)) mounted on top of volume \(volumeID); Cairn will not unmount what it did not mount: unmount it by hand and retry")
+            }
+            try await mounter.unmount(stagingReal)
+            logger.info("unmounted the staging path", metadata: meta.with("device", mounted.source))
+        }
+        if let still = try await mounter.mountInfo(at: stagingReal), usesVolume(still, devices: devices) {
+            throw CairnError.internal("\(stagingPath) is still mounted after repeated unmounts; inspect /proc/self/mountinfo")
+        }
+        for device in devices {
+            try await mounter.detachLoop(device: device)
+            logger.info("detached the loop device", metadata: meta.with("device", device))
+        }
+        if existing != nil {
+            try await store.removeStage(volumeID: volumeID, nodeID: nodeID)
+        }
+        logger.info("unstaged", metadata: meta)
+    }
+
+    // MARK: NodePublishVolume
+
+    public func nodePublishVolume(_ request: Csi_V1_NodePublishVolumeRequest) async throws -> Csi_V1_NodePublishVolumeResponse {
+        try Validate.volumeID(request.volumeID)
+        let targetPath = try Validate.path(request.targetPath, field: "target_path", roots: pathRoots)
+        guard request.hasVolumeCapability else { throw CairnError.invalidArgument("volume_capability is required") }
+        let access = try AccessRules.parse(request.volumeCapability, field: "volume_capability")
+        try MountFlags.check(access.mountFlags, field: "volume_capability.mount.mount_flags")
+        // The spec's error table: STAGE_UNSTAGE_VOLUME is advertised but no staging path → FAILED_PRECONDITION.
+        guard !request.stagingTargetPath.isEmpty else {
+            throw CairnError.failedPrecondition(
+                "staging_target_path is required: this plugin stages volumes (STAGE_UNSTAGE_VOLUME); call NodeStageVolume first and pass its staging_target_path")
+        }
+        let stagingPath = try Validate.path(request.stagingTargetPath, field: "staging_target_path", roots: pathRoots)
+        if Validate.isInside(targetPath, root: stagingPath) || Validate.isInside(stagingPath, root: targetPath) {
+            throw CairnError.invalidArgument(
+                "target_path \(targetPath) and staging_target_path \(stagingPath) must not contain one another")
+        }
+        let volumeID = request.volumeID
+        try await locks.withLock(volumeID, operation: "NodePublishVolume") {
+            try await publish(volumeID: volumeID, targetPath: targetPath, stagingPath: stagingPath,
+                              access: access, readonlyFlag: request.readonly)
+        }
+        return Csi_V1_NodePublishVolumeResponse()
+    }
+
+    private func publish(volumeID: String, targetPath: String, stagingPath: String,
+                         access: RequestedAccess, readonlyFlag: Bool) async throws {
+        _ = try await requireVolume(volumeID)
+        var meta = metadata(volumeID, path: targetPath)
+        guard let stage = try await store.stage(volumeID: volumeID, nodeID: nodeID), stage.stagingPath == stagingPath else {
+            throw CairnError.failedPrecondition(
+                "volume \(volumeID) is not staged at \(stagingPath) on node \(nodeID); call NodeStageVolume first")
+        }
+        guard stage.accessType == access.accessType else {
+            throw CairnError.failedPrecondition(
+                "volume \(volumeID) is staged for \(stage.accessType) access and cannot be published for \(access.accessType) access; unstage it and stage it again with a \(access.accessType) capability")
+        }
+        if access.accessType == .mount, !access.fsType.isEmpty, access.fsType != stage.fsType {
+            throw CairnError.failedPrecondition(
+                "volume \(volumeID) is staged with a \(stage.fsType) filesystem; it cannot be published as \(access.fsType)")
+        }
+
+        let file = try backing.file(volumeID: volumeID)
+        let devices = try await mounter.loopDevices(backing: file)
+        let table = try await mounter.mountTable()
+        let stagingReal = resolved(stagingPath)
+        let source: String
+        switch stage.accessType {
+        case .mount:
+            guard let staged = table.last(where: { $0.mountPoint == stagingReal }), devices.contains(staged.source) else {
+                throw CairnError.failedPrecondition(
+                    "volume \(volumeID) is recorded as staged at \(stagingPath) but its filesystem is no longer mounted there (did the node restart?); call NodeStageVolume again")
+            }
+            source = stagingReal
+        case .block:
+            guard devices.contains(stage.devicePath) else {
+                throw CairnError.failedPrecondition(
+                    "volume \(volumeID) is recorded as staged on \(stage.devicePath) but that loop device no longer serves the volume (did the node restart?); call NodeStageVolume again")
+            }
+            source = stage.devicePath
+        }
+        meta["device"] = "\(devices.first ?? stage.devicePath)"
+
+        let readOnly = readonlyFlag || AccessRules.isReaderOnly(access.mode) || MountFlags.asksReadOnly(access.mountFlags)
+        var record = PublishRecord(volumeID: volumeID, nodeID: nodeID, targetPath: targetPath, stagingPath: stagingPath,
+                                   accessType: access.accessType, readonly: readonlyFlag,
+                                   accessMode: access.mode.rawValue, mountFlags: access.mountFlags)
+        let publishes = try await store.publishes(volumeID: volumeID).filter { $0.nodeID == nodeID }
+        let existing = publishes.first { $0.targetPath == targetPath }
+        let targetReal = resolved(targetPath)
+
+        // Already published at this target?
+        if let mounted = table.last(where: { $0.mountPoint == targetReal }) {
+            guard usesVolume(mounted, devices: devices) else {
+                throw CairnError.failedPrecondition(
+                    "\(targetPath) already has \(mounted.source) (\(mounted.fsType)) mounted, which is not volume \(volumeID); unmount it or publish at another path")
+            }
+            if let existing {
+                guard isSamePublish(existing, record) else {
+                    throw CairnError.alreadyExists(
+                        "volume \(volumeID) is already published at \(targetPath) with \(describe(existing)); this request asks for \(describe(record)). Repeat the original request, or call NodeUnpublishVolume first")
+                }
+                logger.debug("already published", metadata: meta)
+                return
+            }
+            guard mounted.isReadOnly == readOnly else {
+                throw CairnError.alreadyExists(
+                    "volume \(volumeID) is already mounted at \(targetPath) \(mounted.isReadOnly ? "read-only" : "read-write"); this request asks for \(readOnly ? "read-only" : "read-write"). Call NodeUnpublishVolume first")
+            }
+            try await store.putPublish(record)
+            logger.info("adopted an existing publish mount", metadata: meta)
+            return
+        }
+        if let existing {
+            guard isSamePublish(existing, record) else {
+                throw CairnError.alreadyExists(
+                    "volume \(volumeID) is already published at \(targetPath) with \(describe(existing)); this request asks for \(describe(record)). Repeat the original request, or call NodeUnpublishVolume first")
+            }
+            record.createdAt = existing.createdAt
+            logger.info("recorded publish has no mount any more; publishing again", metadata: meta)
+        }
+
+        // SINGLE_NODE_SINGLE_WRITER: at most one read-write target at a time on this node.
+        if !readOnly {
+            let writers = publishes.filter {
+                $0.targetPath != targetPath && isMounted($0.targetPath, in: table) && !effectiveReadOnly($0)
+            }
+            let singleWriter = access.mode == .singleNodeSingleWriter
+                || writers.contains { $0.accessMode == AccessMode.singleNodeSingleWriter.rawValue }
+            if singleWriter, let other = writers.first {
+                throw CairnError.failedPrecondition(
+                    "volume \(volumeID) allows a single writer (SINGLE_NODE_SINGLE_WRITER) and is already published read-write at \(other.targetPath); call NodeUnpublishVolume there first, or publish this target read-only")
+            }
+        }
+
+        // Act.
+        let created: Bool
+        switch access.accessType {
+        case .mount: created = try ensureDirectory(targetPath)
+        case .block: created = try ensureFile(targetPath)
+        }
+        do {
+            try await mounter.bindMount(source: source, at: resolved(targetPath), readOnly: readOnly,
+                                        options: MountFlags.perMountOnly(access.mountFlags))
+        } catch {
+            if created { _ = try? removeTarget(targetPath, volumeID: volumeID) }
+            throw error
+        }
+        logger.info("bind-mounted the volume at the target", metadata: meta.with("readonly", "\(readOnly)"))
+        try await store.putPublish(record)
+        logger.info("published", metadata: meta)
+    }
+
+    // MARK: NodeUnpublishVolume
+
+    public func nodeUnpublishVolume(_ request: Csi_V1_NodeUnpublishVolumeRequest) async throws -> Csi_V1_NodeUnpublishVolumeResponse {
+        try Validate.volumeID(request.volumeID)
+        let targetPath = try Validate.path(request.targetPath, field: "target_path", roots: pathRoots)
+        let volumeID = request.volumeID
+        try await locks.withLock(volumeID, operation: "NodeUnpublishVolume") {
+            try await unpublish(volumeID: volumeID, targetPath: targetPath)
+        }
+        return Csi_V1_NodeUnpublishVolumeResponse()
+    }
+
+    private func unpublish(volumeID: String, targetPath: String) async throws {
+        _ = try await requireVolume(volumeID)
+        let meta = metadata(volumeID, path: targetPath)
+        let record = try await store.publishes(volumeID: volumeID)
+            .first { $0.nodeID == nodeID && $0.targetPath == targetPath }
+        let file = try backing.file(volumeID: volumeID)
+        let devices = try await mounter.loopDevices(backing: file)
+        let targetReal = resolved(targetPath)
+
+        for _ in 0..<8 {
+            guard let mounted = try await mounter.mountInfo(at: targetReal) else { break }
+            // Ours: the volume's device (or its staging mount) — or a target we recorded whose
+            // loop device has since gone away (then the kernel shows a source we cannot match).
+            guard usesVolume(mounted, devices: devices) || record != nil else {
+                throw CairnError.failedPrecondition(
+                    "\(targetPath) has \(mounted.source) (\(mounted.fsType)) mounted, which is not volume \(volumeID); Cairn will not unmount what it did not mount")
+            }
+            try await mounter.unmount(targetReal)
+            logger.info("unmounted the target", metadata: meta.with("device", mounted.source))
+        }
+        if try await mounter.mountInfo(at: targetReal) != nil {
+            throw CairnError.internal("\(targetPath) is still mounted after repeated unmounts; inspect /proc/self/mountinfo")
+        }
+        // The SP created the target (CSI: "the SP MUST delete the file or directory it created").
+        if try removeTarget(targetPath, volumeID: volumeID) {
+            logger.info("removed the target path", metadata: meta)
+        }
+        if record != nil {
+            try await store.removePublish(volumeID: volumeID, targetPath: targetPath)
+        }
+        logger.info("unpublished", metadata: meta)
+    }
+
+    // MARK: NodeGetVolumeStats
+
+    public func nodeGetVolumeStats(_ request: Csi_V1_NodeGetVolumeStatsRequest) async throws -> Csi_V1_NodeGetVolumeStatsResponse {
+        // No volume lock: stats change nothing, and a kubelet polling them must not see ABORTED
+        // (or make a concurrent stage see it) while the volume is being staged.
+        try Validate.volumeID(request.volumeID)
+        guard !request.volumePath.isEmpty else { throw CairnError.invalidArgument("volume_path is required") }
+        let volumeID = request.volumeID
+        let volume = try await requireVolume(volumeID)
+        let notHere = CairnError.notFound(
+            "volume \(volumeID) is neither staged nor published at \"\(Validate.printable(request.volumePath))\" on node \(nodeID)")
+        // A path we would refuse to stage or publish at cannot hold the volume: NOT_FOUND (the
+        // spec's "does not exist on specified volume_path"), not INVALID_ARGUMENT.
+        guard let path = try? Validate.path(request.volumePath, field: "volume_path", roots: pathRoots) else { throw notHere }
+
+        let stage = try await store.stage(volumeID: volumeID, nodeID: nodeID)
+        let publish = try await store.publishes(volumeID: volumeID).first { $0.nodeID == nodeID && $0.targetPath == path }
+        let isStaging = stage?.stagingPath == path
+        let file = try backing.file(volumeID: volumeID)
+        let devices = try await mounter.loopDevices(backing: file)
+        let mounted = try await mounter.mountInfo(at: resolved(path))
+        let mountIsOurs = mounted.map { usesVolume($0, devices: devices) } ?? false
+        guard publish != nil || isStaging || mountIsOurs else { throw notHere }
+
+        let accessType: AccessType = publish?.accessType ?? stage?.accessType
+            ?? (mounted.map { $0.source.hasPrefix("/dev/loop") } == true ? .mount : .block)
+        var problems: [String] = []
+        if let problem = backing.problem(volumeID: volumeID, expectedBytes: volume.capacityBytes) {
+            problems.append(problem)
+        }
+        var response = Csi_V1_NodeGetVolumeStatsResponse()
+        switch accessType {
+        case .mount:
+            if let mounted, mountIsOurs {
+                let stats = try await mounter.filesystemStats(path: resolved(path))
+                response.usage = [
+                    usage(.bytes, total: stats.totalBytes, available: stats.availableBytes, used: stats.usedBytes),
+                    usage(.inodes, total: stats.totalInodes, available: stats.freeInodes, used: stats.usedInodes),
+                ]
+                let expectReadOnly = publish.map(effectiveReadOnly)
+                    ?? stage.map { AccessRules.isReaderOnly(AccessMode(rawValue: $0.accessMode) ?? .unknown) } ?? false
+                if mounted.isReadOnly && !expectReadOnly {
+                    problems.append(
+                        "the filesystem at \(path) is read-only although it was made read-write: the kernel probably remounted it after I/O errors (see dmesg); unstage the volume and stage it again to run fsck")
+                }
+            } else if let mounted {
+                problems.append("\(path) has \(mounted.source) mounted instead of the volume; unmount it and publish again")
+            } else {
+                problems.append("nothing is mounted at \(path): the volume's filesystem is gone (node restarted, or unmounted outside the plugin); stage and publish it again")
+            }
+        case .block:
+            let device = devices.first { $0 == stage?.devicePath } ?? devices.first
+            if let device {
+                response.usage = [usage(.bytes, total: try await mounter.blockDeviceSize(device: device), available: 0, used: 0)]
+                if publish != nil && !mountIsOurs {
+                    problems.append("the device is no longer bound at \(path); publish the volume again")
+                }
+            } else {
+                problems.append("the volume's loop device is gone (node restarted, or detached outside the plugin); stage the volume again")
+            }
+        }
+        response.volumeCondition = .with {
+            $0.abnormal = !problems.isEmpty
+            $0.message = problems.isEmpty ? "volume is attached and mounted; its backing file is intact" : problems.joined(separator: "; ")
+        }
+        return response
+    }
+
+    private func usage(_ unit: Csi_V1_VolumeUsage.Unit, total: Int64, available: Int64, used: Int64) -> Csi_V1_VolumeUsage {
+        .with {
+            $0.unit = unit
+            $0.total = max(0, total)
+            $0.available = max(0, available)
+            $0.used = max(0, used)
+        }
+    }
+
+    // MARK: NodeGetCapabilities, NodeGetInfo
+
+    public func nodeGetCapabilities(_ request: Csi_V1_NodeGetCapabilitiesRequest) async throws -> Csi_V1_NodeGetCapabilitiesResponse {
+        let types: [Csi_V1_NodeServiceCapability.RPC.TypeEnum] = [
+            .stageUnstageVolume, .getVolumeStats, .volumeCondition, .singleNodeMultiWriter,
+        ]
+        var response = Csi_V1_NodeGetCapabilitiesResponse()
+        response.capabilities = types.map { type in .with { $0.rpc = .with { $0.type = type } } }
+        return response
+    }
+
+    public func nodeGetInfo(_ request: Csi_V1_NodeGetInfoRequest) async throws -> Csi_V1_NodeGetInfoResponse {
+        var response = Csi_V1_NodeGetInfoResponse()
+        response.nodeID = nodeID
+        response.maxVolumesPerNode = max(0, maxVolumesPerNode)
+        var segments = topology
+        segments[Self.topologyKey] = nodeID
+        response.accessibleTopology = .with { $0.segments = segments }
+        return response
+    }
+
+    // MARK: Start-up
+
+    /// Compares this node's records with the machine after a (re)start and logs what no longer
+    /// holds. Nothing is repaired here: the CO repeats NodeStageVolume/NodePublishVolume (Mesos
+    /// after a reboot, Kubernetes continuously) and those calls rebuild what is missing.
+    public func reconcile() async {
+        do {
+            let table = try await mounter.mountTable()
+            let stages = try await store.stages(nodeID: nodeID)
+            for stage in stages {
+                let meta = metadata(stage.volumeID, path: stage.stagingPath).with("device", stage.devicePath)
+                let devices = try await mounter.loopDevices(backing: try backing.file(volumeID: stage.volumeID))
+                if devices.isEmpty {
+                    logger.warning("the loop device of a staged volume vanished (reboot?); the next NodeStageVolume re-attaches it",
+                                   metadata: meta)
+                } else if stage.accessType == .mount,
+                          !table.contains(where: { $0.mountPoint == resolved(stage.stagingPath) && usesVolume($0, devices: devices) }) {
+                    logger.warning("a staged volume is no longer mounted at its staging path; the next NodeStageVolume mounts it again",
+                                   metadata: meta)
+                } else {
+                    logger.info("staged volume intact", metadata: meta)
+                }
+                for publish in try await store.publishes(volumeID: stage.volumeID) where publish.nodeID == nodeID {
+                    if !isMounted(publish.targetPath, in: table) {
+                        logger.warning("a published target is no longer mounted; the next NodePublishVolume mounts it again",
+                                       metadata: metadata(stage.volumeID, path: publish.targetPath))
+                    }
+                }
+            }
+            logger.info("node records reconciled with the machine", metadata: ["node.id": "\(nodeID)", "stages": "\(stages.count)"])
+        } catch {
+            logger.error("could not reconcile node records with the machine", metadata: ["node.id": "\(nodeID)", "error": "\(error)"])
+        }
+    }
+
+    // MARK: Helpers
+
+    private func requireVolume(_ volumeID: String) async throws -> VolumeRecord {
+        guard let volume = try await store.volume(id: volumeID) else {
+            throw CairnError.notFound("volume \(volumeID) does not exist")
+        }
+        return volume
+    }
+
+    /// The path as mountinfo shows it: symlinks in existing ancestors resolved.
+    private func resolved(_ path: String) -> String {
+        Validate.realPath(path) ?? path
+    }
+
+    /// Whether `mount` is the volume: its loop device mounted (a filesystem or a bind of the
+    /// staging directory shows the device as source), or the device node itself bind-mounted
+    /// (block access: devtmpfs with the node's name as root).
+    private func usesVolume(_ mount: MountInfo, devices: [String]) -> Bool {
+        if devices.contains(mount.source) { return true }
+        if mount.fsType == "devtmpfs" || mount.fsType == "tmpfs" {
+            return devices.contains { "/dev" + mount.root == $0 }
+        }
+        return false
+    }
+
+    private func isMounted(_ path: String, in table: [MountInfo]) -> Bool {
+        let real = resolved(path)
+        return table.contains { $0.mountPoint == real }
+    }
+
+    private func isStageLive(_ stage: StageRecord, devices: [String], table: [MountInfo]) -> Bool {
+        switch stage.accessType {
+        case .block: devices.contains(stage.devicePath)
+        case .mount: table.contains { $0.mountPoint == resolved(stage.stagingPath) && usesVolume($0, devices: devices) }
+        }
+    }
+
+    private func isSameStage(_ a: StageRecord, _ b: StageRecord) -> Bool {
+        a.accessType == b.accessType && a.fsType == b.fsType && a.mountFlags == b.mountFlags && a.accessMode == b.accessMode
+    }
+
+    private func isSamePublish(_ a: PublishRecord, _ b: PublishRecord) -> Bool {
+        a.accessType == b.accessType && a.readonly == b.readonly && a.accessMode == b.accessMode
+            && a.mountFlags == b.mountFlags && a.stagingPath == b.stagingPath
+    }
+
+    private func effectiveReadOnly(_ publish: PublishRecord) -> Bool {
+        publish.readonly || AccessRules.isReaderOnly(AccessMode(rawValue: publish.accessMode) ?? .unknown)
+            || MountFlags.asksReadOnly(publish.mountFlags)
+    }
+
+    private func describe(_ stage: StageRecord) -> String {
+        var parts = ["\(stage.accessType) access", csiName(rawMode: stage.accessMode)]
+        if stage.accessType == .mount {
+            parts.append("fs_type \(stage.fsType)")
+            parts.append("mount_flags [\(stage.mountFlags.joined(separator: ","))]")
+        }
+        return parts.joined(separator: ", ")
+    }
+
+    private func describe(_ publish: PublishRecord) -> String {
+        var parts = ["\(publish.accessType) access", csiName(rawMode: publish.accessMode), "readonly=\(publish.readonly)"]
+        if publish.accessType == .mount { parts.append("mount_flags [\(publish.mountFlags.joined(separator: ","))]") }
+        return parts.joined(separator: ", ")
+    }
+
+    private func metadata(_ volumeID: String, path: String) -> Logger.Metadata {
+        ["volume.id": "\(volumeID)", "node.id": "\(nodeID)", "path": "\(path)"]
+    }
+
+    // MARK: Target paths (the SP creates and removes them)
+
+    private func requireDirectory(_ path: String, field: String, hint: String) throws {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
+            throw CairnError.failedPrecondition("\(field) \(path) does not exist; \(hint)")
+        }
+        guard isDirectory.boolValue else {
+            throw CairnError.failedPrecondition("\(field) \(path) is not a directory; \(hint)")
+        }
+    }
+
+    /// Creates the directory for a mount-access target; true when it was created now.
+    private func ensureDirectory(_ path: String) throws -> Bool {
+        var st = stat()
+        if lstat(path, &st) == 0 {
+            guard st.st_mode & S_IFMT == S_IFDIR else {
+                throw CairnError.failedPrecondition(
+                    "target_path \(path) exists and is not a directory; mount access needs a directory there: remove it or use another target")
+            }
+            return false
+        }
+        try requireParent(of: path)
+        if mkdir(path, 0o750) != 0 && errno != EEXIST {
+            let e = errno
+            throw CairnError.internal("could not create the target directory \(path): \(String(cString: strerror(e)))")
+        }
+        return true
+    }
+
+    /// Creates the empty file a block device is bound onto; true when it was created now.
+    private func ensureFile(_ path: String) throws -> Bool {
+        var st = stat()
+        if lstat(path, &st) == 0 {
+            guard st.st_mode & S_IFMT == S_IFREG || st.st_mode & S_IFMT == S_IFBLK else {
+                throw CairnError.failedPrecondition(
+                    "target_path \(path) exists and is not a regular file; block access binds the device onto a file: remove it or use another target")
+            }
+            return false
+        }
+        try requireParent(of: path)
+        let fd = open(path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0o640)
+        if fd < 0 {
+            let e = errno
+            if e == EEXIST { return false }
+            throw CairnError.internal("could not create the target file \(path): \(String(cString: strerror(e)))")
+        }
+        close(fd)
+        return true
+    }
+
+    private func requireParent(of path: String) throws {
+        let parent = (path as NSString).deletingLastPathComponent
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: parent, isDirectory: &isDirectory), isDirectory.boolValue else {
+            throw CairnError.failedPrecondition(
+                "the parent directory \(parent) of target_path does not exist; the CO must create it before NodePublishVolume")
+        }
+    }
+
+    /// Removes an unmounted target: an empty directory or an empty file (what publish creates).
+    /// Anything holding data is left alone: the target is not the volume, and deleting what the
+    /// plugin did not create is never safe. Returns whether something was removed.
+    @discardableResult
+    private func removeTarget(_ path: String, volumeID: String) throws -> Bool {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return false }
+        switch st.st_mode & S_IFMT {
+        case S_IFDIR:
+            if rmdir(path) != 0 {
+                let e = errno
+                if e == ENOENT { return false }
+                throw CairnError.failedPrecondition(
+                    "could not remove the target directory \(path) after unmounting volume \(volumeID): \(String(cString: strerror(e))); it holds files the plugin did not put there, remove them by hand")
+            }
+        case S_IFREG where st.st_size == 0:
+            if unlink(path) != 0 && errno != ENOENT {
+                let e = errno
+                throw CairnError.internal("could not remove the target file \(path): \(String(cString: strerror(e)))")
+            }
+        default:
+            throw CairnError.failedPrecondition(
+                "target_path \(path) is neither an empty directory nor an empty file after unmounting volume \(volumeID); remove it by hand")
+        }
+        return true
+    }
+}
+
+extension StageRecord {
+    fileprivate func with(device: String, createdAt: Date?) -> StageRecord {
+        var copy = self
+        copy.devicePath = device
+        if let createdAt { copy.createdAt = createdAt }
+        return copy
+    }
+}
+
+extension Logger.Metadata {
+    fileprivate func with(_ key: String, _ value: String) -> Logger.Metadata {
+        var copy = self
+        copy[key] = "\(value)"
+        return copy
+    }
+}
