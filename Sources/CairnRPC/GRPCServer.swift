@@ -7,8 +7,10 @@ import Synchronization
 /// A gRPC server over CGRPCShim that hands every unary call to a `Router`.
 ///
 /// Each call is finished exactly once, by whichever comes first: the handler's result, the
-/// client's deadline (DEADLINE_EXCEEDED; the handler keeps running and keeps its volume lock,
-/// so a retry gets ABORTED until it is done), or cancellation (CANCELLED).
+/// client's deadline (DEADLINE_EXCEEDED) or cancellation by the client or shutdown (CANCELLED).
+/// In the last two cases the handler is *not* cancelled: a storage operation abandoned halfway
+/// (a filesystem mounted but not recorded) is worse than one finished late. It keeps its volume
+/// lock until done, so the CO's retry gets ABORTED until then and the result afterwards.
 public final class GRPCServer: Sendable {
     private let core: ServerCore
     private let handle = Mutex<ServerHandle?>(nil)
@@ -67,15 +69,10 @@ private struct ServerHandle: @unchecked Sendable {
 private final class InFlightCall: Sendable {
     private struct State: @unchecked Sendable {
         var pointer: OpaquePointer?
-        var work: Task<Void, Never>?
     }
     private let state: Mutex<State>
 
-    init(pointer: OpaquePointer) { state = Mutex(State(pointer: pointer, work: nil)) }
-
-    func setWork(_ task: Task<Void, Never>) { state.withLock { $0.work = task } }
-
-    func cancelWork() { state.withLock { $0.work }?.cancel() }
+    init(pointer: OpaquePointer) { state = Mutex(State(pointer: pointer)) }
 
     /// Returns false when the call had already been finished.
     @discardableResult
@@ -110,7 +107,7 @@ final class ServerCore: Sendable {
         let context = RPCContext(method: method, deadline: deadline, logger: callLogger)
         calls.withLock { $0[id] = call }
 
-        let work = Task {
+        Task {
             var code = StatusCode.ok
             var message = ""
             var response: [UInt8] = []
@@ -136,7 +133,6 @@ final class ServerCore: Sendable {
             }
             self.forget(id)
         }
-        call.setWork(work)
 
         if let deadline {
             Task {
@@ -150,9 +146,8 @@ final class ServerCore: Sendable {
 
     func cancel(id: UInt64) {
         guard let call = calls.withLock({ $0[id] }) else { return }
-        call.cancelWork()
-        if call.finish(.cancelled, "the call was cancelled", []) {
-            logger.debug("rpc cancelled by the client or by shutdown", metadata: ["rpc.id": "\(id)"])
+        if call.finish(.cancelled, "the call was cancelled; the operation continues in the background, retry to get its result", []) {
+            logger.info("rpc cancelled by the client or by shutdown; its operation runs to completion", metadata: ["rpc.id": "\(id)"])
         }
     }
 

@@ -1,0 +1,342 @@
+import CSIProto
+import CairnCore
+import Foundation
+import Logging
+
+/// CSI Controller: volumes, attachments (with fencing epochs), capacity.
+///
+/// Every handler reads: validate → take the volume's lock (or ABORTED) → return early if
+/// already done → act → persist. All state lives in the MetadataStore; this type holds none.
+public final class ControllerService: Sendable {
+    /// The topology key every Cairn node reports (NodeGetInfo) and every volume is bound by.
+    public static let nodeTopologyKey = "topology.cairn.dev/node"
+    static let epochContextKey = "cairn.dev/epoch"
+
+    let store: any MetadataStore
+    let backing: any VolumeBacking
+    let capacity: CapacityPolicy
+    /// The node whose disk holds the volumes created here (one-machine deployment).
+    let localNodeID: String
+    let localTopology: [String: String]
+    let locks: VolumeLocks
+    let logger: Logger
+
+    public init(store: any MetadataStore, backing: any VolumeBacking, capacity: CapacityPolicy,
+                localNodeID: String, localTopology: [String: String], locks: VolumeLocks, logger: Logger) {
+        self.store = store
+        self.backing = backing
+        self.capacity = capacity
+        self.localNodeID = localNodeID
+        self.localTopology = localTopology
+        self.locks = locks
+        self.logger = logger
+    }
+
+    // MARK: CreateVolume / DeleteVolume
+
+    public func createVolume(_ request: Csi_V1_CreateVolumeRequest) async throws -> Csi_V1_CreateVolumeResponse {
+        try Validate.volumeName(request.name)
+        let access = try AccessRules.parseAll(request.volumeCapabilities, field: "volume_capabilities")
+        let parameters = try VolumeParameters(request.parameters)
+        if request.hasVolumeContentSource {
+            throw CairnError.invalidArgument(
+                "volume_content_source is not supported yet (CREATE_DELETE_SNAPSHOT and CLONE_VOLUME are not advertised)")
+        }
+        let fsType = try Self.filesystem(parameters: parameters, access: access)
+        let size = try capacity.size(required: request.capacityRange.requiredBytes,
+                                     limit: request.capacityRange.limitBytes, fsType: fsType)
+        if parameters.replicas > 1 {
+            throw CairnError.resourceExhausted(
+                "replicas=\(parameters.replicas) needs \(parameters.replicas) nodes, but this deployment stores volumes on one node (\(localNodeID)); use replicas=1")
+        }
+        if request.hasAccessibilityRequirements {
+            let requisite = request.accessibilityRequirements.requisite
+            if !requisite.isEmpty && !requisite.contains(where: { matchesLocalTopology($0.segments) }) {
+                throw CairnError.resourceExhausted(
+                    "no node satisfies accessibility_requirements.requisite; this plugin's node is \(localTopology)")
+            }
+        }
+
+        return try await locks.withLock("name:\(request.name)", operation: "CreateVolume") {
+            if let existing = try await store.volume(named: request.name) {
+                try Self.checkCompatible(existing, size: size, request: request, parameters: parameters, fsType: fsType)
+                logger.debug("volume already exists", metadata: ["volume.id": "\(existing.id)", "volume.name": "\(existing.name)"])
+                return Self.createResponse(existing)
+            }
+            let provisioned = try await store.provisionedBytes()
+            guard capacity.fits(size, provisioned: provisioned) else {
+                throw CairnError.resourceExhausted(
+                    "not enough capacity for \(size) bytes: \(capacity.poolBytes - provisioned) of \(capacity.poolBytes) bytes are free on node \(localNodeID)")
+            }
+            let volume = VolumeRecord(
+                id: "vol-" + UUID().uuidString.lowercased(), name: request.name, capacityBytes: size,
+                parameters: parameters.stored, fsType: fsType, accessModes: access.map { $0.mode.rawValue },
+                accessibleTopology: localTopology)
+            try backing.create(volume)
+            do {
+                try await store.createVolume(volume)
+            } catch {
+                try? backing.delete(volumeID: volume.id)
+                throw error
+            }
+            logger.info("volume created", metadata: [
+                "volume.id": "\(volume.id)", "volume.name": "\(volume.name)", "volume.bytes": "\(size)",
+                "volume.fs": "\(fsType)",
+            ])
+            return Self.createResponse(volume)
+        }
+    }
+
+    static func filesystem(parameters: VolumeParameters, access: [RequestedAccess]) throws -> String {
+        let requested = Set(access.map(\.fsType).filter { !$0.isEmpty })
+        if requested.count > 1 {
+            throw CairnError.invalidArgument("volume_capabilities ask for different filesystems (\(requested.sorted().joined(separator: ", ")))")
+        }
+        if let p = parameters.fsType, let c = requested.first, p != c {
+            throw CairnError.invalidArgument("parameter fsType=\(p) contradicts volume_capabilities fs_type \(c)")
+        }
+        if let fs = parameters.fsType ?? requested.first { return fs }
+        return access.contains(where: { $0.accessType == .mount }) ? AccessRules.defaultFilesystem : ""
+    }
+
+    static func checkCompatible(_ existing: VolumeRecord, size: Int64, request: Csi_V1_CreateVolumeRequest,
+                                parameters: VolumeParameters, fsType: String) throws {
+        let required = request.capacityRange.requiredBytes
+        let limit = request.capacityRange.limitBytes
+        if existing.capacityBytes < required || (limit > 0 && existing.capacityBytes > limit) {
+            throw CairnError.alreadyExists(
+                "volume \"\(existing.name)\" already exists with \(existing.capacityBytes) bytes, outside the requested range [\(required), \(limit == 0 ? "unlimited" : String(limit))]")
+        }
+        if existing.parameters != parameters.stored {
+            throw CairnError.alreadyExists("volume \"\(existing.name)\" already exists with different parameters \(existing.parameters)")
+        }
+        if !fsType.isEmpty && !existing.fsType.isEmpty && existing.fsType != fsType {
+            throw CairnError.alreadyExists("volume \"\(existing.name)\" already exists with filesystem \(existing.fsType), not \(fsType)")
+        }
+    }
+
+    static func createResponse(_ volume: VolumeRecord) -> Csi_V1_CreateVolumeResponse {
+        var response = Csi_V1_CreateVolumeResponse()
+        response.volume = csiVolume(volume)
+        return response
+    }
+
+    static func csiVolume(_ volume: VolumeRecord) -> Csi_V1_Volume {
+        var v = Csi_V1_Volume()
+        v.volumeID = volume.id
+        v.capacityBytes = volume.capacityBytes
+        var context = volume.parameters
+        if !volume.fsType.isEmpty { context["fsType"] = volume.fsType }
+        v.volumeContext = context
+        v.accessibleTopology = [Csi_V1_Topology.with { $0.segments = volume.accessibleTopology }]
+        return v
+    }
+
+    public func deleteVolume(_ request: Csi_V1_DeleteVolumeRequest) async throws -> Csi_V1_DeleteVolumeResponse {
+        try Validate.volumeID(request.volumeID)
+        return try await locks.withLock(request.volumeID, operation: "DeleteVolume") {
+            guard let volume = try await store.volume(id: request.volumeID) else {
+                return Csi_V1_DeleteVolumeResponse()
+            }
+            let attachments = try await store.attachments(volumeID: volume.id)
+            if let first = attachments.first {
+                throw CairnError.failedPrecondition(
+                    "volume \(volume.id) is still published to node \(first.nodeID); ControllerUnpublishVolume it first")
+            }
+            if let staged = try await store.stage(volumeID: volume.id, nodeID: localNodeID) {
+                throw CairnError.failedPrecondition(
+                    "volume \(volume.id) is still staged at \(staged.stagingPath) on node \(staged.nodeID); NodeUnstageVolume it first")
+            }
+            try backing.delete(volumeID: volume.id)
+            try await store.deleteVolume(id: volume.id)
+            logger.info("volume deleted", metadata: ["volume.id": "\(volume.id)", "volume.name": "\(volume.name)"])
+            return Csi_V1_DeleteVolumeResponse()
+        }
+    }
+
+    // MARK: ControllerPublish / Unpublish
+
+    public func controllerPublishVolume(_ request: Csi_V1_ControllerPublishVolumeRequest) async throws -> Csi_V1_ControllerPublishVolumeResponse {
+        try Validate.volumeID(request.volumeID)
+        try Validate.nodeID(request.nodeID)
+        guard request.hasVolumeCapability else { throw CairnError.invalidArgument("volume_capability is required") }
+        let access = try AccessRules.parse(request.volumeCapability, field: "volume_capability")
+
+        return try await locks.withLock(request.volumeID, operation: "ControllerPublishVolume") {
+            guard let volume = try await store.volume(id: request.volumeID) else {
+                throw CairnError.notFound("volume \(request.volumeID) does not exist")
+            }
+            guard try await store.node(id: request.nodeID) != nil else {
+                throw CairnError.notFound("node \(request.nodeID) is not registered with this controller")
+            }
+            if !access.fsType.isEmpty && !volume.fsType.isEmpty && access.fsType != volume.fsType {
+                throw CairnError.invalidArgument(
+                    "volume_capability asks for \(access.fsType) but volume \(volume.id) is formatted \(volume.fsType)")
+            }
+            let existing = try await store.attachments(volumeID: volume.id)
+            if let mine = existing.first(where: { $0.nodeID == request.nodeID }) {
+                guard mine.readonly == request.readonly else {
+                    throw CairnError.alreadyExists(
+                        "volume \(volume.id) is already published to node \(request.nodeID) with readonly=\(mine.readonly)")
+                }
+                return Self.publishResponse(mine)
+            }
+            let exclusive = AccessRules.isSingleNode(access.mode)
+                || existing.contains { AccessRules.isSingleNode(AccessMode(rawValue: $0.accessMode) ?? .unknown) }
+            let attachment = try await store.attach(volumeID: volume.id, nodeID: request.nodeID, readonly: request.readonly,
+                                                    accessMode: access.mode.rawValue, exclusive: exclusive)
+            logger.info("volume published to node", metadata: [
+                "volume.id": "\(volume.id)", "node.id": "\(request.nodeID)", "volume.epoch": "\(attachment.epoch)",
+                "readonly": "\(request.readonly)",
+            ])
+            return Self.publishResponse(attachment)
+        }
+    }
+
+    static func publishResponse(_ attachment: AttachmentRecord) -> Csi_V1_ControllerPublishVolumeResponse {
+        var response = Csi_V1_ControllerPublishVolumeResponse()
+        response.publishContext = [epochContextKey: String(attachment.epoch)]
+        return response
+    }
+
+    public func controllerUnpublishVolume(_ request: Csi_V1_ControllerUnpublishVolumeRequest) async throws -> Csi_V1_ControllerUnpublishVolumeResponse {
+        try Validate.volumeID(request.volumeID)
+        if !request.nodeID.isEmpty { try Validate.nodeID(request.nodeID) }
+        return try await locks.withLock(request.volumeID, operation: "ControllerUnpublishVolume") {
+            // Unknown volume or node: it is certainly not published there, which is success.
+            let attachments = try await store.attachments(volumeID: request.volumeID)
+            for attachment in attachments where request.nodeID.isEmpty || attachment.nodeID == request.nodeID {
+                try await store.detach(volumeID: attachment.volumeID, nodeID: attachment.nodeID)
+                logger.info("volume unpublished from node", metadata: [
+                    "volume.id": "\(attachment.volumeID)", "node.id": "\(attachment.nodeID)",
+                ])
+            }
+            return Csi_V1_ControllerUnpublishVolumeResponse()
+        }
+    }
+
+    // MARK: Queries
+
+    public func validateVolumeCapabilities(_ request: Csi_V1_ValidateVolumeCapabilitiesRequest) async throws -> Csi_V1_ValidateVolumeCapabilitiesResponse {
+        try Validate.volumeID(request.volumeID)
+        if request.volumeCapabilities.isEmpty { throw CairnError.invalidArgument("volume_capabilities is required") }
+        guard let volume = try await store.volume(id: request.volumeID) else {
+            throw CairnError.notFound("volume \(request.volumeID) does not exist")
+        }
+        var response = Csi_V1_ValidateVolumeCapabilitiesResponse()
+        for (i, capability) in request.volumeCapabilities.enumerated() {
+            if let reason = AccessRules.unsupportedReason(capability) {
+                response.message = "volume_capabilities[\(i)]: \(reason)"
+                return response
+            }
+            if case .mount(let mount) = capability.accessType, !mount.fsType.isEmpty,
+               !volume.fsType.isEmpty, mount.fsType != volume.fsType {
+                response.message = "volume_capabilities[\(i)]: volume \(volume.id) has filesystem \(volume.fsType), not \(mount.fsType)"
+                return response
+            }
+        }
+        if !request.parameters.isEmpty {
+            let parameters: VolumeParameters
+            do { parameters = try VolumeParameters(request.parameters) } catch let e as CairnError {
+                response.message = e.message
+                return response
+            }
+            if parameters.stored != volume.parameters {
+                response.message = "parameters \(parameters.stored) differ from the volume's \(volume.parameters)"
+                return response
+            }
+        }
+        var confirmed = Csi_V1_ValidateVolumeCapabilitiesResponse.Confirmed()
+        confirmed.volumeContext = request.volumeContext
+        confirmed.volumeCapabilities = request.volumeCapabilities
+        confirmed.parameters = request.parameters
+        response.confirmed = confirmed
+        return response
+    }
+
+    /// Pagination tokens are the id of the last volume returned; listing resumes strictly after
+    /// it, so a token stays valid when that volume is deleted and new volumes are not skipped.
+    static func isToken(_ token: String) -> Bool {
+        token.hasPrefix("vol-") && UUID(uuidString: String(token.dropFirst(4))) != nil
+    }
+
+    public func listVolumes(_ request: Csi_V1_ListVolumesRequest) async throws -> Csi_V1_ListVolumesResponse {
+        if request.maxEntries < 0 { throw CairnError.invalidArgument("max_entries must not be negative") }
+        if !request.startingToken.isEmpty && !Self.isToken(request.startingToken) {
+            throw CairnError.aborted("starting_token \"\(Validate.printable(request.startingToken))\" was not issued by this plugin; list again from the start")
+        }
+        let limit = Int(request.maxEntries)
+        let page = try await store.listVolumes(afterID: request.startingToken.isEmpty ? nil : request.startingToken,
+                                               limit: limit > 0 ? limit + 1 : 0)
+        var response = Csi_V1_ListVolumesResponse()
+        let shown = limit > 0 ? Array(page.prefix(limit)) : page
+        for volume in shown {
+            var entry = Csi_V1_ListVolumesResponse.Entry()
+            entry.volume = Self.csiVolume(volume)
+            entry.status.publishedNodeIds = try await store.attachments(volumeID: volume.id).map(\.nodeID)
+            entry.status.volumeCondition = condition(volume)
+            response.entries.append(entry)
+        }
+        if limit > 0 && page.count > limit, let last = shown.last { response.nextToken = last.id }
+        return response
+    }
+
+    public func controllerGetVolume(_ request: Csi_V1_ControllerGetVolumeRequest) async throws -> Csi_V1_ControllerGetVolumeResponse {
+        try Validate.volumeID(request.volumeID)
+        guard let volume = try await store.volume(id: request.volumeID) else {
+            throw CairnError.notFound("volume \(request.volumeID) does not exist")
+        }
+        var response = Csi_V1_ControllerGetVolumeResponse()
+        response.volume = Self.csiVolume(volume)
+        response.status.publishedNodeIds = try await store.attachments(volumeID: volume.id).map(\.nodeID)
+        response.status.volumeCondition = condition(volume)
+        return response
+    }
+
+    func condition(_ volume: VolumeRecord) -> Csi_V1_VolumeCondition {
+        var condition = Csi_V1_VolumeCondition()
+        if let problem = backing.problem(volumeID: volume.id, expectedBytes: volume.capacityBytes) {
+            condition.abnormal = true
+            condition.message = problem
+        } else {
+            condition.message = "healthy: 1 of 1 replicas in sync on node \(localNodeID)"
+        }
+        return condition
+    }
+
+    public func getCapacity(_ request: Csi_V1_GetCapacityRequest) async throws -> Csi_V1_GetCapacityResponse {
+        let parameters = try VolumeParameters(request.parameters)
+        var response = Csi_V1_GetCapacityResponse()
+        let floor = CapacityPolicy.minimum(fsType: parameters.fsType)
+        response.minimumVolumeSize = .with { $0.value = floor }
+        let capabilitiesOK = request.volumeCapabilities.allSatisfy { AccessRules.unsupportedReason($0) == nil }
+        let topologyOK = !request.hasAccessibleTopology || matchesLocalTopology(request.accessibleTopology.segments)
+        guard capabilitiesOK, topologyOK, parameters.replicas == 1 else {
+            response.maximumVolumeSize = .with { $0.value = 0 }
+            return response
+        }
+        let free = max(0, capacity.poolBytes - (try await store.provisionedBytes()))
+        let usable = free / CapacityPolicy.mib * CapacityPolicy.mib
+        response.availableCapacity = usable
+        response.maximumVolumeSize = .with { $0.value = usable }
+        return response
+    }
+
+    func matchesLocalTopology(_ segments: [String: String]) -> Bool {
+        segments.allSatisfy { localTopology[$0.key] == $0.value }
+    }
+
+    public func controllerGetCapabilities(_ request: Csi_V1_ControllerGetCapabilitiesRequest) async throws -> Csi_V1_ControllerGetCapabilitiesResponse {
+        let types: [Csi_V1_ControllerServiceCapability.RPC.TypeEnum] = [
+            .createDeleteVolume, .publishUnpublishVolume, .listVolumes, .getCapacity, .publishReadonly,
+            .listVolumesPublishedNodes, .getVolume, .volumeCondition, .singleNodeMultiWriter,
+        ]
+        var response = Csi_V1_ControllerGetCapabilitiesResponse()
+        response.capabilities = types.map { type in
+            var capability = Csi_V1_ControllerServiceCapability()
+            capability.rpc.type = type
+            return capability
+        }
+        return response
+    }
+}

@@ -1,0 +1,37 @@
+import CairnCore
+
+/// CreateVolume / GetCapacity parameters (StorageClass parameters, Mesos profile parameters).
+/// Every key is validated: a typo must fail loudly, not be silently ignored.
+struct VolumeParameters: Equatable {
+    static let known = ["fsType", "replicas"]
+    /// Keys the Kubernetes external-provisioner may pass through; accepted and not stored.
+    static let ignoredPrefixes = ["csi.storage.k8s.io/"]
+
+    var fsType: String?
+    var replicas: Int = 1
+    /// The parameters Cairn stores (normalised, without ignored keys).
+    var stored: [String: String] = [:]
+
+    init(_ raw: [String: String]) throws {
+        for (key, value) in raw.sorted(by: { $0.key < $1.key }) {
+            if Self.ignoredPrefixes.contains(where: { key.hasPrefix($0) }) { continue }
+            switch key {
+            case "fsType":
+                guard AccessRules.supportedFilesystems.contains(value) else {
+                    throw CairnError.invalidArgument(
+                        "parameter fsType=\"\(Validate.printable(value))\" is not supported; use one of \(AccessRules.supportedFilesystems.joined(separator: ", "))")
+                }
+                fsType = value
+            case "replicas":
+                guard let n = Int(value), (1...5).contains(n) else {
+                    throw CairnError.invalidArgument("parameter replicas=\"\(Validate.printable(value))\" must be a whole number from 1 to 5")
+                }
+                replicas = n
+            default:
+                throw CairnError.invalidArgument(
+                    "unknown parameter \"\(Validate.printable(key))\"; Cairn accepts \(Self.known.joined(separator: ", ")) (and ignores csi.storage.k8s.io/* keys)")
+            }
+            stored[key] = value
+        }
+    }
+}
