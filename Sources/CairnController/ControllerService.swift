@@ -166,7 +166,7 @@ public final class ControllerService: Sendable {
             guard let volume = try await store.volume(id: request.volumeID) else {
                 throw CairnError.notFound("volume \(request.volumeID) does not exist")
             }
-            guard try await store.node(id: request.nodeID) != nil else {
+            guard let node = try await store.node(id: request.nodeID) else {
                 throw CairnError.notFound("node \(request.nodeID) is not registered with this controller")
             }
             if !access.fsType.isEmpty && !volume.fsType.isEmpty && access.fsType != volume.fsType {
@@ -184,7 +184,8 @@ public final class ControllerService: Sendable {
             let exclusive = AccessRules.isSingleNode(access.mode)
                 || existing.contains { AccessRules.isSingleNode(AccessMode(rawValue: $0.accessMode) ?? .unknown) }
             let attachment = try await store.attach(volumeID: volume.id, nodeID: request.nodeID, readonly: request.readonly,
-                                                    accessMode: access.mode.rawValue, exclusive: exclusive)
+                                                    accessMode: access.mode.rawValue, exclusive: exclusive,
+                                                    nodeLimit: node.maxVolumes)
             logger.info("volume published to node", metadata: [
                 "volume.id": "\(volume.id)", "node.id": "\(request.nodeID)", "volume.epoch": "\(attachment.epoch)",
                 "readonly": "\(request.readonly)",

@@ -22,10 +22,11 @@ public protocol MetadataStore: Sendable {
     // Attachments (ControllerPublish)
     func attachments(volumeID: String) async throws -> [AttachmentRecord]
     /// Raises the volume's epoch and records the attachment with it, in one transaction.
-    /// With `exclusive`, throws FAILED_PRECONDITION if another node holds an attachment.
+    /// With `exclusive`, throws FAILED_PRECONDITION if another node holds an attachment; with
+    /// `nodeLimit` > 0, RESOURCE_EXHAUSTED if the node already has that many volumes attached.
     /// Returns the stored attachment.
     func attach(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int,
-                exclusive: Bool) async throws -> AttachmentRecord
+                exclusive: Bool, nodeLimit: Int64) async throws -> AttachmentRecord
     func detach(volumeID: String, nodeID: String) async throws
 
     // Node-side records

@@ -150,7 +150,7 @@ public final class SQLiteStore: MetadataStore {
     }
 
     public func attach(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int,
-                       exclusive: Bool) async throws -> AttachmentRecord {
+                       exclusive: Bool, nodeLimit: Int64) async throws -> AttachmentRecord {
         try await write { db in
             guard var volume = try Self.fetchOne(db, VolumeRecord.self, "SELECT doc FROM volumes WHERE id = ?", [volumeID]) else {
                 throw CairnError.notFound("volume \(volumeID) does not exist")
@@ -160,6 +160,13 @@ public final class SQLiteStore: MetadataStore {
             if exclusive, let other = existing.first(where: { $0.nodeID != nodeID }) {
                 throw CairnError.failedPrecondition(
                     "volume \(volumeID) is published to node \(other.nodeID) with a single-node access mode; unpublish it there first")
+            }
+            if nodeLimit > 0 {
+                let onNode = try Int64.fetchOne(db, sql: "SELECT COUNT(*) FROM attachments WHERE node_id = ?", arguments: [nodeID]) ?? 0
+                if onNode >= nodeLimit {
+                    throw CairnError.resourceExhausted(
+                        "node \(nodeID) already has \(onNode) volumes attached, its limit (max_volumes_per_node); unpublish one first")
+                }
             }
             volume.epoch += 1
             let attachment = AttachmentRecord(volumeID: volumeID, nodeID: nodeID, readonly: readonly,

@@ -137,6 +137,23 @@ final class ControllerServiceTests: XCTestCase {
         XCTAssertEqual(moved.publishContext["cairn.dev/epoch"], "2", "a new attachment gets a higher epoch")
     }
 
+    func testAttachLimitPerNodeIsEnforced() async throws {
+        try await store.registerNode(NodeRecord(id: "small", topology: [:], maxVolumes: 2))
+        var ids: [String] = []
+        for i in 0..<3 { ids.append(try await create("lim-\(i)").volumeID) }
+        func publish(_ id: String) async throws {
+            _ = try await controller.controllerPublishVolume(.with {
+                $0.volumeID = id; $0.nodeID = "small"; $0.volumeCapability = Self.capability()
+            })
+        }
+        try await publish(ids[0])
+        try await publish(ids[1])
+        try await publish(ids[1])  // idempotent repeat does not count twice
+        await assertStatus(.resourceExhausted) { try await publish(ids[2]) }
+        _ = try await controller.controllerUnpublishVolume(.with { $0.volumeID = ids[0]; $0.nodeID = "small" })
+        try await publish(ids[2])
+    }
+
     func testReaderOnlyVolumesMayBePublishedToManyNodes() async throws {
         let v = try await create("ro", mode: .multiNodeReaderOnly)
         for node in ["node-a", "node-b"] {
