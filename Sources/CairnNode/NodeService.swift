@@ -360,6 +360,12 @@ public final class NodeService: Sendable {
         meta["device"] = "\(devices.first ?? stage.devicePath)"
 
         let readOnly = readonlyFlag || AccessRules.isReaderOnly(access.mode) || MountFlags.asksReadOnly(access.mountFlags)
+        let stagedReadOnly = AccessRules.isReaderOnly(AccessMode(rawValue: stage.accessMode) ?? .unknown)
+            || (stage.accessType == .mount && table.last(where: { $0.mountPoint == stagingReal })?.isReadOnly == true)
+        if stagedReadOnly && !readOnly {
+            throw CairnError.failedPrecondition(
+                "volume \(volumeID) is staged read-only on this node (\(csiName(rawMode: stage.accessMode)) or a read-only ControllerPublishVolume); it cannot be published read-write: set readonly, or unstage and stage it with a writable access mode")
+        }
         var record = PublishRecord(volumeID: volumeID, nodeID: nodeID, targetPath: targetPath, stagingPath: stagingPath,
                                    accessType: access.accessType, readonly: readonlyFlag,
                                    accessMode: access.mode.rawValue, mountFlags: access.mountFlags)

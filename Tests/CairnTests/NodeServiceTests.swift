@@ -412,6 +412,17 @@ final class NodeServiceTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: root + "/mount/target"))
     }
 
+    func testAReadOnlyStageCannotBePublishedReadWrite() async throws {
+        let reader = Self.capability(.singleNodeReaderOnly)
+        _ = try await node.nodeStageVolume(stageRequest(capability: reader))
+        XCTAssertEqual(mounter.mounts(at: staging).first?.isReadOnly, true)
+        let node = self.node!
+        await assertStatus(.failedPrecondition) { try await node.nodePublishVolume(self.publishRequest()) }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: root + "/mount/target"))
+        _ = try await node.nodePublishVolume(publishRequest(capability: reader))
+        XCTAssertEqual(mounter.mounts(at: root + "/mount/target").first?.isReadOnly, true)
+    }
+
     func testPublishTargetParentMustExist() async throws {
         _ = try await node.nodeStageVolume(stageRequest())
         let node = self.node!
