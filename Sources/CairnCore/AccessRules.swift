@@ -11,11 +11,10 @@ public struct RequestedAccess: Sendable, Equatable {
     public var mode: AccessMode
 }
 
-/// Cairn's access-mode rules (docs/design.md, "Access modes"):
-/// - SINGLE_NODE_WRITER / SINGLE_NODE_MULTI_WRITER: one node; any number of read-write targets
-///   on it.
-/// - SINGLE_NODE_SINGLE_WRITER: one node; at most one read-write target at a time.
-/// - SINGLE_NODE_READER_ONLY: one node; every target read-only.
+/// Cairn's access-mode rules (docs/design.md, "Access modes"), following the spec's tables:
+/// - SINGLE_NODE_MULTI_WRITER: one node; any number of read-write targets on it.
+/// - SINGLE_NODE_WRITER / SINGLE_NODE_SINGLE_WRITER: one node; one target on it.
+/// - SINGLE_NODE_READER_ONLY: one node; one target, read-only.
 /// - MULTI_NODE_READER_ONLY: many nodes, every attachment and target read-only. Safe because
 ///   nothing writes; the filesystem is mounted with `ro` (and `norecovery` for xfs).
 /// - MULTI_NODE_SINGLE_WRITER / MULTI_NODE_MULTI_WRITER: refused. Ext4 and xfs are not cluster
@@ -35,6 +34,15 @@ public enum AccessRules {
     public static func isSingleNode(_ mode: AccessMode) -> Bool {
         switch mode {
         case .singleNodeWriter, .singleNodeReaderOnly, .singleNodeSingleWriter, .singleNodeMultiWriter: true
+        default: false
+        }
+    }
+
+    /// The spec's second-NodePublish table: may the volume be published at several target
+    /// paths on one node?
+    public static func allowsSeveralTargets(_ mode: AccessMode) -> Bool {
+        switch mode {
+        case .singleNodeMultiWriter, .multiNodeReaderOnly, .multiNodeSingleWriter, .multiNodeMultiWriter: true
         default: false
         }
     }

@@ -404,16 +404,18 @@ public final class NodeService: Sendable {
             logger.info("recorded publish has no mount any more; publishing again", metadata: meta)
         }
 
-        // SINGLE_NODE_SINGLE_WRITER: at most one read-write target at a time on this node.
-        if !readOnly {
-            let writers = publishes.filter {
-                $0.targetPath != targetPath && isMounted($0.targetPath, in: table) && !effectiveReadOnly($0)
-            }
-            let singleWriter = access.mode == .singleNodeSingleWriter
-                || writers.contains { $0.accessMode == AccessMode.singleNodeSingleWriter.rawValue }
-            if singleWriter, let other = writers.first {
+        // The spec's second-publish table: only SINGLE_NODE_MULTI_WRITER and MULTI_NODE_* volumes
+        // may be published at several targets on one node; for every other mode a different
+        // target is FAILED_PRECONDITION (Kubernetes maps ReadWriteOnce to SINGLE_NODE_MULTI_WRITER
+        // because Cairn advertises it).
+        let others = publishes.filter {
+            $0.nodeID == nodeID && $0.targetPath != targetPath && isMounted($0.targetPath, in: table)
+        }
+        if let other = others.first {
+            let modes = [access.mode] + others.map { AccessMode(rawValue: $0.accessMode) ?? .unknown }
+            if let strict = modes.first(where: { !AccessRules.allowsSeveralTargets($0) }) {
                 throw CairnError.failedPrecondition(
-                    "volume \(volumeID) allows a single writer (SINGLE_NODE_SINGLE_WRITER) and is already published read-write at \(other.targetPath); call NodeUnpublishVolume there first, or publish this target read-only")
+                    "volume \(volumeID) is already published at \(other.targetPath) on this node and access mode \(strict) allows one target per node; call NodeUnpublishVolume there first, or use SINGLE_NODE_MULTI_WRITER")
             }
         }
 

@@ -167,7 +167,7 @@ final class NodeLinuxMounterTests: XCTestCase {
         _ = try await store.attach(volumeID: "vol-1", nodeID: "node-a", readonly: false,
                                    accessMode: AccessMode.singleNodeWriter.rawValue, exclusive: true, nodeLimit: 0)
         let capability = Csi_V1_VolumeCapability.with {
-            $0.accessMode.mode = .singleNodeWriter
+            $0.accessMode.mode = .singleNodeMultiWriter  // two targets (rw and ro) on one node
             $0.mount = .init()
         }
         let stage = Csi_V1_NodeStageVolumeRequest.with {

@@ -358,6 +358,7 @@ final class NodeServiceTests: XCTestCase {
             try await node.nodePublishVolume(self.publishRequest(readonly: true, capability: Self.capability(.singleNodeMultiWriter)))
         }
         // A reader-only access mode is read-only without the flag.
+        _ = try await node.nodeUnpublishVolume(unpublishRequest(target: "target"))
         _ = try await node.nodePublishVolume(publishRequest(target: "reader", capability: Self.capability(.singleNodeReaderOnly)))
         XCTAssertEqual(mounter.mounts(at: root + "/mount/reader").first?.isReadOnly, true)
     }
@@ -368,7 +369,7 @@ final class NodeServiceTests: XCTestCase {
         XCTAssertEqual(mounter.calls.filter { $0.hasPrefix("bind") }, ["bind \(staging) \(root)/mount/target rw noexec"])
     }
 
-    func testSingleNodeSingleWriterAllowsOneWritableTarget() async throws {
+    func testSingleNodeModesAllowOneTargetPerNode() async throws {
         try await createVolume("vol-s", modes: [.singleNodeSingleWriter])
         let cap = Self.capability(.singleNodeSingleWriter)
         _ = try await node.nodeStageVolume(stageRequest("vol-s", capability: cap))
@@ -379,9 +380,14 @@ final class NodeServiceTests: XCTestCase {
             try await node.nodePublishVolume(self.publishRequest("vol-s", target: "other_target", capability: cap))
         }
         XCTAssertFalse(FileManager.default.fileExists(atPath: root + "/mount/other_target"), "a refused publish leaves no target")
-        // A read-only second target is not a second writer.
-        _ = try await node.nodePublishVolume(publishRequest("vol-s", target: "reader", readonly: true, capability: cap))
-        // Once the writer is gone, another target may write.
+        // The spec's table refuses any different second target for non-multi modes, read-only too.
+        await assertStatus(.failedPrecondition) {
+            try await node.nodePublishVolume(self.publishRequest("vol-s", target: "reader", readonly: true, capability: cap))
+        }
+        await assertStatus(.failedPrecondition) {
+            try await node.nodePublishVolume(self.publishRequest("vol-s", target: "legacy", capability: Self.capability(.singleNodeWriter)))
+        }
+        // Once the first target is gone, another may be published.
         _ = try await node.nodeUnpublishVolume(unpublishRequest("vol-s", target: "target"))
         _ = try await node.nodePublishVolume(publishRequest("vol-s", target: "other_target", capability: cap))
     }
