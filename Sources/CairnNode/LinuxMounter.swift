@@ -12,6 +12,10 @@ import Musl
 /// (they encode decades of them), sysfs and procfs for the questions (cheaper than a process and
 /// exact), statvfs for capacity.
 public struct LinuxMounter: Mounter {
+    /// losetup, blkid, mount and umount answer in seconds; one stuck on a dead device is killed
+    /// so the volume lock is released and the error reaches the CO. mkfs and fsck get longer.
+    static let quickTimeout: Duration = .seconds(120)
+
     let logger: Logger
     /// Where the kernel's block-device directories live (a test may point it elsewhere).
     let sysBlock: String
@@ -31,7 +35,7 @@ public struct LinuxMounter: Mounter {
         var argv = ["losetup", "--find", "--show", "--direct-io=on"]
         if readOnly { argv.append("--read-only") }
         argv.append(file)
-        let result = try await Command.run(argv, logger: logger)
+        let result = try await Command.run(argv, timeout: Self.quickTimeout, logger: logger)
         let device = result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         guard result.status == 0, device.hasPrefix("/dev/") else {
             throw CairnError.internal(
@@ -75,7 +79,7 @@ public struct LinuxMounter: Mounter {
     public func detachLoop(device: String) async throws {
         let name = (device as NSString).lastPathComponent
         guard FileManager.default.fileExists(atPath: "\(sysBlock)/\(name)/loop") else { return }  // already free
-        let result = try await Command.run(["losetup", "--detach", device], logger: logger)
+        let result = try await Command.run(["losetup", "--detach", device], timeout: Self.quickTimeout, logger: logger)
         guard result.status == 0 else {
             if !FileManager.default.fileExists(atPath: "\(sysBlock)/\(name)/loop") { return }  // lost a race; it is free
             throw CairnError.internal(
@@ -87,7 +91,7 @@ public struct LinuxMounter: Mounter {
 
     public func probe(device: String) async throws -> DeviceContent {
         // -p: low-level probe of the device itself, not blkid's cache, which can be stale.
-        let result = try await Command.run(["blkid", "-p", "-o", "export", device], logger: logger)
+        let result = try await Command.run(["blkid", "-p", "-o", "export", device], timeout: Self.quickTimeout, logger: logger)
         switch result.status {
         case 0:
             var values: [String: String] = [:]
@@ -156,7 +160,7 @@ public struct LinuxMounter: Mounter {
         var argv = ["mount", "-t", fsType]
         if !options.isEmpty { argv += ["-o", options.joined(separator: ",")] }
         argv += [device, target]
-        let result = try await Command.run(argv, logger: logger)
+        let result = try await Command.run(argv, timeout: Self.quickTimeout, logger: logger)
         guard result.status == 0 else {
             throw CairnError.internal(
                 "could not mount \(device) (\(fsType)) at \(target) (mount exit \(result.status): \(result.output)); the kernel's reason is in `dmesg | tail`; check the mount flags and that \(target) is a directory")
@@ -164,7 +168,7 @@ public struct LinuxMounter: Mounter {
     }
 
     public func bindMount(source: String, at target: String, readOnly: Bool, options: [String]) async throws {
-        let bind = try await Command.run(["mount", "--bind", source, target], logger: logger)
+        let bind = try await Command.run(["mount", "--bind", source, target], timeout: Self.quickTimeout, logger: logger)
         guard bind.status == 0 else {
             throw CairnError.internal(
                 "could not bind-mount \(source) at \(target) (mount exit \(bind.status): \(bind.output)); check that both exist and are of the same kind (directory or file)")
@@ -173,10 +177,10 @@ public struct LinuxMounter: Mounter {
         // second, remount step (MS_REMOUNT|MS_BIND changes only this mount point).
         guard readOnly || !options.isEmpty else { return }
         let flags = ["remount", "bind"] + (readOnly ? ["ro"] : []) + options
-        let remount = try await Command.run(["mount", "-o", flags.joined(separator: ","), target], logger: logger)
+        let remount = try await Command.run(["mount", "-o", flags.joined(separator: ","), target], timeout: Self.quickTimeout, logger: logger)
         guard remount.status == 0 else {
             // Never leave a writable mount where a read-only one was asked for.
-            let undo = try? await Command.run(["umount", target], logger: logger)
+            let undo = try? await Command.run(["umount", target], timeout: Self.quickTimeout, logger: logger)
             let undone = undo?.status == 0 ? "the bind mount was undone" : "the bind mount could NOT be undone: unmount \(target) by hand"
             throw CairnError.internal(
                 "could not apply \(flags.joined(separator: ",")) to the bind mount at \(target) (mount exit \(remount.status): \(remount.output)); \(undone)")
@@ -184,7 +188,7 @@ public struct LinuxMounter: Mounter {
     }
 
     public func unmount(_ target: String) async throws {
-        let result = try await Command.run(["umount", target], logger: logger)
+        let result = try await Command.run(["umount", target], timeout: Self.quickTimeout, logger: logger)
         guard result.status == 0 else {
             if result.output.contains("busy") {
                 throw CairnError.failedPrecondition(

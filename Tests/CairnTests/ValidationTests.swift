@@ -59,6 +59,15 @@ final class ValidationTests: XCTestCase {
         try await locks.withLock("vol-1", operation: "NodeStageVolume") {}  // released afterwards
     }
 
+    func testAHungToolIsKilledAtItsTimeout() throws {
+        let start = ContinuousClock.now
+        XCTAssertThrowsError(try Command.runBlocking(["sleep", "30"], timeout: .seconds(1))) { error in
+            XCTAssertEqual((error as? CairnError)?.code, .unavailable)
+        }
+        XCTAssertLessThan(ContinuousClock.now - start, .seconds(10))
+        XCTAssertEqual(try Command.runBlocking(["true"], timeout: .seconds(5)).status, 0)
+    }
+
     func testEveryErrorMapsToOneStatus() {
         XCTAssertEqual(RPCStatus.from(CairnError.notFound("x")).code, .notFound)
         XCTAssertEqual(RPCStatus.from(CancellationError()).code, .cancelled)
