@@ -45,16 +45,6 @@ final class ControllerServiceTests: XCTestCase {
         return try await controller.createVolume(r).volume
     }
 
-    func assertStatus<T>(_ code: StatusCode, _ body: () async throws -> T, file: StaticString = #filePath, line: UInt = #line) async {
-        do {
-            _ = try await body()
-            XCTFail("expected \(code), got OK", file: file, line: line)
-        } catch let e as CairnError {
-            XCTAssertEqual(e.code, code, e.message, file: file, line: line)
-        } catch {
-            XCTFail("expected \(code), got \(error)", file: file, line: line)
-        }
-    }
 
     func testCreateVolumeIsIdempotentByNameAndRejectsIncompatibleRepeats() async throws {
         let a = try await create("pvc-1")

@@ -99,17 +99,6 @@ final class NodeServiceTests: XCTestCase {
         .with { $0.volumeID = id; $0.volumePath = path }
     }
 
-    func assertStatus<T>(_ code: StatusCode, _ body: () async throws -> T, file: StaticString = #filePath,
-                         line: UInt = #line) async {
-        do {
-            _ = try await body()
-            XCTFail("expected \(code), got OK", file: file, line: line)
-        } catch let e as CairnError {
-            XCTAssertEqual(e.code, code, e.message, file: file, line: line)
-        } catch {
-            XCTFail("expected \(code), got \(error)", file: file, line: line)
-        }
-    }
 
     // MARK: Validation
 

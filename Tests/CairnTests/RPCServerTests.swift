@@ -48,6 +48,20 @@ final class RPCServerTests: XCTestCase {
         XCTAssertEqual(reply.name, "echo")
     }
 
+    func testTCPEndpointsServeToo() async throws {
+        let port = Int.random(in: 20000..<60000)
+        let tcp = GRPCServer(router: {
+            let r = Router()
+            r.register("/test.T/Echo") { (_: Csi_V1_GetPluginInfoRequest, _) -> Csi_V1_GetPluginInfoResponse in .with { $0.name = "tcp" } }
+            return r
+        }(), logger: Logger(label: "test"))
+        try tcp.start(endpoints: ["tcp://127.0.0.1:\(port)"])
+        let reply = try await GRPCChannel(target: "tcp://127.0.0.1:\(port)")
+            .call("/test.T/Echo", Csi_V1_GetPluginInfoRequest(), as: Csi_V1_GetPluginInfoResponse.self, timeout: .seconds(10))
+        XCTAssertEqual(reply.name, "tcp")
+        await tcp.shutdown(grace: .seconds(1))
+    }
+
     func testSocketIsNotWorldAccessible() throws {
         var st = stat()
         XCTAssertEqual(stat("\(dir)/csi.sock", &st), 0)
