@@ -122,6 +122,17 @@ final class BadInputTests: IntegrationTestCase {
         XCTAssertEqual(got.status.publishedNodeIds, [], "a refused ControllerPublish must not record an attachment")
     }
 
+    func testNodeStageOfAVolumeNotPublishedToThisNodeIsFailedPreconditionAndAttachesNothing() async throws {
+        let env = try await Env.make(self)
+        let v = try await env.createdVolume("not-published")
+        let staging = try env.freshStagingDir("not-published")
+        try await refused(.failedPrecondition, "NodeStageVolume(\(v.id)) without a ControllerPublishVolume to this node", env) {
+            _ = try await env.csi.nodeStage(CSI.stage(v.id, staging: staging, access: .mount(fsType: "ext4"),
+                                                      publishContext: ["cairn.dev/epoch": "1"]))
+        }
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: staging), [], "the staging directory must stay empty")
+    }
+
     // MARK: Paths
 
     func testStagingAndTargetPathsOutsideTheRootsAreInvalidArgumentAndNothingAppearsThere() async throws {

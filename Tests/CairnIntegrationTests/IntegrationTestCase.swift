@@ -17,7 +17,9 @@ class IntegrationTestCase: XCTestCase {
 
     /// Starts a plugin for this test. Skips the test when not root (mount and losetup need it).
     func startPlugin(capacity: String = "20Gi", extraArguments: [String] = []) async throws -> PluginProcess {
-        try XCTSkipUnless(getuid() == 0, "integration tests mount filesystems and attach loop devices: run them as root")
+        if getuid() != 0 {
+            throw XCTSkip("integration tests mount filesystems and attach loop devices: run them as root")
+        }
         let plugin = try PluginProcess(capacity: capacity, extraArguments: extraArguments)
         plugins.append(plugin)  // before start(): tearDown cleans up even if the start fails
         try await plugin.start()
@@ -25,7 +27,8 @@ class IntegrationTestCase: XCTestCase {
     }
 
     override func tearDown() async throws {
-        let failed = !(testRun?.hasSucceeded ?? false)
+        // hasSucceeded is false until the run stops, which is after tearDown: count failures instead.
+        let failed = (testRun?.totalFailureCount ?? 0) > 0
         let toClean = plugins
         plugins = []
         for plugin in toClean.reversed() {
@@ -144,6 +147,14 @@ enum Access: Sendable, CustomStringConvertible {
     var description: String {
         switch self {
         case .mount(let fs): "mount(\(fs.isEmpty ? "default" : fs))"
+        case .block: "block"
+        }
+    }
+
+    /// For volume names and paths.
+    var slug: String {
+        switch self {
+        case .mount(let fs): fs.isEmpty ? "mount" : fs
         case .block: "block"
         }
     }

@@ -37,6 +37,22 @@ final class PluginProcess: @unchecked Sendable {
         }
     }
 
+    /// Works around a crash in the test process (SIGSEGV in grpc_completion_queue_next on
+    /// libgrpc++'s "nexting_thread", about 1 run in 3): CGRPCShim's completion callback runs on
+    /// that thread and deletes the call after resuming the Swift continuation, so when the test
+    /// has meanwhile dropped its GRPCChannel, the call held the channel's last reference; the
+    /// channel's destructor then releases libgrpc++'s shared callback completion queue from that
+    /// queue's own thread (it cannot join itself), deletes it, and the thread's next poll reads
+    /// freed memory. This channel makes one call and is never released, so the shared queue
+    /// always has a user and is never torn down. The fix belongs in CGRPCShim (delete the call
+    /// before calling `done`); this pin can go then.
+    static let grpcCallbackQueuePin: Task<Void, Never> = Task {
+        let channel = GRPCChannel(target: "unix:///nonexistent/cairn-it-grpc-pin")
+        _ = await channel.callRaw("/csi.v1.Identity/Probe", [], timeout: .milliseconds(200))
+        pinnedChannel.withLock { $0 = channel }
+    }
+    private static let pinnedChannel = LockedBox<GRPCChannel?>(nil)
+
     static let readyTimeout: Duration = .seconds(30)
     static let stopGrace: Duration = .seconds(15)
 
@@ -98,6 +114,8 @@ final class PluginProcess: @unchecked Sendable {
         if let env = ProcessInfo.processInfo.environment["CAIRN_BINARY"], !env.isEmpty {
             candidates.append(env)
         }
+        var seen = Set<String>()
+        candidates = candidates.filter { seen.insert($0).inserted }
         for candidate in candidates {
             var st = stat()
             if stat(candidate, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, access(candidate, X_OK) == 0 {
@@ -123,6 +141,7 @@ final class PluginProcess: @unchecked Sendable {
     /// Starts `cairn serve` and waits (at most 30 s) until Probe answers OK.
     func start() async throws {
         precondition(!isRunning, "the plugin is already running")
+        await Self.grpcCallbackQueuePin.value
         let fd = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw FixtureError("cannot open \(logPath): \(String(cString: strerror(errno)))") }
         let log = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
@@ -264,6 +283,13 @@ final class PluginProcess: @unchecked Sendable {
             + loopDevices().map { "loop device \($0.device) backed by \($0.backingFile)" }
     }
 
+    /// cairn.log from the most recent start on.
+    func logSinceLastStart() -> String {
+        guard let text = try? String(contentsOfFile: logPath, encoding: .utf8) else { return "" }
+        guard let range = text.range(of: "=== ", options: .backwards) else { return text }
+        return String(text[range.lowerBound...])
+    }
+
     func logTail(lines: Int = 80) -> String {
         guard let text = try? String(contentsOfFile: logPath, encoding: .utf8) else { return "(no log at \(logPath))" }
         return text.split(separator: "\n", omittingEmptySubsequences: false).suffix(lines).joined(separator: "\n")
@@ -308,7 +334,7 @@ final class PluginProcess: @unchecked Sendable {
 
     /// Stops the process and removes every trace of the test. Idempotent. Returns the problems
     /// it met (things it could not clean, or a plugin that ignored SIGTERM); prints the tail of
-    /// cairn.log when `testFailed` or when there were problems.
+    /// cairn.log when `testFailed`, when there were problems, or when $CAIRN_IT_PRINT_LOGS is set.
     func tearDown(testFailed: Bool) async -> [String] {
         if lock.withLock({ () -> Bool in defer { tornDown = true }; return tornDown }) { return [] }
         var problems: [String] = []
@@ -319,7 +345,7 @@ final class PluginProcess: @unchecked Sendable {
         problems += await Self.unmountAll(under: [root] + foreign)
         problems += await Self.detachLoops(backedUnder: root)
 
-        if testFailed || !problems.isEmpty {
+        if testFailed || !problems.isEmpty || ProcessInfo.processInfo.environment["CAIRN_IT_PRINT_LOGS"] != nil {
             print("----- tail of \(logPath) -----\n\(logTail())\n----- end of \(logPath) -----")
         }
         for path in foreign where FileManager.default.fileExists(atPath: path) {
@@ -376,6 +402,14 @@ struct MountEntry: Sendable, Equatable {
         }
         return String(decoding: out, as: UTF8.self)
     }
+}
+
+/// A value behind a lock (the test target does not import Synchronization).
+final class LockedBox<Value>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: Value
+    init(_ value: Value) { self.value = value }
+    func withLock<T>(_ body: (inout Value) -> T) -> T { lock.withLock { body(&value) } }
 }
 
 struct LoopDevice: Sendable, Equatable {

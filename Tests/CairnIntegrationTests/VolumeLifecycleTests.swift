@@ -41,7 +41,7 @@ final class VolumeLifecycleTests: IntegrationTestCase {
     func lifeWithRestart(access: Access, sizeMiB: Int64) async throws {
         let plugin = try await startPlugin()
         let csi = CSIClient(plugin: plugin)
-        let placed = try await place(csi, plugin, name: "life-\(access)-\(UUID().uuidString.prefix(8))",
+        let placed = try await place(csi, plugin, name: "life-\(access.slug)-\(UUID().uuidString.prefix(8))",
                                      access: access, sizeMiB: sizeMiB)
 
         let payload = try writePayload(placed)
@@ -83,6 +83,10 @@ final class VolumeLifecycleTests: IntegrationTestCase {
                        "a repeated NodeStage must not stack mounts on the staging path")
         XCTAssertEqual(Self.mountsAt(placed.target, plugin).count, 1, "a repeated NodePublish must not stack mounts on the target")
         XCTAssertEqual(try readPayload(placed, count: payload.count), payload, "the data must read back after the restart")
+        let statsAfter = try await must("NodeGetVolumeStats(\(placed.target)) after restart") {
+            try await csi.nodeGetVolumeStats(CSI.stats(placed.volume.volumeID, path: placed.target))
+        }
+        XCTAssertFalse(statsAfter.volumeCondition.abnormal, "volume condition after restart: \(statsAfter.volumeCondition.message)")
 
         try await unplace(csi, plugin, placed)
     }
@@ -90,7 +94,7 @@ final class VolumeLifecycleTests: IntegrationTestCase {
     func lifeWithReboot(access: Access, sizeMiB: Int64) async throws {
         let plugin = try await startPlugin()
         let csi = CSIClient(plugin: plugin)
-        let placed = try await place(csi, plugin, name: "reboot-\(access)-\(UUID().uuidString.prefix(8))",
+        let placed = try await place(csi, plugin, name: "reboot-\(access.slug)-\(UUID().uuidString.prefix(8))",
                                      access: access, sizeMiB: sizeMiB)
         let payload = try writePayload(placed)
 
@@ -124,6 +128,11 @@ final class VolumeLifecycleTests: IntegrationTestCase {
                 let uuidAfter = try await VolumeIO.filesystemUUID(loop.device)
                 XCTAssertEqual(uuidAfter, uuidBefore, "the filesystem must be checked and mounted, not re-created")
             }
+        }
+        let stageLog = plugin.logSinceLastStart()
+        XCTAssertFalse(stageLog.contains("mkfs"), "NodeStage after a reboot must not run mkfs on a volume that has a filesystem")
+        if case .mount(let fs) = access, fs == "ext4" {
+            XCTAssert(stageLog.contains("fsck.ext4"), "NodeStage after a reboot must fsck the ext4 filesystem before mounting it")
         }
         _ = try await must("NodePublishVolume after a reboot-like event \(CSI.show(placed.publishRequest))") {
             try await csi.nodePublish(placed.publishRequest)
