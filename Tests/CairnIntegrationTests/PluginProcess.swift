@@ -119,11 +119,30 @@ final class PluginProcess: @unchecked Sendable {
         for candidate in candidates {
             var st = stat()
             if stat(candidate, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, access(candidate, X_OK) == 0 {
+                warnIfStale(candidate, builtAt: st.st_mtim.tv_sec)
                 return candidate
             }
         }
         throw FixtureError(
             "the cairn binary was not found (looked at \(candidates.joined(separator: ", "))): run `swift build` first (or set CAIRN_BINARY to its path)")
+    }
+
+    private static let staleWarning = LockedBox(false)
+
+    /// Prints (once) when a file under Sources/ is newer than the binary: the tests would then
+    /// exercise yesterday's plugin. A warning, not a failure: colleagues edit Sources/ while tests run.
+    static func warnIfStale(_ binary: String, builtAt: Int) {
+        guard staleWarning.withLock({ (warned: inout Bool) -> Bool in defer { warned = true }; return !warned }) else { return }
+        let sources = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("Sources").path
+        guard let walker = FileManager.default.enumerator(atPath: sources) else { return }
+        for case let file as String in walker where file.hasSuffix(".swift") || file.hasSuffix(".cpp") || file.hasSuffix(".h") {
+            var st = stat()
+            if stat(sources + "/" + file, &st) == 0, st.st_mtim.tv_sec > builtAt {
+                print("warning: \(binary) is older than Sources/\(file); run `swift build` so the tests exercise the current plugin")
+                return
+            }
+        }
     }
 
     // MARK: Process
