@@ -199,10 +199,14 @@ void cgrpc_unary_call(cgrpc_channel *channel, const char *method, const uint8_t 
                            &call->response, [call, done, ctx](grpc::Status status) {
                              std::vector<uint8_t> bytes;
                              if (status.ok()) bytes = flatten(call->response);
-                             const std::string &msg = status.error_message();
-                             done(ctx, static_cast<int>(status.error_code()), msg.data(), msg.size(),
-                                  bytes.data(), bytes.size());
+                             const std::string message = status.error_message();
+                             // Free the call before resuming Swift: once `done` runs, the caller
+                             // may drop its channel, and the call's context must not hold the
+                             // channel's last reference here, on grpc's own callback thread
+                             // (destroying it there tears down the queue this thread polls).
                              delete call;
+                             done(ctx, static_cast<int>(status.error_code()), message.data(),
+                                  message.size(), bytes.data(), bytes.size());
                            });
 }
 

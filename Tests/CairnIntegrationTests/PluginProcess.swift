@@ -37,21 +37,6 @@ final class PluginProcess: @unchecked Sendable {
         }
     }
 
-    /// Works around a crash in the test process (SIGSEGV in grpc_completion_queue_next on
-    /// libgrpc++'s "nexting_thread", about 1 run in 3): CGRPCShim's completion callback runs on
-    /// that thread and deletes the call after resuming the Swift continuation, so when the test
-    /// has meanwhile dropped its GRPCChannel, the call held the channel's last reference; the
-    /// channel's destructor then releases libgrpc++'s shared callback completion queue from that
-    /// queue's own thread (it cannot join itself), deletes it, and the thread's next poll reads
-    /// freed memory. This channel makes one call and is never released, so the shared queue
-    /// always has a user and is never torn down. The fix belongs in CGRPCShim (delete the call
-    /// before calling `done`); this pin can go then.
-    static let grpcCallbackQueuePin: Task<Void, Never> = Task {
-        let channel = GRPCChannel(target: "unix:///nonexistent/cairn-it-grpc-pin")
-        _ = await channel.callRaw("/csi.v1.Identity/Probe", [], timeout: .milliseconds(200))
-        pinnedChannel.withLock { $0 = channel }
-    }
-    private static let pinnedChannel = LockedBox<GRPCChannel?>(nil)
 
     static let readyTimeout: Duration = .seconds(30)
     static let stopGrace: Duration = .seconds(15)
@@ -160,7 +145,6 @@ final class PluginProcess: @unchecked Sendable {
     /// Starts `cairn serve` and waits (at most 30 s) until Probe answers OK.
     func start() async throws {
         precondition(!isRunning, "the plugin is already running")
-        await Self.grpcCallbackQueuePin.value
         let fd = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw FixtureError("cannot open \(logPath): \(String(cString: strerror(errno)))") }
         let log = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
