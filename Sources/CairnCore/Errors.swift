@@ -64,12 +64,20 @@ public struct CairnError: Error, Sendable, CustomStringConvertible {
     public static func `internal`(_ m: String) -> CairnError { .init(.internal, m) }
 }
 
+/// An error type of another module that knows its status (so RPCStatus stays the one mapping
+/// without knowing every module's errors).
+public protocol StatusConvertible: Error {
+    var status: (code: StatusCode, message: String) { get }
+}
+
 /// The single mapping from any thrown error to a gRPC status.
 public enum RPCStatus {
     public static func from(_ error: any Error) -> (code: StatusCode, message: String) {
         switch error {
         case let e as CairnError:
             return (e.code, e.message)
+        case let e as any StatusConvertible:
+            return e.status
         case is CancellationError:
             return (.cancelled, "the call was cancelled (client went away or its deadline passed)")
         case let e as SystemError:

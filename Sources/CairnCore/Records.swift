@@ -1,5 +1,20 @@
 import Foundation
 
+/// The mount namespace a target path lives in: the host's (the agent's), or a running
+/// process's — a container's — named by PID. `startTime` (field 22 of /proc/PID/stat) is
+/// recorded with the PID so that a reused PID is never mistaken for the original process.
+public enum MountNamespace: Codable, Sendable, Equatable, Hashable, CustomStringConvertible {
+    case host
+    case process(pid: Int32, startTime: UInt64)
+
+    public var description: String {
+        switch self {
+        case .host: "host"
+        case .process(let pid, _): "process \(pid)"
+        }
+    }
+}
+
 /// How a volume is consumed: a filesystem (mount) or a raw block device (block).
 public enum AccessType: String, Codable, Sendable {
     case mount, block
@@ -109,11 +124,15 @@ public struct PublishRecord: Codable, Sendable, Equatable {
     public var readonly: Bool
     public var accessMode: Int
     public var mountFlags: [String]
+    /// Where `targetPath` is (absent in records written before namespaces: the host).
+    public var targetNamespace: MountNamespace?
     public var createdAt: Date
+
+    public var namespace: MountNamespace { targetNamespace ?? .host }
 
     public init(volumeID: String, nodeID: String, targetPath: String, stagingPath: String,
                 accessType: AccessType, readonly: Bool, accessMode: Int, mountFlags: [String],
-                createdAt: Date = Date()) {
+                targetNamespace: MountNamespace = .host, createdAt: Date = Date()) {
         self.volumeID = volumeID
         self.nodeID = nodeID
         self.targetPath = targetPath
@@ -122,6 +141,7 @@ public struct PublishRecord: Codable, Sendable, Equatable {
         self.readonly = readonly
         self.accessMode = accessMode
         self.mountFlags = mountFlags
+        self.targetNamespace = targetNamespace == .host ? nil : targetNamespace
         self.createdAt = createdAt
     }
 }

@@ -100,6 +100,24 @@ public enum Validate {
         return normalised
     }
 
+    /// A path in another mount namespace's view: absolute, no "." or ".." components, ≤ 4096
+    /// bytes. Returns it normalised. (Whether it escapes that namespace's root is checked
+    /// where it is resolved, inside the namespace.)
+    @discardableResult
+    public static func absolutePath(_ path: String, field: String) throws -> String {
+        if path.isEmpty { throw CairnError.invalidArgument("\(field) is required") }
+        if path.utf8.count > 4096 { throw CairnError.invalidArgument("\(field) is longer than 4096 bytes") }
+        guard path.hasPrefix("/") else {
+            throw CairnError.invalidArgument("\(field) \"\(printable(path))\" must be an absolute path")
+        }
+        if path.utf8.contains(0) { throw CairnError.invalidArgument("\(field) contains a NUL byte") }
+        let components = path.split(separator: "/", omittingEmptySubsequences: true)
+        if components.contains(where: { $0 == "." || $0 == ".." }) {
+            throw CairnError.invalidArgument("\(field) \"\(printable(path))\" must not contain '.' or '..' components")
+        }
+        return "/" + components.joined(separator: "/")
+    }
+
     public static func isInside(_ path: String, root: String) -> Bool {
         let r = root.hasSuffix("/") && root.count > 1 ? String(root.dropLast()) : root
         return r == "/" || path == r || path.hasPrefix(r + "/")

@@ -20,11 +20,45 @@ public struct LinuxMounter: Mounter {
     /// Where the kernel's block-device directories live (a test may point it elsewhere).
     let sysBlock: String
     let mountInfoPath: String
+    let nsexec: NamespaceExec
 
-    public init(logger: Logger, sysBlock: String = "/sys/block", mountInfoPath: String = "/proc/self/mountinfo") {
+    public init(logger: Logger, sysBlock: String = "/sys/block", mountInfoPath: String = "/proc/self/mountinfo",
+                nsexecBinary: String? = nil) {
         self.logger = logger
         self.sysBlock = sysBlock
         self.mountInfoPath = mountInfoPath
+        self.nsexec = NamespaceExec(binary: nsexecBinary ?? NamespaceExec.locate(), logger: logger)
+    }
+
+    // MARK: Namespaces and target paths
+
+    public func namespace(ofProcess pid: Int32) async throws -> MountNamespace {
+        try HostPaths.namespace(ofProcess: pid)
+    }
+
+    public func inspect(_ path: String, in namespace: MountNamespace) async throws -> PathState {
+        switch namespace {
+        case .host:
+            return HostPaths.inspect(path, mountTable: try await mountTable(in: .host))
+        case .process:
+            let out = try await nsexec.run("inspect", namespace, [path])
+            return PathState(kind: PathKind(rawValue: out["kind"] ?? "") ?? .other, resolved: path,
+                             isMountPoint: out["mounted"] == "1")
+        }
+    }
+
+    public func makeTarget(_ path: String, for access: AccessType, in namespace: MountNamespace) async throws -> Bool {
+        switch namespace {
+        case .host: return try HostPaths.makeTarget(path, for: access)
+        case .process: return try await nsexec.run(access == .mount ? "mkdir" : "mkfile", namespace, [path])["created"] == "1"
+        }
+    }
+
+    public func removeTarget(_ path: String, in namespace: MountNamespace) async throws -> Bool {
+        switch namespace {
+        case .host: return try HostPaths.removeTarget(path)
+        case .process: return try await nsexec.run("remove", namespace, [path])["removed"] == "1"
+        }
     }
 
     // MARK: Loop devices
@@ -167,7 +201,19 @@ public struct LinuxMounter: Mounter {
         }
     }
 
-    public func bindMount(source: String, at target: String, readOnly: Bool, options: [String]) async throws {
+    public func bindMount(source: String, at target: String, in namespace: MountNamespace, readOnly: Bool,
+                          options: [String]) async throws {
+        guard case .process = namespace else {
+            return try await hostBindMount(source: source, at: target, readOnly: readOnly, options: options)
+        }
+        if !options.isEmpty {
+            logger.notice("per-mount flags are not applied to binds into a container's namespace; only read-only is",
+                          metadata: ["path": "\(target)", "mount.flags": "\(options.joined(separator: ","))"])
+        }
+        _ = try await nsexec.run("bind", namespace, ["--source", source] + (readOnly ? ["--read-only"] : []) + [target])
+    }
+
+    func hostBindMount(source: String, at target: String, readOnly: Bool, options: [String]) async throws {
         let bind = try await Command.run(["mount", "--bind", source, target], timeout: Self.quickTimeout, logger: logger)
         guard bind.status == 0 else {
             throw CairnError.internal(
@@ -187,7 +233,11 @@ public struct LinuxMounter: Mounter {
         }
     }
 
-    public func unmount(_ target: String) async throws {
+    public func unmount(_ target: String, in namespace: MountNamespace) async throws {
+        if case .process = namespace {
+            _ = try await nsexec.run("unmount", namespace, [target])
+            return
+        }
         let result = try await Command.run(["umount", target], timeout: Self.quickTimeout, logger: logger)
         guard result.status == 0 else {
             if result.output.contains("busy") {
@@ -198,7 +248,8 @@ public struct LinuxMounter: Mounter {
         }
     }
 
-    public func mountTable() async throws -> [MountInfo] {
+    public func mountTable(in namespace: MountNamespace) async throws -> [MountInfo] {
+        if case .process = namespace { return MountTable.parse(try await nsexec.mountinfo(namespace)) }
         let text: String
         do {
             text = try String(contentsOfFile: mountInfoPath, encoding: .utf8)
@@ -210,7 +261,10 @@ public struct LinuxMounter: Mounter {
 
     // MARK: Capacity
 
-    public func filesystemStats(path: String) async throws -> FilesystemStats {
+    public func filesystemStats(path: String, in namespace: MountNamespace) async throws -> FilesystemStats {
+        // A process's namespace is reachable through /proc/PID/root without entering it.
+        var path = path
+        if case .process(let pid, _) = namespace { path = "/proc/\(pid)/root" + path }
         var st = statvfs()
         guard statvfs(path, &st) == 0 else {
             let e = errno

@@ -31,10 +31,18 @@ public final class NodeService: Sendable {
     let pathRoots: [String]
     let locks: VolumeLocks
     let logger: Logger
+    /// The process whose mount namespace targets are published into when a request names
+    /// none (`--target-namespace-pid`); nil: the host's (the agent's) namespace.
+    let defaultTargetPID: Int32?
+
+    /// The volume_context / publish_context key that names the process (a container) whose
+    /// mount namespace a target path belongs to.
+    public static let namespacePIDKey = "cairn.dev/mount-namespace-pid"
 
     public init(nodeID: String, topology: [String: String], maxVolumesPerNode: Int64,
                 store: any MetadataStore, backing: any VolumeBacking, mounter: any Mounter,
-                pathRoots: [String], locks: VolumeLocks, logger: Logger) {
+                pathRoots: [String], locks: VolumeLocks, logger: Logger, defaultTargetPID: Int32? = nil) {
+        self.defaultTargetPID = defaultTargetPID
         self.nodeID = nodeID
         self.topology = topology
         self.maxVolumesPerNode = maxVolumesPerNode
@@ -94,7 +102,7 @@ public final class NodeService: Sendable {
         let existing = try await store.stage(volumeID: volumeID, nodeID: nodeID)
         if let existing {
             if existing.stagingPath != stagingPath {
-                if isStageLive(existing, devices: devices, table: table) {
+                if try await isStageLive(existing, devices: devices, table: table) {
                     throw CairnError.failedPrecondition(
                         "volume \(volumeID) is already staged at \(existing.stagingPath) on this node (CSI allows one staging path per volume per node); call NodeUnstageVolume there first")
                 }
@@ -107,7 +115,7 @@ public final class NodeService: Sendable {
         }
 
         // …then what the kernel says.
-        let stagingReal = resolved(stagingPath)
+        let stagingReal = try await mounter.resolve(stagingPath)
         let elsewhere = table.filter { usesVolume($0, devices: devices) && $0.mountPoint != stagingReal }
         switch access.accessType {
         case .mount:
@@ -134,8 +142,11 @@ public final class NodeService: Sendable {
                 throw CairnError.failedPrecondition(
                     "volume \(volumeID)'s device \(user.source) is still mounted at \(user.mountPoint), outside the staging path; unmount it there (or NodeUnpublish/NodeUnstage the old paths) before staging at \(stagingPath)")
             }
-            try requireDirectory(stagingPath, field: "staging_target_path",
-                                 hint: "the CO must create the staging directory before NodeStageVolume")
+            let staging = try await mounter.inspect(stagingPath, in: .host)
+            guard staging.kind == .directory else {
+                throw CairnError.failedPrecondition(
+                    "staging_target_path \(stagingPath) \(staging.kind == .missing ? "does not exist" : "is not a directory"); the CO must create the staging directory before NodeStageVolume")
+            }
         case .block:
             if let existing, existing.stagingPath == stagingPath, devices.contains(existing.devicePath) {
                 logger.debug("already staged", metadata: meta.with("device", existing.devicePath))
@@ -252,15 +263,17 @@ public final class NodeService: Sendable {
         }
 
         let table = try await mounter.mountTable()
-        let stillPublished = try await store.publishes(volumeID: volumeID)
-            .filter { $0.nodeID == nodeID && isMounted($0.targetPath, in: table) }
+        var stillPublished: [PublishRecord] = []
+        for publish in try await store.publishes(volumeID: volumeID) where publish.nodeID == nodeID {
+            if try await isLive(publish) { stillPublished.append(publish) }
+        }
         if !stillPublished.isEmpty {
             throw CairnError.failedPrecondition(
                 "volume \(volumeID) is still published at \(stillPublished.map(\.targetPath).joined(separator: ", ")); call NodeUnpublishVolume for every target first")
         }
         let file = try backing.file(volumeID: volumeID)
         let devices = try await mounter.loopDevices(backing: file)
-        let stagingReal = resolved(stagingPath)
+        let stagingReal = try await mounter.resolve(stagingPath)
         let users = table.filter { usesVolume($0, devices: devices) && $0.mountPoint != stagingReal }
         if !users.isEmpty {
             throw CairnError.failedPrecondition(
@@ -279,7 +292,7 @@ public final class NodeService: Sendable {
                 throw CairnError.failedPrecondition(
                     "\(stagingPath) has \(mounted.source) (\(mounted.fsType)) mounted on top of volume \(volumeID); Cairn will not unmount what it did not mount: unmount it by hand and retry")
             }
-            try await mounter.unmount(stagingReal)
+            try await mounter.unmount(stagingReal, in: .host)
             logger.info("unmounted the staging path", metadata: meta.with("device", mounted.source))
         }
         if let still = try await mounter.mountInfo(at: stagingReal), usesVolume(still, devices: devices) {
@@ -299,7 +312,13 @@ public final class NodeService: Sendable {
 
     public func nodePublishVolume(_ request: Csi_V1_NodePublishVolumeRequest) async throws -> Csi_V1_NodePublishVolumeResponse {
         try Validate.volumeID(request.volumeID)
-        let targetPath = try Validate.path(request.targetPath, field: "target_path", roots: pathRoots)
+        let targetPID = try Self.namespacePID(request.publishContext[Self.namespacePIDKey]
+            ?? request.volumeContext[Self.namespacePIDKey]) ?? defaultTargetPID
+        // A target in a container's namespace is a path in the container's view (its root
+        // confines it; the helper refuses escapes); a host target must lie under the path roots.
+        let targetPath = targetPID == nil
+            ? try Validate.path(request.targetPath, field: "target_path", roots: pathRoots)
+            : try Validate.absolutePath(request.targetPath, field: "target_path")
         guard request.hasVolumeCapability else { throw CairnError.invalidArgument("volume_capability is required") }
         let access = try AccessRules.parse(request.volumeCapability, field: "volume_capability")
         try MountFlags.check(access.mountFlags, field: "volume_capability.mount.mount_flags")
@@ -309,22 +328,28 @@ public final class NodeService: Sendable {
                 "staging_target_path is required: this plugin stages volumes (STAGE_UNSTAGE_VOLUME); call NodeStageVolume first and pass its staging_target_path")
         }
         let stagingPath = try Validate.path(request.stagingTargetPath, field: "staging_target_path", roots: pathRoots)
-        if Validate.isInside(targetPath, root: stagingPath) || Validate.isInside(stagingPath, root: targetPath) {
+        if targetPID == nil,
+           Validate.isInside(targetPath, root: stagingPath) || Validate.isInside(stagingPath, root: targetPath) {
             throw CairnError.invalidArgument(
                 "target_path \(targetPath) and staging_target_path \(stagingPath) must not contain one another")
         }
         let volumeID = request.volumeID
         try await locks.withLock(volumeID, operation: "NodePublishVolume") {
+            var namespace = MountNamespace.host
+            if let targetPID { namespace = try await mounter.namespace(ofProcess: targetPID) }
             try await publish(volumeID: volumeID, targetPath: targetPath, stagingPath: stagingPath,
-                              access: access, readonlyFlag: request.readonly)
+                              access: access, readonlyFlag: request.readonly, namespace: namespace)
         }
         return Csi_V1_NodePublishVolumeResponse()
     }
 
-    private func publish(volumeID: String, targetPath: String, stagingPath: String,
-                         access: RequestedAccess, readonlyFlag: Bool) async throws {
+    /// Publishes the staged volume at `targetPath` in `namespace`. Also the hot-plug path
+    /// (`cairn volume attach`): a target in a running container's namespace.
+    public func publish(volumeID: String, targetPath: String, stagingPath: String,
+                        access: RequestedAccess, readonlyFlag: Bool, namespace: MountNamespace) async throws {
         _ = try await requireVolume(volumeID)
         var meta = metadata(volumeID, path: targetPath)
+        if namespace != .host { meta["namespace"] = "\(namespace)" }
         guard let stage = try await store.stage(volumeID: volumeID, nodeID: nodeID), stage.stagingPath == stagingPath else {
             throw CairnError.failedPrecondition(
                 "volume \(volumeID) is not staged at \(stagingPath) on node \(nodeID); call NodeStageVolume first")
@@ -341,7 +366,7 @@ public final class NodeService: Sendable {
         let file = try backing.file(volumeID: volumeID)
         let devices = try await mounter.loopDevices(backing: file)
         let table = try await mounter.mountTable()
-        let stagingReal = resolved(stagingPath)
+        let stagingReal = try await mounter.resolve(stagingPath)
         let source: String
         switch stage.accessType {
         case .mount:
@@ -368,13 +393,15 @@ public final class NodeService: Sendable {
         }
         var record = PublishRecord(volumeID: volumeID, nodeID: nodeID, targetPath: targetPath, stagingPath: stagingPath,
                                    accessType: access.accessType, readonly: readonlyFlag,
-                                   accessMode: access.mode.rawValue, mountFlags: access.mountFlags)
+                                   accessMode: access.mode.rawValue, mountFlags: access.mountFlags,
+                                   targetNamespace: namespace)
         let publishes = try await store.publishes(volumeID: volumeID).filter { $0.nodeID == nodeID }
-        let existing = publishes.first { $0.targetPath == targetPath }
-        let targetReal = resolved(targetPath)
+        let existing = publishes.first { $0.targetPath == targetPath && $0.namespace == namespace }
+        let targetReal = try await mounter.resolve(targetPath, in: namespace)
+        let targetTable = namespace == .host ? table : try await mounter.mountTable(in: namespace)
 
         // Already published at this target?
-        if let mounted = table.last(where: { $0.mountPoint == targetReal }) {
+        if let mounted = targetTable.last(where: { $0.mountPoint == targetReal }) {
             guard usesVolume(mounted, devices: devices) else {
                 throw CairnError.failedPrecondition(
                     "\(targetPath) already has \(mounted.source) (\(mounted.fsType)) mounted, which is not volume \(volumeID); unmount it or publish at another path")
@@ -408,8 +435,9 @@ public final class NodeService: Sendable {
         // may be published at several targets on one node; for every other mode a different
         // target is FAILED_PRECONDITION (Kubernetes maps ReadWriteOnce to SINGLE_NODE_MULTI_WRITER
         // because Cairn advertises it).
-        let others = publishes.filter {
-            $0.nodeID == nodeID && $0.targetPath != targetPath && isMounted($0.targetPath, in: table)
+        var others: [PublishRecord] = []
+        for other in publishes where !(other.targetPath == targetPath && other.namespace == namespace) {
+            if try await isLive(other) { others.append(other) }
         }
         if let other = others.first {
             let modes = [access.mode] + others.map { AccessMode(rawValue: $0.accessMode) ?? .unknown }
@@ -420,16 +448,13 @@ public final class NodeService: Sendable {
         }
 
         // Act.
-        let created: Bool
-        switch access.accessType {
-        case .mount: created = try ensureDirectory(targetPath)
-        case .block: created = try ensureFile(targetPath)
-        }
+        let created = try await mounter.makeTarget(targetPath, for: access.accessType, in: namespace)
         do {
-            try await mounter.bindMount(source: source, at: resolved(targetPath), readOnly: readOnly,
+            try await mounter.bindMount(source: source, at: try await mounter.resolve(targetPath, in: namespace),
+                                        in: namespace, readOnly: readOnly,
                                         options: MountFlags.perMountOnly(access.mountFlags))
         } catch {
-            if created { _ = try? removeTarget(targetPath, volumeID: volumeID) }
+            if created { _ = try? await mounter.removeTarget(targetPath, in: namespace) }
             throw error
         }
         logger.info("bind-mounted the volume at the target", metadata: meta.with("readonly", "\(readOnly)"))
@@ -441,39 +466,62 @@ public final class NodeService: Sendable {
 
     public func nodeUnpublishVolume(_ request: Csi_V1_NodeUnpublishVolumeRequest) async throws -> Csi_V1_NodeUnpublishVolumeResponse {
         try Validate.volumeID(request.volumeID)
-        let targetPath = try Validate.path(request.targetPath, field: "target_path", roots: pathRoots)
+        let lexical = try Validate.absolutePath(request.targetPath, field: "target_path")
         let volumeID = request.volumeID
         try await locks.withLock(volumeID, operation: "NodeUnpublishVolume") {
-            try await unpublish(volumeID: volumeID, targetPath: targetPath)
+            _ = try await requireVolume(volumeID)
+            // The record says which namespace the target is in; without one, the default.
+            let record = try await store.publishes(volumeID: volumeID)
+                .first { $0.nodeID == nodeID && $0.targetPath == lexical }
+            let namespace: MountNamespace
+            if let record {
+                namespace = record.namespace
+            } else if let pid = defaultTargetPID {
+                do { namespace = try await mounter.namespace(ofProcess: pid) } catch is MountNamespaceGone {
+                    return  // The namespace is gone, and with it anything that was mounted there.
+                }
+            } else {
+                namespace = .host
+            }
+            let targetPath = namespace == .host
+                ? try Validate.path(request.targetPath, field: "target_path", roots: pathRoots) : lexical
+            do {
+                try await unpublish(volumeID: volumeID, targetPath: targetPath, namespace: namespace, record: record)
+            } catch let gone as MountNamespaceGone {
+                // The container exited: its mount namespace (and the bind in it) went with it.
+                logger.info("the target's mount namespace is gone; nothing left to unmount",
+                            metadata: metadata(volumeID, path: targetPath).with("namespace", "\(gone)"))
+                if record != nil { try await store.removePublish(volumeID: volumeID, targetPath: targetPath) }
+            }
         }
         return Csi_V1_NodeUnpublishVolumeResponse()
     }
 
-    private func unpublish(volumeID: String, targetPath: String) async throws {
-        _ = try await requireVolume(volumeID)
-        let meta = metadata(volumeID, path: targetPath)
-        let record = try await store.publishes(volumeID: volumeID)
-            .first { $0.nodeID == nodeID && $0.targetPath == targetPath }
+    /// Unmounts and removes one target. Also the hot-unplug path (`cairn volume detach`).
+    public func unpublish(volumeID: String, targetPath: String, namespace: MountNamespace,
+                          record: PublishRecord?) async throws {
+        var meta = metadata(volumeID, path: targetPath)
+        if namespace != .host { meta["namespace"] = "\(namespace)" }
         let file = try backing.file(volumeID: volumeID)
         let devices = try await mounter.loopDevices(backing: file)
-        let targetReal = resolved(targetPath)
+        let targetReal = try await mounter.resolve(targetPath, in: namespace)
 
         for _ in 0..<8 {
-            guard let mounted = try await mounter.mountInfo(at: targetReal) else { break }
+            guard let mounted = try await mounter.mountInfo(at: targetReal, in: namespace) else { break }
             // Ours: the volume's device (or its staging mount) — or a target we recorded whose
             // loop device has since gone away (then the kernel shows a source we cannot match).
             guard usesVolume(mounted, devices: devices) || record != nil else {
                 throw CairnError.failedPrecondition(
                     "\(targetPath) has \(mounted.source) (\(mounted.fsType)) mounted, which is not volume \(volumeID); Cairn will not unmount what it did not mount")
             }
-            try await mounter.unmount(targetReal)
+            try await mounter.unmount(targetReal, in: namespace)
             logger.info("unmounted the target", metadata: meta.with("device", mounted.source))
         }
-        if try await mounter.mountInfo(at: targetReal) != nil {
-            throw CairnError.internal("\(targetPath) is still mounted after repeated unmounts; inspect /proc/self/mountinfo")
+        if try await mounter.mountInfo(at: targetReal, in: namespace) != nil {
+            throw CairnError.internal("\(targetPath) is still mounted after repeated unmounts; inspect its mountinfo")
         }
         // The SP created the target (CSI: "the SP MUST delete the file or directory it created").
-        if try removeTarget(targetPath, volumeID: volumeID) {
+        if try await mounter.removeTarget(targetPath, in: namespace) {
             logger.info("removed the target path", metadata: meta)
         }
         if record != nil {
@@ -495,14 +543,28 @@ public final class NodeService: Sendable {
             "volume \(volumeID) is neither staged nor published at \"\(Validate.printable(request.volumePath))\" on node \(nodeID)")
         // A path we would refuse to stage or publish at cannot hold the volume: NOT_FOUND (the
         // spec's "does not exist on specified volume_path"), not INVALID_ARGUMENT.
-        guard let path = try? Validate.path(request.volumePath, field: "volume_path", roots: pathRoots) else { throw notHere }
-
+        guard let lexical = try? Validate.absolutePath(request.volumePath, field: "volume_path") else { throw notHere }
         let stage = try await store.stage(volumeID: volumeID, nodeID: nodeID)
-        let publish = try await store.publishes(volumeID: volumeID).first { $0.nodeID == nodeID && $0.targetPath == path }
+        let publish = try await store.publishes(volumeID: volumeID).first { $0.nodeID == nodeID && $0.targetPath == lexical }
+        let namespace = publish?.namespace ?? .host
+        let path: String
+        if namespace == .host {
+            guard let checked = try? Validate.path(request.volumePath, field: "volume_path", roots: pathRoots) else { throw notHere }
+            path = checked
+        } else {
+            path = lexical
+        }
         let isStaging = stage?.stagingPath == path
         let file = try backing.file(volumeID: volumeID)
         let devices = try await mounter.loopDevices(backing: file)
-        let mounted = try await mounter.mountInfo(at: resolved(path))
+        var real = path
+        var mounted: MountInfo?
+        do {
+            real = try await mounter.resolve(path, in: namespace)
+            mounted = try await mounter.mountInfo(at: real, in: namespace)
+        } catch is MountNamespaceGone {
+            mounted = nil
+        }
         let mountIsOurs = mounted.map { usesVolume($0, devices: devices) } ?? false
         guard publish != nil || isStaging || mountIsOurs else { throw notHere }
 
@@ -516,7 +578,7 @@ public final class NodeService: Sendable {
         switch accessType {
         case .mount:
             if let mounted, mountIsOurs {
-                let stats = try await mounter.filesystemStats(path: resolved(path))
+                let stats = try await mounter.filesystemStats(path: real, in: namespace)
                 response.usage = [
                     usage(.bytes, total: stats.totalBytes, available: stats.availableBytes, used: stats.usedBytes),
                     usage(.inodes, total: stats.totalInodes, available: stats.freeInodes, used: stats.usedInodes),
@@ -596,14 +658,14 @@ public final class NodeService: Sendable {
                     logger.warning("the loop device of a staged volume vanished (reboot?); the next NodeStageVolume re-attaches it",
                                    metadata: meta)
                 } else if stage.accessType == .mount,
-                          !table.contains(where: { $0.mountPoint == resolved(stage.stagingPath) && usesVolume($0, devices: devices) }) {
+                          !(try await isStageLive(stage, devices: devices, table: table)) {
                     logger.warning("a staged volume is no longer mounted at its staging path; the next NodeStageVolume mounts it again",
                                    metadata: meta)
                 } else {
                     logger.info("staged volume intact", metadata: meta)
                 }
                 for publish in try await store.publishes(volumeID: stage.volumeID) where publish.nodeID == nodeID {
-                    if !isMounted(publish.targetPath, in: table) {
+                    if !((try? await isLive(publish)) ?? false) {
                         logger.warning("a published target is no longer mounted; the next NodePublishVolume mounts it again",
                                        metadata: metadata(stage.volumeID, path: publish.targetPath))
                     }
@@ -624,9 +686,13 @@ public final class NodeService: Sendable {
         return volume
     }
 
-    /// The path as mountinfo shows it: symlinks in existing ancestors resolved.
-    private func resolved(_ path: String) -> String {
-        Validate.realPath(path) ?? path
+    /// Parses the namespace PID named in a request's context.
+    static func namespacePID(_ text: String?) throws -> Int32? {
+        guard let text, !text.isEmpty else { return nil }
+        guard let pid = Int32(text), pid > 0 else {
+            throw CairnError.invalidArgument("\(namespacePIDKey)=\"\(Validate.printable(text))\" is not a process id")
+        }
+        return pid
     }
 
     /// Whether `mount` is the volume: its loop device mounted (a filesystem or a bind of the
@@ -640,15 +706,23 @@ public final class NodeService: Sendable {
         return false
     }
 
-    private func isMounted(_ path: String, in table: [MountInfo]) -> Bool {
-        let real = resolved(path)
-        return table.contains { $0.mountPoint == real }
+    /// Whether a recorded publish is still mounted, in its own namespace (false when that
+    /// namespace is gone).
+    private func isLive(_ publish: PublishRecord) async throws -> Bool {
+        do {
+            let real = try await mounter.resolve(publish.targetPath, in: publish.namespace)
+            return try await mounter.mountInfo(at: real, in: publish.namespace) != nil
+        } catch is MountNamespaceGone {
+            return false
+        }
     }
 
-    private func isStageLive(_ stage: StageRecord, devices: [String], table: [MountInfo]) -> Bool {
+    private func isStageLive(_ stage: StageRecord, devices: [String], table: [MountInfo]) async throws -> Bool {
         switch stage.accessType {
-        case .block: devices.contains(stage.devicePath)
-        case .mount: table.contains { $0.mountPoint == resolved(stage.stagingPath) && usesVolume($0, devices: devices) }
+        case .block: return devices.contains(stage.devicePath)
+        case .mount:
+            let real = try await mounter.resolve(stage.stagingPath)
+            return table.contains { $0.mountPoint == real && usesVolume($0, devices: devices) }
         }
     }
 
@@ -683,93 +757,6 @@ public final class NodeService: Sendable {
 
     private func metadata(_ volumeID: String, path: String) -> Logger.Metadata {
         ["volume.id": "\(volumeID)", "node.id": "\(nodeID)", "path": "\(path)"]
-    }
-
-    // MARK: Target paths (the SP creates and removes them)
-
-    private func requireDirectory(_ path: String, field: String, hint: String) throws {
-        var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
-            throw CairnError.failedPrecondition("\(field) \(path) does not exist; \(hint)")
-        }
-        guard isDirectory.boolValue else {
-            throw CairnError.failedPrecondition("\(field) \(path) is not a directory; \(hint)")
-        }
-    }
-
-    /// Creates the directory for a mount-access target; true when it was created now.
-    private func ensureDirectory(_ path: String) throws -> Bool {
-        var st = stat()
-        if lstat(path, &st) == 0 {
-            guard st.st_mode & S_IFMT == S_IFDIR else {
-                throw CairnError.failedPrecondition(
-                    "target_path \(path) exists and is not a directory; mount access needs a directory there: remove it or use another target")
-            }
-            return false
-        }
-        try requireParent(of: path)
-        if mkdir(path, 0o750) != 0 && errno != EEXIST {
-            let e = errno
-            throw CairnError.internal("could not create the target directory \(path): \(String(cString: strerror(e)))")
-        }
-        return true
-    }
-
-    /// Creates the empty file a block device is bound onto; true when it was created now.
-    private func ensureFile(_ path: String) throws -> Bool {
-        var st = stat()
-        if lstat(path, &st) == 0 {
-            guard st.st_mode & S_IFMT == S_IFREG || st.st_mode & S_IFMT == S_IFBLK else {
-                throw CairnError.failedPrecondition(
-                    "target_path \(path) exists and is not a regular file; block access binds the device onto a file: remove it or use another target")
-            }
-            return false
-        }
-        try requireParent(of: path)
-        let fd = open(path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0o640)
-        if fd < 0 {
-            let e = errno
-            if e == EEXIST { return false }
-            throw CairnError.internal("could not create the target file \(path): \(String(cString: strerror(e)))")
-        }
-        close(fd)
-        return true
-    }
-
-    private func requireParent(of path: String) throws {
-        let parent = (path as NSString).deletingLastPathComponent
-        var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: parent, isDirectory: &isDirectory), isDirectory.boolValue else {
-            throw CairnError.failedPrecondition(
-                "the parent directory \(parent) of target_path does not exist; the CO must create it before NodePublishVolume")
-        }
-    }
-
-    /// Removes an unmounted target: an empty directory or an empty file (what publish creates).
-    /// Anything holding data is left alone: the target is not the volume, and deleting what the
-    /// plugin did not create is never safe. Returns whether something was removed.
-    @discardableResult
-    private func removeTarget(_ path: String, volumeID: String) throws -> Bool {
-        var st = stat()
-        guard lstat(path, &st) == 0 else { return false }
-        switch st.st_mode & S_IFMT {
-        case S_IFDIR:
-            if rmdir(path) != 0 {
-                let e = errno
-                if e == ENOENT { return false }
-                throw CairnError.failedPrecondition(
-                    "could not remove the target directory \(path) after unmounting volume \(volumeID): \(String(cString: strerror(e))); it holds files the plugin did not put there, remove them by hand")
-            }
-        case S_IFREG where st.st_size == 0:
-            if unlink(path) != 0 && errno != ENOENT {
-                let e = errno
-                throw CairnError.internal("could not remove the target file \(path): \(String(cString: strerror(e)))")
-            }
-        default:
-            throw CairnError.failedPrecondition(
-                "target_path \(path) is neither an empty directory nor an empty file after unmounting volume \(volumeID); remove it by hand")
-        }
-        return true
     }
 }
 

@@ -86,7 +86,7 @@ final class NodeLinuxMounterTests: XCTestCase {
         XCTAssertEqual(staged?.isReadOnly, false)
         XCTAssertTrue(staged?.mountOptions.contains("noatime") == true, "\(String(describing: staged))")
 
-        try await mounter.bindMount(source: stage, at: target, readOnly: true, options: ["nosuid"])
+        try await mounter.bindMount(source: stage, at: target, in: .host, readOnly: true, options: ["nosuid"])
         let bound = try await mounter.mountInfo(at: target)
         XCTAssertEqual(bound?.source, device)
         XCTAssertEqual(bound?.isReadOnly, true)
@@ -97,15 +97,15 @@ final class NodeLinuxMounterTests: XCTestCase {
         XCTAssertFalse(FileManager.default.createFile(atPath: target + "/nope", contents: Data("x".utf8)),
                        "the read-only bind refuses writes")
 
-        let stats = try await mounter.filesystemStats(path: target)
+        let stats = try await mounter.filesystemStats(path: target, in: .host)
         XCTAssertGreaterThan(stats.totalBytes, 50 << 20)
         XCTAssertLessThanOrEqual(stats.availableBytes, stats.totalBytes)
         XCTAssertGreaterThan(stats.usedInodes, 0)
 
-        try await mounter.unmount(target)
+        try await mounter.unmount(target, in: .host)
         let afterTarget = try await mounter.mountInfo(at: target)
         XCTAssertNil(afterTarget)
-        try await mounter.unmount(stage)
+        try await mounter.unmount(stage, in: .host)
         try await mounter.detachLoop(device: device)
         try await mounter.detachLoop(device: device)  // idempotent
         let remaining = try await mounter.loopDevices(backing: file)
@@ -145,7 +145,7 @@ final class NodeLinuxMounterTests: XCTestCase {
         try await mounter.mount(device: device, at: stage, fsType: "xfs", options: [])
         let mounted = try await mounter.mountInfo(at: stage)
         XCTAssertEqual(mounted?.fsType, "xfs")
-        try await mounter.unmount(stage)
+        try await mounter.unmount(stage, in: .host)
         try await mounter.detachLoop(device: device)
     }
 
@@ -210,7 +210,7 @@ final class NodeLinuxMounterTests: XCTestCase {
         }
 
         // Reboot-like event: every mount and loop device vanishes; the records stay.
-        for target in [root + "/mount/ro", root + "/mount/rw", staging] { try await mounter.unmount(target) }
+        for target in [root + "/mount/ro", root + "/mount/rw", staging] { try await mounter.unmount(target, in: .host) }
         for device in try await mounter.loopDevices(backing: try backing.file(volumeID: "vol-1")) {
             try await mounter.detachLoop(device: device)
         }

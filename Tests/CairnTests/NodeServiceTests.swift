@@ -661,7 +661,24 @@ final class NodeFakeMounter: Mounter {
         }
     }
 
-    func bindMount(source: String, at target: String, readOnly: Bool, options: [String]) async throws {
+    func namespace(ofProcess pid: Int32) async throws -> MountNamespace {
+        throw MountNamespaceGone(pid: pid, reason: "does not exist (the fake has no processes)")
+    }
+
+    func inspect(_ path: String, in namespace: MountNamespace) async throws -> PathState {
+        HostPaths.inspect(path, mountTable: state.withLock { $0.mounts })
+    }
+
+    func makeTarget(_ path: String, for access: AccessType, in namespace: MountNamespace) async throws -> Bool {
+        try HostPaths.makeTarget(path, for: access)
+    }
+
+    func removeTarget(_ path: String, in namespace: MountNamespace) async throws -> Bool {
+        try HostPaths.removeTarget(path)
+    }
+
+    func bindMount(source: String, at target: String, in namespace: MountNamespace, readOnly: Bool,
+                   options: [String]) async throws {
         record((["bind", source, target, readOnly ? "ro" : "rw"] + options).joined(separator: " "))
         try Self.requireExisting(target)
         try state.withLock { s in
@@ -679,7 +696,7 @@ final class NodeFakeMounter: Mounter {
         }
     }
 
-    func unmount(_ target: String) async throws {
+    func unmount(_ target: String, in namespace: MountNamespace) async throws {
         record("unmount \(target)")
         try state.withLock { s in
             guard let index = s.mounts.lastIndex(where: { $0.mountPoint == target }) else {
@@ -689,9 +706,9 @@ final class NodeFakeMounter: Mounter {
         }
     }
 
-    func mountTable() async throws -> [MountInfo] { state.withLock { $0.mounts } }
+    func mountTable(in namespace: MountNamespace) async throws -> [MountInfo] { state.withLock { $0.mounts } }
 
-    func filesystemStats(path: String) async throws -> FilesystemStats {
+    func filesystemStats(path: String, in namespace: MountNamespace) async throws -> FilesystemStats {
         FilesystemStats(totalBytes: 60 << 20, availableBytes: 50 << 20, usedBytes: 10 << 20,
                         totalInodes: 16384, freeInodes: 16373, usedInodes: 11)
     }
