@@ -10,6 +10,13 @@ public struct RequestedAccess: Sendable, Equatable {
     public var fsType: String
     public var mountFlags: [String]
     public var mode: AccessMode
+
+    public init(accessType: AccessType, fsType: String, mountFlags: [String], mode: AccessMode) {
+        self.accessType = accessType
+        self.fsType = fsType
+        self.mountFlags = mountFlags
+        self.mode = mode
+    }
 }
 
 /// Cairn's access-mode rules (docs/design.md, "Access modes"), following the spec's tables:

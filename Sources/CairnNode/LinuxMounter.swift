@@ -240,11 +240,34 @@ public struct LinuxMounter: Mounter {
         }
         let result = try await Command.run(["umount", target], timeout: Self.quickTimeout, logger: logger)
         guard result.status == 0 else {
+            // A dead mount (its FUSE daemon gone: ENOTCONN; its device gone: EIO/ESTALE) cannot be
+            // used by anyone; when a normal unmount fails on it, detach it lazily — the last
+            // resort, and only here, so a target is never left half-mounted.
+            if let dead = Self.deadMountReason(target) {
+                logger.warning("unmounting a dead mount lazily (umount -l)", metadata: [
+                    "path": "\(target)", "reason": "\(dead)", "umount.error": "\(result.output)",
+                ])
+                let lazy = try await Command.run(["umount", "-l", target], timeout: Self.quickTimeout, logger: logger)
+                if lazy.status == 0 { return }
+                throw CairnError.internal("could not detach the dead mount at \(target) (\(dead)), even lazily: \(lazy.output)")
+            }
             if result.output.contains("busy") {
                 throw CairnError.failedPrecondition(
                     "\(target) is busy: processes still use it (find them with `fuser -vm \(target)`); stop them and retry")
             }
             throw CairnError.internal("could not unmount \(target) (umount exit \(result.status): \(result.output))")
+        }
+    }
+
+    /// Why the mount at `path` is dead (stat fails with ENOTCONN, EIO or ESTALE), or nil.
+    static func deadMountReason(_ path: String) -> String? {
+        var st = stat()
+        guard stat(path, &st) != 0 else { return nil }
+        switch errno {
+        case ENOTCONN: return "its FUSE daemon is gone (ENOTCONN)"
+        case EIO: return "I/O error on its device (EIO)"
+        case ESTALE: return "stale file handle (ESTALE)"
+        default: return nil
         }
     }
 

@@ -69,7 +69,7 @@ public final class NodeService: Sendable {
         return Csi_V1_NodeStageVolumeResponse()
     }
 
-    private func stage(volumeID: String, stagingPath: String, access: RequestedAccess) async throws {
+    func stage(volumeID: String, stagingPath: String, access: RequestedAccess) async throws {
         let volume = try await requireVolume(volumeID)
         var meta = metadata(volumeID, path: stagingPath)
 
@@ -755,7 +755,7 @@ public final class NodeService: Sendable {
         return parts.joined(separator: ", ")
     }
 
-    private func metadata(_ volumeID: String, path: String) -> Logger.Metadata {
+    func metadata(_ volumeID: String, path: String) -> Logger.Metadata {
         ["volume.id": "\(volumeID)", "node.id": "\(nodeID)", "path": "\(path)"]
     }
 }
