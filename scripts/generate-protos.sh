@@ -15,7 +15,7 @@ SWIFT_PROTOBUF_URL="https://github.com/apple/swift-protobuf"
 # Add one line per new proto file.
 PROTO_TARGETS=(
   "csi.proto:Sources/CSIProto"
-  # "cairn.proto:Sources/CairnProto"
+  "cairn.proto:Sources/CairnProto"
 )
 SWIFT_OPTS="Visibility=Public,FileNaming=DropPath"
 STAMP_NAME="GENERATED.sha256"

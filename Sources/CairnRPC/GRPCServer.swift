@@ -20,14 +20,16 @@ public final class GRPCServer: Sendable {
     }
 
     /// Binds every endpoint (`unix:///path`, `tcp://host:port`) and starts serving. Unix sockets
-    /// get mode 0660; a stale socket file from a previous run is replaced.
-    public func start(endpoints: [String]) throws {
+    /// get `socketMode` (0660 by default; the agent's socket is 0600, root only), applied through
+    /// the umask while binding so the socket is never more open; a stale socket file from a
+    /// previous run is replaced.
+    public func start(endpoints: [String], socketMode: mode_t = 0o660) throws {
         for endpoint in endpoints {
             if let path = Endpoint.unixPath(endpoint) { try Endpoint.prepareSocketPath(path) }
         }
         var err = [CChar](repeating: 0, count: 512)
         let context = Unmanaged.passRetained(core).toOpaque()
-        let oldMask = umask(0o117)
+        let oldMask = umask(~socketMode & 0o777)
         let server: OpaquePointer? = withCStrings(endpoints) { pointers in
             cgrpc_server_start(pointers, endpoints.count, serverHandler, serverCancel, context, &err, err.count)
         }
@@ -38,7 +40,7 @@ public final class GRPCServer: Sendable {
             throw CairnError.unavailable("cannot serve on \(endpoints.joined(separator: ", ")): \(reason)")
         }
         for endpoint in endpoints {
-            if let path = Endpoint.unixPath(endpoint) { chmod(path, 0o660) }
+            if let path = Endpoint.unixPath(endpoint) { chmod(path, socketMode) }
         }
         handle.withLock { $0 = ServerHandle(pointer: server, context: context) }
         core.logger.info("serving gRPC", metadata: ["endpoints": "\(endpoints.joined(separator: ","))"])

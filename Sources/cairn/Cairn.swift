@@ -1,4 +1,5 @@
 import ArgumentParser
+import CairnAgent
 import CairnController
 import CairnCore
 import CairnNode
@@ -14,21 +15,32 @@ struct Cairn: AsyncParsableCommand {
         commandName: "cairn",
         abstract: "Cairn: replicated block volumes for stateful services, over CSI.",
         version: CairnVersion.version,
-        subcommands: [Serve.self]
+        subcommands: [Serve.self, VolumeCommand.self]
     )
 }
 
 enum Role: String, ExpressibleByArgument, CaseIterable {
-    case all, controller, node
+    case all, controller, node, agent
 }
 
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Serve CSI on an endpoint.",
-        discussion: "Example: cairn serve --role all --endpoint unix:///run/cairn/csi.sock --data-dir /var/lib/cairn --node-id $(hostname)")
+        abstract: "Serve CSI on an endpoint, or the agent on its socket.",
+        discussion: """
+            Examples:
+              cairn serve --role all --endpoint unix:///run/cairn/csi.sock --data-dir /var/lib/cairn --node-id $(hostname)
+              cairn serve --role agent --agent-socket /run/cairn/agent.sock --data-dir /var/lib/cairn --node-id $(hostname)
+              cairn serve --role node --agent-socket /run/cairn/agent.sock --endpoint unix:///csi/csi.sock --data-dir /var/lib/cairn
+            """)
 
-    @Option(help: "Which services to run: all (Identity+Controller+Node, one machine), controller, or node.")
+    @Option(help: "Which services to run: all (Identity+Controller+Node and the agent, one machine), controller, node (CSI Node; the agent does the privileged work), or agent (the privileged per-machine daemon, in the host's namespaces).")
     var role: Role = .all
+
+    @Option(help: "The agent's unix socket (path or unix:///path). agent: where to serve it (mode 0600); node: where to reach the agent; all: where to serve it for `cairn volume attach|detach`, or `none`. Default: \(AgentProtocol.defaultSocket).")
+    var agentSocket: String?
+
+    @Option(name: .customLong("target-namespace-pid"), help: "Publish targets into the mount namespace of this process (e.g. the kubelet's or Mesos agent's container) when a request names none (node and all roles). Default: the agent's (host) namespace.")
+    var targetNamespacePID: Int32?
 
     @Option(help: "Where to serve CSI: unix:///path or tcp://host:port. Default: $CSI_ENDPOINT, else unix:///run/cairn/csi.sock.")
     var endpoint: String?
@@ -81,43 +93,165 @@ struct Serve: AsyncParsableCommand {
         let roots = pathRoots.map { $0.hasSuffix("/") && $0.count > 1 ? String($0.dropLast()) : $0 }
         for root in roots where !root.hasPrefix("/") { throw ValidationError("--path-root \(root) must be absolute") }
 
+        if let pid = targetNamespacePID, pid <= 0 { throw ValidationError("--target-namespace-pid \(pid) is not a process id") }
+        if targetNamespacePID != nil && !(role == .node || role == .all) {
+            throw ValidationError("--target-namespace-pid is for the node and all roles")
+        }
+        let agentEndpoint = try agentEndpoint()
+
         try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
         let store = try SQLiteStore(path: dataDir + "/cairn.db", logger: logger)
         let backing = try LocalFileBacking(dataDir: dataDir)
-        let router = Router()
-        Routes.identity(IdentityService(controllerService: role != .node), on: router)
+        var servers: [ServedEndpoint] = []
 
-        if role == .all || role == .node {
+        // The machine's own mounter: in-process for the agent and all roles only. The node role
+        // reaches it through the agent.
+        let linux: LinuxMounter? = role == .agent || role == .all ? LinuxMounter(logger: logger) : nil
+        if linux != nil {
             for tool in ["losetup", "mount", "umount", "blkid", "mkfs.ext4", "fsck.ext4", "mkfs.xfs"] {
                 _ = try? Command.runBlocking(["which", tool]).status
             }
-            try await store.registerNode(NodeRecord(id: nodeID, topology: topology, maxVolumes: maxVolumes))
-            let node = NodeService(nodeID: nodeID, topology: topology, maxVolumesPerNode: maxVolumes, store: store,
-                                   backing: backing, mounter: LinuxMounter(logger: logger), pathRoots: roots,
-                                   locks: VolumeLocks(), logger: logger)
-            await node.reconcile()
-            Routes.node(node, on: router)
-        }
-        if role == .all || role == .controller {
-            let pool = try capacity.map(Self.parseBytes) ?? Self.filesystemBytes(dataDir)
-            let controller = ControllerService(store: store, backing: backing, capacity: CapacityPolicy(poolBytes: pool),
-                                               localNodeID: nodeID, localTopology: topology, locks: VolumeLocks(),
-                                               logger: logger)
-            Routes.controller(controller, on: router)
         }
 
-        let server = CSIServer(server: GRPCServer(router: router, logger: logger), endpoint: endpoint,
-                               grace: .seconds(shutdownGrace), logger: logger)
+        // CSI.
+        var node: NodeService?
+        if role != .agent {
+            let router = Router()
+            Routes.identity(IdentityService(controllerService: role != .node), on: router)
+            if role == .all || role == .node {
+                let mounter: any Mounter
+                if role == .node, let agentEndpoint {
+                    let client = try AgentClient(socket: agentEndpoint, logger: logger)
+                    do {
+                        let hello = try await client.hello()
+                        logger.info("reached the cairn agent", metadata: [
+                            "agent.endpoint": "\(agentEndpoint)", "agent.version": "\(hello.agentVersion)",
+                            "agent.node_id": "\(hello.nodeID)",
+                        ])
+                        if hello.nodeID != nodeID {
+                            logger.warning("the cairn agent serves another node id; both roles must be started with the same --node-id",
+                                           metadata: ["agent.node_id": "\(hello.nodeID)"])
+                        }
+                    } catch {
+                        // Not fatal: pods start in any order. Every Node call says what is wrong until it is up.
+                        logger.warning("cannot reach the cairn agent yet; Node calls fail with UNAVAILABLE until it answers",
+                                       metadata: ["error": "\(error)"])
+                    }
+                    mounter = AgentMounter(client: client)
+                } else {
+                    mounter = linux!
+                }
+                try await store.registerNode(NodeRecord(id: nodeID, topology: topology, maxVolumes: maxVolumes))
+                let service = NodeService(nodeID: nodeID, topology: topology, maxVolumesPerNode: maxVolumes, store: store,
+                                          backing: backing, mounter: mounter, pathRoots: roots, locks: VolumeLocks(),
+                                          logger: logger, defaultTargetPID: targetNamespacePID)
+                if role == .all {
+                    // This process is the agent too: bring the machine back to the records first.
+                    await service.restore()
+                }
+                await service.reconcile()
+                Routes.node(service, on: router)
+                node = service
+            }
+            if role == .all || role == .controller {
+                let pool = try capacity.map(Self.parseBytes) ?? Self.filesystemBytes(dataDir)
+                let controller = ControllerService(store: store, backing: backing, capacity: CapacityPolicy(poolBytes: pool),
+                                                   localNodeID: nodeID, localTopology: topology, locks: VolumeLocks(),
+                                                   logger: logger)
+                Routes.controller(controller, on: router)
+            }
+            servers.append(ServedEndpoint(name: "csi", endpoint: endpoint, socketMode: 0o660,
+                                          server: GRPCServer(router: router, logger: logger)))
+        }
+
+        // The agent socket: the privileged Mounter (and hot-plug) for the node role and the CLI.
+        if let linux, let agentEndpoint {
+            var agentLogger = logger
+            agentLogger[metadataKey: "agent.endpoint"] = "\(agentEndpoint)"
+            let hotPlug: NodeService
+            if let node {
+                hotPlug = node  // role all: one NodeService, so hot-plug and CSI share volume locks
+            } else {
+                hotPlug = NodeService(nodeID: nodeID, topology: topology, maxVolumesPerNode: maxVolumes, store: store,
+                                      backing: backing, mounter: linux, pathRoots: roots, locks: VolumeLocks(),
+                                      logger: agentLogger)
+                // An agent (re)start: re-attach and re-mount what the records say is staged,
+                // before the node role can reach us, so nothing races with it.
+                await hotPlug.restore()
+            }
+            let service = AgentService(mounter: linux,
+                                       confinement: AgentConfinement(pathRoots: roots, volumesDirectory: backing.directory),
+                                       hotPlug: hotPlug, nodeID: nodeID, logger: agentLogger)
+            let router = Router()
+            service.register(on: router)
+            let path = Endpoint.unixPath(agentEndpoint)!
+            if Self.socketIsServed(path) {
+                let message = "another process already serves the cairn agent socket \(path)"
+                if role == .all && agentSocket == nil {
+                    logger.warning("\(message); not serving it (hot-plug goes to that agent). Pass --agent-socket PATH or --agent-socket none")
+                } else {
+                    throw ValidationError("\(message): stop it, or choose another --agent-socket")
+                }
+            } else {
+                servers.append(ServedEndpoint(name: "agent", endpoint: agentEndpoint, socketMode: 0o600,
+                                              server: GRPCServer(router: router, logger: agentLogger)))
+            }
+        }
+
         logger.info("cairn starting", metadata: [
-            "role": "\(role)", "endpoint": "\(endpoint)", "data_dir": "\(dataDir)", "version": "\(CairnVersion.version)",
+            "role": "\(role)", "endpoints": "\(servers.map { "\($0.name)=\($0.endpoint)" }.joined(separator: ","))",
+            "data_dir": "\(dataDir)", "version": "\(CairnVersion.version)",
             "path_roots": "\(roots.joined(separator: ","))",
-        ])
+        ].merging(role == .node ? ["agent.endpoint": "\(agentEndpoint ?? "")"] : [:]) { a, _ in a })
         let group = ServiceGroup(configuration: .init(
-            services: [.init(service: server)],
+            services: [.init(service: RPCServers(servers: servers, grace: .seconds(shutdownGrace), logger: logger))],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         try await group.run()
+    }
+
+    /// The agent socket's endpoint this role serves or reaches; nil when it has none.
+    func agentEndpoint() throws -> String? {
+        switch role {
+        case .controller:
+            if agentSocket != nil { throw ValidationError("--agent-socket is for the agent, node and all roles") }
+            return nil
+        case .all where agentSocket == "none":
+            return nil
+        case .all, .agent, .node:
+            let endpoint: String
+            do {
+                endpoint = try AgentProtocol.endpoint(forSocket: agentSocket ?? AgentProtocol.defaultSocket)
+            } catch let error as CairnError {
+                throw ValidationError(error.message)
+            }
+            guard let path = Endpoint.unixPath(endpoint), path.hasPrefix("/") else {
+                throw ValidationError("--agent-socket \(agentSocket ?? "") must be a unix socket path: the agent is reachable by root on this machine only")
+            }
+            return endpoint
+        }
+    }
+
+    /// Whether a server answers on the unix socket at `path` (a live agent, not a stale file).
+    static func socketIsServed(_ path: String) -> Bool {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return false }
+        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+            buffer.copyBytes(from: bytes)
+            buffer[bytes.count] = 0
+        }
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        return result == 0
     }
 
     static func parseBytes(_ text: String) throws -> Int64 {
@@ -136,17 +270,39 @@ struct Serve: AsyncParsableCommand {
     }
 }
 
-/// The CSI gRPC server as a lifecycle service: serves until SIGTERM/SIGINT, then drains.
-struct CSIServer: Service {
-    let server: GRPCServer
+/// One gRPC server and where it listens.
+struct ServedEndpoint: Sendable {
+    let name: String
     let endpoint: String
+    let socketMode: mode_t
+    let server: GRPCServer
+}
+
+/// The process's gRPC servers (CSI, agent) as one lifecycle service: started one after the
+/// other (socket modes are applied through the process-wide umask), served until
+/// SIGTERM/SIGINT, then drained together.
+struct RPCServers: Service {
+    let servers: [ServedEndpoint]
     let grace: Duration
     let logger: Logger
 
     func run() async throws {
-        try server.start(endpoints: [endpoint])
+        var started: [ServedEndpoint] = []
+        do {
+            for served in servers {
+                try served.server.start(endpoints: [served.endpoint], socketMode: served.socketMode)
+                started.append(served)
+            }
+        } catch {
+            for served in started { await served.server.shutdown(grace: .zero) }
+            throw error
+        }
         try? await gracefulShutdown()
         logger.info("shutting down: draining in-flight calls", metadata: ["grace_s": "\(grace.components.seconds)"])
-        await server.shutdown(grace: grace)
+        await withTaskGroup(of: Void.self) { group in
+            for served in started {
+                group.addTask { await served.server.shutdown(grace: grace) }
+            }
+        }
     }
 }
