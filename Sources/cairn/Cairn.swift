@@ -118,7 +118,10 @@ struct Serve: AsyncParsableCommand {
         var node: NodeService?
         if role != .agent {
             let router = Router()
-            Routes.identity(IdentityService(controllerService: role != .node), on: router)
+            // The spec: plugin capabilities describe the plugin "as a whole", the same from
+            // every instance whichever RPCs it serves — so the node role advertises the
+            // controller service too (csi-sanity's node tests rely on it to ControllerPublish).
+            Routes.identity(IdentityService(controllerService: true), on: router)
             if role == .all || role == .node {
                 let mounter: any Mounter
                 if role == .node, let agentEndpoint {
