@@ -109,9 +109,11 @@ let targets: [Target] = [
         ],
         swiftSettings: swiftSettings
     ),
+    // Single-threaded C helper that enters a container's mount namespace (setns) for the node.
+    .executableTarget(name: "cairn-nsexec", path: "Sources/cairn-nsexec"),
     .testTarget(
         name: "CairnTests",
-        dependencies: ["CairnCore", "CairnStore", "CairnController", "CairnNode", "CairnRPC", "CSIProto"],
+        dependencies: ["CairnCore", "CairnStore", "CairnController", "CairnNode", "CairnRPC", "CSIProto", "cairn-nsexec"],
         swiftSettings: swiftSettings
     ),
     .testTarget(
