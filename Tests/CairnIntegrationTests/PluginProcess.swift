@@ -14,6 +14,7 @@ import Musl
 /// Layout of the directory (`root`, made by mkdtemp as /tmp/cairn-it.XXXXXX):
 ///
 ///     root/csi.sock        the endpoint
+///     root/agent.sock      the agent socket (hot-plug), unless extraArguments name another
 ///     root/cairn.log       stdout and stderr of every start of the process (appended)
 ///     root/data/           --data-dir (store, volumes/<id>.img)
 ///     root/staging/        where tests put staging paths (--path-root is root)
@@ -52,6 +53,9 @@ final class PluginProcess: @unchecked Sendable {
     var socketPath: String { root + "/csi.sock" }
     var endpoint: String { "unix://" + socketPath }
     var logPath: String { root + "/cairn.log" }
+    /// The agent socket `--role all` serves (for `cairn volume attach|detach`): one per
+    /// fixture, so plugins never compete for /run/cairn/agent.sock.
+    var agentSocketPath: String { root + "/agent.sock" }
     var stagingDir: String { root + "/staging" }
     var podsDir: String { root + "/pods" }
 
@@ -151,7 +155,7 @@ final class PluginProcess: @unchecked Sendable {
         let arguments = [
             "serve", "--role", "all", "--endpoint", endpoint, "--data-dir", dataDir, "--node-id", nodeID,
             "--path-root", root, "--capacity", capacity, "--log-level", "debug",
-        ] + extraArguments
+        ] + (extraArguments.contains("--agent-socket") ? [] : ["--agent-socket", agentSocketPath]) + extraArguments
         log.write(Data("=== \(Date()) starting \(binary) \(arguments.joined(separator: " "))\n".utf8))
 
         let process = Process()
