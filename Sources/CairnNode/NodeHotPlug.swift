@@ -40,8 +40,15 @@ extension NodeService {
             guard let stage = try await store.stage(volumeID: volumeID, nodeID: nodeID) else {
                 throw CairnError.failedPrecondition("volume \(volumeID) is not staged on this node; stage it first")
             }
-            let namespace = try await mounter.namespace(ofProcess: pid)
             let mode = AccessMode(rawValue: stage.accessMode) ?? .unknown
+            if readOnly, stage.accessType == .block, !AccessRules.isReaderOnly(mode),
+               try await !store.attachments(volumeID: volumeID).contains(where: { $0.nodeID == nodeID && $0.readonly }) {
+                // A read-only mount does not stop writes through a device node on it; only a
+                // read-only loop device does, and that is chosen when the volume is staged.
+                throw CairnError.failedPrecondition(
+                    "volume \(volumeID) is staged for read-write block access: a read-only bind cannot stop writes to its device node. Attach it read-write, or stage it read-only (a reader-only access mode or a read-only ControllerPublishVolume) to attach it read-only")
+            }
+            let namespace = try await mounter.namespace(ofProcess: pid)
             let access = RequestedAccess(accessType: stage.accessType, fsType: stage.fsType,
                                          mountFlags: stage.mountFlags, mode: mode)
             try await publish(volumeID: volumeID, targetPath: targetPath, stagingPath: stage.stagingPath,
