@@ -19,7 +19,7 @@ public final class AgentClient: Sendable {
     public let endpoint: String
     let logger: Logger
 
-    private struct State: @unchecked Sendable {
+    private struct State: Sendable {
         var channel: GRPCChannel
         var verified: Bool
     }

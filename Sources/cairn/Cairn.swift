@@ -165,7 +165,7 @@ struct Serve: AsyncParsableCommand {
                 Routes.controller(controller, on: router)
             }
             servers.append(ServedEndpoint(name: "csi", endpoint: endpoint, socketMode: 0o660,
-                                          server: GRPCServer(router: router, logger: logger)))
+                                          server: GRPCServer(router: router, logger: logger), optional: false))
         }
 
         // The agent socket: the privileged Mounter (and hot-plug) for the node role and the CLI.
@@ -197,8 +197,11 @@ struct Serve: AsyncParsableCommand {
                     throw ValidationError("\(message): stop it, or choose another --agent-socket")
                 }
             } else {
+                // `--role all` serves the default socket as a convenience (hot-plug): when it
+                // cannot (not root, no /run/cairn), CSI is still served.
                 servers.append(ServedEndpoint(name: "agent", endpoint: agentEndpoint, socketMode: 0o600,
-                                              server: GRPCServer(router: router, logger: agentLogger)))
+                                              server: GRPCServer(router: router, logger: agentLogger),
+                                              optional: role == .all && agentSocket == nil))
             }
         }
 
@@ -279,6 +282,8 @@ struct ServedEndpoint: Sendable {
     let endpoint: String
     let socketMode: mode_t
     let server: GRPCServer
+    /// A server whose failure to start is logged and does not stop the process.
+    let optional: Bool
 }
 
 /// The process's gRPC servers (CSI, agent) as one lifecycle service: started one after the
@@ -293,7 +298,13 @@ struct RPCServers: Service {
         var started: [ServedEndpoint] = []
         do {
             for served in servers {
-                try served.server.start(endpoints: [served.endpoint], socketMode: served.socketMode)
+                do {
+                    try served.server.start(endpoints: [served.endpoint], socketMode: served.socketMode)
+                } catch where served.optional {
+                    logger.warning("not serving \(served.name) on \(served.endpoint); pass --agent-socket PATH (or none)",
+                                   metadata: ["error": "\(error)"])
+                    continue
+                }
                 started.append(served)
             }
         } catch {
