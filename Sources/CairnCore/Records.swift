@@ -97,6 +97,9 @@ public struct StageRecord: Codable, Sendable, Equatable {
     public var fsType: String
     public var mountFlags: [String]
     public var accessMode: Int
+    /// Whether the stage itself is read-only (loop device attached read-only, filesystem mounted
+    /// `ro`); nil in records written before this was recorded.
+    public var readOnly: Bool?
     public var createdAt: Date
 
     public init(volumeID: String, nodeID: String, stagingPath: String, accessType: AccessType,

@@ -94,6 +94,7 @@ public final class NodeService: Sendable {
         var record = StageRecord(volumeID: volumeID, nodeID: nodeID, stagingPath: stagingPath,
                                  accessType: access.accessType, devicePath: "", fsType: fsType,
                                  mountFlags: access.mountFlags, accessMode: access.mode.rawValue)
+        record.readOnly = readOnly
 
         // Already staged? First what the records say…
         let file = try backing.file(volumeID: volumeID)
@@ -387,6 +388,12 @@ public final class NodeService: Sendable {
         let readOnly = readonlyFlag || AccessRules.isReaderOnly(access.mode) || MountFlags.asksReadOnly(access.mountFlags)
         let stagedReadOnly = AccessRules.isReaderOnly(AccessMode(rawValue: stage.accessMode) ?? .unknown)
             || (stage.accessType == .mount && table.last(where: { $0.mountPoint == stagingReal })?.isReadOnly == true)
+        if stage.accessType == .block && readOnly && stage.readOnly != true {
+            // A read-only bind of a device node does not stop writes through it; only a
+            // read-only loop device does, and that is decided when the volume is staged.
+            throw CairnError.failedPrecondition(
+                "volume \(volumeID) is staged read-write for block access, and a read-only bind cannot stop writes to a device node; publish it read-write, or stage it read-only (readonly ControllerPublishVolume or a reader-only access mode)")
+        }
         if stagedReadOnly && !readOnly {
             throw CairnError.failedPrecondition(
                 "volume \(volumeID) is staged read-only on this node (\(csiName(rawMode: stage.accessMode)) or a read-only ControllerPublishVolume); it cannot be published read-write: set readonly, or unstage and stage it with a writable access mode")

@@ -42,3 +42,24 @@ extension NodeServiceTests {
         XCTAssertEqual(mounter.mounts(at: staging).count, 0)
     }
 }
+
+extension NodeServiceTests {
+    func testAReadOnlyBlockPublishNeedsAReadOnlyStage() async throws {
+        let block = Self.capability(block: true)
+        _ = try await node.nodeStageVolume(stageRequest(capability: block))
+        let node = self.node!
+        await assertStatus(.failedPrecondition) {
+            try await node.nodePublishVolume(self.publishRequest(readonly: true, capability: block))
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: root + "/mount/target"), "a refused publish creates no target")
+        _ = try await node.nodePublishVolume(publishRequest(readonly: false, capability: block))
+    }
+
+    func testAReaderOnlyBlockStageAttachesTheLoopDeviceReadOnlyAndAllowsReadOnlyPublish() async throws {
+        try await createVolume("vol-r", modes: [.singleNodeReaderOnly])
+        let block = Self.capability(.singleNodeReaderOnly, block: true)
+        _ = try await node.nodeStageVolume(stageRequest("vol-r", capability: block))
+        XCTAssertTrue(mounter.calls.contains { $0.hasPrefix("attach") && $0.hasSuffix(" ro") }, "\(mounter.calls)")
+        _ = try await node.nodePublishVolume(publishRequest("vol-r", readonly: true, capability: block))
+    }
+}
