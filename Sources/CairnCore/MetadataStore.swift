@@ -36,5 +36,6 @@ public protocol MetadataStore: Sendable {
     func removeStage(volumeID: String, nodeID: String) async throws
     func publishes(volumeID: String) async throws -> [PublishRecord]
     func putPublish(_ record: PublishRecord) async throws
-    func removePublish(volumeID: String, targetPath: String) async throws
+    /// Removes the record of one target (keyed by volume, node, namespace and target path).
+    func removePublish(_ record: PublishRecord) async throws
 }

@@ -13,6 +13,14 @@ public enum MountNamespace: Codable, Sendable, Equatable, Hashable, CustomString
         case .process(let pid, _): "process \(pid)"
         }
     }
+
+    /// A stable key for stores: "host" or "pid:<pid>:<start time>".
+    public var key: String {
+        switch self {
+        case .host: "host"
+        case .process(let pid, let start): "pid:\(pid):\(start)"
+        }
+    }
 }
 
 /// How a volume is consumed: a filesystem (mount) or a raw block device (block).

@@ -83,7 +83,7 @@ extension NodeService {
             do {
                 namespace = try await mounter.namespace(ofProcess: pid)
             } catch is MountNamespaceGone {
-                for record in records { try await store.removePublish(volumeID: volumeID, targetPath: record.targetPath) }
+                for record in records { try await store.removePublish(record) }
                 logger.info("the process has exited; its mount namespace and the bind in it are gone", metadata: [
                     "volume.id": "\(volumeID)", "path": "\(targetPath)", "pid": "\(pid)",
                 ])
@@ -91,7 +91,7 @@ extension NodeService {
             }
             // A record for an earlier process that had the same PID is stale.
             for stale in records where stale.namespace != namespace {
-                try await store.removePublish(volumeID: volumeID, targetPath: stale.targetPath)
+                try await store.removePublish(stale)
             }
             let record = records.first { $0.namespace == namespace }
             let mounted = try await mounter.inspect(targetPath, in: namespace).isMountPoint

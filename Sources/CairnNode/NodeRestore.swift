@@ -70,7 +70,7 @@ extension NodeService {
             if case .process(let pid, _) = target.namespace,
                (try? await mounter.namespace(ofProcess: pid)) != target.namespace {
                 logger.info("the container a volume was hot-plugged into is gone; dropping its record", metadata: meta)
-                try await store.removePublish(volumeID: target.volumeID, targetPath: target.targetPath)
+                try await store.removePublish(target)
             }
             return
         }

@@ -498,7 +498,7 @@ public final class NodeService: Sendable {
                 // The container exited: its mount namespace (and the bind in it) went with it.
                 logger.info("the target's mount namespace is gone; nothing left to unmount",
                             metadata: metadata(volumeID, path: targetPath).with("namespace", "\(gone)"))
-                if record != nil { try await store.removePublish(volumeID: volumeID, targetPath: targetPath) }
+                if let record { try await store.removePublish(record) }
             }
         }
         return Csi_V1_NodeUnpublishVolumeResponse()
@@ -531,8 +531,8 @@ public final class NodeService: Sendable {
         if try await mounter.removeTarget(targetPath, in: namespace) {
             logger.info("removed the target path", metadata: meta)
         }
-        if record != nil {
-            try await store.removePublish(volumeID: volumeID, targetPath: targetPath)
+        if let record {
+            try await store.removePublish(record)
         }
         logger.info("unpublished", metadata: meta)
     }

@@ -45,6 +45,22 @@ public final class SQLiteStore: MetadataStore {
                                         doc BLOB NOT NULL, PRIMARY KEY (volume_id, target_path));
                 """)
         }
+        // v2: a target is identified by node and mount namespace too — one volume hot-plugged at
+        // /data in two containers is two publishes.
+        migrator.registerMigration("v2-publish-namespace") { db in
+            try db.execute(sql: """
+                CREATE TABLE publishes_v2 (volume_id TEXT NOT NULL, node_id TEXT NOT NULL,
+                                           namespace TEXT NOT NULL, target_path TEXT NOT NULL,
+                                           doc BLOB NOT NULL,
+                                           PRIMARY KEY (volume_id, node_id, namespace, target_path));
+                """)
+            for doc in try Data.fetchAll(db, sql: "SELECT doc FROM publishes") {
+                let record = try decode(PublishRecord.self, doc)
+                try db.execute(sql: "INSERT OR REPLACE INTO publishes_v2 VALUES (?, ?, ?, ?, ?)",
+                               arguments: [record.volumeID, record.nodeID, record.namespace.key, record.targetPath, doc])
+            }
+            try db.execute(sql: "DROP TABLE publishes; ALTER TABLE publishes_v2 RENAME TO publishes")
+        }
         return migrator
     }
 
@@ -222,14 +238,17 @@ public final class SQLiteStore: MetadataStore {
     public func putPublish(_ record: PublishRecord) async throws {
         let doc = try Self.encode(record)
         try await write { db in
-            try db.execute(sql: "INSERT OR REPLACE INTO publishes (volume_id, target_path, doc) VALUES (?, ?, ?)",
-                           arguments: [record.volumeID, record.targetPath, doc])
+            try db.execute(sql: """
+                INSERT OR REPLACE INTO publishes (volume_id, node_id, namespace, target_path, doc) VALUES (?, ?, ?, ?, ?)
+                """, arguments: [record.volumeID, record.nodeID, record.namespace.key, record.targetPath, doc])
         }
     }
 
-    public func removePublish(volumeID: String, targetPath: String) async throws {
+    public func removePublish(_ record: PublishRecord) async throws {
         try await write { db in
-            try db.execute(sql: "DELETE FROM publishes WHERE volume_id = ? AND target_path = ?", arguments: [volumeID, targetPath])
+            try db.execute(sql: """
+                DELETE FROM publishes WHERE volume_id = ? AND node_id = ? AND namespace = ? AND target_path = ?
+                """, arguments: [record.volumeID, record.nodeID, record.namespace.key, record.targetPath])
         }
     }
 }
