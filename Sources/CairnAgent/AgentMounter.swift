@@ -181,6 +181,14 @@ public struct AgentMounter: Mounter {
         }, as: Cairn_Agent_V1_MountResponse.self)
     }
 
+    public func expand(device: String, fsType: String, mountPath: String) async throws -> Int64 {
+        try await client.call(M.expandFilesystem, Cairn_Agent_V1_ExpandFilesystemRequest.with {
+            $0.device = device
+            $0.fsType = fsType
+            $0.mountPath = mountPath
+        }, as: Cairn_Agent_V1_ExpandFilesystemResponse.self).deviceBytes
+    }
+
     public func blockDeviceSize(device: String) async throws -> Int64 {
         try await client.call(M.blockDeviceSize, Cairn_Agent_V1_BlockDeviceSizeRequest.with { $0.device = device },
                               as: Cairn_Agent_V1_BlockDeviceSizeResponse.self).bytes

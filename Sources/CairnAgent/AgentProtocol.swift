@@ -29,6 +29,7 @@ public enum AgentProtocol {
         public static let checkFilesystem = service + "CheckFilesystem"
         public static let mount = service + "Mount"
         public static let blockDeviceSize = service + "BlockDeviceSize"
+        public static let expandFilesystem = service + "ExpandFilesystem"
         public static let namespaceOfProcess = service + "NamespaceOfProcess"
         public static let inspect = service + "Inspect"
         public static let makeTarget = service + "MakeTarget"

@@ -169,6 +169,14 @@ public final class AgentService: Sendable {
             return .with { $0.bytes = bytes }
         }
 
+        serve(router, M.expandFilesystem) { (q: Cairn_Agent_V1_ExpandFilesystemRequest) async throws -> Cairn_Agent_V1_ExpandFilesystemResponse in
+            let device = try c.loopDevice(q.device)
+            if !q.fsType.isEmpty { try c.hostPath(q.mountPath, field: "mount_path") }
+            let bytes = try await m.expand(device: device, fsType: q.fsType.isEmpty ? "" : Self.filesystem(q.fsType),
+                                           mountPath: q.mountPath)
+            return .with { $0.deviceBytes = bytes }
+        }
+
         // Paths and mounts in a namespace.
         serve(router, M.namespaceOfProcess) { (q: Cairn_Agent_V1_NamespaceOfProcessRequest) async throws -> Cairn_Agent_V1_NamespaceOfProcessResponse in
             let namespace = try await m.namespace(ofProcess: q.pid)

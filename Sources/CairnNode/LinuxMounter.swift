@@ -303,6 +303,29 @@ public struct LinuxMounter: Mounter {
             usedInodes: max(0, Int64(st.f_files) - Int64(st.f_ffree)))
     }
 
+    public func expand(device: String, fsType: String, mountPath: String) async throws -> Int64 {
+        let refresh = try await Command.run(["losetup", "--set-capacity", device], timeout: Self.quickTimeout, logger: logger)
+        guard refresh.status == 0 else {
+            throw CairnError.internal("could not make \(device) see its backing file's new size (losetup --set-capacity: \(refresh.output))")
+        }
+        let argv: [String]
+        switch fsType {
+        case "": return try await blockDeviceSize(device: device)
+        case "ext4": argv = ["resize2fs", device]
+        case "xfs": argv = ["xfs_growfs", mountPath]
+        default: throw CairnError.invalidArgument("filesystem \"\(fsType)\" cannot be expanded; use ext4 or xfs")
+        }
+        let grow = try await Command.run(argv, logger: logger)
+        if grow.status != 0 && fsType == "ext4" && grow.output.contains("Permission denied") {
+            throw CairnError.failedPrecondition(
+                "the kernel refused to grow the mounted ext4 filesystem on \(device): online ext4 resize needs CAP_SYS_RESOURCE, which this agent lacks; run the agent with all capabilities (privileged), or grow the volume while it is unstaged")
+        }
+        guard grow.status == 0 else {
+            throw CairnError.internal("could not grow the \(fsType) filesystem on \(device) (\(argv[0]) exit \(grow.status): \(grow.output)); it is still usable at its old size")
+        }
+        return try await blockDeviceSize(device: device)
+    }
+
     public func blockDeviceSize(device: String) async throws -> Int64 {
         // sysfs reports the size in 512-byte sectors whatever the logical block size is.
         let name = ((Validate.realPath(device) ?? device) as NSString).lastPathComponent

@@ -149,6 +149,10 @@ public protocol Mounter: Sendable {
     func mount(device: String, at target: String, fsType: String, options: [String]) async throws
     /// Size of a block device in bytes.
     func blockDeviceSize(device: String) async throws -> Int64
+    /// After the volume's backing grew: makes the loop device see the new size, then grows the
+    /// filesystem mounted at `mountPath` online (ext4: resize2fs, xfs: xfs_growfs); with an
+    /// empty `fsType` (block access) only the device. Returns the device's new size.
+    func expand(device: String, fsType: String, mountPath: String) async throws -> Int64
 
     /// Names the mount namespace of a running process; throws MountNamespaceGone when it is not.
     func namespace(ofProcess pid: Int32) async throws -> MountNamespace

@@ -553,6 +553,36 @@ public nonisolated struct Cairn_Agent_V1_BlockDeviceSizeResponse: Sendable {
   public init() {}
 }
 
+/// Re-reads the backing file's size into the loop device, then grows the filesystem mounted at
+/// mount_path (empty fs_type: block access, the device only).
+public nonisolated struct Cairn_Agent_V1_ExpandFilesystemRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var device: String = String()
+
+  public var fsType: String = String()
+
+  public var mountPath: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Cairn_Agent_V1_ExpandFilesystemResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var deviceBytes: Int64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct Cairn_Agent_V1_NamespaceOfProcessRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -1860,6 +1890,76 @@ nonisolated extension Cairn_Agent_V1_BlockDeviceSizeResponse: SwiftProtobuf.Mess
 
   public static func ==(lhs: Cairn_Agent_V1_BlockDeviceSizeResponse, rhs: Cairn_Agent_V1_BlockDeviceSizeResponse) -> Bool {
     if lhs.bytes != rhs.bytes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Cairn_Agent_V1_ExpandFilesystemRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ExpandFilesystemRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}device\0\u{3}fs_type\0\u{3}mount_path\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.device) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.fsType) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.mountPath) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.device.isEmpty {
+      try visitor.visitSingularStringField(value: self.device, fieldNumber: 1)
+    }
+    if !self.fsType.isEmpty {
+      try visitor.visitSingularStringField(value: self.fsType, fieldNumber: 2)
+    }
+    if !self.mountPath.isEmpty {
+      try visitor.visitSingularStringField(value: self.mountPath, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Cairn_Agent_V1_ExpandFilesystemRequest, rhs: Cairn_Agent_V1_ExpandFilesystemRequest) -> Bool {
+    if lhs.device != rhs.device {return false}
+    if lhs.fsType != rhs.fsType {return false}
+    if lhs.mountPath != rhs.mountPath {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Cairn_Agent_V1_ExpandFilesystemResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ExpandFilesystemResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}device_bytes\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularInt64Field(value: &self.deviceBytes) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.deviceBytes != 0 {
+      try visitor.visitSingularInt64Field(value: self.deviceBytes, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Cairn_Agent_V1_ExpandFilesystemResponse, rhs: Cairn_Agent_V1_ExpandFilesystemResponse) -> Bool {
+    if lhs.deviceBytes != rhs.deviceBytes {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -715,6 +715,11 @@ final class NodeFakeMounter: Mounter {
 
     func blockDeviceSize(device: String) async throws -> Int64 { 64 << 20 }
 
+    func expand(device: String, fsType: String, mountPath: String) async throws -> Int64 {
+        record("expand \(device) \(fsType)")
+        return 128 << 20
+    }
+
     private static func requireExisting(_ path: String) throws {
         guard FileManager.default.fileExists(atPath: path) else { throw CairnError.internal("mount target \(path) does not exist") }
     }
