@@ -99,6 +99,13 @@ let targets: [Target] = [
         ],
         swiftSettings: swiftSettings
     ),
+    // The replica store and the data protocol's frames (docs/replica-format.md). Pure Swift
+    // over POSIX files: no gRPC, no FUSE.
+    .target(
+        name: "CairnReplica",
+        dependencies: ["CairnCore", .product(name: "Logging", package: "swift-log")],
+        swiftSettings: swiftSettings
+    ),
     .executableTarget(
         name: "cairn",
         dependencies: [
@@ -113,7 +120,7 @@ let targets: [Target] = [
     .executableTarget(name: "cairn-nsexec", path: "Sources/cairn-nsexec"),
     .testTarget(
         name: "CairnTests",
-        dependencies: ["CairnCore", "CairnStore", "CairnController", "CairnNode", "CairnRPC", "CSIProto", "cairn-nsexec"],
+        dependencies: ["CairnReplica", "CairnCore", "CairnStore", "CairnController", "CairnNode", "CairnRPC", "CSIProto", "cairn-nsexec"],
         swiftSettings: swiftSettings
     ),
     .testTarget(
