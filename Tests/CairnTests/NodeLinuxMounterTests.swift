@@ -52,6 +52,27 @@ final class NodeLinuxMounterTests: XCTestCase {
         return path
     }
 
+    /// A NodeService on the real kernel, over a real store, with one volume attached to it.
+    func realNode(volumeID: String, mib: Int64) async throws
+        -> (root: String, staging: String, backing: LocalFileBacking, mounter: LinuxMounter, node: NodeService)
+    {
+        let root = try mkdir("csi")
+        let staging = try mkdir("csi/staging")
+        _ = try mkdir("csi/mount")
+        let store = try SQLiteStore(path: dir + "/cairn.db", logger: logger)
+        let backing = try LocalFileBacking(dataDir: dir + "/data")
+        let mounter = LinuxMounter(logger: logger)
+        let node = NodeService(nodeID: "node-a", topology: [:], maxVolumesPerNode: 0, store: store, backing: backing,
+                               mounter: mounter, pathRoots: [root], locks: VolumeLocks(), logger: logger)
+        let volume = VolumeRecord(id: volumeID, name: "pvc-\(volumeID)", capacityBytes: mib << 20, parameters: [:], fsType: "",
+                                  accessModes: [AccessMode.singleNodeWriter.rawValue], accessibleTopology: [:])
+        try await store.createVolume(volume)
+        try backing.create(volume)
+        _ = try await store.attach(volumeID: volumeID, nodeID: "node-a", readonly: false,
+                                   accessMode: AccessMode.singleNodeWriter.rawValue, exclusive: true, nodeLimit: 0)
+        return (root, staging, backing, mounter, node)
+    }
+
     func mkdir(_ name: String) throws -> String {
         let path = dir + "/" + name
         try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
@@ -152,20 +173,7 @@ final class NodeLinuxMounterTests: XCTestCase {
     /// The whole node lifecycle on the real kernel, including a reboot-like loss of every mount
     /// and loop device, after which a repeated NodeStageVolume finds the data intact.
     func testNodeServiceLifecycleOnTheRealKernel() async throws {
-        let root = try mkdir("csi")
-        let staging = try mkdir("csi/staging")
-        _ = try mkdir("csi/mount")
-        let store = try SQLiteStore(path: dir + "/cairn.db", logger: logger)
-        let backing = try LocalFileBacking(dataDir: dir + "/data")
-        let mounter = LinuxMounter(logger: logger)
-        let node = NodeService(nodeID: "node-a", topology: [:], maxVolumesPerNode: 0, store: store, backing: backing,
-                               mounter: mounter, pathRoots: [root], locks: VolumeLocks(), logger: logger)
-        let volume = VolumeRecord(id: "vol-1", name: "pvc-1", capacityBytes: 64 << 20, parameters: [:], fsType: "",
-                                  accessModes: [AccessMode.singleNodeWriter.rawValue], accessibleTopology: [:])
-        try await store.createVolume(volume)
-        try backing.create(volume)
-        _ = try await store.attach(volumeID: "vol-1", nodeID: "node-a", readonly: false,
-                                   accessMode: AccessMode.singleNodeWriter.rawValue, exclusive: true, nodeLimit: 0)
+        let (root, staging, backing, mounter, node) = try await realNode(volumeID: "vol-1", mib: 64)
         let capability = Csi_V1_VolumeCapability.with {
             $0.accessMode.mode = .singleNodeMultiWriter  // two targets (rw and ro) on one node
             $0.mount = .init()
@@ -237,20 +245,7 @@ final class NodeLinuxMounterTests: XCTestCase {
     }
 
     func testBlockAccessOnTheRealKernel() async throws {
-        let root = try mkdir("csi")
-        let staging = try mkdir("csi/staging")
-        _ = try mkdir("csi/mount")
-        let store = try SQLiteStore(path: dir + "/cairn.db", logger: logger)
-        let backing = try LocalFileBacking(dataDir: dir + "/data")
-        let mounter = LinuxMounter(logger: logger)
-        let node = NodeService(nodeID: "node-a", topology: [:], maxVolumesPerNode: 0, store: store, backing: backing,
-                               mounter: mounter, pathRoots: [root], locks: VolumeLocks(), logger: logger)
-        let volume = VolumeRecord(id: "vol-b", name: "pvc-b", capacityBytes: 32 << 20, parameters: [:], fsType: "",
-                                  accessModes: [AccessMode.singleNodeWriter.rawValue], accessibleTopology: [:])
-        try await store.createVolume(volume)
-        try backing.create(volume)
-        _ = try await store.attach(volumeID: "vol-b", nodeID: "node-a", readonly: false,
-                                   accessMode: AccessMode.singleNodeWriter.rawValue, exclusive: true, nodeLimit: 0)
+        let (root, staging, backing, mounter, node) = try await realNode(volumeID: "vol-b", mib: 32)
         let capability = Csi_V1_VolumeCapability.with {
             $0.accessMode.mode = .singleNodeWriter
             $0.block = .init()
