@@ -1,0 +1,817 @@
+/// The data protocol's frames (docs/replica-format.md, "Data protocol (TCP)"): pure encode and
+/// decode, no sockets.
+///
+/// Owns: the 32-byte header layout and its CRC-32C, the opcodes, the typed request and response
+/// payloads of every op, the status codes, and every limit the wire imposes (payload size,
+/// 4 KiB block alignment, volume id length and UTF-8, auth token size). Everything read from the
+/// wire is untrusted: decoding validates lengths before using them, uses checked arithmetic,
+/// and reports a `FrameError` (a reason for "closing connection: <reason>") instead of trapping.
+///
+/// Does not own: sockets, connection lifetime, request-id bookkeeping, authentication (the
+/// hello's token is opaque bytes here), epoch fencing decisions (the header only carries the
+/// epoch) or anything about the replica store. The incremental stream decoder is
+/// `FrameDecoder`.
+///
+/// Encoding trusts the caller (it is our own side): values that break a limit are encoded as
+/// given, and the receiving decoder rejects them. Tests rely on this to build malformed frames.
+
+/// Fixed sizes and limits of the data protocol.
+public enum FrameLimits {
+    public static let magic: UInt32 = 0x464E_5243  // "CRNF" in wire order (little-endian u32)
+    public static let version: UInt16 = 1
+    public static let headerSize = 32
+    /// The header CRC covers every header byte before the CRC field.
+    public static let checksummedHeaderSize = 28
+    public static let blockSize = 4096
+    /// Largest read or write in one request.
+    public static let maxDataLength = 8 * 1024 * 1024
+    /// 8 MiB of data plus 256 bytes for the other fields.
+    public static let maxPayloadLength = maxDataLength + 256
+    public static let maxFrameSize = headerSize + maxPayloadLength
+    public static let maxVolumeIDLength = 128
+    public static let maxAuthTokenLength = 128
+}
+
+/// The op a frame carries; a response reuses its request's op with `FrameFlags.response`.
+/// Values are wire values: never renumber. Room is left for `barrier` and `resync-ranges`.
+public enum Opcode: UInt8, Sendable, CaseIterable {
+    case hello = 1
+    case claim = 2
+    case read = 3
+    case write = 4
+    case flush = 5
+    case trim = 6
+    case status = 7
+}
+
+/// Header flag bits. Bits other than `response` are reserved and must be zero (a peer that sets
+/// one speaks something we do not understand).
+public enum FrameFlags {
+    public static let response: UInt8 = 0x01
+    public static let known: UInt8 = response
+}
+
+/// The status a response carries. Wire values: never renumber.
+public enum StatusCode: UInt8, Sendable, CaseIterable {
+    case ok = 0
+    /// The request's epoch is older than the replica's: the sender was fenced.
+    case staleEpoch = 1
+    case checksumMismatch = 2
+    case outOfRange = 3
+    case notFound = 4
+    case ioError = 5
+    case badRequest = 6
+}
+
+/// Why a byte stream was rejected. `reason` is written for a log line:
+/// "closing connection: \(error.reason)".
+public struct FrameError: Error, Equatable, Sendable, CustomStringConvertible {
+    public enum Kind: Sendable, Equatable {
+        case badMagic
+        case unsupportedVersion
+        case headerChecksum
+        case oversizedPayload
+        case unknownOpcode
+        case reservedFlags
+        case malformedPayload
+        /// The stream ended inside a frame.
+        case truncated
+    }
+
+    public var kind: Kind
+    public var reason: String
+
+    public init(_ kind: Kind, _ reason: String) {
+        self.kind = kind
+        self.reason = reason
+    }
+
+    public var description: String { reason }
+}
+
+// MARK: - Header
+
+/// The 32-byte frame header (every integer little-endian):
+/// magic u32 | version u16 | op u8 | flags u8 | request id u64 | payload length u32 |
+/// epoch u64 | header crc32c u32 (over the first 28 bytes).
+public struct FrameHeader: Equatable, Sendable {
+    public var opcode: Opcode
+    public var flags: UInt8
+    public var requestID: UInt64
+    public var payloadLength: UInt32
+    public var epoch: UInt64
+
+    public init(opcode: Opcode, flags: UInt8, requestID: UInt64, payloadLength: UInt32, epoch: UInt64) {
+        self.opcode = opcode
+        self.flags = flags
+        self.requestID = requestID
+        self.payloadLength = payloadLength
+        self.epoch = epoch
+    }
+
+    public var isResponse: Bool { flags & FrameFlags.response != 0 }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter(capacity: FrameLimits.headerSize)
+        w.write(FrameLimits.magic)
+        w.write(FrameLimits.version)
+        w.write(opcode.rawValue)
+        w.write(flags)
+        w.write(requestID)
+        w.write(payloadLength)
+        w.write(epoch)
+        w.write(CRC32C.checksum(w.bytes))
+        return w.bytes
+    }
+
+    /// Decodes and validates a header from exactly `FrameLimits.headerSize` bytes. Checks, in
+    /// order: magic, version (so a newer peer is told apart from garbage), checksum, payload
+    /// length, opcode, flags.
+    public init(decoding bytes: some Collection<UInt8>) throws(FrameError) {
+        let bytes = Array(bytes)
+        guard bytes.count == FrameLimits.headerSize else {
+            throw FrameError(.truncated, "frame header is \(bytes.count) bytes, expected \(FrameLimits.headerSize)")
+        }
+        var r = ByteReader(bytes)
+        let magic = try r.readUInt32("magic")
+        guard magic == FrameLimits.magic else {
+            throw FrameError(.badMagic, "bad frame magic 0x\(String(magic, radix: 16)) (expected 'CRNF')")
+        }
+        let version = try r.readUInt16("version")
+        guard version == FrameLimits.version else {
+            throw FrameError(.unsupportedVersion, "unsupported protocol version \(version) (this side speaks \(FrameLimits.version))")
+        }
+        let rawOpcode = try r.readUInt8("op")
+        let flags = try r.readUInt8("flags")
+        let requestID = try r.readUInt64("request id")
+        let payloadLength = try r.readUInt32("payload length")
+        let epoch = try r.readUInt64("epoch")
+        let crc = try r.readUInt32("header crc")
+        let expected = CRC32C.checksum(Array(bytes[0..<FrameLimits.checksummedHeaderSize]))
+        guard crc == expected else {
+            throw FrameError(.headerChecksum, "frame header checksum mismatch (got 0x\(String(crc, radix: 16)), computed 0x\(String(expected, radix: 16)))")
+        }
+        guard UInt64(payloadLength) <= UInt64(FrameLimits.maxPayloadLength) else {
+            throw FrameError(.oversizedPayload, "payload length \(payloadLength) exceeds the limit of \(FrameLimits.maxPayloadLength) bytes (request id \(requestID))")
+        }
+        guard let opcode = Opcode(rawValue: rawOpcode) else {
+            throw FrameError(.unknownOpcode, "unknown op \(rawOpcode) (request id \(requestID))")
+        }
+        guard flags & ~FrameFlags.known == 0 else {
+            throw FrameError(.reservedFlags, "reserved flag bits set: 0x\(String(flags, radix: 16)) (request id \(requestID))")
+        }
+        self.init(opcode: opcode, flags: flags, requestID: requestID, payloadLength: payloadLength, epoch: epoch)
+    }
+}
+
+// MARK: - Frame
+
+/// One frame: the header's identity fields plus a typed body. The opcode and the response flag
+/// follow from the body; the payload length from its encoding.
+public struct Frame: Equatable, Sendable {
+    public enum Body: Equatable, Sendable {
+        case request(Request)
+        case response(Response)
+    }
+
+    public var requestID: UInt64
+    /// The sender's epoch: every request carries it (a `claim` claims it); a response echoes
+    /// the replica's current epoch.
+    public var epoch: UInt64
+    public var body: Body
+
+    public init(requestID: UInt64, epoch: UInt64, body: Body) {
+        self.requestID = requestID
+        self.epoch = epoch
+        self.body = body
+    }
+
+    public var opcode: Opcode {
+        switch body {
+        case .request(let r): r.opcode
+        case .response(let r): r.opcode
+        }
+    }
+
+    public var isResponse: Bool {
+        if case .response = body { return true }
+        return false
+    }
+
+    /// Header and payload, ready for the socket.
+    public func encode() -> [UInt8] {
+        let payload: [UInt8]
+        switch body {
+        case .request(let r): payload = r.encode()
+        case .response(let r): payload = r.encode()
+        }
+        let header = FrameHeader(
+            opcode: opcode, flags: isResponse ? FrameFlags.response : 0, requestID: requestID,
+            payloadLength: UInt32(clamping: payload.count), epoch: epoch)
+        return header.encode() + payload
+    }
+
+    /// Builds a frame from a validated header and its complete payload.
+    public init(header: FrameHeader, payload: some Collection<UInt8>) throws(FrameError) {
+        guard payload.count == Int(header.payloadLength) else {
+            throw FrameError(.truncated, "payload is \(payload.count) bytes, header says \(header.payloadLength) (request id \(header.requestID))")
+        }
+        let body: Body
+        do throws(FrameError) {
+            if header.isResponse {
+                body = .response(try Response(opcode: header.opcode, decoding: payload))
+            } else {
+                body = .request(try Request(opcode: header.opcode, decoding: payload))
+            }
+        } catch {
+            throw FrameError(error.kind, "\(error.reason) (\(header.opcode) \(header.isResponse ? "response" : "request"), request id \(header.requestID))")
+        }
+        self.init(requestID: header.requestID, epoch: header.epoch, body: body)
+    }
+}
+
+/// A request body, one case per op.
+public enum Request: Equatable, Sendable {
+    case hello(HelloRequest)
+    case claim(ClaimRequest)
+    case read(ReadRequest)
+    case write(WriteRequest)
+    case flush(FlushRequest)
+    case trim(TrimRequest)
+    case status(StatusRequest)
+
+    public var opcode: Opcode {
+        switch self {
+        case .hello: .hello
+        case .claim: .claim
+        case .read: .read
+        case .write: .write
+        case .flush: .flush
+        case .trim: .trim
+        case .status: .status
+        }
+    }
+
+    public func encode() -> [UInt8] {
+        switch self {
+        case .hello(let m): m.encode()
+        case .claim(let m): m.encode()
+        case .read(let m): m.encode()
+        case .write(let m): m.encode()
+        case .flush(let m): m.encode()
+        case .trim(let m): m.encode()
+        case .status(let m): m.encode()
+        }
+    }
+
+    public init(opcode: Opcode, decoding payload: some Collection<UInt8>) throws(FrameError) {
+        switch opcode {
+        case .hello: self = .hello(try HelloRequest(decoding: payload))
+        case .claim: self = .claim(try ClaimRequest(decoding: payload))
+        case .read: self = .read(try ReadRequest(decoding: payload))
+        case .write: self = .write(try WriteRequest(decoding: payload))
+        case .flush: self = .flush(try FlushRequest(decoding: payload))
+        case .trim: self = .trim(try TrimRequest(decoding: payload))
+        case .status: self = .status(try StatusRequest(decoding: payload))
+        }
+    }
+}
+
+/// A response body, one case per op.
+public enum Response: Equatable, Sendable {
+    case hello(HelloResponse)
+    case claim(ClaimResponse)
+    case read(ReadResponse)
+    case write(WriteResponse)
+    case flush(FlushResponse)
+    case trim(TrimResponse)
+    case status(StatusResponse)
+
+    public var opcode: Opcode {
+        switch self {
+        case .hello: .hello
+        case .claim: .claim
+        case .read: .read
+        case .write: .write
+        case .flush: .flush
+        case .trim: .trim
+        case .status: .status
+        }
+    }
+
+    public func encode() -> [UInt8] {
+        switch self {
+        case .hello(let m): m.encode()
+        case .claim(let m): m.encode()
+        case .read(let m): m.encode()
+        case .write(let m): m.encode()
+        case .flush(let m): m.encode()
+        case .trim(let m): m.encode()
+        case .status(let m): m.encode()
+        }
+    }
+
+    public init(opcode: Opcode, decoding payload: some Collection<UInt8>) throws(FrameError) {
+        switch opcode {
+        case .hello: self = .hello(try HelloResponse(decoding: payload))
+        case .claim: self = .claim(try ClaimResponse(decoding: payload))
+        case .read: self = .read(try ReadResponse(decoding: payload))
+        case .write: self = .write(try WriteResponse(decoding: payload))
+        case .flush: self = .flush(try FlushResponse(decoding: payload))
+        case .trim: self = .trim(try TrimResponse(decoding: payload))
+        case .status: self = .status(try StatusResponse(decoding: payload))
+        }
+    }
+}
+
+// MARK: - Messages
+//
+// Layouts (all little-endian; a volume id is u16 byte length + UTF-8, 1...128 bytes; data is
+// u32 byte length + bytes; a payload with bytes left over is malformed):
+//   hello    req: version u16 | token (u16 length + bytes, ≤ 128)
+//            rsp: status u8 | version u16 | token
+//   claim    req: volume                       (the claimed epoch is the header's)
+//            rsp: status u8 | replica epoch u64
+//   read     req: volume | offset u64 | length u32
+//            rsp: status u8 | data              (empty unless ok)
+//   write    req: volume | generation u64 | offset u64 | data
+//            rsp: status u8
+//   flush    req: volume
+//            rsp: status u8 | flushed generation u64
+//   trim     req: volume | offset u64 | length u64  (u64: one trim may cover a whole volume)
+//            rsp: status u8
+//   status   req: volume
+//            rsp: status u8 | size u64 | replica epoch u64 | flushed generation u64
+
+public struct HelloRequest: Equatable, Sendable {
+    public var protocolVersion: UInt16
+    /// Opaque cluster authentication (a key id + MAC later); empty for now.
+    public var authToken: [UInt8]
+
+    public init(protocolVersion: UInt16 = FrameLimits.version, authToken: [UInt8] = []) {
+        self.protocolVersion = protocolVersion
+        self.authToken = authToken
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.write(protocolVersion)
+        w.writeToken(authToken)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        protocolVersion = try r.readUInt16("protocol version")
+        authToken = try r.readToken()
+        try r.expectEnd()
+    }
+}
+
+public struct HelloResponse: Equatable, Sendable {
+    public var status: StatusCode
+    public var protocolVersion: UInt16
+    /// Opaque: room for the replica's half of a mutual authentication.
+    public var authToken: [UInt8]
+
+    public init(status: StatusCode, protocolVersion: UInt16 = FrameLimits.version, authToken: [UInt8] = []) {
+        self.status = status
+        self.protocolVersion = protocolVersion
+        self.authToken = authToken
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.write(status.rawValue)
+        w.write(protocolVersion)
+        w.writeToken(authToken)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        status = try r.readStatus()
+        protocolVersion = try r.readUInt16("protocol version")
+        authToken = try r.readToken()
+        try r.expectEnd()
+    }
+}
+
+public struct ClaimRequest: Equatable, Sendable {
+    public var volume: String
+
+    public init(volume: String) { self.volume = volume }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.writeVolume(volume)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        volume = try r.readVolume()
+        try r.expectEnd()
+    }
+}
+
+public struct ClaimResponse: Equatable, Sendable {
+    public var status: StatusCode
+    /// The replica's epoch after the claim (on `staleEpoch`: the newer epoch that fenced us).
+    public var replicaEpoch: UInt64
+
+    public init(status: StatusCode, replicaEpoch: UInt64) {
+        self.status = status
+        self.replicaEpoch = replicaEpoch
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.write(status.rawValue)
+        w.write(replicaEpoch)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        status = try r.readStatus()
+        replicaEpoch = try r.readUInt64("replica epoch")
+        try r.expectEnd()
+    }
+}
+
+public struct ReadRequest: Equatable, Sendable {
+    public var volume: String
+    public var offset: UInt64
+    public var length: UInt32
+
+    public init(volume: String, offset: UInt64, length: UInt32) {
+        self.volume = volume
+        self.offset = offset
+        self.length = length
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.writeVolume(volume)
+        w.write(offset)
+        w.write(length)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        volume = try r.readVolume()
+        offset = try r.readUInt64("offset")
+        length = try r.readUInt32("length")
+        try r.expectEnd()
+        try validateBlockRange(offset: offset, length: UInt64(length), maxLength: UInt64(FrameLimits.maxDataLength), what: "read")
+    }
+}
+
+public struct ReadResponse: Equatable, Sendable {
+    public var status: StatusCode
+    /// Whole blocks; empty unless `status` is `ok`.
+    public var data: [UInt8]
+
+    public init(status: StatusCode, data: [UInt8] = []) {
+        self.status = status
+        self.data = data
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter(capacity: 5 + data.count)
+        w.write(status.rawValue)
+        w.writeData(data)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        status = try r.readStatus()
+        data = try r.readData(allowEmpty: true)
+        try r.expectEnd()
+        guard status == .ok || data.isEmpty else {
+            throw FrameError(.malformedPayload, "read response with status \(status) carries \(data.count) bytes of data")
+        }
+    }
+}
+
+public struct WriteRequest: Equatable, Sendable {
+    public var volume: String
+    /// The volume-wide write generation (strictly increasing, assigned by the engine).
+    public var generation: UInt64
+    public var offset: UInt64
+    /// Whole 4 KiB blocks, at most `FrameLimits.maxDataLength`.
+    public var data: [UInt8]
+
+    public init(volume: String, generation: UInt64, offset: UInt64, data: [UInt8]) {
+        self.volume = volume
+        self.generation = generation
+        self.offset = offset
+        self.data = data
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter(capacity: 2 + volume.utf8.count + 20 + data.count)
+        w.writeVolume(volume)
+        w.write(generation)
+        w.write(offset)
+        w.writeData(data)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        volume = try r.readVolume()
+        generation = try r.readUInt64("generation")
+        offset = try r.readUInt64("offset")
+        data = try r.readData(allowEmpty: false)
+        try r.expectEnd()
+        guard generation != 0 else {
+            // Generation 0 means "never written" in the block map.
+            throw FrameError(.malformedPayload, "write generation 0 is reserved")
+        }
+        try validateBlockRange(offset: offset, length: UInt64(data.count), maxLength: UInt64(FrameLimits.maxDataLength), what: "write")
+    }
+}
+
+public struct WriteResponse: Equatable, Sendable {
+    public var status: StatusCode
+
+    public init(status: StatusCode) { self.status = status }
+
+    public func encode() -> [UInt8] { [status.rawValue] }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        status = try r.readStatus()
+        try r.expectEnd()
+    }
+}
+
+public struct FlushRequest: Equatable, Sendable {
+    public var volume: String
+
+    public init(volume: String) { self.volume = volume }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.writeVolume(volume)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        volume = try r.readVolume()
+        try r.expectEnd()
+    }
+}
+
+public struct FlushResponse: Equatable, Sendable {
+    public var status: StatusCode
+    /// The generation recorded as durable by this flush.
+    public var flushedGeneration: UInt64
+
+    public init(status: StatusCode, flushedGeneration: UInt64) {
+        self.status = status
+        self.flushedGeneration = flushedGeneration
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.write(status.rawValue)
+        w.write(flushedGeneration)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        status = try r.readStatus()
+        flushedGeneration = try r.readUInt64("flushed generation")
+        try r.expectEnd()
+    }
+}
+
+public struct TrimRequest: Equatable, Sendable {
+    public var volume: String
+    public var offset: UInt64
+    public var length: UInt64
+
+    public init(volume: String, offset: UInt64, length: UInt64) {
+        self.volume = volume
+        self.offset = offset
+        self.length = length
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.writeVolume(volume)
+        w.write(offset)
+        w.write(length)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        volume = try r.readVolume()
+        offset = try r.readUInt64("offset")
+        length = try r.readUInt64("length")
+        try r.expectEnd()
+        try validateBlockRange(offset: offset, length: length, maxLength: .max, what: "trim")
+    }
+}
+
+public struct TrimResponse: Equatable, Sendable {
+    public var status: StatusCode
+
+    public init(status: StatusCode) { self.status = status }
+
+    public func encode() -> [UInt8] { [status.rawValue] }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        status = try r.readStatus()
+        try r.expectEnd()
+    }
+}
+
+public struct StatusRequest: Equatable, Sendable {
+    public var volume: String
+
+    public init(volume: String) { self.volume = volume }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.writeVolume(volume)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        volume = try r.readVolume()
+        try r.expectEnd()
+    }
+}
+
+public struct StatusResponse: Equatable, Sendable {
+    public var status: StatusCode
+    public var size: UInt64
+    public var replicaEpoch: UInt64
+    public var flushedGeneration: UInt64
+
+    public init(status: StatusCode, size: UInt64, replicaEpoch: UInt64, flushedGeneration: UInt64) {
+        self.status = status
+        self.size = size
+        self.replicaEpoch = replicaEpoch
+        self.flushedGeneration = flushedGeneration
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.write(status.rawValue)
+        w.write(size)
+        w.write(replicaEpoch)
+        w.write(flushedGeneration)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(payload))
+        status = try r.readStatus()
+        size = try r.readUInt64("size")
+        replicaEpoch = try r.readUInt64("replica epoch")
+        flushedGeneration = try r.readUInt64("flushed generation")
+        try r.expectEnd()
+    }
+}
+
+// MARK: - Validation and byte access
+
+/// A non-empty, block-aligned range that does not wrap around 2^64.
+private func validateBlockRange(offset: UInt64, length: UInt64, maxLength: UInt64, what: String) throws(FrameError) {
+    let block = UInt64(FrameLimits.blockSize)
+    guard offset % block == 0 else {
+        throw FrameError(.malformedPayload, "\(what) offset \(offset) is not a multiple of \(block)")
+    }
+    guard length != 0, length % block == 0 else {
+        throw FrameError(.malformedPayload, "\(what) length \(length) is not a positive multiple of \(block)")
+    }
+    guard length <= maxLength else {
+        throw FrameError(.malformedPayload, "\(what) length \(length) exceeds the limit of \(maxLength) bytes")
+    }
+    guard !offset.addingReportingOverflow(length).overflow else {
+        throw FrameError(.malformedPayload, "\(what) range at \(offset) + \(length) overflows")
+    }
+}
+
+/// Appends little-endian integers and length-prefixed fields.
+struct ByteWriter {
+    var bytes: [UInt8] = []
+
+    init(capacity: Int = 64) { bytes.reserveCapacity(capacity) }
+
+    mutating func write<T: FixedWidthInteger & UnsignedInteger>(_ value: T) {
+        var v = value.littleEndian
+        withUnsafeBytes(of: &v) { bytes.append(contentsOf: $0) }
+    }
+
+    /// u16 length + UTF-8. Written as given (the decoder enforces 1...128 bytes); only a name
+    /// beyond u16 is cut so the stream stays well-framed.
+    mutating func writeVolume(_ volume: String) {
+        let utf8 = Array(volume.utf8)
+        let n = UInt16(clamping: utf8.count)
+        write(n)
+        bytes.append(contentsOf: utf8[0..<Int(n)])
+    }
+
+    mutating func writeToken(_ token: [UInt8]) {
+        let n = UInt16(clamping: token.count)
+        write(n)
+        bytes.append(contentsOf: token[0..<Int(n)])
+    }
+
+    mutating func writeData(_ data: [UInt8]) {
+        let n = UInt32(clamping: data.count)
+        write(n)
+        bytes.append(contentsOf: data[0..<Int(n)])
+    }
+}
+
+/// Reads little-endian integers and length-prefixed fields from untrusted bytes: every read
+/// checks what is left first, so a lying length throws instead of trapping or allocating.
+struct ByteReader {
+    private let bytes: [UInt8]
+    private var index = 0
+
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+
+    var remaining: Int { bytes.count - index }
+
+    private mutating func take(_ count: Int, _ field: String) throws(FrameError) -> ArraySlice<UInt8> {
+        guard count >= 0, count <= remaining else {
+            throw FrameError(.malformedPayload, "payload ends inside \(field) (needs \(count) bytes, \(remaining) left)")
+        }
+        defer { index += count }
+        return bytes[index..<(index + count)]
+    }
+
+    private mutating func readInteger<T: FixedWidthInteger & UnsignedInteger>(_: T.Type, _ field: String) throws(FrameError) -> T {
+        let slice = try take(MemoryLayout<T>.size, field)
+        var value: T = 0
+        for (shift, byte) in slice.enumerated() {
+            value |= T(byte) << (shift * 8)
+        }
+        return value
+    }
+
+    mutating func readUInt8(_ field: String) throws(FrameError) -> UInt8 { try readInteger(UInt8.self, field) }
+    mutating func readUInt16(_ field: String) throws(FrameError) -> UInt16 { try readInteger(UInt16.self, field) }
+    mutating func readUInt32(_ field: String) throws(FrameError) -> UInt32 { try readInteger(UInt32.self, field) }
+    mutating func readUInt64(_ field: String) throws(FrameError) -> UInt64 { try readInteger(UInt64.self, field) }
+
+    mutating func readStatus() throws(FrameError) -> StatusCode {
+        let raw = try readUInt8("status")
+        guard let status = StatusCode(rawValue: raw) else {
+            throw FrameError(.malformedPayload, "unknown status code \(raw)")
+        }
+        return status
+    }
+
+    mutating func readVolume() throws(FrameError) -> String {
+        let n = Int(try readUInt16("volume id length"))
+        guard n >= 1, n <= FrameLimits.maxVolumeIDLength else {
+            throw FrameError(.malformedPayload, "volume id is \(n) bytes (must be 1...\(FrameLimits.maxVolumeIDLength))")
+        }
+        let raw = try take(n, "volume id")
+        guard let volume = String(validating: raw, as: UTF8.self) else {
+            throw FrameError(.malformedPayload, "volume id is not valid UTF-8")
+        }
+        return volume
+    }
+
+    mutating func readToken() throws(FrameError) -> [UInt8] {
+        let n = Int(try readUInt16("auth token length"))
+        guard n <= FrameLimits.maxAuthTokenLength else {
+            throw FrameError(.malformedPayload, "auth token is \(n) bytes (limit \(FrameLimits.maxAuthTokenLength))")
+        }
+        return Array(try take(n, "auth token"))
+    }
+
+    mutating func readData(allowEmpty: Bool) throws(FrameError) -> [UInt8] {
+        let n = Int(try readUInt32("data length"))
+        guard n <= FrameLimits.maxDataLength else {
+            throw FrameError(.malformedPayload, "data is \(n) bytes (limit \(FrameLimits.maxDataLength))")
+        }
+        guard n % FrameLimits.blockSize == 0, allowEmpty || n > 0 else {
+            throw FrameError(.malformedPayload, "data length \(n) is not a \(allowEmpty ? "" : "positive ")multiple of \(FrameLimits.blockSize)")
+        }
+        return Array(try take(n, "data"))
+    }
+
+    func expectEnd() throws(FrameError) {
+        guard remaining == 0 else {
+            throw FrameError(.malformedPayload, "\(remaining) unexpected bytes after the last field")
+        }
+    }
+}

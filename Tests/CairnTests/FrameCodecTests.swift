@@ -1,0 +1,410 @@
+import CairnReplica
+import Foundation
+import XCTest
+
+/// The data protocol's frame codec (docs/replica-format.md, "Data protocol (TCP)").
+final class FrameCodecTests: XCTestCase {
+    // MARK: Fixtures
+
+    static let block = [UInt8]((0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) })
+
+    /// One request and one response of every op, with non-trivial field values.
+    static var everyOp: [Frame] {
+        let requests: [Request] = [
+            .hello(HelloRequest(protocolVersion: 1, authToken: [0xDE, 0xAD, 0xBE, 0xEF])),
+            .claim(ClaimRequest(volume: "pvc-0f1e2d3c")),
+            .read(ReadRequest(volume: "pvc-0f1e2d3c", offset: 8192, length: 8192)),
+            .write(WriteRequest(volume: "pvc-0f1e2d3c", generation: 42, offset: 4096, data: block + block)),
+            .flush(FlushRequest(volume: "pvc-0f1e2d3c")),
+            .trim(TrimRequest(volume: "völ-ü", offset: 1 << 30, length: 1 << 40)),
+            .status(StatusRequest(volume: String(repeating: "v", count: 128))),
+        ]
+        let responses: [Response] = [
+            .hello(HelloResponse(status: .ok, protocolVersion: 1, authToken: [1, 2, 3])),
+            .claim(ClaimResponse(status: .staleEpoch, replicaEpoch: 9)),
+            .read(ReadResponse(status: .ok, data: block)),
+            .write(WriteResponse(status: .checksumMismatch)),
+            .flush(FlushResponse(status: .ok, flushedGeneration: 41)),
+            .trim(TrimResponse(status: .outOfRange)),
+            .status(StatusResponse(status: .ok, size: 1 << 34, replicaEpoch: 7, flushedGeneration: .max)),
+        ]
+        var frames: [Frame] = []
+        for (i, r) in requests.enumerated() {
+            frames.append(Frame(requestID: UInt64(i + 1), epoch: 7, body: .request(r)))
+        }
+        for (i, r) in responses.enumerated() {
+            frames.append(Frame(requestID: UInt64(i + 1) << 40, epoch: .max, body: .response(r)))
+        }
+        return frames
+    }
+
+    /// A frame from raw parts, with a correct header checksum unless told otherwise.
+    static func rawFrame(
+        magic: UInt32 = 0x464E_5243, version: UInt16 = 1, op: UInt8, flags: UInt8 = 0, requestID: UInt64 = 1,
+        payloadLength: UInt32? = nil, epoch: UInt64 = 1, payload: [UInt8]
+    ) -> [UInt8] {
+        var h: [UInt8] = []
+        func put<T: FixedWidthInteger>(_ v: T) { withUnsafeBytes(of: v.littleEndian) { h.append(contentsOf: $0) } }
+        put(magic)
+        put(version)
+        put(op)
+        put(flags)
+        put(requestID)
+        put(payloadLength ?? UInt32(payload.count))
+        put(epoch)
+        put(CRC32C.checksum(h))
+        return h + payload
+    }
+
+    static func volumeField(_ raw: [UInt8]) -> [UInt8] {
+        [UInt8(raw.count & 0xFF), UInt8(raw.count >> 8)] + raw
+    }
+
+    static func le<T: FixedWidthInteger>(_ v: T) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
+
+    /// Decodes `bytes` fed as one chunk, then checks EOF.
+    static func decodeAll(_ bytes: [UInt8]) throws -> [Frame] {
+        var d = FrameDecoder()
+        let frames = try d.feed(bytes)
+        try d.finish()
+        return frames
+    }
+
+    func assertFrameError(
+        _ bytes: [UInt8], _ kind: FrameError.Kind, containing text: String? = nil,
+        file: StaticString = #filePath, line: UInt = #line
+    ) {
+        do {
+            let frames = try Self.decodeAll(bytes)
+            XCTFail("decoded \(frames.count) frames, expected \(kind)", file: file, line: line)
+        } catch let error as FrameError {
+            XCTAssertEqual(error.kind, kind, "reason: \(error.reason)", file: file, line: line)
+            XCTAssertFalse(error.reason.isEmpty, file: file, line: line)
+            if let text {
+                XCTAssertTrue(error.reason.contains(text), "reason \"\(error.reason)\" lacks \"\(text)\"", file: file, line: line)
+            }
+        } catch {
+            XCTFail("unexpected error type \(error)", file: file, line: line)
+        }
+    }
+
+    // MARK: Round trips and layout
+
+    func testEveryOpRequestAndResponseRoundTrips() throws {
+        for frame in Self.everyOp {
+            let bytes = frame.encode()
+            XCTAssertEqual(try Self.decodeAll(bytes), [frame], "\(frame.opcode) response=\(frame.isResponse)")
+            // The typed payloads round-trip on their own as well.
+            switch frame.body {
+            case .request(let r): XCTAssertEqual(try Request(opcode: r.opcode, decoding: r.encode()), r)
+            case .response(let r): XCTAssertEqual(try Response(opcode: r.opcode, decoding: r.encode()), r)
+            }
+        }
+        XCTAssertEqual(Set(Self.everyOp.filter { !$0.isResponse }.map(\.opcode)), Set(Opcode.allCases))
+        XCTAssertEqual(Set(Self.everyOp.filter { $0.isResponse }.map(\.opcode)), Set(Opcode.allCases))
+    }
+
+    func testEveryStatusCodeRoundTrips() throws {
+        for status in StatusCode.allCases {
+            let frame = Frame(requestID: 5, epoch: 3, body: .response(.write(WriteResponse(status: status))))
+            XCTAssertEqual(try Self.decodeAll(frame.encode()), [frame])
+        }
+    }
+
+    func testHeaderLayoutIsLittleEndianWithChecksumOverFirst28Bytes() throws {
+        let frame = Frame(requestID: 0x0102_0304_0506_0708, epoch: 0x1112_1314_1516_1718, body: .response(.trim(TrimResponse(status: .ok))))
+        let bytes = frame.encode()
+        XCTAssertEqual(bytes.count, 33)
+        XCTAssertEqual(Array(bytes[0..<4]), Array("CRNF".utf8))
+        XCTAssertEqual(Array(bytes[4..<6]), [1, 0])
+        XCTAssertEqual(bytes[6], Opcode.trim.rawValue)
+        XCTAssertEqual(bytes[7], 0x01)  // response flag
+        XCTAssertEqual(Array(bytes[8..<16]), [8, 7, 6, 5, 4, 3, 2, 1])
+        XCTAssertEqual(Array(bytes[16..<20]), [1, 0, 0, 0])
+        XCTAssertEqual(Array(bytes[20..<28]), [0x18, 0x17, 0x16, 0x15, 0x14, 0x13, 0x12, 0x11])
+        XCTAssertEqual(Array(bytes[28..<32]), Self.le(CRC32C.checksum(Array(bytes[0..<28]))))
+        XCTAssertEqual(bytes, Self.rawFrame(op: 6, flags: 1, requestID: 0x0102_0304_0506_0708, epoch: 0x1112_1314_1516_1718, payload: [0]))
+    }
+
+    func testLargestWriteIsAcceptedAndOneBlockMoreIsNot() throws {
+        let data = [UInt8](repeating: 0xA5, count: FrameLimits.maxDataLength)
+        let write = Frame(requestID: 1, epoch: 1, body: .request(.write(WriteRequest(volume: String(repeating: "x", count: 128), generation: 1, offset: 0, data: data))))
+        XCTAssertLessThanOrEqual(write.encode().count, FrameLimits.maxFrameSize)
+        XCTAssertEqual(try Self.decodeAll(write.encode()), [write])
+
+        let tooBig = Frame(requestID: 1, epoch: 1, body: .request(.write(WriteRequest(volume: "v", generation: 1, offset: 0, data: data + Self.block))))
+        assertFrameError(tooBig.encode(), .oversizedPayload, containing: "limit")
+    }
+
+    // MARK: Stream decoding
+
+    func testDecodingByteByByteGivesTheSameFrames() throws {
+        let frames = Self.everyOp
+        let stream = frames.flatMap { $0.encode() }
+        var d = FrameDecoder()
+        var decoded: [Frame] = []
+        for byte in stream {
+            decoded += try d.feed([byte])
+            XCTAssertLessThanOrEqual(d.bufferedByteCount, FrameLimits.maxFrameSize)
+        }
+        try d.finish()
+        XCTAssertEqual(decoded, frames)
+    }
+
+    func testRandomChunkingsGiveTheSameFrames() throws {
+        let frames = Self.everyOp
+        let stream = frames.flatMap { $0.encode() }
+        var rng = SplitMix64(seed: 0xC0FFEE)
+        for _ in 0..<200 {
+            var d = FrameDecoder()
+            var decoded: [Frame] = []
+            var i = 0
+            while i < stream.count {
+                let n = min(stream.count - i, Int(rng.next() % 9000) + 1)
+                decoded += try d.feed(stream[i..<(i + n)])
+                i += n
+            }
+            try d.finish()
+            XCTAssertEqual(decoded, frames)
+        }
+    }
+
+    func testPipelinedFramesWithInterleavedRequestIDsComeOutInStreamOrder() throws {
+        let volume = "pvc-a"
+        let requests: [Frame] = [
+            Frame(requestID: 10, epoch: 4, body: .request(.write(WriteRequest(volume: volume, generation: 1, offset: 0, data: Self.block)))),
+            Frame(requestID: 11, epoch: 4, body: .request(.read(ReadRequest(volume: volume, offset: 0, length: 4096)))),
+            Frame(requestID: 12, epoch: 4, body: .request(.flush(FlushRequest(volume: volume)))),
+        ]
+        // Responses complete out of order, interleaved with new requests on the same stream.
+        let mixed: [Frame] = [
+            Frame(requestID: 12, epoch: 4, body: .response(.flush(FlushResponse(status: .ok, flushedGeneration: 1)))),
+            Frame(requestID: 13, epoch: 4, body: .request(.status(StatusRequest(volume: volume)))),
+            Frame(requestID: 10, epoch: 4, body: .response(.write(WriteResponse(status: .ok)))),
+            Frame(requestID: 11, epoch: 4, body: .response(.read(ReadResponse(status: .ok, data: Self.block)))),
+            Frame(requestID: 13, epoch: 5, body: .response(.status(StatusResponse(status: .staleEpoch, size: 0, replicaEpoch: 5, flushedGeneration: 1)))),
+        ]
+        let all = requests + mixed
+        var d = FrameDecoder()
+        let decoded = try d.feed(all.flatMap { $0.encode() })
+        try d.finish()
+        XCTAssertEqual(decoded, all)
+        XCTAssertEqual(decoded.map(\.requestID), [10, 11, 12, 12, 13, 10, 11, 13])
+        XCTAssertEqual(decoded.map(\.isResponse), [false, false, false, true, false, true, true, true])
+        XCTAssertEqual(d.bufferedByteCount, 0)
+    }
+
+    func testAPartialFrameWaitsForTheRest() throws {
+        let bytes = Self.everyOp[3].encode()
+        var d = FrameDecoder()
+        XCTAssertEqual(try d.feed(bytes[0..<31]), [])
+        XCTAssertEqual(try d.feed(bytes[31..<40]), [])
+        XCTAssertEqual(try d.feed(bytes[40...]), [Self.everyOp[3]])
+        try d.finish()
+    }
+
+    // MARK: Malformed input
+
+    func testBadMagicIsRejected() {
+        var bytes = Self.everyOp[0].encode()
+        bytes[0] = UInt8(ascii: "X")
+        assertFrameError(bytes, .badMagic, containing: "magic")
+        assertFrameError(Array("GET / HTTP/1.1\r\nHost: cairn\r\n\r\n".utf8), .badMagic)
+    }
+
+    func testVersion2IsRejected() {
+        let bytes = Self.rawFrame(version: 2, op: Opcode.flush.rawValue, payload: Self.volumeField(Array("v".utf8)))
+        assertFrameError(bytes, .unsupportedVersion, containing: "version 2")
+    }
+
+    func testAFlippedHeaderBitFailsTheChecksum() {
+        let good = Self.everyOp[4].encode()
+        // Every bit after magic and version (which have their own, clearer errors).
+        for bit in (6 * 8)..<(32 * 8) {
+            var bytes = good
+            bytes[bit / 8] ^= UInt8(1) << (bit % 8)
+            assertFrameError(bytes, .headerChecksum, containing: "checksum")
+        }
+    }
+
+    func testPayloadLength2To31IsRejectedFromTheHeaderAlone() throws {
+        let header = Self.rawFrame(op: Opcode.write.rawValue, payloadLength: 1 << 31, payload: [])
+        var d = FrameDecoder()
+        XCTAssertThrowsError(try d.feed(header)) { error in
+            XCTAssertEqual((error as? FrameError)?.kind, .oversizedPayload)
+            XCTAssertTrue("\(error)".contains("2147483648"), "\(error)")
+        }
+        // Just over the limit is rejected too; the limit itself is only a length, not a frame.
+        assertFrameError(Self.rawFrame(op: 4, payloadLength: UInt32(FrameLimits.maxPayloadLength + 1), payload: []), .oversizedPayload)
+    }
+
+    func testTruncatedPayloadThenEOFIsAnError() throws {
+        let bytes = Self.everyOp[3].encode()
+        var d = FrameDecoder()
+        XCTAssertEqual(try d.feed(bytes.dropLast(100)), [])
+        XCTAssertThrowsError(try d.finish()) { error in
+            XCTAssertEqual((error as? FrameError)?.kind, .truncated)
+            XCTAssertTrue("\(error)".contains("payload"), "\(error)")
+        }
+        // Sticky: the stream is dead.
+        XCTAssertThrowsError(try d.feed(bytes.suffix(100)))
+    }
+
+    func testTruncatedHeaderThenEOFIsAnError() throws {
+        var d = FrameDecoder()
+        XCTAssertEqual(try d.feed(Self.everyOp[0].encode().prefix(10)), [])
+        XCTAssertThrowsError(try d.finish()) { error in
+            XCTAssertEqual((error as? FrameError)?.kind, .truncated)
+            XCTAssertTrue("\(error)".contains("header"), "\(error)")
+        }
+        // A clean EOF between frames is fine.
+        var clean = FrameDecoder()
+        _ = try clean.feed(Self.everyOp[0].encode())
+        XCTAssertNoThrow(try clean.finish())
+    }
+
+    func testAWriteWhoseDataIsNotAMultipleOf4096IsRejected() {
+        for count in [1, 512, 4095, 4097, 8191] {
+            let frame = Frame(requestID: 1, epoch: 1, body: .request(.write(WriteRequest(volume: "v", generation: 1, offset: 0, data: [UInt8](repeating: 1, count: count)))))
+            assertFrameError(frame.encode(), .malformedPayload, containing: "multiple of 4096")
+        }
+        let empty = Frame(requestID: 1, epoch: 1, body: .request(.write(WriteRequest(volume: "v", generation: 1, offset: 0, data: []))))
+        assertFrameError(empty.encode(), .malformedPayload)
+    }
+
+    func testUnalignedOrWrappingRangesAreRejected() {
+        let bad: [Request] = [
+            .write(WriteRequest(volume: "v", generation: 1, offset: 512, data: Self.block)),
+            .write(WriteRequest(volume: "v", generation: 0, offset: 0, data: Self.block)),
+            .write(WriteRequest(volume: "v", generation: 1, offset: UInt64.max - 4095, data: Self.block)),
+            .read(ReadRequest(volume: "v", offset: 4096, length: 100)),
+            .read(ReadRequest(volume: "v", offset: 1, length: 4096)),
+            .read(ReadRequest(volume: "v", offset: 0, length: 0)),
+            .read(ReadRequest(volume: "v", offset: 0, length: UInt32(FrameLimits.maxDataLength + 4096))),
+            .read(ReadRequest(volume: "v", offset: UInt64.max - 4095, length: 4096)),
+            .trim(TrimRequest(volume: "v", offset: 0, length: 4097)),
+            .trim(TrimRequest(volume: "v", offset: 1 << 63, length: 1 << 63)),
+        ]
+        for request in bad {
+            assertFrameError(Frame(requestID: 1, epoch: 1, body: .request(request)).encode(), .malformedPayload)
+        }
+    }
+
+    func testAVolumeIDLongerThan128BytesIsRejected() {
+        let frame = Frame(requestID: 1, epoch: 1, body: .request(.claim(ClaimRequest(volume: String(repeating: "a", count: 129)))))
+        assertFrameError(frame.encode(), .malformedPayload, containing: "volume id is 129 bytes")
+        let empty = Frame(requestID: 1, epoch: 1, body: .request(.status(StatusRequest(volume: ""))))
+        assertFrameError(empty.encode(), .malformedPayload, containing: "volume id")
+        // A length that claims more bytes than the payload has.
+        assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, payload: [100, 0, 65, 65]), .malformedPayload, containing: "ends inside")
+    }
+
+    func testAVolumeIDThatIsNotUTF8IsRejected() {
+        for raw: [UInt8] in [[0xFF], [0x61, 0xC3], [0xED, 0xA0, 0x80], [0xC0, 0xAF]] {
+            let bytes = Self.rawFrame(op: Opcode.flush.rawValue, payload: Self.volumeField(raw))
+            assertFrameError(bytes, .malformedPayload, containing: "UTF-8")
+        }
+    }
+
+    func testUnknownOpcodeFlagsStatusAndTrailingBytesAreRejected() {
+        let volume = Self.volumeField(Array("v".utf8))
+        assertFrameError(Self.rawFrame(op: 0, payload: volume), .unknownOpcode)
+        assertFrameError(Self.rawFrame(op: 200, payload: volume), .unknownOpcode)
+        assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, flags: 0x80, payload: volume), .reservedFlags)
+        assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: 1, payload: [99]), .malformedPayload, containing: "status")
+        assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, payload: volume + [0]), .malformedPayload, containing: "unexpected")
+        // A failed read carries no data.
+        assertFrameError(Self.rawFrame(op: Opcode.read.rawValue, flags: 1, payload: [StatusCode.ioError.rawValue] + Self.le(UInt32(4096)) + Self.block), .malformedPayload)
+        // An oversized auth token.
+        assertFrameError(Self.rawFrame(op: Opcode.hello.rawValue, payload: Self.le(UInt16(1)) + Self.le(UInt16(129)) + [UInt8](repeating: 0, count: 129)), .malformedPayload, containing: "auth token")
+    }
+
+    func testTheFirstErrorIsSticky() throws {
+        var d = FrameDecoder()
+        XCTAssertThrowsError(try d.feed([0, 0, 0, 0] + [UInt8](repeating: 0, count: 28)))
+        XCTAssertThrowsError(try d.feed(Self.everyOp[0].encode())) { error in
+            XCTAssertEqual((error as? FrameError)?.kind, .badMagic)
+        }
+        XCTAssertThrowsError(try d.finish())
+    }
+
+    func testPayloadErrorsNameTheRequestID() {
+        let frame = Frame(requestID: 77, epoch: 1, body: .request(.write(WriteRequest(volume: "v", generation: 1, offset: 0, data: [1]))))
+        assertFrameError(frame.encode(), .malformedPayload, containing: "request id 77")
+    }
+
+    // MARK: Fuzz
+
+    /// Random mutations of valid frames: the decoder throws or decodes, never traps, and never
+    /// holds more than one maximal frame beyond the chunk being fed.
+    func testRandomMutationsThrowOrDecodeAndNeverTrap() throws {
+        let seeds = Self.everyOp.map { $0.encode() } + [
+            Frame(requestID: 3, epoch: 3, body: .request(.read(ReadRequest(volume: "r", offset: 0, length: 4096)))).encode(),
+        ]
+        var rng = SplitMix64(seed: 0x5EED_CA12)
+        let deadline = Date().addingTimeInterval(30)
+        var iterations = 0, decodedCount = 0, errorCount = 0
+        while iterations < 20_000, Date() < deadline {
+            iterations += 1
+            var bytes = seeds[Int(rng.next() % UInt64(seeds.count))]
+            if rng.next() % 4 == 0 { bytes += seeds[Int(rng.next() % UInt64(seeds.count))] }
+            let mutations = Int(rng.next() % 4) + 1
+            for _ in 0..<mutations {
+                guard !bytes.isEmpty else { break }
+                let i = Int(rng.next() % UInt64(bytes.count))
+                switch rng.next() % 7 {
+                case 0: bytes[i] ^= UInt8(1) << (rng.next() % 8)
+                case 1: bytes[i] = UInt8(truncatingIfNeeded: rng.next())
+                case 2: bytes.removeSubrange(i...)
+                case 3: bytes.insert(contentsOf: (0..<(rng.next() % 8)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }, at: i)
+                case 4: bytes.removeSubrange(i..<min(bytes.count, i + Int(rng.next() % 16) + 1))
+                case 5:
+                    // Mutate inside the payload and keep the header valid, to reach the payload parsers.
+                    if bytes.count > 32 {
+                        let j = 32 + Int(rng.next() % UInt64(bytes.count - 32))
+                        bytes[j] = [0x00, 0xFF, 0x80, 0x7F, UInt8(truncatingIfNeeded: rng.next())][Int(rng.next() % 5)]
+                    }
+                default:
+                    // Lie about the payload length with a valid checksum.
+                    if bytes.count >= 32 {
+                        let lengths: [UInt32] = [0, 1, 31, 4096, UInt32(FrameLimits.maxPayloadLength), 1 << 31, .max, UInt32(truncatingIfNeeded: rng.next())]
+                        let n = lengths[Int(rng.next() % UInt64(lengths.count))]
+                        bytes.replaceSubrange(16..<20, with: Self.le(n))
+                        bytes.replaceSubrange(28..<32, with: Self.le(CRC32C.checksum(Array(bytes[0..<28]))))
+                    }
+                }
+            }
+            var d = FrameDecoder()
+            do throws(FrameError) {
+                var i = 0
+                while i < bytes.count {
+                    let n = min(bytes.count - i, Int(rng.next() % 64) + 1)
+                    let frames = try d.feed(bytes[i..<(i + n)])
+                    decodedCount += frames.count
+                    XCTAssertLessThanOrEqual(d.bufferedByteCount, FrameLimits.maxFrameSize + n)
+                    i += n
+                }
+                try d.finish()
+            } catch {
+                errorCount += 1
+                XCTAssertFalse(error.reason.isEmpty)
+            }
+        }
+        XCTAssertGreaterThan(iterations, 1000)
+        XCTAssertGreaterThan(errorCount, 0)
+        XCTAssertGreaterThan(decodedCount, 0)
+    }
+}
+
+/// A small seeded generator, so a failing fuzz case reproduces.
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE5_E9B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
