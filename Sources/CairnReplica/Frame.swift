@@ -124,6 +124,16 @@ public struct FrameHeader: Equatable, Sendable {
         return w.bytes
     }
 
+    /// Throws `badMagic` unless `bytes` (the first four of a frame) are 'CRNF'; lets a stream
+    /// decoder reject a stranger before a whole header has arrived.
+    public static func checkMagic(_ bytes: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(Array(bytes.prefix(4)))
+        let magic = try r.readUInt32("magic")
+        guard magic == FrameLimits.magic else {
+            throw FrameError(.badMagic, "bad frame magic 0x\(String(magic, radix: 16, uppercase: true)) (expected 'CRNF')")
+        }
+    }
+
     /// Decodes and validates a header from exactly `FrameLimits.headerSize` bytes. Checks, in
     /// order: magic, version (so a newer peer is told apart from garbage), checksum, payload
     /// length, opcode, flags.
@@ -132,11 +142,9 @@ public struct FrameHeader: Equatable, Sendable {
         guard bytes.count == FrameLimits.headerSize else {
             throw FrameError(.truncated, "frame header is \(bytes.count) bytes, expected \(FrameLimits.headerSize)")
         }
+        try Self.checkMagic(bytes[0..<4])
         var r = ByteReader(bytes)
-        let magic = try r.readUInt32("magic")
-        guard magic == FrameLimits.magic else {
-            throw FrameError(.badMagic, "bad frame magic 0x\(String(magic, radix: 16)) (expected 'CRNF')")
-        }
+        _ = try r.readUInt32("magic")
         let version = try r.readUInt16("version")
         guard version == FrameLimits.version else {
             throw FrameError(.unsupportedVersion, "unsupported protocol version \(version) (this side speaks \(FrameLimits.version))")

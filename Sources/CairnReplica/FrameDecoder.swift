@@ -18,8 +18,6 @@ public struct FrameDecoder: Sendable {
 
     public init() {}
 
-    private static let magicBytes: [UInt8] = withUnsafeBytes(of: FrameLimits.magic.littleEndian) { Array($0) }
-
     /// Bytes held that are not yet part of a returned frame.
     public var bufferedByteCount: Int { buffer.count - start }
 
@@ -61,8 +59,8 @@ public struct FrameDecoder: Sendable {
             } else {
                 guard available >= FrameLimits.headerSize else {
                     // Reject a stranger (an HTTP probe, a port scanner) as soon as the magic is in.
-                    if available >= 4, Array(buffer[start..<(start + 4)]) != FrameDecoder.magicBytes {
-                        _ = try FrameHeader(decoding: buffer[start..<(start + 4)] + [UInt8](repeating: 0, count: FrameLimits.headerSize - 4))
+                    if available >= 4 {
+                        try FrameHeader.checkMagic(buffer[start..<(start + 4)])
                     }
                     return nil
                 }

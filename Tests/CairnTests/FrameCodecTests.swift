@@ -210,6 +210,12 @@ final class FrameCodecTests: XCTestCase {
         bytes[0] = UInt8(ascii: "X")
         assertFrameError(bytes, .badMagic, containing: "magic")
         assertFrameError(Array("GET / HTTP/1.1\r\nHost: cairn\r\n\r\n".utf8), .badMagic)
+        // A stranger is turned away after four bytes, without waiting for a whole header.
+        var d = FrameDecoder()
+        XCTAssertEqual(try d.feed(Array("CRN".utf8)), [])
+        XCTAssertThrowsError(try d.feed(Array("X".utf8))) { error in
+            XCTAssertEqual((error as? FrameError)?.kind, .badMagic)
+        }
     }
 
     func testVersion2IsRejected() {
