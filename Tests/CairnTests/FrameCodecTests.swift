@@ -403,7 +403,7 @@ final class FrameCodecTests: XCTestCase {
 }
 
 /// A small seeded generator, so a failing fuzz case reproduces.
-struct SplitMix64: RandomNumberGenerator {
+private struct SplitMix64: RandomNumberGenerator {
     var state: UInt64
     init(seed: UInt64) { state = seed }
     mutating func next() -> UInt64 {
