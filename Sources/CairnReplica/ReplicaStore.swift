@@ -1,0 +1,481 @@
+// The replica store: one volume's replica on this node's disk, in the format of
+// docs/replica-format.md — a superblock, and a chain of layers each holding a sparse `data`
+// file and a `blockmap` of (generation, crc32c, flags) per 4 KiB block.
+//
+// What it owns: the on-disk format of one replica directory; per-block checksums, verified on
+// every read; write generations (and the scan delta resync needs); the persisted fencing epoch
+// (every request older than the highest seen is refused, and changes nothing); crash recovery of
+// unflushed block-map entries after an unclean close; sparse allocation, trim, growth.
+//
+// What it does not own: networking (the data protocol's frames live in Frame*.swift, and the
+// replica server that decodes them and calls this store comes with issue 4); the engine (the
+// single writer that numbers generations, fans writes out to replicas and holds the epoch);
+// repair from a peer and scrubbing (issue 6: this store detects corruption and says where, it
+// does not fix it); snapshots and clones (issue 7: the superblock already records a layer chain,
+// but only the single head layer is used for now).
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CairnCore
+import Logging
+import Synchronization
+
+/// Why a replica store operation was refused. Each case maps to one gRPC status (below); the
+/// data protocol maps the same cases to its own status codes.
+public enum ReplicaError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The request's epoch is older than the highest this replica has seen: the sender was fenced.
+    case staleEpoch(seen: UInt64, got: UInt64)
+    /// A block's data does not match its recorded checksum: silent corruption, detected.
+    case checksumMismatch(block: UInt64)
+    /// Misaligned, out of range, or otherwise malformed.
+    case badRequest(String)
+    /// The superblock is unreadable (bad magic, version, checksum or fields).
+    case corruptSuperblock(String)
+    /// The directory holds another volume's replica.
+    case wrongVolume(expected: String, found: String)
+    case notFound(String)
+    case alreadyExists(String)
+    /// The store was closed.
+    case closed
+
+    public var description: String {
+        switch self {
+        case let .staleEpoch(seen, got):
+            "stale epoch \(got): this replica has seen epoch \(seen) (the sender was fenced)"
+        case let .checksumMismatch(block):
+            "checksum mismatch in block \(block): the data on disk does not match its recorded crc32c"
+        case let .badRequest(reason): "bad request: \(reason)"
+        case let .corruptSuperblock(reason): "corrupt replica superblock: \(reason)"
+        case let .wrongVolume(expected, found):
+            "the replica belongs to volume \(found), not \(expected)"
+        case let .notFound(what): what
+        case let .alreadyExists(what): what
+        case .closed: "the replica store is closed"
+        }
+    }
+}
+
+extension ReplicaError: StatusConvertible {
+    /// FAILED_PRECONDITION for a fenced sender or a wrong replica (retrying the same request
+    /// cannot succeed until the system's state changes); DATA_LOSS for detected corruption.
+    public var status: (code: CairnCore.StatusCode, message: String) {
+        switch self {
+        case .staleEpoch, .wrongVolume, .closed: (code: CairnCore.StatusCode.failedPrecondition, message: description)
+        case .checksumMismatch, .corruptSuperblock: (code: CairnCore.StatusCode.dataLoss, message: description)
+        case .badRequest: (code: CairnCore.StatusCode.invalidArgument, message: description)
+        case .notFound: (code: CairnCore.StatusCode.notFound, message: description)
+        case .alreadyExists: (code: CairnCore.StatusCode.alreadyExists, message: description)
+        }
+    }
+}
+
+/// What `status` reports.
+public struct ReplicaStatus: Sendable, Equatable {
+    public var volumeID: String
+    public var size: UInt64
+    public var blockSize: UInt32
+    public var epoch: UInt64
+    /// Every write with a generation ≤ this is durable.
+    public var flushedGeneration: UInt64
+    /// The highest generation written (durable or not).
+    public var highestGeneration: UInt64
+}
+
+/// What recovery found when a replica was opened after an unclean close.
+public struct RecoveryReport: Sendable, Equatable {
+    /// Blocks whose entries had generation > flushed generation (never acknowledged durable);
+    /// their checksums were recomputed from the data found.
+    public var unflushedBlocks: [UInt64] = []
+    /// Of those, the blocks whose data did not match the recorded checksum (a torn write).
+    public var rewrittenBlocks: [UInt64] = []
+}
+
+/// One volume's replica on disk (see the file comment for what it owns).
+///
+/// Thread safety: every operation runs under one `Mutex`, whole — from validation and the epoch
+/// check through the I/O to the superblock update — so operations are linearizable and a stale
+/// request can never interleave with the claim that fences it. That serializes a replica's I/O;
+/// the engine pipelines across replicas and volumes, not within one replica's store.
+public final class ReplicaStore: Sendable {
+    public static let blockSize = 4096
+    static let layerNameWidth = 10
+
+    public let directory: String
+    public let volumeID: String
+    /// Whether the data file was opened O_DIRECT (false where the filesystem refuses it).
+    public let usesDirectIO: Bool
+    /// What recovery did at open (empty after a clean close or for a new replica).
+    public let recovery: RecoveryReport
+    private let logger: Logger
+    private let state: Mutex<State>
+
+    private final class State {
+        var superblock: Superblock
+        var highestGeneration: UInt64
+        let dataFD: Int32
+        let dataPath: String
+        let blockMap: BlockMap
+        var isClosed = false
+
+        init(superblock: Superblock, highestGeneration: UInt64, dataFD: Int32, dataPath: String, blockMap: BlockMap) {
+            self.superblock = superblock
+            self.highestGeneration = highestGeneration
+            self.dataFD = dataFD
+            self.dataPath = dataPath
+            self.blockMap = blockMap
+        }
+
+        deinit { if !isClosed { _ = Glibc.close(dataFD) } }
+    }
+
+    private init(directory: String, volumeID: String, usesDirectIO: Bool, recovery: RecoveryReport,
+                 logger: Logger, state: sending State) {
+        self.directory = directory
+        self.volumeID = volumeID
+        self.usesDirectIO = usesDirectIO
+        self.recovery = recovery
+        self.logger = logger
+        self.state = Mutex(state)
+    }
+
+    static func layerDirectory(_ directory: String, layer: UInt64) -> String {
+        let s = String(layer)
+        return directory + "/layers/" + String(repeating: "0", count: max(0, layerNameWidth - s.count)) + s
+    }
+
+    public static let discardingLogger = Logger(label: "cairn.replica", factory: { _ in SwiftLogNoOpLogHandler() })
+
+    // MARK: create / open / close
+
+    /// Creates a new replica in `directory` (created if missing): the head layer's sparse
+    /// `data` and `blockmap` files first, the superblock last, so a directory without a
+    /// superblock is never a replica. Refuses a directory that already holds one.
+    public static func create(directory: String, volumeID: String, size: UInt64,
+                              logger: Logger = discardingLogger) throws -> ReplicaStore {
+        guard Superblock.isValidVolumeID(volumeID) else {
+            throw ReplicaError.badRequest("volume id must be 1–\(Superblock.volumeIDCapacity) bytes of UTF-8 without NUL")
+        }
+        guard size > 0, size % UInt64(blockSize) == 0 else {
+            throw ReplicaError.badRequest("size \(size) must be a positive multiple of \(blockSize)")
+        }
+        guard size <= UInt64(Int64.max / 2) else { throw ReplicaError.badRequest("size \(size) is too large") }
+        try makeDirectory(directory)
+        if access(directory + "/superblock", F_OK) == 0 {
+            throw ReplicaError.alreadyExists("a replica already exists in \(directory)")
+        }
+        try makeDirectory(directory + "/layers")
+        let layerDir = layerDirectory(directory, layer: 1)
+        try makeDirectory(layerDir)
+
+        let (dataFD, direct) = try openData(layerDir + "/data", create: true, logger: logger)
+        let blockMap: BlockMap
+        do {
+            guard ftruncate(dataFD, off_t(size)) == 0 else { throw SystemError("ftruncate \(layerDir)/data", errno: errno) }
+            guard fsync(dataFD) == 0 else { throw SystemError("fsync \(layerDir)/data", errno: errno) }
+            blockMap = try BlockMap(path: layerDir + "/blockmap", create: true)
+            try blockMap.ensureCapacity(blocks: size / UInt64(blockSize))
+            guard fsync(blockMap.fd) == 0 else { throw SystemError("fsync \(blockMap.path)", errno: errno) }
+            try FileIO.fsyncDirectory(layerDir)
+            try FileIO.fsyncDirectory(directory + "/layers")
+            let superblock = Superblock(volumeID: volumeID, size: size, clean: false, layers: [1])
+            try superblock.write(directory: directory)
+            logger.info("replica created", metadata: ["volume.id": "\(volumeID)", "replica.dir": "\(directory)",
+                                                      "replica.size": "\(size)", "replica.direct_io": "\(direct)"])
+            return ReplicaStore(directory: directory, volumeID: volumeID, usesDirectIO: direct, recovery: RecoveryReport(),
+                                logger: logger,
+                                state: State(superblock: superblock, highestGeneration: 0, dataFD: dataFD,
+                                             dataPath: layerDir + "/data", blockMap: blockMap))
+        } catch {
+            _ = Glibc.close(dataFD)
+            throw error
+        }
+    }
+
+    /// Opens an existing replica of `volumeID` (refusing another volume's). After an unclean
+    /// close it recovers: entries with generation > flushed generation get their checksum
+    /// recomputed from the data found (reported in `recovery` and logged); entries at or below
+    /// the flushed generation are left alone, so corruption there still reads as a mismatch.
+    public static func open(directory: String, volumeID: String,
+                            logger: Logger = discardingLogger) throws -> ReplicaStore {
+        var superblock = try Superblock.read(directory: directory, expectedVolumeID: volumeID)
+        guard let head = superblock.layers.last else { throw ReplicaError.corruptSuperblock("empty layer chain") }
+        let layerDir = layerDirectory(directory, layer: head)
+        let dataPath = layerDir + "/data"
+        let (dataFD, direct) = try openData(dataPath, create: false, logger: logger)
+        do {
+            let blockMap = try BlockMap(path: layerDir + "/blockmap", create: false)
+            let blocks = superblock.size / UInt64(blockSize)
+            // Finish a growth that crashed between the superblock and the files.
+            var st = stat()
+            guard fstat(dataFD, &st) == 0 else { throw SystemError("fstat \(dataPath)", errno: errno) }
+            if UInt64(st.st_size) < superblock.size {
+                guard ftruncate(dataFD, off_t(superblock.size)) == 0 else { throw SystemError("ftruncate \(dataPath)", errno: errno) }
+            }
+            try blockMap.ensureCapacity(blocks: blocks)
+
+            var highest = superblock.flushedGeneration
+            var report = RecoveryReport()
+            if !superblock.clean {
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: blockSize, alignment: blockSize)
+                defer { buffer.deallocate() }
+                try blockMap.forEachPresent(blocks: blocks) { block, entry in
+                    highest = max(highest, entry.generation)
+                    guard entry.generation > superblock.flushedGeneration, !entry.isTrimmed else { return }
+                    report.unflushedBlocks.append(block)
+                    try readBlocks(fd: dataFD, path: dataPath, first: block, into: buffer)
+                    let crc = CRC32C.checksum(UnsafeRawBufferPointer(buffer))
+                    if crc != entry.crc {
+                        report.rewrittenBlocks.append(block)
+                        try blockMap.write(first: block, [BlockMapEntry(generation: entry.generation, crc: crc, flags: entry.flags)])
+                    }
+                }
+                if !report.rewrittenBlocks.isEmpty { try blockMap.sync() }
+                logger.warning("replica recovered after an unclean close", metadata: [
+                    "volume.id": "\(volumeID)", "replica.dir": "\(directory)",
+                    "replica.flushed_generation": "\(superblock.flushedGeneration)",
+                    "replica.unflushed_blocks": "\(report.unflushedBlocks.count)",
+                    "replica.rewritten_blocks": "\(report.rewrittenBlocks)",
+                ])
+            }
+            superblock.clean = false
+            try superblock.write(directory: directory)
+            return ReplicaStore(directory: directory, volumeID: volumeID, usesDirectIO: direct, recovery: report,
+                                logger: logger,
+                                state: State(superblock: superblock, highestGeneration: highest, dataFD: dataFD,
+                                             dataPath: dataPath, blockMap: blockMap))
+        } catch {
+            _ = Glibc.close(dataFD)
+            throw error
+        }
+    }
+
+    /// An orderly close: flushes, records `clean = 1`, closes the files. Later calls throw
+    /// `closed`; closing twice is harmless. (Dropping the store without `close` leaves
+    /// `clean = 0`, which the next `open` treats as a crash.)
+    public func close() throws {
+        try state.withLock { s in
+            guard !s.isClosed else { return }
+            try Self.flushLocked(s, directory: directory)
+            s.superblock.clean = true
+            try s.superblock.write(directory: directory)
+            s.isClosed = true
+            _ = Glibc.close(s.dataFD)
+        }
+        logger.debug("replica closed", metadata: ["volume.id": "\(volumeID)"])
+    }
+
+    // MARK: data operations
+
+    /// Reads whole, aligned blocks. Every block present in the map is checked against its
+    /// crc32c; never-written and trimmed blocks read as zeros.
+    public func read(offset: UInt64, length: Int, epoch: UInt64) throws -> [UInt8] {
+        try state.withLock { s in
+            let (first, count) = try Self.checkLocked(s, offset: offset, length: length, epoch: epoch)
+            let entries = try s.blockMap.read(first: first, count: count)
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: Self.blockSize)
+            defer { buffer.deallocate() }
+            try Self.readBlocks(fd: s.dataFD, path: s.dataPath, first: first, into: buffer)
+            for (i, entry) in entries.enumerated() {
+                let block = UnsafeMutableRawBufferPointer(rebasing: buffer[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
+                if !entry.isPresent || entry.isTrimmed {
+                    // A hole reads as zeros anyway; zeroing also hides a stale, un-punched block.
+                    block.initializeMemory(as: UInt8.self, repeating: 0)
+                    continue
+                }
+                if CRC32C.checksum(UnsafeRawBufferPointer(block)) != entry.crc {
+                    logger.error("replica block checksum mismatch", metadata: [
+                        "volume.id": "\(volumeID)", "replica.block": "\(first + UInt64(i))",
+                        "replica.generation": "\(entry.generation)",
+                    ])
+                    throw ReplicaError.checksumMismatch(block: first + UInt64(i))
+                }
+            }
+            return [UInt8](UnsafeRawBufferPointer(buffer))
+        }
+    }
+
+    /// Writes whole, aligned blocks at `generation` (> 0, numbered by the engine): the data
+    /// first, then the map entries. Durable after the next `flush`.
+    public func write(offset: UInt64, data: [UInt8], generation: UInt64, epoch: UInt64) throws {
+        try state.withLock { s in
+            let (first, count) = try Self.checkLocked(s, offset: offset, length: data.count, epoch: epoch)
+            guard generation > 0 else { throw ReplicaError.badRequest("generation must be greater than 0") }
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count, alignment: Self.blockSize)
+            defer { buffer.deallocate() }
+            data.withUnsafeBytes { buffer.copyMemory(from: $0) }
+            var entries: [BlockMapEntry] = []
+            entries.reserveCapacity(count)
+            for i in 0..<count {
+                let block = UnsafeRawBufferPointer(rebasing: buffer[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
+                entries.append(BlockMapEntry(generation: generation, crc: CRC32C.checksum(block)))
+            }
+            try FileIO.pwriteFully(s.dataFD, UnsafeRawBufferPointer(buffer), offset: offset, path: s.dataPath)
+            try s.blockMap.write(first: first, entries)
+            s.highestGeneration = max(s.highestGeneration, generation)
+        }
+    }
+
+    /// Makes every write so far durable: fdatasync the data, then the block map, then record
+    /// the highest generation written as the superblock's flushed generation.
+    public func flush(epoch: UInt64) throws {
+        try state.withLock { s in
+            try Self.checkEpochLocked(s, epoch)
+            try Self.flushLocked(s, directory: directory)
+        }
+    }
+
+    /// Trims whole, aligned blocks: punches holes in the data (PUNCH_HOLE | KEEP_SIZE) and
+    /// marks the entries trimmed, so they read as zeros. The entries take `generation` (the
+    /// protocol's trim carries none yet; by default the highest generation written so far, so
+    /// a delta resync from below it sees the trim).
+    public func trim(offset: UInt64, length: Int, generation: UInt64? = nil, epoch: UInt64) throws {
+        try state.withLock { s in
+            let (first, count) = try Self.checkLocked(s, offset: offset, length: length, epoch: epoch)
+            let generation = generation ?? s.highestGeneration
+            let punch = FileIO.FALLOC_FL_PUNCH_HOLE | FileIO.FALLOC_FL_KEEP_SIZE
+            if FileIO.fallocate(s.dataFD, mode: punch, offset: offset, length: UInt64(length)) != 0 {
+                let e = errno
+                guard e == EOPNOTSUPP else { throw SystemError("fallocate punch hole \(s.dataPath)", errno: e) }
+                // No hole punching here: write zeros instead (space is not freed, reads stay right).
+                logger.notice("filesystem cannot punch holes; trim writes zeros", metadata: ["replica.dir": "\(directory)"])
+                let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: Self.blockSize)
+                defer { zeros.deallocate() }
+                zeros.initializeMemory(as: UInt8.self, repeating: 0)
+                try FileIO.pwriteFully(s.dataFD, UnsafeRawBufferPointer(zeros), offset: offset, path: s.dataPath)
+            }
+            let entry = generation == 0
+                ? BlockMapEntry.absent
+                : BlockMapEntry(generation: generation, crc: Self.zeroBlockCRC, flags: BlockMapEntry.trimmedFlag)
+            try s.blockMap.write(first: first, [BlockMapEntry](repeating: entry, count: count))
+            s.highestGeneration = max(s.highestGeneration, generation)
+        }
+    }
+
+    /// Grows the replica to `newSize` (a multiple of the block size, not smaller than now;
+    /// the same size is a no-op): the superblock first, then the head's files (sparse).
+    public func grow(to newSize: UInt64, epoch: UInt64) throws {
+        try state.withLock { s in
+            try Self.checkOpenLocked(s)
+            try Self.checkEpochLocked(s, epoch)
+            guard newSize % UInt64(Self.blockSize) == 0 else {
+                throw ReplicaError.badRequest("size \(newSize) is not a multiple of \(Self.blockSize)")
+            }
+            guard newSize >= s.superblock.size else {
+                throw ReplicaError.badRequest("cannot shrink from \(s.superblock.size) to \(newSize)")
+            }
+            guard newSize <= UInt64(Int64.max / 2) else { throw ReplicaError.badRequest("size \(newSize) is too large") }
+            guard newSize > s.superblock.size else { return }
+            var next = s.superblock
+            next.size = newSize
+            try next.write(directory: directory)
+            s.superblock = next
+            guard ftruncate(s.dataFD, off_t(newSize)) == 0 else { throw SystemError("ftruncate \(s.dataPath)", errno: errno) }
+            try s.blockMap.ensureCapacity(blocks: newSize / UInt64(Self.blockSize))
+            logger.info("replica grown", metadata: ["volume.id": "\(volumeID)", "replica.size": "\(newSize)"])
+        }
+    }
+
+    /// Records `epoch` as the highest seen (persisted before returning). The same epoch again
+    /// is a no-op; a lower one is `staleEpoch`.
+    public func claim(epoch: UInt64) throws {
+        try state.withLock { s in
+            try Self.checkOpenLocked(s)
+            try Self.checkEpochLocked(s, epoch)
+            guard epoch > s.superblock.epoch else { return }
+            var next = s.superblock
+            next.epoch = epoch
+            try next.write(directory: directory)
+            s.superblock = next
+            logger.info("replica epoch claimed", metadata: ["volume.id": "\(volumeID)", "replica.epoch": "\(epoch)"])
+        }
+    }
+
+    public var status: ReplicaStatus {
+        state.withLock { s in
+            ReplicaStatus(volumeID: s.superblock.volumeID, size: s.superblock.size, blockSize: s.superblock.blockSize,
+                          epoch: s.superblock.epoch, flushedGeneration: s.superblock.flushedGeneration,
+                          highestGeneration: s.highestGeneration)
+        }
+    }
+
+    /// The blocks (ascending) whose entry in the head layer has a generation > `generation`,
+    /// trims included: what a replica that left at flushed generation `generation` must fetch.
+    public func blocksNewer(than generation: UInt64) throws -> [UInt64] {
+        try state.withLock { s in
+            try Self.checkOpenLocked(s)
+            var blocks: [UInt64] = []
+            try s.blockMap.forEachPresent(blocks: s.superblock.size / UInt64(Self.blockSize)) { block, entry in
+                if entry.generation > generation { blocks.append(block) }
+            }
+            return blocks
+        }
+    }
+
+    // MARK: helpers (called with the lock held)
+
+    static let zeroBlockCRC: UInt32 = [UInt8](repeating: 0, count: blockSize).withUnsafeBytes { CRC32C.checksum($0) }
+
+    private static func checkOpenLocked(_ s: State) throws {
+        if s.isClosed { throw ReplicaError.closed }
+    }
+
+    private static func checkEpochLocked(_ s: State, _ epoch: UInt64) throws {
+        if epoch < s.superblock.epoch { throw ReplicaError.staleEpoch(seen: s.superblock.epoch, got: epoch) }
+    }
+
+    /// Validates an I/O range and the epoch; returns (first block, block count).
+    private static func checkLocked(_ s: State, offset: UInt64, length: Int, epoch: UInt64) throws -> (UInt64, Int) {
+        try checkOpenLocked(s)
+        try checkEpochLocked(s, epoch)
+        let bs = UInt64(blockSize)
+        guard offset % bs == 0 else { throw ReplicaError.badRequest("offset \(offset) is not a multiple of \(blockSize)") }
+        guard length > 0, length % blockSize == 0 else {
+            throw ReplicaError.badRequest("length \(length) is not a positive multiple of \(blockSize)")
+        }
+        let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
+        guard !overflow, end <= s.superblock.size else {
+            throw ReplicaError.badRequest("range \(offset)+\(length) is beyond the replica's size \(s.superblock.size)")
+        }
+        return (offset / bs, length / blockSize)
+    }
+
+    private static func flushLocked(_ s: State, directory: String) throws {
+        try checkOpenLocked(s)
+        guard fdatasync(s.dataFD) == 0 else { throw SystemError("fdatasync \(s.dataPath)", errno: errno) }
+        try s.blockMap.sync()
+        guard s.highestGeneration > s.superblock.flushedGeneration else { return }
+        var next = s.superblock
+        next.flushedGeneration = s.highestGeneration
+        try next.write(directory: directory)
+        s.superblock = next
+    }
+
+    /// Reads `buffer.count` bytes of blocks from `first` (a hole reads as zeros).
+    private static func readBlocks(fd: Int32, path: String, first: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        let n = try FileIO.preadFully(fd, buffer, offset: first * UInt64(blockSize), path: path)
+        if n < buffer.count {
+            (buffer.baseAddress! + n).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - n)
+        }
+    }
+
+    /// Opens a data file O_DIRECT, or without it (logged) where the filesystem refuses it.
+    private static func openData(_ path: String, create: Bool, logger: Logger) throws -> (Int32, Bool) {
+        let flags = O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_TRUNC : 0)
+        var fd = Glibc.open(path, flags | FileIO.O_DIRECT, 0o600)
+        if fd >= 0 { return (fd, true) }
+        let e = errno
+        guard e == EINVAL || e == EOPNOTSUPP else { throw SystemError("open \(path)", errno: e) }
+        logger.notice("filesystem refuses O_DIRECT; the replica's data goes through the page cache",
+                      metadata: ["replica.data": "\(path)", "errno": "\(e)"])
+        fd = Glibc.open(path, flags, 0o600)
+        guard fd >= 0 else { throw SystemError("open \(path)", errno: errno) }
+        return (fd, false)
+    }
+
+    private static func makeDirectory(_ path: String) throws {
+        if mkdir(path, 0o700) != 0, errno != EEXIST { throw SystemError("mkdir \(path)", errno: errno) }
+    }
+}
