@@ -40,6 +40,8 @@ public enum ReplicaError: Error, Sendable, Equatable, CustomStringConvertible {
     case alreadyExists(String)
     /// The store was closed.
     case closed
+    /// Another open store (in this process or another) holds the replica.
+    case inUse(String)
 
     public var description: String {
         switch self {
@@ -54,6 +56,7 @@ public enum ReplicaError: Error, Sendable, Equatable, CustomStringConvertible {
         case let .notFound(what): what
         case let .alreadyExists(what): what
         case .closed: "the replica store is closed"
+        case let .inUse(directory): "the replica in \(directory) is already open"
         }
     }
 }
@@ -68,6 +71,7 @@ extension ReplicaError: StatusConvertible {
         case .badRequest: (code: CairnCore.StatusCode.invalidArgument, message: description)
         case .notFound: (code: CairnCore.StatusCode.notFound, message: description)
         case .alreadyExists: (code: CairnCore.StatusCode.alreadyExists, message: description)
+        case .inUse: (code: CairnCore.StatusCode.aborted, message: description)
         }
     }
 }
@@ -173,7 +177,8 @@ public final class ReplicaStore: Sendable {
         let (dataFD, direct) = try openData(layerDir + "/data", create: true, logger: logger)
         let blockMap: BlockMap
         do {
-            guard ftruncate(dataFD, off_t(size)) == 0 else { throw SystemError("ftruncate \(layerDir)/data", errno: errno) }
+            // Empty first: a directory without a superblock may hold a half-created replica.
+            guard ftruncate(dataFD, 0) == 0, ftruncate(dataFD, off_t(size)) == 0 else { throw SystemError("ftruncate \(layerDir)/data", errno: errno) }
             guard fsync(dataFD) == 0 else { throw SystemError("fsync \(layerDir)/data", errno: errno) }
             blockMap = try BlockMap(path: layerDir + "/blockmap", create: true)
             try blockMap.ensureCapacity(blocks: size / UInt64(blockSize))
@@ -461,18 +466,30 @@ public final class ReplicaStore: Sendable {
         }
     }
 
-    /// Opens a data file O_DIRECT, or without it (logged) where the filesystem refuses it.
+    /// Opens a data file O_DIRECT, or without it (logged) where the filesystem refuses it, and
+    /// takes an exclusive flock on it: one store per replica, so two never interleave writes or
+    /// superblock updates (the lock goes with the descriptor, so a crashed holder releases it).
     private static func openData(_ path: String, create: Bool, logger: Logger) throws -> (Int32, Bool) {
-        let flags = O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_TRUNC : 0)
+        let flags = O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0)
         var fd = Glibc.open(path, flags | FileIO.O_DIRECT, 0o600)
-        if fd >= 0 { return (fd, true) }
-        let e = errno
-        guard e == EINVAL || e == EOPNOTSUPP else { throw SystemError("open \(path)", errno: e) }
-        logger.notice("filesystem refuses O_DIRECT; the replica's data goes through the page cache",
-                      metadata: ["replica.data": "\(path)", "errno": "\(e)"])
-        fd = Glibc.open(path, flags, 0o600)
-        guard fd >= 0 else { throw SystemError("open \(path)", errno: errno) }
-        return (fd, false)
+        var direct = true
+        if fd < 0 {
+            let e = errno
+            guard e == EINVAL || e == EOPNOTSUPP else { throw SystemError("open \(path)", errno: e) }
+            logger.notice("filesystem refuses O_DIRECT; the replica's data goes through the page cache",
+                          metadata: ["replica.data": "\(path)", "errno": "\(e)"])
+            fd = Glibc.open(path, flags, 0o600)
+            guard fd >= 0 else { throw SystemError("open \(path)", errno: errno) }
+            direct = false
+        }
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            let e = errno
+            if e == EINTR { continue }
+            _ = Glibc.close(fd)
+            if e == EWOULDBLOCK { throw ReplicaError.inUse(path) }
+            throw SystemError("flock \(path)", errno: e)
+        }
+        return (fd, direct)
     }
 
     private static func makeDirectory(_ path: String) throws {

@@ -310,6 +310,21 @@ final class ReplicaStoreTests: XCTestCase {
         assertBadRequest { try ReplicaStore.create(directory: root + "/d", volumeID: String(repeating: "v", count: 129), size: 4096) }
     }
 
+    func testAReplicaOpensInOneStoreAtATime() throws {
+        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 1 << 20)
+        try store.write(offset: 0, data: pattern(blocks: 1, seed: 1), generation: 1, epoch: 0)
+        XCTAssertThrowsError(try ReplicaStore.open(directory: dir, volumeID: volume)) { e in
+            guard case .inUse = e as? ReplicaError else { return XCTFail("\(e)") }
+            XCTAssertEqual(RPCStatus.from(e).code, .aborted)
+        }
+        XCTAssertFalse(try Superblock.read(directory: dir).clean, "the refused open changed nothing")
+        XCTAssertEqual(try store.read(offset: 0, length: bs, epoch: 0), pattern(blocks: 1, seed: 1))
+        try store.close()
+        let reopened = try ReplicaStore.open(directory: dir, volumeID: volume)
+        XCTAssertEqual(try reopened.read(offset: 0, length: bs, epoch: 0), pattern(blocks: 1, seed: 1))
+        try reopened.close()
+    }
+
     func testCreateLaysOutTheDocumentedFiles() throws {
         let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 8 << 20)
         defer { try? store.close() }
