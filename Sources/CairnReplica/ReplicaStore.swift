@@ -105,6 +105,9 @@ public struct RecoveryReport: Sendable, Equatable {
 /// the engine pipelines across replicas and volumes, not within one replica's store.
 public final class ReplicaStore: Sendable {
     public static let blockSize = 4096
+    /// The largest read, write or trim one call may ask for: bounds the buffer a request can
+    /// make the store allocate (the data protocol's own limit, 8 MiB, is below it).
+    public static let maxRequestLength = 64 << 20
     static let layerNameWidth = 10
 
     public let directory: String
@@ -439,6 +442,9 @@ public final class ReplicaStore: Sendable {
         guard offset % bs == 0 else { throw ReplicaError.badRequest("offset \(offset) is not a multiple of \(blockSize)") }
         guard length > 0, length % blockSize == 0 else {
             throw ReplicaError.badRequest("length \(length) is not a positive multiple of \(blockSize)")
+        }
+        guard length <= maxRequestLength else {
+            throw ReplicaError.badRequest("length \(length) is above the per-request limit of \(maxRequestLength)")
         }
         let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
         guard !overflow, end <= s.superblock.size else {

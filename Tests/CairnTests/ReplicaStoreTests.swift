@@ -325,6 +325,26 @@ final class ReplicaStoreTests: XCTestCase {
         try reopened.close()
     }
 
+    func testTheDataFileDescriptorCarriesODirectWhenTheStoreSaysSo() throws {
+        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 1 << 20)
+        defer { try? store.close() }
+        guard store.usesDirectIO else { throw XCTSkip("the filesystem under /tmp refuses O_DIRECT") }
+        let flags = try String(contentsOfFile: "/proc/self/fdinfo/\(dataDescriptor())", encoding: .utf8)
+            .split(separator: "\n").first { $0.hasPrefix("flags:") }
+        let octal = Int(flags?.split(separator: "\t").last.map(String.init) ?? "", radix: 8) ?? 0
+        XCTAssertNotEqual(octal & Int(FileIO.O_DIRECT), 0, "the open descriptor carries O_DIRECT")
+    }
+
+    /// The descriptor this process has open on the replica's data file.
+    private func dataDescriptor() throws -> Int {
+        for name in try FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd") {
+            if let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/" + name),
+               target == dataPath, let fd = Int(name) { return fd }
+        }
+        XCTFail("no descriptor open on \(dataPath)")
+        return -1
+    }
+
     func testCreateLaysOutTheDocumentedFiles() throws {
         let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 8 << 20)
         defer { try? store.close() }
@@ -469,6 +489,7 @@ final class ReplicaStoreTests: XCTestCase {
         assertBadRequest { try store.write(offset: 0, data: block, generation: 0, epoch: 0) }
         assertBadRequest { try store.trim(offset: 100, length: bs, epoch: 0) }
         assertBadRequest { try store.trim(offset: 0, length: 2 * Int(size), epoch: 0) }
+        assertBadRequest { try store.read(offset: 0, length: ReplicaStore.maxRequestLength + bs, epoch: 0) }
         XCTAssertEqual(try store.blocksNewer(than: 0), [], "nothing was written by the refused requests")
         XCTAssertEqual(ReplicaError.badRequest("x").status.code, .invalidArgument)
     }
