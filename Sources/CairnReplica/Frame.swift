@@ -52,7 +52,7 @@ public enum FrameFlags {
 }
 
 /// The status a response carries. Wire values: never renumber.
-public enum StatusCode: UInt8, Sendable, CaseIterable {
+public enum ReplyStatus: UInt8, Sendable, CaseIterable {
     case ok = 0
     /// The request's epoch is older than the replica's: the sender was fenced.
     case staleEpoch = 1
@@ -377,12 +377,12 @@ public struct HelloRequest: Equatable, Sendable {
 }
 
 public struct HelloResponse: Equatable, Sendable {
-    public var status: StatusCode
+    public var status: ReplyStatus
     public var protocolVersion: UInt16
     /// Opaque: room for the replica's half of a mutual authentication.
     public var authToken: [UInt8]
 
-    public init(status: StatusCode, protocolVersion: UInt16 = FrameLimits.version, authToken: [UInt8] = []) {
+    public init(status: ReplyStatus, protocolVersion: UInt16 = FrameLimits.version, authToken: [UInt8] = []) {
         self.status = status
         self.protocolVersion = protocolVersion
         self.authToken = authToken
@@ -424,11 +424,11 @@ public struct ClaimRequest: Equatable, Sendable {
 }
 
 public struct ClaimResponse: Equatable, Sendable {
-    public var status: StatusCode
+    public var status: ReplyStatus
     /// The replica's epoch after the claim (on `staleEpoch`: the newer epoch that fenced us).
     public var replicaEpoch: UInt64
 
-    public init(status: StatusCode, replicaEpoch: UInt64) {
+    public init(status: ReplyStatus, replicaEpoch: UInt64) {
         self.status = status
         self.replicaEpoch = replicaEpoch
     }
@@ -478,11 +478,11 @@ public struct ReadRequest: Equatable, Sendable {
 }
 
 public struct ReadResponse: Equatable, Sendable {
-    public var status: StatusCode
+    public var status: ReplyStatus
     /// Whole blocks; empty unless `status` is `ok`.
     public var data: [UInt8]
 
-    public init(status: StatusCode, data: [UInt8] = []) {
+    public init(status: ReplyStatus, data: [UInt8] = []) {
         self.status = status
         self.data = data
     }
@@ -545,9 +545,9 @@ public struct WriteRequest: Equatable, Sendable {
 }
 
 public struct WriteResponse: Equatable, Sendable {
-    public var status: StatusCode
+    public var status: ReplyStatus
 
-    public init(status: StatusCode) { self.status = status }
+    public init(status: ReplyStatus) { self.status = status }
 
     public func encode() -> [UInt8] { [status.rawValue] }
 
@@ -577,11 +577,11 @@ public struct FlushRequest: Equatable, Sendable {
 }
 
 public struct FlushResponse: Equatable, Sendable {
-    public var status: StatusCode
+    public var status: ReplyStatus
     /// The generation recorded as durable by this flush.
     public var flushedGeneration: UInt64
 
-    public init(status: StatusCode, flushedGeneration: UInt64) {
+    public init(status: ReplyStatus, flushedGeneration: UInt64) {
         self.status = status
         self.flushedGeneration = flushedGeneration
     }
@@ -631,9 +631,9 @@ public struct TrimRequest: Equatable, Sendable {
 }
 
 public struct TrimResponse: Equatable, Sendable {
-    public var status: StatusCode
+    public var status: ReplyStatus
 
-    public init(status: StatusCode) { self.status = status }
+    public init(status: ReplyStatus) { self.status = status }
 
     public func encode() -> [UInt8] { [status.rawValue] }
 
@@ -663,12 +663,12 @@ public struct StatusRequest: Equatable, Sendable {
 }
 
 public struct StatusResponse: Equatable, Sendable {
-    public var status: StatusCode
+    public var status: ReplyStatus
     public var size: UInt64
     public var replicaEpoch: UInt64
     public var flushedGeneration: UInt64
 
-    public init(status: StatusCode, size: UInt64, replicaEpoch: UInt64, flushedGeneration: UInt64) {
+    public init(status: ReplyStatus, size: UInt64, replicaEpoch: UInt64, flushedGeneration: UInt64) {
         self.status = status
         self.size = size
         self.replicaEpoch = replicaEpoch
@@ -778,9 +778,9 @@ struct ByteReader {
     mutating func readUInt32(_ field: String) throws(FrameError) -> UInt32 { try readInteger(UInt32.self, field) }
     mutating func readUInt64(_ field: String) throws(FrameError) -> UInt64 { try readInteger(UInt64.self, field) }
 
-    mutating func readStatus() throws(FrameError) -> StatusCode {
+    mutating func readStatus() throws(FrameError) -> ReplyStatus {
         let raw = try readUInt8("status")
-        guard let status = StatusCode(rawValue: raw) else {
+        guard let status = ReplyStatus(rawValue: raw) else {
             throw FrameError(.malformedPayload, "unknown status code \(raw)")
         }
         return status

@@ -64,14 +64,14 @@ public enum ReplicaError: Error, Sendable, Equatable, CustomStringConvertible {
 extension ReplicaError: StatusConvertible {
     /// FAILED_PRECONDITION for a fenced sender or a wrong replica (retrying the same request
     /// cannot succeed until the system's state changes); DATA_LOSS for detected corruption.
-    public var status: (code: CairnCore.StatusCode, message: String) {
+    public var status: (code: StatusCode, message: String) {
         switch self {
-        case .staleEpoch, .wrongVolume, .closed: (code: CairnCore.StatusCode.failedPrecondition, message: description)
-        case .checksumMismatch, .corruptSuperblock: (code: CairnCore.StatusCode.dataLoss, message: description)
-        case .badRequest: (code: CairnCore.StatusCode.invalidArgument, message: description)
-        case .notFound: (code: CairnCore.StatusCode.notFound, message: description)
-        case .alreadyExists: (code: CairnCore.StatusCode.alreadyExists, message: description)
-        case .inUse: (code: CairnCore.StatusCode.aborted, message: description)
+        case .staleEpoch, .wrongVolume, .closed: (code: StatusCode.failedPrecondition, message: description)
+        case .checksumMismatch, .corruptSuperblock: (code: StatusCode.dataLoss, message: description)
+        case .badRequest: (code: StatusCode.invalidArgument, message: description)
+        case .notFound: (code: StatusCode.notFound, message: description)
+        case .alreadyExists: (code: StatusCode.alreadyExists, message: description)
+        case .inUse: (code: StatusCode.aborted, message: description)
         }
     }
 }

@@ -105,7 +105,7 @@ final class FrameCodecTests: XCTestCase {
     }
 
     func testEveryStatusCodeRoundTrips() throws {
-        for status in StatusCode.allCases {
+        for status in ReplyStatus.allCases {
             let frame = Frame(requestID: 5, epoch: 3, body: .response(.write(WriteResponse(status: status))))
             XCTAssertEqual(try Self.decodeAll(frame.encode()), [frame])
         }
@@ -320,7 +320,7 @@ final class FrameCodecTests: XCTestCase {
         assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: 1, payload: [99]), .malformedPayload, containing: "status")
         assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, payload: volume + [0]), .malformedPayload, containing: "unexpected")
         // A failed read carries no data.
-        assertFrameError(Self.rawFrame(op: Opcode.read.rawValue, flags: 1, payload: [StatusCode.ioError.rawValue] + Self.le(UInt32(4096)) + Self.block), .malformedPayload)
+        assertFrameError(Self.rawFrame(op: Opcode.read.rawValue, flags: 1, payload: [ReplyStatus.ioError.rawValue] + Self.le(UInt32(4096)) + Self.block), .malformedPayload)
         // An oversized auth token.
         assertFrameError(Self.rawFrame(op: Opcode.hello.rawValue, payload: Self.le(UInt16(1)) + Self.le(UInt16(129)) + [UInt8](repeating: 0, count: 129)), .malformedPayload, containing: "auth token")
     }
