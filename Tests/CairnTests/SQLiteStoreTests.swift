@@ -18,7 +18,9 @@ final class SQLiteStoreTests: XCTestCase {
 
     func publish(_ path: String, _ namespace: MountNamespace) -> PublishRecord {
         PublishRecord(volumeID: "vol-1", nodeID: "node-a", targetPath: path, stagingPath: "/stage",
-                      accessType: .mount, readonly: false, accessMode: 7, mountFlags: [], targetNamespace: namespace)
+                      accessType: .mount, readonly: false, accessMode: 7, mountFlags: [], targetNamespace: namespace,
+                      // Whole seconds: the store keeps milliseconds, so a fresh Date() would not compare equal.
+                      createdAt: Date(timeIntervalSince1970: 1_800_000_000))
     }
 
     func testOneVolumeAtTheSamePathInTwoContainersIsTwoPublishes() async throws {
