@@ -93,6 +93,11 @@ public enum Command {
 
     static let searchPath = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
 
+    /// The tools in `names` that are not installed (checked on the search path, no process run).
+    public static func missing(_ names: [String]) -> [String] {
+        names.filter { (try? locate($0)) == nil }
+    }
+
     static func locate(_ tool: String) throws -> String {
         if tool.hasPrefix("/") { return tool }
         for dir in searchPath where FileManager.default.isExecutableFile(atPath: "\(dir)/\(tool)") {

@@ -457,7 +457,9 @@ public final class NodeService: Sendable {
         // Act.
         let created = try await mounter.makeTarget(targetPath, for: access.accessType, in: namespace)
         do {
-            try await mounter.bindMount(source: source, at: try await mounter.resolve(targetPath, in: namespace),
+            // targetReal was resolved before the target existed; creating its last component
+            // does not change the resolution, so it is the path to bind at.
+            try await mounter.bindMount(source: source, at: targetReal,
                                         in: namespace, readOnly: readOnly,
                                         options: MountFlags.perMountOnly(access.mountFlags))
         } catch {

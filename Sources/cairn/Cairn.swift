@@ -109,8 +109,10 @@ struct Serve: AsyncParsableCommand {
         // reaches it through the agent.
         let linux: LinuxMounter? = role == .agent || role == .all ? LinuxMounter(logger: logger) : nil
         if linux != nil {
-            for tool in ["losetup", "mount", "umount", "blkid", "mkfs.ext4", "fsck.ext4", "mkfs.xfs"] {
-                _ = try? Command.runBlocking(["which", tool]).status
+            let tools = ["losetup", "mount", "umount", "blkid", "mkfs.ext4", "fsck.ext4", "resize2fs", "mkfs.xfs", "xfs_growfs"]
+            for tool in Command.missing(tools) {
+                logger.warning("a tool the node needs is not installed; calls that need it will fail until it is (apt-get install util-linux e2fsprogs xfsprogs)",
+                               metadata: ["tool": "\(tool)"])
             }
         }
 
