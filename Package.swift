@@ -106,10 +106,17 @@ let targets: [Target] = [
         dependencies: ["CairnCore", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
+    // Cluster mode's volume backing: replicas placed on nodes, an engine per staged volume.
+    .target(
+        name: "CairnCluster",
+        dependencies: ["CairnCore", "CairnReplica", "CairnEngine", .product(name: "Logging", package: "swift-log")],
+        swiftSettings: swiftSettings
+    ),
     .executableTarget(
         name: "cairn",
         dependencies: [
             "CairnCore", "CairnStore", "CairnRPC", "CairnController", "CairnNode", "CairnAgent",
+            "CairnCluster", "CairnReplica",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Logging", package: "swift-log"),

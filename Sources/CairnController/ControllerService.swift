@@ -20,9 +20,14 @@ public final class ControllerService: Sendable {
     let localTopology: [String: String]
     let locks: VolumeLocks
     let logger: Logger
+    /// Cluster mode (etcd store): volumes are replicated across the live nodes, placed here.
+    /// nil on one machine: every volume is a local file on `localNodeID`.
+    let cluster: ClusterConfig?
 
     public init(store: any MetadataStore, backing: any VolumeBacking, capacity: CapacityPolicy,
-                localNodeID: String, localTopology: [String: String], locks: VolumeLocks, logger: Logger) {
+                localNodeID: String, localTopology: [String: String], locks: VolumeLocks, logger: Logger,
+                cluster: ClusterConfig? = nil) {
+        self.cluster = cluster
         self.store = store
         self.backing = backing
         self.capacity = capacity
@@ -45,11 +50,11 @@ public final class ControllerService: Sendable {
         let fsType = try Self.filesystem(parameters: parameters, access: access)
         let size = try capacity.size(required: request.capacityRange.requiredBytes,
                                      limit: request.capacityRange.limitBytes, fsType: fsType)
-        if parameters.replicas > 1 {
+        if cluster == nil, parameters.replicas > 1 {
             throw CairnError.resourceExhausted(
                 "replicas=\(parameters.replicas) needs \(parameters.replicas) nodes, but this deployment stores volumes on one node (\(localNodeID)); use replicas=1")
         }
-        if request.hasAccessibilityRequirements {
+        if cluster == nil, request.hasAccessibilityRequirements {
             let requisite = request.accessibilityRequirements.requisite
             if !requisite.isEmpty && !requisite.contains(where: { matchesLocalTopology($0.segments) }) {
                 throw CairnError.resourceExhausted(
@@ -63,20 +68,37 @@ public final class ControllerService: Sendable {
                 logger.debug("volume already exists", metadata: ["volume.id": "\(existing.id)", "volume.name": "\(existing.name)"])
                 return Self.createResponse(existing)
             }
-            let provisioned = try await store.provisionedBytes()
-            guard capacity.fits(size, provisioned: provisioned) else {
-                throw CairnError.resourceExhausted(
-                    "not enough capacity for \(size) bytes: \(capacity.poolBytes - provisioned) of \(capacity.poolBytes) bytes are free on node \(localNodeID)")
-            }
-            let volume = VolumeRecord(
+            var volume = VolumeRecord(
                 id: "vol-" + UUID().uuidString.lowercased(), name: request.name, capacityBytes: size,
                 parameters: parameters.stored, fsType: fsType, accessModes: access.map { $0.mode.rawValue },
                 accessibleTopology: localTopology)
-            try backing.create(volume)
+            if let cluster {
+                // Any node can run the volume's engine: the volume is not bound to one node.
+                volume.accessibleTopology = [:]
+                let count = parameters.explicitReplicas ?? cluster.defaultReplicas
+                let chosen = try Placement.choose(count: count, size: size,
+                                                  candidates: try await placementCandidates())
+                volume.replicas = chosen.map { ReplicaRecord(nodeID: $0.nodeID, address: $0.address, inSync: true) }
+                logger.info("placed the volume's replicas", metadata: [
+                    "volume.id": "\(volume.id)", "replicas": "\(chosen.map(\.nodeID).joined(separator: ","))",
+                ])
+            } else {
+                let provisioned = try await store.provisionedBytes()
+                guard capacity.fits(size, provisioned: provisioned) else {
+                    throw CairnError.resourceExhausted(
+                        "not enough capacity for \(size) bytes: \(capacity.poolBytes - provisioned) of \(capacity.poolBytes) bytes are free on node \(localNodeID)")
+                }
+            }
             do {
+                try await backing.create(volume)
                 try await store.createVolume(volume)
             } catch {
-                try? backing.delete(volumeID: volume.id)
+                do {
+                    try await backing.delete(volume)
+                } catch let cleanup {
+                    logger.warning("could not remove the storage of a volume whose creation failed",
+                                   metadata: ["volume.id": "\(volume.id)", "error": "\(cleanup)"])
+                }
                 throw error
             }
             logger.info("volume created", metadata: [
@@ -128,7 +150,9 @@ public final class ControllerService: Sendable {
         var context = volume.parameters
         if !volume.fsType.isEmpty { context["fsType"] = volume.fsType }
         v.volumeContext = context
-        v.accessibleTopology = [Csi_V1_Topology.with { $0.segments = volume.accessibleTopology }]
+        if !volume.accessibleTopology.isEmpty {
+            v.accessibleTopology = [Csi_V1_Topology.with { $0.segments = volume.accessibleTopology }]
+        }
         return v
     }
 
@@ -143,11 +167,11 @@ public final class ControllerService: Sendable {
                 throw CairnError.failedPrecondition(
                     "volume \(volume.id) is still published to node \(first.nodeID); ControllerUnpublishVolume it first")
             }
-            if let staged = try await store.stage(volumeID: volume.id, nodeID: localNodeID) {
+            if cluster == nil, let staged = try await store.stage(volumeID: volume.id, nodeID: localNodeID) {
                 throw CairnError.failedPrecondition(
                     "volume \(volume.id) is still staged at \(staged.stagingPath) on node \(staged.nodeID); NodeUnstageVolume it first")
             }
-            try backing.delete(volumeID: volume.id)
+            try await backing.delete(volume)
             try await store.deleteVolume(id: volume.id)
             logger.info("volume deleted", metadata: ["volume.id": "\(volume.id)", "volume.name": "\(volume.name)"])
             return Csi_V1_DeleteVolumeResponse()
@@ -296,11 +320,13 @@ public final class ControllerService: Sendable {
 
     func condition(_ volume: VolumeRecord) -> Csi_V1_VolumeCondition {
         var condition = Csi_V1_VolumeCondition()
-        if let problem = backing.problem(volumeID: volume.id, expectedBytes: volume.capacityBytes) {
+        if let problem = backing.problem(volume) {
             condition.abnormal = true
             condition.message = problem
-        } else {
+        } else if volume.replicas == nil {
             condition.message = "healthy: 1 of 1 replicas in sync on node \(localNodeID)"
+        } else {
+            condition.message = backing.healthy(volume)
         }
         return condition
     }
@@ -311,6 +337,19 @@ public final class ControllerService: Sendable {
         let floor = CapacityPolicy.minimum(fsType: parameters.fsType)
         response.minimumVolumeSize = .with { $0.value = floor }
         let capabilitiesOK = request.volumeCapabilities.allSatisfy { AccessRules.unsupportedReason($0) == nil }
+        if let cluster {
+            guard capabilitiesOK else {
+                response.maximumVolumeSize = .with { $0.value = 0 }
+                return response
+            }
+            // The largest volume that could be placed now: the count-th largest free space.
+            let count = parameters.explicitReplicas ?? cluster.defaultReplicas
+            let free = try await placementCandidates().map(\.freeBytes).sorted(by: >)
+            let usable = free.count >= count ? max(0, free[count - 1]) / CapacityPolicy.mib * CapacityPolicy.mib : 0
+            response.availableCapacity = usable
+            response.maximumVolumeSize = .with { $0.value = usable }
+            return response
+        }
         let topologyOK = !request.hasAccessibleTopology || matchesLocalTopology(request.accessibleTopology.segments)
         guard capabilitiesOK, topologyOK, parameters.replicas == 1 else {
             response.maximumVolumeSize = .with { $0.value = 0 }

@@ -9,6 +9,8 @@ struct VolumeParameters: Equatable {
 
     var fsType: String?
     var replicas: Int = 1
+    /// `replicas` when the request named it (cluster mode defaults to 3, one machine to 1).
+    var explicitReplicas: Int? { stored["replicas"] == nil ? nil : replicas }
     /// The parameters Cairn stores (normalised, without ignored keys).
     var stored: [String: String] = [:]
 

@@ -1,17 +1,37 @@
 import Foundation
 
-/// Where a volume's bytes live. Today: one sparse file per volume on this machine
-/// (`LocalFileBacking`). The replicated engine (issue 4) replaces this with a FUSE-exposed file
-/// whose writes fan out to replicas; the controller and node services do not change.
+/// Where a volume's bytes live, and how a node gets at them.
+///
+/// Two implementations: `LocalFileBacking` (one machine: a sparse file per volume, attached as a
+/// loop device directly) and `ReplicatedBacking` (cluster mode, module CairnCluster: replicas on
+/// several nodes; the node that stages the volume runs an engine that exposes it through FUSE as
+/// one file). Either way the node attaches `file(volumeID:)` as a loop device, so the controller
+/// and node services do not care which one they have.
 public protocol VolumeBacking: Sendable {
     /// Creates the storage for `volume` (idempotent: an existing backing of the right size is kept).
-    func create(_ volume: VolumeRecord) throws
+    func create(_ volume: VolumeRecord) async throws
     /// Removes the storage. No error when it is already gone.
-    func delete(volumeID: String) throws
-    /// The file a node attaches as a loop device.
+    func delete(_ volume: VolumeRecord) async throws
+    /// The file a node attaches as a loop device (it exists only while the volume is active on
+    /// this node, for a replicated volume).
     func file(volumeID: String) throws -> String
+    /// Makes `file(volumeID:)` usable on this node for a writer holding `epoch` (replicated:
+    /// starts the engine, which claims the replicas with the epoch and so fences older holders).
+    /// Idempotent. Returns the file.
+    func activate(_ volume: VolumeRecord, epoch: Int64) async throws -> String
+    /// Undoes `activate` once no loop device uses the file any more. Idempotent.
+    func deactivate(volumeID: String) async throws
     /// Health as CSI's VolumeCondition wants it: nil when healthy, else what is wrong.
-    func problem(volumeID: String, expectedBytes: Int64) -> String?
+    func problem(_ volume: VolumeRecord) -> String?
+    /// A one-line description of the healthy state (e.g. which replicas are in sync).
+    func healthy(_ volume: VolumeRecord) -> String
+    /// Why the volume cannot be staged now, or nil. A degraded replicated volume can be: its
+    /// condition is abnormal, yet it serves I/O from the replicas still in sync.
+    func stageBlocker(_ volume: VolumeRecord) -> String?
+}
+
+extension VolumeBacking {
+    public func stageBlocker(_ volume: VolumeRecord) -> String? { problem(volume) }
 }
 
 /// One sparse file per volume under `<data-dir>/volumes/`. Volume ids are validated before
@@ -46,13 +66,24 @@ public struct LocalFileBacking: VolumeBacking {
         guard fsync(fd) == 0 else { throw SystemError("fsync \(path)", errno: errno) }
     }
 
-    public func delete(volumeID: String) throws {
-        let path = try file(volumeID: volumeID)
+    public func delete(_ volume: VolumeRecord) throws {
+        let path = try file(volumeID: volume.id)
         if unlink(path) != 0 && errno != ENOENT { throw SystemError("unlink \(path)", errno: errno) }
     }
 
-    public func problem(volumeID: String, expectedBytes: Int64) -> String? {
-        guard let path = try? file(volumeID: volumeID) else { return "invalid volume id" }
+    public func activate(_ volume: VolumeRecord, epoch: Int64) throws -> String {
+        try file(volumeID: volume.id)
+    }
+
+    public func deactivate(volumeID: String) {}
+
+    public func healthy(_ volume: VolumeRecord) -> String {
+        "healthy: 1 of 1 replicas in sync (a local file)"
+    }
+
+    public func problem(_ volume: VolumeRecord) -> String? {
+        let expectedBytes = volume.capacityBytes
+        guard let path = try? file(volumeID: volume.id) else { return "invalid volume id" }
         var st = stat()
         if stat(path, &st) != 0 {
             return "the volume's backing file \(path) is missing (\(String(cString: strerror(errno))))"

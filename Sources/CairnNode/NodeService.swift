@@ -163,8 +163,14 @@ public final class NodeService: Sendable {
             }
         }
 
-        // Act.
-        if let problem = backing.problem(volumeID: volumeID, expectedBytes: volume.capacityBytes) {
+        // Act. A replicated volume's engine starts here: it claims the in-sync replicas with the
+        // attachment's epoch, which fences every older holder, before any byte is written.
+        let activatedNow = devices.isEmpty
+        if activatedNow {
+            _ = try await backing.activate(volume, epoch: attachment.epoch)
+        }
+        if let problem = backing.stageBlocker(volume) {
+            if activatedNow { try? await backing.deactivate(volumeID: volumeID) }
             throw CairnError.failedPrecondition("volume \(volumeID) cannot be staged: \(problem)")
         }
         if devices.count > 1 {
@@ -198,6 +204,7 @@ public final class NodeService: Sendable {
             if attachedNow {
                 do {
                     try await mounter.detachLoop(device: device)
+                    if activatedNow { try await backing.deactivate(volumeID: volumeID) }
                 } catch {
                     logger.error("could not detach the loop device after a failed stage; detach it by hand",
                                  metadata: meta.with("error", "\(error)"))
@@ -303,6 +310,8 @@ public final class NodeService: Sendable {
             try await mounter.detachLoop(device: device)
             logger.info("detached the loop device", metadata: meta.with("device", device))
         }
+        // A replicated volume's engine stops once no loop device uses it (flushing every replica).
+        try await backing.deactivate(volumeID: volumeID)
         if existing != nil {
             try await store.removeStage(volumeID: volumeID, nodeID: nodeID)
         }
@@ -580,7 +589,7 @@ public final class NodeService: Sendable {
         let accessType: AccessType = publish?.accessType ?? stage?.accessType
             ?? (mounted.map { $0.source.hasPrefix("/dev/loop") } == true ? .mount : .block)
         var problems: [String] = []
-        if let problem = backing.problem(volumeID: volumeID, expectedBytes: volume.capacityBytes) {
+        if let problem = backing.problem(volume) {
             problems.append(problem)
         }
         var response = Csi_V1_NodeGetVolumeStatsResponse()

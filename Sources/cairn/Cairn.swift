@@ -1,8 +1,10 @@
 import ArgumentParser
 import CairnAgent
+import CairnCluster
 import CairnController
 import CairnCore
 import CairnNode
+import CairnReplica
 import CairnRPC
 import CairnStore
 import Foundation
@@ -21,6 +23,10 @@ struct Cairn: AsyncParsableCommand {
 
 enum Role: String, ExpressibleByArgument, CaseIterable {
     case all, controller, node, agent
+}
+
+enum StoreKind: String, ExpressibleByArgument, CaseIterable {
+    case sqlite, etcd
 }
 
 struct Serve: AsyncParsableCommand {
@@ -63,6 +69,18 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Bytes the pool may provision (suffixes Ki, Mi, Gi, Ti). Default: the size of the data directory's filesystem.")
     var capacity: String?
 
+    @Option(help: "Where cluster state lives: sqlite (embedded, one machine: every volume is a local file) or etcd (a cluster: volumes are replicated across the nodes).")
+    var store: StoreKind = .sqlite
+
+    @Option(name: .customLong("etcd-endpoints"), help: "etcd client URLs, comma-separated or repeated (with --store etcd), e.g. http://10.0.0.1:2379.")
+    var etcdEndpoints: [String] = []
+
+    @Option(name: .customLong("data-address"), help: "HOST:PORT where this node's replica server listens for the data protocol (--store etcd; all, agent and node roles). Other nodes' engines reach this node's replicas there.")
+    var dataAddress: String?
+
+    @Option(name: .customLong("default-replicas"), help: "Replicas of a volume whose CreateVolume does not name `replicas` (--store etcd).")
+    var defaultReplicas: Int = 3
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
@@ -101,13 +119,53 @@ struct Serve: AsyncParsableCommand {
 
         try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
-        let store = try SQLiteStore(path: dataDir + "/cairn.db", logger: logger)
-        let backing = try LocalFileBacking(dataDir: dataDir)
+        let endpoints = etcdEndpoints.flatMap { $0.split(separator: ",").map(String.init) }
+        let etcd: EtcdStore?
+        let store: any MetadataStore
+        switch self.store {
+        case .sqlite:
+            if !endpoints.isEmpty { throw ValidationError("--etcd-endpoints needs --store etcd") }
+            if dataAddress != nil { throw ValidationError("--data-address needs --store etcd: on one machine volumes are local files") }
+            etcd = nil
+            store = try SQLiteStore(path: dataDir + "/cairn.db", logger: logger)
+        case .etcd:
+            guard !endpoints.isEmpty else { throw ValidationError("--store etcd needs --etcd-endpoints URL[,URL...]") }
+            guard (1...5).contains(defaultReplicas) else { throw ValidationError("--default-replicas must be 1 to 5") }
+            let client = try EtcdStore(endpoints: endpoints, logger: logger)
+            etcd = client
+            store = client
+        }
+        let localFiles = try LocalFileBacking(dataDir: dataDir)
+        let backing: any VolumeBacking = etcd == nil ? localFiles
+            : try ReplicatedBacking(dataDir: dataDir, nodeID: nodeID, store: store, logger: logger)
         var servers: [ServedEndpoint] = []
+        // `--role node --agent-socket none`: this process is the node's agent too (privileged,
+        // in the host's namespaces) — the usual way to run a cluster node.
+        let inProcessAgent = role == .node && agentSocket == "none"
 
-        // The machine's own mounter: in-process for the agent and all roles only. The node role
-        // reaches it through the agent.
-        let linux: LinuxMounter? = role == .agent || role == .all ? LinuxMounter(logger: logger) : nil
+        // The machine's own mounter: in-process for the agent and all roles (and a node that is
+        // its own agent). The node role otherwise reaches it through the agent.
+        let linux: LinuxMounter? = role == .agent || role == .all || inProcessAgent ? LinuxMounter(logger: logger) : nil
+
+        // The replica server: this node's share of every replicated volume's data.
+        var replicaServer: ReplicaServer?
+        var dataAddressRecorded: String?
+        if let dataAddress {
+            guard etcd != nil, role != .controller else {
+                throw ValidationError("--data-address is for the all, agent and node roles with --store etcd")
+            }
+            let address: ReplicaAddress
+            do { address = try ReplicaAddress(dataAddress) } catch {
+                throw ValidationError("--data-address \(dataAddress) is not HOST:PORT (\(error))")
+            }
+            let server = try ReplicaServer(dataDir: dataDir, host: address.host, port: address.port, logger: logger)
+            try server.start()
+            replicaServer = server
+            dataAddressRecorded = "\(address.host):\(server.boundPort)"
+            logger.info("serving replicas", metadata: ["data.address": "\(dataAddressRecorded!)"])
+        } else if etcd != nil && role != .controller {
+            logger.warning("no --data-address: this node holds no replicas (it can still run volumes' engines)")
+        }
         if linux != nil {
             let tools = ["losetup", "mount", "umount", "blkid", "mkfs.ext4", "fsck.ext4", "resize2fs", "mkfs.xfs", "xfs_growfs"]
             for tool in Command.missing(tools) {
@@ -126,7 +184,7 @@ struct Serve: AsyncParsableCommand {
             Routes.identity(IdentityService(controllerService: true), on: router)
             if role == .all || role == .node {
                 let mounter: any Mounter
-                if role == .node, let agentEndpoint {
+                if role == .node, !inProcessAgent, let agentEndpoint {
                     let client = try AgentClient(socket: agentEndpoint, logger: logger)
                     do {
                         let hello = try await client.hello()
@@ -147,11 +205,13 @@ struct Serve: AsyncParsableCommand {
                 } else {
                     mounter = linux!
                 }
-                try await store.registerNode(NodeRecord(id: nodeID, topology: topology, maxVolumes: maxVolumes))
+                let nodeCapacity = try capacity.map(Self.parseBytes) ?? Self.filesystemBytes(dataDir)
+                try await store.registerNode(NodeRecord(id: nodeID, topology: topology, maxVolumes: maxVolumes,
+                                                        dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity))
                 let service = NodeService(nodeID: nodeID, topology: topology, maxVolumesPerNode: maxVolumes, store: store,
                                           backing: backing, mounter: mounter, pathRoots: roots, locks: VolumeLocks(),
                                           logger: logger, defaultTargetPID: targetNamespacePID)
-                if role == .all {
+                if role == .all || inProcessAgent {
                     // This process is the agent too: bring the machine back to the records first.
                     await service.restore()
                 }
@@ -161,9 +221,16 @@ struct Serve: AsyncParsableCommand {
             }
             if role == .all || role == .controller {
                 let pool = try capacity.map(Self.parseBytes) ?? Self.filesystemBytes(dataDir)
+                if let etcd, role == .controller {
+                    // One controller acts at a time: the others wait here as standbys.
+                    logger.info("campaigning for the controller's leader lease")
+                    try await etcd.campaign(leaderID: nodeID)
+                    logger.info("this controller holds the leader lease")
+                }
                 let controller = ControllerService(store: store, backing: backing, capacity: CapacityPolicy(poolBytes: pool),
                                                    localNodeID: nodeID, localTopology: topology, locks: VolumeLocks(),
-                                                   logger: logger)
+                                                   logger: logger,
+                                                   cluster: etcd == nil ? nil : ClusterConfig(defaultReplicas: defaultReplicas))
                 Routes.controller(controller, on: router)
             }
             servers.append(ServedEndpoint(name: "csi", endpoint: endpoint, socketMode: 0o660,
@@ -186,7 +253,7 @@ struct Serve: AsyncParsableCommand {
                 await hotPlug.restore()
             }
             let service = AgentService(mounter: linux,
-                                       confinement: AgentConfinement(pathRoots: roots, volumesDirectory: backing.directory),
+                                       confinement: AgentConfinement(pathRoots: roots, volumesDirectory: localFiles.directory),
                                        hotPlug: hotPlug, nodeID: nodeID, logger: agentLogger)
             let router = Router()
             service.register(on: router)
@@ -217,6 +284,8 @@ struct Serve: AsyncParsableCommand {
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         try await group.run()
+        replicaServer?.stop()
+        await etcd?.stop()
     }
 
     /// The agent socket's endpoint this role serves or reaches; nil when it has none.
@@ -225,7 +294,7 @@ struct Serve: AsyncParsableCommand {
         case .controller:
             if agentSocket != nil { throw ValidationError("--agent-socket is for the agent, node and all roles") }
             return nil
-        case .all where agentSocket == "none":
+        case .all where agentSocket == "none", .node where agentSocket == "none":
             return nil
         case .all, .agent, .node:
             let endpoint: String

@@ -1,0 +1,229 @@
+import CairnCore
+import CairnEngine
+import CairnReplica
+import Dispatch
+import Foundation
+import Logging
+import Synchronization
+
+/// Cluster mode's `VolumeBacking`: a volume is a set of replicas on distinct nodes (placed by the
+/// controller, recorded in the volume's record), and the node that stages it runs a
+/// `VolumeEngine` that exposes the volume through FUSE as `<data-dir>/engines/<id>/volume`.
+///
+/// Controller side: `create`/`delete` reach every replica's node over the data protocol.
+/// Node side: `activate` starts the engine with the attachment's epoch (claiming the in-sync
+/// replicas fences every older holder), `deactivate` stops it. The engine's only way to drop a
+/// failed replica is `markReplicaOutOfSync` in the store, conditional on the epoch: if that
+/// transaction does not commit, the write that found the failure is not acknowledged.
+public final class ReplicatedBacking: VolumeBacking {
+    let enginesDirectory: String
+    let nodeID: String
+    let store: any MetadataStore
+    let logger: Logger
+    private let engines = Mutex<[String: Running]>([:])
+
+    struct Running {
+        let engine: VolumeEngine
+        let epoch: Int64
+        let file: String
+    }
+
+    public init(dataDir: String, nodeID: String, store: any MetadataStore, logger: Logger) throws {
+        enginesDirectory = dataDir + "/engines"
+        self.nodeID = nodeID
+        self.store = store
+        self.logger = logger
+        try FileManager.default.createDirectory(atPath: enginesDirectory, withIntermediateDirectories: true,
+                                                attributes: [.posixPermissions: 0o700])
+    }
+
+    // MARK: Controller side
+
+    public func create(_ volume: VolumeRecord) async throws {
+        guard let replicas = volume.replicas, !replicas.isEmpty else {
+            throw CairnError.internal("volume \(volume.id) has no replicas placed; this is a controller bug")
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for replica in replicas {
+                group.addTask {
+                    try await Self.blocking {
+                        let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "create its replica")
+                        defer { client.close() }
+                        do {
+                            try client.create(volumeID: volume.id, sizeBytes: UInt64(volume.capacityBytes))
+                        } catch {
+                            throw CairnError.unavailable(
+                                "could not create volume \(volume.id)'s replica on node \(replica.nodeID) (\(replica.address)): \(error); check that node's agent log, or retry")
+                        }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        logger.info("created the volume's replicas", metadata: [
+            "volume.id": "\(volume.id)", "replicas": "\(replicas.map(\.nodeID).joined(separator: ","))",
+        ])
+    }
+
+    public func delete(_ volume: VolumeRecord) async throws {
+        for replica in volume.replicas ?? [] {
+            do {
+                try await Self.blocking {
+                    let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "delete its replica")
+                    defer { client.close() }
+                    try client.delete(volumeID: volume.id)
+                }
+            } catch {
+                // The volume goes anyway: a node that is away keeps an orphaned replica, which
+                // holds disk space but no volume anyone can reach. Say so, loudly.
+                logger.warning("could not delete a replica of the deleted volume; remove <data-dir>/replicas/\(volume.id) on that node by hand",
+                               metadata: ["volume.id": "\(volume.id)", "node.id": "\(replica.nodeID)", "error": "\(error)"])
+            }
+        }
+    }
+
+    // MARK: Node side
+
+    public func file(volumeID: String) throws -> String {
+        try Validate.volumeID(volumeID)
+        return "\(enginesDirectory)/\(volumeID)/volume"
+    }
+
+    public func activate(_ volume: VolumeRecord, epoch: Int64) async throws -> String {
+        try Validate.volumeID(volume.id)
+        if let running = engines.withLock({ $0[volume.id] }) {
+            if running.epoch == epoch { return running.file }
+            logger.notice("restarting the volume's engine for a newer epoch",
+                          metadata: ["volume.id": "\(volume.id)", "epoch.old": "\(running.epoch)", "epoch.new": "\(epoch)"])
+            try await deactivate(volumeID: volume.id)
+        }
+        // The freshest record: which replicas are in sync is the store's, not the caller's copy.
+        let current = try await store.volume(id: volume.id) ?? volume
+        guard let replicas = current.replicas else {
+            throw CairnError.internal("volume \(volume.id) has no replicas; it was not created in cluster mode")
+        }
+        let inSync = replicas.filter(\.inSync)
+        guard !inSync.isEmpty else {
+            throw CairnError.failedPrecondition(
+                "volume \(volume.id) has no replica in sync (\(replicas.map { "\($0.nodeID): \($0.reason ?? "out of sync")" }.joined(separator: "; "))); its data cannot be served until a replica that holds every acknowledged write returns")
+        }
+        let targets = try inSync.map { r -> EngineReplica in
+            let address = try ReplicaAddress(r.address)
+            return EngineReplica(nodeID: r.nodeID, host: address.host, port: address.port)
+        }
+        let store = self.store
+        let volumeID = volume.id
+        var engineLogger = logger
+        engineLogger[metadataKey: "volume.id"] = "\(volume.id)"
+        engineLogger[metadataKey: "volume.epoch"] = "\(epoch)"
+        let engine = VolumeEngine(
+            volumeID: volume.id, sizeBytes: UInt64(current.capacityBytes), epoch: UInt64(epoch), replicas: targets,
+            localNodeID: nodeID, mountDirectory: "\(enginesDirectory)/\(volume.id)",
+            connect: { replica in try ReplicaClient(host: replica.host, port: replica.port) },
+            markOutOfSync: { failedNode, reason in
+                try Self.waitFor(seconds: 15, what: "recording that node \(failedNode)'s replica is out of sync") {
+                    try await store.markReplicaOutOfSync(volumeID: volumeID, nodeID: failedNode, epoch: epoch, reason: reason)
+                }
+            },
+            logger: engineLogger)
+        let file = try await Self.blocking { try engine.start() }
+        engines.withLock { $0[volume.id] = Running(engine: engine, epoch: epoch, file: file) }
+        logger.info("the volume's engine is serving it", metadata: [
+            "volume.id": "\(volume.id)", "volume.epoch": "\(epoch)", "file": "\(file)",
+            "replicas": "\(inSync.map(\.nodeID).joined(separator: ","))",
+        ])
+        return file
+    }
+
+    public func deactivate(volumeID: String) async throws {
+        guard let running = engines.withLock({ $0.removeValue(forKey: volumeID) }) else { return }
+        await Self.blocking { running.engine.stop() }
+        logger.info("stopped the volume's engine", metadata: ["volume.id": "\(volumeID)"])
+    }
+
+    /// Stops every engine (process shutdown). Loop devices on them fail their I/O from now on.
+    public func stopAll() async {
+        let all = engines.withLock { e -> [Running] in
+            defer { e.removeAll() }
+            return Array(e.values)
+        }
+        for running in all { await Self.blocking { running.engine.stop() } }
+    }
+
+    // MARK: Condition
+
+    public func problem(_ volume: VolumeRecord) -> String? {
+        if let blocker = stageBlocker(volume) { return blocker }
+        guard let replicas = volume.replicas else { return nil }
+        let out = replicas.filter { !$0.inSync }
+        guard !out.isEmpty else { return nil }
+        let inSync = replicas.filter(\.inSync)
+        return "degraded: \(inSync.count) of \(replicas.count) replicas in sync (\(inSync.map(\.nodeID).joined(separator: ", "))); out of sync: "
+            + out.map { r in
+                "\(r.nodeID)" + (r.outOfSyncSince.map { " since \(Self.timestamp($0))" } ?? "") + (r.reason.map { ": \($0)" } ?? "")
+            }.joined(separator: "; ")
+    }
+
+    public func stageBlocker(_ volume: VolumeRecord) -> String? {
+        guard let replicas = volume.replicas else { return "volume \(volume.id) was not created in cluster mode (no replicas)" }
+        if !replicas.contains(where: \.inSync) { return "no replica of volume \(volume.id) is in sync" }
+        if let running = engines.withLock({ $0[volume.id] }), running.engine.state.fenced {
+            return "this node's engine for volume \(volume.id) was fenced: another node holds a newer epoch than \(running.epoch); unstage it here"
+        }
+        return nil
+    }
+
+    public func healthy(_ volume: VolumeRecord) -> String {
+        let replicas = volume.replicas ?? []
+        return "healthy: \(replicas.count) of \(replicas.count) replicas in sync (\(replicas.map(\.nodeID).joined(separator: ", ")))"
+    }
+
+    // MARK: Helpers
+
+    static func connect(_ address: String, volumeID: String, nodeID: String, doing: String) throws -> ReplicaClient {
+        do {
+            let parsed = try ReplicaAddress(address)
+            return try ReplicaClient(host: parsed.host, port: parsed.port)
+        } catch {
+            throw CairnError.unavailable(
+                "cannot reach node \(nodeID)'s replica server at \(address) to \(doing) for volume \(volumeID): \(error); check that its agent runs and the address is reachable")
+        }
+    }
+
+    static func timestamp(_ date: Date) -> String {
+        date.formatted(.iso8601)
+    }
+
+    /// Runs blocking work (sockets, FUSE mounts) off the cooperative pool.
+    static func blocking<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { continuation in
+            DispatchQueue.global().async { continuation.resume(with: Result { try work() }) }
+        }
+    }
+
+    static func blocking(_ work: @escaping @Sendable () -> Void) async {
+        await withCheckedContinuation { continuation in
+            DispatchQueue.global().async {
+                work()
+                continuation.resume()
+            }
+        }
+    }
+
+    /// Runs async store work from a blocking thread (a FUSE worker), with a deadline: a write
+    /// must not hang forever on a store that went away.
+    static func waitFor(seconds: Int, what: String, _ work: @escaping @Sendable () async throws -> Void) throws {
+        let result = Mutex<Result<Void, any Error>?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        Task {
+            let outcome: Result<Void, any Error>
+            do { try await work(); outcome = .success(()) } catch { outcome = .failure(error) }
+            result.withLock { $0 = outcome }
+            done.signal()
+        }
+        if done.wait(timeout: .now() + .seconds(seconds)) == .timedOut {
+            throw CairnError.unavailable("the metadata store did not answer within \(seconds) s while \(what)")
+        }
+        try result.withLock { $0 }!.get()
+    }
+}

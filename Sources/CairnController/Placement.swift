@@ -1,0 +1,88 @@
+import CairnCore
+
+/// Cluster mode's settings for the controller.
+public struct ClusterConfig: Sendable {
+    /// Replicas of a volume whose CreateVolume does not name `replicas`.
+    public var defaultReplicas: Int
+
+    public init(defaultReplicas: Int = 3) {
+        self.defaultReplicas = defaultReplicas
+    }
+}
+
+/// A live node that could hold a replica.
+public struct PlacementCandidate: Sendable, Equatable {
+    public var nodeID: String
+    /// Where its replica server listens ("host:port"); nil when the node serves no data.
+    public var address: String?
+    public var topology: [String: String]
+    public var capacityBytes: Int64
+    /// Bytes already promised to replicas on the node.
+    public var provisionedBytes: Int64
+
+    public init(nodeID: String, address: String?, topology: [String: String], capacityBytes: Int64,
+                provisionedBytes: Int64) {
+        self.nodeID = nodeID
+        self.address = address
+        self.topology = topology
+        self.capacityBytes = capacityBytes
+        self.provisionedBytes = provisionedBytes
+    }
+
+    public var freeBytes: Int64 { address == nil ? 0 : capacityBytes - provisionedBytes }
+}
+
+/// Where a volume's replicas go: distinct nodes, spread over failure domains (zone first, then
+/// rack), each with room for the whole volume; among equals, the node with the most free space.
+public enum Placement {
+    /// Topology labels that name failure domains, widest first.
+    public static let domainKeys = ["topology.cairn.dev/zone", "topology.kubernetes.io/zone", "topology.cairn.dev/rack"]
+
+    public static func choose(count: Int, size: Int64, candidates: [PlacementCandidate]) throws -> [PlacementCandidate] {
+        let eligible = candidates.filter { $0.address != nil && $0.freeBytes >= size }
+        guard eligible.count >= count else {
+            let reasons = candidates.sorted { $0.nodeID < $1.nodeID }.map { c -> String in
+                if c.address == nil { return "\(c.nodeID): serves no replica data (no --data-address)" }
+                return "\(c.nodeID): \(max(0, c.freeBytes)) bytes free"
+            }
+            throw CairnError.resourceExhausted(
+                "cannot place \(count) replica\(count == 1 ? "" : "s") of \(size) bytes on distinct nodes: \(eligible.count) of \(candidates.count) live node\(candidates.count == 1 ? "" : "s") can hold one"
+                + (reasons.isEmpty ? " (no node is registered: start the node agents)" : " (\(reasons.joined(separator: "; ")))")
+                + "; ask for fewer replicas or a smaller volume, or add nodes")
+        }
+        var chosen: [PlacementCandidate] = []
+        var left = eligible
+        while chosen.count < count {
+            // Lexicographic: fewest chosen sharing each failure domain (widest first), then most free.
+            let best = left.min { a, b in
+                let sa = domainKeys.map { key in sharing(a, key, chosen) }
+                let sb = domainKeys.map { key in sharing(b, key, chosen) }
+                if sa != sb { return sa.lexicographicallyPrecedes(sb) }
+                if a.freeBytes != b.freeBytes { return a.freeBytes > b.freeBytes }
+                return a.nodeID < b.nodeID
+            }!
+            chosen.append(best)
+            left.removeAll { $0.nodeID == best.nodeID }
+        }
+        return chosen
+    }
+
+    static func sharing(_ candidate: PlacementCandidate, _ key: String, _ chosen: [PlacementCandidate]) -> Int {
+        guard let value = candidate.topology[key] else { return 0 }
+        return chosen.filter { $0.topology[key] == value }.count
+    }
+}
+
+extension ControllerService {
+    /// The live nodes with what is already provisioned on each (every replica counts its volume's size).
+    func placementCandidates() async throws -> [PlacementCandidate] {
+        var provisioned: [String: Int64] = [:]
+        for volume in try await store.listVolumes(afterID: nil, limit: 0) {
+            for replica in volume.replicas ?? [] { provisioned[replica.nodeID, default: 0] += volume.capacityBytes }
+        }
+        return try await store.liveNodes().map { node in
+            PlacementCandidate(nodeID: node.id, address: node.dataAddress, topology: node.topology,
+                               capacityBytes: node.capacityBytes ?? 0, provisionedBytes: provisioned[node.id] ?? 0)
+        }
+    }
+}
