@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Check that committed generated Swift code matches proto/*.proto.
+# Check that committed generated Swift code matches proto/*.proto and proto/*/*.proto.
 #
 # Usage: scripts/check-generated.sh [--full|--fast]
 #   fast (always): recompute sha256 of every file listed in each
@@ -65,7 +65,7 @@ for stamp in "${stamps[@]}"; do
   done
   unset LISTED
 done
-for p in proto/*.proto; do
+for p in proto/*.proto proto/*/*.proto; do
   [[ -n "${COVERED[$p]:-}" ]] || stale "$p (not covered by any $STAMP_NAME stamp)"
 done
 if [[ $fail -ne 0 ]]; then exit 1; fi

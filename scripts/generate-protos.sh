@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate the committed Swift code for every proto/*.proto and refresh the
+# Regenerate the committed Swift code for every proto/*.proto and proto/*/*.proto
+# (e.g. proto/etcd/rpc.proto) and refresh the
 # drift stamp(s) <target dir>/GENERATED.sha256 (verified by check-generated.sh).
 #
 # Usage: scripts/generate-protos.sh [--out-root DIR]
@@ -16,6 +17,7 @@ SWIFT_PROTOBUF_URL="https://github.com/apple/swift-protobuf"
 PROTO_TARGETS=(
   "csi.proto:Sources/CSIProto"
   "cairn.proto:Sources/CairnProto"
+  "etcd/rpc.proto:Sources/EtcdProto"
 )
 SWIFT_OPTS="Visibility=Public,FileNaming=DropPath"
 STAMP_NAME="GENERATED.sha256"
@@ -25,14 +27,14 @@ OUT_ROOT="$ROOT"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out-root) OUT_ROOT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
 
 die() { echo "generate-protos: $*" >&2; exit 1; }
 
-target_for() { # proto basename -> target dir, or empty
+target_for() { # proto path relative to proto/ -> target dir, or empty
   local entry
   for entry in "${PROTO_TARGETS[@]}"; do
     [[ "${entry%%:*}" == "$1" ]] && { echo "${entry#*:}"; return; }
@@ -77,13 +79,13 @@ PROTOC_VERSION="$(protoc --version | head -n1)"
 
 cd "$ROOT"
 shopt -s nullglob
-protos=(proto/*.proto)
+protos=(proto/*.proto proto/*/*.proto)
 [[ ${#protos[@]} -gt 0 ]] || die "no proto/*.proto files"
 
 # Group protos by target directory.
 declare -A TARGET_PROTOS=()
 for p in "${protos[@]}"; do
-  name="$(basename "$p")"
+  name="${p#proto/}"
   t="$(target_for "$name")"
   [[ -n "$t" ]] || die "no target directory mapped for proto/$name: add it to PROTO_TARGETS in $0"
   TARGET_PROTOS["$t"]+="$name "

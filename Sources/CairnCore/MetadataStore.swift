@@ -1,4 +1,5 @@
-/// Cluster state. One protocol, two backends (embedded SQLite now; etcd for clusters later).
+/// Cluster state. One protocol, two backends: embedded SQLite (one machine) and etcd v3
+/// (clusters), with the same semantics.
 ///
 /// Every mutating call is a single conditional transaction: it either applies completely or
 /// throws without changing anything. Methods that can conflict throw CairnError with the
@@ -7,6 +8,9 @@ public protocol MetadataStore: Sendable {
     // Nodes
     func registerNode(_ node: NodeRecord) async throws
     func node(id: String) async throws -> NodeRecord?
+    /// Nodes that are alive, ordered by id: SQLite — every registered node; etcd — nodes whose
+    /// registration lease is alive.
+    func liveNodes() async throws -> [NodeRecord]
 
     // Volumes
     /// Inserts the volume; throws ALREADY_EXISTS when the name or id is taken.
@@ -28,6 +32,13 @@ public protocol MetadataStore: Sendable {
     func attach(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int,
                 exclusive: Bool, nodeLimit: Int64) async throws -> AttachmentRecord
     func detach(volumeID: String, nodeID: String) async throws
+
+    // Replicas
+    /// Removes a replica from the volume's in-sync set, in one transaction conditional on the
+    /// volume's epoch still being `epoch` (FAILED_PRECONDITION "fenced: the volume's epoch is
+    /// now N" otherwise; NOT_FOUND when the volume or that replica does not exist). Idempotent:
+    /// already out of sync → no change, no error.
+    func markReplicaOutOfSync(volumeID: String, nodeID: String, epoch: Int64, reason: String) async throws
 
     // Node-side records
     func stage(volumeID: String, nodeID: String) async throws -> StageRecord?

@@ -42,10 +42,14 @@ public struct VolumeRecord: Codable, Sendable, Equatable {
     public var accessibleTopology: [String: String]
     public var epoch: Int64
     public var createdAt: Date
+    /// The nodes holding a replica of the volume, and which of them are in sync; nil for a
+    /// one-machine volume backed by a local file (and in records written before replication).
+    public var replicas: [ReplicaRecord]?
 
     public init(id: String, name: String, capacityBytes: Int64, parameters: [String: String],
                 fsType: String, accessModes: [Int], accessibleTopology: [String: String],
-                epoch: Int64 = 0, createdAt: Date = Date()) {
+                epoch: Int64 = 0, createdAt: Date = Date(), replicas: [ReplicaRecord]? = nil) {
+        self.replicas = replicas
         self.id = id
         self.name = name
         self.capacityBytes = capacityBytes
@@ -55,6 +59,49 @@ public struct VolumeRecord: Codable, Sendable, Equatable {
         self.accessibleTopology = accessibleTopology
         self.epoch = epoch
         self.createdAt = createdAt
+    }
+}
+
+/// One replica of a replicated volume. Writes are acknowledged only once every in-sync replica
+/// has them; a replica leaves the in-sync set in the store (`markReplicaOutOfSync`) before any
+/// write it missed is acknowledged (design invariant 1), and failover uses only in-sync ones.
+public struct ReplicaRecord: Codable, Sendable, Equatable {
+    public var nodeID: String
+    /// "host:port" of the node's replica server (the data protocol).
+    public var address: String
+    public var inSync: Bool
+    public var outOfSyncSince: Date?
+    /// Why it left the in-sync set.
+    public var reason: String?
+
+    public init(nodeID: String, address: String, inSync: Bool = true, outOfSyncSince: Date? = nil,
+                reason: String? = nil) {
+        self.nodeID = nodeID
+        self.address = address
+        self.inSync = inSync
+        self.outOfSyncSince = outOfSyncSince
+        self.reason = reason
+    }
+}
+
+extension VolumeRecord {
+    /// `markReplicaOutOfSync`'s rule, shared by every store: fenced unless the volume's epoch is
+    /// still `epoch`; NOT_FOUND without that replica. Returns false (and changes nothing) when
+    /// the replica is already out of sync.
+    public mutating func markReplicaOutOfSync(nodeID: String, epoch: Int64, reason: String,
+                                              at now: Date = Date()) throws -> Bool {
+        guard self.epoch == epoch else {
+            throw CairnError.failedPrecondition(
+                "fenced: the volume's epoch is now \(self.epoch) (the caller holds epoch \(epoch)); a newer attachment owns volume \(id)")
+        }
+        guard let index = replicas?.firstIndex(where: { $0.nodeID == nodeID }) else {
+            throw CairnError.notFound("volume \(id) has no replica on node \(nodeID)")
+        }
+        guard replicas![index].inSync else { return false }
+        replicas![index].inSync = false
+        replicas![index].outOfSyncSince = now
+        replicas![index].reason = reason
+        return true
     }
 }
 
@@ -85,8 +132,15 @@ public struct NodeRecord: Codable, Sendable, Equatable {
     public var topology: [String: String]
     public var maxVolumes: Int64
     public var registeredAt: Date
+    /// "host:port" of the node's replica server (data protocol); nil for a node that serves none.
+    public var dataAddress: String?
+    /// Bytes the node offers for replicas; nil when not reported.
+    public var capacityBytes: Int64?
 
-    public init(id: String, topology: [String: String], maxVolumes: Int64, registeredAt: Date = Date()) {
+    public init(id: String, topology: [String: String], maxVolumes: Int64, registeredAt: Date = Date(),
+                dataAddress: String? = nil, capacityBytes: Int64? = nil) {
+        self.dataAddress = dataAddress
+        self.capacityBytes = capacityBytes
         self.id = id
         self.topology = topology
         self.maxVolumes = maxVolumes

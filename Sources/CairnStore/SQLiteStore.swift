@@ -66,18 +66,9 @@ public final class SQLiteStore: MetadataStore {
 
     // MARK: encoding
 
-    private static func encode<T: Encodable>(_ value: T) throws -> Data {
-        let encoder = JSONEncoder()
-        encoder.dateEncodingStrategy = .millisecondsSince1970
-        encoder.outputFormatting = .sortedKeys
-        return try encoder.encode(value)
-    }
+    private static func encode<T: Encodable>(_ value: T) throws -> Data { try StoreRules.encode(value) }
 
-    private static func decode<T: Decodable>(_ type: T.Type, _ data: Data) throws -> T {
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .millisecondsSince1970
-        return try decoder.decode(type, from: data)
-    }
+    private static func decode<T: Decodable>(_ type: T.Type, _ data: Data) throws -> T { try StoreRules.decode(type, data) }
 
     private static func fetchAll<T: Decodable>(_ db: Database, _ type: T.Type, _ sql: String,
                                                _ arguments: StatementArguments = []) throws -> [T] {
@@ -112,6 +103,10 @@ public final class SQLiteStore: MetadataStore {
 
     public func node(id: String) async throws -> NodeRecord? {
         try await read { db in try Self.fetchOne(db, NodeRecord.self, "SELECT doc FROM nodes WHERE id = ?", [id]) }
+    }
+
+    public func liveNodes() async throws -> [NodeRecord] {
+        try await read { db in try Self.fetchAll(db, NodeRecord.self, "SELECT doc FROM nodes ORDER BY id") }
     }
 
     // MARK: volumes
@@ -169,21 +164,14 @@ public final class SQLiteStore: MetadataStore {
                        exclusive: Bool, nodeLimit: Int64) async throws -> AttachmentRecord {
         try await write { db in
             guard var volume = try Self.fetchOne(db, VolumeRecord.self, "SELECT doc FROM volumes WHERE id = ?", [volumeID]) else {
-                throw CairnError.notFound("volume \(volumeID) does not exist")
+                throw StoreRules.volumeNotFound(volumeID)
             }
             let existing = try Self.fetchAll(db, AttachmentRecord.self,
                                              "SELECT doc FROM attachments WHERE volume_id = ?", [volumeID])
-            if exclusive, let other = existing.first(where: { $0.nodeID != nodeID }) {
-                throw CairnError.failedPrecondition(
-                    "volume \(volumeID) is published to node \(other.nodeID) with a single-node access mode; unpublish it there first")
-            }
-            if nodeLimit > 0 {
-                let onNode = try Int64.fetchOne(db, sql: "SELECT COUNT(*) FROM attachments WHERE node_id = ?", arguments: [nodeID]) ?? 0
-                if onNode >= nodeLimit {
-                    throw CairnError.resourceExhausted(
-                        "node \(nodeID) already has \(onNode) volumes attached, its limit (max_volumes_per_node); unpublish one first")
-                }
-            }
+            let onNode = nodeLimit > 0
+                ? try Int64.fetchOne(db, sql: "SELECT COUNT(*) FROM attachments WHERE node_id = ?", arguments: [nodeID]) ?? 0 : 0
+            try StoreRules.checkAttach(volumeID: volumeID, nodeID: nodeID, volumeAttachments: existing,
+                                       attachedToNode: onNode, exclusive: exclusive, nodeLimit: nodeLimit)
             volume.epoch += 1
             let attachment = AttachmentRecord(volumeID: volumeID, nodeID: nodeID, readonly: readonly,
                                               accessMode: accessMode, epoch: volume.epoch)
@@ -197,6 +185,23 @@ public final class SQLiteStore: MetadataStore {
     public func detach(volumeID: String, nodeID: String) async throws {
         try await write { db in
             try db.execute(sql: "DELETE FROM attachments WHERE volume_id = ? AND node_id = ?", arguments: [volumeID, nodeID])
+        }
+    }
+
+    // MARK: replicas
+
+    public func markReplicaOutOfSync(volumeID: String, nodeID: String, epoch: Int64, reason: String) async throws {
+        let changed = try await write { db in
+            guard var volume = try Self.fetchOne(db, VolumeRecord.self, "SELECT doc FROM volumes WHERE id = ?", [volumeID]) else {
+                throw StoreRules.volumeNotFound(volumeID)
+            }
+            guard try volume.markReplicaOutOfSync(nodeID: nodeID, epoch: epoch, reason: reason) else { return false }
+            try db.execute(sql: "UPDATE volumes SET doc = ? WHERE id = ?", arguments: [try Self.encode(volume), volumeID])
+            return true
+        }
+        if changed {
+            logger.notice("replica left the in-sync set", metadata: [
+                "volume": "\(volumeID)", "replica.node": "\(nodeID)", "epoch": "\(epoch)", "reason": "\(reason)"])
         }
     }
 

@@ -32,7 +32,7 @@ final class GeneratedCodeTests: XCTestCase {
 
     func testEveryGeneratedTargetHasAStamp() throws {
         let targets = try Self.generatedTargets()
-        for expected in ["CSIProto", "CairnProto"] {
+        for expected in ["CSIProto", "CairnProto", "EtcdProto"] {
             XCTAssert(targets.contains(expected), "Sources/\(expected)/\(Self.stampName) is missing: run scripts/generate-protos.sh")
         }
     }
@@ -62,7 +62,9 @@ final class GeneratedCodeTests: XCTestCase {
                                "\(path) does not match Sources/\(target)/\(Self.stampName): generated code is out of date with proto/ (or was edited by hand); run scripts/generate-protos.sh")
             }
         }
-        let protos = try fm.contentsOfDirectory(atPath: Self.repoRoot + "/proto").filter { $0.hasSuffix(".proto") }.map { "proto/\($0)" }
+        // proto/*.proto and proto/*/*.proto (e.g. proto/etcd/rpc.proto), as the scripts see them.
+        let protos = (try fm.subpathsOfDirectory(atPath: Self.repoRoot + "/proto"))
+            .filter { $0.hasSuffix(".proto") && $0.split(separator: "/").count <= 2 }.map { "proto/\($0)" }
         XCTAssertFalse(protos.isEmpty)
         for proto in protos where !coveredProtos.contains(proto) {
             XCTFail("\(proto) is not covered by any Sources/*/\(Self.stampName): map it in scripts/generate-protos.sh and run it")

@@ -16,29 +16,12 @@ final class SQLiteStoreTests: XCTestCase {
         try? FileManager.default.removeItem(atPath: dir)
     }
 
-    func publish(_ path: String, _ namespace: MountNamespace) -> PublishRecord {
-        PublishRecord(volumeID: "vol-1", nodeID: "node-a", targetPath: path, stagingPath: "/stage",
-                      accessType: .mount, readonly: false, accessMode: 7, mountFlags: [], targetNamespace: namespace,
-                      // Whole seconds: the store keeps milliseconds, so a fresh Date() would not compare equal.
-                      createdAt: Date(timeIntervalSince1970: 1_800_000_000))
-    }
-
-    func testOneVolumeAtTheSamePathInTwoContainersIsTwoPublishes() async throws {
-        let store = try SQLiteStore(path: dir + "/cairn.db", logger: Logger(label: "test"))
-        let a = publish("/data", .process(pid: 100, startTime: 1))
-        let b = publish("/data", .process(pid: 200, startTime: 2))
-        let host = publish("/var/lib/kubelet/pods/x/data", .host)
-        for record in [a, b, host] { try await store.putPublish(record) }
-        var all = try await store.publishes(volumeID: "vol-1")
-        XCTAssertEqual(all.count, 3)
-        try await store.removePublish(a)
-        all = try await store.publishes(volumeID: "vol-1")
-        XCTAssertEqual(Set(all.map(\.namespace)), [b.namespace, .host], "removing one container's target keeps the other's")
-    }
+    // The behaviour shared with the etcd store (publishes, volumes, attachments…) is in
+    // StoreContract, run by SQLiteStoreContractTests; this class keeps what is SQLite's own.
 
     func testAVersion1DatabaseIsMigratedWithItsPublishes() async throws {
         let path = dir + "/cairn.db"
-        let old = publish("/var/lib/kubelet/pods/x/data", .host)
+        let old = StoreContract.publish("/var/lib/kubelet/pods/x/data", .host)
         let encoder = JSONEncoder()
         encoder.dateEncodingStrategy = .millisecondsSince1970
         let json = String(decoding: try encoder.encode(old), as: UTF8.self).replacingOccurrences(of: "'", with: "''")

@@ -1,0 +1,534 @@
+import CairnCore
+import EtcdProto
+import Foundation
+import Logging
+import Synchronization
+
+/// The cluster metadata store: etcd v3 (Debian's etcd-server is the reference), with the same
+/// semantics as `SQLiteStore`.
+///
+/// Key layout (values are the same JSON documents the SQLite store keeps; ids are validated
+/// `[A-Za-z0-9._-]`, other key parts are percent-escaped):
+///
+///     <prefix>/volumes/<volume id>                         VolumeRecord
+///     <prefix>/volume-names/<escaped name>                 the volume id (name uniqueness)
+///     <prefix>/attachments/<volume id>/<node id>           AttachmentRecord
+///     <prefix>/node-attachments/<node id>/<volume id>      "" (index: a node's attachment count)
+///     <prefix>/stages/<node id>/<volume id>                StageRecord
+///     <prefix>/publishes/<volume id>/<node id>/<escaped namespace key>/<escaped target path>
+///                                                          PublishRecord
+///     <prefix>/nodes/<node id>                             NodeRecord, under the node's lease
+///     <prefix>/leader                                      the controller holding the leader
+///                                                          lease (its id), under that lease
+///
+/// Every mutation is one etcd transaction. Those that depend on what they read are optimistic:
+/// read (remembering each key's mod_revision), decide, then commit with
+/// `Compare(mod_revision == seen)` for every key read (0 for a key that must not exist) and
+/// `Compare(mod_revision < read revision + 1)` over every range read (no key in it created or
+/// changed since); on conflict read again (at most `maxAttempts` times, with jitter).
+public final class EtcdStore: MetadataStore {
+    private let client: EtcdClient
+    /// Every key of this store lives under it.
+    public let prefix: String
+    private let logger: Logger
+    private let nodeLeaseTTL: Int
+    private let state = Mutex(State())
+    static let maxAttempts = 20
+
+    private struct State {
+        /// Node id → the lease its registration lives under, and the task keeping it alive.
+        var nodes: [String: KeptLease] = [:]
+        var leader: Leader?
+    }
+
+    private struct KeptLease {
+        var lease: Int64
+        var task: Task<Void, Never>
+    }
+
+    private struct Leader {
+        var id: String
+        var lease: Int64
+        /// Leadership is assumed only until here (the last renewal's send time plus the TTL):
+        /// after that etcd may have handed the key to someone else.
+        var deadline: ContinuousClock.Instant
+        var task: Task<Void, Never>?
+    }
+
+    /// - Parameters:
+    ///   - endpoints: etcd client URLs, like "http://10.0.0.1:2379" or "127.0.0.1:2379"; tried
+    ///     in order, failing over when one is unreachable.
+    ///   - prefix: every key lives under it (several Cairn clusters can share one etcd).
+    ///   - nodeLeaseTTL: seconds a node's registration outlives its last keep-alive.
+    public init(endpoints: [String], prefix: String = "/cairn", nodeLeaseTTL: Int = 10, logger: Logger) throws {
+        client = try EtcdClient(endpoints: endpoints)
+        var prefix = prefix
+        while prefix.hasSuffix("/") { prefix.removeLast() }
+        guard !prefix.isEmpty else {
+            throw CairnError.invalidArgument("the etcd key prefix must not be empty or \"/\": use e.g. /cairn")
+        }
+        guard nodeLeaseTTL >= 1 else {
+            throw CairnError.invalidArgument("the node lease TTL must be at least 1 second, not \(nodeLeaseTTL)")
+        }
+        self.prefix = prefix
+        self.nodeLeaseTTL = nodeLeaseTTL
+        self.logger = logger
+        logger.debug("etcd metadata store", metadata: ["etcd.endpoints": "\(client.endpointList)", "etcd.prefix": "\(prefix)"])
+    }
+
+    // MARK: keys
+
+    private var volumesPrefix: String { "\(prefix)/volumes/" }
+    private func volumeKey(_ id: String) -> String { volumesPrefix + id }
+    private func nameKey(_ name: String) -> String { "\(prefix)/volume-names/\(Self.escape(name))" }
+    private func attachmentsPrefix(_ volumeID: String) -> String { "\(prefix)/attachments/\(volumeID)/" }
+    private func attachmentKey(_ volumeID: String, _ nodeID: String) -> String { attachmentsPrefix(volumeID) + nodeID }
+    private func nodeAttachmentsPrefix(_ nodeID: String) -> String { "\(prefix)/node-attachments/\(nodeID)/" }
+    private func nodeAttachmentKey(_ nodeID: String, _ volumeID: String) -> String { nodeAttachmentsPrefix(nodeID) + volumeID }
+    private var stagesPrefix: String { "\(prefix)/stages/" }
+    private func stageKey(_ volumeID: String, _ nodeID: String) -> String { "\(stagesPrefix)\(nodeID)/\(volumeID)" }
+    private func publishesPrefix(_ volumeID: String) -> String { "\(prefix)/publishes/\(volumeID)/" }
+    private func publishKey(_ r: PublishRecord) -> String {
+        publishesPrefix(r.volumeID) + "\(r.nodeID)/\(Self.escape(r.namespace.key))/\(Self.escape(r.targetPath))"
+    }
+    private var nodesPrefix: String { "\(prefix)/nodes/" }
+    private func nodeKey(_ id: String) -> String { nodesPrefix + id }
+    private var leaderKey: String { "\(prefix)/leader" }
+
+    /// Percent-escapes everything but `[A-Za-z0-9._-]`, so no key part contains a "/".
+    static func escape(_ text: String) -> String {
+        var out = ""
+        for byte in text.utf8 {
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+                 UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "-"):
+                out.unicodeScalars.append(Unicode.Scalar(byte))
+            default:
+                out += String(format: "%%%02X", byte)
+            }
+        }
+        return out
+    }
+
+    // MARK: reading and writing
+
+    private func decode<T: Decodable>(_ type: T.Type, _ kv: Etcdserverpb_KeyValue) throws -> T {
+        do {
+            return try StoreRules.decode(type, kv.value)
+        } catch {
+            throw CairnError.internal("etcd key \(String(decoding: kv.key, as: UTF8.self)) holds an undecodable \(T.self): \(error)")
+        }
+    }
+
+    private func get<T: Decodable>(_ type: T.Type, _ key: String) async throws -> T? {
+        try await client.get(key).kv.map { try decode(type, $0) }
+    }
+
+    private func list<T: Decodable>(_ type: T.Type, prefix: String) async throws -> [T] {
+        try await client.range(from: prefix, end: EtcdClient.prefixEnd(prefix)).kvs.map { try decode(type, $0) }
+    }
+
+    /// Commits `ops` as one transaction with no condition.
+    private func write(_ ops: [Etcdserverpb_RequestOp]) async throws {
+        var request = Etcdserverpb_TxnRequest()
+        request.success = ops
+        _ = try await client.txn(request)
+    }
+
+    /// Runs `body` (reads through the transaction, then queues writes) and commits it if nothing
+    /// it read changed meanwhile; otherwise runs it again. A body that queues no write commits
+    /// nothing.
+    private func transact<T>(_ what: String, _ body: (EtcdTransaction) async throws -> T) async throws -> T {
+        for attempt in 1...Self.maxAttempts {
+            let txn = EtcdTransaction(client: client)
+            let result = try await body(txn)
+            if try await txn.commit() { return result }
+            logger.debug("etcd transaction conflicted; retrying", metadata: ["operation": "\(what)", "attempt": "\(attempt)"])
+            try await Task.sleep(for: .milliseconds(Int.random(in: 5...(10 + 10 * attempt))))
+        }
+        throw CairnError.aborted("\(what): the records changed concurrently \(Self.maxAttempts) times in a row; retry")
+    }
+
+    // MARK: nodes
+
+    /// Registers (or refreshes) the node under a lease of `nodeLeaseTTL` seconds and keeps the
+    /// lease alive in the background until `stop()`. When the lease is lost (etcd unreachable
+    /// for longer than the TTL) the node is registered again as soon as etcd answers.
+    public func registerNode(_ node: NodeRecord) async throws {
+        let lease = try await client.grantLease(ttl: nodeLeaseTTL)
+        try await write([.put(nodeKey(node.id), try StoreRules.encode(node), lease: lease)])
+        let task = Task { await self.keepNodeRegistered(node, lease: lease) }
+        let previous = state.withLock { state in
+            defer { state.nodes[node.id] = KeptLease(lease: lease, task: task) }
+            return state.nodes[node.id]
+        }
+        if let previous {
+            previous.task.cancel()
+            try? await client.revokeLease(previous.lease)
+        }
+        logger.info("node registered", metadata: ["node": "\(node.id)", "lease.ttl": "\(nodeLeaseTTL)s"])
+    }
+
+    private func keepNodeRegistered(_ node: NodeRecord, lease: Int64) async {
+        var lease = lease
+        let what = "node \(node.id)'s registration"
+        while !Task.isCancelled {
+            await keepAlive(lease: lease, ttl: nodeLeaseTTL, what: what) { _ in }
+            if Task.isCancelled { return }
+            logger.warning("\(what) expired (etcd was unreachable for longer than its \(nodeLeaseTTL)s lease); registering it again")
+            while !Task.isCancelled {
+                do {
+                    let fresh = try await client.grantLease(ttl: nodeLeaseTTL)
+                    try await write([.put(nodeKey(node.id), try StoreRules.encode(node), lease: fresh)])
+                    lease = fresh
+                    state.withLock { $0.nodes[node.id]?.lease = fresh }
+                    logger.notice("node registered again after its lease expired", metadata: ["node": "\(node.id)"])
+                    break
+                } catch {
+                    logger.debug("registering the node again failed; retrying", metadata: ["node": "\(node.id)", "error": "\(error)"])
+                    try? await Task.sleep(for: .seconds(1))
+                }
+            }
+        }
+    }
+
+    /// Renews `lease` every third of its TTL until etcd says it is gone (returns) or the task is
+    /// cancelled (returns). `renewed` gets the local deadline each renewal guarantees.
+    private func keepAlive(lease: Int64, ttl: Int, what: String,
+                           renewed: (ContinuousClock.Instant) -> Void) async {
+        let interval = Duration.milliseconds(max(ttl * 1000 / 3, 200))
+        var failing = false
+        while !Task.isCancelled {
+            let sent = ContinuousClock.now
+            do {
+                let left = try await client.keepAlive(lease: lease)
+                if left <= 0 { return }
+                if failing {
+                    logger.notice("\(what): etcd answers again; lease renewed")
+                    failing = false
+                }
+                renewed(sent + .seconds(left))
+            } catch {
+                if !failing {
+                    logger.warning("\(what): cannot renew its etcd lease; retrying every \(interval)", metadata: ["error": "\(error)"])
+                    failing = true
+                }
+            }
+            try? await Task.sleep(for: interval)
+        }
+    }
+
+    public func node(id: String) async throws -> NodeRecord? {
+        try await get(NodeRecord.self, nodeKey(id))
+    }
+
+    public func liveNodes() async throws -> [NodeRecord] {
+        try await list(NodeRecord.self, prefix: nodesPrefix)
+    }
+
+    // MARK: leader lease
+
+    /// Returns once this process holds the leader key `<prefix>/leader` under a lease of `ttl`
+    /// seconds, which it then keeps alive until `stop()`. While another holds it, polls every
+    /// second (logging who leads); while etcd is unreachable, keeps trying (logging it).
+    /// Cancelling the calling task ends the wait with CancellationError.
+    public func campaign(leaderID: String, ttl: Int = 10) async throws {
+        guard ttl >= 1 else { throw CairnError.invalidArgument("the leader lease TTL must be at least 1 second, not \(ttl)") }
+        if state.withLock({ $0.leader?.id == leaderID }), isLeader() { return }
+        var seen: String?
+        var unreachable = false
+        while true {
+            try Task.checkCancellation()
+            do {
+                if let current = try await client.get(leaderKey).kv {
+                    let holder = String(decoding: current.value, as: UTF8.self)
+                    if holder != seen {
+                        logger.info("waiting for the leader lease", metadata: ["leader": "\(holder)", "candidate": "\(leaderID)"])
+                        seen = holder
+                    }
+                } else if try await tryToLead(leaderID: leaderID, ttl: ttl) {
+                    return
+                }
+                unreachable = false
+            } catch let e as CairnError where e.code == .unavailable {
+                if !unreachable {
+                    logger.warning("campaigning for the leader lease: etcd is unreachable; retrying", metadata: ["error": "\(e.message)"])
+                    unreachable = true
+                }
+            }
+            try await Task.sleep(for: .seconds(1))
+        }
+    }
+
+    private func tryToLead(leaderID: String, ttl: Int) async throws -> Bool {
+        let start = ContinuousClock.now
+        let lease = try await client.grantLease(ttl: ttl)
+        var request = Etcdserverpb_TxnRequest()
+        request.compare = [.mustNotExist(leaderKey)]
+        request.success = [.put(leaderKey, Data(leaderID.utf8), lease: lease)]
+        guard try await client.txn(request).succeeded else {
+            try? await client.revokeLease(lease)
+            return false
+        }
+        state.withLock { $0.leader = Leader(id: leaderID, lease: lease, deadline: start + .seconds(ttl)) }
+        let task = Task {
+            await self.keepAlive(lease: lease, ttl: ttl, what: "the leader lease of \(leaderID)") { deadline in
+                self.state.withLock { if $0.leader?.lease == lease { $0.leader?.deadline = deadline } }
+            }
+            if Task.isCancelled { return }
+            self.state.withLock { if $0.leader?.lease == lease { $0.leader = nil } }
+            self.logger.error("lost the leader lease (etcd was unreachable for longer than its \(ttl)s TTL); no longer leading",
+                              metadata: ["leader": "\(leaderID)"])
+        }
+        state.withLock { if $0.leader?.lease == lease { $0.leader?.task = task } }
+        logger.notice("holding the leader lease", metadata: ["leader": "\(leaderID)", "lease.ttl": "\(ttl)s"])
+        return true
+    }
+
+    /// Whether this process holds the leader lease now: it won a campaign, and its last renewal
+    /// guarantees the lease has not expired yet.
+    public func isLeader() -> Bool {
+        state.withLock { state in state.leader.map { ContinuousClock.now < $0.deadline } ?? false }
+    }
+
+    /// Stops every keep-alive. With `revokingLeases` (the default) it also revokes the leases,
+    /// so node registrations and the leader key go away at once instead of after their TTL.
+    public func stop(revokingLeases: Bool = true) async {
+        let (nodes, leader) = state.withLock { state in
+            defer { state = State() }
+            return (state.nodes, state.leader)
+        }
+        var leases: [Int64] = []
+        for kept in nodes.values {
+            kept.task.cancel()
+            await kept.task.value
+            leases.append(kept.lease)
+        }
+        if let leader {
+            leader.task?.cancel()
+            await leader.task?.value
+            leases.append(leader.lease)
+            logger.notice("gave up the leader lease", metadata: ["leader": "\(leader.id)"])
+        }
+        guard revokingLeases else { return }
+        for lease in leases {
+            do { try await client.revokeLease(lease) } catch {
+                logger.warning("could not revoke an etcd lease; it expires by itself", metadata: ["error": "\(error)"])
+            }
+        }
+    }
+
+    // MARK: volumes
+
+    public func createVolume(_ volume: VolumeRecord) async throws {
+        let doc = try StoreRules.encode(volume)
+        try await transact("create volume \(volume.id)") { txn in
+            let byID = try await txn.get(volumeKey(volume.id))
+            let byName = try await txn.get(nameKey(volume.name))
+            if byID != nil || byName != nil {
+                throw CairnError.alreadyExists("a volume named \"\(volume.name)\" or with id \(volume.id) already exists")
+            }
+            txn.put(volumeKey(volume.id), doc)
+            txn.put(nameKey(volume.name), Data(volume.id.utf8))
+        }
+    }
+
+    public func volume(id: String) async throws -> VolumeRecord? {
+        try await get(VolumeRecord.self, volumeKey(id))
+    }
+
+    public func volume(named name: String) async throws -> VolumeRecord? {
+        guard let id = try await client.get(nameKey(name)).kv else { return nil }
+        guard let volume = try await volume(id: String(decoding: id.value, as: UTF8.self)), volume.name == name else {
+            return nil  // deleted (and maybe the name reused) between the two reads
+        }
+        return volume
+    }
+
+    public func listVolumes(afterID: String?, limit: Int) async throws -> [VolumeRecord] {
+        let from = afterID.map { volumeKey($0) + "\0" } ?? volumesPrefix
+        return try await client.range(from: from, end: EtcdClient.prefixEnd(volumesPrefix), limit: max(limit, 0))
+            .kvs.map { try decode(VolumeRecord.self, $0) }
+    }
+
+    public func deleteVolume(id: String) async throws {
+        let existed = try await transact("delete volume \(id)") { txn in
+            let volume = try await txn.get(volumeKey(id)).map { try decode(VolumeRecord.self, $0) }
+            let attachments = try await txn.range(attachmentsPrefix(id)).map { try decode(AttachmentRecord.self, $0) }
+            // Stages are keyed by node first: find this volume's among them.
+            let stageKeys = try await client.range(from: stagesPrefix, end: EtcdClient.prefixEnd(stagesPrefix), keysOnly: true)
+                .kvs.map { String(decoding: $0.key, as: UTF8.self) }.filter { $0.hasSuffix("/\(id)") }
+            txn.delete(volumeKey(id))
+            if let volume { txn.delete(nameKey(volume.name)) }
+            txn.deletePrefix(attachmentsPrefix(id))
+            for attachment in attachments { txn.delete(nodeAttachmentKey(attachment.nodeID, id)) }
+            for key in stageKeys { txn.delete(key) }
+            txn.deletePrefix(publishesPrefix(id))
+            return volume != nil
+        }
+        if existed { logger.info("volume deleted from the store", metadata: ["volume": "\(id)"]) }
+    }
+
+    public func provisionedBytes() async throws -> Int64 {
+        try await list(VolumeRecord.self, prefix: volumesPrefix).reduce(0) { $0 + $1.capacityBytes }
+    }
+
+    // MARK: attachments
+
+    public func attachments(volumeID: String) async throws -> [AttachmentRecord] {
+        try await list(AttachmentRecord.self, prefix: attachmentsPrefix(volumeID))
+    }
+
+    public func attach(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int,
+                       exclusive: Bool, nodeLimit: Int64) async throws -> AttachmentRecord {
+        try await transact("attach volume \(volumeID) to node \(nodeID)") { txn in
+            guard var volume = try await txn.get(volumeKey(volumeID)).map({ try decode(VolumeRecord.self, $0) }) else {
+                throw StoreRules.volumeNotFound(volumeID)
+            }
+            let existing = try await txn.range(attachmentsPrefix(volumeID)).map { try decode(AttachmentRecord.self, $0) }
+            let onNode = nodeLimit > 0 ? Int64(try await txn.range(nodeAttachmentsPrefix(nodeID)).count) : 0
+            try StoreRules.checkAttach(volumeID: volumeID, nodeID: nodeID, volumeAttachments: existing,
+                                       attachedToNode: onNode, exclusive: exclusive, nodeLimit: nodeLimit)
+            volume.epoch += 1
+            let attachment = AttachmentRecord(volumeID: volumeID, nodeID: nodeID, readonly: readonly,
+                                              accessMode: accessMode, epoch: volume.epoch)
+            txn.put(volumeKey(volumeID), try StoreRules.encode(volume))
+            txn.put(attachmentKey(volumeID, nodeID), try StoreRules.encode(attachment))
+            txn.put(nodeAttachmentKey(nodeID, volumeID), Data())
+            return attachment
+        }
+    }
+
+    public func detach(volumeID: String, nodeID: String) async throws {
+        try await write([.delete(attachmentKey(volumeID, nodeID)), .delete(nodeAttachmentKey(nodeID, volumeID))])
+    }
+
+    // MARK: replicas
+
+    public func markReplicaOutOfSync(volumeID: String, nodeID: String, epoch: Int64, reason: String) async throws {
+        let changed = try await transact("mark replica \(nodeID) of volume \(volumeID) out of sync") { txn in
+            guard var volume = try await txn.get(volumeKey(volumeID)).map({ try decode(VolumeRecord.self, $0) }) else {
+                throw StoreRules.volumeNotFound(volumeID)
+            }
+            guard try volume.markReplicaOutOfSync(nodeID: nodeID, epoch: epoch, reason: reason) else { return false }
+            txn.put(volumeKey(volumeID), try StoreRules.encode(volume))
+            return true
+        }
+        if changed {
+            logger.notice("replica left the in-sync set", metadata: [
+                "volume": "\(volumeID)", "replica.node": "\(nodeID)", "epoch": "\(epoch)", "reason": "\(reason)"])
+        }
+    }
+
+    // MARK: node-side records
+
+    public func stage(volumeID: String, nodeID: String) async throws -> StageRecord? {
+        try await get(StageRecord.self, stageKey(volumeID, nodeID))
+    }
+
+    public func stages(nodeID: String) async throws -> [StageRecord] {
+        try await list(StageRecord.self, prefix: "\(stagesPrefix)\(nodeID)/")
+    }
+
+    public func putStage(_ record: StageRecord) async throws {
+        try await write([.put(stageKey(record.volumeID, record.nodeID), try StoreRules.encode(record))])
+    }
+
+    public func removeStage(volumeID: String, nodeID: String) async throws {
+        try await write([.delete(stageKey(volumeID, nodeID))])
+    }
+
+    public func publishes(volumeID: String) async throws -> [PublishRecord] {
+        try await list(PublishRecord.self, prefix: publishesPrefix(volumeID)).sorted { $0.targetPath < $1.targetPath }
+    }
+
+    public func putPublish(_ record: PublishRecord) async throws {
+        try await write([.put(publishKey(record), try StoreRules.encode(record))])
+    }
+
+    public func removePublish(_ record: PublishRecord) async throws {
+        try await write([.delete(publishKey(record))])
+    }
+}
+
+/// One optimistic transaction: reads go to etcd at once and add the conditions under which
+/// what they saw still holds; writes are queued and sent, with those conditions, by `commit`.
+final class EtcdTransaction {
+    private let client: EtcdClient
+    private var compares: [Etcdserverpb_Compare] = []
+    private var ops: [Etcdserverpb_RequestOp] = []
+
+    init(client: EtcdClient) { self.client = client }
+
+    /// The key's current value; the commit requires it unchanged (or still absent).
+    func get(_ key: String) async throws -> Etcdserverpb_KeyValue? {
+        let kv = try await client.get(key).kv
+        var compare = Etcdserverpb_Compare()
+        compare.key = Data(key.utf8)
+        compare.target = .mod
+        compare.result = .equal
+        compare.modRevision = kv?.modRevision ?? 0  // an absent key compares as mod_revision 0
+        compares.append(compare)
+        return kv
+    }
+
+    /// Every key under `prefix`; the commit requires that none was created or changed since.
+    /// (Deletions are not detected: the callers' decisions only get easier when keys go away.)
+    func range(_ prefix: String) async throws -> [Etcdserverpb_KeyValue] {
+        let (kvs, revision) = try await client.range(from: prefix, end: EtcdClient.prefixEnd(prefix))
+        var compare = Etcdserverpb_Compare()
+        compare.key = Data(prefix.utf8)
+        compare.rangeEnd = EtcdClient.prefixEnd(prefix)
+        compare.target = .mod
+        compare.result = .less
+        compare.modRevision = revision + 1
+        compares.append(compare)
+        return kvs
+    }
+
+    func put(_ key: String, _ value: Data) { ops.append(.put(key, value)) }
+    func delete(_ key: String) { ops.append(.delete(key)) }
+    func deletePrefix(_ prefix: String) { ops.append(.delete(prefix, rangeEnd: EtcdClient.prefixEnd(prefix))) }
+
+    /// Sends the queued writes if every condition holds. True when committed (or nothing to do).
+    func commit() async throws -> Bool {
+        guard !ops.isEmpty else { return true }
+        var request = Etcdserverpb_TxnRequest()
+        request.compare = compares
+        request.success = ops
+        return try await client.txn(request).succeeded
+    }
+}
+
+extension Etcdserverpb_RequestOp {
+    static func put(_ key: String, _ value: Data, lease: Int64 = 0) -> Self {
+        var put = Etcdserverpb_PutRequest()
+        put.key = Data(key.utf8)
+        put.value = value
+        put.lease = lease
+        var op = Self()
+        op.requestPut = put
+        return op
+    }
+
+    static func delete(_ key: String, rangeEnd: Data? = nil) -> Self {
+        var delete = Etcdserverpb_DeleteRangeRequest()
+        delete.key = Data(key.utf8)
+        if let rangeEnd { delete.rangeEnd = rangeEnd }
+        var op = Self()
+        op.requestDeleteRange = delete
+        return op
+    }
+}
+
+extension Etcdserverpb_Compare {
+    /// Holds when the key does not exist.
+    static func mustNotExist(_ key: String) -> Self {
+        var compare = Self()
+        compare.key = Data(key.utf8)
+        compare.target = .create
+        compare.result = .equal
+        compare.createRevision = 0
+        return compare
+    }
+}
