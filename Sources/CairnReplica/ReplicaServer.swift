@@ -343,30 +343,30 @@ public final class ReplicaServer: Sendable {
             case .notFound, .closed: return (.notFound, e.description)
             case .corruptSuperblock, .wrongVolume, .inUse: return (.ioError, e.description)
             }
-        case let e as OutOfRange:
-            return (.outOfRange, e.message)
+        case let e as CairnError:
+            return (status(for: e.code), e.message)
         case let e as any StatusConvertible:
-            let (code, message) = e.status
-            switch code {
-            case .invalidArgument: return (.badRequest, message)
-            case .notFound: return (.notFound, message)
-            case .outOfRange: return (.outOfRange, message)
-            default: return (.ioError, message)
-            }
+            return (status(for: e.status.code), e.status.message)
         default:
             return (.ioError, "\(error)")
         }
     }
 
-    struct OutOfRange: Error {
-        var message: String
+    private static func status(for code: StatusCode) -> ReplyStatus {
+        switch code {
+        case .invalidArgument, .alreadyExists: .badRequest
+        case .notFound: .notFound
+        case .outOfRange: .outOfRange
+        case .dataLoss: .checksumMismatch
+        default: .ioError
+        }
     }
 
     private func checkRange(_ store: ReplicaStore, offset: UInt64, length: UInt64) throws {
         let size = store.status.size
         let (end, overflow) = offset.addingReportingOverflow(length)
         guard !overflow, end <= size else {
-            throw OutOfRange(message: "range \(offset)+\(length) is beyond the end of volume \(store.volumeID) (\(size) bytes)")
+            throw CairnError.outOfRange("range \(offset)+\(length) is beyond the end of volume \(store.volumeID) (\(size) bytes)")
         }
     }
 
