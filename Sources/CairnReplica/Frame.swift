@@ -132,7 +132,7 @@ public struct FrameHeader: Equatable, Sendable {
     /// Throws `badMagic` unless `bytes` (the first four of a frame) are 'CRNF'; lets a stream
     /// decoder reject a stranger before a whole header has arrived.
     public static func checkMagic(_ bytes: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(bytes.prefix(4)))
+        var r = ByteReader(bytes.prefix(4))
         let magic = try r.readUInt32("magic")
         guard magic == FrameLimits.magic else {
             throw FrameError(.badMagic, "bad frame magic 0x\(String(magic, radix: 16, uppercase: true)) (expected 'CRNF')")
@@ -396,7 +396,7 @@ public struct HelloRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         protocolVersion = try r.readUInt16("protocol version")
         authToken = try r.readToken()
         try r.expectEnd()
@@ -428,7 +428,7 @@ public struct HelloResponse: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         status = try r.readStatus()
         protocolVersion = try r.readUInt16("protocol version")
         authToken = try r.readToken()
@@ -449,7 +449,7 @@ public struct ClaimRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
         try r.expectEnd()
     }
@@ -477,7 +477,7 @@ public struct ClaimResponse: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         status = try r.readStatus()
         replicaEpoch = try r.readUInt64("replica epoch")
         message = try r.readMessage()
@@ -505,7 +505,7 @@ public struct ReadRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
         offset = try r.readUInt64("offset")
         length = try r.readUInt32("length")
@@ -536,7 +536,7 @@ public struct ReadResponse: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         status = try r.readStatus()
         data = try r.readData(allowEmpty: true)
         message = try r.readMessage()
@@ -572,7 +572,7 @@ public struct WriteRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
         generation = try r.readUInt64("generation")
         offset = try r.readUInt64("offset")
@@ -605,7 +605,7 @@ public struct PlainResponse: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         status = try r.readStatus()
         message = try r.readMessage()
         try r.expectEnd()
@@ -624,7 +624,7 @@ public struct FlushRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
         try r.expectEnd()
     }
@@ -652,7 +652,7 @@ public struct FlushResponse: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         status = try r.readStatus()
         flushedGeneration = try r.readUInt64("flushed generation")
         message = try r.readMessage()
@@ -685,7 +685,7 @@ public struct TrimRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
         generation = try r.readUInt64("generation")
         offset = try r.readUInt64("offset")
@@ -707,7 +707,7 @@ public struct StatusRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
         try r.expectEnd()
     }
@@ -745,7 +745,7 @@ public struct StatusResponse: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         status = try r.readStatus()
         size = try r.readUInt64("size")
         replicaEpoch = try r.readUInt64("replica epoch")
@@ -774,7 +774,7 @@ public struct CreateRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
         size = try r.readUInt64("size")
         try r.expectEnd()
@@ -796,7 +796,7 @@ public struct DeleteRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
         try r.expectEnd()
     }
@@ -874,12 +874,17 @@ struct ByteWriter {
 /// Reads little-endian integers and length-prefixed fields from untrusted bytes: every read
 /// checks what is left first, so a lying length throws instead of trapping or allocating.
 struct ByteReader {
-    private let bytes: [UInt8]
-    private var index = 0
+    private let bytes: ArraySlice<UInt8>
+    private var index: Int
 
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
+    /// A payload that is already a slice (what `FrameDecoder` hands over) is read in place:
+    /// a write's data is copied once, into its `[UInt8]`.
+    init(_ bytes: some Collection<UInt8>) {
+        self.bytes = (bytes as? ArraySlice<UInt8>) ?? ArraySlice(bytes)
+        self.index = self.bytes.startIndex
+    }
 
-    var remaining: Int { bytes.count - index }
+    var remaining: Int { bytes.endIndex - index }
 
     private mutating func take(_ count: Int, _ field: String) throws(FrameError) -> ArraySlice<UInt8> {
         guard count >= 0, count <= remaining else {
