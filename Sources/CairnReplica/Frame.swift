@@ -30,6 +30,8 @@ public enum FrameLimits {
     public static let maxFrameSize = headerSize + maxPayloadLength
     public static let maxVolumeIDLength = 128
     public static let maxAuthTokenLength = 128
+    /// A response's error message (UTF-8; longer messages are cut by the sender).
+    public static let maxMessageLength = 1024
 }
 
 /// The op a frame carries; a response reuses its request's op with `FrameFlags.response`.
@@ -42,6 +44,9 @@ public enum Opcode: UInt8, Sendable, CaseIterable {
     case flush = 5
     case trim = 6
     case status = 7
+    /// Control plane (the controller placing or deleting a replica).
+    case create = 8
+    case delete = 9
 }
 
 /// Header flag bits. Bits other than `response` are reserved and must be zero (a peer that sets
@@ -127,7 +132,7 @@ public struct FrameHeader: Equatable, Sendable {
     /// Throws `badMagic` unless `bytes` (the first four of a frame) are 'CRNF'; lets a stream
     /// decoder reject a stranger before a whole header has arrived.
     public static func checkMagic(_ bytes: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(bytes.prefix(4)))
+        var r = ByteReader(bytes.prefix(4))
         let magic = try r.readUInt32("magic")
         guard magic == FrameLimits.magic else {
             throw FrameError(.badMagic, "bad frame magic 0x\(String(magic, radix: 16, uppercase: true)) (expected 'CRNF')")
@@ -247,6 +252,8 @@ public enum Request: Equatable, Sendable {
     case flush(FlushRequest)
     case trim(TrimRequest)
     case status(StatusRequest)
+    case create(CreateRequest)
+    case delete(DeleteRequest)
 
     public var opcode: Opcode {
         switch self {
@@ -257,6 +264,8 @@ public enum Request: Equatable, Sendable {
         case .flush: .flush
         case .trim: .trim
         case .status: .status
+        case .create: .create
+        case .delete: .delete
         }
     }
 
@@ -269,6 +278,8 @@ public enum Request: Equatable, Sendable {
         case .flush(let m): m.encode()
         case .trim(let m): m.encode()
         case .status(let m): m.encode()
+        case .create(let m): m.encode()
+        case .delete(let m): m.encode()
         }
     }
 
@@ -281,6 +292,8 @@ public enum Request: Equatable, Sendable {
         case .flush: self = .flush(try FlushRequest(decoding: payload))
         case .trim: self = .trim(try TrimRequest(decoding: payload))
         case .status: self = .status(try StatusRequest(decoding: payload))
+        case .create: self = .create(try CreateRequest(decoding: payload))
+        case .delete: self = .delete(try DeleteRequest(decoding: payload))
         }
     }
 }
@@ -294,6 +307,8 @@ public enum Response: Equatable, Sendable {
     case flush(FlushResponse)
     case trim(TrimResponse)
     case status(StatusResponse)
+    case create(CreateResponse)
+    case delete(DeleteResponse)
 
     public var opcode: Opcode {
         switch self {
@@ -304,6 +319,8 @@ public enum Response: Equatable, Sendable {
         case .flush: .flush
         case .trim: .trim
         case .status: .status
+        case .create: .create
+        case .delete: .delete
         }
     }
 
@@ -316,6 +333,8 @@ public enum Response: Equatable, Sendable {
         case .flush(let m): m.encode()
         case .trim(let m): m.encode()
         case .status(let m): m.encode()
+        case .create(let m): m.encode()
+        case .delete(let m): m.encode()
         }
     }
 
@@ -328,6 +347,8 @@ public enum Response: Equatable, Sendable {
         case .flush: self = .flush(try FlushResponse(decoding: payload))
         case .trim: self = .trim(try TrimResponse(decoding: payload))
         case .status: self = .status(try StatusResponse(decoding: payload))
+        case .create: self = .create(try CreateResponse(decoding: payload))
+        case .delete: self = .delete(try DeleteResponse(decoding: payload))
         }
     }
 }
@@ -346,10 +367,16 @@ public enum Response: Equatable, Sendable {
 //            rsp: status u8
 //   flush    req: volume
 //            rsp: status u8 | flushed generation u64
-//   trim     req: volume | offset u64 | length u64  (u64: one trim may cover a whole volume)
+//   trim     req: volume | generation u64 | offset u64 | length u64  (u64: one trim may cover a volume)
 //            rsp: status u8
 //   status   req: volume
-//            rsp: status u8 | size u64 | replica epoch u64 | flushed generation u64
+//            rsp: status u8 | size u64 | replica epoch u64 | flushed generation u64 |
+//                 highest generation u64
+//   create   req: volume | size u64          (idempotent for the same size)
+//            rsp: status u8
+//   delete   req: volume                       (idempotent)
+//            rsp: status u8
+// Every response ends with a message (u16 length + UTF-8, ≤ 1024 bytes; empty on success).
 
 public struct HelloRequest: Equatable, Sendable {
     public var protocolVersion: UInt16
@@ -369,7 +396,7 @@ public struct HelloRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         protocolVersion = try r.readUInt16("protocol version")
         authToken = try r.readToken()
         try r.expectEnd()
@@ -378,11 +405,14 @@ public struct HelloRequest: Equatable, Sendable {
 
 public struct HelloResponse: Equatable, Sendable {
     public var status: ReplyStatus
+    /// Why the request failed, for logs and errors; empty on success.
+    public var message: String
     public var protocolVersion: UInt16
     /// Opaque: room for the replica's half of a mutual authentication.
     public var authToken: [UInt8]
 
-    public init(status: ReplyStatus, protocolVersion: UInt16 = FrameLimits.version, authToken: [UInt8] = []) {
+    public init(status: ReplyStatus, protocolVersion: UInt16 = FrameLimits.version, authToken: [UInt8] = [], message: String = "") {
+        self.message = message
         self.status = status
         self.protocolVersion = protocolVersion
         self.authToken = authToken
@@ -393,14 +423,16 @@ public struct HelloResponse: Equatable, Sendable {
         w.write(status.rawValue)
         w.write(protocolVersion)
         w.writeToken(authToken)
+        w.writeMessage(message)
         return w.bytes
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         status = try r.readStatus()
         protocolVersion = try r.readUInt16("protocol version")
         authToken = try r.readToken()
+        message = try r.readMessage()
         try r.expectEnd()
     }
 }
@@ -417,7 +449,7 @@ public struct ClaimRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
         try r.expectEnd()
     }
@@ -425,10 +457,13 @@ public struct ClaimRequest: Equatable, Sendable {
 
 public struct ClaimResponse: Equatable, Sendable {
     public var status: ReplyStatus
+    /// Why the request failed, for logs and errors; empty on success.
+    public var message: String
     /// The replica's epoch after the claim (on `staleEpoch`: the newer epoch that fenced us).
     public var replicaEpoch: UInt64
 
-    public init(status: ReplyStatus, replicaEpoch: UInt64) {
+    public init(status: ReplyStatus, replicaEpoch: UInt64, message: String = "") {
+        self.message = message
         self.status = status
         self.replicaEpoch = replicaEpoch
     }
@@ -437,13 +472,15 @@ public struct ClaimResponse: Equatable, Sendable {
         var w = ByteWriter()
         w.write(status.rawValue)
         w.write(replicaEpoch)
+        w.writeMessage(message)
         return w.bytes
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         status = try r.readStatus()
         replicaEpoch = try r.readUInt64("replica epoch")
+        message = try r.readMessage()
         try r.expectEnd()
     }
 }
@@ -468,7 +505,7 @@ public struct ReadRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
         offset = try r.readUInt64("offset")
         length = try r.readUInt32("length")
@@ -479,10 +516,13 @@ public struct ReadRequest: Equatable, Sendable {
 
 public struct ReadResponse: Equatable, Sendable {
     public var status: ReplyStatus
+    /// Why the request failed, for logs and errors; empty on success.
+    public var message: String
     /// Whole blocks; empty unless `status` is `ok`.
     public var data: [UInt8]
 
-    public init(status: ReplyStatus, data: [UInt8] = []) {
+    public init(status: ReplyStatus, data: [UInt8] = [], message: String = "") {
+        self.message = message
         self.status = status
         self.data = data
     }
@@ -491,13 +531,15 @@ public struct ReadResponse: Equatable, Sendable {
         var w = ByteWriter(capacity: 5 + data.count)
         w.write(status.rawValue)
         w.writeData(data)
+        w.writeMessage(message)
         return w.bytes
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         status = try r.readStatus()
         data = try r.readData(allowEmpty: true)
+        message = try r.readMessage()
         try r.expectEnd()
         guard status == .ok || data.isEmpty else {
             throw FrameError(.malformedPayload, "read response with status \(status) carries \(data.count) bytes of data")
@@ -530,7 +572,7 @@ public struct WriteRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
         generation = try r.readUInt64("generation")
         offset = try r.readUInt64("offset")
@@ -544,16 +586,28 @@ public struct WriteRequest: Equatable, Sendable {
     }
 }
 
-public struct WriteResponse: Equatable, Sendable {
+/// The response of the ops that answer with a status (and a message) only.
+public struct PlainResponse: Equatable, Sendable {
     public var status: ReplyStatus
+    /// Why the request failed, for logs and errors; empty on success.
+    public var message: String
 
-    public init(status: ReplyStatus) { self.status = status }
+    public init(status: ReplyStatus, message: String = "") {
+        self.status = status
+        self.message = message
+    }
 
-    public func encode() -> [UInt8] { [status.rawValue] }
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.write(status.rawValue)
+        w.writeMessage(message)
+        return w.bytes
+    }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         status = try r.readStatus()
+        message = try r.readMessage()
         try r.expectEnd()
     }
 }
@@ -570,7 +624,7 @@ public struct FlushRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
         try r.expectEnd()
     }
@@ -578,10 +632,13 @@ public struct FlushRequest: Equatable, Sendable {
 
 public struct FlushResponse: Equatable, Sendable {
     public var status: ReplyStatus
+    /// Why the request failed, for logs and errors; empty on success.
+    public var message: String
     /// The generation recorded as durable by this flush.
     public var flushedGeneration: UInt64
 
-    public init(status: ReplyStatus, flushedGeneration: UInt64) {
+    public init(status: ReplyStatus, flushedGeneration: UInt64, message: String = "") {
+        self.message = message
         self.status = status
         self.flushedGeneration = flushedGeneration
     }
@@ -590,24 +647,30 @@ public struct FlushResponse: Equatable, Sendable {
         var w = ByteWriter()
         w.write(status.rawValue)
         w.write(flushedGeneration)
+        w.writeMessage(message)
         return w.bytes
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         status = try r.readStatus()
         flushedGeneration = try r.readUInt64("flushed generation")
+        message = try r.readMessage()
         try r.expectEnd()
     }
 }
 
 public struct TrimRequest: Equatable, Sendable {
     public var volume: String
+    /// The generation the trimmed blocks take (so a delta resync sees the trim); 0 lets the
+    /// replica use the highest generation it has written.
+    public var generation: UInt64
     public var offset: UInt64
     public var length: UInt64
 
-    public init(volume: String, offset: UInt64, length: UInt64) {
+    public init(volume: String, generation: UInt64 = 0, offset: UInt64, length: UInt64) {
         self.volume = volume
+        self.generation = generation
         self.offset = offset
         self.length = length
     }
@@ -615,32 +678,20 @@ public struct TrimRequest: Equatable, Sendable {
     public func encode() -> [UInt8] {
         var w = ByteWriter()
         w.writeVolume(volume)
+        w.write(generation)
         w.write(offset)
         w.write(length)
         return w.bytes
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
+        generation = try r.readUInt64("generation")
         offset = try r.readUInt64("offset")
         length = try r.readUInt64("length")
         try r.expectEnd()
         try validateBlockRange(offset: offset, length: length, maxLength: .max, what: "trim")
-    }
-}
-
-public struct TrimResponse: Equatable, Sendable {
-    public var status: ReplyStatus
-
-    public init(status: ReplyStatus) { self.status = status }
-
-    public func encode() -> [UInt8] { [status.rawValue] }
-
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
-        status = try r.readStatus()
-        try r.expectEnd()
     }
 }
 
@@ -656,7 +707,7 @@ public struct StatusRequest: Equatable, Sendable {
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         volume = try r.readVolume()
         try r.expectEnd()
     }
@@ -664,15 +715,22 @@ public struct StatusRequest: Equatable, Sendable {
 
 public struct StatusResponse: Equatable, Sendable {
     public var status: ReplyStatus
+    /// Why the request failed, for logs and errors; empty on success.
+    public var message: String
     public var size: UInt64
     public var replicaEpoch: UInt64
     public var flushedGeneration: UInt64
+    /// The highest generation written, durable or not.
+    public var highestGeneration: UInt64
 
-    public init(status: ReplyStatus, size: UInt64, replicaEpoch: UInt64, flushedGeneration: UInt64) {
+    public init(status: ReplyStatus, size: UInt64, replicaEpoch: UInt64, flushedGeneration: UInt64,
+                highestGeneration: UInt64 = 0, message: String = "") {
+        self.message = message
         self.status = status
         self.size = size
         self.replicaEpoch = replicaEpoch
         self.flushedGeneration = flushedGeneration
+        self.highestGeneration = highestGeneration
     }
 
     public func encode() -> [UInt8] {
@@ -681,18 +739,73 @@ public struct StatusResponse: Equatable, Sendable {
         w.write(size)
         w.write(replicaEpoch)
         w.write(flushedGeneration)
+        w.write(highestGeneration)
+        w.writeMessage(message)
         return w.bytes
     }
 
     public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(Array(payload))
+        var r = ByteReader(payload)
         status = try r.readStatus()
         size = try r.readUInt64("size")
         replicaEpoch = try r.readUInt64("replica epoch")
         flushedGeneration = try r.readUInt64("flushed generation")
+        highestGeneration = try r.readUInt64("highest generation")
+        message = try r.readMessage()
         try r.expectEnd()
     }
 }
+
+public struct CreateRequest: Equatable, Sendable {
+    public var volume: String
+    /// Bytes, a positive multiple of 4096.
+    public var size: UInt64
+
+    public init(volume: String, size: UInt64) {
+        self.volume = volume
+        self.size = size
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.writeVolume(volume)
+        w.write(size)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(payload)
+        volume = try r.readVolume()
+        size = try r.readUInt64("size")
+        try r.expectEnd()
+        guard size != 0, size % UInt64(FrameLimits.blockSize) == 0 else {
+            throw FrameError(.malformedPayload, "create size \(size) is not a positive multiple of \(FrameLimits.blockSize)")
+        }
+    }
+}
+
+public struct DeleteRequest: Equatable, Sendable {
+    public var volume: String
+
+    public init(volume: String) { self.volume = volume }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.writeVolume(volume)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(payload)
+        volume = try r.readVolume()
+        try r.expectEnd()
+    }
+}
+
+public typealias WriteResponse = PlainResponse
+public typealias TrimResponse = PlainResponse
+public typealias CreateResponse = PlainResponse
+public typealias DeleteResponse = PlainResponse
 
 // MARK: - Validation and byte access
 
@@ -739,6 +852,18 @@ struct ByteWriter {
         bytes.append(contentsOf: token[0..<Int(n)])
     }
 
+    /// u16 length + UTF-8, cut (on a character boundary) to `FrameLimits.maxMessageLength`.
+    mutating func writeMessage(_ message: String) {
+        var utf8 = Array(message.utf8)
+        if utf8.count > FrameLimits.maxMessageLength {
+            var cut = FrameLimits.maxMessageLength
+            while cut > 0, utf8[cut] & 0xC0 == 0x80 { cut -= 1 }
+            utf8 = Array(utf8[0..<cut])
+        }
+        write(UInt16(utf8.count))
+        bytes.append(contentsOf: utf8)
+    }
+
     mutating func writeData(_ data: [UInt8]) {
         let n = UInt32(clamping: data.count)
         write(n)
@@ -749,12 +874,17 @@ struct ByteWriter {
 /// Reads little-endian integers and length-prefixed fields from untrusted bytes: every read
 /// checks what is left first, so a lying length throws instead of trapping or allocating.
 struct ByteReader {
-    private let bytes: [UInt8]
-    private var index = 0
+    private let bytes: ArraySlice<UInt8>
+    private var index: Int
 
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
+    /// A payload that is already a slice (what `FrameDecoder` hands over) is read in place:
+    /// a write's data is copied once, into its `[UInt8]`.
+    init(_ bytes: some Collection<UInt8>) {
+        self.bytes = (bytes as? ArraySlice<UInt8>) ?? ArraySlice(bytes)
+        self.index = self.bytes.startIndex
+    }
 
-    var remaining: Int { bytes.count - index }
+    var remaining: Int { bytes.endIndex - index }
 
     private mutating func take(_ count: Int, _ field: String) throws(FrameError) -> ArraySlice<UInt8> {
         guard count >= 0, count <= remaining else {
@@ -806,6 +936,18 @@ struct ByteReader {
         return Array(try take(n, "auth token"))
     }
 
+    mutating func readMessage() throws(FrameError) -> String {
+        let n = Int(try readUInt16("message length"))
+        guard n <= FrameLimits.maxMessageLength else {
+            throw FrameError(.malformedPayload, "message is \(n) bytes (limit \(FrameLimits.maxMessageLength))")
+        }
+        let raw = try take(n, "message")
+        guard let message = String(validating: raw, as: UTF8.self) else {
+            throw FrameError(.malformedPayload, "message is not valid UTF-8")
+        }
+        return message
+    }
+
     mutating func readData(allowEmpty: Bool) throws(FrameError) -> [UInt8] {
         let n = Int(try readUInt32("data length"))
         guard n <= FrameLimits.maxDataLength else {
@@ -821,5 +963,29 @@ struct ByteReader {
         guard remaining == 0 else {
             throw FrameError(.malformedPayload, "\(remaining) unexpected bytes after the last field")
         }
+    }
+}
+
+// MARK: - Hot path
+
+extension WriteRequest {
+    /// A whole write request frame (header and payload) built straight from `data`: the data
+    /// is copied once, into the returned buffer. Same bytes as `Frame(...).encode()`.
+    public static func encodeFrame(requestID: UInt64, epoch: UInt64, volume: String, generation: UInt64,
+                                   offset: UInt64, data: UnsafeRawBufferPointer) -> [UInt8] {
+        var fields = ByteWriter()
+        fields.writeVolume(volume)
+        fields.write(generation)
+        fields.write(offset)
+        fields.write(UInt32(clamping: data.count))
+        let payloadLength = fields.bytes.count + data.count
+        let header = FrameHeader(opcode: .write, flags: 0, requestID: requestID,
+                                 payloadLength: UInt32(clamping: payloadLength), epoch: epoch)
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(FrameLimits.headerSize + payloadLength)
+        bytes.append(contentsOf: header.encode())
+        bytes.append(contentsOf: fields.bytes)
+        bytes.append(contentsOf: data)
+        return bytes
     }
 }

@@ -16,8 +16,10 @@ final class FrameCodecTests: XCTestCase {
             .read(ReadRequest(volume: "pvc-0f1e2d3c", offset: 8192, length: 8192)),
             .write(WriteRequest(volume: "pvc-0f1e2d3c", generation: 42, offset: 4096, data: block + block)),
             .flush(FlushRequest(volume: "pvc-0f1e2d3c")),
-            .trim(TrimRequest(volume: "völ-ü", offset: 1 << 30, length: 1 << 40)),
+            .trim(TrimRequest(volume: "völ-ü", generation: 43, offset: 1 << 30, length: 1 << 40)),
             .status(StatusRequest(volume: String(repeating: "v", count: 128))),
+            .create(CreateRequest(volume: "pvc-0f1e2d3c", size: 16 << 20)),
+            .delete(DeleteRequest(volume: "pvc-0f1e2d3c")),
         ]
         let responses: [Response] = [
             .hello(HelloResponse(status: .ok, protocolVersion: 1, authToken: [1, 2, 3])),
@@ -25,8 +27,10 @@ final class FrameCodecTests: XCTestCase {
             .read(ReadResponse(status: .ok, data: block)),
             .write(WriteResponse(status: .checksumMismatch)),
             .flush(FlushResponse(status: .ok, flushedGeneration: 41)),
-            .trim(TrimResponse(status: .outOfRange)),
-            .status(StatusResponse(status: .ok, size: 1 << 34, replicaEpoch: 7, flushedGeneration: .max)),
+            .trim(TrimResponse(status: .outOfRange, message: "range 0+8192 is beyond the end")),
+            .status(StatusResponse(status: .ok, size: 1 << 34, replicaEpoch: 7, flushedGeneration: .max, highestGeneration: 12)),
+            .create(CreateResponse(status: .badRequest, message: "exists with size 4096 — délète it first")),
+            .delete(DeleteResponse(status: .ok)),
         ]
         var frames: [Frame] = []
         for (i, r) in requests.enumerated() {
@@ -114,16 +118,16 @@ final class FrameCodecTests: XCTestCase {
     func testHeaderLayoutIsLittleEndianWithChecksumOverFirst28Bytes() throws {
         let frame = Frame(requestID: 0x0102_0304_0506_0708, epoch: 0x1112_1314_1516_1718, body: .response(.trim(TrimResponse(status: .ok))))
         let bytes = frame.encode()
-        XCTAssertEqual(bytes.count, 33)
+        XCTAssertEqual(bytes.count, 35)  // header + status + empty message (u16 length)
         XCTAssertEqual(Array(bytes[0..<4]), Array("CRNF".utf8))
         XCTAssertEqual(Array(bytes[4..<6]), [1, 0])
         XCTAssertEqual(bytes[6], Opcode.trim.rawValue)
         XCTAssertEqual(bytes[7], 0x01)  // response flag
         XCTAssertEqual(Array(bytes[8..<16]), [8, 7, 6, 5, 4, 3, 2, 1])
-        XCTAssertEqual(Array(bytes[16..<20]), [1, 0, 0, 0])
+        XCTAssertEqual(Array(bytes[16..<20]), [3, 0, 0, 0])
         XCTAssertEqual(Array(bytes[20..<28]), [0x18, 0x17, 0x16, 0x15, 0x14, 0x13, 0x12, 0x11])
         XCTAssertEqual(Array(bytes[28..<32]), Self.le(CRC32C.checksum(Array(bytes[0..<28]))))
-        XCTAssertEqual(bytes, Self.rawFrame(op: 6, flags: 1, requestID: 0x0102_0304_0506_0708, epoch: 0x1112_1314_1516_1718, payload: [0]))
+        XCTAssertEqual(bytes, Self.rawFrame(op: 6, flags: 1, requestID: 0x0102_0304_0506_0708, epoch: 0x1112_1314_1516_1718, payload: [0, 0, 0]))
     }
 
     func testLargestWriteIsAcceptedAndOneBlockMoreIsNot() throws {
@@ -320,9 +324,38 @@ final class FrameCodecTests: XCTestCase {
         assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: 1, payload: [99]), .malformedPayload, containing: "status")
         assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, payload: volume + [0]), .malformedPayload, containing: "unexpected")
         // A failed read carries no data.
-        assertFrameError(Self.rawFrame(op: Opcode.read.rawValue, flags: 1, payload: [ReplyStatus.ioError.rawValue] + Self.le(UInt32(4096)) + Self.block), .malformedPayload)
+        assertFrameError(Self.rawFrame(op: Opcode.read.rawValue, flags: 1, payload: [ReplyStatus.ioError.rawValue] + Self.le(UInt32(4096)) + Self.block + [0, 0]), .malformedPayload, containing: "carries")
         // An oversized auth token.
         assertFrameError(Self.rawFrame(op: Opcode.hello.rawValue, payload: Self.le(UInt16(1)) + Self.le(UInt16(129)) + [UInt8](repeating: 0, count: 129)), .malformedPayload, containing: "auth token")
+    }
+
+    func testCreateSizeMustBeAPositiveMultipleOf4096() {
+        for size: UInt64 in [0, 4095, 4097] {
+            let frame = Frame(requestID: 1, epoch: 0, body: .request(.create(CreateRequest(volume: "v", size: size))))
+            assertFrameError(frame.encode(), .malformedPayload, containing: "create size")
+        }
+    }
+
+    func testResponseMessagesAreBoundedAndUTF8() throws {
+        let tooLong = Self.rawFrame(op: Opcode.delete.rawValue, flags: 1, payload: [0] + Self.le(UInt16(1025)) + [UInt8](repeating: 65, count: 1025))
+        assertFrameError(tooLong, .malformedPayload, containing: "message is 1025 bytes")
+        let notUTF8 = Self.rawFrame(op: Opcode.delete.rawValue, flags: 1, payload: [0] + Self.le(UInt16(2)) + [0xC3, 0x28])
+        assertFrameError(notUTF8, .malformedPayload, containing: "message is not valid UTF-8")
+        // The sender cuts a long message on a character boundary, so it still decodes.
+        let long = String(repeating: "é", count: 700)  // 1400 bytes
+        let frame = Frame(requestID: 1, epoch: 0, body: .response(.write(WriteResponse(status: .ioError, message: long))))
+        let decoded = try Self.decodeAll(frame.encode())
+        guard case .response(.write(let m)) = decoded.first?.body else { return XCTFail("decoded \(decoded)") }
+        XCTAssertEqual(m.message, String(repeating: "é", count: 512))
+    }
+
+    func testTheHotPathWriteEncoderMatchesTheGenericOne() throws {
+        let data = Self.block + Self.block
+        let generic = Frame(requestID: 77, epoch: 9, body: .request(.write(WriteRequest(volume: "vol-1", generation: 5, offset: 8192, data: data)))).encode()
+        let fast = data.withUnsafeBytes {
+            WriteRequest.encodeFrame(requestID: 77, epoch: 9, volume: "vol-1", generation: 5, offset: 8192, data: $0)
+        }
+        XCTAssertEqual(fast, generic)
     }
 
     func testTheFirstErrorIsSticky() throws {

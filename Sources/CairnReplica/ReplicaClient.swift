@@ -1,0 +1,320 @@
+// The replica client: one TCP connection to a replica server, shared by many threads.
+//
+// Owns: the connection (connect with a timeout, hello), request ids, pipelining (any number of
+// callers send on the one socket under a lock and each waits for its own reply), the reader
+// thread that hands replies to their waiters, timeouts, and the "broken" state: after any
+// connection error, protocol violation or timeout the socket is shut down, every waiter fails
+// with `.connection`, and every later call fails fast. Reconnecting is the caller's decision
+// (the engine must first decide whether the replica is still in sync).
+//
+// Does not own: retries, replica selection, generations or epochs (the engine numbers writes
+// and holds the epoch; the client only carries them).
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import Dispatch
+import Logging
+import Synchronization
+
+public enum ReplicaClientError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The replica answered with an error (`staleEpoch` is how fencing shows).
+    case remote(ReplyStatus, String)
+    /// Connect/IO failure or closed; the connection is now broken.
+    case connection(String)
+    /// No reply within the request timeout; the connection is now broken.
+    case timeout(String)
+
+    public var description: String {
+        switch self {
+        case let .remote(status, message): "replica refused the request (\(status)): \(message)"
+        case let .connection(reason): "replica connection failed: \(reason)"
+        case let .timeout(reason): "replica request timed out: \(reason)"
+        }
+    }
+}
+
+public final class ReplicaClient: Sendable {
+    public let address: ReplicaAddress
+    public let requestTimeout: Duration
+    private let fd: Int32
+    private let logger: Logger
+    private let state = Mutex(ClientState())
+    /// Held while sending; true once the descriptor is closed (by the reader, on its way out).
+    private let sendLock = Mutex(false)
+    /// Signalled when the reader thread has finished (socket closed, waiters failed).
+    private let readerDone = DispatchSemaphore(value: 0)
+
+    private struct ClientState {
+        var nextRequestID: UInt64 = 1
+        var waiters: [UInt64: Waiter] = [:]
+        /// Why the connection is unusable; nil while it works.
+        var broken: String?
+    }
+
+    /// One caller waiting for the reply to one request.
+    private final class Waiter: Sendable {
+        let done = DispatchSemaphore(value: 0)
+        let result = Mutex<Result<Frame, ReplicaClientError>?>(nil)
+
+        func complete(_ r: Result<Frame, ReplicaClientError>) {
+            result.withLock { if $0 == nil { $0 = r } }
+            done.signal()
+        }
+    }
+
+    /// Connects, sends hello and waits for the reply (both within `connectTimeout`).
+    public init(host: String, port: UInt16, connectTimeout: Duration = .seconds(3),
+                requestTimeout: Duration = .seconds(10), logger: Logger = ReplicaStore.discardingLogger) throws {
+        self.address = ReplicaAddress(host: host, port: port)
+        self.requestTimeout = requestTimeout
+        self.logger = logger
+        do {
+            self.fd = try Socket.connect(host: host, port: port, timeout: connectTimeout)
+        } catch {
+            throw ReplicaClientError.connection("\(error)")
+        }
+        do {
+            try startThread { [self] in readLoop() }
+        } catch {
+            _ = Glibc.close(fd)
+            throw ReplicaClientError.connection("cannot start the reader thread: \(error)")
+        }
+        do {
+            let (response, _) = try roundTrip(.hello(HelloRequest()), epoch: 0, timeout: connectTimeout)
+            guard case .hello(let hello) = response else { throw protocolViolation("hello answered with \(response.opcode)") }
+            try Self.check(hello.status, hello.message)
+        } catch {
+            close()
+            throw error
+        }
+        logger.debug("replica connection established", metadata: ["replica.address": "\(address)"])
+    }
+
+    public convenience init(_ address: ReplicaAddress, connectTimeout: Duration = .seconds(3),
+                            requestTimeout: Duration = .seconds(10), logger: Logger = ReplicaStore.discardingLogger) throws {
+        try self.init(host: address.host, port: address.port, connectTimeout: connectTimeout,
+                      requestTimeout: requestTimeout, logger: logger)
+    }
+
+    /// After a connection error, protocol violation, timeout or `close`: every call fails fast.
+    public var isBroken: Bool { state.withLock { $0.broken != nil } }
+
+    /// Shuts the connection down, fails every waiting call, and waits for the reader thread.
+    /// Idempotent.
+    public func close() {
+        markBroken("the client was closed")
+        readerDone.wait()
+        readerDone.signal()
+    }
+
+    // MARK: operations
+
+    /// Creates the replica (idempotent for the same size).
+    public func create(volumeID: String, sizeBytes: UInt64) throws {
+        let (r, _) = try roundTrip(.create(CreateRequest(volume: volumeID, size: sizeBytes)), epoch: 0)
+        guard case .create(let m) = r else { throw mismatch(r, .create) }
+        try Self.check(m.status, m.message)
+    }
+
+    /// Deletes the replica (idempotent). `epoch` must not be older than the replica's.
+    public func delete(volumeID: String, epoch: UInt64 = .max) throws {
+        let (r, _) = try roundTrip(.delete(DeleteRequest(volume: volumeID)), epoch: epoch)
+        guard case .delete(let m) = r else { throw mismatch(r, .delete) }
+        try Self.check(m.status, m.message)
+    }
+
+    /// Claims `epoch` (persisted by the replica before it answers) and returns the status.
+    public func claim(volumeID: String, epoch: UInt64) throws -> ReplicaStatus {
+        let (r, _) = try roundTrip(.claim(ClaimRequest(volume: volumeID)), epoch: epoch)
+        guard case .claim(let m) = r else { throw mismatch(r, .claim) }
+        try Self.check(m.status, m.message)
+        return try status(volumeID: volumeID, epoch: epoch)
+    }
+
+    public func status(volumeID: String, epoch: UInt64) throws -> ReplicaStatus {
+        let (r, _) = try roundTrip(.status(StatusRequest(volume: volumeID)), epoch: epoch)
+        guard case .status(let m) = r else { throw mismatch(r, .status) }
+        try Self.check(m.status, m.message)
+        return ReplicaStatus(volumeID: volumeID, size: m.size, blockSize: UInt32(FrameLimits.blockSize),
+                             epoch: m.replicaEpoch, flushedGeneration: m.flushedGeneration,
+                             highestGeneration: m.highestGeneration)
+    }
+
+    /// Reads whole, aligned blocks (at most `FrameLimits.maxDataLength`).
+    public func read(volumeID: String, offset: UInt64, length: Int, epoch: UInt64) throws -> [UInt8] {
+        let (r, _) = try roundTrip(.read(ReadRequest(volume: volumeID, offset: offset, length: UInt32(clamping: length))), epoch: epoch)
+        guard case .read(let m) = r else { throw mismatch(r, .read) }
+        try Self.check(m.status, m.message)
+        guard m.data.count == length else {
+            throw protocolViolation("read of \(length) bytes answered with \(m.data.count)")
+        }
+        return m.data
+    }
+
+    /// Writes whole, aligned blocks at `generation` (> 0); durable after the next `flush`.
+    public func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws {
+        let (r, _) = try roundTrip(opcode: .write, timeout: requestTimeout) { id in
+            WriteRequest.encodeFrame(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
+                                     offset: offset, data: data)
+        }
+        guard case .write(let m) = r else { throw mismatch(r, .write) }
+        try Self.check(m.status, m.message)
+    }
+
+    /// Makes every write acknowledged so far durable on the replica; returns the flushed generation.
+    @discardableResult
+    public func flush(volumeID: String, epoch: UInt64) throws -> UInt64 {
+        let (r, _) = try roundTrip(.flush(FlushRequest(volume: volumeID)), epoch: epoch)
+        guard case .flush(let m) = r else { throw mismatch(r, .flush) }
+        try Self.check(m.status, m.message)
+        return m.flushedGeneration
+    }
+
+    /// Trims whole, aligned blocks (they read as zeros); they take `generation` (0: the
+    /// replica's highest written).
+    public func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws {
+        let request = TrimRequest(volume: volumeID, generation: generation, offset: offset, length: length)
+        let (r, _) = try roundTrip(.trim(request), epoch: epoch)
+        guard case .trim(let m) = r else { throw mismatch(r, .trim) }
+        try Self.check(m.status, m.message)
+    }
+
+    /// Runs a blocking call off the caller's task (for control-plane callers in async code).
+    public func perform<T: Sendable>(_ body: @escaping @Sendable (ReplicaClient) throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { continuation in
+            DispatchQueue.global().async {
+                continuation.resume(with: Result { try body(self) })
+            }
+        }
+    }
+
+    // MARK: plumbing
+
+    private static func check(_ status: ReplyStatus, _ message: String) throws(ReplicaClientError) {
+        guard status == .ok else { throw .remote(status, message.isEmpty ? "\(status)" : message) }
+    }
+
+    private func mismatch(_ response: Response, _ expected: Opcode) -> ReplicaClientError {
+        protocolViolation("a \(expected) request was answered with \(response.opcode)")
+    }
+
+    /// Breaks the connection for a reply that makes no sense.
+    private func protocolViolation(_ what: String) -> ReplicaClientError {
+        let reason = "protocol violation from \(address): \(what)"
+        markBroken(reason)
+        return .connection(reason)
+    }
+
+    private func roundTrip(_ request: Request, epoch: UInt64, timeout: Duration? = nil) throws(ReplicaClientError) -> (Response, UInt64) {
+        try roundTrip(opcode: request.opcode, timeout: timeout ?? requestTimeout) { id in
+            Frame(requestID: id, epoch: epoch, body: .request(request)).encode()
+        }
+    }
+
+    /// Registers a waiter, sends the frame `encode` builds for the new request id, and waits.
+    private func roundTrip(opcode: Opcode, timeout: Duration,
+                           encode: (UInt64) -> [UInt8]) throws(ReplicaClientError) -> (Response, UInt64) {
+        let waiter = Waiter()
+        let registered: Result<UInt64, ReplicaClientError> = state.withLock { s in
+            if let reason = s.broken { return .failure(.connection(reason)) }
+            let id = s.nextRequestID
+            s.nextRequestID += 1
+            s.waiters[id] = waiter
+            return .success(id)
+        }
+        let id = try registered.get()
+        let bytes = encode(id)
+        let sent: String? = sendLock.withLock { closed in
+            guard !closed else { return "the connection is closed" }
+            do {
+                try bytes.withUnsafeBytes { try Socket.sendAll(fd, $0) }
+                return nil
+            } catch {
+                return "\(error)"
+            }
+        }
+        if let failure = sent {
+            markBroken("sending \(opcode) to \(address) failed: \(failure)")
+        }
+        if waiter.done.wait(timeout: .now() + Self.dispatchInterval(timeout)) == .timedOut {
+            _ = state.withLock { $0.waiters.removeValue(forKey: id) }
+            if waiter.result.withLock({ $0 == nil }) {
+                let reason = "no reply to \(opcode) (request id \(id)) from \(address) within \(timeout)"
+                markBroken(reason)
+                logger.warning("replica request timed out; connection closed", metadata: ["replica.address": "\(address)", "error": "\(reason)"])
+                throw .timeout(reason)
+            }
+        }
+        let frame = try waiter.result.withLock { $0! }.get()
+        guard case .response(let response) = frame.body, response.opcode == opcode else {
+            throw protocolViolation("request id \(id) (\(opcode)) was answered with \(frame.opcode)")
+        }
+        return (response, frame.epoch)
+    }
+
+    private static func dispatchInterval(_ d: Duration) -> DispatchTimeInterval {
+        let (s, atto) = d.components
+        return .nanoseconds(Int(clamping: s * 1_000_000_000 + atto / 1_000_000_000))
+    }
+
+    /// Marks the connection broken (the first reason wins) and wakes the reader, which fails
+    /// every waiter and closes the socket.
+    private func markBroken(_ reason: String) {
+        let first = state.withLock { s -> Bool in
+            guard s.broken == nil else { return false }
+            s.broken = reason
+            return true
+        }
+        if first { _ = shutdown(fd, Int32(SHUT_RDWR)) }
+    }
+
+    private func readLoop() {
+        var decoder = FrameDecoder()
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: ReplicaServer.receiveBufferSize, alignment: 16)
+        var reason = "connection to \(address) closed"
+        read: while true {
+            let n = recv(fd, buffer.baseAddress, buffer.count, 0)
+            if n < 0 {
+                if errno == EINTR { continue }
+                reason = "receiving from \(address) failed: \(String(cString: strerror(errno)))"
+                break
+            }
+            if n == 0 {
+                reason = "\(address) closed the connection"
+                break
+            }
+            let frames: [Frame]
+            do {
+                frames = try decoder.feed(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+            } catch {
+                reason = "bad frame from \(address): \(error.reason)"
+                logger.warning("closing replica connection", metadata: ["replica.address": "\(address)", "error": "\(error.reason)"])
+                break
+            }
+            for frame in frames {
+                guard frame.isResponse else {
+                    reason = "\(address) sent a \(frame.opcode) request; a client only takes responses"
+                    break read
+                }
+                let waiter = state.withLock { $0.waiters.removeValue(forKey: frame.requestID) }
+                waiter?.complete(.success(frame))
+            }
+        }
+        buffer.deallocate()
+        let waiters = state.withLock { s -> [Waiter] in
+            if s.broken == nil { s.broken = reason }
+            defer { s.waiters.removeAll() }
+            return Array(s.waiters.values)
+        }
+        let error = ReplicaClientError.connection(state.withLock { $0.broken ?? reason })
+        for w in waiters { w.complete(.failure(error)) }
+        sendLock.withLock { closed in
+            closed = true
+            _ = Glibc.close(fd)
+        }
+        readerDone.signal()
+    }
+}

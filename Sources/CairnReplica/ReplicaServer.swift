@@ -1,0 +1,524 @@
+// The replica server: serves the data protocol (docs/replica-format.md) over TCP for every
+// replica in `<data-dir>/replicas/<volume-id>/`.
+//
+// Owns: the listening socket, one reader thread per connection (decodes frames, enforces
+// "hello first", hands requests to a concurrent queue so many run at once), the per-connection
+// write lock (responses go out whole, possibly out of order), the registry of open
+// `ReplicaStore`s (one per volume, shared by every connection, opened lazily, closed at stop),
+// and the mapping of errors to `ReplyStatus`.
+//
+// Does not own: the format or the epoch rule (ReplicaStore checks every request against the
+// persisted epoch), the framing rules (Frame*.swift), authentication (the hello's token is
+// accepted as is for now), placement (the controller says which replicas to create and delete).
+//
+// A frame the decoder rejects, a request before hello or a response sent to us closes that
+// connection only, with a warning naming the peer and the reason; nothing is written.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CairnCore
+import Dispatch
+import Logging
+import Synchronization
+
+public final class ReplicaServer: Sendable {
+    /// Requests one connection may have running at once; the reader stops reading beyond it.
+    public static let maxInFlightPerConnection = 64
+    static let receiveBufferSize = 1 << 20
+
+    public let dataDir: String
+    public let replicasDir: String
+    public let host: String
+    public let requestedPort: UInt16
+    private let logger: Logger
+    private let state = Mutex(ServerState())
+    /// Open stores by volume id. Opening, creating and deleting happen under this lock, so a
+    /// volume never has two stores and a delete cannot race an open.
+    private let stores = Mutex([String: ReplicaStore]())
+    private let workers = DispatchQueue(label: "cairn.replica.server.requests", attributes: .concurrent)
+    /// Entered by the accept thread and by every connection thread; `stop` waits on it.
+    private let threads = DispatchGroup()
+
+    private struct ServerState {
+        var listenFD: Int32 = -1
+        var boundPort: UInt16 = 0
+        var running = false
+        var stopped = false
+        var connections: [UInt64: ServerConnection] = [:]
+        var nextConnectionID: UInt64 = 1
+    }
+
+    /// Replicas live in `<dataDir>/replicas/<volume-id>/` (created if missing).
+    public init(dataDir: String, host: String, port: UInt16, logger: Logger) throws {
+        self.dataDir = dataDir
+        self.replicasDir = dataDir + "/replicas"
+        self.host = host
+        self.requestedPort = port
+        self.logger = logger
+        for dir in [dataDir, replicasDir] where mkdir(dir, 0o700) != 0 && errno != EEXIST {
+            throw SystemError("mkdir \(dir)", errno: errno)
+        }
+    }
+
+    /// The port actually bound (the kernel's choice when asked for port 0); 0 before `start`.
+    public var boundPort: UInt16 { state.withLock { $0.boundPort } }
+
+    /// Binds, listens and starts accepting. Throws if the address cannot be bound.
+    public func start() throws {
+        let (fd, port) = try state.withLock { s throws -> (Int32, UInt16) in
+            guard !s.running, !s.stopped else { throw SocketError("the replica server was already started") }
+            let (fd, port) = try Socket.listen(host: host, port: requestedPort)
+            s.listenFD = fd
+            s.boundPort = port
+            s.running = true
+            return (fd, port)
+        }
+        threads.enter()
+        do {
+            try startThread { [self] in
+                acceptLoop(fd)
+                threads.leave()
+            }
+        } catch {
+            threads.leave()
+            stop()
+            throw error
+        }
+        logger.info("replica server listening", metadata: [
+            "replica.listen": "\(ReplicaAddress(host: host, port: port))", "replica.dir": "\(replicasDir)",
+        ])
+    }
+
+    /// Stops accepting, closes every connection (requests already running finish first) and
+    /// closes every open replica cleanly. Idempotent.
+    public func stop() {
+        let (listenFD, connections) = state.withLock { s -> (Int32, [ServerConnection]) in
+            let result = (s.stopped ? -1 : s.listenFD, Array(s.connections.values))
+            s.running = false
+            s.stopped = true
+            return result
+        }
+        if listenFD >= 0 {
+            // Wakes the accept thread, which closes the descriptor.
+            _ = shutdown(listenFD, Int32(SHUT_RDWR))
+        }
+        for c in connections { c.shutdown() }
+        threads.wait()
+        let open = stores.withLock { s -> [ReplicaStore] in
+            defer { s.removeAll() }
+            return Array(s.values)
+        }
+        for store in open {
+            do {
+                try store.close()
+            } catch {
+                logger.error("replica did not close cleanly; it will be recovered at the next open",
+                             metadata: ["volume.id": "\(store.volumeID)", "error": "\(error)"])
+            }
+        }
+        if listenFD >= 0 {
+            logger.info("replica server stopped", metadata: ["replica.closed_replicas": "\(open.count)"])
+        }
+    }
+
+    // MARK: connections
+
+    private func acceptLoop(_ listenFD: Int32) {
+        defer { _ = Glibc.close(listenFD) }
+        while true {
+            let fd = accept(listenFD, nil, nil)
+            if fd < 0 {
+                let e = errno
+                if e == EINTR || e == ECONNABORTED || e == EPROTO { continue }
+                if state.withLock({ !$0.running }) { return }
+                logger.error("accept failed; retrying in 100 ms", metadata: ["error": "\(String(cString: strerror(e)))"])
+                if e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM { usleep(100_000); continue }
+                return
+            }
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            Socket.setNoDelay(fd)
+            let connection = ServerConnection(fd: fd, peer: Socket.peerName(fd))
+            let id: UInt64? = state.withLock { s in
+                guard s.running else { return nil }
+                let id = s.nextConnectionID
+                s.nextConnectionID += 1
+                s.connections[id] = connection
+                return id
+            }
+            guard let id else {
+                _ = Glibc.close(fd)
+                return
+            }
+            threads.enter()
+            do {
+                try startThread { [self] in
+                    serve(connection)
+                    state.withLock { _ = $0.connections.removeValue(forKey: id) }
+                    threads.leave()
+                }
+            } catch {
+                logger.error("cannot start a connection thread; closing the connection",
+                             metadata: ["replica.peer": "\(connection.peer)", "error": "\(error)"])
+                state.withLock { _ = $0.connections.removeValue(forKey: id) }
+                connection.close()
+                threads.leave()
+            }
+        }
+    }
+
+    /// The connection's reader: decode, check hello, dispatch. Returns when the peer goes, the
+    /// stream breaks a rule, or the server stops; the socket is closed once running requests
+    /// have answered.
+    private func serve(_ c: ServerConnection) {
+        let log = { var l = logger; l[metadataKey: "replica.peer"] = "\(c.peer)"; return l }()
+        log.debug("replica connection opened")
+        let inFlight = DispatchSemaphore(value: Self.maxInFlightPerConnection)
+        let running = DispatchGroup()
+        defer {
+            c.shutdown()
+            running.wait()
+            c.close()
+        }
+        var decoder = FrameDecoder()
+        var greeted = false
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.receiveBufferSize, alignment: 16)
+        defer { buffer.deallocate() }
+        while true {
+            let n = recv(c.fd, buffer.baseAddress, buffer.count, 0)
+            if n < 0 {
+                if errno == EINTR { continue }
+                log.info("replica connection failed", metadata: ["error": "\(String(cString: strerror(errno)))"])
+                return
+            }
+            if n == 0 {
+                do {
+                    try decoder.finish()
+                    log.debug("replica connection closed by the peer")
+                } catch {
+                    log.warning("closing connection: \(error.reason)")
+                }
+                return
+            }
+            let frames: [Frame]
+            do {
+                frames = try decoder.feed(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+            } catch {
+                log.warning("closing connection: \(error.reason)")
+                return
+            }
+            for frame in frames {
+                guard case .request(let request) = frame.body else {
+                    log.warning("closing connection: the peer sent a \(frame.opcode) response (request id \(frame.requestID)); a replica server only takes requests")
+                    return
+                }
+                if case .hello(let hello) = request {
+                    guard !greeted else {
+                        log.warning("closing connection: a second hello (request id \(frame.requestID))")
+                        return
+                    }
+                    guard hello.protocolVersion == FrameLimits.version else {
+                        let message = "protocol version \(hello.protocolVersion) is not supported; this replica server speaks \(FrameLimits.version)"
+                        c.send(Frame(requestID: frame.requestID, epoch: 0, body: .response(.hello(
+                            HelloResponse(status: .badRequest, message: message)))))
+                        log.warning("closing connection: \(message)")
+                        return
+                    }
+                    greeted = true
+                    c.send(Frame(requestID: frame.requestID, epoch: 0, body: .response(.hello(HelloResponse(status: .ok)))))
+                    continue
+                }
+                guard greeted else {
+                    log.warning("closing connection: the first frame must be hello, got \(frame.opcode) (request id \(frame.requestID))")
+                    return
+                }
+                inFlight.wait()
+                running.enter()
+                workers.async { [self] in
+                    defer {
+                        inFlight.signal()
+                        running.leave()
+                    }
+                    c.send(handle(frame, request, logger: log))
+                }
+            }
+        }
+    }
+
+    // MARK: requests
+
+    /// Runs one request; every failure becomes the op's response with a status and a message.
+    func handle(_ frame: Frame, _ request: Request, logger log: Logger) -> Frame {
+        let epoch = frame.epoch
+        func reply(_ response: Response, epoch replyEpoch: UInt64) -> Frame {
+            Frame(requestID: frame.requestID, epoch: replyEpoch, body: .response(response))
+        }
+        do {
+            switch request {
+            case .hello:
+                throw ReplicaError.badRequest("hello is only valid as the first frame")
+            case .create(let m):
+                try create(volume: m.volume, size: m.size)
+                return reply(.create(CreateResponse(status: .ok)), epoch: epoch)
+            case .delete(let m):
+                try delete(volume: m.volume, epoch: epoch)
+                return reply(.delete(DeleteResponse(status: .ok)), epoch: epoch)
+            case .claim(let m):
+                let store = try store(m.volume)
+                try store.claim(epoch: epoch)
+                let current = store.status.epoch
+                return reply(.claim(ClaimResponse(status: .ok, replicaEpoch: current)), epoch: current)
+            case .status(let m):
+                let s = try store(m.volume).status
+                guard epoch >= s.epoch else { throw ReplicaError.staleEpoch(seen: s.epoch, got: epoch) }
+                return reply(.status(StatusResponse(status: .ok, size: s.size, replicaEpoch: s.epoch,
+                                                    flushedGeneration: s.flushedGeneration,
+                                                    highestGeneration: s.highestGeneration)), epoch: s.epoch)
+            case .read(let m):
+                let store = try store(m.volume)
+                try checkRange(store, offset: m.offset, length: UInt64(m.length))
+                let data = try store.read(offset: m.offset, length: Int(m.length), epoch: epoch)
+                return reply(.read(ReadResponse(status: .ok, data: data)), epoch: epoch)
+            case .write(let m):
+                let store = try store(m.volume)
+                try checkRange(store, offset: m.offset, length: UInt64(m.data.count))
+                try store.write(offset: m.offset, data: m.data, generation: m.generation, epoch: epoch)
+                return reply(.write(WriteResponse(status: .ok)), epoch: epoch)
+            case .flush(let m):
+                let store = try store(m.volume)
+                try store.flush(epoch: epoch)
+                return reply(.flush(FlushResponse(status: .ok, flushedGeneration: store.status.flushedGeneration)), epoch: epoch)
+            case .trim(let m):
+                let store = try store(m.volume)
+                try checkRange(store, offset: m.offset, length: m.length)
+                // The store bounds one call; a trim may cover the whole volume.
+                let chunk = UInt64(ReplicaStore.maxRequestLength)
+                var done: UInt64 = 0
+                while done < m.length {
+                    let n = min(chunk, m.length - done)
+                    try store.trim(offset: m.offset + done, length: Int(n),
+                                   generation: m.generation == 0 ? nil : m.generation, epoch: epoch)
+                    done += n
+                }
+                return reply(.trim(TrimResponse(status: .ok)), epoch: epoch)
+            }
+        } catch {
+            let (status, message) = Self.replyStatus(for: error)
+            var replyEpoch = epoch
+            if case let ReplicaError.staleEpoch(seen, _) = error { replyEpoch = seen }
+            let level: Logger.Level = status == .ioError || status == .checksumMismatch ? .error : .info
+            log.log(level: level, "replica request refused", metadata: [
+                "replica.op": "\(frame.opcode)", "replica.request_id": "\(frame.requestID)",
+                "replica.status": "\(status)", "error": "\(message)",
+            ])
+            return reply(Self.failure(frame.opcode, status, message, epoch: replyEpoch), epoch: replyEpoch)
+        }
+    }
+
+    /// The op's response carrying only a failure.
+    static func failure(_ op: Opcode, _ status: ReplyStatus, _ message: String, epoch: UInt64) -> Response {
+        switch op {
+        case .hello: .hello(HelloResponse(status: status, message: message))
+        case .claim: .claim(ClaimResponse(status: status, replicaEpoch: epoch, message: message))
+        case .read: .read(ReadResponse(status: status, message: message))
+        case .write: .write(WriteResponse(status: status, message: message))
+        case .flush: .flush(FlushResponse(status: status, flushedGeneration: 0, message: message))
+        case .trim: .trim(TrimResponse(status: status, message: message))
+        case .status: .status(StatusResponse(status: status, size: 0, replicaEpoch: epoch, flushedGeneration: 0, message: message))
+        case .create: .create(CreateResponse(status: status, message: message))
+        case .delete: .delete(DeleteResponse(status: status, message: message))
+        }
+    }
+
+    /// The wire status of an error, and its message.
+    static func replyStatus(for error: any Error) -> (ReplyStatus, String) {
+        switch error {
+        case let e as ReplicaError:
+            switch e {
+            case .staleEpoch: return (.staleEpoch, e.description)
+            case .checksumMismatch: return (.checksumMismatch, e.description)
+            case .badRequest, .alreadyExists: return (.badRequest, e.description)
+            case .notFound, .closed: return (.notFound, e.description)
+            case .corruptSuperblock, .wrongVolume, .inUse: return (.ioError, e.description)
+            }
+        case let e as CairnError:
+            return (status(for: e.code), e.message)
+        case let e as any StatusConvertible:
+            return (status(for: e.status.code), e.status.message)
+        default:
+            return (.ioError, "\(error)")
+        }
+    }
+
+    private static func status(for code: StatusCode) -> ReplyStatus {
+        switch code {
+        case .invalidArgument, .alreadyExists: .badRequest
+        case .notFound: .notFound
+        case .outOfRange: .outOfRange
+        case .dataLoss: .checksumMismatch
+        default: .ioError
+        }
+    }
+
+    private func checkRange(_ store: ReplicaStore, offset: UInt64, length: UInt64) throws {
+        let size = store.status.size
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        guard !overflow, end <= size else {
+            throw CairnError.outOfRange("range \(offset)+\(length) is beyond the end of volume \(store.volumeID) (\(size) bytes)")
+        }
+    }
+
+    // MARK: the store registry
+
+    private func directory(_ volume: String) throws -> String {
+        try Validate.volumeID(volume, field: "volume id")
+        return replicasDir + "/" + volume
+    }
+
+    private static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+
+    /// The open store of `volume`, opening it on first use.
+    private func store(_ volume: String) throws -> ReplicaStore {
+        let dir = try directory(volume)
+        return try stores.withLock { open throws -> ReplicaStore in
+            if let store = open[volume] { return store }
+            guard Self.exists(dir + "/superblock") else {
+                throw ReplicaError.notFound("no replica of volume \(volume) on this node (the controller creates it with the create op)")
+            }
+            let store = try ReplicaStore.open(directory: dir, volumeID: volume, logger: logger)
+            open[volume] = store
+            return store
+        }
+    }
+
+    /// Creates the replica, or accepts an existing one of the same size.
+    private func create(volume: String, size: UInt64) throws {
+        let dir = try directory(volume)
+        try stores.withLock { open throws in
+            var store = open[volume]
+            if store == nil, Self.exists(dir + "/superblock") {
+                store = try ReplicaStore.open(directory: dir, volumeID: volume, logger: logger)
+                open[volume] = store
+            }
+            if let store {
+                let existing = store.status.size
+                guard existing == size else {
+                    throw ReplicaError.badRequest("the replica of volume \(volume) exists with size \(existing), not \(size); delete it first to re-create it")
+                }
+                logger.debug("replica already exists", metadata: ["volume.id": "\(volume)", "replica.size": "\(size)"])
+                return
+            }
+            open[volume] = try ReplicaStore.create(directory: dir, volumeID: volume, size: size, logger: logger)
+        }
+    }
+
+    /// Closes and removes the replica; a missing one is fine. A sender with an epoch older than
+    /// the replica's is refused (a fenced writer cannot delete the volume either).
+    private func delete(volume: String, epoch: UInt64) throws {
+        let dir = try directory(volume)
+        let trashDir = dataDir + "/replicas-trash"
+        let trash = trashDir + "/" + volume
+        try stores.withLock { open throws in
+            var store = open[volume]
+            if store == nil, Self.exists(dir + "/superblock") {
+                do {
+                    store = try ReplicaStore.open(directory: dir, volumeID: volume, logger: logger)
+                } catch let error as ReplicaError {
+                    guard case .corruptSuperblock = error else { throw error }
+                    logger.warning("deleting a replica whose superblock is unreadable",
+                                   metadata: ["volume.id": "\(volume)", "error": "\(error)"])
+                }
+            }
+            if let store {
+                let seen = store.status.epoch
+                guard epoch >= seen else { throw ReplicaError.staleEpoch(seen: seen, got: epoch) }
+                open[volume] = nil
+                do { try store.close() } catch {
+                    logger.warning("replica did not close cleanly before deletion", metadata: ["volume.id": "\(volume)", "error": "\(error)"])
+                }
+            }
+            guard Self.exists(dir) else { return }
+            // Rename first: the replica disappears atomically, and a crash mid-removal leaves
+            // only trash (removed by the next delete of this volume).
+            if mkdir(trashDir, 0o700) != 0, errno != EEXIST { throw SystemError("mkdir \(trashDir)", errno: errno) }
+            if Self.exists(trash) { try FileTree.remove(trash) }
+            guard rename(dir, trash) == 0 else { throw SystemError("rename \(dir) to \(trash)", errno: errno) }
+        }
+        if Self.exists(trash) {
+            try FileTree.remove(trash)
+            logger.info("replica deleted", metadata: ["volume.id": "\(volume)"])
+        }
+    }
+}
+
+/// One accepted connection: the descriptor, and the lock that keeps responses whole.
+final class ServerConnection: Sendable {
+    let fd: Int32
+    let peer: String
+    /// True once the descriptor is closed; held while sending.
+    private let closed = Mutex(false)
+
+    init(fd: Int32, peer: String) {
+        self.fd = fd
+        self.peer = peer
+    }
+
+    /// Sends a whole frame; a failure (the peer went) is left to the reader to notice.
+    func send(_ frame: Frame) {
+        let payload: [UInt8]
+        switch frame.body {
+        case .request(let r): payload = r.encode()
+        case .response(let r): payload = r.encode()
+        }
+        let header = FrameHeader(opcode: frame.opcode, flags: frame.isResponse ? FrameFlags.response : 0,
+                                 requestID: frame.requestID, payloadLength: UInt32(payload.count), epoch: frame.epoch)
+        closed.withLock { isClosed in
+            guard !isClosed else { return }
+            do {
+                try header.encode().withUnsafeBytes { try Socket.sendAll(fd, $0, more: !payload.isEmpty) }
+                try payload.withUnsafeBytes { try Socket.sendAll(fd, $0) }
+            } catch {
+                _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
+            }
+        }
+    }
+
+    /// Wakes the reader (recv returns 0) without closing the descriptor under it.
+    func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+
+    func close() {
+        closed.withLock { isClosed in
+            guard !isClosed else { return }
+            isClosed = true
+            _ = Glibc.close(fd)
+        }
+    }
+}
+
+/// Recursive removal of a directory tree the server owns (never follows symlinks).
+enum FileTree {
+    static func remove(_ path: String) throws {
+        var st = stat()
+        guard lstat(path, &st) == 0 else {
+            if errno == ENOENT { return }
+            throw SystemError("lstat \(path)", errno: errno)
+        }
+        if st.st_mode & S_IFMT == S_IFDIR {
+            guard let dir = opendir(path) else { throw SystemError("opendir \(path)", errno: errno) }
+            var names: [String] = []
+            while let entry = readdir(dir) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                    String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+                }
+                if name != "." && name != ".." { names.append(name) }
+            }
+            closedir(dir)
+            for name in names { try remove(path + "/" + name) }
+            guard rmdir(path) == 0 || errno == ENOENT else { throw SystemError("rmdir \(path)", errno: errno) }
+        } else {
+            guard unlink(path) == 0 || errno == ENOENT else { throw SystemError("unlink \(path)", errno: errno) }
+        }
+    }
+}
