@@ -118,6 +118,18 @@ let targets: [Target] = [
         dependencies: ["CairnCore", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
+    // C over Debian's libfuse3 (3.14, low-level API): one file per mount, a plain C header.
+    .target(
+        name: "CFUSEShim",
+        linkerSettings: [.linkedLibrary("fuse3"), .linkedLibrary("pthread")]
+    ),
+    // The volume engine: the FUSE file whose writes fan out to every in-sync replica. The only
+    // importer of CFUSEShim.
+    .target(
+        name: "CairnEngine",
+        dependencies: ["CFUSEShim", "CairnReplica", "CairnCore", .product(name: "Logging", package: "swift-log")],
+        swiftSettings: swiftSettings
+    ),
     // Cluster mode's volume backing: replicas placed on nodes, an engine per staged volume.
     .target(
         name: "CairnCluster",
@@ -139,7 +151,7 @@ let targets: [Target] = [
     .executableTarget(name: "cairn-nsexec", path: "Sources/cairn-nsexec"),
     .testTarget(
         name: "CairnTests",
-        dependencies: ["CairnReplica", "CairnCore", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnRPC", "CSIProto", "cairn-nsexec"],
+        dependencies: ["CairnReplica", "CairnEngine", "CairnCore", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnRPC", "CSIProto", "cairn-nsexec"],
         swiftSettings: swiftSettings
     ),
     .testTarget(

@@ -1,0 +1,396 @@
+// libfuse3 (3.14) low-level filesystem with one file; see include/CFUSEShim.h.
+#define _GNU_SOURCE
+#define FUSE_USE_VERSION 312
+#include <fuse3/fuse_lowlevel.h>
+
+#include "CFUSEShim.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <time.h>
+#include <unistd.h>
+
+#define VOLUME_INO 2
+#define VOLUME_NAME "volume"
+#define ATTR_TIMEOUT 3600.0
+
+struct cfuse_session {
+    struct fuse_session *se;
+    pthread_t thread;
+    int thread_started;
+    uint64_t size;
+    cfuse_callbacks callbacks;
+    void *context;
+    unsigned connection;
+    char *mountpoint;
+};
+
+// One read buffer per worker thread, grown as needed and freed when the thread exits: no
+// allocation per read.
+static pthread_key_t read_buffer_key;
+static pthread_once_t read_buffer_once = PTHREAD_ONCE_INIT;
+
+struct read_buffer { size_t capacity; void *data; };
+
+static void read_buffer_free(void *p) {
+    struct read_buffer *b = p;
+    if (b) { free(b->data); free(b); }
+}
+
+static void read_buffer_init(void) { pthread_key_create(&read_buffer_key, read_buffer_free); }
+
+static void *read_buffer(size_t size) {
+    pthread_once(&read_buffer_once, read_buffer_init);
+    struct read_buffer *b = pthread_getspecific(read_buffer_key);
+    if (!b) {
+        b = calloc(1, sizeof *b);
+        if (!b) return NULL;
+        pthread_setspecific(read_buffer_key, b);
+    }
+    if (b->capacity < size) {
+        size_t capacity = size < CFUSE_MAX_WRITE ? CFUSE_MAX_WRITE : size;
+        void *data = NULL;
+        if (posix_memalign(&data, 4096, capacity) != 0) return NULL;
+        free(b->data);
+        b->data = data;
+        b->capacity = capacity;
+    }
+    return b->data;
+}
+
+static void fill_attr(const struct cfuse_session *s, fuse_ino_t ino, struct stat *st) {
+    memset(st, 0, sizeof *st);
+    st->st_ino = ino;
+    st->st_uid = 0;
+    st->st_gid = 0;
+    st->st_blksize = 4096;
+    if (ino == FUSE_ROOT_ID) {
+        st->st_mode = S_IFDIR | 0700;
+        st->st_nlink = 2;
+    } else {
+        st->st_mode = S_IFREG | 0600;
+        st->st_nlink = 1;
+        st->st_size = (off_t)s->size;
+        st->st_blocks = (blkcnt_t)(s->size / 512);
+    }
+}
+
+static struct cfuse_session *session_of(fuse_req_t req) { return fuse_req_userdata(req); }
+
+static void op_init(void *userdata, struct fuse_conn_info *conn) {
+    (void)userdata;
+    conn->max_write = CFUSE_MAX_WRITE;
+    conn->max_background = 128;
+    conn->congestion_threshold = 96;
+    if (conn->capable & FUSE_CAP_ASYNC_READ) conn->want |= FUSE_CAP_ASYNC_READ;
+    conn->want &= ~(unsigned)FUSE_CAP_WRITEBACK_CACHE;
+}
+
+static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
+    if (parent != FUSE_ROOT_ID || strcmp(name, VOLUME_NAME) != 0) {
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    struct fuse_entry_param e;
+    memset(&e, 0, sizeof e);
+    e.ino = VOLUME_INO;
+    e.generation = 1;
+    e.attr_timeout = ATTR_TIMEOUT;
+    e.entry_timeout = ATTR_TIMEOUT;
+    fill_attr(session_of(req), VOLUME_INO, &e.attr);
+    fuse_reply_entry(req, &e);
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    (void)fi;
+    if (ino != FUSE_ROOT_ID && ino != VOLUME_INO) { fuse_reply_err(req, ENOENT); return; }
+    struct stat st;
+    fill_attr(session_of(req), ino, &st);
+    fuse_reply_attr(req, &st, ATTR_TIMEOUT);
+}
+
+// The file's size is the volume's: truncating it to another size is refused. Owner, mode and
+// times are fixed too; a request that changes only those is answered with the fixed attributes
+// (touch, cp -p and the like do not fail).
+static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi) {
+    (void)fi;
+    struct cfuse_session *s = session_of(req);
+    if (ino != FUSE_ROOT_ID && ino != VOLUME_INO) { fuse_reply_err(req, ENOENT); return; }
+    if (to_set & FUSE_SET_ATTR_SIZE) {
+        if (ino != VOLUME_INO || (uint64_t)attr->st_size != s->size) { fuse_reply_err(req, EPERM); return; }
+    }
+    if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) { fuse_reply_err(req, EPERM); return; }
+    struct stat st;
+    fill_attr(s, ino, &st);
+    fuse_reply_attr(req, &st, ATTR_TIMEOUT);
+}
+
+static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    if (ino != VOLUME_INO) { fuse_reply_err(req, EISDIR); return; }
+    if (fi->flags & O_TRUNC) {
+        // O_TRUNC on a fixed-size volume would mean "erase it": refuse rather than pretend.
+        fuse_reply_err(req, EPERM);
+        return;
+    }
+    fi->direct_io = 1;   // FOPEN_DIRECT_IO: no page cache between the loop device and the replicas
+    fi->keep_cache = 0;
+    fuse_reply_open(req, fi);
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+    (void)fi;
+    struct cfuse_session *s = session_of(req);
+    if (ino != VOLUME_INO) { fuse_reply_err(req, EISDIR); return; }
+    if (off < 0) { fuse_reply_err(req, EINVAL); return; }
+    uint64_t offset = (uint64_t)off;
+    if (offset >= s->size || size == 0) { fuse_reply_buf(req, NULL, 0); return; }
+    if (size > s->size - offset) size = (size_t)(s->size - offset);
+    void *buf = read_buffer(size);
+    if (!buf) { fuse_reply_err(req, ENOMEM); return; }
+    ssize_t n = s->callbacks.read(s->context, offset, size, buf);
+    if (n < 0) { fuse_reply_err(req, (int)-n); return; }
+    fuse_reply_buf(req, buf, (size_t)n);
+}
+
+static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off, struct fuse_file_info *fi) {
+    (void)fi;
+    struct cfuse_session *s = session_of(req);
+    if (ino != VOLUME_INO) { fuse_reply_err(req, EISDIR); return; }
+    if (off < 0) { fuse_reply_err(req, EINVAL); return; }
+    uint64_t offset = (uint64_t)off;
+    if (size == 0) { fuse_reply_write(req, 0); return; }
+    if (offset >= s->size || size > s->size - offset) { fuse_reply_err(req, ENOSPC); return; }
+    int r = s->callbacks.write(s->context, offset, buf, size);
+    if (r < 0) { fuse_reply_err(req, -r); return; }
+    fuse_reply_write(req, size);
+}
+
+static void reply_flush(fuse_req_t req, fuse_ino_t ino) {
+    struct cfuse_session *s = session_of(req);
+    if (ino != VOLUME_INO) { fuse_reply_err(req, 0); return; }
+    int r = s->callbacks.flush(s->context);
+    fuse_reply_err(req, r < 0 ? -r : 0);
+}
+
+static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    (void)fi;
+    reply_flush(req, ino);
+}
+
+static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi) {
+    (void)datasync; (void)fi;
+    reply_flush(req, ino);
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    (void)ino; (void)fi;
+    fuse_reply_err(req, 0);
+}
+
+static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    if (ino != FUSE_ROOT_ID) { fuse_reply_err(req, ENOTDIR); return; }
+    fuse_reply_open(req, fi);
+}
+
+static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+    (void)fi;
+    if (ino != FUSE_ROOT_ID) { fuse_reply_err(req, ENOTDIR); return; }
+    static const struct { const char *name; fuse_ino_t ino; mode_t mode; } entries[] = {
+        {".", FUSE_ROOT_ID, S_IFDIR}, {"..", FUSE_ROOT_ID, S_IFDIR}, {VOLUME_NAME, VOLUME_INO, S_IFREG},
+    };
+    char buf[512];
+    size_t used = 0;
+    if (size > sizeof buf) size = sizeof buf;
+    for (off_t i = off; i < 3; i++) {
+        struct stat st;
+        memset(&st, 0, sizeof st);
+        st.st_ino = entries[i].ino;
+        st.st_mode = entries[i].mode;
+        size_t need = fuse_add_direntry(req, buf + used, size - used, entries[i].name, &st, i + 1);
+        if (need > size - used) break;
+        used += need;
+    }
+    fuse_reply_buf(req, buf, used);
+}
+
+static void op_statfs(fuse_req_t req, fuse_ino_t ino) {
+    (void)ino;
+    struct cfuse_session *s = session_of(req);
+    struct statvfs sv;
+    memset(&sv, 0, sizeof sv);
+    sv.f_bsize = 4096;
+    sv.f_frsize = 4096;
+    sv.f_blocks = s->size / 4096;
+    sv.f_files = 2;
+    sv.f_namemax = 255;
+    fuse_reply_statfs(req, &sv);
+}
+
+// The loop device turns discard into PUNCH_HOLE and write-zeroes into ZERO_RANGE (or
+// PUNCH_HOLE); both read back as zeros, which is what a trim gives. Plain preallocation
+// is meaningless for replicas that allocate on write: refused, so nobody counts on it.
+static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t length, struct fuse_file_info *fi) {
+    (void)fi;
+    struct cfuse_session *s = session_of(req);
+    if (ino != VOLUME_INO) { fuse_reply_err(req, EISDIR); return; }
+    int zeroing = mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE);
+    if (!zeroing || (mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE))) {
+        fuse_reply_err(req, EOPNOTSUPP);
+        return;
+    }
+    if (off < 0 || length <= 0) { fuse_reply_err(req, EINVAL); return; }
+    uint64_t offset = (uint64_t)off, len = (uint64_t)length;
+    if (offset >= s->size) { fuse_reply_err(req, 0); return; }
+    if (len > s->size - offset) len = s->size - offset;
+    int r = s->callbacks.trim(s->context, offset, len);
+    fuse_reply_err(req, r < 0 ? -r : 0);
+}
+
+static const struct fuse_lowlevel_ops ops = {
+    .init = op_init,
+    .lookup = op_lookup,
+    .getattr = op_getattr,
+    .setattr = op_setattr,
+    .open = op_open,
+    .read = op_read,
+    .write = op_write,
+    .flush = op_flush,
+    .fsync = op_fsync,
+    .release = op_release,
+    .opendir = op_opendir,
+    .readdir = op_readdir,
+    .statfs = op_statfs,
+    .fallocate = op_fallocate,
+};
+
+static void *loop_thread(void *arg) {
+    struct cfuse_session *s = arg;
+    struct fuse_loop_config *config = fuse_loop_cfg_create();
+    if (config) {
+        fuse_loop_cfg_set_clone_fd(config, 0);
+        fuse_loop_cfg_set_max_threads(config, CFUSE_MAX_THREADS);
+        fuse_loop_cfg_set_idle_threads(config, CFUSE_MAX_THREADS);
+    }
+    fuse_session_loop_mt(s->se, config);
+    if (config) fuse_loop_cfg_destroy(config);
+    return NULL;
+}
+
+static void set_error(char *error, size_t error_size, const char *format, ...) {
+    if (!error || error_size == 0) return;
+    va_list ap;
+    va_start(ap, format);
+    vsnprintf(error, error_size, format, ap);
+    va_end(ap);
+}
+
+// libfuse logs through fuse_log to stderr by default; the engine reports failures itself.
+static void quiet_log(enum fuse_log_level level, const char *fmt, va_list ap) {
+    if (level > FUSE_LOG_ERR) return;
+    fprintf(stderr, "cairn fuse: ");
+    vfprintf(stderr, fmt, ap);
+}
+
+cfuse_session *cfuse_mount(const char *mountpoint, const char *name, uint64_t size,
+                           const cfuse_callbacks *callbacks, void *context,
+                           char *error, size_t error_size) {
+    struct stat st;
+    if (stat(mountpoint, &st) != 0) {
+        if (errno == ENOTCONN) {
+            // A FUSE mount whose daemon died: detach it so this one can take its place.
+            umount2(mountpoint, MNT_DETACH);
+        } else {
+            set_error(error, error_size, "mount point %s: %s", mountpoint, strerror(errno));
+            return NULL;
+        }
+    }
+    fuse_set_log_func(quiet_log);
+
+    struct cfuse_session *s = calloc(1, sizeof *s);
+    if (!s) { set_error(error, error_size, "out of memory"); return NULL; }
+    s->size = size;
+    s->callbacks = *callbacks;
+    s->context = context;
+    s->mountpoint = strdup(mountpoint);
+
+    char options[512];
+    snprintf(options, sizeof options, "default_permissions,fsname=cairn:%s,subtype=cairn", name);
+    char *argv[] = {"cairn", "-o", options, NULL};
+    struct fuse_args args = FUSE_ARGS_INIT(3, argv);
+    s->se = fuse_session_new(&args, &ops, sizeof ops, s);
+    if (!s->se) {
+        set_error(error, error_size, "cannot create the FUSE session (is /dev/fuse present? options: %s)", options);
+        free(s->mountpoint);
+        free(s);
+        return NULL;
+    }
+    if (fuse_session_mount(s->se, mountpoint) != 0) {
+        set_error(error, error_size, "cannot mount FUSE at %s (needs root and /dev/fuse; see the log for libfuse's reason)", mountpoint);
+        fuse_session_destroy(s->se);
+        free(s->mountpoint);
+        free(s);
+        return NULL;
+    }
+    int rc = pthread_create(&s->thread, NULL, loop_thread, s);
+    if (rc != 0) {
+        set_error(error, error_size, "cannot start the FUSE loop thread: %s", strerror(rc));
+        fuse_session_unmount(s->se);
+        fuse_session_destroy(s->se);
+        free(s->mountpoint);
+        free(s);
+        return NULL;
+    }
+    s->thread_started = 1;
+    // Served by the loop just started: the root's st_dev names the kernel connection.
+    if (stat(mountpoint, &st) == 0) s->connection = minor(st.st_dev);
+    return s;
+}
+
+unsigned cfuse_connection_id(const cfuse_session *session) { return session ? session->connection : 0; }
+
+// Writes "1" to the connection's abort file (mounting fusectl if nobody did): every pending and
+// future request fails with ENOTCONN and the workers' reads of /dev/fuse return.
+static void abort_connection(unsigned connection) {
+    if (connection == 0) return;
+    char path[128];
+    snprintf(path, sizeof path, "/sys/fs/fuse/connections/%u/abort", connection);
+    if (access(path, F_OK) != 0) mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, NULL);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    ssize_t ignored = write(fd, "1", 1);
+    (void)ignored;
+    close(fd);
+}
+
+int cfuse_unmount(cfuse_session *s) {
+    if (!s) return 0;
+    int aborted = 0;
+    fuse_session_exit(s->se);
+    // Lazy (MNT_DETACH): the mount leaves the namespace at once; the connection ends when the
+    // last user (a loop device) lets go of the file.
+    fuse_session_unmount(s->se);
+    if (s->thread_started) {
+        struct timespec deadline;
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += 2;
+        if (pthread_timedjoin_np(s->thread, NULL, &deadline) != 0) {
+            // Still in use (a loop device on the file, or a mount detached lazily by someone
+            // else): abort the connection so the loop ends and no callback runs after this.
+            abort_connection(s->connection);
+            aborted = 1;
+            pthread_join(s->thread, NULL);
+        }
+    }
+    fuse_session_destroy(s->se);
+    free(s->mountpoint);
+    free(s);
+    return aborted;
+}

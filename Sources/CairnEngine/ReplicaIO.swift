@@ -1,0 +1,59 @@
+import CairnReplica
+
+/// One replica of a volume, as the engine reaches it.
+public struct EngineReplica: Sendable, Equatable, CustomStringConvertible {
+    public var nodeID: String
+    public var host: String
+    public var port: UInt16
+
+    public init(nodeID: String, host: String, port: UInt16) {
+        self.nodeID = nodeID
+        self.host = host
+        self.port = port
+    }
+
+    public var description: String { "\(nodeID) (\(host):\(port))" }
+}
+
+/// What the engine needs of one replica: blocking, thread-safe calls (FUSE worker threads call
+/// them concurrently). The data protocol's client (`ReplicaClient`) conforms; unit tests use an
+/// in-memory fake. Reads and writes are whole 4 KiB blocks at aligned offsets: the engine
+/// aligns what the kernel asks for.
+public protocol ReplicaIO: AnyObject, Sendable {
+    func claim(volumeID: String, epoch: UInt64) throws -> ReplicaStatus
+    func read(volumeID: String, offset: UInt64, length: Int, epoch: UInt64) throws -> [UInt8]
+    func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws
+    func flush(volumeID: String, epoch: UInt64) throws
+    func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws
+    func close()
+}
+
+/// An error that may say "the replica has seen a newer epoch": the engine was fenced.
+///
+/// The engine asks every error a replica throws (and every error `markOutOfSync` throws)
+/// whether it is a fencing signal; one that is makes the engine fail all I/O from then on and
+/// mark nothing out of sync. The replica client's error conforms with
+/// `extension ReplicaClientError: ReplicaFencingSignal` (`.remote(.staleEpoch, _)` is fenced).
+public protocol ReplicaFencingSignal: Error {
+    var isStaleEpoch: Bool { get }
+}
+
+extension ReplicaError: ReplicaFencingSignal {
+    public var isStaleEpoch: Bool {
+        if case .staleEpoch = self { return true }
+        return false
+    }
+}
+
+/// The engine's own fencing error, for `markOutOfSync` implementations that find the
+/// attachment's epoch superseded in the store.
+public struct EngineFenced: ReplicaFencingSignal, Sendable, CustomStringConvertible {
+    public var reason: String
+    public init(_ reason: String) { self.reason = reason }
+    public var isStaleEpoch: Bool { true }
+    public var description: String { "fenced: \(reason)" }
+}
+
+func isFencing(_ error: any Error) -> Bool {
+    (error as? any ReplicaFencingSignal)?.isStaleEpoch == true
+}

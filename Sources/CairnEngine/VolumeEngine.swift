@@ -1,0 +1,534 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CFUSEShim
+import CairnCore
+import CairnReplica
+import Dispatch
+import Logging
+import Synchronization
+
+/// What an engine is doing, for logs, metrics and the operator.
+public struct EngineState: Sendable, Equatable {
+    public var volumeID: String
+    public var epoch: UInt64
+    /// `<mountDirectory>/volume` while mounted, nil otherwise.
+    public var path: String?
+    /// Node ids of the replicas every write goes to, in the order given.
+    public var inSync: [String]
+    /// Node ids removed from the in-sync set (recorded in the store), with the reason.
+    public var outOfSync: [String: String]
+    /// A replica has seen a newer epoch: every I/O fails with EIO.
+    public var fenced: Bool
+    /// The generation of the last write or trim sent.
+    public var generation: UInt64
+    public var reads: UInt64 = 0
+    public var writes: UInt64 = 0
+    public var flushes: UInt64 = 0
+    public var trims: UInt64 = 0
+    public var bytesRead: UInt64 = 0
+    public var bytesWritten: UInt64 = 0
+    /// I/O answered with an error.
+    public var errors: UInt64 = 0
+}
+
+/// One replica as the engine holds it.
+final class Member: Sendable {
+    let replica: EngineReplica
+    let io: any ReplicaIO
+    /// True once the replica was recorded out of sync; the lock serializes the recording so
+    /// that concurrent failures record it once.
+    let recordedOut = Mutex(false)
+
+    init(replica: EngineReplica, io: any ReplicaIO) {
+        self.replica = replica
+        self.io = io
+    }
+
+    var nodeID: String { replica.nodeID }
+}
+
+/// The volume on the node where it is staged: a FUSE mount whose one file, `volume`, is the
+/// volume. A loop device on that file is the block device.
+///
+/// Writes go to every in-sync replica in parallel and are answered when all acknowledged; a
+/// replica that fails is first recorded out of sync in the store (`markOutOfSync`, conditional
+/// on the epoch), then dropped from the set, and only then is the write answered. A replica that
+/// reports a newer epoch fences the engine: every I/O fails from then on. Reads come from the
+/// local replica while it is in sync.
+///
+/// FUSE worker threads call in synchronously and block until the replicas answer: no Swift
+/// concurrency on the I/O path, no allocation per aligned write.
+public final class VolumeEngine: Sendable {
+    public static let blockSize = 4096
+
+    public let volumeID: String
+    public let sizeBytes: UInt64
+    public let epoch: UInt64
+    public let replicas: [EngineReplica]
+    public let localNodeID: String
+    public let mountDirectory: String
+    private let connect: @Sendable (EngineReplica) throws -> any ReplicaIO
+    private let markOutOfSync: @Sendable (_ nodeID: String, _ reason: String) throws -> Void
+    private let logger: Logger
+
+    private struct Lifecycle: ~Copyable {
+        var session: OpaquePointer?
+        var retained: Unmanaged<VolumeEngine>?
+        var members: [Member] = []
+        var stopped = false
+    }
+
+    private struct Sets {
+        /// Local replica first (reads try it first), then the others in the order given.
+        var inSync: [Member] = []
+        var outOfSync: [String: String] = [:]
+    }
+
+    private let lifecycle = Mutex(Lifecycle())
+    private let sets = Mutex(Sets())
+    private let fenced = Atomic<Bool>(false)
+    private let generation = Atomic<UInt64>(0)
+    /// Serializes read-modify-write of partial blocks (rare: the loop device and filesystems
+    /// write whole 4 KiB blocks).
+    private let partialWrites = Mutex(())
+
+    private let reads = Atomic<UInt64>(0)
+    private let writes = Atomic<UInt64>(0)
+    private let flushes = Atomic<UInt64>(0)
+    private let trims = Atomic<UInt64>(0)
+    private let bytesRead = Atomic<UInt64>(0)
+    private let bytesWritten = Atomic<UInt64>(0)
+    private let errors = Atomic<UInt64>(0)
+
+    public init(volumeID: String, sizeBytes: UInt64, epoch: UInt64, replicas: [EngineReplica], localNodeID: String,
+                mountDirectory: String,
+                connect: @escaping @Sendable (EngineReplica) throws -> any ReplicaIO,
+                markOutOfSync: @escaping @Sendable (_ nodeID: String, _ reason: String) throws -> Void,
+                logger: Logger) {
+        self.volumeID = volumeID
+        self.sizeBytes = sizeBytes
+        self.epoch = epoch
+        self.replicas = replicas
+        self.localNodeID = localNodeID
+        self.mountDirectory = mountDirectory
+        self.connect = connect
+        self.markOutOfSync = markOutOfSync
+        var logger = logger
+        logger[metadataKey: "volume.id"] = "\(volumeID)"
+        logger[metadataKey: "engine.epoch"] = "\(epoch)"
+        self.logger = logger
+    }
+
+    public var path: String { mountDirectory + "/volume" }
+
+    // MARK: Lifecycle
+
+    /// Claims every replica with the epoch, mounts FUSE and returns the volume file's path.
+    /// Idempotent while running.
+    ///
+    /// A replica that cannot be connected or claimed is recorded out of sync before the mount
+    /// — but only when another replica was claimed: if none answers, nothing is recorded (no
+    /// write was acknowledged without them, and recording all would leave the volume with no
+    /// in-sync replica) and start fails with UNAVAILABLE. A replica reporting a newer epoch
+    /// fails start with FAILED_PRECONDITION (this attachment was superseded).
+    public func start() throws -> String {
+        try lifecycle.withLock { life in
+            if life.session != nil { return path }
+            guard !life.stopped else {
+                throw CairnError.failedPrecondition("the engine for volume \(volumeID) was stopped; start a new engine")
+            }
+            guard sizeBytes > 0, sizeBytes % UInt64(Self.blockSize) == 0 else {
+                throw CairnError.invalidArgument("volume size \(sizeBytes) is not a positive multiple of \(Self.blockSize) bytes")
+            }
+            guard !replicas.isEmpty else {
+                throw CairnError.invalidArgument("volume \(volumeID) has no replicas to serve it from")
+            }
+            try makeDirectory(mountDirectory)
+
+            let (claimed, failures, highest) = try claimAll()
+            if claimed.isEmpty {
+                let reasons = failures.map { "\($0.replica): \($0.reason)" }.joined(separator: "; ")
+                throw CairnError.unavailable(
+                    "no replica of volume \(volumeID) could be claimed with epoch \(epoch) (\(reasons)); check that the agents on those nodes run and are reachable, then retry")
+            }
+            do {
+                for failure in failures {
+                    try markOutOfSync(failure.replica.nodeID, failure.reason)
+                    logger.warning("replica recorded out of sync at start", metadata: [
+                        "replica.node": "\(failure.replica.nodeID)", "reason": "\(failure.reason)"])
+                }
+            } catch {
+                claimed.forEach { $0.io.close() }
+                throw CairnError.unavailable(
+                    "cannot record the unreachable replicas of volume \(volumeID) out of sync (\(error)); the volume cannot be served until the store accepts it, retry")
+            }
+            generation.store(highest, ordering: .relaxed)
+            let local = claimed.filter { $0.nodeID == localNodeID }
+            let ordered = local + claimed.filter { $0.nodeID != localNodeID }
+            sets.withLock { s in
+                s.inSync = ordered
+                for failure in failures { s.outOfSync[failure.replica.nodeID] = failure.reason }
+            }
+            life.members = claimed
+
+            let retained = Unmanaged.passRetained(self)
+            var callbacks = cfuse_callbacks(read: engineRead, write: engineWrite, flush: engineFlush, trim: engineTrim)
+            var message = [CChar](repeating: 0, count: 512)
+            let session = withUnsafePointer(to: &callbacks) { cb in
+                cfuse_mount(mountDirectory, volumeID, sizeBytes, cb, retained.toOpaque(), &message, message.count)
+            }
+            guard let session else {
+                retained.release()
+                claimed.forEach { $0.io.close() }
+                life.members = []
+                let reason = String(decoding: message.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                throw CairnError.internal("cannot expose volume \(volumeID) through FUSE: \(reason)")
+            }
+            life.session = session
+            life.retained = retained
+            logger.info("volume engine started", metadata: [
+                "path": "\(path)", "replicas.in_sync": "\(ordered.map(\.nodeID))",
+                "replicas.out_of_sync": "\(failures.map(\.replica.nodeID))", "generation": "\(highest)",
+                "fuse.connection": "\(cfuse_connection_id(session))"])
+            return path
+        }
+    }
+
+    /// Unmounts FUSE (no callback runs after it returns) and closes the replicas. Idempotent.
+    public func stop() {
+        lifecycle.withLock { life in
+            if let session = life.session {
+                if cfuse_unmount(session) != 0 {
+                    logger.warning("the FUSE connection was still in use (a loop device on the file?) and was aborted")
+                }
+                life.session = nil
+                life.retained?.release()
+                life.retained = nil
+                logger.info("volume engine stopped", metadata: ["path": "\(path)"])
+            }
+            life.members.forEach { $0.io.close() }
+            life.members = []
+            life.stopped = true
+        }
+    }
+
+    public var state: EngineState {
+        let running = lifecycle.withLock { $0.session != nil }
+        let (inSync, outOfSync) = sets.withLock { s in (s.inSync.map(\.nodeID), s.outOfSync) }
+        let order = replicas.map(\.nodeID)
+        return EngineState(
+            volumeID: volumeID, epoch: epoch, path: running ? path : nil,
+            inSync: inSync.sorted { (order.firstIndex(of: $0) ?? 0) < (order.firstIndex(of: $1) ?? 0) },
+            outOfSync: outOfSync, fenced: fenced.load(ordering: .acquiring),
+            generation: generation.load(ordering: .relaxed),
+            reads: reads.load(ordering: .relaxed), writes: writes.load(ordering: .relaxed),
+            flushes: flushes.load(ordering: .relaxed), trims: trims.load(ordering: .relaxed),
+            bytesRead: bytesRead.load(ordering: .relaxed), bytesWritten: bytesWritten.load(ordering: .relaxed),
+            errors: errors.load(ordering: .relaxed))
+    }
+
+    private struct ClaimFailure { var replica: EngineReplica; var reason: String }
+
+    /// Connects and claims every replica; returns the claimed ones, the failures and the highest
+    /// generation any claimed replica holds.
+    private func claimAll() throws -> ([Member], [ClaimFailure], UInt64) {
+        var claimed: [Member] = []
+        var failures: [ClaimFailure] = []
+        var highest: UInt64 = 0
+        for replica in replicas {
+            var io: (any ReplicaIO)?
+            do {
+                let connected = try connect(replica)
+                io = connected
+                let status = try connected.claim(volumeID: volumeID, epoch: epoch)
+                guard status.size >= sizeBytes else {
+                    throw CairnError.failedPrecondition("the replica holds \(status.size) bytes, less than the volume's \(sizeBytes)")
+                }
+                claimed.append(Member(replica: replica, io: connected))
+                highest = max(highest, status.highestGeneration)
+            } catch where isFencing(error) {
+                io?.close()
+                claimed.forEach { $0.io.close() }
+                logger.error("fenced at start: a replica has seen a newer epoch", metadata: [
+                    "replica.node": "\(replica.nodeID)", "error": "\(error)"])
+                throw CairnError.failedPrecondition(
+                    "volume \(volumeID): replica on \(replica.nodeID) has seen an epoch newer than \(epoch) (\(error)); this attachment was superseded — publish the volume again")
+            } catch {
+                io?.close()
+                failures.append(ClaimFailure(replica: replica, reason: "claim with epoch \(epoch) failed: \(error)"))
+            }
+        }
+        return (claimed, failures, highest)
+    }
+
+    private func makeDirectory(_ path: String) throws {
+        var current = path.hasPrefix("/") ? "" : "."
+        for component in path.split(separator: "/") {
+            current += "/" + component
+            if mkdir(current, 0o700) != 0 && errno != EEXIST {
+                throw CairnError.internal("cannot create the engine's mount directory \(current): \(String(cString: strerror(errno)))")
+            }
+        }
+    }
+
+    // MARK: I/O (called on FUSE worker threads)
+
+    fileprivate func read(offset: UInt64, size: Int, into buffer: UnsafeMutableRawPointer) -> Int {
+        if fenced.load(ordering: .relaxed) { return failed(EIO) }
+        let block = UInt64(Self.blockSize)
+        let start = offset & ~(block - 1)
+        let end = (offset + UInt64(size) + block - 1) & ~(block - 1)
+        let skip = Int(offset - start)
+        let result = readBlocks(offset: start, length: Int(end - start)) { bytes in
+            bytes.withUnsafeBytes { raw in
+                buffer.copyMemory(from: raw.baseAddress! + skip, byteCount: size)
+            }
+        }
+        guard result == 0 else { return failed(-result) }
+        reads.wrappingAdd(1, ordering: .relaxed)
+        bytesRead.wrappingAdd(UInt64(size), ordering: .relaxed)
+        return size
+    }
+
+    /// Reads aligned blocks from the first in-sync replica that answers (the local one first);
+    /// a replica that fails is recorded out of sync before the next is tried. 0 or -errno.
+    private func readBlocks(offset: UInt64, length: Int, _ deliver: ([UInt8]) -> Void) -> Int32 {
+        var tried: [ObjectIdentifier] = []
+        while true {
+            if fenced.load(ordering: .relaxed) { return -EIO }
+            guard let member = sets.withLock({ s in s.inSync.first { !tried.contains(ObjectIdentifier($0)) } }) else {
+                return -EIO
+            }
+            do {
+                let bytes = try member.io.read(volumeID: volumeID, offset: offset, length: length, epoch: epoch)
+                guard bytes.count == length else {
+                    throw CairnError.internal("replica returned \(bytes.count) bytes for a read of \(length)")
+                }
+                deliver(bytes)
+                return 0
+            } catch {
+                if !settle([(member, error)], succeeded: 0, what: "read at offset \(offset)", allowIfNoneSucceeded: true) {
+                    return -EIO
+                }
+                tried.append(ObjectIdentifier(member))
+            }
+        }
+    }
+
+    fileprivate func write(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
+        let block = UInt64(Self.blockSize)
+        let result: Int32
+        if offset % block == 0 && UInt64(data.count) % block == 0 {
+            result = writeBlocks(offset: offset, data: data)
+        } else {
+            result = writePartial(offset: offset, data: data)
+        }
+        if result != 0 { return Int32(failed(-result)) }
+        writes.wrappingAdd(1, ordering: .relaxed)
+        bytesWritten.wrappingAdd(UInt64(data.count), ordering: .relaxed)
+        return 0
+    }
+
+    /// Whole blocks: the next generation, to every in-sync replica. 0 or -errno.
+    private func writeBlocks(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
+        let volumeID = volumeID, epoch = epoch
+        return fanOut(what: "write at offset \(offset)") { member, generation in
+            try member.io.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+        }
+    }
+
+    /// A write that does not cover whole blocks: read the blocks, patch, write them whole.
+    private func writePartial(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
+        let block = UInt64(Self.blockSize)
+        let start = offset & ~(block - 1)
+        let end = (offset + UInt64(data.count) + block - 1) & ~(block - 1)
+        return partialWrites.withLock { _ in
+            var blocks: [UInt8] = []
+            let read = readBlocks(offset: start, length: Int(end - start)) { blocks = $0 }
+            guard read == 0 else { return read }
+            blocks.withUnsafeMutableBytes { raw in
+                (raw.baseAddress! + Int(offset - start)).copyMemory(from: data.baseAddress!, byteCount: data.count)
+            }
+            return blocks.withUnsafeBytes { writeBlocks(offset: start, data: $0) }
+        }
+    }
+
+    fileprivate func flush() -> Int32 {
+        let volumeID = volumeID, epoch = epoch
+        let result = fanOut(what: "flush", numbered: false) { member, _ in
+            try member.io.flush(volumeID: volumeID, epoch: epoch)
+        }
+        if result != 0 { return Int32(failed(-result)) }
+        flushes.wrappingAdd(1, ordering: .relaxed)
+        return 0
+    }
+
+    /// Whole blocks inside the range are trimmed (one generation); the partial blocks at its
+    /// edges are written with zeros, so the whole range reads as zeros.
+    fileprivate func trim(offset: UInt64, length: UInt64) -> Int32 {
+        let block = UInt64(Self.blockSize)
+        let end = offset + length
+        let innerStart = (offset + block - 1) & ~(block - 1)
+        let innerEnd = end & ~(block - 1)
+        var result: Int32 = 0
+        if innerStart < innerEnd {
+            let volumeID = volumeID, epoch = epoch
+            result = fanOut(what: "trim at offset \(innerStart)") { member, generation in
+                try member.io.trim(volumeID: volumeID, offset: innerStart, length: innerEnd - innerStart,
+                                   generation: generation, epoch: epoch)
+            }
+        }
+        for (edgeStart, edgeEnd) in [(offset, min(end, innerStart)), (max(innerEnd, innerStart, offset), end)]
+        where result == 0 && edgeStart < edgeEnd {
+            let zeros = [UInt8](repeating: 0, count: Int(edgeEnd - edgeStart))
+            result = zeros.withUnsafeBytes { writePartial(offset: edgeStart, data: $0) }
+        }
+        if result != 0 { return Int32(failed(-result)) }
+        trims.wrappingAdd(1, ordering: .relaxed)
+        return 0
+    }
+
+    /// Runs `operation` on every in-sync replica in parallel (the calling thread takes one) and
+    /// settles failures. `numbered` operations take the next generation. 0 or -errno.
+    private func fanOut(what: @autoclosure () -> String, numbered: Bool = true,
+                        _ operation: (Member, UInt64) throws -> Void) -> Int32 {
+        if fenced.load(ordering: .relaxed) { return -EIO }
+        let members = sets.withLock { $0.inSync }
+        guard !members.isEmpty else { return -EIO }
+        let generation = numbered ? self.generation.wrappingAdd(1, ordering: .relaxed).newValue : 0
+        if members.count == 1 {
+            do {
+                try operation(members[0], generation)
+                return 0
+            } catch {
+                return settle([(members[0], error)], succeeded: 0, what: what()) ? 0 : -EIO
+            }
+        }
+        return withUnsafeTemporaryAllocation(of: (any Error)?.self, capacity: members.count) { outcome in
+            outcome.initialize(repeating: nil)
+            defer { _ = outcome.deinitialize() }
+            // The closure runs on Dispatch's workers and this thread, each index once, and all
+            // are done when concurrentPerform returns: nothing escapes, and each slot of
+            // `outcome` has one writer.
+            withoutActuallyEscaping(operation) { operation in
+                let shared = UncheckedSendable((operation, outcome))
+                DispatchQueue.concurrentPerform(iterations: members.count) { i in
+                    let (operation, outcome) = shared.value
+                    do { try operation(members[i], generation) } catch { outcome[i] = error }
+                }
+            }
+            var failures: [(Member, any Error)] = []
+            for i in 0..<members.count {
+                if let error = outcome[i] { failures.append((members[i], error)) }
+            }
+            if failures.isEmpty { return 0 }
+            return settle(failures, succeeded: members.count - failures.count, what: what()) ? 0 : -EIO
+        }
+    }
+
+    /// Decides what failures mean, before anything is acknowledged. Returns true when the
+    /// operation may be answered successfully (the failed replicas are now recorded out of
+    /// sync and `succeeded` > 0, or `allowIfNoneSucceeded` for a read that will try the next).
+    ///
+    /// - A fencing error from any replica fences the engine: false, nothing recorded.
+    /// - If no replica succeeded (a write nobody acknowledged), nothing is recorded: all
+    ///   replicas still hold every acknowledged write, and recording them all out of sync would
+    ///   leave the volume with none in sync.
+    /// - Otherwise each failed replica is recorded out of sync (once, even under concurrent
+    ///   failures), then removed from the set. If recording fails, false.
+    private func settle(_ failures: [(Member, any Error)], succeeded: Int, what: String,
+                        allowIfNoneSucceeded: Bool = false) -> Bool {
+        if let (member, error) = failures.first(where: { isFencing($0.1) }) {
+            fence(by: member.nodeID, error: error)
+            return false
+        }
+        if succeeded == 0 && !allowIfNoneSucceeded { 
+            logger.error("I/O failed on every in-sync replica; answered EIO, no replica recorded out of sync", metadata: [
+                "operation": "\(what)", "errors": "\(failures.map { "\($0.0.nodeID): \($0.1)" })"])
+            return false
+        }
+        for (member, error) in failures {
+            if !recordOutOfSync(member, reason: "\(what) failed: \(error)") { return false }
+        }
+        return !fenced.load(ordering: .acquiring)
+    }
+
+    /// Records `member` out of sync in the store, then drops it from the in-sync set. The last
+    /// in-sync replica is never recorded out of sync. True once it is recorded (by this call
+    /// or an earlier one).
+    private func recordOutOfSync(_ member: Member, reason: String) -> Bool {
+        member.recordedOut.withLock { recorded in
+            if recorded { return true }
+            let others = sets.withLock { s in s.inSync.contains { $0 !== member } }
+            guard others else {
+                logger.error("the last in-sync replica failed; answered EIO, it stays in sync", metadata: [
+                    "replica.node": "\(member.nodeID)", "reason": "\(reason)"])
+                return false
+            }
+            do {
+                try markOutOfSync(member.nodeID, reason)
+            } catch {
+                if isFencing(error) {
+                    fence(by: "the store", error: error)
+                } else {
+                    logger.error("cannot record a failed replica out of sync; answered EIO", metadata: [
+                        "replica.node": "\(member.nodeID)", "reason": "\(reason)", "error": "\(error)"])
+                }
+                return false
+            }
+            recorded = true
+            sets.withLock { s in
+                s.inSync.removeAll { $0 === member }
+                s.outOfSync[member.nodeID] = reason
+            }
+            logger.warning("replica recorded out of sync and removed from the in-sync set", metadata: [
+                "replica.node": "\(member.nodeID)", "reason": "\(reason)"])
+            return true
+        }
+    }
+
+    private func fence(by source: String, error: any Error) {
+        if !fenced.exchange(true, ordering: .acquiringAndReleasing) {
+            logger.error("engine fenced: a newer epoch exists for this volume; every I/O now fails with EIO (the volume was attached elsewhere — unstage it here)", metadata: [
+                "by": "\(source)", "error": "\(error)"])
+        }
+    }
+
+    private func failed(_ errno: Int32) -> Int {
+        errors.wrappingAdd(1, ordering: .relaxed)
+        return -Int(errno)
+    }
+}
+
+/// Carries a value across a `@Sendable` boundary that the caller proves safe.
+private struct UncheckedSendable<Value>: @unchecked Sendable {
+    let value: Value
+    init(_ value: Value) { self.value = value }
+}
+
+// The C callbacks: the context is the engine, retained while mounted.
+
+private func engine(_ context: UnsafeMutableRawPointer?) -> VolumeEngine {
+    Unmanaged<VolumeEngine>.fromOpaque(context!).takeUnretainedValue()
+}
+
+private let engineRead: @convention(c) (UnsafeMutableRawPointer?, UInt64, Int, UnsafeMutableRawPointer?) -> Int = {
+    context, offset, size, buffer in
+    engine(context).read(offset: offset, size: size, into: buffer!)
+}
+
+private let engineWrite: @convention(c) (UnsafeMutableRawPointer?, UInt64, UnsafeRawPointer?, Int) -> Int32 = {
+    context, offset, buffer, size in
+    engine(context).write(offset: offset, data: UnsafeRawBufferPointer(start: buffer, count: size))
+}
+
+private let engineFlush: @convention(c) (UnsafeMutableRawPointer?) -> Int32 = { context in
+    engine(context).flush()
+}
+
+private let engineTrim: @convention(c) (UnsafeMutableRawPointer?, UInt64, UInt64) -> Int32 = { context, offset, length in
+    engine(context).trim(offset: offset, length: length)
+}
