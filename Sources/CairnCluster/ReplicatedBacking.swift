@@ -119,10 +119,15 @@ public final class ReplicatedBacking: VolumeBacking {
         let engine = VolumeEngine(
             volumeID: volume.id, sizeBytes: UInt64(current.capacityBytes), epoch: UInt64(epoch), replicas: targets,
             localNodeID: nodeID, mountDirectory: "\(enginesDirectory)/\(volume.id)",
-            connect: { replica in try ReplicaClient(host: replica.host, port: replica.port) },
+            connect: { replica in ClientReplicaIO(try ReplicaClient(host: replica.host, port: replica.port)) },
             markOutOfSync: { failedNode, reason in
-                try Self.waitFor(seconds: 15, what: "recording that node \(failedNode)'s replica is out of sync") {
-                    try await store.markReplicaOutOfSync(volumeID: volumeID, nodeID: failedNode, epoch: epoch, reason: reason)
+                do {
+                    try Self.waitFor(seconds: 15, what: "recording that node \(failedNode)'s replica is out of sync") {
+                        try await store.markReplicaOutOfSync(volumeID: volumeID, nodeID: failedNode, epoch: epoch, reason: reason)
+                    }
+                } catch let error as CairnError where error.code == .failedPrecondition {
+                    // The store's epoch moved on: another node holds the volume now.
+                    throw EngineFenced(error.message)
                 }
             },
             logger: engineLogger)

@@ -78,7 +78,7 @@ public final class ControllerService: Sendable {
                 let count = parameters.explicitReplicas ?? cluster.defaultReplicas
                 let chosen = try Placement.choose(count: count, size: size,
                                                   candidates: try await placementCandidates())
-                volume.replicas = chosen.map { ReplicaRecord(nodeID: $0.nodeID, address: $0.address, inSync: true) }
+                volume.replicas = chosen.map { ReplicaRecord(nodeID: $0.nodeID, address: $0.address ?? "", inSync: true) }
                 logger.info("placed the volume's replicas", metadata: [
                     "volume.id": "\(volume.id)", "replicas": "\(chosen.map(\.nodeID).joined(separator: ","))",
                 ])
