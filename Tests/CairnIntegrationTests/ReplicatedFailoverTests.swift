@@ -207,6 +207,8 @@ struct EndpointClient: Sendable {
 final class BlockWriter: @unchecked Sendable {
     static let blockSize = 4096
     static let magic: UInt64 = 0x4341_4952_4E42_4C4B  // "CAIRNBLK"
+    /// O_DIRECT on Linux x86_64 (Glibc's Swift module does not export it).
+    static let O_DIRECT: Int32 = 0o40000
 
     let device: String
     let blocks: Int
@@ -241,7 +243,7 @@ final class BlockWriter: @unchecked Sendable {
 
     private func run() {
         defer { state.withLock { $0.stopped = true } }
-        let fd = open(device, O_RDWR | O_DIRECT | O_DSYNC | O_CLOEXEC)
+        let fd = open(device, O_RDWR | BlockWriter.O_DIRECT | O_DSYNC | O_CLOEXEC)
         guard fd >= 0 else {
             let reason = String(cString: strerror(errno))
             state.withLock { $0.failure = "open \(device): \(reason)" }
@@ -318,7 +320,7 @@ final class BlockWriter: @unchecked Sendable {
     }
 
     static func readDirect(device: String, index: Int) throws -> [UInt8] {
-        let fd = open(device, O_RDONLY | O_DIRECT | O_CLOEXEC)
+        let fd = open(device, O_RDONLY | BlockWriter.O_DIRECT | O_CLOEXEC)
         guard fd >= 0 else { throw FixtureError("open \(device): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         let buffer = UnsafeMutableRawBufferPointer(start: aligned_alloc(blockSize, blockSize), count: blockSize)
@@ -331,7 +333,7 @@ final class BlockWriter: @unchecked Sendable {
     }
 
     static func writeDirect(device: String, index: Int, block: [UInt8]) throws {
-        let fd = open(device, O_RDWR | O_DIRECT | O_DSYNC | O_CLOEXEC)
+        let fd = open(device, O_RDWR | BlockWriter.O_DIRECT | O_DSYNC | O_CLOEXEC)
         guard fd >= 0 else { throw FixtureError("open \(device): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         let buffer = UnsafeMutableRawBufferPointer(start: aligned_alloc(blockSize, blockSize), count: blockSize)
