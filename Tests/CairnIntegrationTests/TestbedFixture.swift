@@ -1,0 +1,208 @@
+import CairnCore
+import Foundation
+import XCTest
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The multi-node test bed (`scripts/testbed`, see docs/testbed.md) driven from a test: etcd, the
+/// controller and N nodes, each node in its own network namespace.
+///
+///     let bed = try Testbed.up(nodes: 3)
+///     defer { bed.down() }          // or call down() from tearDown: it must run whatever happened
+///     let controller = try GRPCChannel(endpoint: bed.controllerEndpoint)
+///     try bed.partition("n2")
+///
+/// Every method runs the script and throws `FixtureError` with its output (which names the log
+/// to read) when it fails. One bed per machine: the script serializes beds with a lock.
+struct Testbed: Sendable {
+    /// The state directory (`CAIRN_TESTBED_DIR` of the test process, which the script inherits).
+    let stateDir: String
+    /// `n1`…`nN`.
+    let nodes: [String]
+    /// From `scripts/testbed endpoints`: name (`etcd`, `controller`, `n1`…) to URL.
+    let endpoints: [String: String]
+
+    var controllerEndpoint: String { endpoints["controller"] ?? "unix://\(stateDir)/controller.sock" }
+    var etcdEndpoint: String { endpoints["etcd"] ?? "http://10.77.0.1:2379" }
+    func nodeEndpoint(_ node: String) -> String { endpoints[node] ?? "unix://\(stateDir)/\(node)/csi.sock" }
+    /// Where node `n<i>` serves the data protocol.
+    func dataAddress(_ node: String) -> String? {
+        guard let i = nodes.firstIndex(of: node) else { return nil }
+        return "10.77.0.\(11 + i):7410"
+    }
+
+    /// The script, found from this file's path (Tests/CairnIntegrationTests/ → repo root).
+    static var script: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("scripts/testbed").path
+    }
+
+    static var defaultStateDir: String {
+        ProcessInfo.processInfo.environment["CAIRN_TESTBED_DIR"] ?? "/run/cairn-testbed"
+    }
+
+    /// Builds a bed of `nodes` nodes with the `cairn` next to the test bundle (`withCairn: false`:
+    /// network and etcd only). Skips the test when not root. When `up` fails, runs `down` and
+    /// throws with up's output (it ends with the failing process's log).
+    static func up(nodes: Int, withCairn: Bool = true, pathRoots: [String] = []) throws -> Testbed {
+        if getuid() != 0 {
+            throw XCTSkip("the test bed makes network namespaces, mounts and loop devices: run the tests as root")
+        }
+        var arguments = ["up", "--nodes", String(nodes)]
+        if withCairn {
+            arguments += ["--cairn", try PluginProcess.locateBinary()]
+        } else {
+            arguments.append("--no-cairn")
+        }
+        for root in pathRoots { arguments += ["--path-root", root] }
+        let started = run(arguments)
+        guard started.status == 0 else {
+            let cleanup = run(["down"])
+            throw FixtureError("""
+                scripts/testbed up --nodes \(nodes) failed (exit status \(started.status)):
+                \(started.output)
+                (down afterwards: exit status \(cleanup.status)\(cleanup.status == 0 ? "" : ": " + cleanup.output))
+                """)
+        }
+        let listed = run(["endpoints"])
+        guard listed.status == 0 else {
+            _ = run(["down"])
+            throw FixtureError("scripts/testbed endpoints failed after up: \(listed.output)")
+        }
+        return Testbed(stateDir: defaultStateDir, nodes: (1...nodes).map { "n\($0)" },
+                       endpoints: parseEndpoints(listed.stdout))
+    }
+
+    /// Lines `NAME URL`; the script's own messages start with `testbed:`.
+    static func parseEndpoints(_ output: String) -> [String: String] {
+        var result: [String: String] = [:]
+        for line in output.split(separator: "\n") where !line.hasPrefix("testbed:") {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            if fields.count == 2 { result[String(fields[0])] = String(fields[1]) }
+        }
+        return result
+    }
+
+    /// Removes everything the bed made (processes, mounts, loop devices, namespaces, the state
+    /// directory). Never throws, so it is safe in `defer` and tearDown; returns the problem when
+    /// the script reported one (also printed), nil when all went.
+    @discardableResult
+    func down() -> String? {
+        let result = Self.run(["down"])
+        guard result.status == 0 else {
+            let problem = "scripts/testbed down failed (exit status \(result.status)): \(result.output)"
+            print(problem)
+            return problem
+        }
+        return nil
+    }
+
+    /// SIGKILLs the process group of `node` (`n<i>`, `controller` or `etcd`): a crash, nothing cleaned up.
+    func kill(_ node: String) throws { try command(["kill", node]) }
+    /// Starts `node` again with the same flags (killing it first if it runs) and waits until it serves.
+    func restart(_ node: String) throws { try command(["restart", node]) }
+    /// `node` loses etcd and the controller (both directions) but keeps the other nodes.
+    func partition(_ node: String) throws { try command(["partition", node]) }
+    func heal(_ node: String) throws { try command(["heal", node]) }
+    /// Probes the network (etcd from each node unless partitioned, every node from every other).
+    func check() throws { try command(["check"]) }
+    /// Runs a command in `node`'s network namespace (root mount namespace); returns its output.
+    @discardableResult
+    func exec(_ node: String, _ arguments: [String]) throws -> String {
+        try command(["exec", node] + arguments)
+    }
+    /// `scripts/testbed status`: processes and partitions.
+    func status() throws -> String { try command(["status"]) }
+
+    /// The last lines of a process's log (`etcd`, `controller`, `n<i>`), for failure messages.
+    func logTail(_ name: String, lines: Int = 40) -> String {
+        guard let text = try? String(contentsOfFile: "\(stateDir)/\(name).log", encoding: .utf8) else {
+            return "(no log at \(stateDir)/\(name).log)"
+        }
+        return text.split(separator: "\n", omittingEmptySubsequences: false).suffix(lines).joined(separator: "\n")
+    }
+
+    @discardableResult
+    private func command(_ arguments: [String]) throws -> String {
+        let result = Self.run(arguments)
+        guard result.status == 0 else {
+            throw FixtureError("scripts/testbed \(arguments.joined(separator: " ")) failed (exit status \(result.status)): \(result.output)")
+        }
+        return result.output
+    }
+
+    /// Runs the script (through CairnCore's `Command`, with a deadline: `up` waits at most 120 s
+    /// for the lock plus its start-up timeouts). Failing to run it, or a timeout, reports exit
+    /// status 127 with the reason.
+    static func run(_ arguments: [String]) -> (status: Int32, stdout: String, output: String) {
+        do {
+            let result = try Command.runBlocking([script] + arguments, timeout: .seconds(600))
+            return (result.status, result.stdout, result.output)
+        } catch {
+            return (127, "", "scripts/testbed \(arguments.joined(separator: " ")): \(error)")
+        }
+    }
+}
+
+/// The bed's network on its own (`up --no-cairn`: namespaces, bridge, etcd), and `down` leaving
+/// nothing behind. The Cairn processes are exercised by the tests that use the bed.
+final class TestbedNetworkTests: XCTestCase {
+    private var bed: Testbed?
+
+    override func tearDown() async throws {
+        if let problem = bed?.down() { XCTFail(problem) }
+        bed = nil
+        try await super.tearDown()
+    }
+
+    private func namespaces() throws -> [String] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/run/netns")) ?? []
+        return names.filter { $0.hasPrefix("cairntb-") }.sorted()
+    }
+
+    func testPartitionCutsOnlyTheControlPlaneAndDownRemovesEverything() throws {
+        let bed = try Testbed.up(nodes: 2, withCairn: false)
+        self.bed = bed
+        XCTAssertEqual(try namespaces(), ["cairntb-ctl", "cairntb-hub", "cairntb-n1", "cairntb-n2"])
+        XCTAssertEqual(bed.etcdEndpoint, "http://10.77.0.1:2379")
+        XCTAssertNil(bed.endpoints["controller"], "--no-cairn starts no controller")
+        try bed.check()
+
+        let health = try bed.exec("n1", ["curl", "-fsS", "--max-time", "2", "http://10.77.0.1:2379/health"])
+        XCTAssertTrue(health.contains("\"health\":\"true\""), "etcd from n1: \(health)")
+
+        try bed.partition("n1")
+        XCTAssertThrowsError(try bed.exec("n1", ["curl", "-fsS", "--max-time", "2", "http://10.77.0.1:2379/health"]),
+                             "a partitioned node must not reach etcd")
+        XCTAssertTrue(try bed.status().contains("PARTITIONED"))
+        try bed.check()  // n1 -> etcd unreachable, ctl -> n1 unreachable, n1 <-> n2 reachable
+        XCTAssertNoThrow(try bed.exec("n2", ["curl", "-fsS", "--max-time", "2", "http://10.77.0.1:2379/health"]))
+
+        try bed.heal("n1")
+        XCTAssertNoThrow(try bed.exec("n1", ["curl", "-fsS", "--max-time", "2", "http://10.77.0.1:2379/health"]))
+
+        try bed.kill("etcd")
+        XCTAssertThrowsError(try bed.exec("n2", ["curl", "-fsS", "--max-time", "2", "http://10.77.0.1:2379/health"]))
+        try bed.restart("etcd")
+        XCTAssertNoThrow(try bed.exec("n2", ["curl", "-fsS", "--max-time", "2", "http://10.77.0.1:2379/health"]))
+
+        XCTAssertNil(bed.down())
+        self.bed = nil
+        XCTAssertEqual(try namespaces(), [])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: bed.stateDir), "down leaves \(bed.stateDir)")
+        XCTAssertNil(bed.down(), "down again must succeed: it is idempotent")
+    }
+
+    func testSecondUpIsRefusedWhileABedIsUp() throws {
+        let bed = try Testbed.up(nodes: 1, withCairn: false)
+        self.bed = bed
+        let second = Testbed.run(["up", "--no-cairn", "--nodes", "1"])
+        XCTAssertNotEqual(second.status, 0)
+        XCTAssertTrue(second.output.contains("testbed down"), "the refusal says what to do: \(second.output)")
+        XCTAssertNoThrow(try bed.check(), "the refused up must leave the running bed alone")
+    }
+}
