@@ -10,16 +10,17 @@ import XCTest
 /// devices and block I/O. A writer records every acknowledged (O_DSYNC) checksummed block; after
 /// each failure every acknowledged block must read back intact.
 final class ReplicatedFailoverTests: XCTestCase {
-    var bed: TestBed!
+    var bed: Testbed!
 
     override func setUp() async throws {
-        guard geteuid() == 0 else { throw XCTSkip("the test bed needs root (network namespaces, FUSE, loop devices)") }
-        bed = try TestBed.up(nodes: 3)
+        bed = try Testbed.up(nodes: 3)
     }
 
     override func tearDown() async throws {
         if let bed {
-            if testRun?.hasSucceeded == false { print(bed.logs()) }
+            if let run = testRun, run.failureCount + run.unexpectedExceptionCount > 0 {
+                for name in ["controller"] + bed.nodes { print("==> \(name).log\n" + bed.logTail(name, lines: 60)) }
+            }
             bed.down()
         }
         bed = nil
@@ -119,8 +120,8 @@ final class ReplicatedFailoverTests: XCTestCase {
         let target: String
     }
 
-    var controller: EndpointClient { EndpointClient(endpoint: bed.endpoint("controller")) }
-    func node(_ name: String) -> EndpointClient { EndpointClient(endpoint: bed.endpoint(name)) }
+    var controller: EndpointClient { EndpointClient(endpoint: bed.controllerEndpoint) }
+    func node(_ name: String) -> EndpointClient { EndpointClient(endpoint: bed.nodeEndpoint(name)) }
 
     func createBlockVolume(_ name: String) async throws -> Volume {
         let bytes: Int64 = 64 << 20
@@ -132,7 +133,7 @@ final class ReplicatedFailoverTests: XCTestCase {
 
     func attach(_ volume: Volume, on name: String) async throws -> Attached {
         let published = try await controller.controllerPublish(CSI.controllerPublish(volume.id, node: name, access: .block))
-        let root = bed.mountRoot + "/\(volume.id)-\(name)"
+        let root = bed.stateDir + "/mnt/\(volume.id)-\(name)"
         let staging = root + "/staging"
         let target = root + "/target"
         try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
@@ -366,75 +367,5 @@ final class BlockWriter: @unchecked Sendable {
         if !problems.isEmpty {
             throw FixtureError("\(problems.count)+ of \(acknowledged.count) acknowledged blocks are wrong on \(device):\n" + problems.joined(separator: "\n"))
         }
-    }
-}
-
-/// The network-namespace test bed (`scripts/testbed`), one per test: up in setUp, down in
-/// tearDown (which removes every namespace, process, mount and loop device it made).
-struct TestBed {
-    let script: String
-    let directory: String
-    let endpoints: [String: String]
-
-    var mountRoot: String { directory + "/mnt" }
-
-    static func up(nodes: Int) throws -> TestBed {
-        let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().path
-        let script = repo + "/scripts/testbed"
-        let directory = "/run/cairn-testbed-\(getpid())"
-        let binary = try PluginProcess.locateBinary()
-        // A bed left by a crashed run of this process id would make `up` refuse: clear it.
-        _ = try? run(script, ["down"], directory: directory)
-        do {
-            _ = try run(script, ["up", "--nodes", "\(nodes)", "--cairn", binary], directory: directory)
-        } catch {
-            _ = try? run(script, ["down"], directory: directory)
-            throw error
-        }
-        let listing = try run(script, ["endpoints"], directory: directory)
-        var endpoints: [String: String] = [:]
-        for line in listing.split(separator: "\n") {
-            let parts = line.split(separator: " ", maxSplits: 1).map(String.init)
-            if parts.count == 2 { endpoints[parts[0]] = parts[1] }
-        }
-        return TestBed(script: script, directory: directory, endpoints: endpoints)
-    }
-
-    func endpoint(_ name: String) -> String { endpoints[name] ?? "unix:///nonexistent-\(name).sock" }
-    func kill(_ node: String) throws { _ = try Self.run(script, ["kill", node], directory: directory) }
-    func partition(_ node: String) throws { _ = try Self.run(script, ["partition", node], directory: directory) }
-    func heal(_ node: String) throws { _ = try Self.run(script, ["heal", node], directory: directory) }
-    func down() {
-        do { _ = try Self.run(script, ["down"], directory: directory) } catch { print("testbed down failed: \(error)") }
-    }
-
-    func logs() -> String {
-        let files = (try? FileManager.default.contentsOfDirectory(atPath: directory))?.filter { $0.hasSuffix(".log") } ?? []
-        return files.sorted().map { name -> String in
-            let text = (try? String(contentsOfFile: directory + "/" + name, encoding: .utf8)) ?? ""
-            return "==> \(name) (last lines)\n" + text.split(separator: "\n").suffix(40).joined(separator: "\n")
-        }.joined(separator: "\n")
-    }
-
-    @discardableResult
-    static func run(_ script: String, _ arguments: [String], directory: String) throws -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/bin/bash")
-        process.arguments = [script] + arguments
-        var environment = ProcessInfo.processInfo.environment
-        environment["CAIRN_TESTBED_DIR"] = directory
-        process.environment = environment
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
-        guard process.terminationStatus == 0 else {
-            throw FixtureError("scripts/testbed \(arguments.joined(separator: " ")) failed (status \(process.terminationStatus)):\n\(text)")
-        }
-        return text
     }
 }
