@@ -6,7 +6,6 @@ import Musl
 import CFUSEShim
 import CairnCore
 import CairnReplica
-import Dispatch
 import Logging
 import Synchronization
 
@@ -391,7 +390,8 @@ public final class VolumeEngine: Sendable {
         return 0
     }
 
-    /// Runs `operation` on every in-sync replica in parallel (the calling thread takes one) and
+    /// Runs `operation` on every in-sync replica in parallel (the calling thread takes one, helper
+    /// threads the others) and
     /// settles failures. `numbered` operations take the next generation. 0 or -errno.
     private func fanOut(what: @autoclosure () -> String, numbered: Bool = true,
                         _ operation: (Member, UInt64) throws -> Void) -> Int32 {
@@ -410,15 +410,8 @@ public final class VolumeEngine: Sendable {
         return withUnsafeTemporaryAllocation(of: (any Error)?.self, capacity: members.count) { outcome in
             outcome.initialize(repeating: nil)
             defer { _ = outcome.deinitialize() }
-            // The closure runs on Dispatch's workers and this thread, each index once, and all
-            // are done when concurrentPerform returns: nothing escapes, and each slot of
-            // `outcome` has one writer.
-            withoutActuallyEscaping(operation) { operation in
-                let shared = UncheckedSendable((operation, outcome))
-                DispatchQueue.concurrentPerform(iterations: members.count) { i in
-                    let (operation, outcome) = shared.value
-                    do { try operation(members[i], generation) } catch { outcome[i] = error }
-                }
+            FanOut.shared.run(members.count) { i in
+                do { try operation(members[i], generation) } catch { outcome[i] = error }
             }
             var failures: [(Member, any Error)] = []
             for i in 0..<members.count {
@@ -501,12 +494,6 @@ public final class VolumeEngine: Sendable {
         errors.wrappingAdd(1, ordering: .relaxed)
         return -Int(errno)
     }
-}
-
-/// Carries a value across a `@Sendable` boundary that the caller proves safe.
-private struct UncheckedSendable<Value>: @unchecked Sendable {
-    let value: Value
-    init(_ value: Value) { self.value = value }
 }
 
 // The C callbacks: the context is the engine, retained while mounted.
