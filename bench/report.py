@@ -58,7 +58,7 @@ def fio_result(path):
     }
     sync = job.get("sync", {})
     sync_pct = sync.get("lat_ns", {}).get("percentile", {})
-    if sync.get("total_ios", 0) > 0 and sync_pct:
+    if sync.get("lat_ns", {}).get("N", 0) > 0 and sync_pct:
         out["fdatasync_p50_us"] = sync_pct.get("50.000000", 0) / 1000
         out["fdatasync_p99_us"] = sync_pct.get("99.000000", 0) / 1000
     return out
