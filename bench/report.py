@@ -144,8 +144,9 @@ def memory_table(rss):
     return phases
 
 
-def markdown(data):
+def markdown(data, out):
     m = data["machine"]
+    docs = os.path.relpath(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "bench.md"), out)
     lines = ["# Cairn benchmark: latest run", ""]
     if m:
         lines += [
@@ -162,7 +163,7 @@ def markdown(data):
     lines += [
         "All fio jobs use direct I/O on one file in the filesystem under test; (a)–(c) are ext4 on a loop device"
         " (direct I/O), (d) is the GlusterFS FUSE mount itself. Ratios are of MiB/s (sequential) or IOPS (random, fsync)"
-        " from this one run. See [docs/bench.md](../../docs/bench.md) for how to read them.",
+        f" from this one run. See [docs/bench.md]({docs}) for how to read them.",
         "",
     ]
     if data["gluster_skipped"]:
@@ -300,7 +301,7 @@ def main():
         json.dump({k: v for k, v in data.items() if k != "rss_samples"} | {"memory_mib": memory_table(data["rss_samples"])},
                   f, indent=2, sort_keys=True)
     with open(os.path.join(out, "latest.md"), "w") as f:
-        f.write(markdown(data))
+        f.write(markdown(data, out))
     if not chart(data, os.path.join(out, "latest.png")):
         print("report: no chart: the limit or every other system is missing", file=sys.stderr)
 
