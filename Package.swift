@@ -14,6 +14,7 @@ let buildCommit: String = {
 
 let products: [Product] = [
     .executable(name: "cairn", targets: ["cairn"]),
+    .executable(name: "cairn-bench", targets: ["cairn-bench"]),
 ]
 
 let dependencies: [Package.Dependency] = [
@@ -144,6 +145,17 @@ let targets: [Target] = [
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Logging", package: "swift-log"),
+        ],
+        swiftSettings: swiftSettings
+    ),
+    // The benchmark's control-plane and failover timer (bench/run): CSI calls over one gRPC
+    // channel per endpoint, so the numbers are Cairn's, not a CLI's start-up.
+    .executableTarget(
+        name: "cairn-bench",
+        dependencies: [
+            "CairnCore", "CairnRPC", "CSIProto",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ],
         swiftSettings: swiftSettings
     ),

@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""bench/run's report: reads OUT/raw/ (fio JSON per job, cairn-bench JSON, RSS samples,
+machine.json) and writes OUT/latest.json (the numbers), OUT/latest.md (the tables) and
+OUT/latest.png (the chart; needs matplotlib).
+
+usage: report.py OUT          the whole report
+       report.py --one FILE   one fio result as a short line (bench/run's progress output)
+"""
+import json
+import os
+import sys
+
+JOBS = ["seqwrite", "seqread", "randwrite", "randread", "fsync"]
+JOB_TITLES = {
+    "seqwrite": "seq write 1 MiB QD8",
+    "seqread": "seq read 1 MiB QD8",
+    "randwrite": "random write 4 KiB QD32",
+    "randread": "random read 4 KiB QD32",
+    "fsync": "4 KiB write + fdatasync QD1",
+}
+# The headline metric of a job: MiB/s for the sequential jobs, IOPS otherwise.
+UNIT = {"seqwrite": "MiB/s", "seqread": "MiB/s", "randwrite": "IOPS", "randread": "IOPS", "fsync": "IOPS"}
+SYSTEMS = [
+    ("limit", "(a) limit: ext4 on loop over a local file"),
+    ("one", "(b) Cairn, one machine, 1 replica"),
+    ("bed-r1", "(b') Cairn, test bed, 1 replica (FUSE engine)"),
+    ("bed-r3", "(c) Cairn, test bed, 3 replicas"),
+    ("gluster", "(d) GlusterFS replica 3 (FUSE)"),
+]
+# (numerator, denominator) -> {job: target}; "≥" targets throughout.
+TARGETS = {
+    ("one", "limit"): {"seqwrite": 0.9, "seqread": 0.9, "randwrite": 0.45, "randread": 0.65, "fsync": 0.7},
+    ("bed-r1", "limit"): {},
+    ("bed-r3", "limit"): {"seqwrite": 0.5, "seqread": 0.6, "randwrite": 0.2, "randread": 0.6, "fsync": 0.4},
+    ("bed-r3", "gluster"): {"seqwrite": 2.0, "randwrite": 3.0, "fsync": 3.0},
+}
+RATIO_NAMES = {
+    ("one", "limit"): "(b)/(a)",
+    ("bed-r1", "limit"): "(b')/(a)",
+    ("bed-r3", "limit"): "(c)/(a)",
+    ("bed-r3", "gluster"): "(c)/(d)",
+}
+
+
+def fio_result(path):
+    """The headline numbers of one fio JSON file."""
+    with open(path) as f:
+        text = f.read()
+    # fio may print warnings before the JSON document.
+    job = json.loads(text[text.index("{"):])["jobs"][0]
+    side = job["write"] if job["write"]["io_bytes"] > 0 else job["read"]
+    pct = side.get("clat_ns", {}).get("percentile", {})
+    out = {
+        "mib_s": side["bw_bytes"] / 1048576,
+        "iops": side["iops"],
+        "clat_p50_us": pct.get("50.000000", 0) / 1000,
+        "clat_p99_us": pct.get("99.000000", 0) / 1000,
+    }
+    sync = job.get("sync", {})
+    sync_pct = sync.get("lat_ns", {}).get("percentile", {})
+    if sync.get("lat_ns", {}).get("N", 0) > 0 and sync_pct:
+        out["fdatasync_p50_us"] = sync_pct.get("50.000000", 0) / 1000
+        out["fdatasync_p99_us"] = sync_pct.get("99.000000", 0) / 1000
+    return out
+
+
+def headline(job, r):
+    return r["mib_s"] if UNIT[job] == "MiB/s" else r["iops"]
+
+
+def fmt(v, digits=None):
+    if v is None:
+        return "–"
+    if digits is None:
+        digits = 0 if abs(v) >= 100 else 1 if abs(v) >= 10 else 2
+    return f"{v:,.{digits}f}"
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def collect(raw):
+    fio = {}
+    for system, _ in SYSTEMS:
+        for job in JOBS:
+            path = os.path.join(raw, f"fio-{system}-{job}.json")
+            if os.path.exists(path):
+                fio.setdefault(system, {})[job] = fio_result(path)
+    ratios = {}
+    for (num, den), targets in TARGETS.items():
+        name = RATIO_NAMES[(num, den)]
+        for job in JOBS:
+            a, b = fio.get(num, {}).get(job), fio.get(den, {}).get(job)
+            if a is None or b is None or headline(job, b) == 0:
+                continue
+            value = headline(job, a) / headline(job, b)
+            entry = {"value": value}
+            if job in targets:
+                entry["target"] = targets[job]
+                entry["met"] = value >= targets[job]
+            ratios.setdefault(name, {})[job] = entry
+    control = {name[:-5]: load_json(os.path.join(raw, name))
+               for name in ("cp-one-r1.json", "cp-bed-r1.json", "cp-bed-r3.json") if os.path.exists(os.path.join(raw, name))}
+    rss = []
+    if os.path.exists(os.path.join(raw, "rss.jsonl")):
+        with open(os.path.join(raw, "rss.jsonl")) as f:
+            rss = [json.loads(line) for line in f if line.strip()]
+    gluster_skipped = None
+    if os.path.exists(os.path.join(raw, "gluster-skipped.txt")):
+        with open(os.path.join(raw, "gluster-skipped.txt")) as f:
+            gluster_skipped = f.read().strip()
+    return {
+        "machine": load_json(os.path.join(raw, "machine.json")) or {},
+        "fio": fio,
+        "ratios": ratios,
+        "control_plane": control,
+        "failover": load_json(os.path.join(raw, "failover.json")),
+        "rss_samples": rss,
+        "gluster_skipped": gluster_skipped,
+    }
+
+
+def met(entry):
+    if "target" not in entry:
+        return ""
+    return f" (≥ {entry['target']}×: {'**met**' if entry['met'] else '**not met**'})"
+
+
+def memory_table(rss):
+    """Peak VmRSS (MiB) per process and phase."""
+    phases = {}
+    for sample in rss:
+        phase = sample["phase"]
+        for name, kb in sample.items():
+            if name == "phase" or kb is None:
+                continue
+            cur = phases.setdefault(phase, {})
+            cur[name] = max(cur.get(name, 0), kb / 1024)
+    return phases
+
+
+def markdown(data, out):
+    m = data["machine"]
+    docs = os.path.relpath(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "bench.md"), out)
+    lines = ["# Cairn benchmark: latest run", ""]
+    if m:
+        lines += [
+            f"- **Date** {m.get('date')} · **commit** `{m.get('commit')}` · **binary** `{m.get('cairn_version')}` · **mode** {m.get('mode')}"
+            f" ({m.get('runtime_s')} s per fio job + {m.get('ramp_s')} s ramp, {m.get('file_mib')} MiB file,"
+            f" {m.get('control_plane_iterations')} control-plane iterations, {m.get('failover_iterations')} failovers; run took {m.get('elapsed_s')} s)",
+            f"- **Machine** {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, Linux {m.get('kernel')}",
+            f"- **Disk** (limit file, replicas, bricks) {m.get('disk')}",
+            f"- **Tools** {m.get('fio')}; {m.get('gluster') or 'GlusterFS not installed'}",
+            f"- **Load average** at start {' '.join(m.get('loadavg_start') or [])}, at end {' '.join(m.get('loadavg_end') or [])}"
+            " (other work on the machine skews every number: compare ratios from one run only)",
+            "",
+        ]
+    lines += [
+        "All fio jobs use direct I/O on one file in the filesystem under test; (a)–(c) are ext4 on a loop device"
+        " (direct I/O), (d) is the GlusterFS FUSE mount itself. Ratios are of MiB/s (sequential) or IOPS (random, fsync)"
+        f" from this one run. See [docs/bench.md]({docs}) for how to read them.",
+        "",
+    ]
+    if data["gluster_skipped"]:
+        lines += [f"**(d) GlusterFS was not measured:** {data['gluster_skipped']}", ""]
+
+    # Data path: one table, a row per job.
+    fio, ratios = data["fio"], data["ratios"]
+    present = [(s, t) for s, t in SYSTEMS if s in fio]
+    lines += ["## Data path (fio)", ""]
+    lines += ["| system | " + " | ".join(JOB_TITLES[j] + f" ({UNIT[j]})" for j in JOBS) + " | fsync job write p99 / fdatasync p99 (µs) |"]
+    lines += ["|---" * (len(JOBS) + 2) + "|"]
+    for system, title in present:
+        row = [title]
+        for job in JOBS:
+            r = fio[system].get(job)
+            row.append(fmt(headline(job, r)) if r else "–")
+        f = fio[system].get("fsync")
+        row.append(f"{fmt(f['clat_p99_us'])} / {fmt(f.get('fdatasync_p99_us'))}" if f else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "### Ratios and targets", ""]
+    lines += ["| ratio | " + " | ".join(JOB_TITLES[j] for j in JOBS) + " |", "|---" * (len(JOBS) + 1) + "|"]
+    for name in RATIO_NAMES.values():
+        if name not in ratios:
+            continue
+        row = [name]
+        for job in JOBS:
+            e = ratios[name].get(job)
+            row.append(f"{e['value']:.2f}×{met(e)}" if e else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "![ratios to the limit](latest.png)", ""]
+
+    # Control plane and failover.
+    lines += ["## Control plane and failover", "",
+              "Over one kept gRPC channel per endpoint (`cairn-bench`), sequentially; p50 / p99 in ms.", "",
+              "| set-up | CreateVolume | DeleteVolume | publish chain, with mkfs | publish chain, no mkfs | unpublish chain |",
+              "|---|---|---|---|---|---|"]
+    titles = {"cp-one-r1": "one machine, 1 replica", "cp-bed-r1": "test bed, 1 replica", "cp-bed-r3": "test bed, 3 replicas"}
+    for key, cp in data["control_plane"].items():
+        cells = [f"{titles.get(key, key)} (n={cp['iterations']})"]
+        for metric in ("create_volume", "delete_volume", "publish_chain_mkfs", "publish_chain", "unpublish_chain"):
+            s = cp.get(metric, {})
+            cells.append(f"{fmt(s.get('p50'))} / {fmt(s.get('p99'))}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    checks = []
+    for key, cp in data["control_plane"].items():
+        p50 = cp.get("create_volume", {}).get("p50")
+        if p50 is not None:
+            checks.append(f"CreateVolume p50 < 20 ms, {titles.get(key, key)}: {fmt(p50)} ms — {'**met**' if p50 < 20 else '**not met**'}")
+        p50 = cp.get("publish_chain", {}).get("p50")
+        if p50 is not None:
+            checks.append(f"publish chain p50 < 1 s without mkfs, {titles.get(key, key)}: {fmt(p50)} ms — {'**met**' if p50 < 1000 else '**not met**'}")
+    fo = data["failover"]
+    if fo:
+        s = fo["failover"]
+        checks.append(
+            f"failover < 5 s ({fo['replicas']} replicas, {fo['from']} SIGKILLed → staged, published and first O_DIRECT write on {fo['to']},"
+            f" n={fo['iterations']}): p50 {fmt(s.get('p50'))} ms, max {fmt(s.get('max'))} ms — "
+            f"{'**met**' if s.get('max', 1e9) < 5000 else '**not met**'} (judged on the slowest)")
+        parts = [("ControllerUnpublish old", "controller_unpublish_old"), ("publish chain on the new node", "publish_chain_new"),
+                 ("first write", "first_direct_write")]
+        checks.append("failover steps, p50 ms: " + ", ".join(f"{t} {fmt(fo.get(k, {}).get('p50'))}" for t, k in parts))
+    lines += [f"- {c}" for c in checks] + [""]
+
+    # Memory.
+    phases = memory_table(data["rss_samples"])
+    if phases:
+        lines += ["## Memory (VmRSS, MiB; peak of the samples)", "",
+                  "On the test bed each node process is the CSI node service, the agent and the replica server in one"
+                  " (`--agent-socket none`), and n1 runs the 3-replica volume's FUSE engine; on one machine `--role all` is"
+                  " controller, node and agent in one process.", ""]
+        names = ["all", "controller", "n1", "n2", "n3"]
+        lines += ["| phase | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        phase_titles = {"one-idle": "one machine, volume staged, idle", "bed-idle": "test bed, idle (no volume)",
+                        "bed-staged-idle": "test bed, 3-replica volume staged on n1, idle",
+                        "bed-fio-r3": "test bed, under the 3-replica fio jobs (1 s samples)"}
+        for phase, values in phases.items():
+            lines.append(f"| {phase_titles.get(phase, phase)} | " + " | ".join(fmt(values.get(n), 1) if n in values else "–" for n in names) + " |")
+        lines.append("")
+    lines += ["Raw data: [raw/](raw/) (fio JSON per system and job, `cp-*.json`, `failover.json`, `rss.jsonl`, `machine.json`)."]
+    return "\n".join(lines) + "\n"
+
+
+def chart(data, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fio = data["fio"]
+    series = [(s, t) for s, t in SYSTEMS if s != "limit" and s in fio]
+    if "limit" not in fio or not series:
+        return False
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    width = 0.8 / len(series)
+    colors = {"one": "#4c72b0", "bed-r1": "#8fb0d8", "bed-r3": "#dd8452", "gluster": "#8c8c8c"}
+    for i, (system, title) in enumerate(series):
+        xs, ys = [], []
+        for j, job in enumerate(JOBS):
+            r, base = fio[system].get(job), fio["limit"].get(job)
+            if r and base and headline(job, base):
+                xs.append(j + (i - (len(series) - 1) / 2) * width)
+                ys.append(headline(job, r) / headline(job, base))
+        bars = ax.bar(xs, ys, width * 0.95, label=title.replace(" (FUSE engine)", ""), color=colors.get(system))
+        ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7, padding=1)
+        targets = TARGETS.get((system, "limit"), {})
+        for x, job in zip(xs, [j for j in JOBS if fio[system].get(j) and fio["limit"].get(j)]):
+            if job in targets:
+                ax.hlines(targets[job], x - width / 2, x + width / 2, colors="black", linewidth=2)
+    ax.axhline(1.0, color="#444", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(JOBS)), [JOB_TITLES[j] for j in JOBS], fontsize=8)
+    ax.set_ylabel("ratio to the limit (a) — higher is better")
+    m = data["machine"]
+    ax.set_title(f"Cairn vs the limit (ext4 on a loop device over a local file) — {m.get('date', '')}, {m.get('commit', '')},"
+                 f" {m.get('cores', '?')} cores, {m.get('mode', '')} run", fontsize=9)
+    ax.plot([], [], color="black", linewidth=2, label="target for (b) / (c)")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        r = fio_result(sys.argv[2])
+        text = f"{fmt(r['mib_s'])} MiB/s, {fmt(r['iops'])} IOPS, p99 {fmt(r['clat_p99_us'])} µs"
+        if "fdatasync_p99_us" in r:
+            text += f", fdatasync p99 {fmt(r['fdatasync_p99_us'])} µs"
+        print(text)
+        return
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    out = sys.argv[1]
+    data = collect(os.path.join(out, "raw"))
+    with open(os.path.join(out, "latest.json"), "w") as f:
+        json.dump({k: v for k, v in data.items() if k != "rss_samples"} | {"memory_mib": memory_table(data["rss_samples"])},
+                  f, indent=2, sort_keys=True)
+    with open(os.path.join(out, "latest.md"), "w") as f:
+        f.write(markdown(data, out))
+    if not chart(data, os.path.join(out, "latest.png")):
+        print("report: no chart: the limit or every other system is missing", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
