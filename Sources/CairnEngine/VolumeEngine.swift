@@ -281,9 +281,15 @@ public final class VolumeEngine: Sendable {
         let start = offset & ~(block - 1)
         let end = (offset + UInt64(size) + block - 1) & ~(block - 1)
         let skip = Int(offset - start)
-        let result = readBlocks(offset: start, length: Int(end - start)) { bytes in
-            bytes.withUnsafeBytes { raw in
-                buffer.copyMemory(from: raw.baseAddress! + skip, byteCount: size)
+        let result: Int32
+        if skip == 0 && end - start == UInt64(size) {
+            // Whole blocks (what the loop device asks for): straight into the reply buffer.
+            result = readBlocks(offset: start, into: UnsafeMutableRawBufferPointer(start: buffer, count: size))
+        } else {
+            var blocks = [UInt8](repeating: 0, count: Int(end - start))
+            result = blocks.withUnsafeMutableBytes { readBlocks(offset: start, into: $0) }
+            if result == 0 {
+                blocks.withUnsafeBytes { buffer.copyMemory(from: $0.baseAddress! + skip, byteCount: size) }
             }
         }
         guard result == 0 else { return failed(-result) }
@@ -294,7 +300,7 @@ public final class VolumeEngine: Sendable {
 
     /// Reads aligned blocks from the first in-sync replica that answers (the local one first);
     /// a replica that fails is recorded out of sync before the next is tried. 0 or -errno.
-    private func readBlocks(offset: UInt64, length: Int, _ deliver: ([UInt8]) -> Void) -> Int32 {
+    private func readBlocks(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) -> Int32 {
         var tried: [ObjectIdentifier] = []
         while true {
             if fenced.load(ordering: .relaxed) { return -EIO }
@@ -302,11 +308,7 @@ public final class VolumeEngine: Sendable {
                 return -EIO
             }
             do {
-                let bytes = try member.io.read(volumeID: volumeID, offset: offset, length: length, epoch: epoch)
-                guard bytes.count == length else {
-                    throw CairnError.internal("replica returned \(bytes.count) bytes for a read of \(length)")
-                }
-                deliver(bytes)
+                try member.io.read(volumeID: volumeID, offset: offset, into: buffer, epoch: epoch)
                 return 0
             } catch {
                 if !settle([(member, error)], succeeded: 0, what: "read at offset \(offset)", allowIfNoneSucceeded: true) {
@@ -345,8 +347,8 @@ public final class VolumeEngine: Sendable {
         let start = offset & ~(block - 1)
         let end = (offset + UInt64(data.count) + block - 1) & ~(block - 1)
         return partialWrites.withLock { _ in
-            var blocks: [UInt8] = []
-            let read = readBlocks(offset: start, length: Int(end - start)) { blocks = $0 }
+            var blocks = [UInt8](repeating: 0, count: Int(end - start))
+            let read = blocks.withUnsafeMutableBytes { readBlocks(offset: start, into: $0) }
             guard read == 0 else { return read }
             blocks.withUnsafeMutableBytes { raw in
                 (raw.baseAddress! + Int(offset - start)).copyMemory(from: data.baseAddress!, byteCount: data.count)

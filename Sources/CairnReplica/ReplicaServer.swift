@@ -379,6 +379,15 @@ public final class ReplicaServer: Sendable {
 
     private static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
 
+    /// The open store of `volume` (opened on first use), for an engine in this process that
+    /// reads and writes its local replica directly instead of over loopback TCP. It is the same
+    /// store the server's connections use, so the epoch rule is enforced identically; the caller
+    /// must not close it (the server does, at `stop` or when the replica is deleted — later
+    /// calls then fail with `closed`).
+    public func openStore(volumeID: String) throws -> ReplicaStore {
+        try store(volumeID)
+    }
+
     /// The open store of `volume`, opening it on first use.
     private func store(_ volume: String) throws -> ReplicaStore {
         let dir = try directory(volume)
