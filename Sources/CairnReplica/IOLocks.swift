@@ -121,3 +121,91 @@ enum AlignedScratch {
         return UnsafeMutableRawBufferPointer(start: buffer.pointer, count: count)
     }
 }
+
+/// A fixed set of threads running submitted jobs in order of submission. The replica server
+/// runs requests on it: they block on disk I/O, and Dispatch's pool keeps only about one
+/// thread per CPU running for them, so a replica would see two or three requests at a time
+/// however many are queued.
+final class WorkerPool: @unchecked Sendable {
+    private let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let ready = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private let exited = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    // Guarded by `lock`.
+    private var jobs: [(@Sendable () -> Void)?] = []
+    private var head = 0
+    private var running = 0
+    private var stopping = false
+
+    init() {
+        pthread_mutex_init(lock, nil)
+        pthread_cond_init(ready, nil)
+        pthread_cond_init(exited, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(lock)
+        pthread_cond_destroy(ready)
+        pthread_cond_destroy(exited)
+        lock.deallocate()
+        ready.deallocate()
+        exited.deallocate()
+    }
+
+    /// Starts `threads` more threads.
+    func start(threads: Int) throws {
+        for _ in 0..<threads {
+            pthread_mutex_lock(lock)
+            running += 1
+            pthread_mutex_unlock(lock)
+            do {
+                try startThread { [self] in work() }
+            } catch {
+                pthread_mutex_lock(lock)
+                running -= 1
+                pthread_mutex_unlock(lock)
+                throw error
+            }
+        }
+    }
+
+    func submit(_ job: @escaping @Sendable () -> Void) {
+        pthread_mutex_lock(lock)
+        jobs.append(job)
+        pthread_cond_signal(ready)
+        pthread_mutex_unlock(lock)
+    }
+
+    /// Runs the jobs already submitted, then ends every thread and waits for them.
+    func shutdown() {
+        pthread_mutex_lock(lock)
+        stopping = true
+        pthread_cond_broadcast(ready)
+        while running > 0 { pthread_cond_wait(exited, lock) }
+        pthread_mutex_unlock(lock)
+    }
+
+    private func work() {
+        pthread_mutex_lock(lock)
+        while true {
+            while head == jobs.count && !stopping { pthread_cond_wait(ready, lock) }
+            if head == jobs.count { break }
+            let job = jobs[head]!
+            jobs[head] = nil
+            head += 1
+            if head == jobs.count {
+                // Drained: start over instead of growing (keeps the capacity).
+                jobs.removeAll(keepingCapacity: true)
+                head = 0
+            } else if head >= 1024 && head * 2 >= jobs.count {
+                jobs.removeFirst(head)
+                head = 0
+            }
+            pthread_mutex_unlock(lock)
+            job()
+            pthread_mutex_lock(lock)
+        }
+        running -= 1
+        pthread_cond_broadcast(exited)
+        pthread_mutex_unlock(lock)
+    }
+}

@@ -2,7 +2,7 @@
 // replica in `<data-dir>/replicas/<volume-id>/`.
 //
 // Owns: the listening socket, one reader thread per connection (decodes frames, enforces
-// "hello first", hands requests to a concurrent queue so many run at once), the per-connection
+// "hello first", hands requests to a fixed pool of worker threads so many run at once), the per-connection
 // write lock (responses go out whole, possibly out of order), the registry of open
 // `ReplicaStore`s (one per volume, shared by every connection, opened lazily, closed at stop),
 // and the mapping of errors to `ReplyStatus`.
@@ -38,7 +38,9 @@ public final class ReplicaServer: Sendable {
     /// Open stores by volume id. Opening, creating and deleting happen under this lock, so a
     /// volume never has two stores and a delete cannot race an open.
     private let stores = Mutex([String: ReplicaStore]())
-    private let workers = DispatchQueue(label: "cairn.replica.server.requests", attributes: .concurrent)
+    /// Runs every connection's requests (see `WorkerPool` for why not Dispatch).
+    private let workers: WorkerPool
+    public static let workerThreads = 32
     /// Entered by the accept thread and by every connection thread; `stop` waits on it.
     private let threads = DispatchGroup()
 
@@ -58,6 +60,7 @@ public final class ReplicaServer: Sendable {
         self.host = host
         self.requestedPort = port
         self.logger = logger
+        self.workers = WorkerPool()
         for dir in [dataDir, replicasDir] where mkdir(dir, 0o700) != 0 && errno != EEXIST {
             throw SystemError("mkdir \(dir)", errno: errno)
         }
@@ -78,6 +81,7 @@ public final class ReplicaServer: Sendable {
         }
         threads.enter()
         do {
+            try workers.start(threads: Self.workerThreads)
             try startThread { [self] in
                 acceptLoop(fd)
                 threads.leave()
@@ -107,6 +111,7 @@ public final class ReplicaServer: Sendable {
         }
         for c in connections { c.shutdown() }
         threads.wait()
+        workers.shutdown()
         let open = stores.withLock { s -> [ReplicaStore] in
             defer { s.removeAll() }
             return Array(s.values)
@@ -236,7 +241,7 @@ public final class ReplicaServer: Sendable {
                 }
                 inFlight.wait()
                 running.enter()
-                workers.async { [self] in
+                workers.submit { [self] in
                     defer {
                         inFlight.signal()
                         running.leave()
