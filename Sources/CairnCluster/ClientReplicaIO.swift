@@ -30,6 +30,11 @@ final class ClientReplicaIO: ReplicaIO {
         try client.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
     }
 
+    func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                    epoch: UInt64) -> () throws -> Void {
+        client.beginWrite(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+    }
+
     func flush(volumeID: String, epoch: UInt64) throws {
         try client.flush(volumeID: volumeID, epoch: epoch)
     }

@@ -26,9 +26,26 @@ public protocol ReplicaIO: AnyObject, Sendable {
     /// passes 4 KiB-aligned memory when it can (the FUSE reply buffer).
     func read(volumeID: String, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, epoch: UInt64) throws
     func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws
+    /// Starts `write` and returns a function that waits for its outcome (called exactly once),
+    /// so the engine can have a write in flight to several replicas from one thread. The data
+    /// may be reused once this returns. The default writes at once.
+    func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                    epoch: UInt64) -> () throws -> Void
     func flush(volumeID: String, epoch: UInt64) throws
     func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws
     func close()
+}
+
+extension ReplicaIO {
+    public func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                           epoch: UInt64) -> () throws -> Void {
+        do {
+            try write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+            return {}
+        } catch {
+            return { throw error }
+        }
+    }
 }
 
 /// An error that may say "the replica has seen a newer epoch": the engine was fenced.

@@ -334,10 +334,34 @@ public final class VolumeEngine: Sendable {
     }
 
     /// Whole blocks: the next generation, to every in-sync replica. 0 or -errno.
+    ///
+    /// The calling thread does it all: it sends the write to the other replicas first
+    /// (`beginWrite` — the data protocol's client returns once the frame is sent), writes the
+    /// first (local) replica itself, then waits for the others' replies. No helper threads, so
+    /// no thread hand-offs on the hot path.
     private func writeBlocks(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
+        if fenced.load(ordering: .relaxed) { return -EIO }
+        let members = sets.withLock { $0.inSync }
+        guard !members.isEmpty else { return -EIO }
+        let generation = self.generation.wrappingAdd(1, ordering: .relaxed).newValue
         let volumeID = volumeID, epoch = epoch
-        return fanOut(what: "write at offset \(offset)") { member, generation in
-            try member.io.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+        return withUnsafeTemporaryAllocation(of: (() throws -> Void).self, capacity: members.count) { pending in
+            for i in 1..<max(members.count, 1) {
+                pending.initializeElement(at: i, to: members[i].io.beginWrite(
+                    volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch))
+            }
+            var failures: [(Member, any Error)] = []
+            do {
+                try members[0].io.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+            } catch {
+                failures.append((members[0], error))
+            }
+            for i in 1..<max(members.count, 1) {
+                do { try pending[i]() } catch { failures.append((members[i], error)) }
+                pending.deinitializeElement(at: i)
+            }
+            if failures.isEmpty { return 0 }
+            return settle(failures, succeeded: members.count - failures.count, what: "write at offset \(offset)") ? 0 : -EIO
         }
     }
 
