@@ -2,7 +2,8 @@
 // replica in `<data-dir>/replicas/<volume-id>/`.
 //
 // Owns: the listening socket, one reader thread per connection (decodes frames, enforces
-// "hello first", hands requests to a fixed pool of worker threads so many run at once), the per-connection
+// "hello first", runs writes up to 64 KiB itself and hands every other request to a fixed pool
+// of worker threads so many run at once), the per-connection
 // write lock (responses go out whole, possibly out of order), the registry of open
 // `ReplicaStore`s (one per volume, shared by every connection, opened lazily, closed at stop),
 // and the mapping of errors to `ReplyStatus`.
@@ -28,6 +29,8 @@ public final class ReplicaServer: Sendable {
     /// Requests one connection may have running at once; the reader stops reading beyond it.
     public static let maxInFlightPerConnection = 64
     static let receiveBufferSize = 1 << 20
+    /// Writes up to this size are handled on the connection's reader thread.
+    static let inlineWriteLimit = 64 << 10
 
     public let dataDir: String
     public let replicasDir: String
@@ -238,6 +241,13 @@ public final class ReplicaServer: Sendable {
                 guard greeted else {
                     log.warning("closing connection: the first frame must be hello, got \(frame.opcode) (request id \(frame.requestID))")
                     return
+                }
+                if case .write(let m) = request, m.data.count <= Self.inlineWriteLimit {
+                    // Small writes run on this thread: a hand-off to a worker and back costs
+                    // more CPU than the write itself on a busy node. Larger ones (and reads,
+                    // flushes, claims) go to the pool so a slow one does not stall the rest.
+                    c.send(handle(frame, request, logger: log))
+                    continue
                 }
                 inFlight.wait()
                 running.enter()
