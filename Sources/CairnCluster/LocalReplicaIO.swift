@@ -6,21 +6,22 @@ import CairnReplica
 /// checks every call's epoch exactly as it does for requests arriving over the network (it is
 /// the same store object), so fencing is unchanged.
 final class LocalReplicaIO: ReplicaIO {
-    let server: ReplicaServer
     let volumeID: String
+    /// Resolved once: looking it up per call took the server's registry lock on every I/O
+    /// (contended under load). If the replica is deleted under the engine, the store is
+    /// closed and every later call fails with `closed` (the engine records it out of sync).
+    let opened: ReplicaStore
 
-    init(server: ReplicaServer, volumeID: String) {
-        self.server = server
+    init(server: ReplicaServer, volumeID: String) throws {
         self.volumeID = volumeID
+        self.opened = try server.openStore(volumeID: volumeID)
     }
 
-    /// Looked up per call (a dictionary lookup under the server's lock): a replica deleted and
-    /// re-created under the engine is the new store, and a closed one fails with `closed`.
     private func store(_ volumeID: String) throws -> ReplicaStore {
         guard volumeID == self.volumeID else {
             throw ReplicaError.badRequest("this local replica handle serves volume \(self.volumeID), not \(volumeID)")
         }
-        return try server.openStore(volumeID: volumeID)
+        return opened
     }
 
     func claim(volumeID: String, epoch: UInt64) throws -> ReplicaStatus {

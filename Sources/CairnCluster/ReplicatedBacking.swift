@@ -132,7 +132,7 @@ public final class ReplicatedBacking: VolumeBacking {
             localNodeID: nodeID, mountDirectory: "\(enginesDirectory)/\(volume.id)",
             connect: { [nodeID] replica in
                 if replica.nodeID == nodeID, let server = localReplicas {
-                    return LocalReplicaIO(server: server, volumeID: volumeID)
+                    return try LocalReplicaIO(server: server, volumeID: volumeID)
                 }
                 return ClientReplicaIO(try ReplicaClient(host: replica.host, port: replica.port))
             },
