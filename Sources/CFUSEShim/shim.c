@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 312
 #include <fuse3/fuse_lowlevel.h>
+#include <linux/fuse.h>
 
 #include "CFUSEShim.h"
 
@@ -140,9 +141,18 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
         fuse_reply_err(req, EPERM);
         return;
     }
-    fi->direct_io = 1;   // FOPEN_DIRECT_IO: no page cache between the loop device and the replicas
-    fi->keep_cache = 0;
-    fuse_reply_open(req, fi);
+    // libfuse 3.14's fuse_file_info cannot say FOPEN_PARALLEL_DIRECT_WRITES (kernel >= 6.2):
+    // without it the kernel holds the inode lock across every direct write, so the loop
+    // device's writes reach us one at a time. The open reply is just a fuse_open_out, so it is
+    // built here and sent as is (what fuse_reply_open would send, plus that flag).
+    //   FOPEN_DIRECT_IO: no page cache between the loop device and the replicas.
+    //   FOPEN_PARALLEL_DIRECT_WRITES: concurrent direct writes to the file (the engine orders
+    //   nothing by arrival; partial-block read-modify-write takes its own lock).
+    struct fuse_open_out out;
+    memset(&out, 0, sizeof out);
+    out.fh = fi->fh;
+    out.open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES;
+    fuse_reply_buf(req, (const char *)&out, sizeof out);
 }
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {

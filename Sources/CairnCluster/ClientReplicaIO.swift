@@ -21,12 +21,18 @@ final class ClientReplicaIO: ReplicaIO {
         try client.claim(volumeID: volumeID, epoch: epoch)
     }
 
-    func read(volumeID: String, offset: UInt64, length: Int, epoch: UInt64) throws -> [UInt8] {
-        try client.read(volumeID: volumeID, offset: offset, length: length, epoch: epoch)
+    func read(volumeID: String, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, epoch: UInt64) throws {
+        let bytes = try client.read(volumeID: volumeID, offset: offset, length: buffer.count, epoch: epoch)
+        bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }
     }
 
     func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws {
         try client.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+    }
+
+    func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                    epoch: UInt64) -> () throws -> Void {
+        client.beginWrite(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
     }
 
     func flush(volumeID: String, epoch: UInt64) throws {

@@ -21,6 +21,9 @@ public final class ReplicatedBacking: VolumeBacking {
     let store: any MetadataStore
     let logger: Logger
     private let engines = Mutex<[String: Running]>([:])
+    /// This process's replica server, when it runs one: engines reach the local replica
+    /// through it directly instead of over loopback TCP.
+    private let localServer = Mutex<ReplicaServer?>(nil)
 
     struct Running {
         let engine: VolumeEngine
@@ -35,6 +38,13 @@ public final class ReplicatedBacking: VolumeBacking {
         self.logger = logger
         try FileManager.default.createDirectory(atPath: enginesDirectory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
+    }
+
+    /// Engines started from now on read and write this node's replicas through `server`'s
+    /// open stores (in process) rather than over TCP to it.
+    public func serveLocalReplicas(from server: ReplicaServer) {
+        localServer.withLock { $0 = server }
+        logger.info("engines reach this node's replicas in process", metadata: ["node.id": "\(nodeID)"])
     }
 
     // MARK: Controller side
@@ -113,13 +123,19 @@ public final class ReplicatedBacking: VolumeBacking {
         }
         let store = self.store
         let volumeID = volume.id
+        let localReplicas = localServer.withLock { $0 }
         var engineLogger = logger
         engineLogger[metadataKey: "volume.id"] = "\(volume.id)"
         engineLogger[metadataKey: "volume.epoch"] = "\(epoch)"
         let engine = VolumeEngine(
             volumeID: volume.id, sizeBytes: UInt64(current.capacityBytes), epoch: UInt64(epoch), replicas: targets,
             localNodeID: nodeID, mountDirectory: "\(enginesDirectory)/\(volume.id)",
-            connect: { replica in ClientReplicaIO(try ReplicaClient(host: replica.host, port: replica.port)) },
+            connect: { [nodeID] replica in
+                if replica.nodeID == nodeID, let server = localReplicas {
+                    return try LocalReplicaIO(server: server, volumeID: volumeID)
+                }
+                return ClientReplicaIO(try ReplicaClient(host: replica.host, port: replica.port))
+            },
             markOutOfSync: { failedNode, reason in
                 do {
                     try Self.waitFor(seconds: 15, what: "recording that node \(failedNode)'s replica is out of sync") {

@@ -16,16 +16,36 @@ public struct EngineReplica: Sendable, Equatable, CustomStringConvertible {
 }
 
 /// What the engine needs of one replica: blocking, thread-safe calls (FUSE worker threads call
-/// them concurrently). The data protocol's client (`ReplicaClient`) conforms; unit tests use an
-/// in-memory fake. Reads and writes are whole 4 KiB blocks at aligned offsets: the engine
+/// them concurrently). The data protocol's client (`ClientReplicaIO`) and the in-process
+/// replica store (`LocalReplicaIO`, when this node's replica server holds the replica) conform;
+/// unit tests use an in-memory fake. Reads and writes are whole 4 KiB blocks at aligned offsets: the engine
 /// aligns what the kernel asks for.
 public protocol ReplicaIO: AnyObject, Sendable {
     func claim(volumeID: String, epoch: UInt64) throws -> ReplicaStatus
-    func read(volumeID: String, offset: UInt64, length: Int, epoch: UInt64) throws -> [UInt8]
+    /// Fills `buffer` (its count is the length) with whole blocks from `offset`. The engine
+    /// passes 4 KiB-aligned memory when it can (the FUSE reply buffer).
+    func read(volumeID: String, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, epoch: UInt64) throws
     func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws
+    /// Starts `write` and returns a function that waits for its outcome (called exactly once),
+    /// so the engine can have a write in flight to several replicas from one thread. The data
+    /// may be reused once this returns. The default writes at once.
+    func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                    epoch: UInt64) -> () throws -> Void
     func flush(volumeID: String, epoch: UInt64) throws
     func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws
     func close()
+}
+
+extension ReplicaIO {
+    public func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                           epoch: UInt64) -> () throws -> Void {
+        do {
+            try write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+            return {}
+        } catch {
+            return { throw error }
+        }
+    }
 }
 
 /// An error that may say "the replica has seen a newer epoch": the engine was fenced.

@@ -281,9 +281,15 @@ public final class VolumeEngine: Sendable {
         let start = offset & ~(block - 1)
         let end = (offset + UInt64(size) + block - 1) & ~(block - 1)
         let skip = Int(offset - start)
-        let result = readBlocks(offset: start, length: Int(end - start)) { bytes in
-            bytes.withUnsafeBytes { raw in
-                buffer.copyMemory(from: raw.baseAddress! + skip, byteCount: size)
+        let result: Int32
+        if skip == 0 && end - start == UInt64(size) {
+            // Whole blocks (what the loop device asks for): straight into the reply buffer.
+            result = readBlocks(offset: start, into: UnsafeMutableRawBufferPointer(start: buffer, count: size))
+        } else {
+            var blocks = [UInt8](repeating: 0, count: Int(end - start))
+            result = blocks.withUnsafeMutableBytes { readBlocks(offset: start, into: $0) }
+            if result == 0 {
+                blocks.withUnsafeBytes { buffer.copyMemory(from: $0.baseAddress! + skip, byteCount: size) }
             }
         }
         guard result == 0 else { return failed(-result) }
@@ -294,7 +300,7 @@ public final class VolumeEngine: Sendable {
 
     /// Reads aligned blocks from the first in-sync replica that answers (the local one first);
     /// a replica that fails is recorded out of sync before the next is tried. 0 or -errno.
-    private func readBlocks(offset: UInt64, length: Int, _ deliver: ([UInt8]) -> Void) -> Int32 {
+    private func readBlocks(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) -> Int32 {
         var tried: [ObjectIdentifier] = []
         while true {
             if fenced.load(ordering: .relaxed) { return -EIO }
@@ -302,11 +308,7 @@ public final class VolumeEngine: Sendable {
                 return -EIO
             }
             do {
-                let bytes = try member.io.read(volumeID: volumeID, offset: offset, length: length, epoch: epoch)
-                guard bytes.count == length else {
-                    throw CairnError.internal("replica returned \(bytes.count) bytes for a read of \(length)")
-                }
-                deliver(bytes)
+                try member.io.read(volumeID: volumeID, offset: offset, into: buffer, epoch: epoch)
                 return 0
             } catch {
                 if !settle([(member, error)], succeeded: 0, what: "read at offset \(offset)", allowIfNoneSucceeded: true) {
@@ -332,10 +334,34 @@ public final class VolumeEngine: Sendable {
     }
 
     /// Whole blocks: the next generation, to every in-sync replica. 0 or -errno.
+    ///
+    /// The calling thread does it all: it sends the write to the other replicas first
+    /// (`beginWrite` — the data protocol's client returns once the frame is sent), writes the
+    /// first (local) replica itself, then waits for the others' replies. No helper threads, so
+    /// no thread hand-offs on the hot path.
     private func writeBlocks(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
+        if fenced.load(ordering: .relaxed) { return -EIO }
+        let members = sets.withLock { $0.inSync }
+        guard !members.isEmpty else { return -EIO }
+        let generation = self.generation.wrappingAdd(1, ordering: .relaxed).newValue
         let volumeID = volumeID, epoch = epoch
-        return fanOut(what: "write at offset \(offset)") { member, generation in
-            try member.io.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+        return withUnsafeTemporaryAllocation(of: (() throws -> Void).self, capacity: members.count) { pending in
+            for i in 1..<max(members.count, 1) {
+                pending.initializeElement(at: i, to: members[i].io.beginWrite(
+                    volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch))
+            }
+            var failures: [(Member, any Error)] = []
+            do {
+                try members[0].io.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+            } catch {
+                failures.append((members[0], error))
+            }
+            for i in 1..<max(members.count, 1) {
+                do { try pending[i]() } catch { failures.append((members[i], error)) }
+                pending.deinitializeElement(at: i)
+            }
+            if failures.isEmpty { return 0 }
+            return settle(failures, succeeded: members.count - failures.count, what: "write at offset \(offset)") ? 0 : -EIO
         }
     }
 
@@ -345,8 +371,8 @@ public final class VolumeEngine: Sendable {
         let start = offset & ~(block - 1)
         let end = (offset + UInt64(data.count) + block - 1) & ~(block - 1)
         return partialWrites.withLock { _ in
-            var blocks: [UInt8] = []
-            let read = readBlocks(offset: start, length: Int(end - start)) { blocks = $0 }
+            var blocks = [UInt8](repeating: 0, count: Int(end - start))
+            let read = blocks.withUnsafeMutableBytes { readBlocks(offset: start, into: $0) }
             guard read == 0 else { return read }
             blocks.withUnsafeMutableBytes { raw in
                 (raw.baseAddress! + Int(offset - start)).copyMemory(from: data.baseAddress!, byteCount: data.count)

@@ -44,7 +44,8 @@ public struct BlockMapEntry: Sendable, Equatable {
 /// A layer's `blockmap` file: entry i at byte offset i*16. The file is sparse and sized to the
 /// volume, so unwritten regions cost nothing and read as absent entries. Buffered I/O (entries
 /// are far smaller than a page); `sync()` is the fdatasync that makes written entries durable.
-/// Not thread-safe on its own: the owning `ReplicaStore` serializes access.
+/// Reads and writes of disjoint entries may run concurrently (plain pread/pwrite); the owning
+/// `ReplicaStore` serializes access to the same entries and resizing.
 final class BlockMap {
     let fd: Int32
     let path: String
@@ -83,13 +84,29 @@ final class BlockMap {
 
     func read(block: UInt64) throws -> BlockMapEntry { try read(first: block, count: 1)[0] }
 
+    /// The entries for blocks `first ..< first+entries.count`, into `entries` (initialized).
+    func read(first: UInt64, into entries: UnsafeMutableBufferPointer<BlockMapEntry>) throws {
+        let bytes = entries.count * BlockMapEntry.encodedSize
+        try withUnsafeTemporaryAllocation(byteCount: bytes, alignment: 16) { buffer in
+            let n = try FileIO.preadFully(fd, buffer, offset: first * UInt64(BlockMapEntry.encodedSize), path: path)
+            if n < bytes { buffer.baseAddress!.advanced(by: n).initializeMemory(as: UInt8.self, repeating: 0, count: bytes - n) }
+            for i in 0..<entries.count {
+                entries.initializeElement(at: i, to: BlockMapEntry.decode(from: buffer.baseAddress! + i * BlockMapEntry.encodedSize))
+            }
+        }
+    }
+
     /// Writes `entries` for blocks `first ..< first+entries.count` in one pwrite.
     func write(first: UInt64, _ entries: [BlockMapEntry]) throws {
+        try entries.withUnsafeBufferPointer { try write(first: first, $0) }
+    }
+
+    func write(first: UInt64, _ entries: UnsafeBufferPointer<BlockMapEntry>) throws {
         let bytes = entries.count * BlockMapEntry.encodedSize
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes, alignment: 16)
-        defer { buffer.deallocate() }
-        for (i, e) in entries.enumerated() { e.encode(into: buffer.baseAddress! + i * BlockMapEntry.encodedSize) }
-        try FileIO.pwriteFully(fd, UnsafeRawBufferPointer(buffer), offset: first * UInt64(BlockMapEntry.encodedSize), path: path)
+        try withUnsafeTemporaryAllocation(byteCount: bytes, alignment: 16) { buffer in
+            for (i, e) in entries.enumerated() { e.encode(into: buffer.baseAddress! + i * BlockMapEntry.encodedSize) }
+            try FileIO.pwriteFully(fd, UnsafeRawBufferPointer(buffer), offset: first * UInt64(BlockMapEntry.encodedSize), path: path)
+        }
     }
 
     /// Calls `body(block, entry)` for every present entry of blocks `0 ..< blocks`, reading in

@@ -164,6 +164,28 @@ public final class ReplicaClient: Sendable {
         try Self.check(m.status, m.message)
     }
 
+    /// Sends a write (as `write`) and returns at once with a function that waits for its reply
+    /// and throws what `write` would: one thread can have writes to several replicas in flight
+    /// without a thread per replica. The data is copied into the frame before this returns.
+    /// The returned function must be called exactly once.
+    public func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                           epoch: UInt64) -> () throws -> Void {
+        let sent: (Waiter, UInt64)
+        do {
+            sent = try send(opcode: .write) { id in
+                WriteRequest.encodeFrame(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
+                                         offset: offset, data: data)
+            }
+        } catch {
+            return { throw error }
+        }
+        return { [self] in
+            let (r, _) = try wait(for: sent.0, id: sent.1, opcode: .write, timeout: requestTimeout)
+            guard case .write(let m) = r else { throw mismatch(r, .write) }
+            try Self.check(m.status, m.message)
+        }
+    }
+
     /// Makes every write acknowledged so far durable on the replica; returns the flushed generation.
     @discardableResult
     public func flush(volumeID: String, epoch: UInt64) throws -> UInt64 {
@@ -217,6 +239,13 @@ public final class ReplicaClient: Sendable {
     /// Registers a waiter, sends the frame `encode` builds for the new request id, and waits.
     private func roundTrip(opcode: Opcode, timeout: Duration,
                            encode: (UInt64) -> [UInt8]) throws(ReplicaClientError) -> (Response, UInt64) {
+        let (waiter, id) = try send(opcode: opcode, encode: encode)
+        return try wait(for: waiter, id: id, opcode: opcode, timeout: timeout)
+    }
+
+    /// Registers a waiter and sends the frame `encode` builds for the new request id. A send
+    /// failure breaks the connection, which completes the waiter with the error.
+    private func send(opcode: Opcode, encode: (UInt64) -> [UInt8]) throws(ReplicaClientError) -> (Waiter, UInt64) {
         let waiter = Waiter()
         let registered: Result<UInt64, ReplicaClientError> = state.withLock { s in
             if let reason = s.broken { return .failure(.connection(reason)) }
@@ -239,6 +268,12 @@ public final class ReplicaClient: Sendable {
         if let failure = sent {
             markBroken("sending \(opcode) to \(address) failed: \(failure)")
         }
+        return (waiter, id)
+    }
+
+    /// Waits for the reply to request `id` (sent by `send`).
+    private func wait(for waiter: Waiter, id: UInt64, opcode: Opcode,
+                      timeout: Duration) throws(ReplicaClientError) -> (Response, UInt64) {
         if waiter.done.wait(timeout: .now() + Self.dispatchInterval(timeout)) == .timedOut {
             _ = state.withLock { $0.waiters.removeValue(forKey: id) }
             if waiter.result.withLock({ $0 == nil }) {

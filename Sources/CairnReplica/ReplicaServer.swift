@@ -2,7 +2,8 @@
 // replica in `<data-dir>/replicas/<volume-id>/`.
 //
 // Owns: the listening socket, one reader thread per connection (decodes frames, enforces
-// "hello first", hands requests to a concurrent queue so many run at once), the per-connection
+// "hello first", runs writes up to 64 KiB itself and hands every other request to a fixed pool
+// of worker threads so many run at once), the per-connection
 // write lock (responses go out whole, possibly out of order), the registry of open
 // `ReplicaStore`s (one per volume, shared by every connection, opened lazily, closed at stop),
 // and the mapping of errors to `ReplyStatus`.
@@ -28,6 +29,8 @@ public final class ReplicaServer: Sendable {
     /// Requests one connection may have running at once; the reader stops reading beyond it.
     public static let maxInFlightPerConnection = 64
     static let receiveBufferSize = 1 << 20
+    /// Writes up to this size are handled on the connection's reader thread.
+    static let inlineWriteLimit = 64 << 10
 
     public let dataDir: String
     public let replicasDir: String
@@ -38,7 +41,9 @@ public final class ReplicaServer: Sendable {
     /// Open stores by volume id. Opening, creating and deleting happen under this lock, so a
     /// volume never has two stores and a delete cannot race an open.
     private let stores = Mutex([String: ReplicaStore]())
-    private let workers = DispatchQueue(label: "cairn.replica.server.requests", attributes: .concurrent)
+    /// Runs every connection's requests (see `WorkerPool` for why not Dispatch).
+    private let workers: WorkerPool
+    public static let workerThreads = 32
     /// Entered by the accept thread and by every connection thread; `stop` waits on it.
     private let threads = DispatchGroup()
 
@@ -58,6 +63,7 @@ public final class ReplicaServer: Sendable {
         self.host = host
         self.requestedPort = port
         self.logger = logger
+        self.workers = WorkerPool()
         for dir in [dataDir, replicasDir] where mkdir(dir, 0o700) != 0 && errno != EEXIST {
             throw SystemError("mkdir \(dir)", errno: errno)
         }
@@ -78,6 +84,7 @@ public final class ReplicaServer: Sendable {
         }
         threads.enter()
         do {
+            try workers.start(threads: Self.workerThreads)
             try startThread { [self] in
                 acceptLoop(fd)
                 threads.leave()
@@ -107,6 +114,7 @@ public final class ReplicaServer: Sendable {
         }
         for c in connections { c.shutdown() }
         threads.wait()
+        workers.shutdown()
         let open = stores.withLock { s -> [ReplicaStore] in
             defer { s.removeAll() }
             return Array(s.values)
@@ -234,9 +242,16 @@ public final class ReplicaServer: Sendable {
                     log.warning("closing connection: the first frame must be hello, got \(frame.opcode) (request id \(frame.requestID))")
                     return
                 }
+                if case .write(let m) = request, m.data.count <= Self.inlineWriteLimit {
+                    // Small writes run on this thread: a hand-off to a worker and back costs
+                    // more CPU than the write itself on a busy node. Larger ones (and reads,
+                    // flushes, claims) go to the pool so a slow one does not stall the rest.
+                    c.send(handle(frame, request, logger: log))
+                    continue
+                }
                 inFlight.wait()
                 running.enter()
-                workers.async { [self] in
+                workers.submit { [self] in
                     defer {
                         inFlight.signal()
                         running.leave()
@@ -378,6 +393,15 @@ public final class ReplicaServer: Sendable {
     }
 
     private static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+
+    /// The open store of `volume` (opened on first use), for an engine in this process that
+    /// reads and writes its local replica directly instead of over loopback TCP. It is the same
+    /// store the server's connections use, so the epoch rule is enforced identically; the caller
+    /// must not close it (the server does, at `stop` or when the replica is deleted — later
+    /// calls then fail with `closed`).
+    public func openStore(volumeID: String) throws -> ReplicaStore {
+        try store(volumeID)
+    }
 
     /// The open store of `volume`, opening it on first use.
     private func store(_ volume: String) throws -> ReplicaStore {

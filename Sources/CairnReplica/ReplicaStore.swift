@@ -99,10 +99,12 @@ public struct RecoveryReport: Sendable, Equatable {
 
 /// One volume's replica on disk (see the file comment for what it owns).
 ///
-/// Thread safety: every operation runs under one `Mutex`, whole — from validation and the epoch
-/// check through the I/O to the superblock update — so operations are linearizable and a stale
-/// request can never interleave with the claim that fences it. That serializes a replica's I/O;
-/// the engine pipelines across replicas and volumes, not within one replica's store.
+/// Thread safety: a reader-writer lock. Reads, writes and trims hold it shared — from
+/// validation and the epoch check through the I/O — so they run concurrently; claim, grow, flush
+/// and close hold it exclusive, so a claim still waits for every request already past its epoch
+/// check and no stale request can start after it (the fence is atomic). Within the shared
+/// side, I/O to the same 1 MiB region is serialized (`RegionLocks`): a block's data and its
+/// block-map entry change together, and a read never sees one without the other.
 public final class ReplicaStore: Sendable {
     public static let blockSize = 4096
     /// The largest read, write or trim one call may ask for: bounds the buffer a request can
@@ -117,11 +119,13 @@ public final class ReplicaStore: Sendable {
     /// What recovery did at open (empty after a clean close or for a new replica).
     public let recovery: RecoveryReport
     private let logger: Logger
-    private let state: Mutex<State>
+    private let state: SharedExclusive<State>
+    private let regions = RegionLocks()
 
     private final class State {
         var superblock: Superblock
-        var highestGeneration: UInt64
+        /// Raised by writes and trims holding the lock shared.
+        let highestGeneration: Atomic<UInt64>
         let dataFD: Int32
         let dataPath: String
         let blockMap: BlockMap
@@ -129,7 +133,7 @@ public final class ReplicaStore: Sendable {
 
         init(superblock: Superblock, highestGeneration: UInt64, dataFD: Int32, dataPath: String, blockMap: BlockMap) {
             self.superblock = superblock
-            self.highestGeneration = highestGeneration
+            self.highestGeneration = Atomic(highestGeneration)
             self.dataFD = dataFD
             self.dataPath = dataPath
             self.blockMap = blockMap
@@ -145,7 +149,7 @@ public final class ReplicaStore: Sendable {
         self.usesDirectIO = usesDirectIO
         self.recovery = recovery
         self.logger = logger
-        self.state = Mutex(state)
+        self.state = SharedExclusive(state)
     }
 
     static func layerDirectory(_ directory: String, layer: UInt64) -> String {
@@ -264,7 +268,7 @@ public final class ReplicaStore: Sendable {
     /// `closed`; closing twice is harmless. (Dropping the store without `close` leaves
     /// `clean = 0`, which the next `open` treats as a crash.)
     public func close() throws {
-        try state.withLock { s in
+        try state.withExclusive { s in
             guard !s.isClosed else { return }
             try Self.flushLocked(s, directory: directory)
             s.superblock.clean = true
@@ -280,56 +284,85 @@ public final class ReplicaStore: Sendable {
     /// Reads whole, aligned blocks. Every block present in the map is checked against its
     /// crc32c; never-written and trimmed blocks read as zeros.
     public func read(offset: UInt64, length: Int, epoch: UInt64) throws -> [UInt8] {
-        try state.withLock { s in
-            let (first, count) = try Self.checkLocked(s, offset: offset, length: length, epoch: epoch)
-            let entries = try s.blockMap.read(first: first, count: count)
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: Self.blockSize)
-            defer { buffer.deallocate() }
-            try Self.readBlocks(fd: s.dataFD, path: s.dataPath, first: first, into: buffer)
-            for (i, entry) in entries.enumerated() {
-                let block = UnsafeMutableRawBufferPointer(rebasing: buffer[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
-                if !entry.isPresent || entry.isTrimmed {
-                    // A hole reads as zeros anyway; zeroing also hides a stale, un-punched block.
-                    block.initializeMemory(as: UInt8.self, repeating: 0)
-                    continue
+        guard length > 0, length <= Self.maxRequestLength else {
+            throw ReplicaError.badRequest("length \(length) is not a positive multiple of \(Self.blockSize) up to \(Self.maxRequestLength)")
+        }
+        return try [UInt8](unsafeUninitializedCapacity: length) { buffer, count in
+            try read(offset: offset, into: UnsafeMutableRawBufferPointer(buffer), epoch: epoch)
+            count = length
+        }
+    }
+
+    /// Reads whole, aligned blocks into `buffer` (its count is the length). A 4 KiB-aligned
+    /// buffer is read into directly (O_DIRECT); any other goes through a per-thread scratch one.
+    public func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, epoch: UInt64) throws {
+        try state.withShared { s in
+            let (first, count) = try Self.checkLocked(s, offset: offset, length: buffer.count, epoch: epoch)
+            let aligned = Int(bitPattern: buffer.baseAddress) % Self.blockSize == 0
+            let target = aligned ? buffer : AlignedScratch.buffer(buffer.count)
+            try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
+                try regions.withRange(offset: offset, length: buffer.count) {
+                    try s.blockMap.read(first: first, into: entries)
+                    try Self.readBlocks(fd: s.dataFD, path: s.dataPath, first: first, into: target)
                 }
-                if CRC32C.checksum(UnsafeRawBufferPointer(block)) != entry.crc {
-                    logger.error("replica block checksum mismatch", metadata: [
-                        "volume.id": "\(volumeID)", "replica.block": "\(first + UInt64(i))",
-                        "replica.generation": "\(entry.generation)",
-                    ])
-                    throw ReplicaError.checksumMismatch(block: first + UInt64(i))
+                for (i, entry) in entries.enumerated() {
+                    let block = UnsafeMutableRawBufferPointer(rebasing: target[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
+                    if !entry.isPresent || entry.isTrimmed {
+                        // A hole reads as zeros anyway; zeroing also hides a stale, un-punched block.
+                        block.initializeMemory(as: UInt8.self, repeating: 0)
+                        continue
+                    }
+                    if CRC32C.checksum(UnsafeRawBufferPointer(block)) != entry.crc {
+                        logger.error("replica block checksum mismatch", metadata: [
+                            "volume.id": "\(volumeID)", "replica.block": "\(first + UInt64(i))",
+                            "replica.generation": "\(entry.generation)",
+                        ])
+                        throw ReplicaError.checksumMismatch(block: first + UInt64(i))
+                    }
                 }
             }
-            return [UInt8](UnsafeRawBufferPointer(buffer))
+            if !aligned { buffer.copyMemory(from: UnsafeRawBufferPointer(target)) }
         }
     }
 
     /// Writes whole, aligned blocks at `generation` (> 0, numbered by the engine): the data
     /// first, then the map entries. Durable after the next `flush`.
     public func write(offset: UInt64, data: [UInt8], generation: UInt64, epoch: UInt64) throws {
-        try state.withLock { s in
+        try data.withUnsafeBytes { try write(offset: offset, bytes: $0, generation: generation, epoch: epoch) }
+    }
+
+    /// `write(offset:data:generation:epoch:)` from memory the caller owns: a 4 KiB-aligned
+    /// buffer is written from directly (O_DIRECT), any other is copied into a per-thread one.
+    public func write(offset: UInt64, bytes data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws {
+        try state.withShared { s in
             let (first, count) = try Self.checkLocked(s, offset: offset, length: data.count, epoch: epoch)
             guard generation > 0 else { throw ReplicaError.badRequest("generation must be greater than 0") }
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count, alignment: Self.blockSize)
-            defer { buffer.deallocate() }
-            data.withUnsafeBytes { buffer.copyMemory(from: $0) }
-            var entries: [BlockMapEntry] = []
-            entries.reserveCapacity(count)
-            for i in 0..<count {
-                let block = UnsafeRawBufferPointer(rebasing: buffer[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
-                entries.append(BlockMapEntry(generation: generation, crc: CRC32C.checksum(block)))
+            let source: UnsafeRawBufferPointer
+            if Int(bitPattern: data.baseAddress) % Self.blockSize == 0 {
+                source = data
+            } else {
+                let scratch = AlignedScratch.buffer(data.count)
+                scratch.copyMemory(from: data)
+                source = UnsafeRawBufferPointer(scratch)
             }
-            try FileIO.pwriteFully(s.dataFD, UnsafeRawBufferPointer(buffer), offset: offset, path: s.dataPath)
-            try s.blockMap.write(first: first, entries)
-            s.highestGeneration = max(s.highestGeneration, generation)
+            try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
+                for i in 0..<count {
+                    let block = UnsafeRawBufferPointer(rebasing: source[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
+                    entries.initializeElement(at: i, to: BlockMapEntry(generation: generation, crc: CRC32C.checksum(block)))
+                }
+                try regions.withRange(offset: offset, length: data.count) {
+                    try FileIO.pwriteFully(s.dataFD, source, offset: offset, path: s.dataPath)
+                    try s.blockMap.write(first: first, UnsafeBufferPointer(entries))
+                }
+            }
+            s.highestGeneration.max(generation, ordering: .relaxed)
         }
     }
 
     /// Makes every write so far durable: fdatasync the data, then the block map, then record
     /// the highest generation written as the superblock's flushed generation.
     public func flush(epoch: UInt64) throws {
-        try state.withLock { s in
+        try state.withExclusive { s in
             try Self.checkEpochLocked(s, epoch)
             try Self.flushLocked(s, directory: directory)
         }
@@ -340,9 +373,10 @@ public final class ReplicaStore: Sendable {
     /// protocol's trim carries none yet; by default the highest generation written so far, so
     /// a delta resync from below it sees the trim).
     public func trim(offset: UInt64, length: Int, generation: UInt64? = nil, epoch: UInt64) throws {
-        try state.withLock { s in
+        try state.withShared { s in
             let (first, count) = try Self.checkLocked(s, offset: offset, length: length, epoch: epoch)
-            let generation = generation ?? s.highestGeneration
+            let generation = generation ?? s.highestGeneration.load(ordering: .relaxed)
+            try regions.withRange(offset: offset, length: length) {
             let punch = FileIO.FALLOC_FL_PUNCH_HOLE | FileIO.FALLOC_FL_KEEP_SIZE
             if FileIO.fallocate(s.dataFD, mode: punch, offset: offset, length: UInt64(length)) != 0 {
                 let e = errno
@@ -358,14 +392,15 @@ public final class ReplicaStore: Sendable {
                 ? BlockMapEntry.absent
                 : BlockMapEntry(generation: generation, crc: Self.zeroBlockCRC, flags: BlockMapEntry.trimmedFlag)
             try s.blockMap.write(first: first, [BlockMapEntry](repeating: entry, count: count))
-            s.highestGeneration = max(s.highestGeneration, generation)
+            }
+            s.highestGeneration.max(generation, ordering: .relaxed)
         }
     }
 
     /// Grows the replica to `newSize` (a multiple of the block size, not smaller than now;
     /// the same size is a no-op): the superblock first, then the head's files (sparse).
     public func grow(to newSize: UInt64, epoch: UInt64) throws {
-        try state.withLock { s in
+        try state.withExclusive { s in
             try Self.checkOpenLocked(s)
             try Self.checkEpochLocked(s, epoch)
             guard newSize % UInt64(Self.blockSize) == 0 else {
@@ -389,7 +424,7 @@ public final class ReplicaStore: Sendable {
     /// Records `epoch` as the highest seen (persisted before returning). The same epoch again
     /// is a no-op; a lower one is `staleEpoch`.
     public func claim(epoch: UInt64) throws {
-        try state.withLock { s in
+        try state.withExclusive { s in
             try Self.checkOpenLocked(s)
             try Self.checkEpochLocked(s, epoch)
             guard epoch > s.superblock.epoch else { return }
@@ -402,17 +437,17 @@ public final class ReplicaStore: Sendable {
     }
 
     public var status: ReplicaStatus {
-        state.withLock { s in
+        state.withShared { s in
             ReplicaStatus(volumeID: s.superblock.volumeID, size: s.superblock.size, blockSize: s.superblock.blockSize,
                           epoch: s.superblock.epoch, flushedGeneration: s.superblock.flushedGeneration,
-                          highestGeneration: s.highestGeneration)
+                          highestGeneration: s.highestGeneration.load(ordering: .relaxed))
         }
     }
 
     /// The blocks (ascending) whose entry in the head layer has a generation > `generation`,
     /// trims included: what a replica that left at flushed generation `generation` must fetch.
     public func blocksNewer(than generation: UInt64) throws -> [UInt64] {
-        try state.withLock { s in
+        try state.withExclusive { s in
             try Self.checkOpenLocked(s)
             var blocks: [UInt64] = []
             try s.blockMap.forEachPresent(blocks: s.superblock.size / UInt64(Self.blockSize)) { block, entry in
@@ -422,7 +457,7 @@ public final class ReplicaStore: Sendable {
         }
     }
 
-    // MARK: helpers (called with the lock held)
+    // MARK: helpers (called with the lock held, shared or exclusive)
 
     static let zeroBlockCRC: UInt32 = [UInt8](repeating: 0, count: blockSize).withUnsafeBytes { CRC32C.checksum($0) }
 
@@ -457,9 +492,10 @@ public final class ReplicaStore: Sendable {
         try checkOpenLocked(s)
         guard fdatasync(s.dataFD) == 0 else { throw SystemError("fdatasync \(s.dataPath)", errno: errno) }
         try s.blockMap.sync()
-        guard s.highestGeneration > s.superblock.flushedGeneration else { return }
+        let highest = s.highestGeneration.load(ordering: .relaxed)
+        guard highest > s.superblock.flushedGeneration else { return }
         var next = s.superblock
-        next.flushedGeneration = s.highestGeneration
+        next.flushedGeneration = highest
         try next.write(directory: directory)
         s.superblock = next
     }

@@ -161,6 +161,7 @@ struct Serve: AsyncParsableCommand {
             let server = try ReplicaServer(dataDir: dataDir, host: address.host, port: address.port, logger: logger)
             try server.start()
             replicaServer = server
+            (backing as? ReplicatedBacking)?.serveLocalReplicas(from: server)
             dataAddressRecorded = "\(address.host):\(server.boundPort)"
             logger.info("serving replicas", metadata: ["data.address": "\(dataAddressRecorded!)"])
         } else if etcd != nil && role != .controller {

@@ -414,6 +414,32 @@ final class EngineFUSETests: XCTestCase {
         loopDevices.removeAll()
     }
 
+    /// The open reply carries FOPEN_PARALLEL_DIRECT_WRITES: two direct writes to the file reach
+    /// the engine at the same time (without it the kernel holds the inode lock per write and the
+    /// second arrives only after the first returned).
+    func testDirectWritesToTheFileReachTheEngineConcurrently() throws {
+        let (_, fakes, fd) = try mounted(1)
+        final class Counts: Sendable { let inFlight = Atomic<Int>(0), most = Atomic<Int>(0) }
+        let counts = Counts()
+        fakes[0].onWrite.withLock {
+            $0 = {
+                let now = counts.inFlight.wrappingAdd(1, ordering: .sequentiallyConsistent).newValue
+                _ = counts.most.max(now, ordering: .sequentiallyConsistent)
+                // Hold this write until a second one is in flight too (or 2 s passed).
+                let deadline = DispatchTime.now() + .seconds(2)
+                while counts.most.load(ordering: .sequentiallyConsistent) < 2 && DispatchTime.now() < deadline { usleep(1000) }
+                counts.inFlight.wrappingSubtract(1, ordering: .sequentiallyConsistent)
+            }
+        }
+        let results = Mutex<[Int32]>([])
+        DispatchQueue.concurrentPerform(iterations: 2) { i in
+            let r = Self.write(fd, i * 65536, 4096, 0x30 + UInt8(i))
+            results.withLock { $0.append(r) }
+        }
+        XCTAssertEqual(results.withLock { $0 }, [0, 0])
+        XCTAssertEqual(counts.most.load(ordering: .sequentiallyConsistent), 2, "direct writes to the volume file were serialized by the kernel")
+    }
+
     func testThroughputThroughFUSE() throws {
         for replicas in [1, 2] {
             let fakes = (1...replicas).map { FakeReplica(nodeID: "n\($0)", size: Self.size, storesData: false) }

@@ -26,6 +26,8 @@ final class FakeReplica: ReplicaIO {
     let nodeID: String
     let storesData: Bool
     let state: Mutex<State>
+    /// Called at the start of every write, outside the lock (to observe concurrency).
+    let onWrite = Mutex<(@Sendable () -> Void)?>(nil)
 
     init(nodeID: String, size: Int, highestGeneration: UInt64 = 0, storesData: Bool = true) {
         self.nodeID = nodeID
@@ -60,18 +62,22 @@ final class FakeReplica: ReplicaIO {
         }
     }
 
-    func read(volumeID: String, offset: UInt64, length: Int, epoch: UInt64) throws -> [UInt8] {
-        try checkAligned(offset, length)
-        return try state.withLock { s in
+    func read(volumeID: String, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, epoch: UInt64) throws {
+        try checkAligned(offset, buffer.count)
+        try state.withLock { s in
             try check(s, epoch: epoch)
             s.reads += 1
-            guard storesData else { return [UInt8](repeating: 0, count: length) }
-            return Array(s.data[Int(offset)..<Int(offset) + length])
+            guard storesData else {
+                _ = buffer.initializeMemory(as: UInt8.self, repeating: 0)
+                return
+            }
+            s.data.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + buffer.count])) }
         }
     }
 
     func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws {
         try checkAligned(offset, data.count)
+        onWrite.withLock { $0 }?()
         try state.withLock { s in
             try check(s, epoch: epoch)
             guard storesData else { return }

@@ -1,0 +1,211 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A reader-writer lock around a value (pthread rwlock, writers preferred so a claim or a flush
+/// is not starved by a steady stream of I/O). Shared holders may only touch what is safe to
+/// touch concurrently; exclusive holders own the value.
+final class SharedExclusive<Value>: @unchecked Sendable {
+    private let lock = UnsafeMutablePointer<pthread_rwlock_t>.allocate(capacity: 1)
+    private let value: Value
+
+    init(_ value: Value) {
+        self.value = value
+        var attributes = pthread_rwlockattr_t()
+        pthread_rwlockattr_init(&attributes)
+        pthread_rwlockattr_setkind_np(&attributes, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
+        pthread_rwlock_init(lock, &attributes)
+        pthread_rwlockattr_destroy(&attributes)
+    }
+
+    deinit {
+        pthread_rwlock_destroy(lock)
+        lock.deallocate()
+    }
+
+    func withShared<R>(_ body: (Value) throws -> R) rethrows -> R {
+        pthread_rwlock_rdlock(lock)
+        defer { pthread_rwlock_unlock(lock) }
+        return try body(value)
+    }
+
+    func withExclusive<R>(_ body: (Value) throws -> R) rethrows -> R {
+        pthread_rwlock_wrlock(lock)
+        defer { pthread_rwlock_unlock(lock) }
+        return try body(value)
+    }
+}
+
+/// Mutexes striped over 1 MiB regions of a replica: I/O to the same blocks is serialized (so a
+/// block's data and its block-map entry always change together, and a read never sees one
+/// without the other), I/O to different regions runs in parallel. A range takes its stripes in
+/// ascending order, so two ranges cannot deadlock.
+final class RegionLocks: @unchecked Sendable {
+    static let stripes = 64
+    static let regionShift: UInt64 = 20
+    private let locks: UnsafeMutablePointer<pthread_mutex_t>
+
+    init() {
+        locks = .allocate(capacity: Self.stripes)
+        for i in 0..<Self.stripes { pthread_mutex_init(locks + i, nil) }
+    }
+
+    deinit {
+        for i in 0..<Self.stripes { pthread_mutex_destroy(locks + i) }
+        locks.deallocate()
+    }
+
+    /// Runs `body` holding every stripe that covers bytes [offset, offset+length).
+    func withRange<R>(offset: UInt64, length: Int, _ body: () throws -> R) rethrows -> R {
+        let first = offset >> Self.regionShift
+        let last = (offset + UInt64(max(length, 1)) - 1) >> Self.regionShift
+        if last - first < UInt64(Self.stripes) {
+            // Stripe indices of consecutive regions, in ascending stripe order (they may wrap).
+            let a = Int(first % UInt64(Self.stripes)), b = Int(last % UInt64(Self.stripes))
+            if a <= b {
+                for i in a...b { pthread_mutex_lock(locks + i) }
+                defer { for i in a...b { pthread_mutex_unlock(locks + i) } }
+                return try body()
+            }
+            for i in 0...b { pthread_mutex_lock(locks + i) }
+            for i in a..<Self.stripes { pthread_mutex_lock(locks + i) }
+            defer {
+                for i in 0...b { pthread_mutex_unlock(locks + i) }
+                for i in a..<Self.stripes { pthread_mutex_unlock(locks + i) }
+            }
+            return try body()
+        }
+        for i in 0..<Self.stripes { pthread_mutex_lock(locks + i) }
+        defer { for i in 0..<Self.stripes { pthread_mutex_unlock(locks + i) } }
+        return try body()
+    }
+}
+
+/// One 4 KiB-aligned scratch buffer per thread, grown on demand and freed when the thread
+/// exits: O_DIRECT needs aligned memory, and the data path must not allocate per request.
+enum AlignedScratch {
+    private final class Buffer {
+        var pointer: UnsafeMutableRawPointer?
+        var capacity = 0
+        deinit { free(pointer) }
+    }
+
+    private static let key: pthread_key_t = {
+        var key = pthread_key_t()
+        pthread_key_create(&key) { Unmanaged<Buffer>.fromOpaque($0!).release() }
+        return key
+    }()
+
+    /// The calling thread's buffer, at least `count` bytes (valid until the next call on this
+    /// thread).
+    static func buffer(_ count: Int) -> UnsafeMutableRawBufferPointer {
+        let buffer: Buffer
+        if let existing = pthread_getspecific(key) {
+            buffer = Unmanaged<Buffer>.fromOpaque(existing).takeUnretainedValue()
+        } else {
+            buffer = Buffer()
+            pthread_setspecific(key, Unmanaged.passRetained(buffer).toOpaque())
+        }
+        if buffer.capacity < count {
+            free(buffer.pointer)
+            buffer.pointer = nil
+            buffer.capacity = 0
+            let capacity = max(count, 1 << 20)
+            var raw: UnsafeMutableRawPointer?
+            guard posix_memalign(&raw, 4096, capacity) == 0, let raw else { fatalError("out of memory for a \(capacity)-byte I/O buffer") }
+            buffer.pointer = raw
+            buffer.capacity = capacity
+        }
+        return UnsafeMutableRawBufferPointer(start: buffer.pointer, count: count)
+    }
+}
+
+/// A fixed set of threads running submitted jobs in order of submission. The replica server
+/// runs requests on it: they block on disk I/O, and Dispatch's pool keeps only about one
+/// thread per CPU running for them, so a replica would see two or three requests at a time
+/// however many are queued.
+final class WorkerPool: @unchecked Sendable {
+    private let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let ready = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private let exited = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    // Guarded by `lock`.
+    private var jobs: [(@Sendable () -> Void)?] = []
+    private var head = 0
+    private var running = 0
+    private var stopping = false
+
+    init() {
+        pthread_mutex_init(lock, nil)
+        pthread_cond_init(ready, nil)
+        pthread_cond_init(exited, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(lock)
+        pthread_cond_destroy(ready)
+        pthread_cond_destroy(exited)
+        lock.deallocate()
+        ready.deallocate()
+        exited.deallocate()
+    }
+
+    /// Starts `threads` more threads.
+    func start(threads: Int) throws {
+        for _ in 0..<threads {
+            pthread_mutex_lock(lock)
+            running += 1
+            pthread_mutex_unlock(lock)
+            do {
+                try startThread { [self] in work() }
+            } catch {
+                pthread_mutex_lock(lock)
+                running -= 1
+                pthread_mutex_unlock(lock)
+                throw error
+            }
+        }
+    }
+
+    func submit(_ job: @escaping @Sendable () -> Void) {
+        pthread_mutex_lock(lock)
+        jobs.append(job)
+        pthread_cond_signal(ready)
+        pthread_mutex_unlock(lock)
+    }
+
+    /// Runs the jobs already submitted, then ends every thread and waits for them.
+    func shutdown() {
+        pthread_mutex_lock(lock)
+        stopping = true
+        pthread_cond_broadcast(ready)
+        while running > 0 { pthread_cond_wait(exited, lock) }
+        pthread_mutex_unlock(lock)
+    }
+
+    private func work() {
+        pthread_mutex_lock(lock)
+        while true {
+            while head == jobs.count && !stopping { pthread_cond_wait(ready, lock) }
+            if head == jobs.count { break }
+            let job = jobs[head]!
+            jobs[head] = nil
+            head += 1
+            if head == jobs.count {
+                // Drained: start over instead of growing (keeps the capacity).
+                jobs.removeAll(keepingCapacity: true)
+                head = 0
+            } else if head >= 1024 && head * 2 >= jobs.count {
+                jobs.removeFirst(head)
+                head = 0
+            }
+            pthread_mutex_unlock(lock)
+            job()
+            pthread_mutex_lock(lock)
+        }
+        running -= 1
+        pthread_cond_broadcast(exited)
+        pthread_mutex_unlock(lock)
+    }
+}
