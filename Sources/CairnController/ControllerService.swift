@@ -76,8 +76,10 @@ public final class ControllerService: Sendable {
                 // Any node can run the volume's engine: the volume is not bound to one node.
                 volume.accessibleTopology = [:]
                 let count = parameters.explicitReplicas ?? cluster.defaultReplicas
+                // The CO's preferred topology (e.g. the node Kubernetes scheduled the pod on) gets a replica first.
+                let preferred = request.accessibilityRequirements.preferred.compactMap { $0.segments[Self.nodeTopologyKey] }
                 let chosen = try Placement.choose(count: count, size: size,
-                                                  candidates: try await placementCandidates())
+                                                  candidates: try await placementCandidates(), preferred: preferred)
                 volume.replicas = chosen.map { ReplicaRecord(nodeID: $0.nodeID, address: $0.address ?? "", inSync: true) }
                 logger.info("placed the volume's replicas", metadata: [
                     "volume.id": "\(volume.id)", "replicas": "\(chosen.map(\.nodeID).joined(separator: ","))",

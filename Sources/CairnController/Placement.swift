@@ -38,7 +38,11 @@ public enum Placement {
     /// Topology labels that name failure domains, widest first.
     public static let domainKeys = ["topology.cairn.dev/zone", "topology.kubernetes.io/zone", "topology.cairn.dev/rack"]
 
-    public static func choose(count: Int, size: Int64, candidates: [PlacementCandidate]) throws -> [PlacementCandidate] {
+    /// `preferred` names nodes (in order) that should hold a replica when they can — the CO's
+    /// accessibility_requirements.preferred, e.g. the node Kubernetes scheduled the pod on, so
+    /// that the engine finds a replica on its own node and reads locally.
+    public static func choose(count: Int, size: Int64, candidates: [PlacementCandidate],
+                              preferred: [String] = []) throws -> [PlacementCandidate] {
         let eligible = candidates.filter { $0.address != nil && $0.freeBytes >= size }
         guard eligible.count >= count else {
             let reasons = candidates.sorted { $0.nodeID < $1.nodeID }.map { c -> String in
@@ -52,6 +56,9 @@ public enum Placement {
         }
         var chosen: [PlacementCandidate] = []
         var left = eligible
+        for nodeID in preferred where chosen.count < count {
+            if let index = left.firstIndex(where: { $0.nodeID == nodeID }) { chosen.append(left.remove(at: index)) }
+        }
         while chosen.count < count {
             // Lexicographic: fewest chosen sharing each failure domain (widest first), then most free.
             let best = left.min { a, b in

@@ -53,8 +53,15 @@ enum Requests {
         return capability
     }
 
-    static func create(name: String, bytes: Int64, replicas: Int) -> Csi_V1_CreateVolumeRequest {
+    /// `preferredNode`: the node the volume will be used on, as a CO with late binding says it
+    /// (Kubernetes' WaitForFirstConsumer): Cairn puts a replica there first.
+    static func create(name: String, bytes: Int64, replicas: Int, preferredNode: String? = nil) -> Csi_V1_CreateVolumeRequest {
         var r = Csi_V1_CreateVolumeRequest()
+        if let preferredNode {
+            var topology = Csi_V1_Topology()
+            topology.segments = ["topology.cairn.dev/node": preferredNode]
+            r.accessibilityRequirements.preferred = [topology]
+        }
         r.name = name
         r.volumeCapabilities = [capability()]
         var range = Csi_V1_CapacityRange()
@@ -123,8 +130,10 @@ struct Attachment {
     }
 }
 
-func createVolume(_ controller: CSIClient, name: String, bytes: Int64, replicas: Int) async throws -> String {
-    try await controller.call("Controller", "CreateVolume", Requests.create(name: name, bytes: bytes, replicas: replicas),
+func createVolume(_ controller: CSIClient, name: String, bytes: Int64, replicas: Int,
+                  preferredNode: String? = nil) async throws -> String {
+    try await controller.call("Controller", "CreateVolume",
+                              Requests.create(name: name, bytes: bytes, replicas: replicas, preferredNode: preferredNode),
                               as: Csi_V1_CreateVolumeResponse.self).volume.volumeID
 }
 

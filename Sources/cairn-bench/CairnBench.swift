@@ -77,7 +77,7 @@ struct ControlPlane: AsyncParsableCommand {
         for i in 0..<iterations {
             let volume = try await create.time {
                 try await createVolume(controller, name: "\(name)-r\(replicas)-\(i)-\(UUID().uuidString.prefix(8))",
-                                       bytes: sizeMiB << 20, replicas: replicas)
+                                       bytes: sizeMiB << 20, replicas: replicas, preferredNode: nodeID)
             }
             let attachment = Attachment(volume: volume, nodeID: nodeID, root: workDir)
             do {

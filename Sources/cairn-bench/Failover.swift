@@ -35,7 +35,7 @@ struct Failover: AsyncParsableCommand {
         for i in 0..<iterations {
             let oldNode = CSIClient(endpoint: fromEndpoint), newNode = CSIClient(endpoint: toEndpoint)
             let volume = try await createVolume(controller, name: "bench-failover-\(i)-\(UUID().uuidString.prefix(8))",
-                                                bytes: sizeMiB << 20, replicas: replicas)
+                                                bytes: sizeMiB << 20, replicas: replicas, preferredNode: from)
             let first = Attachment(volume: volume, nodeID: from, root: workDir)
             let second = Attachment(volume: volume, nodeID: to, root: workDir)
             var killed = false

@@ -20,7 +20,8 @@ struct Stage: AsyncParsableCommand {
     func run() async throws {
         let controller = CSIClient(endpoint: self.controller)
         let node = CSIClient(endpoint: self.node)
-        let volume = try await createVolume(controller, name: name, bytes: sizeMiB << 20, replicas: replicas)
+        let volume = try await createVolume(controller, name: name, bytes: sizeMiB << 20, replicas: replicas,
+                                            preferredNode: nodeID)
         do {
             var cp = Csi_V1_ControllerPublishVolumeRequest()
             cp.volumeID = volume

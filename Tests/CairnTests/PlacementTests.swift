@@ -53,6 +53,14 @@ final class PlacementTests: XCTestCase {
         }
     }
 
+    func testPreferredNodesGetAReplicaFirstWhenTheyHaveRoom() throws {
+        let nodes = [node("n1", zone: "a"), node("n2", zone: "b"), node("n3", zone: "a", capacity: gib / 2)]
+        XCTAssertEqual(try Placement.choose(count: 1, size: gib, candidates: nodes, preferred: ["n2"]).map(\.nodeID), ["n2"])
+        // A preferred node without room is passed over; the spread rule places the rest.
+        let chosen = try Placement.choose(count: 2, size: gib, candidates: nodes, preferred: ["n3", "n1", "n9"])
+        XCTAssertEqual(chosen.map(\.nodeID), ["n1", "n2"])
+    }
+
     func testNeverTheSameNodeTwice() throws {
         let nodes = (1...5).map { node("n\($0)") }
         for count in 1...5 {
