@@ -14,7 +14,7 @@ struct Stage: AsyncParsableCommand {
     @Option(help: "The node's id (ControllerPublish's node_id).") var nodeID: String
     @Option(help: "Volume name.") var name: String
     @Option(help: "Replicas (the `replicas` parameter).") var replicas: Int = 1
-    @Option(help: "Volume size in MiB.") var sizeMiB: Int64 = 1024
+    @Option(name: .customLong("size-mib"), help: "Volume size in MiB.") var sizeMiB: Int64 = 1024
     @Option(help: "The staging path (created; must be under the node's --path-root).") var path: String
 
     func run() async throws {
