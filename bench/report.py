@@ -279,7 +279,8 @@ def chart(data, path):
     ax.set_title(f"Cairn vs the limit (ext4 on a loop device over a local file) — {m.get('date', '')}, {m.get('commit', '')},"
                  f" {m.get('cores', '?')} cores, {m.get('mode', '')} run", fontsize=9)
     ax.plot([], [], color="black", linewidth=2, label="target for (b) / (c)")
-    ax.legend(fontsize=8, loc="upper right")
+    # Below the axes: above the bars it would hide the tallest ones.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=5, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     return True
