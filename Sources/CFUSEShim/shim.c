@@ -366,18 +366,23 @@ cfuse_session *cfuse_mount(const char *mountpoint, const char *name, uint64_t si
 
 unsigned cfuse_connection_id(const cfuse_session *session) { return session ? session->connection : 0; }
 
-// Writes "1" to the connection's abort file (mounting fusectl if nobody did): every pending and
-// future request fails with ENOTCONN and the workers' reads of /dev/fuse return.
+// Writes "1" to the connection's abort file: every pending and future request fails with
+// ENOTCONN and the workers' reads of /dev/fuse return. When fusectl is not mounted, mounts it
+// for the write and unmounts it again, leaving the machine as it was.
 static void abort_connection(unsigned connection) {
     if (connection == 0) return;
     char path[128];
     snprintf(path, sizeof path, "/sys/fs/fuse/connections/%u/abort", connection);
-    if (access(path, F_OK) != 0) mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, NULL);
+    int mounted_here = 0;
+    if (access(path, F_OK) != 0
+        && mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, NULL) == 0) mounted_here = 1;
     int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0) return;
-    ssize_t ignored = write(fd, "1", 1);
-    (void)ignored;
-    close(fd);
+    if (fd >= 0) {
+        ssize_t ignored = write(fd, "1", 1);
+        (void)ignored;
+        close(fd);
+    }
+    if (mounted_here) umount2("/sys/fs/fuse/connections", MNT_DETACH);
 }
 
 int cfuse_unmount(cfuse_session *s) {
