@@ -135,6 +135,9 @@ struct Serve: AsyncParsableCommand {
             etcd = client
             store = client
         }
+        if etcd != nil && role == .all {
+            logger.warning("--role all with --store etcd runs a controller in this process without the leader lease; in a cluster run one `--role controller` (standbys wait for the lease) and `--role node --agent-socket none` on every node")
+        }
         let localFiles = try LocalFileBacking(dataDir: dataDir)
         let backing: any VolumeBacking = etcd == nil ? localFiles
             : try ReplicatedBacking(dataDir: dataDir, nodeID: nodeID, store: store, logger: logger)
