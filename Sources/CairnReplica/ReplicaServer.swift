@@ -307,6 +307,7 @@ public final class ReplicaServer: Sendable {
                 return reply(.write(WriteResponse(status: .ok)), epoch: epoch)
             case .generations(let m):
                 let store = try store(m.volume)
+                try ReplicaStore.checkGenerationsCount(Int(m.count))
                 let blockSize = UInt64(ReplicaStore.blockSize)
                 let (start, overflow) = m.firstBlock.multipliedReportingOverflow(by: blockSize)
                 guard !overflow else {

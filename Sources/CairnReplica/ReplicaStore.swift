@@ -409,9 +409,7 @@ public final class ReplicaStore: Sendable {
         try state.withShared { s in
             try Self.checkOpenLocked(s)
             try Self.checkEpochLocked(s, epoch)
-            guard count >= 1, count <= FrameLimits.maxGenerationsCount else {
-                throw ReplicaError.badRequest("generations count \(count) is outside 1...\(FrameLimits.maxGenerationsCount)")
-            }
+            try Self.checkGenerationsCount(count)
             let blocks = s.superblock.size / UInt64(Self.blockSize)
             let (end, overflow) = firstBlock.addingReportingOverflow(UInt64(count))
             guard !overflow, end <= blocks else {
@@ -531,6 +529,13 @@ public final class ReplicaStore: Sendable {
     // MARK: helpers (called with the lock held, shared or exclusive)
 
     static let zeroBlockCRC: UInt32 = [UInt8](repeating: 0, count: blockSize).withUnsafeBytes { CRC32C.checksum($0) }
+
+    /// A `generations` request's block count: 1...`FrameLimits.maxGenerationsCount`.
+    static func checkGenerationsCount(_ count: Int) throws {
+        guard count >= 1, count <= FrameLimits.maxGenerationsCount else {
+            throw ReplicaError.badRequest("generations count \(count) is outside 1...\(FrameLimits.maxGenerationsCount); ask in smaller ranges")
+        }
+    }
 
     /// A write's generation: 1...`BlockGenerations.maxGeneration` (0 means "never written";
     /// bit 63 marks a trim in `generations`).
