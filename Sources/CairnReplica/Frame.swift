@@ -32,10 +32,12 @@ public enum FrameLimits {
     public static let maxAuthTokenLength = 128
     /// A response's error message (UTF-8; longer messages are cut by the sender).
     public static let maxMessageLength = 1024
+    /// Most blocks one `generations` request may ask about (256 MiB of volume, 512 KiB of reply).
+    public static let maxGenerationsCount = 65_536
 }
 
 /// The op a frame carries; a response reuses its request's op with `FrameFlags.response`.
-/// Values are wire values: never renumber. Room is left for `barrier` and `resync-ranges`.
+/// Values are wire values: never renumber. Room is left for `barrier`.
 public enum Opcode: UInt8, Sendable, CaseIterable {
     case hello = 1
     case claim = 2
@@ -47,13 +49,18 @@ public enum Opcode: UInt8, Sendable, CaseIterable {
     /// Control plane (the controller placing or deleting a replica).
     case create = 8
     case delete = 9
+    /// Delta resync: the block map's generation of each block in a range.
+    case generations = 10
 }
 
-/// Header flag bits. Bits other than `response` are reserved and must be zero (a peer that sets
+/// Header flag bits. Bits other than these are reserved and must be zero (a peer that sets
 /// one speaks something we do not understand).
 public enum FrameFlags {
     public static let response: UInt8 = 0x01
-    public static let known: UInt8 = response
+    /// Only on `write` (request and response): a resync write, applied only to the blocks whose
+    /// current generation is lower than the request's; its response says how many were.
+    public static let ifNewer: UInt8 = 0x02
+    public static let known: UInt8 = response | ifNewer
 }
 
 /// The status a response carries. Wire values: never renumber.
@@ -173,6 +180,9 @@ public struct FrameHeader: Equatable, Sendable {
         guard flags & ~FrameFlags.known == 0 else {
             throw FrameError(.reservedFlags, "reserved flag bits set: 0x\(String(flags, radix: 16)) (request id \(requestID))")
         }
+        guard flags & FrameFlags.ifNewer == 0 || opcode == .write else {
+            throw FrameError(.reservedFlags, "the if-newer flag is only valid on write, not \(opcode) (request id \(requestID))")
+        }
         self.init(opcode: opcode, flags: flags, requestID: requestID, payloadLength: payloadLength, epoch: epoch)
     }
 }
@@ -211,15 +221,27 @@ public struct Frame: Equatable, Sendable {
         return false
     }
 
+    /// The header's flag bits, which follow from the body.
+    public var headerFlags: UInt8 {
+        switch body {
+        case .request(let r): r.headerFlags
+        case .response(let r): FrameFlags.response | r.headerFlags
+        }
+    }
+
+    /// The payload's bytes (without the header).
+    public func encodePayload() -> [UInt8] {
+        switch body {
+        case .request(let r): r.encode()
+        case .response(let r): r.encode()
+        }
+    }
+
     /// Header and payload, ready for the socket.
     public func encode() -> [UInt8] {
-        let payload: [UInt8]
-        switch body {
-        case .request(let r): payload = r.encode()
-        case .response(let r): payload = r.encode()
-        }
+        let payload = encodePayload()
         let header = FrameHeader(
-            opcode: opcode, flags: isResponse ? FrameFlags.response : 0, requestID: requestID,
+            opcode: opcode, flags: headerFlags, requestID: requestID,
             payloadLength: UInt32(clamping: payload.count), epoch: epoch)
         return header.encode() + payload
     }
@@ -232,9 +254,9 @@ public struct Frame: Equatable, Sendable {
         let body: Body
         do throws(FrameError) {
             if header.isResponse {
-                body = .response(try Response(opcode: header.opcode, decoding: payload))
+                body = .response(try Response(opcode: header.opcode, flags: header.flags, decoding: payload))
             } else {
-                body = .request(try Request(opcode: header.opcode, decoding: payload))
+                body = .request(try Request(opcode: header.opcode, flags: header.flags, decoding: payload))
             }
         } catch {
             throw FrameError(error.kind, "\(error.reason) (\(header.opcode) \(header.isResponse ? "response" : "request"), request id \(header.requestID))")
@@ -254,6 +276,7 @@ public enum Request: Equatable, Sendable {
     case status(StatusRequest)
     case create(CreateRequest)
     case delete(DeleteRequest)
+    case generations(GenerationsRequest)
 
     public var opcode: Opcode {
         switch self {
@@ -266,7 +289,14 @@ public enum Request: Equatable, Sendable {
         case .status: .status
         case .create: .create
         case .delete: .delete
+        case .generations: .generations
         }
+    }
+
+    /// Header flag bits the request carries besides its opcode (`FrameFlags.ifNewer`).
+    public var headerFlags: UInt8 {
+        if case .write(let m) = self, m.ifNewer { return FrameFlags.ifNewer }
+        return 0
     }
 
     public func encode() -> [UInt8] {
@@ -280,20 +310,26 @@ public enum Request: Equatable, Sendable {
         case .status(let m): m.encode()
         case .create(let m): m.encode()
         case .delete(let m): m.encode()
+        case .generations(let m): m.encode()
         }
     }
 
-    public init(opcode: Opcode, decoding payload: some Collection<UInt8>) throws(FrameError) {
+    /// Decodes a request payload; `flags` are the header's (the if-newer bit of a write).
+    public init(opcode: Opcode, flags: UInt8 = 0, decoding payload: some Collection<UInt8>) throws(FrameError) {
         switch opcode {
         case .hello: self = .hello(try HelloRequest(decoding: payload))
         case .claim: self = .claim(try ClaimRequest(decoding: payload))
         case .read: self = .read(try ReadRequest(decoding: payload))
-        case .write: self = .write(try WriteRequest(decoding: payload))
+        case .write:
+            var m = try WriteRequest(decoding: payload)
+            m.ifNewer = flags & FrameFlags.ifNewer != 0
+            self = .write(m)
         case .flush: self = .flush(try FlushRequest(decoding: payload))
         case .trim: self = .trim(try TrimRequest(decoding: payload))
         case .status: self = .status(try StatusRequest(decoding: payload))
         case .create: self = .create(try CreateRequest(decoding: payload))
         case .delete: self = .delete(try DeleteRequest(decoding: payload))
+        case .generations: self = .generations(try GenerationsRequest(decoding: payload))
         }
     }
 }
@@ -309,6 +345,9 @@ public enum Response: Equatable, Sendable {
     case status(StatusResponse)
     case create(CreateResponse)
     case delete(DeleteResponse)
+    case generations(GenerationsResponse)
+    /// The response to a write carrying `FrameFlags.ifNewer` (opcode `write`).
+    case conditionalWrite(ConditionalWriteResponse)
 
     public var opcode: Opcode {
         switch self {
@@ -321,7 +360,15 @@ public enum Response: Equatable, Sendable {
         case .status: .status
         case .create: .create
         case .delete: .delete
+        case .generations: .generations
+        case .conditionalWrite: .write
         }
+    }
+
+    /// Header flag bits the response carries besides `FrameFlags.response`.
+    public var headerFlags: UInt8 {
+        if case .conditionalWrite = self { return FrameFlags.ifNewer }
+        return 0
     }
 
     public func encode() -> [UInt8] {
@@ -335,20 +382,27 @@ public enum Response: Equatable, Sendable {
         case .status(let m): m.encode()
         case .create(let m): m.encode()
         case .delete(let m): m.encode()
+        case .generations(let m): m.encode()
+        case .conditionalWrite(let m): m.encode()
         }
     }
 
-    public init(opcode: Opcode, decoding payload: some Collection<UInt8>) throws(FrameError) {
+    /// Decodes a response payload; `flags` are the header's (the if-newer bit of a write).
+    public init(opcode: Opcode, flags: UInt8 = 0, decoding payload: some Collection<UInt8>) throws(FrameError) {
         switch opcode {
         case .hello: self = .hello(try HelloResponse(decoding: payload))
         case .claim: self = .claim(try ClaimResponse(decoding: payload))
         case .read: self = .read(try ReadResponse(decoding: payload))
-        case .write: self = .write(try WriteResponse(decoding: payload))
+        case .write:
+            self = flags & FrameFlags.ifNewer != 0
+                ? .conditionalWrite(try ConditionalWriteResponse(decoding: payload))
+                : .write(try WriteResponse(decoding: payload))
         case .flush: self = .flush(try FlushResponse(decoding: payload))
         case .trim: self = .trim(try TrimResponse(decoding: payload))
         case .status: self = .status(try StatusResponse(decoding: payload))
         case .create: self = .create(try CreateResponse(decoding: payload))
         case .delete: self = .delete(try DeleteResponse(decoding: payload))
+        case .generations: self = .generations(try GenerationsResponse(decoding: payload))
         }
     }
 }
@@ -376,6 +430,9 @@ public enum Response: Equatable, Sendable {
 //            rsp: status u8
 //   delete   req: volume                       (idempotent)
 //            rsp: status u8
+//   generations req: volume | first block u64 | count u32 (1...65536)
+//            rsp: status u8 | count u32 | count × generation u64 (bit 63: trimmed; empty unless ok)
+// A write with the header flag `ifNewer` (a resync write) answers status u8 | applied blocks u32.
 // Every response ends with a message (u16 length + UTF-8, ≤ 1024 bytes; empty on success).
 
 public struct HelloRequest: Equatable, Sendable {
@@ -554,12 +611,16 @@ public struct WriteRequest: Equatable, Sendable {
     public var offset: UInt64
     /// Whole 4 KiB blocks, at most `FrameLimits.maxDataLength`.
     public var data: [UInt8]
+    /// A resync write (`FrameFlags.ifNewer` in the header, not in the payload): applied only to
+    /// the blocks whose current generation is lower than `generation`.
+    public var ifNewer: Bool
 
-    public init(volume: String, generation: UInt64, offset: UInt64, data: [UInt8]) {
+    public init(volume: String, generation: UInt64, offset: UInt64, data: [UInt8], ifNewer: Bool = false) {
         self.volume = volume
         self.generation = generation
         self.offset = offset
         self.data = data
+        self.ifNewer = ifNewer
     }
 
     public func encode() -> [UInt8] {
@@ -577,6 +638,7 @@ public struct WriteRequest: Equatable, Sendable {
         generation = try r.readUInt64("generation")
         offset = try r.readUInt64("offset")
         data = try r.readData(allowEmpty: false)
+        ifNewer = false
         try r.expectEnd()
         guard generation != 0 else {
             // Generation 0 means "never written" in the block map.
@@ -802,6 +864,127 @@ public struct DeleteRequest: Equatable, Sendable {
     }
 }
 
+/// Block generations as the `generations` op reports them: the block map's generation, with
+/// `trimmedBit` set for a trimmed block (0: never written). Real generations stay below 2^63
+/// (the store refuses higher ones), so the bit is free; two replicas hold the same version of a
+/// block exactly when the reported values are equal.
+public enum BlockGenerations {
+    public static let trimmedBit: UInt64 = 1 << 63
+    /// The largest generation a write or trim may carry.
+    public static let maxGeneration: UInt64 = trimmedBit - 1
+
+    /// The generation without the trimmed bit.
+    public static func generation(_ reported: UInt64) -> UInt64 { reported & ~trimmedBit }
+    public static func isTrimmed(_ reported: UInt64) -> Bool { reported & trimmedBit != 0 }
+}
+
+public struct GenerationsRequest: Equatable, Sendable {
+    public var volume: String
+    public var firstBlock: UInt64
+    /// 1...`FrameLimits.maxGenerationsCount` blocks (the replica answers `bad-request` otherwise).
+    public var count: UInt32
+
+    public init(volume: String, firstBlock: UInt64, count: UInt32) {
+        self.volume = volume
+        self.firstBlock = firstBlock
+        self.count = count
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.writeVolume(volume)
+        w.write(firstBlock)
+        w.write(count)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(payload)
+        volume = try r.readVolume()
+        firstBlock = try r.readUInt64("first block")
+        count = try r.readUInt32("count")
+        // The count and the range are the replica's to refuse (bad-request, out-of-range): a
+        // wrong one is an answerable mistake, not a reason to close the connection.
+        try r.expectEnd()
+    }
+}
+
+public struct GenerationsResponse: Equatable, Sendable {
+    public var status: ReplyStatus
+    /// Why the request failed, for logs and errors; empty on success.
+    public var message: String
+    /// One per block asked about (see `BlockGenerations`); empty unless `status` is `ok`.
+    public var generations: [UInt64]
+
+    public init(status: ReplyStatus, generations: [UInt64] = [], message: String = "") {
+        self.status = status
+        self.generations = generations
+        self.message = message
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter(capacity: 7 + 8 * generations.count)
+        w.write(status.rawValue)
+        w.write(UInt32(clamping: generations.count))
+        for g in generations.prefix(Int(UInt32.max)) { w.write(g) }
+        w.writeMessage(message)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(payload)
+        status = try r.readStatus()
+        let count = try r.readUInt32("generations count")
+        guard count <= FrameLimits.maxGenerationsCount else {
+            throw FrameError(.malformedPayload, "generations count \(count) exceeds the limit of \(FrameLimits.maxGenerationsCount)")
+        }
+        guard status == .ok || count == 0 else {
+            throw FrameError(.malformedPayload, "generations response with status \(status) carries \(count) generations")
+        }
+        guard r.remaining >= Int(count) * 8 else {
+            throw FrameError(.malformedPayload, "payload ends inside the generations (needs \(Int(count) * 8) bytes, \(r.remaining) left)")
+        }
+        var generations: [UInt64] = []
+        generations.reserveCapacity(Int(count))
+        for _ in 0..<count { generations.append(try r.readUInt64("generation")) }
+        self.generations = generations
+        message = try r.readMessage()
+        try r.expectEnd()
+    }
+}
+
+/// The response to a resync write (`FrameFlags.ifNewer`).
+public struct ConditionalWriteResponse: Equatable, Sendable {
+    public var status: ReplyStatus
+    /// Why the request failed, for logs and errors; empty on success.
+    public var message: String
+    /// Blocks written (their generation was lower than the request's); the rest held a newer
+    /// or equal generation and were left alone. 0 unless `status` is `ok`.
+    public var appliedBlocks: UInt32
+
+    public init(status: ReplyStatus, appliedBlocks: UInt32 = 0, message: String = "") {
+        self.status = status
+        self.appliedBlocks = appliedBlocks
+        self.message = message
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.write(status.rawValue)
+        w.write(appliedBlocks)
+        w.writeMessage(message)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(payload)
+        status = try r.readStatus()
+        appliedBlocks = try r.readUInt32("applied blocks")
+        message = try r.readMessage()
+        try r.expectEnd()
+    }
+}
+
 public typealias WriteResponse = PlainResponse
 public typealias TrimResponse = PlainResponse
 public typealias CreateResponse = PlainResponse
@@ -972,14 +1155,14 @@ extension WriteRequest {
     /// A whole write request frame (header and payload) built straight from `data`: the data
     /// is copied once, into the returned buffer. Same bytes as `Frame(...).encode()`.
     public static func encodeFrame(requestID: UInt64, epoch: UInt64, volume: String, generation: UInt64,
-                                   offset: UInt64, data: UnsafeRawBufferPointer) -> [UInt8] {
+                                   offset: UInt64, data: UnsafeRawBufferPointer, ifNewer: Bool = false) -> [UInt8] {
         var fields = ByteWriter()
         fields.writeVolume(volume)
         fields.write(generation)
         fields.write(offset)
         fields.write(UInt32(clamping: data.count))
         let payloadLength = fields.bytes.count + data.count
-        let header = FrameHeader(opcode: .write, flags: 0, requestID: requestID,
+        let header = FrameHeader(opcode: .write, flags: ifNewer ? FrameFlags.ifNewer : 0, requestID: requestID,
                                  payloadLength: UInt32(clamping: payloadLength), epoch: epoch)
         var bytes: [UInt8] = []
         bytes.reserveCapacity(FrameLimits.headerSize + payloadLength)

@@ -164,6 +164,44 @@ public final class ReplicaClient: Sendable {
         try Self.check(m.status, m.message)
     }
 
+    /// A resync write (`FrameFlags.ifNewer`): the replica applies it only to the blocks whose
+    /// current generation is lower than `generation`, so a copy never overwrites a newer write
+    /// that reached the replica directly. Returns how many blocks were applied.
+    @discardableResult
+    public func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64,
+                      ifNewer: Bool) throws -> Int {
+        guard ifNewer else {
+            try write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+            return data.count / FrameLimits.blockSize
+        }
+        let (r, _) = try roundTrip(opcode: .write, timeout: requestTimeout) { id in
+            WriteRequest.encodeFrame(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
+                                     offset: offset, data: data, ifNewer: true)
+        }
+        guard case .conditionalWrite(let m) = r else {
+            throw protocolViolation("a resync write was answered without the if-newer flag")
+        }
+        try Self.check(m.status, m.message)
+        guard Int(m.appliedBlocks) <= data.count / FrameLimits.blockSize else {
+            throw protocolViolation("a resync write of \(data.count / FrameLimits.blockSize) blocks reports \(m.appliedBlocks) applied")
+        }
+        return Int(m.appliedBlocks)
+    }
+
+    /// The block map's generation of blocks `firstBlock ..< firstBlock+count` (count
+    /// 1...`FrameLimits.maxGenerationsCount`), as `BlockGenerations` describes: 0 never
+    /// written, bit 63 set for a trimmed block.
+    public func generations(volumeID: String, firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        let request = GenerationsRequest(volume: volumeID, firstBlock: firstBlock, count: UInt32(clamping: count))
+        let (r, _) = try roundTrip(.generations(request), epoch: epoch)
+        guard case .generations(let m) = r else { throw mismatch(r, .generations) }
+        try Self.check(m.status, m.message)
+        guard m.generations.count == count else {
+            throw protocolViolation("generations of \(count) blocks answered with \(m.generations.count)")
+        }
+        return m.generations
+    }
+
     /// Sends a write (as `write`) and returns at once with a function that waits for its reply
     /// and throws what `write` would: one thread can have writes to several replicas in flight
     /// without a thread per replica. The data is copied into the frame before this returns.

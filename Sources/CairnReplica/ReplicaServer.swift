@@ -299,8 +299,23 @@ public final class ReplicaServer: Sendable {
             case .write(let m):
                 let store = try store(m.volume)
                 try checkRange(store, offset: m.offset, length: UInt64(m.data.count))
+                if m.ifNewer {
+                    let applied = try store.writeIfNewer(offset: m.offset, data: m.data, generation: m.generation, epoch: epoch)
+                    return reply(.conditionalWrite(ConditionalWriteResponse(status: .ok, appliedBlocks: UInt32(applied))), epoch: epoch)
+                }
                 try store.write(offset: m.offset, data: m.data, generation: m.generation, epoch: epoch)
                 return reply(.write(WriteResponse(status: .ok)), epoch: epoch)
+            case .generations(let m):
+                let store = try store(m.volume)
+                try ReplicaStore.checkGenerationsCount(Int(m.count))
+                let blockSize = UInt64(ReplicaStore.blockSize)
+                let (start, overflow) = m.firstBlock.multipliedReportingOverflow(by: blockSize)
+                guard !overflow else {
+                    throw CairnError.outOfRange("block \(m.firstBlock) is beyond the end of volume \(store.volumeID)")
+                }
+                try checkRange(store, offset: start, length: UInt64(m.count) * blockSize)
+                let generations = try store.generations(firstBlock: m.firstBlock, count: Int(m.count), epoch: epoch)
+                return reply(.generations(GenerationsResponse(status: .ok, generations: generations)), epoch: epoch)
             case .flush(let m):
                 let store = try store(m.volume)
                 try store.flush(epoch: epoch)
@@ -328,13 +343,16 @@ public final class ReplicaServer: Sendable {
                 "replica.op": "\(frame.opcode)", "replica.request_id": "\(frame.requestID)",
                 "replica.status": "\(status)", "error": "\(message)",
             ])
-            return reply(Self.failure(frame.opcode, status, message, epoch: replyEpoch), epoch: replyEpoch)
+            return reply(Self.failure(request, status, message, epoch: replyEpoch), epoch: replyEpoch)
         }
     }
 
-    /// The op's response carrying only a failure.
-    static func failure(_ op: Opcode, _ status: ReplyStatus, _ message: String, epoch: UInt64) -> Response {
-        switch op {
+    /// The request's response carrying only a failure.
+    static func failure(_ request: Request, _ status: ReplyStatus, _ message: String, epoch: UInt64) -> Response {
+        if case .write(let m) = request, m.ifNewer {
+            return .conditionalWrite(ConditionalWriteResponse(status: status, message: message))
+        }
+        return switch request.opcode {
         case .hello: .hello(HelloResponse(status: status, message: message))
         case .claim: .claim(ClaimResponse(status: status, replicaEpoch: epoch, message: message))
         case .read: .read(ReadResponse(status: status, message: message))
@@ -344,6 +362,7 @@ public final class ReplicaServer: Sendable {
         case .status: .status(StatusResponse(status: status, size: 0, replicaEpoch: epoch, flushedGeneration: 0, message: message))
         case .create: .create(CreateResponse(status: status, message: message))
         case .delete: .delete(DeleteResponse(status: status, message: message))
+        case .generations: .generations(GenerationsResponse(status: status, message: message))
         }
     }
 
@@ -491,12 +510,8 @@ final class ServerConnection: Sendable {
 
     /// Sends a whole frame; a failure (the peer went) is left to the reader to notice.
     func send(_ frame: Frame) {
-        let payload: [UInt8]
-        switch frame.body {
-        case .request(let r): payload = r.encode()
-        case .response(let r): payload = r.encode()
-        }
-        let header = FrameHeader(opcode: frame.opcode, flags: frame.isResponse ? FrameFlags.response : 0,
+        let payload = frame.encodePayload()
+        let header = FrameHeader(opcode: frame.opcode, flags: frame.headerFlags,
                                  requestID: frame.requestID, payloadLength: UInt32(payload.count), epoch: frame.epoch)
         closed.withLock { isClosed in
             guard !isClosed else { return }

@@ -336,15 +336,8 @@ public final class ReplicaStore: Sendable {
     public func write(offset: UInt64, bytes data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws {
         try state.withShared { s in
             let (first, count) = try Self.checkLocked(s, offset: offset, length: data.count, epoch: epoch)
-            guard generation > 0 else { throw ReplicaError.badRequest("generation must be greater than 0") }
-            let source: UnsafeRawBufferPointer
-            if Int(bitPattern: data.baseAddress) % Self.blockSize == 0 {
-                source = data
-            } else {
-                let scratch = AlignedScratch.buffer(data.count)
-                scratch.copyMemory(from: data)
-                source = UnsafeRawBufferPointer(scratch)
-            }
+            try Self.checkGeneration(generation)
+            let source = Self.alignedSource(data)
             try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 for i in 0..<count {
                     let block = UnsafeRawBufferPointer(rebasing: source[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
@@ -356,6 +349,79 @@ public final class ReplicaStore: Sendable {
                 }
             }
             s.highestGeneration.max(generation, ordering: .relaxed)
+        }
+    }
+
+    /// A resync write: like `write`, but applied only to the blocks whose current generation
+    /// is lower than `generation` (never written, or written or trimmed by an older request);
+    /// the others hold a newer (or the same) version and are left alone. Each block is decided
+    /// and written under its region lock, so a normal write racing with this one is never
+    /// overwritten by an older copy. Returns how many blocks were written.
+    @discardableResult
+    public func writeIfNewer(offset: UInt64, data: [UInt8], generation: UInt64, epoch: UInt64) throws -> Int {
+        try data.withUnsafeBytes { try writeIfNewer(offset: offset, bytes: $0, generation: generation, epoch: epoch) }
+    }
+
+    /// `writeIfNewer(offset:data:generation:epoch:)` from memory the caller owns.
+    @discardableResult
+    public func writeIfNewer(offset: UInt64, bytes data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws -> Int {
+        try state.withShared { s in
+            let (first, count) = try Self.checkLocked(s, offset: offset, length: data.count, epoch: epoch)
+            try Self.checkGeneration(generation)
+            let source = Self.alignedSource(data)
+            let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
+                try regions.withRange(offset: offset, length: data.count) {
+                    try s.blockMap.read(first: first, into: entries)
+                    var applied = 0
+                    var i = 0
+                    // Runs of consecutive blocks to apply: one data pwrite and one map write each.
+                    while i < count {
+                        guard entries[i].generation < generation else { i += 1; continue }
+                        var end = i
+                        while end < count && entries[end].generation < generation {
+                            let block = UnsafeRawBufferPointer(rebasing: source[(end * Self.blockSize)..<((end + 1) * Self.blockSize)])
+                            entries[end] = BlockMapEntry(generation: generation, crc: CRC32C.checksum(block))
+                            end += 1
+                        }
+                        let bytes = UnsafeRawBufferPointer(rebasing: source[(i * Self.blockSize)..<(end * Self.blockSize)])
+                        try FileIO.pwriteFully(s.dataFD, bytes, offset: offset + UInt64(i * Self.blockSize), path: s.dataPath)
+                        try s.blockMap.write(first: first + UInt64(i), UnsafeBufferPointer(rebasing: entries[i..<end]))
+                        applied += end - i
+                        i = end
+                    }
+                    return applied
+                }
+            }
+            if applied > 0 { s.highestGeneration.max(generation, ordering: .relaxed) }
+            logger.trace("replica resync write", metadata: [
+                "volume.id": "\(volumeID)", "replica.offset": "\(offset)", "replica.generation": "\(generation)",
+                "replica.blocks": "\(count)", "replica.applied": "\(applied)",
+            ])
+            return applied
+        }
+    }
+
+    /// The generation of each block `firstBlock ..< firstBlock+count` in the block map, as
+    /// the `generations` op reports them (`BlockGenerations`): 0 for a never-written block, the
+    /// trim's generation with `BlockGenerations.trimmedBit` for a trimmed one. `count` is
+    /// 1...`FrameLimits.maxGenerationsCount`. A resync diffs two replicas with it.
+    public func generations(firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        try state.withShared { s in
+            try Self.checkOpenLocked(s)
+            try Self.checkEpochLocked(s, epoch)
+            try Self.checkGenerationsCount(count)
+            let blocks = s.superblock.size / UInt64(Self.blockSize)
+            let (end, overflow) = firstBlock.addingReportingOverflow(UInt64(count))
+            guard !overflow, end <= blocks else {
+                throw ReplicaError.badRequest("blocks \(firstBlock)+\(count) are beyond the replica's \(blocks) blocks")
+            }
+            return try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
+                // The region locks: an entry is never read half-written.
+                try regions.withRange(offset: firstBlock * UInt64(Self.blockSize), length: count * Self.blockSize) {
+                    try s.blockMap.read(first: firstBlock, into: entries)
+                }
+                return entries.map { $0.isTrimmed ? $0.generation | BlockGenerations.trimmedBit : $0.generation }
+            }
         }
     }
 
@@ -375,6 +441,9 @@ public final class ReplicaStore: Sendable {
     public func trim(offset: UInt64, length: Int, generation: UInt64? = nil, epoch: UInt64) throws {
         try state.withShared { s in
             let (first, count) = try Self.checkLocked(s, offset: offset, length: length, epoch: epoch)
+            if let generation, generation > BlockGenerations.maxGeneration {
+                throw ReplicaError.badRequest("generation \(generation) is above the limit of \(BlockGenerations.maxGeneration)")
+            }
             let generation = generation ?? s.highestGeneration.load(ordering: .relaxed)
             try regions.withRange(offset: offset, length: length) {
             let punch = FileIO.FALLOC_FL_PUNCH_HOLE | FileIO.FALLOC_FL_KEEP_SIZE
@@ -460,6 +529,31 @@ public final class ReplicaStore: Sendable {
     // MARK: helpers (called with the lock held, shared or exclusive)
 
     static let zeroBlockCRC: UInt32 = [UInt8](repeating: 0, count: blockSize).withUnsafeBytes { CRC32C.checksum($0) }
+
+    /// A `generations` request's block count: 1...`FrameLimits.maxGenerationsCount`.
+    static func checkGenerationsCount(_ count: Int) throws {
+        guard count >= 1, count <= FrameLimits.maxGenerationsCount else {
+            throw ReplicaError.badRequest("generations count \(count) is outside 1...\(FrameLimits.maxGenerationsCount); ask in smaller ranges")
+        }
+    }
+
+    /// A write's generation: 1...`BlockGenerations.maxGeneration` (0 means "never written";
+    /// bit 63 marks a trim in `generations`).
+    private static func checkGeneration(_ generation: UInt64) throws {
+        guard generation > 0 else { throw ReplicaError.badRequest("generation must be greater than 0") }
+        guard generation <= BlockGenerations.maxGeneration else {
+            throw ReplicaError.badRequest("generation \(generation) is above the limit of \(BlockGenerations.maxGeneration)")
+        }
+    }
+
+    /// `data` itself when it is 4 KiB-aligned (O_DIRECT can use it), else a copy in the
+    /// calling thread's aligned scratch buffer.
+    private static func alignedSource(_ data: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer {
+        if Int(bitPattern: data.baseAddress) % blockSize == 0 { return data }
+        let scratch = AlignedScratch.buffer(data.count)
+        scratch.copyMemory(from: data)
+        return UnsafeRawBufferPointer(scratch)
+    }
 
     private static func checkOpenLocked(_ s: State) throws {
         if s.isClosed { throw ReplicaError.closed }

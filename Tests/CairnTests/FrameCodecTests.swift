@@ -20,6 +20,8 @@ final class FrameCodecTests: XCTestCase {
             .status(StatusRequest(volume: String(repeating: "v", count: 128))),
             .create(CreateRequest(volume: "pvc-0f1e2d3c", size: 16 << 20)),
             .delete(DeleteRequest(volume: "pvc-0f1e2d3c")),
+            .generations(GenerationsRequest(volume: "pvc-0f1e2d3c", firstBlock: 1 << 20, count: 65_536)),
+            .write(WriteRequest(volume: "pvc-0f1e2d3c", generation: 40, offset: 0, data: block, ifNewer: true)),
         ]
         let responses: [Response] = [
             .hello(HelloResponse(status: .ok, protocolVersion: 1, authToken: [1, 2, 3])),
@@ -31,6 +33,10 @@ final class FrameCodecTests: XCTestCase {
             .status(StatusResponse(status: .ok, size: 1 << 34, replicaEpoch: 7, flushedGeneration: .max, highestGeneration: 12)),
             .create(CreateResponse(status: .badRequest, message: "exists with size 4096 — délète it first")),
             .delete(DeleteResponse(status: .ok)),
+            .generations(GenerationsResponse(status: .ok, generations: [0, 7, 9 | BlockGenerations.trimmedBit, .max >> 1])),
+            .generations(GenerationsResponse(status: .badRequest, message: "generations count 0 is outside 1...65536")),
+            .conditionalWrite(ConditionalWriteResponse(status: .ok, appliedBlocks: 3)),
+            .conditionalWrite(ConditionalWriteResponse(status: .staleEpoch, message: "stale epoch 1")),
         ]
         var frames: [Frame] = []
         for (i, r) in requests.enumerated() {
@@ -100,8 +106,8 @@ final class FrameCodecTests: XCTestCase {
             XCTAssertEqual(try Self.decodeAll(bytes), [frame], "\(frame.opcode) response=\(frame.isResponse)")
             // The typed payloads round-trip on their own as well.
             switch frame.body {
-            case .request(let r): XCTAssertEqual(try Request(opcode: r.opcode, decoding: r.encode()), r)
-            case .response(let r): XCTAssertEqual(try Response(opcode: r.opcode, decoding: r.encode()), r)
+            case .request(let r): XCTAssertEqual(try Request(opcode: r.opcode, flags: r.headerFlags, decoding: r.encode()), r)
+            case .response(let r): XCTAssertEqual(try Response(opcode: r.opcode, flags: r.headerFlags, decoding: r.encode()), r)
             }
         }
         XCTAssertEqual(Set(Self.everyOp.filter { !$0.isResponse }.map(\.opcode)), Set(Opcode.allCases))
@@ -356,6 +362,56 @@ final class FrameCodecTests: XCTestCase {
             WriteRequest.encodeFrame(requestID: 77, epoch: 9, volume: "vol-1", generation: 5, offset: 8192, data: $0)
         }
         XCTAssertEqual(fast, generic)
+    }
+
+    func testTheHotPathEncoderCarriesTheIfNewerFlag() throws {
+        let data = Self.block
+        let generic = Frame(requestID: 78, epoch: 9, body: .request(.write(WriteRequest(volume: "vol-1", generation: 5, offset: 0, data: data, ifNewer: true)))).encode()
+        let fast = data.withUnsafeBytes {
+            WriteRequest.encodeFrame(requestID: 78, epoch: 9, volume: "vol-1", generation: 5, offset: 0, data: $0, ifNewer: true)
+        }
+        XCTAssertEqual(fast, generic)
+        XCTAssertEqual(fast[7], FrameFlags.ifNewer)
+        // The flag lives in the header only: the payload is a plain write's.
+        let plain = Frame(requestID: 78, epoch: 9, body: .request(.write(WriteRequest(volume: "vol-1", generation: 5, offset: 0, data: data)))).encode()
+        XCTAssertEqual(Array(fast[32...]), Array(plain[32...]))
+        guard case .request(.write(let decoded)) = try Self.decodeAll(fast).first?.body else { return XCTFail("not a write") }
+        XCTAssertTrue(decoded.ifNewer)
+    }
+
+    func testTheIfNewerFlagIsOnlyValidOnWrite() {
+        let volume = Self.volumeField(Array("v".utf8))
+        assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, flags: FrameFlags.ifNewer, payload: volume), .reservedFlags, containing: "only valid on write")
+        assertFrameError(Self.rawFrame(op: Opcode.generations.rawValue, flags: FrameFlags.ifNewer | FrameFlags.response, payload: [0, 0, 0, 0, 0, 0, 0]),
+                         .reservedFlags, containing: "only valid on write")
+        // A conditional write's response carries the applied count; a plain one does not.
+        let conditional = Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.response | FrameFlags.ifNewer, payload: [0] + Self.le(UInt32(2)) + [0, 0])
+        XCTAssertEqual(try? Self.decodeAll(conditional).first?.body, .response(.conditionalWrite(ConditionalWriteResponse(status: .ok, appliedBlocks: 2))))
+        assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.response, payload: [0] + Self.le(UInt32(2)) + [0, 0]), .malformedPayload)
+    }
+
+    func testGenerationsPayloadLayoutAndLimits() throws {
+        let request = GenerationsRequest(volume: "v", firstBlock: 0x0102, count: 3)
+        XCTAssertEqual(request.encode(), Self.volumeField([0x76]) + Self.le(UInt64(0x0102)) + Self.le(UInt32(3)))
+        // The count is the replica's to refuse (an answer, not a closed connection).
+        XCTAssertEqual(try GenerationsRequest(decoding: GenerationsRequest(volume: "v", firstBlock: 0, count: 0).encode()).count, 0)
+        XCTAssertThrowsError(try GenerationsRequest(decoding: request.encode() + [0]))
+
+        let response = GenerationsResponse(status: .ok, generations: [5, 6 | BlockGenerations.trimmedBit])
+        XCTAssertEqual(response.encode(), [0] + Self.le(UInt32(2)) + Self.le(UInt64(5)) + Self.le(6 | BlockGenerations.trimmedBit) + [0, 0])
+        XCTAssertEqual(BlockGenerations.generation(response.generations[1]), 6)
+        XCTAssertTrue(BlockGenerations.isTrimmed(response.generations[1]))
+        XCTAssertFalse(BlockGenerations.isTrimmed(response.generations[0]))
+        // A lying count, too many generations, or generations with a failure status are malformed.
+        XCTAssertThrowsError(try GenerationsResponse(decoding: [0] + Self.le(UInt32(3)) + Self.le(UInt64(5)) + [0, 0]))
+        XCTAssertThrowsError(try GenerationsResponse(decoding: [0] + Self.le(UInt32(65_537)) + [0, 0]))
+        XCTAssertThrowsError(try GenerationsResponse(decoding: [ReplyStatus.ioError.rawValue] + Self.le(UInt32(1)) + Self.le(UInt64(5)) + [0, 0])) { error in
+            XCTAssertTrue((error as? FrameError)?.reason.contains("carries") ?? false, "\(error)")
+        }
+        let largest = GenerationsResponse(status: .ok, generations: [UInt64](repeating: .max, count: FrameLimits.maxGenerationsCount))
+        let frame = Frame(requestID: 1, epoch: 1, body: .response(.generations(largest)))
+        XCTAssertLessThanOrEqual(frame.encode().count, FrameLimits.maxFrameSize)
+        XCTAssertEqual(try Self.decodeAll(frame.encode()), [frame])
     }
 
     func testTheFirstErrorIsSticky() throws {

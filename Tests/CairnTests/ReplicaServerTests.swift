@@ -114,20 +114,6 @@ final class ReplicaServerTests: XCTestCase {
         }
     }
 
-    private func assertRemote<T>(_ status: ReplyStatus, containing texts: [String] = [], _ body: () throws -> T,
-                                 file: StaticString = #filePath, line: UInt = #line) {
-        do {
-            _ = try body()
-            XCTFail("expected \(status), got success", file: file, line: line)
-        } catch let ReplicaClientError.remote(got, message) {
-            XCTAssertEqual(got, status, message, file: file, line: line)
-            for text in texts {
-                XCTAssertTrue(message.contains(text), "\"\(message)\" lacks \"\(text)\"", file: file, line: line)
-            }
-        } catch {
-            XCTFail("expected remote \(status), got \(error)", file: file, line: line)
-        }
-    }
 
     /// A raw TCP connection: sends `bytes`, then reports whether the server closed the
     /// connection (EOF) within 5 s, and everything it sent before.
@@ -551,5 +537,23 @@ final class ReplicaServerTests: XCTestCase {
         let probe = Glibc.open(root + "/direct-probe", O_RDWR | O_CREAT | FileIO.O_DIRECT, 0o600)
         print("replica throughput: data file O_DIRECT = \(probe >= 0)")
         if probe >= 0 { Glibc.close(probe) }
+    }
+}
+
+extension XCTestCase {
+    /// Asserts that `body` fails with the replica's `status` and a message containing `texts`.
+    func assertRemote<T>(_ status: ReplyStatus, containing texts: [String] = [], _ body: () throws -> T,
+                         file: StaticString = #filePath, line: UInt = #line) {
+        do {
+            _ = try body()
+            XCTFail("expected \(status), got success", file: file, line: line)
+        } catch let ReplicaClientError.remote(got, message) {
+            XCTAssertEqual(got, status, message, file: file, line: line)
+            for text in texts {
+                XCTAssertTrue(message.contains(text), "\"\(message)\" lacks \"\(text)\"", file: file, line: line)
+            }
+        } catch {
+            XCTFail("expected remote \(status), got \(error)", file: file, line: line)
+        }
     }
 }
