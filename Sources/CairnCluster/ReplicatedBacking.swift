@@ -20,22 +20,18 @@ public final class ReplicatedBacking: VolumeBacking {
     let nodeID: String
     let store: any MetadataStore
     let logger: Logger
-    private let engines = Mutex<[String: Running]>([:])
+    /// The engines of the volumes staged on this node (idempotent per epoch).
+    private let engines: EngineRegistry
     /// This process's replica server, when it runs one: engines reach the local replica
     /// through it directly instead of over loopback TCP.
     private let localServer = Mutex<ReplicaServer?>(nil)
-
-    struct Running {
-        let engine: VolumeEngine
-        let epoch: Int64
-        let file: String
-    }
 
     public init(dataDir: String, nodeID: String, store: any MetadataStore, logger: Logger) throws {
         enginesDirectory = dataDir + "/engines"
         self.nodeID = nodeID
         self.store = store
         self.logger = logger
+        engines = EngineRegistry(logger: logger)
         try FileManager.default.createDirectory(atPath: enginesDirectory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
     }
@@ -101,11 +97,9 @@ public final class ReplicatedBacking: VolumeBacking {
 
     public func activate(_ volume: VolumeRecord, epoch: Int64) async throws -> String {
         try Validate.volumeID(volume.id)
-        if let running = engines.withLock({ $0[volume.id] }) {
-            if running.epoch == epoch { return running.file }
-            logger.notice("restarting the volume's engine for a newer epoch",
-                          metadata: ["volume.id": "\(volume.id)", "epoch.old": "\(running.epoch)", "epoch.new": "\(epoch)"])
-            try await deactivate(volumeID: volume.id)
+        // Already serving this epoch: no store read. (A newer epoch restarts the engine: the registry.)
+        if let running = engines.state(volumeID: volume.id), running.epoch == UInt64(epoch), let path = running.path {
+            return path
         }
         // The freshest record: which replicas are in sync is the store's, not the caller's copy.
         let current = try await store.volume(id: volume.id) ?? volume
@@ -124,31 +118,29 @@ public final class ReplicatedBacking: VolumeBacking {
         let store = self.store
         let volumeID = volume.id
         let localReplicas = localServer.withLock { $0 }
-        var engineLogger = logger
-        engineLogger[metadataKey: "volume.id"] = "\(volume.id)"
-        engineLogger[metadataKey: "volume.epoch"] = "\(epoch)"
-        let engine = VolumeEngine(
-            volumeID: volume.id, sizeBytes: UInt64(current.capacityBytes), epoch: UInt64(epoch), replicas: targets,
-            localNodeID: nodeID, mountDirectory: "\(enginesDirectory)/\(volume.id)",
-            connect: { [nodeID] replica in
-                if replica.nodeID == nodeID, let server = localReplicas {
-                    return try LocalReplicaIO(server: server, volumeID: volumeID)
+        let (engines, nodeID) = (self.engines, self.nodeID)
+        let (sizeBytes, mountDirectory) = (UInt64(current.capacityBytes), "\(enginesDirectory)/\(volume.id)")
+        let connect: @Sendable (EngineReplica) throws -> any ReplicaIO = { replica in
+            if replica.nodeID == nodeID, let server = localReplicas {
+                return try LocalReplicaIO(server: server, volumeID: volumeID)
+            }
+            return ClientReplicaIO(try ReplicaClient(host: replica.host, port: replica.port))
+        }
+        let markOutOfSync: @Sendable (String, String) throws -> Void = { failedNode, reason in
+            do {
+                try Self.waitFor(seconds: 15, what: "recording that node \(failedNode)'s replica is out of sync") {
+                    try await store.markReplicaOutOfSync(volumeID: volumeID, nodeID: failedNode, epoch: epoch, reason: reason)
                 }
-                return ClientReplicaIO(try ReplicaClient(host: replica.host, port: replica.port))
-            },
-            markOutOfSync: { failedNode, reason in
-                do {
-                    try Self.waitFor(seconds: 15, what: "recording that node \(failedNode)'s replica is out of sync") {
-                        try await store.markReplicaOutOfSync(volumeID: volumeID, nodeID: failedNode, epoch: epoch, reason: reason)
-                    }
-                } catch let error as CairnError where error.code == .failedPrecondition {
-                    // The store's epoch moved on: another node holds the volume now.
-                    throw EngineFenced(error.message)
-                }
-            },
-            logger: engineLogger)
-        let file = try await Self.blocking { try engine.start() }
-        engines.withLock { $0[volume.id] = Running(engine: engine, epoch: epoch, file: file) }
+            } catch let error as CairnError where error.code == .failedPrecondition {
+                // The store's epoch moved on: another node holds the volume now.
+                throw EngineFenced(error.message)
+            }
+        }
+        let file = try await Self.blocking {
+            try engines.start(volumeID: volumeID, sizeBytes: sizeBytes, epoch: UInt64(epoch), replicas: targets,
+                              localNodeID: nodeID, mountDirectory: mountDirectory,
+                              connect: connect, markOutOfSync: markOutOfSync)
+        }
         logger.info("the volume's engine is serving it", metadata: [
             "volume.id": "\(volume.id)", "volume.epoch": "\(epoch)", "file": "\(file)",
             "replicas": "\(inSync.map(\.nodeID).joined(separator: ","))",
@@ -157,18 +149,10 @@ public final class ReplicatedBacking: VolumeBacking {
     }
 
     public func deactivate(volumeID: String) async throws {
-        guard let running = engines.withLock({ $0.removeValue(forKey: volumeID) }) else { return }
-        await Self.blocking { running.engine.stop() }
+        guard engines.state(volumeID: volumeID) != nil else { return }
+        let engines = self.engines
+        await Self.blocking { engines.stop(volumeID: volumeID) }
         logger.info("stopped the volume's engine", metadata: ["volume.id": "\(volumeID)"])
-    }
-
-    /// Stops every engine (process shutdown). Loop devices on them fail their I/O from now on.
-    public func stopAll() async {
-        let all = engines.withLock { e -> [Running] in
-            defer { e.removeAll() }
-            return Array(e.values)
-        }
-        for running in all { await Self.blocking { running.engine.stop() } }
     }
 
     // MARK: Condition
@@ -188,7 +172,7 @@ public final class ReplicatedBacking: VolumeBacking {
     public func stageBlocker(_ volume: VolumeRecord) -> String? {
         guard let replicas = volume.replicas else { return "volume \(volume.id) was not created in cluster mode (no replicas)" }
         if !replicas.contains(where: \.inSync) { return "no replica of volume \(volume.id) is in sync" }
-        if let running = engines.withLock({ $0[volume.id] }), running.engine.state.fenced {
+        if let running = engines.state(volumeID: volume.id), running.fenced {
             return "this node's engine for volume \(volume.id) was fenced: another node holds a newer epoch than \(running.epoch); unstage it here"
         }
         return nil
