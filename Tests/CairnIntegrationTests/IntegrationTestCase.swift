@@ -92,49 +92,60 @@ class IntegrationTestCase: XCTestCase {
 
 /// The CSI calls the tests make, on the plugin's current channel (a new one after a restart).
 struct CSIClient: Sendable {
-    let plugin: PluginProcess
+    /// The channel each call goes out on: the plugin's current one, or a fixed endpoint's.
+    let channel: @Sendable () -> GRPCChannel
+
+    init(plugin: PluginProcess) {
+        channel = { plugin.channel }
+    }
+
+    /// A client of one endpoint (e.g. a test bed node's socket).
+    init(endpoint: String) {
+        let fixed = GRPCChannel(target: endpoint)
+        channel = { fixed }
+    }
 
     func probe() async throws -> Csi_V1_ProbeResponse {
-        try await plugin.channel.call("/csi.v1.Identity/Probe", Csi_V1_ProbeRequest(), as: Csi_V1_ProbeResponse.self)
+        try await channel().call("/csi.v1.Identity/Probe", Csi_V1_ProbeRequest(), as: Csi_V1_ProbeResponse.self)
     }
     func createVolume(_ r: Csi_V1_CreateVolumeRequest) async throws -> Csi_V1_CreateVolumeResponse {
-        try await plugin.channel.call("/csi.v1.Controller/CreateVolume", r, as: Csi_V1_CreateVolumeResponse.self)
+        try await channel().call("/csi.v1.Controller/CreateVolume", r, as: Csi_V1_CreateVolumeResponse.self)
     }
     func deleteVolume(_ r: Csi_V1_DeleteVolumeRequest) async throws -> Csi_V1_DeleteVolumeResponse {
-        try await plugin.channel.call("/csi.v1.Controller/DeleteVolume", r, as: Csi_V1_DeleteVolumeResponse.self)
+        try await channel().call("/csi.v1.Controller/DeleteVolume", r, as: Csi_V1_DeleteVolumeResponse.self)
     }
     func controllerPublish(_ r: Csi_V1_ControllerPublishVolumeRequest) async throws -> Csi_V1_ControllerPublishVolumeResponse {
-        try await plugin.channel.call("/csi.v1.Controller/ControllerPublishVolume", r, as: Csi_V1_ControllerPublishVolumeResponse.self)
+        try await channel().call("/csi.v1.Controller/ControllerPublishVolume", r, as: Csi_V1_ControllerPublishVolumeResponse.self)
     }
     func controllerUnpublish(_ r: Csi_V1_ControllerUnpublishVolumeRequest) async throws -> Csi_V1_ControllerUnpublishVolumeResponse {
-        try await plugin.channel.call("/csi.v1.Controller/ControllerUnpublishVolume", r, as: Csi_V1_ControllerUnpublishVolumeResponse.self)
+        try await channel().call("/csi.v1.Controller/ControllerUnpublishVolume", r, as: Csi_V1_ControllerUnpublishVolumeResponse.self)
     }
     func validateVolumeCapabilities(_ r: Csi_V1_ValidateVolumeCapabilitiesRequest) async throws -> Csi_V1_ValidateVolumeCapabilitiesResponse {
-        try await plugin.channel.call("/csi.v1.Controller/ValidateVolumeCapabilities", r, as: Csi_V1_ValidateVolumeCapabilitiesResponse.self)
+        try await channel().call("/csi.v1.Controller/ValidateVolumeCapabilities", r, as: Csi_V1_ValidateVolumeCapabilitiesResponse.self)
     }
     func listVolumes(_ r: Csi_V1_ListVolumesRequest = Csi_V1_ListVolumesRequest()) async throws -> Csi_V1_ListVolumesResponse {
-        try await plugin.channel.call("/csi.v1.Controller/ListVolumes", r, as: Csi_V1_ListVolumesResponse.self)
+        try await channel().call("/csi.v1.Controller/ListVolumes", r, as: Csi_V1_ListVolumesResponse.self)
     }
     func controllerGetVolume(_ r: Csi_V1_ControllerGetVolumeRequest) async throws -> Csi_V1_ControllerGetVolumeResponse {
-        try await plugin.channel.call("/csi.v1.Controller/ControllerGetVolume", r, as: Csi_V1_ControllerGetVolumeResponse.self)
+        try await channel().call("/csi.v1.Controller/ControllerGetVolume", r, as: Csi_V1_ControllerGetVolumeResponse.self)
     }
     func nodeStage(_ r: Csi_V1_NodeStageVolumeRequest) async throws -> Csi_V1_NodeStageVolumeResponse {
-        try await plugin.channel.call("/csi.v1.Node/NodeStageVolume", r, as: Csi_V1_NodeStageVolumeResponse.self)
+        try await channel().call("/csi.v1.Node/NodeStageVolume", r, as: Csi_V1_NodeStageVolumeResponse.self)
     }
     func nodeUnstage(_ r: Csi_V1_NodeUnstageVolumeRequest) async throws -> Csi_V1_NodeUnstageVolumeResponse {
-        try await plugin.channel.call("/csi.v1.Node/NodeUnstageVolume", r, as: Csi_V1_NodeUnstageVolumeResponse.self)
+        try await channel().call("/csi.v1.Node/NodeUnstageVolume", r, as: Csi_V1_NodeUnstageVolumeResponse.self)
     }
     func nodePublish(_ r: Csi_V1_NodePublishVolumeRequest) async throws -> Csi_V1_NodePublishVolumeResponse {
-        try await plugin.channel.call("/csi.v1.Node/NodePublishVolume", r, as: Csi_V1_NodePublishVolumeResponse.self)
+        try await channel().call("/csi.v1.Node/NodePublishVolume", r, as: Csi_V1_NodePublishVolumeResponse.self)
     }
     func nodeUnpublish(_ r: Csi_V1_NodeUnpublishVolumeRequest) async throws -> Csi_V1_NodeUnpublishVolumeResponse {
-        try await plugin.channel.call("/csi.v1.Node/NodeUnpublishVolume", r, as: Csi_V1_NodeUnpublishVolumeResponse.self)
+        try await channel().call("/csi.v1.Node/NodeUnpublishVolume", r, as: Csi_V1_NodeUnpublishVolumeResponse.self)
     }
     func nodeGetVolumeStats(_ r: Csi_V1_NodeGetVolumeStatsRequest) async throws -> Csi_V1_NodeGetVolumeStatsResponse {
-        try await plugin.channel.call("/csi.v1.Node/NodeGetVolumeStats", r, as: Csi_V1_NodeGetVolumeStatsResponse.self)
+        try await channel().call("/csi.v1.Node/NodeGetVolumeStats", r, as: Csi_V1_NodeGetVolumeStatsResponse.self)
     }
     func raw(_ method: String, _ bytes: [UInt8]) async -> (code: StatusCode, message: String, response: [UInt8]) {
-        await plugin.channel.callRaw(method, bytes, timeout: .seconds(30))
+        await channel().callRaw(method, bytes, timeout: .seconds(30))
     }
 }
 

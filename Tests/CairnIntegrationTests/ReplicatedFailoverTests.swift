@@ -120,8 +120,8 @@ final class ReplicatedFailoverTests: XCTestCase {
         let target: String
     }
 
-    var controller: EndpointClient { EndpointClient(endpoint: bed.controllerEndpoint) }
-    func node(_ name: String) -> EndpointClient { EndpointClient(endpoint: bed.nodeEndpoint(name)) }
+    var controller: CSIClient { CSIClient(endpoint: bed.controllerEndpoint) }
+    func node(_ name: String) -> CSIClient { CSIClient(endpoint: bed.nodeEndpoint(name)) }
 
     func createBlockVolume(_ name: String) async throws -> Volume {
         let bytes: Int64 = 64 << 20
@@ -156,49 +156,6 @@ final class ReplicatedFailoverTests: XCTestCase {
         _ = try await client.nodeUnpublish(CSI.unpublish(volume.id, target: attached.target))
         _ = try await client.nodeUnstage(CSI.unstage(volume.id, staging: attached.staging))
         _ = try await controller.controllerUnpublish(CSI.controllerUnpublish(volume.id, node: attached.node))
-    }
-}
-
-/// CSI calls on one endpoint of the test bed.
-struct EndpointClient: Sendable {
-    let channel: GRPCChannel
-
-    init(endpoint: String) {
-        channel = GRPCChannel(target: endpoint)
-    }
-
-    func createVolume(_ r: Csi_V1_CreateVolumeRequest) async throws -> Csi_V1_CreateVolumeResponse {
-        try await channel.call("/csi.v1.Controller/CreateVolume", r, as: Csi_V1_CreateVolumeResponse.self)
-    }
-    func deleteVolume(_ r: Csi_V1_DeleteVolumeRequest) async throws -> Csi_V1_DeleteVolumeResponse {
-        try await channel.call("/csi.v1.Controller/DeleteVolume", r, as: Csi_V1_DeleteVolumeResponse.self)
-    }
-    func controllerPublish(_ r: Csi_V1_ControllerPublishVolumeRequest) async throws -> Csi_V1_ControllerPublishVolumeResponse {
-        try await channel.call("/csi.v1.Controller/ControllerPublishVolume", r, as: Csi_V1_ControllerPublishVolumeResponse.self)
-    }
-    func controllerUnpublish(_ r: Csi_V1_ControllerUnpublishVolumeRequest) async throws -> Csi_V1_ControllerUnpublishVolumeResponse {
-        try await channel.call("/csi.v1.Controller/ControllerUnpublishVolume", r, as: Csi_V1_ControllerUnpublishVolumeResponse.self)
-    }
-    func controllerGetVolume(_ r: Csi_V1_ControllerGetVolumeRequest) async throws -> Csi_V1_ControllerGetVolumeResponse {
-        try await channel.call("/csi.v1.Controller/ControllerGetVolume", r, as: Csi_V1_ControllerGetVolumeResponse.self)
-    }
-    func listVolumes(_ r: Csi_V1_ListVolumesRequest = Csi_V1_ListVolumesRequest()) async throws -> Csi_V1_ListVolumesResponse {
-        try await channel.call("/csi.v1.Controller/ListVolumes", r, as: Csi_V1_ListVolumesResponse.self)
-    }
-    func nodeStage(_ r: Csi_V1_NodeStageVolumeRequest) async throws -> Csi_V1_NodeStageVolumeResponse {
-        try await channel.call("/csi.v1.Node/NodeStageVolume", r, as: Csi_V1_NodeStageVolumeResponse.self)
-    }
-    func nodeUnstage(_ r: Csi_V1_NodeUnstageVolumeRequest) async throws -> Csi_V1_NodeUnstageVolumeResponse {
-        try await channel.call("/csi.v1.Node/NodeUnstageVolume", r, as: Csi_V1_NodeUnstageVolumeResponse.self)
-    }
-    func nodePublish(_ r: Csi_V1_NodePublishVolumeRequest) async throws -> Csi_V1_NodePublishVolumeResponse {
-        try await channel.call("/csi.v1.Node/NodePublishVolume", r, as: Csi_V1_NodePublishVolumeResponse.self)
-    }
-    func nodeUnpublish(_ r: Csi_V1_NodeUnpublishVolumeRequest) async throws -> Csi_V1_NodeUnpublishVolumeResponse {
-        try await channel.call("/csi.v1.Node/NodeUnpublishVolume", r, as: Csi_V1_NodeUnpublishVolumeResponse.self)
-    }
-    func nodeGetVolumeStats(_ r: Csi_V1_NodeGetVolumeStatsRequest) async throws -> Csi_V1_NodeGetVolumeStatsResponse {
-        try await channel.call("/csi.v1.Node/NodeGetVolumeStats", r, as: Csi_V1_NodeGetVolumeStatsResponse.self)
     }
 }
 
