@@ -9,6 +9,16 @@ extension ReplicaClientError: ReplicaFencingSignal {
     }
 }
 
+extension ReplicaClientError: ReplicaDamageSignal {
+    /// A replica that finds a block's data not matching its checksum answers `checksumMismatch`
+    /// with a message naming the block ("checksum mismatch in block N: …").
+    public var damagedBlock: UInt64? {
+        guard case .remote(.checksumMismatch, let message) = self else { return nil }
+        guard let range = message.range(of: "block ") else { return 0 }
+        return UInt64(message[range.upperBound...].prefix { $0.isNumber }) ?? 0
+    }
+}
+
 /// The engine's view of one replica over the data protocol.
 final class ClientReplicaIO: ReplicaIO {
     let client: ReplicaClient
@@ -42,6 +52,32 @@ final class ClientReplicaIO: ReplicaIO {
     func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws {
         try client.trim(volumeID: volumeID, offset: offset, length: length, generation: generation, epoch: epoch)
     }
+
+    func generations(volumeID: String, firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        try client.generations(volumeID: volumeID, firstBlock: firstBlock, count: count, epoch: epoch)
+    }
+
+    func generationSummary(volumeID: String, firstRegion: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        try client.generationSummary(volumeID: volumeID, firstRegion: firstRegion, count: count, epoch: epoch)
+    }
+
+    func writeIfNewer(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws -> Int {
+        try client.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch, ifNewer: true)
+    }
+
+    func repairWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws -> Int {
+        try client.repairWrite(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+    }
+
+    func trimIfNewer(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws -> Int {
+        try client.trim(volumeID: volumeID, offset: offset, length: length, generation: generation, epoch: epoch, ifNewer: true)
+    }
+
+    func verify(volumeID: String, firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        try client.verify(volumeID: volumeID, firstBlock: firstBlock, count: count, epoch: epoch)
+    }
+
+    var wireBytes: (sent: UInt64, received: UInt64) { (client.bytesSent, client.bytesReceived) }
 
     func close() {
         client.close()

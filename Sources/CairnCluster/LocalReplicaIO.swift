@@ -54,6 +54,40 @@ final class LocalReplicaIO: ReplicaIO {
         }
     }
 
+    func generations(volumeID: String, firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        try store(volumeID).generations(firstBlock: firstBlock, count: count, epoch: epoch)
+    }
+
+    func generationSummary(volumeID: String, firstRegion: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        try store(volumeID).generationSummary(firstRegion: firstRegion, count: count, epoch: epoch)
+    }
+
+    func writeIfNewer(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws -> Int {
+        try store(volumeID).write(offset: offset, bytes: data, generation: generation, epoch: epoch, condition: .ifNewer)
+    }
+
+    func repairWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws -> Int {
+        try store(volumeID).write(offset: offset, bytes: data, generation: generation, epoch: epoch, condition: .ifNotNewer)
+    }
+
+    func trimIfNewer(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws -> Int {
+        let store = try store(volumeID)
+        let chunk = UInt64(ReplicaStore.maxRequestLength)
+        var done: UInt64 = 0, applied = 0
+        while done < length {
+            let n = min(chunk, length - done)
+            applied += try store.trim(offset: offset + done, length: Int(n), generation: generation, epoch: epoch, ifNewer: true)
+            done += n
+        }
+        return applied
+    }
+
+    func verify(volumeID: String, firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        try store(volumeID).verify(firstBlock: firstBlock, count: count, epoch: epoch)
+    }
+
+    var wireBytes: (sent: UInt64, received: UInt64) { (0, 0) }
+
     /// The store belongs to the server; nothing to close here.
     func close() {}
 }

@@ -25,12 +25,34 @@ public final class ReplicatedBacking: VolumeBacking {
     /// This process's replica server, when it runs one: engines reach the local replica
     /// through it directly instead of over loopback TCP.
     private let localServer = Mutex<ReplicaServer?>(nil)
+    /// This node's resync bandwidth limit, shared by every engine here.
+    let throttle: ResyncThrottle
+    let options: RecoveryOptions
 
-    public init(dataDir: String, nodeID: String, store: any MetadataStore, logger: Logger) throws {
+    /// How the node's engines recover replicas (docs/recovery.md).
+    public struct RecoveryOptions: Sendable {
+        /// Resync bandwidth of the node in bytes per second; 0 = unlimited.
+        public var rebuildBytesPerSecond: UInt64
+        /// Bytes per second the scrub verifies on each replica of a staged volume; 0 = off.
+        public var scrubBytesPerSecond: UInt64
+        /// Seconds before a failed resync is tried again (doubling, up to a minute).
+        public var retrySeconds: Double
+
+        public init(rebuildBytesPerSecond: UInt64 = 0, scrubBytesPerSecond: UInt64 = 0, retrySeconds: Double = 5) {
+            self.rebuildBytesPerSecond = rebuildBytesPerSecond
+            self.scrubBytesPerSecond = scrubBytesPerSecond
+            self.retrySeconds = retrySeconds
+        }
+    }
+
+    public init(dataDir: String, nodeID: String, store: any MetadataStore, recovery: RecoveryOptions = RecoveryOptions(),
+                logger: Logger) throws {
         enginesDirectory = dataDir + "/engines"
         self.nodeID = nodeID
         self.store = store
         self.logger = logger
+        self.options = recovery
+        self.throttle = ResyncThrottle(bytesPerSecond: recovery.rebuildBytesPerSecond)
         engines = EngineRegistry(logger: logger)
         try FileManager.default.createDirectory(atPath: enginesDirectory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
@@ -111,10 +133,8 @@ public final class ReplicatedBacking: VolumeBacking {
             throw CairnError.failedPrecondition(
                 "volume \(volume.id) has no replica in sync (\(replicas.map { "\($0.nodeID): \($0.reason ?? "out of sync")" }.joined(separator: "; "))); its data cannot be served until a replica that holds every acknowledged write returns")
         }
-        let targets = try inSync.map { r -> EngineReplica in
-            let address = try ReplicaAddress(r.address)
-            return EngineReplica(nodeID: r.nodeID, host: address.host, port: address.port)
-        }
+        // Every replica: the engine claims the in-sync ones and resyncs the others.
+        let targets = try Self.engineReplicas(replicas)
         let store = self.store
         let volumeID = volume.id
         let localReplicas = localServer.withLock { $0 }
@@ -136,16 +156,69 @@ public final class ReplicatedBacking: VolumeBacking {
                 throw EngineFenced(error.message)
             }
         }
+        let recovery = recoveryHooks(volumeID: volumeID, epoch: epoch)
         let file = try await Self.blocking {
             try engines.start(volumeID: volumeID, sizeBytes: sizeBytes, epoch: UInt64(epoch), replicas: targets,
                               localNodeID: nodeID, mountDirectory: mountDirectory,
-                              connect: connect, markOutOfSync: markOutOfSync)
+                              connect: connect, markOutOfSync: markOutOfSync, recovery: recovery)
         }
         logger.info("the volume's engine is serving it", metadata: [
             "volume.id": "\(volume.id)", "volume.epoch": "\(epoch)", "file": "\(file)",
             "replicas": "\(inSync.map(\.nodeID).joined(separator: ","))",
         ])
         return file
+    }
+
+    static func engineReplicas(_ replicas: [ReplicaRecord]) throws -> [EngineReplica] {
+        try replicas.map { r in
+            let address = try ReplicaAddress(r.address)
+            return EngineReplica(nodeID: r.nodeID, host: address.host, port: address.port, inSync: r.inSync)
+        }
+    }
+
+    /// The engine's way to the store for recovery: the replica list (re-replication changes
+    /// it), the rejoin transaction and progress records, all conditional on `epoch`.
+    private func recoveryHooks(volumeID: String, epoch: Int64) -> EngineRecovery {
+        let store = self.store
+        let logger = self.logger
+        return EngineRecovery(
+            membership: {
+                let record = Mutex<VolumeRecord?>(nil)
+                try Self.waitFor(seconds: 15, what: "reading volume \(volumeID)'s replicas") {
+                    let volume = try await store.volume(id: volumeID)
+                    record.withLock { $0 = volume }
+                }
+                guard let volume = record.withLock({ $0 }), let replicas = volume.replicas else { return [] }
+                return try Self.engineReplicas(replicas)
+            },
+            markInSync: { node in
+                do {
+                    try Self.waitFor(seconds: 15, what: "recording that node \(node)'s replica is in sync again") {
+                        try await store.markReplicaInSync(volumeID: volumeID, nodeID: node, epoch: epoch)
+                    }
+                } catch let error as CairnError where error.code == .failedPrecondition {
+                    throw EngineFenced(error.message)
+                }
+            },
+            reportProgress: { node, report in
+                let progress = report.map(Self.progressRecord)
+                Task {
+                    do {
+                        try await store.recordResyncProgress(volumeID: volumeID, nodeID: node, epoch: epoch, progress: progress)
+                    } catch {
+                        logger.debug("could not record resync progress", metadata: [
+                            "volume.id": "\(volumeID)", "replica.node": "\(node)", "error": "\(error)"])
+                    }
+                }
+            },
+            throttle: throttle, retryInterval: options.retrySeconds,
+            scrubBytesPerSecond: options.scrubBytesPerSecond)
+    }
+
+    static func progressRecord(_ report: ResyncReport) -> ResyncProgress {
+        ResyncProgress(bytesTotal: Int64(report.bytesTotal), bytesDone: Int64(report.bytesDone),
+                       bytesPerSecond: Int64(report.bytesPerSecond), startedAt: report.startedAt, updatedAt: Date(),
+                       phase: report.phase.rawValue + (report.lastError.map { ": \($0)" } ?? ""))
     }
 
     public func deactivate(volumeID: String) async throws {

@@ -39,6 +39,17 @@ public protocol MetadataStore: Sendable {
     /// now N" otherwise; NOT_FOUND when the volume or that replica does not exist). Idempotent:
     /// already out of sync → no change, no error.
     func markReplicaOutOfSync(volumeID: String, nodeID: String, epoch: Int64, reason: String) async throws
+    /// Runs `change` on the volume's record in one transaction and writes the record back when
+    /// it returns true (false: nothing changes); returns that answer. NOT_FOUND without the
+    /// volume. The building block of the replica operations below.
+    func updateVolume(id: String, what: String, _ change: @escaping @Sendable (inout VolumeRecord) throws -> Bool) async throws -> Bool
+
+    // Node removal
+    /// Records that the node is gone for good (`cairn node remove`): its replicas are re-created
+    /// elsewhere, and it may not register again. Idempotent.
+    func removeNode(id: String) async throws
+    /// The removed nodes' ids, sorted.
+    func removedNodes() async throws -> [String]
 
     // Node-side records
     func stage(volumeID: String, nodeID: String) async throws -> StageRecord?
@@ -49,4 +60,30 @@ public protocol MetadataStore: Sendable {
     func putPublish(_ record: PublishRecord) async throws
     /// Removes the record of one target (keyed by volume, node, namespace and target path).
     func removePublish(_ record: PublishRecord) async throws
+}
+
+extension MetadataStore {
+    /// The replica is in sync again: one transaction, conditional on the volume's epoch (the
+    /// resyncing engine's) — FAILED_PRECONDITION "fenced: …" otherwise. Idempotent.
+    public func markReplicaInSync(volumeID: String, nodeID: String, epoch: Int64) async throws {
+        _ = try await updateVolume(id: volumeID, what: "mark replica \(nodeID) of volume \(volumeID) in sync") { volume in
+            try volume.markReplicaInSync(nodeID: nodeID, epoch: epoch)
+        }
+    }
+
+    /// Records (or clears, with nil) an out-of-sync replica's resync progress, under the same
+    /// epoch condition.
+    public func recordResyncProgress(volumeID: String, nodeID: String, epoch: Int64, progress: ResyncProgress?) async throws {
+        _ = try await updateVolume(id: volumeID, what: "record resync progress of replica \(nodeID) of volume \(volumeID)") { volume in
+            try volume.recordResyncProgress(nodeID: nodeID, epoch: epoch, progress: progress)
+        }
+    }
+
+    /// Replaces an out-of-sync replica with a new one on another node (re-replication).
+    public func replaceReplica(volumeID: String, oldNodeID: String, with replacement: ReplicaRecord) async throws {
+        _ = try await updateVolume(id: volumeID, what: "replace replica \(oldNodeID) of volume \(volumeID)") { volume in
+            try volume.replaceReplica(oldNodeID: oldNodeID, with: replacement)
+            return true
+        }
+    }
 }

@@ -73,14 +73,58 @@ public struct ReplicaRecord: Codable, Sendable, Equatable {
     public var outOfSyncSince: Date?
     /// Why it left the in-sync set.
     public var reason: String?
+    /// The resync bringing it back, as the attached node's engine last reported it.
+    public var resync: ResyncProgress?
 
     public init(nodeID: String, address: String, inSync: Bool = true, outOfSyncSince: Date? = nil,
-                reason: String? = nil) {
+                reason: String? = nil, resync: ResyncProgress? = nil) {
         self.nodeID = nodeID
         self.address = address
         self.inSync = inSync
         self.outOfSyncSince = outOfSyncSince
         self.reason = reason
+        self.resync = resync
+    }
+}
+
+/// A resync's progress as recorded for operators (`cairn volume inspect`, volume conditions).
+public struct ResyncProgress: Codable, Sendable, Equatable {
+    public var bytesTotal: Int64
+    public var bytesDone: Int64
+    public var bytesPerSecond: Int64
+    public var startedAt: Date
+    public var updatedAt: Date
+    /// diff, copy, joining, or "waiting: <why the last attempt failed>".
+    public var phase: String
+
+    public init(bytesTotal: Int64, bytesDone: Int64, bytesPerSecond: Int64, startedAt: Date, updatedAt: Date, phase: String) {
+        self.bytesTotal = bytesTotal
+        self.bytesDone = bytesDone
+        self.bytesPerSecond = bytesPerSecond
+        self.startedAt = startedAt
+        self.updatedAt = updatedAt
+        self.phase = phase
+    }
+
+    public var percent: Double { bytesTotal <= 0 ? 0 : min(100, Double(bytesDone) * 100 / Double(bytesTotal)) }
+    public var etaSeconds: Double? {
+        guard bytesPerSecond > 0, bytesTotal >= bytesDone else { return nil }
+        return Double(bytesTotal - bytesDone) / Double(bytesPerSecond)
+    }
+
+    /// "copy 40% (412 MiB of 1.0 GiB), 48 MB/s, ETA 13 s".
+    public var summary: String {
+        var text = "\(phase) \(String(format: "%.0f", percent))% (\(Self.bytes(bytesDone)) of \(Self.bytes(bytesTotal)))"
+        if bytesPerSecond > 0 { text += ", \(String(format: "%.0f", Double(bytesPerSecond) / 1e6)) MB/s" }
+        if let eta = etaSeconds { text += ", ETA \(String(format: "%.0f", eta)) s" }
+        return text
+    }
+
+    static func bytes(_ n: Int64) -> String {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        var value = Double(n), unit = 0
+        while value >= 1024 && unit < units.count - 1 { value /= 1024; unit += 1 }
+        return unit == 0 ? "\(n) B" : String(format: "%.1f %@", value, units[unit])
     }
 }
 
@@ -90,6 +134,56 @@ extension VolumeRecord {
     /// the replica is already out of sync.
     public mutating func markReplicaOutOfSync(nodeID: String, epoch: Int64, reason: String,
                                               at now: Date = Date()) throws -> Bool {
+        let index = try replicaIndex(nodeID: nodeID, epoch: epoch)
+        guard replicas![index].inSync else { return false }
+        replicas![index].inSync = false
+        replicas![index].outOfSyncSince = now
+        replicas![index].reason = reason
+        return true
+    }
+
+    /// `markReplicaInSync`'s rule: the epoch and replica checks of `markReplicaOutOfSync`;
+    /// clears the out-of-sync fields and the progress. False (no change) when already in sync.
+    public mutating func markReplicaInSync(nodeID: String, epoch: Int64) throws -> Bool {
+        let index = try replicaIndex(nodeID: nodeID, epoch: epoch)
+        guard !replicas![index].inSync else { return false }
+        replicas![index].inSync = true
+        replicas![index].outOfSyncSince = nil
+        replicas![index].reason = nil
+        replicas![index].resync = nil
+        return true
+    }
+
+    /// `recordResyncProgress`'s rule: only for an out-of-sync replica (false otherwise), under
+    /// the same epoch check.
+    public mutating func recordResyncProgress(nodeID: String, epoch: Int64, progress: ResyncProgress?) throws -> Bool {
+        let index = try replicaIndex(nodeID: nodeID, epoch: epoch)
+        guard !replicas![index].inSync, replicas![index].resync != progress else { return false }
+        replicas![index].resync = progress
+        return true
+    }
+
+    /// `replaceReplica`'s rule: only an out-of-sync replica is replaced, by one on a node that
+    /// holds no replica of the volume; the new one starts out of sync (its resync copies all).
+    public mutating func replaceReplica(oldNodeID: String, with replacement: ReplicaRecord, at now: Date = Date()) throws {
+        guard let index = replicas?.firstIndex(where: { $0.nodeID == oldNodeID }) else {
+            throw CairnError.notFound("volume \(id) has no replica on node \(oldNodeID)")
+        }
+        guard !replicas![index].inSync else {
+            throw CairnError.failedPrecondition("volume \(id)'s replica on node \(oldNodeID) is in sync; only an out-of-sync replica is replaced")
+        }
+        guard !replicas!.contains(where: { $0.nodeID == replacement.nodeID }) else {
+            throw CairnError.failedPrecondition("volume \(id) already has a replica on node \(replacement.nodeID)")
+        }
+        var new = replacement
+        new.inSync = false
+        new.outOfSyncSince = now
+        new.reason = "new replica replacing \(oldNodeID)'s: full copy pending"
+        new.resync = nil
+        replicas![index] = new
+    }
+
+    private func replicaIndex(nodeID: String, epoch: Int64) throws -> Int {
         guard self.epoch == epoch else {
             throw CairnError.failedPrecondition(
                 "fenced: the volume's epoch is now \(self.epoch) (the caller holds epoch \(epoch)); a newer attachment owns volume \(id)")
@@ -97,11 +191,7 @@ extension VolumeRecord {
         guard let index = replicas?.firstIndex(where: { $0.nodeID == nodeID }) else {
             throw CairnError.notFound("volume \(id) has no replica on node \(nodeID)")
         }
-        guard replicas![index].inSync else { return false }
-        replicas![index].inSync = false
-        replicas![index].outOfSyncSince = now
-        replicas![index].reason = reason
-        return true
+        return index
     }
 }
 

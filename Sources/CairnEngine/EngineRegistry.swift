@@ -20,7 +20,8 @@ public final class EngineRegistry: Sendable {
     public func start(volumeID: String, sizeBytes: UInt64, epoch: UInt64, replicas: [EngineReplica], localNodeID: String,
                       mountDirectory: String,
                       connect: @escaping @Sendable (EngineReplica) throws -> any ReplicaIO,
-                      markOutOfSync: @escaping @Sendable (_ nodeID: String, _ reason: String) throws -> Void) throws -> String {
+                      markOutOfSync: @escaping @Sendable (_ nodeID: String, _ reason: String) throws -> Void,
+                      recovery: EngineRecovery? = nil) throws -> String {
         try engines.withLock { engines in
             if let running = engines[volumeID] {
                 if running.epoch == epoch && running.mountDirectory == mountDirectory {
@@ -37,7 +38,8 @@ public final class EngineRegistry: Sendable {
             }
             let engine = VolumeEngine(volumeID: volumeID, sizeBytes: sizeBytes, epoch: epoch, replicas: replicas,
                                       localNodeID: localNodeID, mountDirectory: mountDirectory,
-                                      connect: connect, markOutOfSync: markOutOfSync, logger: logger)
+                                      connect: connect, markOutOfSync: markOutOfSync, recovery: recovery,
+                                      logger: logger)
             let path = try engine.start()
             engines[volumeID] = engine
             return path

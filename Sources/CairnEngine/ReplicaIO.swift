@@ -5,11 +5,15 @@ public struct EngineReplica: Sendable, Equatable, CustomStringConvertible {
     public var nodeID: String
     public var host: String
     public var port: UInt16
+    /// Whether the store has it in the in-sync set. The engine claims the in-sync replicas at
+    /// start; the others are resync targets (when the engine has `EngineRecovery`).
+    public var inSync: Bool
 
-    public init(nodeID: String, host: String, port: UInt16) {
+    public init(nodeID: String, host: String, port: UInt16, inSync: Bool = true) {
         self.nodeID = nodeID
         self.host = host
         self.port = port
+        self.inSync = inSync
     }
 
     public var description: String { "\(nodeID) (\(host):\(port))" }
@@ -34,6 +38,29 @@ public protocol ReplicaIO: AnyObject, Sendable {
     func flush(volumeID: String, epoch: UInt64) throws
     func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws
     func close()
+
+    // Resync, repair and scrub (docs/recovery.md).
+
+    /// Block generations as the `generations` op reports them (bit 63: trimmed); count ≤ 65,536.
+    func generations(volumeID: String, firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64]
+    /// One digest per 1 MiB region of the block generations (0 for a region never written);
+    /// count ≤ 4,096.
+    func generationSummary(volumeID: String, firstRegion: UInt64, count: Int, epoch: UInt64) throws -> [UInt64]
+    /// A resync copy: applied to the blocks whose generation is lower than `generation`.
+    /// Returns the blocks applied.
+    func writeIfNewer(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                      epoch: UInt64) throws -> Int
+    /// A repair: applied to the blocks whose generation is at most `generation` (the same
+    /// block's good copy rewritten over a corrupted one, never over a newer write).
+    func repairWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                     epoch: UInt64) throws -> Int
+    /// A resync trim: applied to the blocks whose generation is lower than `generation`.
+    func trimIfNewer(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws -> Int
+    /// The blocks in `firstBlock ..< firstBlock+count` (count ≤ 16,384) whose data does not
+    /// match its checksum.
+    func verify(volumeID: String, firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64]
+    /// Bytes this handle sent and received on the network (0 for an in-process replica).
+    var wireBytes: (sent: UInt64, received: UInt64) { get }
 }
 
 extension ReplicaIO {
@@ -72,6 +99,25 @@ public struct EngineFenced: ReplicaFencingSignal, Sendable, CustomStringConverti
     public init(_ reason: String) { self.reason = reason }
     public var isStaleEpoch: Bool { true }
     public var description: String { "fenced: \(reason)" }
+}
+
+/// An error that may say "this block's data does not match its checksum" (silent corruption,
+/// detected by the replica on read): the engine then reads the block from another in-sync
+/// replica and repairs the bad copy.
+public protocol ReplicaDamageSignal: Error {
+    /// The damaged block's number, when the error is a checksum mismatch.
+    var damagedBlock: UInt64? { get }
+}
+
+extension ReplicaError: ReplicaDamageSignal {
+    public var damagedBlock: UInt64? {
+        if case .checksumMismatch(let block) = self { return block }
+        return nil
+    }
+}
+
+func damagedBlock(_ error: any Error) -> UInt64? {
+    (error as? any ReplicaDamageSignal)?.damagedBlock
 }
 
 func isFencing(_ error: any Error) -> Bool {

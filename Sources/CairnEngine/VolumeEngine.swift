@@ -31,6 +31,15 @@ public struct EngineState: Sendable, Equatable {
     public var bytesWritten: UInt64 = 0
     /// I/O answered with an error.
     public var errors: UInt64 = 0
+    /// The resync in progress, if any (one at a time per engine).
+    public var resync: ResyncReport?
+    /// Corrupted blocks found (by reads or the scrub) and repaired from another replica.
+    public var repairedBlocks: UInt64 = 0
+    /// Corrupted blocks no in-sync replica could supply.
+    public var unrepairableBlocks: UInt64 = 0
+    /// Blocks the scrub has verified since the engine started, and completed passes.
+    public var scrubbedBlocks: UInt64 = 0
+    public var scrubPasses: UInt64 = 0
 }
 
 /// One replica as the engine holds it.
@@ -38,8 +47,11 @@ final class Member: Sendable {
     let replica: EngineReplica
     let io: any ReplicaIO
     /// True once the replica was recorded out of sync; the lock serializes the recording so
-    /// that concurrent failures record it once.
+    /// that concurrent failures record it once (and against a rejoin's store transaction).
     let recordedOut = Mutex(false)
+    /// Set when a write or trim failed on a catching-up replica: its resync stops and the
+    /// write is answered from the in-sync replicas alone.
+    let catchUpFailure = Mutex<String?>(nil)
 
     init(replica: EngineReplica, io: any ReplicaIO) {
         self.replica = replica
@@ -69,27 +81,48 @@ public final class VolumeEngine: Sendable {
     public let replicas: [EngineReplica]
     public let localNodeID: String
     public let mountDirectory: String
-    private let connect: @Sendable (EngineReplica) throws -> any ReplicaIO
+    let connect: @Sendable (EngineReplica) throws -> any ReplicaIO
     private let markOutOfSync: @Sendable (_ nodeID: String, _ reason: String) throws -> Void
-    private let logger: Logger
+    let recovery: EngineRecovery?
+    let logger: Logger
 
     private struct Lifecycle: ~Copyable {
         var session: OpaquePointer?
         var retained: Unmanaged<VolumeEngine>?
         var members: [Member] = []
         var stopped = false
+        var driver: RecoveryDriver?
     }
 
-    private struct Sets {
+    struct Sets {
         /// Local replica first (reads try it first), then the others in the order given.
         var inSync: [Member] = []
         var outOfSync: [String: String] = [:]
+        /// Replicas being resynced: every write and trim reaches them too, but their failures
+        /// do not fail the I/O (they stop the resync).
+        var catchingUp: [Member] = []
+        /// The volume's replicas as last known (from the store): resync targets come from here.
+        var known: [EngineReplica] = []
+        /// Raised by `changeMembers`; writes register in `inflight[version & 1]`.
+        var version: Int = 0
+        var resync: ResyncReport?
+        /// Corrupted blocks a repair could not rewrite, by node: its resync copies them whatever
+        /// their generation says.
+        var damaged: [String: Set<UInt64>] = [:]
     }
 
     private let lifecycle = Mutex(Lifecycle())
-    private let sets = Mutex(Sets())
-    private let fenced = Atomic<Bool>(false)
-    private let generation = Atomic<UInt64>(0)
+    let sets = Mutex(Sets())
+    /// Writes and trims between reading the member sets and finishing, by the parity of the
+    /// sets' version they read (see `changeMembers`).
+    let inflightEven = Atomic<Int>(0)
+    let inflightOdd = Atomic<Int>(0)
+    let fenced = Atomic<Bool>(false)
+    let generation = Atomic<UInt64>(0)
+    let repaired = Atomic<UInt64>(0)
+    let unrepairable = Atomic<UInt64>(0)
+    let scrubbed = Atomic<UInt64>(0)
+    let scrubPasses = Atomic<UInt64>(0)
     /// Serializes read-modify-write of partial blocks (rare: the loop device and filesystems
     /// write whole 4 KiB blocks).
     private let partialWrites = Mutex(())
@@ -106,6 +139,7 @@ public final class VolumeEngine: Sendable {
                 mountDirectory: String,
                 connect: @escaping @Sendable (EngineReplica) throws -> any ReplicaIO,
                 markOutOfSync: @escaping @Sendable (_ nodeID: String, _ reason: String) throws -> Void,
+                recovery: EngineRecovery? = nil,
                 logger: Logger) {
         self.volumeID = volumeID
         self.sizeBytes = sizeBytes
@@ -115,6 +149,7 @@ public final class VolumeEngine: Sendable {
         self.mountDirectory = mountDirectory
         self.connect = connect
         self.markOutOfSync = markOutOfSync
+        self.recovery = recovery
         var logger = logger
         logger[metadataKey: "volume.id"] = "\(volumeID)"
         logger[metadataKey: "engine.epoch"] = "\(epoch)"
@@ -142,8 +177,8 @@ public final class VolumeEngine: Sendable {
             guard sizeBytes > 0, sizeBytes % UInt64(Self.blockSize) == 0 else {
                 throw CairnError.invalidArgument("volume size \(sizeBytes) is not a positive multiple of \(Self.blockSize) bytes")
             }
-            guard !replicas.isEmpty else {
-                throw CairnError.invalidArgument("volume \(volumeID) has no replicas to serve it from")
+            guard replicas.contains(where: \.inSync) else {
+                throw CairnError.invalidArgument("volume \(volumeID) has no in-sync replica to serve it from")
             }
             try makeDirectory(mountDirectory)
 
@@ -169,7 +204,11 @@ public final class VolumeEngine: Sendable {
             let ordered = local + claimed.filter { $0.nodeID != localNodeID }
             sets.withLock { s in
                 s.inSync = ordered
+                s.known = replicas
                 for failure in failures { s.outOfSync[failure.replica.nodeID] = failure.reason }
+                for replica in replicas where !replica.inSync {
+                    s.outOfSync[replica.nodeID] = "out of sync in the store when the engine started"
+                }
             }
             life.members = claimed
 
@@ -188,6 +227,9 @@ public final class VolumeEngine: Sendable {
             }
             life.session = session
             life.retained = retained
+            if let recovery {
+                life.driver = RecoveryDriver(engine: self, recovery: recovery)
+            }
             logger.info("volume engine started", metadata: [
                 "path": "\(path)", "replicas.in_sync": "\(ordered.map(\.nodeID))",
                 "replicas.out_of_sync": "\(failures.map(\.replica.nodeID))", "generation": "\(highest)",
@@ -198,6 +240,13 @@ public final class VolumeEngine: Sendable {
 
     /// Unmounts FUSE (no callback runs after it returns) and closes the replicas. Idempotent.
     public func stop() {
+        // The recovery thread first (it may hold a catching-up replica): outside the lifecycle
+        // lock, because its resync may be waiting for writes that FUSE threads are finishing.
+        let driver = lifecycle.withLock { life in
+            defer { life.driver = nil }
+            return life.driver
+        }
+        driver?.stop()
         lifecycle.withLock { life in
             if let session = life.session {
                 if cfuse_unmount(session) != 0 {
@@ -208,7 +257,15 @@ public final class VolumeEngine: Sendable {
                 life.retained = nil
                 logger.info("volume engine stopped", metadata: ["path": "\(path)"])
             }
-            life.members.forEach { $0.io.close() }
+            // Every handle: those claimed at start and those a resync added since.
+            let current = sets.withLock { s in
+                defer { s.catchingUp = [] }
+                return s.inSync + s.catchingUp
+            }
+            var closed = Set<ObjectIdentifier>()
+            for member in life.members + current where closed.insert(ObjectIdentifier(member)).inserted {
+                member.io.close()
+            }
             life.members = []
             life.stopped = true
         }
@@ -216,8 +273,8 @@ public final class VolumeEngine: Sendable {
 
     public var state: EngineState {
         let running = lifecycle.withLock { $0.session != nil }
-        let (inSync, outOfSync) = sets.withLock { s in (s.inSync.map(\.nodeID), s.outOfSync) }
-        let order = replicas.map(\.nodeID)
+        let (inSync, outOfSync, resync, known) = sets.withLock { s in (s.inSync.map(\.nodeID), s.outOfSync, s.resync, s.known) }
+        let order = (replicas + known).map(\.nodeID)
         return EngineState(
             volumeID: volumeID, epoch: epoch, path: running ? path : nil,
             inSync: inSync.sorted { (order.firstIndex(of: $0) ?? 0) < (order.firstIndex(of: $1) ?? 0) },
@@ -226,7 +283,9 @@ public final class VolumeEngine: Sendable {
             reads: reads.load(ordering: .relaxed), writes: writes.load(ordering: .relaxed),
             flushes: flushes.load(ordering: .relaxed), trims: trims.load(ordering: .relaxed),
             bytesRead: bytesRead.load(ordering: .relaxed), bytesWritten: bytesWritten.load(ordering: .relaxed),
-            errors: errors.load(ordering: .relaxed))
+            errors: errors.load(ordering: .relaxed), resync: resync,
+            repairedBlocks: repaired.load(ordering: .relaxed), unrepairableBlocks: unrepairable.load(ordering: .relaxed),
+            scrubbedBlocks: scrubbed.load(ordering: .relaxed), scrubPasses: scrubPasses.load(ordering: .relaxed))
     }
 
     private struct ClaimFailure { var replica: EngineReplica; var reason: String }
@@ -237,7 +296,7 @@ public final class VolumeEngine: Sendable {
         var claimed: [Member] = []
         var failures: [ClaimFailure] = []
         var highest: UInt64 = 0
-        for replica in replicas {
+        for replica in replicas where replica.inSync {
             var io: (any ReplicaIO)?
             do {
                 let connected = try connect(replica)
@@ -310,6 +369,9 @@ public final class VolumeEngine: Sendable {
             do {
                 try member.io.read(volumeID: volumeID, offset: offset, into: buffer, epoch: epoch)
                 return 0
+            } catch where damagedBlock(error) != nil && !isFencing(error) {
+                // Silent corruption on this replica: answer from another and repair this copy.
+                return readRepairing(damaged: member, error: error, offset: offset, into: buffer)
             } catch {
                 if !settle([(member, error)], succeeded: 0, what: "read at offset \(offset)", allowIfNoneSucceeded: true) {
                     return -EIO
@@ -339,10 +401,11 @@ public final class VolumeEngine: Sendable {
     /// (`beginWrite` — the data protocol's client returns once the frame is sent), writes the
     /// first (local) replica itself, then waits for the others' replies. No helper threads, so
     /// no thread hand-offs on the hot path.
-    private func writeBlocks(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
+    func writeBlocks(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
         if fenced.load(ordering: .relaxed) { return -EIO }
-        let members = sets.withLock { $0.inSync }
-        guard !members.isEmpty else { return -EIO }
+        let (members, inSyncCount, ticket) = enter()
+        defer { leave(ticket) }
+        guard inSyncCount > 0 else { return -EIO }
         let generation = self.generation.wrappingAdd(1, ordering: .relaxed).newValue
         let volumeID = volumeID, epoch = epoch
         return withUnsafeTemporaryAllocation(of: (() throws -> Void).self, capacity: members.count) { pending in
@@ -361,12 +424,13 @@ public final class VolumeEngine: Sendable {
                 pending.deinitializeElement(at: i)
             }
             if failures.isEmpty { return 0 }
-            return settle(failures, succeeded: members.count - failures.count, what: "write at offset \(offset)") ? 0 : -EIO
+            return settleWithCatchingUp(failures, members: members, inSyncCount: inSyncCount,
+                                        what: "write at offset \(offset)") ? 0 : -EIO
         }
     }
 
     /// A write that does not cover whole blocks: read the blocks, patch, write them whole.
-    private func writePartial(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
+    func writePartial(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
         let block = UInt64(Self.blockSize)
         let start = offset & ~(block - 1)
         let end = (offset + UInt64(data.count) + block - 1) & ~(block - 1)
@@ -381,7 +445,7 @@ public final class VolumeEngine: Sendable {
         }
     }
 
-    fileprivate func flush() -> Int32 {
+    func flush() -> Int32 {
         let volumeID = volumeID, epoch = epoch
         let result = fanOut(what: "flush", numbered: false) { member, _ in
             try member.io.flush(volumeID: volumeID, epoch: epoch)
@@ -422,8 +486,11 @@ public final class VolumeEngine: Sendable {
     private func fanOut(what: @autoclosure () -> String, numbered: Bool = true,
                         _ operation: (Member, UInt64) throws -> Void) -> Int32 {
         if fenced.load(ordering: .relaxed) { return -EIO }
-        let members = sets.withLock { $0.inSync }
-        guard !members.isEmpty else { return -EIO }
+        // Numbered operations (trims) reach catching-up replicas too; flushes only the in-sync ones.
+        let (all, inSyncCount, ticket) = enter()
+        defer { leave(ticket) }
+        let members = numbered ? all : Array(all.prefix(inSyncCount))
+        guard inSyncCount > 0 else { return -EIO }
         let generation = numbered ? self.generation.wrappingAdd(1, ordering: .relaxed).newValue : 0
         if members.count == 1 {
             do {
@@ -444,7 +511,7 @@ public final class VolumeEngine: Sendable {
                 if let error = outcome[i] { failures.append((members[i], error)) }
             }
             if failures.isEmpty { return 0 }
-            return settle(failures, succeeded: members.count - failures.count, what: what()) ? 0 : -EIO
+            return settleWithCatchingUp(failures, members: members, inSyncCount: inSyncCount, what: what()) ? 0 : -EIO
         }
     }
 
@@ -458,7 +525,42 @@ public final class VolumeEngine: Sendable {
     ///   leave the volume with none in sync.
     /// - Otherwise each failed replica is recorded out of sync (once, even under concurrent
     ///   failures), then removed from the set. If recording fails, false.
-    private func settle(_ failures: [(Member, any Error)], succeeded: Int, what: String,
+    /// The in-sync members (local first), then the catching-up ones; the count of in-sync ones;
+    /// and the ticket `leave` takes. Registers the caller as in flight under the sets' version.
+    @inline(__always)
+    func enter() -> ([Member], Int, Int) {
+        sets.withLock { s in
+            let parity = s.version & 1
+            if parity == 0 { inflightEven.wrappingAdd(1, ordering: .relaxed) } else { inflightOdd.wrappingAdd(1, ordering: .relaxed) }
+            if s.catchingUp.isEmpty { return (s.inSync, s.inSync.count, parity) }
+            return (s.inSync + s.catchingUp, s.inSync.count, parity)
+        }
+    }
+
+    @inline(__always)
+    func leave(_ ticket: Int) {
+        if ticket == 0 { inflightEven.wrappingSubtract(1, ordering: .releasing) } else { inflightOdd.wrappingSubtract(1, ordering: .releasing) }
+    }
+
+    /// Failures of catching-up members (index ≥ `inSyncCount`) stop their resync and do not
+    /// count against the I/O (unless one is a fencing signal); the rest go through `settle`.
+    private func settleWithCatchingUp(_ failures: [(Member, any Error)], members: [Member], inSyncCount: Int,
+                                      what: String) -> Bool {
+        let catching = Set(members[inSyncCount...].map(ObjectIdentifier.init))
+        var inSyncFailures: [(Member, any Error)] = []
+        for (member, error) in failures {
+            if catching.contains(ObjectIdentifier(member)) && !isFencing(error) {
+                member.catchUpFailure.withLock { $0 = $0 ?? "\(what) failed on it: \(error)" }
+            } else {
+                inSyncFailures.append((member, error))
+            }
+        }
+        if inSyncFailures.isEmpty { return !fenced.load(ordering: .acquiring) }
+        let succeeded = inSyncCount - inSyncFailures.filter { f in !catching.contains(ObjectIdentifier(f.0)) }.count
+        return settle(inSyncFailures, succeeded: succeeded, what: what)
+    }
+
+    func settle(_ failures: [(Member, any Error)], succeeded: Int, what: String,
                         allowIfNoneSucceeded: Bool = false) -> Bool {
         if let (member, error) = failures.first(where: { isFencing($0.1) }) {
             fence(by: member.nodeID, error: error)
@@ -478,7 +580,7 @@ public final class VolumeEngine: Sendable {
     /// Records `member` out of sync in the store, then drops it from the in-sync set. The last
     /// in-sync replica is never recorded out of sync. True once it is recorded (by this call
     /// or an earlier one).
-    private func recordOutOfSync(_ member: Member, reason: String) -> Bool {
+    func recordOutOfSync(_ member: Member, reason: String) -> Bool {
         member.recordedOut.withLock { recorded in
             if recorded { return true }
             let others = sets.withLock { s in s.inSync.contains { $0 !== member } }
@@ -509,7 +611,7 @@ public final class VolumeEngine: Sendable {
         }
     }
 
-    private func fence(by source: String, error: any Error) {
+    func fence(by source: String, error: any Error) {
         if !fenced.exchange(true, ordering: .acquiringAndReleasing) {
             logger.error("engine fenced: a newer epoch exists for this volume; every I/O now fails with EIO (the volume was attached elsewhere — unstage it here)", metadata: [
                 "by": "\(source)", "error": "\(error)"])

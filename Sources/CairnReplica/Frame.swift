@@ -51,16 +51,24 @@ public enum Opcode: UInt8, Sendable, CaseIterable {
     case delete = 9
     /// Delta resync: the block map's generation of each block in a range.
     case generations = 10
+    /// One digest per 1 MiB region of block generations (resync compares them first).
+    case summary = 11
+    /// The blocks of a range whose data does not match its checksum (the scrub).
+    case verify = 12
 }
 
 /// Header flag bits. Bits other than these are reserved and must be zero (a peer that sets
 /// one speaks something we do not understand).
 public enum FrameFlags {
     public static let response: UInt8 = 0x01
-    /// Only on `write` (request and response): a resync write, applied only to the blocks whose
-    /// current generation is lower than the request's; its response says how many were.
+    /// On a `write` or `trim` request: a resync copy, applied only to the blocks whose current
+    /// generation is lower than the request's. On a `write` or `trim` response: the reply of a
+    /// conditional request (if-newer or repair), carrying how many blocks were applied.
     public static let ifNewer: UInt8 = 0x02
-    public static let known: UInt8 = response | ifNewer
+    /// Only on a `write` request: a repair, applied only to the blocks whose current generation
+    /// is at most the request's (a corrupted block's good copy, never over a newer write).
+    public static let repair: UInt8 = 0x04
+    public static let known: UInt8 = response | ifNewer | repair
 }
 
 /// The status a response carries. Wire values: never renumber.
@@ -180,8 +188,11 @@ public struct FrameHeader: Equatable, Sendable {
         guard flags & ~FrameFlags.known == 0 else {
             throw FrameError(.reservedFlags, "reserved flag bits set: 0x\(String(flags, radix: 16)) (request id \(requestID))")
         }
-        guard flags & FrameFlags.ifNewer == 0 || opcode == .write else {
-            throw FrameError(.reservedFlags, "the if-newer flag is only valid on write, not \(opcode) (request id \(requestID))")
+        guard flags & FrameFlags.ifNewer == 0 || opcode == .write || opcode == .trim else {
+            throw FrameError(.reservedFlags, "the if-newer flag is only valid on write and trim, not \(opcode) (request id \(requestID))")
+        }
+        guard flags & FrameFlags.repair == 0 || (opcode == .write && flags & (FrameFlags.response | FrameFlags.ifNewer) == 0) else {
+            throw FrameError(.reservedFlags, "the repair flag is only valid on a write request, without if-newer (request id \(requestID))")
         }
         self.init(opcode: opcode, flags: flags, requestID: requestID, payloadLength: payloadLength, epoch: epoch)
     }
@@ -277,6 +288,10 @@ public enum Request: Equatable, Sendable {
     case create(CreateRequest)
     case delete(DeleteRequest)
     case generations(GenerationsRequest)
+    /// Same layout as `generations`: first *region* (256 blocks) and region count (1...4096).
+    case summary(GenerationsRequest)
+    /// Same layout as `generations`: first block and block count (1...16384).
+    case verify(GenerationsRequest)
 
     public var opcode: Opcode {
         switch self {
@@ -290,14 +305,20 @@ public enum Request: Equatable, Sendable {
         case .create: .create
         case .delete: .delete
         case .generations: .generations
+        case .summary: .summary
+        case .verify: .verify
         }
     }
 
-    /// Header flag bits the request carries besides its opcode (`FrameFlags.ifNewer`).
+    /// Header flag bits the request carries besides its opcode (`FrameFlags.ifNewer`, `repair`).
     public var headerFlags: UInt8 {
-        if case .write(let m) = self, m.ifNewer { return FrameFlags.ifNewer }
+        if case .write(let m) = self { return (m.ifNewer ? FrameFlags.ifNewer : 0) | (m.repair ? FrameFlags.repair : 0) }
+        if case .trim(let m) = self, m.ifNewer { return FrameFlags.ifNewer }
         return 0
     }
+
+    /// Whether the response carries an applied-block count (`ConditionalWriteResponse`).
+    public var isConditional: Bool { headerFlags != 0 }
 
     public func encode() -> [UInt8] {
         switch self {
@@ -311,6 +332,8 @@ public enum Request: Equatable, Sendable {
         case .create(let m): m.encode()
         case .delete(let m): m.encode()
         case .generations(let m): m.encode()
+        case .summary(let m): m.encode()
+        case .verify(let m): m.encode()
         }
     }
 
@@ -323,13 +346,19 @@ public enum Request: Equatable, Sendable {
         case .write:
             var m = try WriteRequest(decoding: payload)
             m.ifNewer = flags & FrameFlags.ifNewer != 0
+            m.repair = flags & FrameFlags.repair != 0
             self = .write(m)
         case .flush: self = .flush(try FlushRequest(decoding: payload))
-        case .trim: self = .trim(try TrimRequest(decoding: payload))
+        case .trim:
+            var m = try TrimRequest(decoding: payload)
+            m.ifNewer = flags & FrameFlags.ifNewer != 0
+            self = .trim(m)
         case .status: self = .status(try StatusRequest(decoding: payload))
         case .create: self = .create(try CreateRequest(decoding: payload))
         case .delete: self = .delete(try DeleteRequest(decoding: payload))
         case .generations: self = .generations(try GenerationsRequest(decoding: payload))
+        case .summary: self = .summary(try GenerationsRequest(decoding: payload))
+        case .verify: self = .verify(try GenerationsRequest(decoding: payload))
         }
     }
 }
@@ -346,8 +375,14 @@ public enum Response: Equatable, Sendable {
     case create(CreateResponse)
     case delete(DeleteResponse)
     case generations(GenerationsResponse)
-    /// The response to a write carrying `FrameFlags.ifNewer` (opcode `write`).
+    /// One digest per region (the `generations` layout).
+    case summary(GenerationsResponse)
+    /// The bad blocks' numbers (the `generations` layout).
+    case verify(GenerationsResponse)
+    /// The response to a conditional write (if-newer or repair; opcode `write`).
     case conditionalWrite(ConditionalWriteResponse)
+    /// The response to an if-newer trim (opcode `trim`).
+    case conditionalTrim(ConditionalWriteResponse)
 
     public var opcode: Opcode {
         switch self {
@@ -361,14 +396,19 @@ public enum Response: Equatable, Sendable {
         case .create: .create
         case .delete: .delete
         case .generations: .generations
+        case .summary: .summary
+        case .verify: .verify
         case .conditionalWrite: .write
+        case .conditionalTrim: .trim
         }
     }
 
     /// Header flag bits the response carries besides `FrameFlags.response`.
     public var headerFlags: UInt8 {
-        if case .conditionalWrite = self { return FrameFlags.ifNewer }
-        return 0
+        switch self {
+        case .conditionalWrite, .conditionalTrim: FrameFlags.ifNewer
+        default: 0
+        }
     }
 
     public func encode() -> [UInt8] {
@@ -383,7 +423,10 @@ public enum Response: Equatable, Sendable {
         case .create(let m): m.encode()
         case .delete(let m): m.encode()
         case .generations(let m): m.encode()
+        case .summary(let m): m.encode()
+        case .verify(let m): m.encode()
         case .conditionalWrite(let m): m.encode()
+        case .conditionalTrim(let m): m.encode()
         }
     }
 
@@ -398,11 +441,16 @@ public enum Response: Equatable, Sendable {
                 ? .conditionalWrite(try ConditionalWriteResponse(decoding: payload))
                 : .write(try WriteResponse(decoding: payload))
         case .flush: self = .flush(try FlushResponse(decoding: payload))
-        case .trim: self = .trim(try TrimResponse(decoding: payload))
+        case .trim:
+            self = flags & FrameFlags.ifNewer != 0
+                ? .conditionalTrim(try ConditionalWriteResponse(decoding: payload))
+                : .trim(try TrimResponse(decoding: payload))
         case .status: self = .status(try StatusResponse(decoding: payload))
         case .create: self = .create(try CreateResponse(decoding: payload))
         case .delete: self = .delete(try DeleteResponse(decoding: payload))
         case .generations: self = .generations(try GenerationsResponse(decoding: payload))
+        case .summary: self = .summary(try GenerationsResponse(decoding: payload))
+        case .verify: self = .verify(try GenerationsResponse(decoding: payload))
         }
     }
 }
@@ -432,7 +480,12 @@ public enum Response: Equatable, Sendable {
 //            rsp: status u8
 //   generations req: volume | first block u64 | count u32 (1...65536)
 //            rsp: status u8 | count u32 | count × generation u64 (bit 63: trimmed; empty unless ok)
-// A write with the header flag `ifNewer` (a resync write) answers status u8 | applied blocks u32.
+//   summary  req: volume | first region u64 | count u32 (1...4096; a region is 256 blocks)
+//            rsp: status u8 | count u32 | count × digest u64 (0: no block of the region written)
+//   verify   req: volume | first block u64 | count u32 (1...16384)
+//            rsp: status u8 | count u32 | count × block number u64 (the blocks that fail their crc32c)
+// A write with the header flag `ifNewer` (a resync write) or `repair`, and a trim with
+// `ifNewer`, answer status u8 | applied blocks u32, with `ifNewer` set in the response header.
 // Every response ends with a message (u16 length + UTF-8, ≤ 1024 bytes; empty on success).
 
 public struct HelloRequest: Equatable, Sendable {
@@ -614,13 +667,18 @@ public struct WriteRequest: Equatable, Sendable {
     /// A resync write (`FrameFlags.ifNewer` in the header, not in the payload): applied only to
     /// the blocks whose current generation is lower than `generation`.
     public var ifNewer: Bool
+    /// A repair (`FrameFlags.repair` in the header): applied only to the blocks whose current
+    /// generation is at most `generation`.
+    public var repair: Bool
 
-    public init(volume: String, generation: UInt64, offset: UInt64, data: [UInt8], ifNewer: Bool = false) {
+    public init(volume: String, generation: UInt64, offset: UInt64, data: [UInt8], ifNewer: Bool = false,
+                repair: Bool = false) {
         self.volume = volume
         self.generation = generation
         self.offset = offset
         self.data = data
         self.ifNewer = ifNewer
+        self.repair = repair
     }
 
     public func encode() -> [UInt8] {
@@ -639,6 +697,7 @@ public struct WriteRequest: Equatable, Sendable {
         offset = try r.readUInt64("offset")
         data = try r.readData(allowEmpty: false)
         ifNewer = false
+        repair = false
         try r.expectEnd()
         guard generation != 0 else {
             // Generation 0 means "never written" in the block map.
@@ -729,12 +788,16 @@ public struct TrimRequest: Equatable, Sendable {
     public var generation: UInt64
     public var offset: UInt64
     public var length: UInt64
+    /// A resync trim (`FrameFlags.ifNewer` in the header): only the blocks whose current
+    /// generation is lower than `generation` are trimmed.
+    public var ifNewer: Bool
 
-    public init(volume: String, generation: UInt64 = 0, offset: UInt64, length: UInt64) {
+    public init(volume: String, generation: UInt64 = 0, offset: UInt64, length: UInt64, ifNewer: Bool = false) {
         self.volume = volume
         self.generation = generation
         self.offset = offset
         self.length = length
+        self.ifNewer = ifNewer
     }
 
     public func encode() -> [UInt8] {
@@ -752,6 +815,7 @@ public struct TrimRequest: Equatable, Sendable {
         generation = try r.readUInt64("generation")
         offset = try r.readUInt64("offset")
         length = try r.readUInt64("length")
+        ifNewer = false
         try r.expectEnd()
         try validateBlockRange(offset: offset, length: length, maxLength: .max, what: "trim")
     }
@@ -1155,14 +1219,16 @@ extension WriteRequest {
     /// A whole write request frame (header and payload) built straight from `data`: the data
     /// is copied once, into the returned buffer. Same bytes as `Frame(...).encode()`.
     public static func encodeFrame(requestID: UInt64, epoch: UInt64, volume: String, generation: UInt64,
-                                   offset: UInt64, data: UnsafeRawBufferPointer, ifNewer: Bool = false) -> [UInt8] {
+                                   offset: UInt64, data: UnsafeRawBufferPointer, ifNewer: Bool = false,
+                                   repair: Bool = false) -> [UInt8] {
         var fields = ByteWriter()
         fields.writeVolume(volume)
         fields.write(generation)
         fields.write(offset)
         fields.write(UInt32(clamping: data.count))
         let payloadLength = fields.bytes.count + data.count
-        let header = FrameHeader(opcode: .write, flags: ifNewer ? FrameFlags.ifNewer : 0, requestID: requestID,
+        let header = FrameHeader(opcode: .write, flags: (ifNewer ? FrameFlags.ifNewer : 0) | (repair ? FrameFlags.repair : 0),
+                                 requestID: requestID,
                                  payloadLength: UInt32(clamping: payloadLength), epoch: epoch)
         var bytes: [UInt8] = []
         bytes.reserveCapacity(FrameLimits.headerSize + payloadLength)

@@ -46,6 +46,13 @@ public final class ReplicaClient: Sendable {
     private let sendLock = Mutex(false)
     /// Signalled when the reader thread has finished (socket closed, waiters failed).
     private let readerDone = DispatchSemaphore(value: 0)
+    private let sentBytes = Atomic<UInt64>(0)
+    private let receivedBytes = Atomic<UInt64>(0)
+
+    /// Every byte this connection sent (frames whole, headers included).
+    public var bytesSent: UInt64 { sentBytes.load(ordering: .relaxed) }
+    /// Every byte this connection received.
+    public var bytesReceived: UInt64 { receivedBytes.load(ordering: .relaxed) }
 
     private struct ClientState {
         var nextRequestID: UInt64 = 1
@@ -224,6 +231,66 @@ public final class ReplicaClient: Sendable {
         }
     }
 
+    /// A repair write (`FrameFlags.repair`): applied only to the blocks whose current generation
+    /// is at most `generation`. Returns how many blocks were applied.
+    @discardableResult
+    public func repairWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                            epoch: UInt64) throws -> Int {
+        let (r, _) = try roundTrip(opcode: .write, timeout: requestTimeout) { id in
+            WriteRequest.encodeFrame(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
+                                     offset: offset, data: data, repair: true)
+        }
+        guard case .conditionalWrite(let m) = r else {
+            throw protocolViolation("a repair write was answered without an applied count")
+        }
+        try Self.check(m.status, m.message)
+        return Int(m.appliedBlocks)
+    }
+
+    /// One digest per 1 MiB region of block generations (`ReplicaStore.generationSummary`),
+    /// regions `firstRegion ..< firstRegion+count` (count 1...4096).
+    public func generationSummary(volumeID: String, firstRegion: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        let request = GenerationsRequest(volume: volumeID, firstBlock: firstRegion, count: UInt32(clamping: count))
+        let (r, _) = try roundTrip(.summary(request), epoch: epoch)
+        guard case .summary(let m) = r else { throw mismatch(r, .summary) }
+        try Self.check(m.status, m.message)
+        guard m.generations.count == count else {
+            throw protocolViolation("a summary of \(count) regions answered with \(m.generations.count)")
+        }
+        return m.generations
+    }
+
+    /// The blocks of `firstBlock ..< firstBlock+count` (count 1...16384) whose data fails its
+    /// checksum on the replica (`ReplicaStore.verify`).
+    public func verify(volumeID: String, firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        let request = GenerationsRequest(volume: volumeID, firstBlock: firstBlock, count: UInt32(clamping: count))
+        let (r, _) = try roundTrip(.verify(request), epoch: epoch, timeout: .seconds(120))
+        guard case .verify(let m) = r else { throw mismatch(r, .verify) }
+        try Self.check(m.status, m.message)
+        guard m.generations.allSatisfy({ $0 >= firstBlock && $0 < firstBlock + UInt64(count) }) else {
+            throw protocolViolation("verify of blocks \(firstBlock)+\(count) names blocks outside the range")
+        }
+        return m.generations
+    }
+
+    /// A resync trim (`FrameFlags.ifNewer`): only the blocks whose generation is lower than
+    /// `generation` are trimmed. Returns how many were.
+    @discardableResult
+    public func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64,
+                     ifNewer: Bool) throws -> Int {
+        guard ifNewer else {
+            try trim(volumeID: volumeID, offset: offset, length: length, generation: generation, epoch: epoch)
+            return Int(length / UInt64(FrameLimits.blockSize))
+        }
+        let request = TrimRequest(volume: volumeID, generation: generation, offset: offset, length: length, ifNewer: true)
+        let (r, _) = try roundTrip(.trim(request), epoch: epoch)
+        guard case .conditionalTrim(let m) = r else {
+            throw protocolViolation("an if-newer trim was answered without an applied count")
+        }
+        try Self.check(m.status, m.message)
+        return Int(m.appliedBlocks)
+    }
+
     /// Makes every write acknowledged so far durable on the replica; returns the flushed generation.
     @discardableResult
     public func flush(volumeID: String, epoch: UInt64) throws -> UInt64 {
@@ -298,6 +365,7 @@ public final class ReplicaClient: Sendable {
             guard !closed else { return "the connection is closed" }
             do {
                 try bytes.withUnsafeBytes { try Socket.sendAll(fd, $0) }
+                sentBytes.wrappingAdd(UInt64(bytes.count), ordering: .relaxed)
                 return nil
             } catch {
                 return "\(error)"
@@ -355,6 +423,7 @@ public final class ReplicaClient: Sendable {
                 reason = "receiving from \(address) failed: \(String(cString: strerror(errno)))"
                 break
             }
+            if n > 0 { receivedBytes.wrappingAdd(UInt64(n), ordering: .relaxed) }
             if n == 0 {
                 reason = "\(address) closed the connection"
                 break

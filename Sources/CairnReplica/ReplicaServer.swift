@@ -299,8 +299,16 @@ public final class ReplicaServer: Sendable {
             case .write(let m):
                 let store = try store(m.volume)
                 try checkRange(store, offset: m.offset, length: UInt64(m.data.count))
-                if m.ifNewer {
-                    let applied = try store.writeIfNewer(offset: m.offset, data: m.data, generation: m.generation, epoch: epoch)
+                if m.ifNewer || m.repair {
+                    let applied = try m.data.withUnsafeBytes {
+                        try store.write(offset: m.offset, bytes: $0, generation: m.generation, epoch: epoch,
+                                        condition: m.repair ? .ifNotNewer : .ifNewer)
+                    }
+                    if m.repair {
+                        log.warning("replica blocks repaired", metadata: [
+                            "volume.id": "\(m.volume)", "replica.offset": "\(m.offset)", "replica.generation": "\(m.generation)",
+                            "replica.applied": "\(applied)"])
+                    }
                     return reply(.conditionalWrite(ConditionalWriteResponse(status: .ok, appliedBlocks: UInt32(applied))), epoch: epoch)
                 }
                 try store.write(offset: m.offset, data: m.data, generation: m.generation, epoch: epoch)
@@ -316,6 +324,14 @@ public final class ReplicaServer: Sendable {
                 try checkRange(store, offset: start, length: UInt64(m.count) * blockSize)
                 let generations = try store.generations(firstBlock: m.firstBlock, count: Int(m.count), epoch: epoch)
                 return reply(.generations(GenerationsResponse(status: .ok, generations: generations)), epoch: epoch)
+            case .summary(let m):
+                let store = try store(m.volume)
+                let digests = try store.generationSummary(firstRegion: m.firstBlock, count: Int(m.count), epoch: epoch)
+                return reply(.summary(GenerationsResponse(status: .ok, generations: digests)), epoch: epoch)
+            case .verify(let m):
+                let store = try store(m.volume)
+                let bad = try store.verify(firstBlock: m.firstBlock, count: Int(m.count), epoch: epoch)
+                return reply(.verify(GenerationsResponse(status: .ok, generations: bad)), epoch: epoch)
             case .flush(let m):
                 let store = try store(m.volume)
                 try store.flush(epoch: epoch)
@@ -326,11 +342,15 @@ public final class ReplicaServer: Sendable {
                 // The store bounds one call; a trim may cover the whole volume.
                 let chunk = UInt64(ReplicaStore.maxRequestLength)
                 var done: UInt64 = 0
+                var applied = 0
                 while done < m.length {
                     let n = min(chunk, m.length - done)
-                    try store.trim(offset: m.offset + done, length: Int(n),
-                                   generation: m.generation == 0 ? nil : m.generation, epoch: epoch)
+                    applied += try store.trim(offset: m.offset + done, length: Int(n),
+                                              generation: m.generation == 0 ? nil : m.generation, epoch: epoch, ifNewer: m.ifNewer)
                     done += n
+                }
+                if m.ifNewer {
+                    return reply(.conditionalTrim(ConditionalWriteResponse(status: .ok, appliedBlocks: UInt32(clamping: applied))), epoch: epoch)
                 }
                 return reply(.trim(TrimResponse(status: .ok)), epoch: epoch)
             }
@@ -349,8 +369,9 @@ public final class ReplicaServer: Sendable {
 
     /// The request's response carrying only a failure.
     static func failure(_ request: Request, _ status: ReplyStatus, _ message: String, epoch: UInt64) -> Response {
-        if case .write(let m) = request, m.ifNewer {
-            return .conditionalWrite(ConditionalWriteResponse(status: status, message: message))
+        if request.isConditional {
+            let m = ConditionalWriteResponse(status: status, message: message)
+            return request.opcode == .trim ? .conditionalTrim(m) : .conditionalWrite(m)
         }
         return switch request.opcode {
         case .hello: .hello(HelloResponse(status: status, message: message))
@@ -363,6 +384,8 @@ public final class ReplicaServer: Sendable {
         case .create: .create(CreateResponse(status: status, message: message))
         case .delete: .delete(DeleteResponse(status: status, message: message))
         case .generations: .generations(GenerationsResponse(status: status, message: message))
+        case .summary: .summary(GenerationsResponse(status: status, message: message))
+        case .verify: .verify(GenerationsResponse(status: status, message: message))
         }
     }
 

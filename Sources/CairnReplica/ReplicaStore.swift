@@ -365,7 +365,28 @@ public final class ReplicaStore: Sendable {
     /// `writeIfNewer(offset:data:generation:epoch:)` from memory the caller owns.
     @discardableResult
     public func writeIfNewer(offset: UInt64, bytes data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws -> Int {
-        try state.withShared { s in
+        try write(offset: offset, bytes: data, generation: generation, epoch: epoch, condition: .ifNewer)
+    }
+
+    /// Which blocks a conditional write applies to.
+    public enum WriteCondition: Sendable {
+        /// Blocks whose generation is lower than the write's (a resync copy).
+        case ifNewer
+        /// Blocks whose generation is at most the write's (a repair: the good copy of a
+        /// corrupted block, rewritten at its own generation, never over a newer write).
+        case ifNotNewer
+    }
+
+    /// A conditional write: each block is decided and written under its region lock, so a
+    /// normal write racing with it is never overwritten. Returns how many blocks were written.
+    @discardableResult
+    public func write(offset: UInt64, bytes data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64,
+                      condition: WriteCondition) throws -> Int {
+        let applies: (UInt64) -> Bool = switch condition {
+        case .ifNewer: { $0 < generation }
+        case .ifNotNewer: { $0 <= generation }
+        }
+        return try state.withShared { s in
             let (first, count) = try Self.checkLocked(s, offset: offset, length: data.count, epoch: epoch)
             try Self.checkGeneration(generation)
             let source = Self.alignedSource(data)
@@ -376,9 +397,9 @@ public final class ReplicaStore: Sendable {
                     var i = 0
                     // Runs of consecutive blocks to apply: one data pwrite and one map write each.
                     while i < count {
-                        guard entries[i].generation < generation else { i += 1; continue }
+                        guard applies(entries[i].generation) else { i += 1; continue }
                         var end = i
-                        while end < count && entries[end].generation < generation {
+                        while end < count && applies(entries[end].generation) {
                             let block = UnsafeRawBufferPointer(rebasing: source[(end * Self.blockSize)..<((end + 1) * Self.blockSize)])
                             entries[end] = BlockMapEntry(generation: generation, crc: CRC32C.checksum(block))
                             end += 1
@@ -393,9 +414,9 @@ public final class ReplicaStore: Sendable {
                 }
             }
             if applied > 0 { s.highestGeneration.max(generation, ordering: .relaxed) }
-            logger.trace("replica resync write", metadata: [
+            logger.trace("replica conditional write", metadata: [
                 "volume.id": "\(volumeID)", "replica.offset": "\(offset)", "replica.generation": "\(generation)",
-                "replica.blocks": "\(count)", "replica.applied": "\(applied)",
+                "replica.condition": "\(condition)", "replica.blocks": "\(count)", "replica.applied": "\(applied)",
             ])
             return applied
         }
@@ -425,6 +446,115 @@ public final class ReplicaStore: Sendable {
         }
     }
 
+    /// Blocks per region of `generationSummary`.
+    public static let summaryRegionBlocks = 256
+    /// Most regions one `generationSummary` call covers (4 GiB of volume, 32 KiB of reply).
+    public static let maxSummaryCount = 4096
+    /// Most blocks one `verify` call covers (64 MiB).
+    public static let maxVerifyCount = 16_384
+
+    /// One digest per region (`summaryRegionBlocks` blocks; the last may be shorter) of the
+    /// values `generations` reports, for regions `firstRegion ..< firstRegion+count`: two
+    /// replicas whose digests for a region are equal hold the same block versions there (up to
+    /// the odds of a 64-bit hash), so a resync lists generations only where digests differ. A
+    /// region with no block ever written or trimmed has digest 0, and no other region does.
+    /// The digest is FNV-1a over the little-endian bytes of the reported values, in block order.
+    public func generationSummary(firstRegion: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        try state.withShared { s in
+            try Self.checkOpenLocked(s)
+            try Self.checkEpochLocked(s, epoch)
+            guard count >= 1, count <= Self.maxSummaryCount else {
+                throw ReplicaError.badRequest("summary count \(count) is outside 1...\(Self.maxSummaryCount)")
+            }
+            let blocks = s.superblock.size / UInt64(Self.blockSize)
+            let regionCount = (blocks + UInt64(Self.summaryRegionBlocks) - 1) / UInt64(Self.summaryRegionBlocks)
+            let (end, overflow) = firstRegion.addingReportingOverflow(UInt64(count))
+            guard !overflow, end <= regionCount else {
+                throw ReplicaError.badRequest("regions \(firstRegion)+\(count) are beyond the replica's \(regionCount) regions")
+            }
+            return try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: Self.summaryRegionBlocks) { entries in
+                var digests: [UInt64] = []
+                digests.reserveCapacity(count)
+                for region in firstRegion..<end {
+                    let first = region * UInt64(Self.summaryRegionBlocks)
+                    let n = Int(min(UInt64(Self.summaryRegionBlocks), blocks - first))
+                    let slice = UnsafeMutableBufferPointer(rebasing: entries[0..<n])
+                    try lockRegions(first: first, count: n) { try s.blockMap.read(first: first, into: slice) }
+                    digests.append(Self.regionDigest(slice))
+                }
+                return digests
+            }
+        }
+    }
+
+    private func lockRegions(first firstBlock: UInt64, count: Int, _ body: () throws -> Void) throws {
+        try regions.withRange(offset: firstBlock * UInt64(Self.blockSize), length: count * Self.blockSize, body)
+    }
+
+    static func regionDigest(_ entries: UnsafeMutableBufferPointer<BlockMapEntry>) -> UInt64 {
+        var any = false
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        for entry in entries {
+            let value = entry.isTrimmed ? entry.generation | BlockGenerations.trimmedBit : entry.generation
+            if value != 0 { any = true }
+            var v = value
+            for _ in 0..<8 {
+                hash = (hash ^ (v & 0xFF)) &* 0x100_0000_01B3
+                v >>= 8
+            }
+        }
+        guard any else { return 0 }
+        return hash == 0 ? 1 : hash
+    }
+
+    /// The blocks in `firstBlock ..< firstBlock+count` (1...`maxVerifyCount`) whose data does
+    /// not match its recorded checksum (written, untrimmed blocks only), ascending. Reads the
+    /// data 1 MiB at a time under the region locks; each bad block is logged.
+    public func verify(firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        try state.withShared { s in
+            try Self.checkOpenLocked(s)
+            try Self.checkEpochLocked(s, epoch)
+            guard count >= 1, count <= Self.maxVerifyCount else {
+                throw ReplicaError.badRequest("verify count \(count) is outside 1...\(Self.maxVerifyCount)")
+            }
+            let blocks = s.superblock.size / UInt64(Self.blockSize)
+            let (end, overflow) = firstBlock.addingReportingOverflow(UInt64(count))
+            guard !overflow, end <= blocks else {
+                throw ReplicaError.badRequest("blocks \(firstBlock)+\(count) are beyond the replica's \(blocks) blocks")
+            }
+            let chunk = Self.summaryRegionBlocks
+            let buffer = AlignedScratch.buffer(chunk * Self.blockSize)
+            var bad: [UInt64] = []
+            try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: chunk) { entries in
+                var first = firstBlock
+                while first < end {
+                    let n = Int(min(UInt64(chunk), end - first))
+                    let slice = UnsafeMutableBufferPointer(rebasing: entries[0..<n])
+                    let data = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<(n * Self.blockSize)])
+                    try lockRegions(first: first, count: n) {
+                        try s.blockMap.read(first: first, into: slice)
+                        // Only when something in the chunk is written: holes cost nothing.
+                        if slice.contains(where: { $0.isPresent && !$0.isTrimmed }) {
+                            try Self.readBlocks(fd: s.dataFD, path: s.dataPath, first: first, into: data)
+                        }
+                    }
+                    for i in 0..<n where slice[i].isPresent && !slice[i].isTrimmed {
+                        let block = UnsafeRawBufferPointer(rebasing: data[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
+                        if CRC32C.checksum(block) != slice[i].crc {
+                            bad.append(first + UInt64(i))
+                            logger.error("replica block checksum mismatch found by verify", metadata: [
+                                "volume.id": "\(volumeID)", "replica.block": "\(first + UInt64(i))",
+                                "replica.generation": "\(slice[i].generation)",
+                            ])
+                        }
+                    }
+                    first += UInt64(n)
+                }
+            }
+            return bad
+        }
+    }
+
     /// Makes every write so far durable: fdatasync the data, then the block map, then record
     /// the highest generation written as the superblock's flushed generation.
     public func flush(epoch: UInt64) throws {
@@ -439,7 +569,18 @@ public final class ReplicaStore: Sendable {
     /// protocol's trim carries none yet; by default the highest generation written so far, so
     /// a delta resync from below it sees the trim).
     public func trim(offset: UInt64, length: Int, generation: UInt64? = nil, epoch: UInt64) throws {
-        try state.withShared { s in
+        _ = try trim(offset: offset, length: length, generation: generation, epoch: epoch, ifNewer: false)
+    }
+
+    /// A trim; with `ifNewer` (a resync's copy of a trimmed block) only the blocks whose
+    /// generation is lower than `generation` are trimmed. Returns the blocks trimmed.
+    @discardableResult
+    public func trim(offset: UInt64, length: Int, generation: UInt64?, epoch: UInt64, ifNewer: Bool) throws -> Int {
+        if ifNewer {
+            guard let generation, generation > 0 else { throw ReplicaError.badRequest("an if-newer trim needs a generation") }
+            return try trimIfNewer(offset: offset, length: length, generation: generation, epoch: epoch)
+        }
+        return try state.withShared { s in
             let (first, count) = try Self.checkLocked(s, offset: offset, length: length, epoch: epoch)
             if let generation, generation > BlockGenerations.maxGeneration {
                 throw ReplicaError.badRequest("generation \(generation) is above the limit of \(BlockGenerations.maxGeneration)")
@@ -463,6 +604,48 @@ public final class ReplicaStore: Sendable {
             try s.blockMap.write(first: first, [BlockMapEntry](repeating: entry, count: count))
             }
             s.highestGeneration.max(generation, ordering: .relaxed)
+            return count
+        }
+    }
+
+    /// Trims (punch hole + trimmed entry) the runs of blocks whose generation is below
+    /// `generation`, each decided under its region lock.
+    private func trimIfNewer(offset: UInt64, length: Int, generation: UInt64, epoch: UInt64) throws -> Int {
+        try state.withShared { s in
+            let (first, count) = try Self.checkLocked(s, offset: offset, length: length, epoch: epoch)
+            guard generation <= BlockGenerations.maxGeneration else {
+                throw ReplicaError.badRequest("generation \(generation) is above the limit of \(BlockGenerations.maxGeneration)")
+            }
+            let trimmed = BlockMapEntry(generation: generation, crc: Self.zeroBlockCRC, flags: BlockMapEntry.trimmedFlag)
+            let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
+                try regions.withRange(offset: offset, length: length) {
+                    try s.blockMap.read(first: first, into: entries)
+                    var applied = 0
+                    var i = 0
+                    while i < count {
+                        guard entries[i].generation < generation else { i += 1; continue }
+                        var end = i
+                        while end < count && entries[end].generation < generation { end += 1 }
+                        let start = offset + UInt64(i * Self.blockSize)
+                        let bytes = (end - i) * Self.blockSize
+                        let punch = FileIO.FALLOC_FL_PUNCH_HOLE | FileIO.FALLOC_FL_KEEP_SIZE
+                        if FileIO.fallocate(s.dataFD, mode: punch, offset: start, length: UInt64(bytes)) != 0 {
+                            let e = errno
+                            guard e == EOPNOTSUPP else { throw SystemError("fallocate punch hole \(s.dataPath)", errno: e) }
+                            let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes, alignment: Self.blockSize)
+                            defer { zeros.deallocate() }
+                            zeros.initializeMemory(as: UInt8.self, repeating: 0)
+                            try FileIO.pwriteFully(s.dataFD, UnsafeRawBufferPointer(zeros), offset: start, path: s.dataPath)
+                        }
+                        try s.blockMap.write(first: first + UInt64(i), [BlockMapEntry](repeating: trimmed, count: end - i))
+                        applied += end - i
+                        i = end
+                    }
+                    return applied
+                }
+            }
+            if applied > 0 { s.highestGeneration.max(generation, ordering: .relaxed) }
+            return applied
         }
     }
 

@@ -92,6 +92,7 @@ public final class EtcdStore: MetadataStore {
         publishesPrefix(r.volumeID) + "\(r.nodeID)/\(Self.escape(r.namespace.key))/\(Self.escape(r.targetPath))"
     }
     private var nodesPrefix: String { "\(prefix)/nodes/" }
+    private var removedNodesPrefix: String { "\(prefix)/removed-nodes/" }
     private func nodeKey(_ id: String) -> String { nodesPrefix + id }
     private var leaderKey: String { "\(prefix)/leader" }
 
@@ -155,6 +156,7 @@ public final class EtcdStore: MetadataStore {
     /// lease alive in the background until `stop()`. When the lease is lost (etcd unreachable
     /// for longer than the TTL) the node is registered again as soon as etcd answers.
     public func registerNode(_ node: NodeRecord) async throws {
+        if try await client.get(removedNodesPrefix + node.id).kv != nil { throw StoreRules.nodeRemoved(node.id) }
         let lease = try await client.grantLease(ttl: nodeLeaseTTL)
         try await write([.put(nodeKey(node.id), try StoreRules.encode(node), lease: lease)])
         let task = Task { await self.keepNodeRegistered(node, lease: lease) }
@@ -224,6 +226,17 @@ public final class EtcdStore: MetadataStore {
 
     public func liveNodes() async throws -> [NodeRecord] {
         try await list(NodeRecord.self, prefix: nodesPrefix)
+    }
+
+    public func removeNode(id: String) async throws {
+        let stamp = try StoreRules.encode(["removedAt": Date().timeIntervalSince1970])
+        try await write([.put(removedNodesPrefix + id, stamp), .delete(nodeKey(id))])
+        logger.notice("node removed", metadata: ["node": "\(id)"])
+    }
+
+    public func removedNodes() async throws -> [String] {
+        try await client.range(from: removedNodesPrefix, end: EtcdClient.prefixEnd(removedNodesPrefix), keysOnly: true)
+            .kvs.map { String(decoding: $0.key, as: UTF8.self).dropFirst(removedNodesPrefix.count) }.map(String.init).sorted()
     }
 
     // MARK: leader lease
@@ -417,6 +430,18 @@ public final class EtcdStore: MetadataStore {
         if changed {
             logger.notice("replica left the in-sync set", metadata: [
                 "volume": "\(volumeID)", "replica.node": "\(nodeID)", "epoch": "\(epoch)", "reason": "\(reason)"])
+        }
+    }
+
+    public func updateVolume(id: String, what: String,
+                             _ change: @escaping @Sendable (inout VolumeRecord) throws -> Bool) async throws -> Bool {
+        try await transact(what) { txn in
+            guard var volume = try await txn.get(volumeKey(id)).map({ try decode(VolumeRecord.self, $0) }) else {
+                throw StoreRules.volumeNotFound(id)
+            }
+            guard try change(&volume) else { return false }
+            txn.put(volumeKey(id), try StoreRules.encode(volume))
+            return true
         }
     }
 

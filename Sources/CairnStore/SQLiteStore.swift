@@ -61,6 +61,9 @@ public final class SQLiteStore: MetadataStore {
             }
             try db.execute(sql: "DROP TABLE publishes; ALTER TABLE publishes_v2 RENAME TO publishes")
         }
+        migrator.registerMigration("v3-removed-nodes") { db in
+            try db.execute(sql: "CREATE TABLE removed_nodes (id TEXT PRIMARY KEY, removed_at REAL NOT NULL)")
+        }
         return migrator
     }
 
@@ -97,8 +100,24 @@ public final class SQLiteStore: MetadataStore {
     public func registerNode(_ node: NodeRecord) async throws {
         let doc = try Self.encode(node)
         try await write { db in
+            if try Bool.fetchOne(db, sql: "SELECT 1 FROM removed_nodes WHERE id = ?", arguments: [node.id]) == true {
+                throw StoreRules.nodeRemoved(node.id)
+            }
             try db.execute(sql: "INSERT OR REPLACE INTO nodes (id, doc) VALUES (?, ?)", arguments: [node.id, doc])
         }
+    }
+
+    public func removeNode(id: String) async throws {
+        try await write { db in
+            try db.execute(sql: "INSERT OR IGNORE INTO removed_nodes (id, removed_at) VALUES (?, ?)",
+                           arguments: [id, Date().timeIntervalSince1970])
+            try db.execute(sql: "DELETE FROM nodes WHERE id = ?", arguments: [id])
+        }
+        logger.notice("node removed", metadata: ["node": "\(id)"])
+    }
+
+    public func removedNodes() async throws -> [String] {
+        try await read { db in try String.fetchAll(db, sql: "SELECT id FROM removed_nodes ORDER BY id") }
     }
 
     public func node(id: String) async throws -> NodeRecord? {
@@ -202,6 +221,18 @@ public final class SQLiteStore: MetadataStore {
         if changed {
             logger.notice("replica left the in-sync set", metadata: [
                 "volume": "\(volumeID)", "replica.node": "\(nodeID)", "epoch": "\(epoch)", "reason": "\(reason)"])
+        }
+    }
+
+    public func updateVolume(id: String, what: String,
+                             _ change: @escaping @Sendable (inout VolumeRecord) throws -> Bool) async throws -> Bool {
+        try await write { db in
+            guard var volume = try Self.fetchOne(db, VolumeRecord.self, "SELECT doc FROM volumes WHERE id = ?", [id]) else {
+                throw StoreRules.volumeNotFound(id)
+            }
+            guard try change(&volume) else { return false }
+            try db.execute(sql: "UPDATE volumes SET doc = ? WHERE id = ?", arguments: [try Self.encode(volume), id])
+            return true
         }
     }
 

@@ -34,4 +34,9 @@ enum StoreRules {
     static func volumeNotFound(_ id: String) -> CairnError {
         CairnError.notFound("volume \(id) does not exist")
     }
+
+    static func nodeRemoved(_ id: String) -> CairnError {
+        CairnError.failedPrecondition(
+            "node \(id) was removed from the cluster (cairn node remove); its replicas were moved elsewhere. Give the machine a new --node-id to bring it back as a new node")
+    }
 }

@@ -92,18 +92,7 @@ struct Failover: AsyncParsableCommand {
     }
 
     func runTestbed(_ arguments: String...) throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: testbed)
-        process.arguments = arguments
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw BenchError("\(testbed) \(arguments.joined(separator: " ")) failed (exit \(process.terminationStatus)): \(text)")
-        }
+        try runTestbedScript(testbed, arguments)
     }
 }
 
@@ -120,4 +109,23 @@ func directWrite(_ path: String) throws {
     guard n == 4096 else {
         throw BenchError("write \(path): \(n < 0 ? String(cString: strerror(errno)) : "short write of \(n) bytes")")
     }
+}
+
+/// Runs the test bed script; its output (stdout) on success, a BenchError with all output otherwise.
+@discardableResult
+func runTestbedScript(_ script: String, _ arguments: [String]) throws -> String {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: script)
+    process.arguments = arguments
+    let output = Pipe(), errors = Pipe()
+    process.standardOutput = output
+    process.standardError = errors
+    try process.run()
+    let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    let problems = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else {
+        throw BenchError("\(script) \(arguments.joined(separator: " ")) failed (exit \(process.terminationStatus)): \(text)\(problems)")
+    }
+    return text
 }

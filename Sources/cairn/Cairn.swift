@@ -17,7 +17,7 @@ struct Cairn: AsyncParsableCommand {
         commandName: "cairn",
         abstract: "Cairn: replicated block volumes for stateful services, over CSI.",
         version: CairnVersion.version,
-        subcommands: [Serve.self, VolumeCommand.self]
+        subcommands: [Serve.self, VolumeCommand.self, ReplicaCommand.self]
     )
 }
 
@@ -81,6 +81,15 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("default-replicas"), help: "Replicas of a volume whose CreateVolume does not name `replicas` (--store etcd).")
     var defaultReplicas: Int = 3
 
+    @Option(name: .customLong("rebuild-rate"), help: "Resync and rebuild bandwidth of this node in MB/s (10^6 bytes), shared by all its volumes; 0 = unlimited (--store etcd).")
+    var rebuildRate: Double = 200
+
+    @Option(name: .customLong("resync-retry"), help: "Seconds before an engine tries again to resync an out-of-sync replica it could not reach (doubling after each failure, up to 8×) (--store etcd).")
+    var resyncRetry: Double = 5
+
+    @Option(name: .customLong("scrub-rate"), help: "MB/s at which the engine of a staged volume verifies every replica's checksums in the background, repairing bad blocks from another replica; 0 = no scrub (--store etcd).")
+    var scrubRate: Double = 8
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
@@ -111,6 +120,8 @@ struct Serve: AsyncParsableCommand {
         let roots = pathRoots.map { $0.hasSuffix("/") && $0.count > 1 ? String($0.dropLast()) : $0 }
         for root in roots where !root.hasPrefix("/") { throw ValidationError("--path-root \(root) must be absolute") }
 
+        guard resyncRetry > 0 else { throw ValidationError("--resync-retry must be more than 0 seconds") }
+        guard rebuildRate >= 0, scrubRate >= 0 else { throw ValidationError("--rebuild-rate and --scrub-rate must be 0 (off/unlimited) or more MB/s") }
         if let pid = targetNamespacePID, pid <= 0 { throw ValidationError("--target-namespace-pid \(pid) is not a process id") }
         if targetNamespacePID != nil && !(role == .node || role == .all) {
             throw ValidationError("--target-namespace-pid is for the node and all roles")
@@ -140,7 +151,11 @@ struct Serve: AsyncParsableCommand {
         }
         let localFiles = try LocalFileBacking(dataDir: dataDir)
         let backing: any VolumeBacking = etcd == nil ? localFiles
-            : try ReplicatedBacking(dataDir: dataDir, nodeID: nodeID, store: store, logger: logger)
+            : try ReplicatedBacking(dataDir: dataDir, nodeID: nodeID, store: store,
+                                    recovery: .init(rebuildBytesPerSecond: UInt64(rebuildRate * 1e6),
+                                                    scrubBytesPerSecond: UInt64(scrubRate * 1e6),
+                                                    retrySeconds: resyncRetry),
+                                    logger: logger)
         var servers: [ServedEndpoint] = []
         // `--role node --agent-socket none`: this process is the node's agent too (privileged,
         // in the host's namespaces) — the usual way to run a cluster node.

@@ -48,7 +48,9 @@ struct Testbed: Sendable {
     /// Builds a bed of `nodes` nodes with the `cairn` next to the test bundle (`withCairn: false`:
     /// network and etcd only). Skips the test when not root. When `up` fails, runs `down` and
     /// throws with up's output (it ends with the failing process's log).
-    static func up(nodes: Int, withCairn: Bool = true, pathRoots: [String] = []) throws -> Testbed {
+    /// `nodeArgs`/`controllerArgs`: extra `cairn serve` flags (kept across `restart`).
+    static func up(nodes: Int, withCairn: Bool = true, pathRoots: [String] = [], nodeArgs: [String] = [],
+                   controllerArgs: [String] = []) throws -> Testbed {
         if getuid() != 0 {
             throw XCTSkip("the test bed makes network namespaces, mounts and loop devices: run the tests as root")
         }
@@ -59,7 +61,10 @@ struct Testbed: Sendable {
             arguments.append("--no-cairn")
         }
         for root in pathRoots { arguments += ["--path-root", root] }
-        let started = run(arguments)
+        let started = run(arguments, environment: [
+            "CAIRN_TESTBED_NODE_ARGS": nodeArgs.joined(separator: " "),
+            "CAIRN_TESTBED_CONTROLLER_ARGS": controllerArgs.joined(separator: " "),
+        ])
         guard started.status == 0 else {
             let cleanup = run(["down"])
             throw FixtureError("""
@@ -138,9 +143,10 @@ struct Testbed: Sendable {
     /// Runs the script (through CairnCore's `Command`, with a deadline: `up` waits at most 120 s
     /// for the lock plus its start-up timeouts). Failing to run it, or a timeout, reports exit
     /// status 127 with the reason.
-    static func run(_ arguments: [String]) -> (status: Int32, stdout: String, output: String) {
+    static func run(_ arguments: [String], environment: [String: String] = [:]) -> (status: Int32, stdout: String, output: String) {
         do {
-            let result = try Command.runBlocking([script] + arguments, timeout: .seconds(600))
+            let env = environment.filter { !$0.value.isEmpty }.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
+            let result = try Command.runBlocking((env.isEmpty ? [] : ["env"] + env) + [script] + arguments, timeout: .seconds(600))
             return (result.status, result.stdout, result.output)
         } catch {
             return (127, "", "scripts/testbed \(arguments.joined(separator: " ")): \(error)")

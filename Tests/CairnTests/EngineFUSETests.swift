@@ -82,18 +82,22 @@ final class EngineFUSETests: XCTestCase {
         return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
-    func makeEngine(_ fakes: [FakeReplica], local: String = "n1", epoch: UInt64 = 5, name: String = "vol-a") -> VolumeEngine {
-        let byNode = Dictionary(uniqueKeysWithValues: fakes.map { ($0.nodeID, $0) })
+    func makeEngine(_ fakes: [FakeReplica], local: String = "n1", epoch: UInt64 = 5, name: String = "vol-a",
+                    outOfSync: Set<String> = [], spares: [FakeReplica] = [], recovery: EngineRecovery? = nil) -> VolumeEngine {
+        let byNode = Dictionary(uniqueKeysWithValues: (fakes + spares).map { ($0.nodeID, $0) })
         let recorder = recorder
         let engine = VolumeEngine(
             volumeID: name, sizeBytes: UInt64(Self.size), epoch: epoch,
-            replicas: fakes.enumerated().map { EngineReplica(nodeID: $1.nodeID, host: "127.0.0.1", port: UInt16(7000 + $0)) },
+            replicas: fakes.enumerated().map {
+                EngineReplica(nodeID: $1.nodeID, host: "127.0.0.1", port: UInt16(7000 + $0), inSync: !outOfSync.contains($1.nodeID))
+            },
             localNodeID: local, mountDirectory: dir + "/mnt-\(name)",
             connect: { replica in
                 guard let fake = byNode[replica.nodeID] else { throw FakeFailure(description: "no such replica") }
                 return fake
             },
             markOutOfSync: { try recorder.mark($0, $1) },
+            recovery: recovery,
             logger: logger)
         engines.append(engine)
         return engine

@@ -21,6 +21,15 @@ final class FakeReplica: ReplicaIO {
         var failure: (any Error & Sendable)?
         /// Thrown by claim.
         var claimFailure: (any Error & Sendable)?
+        /// Per block: the generation as the `generations` op reports it (bit 63: trimmed).
+        var generations: [UInt64] = []
+        /// Blocks whose data "does not match its checksum": reads of them fail, verify lists them.
+        var corrupt: Set<UInt64> = []
+        /// Resync copies received (if-newer writes and trims), applied or not, in bytes.
+        var resyncBytes = 0
+        var repairs: [UInt64] = []
+        var summaryCalls = 0
+        var generationCalls = 0
     }
 
     let nodeID: String
@@ -32,7 +41,9 @@ final class FakeReplica: ReplicaIO {
     init(nodeID: String, size: Int, highestGeneration: UInt64 = 0, storesData: Bool = true) {
         self.nodeID = nodeID
         self.storesData = storesData
-        state = Mutex(State(data: storesData ? [UInt8](repeating: 0, count: size) : [], highestGeneration: highestGeneration))
+        var initial = State(data: storesData ? [UInt8](repeating: 0, count: size) : [], highestGeneration: highestGeneration)
+        if storesData { initial.generations = [UInt64](repeating: 0, count: size / 4096) }
+        state = Mutex(initial)
     }
 
     func fail(with error: (any Error & Sendable)?) { state.withLock { $0.failure = error } }
@@ -67,6 +78,10 @@ final class FakeReplica: ReplicaIO {
         try state.withLock { s in
             try check(s, epoch: epoch)
             s.reads += 1
+            let first = offset / 4096
+            if let bad = (first..<first + UInt64(buffer.count / 4096)).first(where: { s.corrupt.contains($0) }) {
+                throw ReplicaError.checksumMismatch(block: bad)
+            }
             guard storesData else {
                 _ = buffer.initializeMemory(as: UInt8.self, repeating: 0)
                 return
@@ -83,6 +98,11 @@ final class FakeReplica: ReplicaIO {
             guard storesData else { return }
             s.writes.append(Write(offset: offset, length: data.count, generation: generation))
             s.data.withUnsafeMutableBytes { ($0.baseAddress! + Int(offset)).copyMemory(from: data.baseAddress!, byteCount: data.count) }
+            for b in Int(offset / 4096)..<Int(offset / 4096) + data.count / 4096 {
+                s.generations[b] = generation
+                s.corrupt.remove(UInt64(b))
+            }
+            s.highestGeneration = max(s.highestGeneration, generation)
         }
     }
 
@@ -100,10 +120,110 @@ final class FakeReplica: ReplicaIO {
             s.trims.append((offset, length, generation))
             guard storesData else { return }
             for i in Int(offset)..<Int(offset + length) { s.data[i] = 0 }
+            for b in Int(offset / 4096)..<Int((offset + length) / 4096) {
+                s.generations[b] = generation | BlockGenerations.trimmedBit
+                s.corrupt.remove(UInt64(b))
+            }
+            s.highestGeneration = max(s.highestGeneration, generation)
         }
     }
 
     func close() { state.withLock { $0.closed = true } }
+
+    // Resync, repair, scrub: the replica store's rules, in memory.
+
+    func generations(volumeID: String, firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        try state.withLock { s in
+            try check(s, epoch: epoch)
+            s.generationCalls += 1
+            return Array(s.generations[Int(firstBlock)..<Int(firstBlock) + count])
+        }
+    }
+
+    func generationSummary(volumeID: String, firstRegion: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        try state.withLock { s in
+            try check(s, epoch: epoch)
+            s.summaryCalls += 1
+            return (0..<count).map { i in
+                let start = (Int(firstRegion) + i) * 256
+                let values = s.generations[start..<min(start + 256, s.generations.count)]
+                guard values.contains(where: { $0 != 0 }) else { return 0 }
+                return values.enumerated().reduce(UInt64(14_695_981_039_346_656_037)) { hash, item in
+                    (hash ^ (item.element &+ UInt64(item.offset))) &* 1_099_511_628_211
+                }
+            }
+        }
+    }
+
+    /// Applies whole blocks whose generation passes `applies`; returns how many.
+    private func conditional(_ offset: UInt64, _ data: UnsafeRawBufferPointer, _ generation: UInt64, epoch: UInt64,
+                             resync: Bool, _ applies: (UInt64) -> Bool) throws -> Int {
+        try checkAligned(offset, data.count)
+        return try state.withLock { s in
+            try check(s, epoch: epoch)
+            if resync { s.resyncBytes += data.count }
+            var applied = 0
+            for i in 0..<data.count / 4096 {
+                let b = Int(offset / 4096) + i
+                guard applies(BlockGenerations.generation(s.generations[b])) else { continue }
+                s.data.withUnsafeMutableBytes {
+                    ($0.baseAddress! + b * 4096).copyMemory(from: data.baseAddress! + i * 4096, byteCount: 4096)
+                }
+                s.generations[b] = generation
+                s.corrupt.remove(UInt64(b))
+                if !resync { s.repairs.append(UInt64(b)) }
+                applied += 1
+            }
+            s.highestGeneration = max(s.highestGeneration, generation)
+            return applied
+        }
+    }
+
+    func writeIfNewer(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws -> Int {
+        try conditional(offset, data, generation, epoch: epoch, resync: true) { $0 < generation }
+    }
+
+    func repairWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws -> Int {
+        try conditional(offset, data, generation, epoch: epoch, resync: false) { $0 <= generation }
+    }
+
+    func trimIfNewer(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws -> Int {
+        try checkAligned(offset, Int(length))
+        return try state.withLock { s in
+            try check(s, epoch: epoch)
+            var applied = 0
+            for b in Int(offset / 4096)..<Int((offset + length) / 4096)
+            where BlockGenerations.generation(s.generations[b]) < generation {
+                for i in b * 4096..<(b + 1) * 4096 { s.data[i] = 0 }
+                s.generations[b] = generation | BlockGenerations.trimmedBit
+                s.corrupt.remove(UInt64(b))
+                applied += 1
+            }
+            return applied
+        }
+    }
+
+    func verify(volumeID: String, firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
+        try state.withLock { s in
+            try check(s, epoch: epoch)
+            return s.corrupt.filter { $0 >= firstBlock && $0 < firstBlock + UInt64(count) }.sorted()
+        }
+    }
+
+    var wireBytes: (sent: UInt64, received: UInt64) { (0, 0) }
+
+    /// Simulates a write the engine never saw acknowledged (or silent corruption when
+    /// `corrupt`): changes the bytes of `block` at `generation` behind the engine's back.
+    func tamper(block: Int, byte: UInt8, generation: UInt64? = nil, corrupt: Bool = false) {
+        state.withLock { s in
+            for i in block * 4096..<(block + 1) * 4096 { s.data[i] = byte }
+            if let generation {
+                s.generations[block] = generation
+                s.highestGeneration = max(s.highestGeneration, generation)
+            }
+            if corrupt { s.corrupt.insert(UInt64(block)) }
+        }
+    }
 }
 
 struct FakeFailure: Error, CustomStringConvertible {

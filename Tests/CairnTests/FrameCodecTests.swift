@@ -22,6 +22,10 @@ final class FrameCodecTests: XCTestCase {
             .delete(DeleteRequest(volume: "pvc-0f1e2d3c")),
             .generations(GenerationsRequest(volume: "pvc-0f1e2d3c", firstBlock: 1 << 20, count: 65_536)),
             .write(WriteRequest(volume: "pvc-0f1e2d3c", generation: 40, offset: 0, data: block, ifNewer: true)),
+            .write(WriteRequest(volume: "pvc-0f1e2d3c", generation: 39, offset: 0, data: block, repair: true)),
+            .trim(TrimRequest(volume: "pvc-0f1e2d3c", generation: 44, offset: 4096, length: 8192, ifNewer: true)),
+            .summary(GenerationsRequest(volume: "pvc-0f1e2d3c", firstBlock: 3, count: 4096)),
+            .verify(GenerationsRequest(volume: "pvc-0f1e2d3c", firstBlock: 256, count: 16_384)),
         ]
         let responses: [Response] = [
             .hello(HelloResponse(status: .ok, protocolVersion: 1, authToken: [1, 2, 3])),
@@ -37,6 +41,10 @@ final class FrameCodecTests: XCTestCase {
             .generations(GenerationsResponse(status: .badRequest, message: "generations count 0 is outside 1...65536")),
             .conditionalWrite(ConditionalWriteResponse(status: .ok, appliedBlocks: 3)),
             .conditionalWrite(ConditionalWriteResponse(status: .staleEpoch, message: "stale epoch 1")),
+            .conditionalTrim(ConditionalWriteResponse(status: .ok, appliedBlocks: 2)),
+            .summary(GenerationsResponse(status: .ok, generations: [0, 0xDEAD_BEEF, 1])),
+            .verify(GenerationsResponse(status: .ok, generations: [])),
+            .verify(GenerationsResponse(status: .ok, generations: [257, 300])),
         ]
         var frames: [Frame] = []
         for (i, r) in requests.enumerated() {
@@ -379,11 +387,28 @@ final class FrameCodecTests: XCTestCase {
         XCTAssertTrue(decoded.ifNewer)
     }
 
+    func testTheRepairFlagIsOnlyValidOnAWriteRequestWithoutIfNewer() {
+        let volume = Self.volumeField(Array("v".utf8))
+        assertFrameError(Self.rawFrame(op: Opcode.trim.rawValue, flags: FrameFlags.repair, payload: volume), .reservedFlags, containing: "repair")
+        let write = WriteRequest(volume: "v", generation: 3, offset: 0, data: [UInt8](repeating: 1, count: 4096))
+        let payload = write.encode()
+        assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.repair | FrameFlags.ifNewer, payload: payload),
+                         .reservedFlags, containing: "repair")
+        assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.repair | FrameFlags.response, payload: [0, 0, 0, 0, 0, 0, 0]),
+                         .reservedFlags, containing: "repair")
+        let fast = [UInt8](repeating: 1, count: 4096).withUnsafeBytes {
+            WriteRequest.encodeFrame(requestID: 1, epoch: 2, volume: "v", generation: 3, offset: 0, data: $0, repair: true)
+        }
+        guard case .request(.write(let decoded)) = try? Self.decodeAll(fast).first?.body else { return XCTFail("not a write") }
+        XCTAssertTrue(decoded.repair)
+        XCTAssertFalse(decoded.ifNewer)
+    }
+
     func testTheIfNewerFlagIsOnlyValidOnWrite() {
         let volume = Self.volumeField(Array("v".utf8))
-        assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, flags: FrameFlags.ifNewer, payload: volume), .reservedFlags, containing: "only valid on write")
+        assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, flags: FrameFlags.ifNewer, payload: volume), .reservedFlags, containing: "only valid on write and trim")
         assertFrameError(Self.rawFrame(op: Opcode.generations.rawValue, flags: FrameFlags.ifNewer | FrameFlags.response, payload: [0, 0, 0, 0, 0, 0, 0]),
-                         .reservedFlags, containing: "only valid on write")
+                         .reservedFlags, containing: "only valid on write and trim")
         // A conditional write's response carries the applied count; a plain one does not.
         let conditional = Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.response | FrameFlags.ifNewer, payload: [0] + Self.le(UInt32(2)) + [0, 0])
         XCTAssertEqual(try? Self.decodeAll(conditional).first?.body, .response(.conditionalWrite(ConditionalWriteResponse(status: .ok, appliedBlocks: 2))))

@@ -159,6 +159,121 @@ final class ReplicaResyncTests: XCTestCase {
         XCTAssertEqual(try c.read(volumeID: volume, offset: 0, length: 6 * bs, epoch: 2), data)
     }
 
+    // MARK: summary, repair, if-newer trims, verify (issue 6)
+
+    /// The data file of the replica's head layer, to damage behind the store's back.
+    private func dataFile() throws -> String {
+        let layers = root + "/replicas/\(volume)/layers"
+        let head = try XCTUnwrap(try FileManager.default.contentsOfDirectory(atPath: layers).sorted().last)
+        return "\(layers)/\(head)/data"
+    }
+
+    /// Flips 8 bytes of `block` in the data file (O_DIRECT, as the store reads it).
+    private func corrupt(block: UInt64) throws {
+        let path = try dataFile()
+        let fd = open(path, O_RDWR | 0o40000)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        defer { close(fd) }
+        let buffer = UnsafeMutableRawBufferPointer(start: aligned_alloc(4096, 4096), count: 4096)
+        defer { free(buffer.baseAddress) }
+        XCTAssertEqual(pread(fd, buffer.baseAddress, 4096, off_t(block) * 4096), 4096)
+        for i in 100..<108 { buffer[i] ^= 0x5A }
+        XCTAssertEqual(pwrite(fd, buffer.baseAddress, 4096, off_t(block) * 4096), 4096)
+    }
+
+    func testSummariesAreZeroWhenUntouchedEqualForEqualGenerationsAndDifferOtherwise() throws {
+        let c = try prepared()
+        let regions = Int(size) / bs / ReplicaStore.summaryRegionBlocks
+        XCTAssertEqual(try c.generationSummary(volumeID: volume, firstRegion: 0, count: regions, epoch: 2), [UInt64](repeating: 0, count: regions))
+        _ = try write(c, block: 300, generation: 5)  // region 1
+        try c.trim(volumeID: volume, offset: UInt64(600 * bs), length: UInt64(bs), generation: 6, epoch: 2)  // region 2
+        let first = try c.generationSummary(volumeID: volume, firstRegion: 0, count: 4, epoch: 2)
+        XCTAssertEqual(first[0], 0)
+        XCTAssertNotEqual(first[1], 0)
+        XCTAssertNotEqual(first[2], 0)
+        XCTAssertNotEqual(first[1], first[2])
+        // A second replica holding the same generations has the same digests; one block more differs.
+        let other = "vol-resync-2"
+        try c.create(volumeID: other, sizeBytes: size)
+        _ = try c.claim(volumeID: other, epoch: 2)
+        _ = try Self.write(c, volume: other, block: 300, generation: 5)
+        try c.trim(volumeID: other, offset: UInt64(600 * bs), length: UInt64(bs), generation: 6, epoch: 2)
+        XCTAssertEqual(try c.generationSummary(volumeID: other, firstRegion: 0, count: 4, epoch: 2), first)
+        _ = try Self.write(c, volume: other, block: 301, generation: 7)
+        let second = try c.generationSummary(volumeID: other, firstRegion: 0, count: 4, epoch: 2)
+        XCTAssertNotEqual(second[1], first[1])
+        XCTAssertEqual(second[2], first[2])
+        // Limits, range and epoch.
+        assertRemote(.badRequest, containing: ["summary count"]) { try c.generationSummary(volumeID: volume, firstRegion: 0, count: 4097, epoch: 2) }
+        assertRemote(.badRequest, containing: ["beyond"]) { try c.generationSummary(volumeID: volume, firstRegion: UInt64(regions), count: 1, epoch: 2) }
+        assertRemote(.staleEpoch, containing: ["stale epoch 1"]) { try c.generationSummary(volumeID: volume, firstRegion: 0, count: 1, epoch: 1) }
+    }
+
+    func testAPartialLastRegionIsSummarised() throws {
+        let c = try client()
+        let odd = "vol-odd"
+        try c.create(volumeID: odd, sizeBytes: UInt64(300 * bs))  // 2 regions, the second 44 blocks
+        _ = try c.claim(volumeID: odd, epoch: 1)
+        XCTAssertEqual(try c.generationSummary(volumeID: odd, firstRegion: 0, count: 2, epoch: 1), [0, 0])
+        _ = try Self.write(c, volume: odd, block: 299, generation: 2, epoch: 1)
+        let digests = try c.generationSummary(volumeID: odd, firstRegion: 0, count: 2, epoch: 1)
+        XCTAssertEqual(digests[0], 0)
+        XCTAssertNotEqual(digests[1], 0)
+    }
+
+    func testVerifyFindsACorruptedBlockAndARepairWriteFixesItButNeverOverwritesANewerWrite() throws {
+        let c = try prepared()
+        _ = try write(c, block: 10, blocks: 4, generation: 5)
+        try c.flush(volumeID: volume, epoch: 2)
+        XCTAssertEqual(try c.verify(volumeID: volume, firstBlock: 0, count: 16_384, epoch: 2), [])
+        try corrupt(block: 12)
+        XCTAssertEqual(try c.verify(volumeID: volume, firstBlock: 0, count: 16_384, epoch: 2), [12])
+        assertRemote(.checksumMismatch, containing: ["block 12"]) { try c.read(volumeID: volume, offset: UInt64(12 * bs), length: bs, epoch: 2) }
+        // The good copy at the block's own generation is applied (≤), the block reads again.
+        let good = Self.blockData(generation: 5, block: 12)
+        XCTAssertEqual(try good.withUnsafeBytes {
+            try c.repairWrite(volumeID: volume, offset: UInt64(12 * bs), data: $0, generation: 5, epoch: 2)
+        }, 1)
+        XCTAssertEqual(try c.read(volumeID: volume, offset: UInt64(12 * bs), length: bs, epoch: 2), good)
+        XCTAssertEqual(try c.verify(volumeID: volume, firstBlock: 0, count: 64, epoch: 2), [])
+        // A repair at an older generation than the block's is not applied.
+        _ = try write(c, block: 13, generation: 9)
+        XCTAssertEqual(try good.withUnsafeBytes {
+            try c.repairWrite(volumeID: volume, offset: UInt64(13 * bs), data: $0, generation: 5, epoch: 2)
+        }, 0)
+        XCTAssertEqual(try c.read(volumeID: volume, offset: UInt64(13 * bs), length: bs, epoch: 2), Self.blockData(generation: 9, block: 13))
+        assertRemote(.badRequest, containing: ["verify count"]) { try c.verify(volumeID: volume, firstBlock: 0, count: 16_385, epoch: 2) }
+        assertRemote(.staleEpoch, containing: ["stale epoch 1"]) { try c.verify(volumeID: volume, firstBlock: 0, count: 1, epoch: 1) }
+        assertRemote(.staleEpoch, containing: ["stale epoch 1"]) {
+            try good.withUnsafeBytes { try c.repairWrite(volumeID: volume, offset: 0, data: $0, generation: 5, epoch: 1) }
+        }
+    }
+
+    func testAnIfNewerTrimSkipsNewerBlocks() throws {
+        let c = try prepared()
+        _ = try write(c, block: 0, generation: 3)
+        _ = try write(c, block: 1, generation: 9)
+        XCTAssertEqual(try c.trim(volumeID: volume, offset: 0, length: UInt64(3 * bs), generation: 5, epoch: 2, ifNewer: true), 2)
+        XCTAssertEqual(try c.generations(volumeID: volume, firstBlock: 0, count: 3, epoch: 2),
+                       [5 | BlockGenerations.trimmedBit, 9, 5 | BlockGenerations.trimmedBit])
+        XCTAssertEqual(try c.read(volumeID: volume, offset: 0, length: bs, epoch: 2), [UInt8](repeating: 0, count: bs))
+        XCTAssertEqual(try c.read(volumeID: volume, offset: UInt64(bs), length: bs, epoch: 2), Self.blockData(generation: 9, block: 1))
+        XCTAssertEqual(try c.trim(volumeID: volume, offset: 0, length: UInt64(3 * bs), generation: 5, epoch: 2, ifNewer: true), 0)
+        assertRemote(.staleEpoch, containing: ["stale epoch 1"]) {
+            try c.trim(volumeID: volume, offset: 0, length: UInt64(bs), generation: 5, epoch: 1, ifNewer: true)
+        }
+    }
+
+    func testTheClientCountsItsBytesOnTheWire() throws {
+        let c = try prepared()
+        let (sent, received) = (c.bytesSent, c.bytesReceived)
+        _ = try write(c, block: 0, blocks: 4, generation: 3)
+        XCTAssertGreaterThanOrEqual(c.bytesSent - sent, UInt64(4 * bs))
+        XCTAssertLessThan(c.bytesSent - sent, UInt64(4 * bs + 128))
+        _ = try c.read(volumeID: volume, offset: 0, length: 4 * bs, epoch: 2)
+        XCTAssertGreaterThanOrEqual(c.bytesReceived - received, UInt64(4 * bs))
+    }
+
     func testAResyncWriteIsFencedAndValidatedLikeAWrite() throws {
         let c = try prepared(epoch: 5)
         assertRemote(.staleEpoch, containing: ["stale epoch 4"]) { try write(c, block: 0, generation: 3, epoch: 4, ifNewer: true) }
