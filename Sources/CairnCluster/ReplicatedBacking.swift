@@ -73,18 +73,7 @@ public final class ReplicatedBacking: VolumeBacking {
         }
         try await withThrowingTaskGroup(of: Void.self) { group in
             for replica in replicas {
-                group.addTask {
-                    try await Self.blocking {
-                        let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "create its replica")
-                        defer { client.close() }
-                        do {
-                            try client.create(volumeID: volume.id, sizeBytes: UInt64(volume.capacityBytes))
-                        } catch {
-                            throw CairnError.unavailable(
-                                "could not create volume \(volume.id)'s replica on node \(replica.nodeID) (\(replica.address)): \(error); check that node's agent log, or retry")
-                        }
-                    }
-                }
+                group.addTask { try await self.createReplica(volume, replica: replica) }
             }
             try await group.waitForAll()
         }
@@ -93,14 +82,31 @@ public final class ReplicatedBacking: VolumeBacking {
         ])
     }
 
+    public func createReplica(_ volume: VolumeRecord, replica: ReplicaRecord) async throws {
+        try await Self.blocking {
+            let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "create its replica")
+            defer { client.close() }
+            do {
+                try client.create(volumeID: volume.id, sizeBytes: UInt64(volume.capacityBytes))
+            } catch {
+                throw CairnError.unavailable(
+                    "could not create volume \(volume.id)'s replica on node \(replica.nodeID) (\(replica.address)): \(error); check that node's agent log, or retry")
+            }
+        }
+    }
+
+    public func deleteReplica(_ volume: VolumeRecord, replica: ReplicaRecord) async throws {
+        try await Self.blocking {
+            let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "delete its replica")
+            defer { client.close() }
+            try client.delete(volumeID: volume.id)
+        }
+    }
+
     public func delete(_ volume: VolumeRecord) async throws {
         for replica in volume.replicas ?? [] {
             do {
-                try await Self.blocking {
-                    let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "delete its replica")
-                    defer { client.close() }
-                    try client.delete(volumeID: volume.id)
-                }
+                try await deleteReplica(volume, replica: replica)
             } catch {
                 // The volume goes anyway: a node that is away keeps an orphaned replica, which
                 // holds disk space but no volume anyone can reach. Say so, loudly.
@@ -154,6 +160,10 @@ public final class ReplicatedBacking: VolumeBacking {
             } catch let error as CairnError where error.code == .failedPrecondition {
                 // The store's epoch moved on: another node holds the volume now.
                 throw EngineFenced(error.message)
+            } catch let error as CairnError where error.code == .notFound && error.message.contains("has no replica") {
+                // The controller already replaced that replica (re-replication): it is not in
+                // the volume's set any more, which is what recording it out of sync asks for.
+                return
             }
         }
         let recovery = recoveryHooks(volumeID: volumeID, epoch: epoch)
@@ -239,7 +249,8 @@ public final class ReplicatedBacking: VolumeBacking {
         return "degraded: \(inSync.count) of \(replicas.count) replicas in sync (\(inSync.map(\.nodeID).joined(separator: ", "))); out of sync: "
             + out.map { r in
                 "\(r.nodeID)" + (r.outOfSyncSince.map { " since \(Self.timestamp($0))" } ?? "") + (r.reason.map { ": \($0)" } ?? "")
-            }.joined(separator: "; ")
+                    + (r.resync.map { "; resyncing: \($0.summary)" } ?? "")
+            }.joined(separator: "; ") + repairs(volume.id)
     }
 
     public func stageBlocker(_ volume: VolumeRecord) -> String? {
@@ -254,6 +265,17 @@ public final class ReplicatedBacking: VolumeBacking {
     public func healthy(_ volume: VolumeRecord) -> String {
         let replicas = volume.replicas ?? []
         return "healthy: \(replicas.count) of \(replicas.count) replicas in sync (\(replicas.map(\.nodeID).joined(separator: ", ")))"
+            + repairs(volume.id)
+    }
+
+    /// What this node's engine repaired, when it serves the volume ("" otherwise).
+    private func repairs(_ volumeID: String) -> String {
+        guard let state = engines.state(volumeID: volumeID) else { return "" }
+        var parts: [String] = []
+        if state.repairedBlocks > 0 { parts.append("repaired \(state.repairedBlocks) corrupted block\(state.repairedBlocks == 1 ? "" : "s") from another replica") }
+        if state.unrepairableBlocks > 0 { parts.append("\(state.unrepairableBlocks) corrupted block(s) had no good copy (reads of them fail)") }
+        if state.scrubPasses > 0 { parts.append("\(state.scrubPasses) scrub pass\(state.scrubPasses == 1 ? "" : "es") complete") }
+        return parts.isEmpty ? "" : "; " + parts.joined(separator: "; ")
     }
 
     // MARK: Helpers

@@ -41,8 +41,10 @@ public enum Placement {
     /// `preferred` names nodes (in order) that should hold a replica when they can — the CO's
     /// accessibility_requirements.preferred, e.g. the node Kubernetes scheduled the pod on, so
     /// that the engine finds a replica on its own node and reads locally.
+    /// `alongside`: replicas that stay where they are (re-replication): the new ones spread
+    /// away from their failure domains too.
     public static func choose(count: Int, size: Int64, candidates: [PlacementCandidate],
-                              preferred: [String] = []) throws -> [PlacementCandidate] {
+                              preferred: [String] = [], alongside: [PlacementCandidate] = []) throws -> [PlacementCandidate] {
         let eligible = candidates.filter { $0.address != nil && $0.freeBytes >= size }
         guard eligible.count >= count else {
             let reasons = candidates.sorted { $0.nodeID < $1.nodeID }.map { c -> String in
@@ -61,9 +63,10 @@ public enum Placement {
         }
         while chosen.count < count {
             // Lexicographic: fewest chosen sharing each failure domain (widest first), then most free.
+            let placed = alongside + chosen
             let best = left.min { a, b in
-                let sa = domainKeys.map { key in sharing(a, key, chosen) }
-                let sb = domainKeys.map { key in sharing(b, key, chosen) }
+                let sa = domainKeys.map { key in sharing(a, key, placed) }
+                let sb = domainKeys.map { key in sharing(b, key, placed) }
                 if sa != sb { return sa.lexicographicallyPrecedes(sb) }
                 if a.freeBytes != b.freeBytes { return a.freeBytes > b.freeBytes }
                 return a.nodeID < b.nodeID

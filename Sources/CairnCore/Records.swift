@@ -120,7 +120,8 @@ public struct ResyncProgress: Codable, Sendable, Equatable {
         return text
     }
 
-    static func bytes(_ n: Int64) -> String {
+    /// "1.5 GiB".
+    public static func bytes(_ n: Int64) -> String {
         let units = ["B", "KiB", "MiB", "GiB", "TiB"]
         var value = Double(n), unit = 0
         while value >= 1024 && unit < units.count - 1 { value /= 1024; unit += 1 }

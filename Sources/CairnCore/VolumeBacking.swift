@@ -28,10 +28,24 @@ public protocol VolumeBacking: Sendable {
     /// Why the volume cannot be staged now, or nil. A degraded replicated volume can be: its
     /// condition is abnormal, yet it serves I/O from the replicas still in sync.
     func stageBlocker(_ volume: VolumeRecord) -> String?
+    /// Re-replication: one new, empty replica on the node `replica` names (idempotent).
+    func createReplica(_ volume: VolumeRecord, replica: ReplicaRecord) async throws
+    /// Re-replication: removes a replaced replica from its node (best effort).
+    func deleteReplica(_ volume: VolumeRecord, replica: ReplicaRecord) async throws
 }
 
 extension VolumeBacking {
     public func stageBlocker(_ volume: VolumeRecord) -> String? { problem(volume) }
+
+    /// Re-replication: creates one new, empty replica of `volume` on the node `replica` names.
+    public func createReplica(_ volume: VolumeRecord, replica: ReplicaRecord) async throws {
+        throw CairnError.failedPrecondition("volume \(volume.id) is not replicated (one-machine store); there is no replica to re-create")
+    }
+
+    /// Re-replication: deletes a replaced replica (best effort: its node may be gone).
+    public func deleteReplica(_ volume: VolumeRecord, replica: ReplicaRecord) async throws {
+        throw CairnError.failedPrecondition("volume \(volume.id) is not replicated (one-machine store)")
+    }
 }
 
 /// One sparse file per volume under `<data-dir>/volumes/`. Volume ids are validated before

@@ -274,8 +274,13 @@ extension VolumeEngine {
                 }
             }
             for replica in s.known where !ids.contains(replica.nodeID) {
-                // Only out-of-sync replicas are ever replaced; an in-sync one stays served.
-                guard !s.inSync.contains(where: { $0.nodeID == replica.nodeID }) else { continue }
+                // The controller replaced it (it recorded it out of sync first, so acknowledged
+                // writes never depended on it alone): stop sending it anything — but never
+                // drop the last in-sync replica.
+                if s.inSync.contains(where: { $0.nodeID == replica.nodeID }) {
+                    guard s.inSync.count > 1 else { continue }
+                    s.inSync.removeAll { $0.nodeID == replica.nodeID }
+                }
                 dropped.append(replica.nodeID)
                 s.outOfSync[replica.nodeID] = nil
                 for member in s.catchingUp where member.nodeID == replica.nodeID {

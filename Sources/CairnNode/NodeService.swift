@@ -625,7 +625,10 @@ public final class NodeService: Sendable {
         }
         response.volumeCondition = .with {
             $0.abnormal = !problems.isEmpty
-            $0.message = problems.isEmpty ? "volume is attached and mounted; its backing file is intact" : problems.joined(separator: "; ")
+            $0.message = problems.isEmpty
+                ? (volume.replicas == nil ? "volume is attached and mounted; its backing file is intact"
+                    : "volume is attached and mounted; " + backing.healthy(volume))
+                : problems.joined(separator: "; ")
         }
         return response
     }

@@ -17,7 +17,7 @@ struct Cairn: AsyncParsableCommand {
         commandName: "cairn",
         abstract: "Cairn: replicated block volumes for stateful services, over CSI.",
         version: CairnVersion.version,
-        subcommands: [Serve.self, VolumeCommand.self, ReplicaCommand.self]
+        subcommands: [Serve.self, VolumeCommand.self, NodeCommand.self, ReplicaCommand.self]
     )
 }
 
@@ -84,6 +84,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("rebuild-rate"), help: "Resync and rebuild bandwidth of this node in MB/s (10^6 bytes), shared by all its volumes; 0 = unlimited (--store etcd).")
     var rebuildRate: Double = 200
 
+    @Option(name: .customLong("replica-timeout"), help: "Seconds a replica's node may stay away (out of sync, not live) before the controller re-creates that replica on another node (--store etcd, controller). `cairn node remove` triggers it at once.")
+    var replicaTimeout: Double = 600
+
     @Option(name: .customLong("resync-retry"), help: "Seconds before an engine tries again to resync an out-of-sync replica it could not reach (doubling after each failure, up to 8×) (--store etcd).")
     var resyncRetry: Double = 5
 
@@ -120,6 +123,7 @@ struct Serve: AsyncParsableCommand {
         let roots = pathRoots.map { $0.hasSuffix("/") && $0.count > 1 ? String($0.dropLast()) : $0 }
         for root in roots where !root.hasPrefix("/") { throw ValidationError("--path-root \(root) must be absolute") }
 
+        guard replicaTimeout >= 0 else { throw ValidationError("--replica-timeout must be 0 or more seconds") }
         guard resyncRetry > 0 else { throw ValidationError("--resync-retry must be more than 0 seconds") }
         guard rebuildRate >= 0, scrubRate >= 0 else { throw ValidationError("--rebuild-rate and --scrub-rate must be 0 (off/unlimited) or more MB/s") }
         if let pid = targetNamespacePID, pid <= 0 { throw ValidationError("--target-namespace-pid \(pid) is not a process id") }
@@ -251,6 +255,11 @@ struct Serve: AsyncParsableCommand {
                                                    logger: logger,
                                                    cluster: etcd == nil ? nil : ClusterConfig(defaultReplicas: defaultReplicas))
                 Routes.controller(controller, on: router)
+                if etcd != nil {
+                    let repairer = ReplicaRepairer(controller: controller, timeout: .milliseconds(Int64(replicaTimeout * 1000)),
+                                                   logger: logger)
+                    Task { await repairer.run() }
+                }
             }
             servers.append(ServedEndpoint(name: "csi", endpoint: endpoint, socketMode: 0o660,
                                           server: GRPCServer(router: router, logger: logger), optional: false))

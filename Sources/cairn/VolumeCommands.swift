@@ -8,8 +8,8 @@ import Logging
 struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "volume",
-        abstract: "Hot-plug a volume staged on this machine into a running container, or remove it (talks to the local cairn agent).",
-        subcommands: [VolumeAttach.self, VolumeDetach.self]
+        abstract: "Hot-plug a volume staged on this machine into a running container, or remove it (talks to the local cairn agent); inspect a volume's record.",
+        subcommands: [VolumeAttach.self, VolumeDetach.self, VolumeInspect.self]
     )
 }
 

@@ -75,6 +75,11 @@ final class RecoveryTests: XCTestCase {
         let removal = try cairnCLI(["node", "remove", victim])
         print(removal)
         XCTAssertTrue(removal.contains(volume.id), "node remove does not name the affected volume:\n\(removal)")
+        let deadline = Date().addingTimeInterval(180)
+        while try replicaNodes(volume).contains(victim) {
+            guard Date() < deadline else { throw FixtureError("\(victim)'s replica was not replaced in 180 s:\n\(try cairnCLI(["volume", "inspect", volume.id]))") }
+            try await Task.sleep(for: .milliseconds(250))
+        }
         try await waitHealthy(volume, seconds: 180)
         let now = try replicaNodes(volume)
         XCTAssertEqual(Set(now), Set(holders.filter { $0 != victim } + [spare]), "replicas are on \(now)")

@@ -1,3 +1,4 @@
+import CCRC32C
 import CairnReplica
 import XCTest
 
@@ -17,5 +18,15 @@ final class CRC32CTests: XCTestCase {
             let first = CRC32C.checksum(Array(bytes[..<split]))
             XCTAssertEqual(CRC32C.checksum(Array(bytes[split...]), continuing: first), CRC32C.checksum(bytes), "split at \(split)")
         }
+    }
+
+    func testTheTableAndTheInstructionAgree() {
+        var generator = SystemRandomNumberGenerator()
+        for length in [0, 1, 7, 8, 9, 63, 4096, 4099, 65_537] {
+            let bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            let software = bytes.withUnsafeBytes { cairn_crc32c_software(0x1234_5678, $0.baseAddress, $0.count) }
+            XCTAssertEqual(CRC32C.checksum(bytes, continuing: 0x1234_5678), software, "length \(length)")
+        }
+        XCTAssertEqual(Array("123456789".utf8).withUnsafeBytes { cairn_crc32c_software(0, $0.baseAddress, $0.count) }, 0xE306_9283)
     }
 }

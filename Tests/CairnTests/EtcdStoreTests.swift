@@ -76,6 +76,14 @@ final class EtcdStoreTests: XCTestCase {
         try await StoreContract.aReplicaLeavesTheInSyncSetOnlyUnderTheCurrentEpoch(makeStore())
     }
 
+    func testAReplicaRejoinsRecordsProgressAndIsReplacedOnlyOutOfSync() async throws {
+        try await StoreContract.aReplicaRejoinsRecordsProgressAndIsReplacedOnlyOutOfSync(makeStore())
+    }
+
+    func testARemovedNodeCannotRegisterAgain() async throws {
+        try await StoreContract.aRemovedNodeCannotRegisterAgain(makeStore())
+    }
+
     func testRegisteredNodesAreLive() async throws {
         try await StoreContract.registeredNodesAreLive(makeStore())
     }

@@ -44,6 +44,14 @@ final class SQLiteStoreContractTests: XCTestCase {
         try await StoreContract.aReplicaLeavesTheInSyncSetOnlyUnderTheCurrentEpoch(store)
     }
 
+    func testAReplicaRejoinsRecordsProgressAndIsReplacedOnlyOutOfSync() async throws {
+        try await StoreContract.aReplicaRejoinsRecordsProgressAndIsReplacedOnlyOutOfSync(store)
+    }
+
+    func testARemovedNodeCannotRegisterAgain() async throws {
+        try await StoreContract.aRemovedNodeCannotRegisterAgain(store)
+    }
+
     func testRegisteredNodesAreLive() async throws {
         try await StoreContract.registeredNodesAreLive(store)
     }

@@ -197,6 +197,58 @@ enum StoreContract {
         }
     }
 
+    static func aReplicaRejoinsRecordsProgressAndIsReplacedOnlyOutOfSync(_ store: any MetadataStore) async throws {
+        let replicas = [ReplicaRecord(nodeID: "node-a", address: "10.0.0.1:7000"),
+                        ReplicaRecord(nodeID: "node-b", address: "10.0.0.2:7000")]
+        try await store.createVolume(volume("vol-j", replicas: replicas))
+        _ = try await store.attach(volumeID: "vol-j", nodeID: "node-a", readonly: false, accessMode: 7, exclusive: true, nodeLimit: 0)
+        try await store.markReplicaOutOfSync(volumeID: "vol-j", nodeID: "node-b", epoch: 1, reason: "node down")
+        let progress = ResyncProgress(bytesTotal: 100 << 20, bytesDone: 40 << 20, bytesPerSecond: 50_000_000,
+                                      startedAt: when, updatedAt: when, phase: "copy")
+        try await store.recordResyncProgress(volumeID: "vol-j", nodeID: "node-b", epoch: 1, progress: progress)
+        var current = try await store.volume(id: "vol-j")
+        XCTAssertEqual(current?.replicas?[1].resync, progress)
+        XCTAssertTrue(progress.summary.contains("40%"), progress.summary)
+        await assertStatus(.failedPrecondition) {
+            try await store.markReplicaInSync(volumeID: "vol-j", nodeID: "node-b", epoch: 0)
+        }
+        await assertStatus(.notFound) { try await store.markReplicaInSync(volumeID: "vol-j", nodeID: "node-z", epoch: 1) }
+        try await store.markReplicaInSync(volumeID: "vol-j", nodeID: "node-b", epoch: 1)
+        current = try await store.volume(id: "vol-j")
+        XCTAssertEqual(current?.replicas, replicas, "in sync again: no reason, no date, no progress")
+        try await store.markReplicaInSync(volumeID: "vol-j", nodeID: "node-b", epoch: 1)  // idempotent
+        // Progress is only for an out-of-sync replica.
+        try await store.recordResyncProgress(volumeID: "vol-j", nodeID: "node-b", epoch: 1, progress: progress)
+        let afterJoin = try await store.volume(id: "vol-j")
+        XCTAssertNil(afterJoin?.replicas?[1].resync)
+
+        // Replacement: never an in-sync replica, never onto a node that holds one.
+        let c = ReplicaRecord(nodeID: "node-c", address: "10.0.0.3:7000")
+        await assertStatus(.failedPrecondition) { try await store.replaceReplica(volumeID: "vol-j", oldNodeID: "node-b", with: c) }
+        try await store.markReplicaOutOfSync(volumeID: "vol-j", nodeID: "node-b", epoch: 1, reason: "disk gone")
+        await assertStatus(.failedPrecondition) {
+            try await store.replaceReplica(volumeID: "vol-j", oldNodeID: "node-b", with: ReplicaRecord(nodeID: "node-a", address: "x"))
+        }
+        try await store.replaceReplica(volumeID: "vol-j", oldNodeID: "node-b", with: c)
+        current = try await store.volume(id: "vol-j")
+        XCTAssertEqual(current?.replicas?.map(\.nodeID), ["node-a", "node-c"])
+        XCTAssertEqual(current?.replicas?[1].inSync, false)
+        XCTAssertTrue(current?.replicas?[1].reason?.contains("replacing node-b") == true, current?.replicas?[1].reason ?? "")
+    }
+
+    static func aRemovedNodeCannotRegisterAgain(_ store: any MetadataStore) async throws {
+        try await store.registerNode(NodeRecord(id: "node-r", topology: [:], maxVolumes: 0, registeredAt: when))
+        try await store.removeNode(id: "node-r")
+        try await store.removeNode(id: "node-r")  // idempotent
+        let removed = try await store.removedNodes()
+        XCTAssertEqual(removed, ["node-r"])
+        let live = try await store.liveNodes()
+        XCTAssertFalse(live.contains { $0.id == "node-r" })
+        await assertStatus(.failedPrecondition) {
+            try await store.registerNode(NodeRecord(id: "node-r", topology: [:], maxVolumes: 0, registeredAt: when))
+        }
+    }
+
     static func registeredNodesAreLive(_ store: any MetadataStore) async throws {
         let b = NodeRecord(id: "node-b", topology: ["zone": "2"], maxVolumes: 0, registeredAt: when)
         let a = NodeRecord(id: "node-a", topology: ["zone": "1"], maxVolumes: 8, registeredAt: when,
