@@ -120,6 +120,7 @@ def collect(raw):
         "ratios": ratios,
         "control_plane": control,
         "failover": load_json(os.path.join(raw, "failover.json")),
+        "resync": load_json(os.path.join(raw, "resync.json")),
         "rss_samples": rss,
         "gluster_skipped": gluster_skipped,
     }
@@ -228,6 +229,22 @@ def markdown(data, out):
         checks.append("failover steps, p50 ms: " + ", ".join(f"{t} {fmt(fo.get(k, {}).get('p50'))}" for t, k in parts))
     lines += [f"- {c}" for c in checks] + [""]
 
+    # Recovery.
+    rs = data.get("resync")
+    if rs:
+        ratio = rs["wire_over_changed"]
+        lines += ["## Recovery (resync)", "",
+                  "On the test bed, 3 replicas, engine on n1, nodes at `--rebuild-rate 0` (unthrottled). Bytes on the wire are"
+                  " everything n3's interface received and sent while it caught up (control plane included).", "",
+                  "| measurement | value |", "|---|---|",
+                  f"| delta resync: {rs['changed_bytes'] / 2**20:.1f} MiB rewritten (random 4 KiB) in a {rs['volume_mib']} MiB volume"
+                  f" holding {rs['fill_mib']} MiB while n3 was down | {rs['wire_bytes'] / 2**20:.1f} MiB on the wire ="
+                  f" **{ratio:.2f}×** the changed bytes (≤ 1.5×: {'**met**' if ratio <= 1.5 else '**not met**'}); healthy"
+                  f" {rs['delta_resync_seconds']:.1f} s after the restart |",
+                  f"| full rebuild: {rs['rebuild_bytes'] / 2**20:.0f} MiB written while n3 was down | "
+                  f"**{rs['rebuild_rate_bytes_per_second'] / 1e6:.0f} MB/s** on n3's wire (10%–90% of the copy); healthy"
+                  f" {rs['rebuild_seconds']:.1f} s after the restart |", ""]
+
     # Memory.
     phases = memory_table(data["rss_samples"])
     if phases:
@@ -243,7 +260,7 @@ def markdown(data, out):
         for phase, values in phases.items():
             lines.append(f"| {phase_titles.get(phase, phase)} | " + " | ".join(fmt(values.get(n), 1) if n in values else "–" for n in names) + " |")
         lines.append("")
-    lines += ["Raw data: [raw/](raw/) (fio JSON per system and job, `cp-*.json`, `failover.json`, `rss.jsonl`, `machine.json`)."]
+    lines += ["Raw data: [raw/](raw/) (fio JSON per system and job, `cp-*.json`, `failover.json`, `resync.json`, `rss.jsonl`, `machine.json`)."]
     return "\n".join(lines) + "\n"
 
 

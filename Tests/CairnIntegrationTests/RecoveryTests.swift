@@ -183,14 +183,10 @@ final class RecoveryTests: XCTestCase {
         let bytes: Int64
     }
 
-    struct Attached {
-        let node: String
-        let staging: String
-        let target: String
-    }
+    typealias Attached = Testbed.Attached
 
-    var controller: CSIClient { CSIClient(endpoint: bed.controllerEndpoint) }
-    func node(_ name: String) -> CSIClient { CSIClient(endpoint: bed.nodeEndpoint(name)) }
+    var controller: CSIClient { bed.controller }
+    func node(_ name: String) -> CSIClient { bed.node(name) }
 
     func createVolume(_ name: String, bytes: Int64) async throws -> Volume {
         let response = try await controller.createVolume(
@@ -199,24 +195,11 @@ final class RecoveryTests: XCTestCase {
     }
 
     func attach(_ volume: Volume, on name: String) async throws -> Attached {
-        let published = try await controller.controllerPublish(CSI.controllerPublish(volume.id, node: name, access: .block))
-        let root = bed.stateDir + "/mnt/\(volume.id)-\(name)"
-        let staging = root + "/staging"
-        let target = root + "/target"
-        try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
-        let client = node(name)
-        _ = try await client.nodeStage(CSI.stage(volume.id, staging: staging, access: .block,
-                                                 publishContext: published.publishContext))
-        _ = try await client.nodePublish(CSI.publish(volume.id, staging: staging, target: target, access: .block,
-                                                     publishContext: published.publishContext))
-        return Attached(node: name, staging: staging, target: target)
+        try await bed.attachBlock(volume.id, on: name)
     }
 
     func detach(_ volume: Volume, _ attached: Attached) async throws {
-        let client = node(attached.node)
-        _ = try await client.nodeUnpublish(CSI.unpublish(volume.id, target: attached.target))
-        _ = try await client.nodeUnstage(CSI.unstage(volume.id, staging: attached.staging))
-        _ = try await controller.controllerUnpublish(CSI.controllerUnpublish(volume.id, node: attached.node))
+        try await bed.detach(volume.id, attached)
     }
 
     func waitHealthy(_ volume: Volume, seconds: Double) async throws {

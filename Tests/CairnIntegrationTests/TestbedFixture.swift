@@ -1,3 +1,4 @@
+import CSIProto
 import CairnCore
 import Foundation
 import XCTest
@@ -210,5 +211,39 @@ final class TestbedNetworkTests: XCTestCase {
         XCTAssertNotEqual(second.status, 0)
         XCTAssertTrue(second.output.contains("testbed down"), "the refusal says what to do: \(second.output)")
         XCTAssertNoThrow(try bed.check(), "the refused up must leave the running bed alone")
+    }
+}
+
+/// CSI steps on the bed shared by the tests that use it: a block volume attached the way a CO
+/// does it (ControllerPublish, NodeStage, NodePublish) and detached again.
+extension Testbed {
+    struct Attached {
+        let node: String
+        let staging: String
+        let target: String
+    }
+
+    var controller: CSIClient { CSIClient(endpoint: controllerEndpoint) }
+    func node(_ name: String) -> CSIClient { CSIClient(endpoint: nodeEndpoint(name)) }
+
+    func attachBlock(_ volumeID: String, on name: String) async throws -> Attached {
+        let published = try await controller.controllerPublish(CSI.controllerPublish(volumeID, node: name, access: .block))
+        let root = stateDir + "/mnt/\(volumeID)-\(name)"
+        let staging = root + "/staging"
+        let target = root + "/target"
+        try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
+        let client = node(name)
+        _ = try await client.nodeStage(CSI.stage(volumeID, staging: staging, access: .block,
+                                                 publishContext: published.publishContext))
+        _ = try await client.nodePublish(CSI.publish(volumeID, staging: staging, target: target, access: .block,
+                                                     publishContext: published.publishContext))
+        return Attached(node: name, staging: staging, target: target)
+    }
+
+    func detach(_ volumeID: String, _ attached: Attached) async throws {
+        let client = node(attached.node)
+        _ = try await client.nodeUnpublish(CSI.unpublish(volumeID, target: attached.target))
+        _ = try await client.nodeUnstage(CSI.unstage(volumeID, staging: attached.staging))
+        _ = try await controller.controllerUnpublish(CSI.controllerUnpublish(volumeID, node: attached.node))
     }
 }
