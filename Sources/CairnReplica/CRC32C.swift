@@ -1,4 +1,4 @@
-import CCRC32C
+internal import CCRC32C
 
 /// CRC-32C (Castagnoli), the checksum of the replica format and the data protocol
 /// (docs/replica-format.md). In C (`CCRC32C`): the CPU's crc32 instruction where there is one
