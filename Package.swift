@@ -174,7 +174,7 @@ let targets: [Target] = [
     ),
     .testTarget(
         name: "CairnIntegrationTests",
-        dependencies: ["CairnCore", "CairnRPC", "CSIProto", "CairnProto"],
+        dependencies: ["CairnCore", "CairnRPC", "CSIProto", "CairnProto", "CairnReplica", "CCRC32C"],
         swiftSettings: swiftSettings
     ),
 ]
