@@ -113,6 +113,7 @@ final class RecoveryTests: XCTestCase {
         start = try wireBytes("n3")
         try bed.restart("n3")
         try await waitHealthy(volume, seconds: 180)
+        print("interrupted rebuild: healthy at \(Date())")
         let second = try wireBytes("n3") - start
         print("interrupted rebuild: \(changed) bytes to copy, \(first) moved before the kill, \(second) after it (remaining \(remaining); \(String(format: "%.3f", Double(second) / Double(remaining)))× the remaining)")
         XCTAssertLessThan(Double(second), Double(remaining) * 1.1, "the resumed rebuild moved \(second) bytes for \(remaining) remaining")
@@ -244,7 +245,10 @@ final class RecoveryTests: XCTestCase {
 
     /// Every listed replica's digest equals that of the volume read through `device`.
     func verifyReplicas(_ volume: Volume, device: String, on nodes: [String]) throws {
+        let started = Date()
+        defer { print("verified \(nodes) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s") }
         let expected = try Self.digest(device: device, bytes: volume.bytes)
+        print("volume digest read in \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
         for name in nodes {
             let address = try XCTUnwrap(bed.dataAddress(name))
             let output = try bed.exec(name, [try PluginProcess.locateBinary(), "replica", "digest", volume.id, "--address", address])
