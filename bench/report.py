@@ -235,7 +235,9 @@ def markdown(data, out):
         ratio = rs["wire_over_changed"]
         lines += ["## Recovery (resync)", "",
                   "On the test bed, 3 replicas, engine on n1, nodes at `--rebuild-rate 0` (unthrottled). Bytes on the wire are"
-                  " everything n3's interface received and sent while it caught up (control plane included).", "",
+                  " everything n3's interface received and sent while it caught up (control plane included)."
+                  " `bench/run` measures this as its last test-bed stage; `bench/resync` measures it alone (then it comes"
+                  " from a different run than the tables above).", "",
                   "| measurement | value |", "|---|---|",
                   f"| delta resync: {rs['changed_bytes'] / 2**20:.1f} MiB rewritten (random 4 KiB) in a {rs['volume_mib']} MiB volume"
                   f" holding {rs['fill_mib']} MiB while n3 was down | {rs['wire_bytes'] / 2**20:.1f} MiB on the wire ="

@@ -90,7 +90,9 @@ extension ControllerService {
         for volume in try await store.listVolumes(afterID: nil, limit: 0) {
             for replica in volume.replicas ?? [] { provisioned[replica.nodeID, default: 0] += volume.capacityBytes }
         }
-        return try await store.liveNodes().map { node in
+        // A removed node may still hold a lease for a moment (or re-register by mistake): never place on it.
+        let removed = Set(try await store.removedNodes())
+        return try await store.liveNodes().filter { !removed.contains($0.id) }.map { node in
             PlacementCandidate(nodeID: node.id, address: node.dataAddress, topology: node.topology,
                                capacityBytes: node.capacityBytes ?? 0, provisionedBytes: provisioned[node.id] ?? 0)
         }

@@ -180,6 +180,11 @@ public final class EtcdStore: MetadataStore {
             logger.warning("\(what) expired (etcd was unreachable for longer than its \(nodeLeaseTTL)s lease); registering it again")
             while !Task.isCancelled {
                 do {
+                    if try await client.get(removedNodesPrefix + node.id).kv != nil {
+                        logger.error("this node was removed from the cluster (cairn node remove) while its registration lapsed; it stays unregistered — give the machine a new --node-id to bring it back",
+                                     metadata: ["node": "\(node.id)"])
+                        return
+                    }
                     let fresh = try await client.grantLease(ttl: nodeLeaseTTL)
                     try await write([.put(nodeKey(node.id), try StoreRules.encode(node), lease: fresh)])
                     lease = fresh

@@ -20,12 +20,19 @@ struct Resync: AsyncParsableCommand {
     @Option(help: "The attached node's id.") var nodeID: String = "n1"
     @Option(help: "The node whose replica goes away and comes back.") var victim: String = "n3"
     @Option(help: "The test bed script (its CAIRN_TESTBED_* environment is inherited).") var testbed: String
-    @Option(help: "Volume size in MiB.") var sizeMiB: Int64 = 2048
-    @Option(help: "MiB written before the outage (the delta resync's volume contents).") var fillMiB: Int = 1024
+    @Option(name: .customLong("size-mib"), help: "Volume size in MiB.") var sizeMiB: Int64 = 2048
+    @Option(name: .customLong("fill-mib"), help: "MiB written before the outage (the delta resync's volume contents).") var fillMiB: Int = 1024
     @Option(help: "Percent of the volume rewritten during the outage.") var changedPercent: Double = 1
-    @Option(help: "MiB written while the node is away for the full-rebuild measurement.") var rebuildMiB: Int = 1024
+    @Option(name: .customLong("rebuild-mib"), help: "MiB written while the node is away for the full-rebuild measurement.") var rebuildMiB: Int = 1024
     @Option(help: "Directory for staging and target paths (under the nodes' --path-root).") var workDir: String
     @Option(help: "Where the JSON result goes.") var out: String
+
+    func validate() throws {
+        // Both files live in one ext4 on the volume, which needs room for its own metadata.
+        guard Int64(fillMiB + rebuildMiB) <= sizeMiB * 9 / 10 else {
+            throw ValidationError("--fill-mib + --rebuild-mib (\(fillMiB + rebuildMiB)) must fit in 90% of --size-mib (\(sizeMiB)): both files are written to the volume's filesystem")
+        }
+    }
 
     func run() async throws {
         let controller = CSIClient(endpoint: self.controller)
