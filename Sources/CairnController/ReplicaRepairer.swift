@@ -18,6 +18,10 @@ public final class ReplicaRepairer: Sendable {
     let logger: Logger
     /// When a volume last logged "no eligible node", to say it once a minute, not every pass.
     private let lastNoNode = Mutex<[String: ContinuousClock.Instant]>([:])
+    /// When this controller first saw each node not live (forgotten when it is live again):
+    /// an in-sync replica on a node away longer than the timeout is replaced too (an idle
+    /// attached volume never writes, so its engine would not record the replica out of sync).
+    private let awaySince = Mutex<[String: Date]>([:])
 
     public init(controller: ControllerService, timeout: Duration, interval: Duration = .seconds(5), logger: Logger) {
         self.controller = controller
@@ -54,6 +58,11 @@ public final class ReplicaRepairer: Sendable {
         let store = controller.store
         let removed = Set(try await store.removedNodes())
         let live = Set(try await store.liveNodes().map(\.id))
+        let away = awaySince.withLock { away in
+            away = away.filter { !live.contains($0.key) }
+            return away
+        }
+        var seen = away
         var done: [Replacement] = []
         var after: String?
         while true {
@@ -62,22 +71,29 @@ public final class ReplicaRepairer: Sendable {
             after = last.id
             for volume in page where volume.replicas != nil {
                 for replica in volume.replicas! {
-                    guard let why = reason(replica, removed: removed, live: live, now: now) else { continue }
+                    if !live.contains(replica.nodeID) && seen[replica.nodeID] == nil { seen[replica.nodeID] = now }
+                    guard let why = reason(replica, removed: removed, live: live, now: now, awaySince: seen[replica.nodeID])
+                    else { continue }
                     if let replacement = try await replace(volume.id, replica.nodeID, why: why) {
                         done.append(replacement)
                     }
                 }
             }
         }
+        awaySince.withLock { $0 = seen }
         return done
     }
 
-    /// Why the replica must be replaced, or nil.
-    func reason(_ replica: ReplicaRecord, removed: Set<String>, live: Set<String>, now: Date) -> String? {
+    /// Why the replica must be replaced, or nil. `awaySince`: when this controller first saw
+    /// the replica's node not live.
+    func reason(_ replica: ReplicaRecord, removed: Set<String>, live: Set<String>, now: Date,
+                awaySince: Date? = nil) -> String? {
         if removed.contains(replica.nodeID) { return "node \(replica.nodeID) was removed (cairn node remove)" }
         guard !live.contains(replica.nodeID) else { return nil }
         let seconds = Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18
-        if let since = replica.outOfSyncSince, now.timeIntervalSince(since) >= seconds {
+        // Out of sync: since the engine recorded it. In sync: since the node was seen away.
+        let candidates = [replica.inSync ? nil : replica.outOfSyncSince, awaySince].compactMap { $0 }
+        if let since = candidates.min(), now.timeIntervalSince(since) >= seconds {
             return "node \(replica.nodeID) has been away since \(since.formatted(.iso8601)), longer than the replica timeout of \(Int(seconds)) s"
         }
         return nil

@@ -156,9 +156,11 @@ public final class EtcdStore: MetadataStore {
     /// lease alive in the background until `stop()`. When the lease is lost (etcd unreachable
     /// for longer than the TTL) the node is registered again as soon as etcd answers.
     public func registerNode(_ node: NodeRecord) async throws {
-        if try await client.get(removedNodesPrefix + node.id).kv != nil { throw StoreRules.nodeRemoved(node.id) }
         let lease = try await client.grantLease(ttl: nodeLeaseTTL)
-        try await write([.put(nodeKey(node.id), try StoreRules.encode(node), lease: lease)])
+        guard try await putUnlessRemoved(node, lease: lease) else {
+            try? await client.revokeLease(lease)
+            throw StoreRules.nodeRemoved(node.id)
+        }
         let task = Task { await self.keepNodeRegistered(node, lease: lease) }
         let previous = state.withLock { state in
             defer { state.nodes[node.id] = KeptLease(lease: lease, task: task) }
@@ -180,13 +182,13 @@ public final class EtcdStore: MetadataStore {
             logger.warning("\(what) expired (etcd was unreachable for longer than its \(nodeLeaseTTL)s lease); registering it again")
             while !Task.isCancelled {
                 do {
-                    if try await client.get(removedNodesPrefix + node.id).kv != nil {
+                    let fresh = try await client.grantLease(ttl: nodeLeaseTTL)
+                    guard try await putUnlessRemoved(node, lease: fresh) else {
+                        try? await client.revokeLease(fresh)
                         logger.error("this node was removed from the cluster (cairn node remove) while its registration lapsed; it stays unregistered — give the machine a new --node-id to bring it back",
                                      metadata: ["node": "\(node.id)"])
                         return
                     }
-                    let fresh = try await client.grantLease(ttl: nodeLeaseTTL)
-                    try await write([.put(nodeKey(node.id), try StoreRules.encode(node), lease: fresh)])
                     lease = fresh
                     state.withLock { $0.nodes[node.id]?.lease = fresh }
                     logger.notice("node registered again after its lease expired", metadata: ["node": "\(node.id)"])
@@ -223,6 +225,15 @@ public final class EtcdStore: MetadataStore {
             }
             try? await Task.sleep(for: interval)
         }
+    }
+
+    /// The registration, in one transaction with "the node was not removed": a removal racing
+    /// a registration either lands first (the registration fails) or deletes it.
+    private func putUnlessRemoved(_ node: NodeRecord, lease: Int64) async throws -> Bool {
+        var request = Etcdserverpb_TxnRequest()
+        request.compare = [.mustNotExist(removedNodesPrefix + node.id)]
+        request.success = [.put(nodeKey(node.id), try StoreRules.encode(node), lease: lease)]
+        return try await client.txn(request).succeeded
     }
 
     public func node(id: String) async throws -> NodeRecord? {

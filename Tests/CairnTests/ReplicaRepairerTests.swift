@@ -79,7 +79,10 @@ final class ReplicaRepairerTests: XCTestCase {
     func testAnAwayNodeIsReplacedOnlyAfterTheTimeout() async throws {
         let since = Date()
         var replica = ReplicaRecord(nodeID: "n4", address: "10.0.0.4:7410")
-        XCTAssertNil(repairer.reason(replica, removed: [], live: ["n1"], now: since), "in sync: the engine decides")
+        XCTAssertNil(repairer.reason(replica, removed: [], live: ["n1"], now: since), "in sync, just gone: not yet")
+        XCTAssertNil(repairer.reason(replica, removed: [], live: ["n1"], now: since.addingTimeInterval(59), awaySince: since))
+        XCTAssertNotNil(repairer.reason(replica, removed: [], live: ["n1"], now: since.addingTimeInterval(61), awaySince: since),
+                        "an in-sync replica on a node away longer than the timeout (an idle volume) is replaced too")
         replica.inSync = false
         replica.outOfSyncSince = since
         XCTAssertNil(repairer.reason(replica, removed: [], live: ["n4"], now: since.addingTimeInterval(3600)), "live: it resyncs")
