@@ -43,13 +43,15 @@ public final class ControllerService: Sendable {
         try Validate.volumeName(request.name)
         let access = try AccessRules.parseAll(request.volumeCapabilities, field: "volume_capabilities")
         let parameters = try VolumeParameters(request.parameters)
-        if request.hasVolumeContentSource {
-            throw CairnError.invalidArgument(
-                "volume_content_source is not supported yet (CREATE_DELETE_SNAPSHOT and CLONE_VOLUME are not advertised)")
-        }
-        let fsType = try Self.filesystem(parameters: parameters, access: access)
-        let size = try capacity.size(required: request.capacityRange.requiredBytes,
+        let source = try Self.contentSource(request)
+        var fsType = try Self.filesystem(parameters: parameters, access: access)
+        var size = try capacity.size(required: request.capacityRange.requiredBytes,
                                      limit: request.capacityRange.limitBytes, fsType: fsType)
+        let limits = try QoSLimits(request.mutableParameters)
+        if cluster == nil, !limits.stored.isEmpty {
+            throw CairnError.invalidArgument(
+                "mutable_parameters (\(limits.stored.keys.sorted().joined(separator: ", "))) need the replicated data path (cluster mode, --store etcd); one-machine volumes have no engine to enforce them")
+        }
         if cluster == nil, parameters.replicas > 1 {
             throw CairnError.resourceExhausted(
                 "replicas=\(parameters.replicas) needs \(parameters.replicas) nodes, but this deployment stores volumes on one node (\(localNodeID)); use replicas=1")
@@ -65,14 +67,25 @@ public final class ControllerService: Sendable {
         return try await locks.withLock("name:\(request.name)", operation: "CreateVolume") {
             if let existing = try await store.volume(named: request.name) {
                 try Self.checkCompatible(existing, size: size, request: request, parameters: parameters, fsType: fsType)
+                if existing.contentSource != source {
+                    throw CairnError.alreadyExists(
+                        "volume \"\(existing.name)\" already exists with content source \(existing.contentSource.map { "\($0)" } ?? "none"), not \(source.map { "\($0)" } ?? "none")")
+                }
                 logger.debug("volume already exists", metadata: ["volume.id": "\(existing.id)", "volume.name": "\(existing.name)"])
                 return Self.createResponse(existing)
+            }
+            if let source {
+                try await checkSource(source, size: &size, limit: request.capacityRange.limitBytes, fsType: &fsType)
             }
             var volume = VolumeRecord(
                 id: "vol-" + UUID().uuidString.lowercased(), name: request.name, capacityBytes: size,
                 parameters: parameters.stored, fsType: fsType, accessModes: access.map { $0.mode.rawValue },
-                accessibleTopology: localTopology)
-            if let cluster {
+                accessibleTopology: localTopology, contentSource: source,
+                mutableParameters: limits.stored.isEmpty ? nil : limits.stored)
+            if let cluster, let source {
+                volume.accessibleTopology = [:]
+                volume.replicas = try await cloneReplicas(source: source, count: parameters.explicitReplicas ?? cluster.defaultReplicas)
+            } else if let cluster {
                 // Any node can run the volume's engine: the volume is not bound to one node.
                 volume.accessibleTopology = [:]
                 let count = parameters.explicitReplicas ?? cluster.defaultReplicas
@@ -92,9 +105,17 @@ public final class ControllerService: Sendable {
                 }
             }
             do {
-                try await backing.create(volume)
-                try await store.createVolume(volume)
+                if let source {
+                    // The record first: a clone of a volume records a hidden snapshot that
+                    // names it, and DeleteVolume of a half-made clone must find both.
+                    try await store.createVolume(volume)
+                    try await createFromSource(volume, source: source)
+                } else {
+                    try await backing.create(volume)
+                    try await store.createVolume(volume)
+                }
             } catch {
+                if source != nil { try? await store.deleteVolume(id: volume.id) }
                 do {
                     try await backing.delete(volume)
                 } catch let cleanup {
@@ -152,6 +173,11 @@ public final class ControllerService: Sendable {
         var context = volume.parameters
         if !volume.fsType.isEmpty { context["fsType"] = volume.fsType }
         v.volumeContext = context
+        switch volume.contentSource {
+        case .snapshot(let id): v.contentSource = .with { $0.snapshot = .with { $0.snapshotID = id } }
+        case .volume(let id): v.contentSource = .with { $0.volume = .with { $0.volumeID = id } }
+        case nil: break
+        }
         if !volume.accessibleTopology.isEmpty {
             v.accessibleTopology = [Csi_V1_Topology.with { $0.segments = volume.accessibleTopology }]
         }
@@ -173,6 +199,15 @@ public final class ControllerService: Sendable {
                 throw CairnError.failedPrecondition(
                     "volume \(volume.id) is still staged at \(staged.stagingPath) on node \(staged.nodeID); NodeUnstageVolume it first")
             }
+            if cluster != nil {
+                // A replica's snapshots are layers of that replica: they cannot outlive it.
+                let snapshots = try await visibleSnapshots(of: volume.id)
+                if !snapshots.isEmpty {
+                    throw CairnError.failedPrecondition(
+                        "volume \(volume.id) has \(snapshots.count) snapshot(s) (\(snapshots.prefix(5).map(\.id).joined(separator: ", "))), which live in its replicas; DeleteSnapshot them first (volumes cloned from them keep their data)")
+                }
+            }
+            try await removeCloneBase(of: volume)
             try await backing.delete(volume)
             try await store.deleteVolume(id: volume.id)
             logger.info("volume deleted", metadata: ["volume.id": "\(volume.id)", "volume.name": "\(volume.name)"])
@@ -372,7 +407,8 @@ public final class ControllerService: Sendable {
         let types: [Csi_V1_ControllerServiceCapability.RPC.TypeEnum] = [
             .createDeleteVolume, .publishUnpublishVolume, .listVolumes, .getCapacity, .publishReadonly,
             .listVolumesPublishedNodes, .getVolume, .volumeCondition, .singleNodeMultiWriter,
-        ]
+            .createDeleteSnapshot, .listSnapshots, .getSnapshot, .cloneVolume, .expandVolume,
+        ] + (cluster != nil ? [.modifyVolume] : [])
         var response = Csi_V1_ControllerGetCapabilitiesResponse()
         response.capabilities = types.map { type in
             var capability = Csi_V1_ControllerServiceCapability()

@@ -4,9 +4,11 @@ import CSIProto
 /// tools) is checked at start-up, before the socket is opened.
 public struct IdentityService: Sendable {
     public let controllerService: Bool
+    public let groupControllerService: Bool
 
-    public init(controllerService: Bool) {
+    public init(controllerService: Bool, groupControllerService: Bool = false) {
         self.controllerService = controllerService
+        self.groupControllerService = groupControllerService
     }
 
     public func getPluginInfo(_ request: Csi_V1_GetPluginInfoRequest) async throws -> Csi_V1_GetPluginInfoResponse {
@@ -25,6 +27,12 @@ public struct IdentityService: Sendable {
             capability.service.type = type
             return capability
         }
+        if controllerService && groupControllerService {
+            response.capabilities.append(.with { $0.service.type = .groupControllerService })
+        }
+        // Volumes grow while staged and in use: ControllerExpandVolume, then NodeExpandVolume
+        // refreshes the device and grows the mounted filesystem.
+        response.capabilities.append(.with { $0.volumeExpansion.type = .online })
         return response
     }
 

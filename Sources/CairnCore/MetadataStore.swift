@@ -51,6 +51,28 @@ public protocol MetadataStore: Sendable {
     /// The removed nodes' ids, sorted.
     func removedNodes() async throws -> [String]
 
+    // Snapshots
+    /// Inserts the snapshot; ALREADY_EXISTS when its name or id is taken.
+    func createSnapshot(_ snapshot: SnapshotRecord) async throws
+    /// Replaces an existing snapshot's record (NOT_FOUND when absent).
+    func updateSnapshot(_ snapshot: SnapshotRecord) async throws
+    func snapshot(id: String) async throws -> SnapshotRecord?
+    func snapshot(named name: String) async throws -> SnapshotRecord?
+    /// Snapshots ordered by id, strictly after `afterID`, at most `limit` (0 = no limit),
+    /// hidden ones included.
+    func listSnapshots(afterID: String?, limit: Int) async throws -> [SnapshotRecord]
+    /// No error if absent.
+    func deleteSnapshot(id: String) async throws
+
+    // Group snapshots
+    /// Inserts the group; ALREADY_EXISTS when its name or id is taken.
+    func createGroupSnapshot(_ group: GroupSnapshotRecord) async throws
+    func updateGroupSnapshot(_ group: GroupSnapshotRecord) async throws
+    func groupSnapshot(id: String) async throws -> GroupSnapshotRecord?
+    func groupSnapshot(named name: String) async throws -> GroupSnapshotRecord?
+    /// No error if absent.
+    func deleteGroupSnapshot(id: String) async throws
+
     // Node-side records
     func stage(volumeID: String, nodeID: String) async throws -> StageRecord?
     func stages(nodeID: String) async throws -> [StageRecord]

@@ -45,11 +45,19 @@ public struct VolumeRecord: Codable, Sendable, Equatable {
     /// The nodes holding a replica of the volume, and which of them are in sync; nil for a
     /// one-machine volume backed by a local file (and in records written before replication).
     public var replicas: [ReplicaRecord]?
+    /// What the volume was created from (CreateVolume's volume_content_source); nil: empty.
+    public var contentSource: ContentSource?
+    /// ControllerModifyVolume's parameters (`iopsLimit`, `bandwidthLimit`): kept apart from
+    /// `parameters`, which CreateVolume compares for idempotency and which never change.
+    public var mutableParameters: [String: String]?
 
     public init(id: String, name: String, capacityBytes: Int64, parameters: [String: String],
                 fsType: String, accessModes: [Int], accessibleTopology: [String: String],
-                epoch: Int64 = 0, createdAt: Date = Date(), replicas: [ReplicaRecord]? = nil) {
+                epoch: Int64 = 0, createdAt: Date = Date(), replicas: [ReplicaRecord]? = nil,
+                contentSource: ContentSource? = nil, mutableParameters: [String: String]? = nil) {
         self.replicas = replicas
+        self.contentSource = contentSource
+        self.mutableParameters = mutableParameters
         self.id = id
         self.name = name
         self.capacityBytes = capacityBytes
@@ -59,6 +67,83 @@ public struct VolumeRecord: Codable, Sendable, Equatable {
         self.accessibleTopology = accessibleTopology
         self.epoch = epoch
         self.createdAt = createdAt
+    }
+}
+
+/// Where a volume's initial content came from.
+public enum ContentSource: Codable, Sendable, Equatable, CustomStringConvertible {
+    case snapshot(id: String)
+    case volume(id: String)
+
+    public var description: String {
+        switch self {
+        case .snapshot(let id): "snapshot \(id)"
+        case .volume(let id): "volume \(id)"
+        }
+    }
+}
+
+/// A point-in-time, crash-consistent copy of a volume (CreateSnapshot).
+///
+/// Created `readyToUse == false` before any data is taken and set ready once every holder has
+/// it, so a CreateSnapshot repeated after a crash finds the record and finishes the same
+/// snapshot (the backing's snapshot step is idempotent by id) instead of leaking a second one.
+public struct SnapshotRecord: Codable, Sendable, Equatable {
+    public var id: String
+    public var name: String
+    public var sourceVolumeID: String
+    /// The source volume's size when the snapshot was taken: the smallest volume it restores to.
+    public var sizeBytes: Int64
+    public var createdAt: Date
+    public var readyToUse: Bool
+    /// Replicated volumes: the nodes whose replica holds the snapshot (the in-sync replicas at
+    /// the barrier). nil on one machine.
+    public var holders: [String]?
+    /// The group snapshot it belongs to, if any (GroupController).
+    public var groupID: String?
+    /// Taken by Cairn itself as the base of a clone of a volume (CreateVolume from a volume):
+    /// never listed, deleted with the clone.
+    public var hidden: Bool?
+    /// The source volume's filesystem ("" for raw block): a volume restored from the snapshot
+    /// has it already.
+    public var fsType: String?
+
+    public init(id: String, name: String, sourceVolumeID: String, sizeBytes: Int64, createdAt: Date = Date(),
+                readyToUse: Bool = false, holders: [String]? = nil, groupID: String? = nil, hidden: Bool? = nil,
+                fsType: String? = nil) {
+        self.fsType = fsType
+        self.id = id
+        self.name = name
+        self.sourceVolumeID = sourceVolumeID
+        self.sizeBytes = sizeBytes
+        self.createdAt = createdAt
+        self.readyToUse = readyToUse
+        self.holders = holders
+        self.groupID = groupID
+        self.hidden = hidden
+    }
+
+    public var isHidden: Bool { hidden == true }
+}
+
+/// A crash-consistent snapshot of several volumes taken at one barrier (GroupController).
+public struct GroupSnapshotRecord: Codable, Sendable, Equatable {
+    public var id: String
+    public var name: String
+    /// The member snapshots' ids, in the order of the request's source volumes.
+    public var snapshotIDs: [String]
+    public var sourceVolumeIDs: [String]
+    public var createdAt: Date
+    public var readyToUse: Bool
+
+    public init(id: String, name: String, snapshotIDs: [String], sourceVolumeIDs: [String],
+                createdAt: Date = Date(), readyToUse: Bool = false) {
+        self.id = id
+        self.name = name
+        self.snapshotIDs = snapshotIDs
+        self.sourceVolumeIDs = sourceVolumeIDs
+        self.createdAt = createdAt
+        self.readyToUse = readyToUse
     }
 }
 

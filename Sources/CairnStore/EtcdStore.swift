@@ -461,6 +461,104 @@ public final class EtcdStore: MetadataStore {
         }
     }
 
+    // MARK: snapshots and group snapshots
+
+    // <prefix>/snapshots/<id> holds the record, <prefix>/snapshot-names/<escaped name> the id
+    // (name uniqueness), the same shape as volumes; group snapshots likewise under
+    // group-snapshots/ and group-snapshot-names/.
+    private struct NamedKind {
+        let records: String
+        let names: String
+        let what: String
+    }
+
+    private var snapshotKind: NamedKind { NamedKind(records: "\(prefix)/snapshots/", names: "\(prefix)/snapshot-names/", what: "snapshot") }
+    private var groupKind: NamedKind {
+        NamedKind(records: "\(prefix)/group-snapshots/", names: "\(prefix)/group-snapshot-names/", what: "group snapshot")
+    }
+
+    private func insertNamed(_ kind: NamedKind, id: String, name: String, _ doc: Data) async throws {
+        try await transact("create \(kind.what) \(id)") { txn in
+            let byID = try await txn.get(kind.records + id)
+            let byName = try await txn.get(kind.names + Self.escape(name))
+            if byID != nil || byName != nil {
+                throw CairnError.alreadyExists("a \(kind.what) named \"\(name)\" or with id \(id) already exists")
+            }
+            txn.put(kind.records + id, doc)
+            txn.put(kind.names + Self.escape(name), Data(id.utf8))
+        }
+    }
+
+    private func updateNamed(_ kind: NamedKind, id: String, _ doc: Data) async throws {
+        try await transact("update \(kind.what) \(id)") { txn in
+            guard try await txn.get(kind.records + id) != nil else { throw CairnError.notFound("\(kind.what) \(id) does not exist") }
+            txn.put(kind.records + id, doc)
+        }
+    }
+
+    private func named<T: Decodable>(_ type: T.Type, _ kind: NamedKind, name: String, id: (T) -> String, nameOf: (T) -> String) async throws -> T? {
+        guard let key = try await client.get(kind.names + Self.escape(name)).kv else { return nil }
+        guard let record = try await get(type, kind.records + String(decoding: key.value, as: UTF8.self)), nameOf(record) == name else {
+            return nil  // deleted (and maybe the name reused) between the two reads
+        }
+        return record
+    }
+
+    private func deleteNamed<T: Decodable>(_ type: T.Type, _ kind: NamedKind, id: String, nameOf: @escaping (T) -> String) async throws {
+        try await transact("delete \(kind.what) \(id)") { txn in
+            guard let record = try await txn.get(kind.records + id).map({ try decode(type, $0) }) else { return }
+            txn.delete(kind.records + id)
+            txn.delete(kind.names + Self.escape(nameOf(record)))
+        }
+    }
+
+    public func createSnapshot(_ snapshot: SnapshotRecord) async throws {
+        try await insertNamed(snapshotKind, id: snapshot.id, name: snapshot.name, try StoreRules.encode(snapshot))
+    }
+
+    public func updateSnapshot(_ snapshot: SnapshotRecord) async throws {
+        try await updateNamed(snapshotKind, id: snapshot.id, try StoreRules.encode(snapshot))
+    }
+
+    public func snapshot(id: String) async throws -> SnapshotRecord? {
+        try await get(SnapshotRecord.self, snapshotKind.records + id)
+    }
+
+    public func snapshot(named name: String) async throws -> SnapshotRecord? {
+        try await named(SnapshotRecord.self, snapshotKind, name: name, id: \.id, nameOf: \.name)
+    }
+
+    public func listSnapshots(afterID: String?, limit: Int) async throws -> [SnapshotRecord] {
+        let records = snapshotKind.records
+        let from = afterID.map { records + $0 + "\0" } ?? records
+        return try await client.range(from: from, end: EtcdClient.prefixEnd(records), limit: max(limit, 0))
+            .kvs.map { try decode(SnapshotRecord.self, $0) }
+    }
+
+    public func deleteSnapshot(id: String) async throws {
+        try await deleteNamed(SnapshotRecord.self, snapshotKind, id: id, nameOf: \.name)
+    }
+
+    public func createGroupSnapshot(_ group: GroupSnapshotRecord) async throws {
+        try await insertNamed(groupKind, id: group.id, name: group.name, try StoreRules.encode(group))
+    }
+
+    public func updateGroupSnapshot(_ group: GroupSnapshotRecord) async throws {
+        try await updateNamed(groupKind, id: group.id, try StoreRules.encode(group))
+    }
+
+    public func groupSnapshot(id: String) async throws -> GroupSnapshotRecord? {
+        try await get(GroupSnapshotRecord.self, groupKind.records + id)
+    }
+
+    public func groupSnapshot(named name: String) async throws -> GroupSnapshotRecord? {
+        try await named(GroupSnapshotRecord.self, groupKind, name: name, id: \.id, nameOf: \.name)
+    }
+
+    public func deleteGroupSnapshot(id: String) async throws {
+        try await deleteNamed(GroupSnapshotRecord.self, groupKind, id: id, nameOf: \.name)
+    }
+
     // MARK: node-side records
 
     public func stage(volumeID: String, nodeID: String) async throws -> StageRecord? {

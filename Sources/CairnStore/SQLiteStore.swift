@@ -64,6 +64,12 @@ public final class SQLiteStore: MetadataStore {
         migrator.registerMigration("v3-removed-nodes") { db in
             try db.execute(sql: "CREATE TABLE removed_nodes (id TEXT PRIMARY KEY, removed_at REAL NOT NULL)")
         }
+        migrator.registerMigration("v4-snapshots") { db in
+            try db.execute(sql: """
+                CREATE TABLE snapshots (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, doc BLOB NOT NULL);
+                CREATE TABLE group_snapshots (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, doc BLOB NOT NULL);
+                """)
+        }
         return migrator
     }
 
@@ -231,8 +237,74 @@ public final class SQLiteStore: MetadataStore {
                 throw StoreRules.volumeNotFound(id)
             }
             guard try change(&volume) else { return false }
-            try db.execute(sql: "UPDATE volumes SET doc = ? WHERE id = ?", arguments: [try Self.encode(volume), id])
+            try db.execute(sql: "UPDATE volumes SET doc = ?, capacity = ? WHERE id = ?",
+                           arguments: [try Self.encode(volume), volume.capacityBytes, id])
             return true
+        }
+    }
+
+    // MARK: snapshots and group snapshots (tables of named documents)
+
+    public func createSnapshot(_ snapshot: SnapshotRecord) async throws {
+        try await insertNamed("snapshots", id: snapshot.id, name: snapshot.name, try Self.encode(snapshot), what: "a snapshot")
+    }
+
+    public func updateSnapshot(_ snapshot: SnapshotRecord) async throws {
+        try await updateNamed("snapshots", id: snapshot.id, try Self.encode(snapshot), what: "snapshot")
+    }
+
+    public func snapshot(id: String) async throws -> SnapshotRecord? {
+        try await read { db in try Self.fetchOne(db, SnapshotRecord.self, "SELECT doc FROM snapshots WHERE id = ?", [id]) }
+    }
+
+    public func snapshot(named name: String) async throws -> SnapshotRecord? {
+        try await read { db in try Self.fetchOne(db, SnapshotRecord.self, "SELECT doc FROM snapshots WHERE name = ?", [name]) }
+    }
+
+    public func listSnapshots(afterID: String?, limit: Int) async throws -> [SnapshotRecord] {
+        try await read { db in
+            try Self.fetchAll(db, SnapshotRecord.self, "SELECT doc FROM snapshots WHERE id > ? ORDER BY id LIMIT ?",
+                              [afterID ?? "", limit > 0 ? limit : -1])
+        }
+    }
+
+    public func deleteSnapshot(id: String) async throws {
+        try await write { db in try db.execute(sql: "DELETE FROM snapshots WHERE id = ?", arguments: [id]) }
+    }
+
+    public func createGroupSnapshot(_ group: GroupSnapshotRecord) async throws {
+        try await insertNamed("group_snapshots", id: group.id, name: group.name, try Self.encode(group), what: "a group snapshot")
+    }
+
+    public func updateGroupSnapshot(_ group: GroupSnapshotRecord) async throws {
+        try await updateNamed("group_snapshots", id: group.id, try Self.encode(group), what: "group snapshot")
+    }
+
+    public func groupSnapshot(id: String) async throws -> GroupSnapshotRecord? {
+        try await read { db in try Self.fetchOne(db, GroupSnapshotRecord.self, "SELECT doc FROM group_snapshots WHERE id = ?", [id]) }
+    }
+
+    public func groupSnapshot(named name: String) async throws -> GroupSnapshotRecord? {
+        try await read { db in try Self.fetchOne(db, GroupSnapshotRecord.self, "SELECT doc FROM group_snapshots WHERE name = ?", [name]) }
+    }
+
+    public func deleteGroupSnapshot(id: String) async throws {
+        try await write { db in try db.execute(sql: "DELETE FROM group_snapshots WHERE id = ?", arguments: [id]) }
+    }
+
+    private func insertNamed(_ table: String, id: String, name: String, _ doc: Data, what: String) async throws {
+        try await write { db in
+            if try Bool.fetchOne(db, sql: "SELECT 1 FROM \(table) WHERE id = ? OR name = ?", arguments: [id, name]) == true {
+                throw CairnError.alreadyExists("\(what) named \"\(name)\" or with id \(id) already exists")
+            }
+            try db.execute(sql: "INSERT INTO \(table) (id, name, doc) VALUES (?, ?, ?)", arguments: [id, name, doc])
+        }
+    }
+
+    private func updateNamed(_ table: String, id: String, _ doc: Data, what: String) async throws {
+        try await write { db in
+            try db.execute(sql: "UPDATE \(table) SET doc = ? WHERE id = ?", arguments: [doc, id])
+            if db.changesCount == 0 { throw CairnError.notFound("\(what) \(id) does not exist") }
         }
     }
 

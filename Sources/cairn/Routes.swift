@@ -23,6 +23,12 @@ enum Routes {
         r.register("/csi.v1.Controller/GetCapacity") { (q: Csi_V1_GetCapacityRequest, _) in try await s.getCapacity(q) }
         r.register("/csi.v1.Controller/ControllerGetCapabilities") { (q: Csi_V1_ControllerGetCapabilitiesRequest, _) in try await s.controllerGetCapabilities(q) }
         r.register("/csi.v1.Controller/ControllerGetVolume") { (q: Csi_V1_ControllerGetVolumeRequest, _) in try await s.controllerGetVolume(q) }
+        r.register("/csi.v1.Controller/CreateSnapshot") { (q: Csi_V1_CreateSnapshotRequest, _) in try await s.createSnapshot(q) }
+        r.register("/csi.v1.Controller/DeleteSnapshot") { (q: Csi_V1_DeleteSnapshotRequest, _) in try await s.deleteSnapshot(q) }
+        r.register("/csi.v1.Controller/ListSnapshots") { (q: Csi_V1_ListSnapshotsRequest, _) in try await s.listSnapshots(q) }
+        r.register("/csi.v1.Controller/GetSnapshot") { (q: Csi_V1_GetSnapshotRequest, _) in try await s.getSnapshot(q) }
+        r.register("/csi.v1.Controller/ControllerExpandVolume") { (q: Csi_V1_ControllerExpandVolumeRequest, _) in try await s.controllerExpandVolume(q) }
+        r.register("/csi.v1.Controller/ControllerModifyVolume") { (q: Csi_V1_ControllerModifyVolumeRequest, _) in try await s.controllerModifyVolume(q) }
     }
 
     static func node(_ s: NodeService, on r: Router) {
@@ -33,5 +39,6 @@ enum Routes {
         r.register("/csi.v1.Node/NodeGetVolumeStats") { (q: Csi_V1_NodeGetVolumeStatsRequest, _) in try await s.nodeGetVolumeStats(q) }
         r.register("/csi.v1.Node/NodeGetCapabilities") { (q: Csi_V1_NodeGetCapabilitiesRequest, _) in try await s.nodeGetCapabilities(q) }
         r.register("/csi.v1.Node/NodeGetInfo") { (q: Csi_V1_NodeGetInfoRequest, _) in try await s.nodeGetInfo(q) }
+        r.register("/csi.v1.Node/NodeExpandVolume") { (q: Csi_V1_NodeExpandVolumeRequest, _) in try await s.nodeExpandVolume(q) }
     }
 }

@@ -88,6 +88,10 @@ final class EtcdStoreTests: XCTestCase {
         try await StoreContract.registeredNodesAreLive(makeStore())
     }
 
+    func testSnapshotsAreUniqueByNameUpdatedListedInPagesAndDeleted() async throws {
+        try await StoreContract.snapshotsAreUniqueByNameUpdatedListedInPagesAndDeleted(makeStore())
+    }
+
     // MARK: leases
 
     func testARegistrationOutlivesItsTTLWhileKeptAliveAndExpiresAfterTheKeeperStops() async throws {

@@ -27,6 +27,10 @@ final class ReplicaRepairerTests: XCTestCase {
             deleted.withLock { $0.append(replica.nodeID) }
             throw CairnError.unavailable("node \(replica.nodeID) is gone")
         }
+        func takeSnapshot(_ snapshot: SnapshotRecord, of volume: VolumeRecord, in use: VolumeUse) async throws -> [String]? { nil }
+        func deleteSnapshot(_ snapshot: SnapshotRecord, source: VolumeRecord?) async throws {}
+        func createFromSnapshot(_ volume: VolumeRecord, snapshot: SnapshotRecord, source: VolumeRecord?) async throws {}
+        func expand(_ volume: VolumeRecord) async throws {}
     }
 
     var dir = ""

@@ -55,4 +55,8 @@ final class SQLiteStoreContractTests: XCTestCase {
     func testRegisteredNodesAreLive() async throws {
         try await StoreContract.registeredNodesAreLive(store)
     }
+
+    func testSnapshotsAreUniqueByNameUpdatedListedInPagesAndDeleted() async throws {
+        try await StoreContract.snapshotsAreUniqueByNameUpdatedListedInPagesAndDeleted(store)
+    }
 }

@@ -25,6 +25,55 @@ enum StoreContract {
                     devicePath: "/dev/loop7", fsType: "ext4", mountFlags: ["noatime"], accessMode: 7, createdAt: when)
     }
 
+    static func snapshotsAreUniqueByNameUpdatedListedInPagesAndDeleted(_ store: any MetadataStore) async throws {
+        for id in ["snap-c", "snap-a", "snap-b"] {
+            try await store.createSnapshot(SnapshotRecord(id: id, name: "name-\(id)", sourceVolumeID: "vol-1", sizeBytes: 64 << 20,
+                                                          createdAt: when, holders: id == "snap-b" ? ["n1", "n2"] : nil))
+        }
+        await assertStatus(.alreadyExists) {
+            try await store.createSnapshot(SnapshotRecord(id: "snap-z", name: "name-snap-a", sourceVolumeID: "vol-2", sizeBytes: 1))
+        }
+        await assertStatus(.alreadyExists) {
+            try await store.createSnapshot(SnapshotRecord(id: "snap-a", name: "other", sourceVolumeID: "vol-2", sizeBytes: 1))
+        }
+        let maybeB = try await store.snapshot(named: "name-snap-b")
+        var b = try XCTUnwrap(maybeB)
+        XCTAssertEqual(b.holders, ["n1", "n2"])
+        XCTAssertFalse(b.readyToUse)
+        b.readyToUse = true
+        try await store.updateSnapshot(b)
+        let readBack = try await store.snapshot(id: "snap-b")
+        XCTAssertEqual(readBack, b)
+        await assertStatus(.notFound) {
+            try await store.updateSnapshot(SnapshotRecord(id: "snap-nope", name: "x", sourceVolumeID: "v", sizeBytes: 1))
+        }
+        let all = try await store.listSnapshots(afterID: nil, limit: 0)
+        XCTAssertEqual(all.map(\.id), ["snap-a", "snap-b", "snap-c"])
+        let page = try await store.listSnapshots(afterID: "snap-a", limit: 1)
+        XCTAssertEqual(page.map(\.id), ["snap-b"])
+        try await store.deleteSnapshot(id: "snap-a")
+        try await store.deleteSnapshot(id: "snap-a")  // idempotent
+        let gone = try await store.snapshot(named: "name-snap-a")
+        XCTAssertNil(gone)
+        // The name is free again.
+        try await store.createSnapshot(SnapshotRecord(id: "snap-d", name: "name-snap-a", sourceVolumeID: "vol-1", sizeBytes: 1))
+
+        let group = GroupSnapshotRecord(id: "group-1", name: "g", snapshotIDs: ["snap-b", "snap-c"],
+                                        sourceVolumeIDs: ["vol-1", "vol-2"], createdAt: when)
+        try await store.createGroupSnapshot(group)
+        await assertStatus(.alreadyExists) { try await store.createGroupSnapshot(group) }
+        let maybeGroup = try await store.groupSnapshot(named: "g")
+        var found = try XCTUnwrap(maybeGroup)
+        XCTAssertEqual(found, group)
+        found.readyToUse = true
+        try await store.updateGroupSnapshot(found)
+        let readyGroup = try await store.groupSnapshot(id: "group-1")
+        XCTAssertEqual(readyGroup?.readyToUse, true)
+        try await store.deleteGroupSnapshot(id: "group-1")
+        let noGroup = try await store.groupSnapshot(id: "group-1")
+        XCTAssertNil(noGroup)
+    }
+
     static func oneVolumeAtTheSamePathInTwoContainersIsTwoPublishes(_ store: any MetadataStore) async throws {
         let a = publish("/data", .process(pid: 100, startTime: 1))
         let b = publish("/data", .process(pid: 200, startTime: 2))
