@@ -7,6 +7,10 @@ extension ReplicatedBacking {
         throw CairnError(.unimplemented, "snapshots of replicated volumes are not built yet")
     }
 
+    public func takeGroupSnapshot(_ members: [GroupSnapshotMember]) async throws -> [[String]?] {
+        throw CairnError(.unimplemented, "group snapshots of replicated volumes are not built yet")
+    }
+
     public func deleteSnapshot(_ snapshot: SnapshotRecord, source: VolumeRecord?) async throws {
         throw CairnError(.unimplemented, "snapshots of replicated volumes are not built yet")
     }

@@ -39,6 +39,9 @@ public protocol VolumeBacking: Sendable {
     /// use). Idempotent by snapshot id. Returns the nodes holding it
     /// (replicated) or nil (one machine).
     func takeSnapshot(_ snapshot: SnapshotRecord, of volume: VolumeRecord, in use: VolumeUse) async throws -> [String]?
+    /// Takes every member's snapshot at one write barrier across all their volumes (a group
+    /// snapshot). Same order as `members`; each entry as `takeSnapshot` returns it.
+    func takeGroupSnapshot(_ members: [GroupSnapshotMember]) async throws -> [[String]?]
     /// Removes the snapshot's data. No error when it is already gone; `source` is nil when the
     /// source volume was deleted.
     func deleteSnapshot(_ snapshot: SnapshotRecord, source: VolumeRecord?) async throws
@@ -79,6 +82,19 @@ public struct VolumeUse: Sendable {
     public init(attachedNode: String? = nil, localStage: StageRecord? = nil) {
         self.attachedNode = attachedNode
         self.localStage = localStage
+    }
+}
+
+/// One volume of a group snapshot.
+public struct GroupSnapshotMember: Sendable {
+    public var snapshot: SnapshotRecord
+    public var volume: VolumeRecord
+    public var use: VolumeUse
+
+    public init(snapshot: SnapshotRecord, volume: VolumeRecord, use: VolumeUse) {
+        self.snapshot = snapshot
+        self.volume = volume
+        self.use = use
     }
 }
 
@@ -161,21 +177,29 @@ extension LocalFileBacking {
     /// filesystem flushes and blocks new writes) for the copy's duration — the barrier — and a
     /// raw block volume in use is refused, since nothing can hold its writes.
     public func takeSnapshot(_ snapshot: SnapshotRecord, of volume: VolumeRecord, in use: VolumeUse) async throws -> [String]? {
-        let target = try snapshotFile(snapshotID: snapshot.id)
-        if FileManager.default.fileExists(atPath: target) { return nil }  // taken before: idempotent
-        let source = try file(volumeID: volume.id)
-        if let stage = use.localStage {
+        try await takeGroupSnapshot([GroupSnapshotMember(snapshot: snapshot, volume: volume, use: use)])[0]
+    }
+
+    /// Every staged member's filesystem is frozen before the first copy and thawed after the
+    /// last, so the copies are of one instant across the volumes.
+    public func takeGroupSnapshot(_ members: [GroupSnapshotMember]) async throws -> [[String]?] {
+        var frozen: [String] = []
+        for member in members {
+            guard let stage = member.use.localStage else { continue }
             guard stage.accessType == .mount else {
                 throw CairnError.failedPrecondition(
-                    "volume \(volume.id) is staged for raw block access at \(stage.stagingPath); a one-machine volume has no write barrier for raw block devices, so a snapshot now would not be crash-consistent. Stop the application and unstage the volume, then retry")
+                    "volume \(member.volume.id) is staged for raw block access at \(stage.stagingPath); a one-machine volume has no write barrier for raw block devices, so a snapshot now would not be crash-consistent. Stop the application and unstage the volume, then retry")
             }
-            try SparseCopy.frozen(mountPath: stage.stagingPath) {
-                try SparseCopy.copy(from: source, to: target, size: volume.capacityBytes)
-            }
-        } else {
-            try SparseCopy.copy(from: source, to: target, size: volume.capacityBytes)
+            frozen.append(stage.stagingPath)
         }
-        return nil
+        try SparseCopy.frozen(mountPaths: frozen) {
+            for member in members {
+                let target = try snapshotFile(snapshotID: member.snapshot.id)
+                if FileManager.default.fileExists(atPath: target) { continue }  // taken before: idempotent
+                try SparseCopy.copy(from: try file(volumeID: member.volume.id), to: target, size: member.volume.capacityBytes)
+            }
+        }
+        return members.map { _ in nil }
     }
 
     public func deleteSnapshot(_ snapshot: SnapshotRecord, source: VolumeRecord?) throws {
@@ -263,17 +287,30 @@ public enum SparseCopy {
         }
     }
 
-    /// Runs `body` with the filesystem mounted at `mountPath` frozen (FIFREEZE … FITHAW): the
-    /// filesystem is consistent on its device and writes wait until the thaw.
-    public static func frozen<T>(mountPath: String, _ body: () throws -> T) throws -> T {
-        let fd = open(mountPath, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard fd >= 0 else { throw SystemError("open \(mountPath) to freeze its filesystem", errno: errno) }
-        defer { close(fd) }
+    /// Runs `body` with the filesystems mounted at `mountPaths` frozen (FIFREEZE … FITHAW):
+    /// each is consistent on its device and its writes wait until the thaw.
+    public static func frozen<T>(mountPaths: [String], _ body: () throws -> T) throws -> T {
         let freeze: UInt = 0xC004_5877  // _IOWR('X', 119, int)
         let thaw: UInt = 0xC004_5878    // _IOWR('X', 120, int)
-        var zero: Int32 = 0
-        guard ioctl(fd, freeze, &zero) == 0 else { throw SystemError("FIFREEZE \(mountPath)", errno: errno) }
-        defer { _ = ioctl(fd, thaw, &zero) }
+        var held: [Int32] = []
+        defer {
+            for fd in held.reversed() {
+                var zero: Int32 = 0
+                _ = ioctl(fd, thaw, &zero)
+                close(fd)
+            }
+        }
+        for path in Set(mountPaths).sorted() {
+            let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            guard fd >= 0 else { throw SystemError("open \(path) to freeze its filesystem", errno: errno) }
+            var zero: Int32 = 0
+            guard ioctl(fd, freeze, &zero) == 0 else {
+                let e = errno
+                close(fd)
+                throw SystemError("FIFREEZE \(path)", errno: e)
+            }
+            held.append(fd)
+        }
         return try body()
     }
 }

@@ -204,7 +204,7 @@ struct Serve: AsyncParsableCommand {
             // The spec: plugin capabilities describe the plugin "as a whole", the same from
             // every instance whichever RPCs it serves — so the node role advertises the
             // controller service too (csi-sanity's node tests rely on it to ControllerPublish).
-            Routes.identity(IdentityService(controllerService: true), on: router)
+            Routes.identity(IdentityService(controllerService: true, groupControllerService: true), on: router)
             if role == .all || role == .node {
                 let mounter: any Mounter
                 if role == .node, !inProcessAgent, let agentEndpoint {
@@ -255,6 +255,7 @@ struct Serve: AsyncParsableCommand {
                                                    logger: logger,
                                                    cluster: etcd == nil ? nil : ClusterConfig(defaultReplicas: defaultReplicas))
                 Routes.controller(controller, on: router)
+                Routes.groupController(controller, on: router)
                 if etcd != nil {
                     let repairer = ReplicaRepairer(controller: controller, timeout: .milliseconds(Int64(replicaTimeout * 1000)),
                                                    logger: logger)

@@ -31,6 +31,13 @@ enum Routes {
         r.register("/csi.v1.Controller/ControllerModifyVolume") { (q: Csi_V1_ControllerModifyVolumeRequest, _) in try await s.controllerModifyVolume(q) }
     }
 
+    static func groupController(_ s: ControllerService, on r: Router) {
+        r.register("/csi.v1.GroupController/GroupControllerGetCapabilities") { (q: Csi_V1_GroupControllerGetCapabilitiesRequest, _) in try await s.groupControllerGetCapabilities(q) }
+        r.register("/csi.v1.GroupController/CreateVolumeGroupSnapshot") { (q: Csi_V1_CreateVolumeGroupSnapshotRequest, _) in try await s.createVolumeGroupSnapshot(q) }
+        r.register("/csi.v1.GroupController/DeleteVolumeGroupSnapshot") { (q: Csi_V1_DeleteVolumeGroupSnapshotRequest, _) in try await s.deleteVolumeGroupSnapshot(q) }
+        r.register("/csi.v1.GroupController/GetVolumeGroupSnapshot") { (q: Csi_V1_GetVolumeGroupSnapshotRequest, _) in try await s.getVolumeGroupSnapshot(q) }
+    }
+
     static func node(_ s: NodeService, on r: Router) {
         r.register("/csi.v1.Node/NodeStageVolume") { (q: Csi_V1_NodeStageVolumeRequest, _) in try await s.nodeStageVolume(q) }
         r.register("/csi.v1.Node/NodeUnstageVolume") { (q: Csi_V1_NodeUnstageVolumeRequest, _) in try await s.nodeUnstageVolume(q) }

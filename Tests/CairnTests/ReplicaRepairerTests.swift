@@ -29,6 +29,7 @@ final class ReplicaRepairerTests: XCTestCase {
         }
         func takeSnapshot(_ snapshot: SnapshotRecord, of volume: VolumeRecord, in use: VolumeUse) async throws -> [String]? { nil }
         func deleteSnapshot(_ snapshot: SnapshotRecord, source: VolumeRecord?) async throws {}
+        func takeGroupSnapshot(_ members: [GroupSnapshotMember]) async throws -> [[String]?] { members.map { _ in nil } }
         func createFromSnapshot(_ volume: VolumeRecord, snapshot: SnapshotRecord, source: VolumeRecord?) async throws {}
         func expand(_ volume: VolumeRecord) async throws {}
     }
