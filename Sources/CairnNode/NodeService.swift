@@ -197,6 +197,9 @@ public final class NodeService: Sendable {
                     // Several nodes read the volume at once: none may replay the xfs log.
                     if fsType == "xfs" && access.mode == .multiNodeReaderOnly { options.append("norecovery") }
                 }
+                // A volume restored from a snapshot or cloned holds its source's filesystem,
+                // UUID included, and xfs refuses a second mount of one UUID on a machine.
+                if fsType == "xfs" && volume.contentSource != nil && !options.contains("nouuid") { options.append("nouuid") }
                 try await mounter.mount(device: device, at: stagingReal, fsType: fsType, options: options)
                 logger.info("mounted the volume at its staging path", metadata: meta.with("fs.type", fsType))
             }

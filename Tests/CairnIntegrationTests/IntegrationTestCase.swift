@@ -144,6 +144,41 @@ struct CSIClient: Sendable {
     func nodeGetVolumeStats(_ r: Csi_V1_NodeGetVolumeStatsRequest) async throws -> Csi_V1_NodeGetVolumeStatsResponse {
         try await channel().call("/csi.v1.Node/NodeGetVolumeStats", r, as: Csi_V1_NodeGetVolumeStatsResponse.self)
     }
+    func createSnapshot(_ r: Csi_V1_CreateSnapshotRequest) async throws -> Csi_V1_CreateSnapshotResponse {
+        try await channel().call("/csi.v1.Controller/CreateSnapshot", r, as: Csi_V1_CreateSnapshotResponse.self)
+    }
+    func deleteSnapshot(_ id: String) async throws {
+        _ = try await channel().call("/csi.v1.Controller/DeleteSnapshot", Csi_V1_DeleteSnapshotRequest.with { $0.snapshotID = id },
+                                     as: Csi_V1_DeleteSnapshotResponse.self)
+    }
+    func listSnapshots(_ r: Csi_V1_ListSnapshotsRequest = Csi_V1_ListSnapshotsRequest()) async throws -> Csi_V1_ListSnapshotsResponse {
+        try await channel().call("/csi.v1.Controller/ListSnapshots", r, as: Csi_V1_ListSnapshotsResponse.self)
+    }
+    func controllerExpand(_ id: String, bytes: Int64) async throws -> Csi_V1_ControllerExpandVolumeResponse {
+        try await channel().call("/csi.v1.Controller/ControllerExpandVolume",
+                                 Csi_V1_ControllerExpandVolumeRequest.with { $0.volumeID = id; $0.capacityRange.requiredBytes = bytes },
+                                 as: Csi_V1_ControllerExpandVolumeResponse.self)
+    }
+    func nodeExpand(_ id: String, path: String, bytes: Int64) async throws -> Csi_V1_NodeExpandVolumeResponse {
+        try await channel().call("/csi.v1.Node/NodeExpandVolume",
+                                 Csi_V1_NodeExpandVolumeRequest.with { $0.volumeID = id; $0.volumePath = path; $0.capacityRange.requiredBytes = bytes },
+                                 as: Csi_V1_NodeExpandVolumeResponse.self)
+    }
+    func controllerModify(_ id: String, _ parameters: [String: String]) async throws {
+        _ = try await channel().call("/csi.v1.Controller/ControllerModifyVolume",
+                                     Csi_V1_ControllerModifyVolumeRequest.with { $0.volumeID = id; $0.mutableParameters = parameters },
+                                     as: Csi_V1_ControllerModifyVolumeResponse.self)
+    }
+    func createGroupSnapshot(name: String, volumes: [String]) async throws -> Csi_V1_CreateVolumeGroupSnapshotResponse {
+        try await channel().call("/csi.v1.GroupController/CreateVolumeGroupSnapshot",
+                                 Csi_V1_CreateVolumeGroupSnapshotRequest.with { $0.name = name; $0.sourceVolumeIds = volumes },
+                                 as: Csi_V1_CreateVolumeGroupSnapshotResponse.self)
+    }
+    func deleteGroupSnapshot(_ id: String) async throws {
+        _ = try await channel().call("/csi.v1.GroupController/DeleteVolumeGroupSnapshot",
+                                     Csi_V1_DeleteVolumeGroupSnapshotRequest.with { $0.groupSnapshotID = id },
+                                     as: Csi_V1_DeleteVolumeGroupSnapshotResponse.self)
+    }
     func raw(_ method: String, _ bytes: [UInt8]) async -> (code: StatusCode, message: String, response: [UInt8]) {
         await channel().callRaw(method, bytes, timeout: .seconds(30))
     }
@@ -201,6 +236,22 @@ enum CSI {
         r.capacityRange = range
         r.parameters = parameters
         return r
+    }
+
+    /// CreateVolume with a content source: a snapshot id, or a volume id with `fromVolume`.
+    static func create(name: String, access: Access, required: Int64, from source: String, fromVolume: Bool = false,
+                       parameters: [String: String] = [:]) -> Csi_V1_CreateVolumeRequest {
+        var r = create(name: name, access: access, required: required, parameters: parameters)
+        if fromVolume {
+            r.volumeContentSource.volume.volumeID = source
+        } else {
+            r.volumeContentSource.snapshot.snapshotID = source
+        }
+        return r
+    }
+
+    static func snapshot(_ volumeID: String, name: String) -> Csi_V1_CreateSnapshotRequest {
+        .with { $0.sourceVolumeID = volumeID; $0.name = name }
     }
 
     static func delete(_ id: String) -> Csi_V1_DeleteVolumeRequest {

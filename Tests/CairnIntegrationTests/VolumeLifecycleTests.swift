@@ -142,7 +142,10 @@ final class VolumeLifecycleTests: IntegrationTestCase {
 
         try await unplace(csi, plugin, placed)
     }
+}
 
+/// The CO's steps, shared by the integration tests that need a volume in use.
+extension IntegrationTestCase {
     // MARK: Steps
 
     struct Placed {
@@ -219,8 +222,9 @@ final class VolumeLifecycleTests: IntegrationTestCase {
     }
 
     /// NodeUnpublish → NodeUnstage → ControllerUnpublish → DeleteVolume, checking that each step
-    /// undoes exactly what its counterpart did, and that nothing of the test remains.
-    func unplace(_ csi: CSIClient, _ plugin: PluginProcess, _ placed: Placed) async throws {
+    /// undoes exactly what its counterpart did, and (for the `lastOne` in use) that nothing of
+    /// the test remains.
+    func unplace(_ csi: CSIClient, _ plugin: PluginProcess, _ placed: Placed, lastOne: Bool = true) async throws {
         let id = placed.volume.volumeID
         _ = try await must("NodeUnpublishVolume(\(id), \(placed.target))") {
             try await csi.nodeUnpublish(CSI.unpublish(id, target: placed.target))
@@ -247,6 +251,6 @@ final class VolumeLifecycleTests: IntegrationTestCase {
         let listed = try await must("ListVolumes after delete") { try await csi.listVolumes() }
         XCTAssertFalse(listed.entries.contains { $0.volume.volumeID == id }, "ListVolumes still lists \(id) after DeleteVolume")
 
-        assertNoLeftovers(plugin, "after the volume's whole life")
+        if lastOne { assertNoLeftovers(plugin, "after the volume's whole life") }
     }
 }
