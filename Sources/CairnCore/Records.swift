@@ -45,6 +45,9 @@ public struct VolumeRecord: Codable, Sendable, Equatable {
     /// The nodes holding a replica of the volume, and which of them are in sync; nil for a
     /// one-machine volume backed by a local file (and in records written before replication).
     public var replicas: [ReplicaRecord]?
+    /// The node whose controller created the volume, when that controller runs with
+    /// `--list-scope node` (one controller per node, as Mesos's per-agent SLRP has it); nil otherwise.
+    public var createdByNode: String?
 
     public init(id: String, name: String, capacityBytes: Int64, parameters: [String: String],
                 fsType: String, accessModes: [Int], accessibleTopology: [String: String],
