@@ -85,15 +85,17 @@ public final class ControllerService: Sendable {
             if let cluster, let source {
                 volume.accessibleTopology = [:]
                 volume.replicas = try await cloneReplicas(source: source, count: parameters.explicitReplicas ?? cluster.defaultReplicas)
+                volume.createdByNode = scopedToNode ? localNodeID : nil
             } else if let cluster {
                 // Any node can run the volume's engine: the volume is not bound to one node.
                 volume.accessibleTopology = [:]
                 let count = parameters.explicitReplicas ?? cluster.defaultReplicas
                 // The CO's preferred topology (e.g. the node Kubernetes scheduled the pod on) gets a replica first.
-                let preferred = request.accessibilityRequirements.preferred.compactMap { $0.segments[Self.nodeTopologyKey] }
+                let preferred = scopePreferredNodes + request.accessibilityRequirements.preferred.compactMap { $0.segments[Self.nodeTopologyKey] }
                 let chosen = try Placement.choose(count: count, size: size,
                                                   candidates: try await placementCandidates(), preferred: preferred)
                 volume.replicas = chosen.map { ReplicaRecord(nodeID: $0.nodeID, address: $0.address ?? "", inSync: true) }
+                volume.createdByNode = scopedToNode ? localNodeID : nil
                 logger.info("placed the volume's replicas", metadata: [
                     "volume.id": "\(volume.id)", "replicas": "\(chosen.map(\.nodeID).joined(separator: ","))",
                 ])
@@ -328,8 +330,8 @@ public final class ControllerService: Sendable {
             throw CairnError.aborted("starting_token \"\(Validate.printable(request.startingToken))\" was not issued by this plugin; list again from the start")
         }
         let limit = Int(request.maxEntries)
-        let page = try await store.listVolumes(afterID: request.startingToken.isEmpty ? nil : request.startingToken,
-                                               limit: limit > 0 ? limit + 1 : 0)
+        let page = try await scoped(store.listVolumes(afterID: request.startingToken.isEmpty ? nil : request.startingToken,
+                                                      limit: scopedToNode || limit <= 0 ? 0 : limit + 1))
         var response = Csi_V1_ListVolumesResponse()
         let shown = limit > 0 ? Array(page.prefix(limit)) : page
         for volume in shown {
@@ -381,8 +383,10 @@ public final class ControllerService: Sendable {
             }
             // The largest volume that could be placed now: the count-th largest free space.
             let count = parameters.explicitReplicas ?? cluster.defaultReplicas
-            let free = try await placementCandidates().map(\.freeBytes).sorted(by: >)
-            let usable = free.count >= count ? max(0, free[count - 1]) / CapacityPolicy.mib * CapacityPolicy.mib : 0
+            let candidates = try await placementCandidates()
+            let free = candidates.map(\.freeBytes).sorted(by: >)
+            let usable = scopedToNode ? scopedCapacity(count: count, candidates: candidates)
+                : free.count >= count ? max(0, free[count - 1]) / CapacityPolicy.mib * CapacityPolicy.mib : 0
             response.availableCapacity = usable
             response.maximumVolumeSize = .with { $0.value = usable }
             return response

@@ -4,9 +4,13 @@ import CairnCore
 public struct ClusterConfig: Sendable {
     /// Replicas of a volume whose CreateVolume does not name `replicas`.
     public var defaultReplicas: Int
+    /// `--list-scope node`: ListVolumes and GetCapacity answer for this controller's node only
+    /// (see NodeScope.swift).
+    public var scopedToNode: Bool
 
-    public init(defaultReplicas: Int = 3) {
+    public init(defaultReplicas: Int = 3, scopedToNode: Bool = false) {
         self.defaultReplicas = defaultReplicas
+        self.scopedToNode = scopedToNode
     }
 }
 

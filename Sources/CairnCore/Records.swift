@@ -50,6 +50,9 @@ public struct VolumeRecord: Codable, Sendable, Equatable {
     /// ControllerModifyVolume's parameters (`iopsLimit`, `bandwidthLimit`): kept apart from
     /// `parameters`, which CreateVolume compares for idempotency and which never change.
     public var mutableParameters: [String: String]?
+    /// The node whose controller created the volume, when that controller runs with
+    /// `--list-scope node` (one controller per node, as Mesos's per-agent SLRP has it); nil otherwise.
+    public var createdByNode: String?
 
     public init(id: String, name: String, capacityBytes: Int64, parameters: [String: String],
                 fsType: String, accessModes: [Int], accessibleTopology: [String: String],

@@ -29,6 +29,10 @@ enum StoreKind: String, ExpressibleByArgument, CaseIterable {
     case sqlite, etcd
 }
 
+enum ListScope: String, ExpressibleByArgument, CaseIterable {
+    case cluster, node
+}
+
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Serve CSI on an endpoint, or the agent on its socket.",
@@ -83,6 +87,9 @@ struct Serve: AsyncParsableCommand {
 
     @Option(name: .customLong("rebuild-rate"), help: "Resync and rebuild bandwidth of this node in MB/s (10^6 bytes), shared by all its volumes; 0 = unlimited (--store etcd).")
     var rebuildRate: Double = 200
+
+    @Option(name: .customLong("list-scope"), help: "What ListVolumes and GetCapacity answer for (--store etcd; controller and all roles): cluster (every volume, the cluster's capacity) or node (only the volumes created through this process, placed with a replica on this node first, and the capacity of one more such volume): for one controller per node, as Mesos's per-agent storage resource provider runs it.")
+    var listScope: ListScope = .cluster
 
     @Option(name: .customLong("replica-timeout"), help: "Seconds a replica's node may stay away (out of sync, not live) before the controller re-creates that replica on another node (--store etcd, controller). `cairn node remove` triggers it at once.")
     var replicaTimeout: Double = 600
@@ -150,8 +157,11 @@ struct Serve: AsyncParsableCommand {
             etcd = client
             store = client
         }
+        if listScope == .node && (etcd == nil || !(role == .all || role == .controller)) {
+            throw ValidationError("--list-scope node is for the controller and all roles with --store etcd (on one machine every volume is the node's already)")
+        }
         if etcd != nil && role == .all {
-            logger.warning("--role all with --store etcd runs a controller in this process without the leader lease; in a cluster run one `--role controller` (standbys wait for the lease) and `--role node --agent-socket none` on every node")
+            logger.warning("--role all with --store etcd serves a controller in this process at once, outside the leader lease (each of its changes is one etcd transaction); re-replication runs only while this process holds the lease. In a cluster without a CO that needs a controller per node, run one `--role controller` (standbys wait for the lease) and `--role node --agent-socket none` on every node")
         }
         let localFiles = try LocalFileBacking(dataDir: dataDir)
         let backing: any VolumeBacking = etcd == nil ? localFiles
@@ -253,13 +263,22 @@ struct Serve: AsyncParsableCommand {
                 let controller = ControllerService(store: store, backing: backing, capacity: CapacityPolicy(poolBytes: pool),
                                                    localNodeID: nodeID, localTopology: topology, locks: VolumeLocks(),
                                                    logger: logger,
-                                                   cluster: etcd == nil ? nil : ClusterConfig(defaultReplicas: defaultReplicas))
+                                                   cluster: etcd == nil ? nil : ClusterConfig(defaultReplicas: defaultReplicas,
+                                                                                              scopedToNode: listScope == .node))
                 Routes.controller(controller, on: router)
                 Routes.groupController(controller, on: router)
                 if etcd != nil {
                     let repairer = ReplicaRepairer(controller: controller, timeout: .milliseconds(Int64(replicaTimeout * 1000)),
                                                    logger: logger)
-                    Task { await repairer.run() }
+                    Task {
+                        if role == .all, let etcd {
+                            // Re-replication acts on every volume: one process at a time, the lease holder.
+                            // (A --role controller holds the lease already.) Only cancellation ends the campaign.
+                            do { try await etcd.campaign(leaderID: nodeID) } catch { return }
+                            logger.info("this process holds the leader lease: re-replication runs here")
+                        }
+                        await repairer.run()
+                    }
                 }
             }
             servers.append(ServedEndpoint(name: "csi", endpoint: endpoint, socketMode: 0o660,

@@ -16,11 +16,12 @@ class IntegrationTestCase: XCTestCase {
     private var plugins: [PluginProcess] = []
 
     /// Starts a plugin for this test. Skips the test when not root (mount and losetup need it).
-    func startPlugin(capacity: String = "20Gi", extraArguments: [String] = []) async throws -> PluginProcess {
+    func startPlugin(capacity: String = "20Gi", extraArguments: [String] = [], nodeID: String = "it-node",
+                     launch: PluginProcess.Launch = .flags) async throws -> PluginProcess {
         if getuid() != 0 {
             throw XCTSkip("integration tests mount filesystems and attach loop devices: run them as root")
         }
-        let plugin = try PluginProcess(capacity: capacity, extraArguments: extraArguments)
+        let plugin = try PluginProcess(capacity: capacity, nodeID: nodeID, extraArguments: extraArguments, launch: launch)
         plugins.append(plugin)  // before start(): tearDown cleans up even if the start fails
         try await plugin.start()
         return plugin
@@ -107,6 +108,27 @@ struct CSIClient: Sendable {
 
     func probe() async throws -> Csi_V1_ProbeResponse {
         try await channel().call("/csi.v1.Identity/Probe", Csi_V1_ProbeRequest(), as: Csi_V1_ProbeResponse.self)
+    }
+    func getPluginInfo() async throws -> Csi_V1_GetPluginInfoResponse {
+        try await channel().call("/csi.v1.Identity/GetPluginInfo", Csi_V1_GetPluginInfoRequest(), as: Csi_V1_GetPluginInfoResponse.self)
+    }
+    func getPluginCapabilities() async throws -> Csi_V1_GetPluginCapabilitiesResponse {
+        try await channel().call("/csi.v1.Identity/GetPluginCapabilities", Csi_V1_GetPluginCapabilitiesRequest(),
+                                 as: Csi_V1_GetPluginCapabilitiesResponse.self)
+    }
+    func controllerGetCapabilities() async throws -> Csi_V1_ControllerGetCapabilitiesResponse {
+        try await channel().call("/csi.v1.Controller/ControllerGetCapabilities", Csi_V1_ControllerGetCapabilitiesRequest(),
+                                 as: Csi_V1_ControllerGetCapabilitiesResponse.self)
+    }
+    func nodeGetCapabilities() async throws -> Csi_V1_NodeGetCapabilitiesResponse {
+        try await channel().call("/csi.v1.Node/NodeGetCapabilities", Csi_V1_NodeGetCapabilitiesRequest(),
+                                 as: Csi_V1_NodeGetCapabilitiesResponse.self)
+    }
+    func nodeGetInfo() async throws -> Csi_V1_NodeGetInfoResponse {
+        try await channel().call("/csi.v1.Node/NodeGetInfo", Csi_V1_NodeGetInfoRequest(), as: Csi_V1_NodeGetInfoResponse.self)
+    }
+    func getCapacity(_ r: Csi_V1_GetCapacityRequest) async throws -> Csi_V1_GetCapacityResponse {
+        try await channel().call("/csi.v1.Controller/GetCapacity", r, as: Csi_V1_GetCapacityResponse.self)
     }
     func createVolume(_ r: Csi_V1_CreateVolumeRequest) async throws -> Csi_V1_CreateVolumeResponse {
         try await channel().call("/csi.v1.Controller/CreateVolume", r, as: Csi_V1_CreateVolumeResponse.self)

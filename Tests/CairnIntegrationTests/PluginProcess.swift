@@ -47,10 +47,25 @@ final class PluginProcess: @unchecked Sendable {
     let capacity: String
     let binary: String
     let extraArguments: [String]
+    /// How the endpoint and node id reach the process: as flags (the default), or the way a
+    /// Mesos managed plugin gets them — `CSI_ENDPOINT` (a socket in a directory of its own, as
+    /// Mesos's /tmp/mesos-csi-XXXXXX/endpoint.sock) and `MESOS_AGENT_ID` in the environment,
+    /// with neither `--endpoint` nor `--node-id` on the command line.
+    let launch: Launch
+
+    enum Launch: Sendable {
+        case flags
+        case mesosManagedPlugin
+    }
 
     var dataDir: String { root + "/data" }
     var volumesDir: String { dataDir + "/volumes" }
-    var socketPath: String { root + "/csi.sock" }
+    var socketPath: String {
+        switch launch {
+        case .flags: root + "/csi.sock"
+        case .mesosManagedPlugin: root + "/mesos-csi-endpoint/endpoint.sock"
+        }
+    }
     var endpoint: String { "unix://" + socketPath }
     var logPath: String { root + "/cairn.log" }
     /// The agent socket `--role all` serves (for `cairn volume attach|detach`): one per
@@ -69,8 +84,10 @@ final class PluginProcess: @unchecked Sendable {
     private var tornDown = false
 
     /// Makes the temporary directory; does not start the process (see `start`).
-    init(capacity: String = "20Gi", nodeID: String = "it-node", extraArguments: [String] = []) throws {
+    init(capacity: String = "20Gi", nodeID: String = "it-node", extraArguments: [String] = [],
+         launch: Launch = .flags) throws {
         self.binary = try Self.locateBinary()
+        self.launch = launch
         self.capacity = capacity
         self.nodeID = nodeID
         self.extraArguments = extraArguments
@@ -80,7 +97,7 @@ final class PluginProcess: @unchecked Sendable {
         }
         let path = String(cString: made)
         root = Validate.realPath(path) ?? path
-        for dir in [stagingDir, podsDir] {
+        for dir in [stagingDir, podsDir, (socketPath as NSString).deletingLastPathComponent] {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         }
     }
@@ -152,13 +169,26 @@ final class PluginProcess: @unchecked Sendable {
         let fd = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw FixtureError("cannot open \(logPath): \(String(cString: strerror(errno)))") }
         let log = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
-        let arguments = [
-            "serve", "--role", "all", "--endpoint", endpoint, "--data-dir", dataDir, "--node-id", nodeID,
-            "--path-root", root, "--capacity", capacity, "--log-level", "debug",
+        var environment = ProcessInfo.processInfo.environment
+        environment["CSI_ENDPOINT"] = nil
+        environment["MESOS_AGENT_ID"] = nil
+        let identity: [String]
+        switch launch {
+        case .flags:
+            identity = ["--endpoint", endpoint, "--node-id", nodeID]
+        case .mesosManagedPlugin:
+            identity = []
+            environment["CSI_ENDPOINT"] = endpoint
+            environment["MESOS_AGENT_ID"] = nodeID
+        }
+        let arguments = ["serve", "--role", "all"] + identity + [
+            "--data-dir", dataDir, "--path-root", root, "--capacity", capacity, "--log-level", "debug",
         ] + (extraArguments.contains("--agent-socket") ? [] : ["--agent-socket", agentSocketPath]) + extraArguments
-        log.write(Data("=== \(Date()) starting \(binary) \(arguments.joined(separator: " "))\n".utf8))
+        let shownEnvironment = launch == .flags ? "" : "CSI_ENDPOINT=\(endpoint) MESOS_AGENT_ID=\(nodeID) "
+        log.write(Data("=== \(Date()) starting \(shownEnvironment)\(binary) \(arguments.joined(separator: " "))\n".utf8))
 
         let process = Process()
+        process.environment = environment
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = arguments
         process.standardOutput = log
@@ -237,6 +267,20 @@ final class PluginProcess: @unchecked Sendable {
             try? await Task.sleep(for: .milliseconds(20))
         }
         return !process.isRunning
+    }
+
+    /// SIGKILL, as a power loss or reboot ends it: no graceful shutdown. Returns once it has exited.
+    func crash() async {
+        guard let process = lock.withLock({ () -> Process? in
+            let p = self.process
+            self.process = nil
+            self.currentChannel = nil
+            return p
+        }) else { return }
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            _ = await waitForExit(process, within: .seconds(10))
+        }
     }
 
     /// Stops (gracefully) and starts again on the same directory.
