@@ -235,7 +235,8 @@ extension ReplicaStore {
     // MARK: snapshots
 
     /// This replica's snapshots, oldest first (a clone's inherited layers are not listed).
-    public func snapshots(epoch: UInt64 = 0) throws -> [ReplicaSnapshot] {
+    /// `epoch` is checked like `status`'s (the default: an in-process caller, not checked).
+    public func snapshots(epoch: UInt64 = .max) throws -> [ReplicaSnapshot] {
         try state.withShared { s in
             try Self.checkOpenLocked(s)
             try Self.checkEpochLocked(s, epoch)
@@ -342,11 +343,12 @@ extension ReplicaStore {
     }
 
     /// Copies into `target` every block `layer` has and `target` does not (neither written nor
-    /// trimmed there), then syncs `target`. Returns the blocks copied.
-    private func merge(_ layer: Layer, into target: Layer, epoch: UInt64) throws -> Int {
+    /// trimmed there), then syncs `target`. Returns the blocks copied. `maxChunks` stops early
+    /// (what a crash mid-merge leaves; tests use it).
+    func merge(_ layer: Layer, into target: Layer, epoch: UInt64, maxChunks: Int = .max) throws -> Int {
         let bs = Self.blockSize
         // L is only ever written by a merge of the layer below it, which `maintenance` excludes.
-        let blocks = try state.withShared { s in s.superblock.size / UInt64(bs) }
+        let blocks = state.withShared { s in s.superblock.size / UInt64(bs) }
         var present: [(UInt64, BlockMapEntry)] = []
         try layer.blockMap.forEachPresent(blocks: blocks) { present.append(($0, $1)) }
         guard !present.isEmpty else { return 0 }
@@ -355,7 +357,7 @@ extension ReplicaStore {
         // read-only); the head's is already read-write.
         var ownFD: Int32 = -1
         defer { if ownFD >= 0 { _ = Glibc.close(ownFD) } }
-        let isHead = try state.withShared { s in s.head === target }
+        let isHead = state.withShared { s in s.head === target }
         if !isHead {
             ownFD = Glibc.open(target.dataPath, O_RDWR | O_CLOEXEC | (usesDirectIO ? FileIO.O_DIRECT : 0))
             guard ownFD >= 0 else { throw SystemError("open \(target.dataPath) for a snapshot merge", errno: errno) }
@@ -366,7 +368,9 @@ extension ReplicaStore {
 
         var copied = 0
         var index = 0
-        while index < present.count {
+        var chunks = 0
+        while index < present.count, chunks < maxChunks {
+            chunks += 1
             let chunkFirst = present[index].0 / Self.mergeChunkBlocks * Self.mergeChunkBlocks
             let chunkEnd = chunkFirst + Self.mergeChunkBlocks
             var end = index
