@@ -86,23 +86,8 @@ public struct SnapshotResponse: Equatable, Sendable {
     }
 }
 
-public struct ListSnapshotsRequest: Equatable, Sendable {
-    public var volume: String
-
-    public init(volume: String) { self.volume = volume }
-
-    public func encode() -> [UInt8] {
-        var w = ByteWriter()
-        w.writeVolume(volume)
-        return w.bytes
-    }
-
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(payload)
-        volume = try r.readVolume()
-        try r.expectEnd()
-    }
-}
+/// `listSnapshots` request: the volume alone, laid out like `status`'s.
+public typealias ListSnapshotsRequest = StatusRequest
 
 /// One entry of a `listSnapshots` response.
 public struct SnapshotEntry: Equatable, Sendable {

@@ -147,21 +147,7 @@ enum SnapshotRecord {
 
     /// Writes the record with write-temp/fsync/rename/fsync-directory.
     static func write(_ s: ReplicaSnapshot, layerDirectory: String) throws {
-        let path = layerDirectory + "/" + fileName
-        let tmp = path + ".tmp"
-        let fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw SystemError("open \(tmp)", errno: errno) }
-        do {
-            try encode(s).withUnsafeBytes { try FileIO.pwriteFully(fd, $0, offset: 0, path: tmp) }
-            guard fsync(fd) == 0 else { throw SystemError("fsync \(tmp)", errno: errno) }
-        } catch {
-            _ = Glibc.close(fd)
-            _ = unlink(tmp)
-            throw error
-        }
-        _ = Glibc.close(fd)
-        guard rename(tmp, path) == 0 else { throw SystemError("rename \(tmp)", errno: errno) }
-        try FileIO.fsyncDirectory(layerDirectory)
+        try FileIO.replaceAtomically(directory: layerDirectory, name: fileName, with: encode(s))
     }
 }
 

@@ -508,6 +508,24 @@ public final class ReplicaServer: Sendable {
 
     /// Creates the replica, or accepts an existing one of the same size.
     private func create(volume: String, size: UInt64) throws {
+        try make(volume: volume, size: size, what: "re-create it") { [logger] dir in
+            try ReplicaStore.create(directory: dir, volumeID: volume, size: size, logger: logger)
+        }
+    }
+
+    /// Creates replica `volume` from snapshot `snapshotID` of this node's replica of `source`, or
+    /// accepts an existing one of the same size (a repeated clone).
+    private func clone(volume: String, source: String, snapshotID: String, size: UInt64) throws {
+        guard volume != source else { throw ReplicaError.badRequest("a clone needs a new volume id, not its source's (\(source))") }
+        let sourceStore = try store(source)
+        try make(volume: volume, size: size, what: "clone again") { [logger] dir in
+            try ReplicaStore.clone(from: sourceStore, snapshotID: snapshotID, directory: dir, volumeID: volume, size: size, logger: logger)
+        }
+    }
+
+    /// Under the registry lock: accepts an existing replica of `volume` of the same size (a
+    /// repeated request), refuses one of another size, or makes it with `body`.
+    private func make(volume: String, size: UInt64, what: String, _ body: (String) throws -> ReplicaStore) throws {
         let dir = try directory(volume)
         try stores.withLock { open throws in
             var store = open[volume]
@@ -518,35 +536,12 @@ public final class ReplicaServer: Sendable {
             if let store {
                 let existing = store.status.size
                 guard existing == size else {
-                    throw ReplicaError.badRequest("the replica of volume \(volume) exists with size \(existing), not \(size); delete it first to re-create it")
+                    throw ReplicaError.badRequest("the replica of volume \(volume) exists with size \(existing), not \(size); delete it first to \(what)")
                 }
                 logger.debug("replica already exists", metadata: ["volume.id": "\(volume)", "replica.size": "\(size)"])
                 return
             }
-            open[volume] = try ReplicaStore.create(directory: dir, volumeID: volume, size: size, logger: logger)
-        }
-    }
-
-    /// Creates replica `volume` from snapshot `snapshotID` of this node's replica of `source`, or
-    /// accepts an existing one of the same size (a repeated clone).
-    private func clone(volume: String, source: String, snapshotID: String, size: UInt64) throws {
-        let dir = try directory(volume)
-        guard volume != source else { throw ReplicaError.badRequest("a clone needs a new volume id, not its source's (\(source))") }
-        let sourceStore = try store(source)
-        try stores.withLock { open throws in
-            var existing = open[volume]
-            if existing == nil, Self.exists(dir + "/superblock") {
-                existing = try ReplicaStore.open(directory: dir, volumeID: volume, logger: logger)
-                open[volume] = existing
-            }
-            if let existing {
-                guard existing.status.size == size else {
-                    throw ReplicaError.badRequest("the replica of volume \(volume) exists with size \(existing.status.size), not \(size); delete it first to clone again")
-                }
-                return
-            }
-            open[volume] = try ReplicaStore.clone(from: sourceStore, snapshotID: snapshotID, directory: dir, volumeID: volume,
-                                                  size: size, logger: logger)
+            open[volume] = try body(dir)
         }
     }
 
