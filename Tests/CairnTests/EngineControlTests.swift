@@ -120,6 +120,42 @@ extension EngineFUSETests {
         engine.releaseWrites()
     }
 
+    func testAGroupSnapshotHoldsEveryVolumeAtOneBarrier() throws {
+        let (a, aFakes, aFD) = try mounted(2)
+        let bFakes = fakes(2)
+        let b = makeEngine(bFakes, name: "vol-b")
+        let bFD = try Self.open(try b.start())
+        openFiles.append(bFD)
+        let aWriters = startWriters(aFD, threads: 3), bWriters = startWriters(bFD, threads: 3)
+        defer { stopWriters(aWriters); stopWriters(bWriters) }
+        usleep(100_000)
+        // One barrier over both volumes: hold each, snapshot each, release each.
+        try a.holdWrites(timeout: .seconds(20))
+        defer { a.releaseWrites() }
+        try b.holdWrites(timeout: .seconds(20))
+        defer { b.releaseWrites() }
+        // What reached the replicas (a writer's own count may lag behind its write's return).
+        func reached(_ fakes: [FakeReplica]) -> Int { fakes[0].state.withLock { $0.writes.count } }
+        let (aBefore, bBefore) = (reached(aFakes), reached(bFakes))
+        XCTAssertEqual(try a.snapshotReplicas(id: "group-1"), ["n1", "n2"])
+        XCTAssertEqual(try b.snapshotReplicas(id: "group-1"), ["n1", "n2"])
+        usleep(50_000)
+        XCTAssertEqual(reached(aFakes), aBefore, "a write to vol-a reached a replica inside the group barrier")
+        XCTAssertEqual(reached(bFakes), bBefore, "a write to vol-b reached a replica inside the group barrier")
+        a.releaseWrites()
+        b.releaseWrites()
+        // (The first write after a snapshot makes each fake copy its 64 MiB volume: ~100 ms.)
+        let deadline = Date().addingTimeInterval(10)
+        while (reached(aFakes) == aBefore || reached(bFakes) == bBefore) && Date() < deadline { usleep(1000) }
+        XCTAssertGreaterThan(reached(aFakes), aBefore, "writes to vol-a resumed")
+        XCTAssertGreaterThan(reached(bFakes), bBefore, "writes to vol-b resumed")
+        for fakes in [aFakes, bFakes] {
+            let snaps = fakes.map { $0.state.withLock { $0.snapshots } }
+            XCTAssertEqual(snaps.map { $0.map(\.id) }, [["group-1"], ["group-1"]])
+            XCTAssertTrue(snaps[0][0].data == snaps[1][0].data, "one cut on both replicas")
+        }
+    }
+
     func testAReplicaFailingTheSnapshotIsRecordedOutOfSyncAndTheOthersKeepIt() throws {
         let (engine, fakes, fd) = try mounted(2)
         XCTAssertEqual(Self.write(fd, 0, 4096, 0x44), 0)

@@ -134,7 +134,10 @@ final class ReplicatedBackingSnapshotTests: XCTestCase {
         defer { close(fd) }
         XCTAssertEqual(block(0xC3).withUnsafeBytes { pwrite(fd, $0.baseAddress, bs, 0) }, bs)
 
+        let started = Date()
         let holders = try await backing.snapshot(volume: source, snapshotID: "snap-a", attachedNode: "n1")
+        print(String(format: "barrier snapshot through the engine (2 replica stores, one local, one over TCP): %.1f ms",
+                     Date().timeIntervalSince(started) * 1000))
         XCTAssertEqual(holders.sorted(), ["n1", "n2"])
         for node in 0..<2 {
             let c = try client(node)
