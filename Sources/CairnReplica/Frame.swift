@@ -983,7 +983,8 @@ public struct CreateRequest: Equatable, Sendable {
         size = try r.readUInt64("size")
         try r.expectEnd()
         guard size != 0, size % UInt64(FrameLimits.blockSize) == 0 else {
-            throw FrameError(.malformedPayload, "create size \(size) is not a positive multiple of \(FrameLimits.blockSize)")
+            // The frame's error names the op (create or grow).
+            throw FrameError(.malformedPayload, "size \(size) is not a positive multiple of \(FrameLimits.blockSize)")
         }
     }
 }

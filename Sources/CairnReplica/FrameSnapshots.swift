@@ -189,33 +189,9 @@ public struct CloneRequest: Equatable, Sendable {
     }
 }
 
-public struct GrowRequest: Equatable, Sendable {
-    public var volume: String
-    /// The new size in bytes, a positive multiple of 4096 (not smaller than now: the replica refuses).
-    public var size: UInt64
-
-    public init(volume: String, size: UInt64) {
-        self.volume = volume
-        self.size = size
-    }
-
-    public func encode() -> [UInt8] {
-        var w = ByteWriter()
-        w.writeVolume(volume)
-        w.write(size)
-        return w.bytes
-    }
-
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(payload)
-        volume = try r.readVolume()
-        size = try r.readUInt64("size")
-        try r.expectEnd()
-        guard size != 0, size % UInt64(FrameLimits.blockSize) == 0 else {
-            throw FrameError(.malformedPayload, "grow size \(size) is not a positive multiple of \(FrameLimits.blockSize)")
-        }
-    }
-}
+/// `grow` request: volume | size u64 (the new size; not smaller than now: the replica refuses),
+/// laid out and checked like `create`'s.
+public typealias GrowRequest = CreateRequest
 
 extension ByteReader {
     /// u16 length + UTF-8, 1...128 bytes (a snapshot, source volume or node id).

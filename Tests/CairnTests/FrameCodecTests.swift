@@ -361,7 +361,7 @@ final class FrameCodecTests: XCTestCase {
     func testCreateSizeMustBeAPositiveMultipleOf4096() {
         for size: UInt64 in [0, 4095, 4097] {
             let frame = Frame(requestID: 1, epoch: 0, body: .request(.create(CreateRequest(volume: "v", size: size))))
-            assertFrameError(frame.encode(), .malformedPayload, containing: "create size")
+            assertFrameError(frame.encode(), .malformedPayload, containing: "size \(size) is not a positive multiple of 4096 (create request")
         }
     }
 
@@ -452,7 +452,7 @@ final class FrameCodecTests: XCTestCase {
         assertFrameError(Self.rawFrame(op: Opcode.clone.rawValue, payload: clone + Self.le(UInt64(4097))), .malformedPayload, containing: "clone size")
         assertFrameError(Self.rawFrame(op: Opcode.clone.rawValue, payload: clone + Self.le(UInt64(0))), .malformedPayload, containing: "clone size")
         assertFrameError(Self.rawFrame(op: Opcode.clone.rawValue, payload: clone), .malformedPayload)
-        assertFrameError(Self.rawFrame(op: Opcode.grow.rawValue, payload: volume + Self.le(UInt64(100))), .malformedPayload, containing: "grow size")
+        assertFrameError(Self.rawFrame(op: Opcode.grow.rawValue, payload: volume + Self.le(UInt64(100))), .malformedPayload, containing: "(grow request")
         // Responses: bounded node and snapshot counts; a failure carries no entries.
         let ok = [ReplyStatus.ok.rawValue]
         assertFrameError(Self.rawFrame(op: Opcode.snapshot.rawValue, flags: FrameFlags.response,
