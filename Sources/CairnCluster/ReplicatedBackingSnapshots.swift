@@ -16,9 +16,28 @@ final class EngineSnapshotHooks: ReplicaEngineHooks {
     init(engines: EngineRegistry) { self.engines = engines }
 
     func snapshot(volume: String, snapshotID: String, epoch: UInt64) throws -> [String]? {
+        guard let engine = try engine(volume, epoch: epoch) else { return nil }
+        // Inside a group's hold the snapshot is taken at that barrier.
+        return engine.writesHeld ? try engine.snapshotReplicas(id: snapshotID) : try engine.snapshot(id: snapshotID)
+    }
+
+    func holdWrites(volume: String, timeout: Duration, epoch: UInt64) throws -> Bool {
+        guard let engine = try engine(volume, epoch: epoch) else { return false }
+        try engine.holdWrites(timeout: timeout)
+        return true
+    }
+
+    func releaseWrites(volume: String, epoch: UInt64) throws -> Bool {
+        guard let engine = try engine(volume, epoch: epoch) else { return false }
+        engine.releaseWrites()
+        return true
+    }
+
+    /// The engine of `volume` here; a request older than its epoch is stale.
+    private func engine(_ volume: String, epoch: UInt64) throws -> VolumeEngine? {
         guard let engine = engines.engine(volumeID: volume) else { return nil }
         guard epoch >= engine.epoch else { throw ReplicaError.staleEpoch(seen: engine.epoch, got: epoch) }
-        return try engine.snapshot(id: snapshotID)
+        return engine
     }
 }
 

@@ -62,6 +62,9 @@ public enum Opcode: UInt8, Sendable, CaseIterable {
     /// A new replica sharing a snapshot's layers (hard links) on the same node.
     case clone = 16
     case grow = 17
+    /// Group snapshots: hold (then release) the writes of the volume's engine on the receiving node.
+    case holdWrites = 18
+    case releaseWrites = 19
 }
 
 /// Header flag bits. Bits other than these are reserved and must be zero (a peer that sets
@@ -311,6 +314,8 @@ public enum Request: Equatable, Sendable {
     case listSnapshots(ListSnapshotsRequest)
     case clone(CloneRequest)
     case grow(GrowRequest)
+    case holdWrites(HoldWritesRequest)
+    case releaseWrites(ReleaseWritesRequest)
 
     public var opcode: Opcode {
         switch self {
@@ -331,6 +336,8 @@ public enum Request: Equatable, Sendable {
         case .listSnapshots: .listSnapshots
         case .clone: .clone
         case .grow: .grow
+        case .holdWrites: .holdWrites
+        case .releaseWrites: .releaseWrites
         }
     }
 
@@ -369,6 +376,8 @@ public enum Request: Equatable, Sendable {
         case .listSnapshots(let m): m.encode()
         case .clone(let m): m.encode()
         case .grow(let m): m.encode()
+        case .holdWrites(let m): m.encode()
+        case .releaseWrites(let m): m.encode()
         }
     }
 
@@ -402,6 +411,8 @@ public enum Request: Equatable, Sendable {
         case .listSnapshots: self = .listSnapshots(try ListSnapshotsRequest(decoding: payload))
         case .clone: self = .clone(try CloneRequest(decoding: payload))
         case .grow: self = .grow(try GrowRequest(decoding: payload))
+        case .holdWrites: self = .holdWrites(try HoldWritesRequest(decoding: payload))
+        case .releaseWrites: self = .releaseWrites(try ReleaseWritesRequest(decoding: payload))
         }
     }
 }
@@ -431,6 +442,8 @@ public enum Response: Equatable, Sendable {
     case listSnapshots(ListSnapshotsResponse)
     case clone(PlainResponse)
     case grow(PlainResponse)
+    case holdWrites(PlainResponse)
+    case releaseWrites(PlainResponse)
 
     public var opcode: Opcode {
         switch self {
@@ -453,6 +466,8 @@ public enum Response: Equatable, Sendable {
         case .listSnapshots: .listSnapshots
         case .clone: .clone
         case .grow: .grow
+        case .holdWrites: .holdWrites
+        case .releaseWrites: .releaseWrites
         }
     }
 
@@ -486,6 +501,8 @@ public enum Response: Equatable, Sendable {
         case .listSnapshots(let m): m.encode()
         case .clone(let m): m.encode()
         case .grow(let m): m.encode()
+        case .holdWrites(let m): m.encode()
+        case .releaseWrites(let m): m.encode()
         }
     }
 
@@ -518,6 +535,8 @@ public enum Response: Equatable, Sendable {
         case .listSnapshots: self = .listSnapshots(try ListSnapshotsResponse(decoding: payload))
         case .clone: self = .clone(try PlainResponse(decoding: payload))
         case .grow: self = .grow(try PlainResponse(decoding: payload))
+        case .holdWrites: self = .holdWrites(try PlainResponse(decoding: payload))
+        case .releaseWrites: self = .releaseWrites(try PlainResponse(decoding: payload))
         }
     }
 }
@@ -561,6 +580,10 @@ public enum Response: Equatable, Sendable {
 //   clone    req: new volume | source volume | snapshot id | size u64
 //            rsp: status u8
 //   grow     req: volume | size u64
+//            rsp: status u8
+//   holdWrites req: volume | timeout ms u32 (1...600000; the hold lapses by itself after it)
+//            rsp: status u8
+//   releaseWrites req: volume
 //            rsp: status u8
 // A write with the header flag `ifNewer` (a resync write) or `repair`, and a trim with
 // `ifNewer`, answer status u8 | applied blocks u32, with `ifNewer` set in the response header.

@@ -207,3 +207,38 @@ extension ByteReader {
         return name
     }
 }
+
+/// `holdWrites`: hold the writes of the engine running `volume` on the receiving node for at
+/// most `timeoutMilliseconds` (a group snapshot's barrier; `releaseWrites` ends it sooner).
+public struct HoldWritesRequest: Equatable, Sendable {
+    public var volume: String
+    public var timeoutMilliseconds: UInt32
+
+    /// Ten minutes: longer would let a crashed coordinator freeze a volume for too long.
+    public static let maxTimeoutMilliseconds: UInt32 = 600_000
+
+    public init(volume: String, timeoutMilliseconds: UInt32) {
+        self.volume = volume
+        self.timeoutMilliseconds = timeoutMilliseconds
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.writeVolume(volume)
+        w.write(timeoutMilliseconds)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+        var r = ByteReader(payload)
+        volume = try r.readVolume()
+        timeoutMilliseconds = try r.readUInt32("timeout")
+        try r.expectEnd()
+        guard timeoutMilliseconds >= 1, timeoutMilliseconds <= Self.maxTimeoutMilliseconds else {
+            throw FrameError(.malformedPayload, "hold timeout \(timeoutMilliseconds) ms is outside 1...\(Self.maxTimeoutMilliseconds)")
+        }
+    }
+}
+
+/// `releaseWrites`: the volume alone.
+public typealias ReleaseWritesRequest = StatusRequest

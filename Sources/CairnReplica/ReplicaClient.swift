@@ -364,6 +364,24 @@ public final class ReplicaClient: Sendable {
         try Self.check(m.status, m.message)
     }
 
+    /// Holds the writes of the engine running `volumeID` on the reached node for at most
+    /// `timeout` (a group snapshot's barrier): barrier snapshots of it then take the snapshot
+    /// inside this hold. `not-found` when no engine runs the volume there.
+    public func holdWrites(volumeID: String, timeout: Duration, epoch: UInt64) throws {
+        let ms = UInt32(clamping: max(1, timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000))
+        let request = HoldWritesRequest(volume: volumeID, timeoutMilliseconds: min(ms, HoldWritesRequest.maxTimeoutMilliseconds))
+        let (r, _) = try roundTrip(.holdWrites(request), epoch: epoch, timeout: Self.controlTimeout)
+        guard case .holdWrites(let m) = r else { throw mismatch(r, .holdWrites) }
+        try Self.check(m.status, m.message)
+    }
+
+    /// Releases a hold taken with `holdWrites` (harmless without one).
+    public func releaseWrites(volumeID: String, epoch: UInt64) throws {
+        let (r, _) = try roundTrip(.releaseWrites(ReleaseWritesRequest(volume: volumeID)), epoch: epoch)
+        guard case .releaseWrites(let m) = r else { throw mismatch(r, .releaseWrites) }
+        try Self.check(m.status, m.message)
+    }
+
     /// Snapshot deletion merges layers and a barrier snapshot waits for a volume's in-flight
     /// writes and flushes: both can outlast an I/O's timeout.
     static let controlTimeout: Duration = .seconds(120)

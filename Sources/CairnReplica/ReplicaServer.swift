@@ -32,6 +32,12 @@ public protocol ReplicaEngineHooks: AnyObject, Sendable {
     /// engine runs the volume on this node. `epoch` is the request's: older than the engine's
     /// is refused as stale.
     func snapshot(volume: String, snapshotID: String, epoch: UInt64) throws -> [String]?
+    /// Holds the writes of `volume`'s engine here for at most `timeout` (a group snapshot's
+    /// barrier; a barrier snapshot inside the hold takes it without a hold of its own). False
+    /// when no engine runs the volume on this node.
+    func holdWrites(volume: String, timeout: Duration, epoch: UInt64) throws -> Bool
+    /// Releases that hold; false when no engine runs the volume here.
+    func releaseWrites(volume: String, epoch: UInt64) throws -> Bool
 }
 
 public final class ReplicaServer: Sendable {
@@ -358,7 +364,7 @@ public final class ReplicaServer: Sendable {
                 if m.barrier {
                     guard let hooks = engineHooks,
                           let nodes = try hooks.snapshot(volume: m.volume, snapshotID: m.snapshotID, epoch: epoch) else {
-                        throw ReplicaError.notFound("no engine runs volume \(m.volume) on this node; send the barrier snapshot to the node the volume is attached to, or snapshot each replica when it is not attached")
+                        throw Self.noEngine(m.volume)
                     }
                     return reply(.snapshot(SnapshotResponse(status: .ok, nodes: nodes, barrier: true)), epoch: epoch)
                 }
@@ -377,6 +383,17 @@ public final class ReplicaServer: Sendable {
             case .grow(let m):
                 try store(m.volume).grow(to: m.size, epoch: epoch)
                 return reply(.grow(PlainResponse(status: .ok)), epoch: epoch)
+            case .holdWrites(let m):
+                guard let hooks = engineHooks,
+                      try hooks.holdWrites(volume: m.volume, timeout: .milliseconds(Int(m.timeoutMilliseconds)), epoch: epoch) else {
+                    throw Self.noEngine(m.volume)
+                }
+                return reply(.holdWrites(PlainResponse(status: .ok)), epoch: epoch)
+            case .releaseWrites(let m):
+                guard let hooks = engineHooks, try hooks.releaseWrites(volume: m.volume, epoch: epoch) else {
+                    throw Self.noEngine(m.volume)
+                }
+                return reply(.releaseWrites(PlainResponse(status: .ok)), epoch: epoch)
             case .trim(let m):
                 let store = try store(m.volume)
                 try checkRange(store, offset: m.offset, length: m.length)
@@ -408,6 +425,10 @@ public final class ReplicaServer: Sendable {
         }
     }
 
+    static func noEngine(_ volume: String) -> ReplicaError {
+        .notFound("no engine runs volume \(volume) on this node; send barrier requests to the node the volume is attached to, or snapshot each replica when it is not attached")
+    }
+
     /// The request's response carrying only a failure.
     static func failure(_ request: Request, _ status: ReplyStatus, _ message: String, epoch: UInt64) -> Response {
         if request.isConditional {
@@ -433,6 +454,8 @@ public final class ReplicaServer: Sendable {
         case .listSnapshots: .listSnapshots(ListSnapshotsResponse(status: status, message: message))
         case .clone: .clone(PlainResponse(status: status, message: message))
         case .grow: .grow(PlainResponse(status: status, message: message))
+        case .holdWrites: .holdWrites(PlainResponse(status: status, message: message))
+        case .releaseWrites: .releaseWrites(PlainResponse(status: status, message: message))
         }
     }
 

@@ -32,6 +32,8 @@ final class FrameCodecTests: XCTestCase {
             .listSnapshots(ListSnapshotsRequest(volume: "pvc-0f1e2d3c")),
             .clone(CloneRequest(volume: "pvc-new", source: "pvc-0f1e2d3c", snapshotID: "snap-1", size: 32 << 20)),
             .grow(GrowRequest(volume: "pvc-0f1e2d3c", size: 1 << 40)),
+            .holdWrites(HoldWritesRequest(volume: "pvc-0f1e2d3c", timeoutMilliseconds: 30_000)),
+            .releaseWrites(ReleaseWritesRequest(volume: "pvc-0f1e2d3c")),
         ]
         let responses: [Response] = [
             .hello(HelloResponse(status: .ok, protocolVersion: 1, authToken: [1, 2, 3])),
@@ -60,6 +62,8 @@ final class FrameCodecTests: XCTestCase {
             .listSnapshots(ListSnapshotsResponse(status: .staleEpoch, message: "stale epoch 1")),
             .clone(PlainResponse(status: .notFound, message: "no snapshot s")),
             .grow(PlainResponse(status: .badRequest, message: "cannot shrink")),
+            .holdWrites(PlainResponse(status: .notFound, message: "no engine runs volume v on this node")),
+            .releaseWrites(PlainResponse(status: .ok)),
         ]
         var frames: [Frame] = []
         for (i, r) in requests.enumerated() {
@@ -453,6 +457,10 @@ final class FrameCodecTests: XCTestCase {
         assertFrameError(Self.rawFrame(op: Opcode.clone.rawValue, payload: clone + Self.le(UInt64(0))), .malformedPayload, containing: "clone size")
         assertFrameError(Self.rawFrame(op: Opcode.clone.rawValue, payload: clone), .malformedPayload)
         assertFrameError(Self.rawFrame(op: Opcode.grow.rawValue, payload: volume + Self.le(UInt64(100))), .malformedPayload, containing: "(grow request")
+        // A hold lasts 1 ms to 10 minutes: a coordinator cannot freeze a volume for longer.
+        assertFrameError(Self.rawFrame(op: Opcode.holdWrites.rawValue, payload: volume + Self.le(UInt32(0))), .malformedPayload, containing: "hold timeout")
+        assertFrameError(Self.rawFrame(op: Opcode.holdWrites.rawValue, payload: volume + Self.le(UInt32(600_001))), .malformedPayload, containing: "hold timeout")
+        assertFrameError(Self.rawFrame(op: Opcode.holdWrites.rawValue, flags: FrameFlags.barrier, payload: volume + Self.le(UInt32(5))), .reservedFlags)
         // Responses: bounded node and snapshot counts; a failure carries no entries.
         let ok = [ReplyStatus.ok.rawValue]
         assertFrameError(Self.rawFrame(op: Opcode.snapshot.rawValue, flags: FrameFlags.response,

@@ -239,11 +239,32 @@ final class ReplicaServerTests: XCTestCase {
         }
     }
 
-    private final class FakeHooks: ReplicaEngineHooks {
-        func snapshot(volume: String, snapshotID: String, epoch: UInt64) throws -> [String]? {
-            guard volume == "attached" else { return nil }
+    private final class FakeHooks: ReplicaEngineHooks, @unchecked Sendable {
+        let lock = NSLock()
+        var calls: [String] = []
+
+        private func check(_ volume: String, _ epoch: UInt64) throws -> Bool {
+            guard volume == "attached" else { return false }
             guard epoch >= 5 else { throw ReplicaError.staleEpoch(seen: 5, got: epoch) }
+            return true
+        }
+
+        func snapshot(volume: String, snapshotID: String, epoch: UInt64) throws -> [String]? {
+            guard try check(volume, epoch) else { return nil }
+            lock.withLock { calls.append("snapshot \(snapshotID)") }
             return ["n1", "n3"]
+        }
+
+        func holdWrites(volume: String, timeout: Duration, epoch: UInt64) throws -> Bool {
+            guard try check(volume, epoch) else { return false }
+            lock.withLock { calls.append("hold \(timeout)") }
+            return true
+        }
+
+        func releaseWrites(volume: String, epoch: UInt64) throws -> Bool {
+            guard try check(volume, epoch) else { return false }
+            lock.withLock { calls.append("release") }
+            return true
         }
     }
 
@@ -254,8 +275,18 @@ final class ReplicaServerTests: XCTestCase {
             guard case .remote(.notFound, let message) = error as? ReplicaClientError else { return XCTFail("\(error)") }
             XCTAssertTrue(message.contains("no engine runs volume"), message)
         }
-        server!.engineHooks = FakeHooks()
+        let hooks = FakeHooks()
+        server!.engineHooks = hooks
+        try c.holdWrites(volumeID: "attached", timeout: .milliseconds(2500), epoch: 5)
         XCTAssertEqual(try c.barrierSnapshot(volumeID: "attached", snapshotID: "s", epoch: 5), ["n1", "n3"])
+        try c.releaseWrites(volumeID: "attached", epoch: 5)
+        XCTAssertEqual(hooks.lock.withLock { hooks.calls }, ["hold 2.5 seconds", "snapshot s", "release"])
+        for call in [{ try c.holdWrites(volumeID: self.volume, timeout: .seconds(1), epoch: 5) },
+                     { try c.releaseWrites(volumeID: self.volume, epoch: 5) }] {
+            XCTAssertThrowsError(try call()) { error in
+                guard case .remote(.notFound, _) = error as? ReplicaClientError else { return XCTFail("\(error)") }
+            }
+        }
         XCTAssertThrowsError(try c.barrierSnapshot(volumeID: "attached", snapshotID: "s", epoch: 4)) { error in
             guard case .remote(.staleEpoch, _) = error as? ReplicaClientError else { return XCTFail("\(error)") }
         }
