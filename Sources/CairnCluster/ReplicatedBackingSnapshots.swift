@@ -59,14 +59,7 @@ extension ReplicatedBacking {
         }
         let epoch = UInt64(max(volume.epoch, 0))
         if let attachedNode {
-            let address: String
-            if let replica = replicas.first(where: { $0.nodeID == attachedNode }) {
-                address = replica.address
-            } else if let node = try await store.node(id: attachedNode), let data = node.dataAddress {
-                address = data
-            } else {
-                throw CairnError.unavailable("volume \(volume.id) is attached to node \(attachedNode), whose replica server address is unknown (the node has not registered one); retry once it has")
-            }
+            let address = try await dataAddress(of: attachedNode, for: volume)
             return try await Self.blocking {
                 let client = try Self.connect(address, volumeID: volume.id, nodeID: attachedNode, doing: "take snapshot \(snapshotID)")
                 defer { client.close() }
@@ -101,6 +94,88 @@ extension ReplicatedBacking {
             throw CairnError.unavailable("no in-sync replica of volume \(volume.id) took snapshot \(snapshotID) (\(failures.joined(separator: "; "))); retry")
         }
         return took
+    }
+
+    /// The replica server address of `node`, which runs `volume`'s engine: its replica's, or the
+    /// one it registered (an attached node need not hold a replica).
+    func dataAddress(of node: String, for volume: VolumeRecord) async throws -> String {
+        if let replica = volume.replicas?.first(where: { $0.nodeID == node }) { return replica.address }
+        if let record = try await store.node(id: node), let data = record.dataAddress { return data }
+        throw CairnError.unavailable("volume \(volume.id) is attached to node \(node), whose replica server address is unknown (the node has not registered one); retry once it has")
+    }
+
+    /// One volume of a group snapshot.
+    public struct GroupSnapshotMember: Sendable {
+        public var volume: VolumeRecord
+        public var snapshotID: String
+        /// The node the volume is attached to (its engine's), or nil when it is not attached.
+        public var attachedNode: String?
+
+        public init(volume: VolumeRecord, snapshotID: String, attachedNode: String?) {
+            self.volume = volume
+            self.snapshotID = snapshotID
+            self.attachedNode = attachedNode
+        }
+    }
+
+    /// Takes every member's snapshot at one barrier: holds the writes of each attached member's
+    /// engine (on its node) first, then snapshots each member — attached ones inside the hold,
+    /// detached ones directly on their in-sync replicas (nothing writes them) — and releases
+    /// every hold, on failure too. A hold lapses by itself after `holdTimeout`, so a controller
+    /// that dies in the middle cannot freeze the volumes. Returns the node ids holding each
+    /// snapshot, by volume id.
+    public func groupSnapshot(_ members: [GroupSnapshotMember], holdTimeout: Duration = .seconds(30)) async throws -> [String: [String]] {
+        guard Set(members.map(\.volume.id)).count == members.count else {
+            throw CairnError.invalidArgument("a group snapshot names a volume twice")
+        }
+        for member in members { try Validate.volumeID(member.snapshotID, field: "snapshot id") }
+        // One connection per attached member, open from its hold to its release.
+        var held: [(client: ReplicaClient, member: GroupSnapshotMember)] = []
+        func releaseAll() async {
+            for (client, member) in held {
+                let epoch = UInt64(max(member.volume.epoch, 0))
+                do {
+                    try await Self.blocking { try client.releaseWrites(volumeID: member.volume.id, epoch: epoch) }
+                } catch {
+                    logger.warning("could not release a group snapshot's write hold; it lapses by itself at its timeout",
+                                   metadata: ["volume.id": "\(member.volume.id)", "node.id": "\(member.attachedNode ?? "")",
+                                              "hold.timeout": "\(holdTimeout)", "error": "\(error)"])
+                }
+                client.close()
+            }
+            held = []
+        }
+        do {
+            for member in members {
+                guard let node = member.attachedNode else { continue }
+                let address = try await dataAddress(of: node, for: member.volume)
+                let volumeID = member.volume.id, epoch = UInt64(max(member.volume.epoch, 0))
+                let client = try Self.connect(address, volumeID: volumeID, nodeID: node, doing: "hold its writes for a group snapshot")
+                do {
+                    try await Self.blocking { try client.holdWrites(volumeID: volumeID, timeout: holdTimeout, epoch: epoch) }
+                } catch {
+                    client.close()
+                    throw CairnError.unavailable("could not hold the writes of volume \(volumeID) on node \(node) for a group snapshot: \(error); retry")
+                }
+                held.append((client, member))
+            }
+            var nodes: [String: [String]] = [:]
+            for member in members {
+                let volumeID = member.volume.id, epoch = UInt64(max(member.volume.epoch, 0)), id = member.snapshotID
+                if let client = held.first(where: { $0.member.volume.id == volumeID })?.client {
+                    nodes[volumeID] = try await Self.blocking {
+                        try client.barrierSnapshot(volumeID: volumeID, snapshotID: id, epoch: epoch)
+                    }
+                } else {
+                    nodes[volumeID] = try await snapshot(volume: member.volume, snapshotID: id, attachedNode: nil)
+                }
+            }
+            await releaseAll()
+            return nodes
+        } catch {
+            await releaseAll()
+            throw error
+        }
     }
 
     /// Deletes snapshot `snapshotID` from every replica of `volume` that has it (idempotent: a

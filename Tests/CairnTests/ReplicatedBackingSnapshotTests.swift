@@ -39,7 +39,9 @@ final class ReplicatedBackingSnapshotTests: XCTestCase {
     }
 
     override func tearDown() async throws {
-        if let backing { try? await backing.deactivate(volumeID: "vol-src") }
+        if let backing {
+            for id in ["vol-src", "vol-two"] { try? await backing.deactivate(volumeID: id) }
+        }
         for server in servers { server.stop() }
         servers = []
         if !dir.isEmpty {
@@ -119,6 +121,54 @@ final class ReplicatedBackingSnapshotTests: XCTestCase {
         // A node that is away: deleting there is best effort and the call succeeds.
         servers[1].stop()
         try await backing.deleteSnapshot(volume: source, snapshotID: "snap-2")
+    }
+
+    func testAGroupSnapshotHoldsTheAttachedVolumesAtOneBarrierAndSnapshotsTheDetachedOne() async throws {
+        try XCTSkipUnless(getuid() == 0 && FileManager.default.fileExists(atPath: "/dev/fuse"), "needs root and /dev/fuse")
+        let backing = try XCTUnwrap(backing), store = try XCTUnwrap(store)
+        var files: [Int32] = []
+        defer { files.forEach { close($0) } }
+        for id in ["vol-src", "vol-two"] {
+            let volume = record(id)
+            try await store.createVolume(volume)
+            try await backing.create(volume)
+            let fd = open(try await backing.activate(volume, epoch: 1), O_RDWR)
+            XCTAssertGreaterThanOrEqual(fd, 0)
+            files.append(fd)
+            XCTAssertEqual(block(0xE5).withUnsafeBytes { pwrite(fd, $0.baseAddress, bs, 0) }, bs)
+        }
+        let detached = record("vol-idle")
+        try await backing.create(detached)
+        let nodes = try await backing.groupSnapshot([
+            .init(volume: record("vol-src"), snapshotID: "g1-src", attachedNode: "n1"),
+            .init(volume: record("vol-two"), snapshotID: "g1-two", attachedNode: "n1"),
+            .init(volume: detached, snapshotID: "g1-idle", attachedNode: nil),
+        ])
+        XCTAssertEqual(nodes.mapValues { $0.sorted() }, ["vol-src": ["n1", "n2"], "vol-two": ["n1", "n2"], "vol-idle": ["n1", "n2"]])
+        for node in 0..<2 {
+            let c = try client(node)
+            defer { c.close() }
+            for (id, snap) in [("vol-src", "g1-src"), ("vol-two", "g1-two"), ("vol-idle", "g1-idle")] {
+                XCTAssertEqual(try c.listSnapshots(volumeID: id, epoch: 1).map(\.id), [snap], "\(id) on n\(node + 1)")
+            }
+        }
+        // Every hold was released: writes go on at once (a hold left behind would stall them 30 s).
+        var started = Date()
+        for fd in files { XCTAssertEqual(block(0xF6).withUnsafeBytes { pwrite(fd, $0.baseAddress, bs, 4096) }, bs) }
+        XCTAssertLessThan(Date().timeIntervalSince(started), 5, "a write waited for a hold the group snapshot left behind")
+        // A member whose node runs no engine fails the group, and the holds taken are released.
+        do {
+            _ = try await backing.groupSnapshot([
+                .init(volume: record("vol-src"), snapshotID: "g2-src", attachedNode: "n1"),
+                .init(volume: record("vol-two"), snapshotID: "g2-two", attachedNode: "n2"),
+            ])
+            XCTFail("a group with a member on a node without its engine succeeded")
+        } catch let error as CairnError {
+            XCTAssertEqual(error.code, .unavailable)
+        }
+        started = Date()
+        XCTAssertEqual(block(0x17).withUnsafeBytes { pwrite(files[0], $0.baseAddress, bs, 8192) }, bs)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 5, "vol-src's hold was not released after the group failed")
     }
 
     func testAnAttachedSnapshotGoesThroughTheEngineAndGrowthAndLimitsReachIt() async throws {
