@@ -409,3 +409,11 @@ int cfuse_unmount(cfuse_session *s) {
     free(s);
     return aborted;
 }
+
+int cfuse_set_size(cfuse_session *s, uint64_t size) {
+    if (size < __atomic_load_n(&s->size, __ATOMIC_ACQUIRE)) return -EINVAL;
+    __atomic_store_n(&s->size, size, __ATOMIC_RELEASE);
+    int r = fuse_lowlevel_notify_inval_inode(s->se, VOLUME_INO, 0, 0);
+    // ENOENT: the kernel holds no inode for the file yet (never looked up): nothing is cached.
+    return r == -ENOENT ? 0 : r;
+}

@@ -77,6 +77,14 @@ final class ClientReplicaIO: ReplicaIO {
         try client.verify(volumeID: volumeID, firstBlock: firstBlock, count: count, epoch: epoch)
     }
 
+    func snapshot(volumeID: String, snapshotID: String, epoch: UInt64) throws {
+        try client.snapshot(volumeID: volumeID, snapshotID: snapshotID, epoch: epoch)
+    }
+
+    func grow(volumeID: String, sizeBytes: UInt64, epoch: UInt64) throws {
+        try client.grow(volumeID: volumeID, sizeBytes: sizeBytes, epoch: epoch)
+    }
+
     var wireBytes: (sent: UInt64, received: UInt64) { (client.bytesSent, client.bytesReceived) }
 
     func close() {

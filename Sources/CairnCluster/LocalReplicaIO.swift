@@ -86,6 +86,14 @@ final class LocalReplicaIO: ReplicaIO {
         try store(volumeID).verify(firstBlock: firstBlock, count: count, epoch: epoch)
     }
 
+    func snapshot(volumeID: String, snapshotID: String, epoch: UInt64) throws {
+        try store(volumeID).snapshot(id: snapshotID, epoch: epoch)
+    }
+
+    func grow(volumeID: String, sizeBytes: UInt64, epoch: UInt64) throws {
+        try store(volumeID).grow(to: sizeBytes, epoch: epoch)
+    }
+
     var wireBytes: (sent: UInt64, received: UInt64) { (0, 0) }
 
     /// The store belongs to the server; nothing to close here.

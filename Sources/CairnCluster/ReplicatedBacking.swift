@@ -22,6 +22,7 @@ public final class ReplicatedBacking: VolumeBacking {
     let logger: Logger
     /// The engines of the volumes staged on this node (idempotent per epoch).
     private let engines: EngineRegistry
+    var engineRegistry: EngineRegistry { engines }
     /// This process's replica server, when it runs one: engines reach the local replica
     /// through it directly instead of over loopback TCP.
     private let localServer = Mutex<ReplicaServer?>(nil)
@@ -62,6 +63,8 @@ public final class ReplicatedBacking: VolumeBacking {
     /// open stores (in process) rather than over TCP to it.
     public func serveLocalReplicas(from server: ReplicaServer) {
         localServer.withLock { $0 = server }
+        // Barrier snapshots addressed to this node reach the engines it runs.
+        server.engineHooks = engineHooks
         logger.info("engines reach this node's replicas in process", metadata: ["node.id": "\(nodeID)"])
     }
 
@@ -167,10 +170,15 @@ public final class ReplicatedBacking: VolumeBacking {
             }
         }
         let recovery = recoveryHooks(volumeID: volumeID, epoch: epoch)
+        let limits = Self.limits(current, logger: logger)
         let file = try await Self.blocking {
-            try engines.start(volumeID: volumeID, sizeBytes: sizeBytes, epoch: UInt64(epoch), replicas: targets,
-                              localNodeID: nodeID, mountDirectory: mountDirectory,
-                              connect: connect, markOutOfSync: markOutOfSync, recovery: recovery)
+            let file = try engines.start(volumeID: volumeID, sizeBytes: sizeBytes, epoch: UInt64(epoch), replicas: targets,
+                                         localNodeID: nodeID, mountDirectory: mountDirectory,
+                                         connect: connect, markOutOfSync: markOutOfSync, recovery: recovery)
+            if limits.iops > 0 || limits.bandwidth > 0 {
+                engines.engine(volumeID: volumeID)?.setLimits(iopsLimit: limits.iops, bandwidthLimit: limits.bandwidth)
+            }
+            return file
         }
         logger.info("the volume's engine is serving it", metadata: [
             "volume.id": "\(volume.id)", "volume.epoch": "\(epoch)", "file": "\(file)",

@@ -53,6 +53,11 @@ public final class EngineRegistry: Sendable {
         }
     }
 
+    /// The running engine of `volumeID`, for control operations (snapshot, grow, limits).
+    public func engine(volumeID: String) -> VolumeEngine? {
+        engines.withLock { $0[volumeID] }
+    }
+
     public func state(volumeID: String) -> EngineState? {
         engines.withLock { $0[volumeID] }?.state
     }

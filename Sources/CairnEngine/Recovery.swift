@@ -316,9 +316,14 @@ extension VolumeEngine {
             if isFencing(error) { fence(by: replica.nodeID, error: error) }
             throw ResyncAborted("cannot claim it with epoch \(epoch): \(error)")
         }
-        guard status.size >= sizeBytes else {
-            io.close()
-            throw ResyncAborted("it holds \(status.size) bytes, less than the volume's \(sizeBytes)")
+        if status.size < sizeBytes {
+            // The target missed an online growth while it was away: it catches up on that too.
+            do {
+                try io.grow(volumeID: volumeID, sizeBytes: sizeBytes, epoch: epoch)
+            } catch {
+                io.close()
+                throw ResyncAborted("it holds \(status.size) bytes, less than the volume's \(sizeBytes), and cannot grow: \(error)")
+            }
         }
         let member = Member(replica: replica, io: io)
         let wireBefore = io.wireBytes

@@ -59,6 +59,14 @@ public protocol ReplicaIO: AnyObject, Sendable {
     /// The blocks in `firstBlock ..< firstBlock+count` (count ≤ 16,384) whose data does not
     /// match its checksum.
     func verify(volumeID: String, firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64]
+    // Snapshots and growth (docs/engine.md, "Snapshots").
+
+    /// Takes snapshot `snapshotID` of this replica (it flushes first; idempotent by id). The
+    /// engine calls it behind its write barrier.
+    func snapshot(volumeID: String, snapshotID: String, epoch: UInt64) throws
+    /// Grows the replica to `sizeBytes` (the same size is a no-op).
+    func grow(volumeID: String, sizeBytes: UInt64, epoch: UInt64) throws
+
     /// Bytes this handle sent and received on the network (0 for an in-process replica).
     var wireBytes: (sent: UInt64, received: UInt64) { get }
 }

@@ -76,7 +76,9 @@ public final class VolumeEngine: Sendable {
     public static let blockSize = 4096
 
     public let volumeID: String
-    public let sizeBytes: UInt64
+    /// The volume's size now (raised by `grow`).
+    public var sizeBytes: UInt64 { size.load(ordering: .acquiring) }
+    let size: Atomic<UInt64>
     public let epoch: UInt64
     public let replicas: [EngineReplica]
     public let localNodeID: String
@@ -126,6 +128,15 @@ public final class VolumeEngine: Sendable {
     /// Serializes read-modify-write of partial blocks (rare: the loop device and filesystems
     /// write whole 4 KiB blocks).
     private let partialWrites = Mutex(())
+    /// The write barrier (VolumeEngineControl.swift): 0 while open, else the monotonic deadline
+    /// (ns) after which the hold lapses by itself.
+    let holdDeadline = Atomic<UInt64>(0)
+    /// Writes, trims and flushes past the barrier's gate and not finished yet.
+    let gatedInFlight = Atomic<Int>(0)
+    /// QoS: the volume's IOPS and bandwidth limits (none by default).
+    let limiter = IOLimiter()
+    /// Serializes `grow` calls.
+    private let growth = Mutex(())
 
     private let reads = Atomic<UInt64>(0)
     private let writes = Atomic<UInt64>(0)
@@ -142,7 +153,7 @@ public final class VolumeEngine: Sendable {
                 recovery: EngineRecovery? = nil,
                 logger: Logger) {
         self.volumeID = volumeID
-        self.sizeBytes = sizeBytes
+        self.size = Atomic(sizeBytes)
         self.epoch = epoch
         self.replicas = replicas
         self.localNodeID = localNodeID
@@ -271,6 +282,45 @@ public final class VolumeEngine: Sendable {
         }
     }
 
+    /// Grows the volume online to `newSize` (a multiple of 4 KiB; the same size is a no-op,
+    /// smaller is refused): every in-sync replica first — one that fails is recorded out of
+    /// sync like a failed write, and its resync grows it — then the FUSE file, whose new size
+    /// the kernel sees at once (`losetup -c` on the loop device then picks it up).
+    public func grow(to newSize: UInt64) throws {
+        guard newSize > 0, newSize % UInt64(Self.blockSize) == 0 else {
+            throw CairnError.invalidArgument("volume size \(newSize) is not a positive multiple of \(Self.blockSize) bytes")
+        }
+        try growth.withLock { _ in
+            let current = sizeBytes
+            guard newSize >= current else {
+                throw CairnError.invalidArgument("volume \(volumeID) is \(current) bytes; it cannot shrink to \(newSize)")
+            }
+            guard newSize > current else { return }
+            if fenced.load(ordering: .acquiring) {
+                throw CairnError.failedPrecondition("the engine for volume \(volumeID) was fenced (attached elsewhere); grow it there")
+            }
+            let members = sets.withLock { $0.inSync }
+            var failures: [(Member, any Error)] = []
+            for member in members {
+                do { try member.io.grow(volumeID: volumeID, sizeBytes: newSize, epoch: epoch) } catch { failures.append((member, error)) }
+            }
+            if !failures.isEmpty, !settle(failures, succeeded: members.count - failures.count, what: "grow to \(newSize)") {
+                throw CairnError.unavailable(
+                    "volume \(volumeID) could not grow to \(newSize) bytes on any in-sync replica (\(failures.map { "\($0.0.nodeID): \($0.1)" }.joined(separator: "; "))); retry")
+            }
+            size.store(newSize, ordering: .releasing)
+            let refreshed = lifecycle.withLock { life -> Int32 in
+                guard let session = life.session else { return 0 }
+                return cfuse_set_size(session, newSize)
+            }
+            if refreshed != 0 {
+                logger.warning("the kernel was not told the volume file's new size; a stat may show the old one until its attribute cache expires",
+                               metadata: ["volume.size": "\(newSize)", "errno": "\(-refreshed)"])
+            }
+            logger.info("volume grown", metadata: ["volume.size": "\(newSize)", "volume.previous_size": "\(current)"])
+        }
+    }
+
     public var state: EngineState {
         let running = lifecycle.withLock { $0.session != nil }
         let (inSync, outOfSync, resync, known) = sets.withLock { s in (s.inSync.map(\.nodeID), s.outOfSync, s.resync, s.known) }
@@ -336,6 +386,7 @@ public final class VolumeEngine: Sendable {
 
     fileprivate func read(offset: UInt64, size: Int, into buffer: UnsafeMutableRawPointer) -> Int {
         if fenced.load(ordering: .relaxed) { return failed(EIO) }
+        limiter.admit(bytes: size)
         let block = UInt64(Self.blockSize)
         let start = offset & ~(block - 1)
         let end = (offset + UInt64(size) + block - 1) & ~(block - 1)
@@ -383,6 +434,9 @@ public final class VolumeEngine: Sendable {
 
     fileprivate func write(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
         let block = UInt64(Self.blockSize)
+        limiter.admit(bytes: data.count)
+        enterGate()
+        defer { leaveGate() }
         let result: Int32
         if offset % block == 0 && UInt64(data.count) % block == 0 {
             result = writeBlocks(offset: offset, data: data)
@@ -446,6 +500,8 @@ public final class VolumeEngine: Sendable {
     }
 
     func flush() -> Int32 {
+        enterGate()
+        defer { leaveGate() }
         let volumeID = volumeID, epoch = epoch
         let result = fanOut(what: "flush", numbered: false) { member, _ in
             try member.io.flush(volumeID: volumeID, epoch: epoch)
@@ -458,6 +514,8 @@ public final class VolumeEngine: Sendable {
     /// Whole blocks inside the range are trimmed (one generation); the partial blocks at its
     /// edges are written with zeros, so the whole range reads as zeros.
     fileprivate func trim(offset: UInt64, length: UInt64) -> Int32 {
+        enterGate()
+        defer { leaveGate() }
         let block = UInt64(Self.blockSize)
         let end = offset + length
         let innerStart = (offset + block - 1) & ~(block - 1)

@@ -55,6 +55,16 @@ public enum Opcode: UInt8, Sendable, CaseIterable {
     case summary = 11
     /// The blocks of a range whose data does not match its checksum (the scrub).
     case verify = 12
+    /// Seals the head layer as a snapshot (with `FrameFlags.barrier`: the engine's write barrier).
+    case snapshot = 13
+    case deleteSnapshot = 14
+    case listSnapshots = 15
+    /// A new replica sharing a snapshot's layers (hard links) on the same node.
+    case clone = 16
+    case grow = 17
+    /// Group snapshots: hold (then release) the writes of the volume's engine on the receiving node.
+    case holdWrites = 18
+    case releaseWrites = 19
 }
 
 /// Header flag bits. Bits other than these are reserved and must be zero (a peer that sets
@@ -68,7 +78,11 @@ public enum FrameFlags {
     /// Only on a `write` request: a repair, applied only to the blocks whose current generation
     /// is at most the request's (a corrupted block's good copy, never over a newer write).
     public static let repair: UInt8 = 0x04
-    public static let known: UInt8 = response | ifNewer | repair
+    /// On a `snapshot` request (and its response): take the snapshot through the engine that
+    /// runs the volume on the receiving node (its write barrier over every in-sync replica),
+    /// not on this replica alone.
+    public static let barrier: UInt8 = 0x08
+    public static let known: UInt8 = response | ifNewer | repair | barrier
 }
 
 /// The status a response carries. Wire values: never renumber.
@@ -194,6 +208,9 @@ public struct FrameHeader: Equatable, Sendable {
         guard flags & FrameFlags.repair == 0 || (opcode == .write && flags & (FrameFlags.response | FrameFlags.ifNewer) == 0) else {
             throw FrameError(.reservedFlags, "the repair flag is only valid on a write request, without if-newer (request id \(requestID))")
         }
+        guard flags & FrameFlags.barrier == 0 || opcode == .snapshot else {
+            throw FrameError(.reservedFlags, "the barrier flag is only valid on snapshot, not \(opcode) (request id \(requestID))")
+        }
         self.init(opcode: opcode, flags: flags, requestID: requestID, payloadLength: payloadLength, epoch: epoch)
     }
 }
@@ -292,6 +309,13 @@ public enum Request: Equatable, Sendable {
     case summary(GenerationsRequest)
     /// Same layout as `generations`: first block and block count (1...16384).
     case verify(GenerationsRequest)
+    case snapshot(SnapshotRequest)
+    case deleteSnapshot(SnapshotRequest)
+    case listSnapshots(ListSnapshotsRequest)
+    case clone(CloneRequest)
+    case grow(GrowRequest)
+    case holdWrites(HoldWritesRequest)
+    case releaseWrites(ReleaseWritesRequest)
 
     public var opcode: Opcode {
         switch self {
@@ -307,6 +331,13 @@ public enum Request: Equatable, Sendable {
         case .generations: .generations
         case .summary: .summary
         case .verify: .verify
+        case .snapshot: .snapshot
+        case .deleteSnapshot: .deleteSnapshot
+        case .listSnapshots: .listSnapshots
+        case .clone: .clone
+        case .grow: .grow
+        case .holdWrites: .holdWrites
+        case .releaseWrites: .releaseWrites
         }
     }
 
@@ -314,11 +345,17 @@ public enum Request: Equatable, Sendable {
     public var headerFlags: UInt8 {
         if case .write(let m) = self { return (m.ifNewer ? FrameFlags.ifNewer : 0) | (m.repair ? FrameFlags.repair : 0) }
         if case .trim(let m) = self, m.ifNewer { return FrameFlags.ifNewer }
+        if case .snapshot(let m) = self, m.barrier { return FrameFlags.barrier }
         return 0
     }
 
     /// Whether the response carries an applied-block count (`ConditionalWriteResponse`).
-    public var isConditional: Bool { headerFlags != 0 }
+    public var isConditional: Bool {
+        switch self {
+        case .write, .trim: headerFlags != 0
+        default: false
+        }
+    }
 
     public func encode() -> [UInt8] {
         switch self {
@@ -334,6 +371,13 @@ public enum Request: Equatable, Sendable {
         case .generations(let m): m.encode()
         case .summary(let m): m.encode()
         case .verify(let m): m.encode()
+        case .snapshot(let m): m.encode()
+        case .deleteSnapshot(let m): m.encode()
+        case .listSnapshots(let m): m.encode()
+        case .clone(let m): m.encode()
+        case .grow(let m): m.encode()
+        case .holdWrites(let m): m.encode()
+        case .releaseWrites(let m): m.encode()
         }
     }
 
@@ -359,6 +403,16 @@ public enum Request: Equatable, Sendable {
         case .generations: self = .generations(try GenerationsRequest(decoding: payload))
         case .summary: self = .summary(try GenerationsRequest(decoding: payload))
         case .verify: self = .verify(try GenerationsRequest(decoding: payload))
+        case .snapshot:
+            var m = try SnapshotRequest(decoding: payload)
+            m.barrier = flags & FrameFlags.barrier != 0
+            self = .snapshot(m)
+        case .deleteSnapshot: self = .deleteSnapshot(try SnapshotRequest(decoding: payload))
+        case .listSnapshots: self = .listSnapshots(try ListSnapshotsRequest(decoding: payload))
+        case .clone: self = .clone(try CloneRequest(decoding: payload))
+        case .grow: self = .grow(try GrowRequest(decoding: payload))
+        case .holdWrites: self = .holdWrites(try HoldWritesRequest(decoding: payload))
+        case .releaseWrites: self = .releaseWrites(try ReleaseWritesRequest(decoding: payload))
         }
     }
 }
@@ -383,6 +437,13 @@ public enum Response: Equatable, Sendable {
     case conditionalWrite(ConditionalWriteResponse)
     /// The response to an if-newer trim (opcode `trim`).
     case conditionalTrim(ConditionalWriteResponse)
+    case snapshot(SnapshotResponse)
+    case deleteSnapshot(PlainResponse)
+    case listSnapshots(ListSnapshotsResponse)
+    case clone(PlainResponse)
+    case grow(PlainResponse)
+    case holdWrites(PlainResponse)
+    case releaseWrites(PlainResponse)
 
     public var opcode: Opcode {
         switch self {
@@ -400,6 +461,13 @@ public enum Response: Equatable, Sendable {
         case .verify: .verify
         case .conditionalWrite: .write
         case .conditionalTrim: .trim
+        case .snapshot: .snapshot
+        case .deleteSnapshot: .deleteSnapshot
+        case .listSnapshots: .listSnapshots
+        case .clone: .clone
+        case .grow: .grow
+        case .holdWrites: .holdWrites
+        case .releaseWrites: .releaseWrites
         }
     }
 
@@ -407,6 +475,7 @@ public enum Response: Equatable, Sendable {
     public var headerFlags: UInt8 {
         switch self {
         case .conditionalWrite, .conditionalTrim: FrameFlags.ifNewer
+        case .snapshot(let m) where m.barrier: FrameFlags.barrier
         default: 0
         }
     }
@@ -427,6 +496,13 @@ public enum Response: Equatable, Sendable {
         case .verify(let m): m.encode()
         case .conditionalWrite(let m): m.encode()
         case .conditionalTrim(let m): m.encode()
+        case .snapshot(let m): m.encode()
+        case .deleteSnapshot(let m): m.encode()
+        case .listSnapshots(let m): m.encode()
+        case .clone(let m): m.encode()
+        case .grow(let m): m.encode()
+        case .holdWrites(let m): m.encode()
+        case .releaseWrites(let m): m.encode()
         }
     }
 
@@ -451,6 +527,16 @@ public enum Response: Equatable, Sendable {
         case .generations: self = .generations(try GenerationsResponse(decoding: payload))
         case .summary: self = .summary(try GenerationsResponse(decoding: payload))
         case .verify: self = .verify(try GenerationsResponse(decoding: payload))
+        case .snapshot:
+            var m = try SnapshotResponse(decoding: payload)
+            m.barrier = flags & FrameFlags.barrier != 0
+            self = .snapshot(m)
+        case .deleteSnapshot: self = .deleteSnapshot(try PlainResponse(decoding: payload))
+        case .listSnapshots: self = .listSnapshots(try ListSnapshotsResponse(decoding: payload))
+        case .clone: self = .clone(try PlainResponse(decoding: payload))
+        case .grow: self = .grow(try PlainResponse(decoding: payload))
+        case .holdWrites: self = .holdWrites(try PlainResponse(decoding: payload))
+        case .releaseWrites: self = .releaseWrites(try PlainResponse(decoding: payload))
         }
     }
 }
@@ -484,6 +570,21 @@ public enum Response: Equatable, Sendable {
 //            rsp: status u8 | count u32 | count × digest u64 (0: no block of the region written)
 //   verify   req: volume | first block u64 | count u32 (1...16384)
 //            rsp: status u8 | count u32 | count × block number u64 (the blocks that fail their crc32c)
+//   snapshot req: volume | snapshot id           (flag `barrier`: through the volume's engine)
+//            rsp: status u8 | size u64 | generation u64 | node count u16 | node ids (each
+//                 u16 length + UTF-8; the nodes holding it, filled by a barrier snapshot)
+//   deleteSnapshot req: volume | snapshot id     (idempotent)
+//            rsp: status u8
+//   listSnapshots req: volume
+//            rsp: status u8 | count u16 | count × (snapshot id | size u64 | generation u64)
+//   clone    req: new volume | source volume | snapshot id | size u64
+//            rsp: status u8
+//   grow     req: volume | size u64
+//            rsp: status u8
+//   holdWrites req: volume | timeout ms u32 (1...600000; the hold lapses by itself after it)
+//            rsp: status u8
+//   releaseWrites req: volume
+//            rsp: status u8
 // A write with the header flag `ifNewer` (a resync write) or `repair`, and a trim with
 // `ifNewer`, answer status u8 | applied blocks u32, with `ifNewer` set in the response header.
 // Every response ends with a message (u16 length + UTF-8, ≤ 1024 bytes; empty on success).
@@ -905,7 +1006,8 @@ public struct CreateRequest: Equatable, Sendable {
         size = try r.readUInt64("size")
         try r.expectEnd()
         guard size != 0, size % UInt64(FrameLimits.blockSize) == 0 else {
-            throw FrameError(.malformedPayload, "create size \(size) is not a positive multiple of \(FrameLimits.blockSize)")
+            // The frame's error names the op (create or grow).
+            throw FrameError(.malformedPayload, "size \(size) is not a positive multiple of \(FrameLimits.blockSize)")
         }
     }
 }
@@ -1133,7 +1235,7 @@ struct ByteReader {
 
     var remaining: Int { bytes.endIndex - index }
 
-    private mutating func take(_ count: Int, _ field: String) throws(FrameError) -> ArraySlice<UInt8> {
+    mutating func take(_ count: Int, _ field: String) throws(FrameError) -> ArraySlice<UInt8> {
         guard count >= 0, count <= remaining else {
             throw FrameError(.malformedPayload, "payload ends inside \(field) (needs \(count) bytes, \(remaining) left)")
         }

@@ -309,6 +309,83 @@ public final class ReplicaClient: Sendable {
         try Self.check(m.status, m.message)
     }
 
+    // Snapshots, clones, growth (ops 13–17).
+
+    /// Takes snapshot `snapshotID` of this replica alone (idempotent by id). A barrier snapshot
+    /// of an attached volume goes through `barrierSnapshot` to the node running its engine.
+    @discardableResult
+    public func snapshot(volumeID: String, snapshotID: String, epoch: UInt64) throws -> ReplicaSnapshot {
+        let (r, _) = try roundTrip(.snapshot(SnapshotRequest(volume: volumeID, snapshotID: snapshotID)), epoch: epoch,
+                                   timeout: Self.controlTimeout)
+        guard case .snapshot(let m) = r else { throw mismatch(r, .snapshot) }
+        try Self.check(m.status, m.message)
+        return ReplicaSnapshot(id: snapshotID, size: m.size, generation: m.generation, layer: 0)
+    }
+
+    /// Asks the node this client reaches to take snapshot `snapshotID` through the engine that
+    /// runs `volumeID` there (its write barrier over every in-sync replica). Returns the node
+    /// ids whose replicas hold the snapshot; `not-found` when no engine runs the volume there.
+    public func barrierSnapshot(volumeID: String, snapshotID: String, epoch: UInt64) throws -> [String] {
+        let (r, _) = try roundTrip(.snapshot(SnapshotRequest(volume: volumeID, snapshotID: snapshotID, barrier: true)),
+                                   epoch: epoch, timeout: Self.controlTimeout)
+        guard case .snapshot(let m) = r else { throw mismatch(r, .snapshot) }
+        try Self.check(m.status, m.message)
+        return m.nodes
+    }
+
+    /// Deletes snapshot `snapshotID` of the replica (idempotent; the merge may take a while).
+    public func deleteSnapshot(volumeID: String, snapshotID: String, epoch: UInt64) throws {
+        let (r, _) = try roundTrip(.deleteSnapshot(SnapshotRequest(volume: volumeID, snapshotID: snapshotID)), epoch: epoch,
+                                   timeout: Self.controlTimeout)
+        guard case .deleteSnapshot(let m) = r else { throw mismatch(r, .deleteSnapshot) }
+        try Self.check(m.status, m.message)
+    }
+
+    public func listSnapshots(volumeID: String, epoch: UInt64) throws -> [SnapshotEntry] {
+        let (r, _) = try roundTrip(.listSnapshots(ListSnapshotsRequest(volume: volumeID)), epoch: epoch)
+        guard case .listSnapshots(let m) = r else { throw mismatch(r, .listSnapshots) }
+        try Self.check(m.status, m.message)
+        return m.snapshots
+    }
+
+    /// Creates replica `volumeID` on the reached node from snapshot `snapshotID` of the replica
+    /// of `sourceVolumeID` there (hard links, no copy); idempotent for the same size.
+    public func clone(volumeID: String, sourceVolumeID: String, snapshotID: String, sizeBytes: UInt64) throws {
+        let request = CloneRequest(volume: volumeID, source: sourceVolumeID, snapshotID: snapshotID, size: sizeBytes)
+        let (r, _) = try roundTrip(.clone(request), epoch: 0, timeout: Self.controlTimeout)
+        guard case .clone(let m) = r else { throw mismatch(r, .clone) }
+        try Self.check(m.status, m.message)
+    }
+
+    /// Grows the replica to `sizeBytes` (the same size is a no-op; smaller is refused).
+    public func grow(volumeID: String, sizeBytes: UInt64, epoch: UInt64) throws {
+        let (r, _) = try roundTrip(.grow(GrowRequest(volume: volumeID, size: sizeBytes)), epoch: epoch)
+        guard case .grow(let m) = r else { throw mismatch(r, .grow) }
+        try Self.check(m.status, m.message)
+    }
+
+    /// Holds the writes of the engine running `volumeID` on the reached node for at most
+    /// `timeout` (a group snapshot's barrier): barrier snapshots of it then take the snapshot
+    /// inside this hold. `not-found` when no engine runs the volume there.
+    public func holdWrites(volumeID: String, timeout: Duration, epoch: UInt64) throws {
+        let ms = UInt32(clamping: max(1, timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000))
+        let request = HoldWritesRequest(volume: volumeID, timeoutMilliseconds: min(ms, HoldWritesRequest.maxTimeoutMilliseconds))
+        let (r, _) = try roundTrip(.holdWrites(request), epoch: epoch, timeout: Self.controlTimeout)
+        guard case .holdWrites(let m) = r else { throw mismatch(r, .holdWrites) }
+        try Self.check(m.status, m.message)
+    }
+
+    /// Releases a hold taken with `holdWrites` (harmless without one).
+    public func releaseWrites(volumeID: String, epoch: UInt64) throws {
+        let (r, _) = try roundTrip(.releaseWrites(ReleaseWritesRequest(volume: volumeID)), epoch: epoch)
+        guard case .releaseWrites(let m) = r else { throw mismatch(r, .releaseWrites) }
+        try Self.check(m.status, m.message)
+    }
+
+    /// Snapshot deletion merges layers and a barrier snapshot waits for a volume's in-flight
+    /// writes and flushes: both can outlast an I/O's timeout.
+    static let controlTimeout: Duration = .seconds(120)
+
     /// Runs a blocking call off the caller's task (for control-plane callers in async code).
     public func perform<T: Sendable>(_ body: @escaping @Sendable (ReplicaClient) throws -> T) async throws -> T {
         try await withCheckedThrowingContinuation { continuation in

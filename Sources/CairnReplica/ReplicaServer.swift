@@ -25,6 +25,21 @@ import Dispatch
 import Logging
 import Synchronization
 
+/// The engines of the volumes attached on this node, as the replica server reaches them.
+public protocol ReplicaEngineHooks: AnyObject, Sendable {
+    /// Takes snapshot `snapshotID` of `volume` through the engine running it here (its write
+    /// barrier over every in-sync replica) and returns the node ids holding it; nil when no
+    /// engine runs the volume on this node. `epoch` is the request's: older than the engine's
+    /// is refused as stale.
+    func snapshot(volume: String, snapshotID: String, epoch: UInt64) throws -> [String]?
+    /// Holds the writes of `volume`'s engine here for at most `timeout` (a group snapshot's
+    /// barrier; a barrier snapshot inside the hold takes it without a hold of its own). False
+    /// when no engine runs the volume on this node.
+    func holdWrites(volume: String, timeout: Duration, epoch: UInt64) throws -> Bool
+    /// Releases that hold; false when no engine runs the volume here.
+    func releaseWrites(volume: String, epoch: UInt64) throws -> Bool
+}
+
 public final class ReplicaServer: Sendable {
     /// Requests one connection may have running at once; the reader stops reading beyond it.
     public static let maxInFlightPerConnection = 64
@@ -41,6 +56,15 @@ public final class ReplicaServer: Sendable {
     /// Open stores by volume id. Opening, creating and deleting happen under this lock, so a
     /// volume never has two stores and a delete cannot race an open.
     private let stores = Mutex([String: ReplicaStore]())
+    private let hooks = Mutex<(any ReplicaEngineHooks)?>(nil)
+
+    /// What the node process running volume engines lets this server reach: a `snapshot` request
+    /// with the barrier flag is handed to it. Nil (the default) refuses barrier snapshots with
+    /// `not-found`.
+    public var engineHooks: (any ReplicaEngineHooks)? {
+        get { hooks.withLock { $0 } }
+        set { hooks.withLock { $0 = newValue } }
+    }
     /// Runs every connection's requests (see `WorkerPool` for why not Dispatch).
     private let workers: WorkerPool
     public static let workerThreads = 32
@@ -336,6 +360,40 @@ public final class ReplicaServer: Sendable {
                 let store = try store(m.volume)
                 try store.flush(epoch: epoch)
                 return reply(.flush(FlushResponse(status: .ok, flushedGeneration: store.status.flushedGeneration)), epoch: epoch)
+            case .snapshot(let m):
+                if m.barrier {
+                    guard let hooks = engineHooks,
+                          let nodes = try hooks.snapshot(volume: m.volume, snapshotID: m.snapshotID, epoch: epoch) else {
+                        throw Self.noEngine(m.volume)
+                    }
+                    return reply(.snapshot(SnapshotResponse(status: .ok, nodes: nodes, barrier: true)), epoch: epoch)
+                }
+                let snap = try store(m.volume).snapshot(id: m.snapshotID, epoch: epoch)
+                return reply(.snapshot(SnapshotResponse(status: .ok, size: snap.size, generation: snap.generation)), epoch: epoch)
+            case .deleteSnapshot(let m):
+                try store(m.volume).deleteSnapshot(id: m.snapshotID, epoch: epoch)
+                return reply(.deleteSnapshot(PlainResponse(status: .ok)), epoch: epoch)
+            case .listSnapshots(let m):
+                let list = try store(m.volume).snapshots(epoch: epoch)
+                return reply(.listSnapshots(ListSnapshotsResponse(
+                    status: .ok, snapshots: list.map { SnapshotEntry(id: $0.id, size: $0.size, generation: $0.generation) })), epoch: epoch)
+            case .clone(let m):
+                try clone(volume: m.volume, source: m.source, snapshotID: m.snapshotID, size: m.size)
+                return reply(.clone(PlainResponse(status: .ok)), epoch: epoch)
+            case .grow(let m):
+                try store(m.volume).grow(to: m.size, epoch: epoch)
+                return reply(.grow(PlainResponse(status: .ok)), epoch: epoch)
+            case .holdWrites(let m):
+                guard let hooks = engineHooks,
+                      try hooks.holdWrites(volume: m.volume, timeout: .milliseconds(Int(m.timeoutMilliseconds)), epoch: epoch) else {
+                    throw Self.noEngine(m.volume)
+                }
+                return reply(.holdWrites(PlainResponse(status: .ok)), epoch: epoch)
+            case .releaseWrites(let m):
+                guard let hooks = engineHooks, try hooks.releaseWrites(volume: m.volume, epoch: epoch) else {
+                    throw Self.noEngine(m.volume)
+                }
+                return reply(.releaseWrites(PlainResponse(status: .ok)), epoch: epoch)
             case .trim(let m):
                 let store = try store(m.volume)
                 try checkRange(store, offset: m.offset, length: m.length)
@@ -367,6 +425,10 @@ public final class ReplicaServer: Sendable {
         }
     }
 
+    static func noEngine(_ volume: String) -> ReplicaError {
+        .notFound("no engine runs volume \(volume) on this node; send barrier requests to the node the volume is attached to, or snapshot each replica when it is not attached")
+    }
+
     /// The request's response carrying only a failure.
     static func failure(_ request: Request, _ status: ReplyStatus, _ message: String, epoch: UInt64) -> Response {
         if request.isConditional {
@@ -386,6 +448,14 @@ public final class ReplicaServer: Sendable {
         case .generations: .generations(GenerationsResponse(status: status, message: message))
         case .summary: .summary(GenerationsResponse(status: status, message: message))
         case .verify: .verify(GenerationsResponse(status: status, message: message))
+        case .snapshot:
+            .snapshot(SnapshotResponse(status: status, barrier: request.headerFlags & FrameFlags.barrier != 0, message: message))
+        case .deleteSnapshot: .deleteSnapshot(PlainResponse(status: status, message: message))
+        case .listSnapshots: .listSnapshots(ListSnapshotsResponse(status: status, message: message))
+        case .clone: .clone(PlainResponse(status: status, message: message))
+        case .grow: .grow(PlainResponse(status: status, message: message))
+        case .holdWrites: .holdWrites(PlainResponse(status: status, message: message))
+        case .releaseWrites: .releaseWrites(PlainResponse(status: status, message: message))
         }
     }
 
@@ -461,6 +531,24 @@ public final class ReplicaServer: Sendable {
 
     /// Creates the replica, or accepts an existing one of the same size.
     private func create(volume: String, size: UInt64) throws {
+        try make(volume: volume, size: size, what: "re-create it") { [logger] dir in
+            try ReplicaStore.create(directory: dir, volumeID: volume, size: size, logger: logger)
+        }
+    }
+
+    /// Creates replica `volume` from snapshot `snapshotID` of this node's replica of `source`, or
+    /// accepts an existing one of the same size (a repeated clone).
+    private func clone(volume: String, source: String, snapshotID: String, size: UInt64) throws {
+        guard volume != source else { throw ReplicaError.badRequest("a clone needs a new volume id, not its source's (\(source))") }
+        let sourceStore = try store(source)
+        try make(volume: volume, size: size, what: "clone again") { [logger] dir in
+            try ReplicaStore.clone(from: sourceStore, snapshotID: snapshotID, directory: dir, volumeID: volume, size: size, logger: logger)
+        }
+    }
+
+    /// Under the registry lock: accepts an existing replica of `volume` of the same size (a
+    /// repeated request), refuses one of another size, or makes it with `body`.
+    private func make(volume: String, size: UInt64, what: String, _ body: (String) throws -> ReplicaStore) throws {
         let dir = try directory(volume)
         try stores.withLock { open throws in
             var store = open[volume]
@@ -471,12 +559,12 @@ public final class ReplicaServer: Sendable {
             if let store {
                 let existing = store.status.size
                 guard existing == size else {
-                    throw ReplicaError.badRequest("the replica of volume \(volume) exists with size \(existing), not \(size); delete it first to re-create it")
+                    throw ReplicaError.badRequest("the replica of volume \(volume) exists with size \(existing), not \(size); delete it first to \(what)")
                 }
                 logger.debug("replica already exists", metadata: ["volume.id": "\(volume)", "replica.size": "\(size)"])
                 return
             }
-            open[volume] = try ReplicaStore.create(directory: dir, volumeID: volume, size: size, logger: logger)
+            open[volume] = try body(dir)
         }
     }
 

@@ -8,11 +8,10 @@
 // unflushed block-map entries after an unclean close; sparse allocation, trim, growth.
 //
 // What it does not own: networking (the data protocol's frames live in Frame*.swift, and the
-// replica server that decodes them and calls this store comes with issue 4); the engine (the
-// single writer that numbers generations, fans writes out to replicas and holds the epoch);
-// repair from a peer and scrubbing (issue 6: this store detects corruption and says where, it
-// does not fix it); snapshots and clones (issue 7: the superblock already records a layer chain,
-// but only the single head layer is used for now).
+// replica server decodes them and calls this store); the engine (the single writer that
+// numbers generations, fans writes out to replicas, holds the epoch and the snapshot write
+// barrier); repair from a peer and scrubbing (this store detects corruption and says where, it
+// does not fix it). Snapshots, their deletion (a merge) and clones live in LayerChain.swift.
 
 #if canImport(Glibc)
 import Glibc
@@ -118,28 +117,40 @@ public final class ReplicaStore: Sendable {
     public let usesDirectIO: Bool
     /// What recovery did at open (empty after a clean close or for a new replica).
     public let recovery: RecoveryReport
-    private let logger: Logger
-    private let state: SharedExclusive<State>
-    private let regions = RegionLocks()
+    let logger: Logger
+    let state: SharedExclusive<State>
+    let regions = RegionLocks()
+    /// Serializes the operations that rewrite sealed layers or depend on them staying put:
+    /// `deleteSnapshot` (its merge runs in chunks, taking the shared lock per chunk so writes go
+    /// on) and `clone` (it hard-links sealed layers). Always taken before `state`.
+    let maintenance = Mutex(())
 
-    private final class State {
+    final class State {
         var superblock: Superblock
         /// Raised by writes and trims holding the lock shared.
         let highestGeneration: Atomic<UInt64>
-        let dataFD: Int32
-        let dataPath: String
-        let blockMap: BlockMap
+        /// The writable head layer (the last of the superblock's chain).
+        var head: Layer
+        /// The sealed layers, oldest first (the chain without its head); never written except
+        /// by a snapshot deletion's merge, which only adds blocks the layer fell through for.
+        var sealed: [Layer]
         var isClosed = false
 
-        init(superblock: Superblock, highestGeneration: UInt64, dataFD: Int32, dataPath: String, blockMap: BlockMap) {
+        var dataFD: Int32 { head.dataFD }
+        var dataPath: String { head.dataPath }
+        var blockMap: BlockMap { head.blockMap }
+
+        init(superblock: Superblock, highestGeneration: UInt64, head: Layer, sealed: [Layer]) {
             self.superblock = superblock
             self.highestGeneration = Atomic(highestGeneration)
-            self.dataFD = dataFD
-            self.dataPath = dataPath
-            self.blockMap = blockMap
+            self.head = head
+            self.sealed = sealed
         }
 
-        deinit { if !isClosed { _ = Glibc.close(dataFD) } }
+        func closeFiles() {
+            head.close()
+            for layer in sealed { layer.close() }
+        }
     }
 
     private init(directory: String, volumeID: String, usesDirectIO: Bool, recovery: RecoveryReport,
@@ -196,10 +207,10 @@ public final class ReplicaStore: Sendable {
             try superblock.write(directory: directory)
             logger.info("replica created", metadata: ["volume.id": "\(volumeID)", "replica.dir": "\(directory)",
                                                       "replica.size": "\(size)", "replica.direct_io": "\(direct)"])
+            let head = Layer(id: 1, directory: layerDir, dataFD: dataFD, blockMap: blockMap)
             return ReplicaStore(directory: directory, volumeID: volumeID, usesDirectIO: direct, recovery: RecoveryReport(),
                                 logger: logger,
-                                state: State(superblock: superblock, highestGeneration: 0, dataFD: dataFD,
-                                             dataPath: layerDir + "/data", blockMap: blockMap))
+                                state: State(superblock: superblock, highestGeneration: 0, head: head, sealed: []))
         } catch {
             _ = Glibc.close(dataFD)
             throw error
@@ -214,7 +225,17 @@ public final class ReplicaStore: Sendable {
                             logger: Logger = discardingLogger) throws -> ReplicaStore {
         var superblock = try Superblock.read(directory: directory, expectedVolumeID: volumeID)
         guard let head = superblock.layers.last else { throw ReplicaError.corruptSuperblock("empty layer chain") }
+        try removeUnreferencedLayers(directory: directory, chain: superblock.layers, logger: logger)
+        // Sealed layers were flushed when they were sealed (and a merge syncs what it adds
+        // before the chain changes), so they need no recovery; a clone opens them read-only.
+        var sealed: [Layer] = []
+        for id in superblock.layers.dropLast() {
+            sealed.append(try Layer.openSealed(directory: layerDirectory(directory, layer: id), id: id, logger: logger))
+        }
         let layerDir = layerDirectory(directory, layer: head)
+        // A snapshot record in the head is from a snapshot that crashed before its superblock
+        // was written: that snapshot never happened (the caller retries it).
+        _ = unlink(layerDir + "/" + SnapshotRecord.fileName)
         let dataPath = layerDir + "/data"
         let (dataFD, direct) = try openData(dataPath, create: false, logger: logger)
         do {
@@ -254,10 +275,10 @@ public final class ReplicaStore: Sendable {
             }
             superblock.clean = false
             try superblock.write(directory: directory)
+            let headLayer = Layer(id: head, directory: layerDir, dataFD: dataFD, blockMap: blockMap)
             return ReplicaStore(directory: directory, volumeID: volumeID, usesDirectIO: direct, recovery: report,
                                 logger: logger,
-                                state: State(superblock: superblock, highestGeneration: highest, dataFD: dataFD,
-                                             dataPath: dataPath, blockMap: blockMap))
+                                state: State(superblock: superblock, highestGeneration: highest, head: headLayer, sealed: sealed))
         } catch {
             _ = Glibc.close(dataFD)
             throw error
@@ -274,7 +295,7 @@ public final class ReplicaStore: Sendable {
             s.superblock.clean = true
             try s.superblock.write(directory: directory)
             s.isClosed = true
-            _ = Glibc.close(s.dataFD)
+            s.closeFiles()
         }
         logger.debug("replica closed", metadata: ["volume.id": "\(volumeID)"])
     }
@@ -302,8 +323,7 @@ public final class ReplicaStore: Sendable {
             let target = aligned ? buffer : AlignedScratch.buffer(buffer.count)
             try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: buffer.count) {
-                    try s.blockMap.read(first: first, into: entries)
-                    try Self.readBlocks(fd: s.dataFD, path: s.dataPath, first: first, into: target)
+                    try Self.readResolved(s, first: first, entries: entries, into: target)
                 }
                 for (i, entry) in entries.enumerated() {
                     let block = UnsafeMutableRawBufferPointer(rebasing: target[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
@@ -392,7 +412,8 @@ public final class ReplicaStore: Sendable {
             let source = Self.alignedSource(data)
             let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: data.count) {
-                    try s.blockMap.read(first: first, into: entries)
+                    // Decided on the effective generation (the newest layer's): what resync compared.
+                    _ = try Self.resolve(s, first: first, into: entries)
                     var applied = 0
                     var i = 0
                     // Runs of consecutive blocks to apply: one data pwrite and one map write each.
@@ -439,7 +460,7 @@ public final class ReplicaStore: Sendable {
             return try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 // The region locks: an entry is never read half-written.
                 try regions.withRange(offset: firstBlock * UInt64(Self.blockSize), length: count * Self.blockSize) {
-                    try s.blockMap.read(first: firstBlock, into: entries)
+                    _ = try Self.resolve(s, first: firstBlock, into: entries)
                 }
                 return entries.map { $0.isTrimmed ? $0.generation | BlockGenerations.trimmedBit : $0.generation }
             }
@@ -479,7 +500,7 @@ public final class ReplicaStore: Sendable {
                     let first = region * UInt64(Self.summaryRegionBlocks)
                     let n = Int(min(UInt64(Self.summaryRegionBlocks), blocks - first))
                     let slice = UnsafeMutableBufferPointer(rebasing: entries[0..<n])
-                    try lockRegions(first: first, count: n) { try s.blockMap.read(first: first, into: slice) }
+                    try lockRegions(first: first, count: n) { _ = try Self.resolve(s, first: first, into: slice) }
                     digests.append(Self.regionDigest(slice))
                 }
                 return digests
@@ -532,11 +553,8 @@ public final class ReplicaStore: Sendable {
                     let slice = UnsafeMutableBufferPointer(rebasing: entries[0..<n])
                     let data = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<(n * Self.blockSize)])
                     try lockRegions(first: first, count: n) {
-                        try s.blockMap.read(first: first, into: slice)
                         // Only when something in the chunk is written: holes cost nothing.
-                        if slice.contains(where: { $0.isPresent && !$0.isTrimmed }) {
-                            try Self.readBlocks(fd: s.dataFD, path: s.dataPath, first: first, into: data)
-                        }
+                        try Self.readResolved(s, first: first, entries: slice, into: data, onlyIfWritten: true)
                     }
                     for i in 0..<n where slice[i].isPresent && !slice[i].isTrimmed {
                         let block = UnsafeRawBufferPointer(rebasing: data[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
@@ -586,6 +604,10 @@ public final class ReplicaStore: Sendable {
                 throw ReplicaError.badRequest("generation \(generation) is above the limit of \(BlockGenerations.maxGeneration)")
             }
             let generation = generation ?? s.highestGeneration.load(ordering: .relaxed)
+            // An absent entry would let a snapshot's data show through the trim.
+            if generation == 0, !s.sealed.isEmpty {
+                throw ReplicaError.badRequest("a trim over a snapshot needs a generation above 0")
+            }
             try regions.withRange(offset: offset, length: length) {
             let punch = FileIO.FALLOC_FL_PUNCH_HOLE | FileIO.FALLOC_FL_KEEP_SIZE
             if FileIO.fallocate(s.dataFD, mode: punch, offset: offset, length: UInt64(length)) != 0 {
@@ -619,7 +641,7 @@ public final class ReplicaStore: Sendable {
             let trimmed = BlockMapEntry(generation: generation, crc: Self.zeroBlockCRC, flags: BlockMapEntry.trimmedFlag)
             let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: length) {
-                    try s.blockMap.read(first: first, into: entries)
+                    _ = try Self.resolve(s, first: first, into: entries)
                     var applied = 0
                     var i = 0
                     while i < count {
@@ -696,16 +718,20 @@ public final class ReplicaStore: Sendable {
         }
     }
 
-    /// The blocks (ascending) whose entry in the head layer has a generation > `generation`,
-    /// trims included: what a replica that left at flushed generation `generation` must fetch.
+    /// The blocks (ascending) whose entry in any layer has a generation > `generation`, trims
+    /// included: what a replica that left at flushed generation `generation` must fetch. (A
+    /// newer layer's entries are newer than an older one's, so a block newer in a sealed layer
+    /// is newer in the volume too.)
     public func blocksNewer(than generation: UInt64) throws -> [UInt64] {
         try state.withExclusive { s in
             try Self.checkOpenLocked(s)
-            var blocks: [UInt64] = []
-            try s.blockMap.forEachPresent(blocks: s.superblock.size / UInt64(Self.blockSize)) { block, entry in
-                if entry.generation > generation { blocks.append(block) }
+            var blocks = Set<UInt64>()
+            for layer in s.sealed + [s.head] {
+                try layer.blockMap.forEachPresent(blocks: s.superblock.size / UInt64(Self.blockSize)) { block, entry in
+                    if entry.generation > generation { blocks.insert(block) }
+                }
             }
-            return blocks
+            return blocks.sorted()
         }
     }
 
@@ -738,11 +764,11 @@ public final class ReplicaStore: Sendable {
         return UnsafeRawBufferPointer(scratch)
     }
 
-    private static func checkOpenLocked(_ s: State) throws {
+    static func checkOpenLocked(_ s: State) throws {
         if s.isClosed { throw ReplicaError.closed }
     }
 
-    private static func checkEpochLocked(_ s: State, _ epoch: UInt64) throws {
+    static func checkEpochLocked(_ s: State, _ epoch: UInt64) throws {
         if epoch < s.superblock.epoch { throw ReplicaError.staleEpoch(seen: s.superblock.epoch, got: epoch) }
     }
 
@@ -765,7 +791,7 @@ public final class ReplicaStore: Sendable {
         return (offset / bs, length / blockSize)
     }
 
-    private static func flushLocked(_ s: State, directory: String) throws {
+    static func flushLocked(_ s: State, directory: String) throws {
         try checkOpenLocked(s)
         guard fdatasync(s.dataFD) == 0 else { throw SystemError("fdatasync \(s.dataPath)", errno: errno) }
         try s.blockMap.sync()
@@ -778,7 +804,7 @@ public final class ReplicaStore: Sendable {
     }
 
     /// Reads `buffer.count` bytes of blocks from `first` (a hole reads as zeros).
-    private static func readBlocks(fd: Int32, path: String, first: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+    static func readBlocks(fd: Int32, path: String, first: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
         let n = try FileIO.preadFully(fd, buffer, offset: first * UInt64(blockSize), path: path)
         if n < buffer.count {
             (buffer.baseAddress! + n).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - n)
@@ -788,7 +814,7 @@ public final class ReplicaStore: Sendable {
     /// Opens a data file O_DIRECT, or without it (logged) where the filesystem refuses it, and
     /// takes an exclusive flock on it: one store per replica, so two never interleave writes or
     /// superblock updates (the lock goes with the descriptor, so a crashed holder releases it).
-    private static func openData(_ path: String, create: Bool, logger: Logger) throws -> (Int32, Bool) {
+    static func openData(_ path: String, create: Bool, logger: Logger) throws -> (Int32, Bool) {
         let flags = O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0)
         var fd = Glibc.open(path, flags | FileIO.O_DIRECT, 0o600)
         var direct = true
@@ -811,7 +837,7 @@ public final class ReplicaStore: Sendable {
         return (fd, direct)
     }
 
-    private static func makeDirectory(_ path: String) throws {
+    static func makeDirectory(_ path: String) throws {
         if mkdir(path, 0o700) != 0, errno != EEXIST { throw SystemError("mkdir \(path)", errno: errno) }
     }
 }

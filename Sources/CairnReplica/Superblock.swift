@@ -138,22 +138,7 @@ public struct Superblock: Sendable, Equatable {
     /// Replaces `<directory>/superblock` atomically: write `superblock.tmp`, fsync it, rename it
     /// over the old one, fsync the directory (so the rename itself is durable).
     public func write(directory: String) throws {
-        let path = directory + "/superblock"
-        let tmp = path + ".tmp"
-        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw SystemError("open \(tmp)", errno: errno) }
-        do {
-            let image = encode()
-            try image.withUnsafeBytes { try FileIO.pwriteFully(fd, $0, offset: 0, path: tmp) }
-            guard fsync(fd) == 0 else { throw SystemError("fsync \(tmp)", errno: errno) }
-        } catch {
-            _ = Glibc.close(fd)
-            _ = unlink(tmp)
-            throw error
-        }
-        _ = Glibc.close(fd)
-        guard rename(tmp, path) == 0 else { throw SystemError("rename \(tmp)", errno: errno) }
-        try FileIO.fsyncDirectory(directory)
+        try FileIO.replaceAtomically(directory: directory, name: "superblock", with: encode())
     }
 }
 
@@ -239,6 +224,26 @@ enum FileIO {
             let r = f(fd, mode, off_t(offset), off_t(length))
             if r == 0 || errno != EINTR { return r }
         }
+    }
+
+    /// Replaces `<directory>/<name>` with `bytes` so that a crash leaves the old or the new file,
+    /// never a torn one: write `<name>.tmp`, fsync it, rename it over, fsync the directory.
+    static func replaceAtomically(directory: String, name: String, with bytes: [UInt8]) throws {
+        let path = directory + "/" + name
+        let tmp = path + ".tmp"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SystemError("open \(tmp)", errno: errno) }
+        do {
+            try bytes.withUnsafeBytes { try pwriteFully(fd, $0, offset: 0, path: tmp) }
+            guard fsync(fd) == 0 else { throw SystemError("fsync \(tmp)", errno: errno) }
+        } catch {
+            _ = Glibc.close(fd)
+            _ = unlink(tmp)
+            throw error
+        }
+        _ = Glibc.close(fd)
+        guard rename(tmp, path) == 0 else { throw SystemError("rename \(tmp)", errno: errno) }
+        try fsyncDirectory(directory)
     }
 
     static func fsyncDirectory(_ directory: String) throws {

@@ -30,6 +30,13 @@ final class FakeReplica: ReplicaIO {
         var repairs: [UInt64] = []
         var summaryCalls = 0
         var generationCalls = 0
+        /// Snapshots taken: id, a copy of the data then, and the writes in flight on this replica then.
+        var snapshots: [(id: String, data: [UInt8], writesInFlight: Int)] = []
+        /// Thrown by snapshot.
+        var snapshotFailure: (any Error & Sendable)?
+        /// Writes that started and have not finished.
+        var writesInFlight = 0
+        var grows: [UInt64] = []
     }
 
     let nodeID: String
@@ -92,6 +99,8 @@ final class FakeReplica: ReplicaIO {
 
     func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws {
         try checkAligned(offset, data.count)
+        state.withLock { $0.writesInFlight += 1 }
+        defer { state.withLock { $0.writesInFlight -= 1 } }
         onWrite.withLock { $0 }?()
         try state.withLock { s in
             try check(s, epoch: epoch)
@@ -129,6 +138,25 @@ final class FakeReplica: ReplicaIO {
     }
 
     func close() { state.withLock { $0.closed = true } }
+
+    func snapshot(volumeID: String, snapshotID: String, epoch: UInt64) throws {
+        try state.withLock { s in
+            try check(s, epoch: epoch)
+            if let failure = s.snapshotFailure { throw failure }
+            guard !s.snapshots.contains(where: { $0.id == snapshotID }) else { return }
+            s.snapshots.append((snapshotID, s.data, s.writesInFlight))
+        }
+    }
+
+    func grow(volumeID: String, sizeBytes: UInt64, epoch: UInt64) throws {
+        try state.withLock { s in
+            try check(s, epoch: epoch)
+            s.grows.append(sizeBytes)
+            guard storesData, Int(sizeBytes) > s.data.count else { return }
+            s.data += [UInt8](repeating: 0, count: Int(sizeBytes) - s.data.count)
+            s.generations += [UInt64](repeating: 0, count: Int(sizeBytes) / 4096 - s.generations.count)
+        }
+    }
 
     // Resync, repair, scrub: the replica store's rules, in memory.
 

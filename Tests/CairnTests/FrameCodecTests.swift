@@ -26,6 +26,14 @@ final class FrameCodecTests: XCTestCase {
             .trim(TrimRequest(volume: "pvc-0f1e2d3c", generation: 44, offset: 4096, length: 8192, ifNewer: true)),
             .summary(GenerationsRequest(volume: "pvc-0f1e2d3c", firstBlock: 3, count: 4096)),
             .verify(GenerationsRequest(volume: "pvc-0f1e2d3c", firstBlock: 256, count: 16_384)),
+            .snapshot(SnapshotRequest(volume: "pvc-0f1e2d3c", snapshotID: "snap-1")),
+            .snapshot(SnapshotRequest(volume: "pvc-0f1e2d3c", snapshotID: String(repeating: "s", count: 128), barrier: true)),
+            .deleteSnapshot(SnapshotRequest(volume: "pvc-0f1e2d3c", snapshotID: "snap-1")),
+            .listSnapshots(ListSnapshotsRequest(volume: "pvc-0f1e2d3c")),
+            .clone(CloneRequest(volume: "pvc-new", source: "pvc-0f1e2d3c", snapshotID: "snap-1", size: 32 << 20)),
+            .grow(GrowRequest(volume: "pvc-0f1e2d3c", size: 1 << 40)),
+            .holdWrites(HoldWritesRequest(volume: "pvc-0f1e2d3c", timeoutMilliseconds: 30_000)),
+            .releaseWrites(ReleaseWritesRequest(volume: "pvc-0f1e2d3c")),
         ]
         let responses: [Response] = [
             .hello(HelloResponse(status: .ok, protocolVersion: 1, authToken: [1, 2, 3])),
@@ -45,6 +53,17 @@ final class FrameCodecTests: XCTestCase {
             .summary(GenerationsResponse(status: .ok, generations: [0, 0xDEAD_BEEF, 1])),
             .verify(GenerationsResponse(status: .ok, generations: [])),
             .verify(GenerationsResponse(status: .ok, generations: [257, 300])),
+            .snapshot(SnapshotResponse(status: .ok, size: 16 << 20, generation: 99)),
+            .snapshot(SnapshotResponse(status: .ok, nodes: ["n1", "nöde-2"], barrier: true)),
+            .snapshot(SnapshotResponse(status: .notFound, barrier: true, message: "no engine runs volume v on this node")),
+            .deleteSnapshot(PlainResponse(status: .ok)),
+            .listSnapshots(ListSnapshotsResponse(status: .ok, snapshots: [
+                SnapshotEntry(id: "a", size: 4096, generation: 1), SnapshotEntry(id: "b", size: 1 << 30, generation: .max >> 1)])),
+            .listSnapshots(ListSnapshotsResponse(status: .staleEpoch, message: "stale epoch 1")),
+            .clone(PlainResponse(status: .notFound, message: "no snapshot s")),
+            .grow(PlainResponse(status: .badRequest, message: "cannot shrink")),
+            .holdWrites(PlainResponse(status: .notFound, message: "no engine runs volume v on this node")),
+            .releaseWrites(PlainResponse(status: .ok)),
         ]
         var frames: [Frame] = []
         for (i, r) in requests.enumerated() {
@@ -346,7 +365,7 @@ final class FrameCodecTests: XCTestCase {
     func testCreateSizeMustBeAPositiveMultipleOf4096() {
         for size: UInt64 in [0, 4095, 4097] {
             let frame = Frame(requestID: 1, epoch: 0, body: .request(.create(CreateRequest(volume: "v", size: size))))
-            assertFrameError(frame.encode(), .malformedPayload, containing: "create size")
+            assertFrameError(frame.encode(), .malformedPayload, containing: "size \(size) is not a positive multiple of 4096 (create request")
         }
     }
 
@@ -413,6 +432,51 @@ final class FrameCodecTests: XCTestCase {
         let conditional = Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.response | FrameFlags.ifNewer, payload: [0] + Self.le(UInt32(2)) + [0, 0])
         XCTAssertEqual(try? Self.decodeAll(conditional).first?.body, .response(.conditionalWrite(ConditionalWriteResponse(status: .ok, appliedBlocks: 2))))
         assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.response, payload: [0] + Self.le(UInt32(2)) + [0, 0]), .malformedPayload)
+    }
+
+    func testSnapshotOpsRejectMalformedPayloadsAndTheBarrierFlagElsewhere() throws {
+        let volume = Self.volumeField(Array("v".utf8))
+        // The barrier flag belongs to snapshot only.
+        assertFrameError(Self.rawFrame(op: Opcode.deleteSnapshot.rawValue, flags: FrameFlags.barrier, payload: volume + Self.volumeField([0x73])),
+                         .reservedFlags, containing: "barrier")
+        assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.barrier, payload: volume), .reservedFlags, containing: "barrier")
+        let barrier = Self.rawFrame(op: Opcode.snapshot.rawValue, flags: FrameFlags.barrier, payload: volume + Self.volumeField([0x73]))
+        XCTAssertEqual(try Self.decodeAll(barrier).first?.body, .request(.snapshot(SnapshotRequest(volume: "v", snapshotID: "s", barrier: true))))
+        // Snapshot ids: 1...128 bytes of UTF-8, nothing after them.
+        assertFrameError(Self.rawFrame(op: Opcode.snapshot.rawValue, payload: volume + Self.volumeField([])), .malformedPayload, containing: "snapshot id")
+        assertFrameError(Self.rawFrame(op: Opcode.snapshot.rawValue, payload: volume + Self.volumeField([UInt8](repeating: 0x61, count: 129))),
+                         .malformedPayload, containing: "snapshot id")
+        assertFrameError(Self.rawFrame(op: Opcode.deleteSnapshot.rawValue, payload: volume + Self.volumeField([0xFF, 0xFE])),
+                         .malformedPayload, containing: "UTF-8")
+        assertFrameError(Self.rawFrame(op: Opcode.snapshot.rawValue, payload: volume + Self.volumeField([0x73]) + [0]),
+                         .malformedPayload, containing: "unexpected")
+        assertFrameError(Self.rawFrame(op: Opcode.snapshot.rawValue, payload: volume), .malformedPayload, containing: "snapshot id")
+        // Clone and grow sizes are positive multiples of 4096.
+        let clone = volume + Self.volumeField([0x77]) + Self.volumeField([0x73])
+        assertFrameError(Self.rawFrame(op: Opcode.clone.rawValue, payload: clone + Self.le(UInt64(4097))), .malformedPayload, containing: "clone size")
+        assertFrameError(Self.rawFrame(op: Opcode.clone.rawValue, payload: clone + Self.le(UInt64(0))), .malformedPayload, containing: "clone size")
+        assertFrameError(Self.rawFrame(op: Opcode.clone.rawValue, payload: clone), .malformedPayload)
+        assertFrameError(Self.rawFrame(op: Opcode.grow.rawValue, payload: volume + Self.le(UInt64(100))), .malformedPayload, containing: "(grow request")
+        // A hold lasts 1 ms to 10 minutes: a coordinator cannot freeze a volume for longer.
+        assertFrameError(Self.rawFrame(op: Opcode.holdWrites.rawValue, payload: volume + Self.le(UInt32(0))), .malformedPayload, containing: "hold timeout")
+        assertFrameError(Self.rawFrame(op: Opcode.holdWrites.rawValue, payload: volume + Self.le(UInt32(600_001))), .malformedPayload, containing: "hold timeout")
+        assertFrameError(Self.rawFrame(op: Opcode.holdWrites.rawValue, flags: FrameFlags.barrier, payload: volume + Self.le(UInt32(5))), .reservedFlags)
+        // Responses: bounded node and snapshot counts; a failure carries no entries.
+        let ok = [ReplyStatus.ok.rawValue]
+        assertFrameError(Self.rawFrame(op: Opcode.snapshot.rawValue, flags: FrameFlags.response,
+                                       payload: ok + Self.le(UInt64(0)) + Self.le(UInt64(0)) + Self.le(UInt16(65)) + [0, 0]),
+                         .malformedPayload, containing: "nodes")
+        assertFrameError(Self.rawFrame(op: Opcode.snapshot.rawValue, flags: FrameFlags.response,
+                                       payload: ok + Self.le(UInt64(0)) + Self.le(UInt64(0)) + Self.le(UInt16(2)) + Self.volumeField([0x6E]) + [0, 0]),
+                         .malformedPayload, containing: "node id")
+        assertFrameError(Self.rawFrame(op: Opcode.listSnapshots.rawValue, flags: FrameFlags.response, payload: ok + Self.le(UInt16(513)) + [0, 0]),
+                         .malformedPayload, containing: "limit")
+        let entry = Self.volumeField([0x61]) + Self.le(UInt64(4096)) + Self.le(UInt64(1))
+        assertFrameError(Self.rawFrame(op: Opcode.listSnapshots.rawValue, flags: FrameFlags.response,
+                                       payload: [ReplyStatus.ioError.rawValue] + Self.le(UInt16(1)) + entry + [0, 0]),
+                         .malformedPayload, containing: "carries")
+        assertFrameError(Self.rawFrame(op: Opcode.listSnapshots.rawValue, flags: FrameFlags.response,
+                                       payload: ok + Self.le(UInt16(1)) + Array(entry.dropLast(3))), .malformedPayload)
     }
 
     func testGenerationsPayloadLayoutAndLimits() throws {

@@ -192,6 +192,111 @@ final class ReplicaServerTests: XCTestCase {
         XCTAssertFalse(c.isBroken, "refused requests leave the connection usable")
     }
 
+    func testSnapshotListCloneDeleteSnapshotAndGrowOverTheWire() throws {
+        let c = try client()
+        try c.create(volumeID: volume, sizeBytes: size)
+        _ = try c.claim(volumeID: volume, epoch: 4)
+        let a = pattern(bs, seed: 1), b = pattern(bs, seed: 2)
+        try a.withUnsafeBytes { try c.write(volumeID: volume, offset: 0, data: $0, generation: 1, epoch: 4) }
+        let snap = try c.snapshot(volumeID: volume, snapshotID: "snap-1", epoch: 4)
+        XCTAssertEqual(snap.size, size)
+        XCTAssertEqual(snap.generation, 1)
+        XCTAssertEqual(try c.snapshot(volumeID: volume, snapshotID: "snap-1", epoch: 4).generation, 1, "idempotent")
+        try b.withUnsafeBytes { try c.write(volumeID: volume, offset: 0, data: $0, generation: 2, epoch: 4) }
+        XCTAssertEqual(try c.listSnapshots(volumeID: volume, epoch: 4), [SnapshotEntry(id: "snap-1", size: size, generation: 1)])
+        // Epochs: older ones are refused like every other op.
+        XCTAssertThrowsError(try c.snapshot(volumeID: volume, snapshotID: "snap-2", epoch: 3)) { error in
+            guard case .remote(.staleEpoch, _) = error as? ReplicaClientError else { return XCTFail("\(error)") }
+        }
+        XCTAssertThrowsError(try c.snapshot(volumeID: volume, snapshotID: "bad/id", epoch: 4)) { error in
+            guard case .remote(.badRequest, _) = error as? ReplicaClientError else { return XCTFail("\(error)") }
+        }
+
+        // A clone, on the same node, reads the snapshot's data; repeating it is fine.
+        try c.clone(volumeID: "vol-clone", sourceVolumeID: volume, snapshotID: "snap-1", sizeBytes: 2 * size)
+        try c.clone(volumeID: "vol-clone", sourceVolumeID: volume, snapshotID: "snap-1", sizeBytes: 2 * size)
+        XCTAssertThrowsError(try c.clone(volumeID: "vol-clone", sourceVolumeID: volume, snapshotID: "snap-1", sizeBytes: size))
+        XCTAssertThrowsError(try c.clone(volumeID: "vol-other", sourceVolumeID: volume, snapshotID: "nope", sizeBytes: size)) { error in
+            guard case .remote(.notFound, _) = error as? ReplicaClientError else { return XCTFail("\(error)") }
+        }
+        XCTAssertEqual(try c.read(volumeID: "vol-clone", offset: 0, length: bs, epoch: 0), a)
+        let cloneStatus = try c.status(volumeID: "vol-clone", epoch: 0)
+        XCTAssertEqual(cloneStatus.size, 2 * size)
+        XCTAssertGreaterThanOrEqual(cloneStatus.highestGeneration, 2)
+
+        // Deleting the snapshot and then the source leaves the clone whole.
+        try c.deleteSnapshot(volumeID: volume, snapshotID: "snap-1", epoch: 4)
+        try c.deleteSnapshot(volumeID: volume, snapshotID: "snap-1", epoch: 4)
+        XCTAssertEqual(try c.listSnapshots(volumeID: volume, epoch: 4), [])
+        XCTAssertEqual(try c.read(volumeID: volume, offset: 0, length: bs, epoch: 4), b)
+        try c.delete(volumeID: volume, epoch: 4)
+        XCTAssertEqual(try c.read(volumeID: "vol-clone", offset: 0, length: bs, epoch: 0), a)
+
+        try c.grow(volumeID: "vol-clone", sizeBytes: 4 * size, epoch: 0)
+        XCTAssertEqual(try c.status(volumeID: "vol-clone", epoch: 0).size, 4 * size)
+        XCTAssertThrowsError(try c.grow(volumeID: "vol-clone", sizeBytes: size, epoch: 0)) { error in
+            guard case .remote(.badRequest, _) = error as? ReplicaClientError else { return XCTFail("\(error)") }
+        }
+    }
+
+    private final class FakeHooks: ReplicaEngineHooks, @unchecked Sendable {
+        let lock = NSLock()
+        var calls: [String] = []
+
+        private func check(_ volume: String, _ epoch: UInt64) throws -> Bool {
+            guard volume == "attached" else { return false }
+            guard epoch >= 5 else { throw ReplicaError.staleEpoch(seen: 5, got: epoch) }
+            return true
+        }
+
+        func snapshot(volume: String, snapshotID: String, epoch: UInt64) throws -> [String]? {
+            guard try check(volume, epoch) else { return nil }
+            lock.withLock { calls.append("snapshot \(snapshotID)") }
+            return ["n1", "n3"]
+        }
+
+        func holdWrites(volume: String, timeout: Duration, epoch: UInt64) throws -> Bool {
+            guard try check(volume, epoch) else { return false }
+            lock.withLock { calls.append("hold \(timeout)") }
+            return true
+        }
+
+        func releaseWrites(volume: String, epoch: UInt64) throws -> Bool {
+            guard try check(volume, epoch) else { return false }
+            lock.withLock { calls.append("release") }
+            return true
+        }
+    }
+
+    func testABarrierSnapshotGoesToTheEngineHooksOrIsRefusedWithoutAnEngine() throws {
+        let c = try client()
+        try c.create(volumeID: volume, sizeBytes: size)
+        XCTAssertThrowsError(try c.barrierSnapshot(volumeID: volume, snapshotID: "s", epoch: 1)) { error in
+            guard case .remote(.notFound, let message) = error as? ReplicaClientError else { return XCTFail("\(error)") }
+            XCTAssertTrue(message.contains("no engine runs volume"), message)
+        }
+        let hooks = FakeHooks()
+        server!.engineHooks = hooks
+        try c.holdWrites(volumeID: "attached", timeout: .milliseconds(2500), epoch: 5)
+        XCTAssertEqual(try c.barrierSnapshot(volumeID: "attached", snapshotID: "s", epoch: 5), ["n1", "n3"])
+        try c.releaseWrites(volumeID: "attached", epoch: 5)
+        XCTAssertEqual(hooks.lock.withLock { hooks.calls }, ["hold 2.5 seconds", "snapshot s", "release"])
+        for call in [{ try c.holdWrites(volumeID: self.volume, timeout: .seconds(1), epoch: 5) },
+                     { try c.releaseWrites(volumeID: self.volume, epoch: 5) }] {
+            XCTAssertThrowsError(try call()) { error in
+                guard case .remote(.notFound, _) = error as? ReplicaClientError else { return XCTFail("\(error)") }
+            }
+        }
+        XCTAssertThrowsError(try c.barrierSnapshot(volumeID: "attached", snapshotID: "s", epoch: 4)) { error in
+            guard case .remote(.staleEpoch, _) = error as? ReplicaClientError else { return XCTFail("\(error)") }
+        }
+        XCTAssertThrowsError(try c.barrierSnapshot(volumeID: volume, snapshotID: "s", epoch: 5)) { error in
+            guard case .remote(.notFound, _) = error as? ReplicaClientError else { return XCTFail("\(error)") }
+        }
+        // The replica itself took no snapshot.
+        XCTAssertEqual(try c.listSnapshots(volumeID: volume, epoch: 5), [])
+    }
+
     func testCreateIsIdempotentAndRefusesAnotherSize() throws {
         let c = try client()
         try c.create(volumeID: volume, sizeBytes: size)

@@ -46,6 +46,11 @@ cfuse_session *cfuse_mount(const char *mountpoint, const char *name, uint64_t si
 /// callback runs any more. Returns 1 if the connection had to be aborted, 0 otherwise.
 int cfuse_unmount(cfuse_session *session);
 
+/// Sets the volume file's size (online growth; never smaller) and invalidates the kernel's
+/// cached attributes of the file, so the next stat — and `losetup -c` on a loop device over it —
+/// sees the new size at once instead of after the attribute timeout. Returns 0 or -errno.
+int cfuse_set_size(cfuse_session *session, uint64_t size);
+
 /// The kernel's FUSE connection id of the mount (the minor of its st_dev), 0 if unknown.
 unsigned cfuse_connection_id(const cfuse_session *session);
 

@@ -1,0 +1,301 @@
+import CairnCore
+import CairnEngine
+import CairnReplica
+import Foundation
+import Logging
+
+// Snapshots, clones, growth and QoS of replicated volumes (issue 7): what the controller and
+// the node service call. Every replica is reached over the data protocol; a snapshot of an
+// attached volume goes to the node running its engine (the write barrier), an unattached one
+// (no writer) is taken on each in-sync replica directly.
+
+/// The replica server's way to this node's engines (a barrier snapshot request).
+final class EngineSnapshotHooks: ReplicaEngineHooks {
+    let engines: EngineRegistry
+
+    init(engines: EngineRegistry) { self.engines = engines }
+
+    func snapshot(volume: String, snapshotID: String, epoch: UInt64) throws -> [String]? {
+        guard let engine = try engine(volume, epoch: epoch) else { return nil }
+        // Inside a group's hold the snapshot is taken at that barrier.
+        return engine.writesHeld ? try engine.snapshotReplicas(id: snapshotID) : try engine.snapshot(id: snapshotID)
+    }
+
+    func holdWrites(volume: String, timeout: Duration, epoch: UInt64) throws -> Bool {
+        guard let engine = try engine(volume, epoch: epoch) else { return false }
+        try engine.holdWrites(timeout: timeout)
+        return true
+    }
+
+    func releaseWrites(volume: String, epoch: UInt64) throws -> Bool {
+        guard let engine = try engine(volume, epoch: epoch) else { return false }
+        engine.releaseWrites()
+        return true
+    }
+
+    /// The engine of `volume` here; a request older than its epoch is stale.
+    private func engine(_ volume: String, epoch: UInt64) throws -> VolumeEngine? {
+        guard let engine = engines.engine(volumeID: volume) else { return nil }
+        guard epoch >= engine.epoch else { throw ReplicaError.staleEpoch(seen: engine.epoch, got: epoch) }
+        return engine
+    }
+}
+
+extension ReplicatedBacking {
+    /// What this node's replica server hands barrier snapshots to (set by `serveLocalReplicas`).
+    public var engineHooks: any ReplicaEngineHooks { EngineSnapshotHooks(engines: engineRegistry) }
+
+    /// Takes snapshot `snapshotID` of `volume` and returns the node ids whose replicas hold it
+    /// (idempotent by id). Attached (`attachedNode`): the request goes to that node's replica
+    /// server with the barrier flag and its engine holds writes, flushes and snapshots every
+    /// in-sync replica (one that fails is recorded out of sync, as for a failed write). Not
+    /// attached: no writer exists, so each in-sync replica takes it directly with the volume's
+    /// epoch; one that cannot is left out of the answer (and logged) but stays in sync — its data
+    /// is whole, it only lacks the snapshot.
+    public func snapshot(volume: VolumeRecord, snapshotID: String, attachedNode: String?) async throws -> [String] {
+        try Validate.volumeID(snapshotID, field: "snapshot id")
+        guard let replicas = volume.replicas, !replicas.isEmpty else {
+            throw CairnError.failedPrecondition("volume \(volume.id) has no replicas; it was not created in cluster mode")
+        }
+        let epoch = UInt64(max(volume.epoch, 0))
+        if let attachedNode {
+            let address = try await dataAddress(of: attachedNode, for: volume)
+            return try await Self.blocking {
+                let client = try Self.connect(address, volumeID: volume.id, nodeID: attachedNode, doing: "take snapshot \(snapshotID)")
+                defer { client.close() }
+                do {
+                    return try client.barrierSnapshot(volumeID: volume.id, snapshotID: snapshotID, epoch: epoch)
+                } catch ReplicaClientError.remote(.notFound, let message) {
+                    throw CairnError.unavailable("node \(attachedNode) runs no engine for volume \(volume.id) (\(message)); the attachment may be moving, retry")
+                } catch ReplicaClientError.remote(.staleEpoch, let message) {
+                    throw CairnError.aborted("volume \(volume.id)'s attachment moved on while snapshotting (\(message)); retry")
+                } catch {
+                    throw CairnError.unavailable("snapshot \(snapshotID) of volume \(volume.id) through node \(attachedNode) failed: \(error); retry")
+                }
+            }
+        }
+        var took: [String] = []
+        var failures: [String] = []
+        for replica in replicas where replica.inSync {
+            do {
+                try await Self.blocking {
+                    let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "take snapshot \(snapshotID)")
+                    defer { client.close() }
+                    try client.snapshot(volumeID: volume.id, snapshotID: snapshotID, epoch: epoch)
+                }
+                took.append(replica.nodeID)
+            } catch {
+                failures.append("\(replica.nodeID): \(error)")
+                logger.warning("a replica of the detached volume did not take the snapshot; it stays in sync but lacks the snapshot",
+                               metadata: ["volume.id": "\(volume.id)", "snapshot.id": "\(snapshotID)", "node.id": "\(replica.nodeID)", "error": "\(error)"])
+            }
+        }
+        guard !took.isEmpty else {
+            throw CairnError.unavailable("no in-sync replica of volume \(volume.id) took snapshot \(snapshotID) (\(failures.joined(separator: "; "))); retry")
+        }
+        return took
+    }
+
+    /// The replica server address of `node`, which runs `volume`'s engine: its replica's, or the
+    /// one it registered (an attached node need not hold a replica).
+    func dataAddress(of node: String, for volume: VolumeRecord) async throws -> String {
+        if let replica = volume.replicas?.first(where: { $0.nodeID == node }) { return replica.address }
+        if let record = try await store.node(id: node), let data = record.dataAddress { return data }
+        throw CairnError.unavailable("volume \(volume.id) is attached to node \(node), whose replica server address is unknown (the node has not registered one); retry once it has")
+    }
+
+    /// One volume of a group snapshot.
+    public struct GroupSnapshotMember: Sendable {
+        public var volume: VolumeRecord
+        public var snapshotID: String
+        /// The node the volume is attached to (its engine's), or nil when it is not attached.
+        public var attachedNode: String?
+
+        public init(volume: VolumeRecord, snapshotID: String, attachedNode: String?) {
+            self.volume = volume
+            self.snapshotID = snapshotID
+            self.attachedNode = attachedNode
+        }
+    }
+
+    /// Takes every member's snapshot at one barrier: holds the writes of each attached member's
+    /// engine (on its node) first, then snapshots each member — attached ones inside the hold,
+    /// detached ones directly on their in-sync replicas (nothing writes them) — and releases
+    /// every hold, on failure too. A hold lapses by itself after `holdTimeout`, so a controller
+    /// that dies in the middle cannot freeze the volumes. Returns the node ids holding each
+    /// snapshot, by volume id.
+    public func groupSnapshot(_ members: [GroupSnapshotMember], holdTimeout: Duration = .seconds(30)) async throws -> [String: [String]] {
+        guard Set(members.map(\.volume.id)).count == members.count else {
+            throw CairnError.invalidArgument("a group snapshot names a volume twice")
+        }
+        for member in members { try Validate.volumeID(member.snapshotID, field: "snapshot id") }
+        // One connection per attached member, open from its hold to its release.
+        var held: [(client: ReplicaClient, member: GroupSnapshotMember)] = []
+        func releaseAll() async {
+            for (client, member) in held {
+                let epoch = UInt64(max(member.volume.epoch, 0))
+                do {
+                    try await Self.blocking { try client.releaseWrites(volumeID: member.volume.id, epoch: epoch) }
+                } catch {
+                    logger.warning("could not release a group snapshot's write hold; it lapses by itself at its timeout",
+                                   metadata: ["volume.id": "\(member.volume.id)", "node.id": "\(member.attachedNode ?? "")",
+                                              "hold.timeout": "\(holdTimeout)", "error": "\(error)"])
+                }
+                client.close()
+            }
+            held = []
+        }
+        do {
+            for member in members {
+                guard let node = member.attachedNode else { continue }
+                let address = try await dataAddress(of: node, for: member.volume)
+                let volumeID = member.volume.id, epoch = UInt64(max(member.volume.epoch, 0))
+                let client = try Self.connect(address, volumeID: volumeID, nodeID: node, doing: "hold its writes for a group snapshot")
+                do {
+                    try await Self.blocking { try client.holdWrites(volumeID: volumeID, timeout: holdTimeout, epoch: epoch) }
+                } catch {
+                    client.close()
+                    throw CairnError.unavailable("could not hold the writes of volume \(volumeID) on node \(node) for a group snapshot: \(error); retry")
+                }
+                held.append((client, member))
+            }
+            var nodes: [String: [String]] = [:]
+            for member in members {
+                let volumeID = member.volume.id, epoch = UInt64(max(member.volume.epoch, 0)), id = member.snapshotID
+                if let client = held.first(where: { $0.member.volume.id == volumeID })?.client {
+                    nodes[volumeID] = try await Self.blocking {
+                        try client.barrierSnapshot(volumeID: volumeID, snapshotID: id, epoch: epoch)
+                    }
+                } else {
+                    nodes[volumeID] = try await snapshot(volume: member.volume, snapshotID: id, attachedNode: nil)
+                }
+            }
+            await releaseAll()
+            return nodes
+        } catch {
+            await releaseAll()
+            throw error
+        }
+    }
+
+    /// Deletes snapshot `snapshotID` from every replica of `volume` that has it (idempotent: a
+    /// replica without it answers ok). A node that cannot be reached keeps its copy, logged with
+    /// what to do; the call succeeds anyway (the snapshot is gone from the volume's point of
+    /// view, and a later delete — or the replica's deletion — removes the leftover).
+    public func deleteSnapshot(volume: VolumeRecord, snapshotID: String) async throws {
+        try Validate.volumeID(snapshotID, field: "snapshot id")
+        let epoch = UInt64(max(volume.epoch, 0))
+        for replica in volume.replicas ?? [] {
+            do {
+                try await Self.blocking {
+                    let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "delete snapshot \(snapshotID)")
+                    defer { client.close() }
+                    try client.deleteSnapshot(volumeID: volume.id, snapshotID: snapshotID, epoch: epoch)
+                }
+            } catch ReplicaClientError.remote(.notFound, _) {
+                continue  // no replica there any more: nothing holds the snapshot
+            } catch {
+                logger.warning("could not delete the snapshot on a replica; it keeps the snapshot's layer until the snapshot is deleted again there (the same DeleteSnapshot, once the node is back) or the replica is deleted",
+                               metadata: ["volume.id": "\(volume.id)", "snapshot.id": "\(snapshotID)", "node.id": "\(replica.nodeID)",
+                                          "replica.dir": "<data-dir>/replicas/\(volume.id)", "error": "\(error)"])
+            }
+        }
+    }
+
+    /// Creates the replicas of `into` (a new volume whose replicas the controller placed on nodes
+    /// holding `snapshotID` of `source`) as clones of that snapshot: one per node, hard-linked
+    /// on the node's disk, no data copied. Idempotent (a clone of the same size is accepted).
+    public func clone(source: VolumeRecord, snapshotID: String, into volume: VolumeRecord) async throws {
+        try Validate.volumeID(snapshotID, field: "snapshot id")
+        guard let replicas = volume.replicas, !replicas.isEmpty else {
+            throw CairnError.internal("volume \(volume.id) has no replicas placed; this is a controller bug")
+        }
+        let sourceNodes = Set((source.replicas ?? []).map(\.nodeID))
+        for replica in replicas where !sourceNodes.contains(replica.nodeID) {
+            throw CairnError.internal("clone \(volume.id)'s replica is placed on node \(replica.nodeID), which holds no replica of \(source.id); a clone must be placed on the nodes holding the snapshot (controller bug)")
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for replica in replicas {
+                group.addTask {
+                    try await Self.blocking {
+                        let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "clone snapshot \(snapshotID)")
+                        defer { client.close() }
+                        do {
+                            try client.clone(volumeID: volume.id, sourceVolumeID: source.id, snapshotID: snapshotID,
+                                             sizeBytes: UInt64(volume.capacityBytes))
+                        } catch ReplicaClientError.remote(.notFound, let message) {
+                            throw CairnError.notFound("node \(replica.nodeID) has no snapshot \(snapshotID) of volume \(source.id) to clone (\(message))")
+                        } catch ReplicaClientError.remote(.badRequest, let message) {
+                            throw CairnError.invalidArgument("cannot clone snapshot \(snapshotID) into volume \(volume.id) on node \(replica.nodeID): \(message)")
+                        } catch {
+                            throw CairnError.unavailable("could not clone snapshot \(snapshotID) into volume \(volume.id) on node \(replica.nodeID): \(error); retry")
+                        }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        logger.info("cloned the volume's replicas from a snapshot", metadata: [
+            "volume.id": "\(volume.id)", "clone.source": "\(source.id)", "snapshot.id": "\(snapshotID)",
+            "replicas": "\(replicas.map(\.nodeID).joined(separator: ","))",
+        ])
+    }
+
+    /// Grows every replica of `volume` to `sizeBytes`, then this node's engine for it if one
+    /// runs here (which refreshes the FUSE file's size; the loop device is refreshed by the
+    /// mounter's expand). An in-sync replica that cannot grow fails the call (retry); an
+    /// out-of-sync one that cannot is logged and grows when its resync starts.
+    public func grow(volume: VolumeRecord, to sizeBytes: Int64) async throws {
+        guard sizeBytes > 0, sizeBytes % Int64(VolumeEngine.blockSize) == 0 else {
+            throw CairnError.invalidArgument("size \(sizeBytes) is not a positive multiple of \(VolumeEngine.blockSize) bytes")
+        }
+        let epoch = UInt64(max(volume.epoch, 0))
+        for replica in volume.replicas ?? [] {
+            do {
+                try await Self.blocking {
+                    let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "grow its replica")
+                    defer { client.close() }
+                    try client.grow(volumeID: volume.id, sizeBytes: UInt64(sizeBytes), epoch: epoch)
+                }
+            } catch where !replica.inSync {
+                logger.warning("an out-of-sync replica could not grow now; its resync grows it", metadata: [
+                    "volume.id": "\(volume.id)", "node.id": "\(replica.nodeID)", "error": "\(error)"])
+            } catch ReplicaClientError.remote(.badRequest, let message) {
+                throw CairnError.invalidArgument("cannot grow volume \(volume.id) to \(sizeBytes) bytes on node \(replica.nodeID): \(message)")
+            } catch {
+                throw CairnError.unavailable("could not grow volume \(volume.id)'s replica on node \(replica.nodeID): \(error); retry")
+            }
+        }
+        if let engine = engineRegistry.engine(volumeID: volume.id) {
+            try await Self.blocking { try engine.grow(to: UInt64(sizeBytes)) }
+        }
+    }
+
+    /// Applies QoS limits (0 = none) to the engine of `volumeID` running on this node. Returns
+    /// false when none runs here (the limits then apply when it starts: `activate` reads them
+    /// from the record's parameters).
+    @discardableResult
+    public func setLimits(volumeID: String, iops: UInt64, bandwidth: UInt64) -> Bool {
+        guard let engine = engineRegistry.engine(volumeID: volumeID) else { return false }
+        engine.setLimits(iopsLimit: iops, bandwidthLimit: bandwidth)
+        return true
+    }
+
+    /// The record's parameter names for the QoS limits (decimal; operations and bytes per second).
+    public static let iopsLimitParameter = "iopsLimit"
+    public static let bandwidthLimitParameter = "bandwidthLimit"
+
+    /// The limits in the record's parameters; a malformed value is logged and means no limit.
+    static func limits(_ volume: VolumeRecord, logger: Logger) -> (iops: UInt64, bandwidth: UInt64) {
+        func value(_ key: String) -> UInt64 {
+            guard let raw = volume.parameters[key] else { return 0 }
+            guard let v = UInt64(raw.trimmingCharacters(in: .whitespaces)) else {
+                logger.warning("ignoring a QoS parameter that is not a non-negative integer", metadata: [
+                    "volume.id": "\(volume.id)", "parameter": "\(key)", "value": "\(raw)"])
+                return 0
+            }
+            return v
+        }
+        return (value(iopsLimitParameter), value(bandwidthLimitParameter))
+    }
+}
