@@ -170,7 +170,7 @@ public final class ReplicatedBacking: VolumeBacking {
             }
         }
         let recovery = recoveryHooks(volumeID: volumeID, epoch: epoch)
-        let limits = Self.limits(current, logger: logger)
+        let limits = Self.limits(current)
         let file = try await Self.blocking {
             let file = try engines.start(volumeID: volumeID, sizeBytes: sizeBytes, epoch: UInt64(epoch), replicas: targets,
                                          localNodeID: nodeID, mountDirectory: mountDirectory,
@@ -199,6 +199,7 @@ public final class ReplicatedBacking: VolumeBacking {
     private func recoveryHooks(volumeID: String, epoch: Int64) -> EngineRecovery {
         let store = self.store
         let logger = self.logger
+        let engines = self.engines
         return EngineRecovery(
             membership: {
                 let record = Mutex<VolumeRecord?>(nil)
@@ -207,6 +208,16 @@ public final class ReplicatedBacking: VolumeBacking {
                     record.withLock { $0 = volume }
                 }
                 guard let volume = record.withLock({ $0 }), let replicas = volume.replicas else { return [] }
+                // ControllerModifyVolume runs in the controller: its new limits reach this
+                // engine through the record, read here every membership interval.
+                if let engine = engines.engine(volumeID: volumeID) {
+                    let wanted = Self.limits(volume)
+                    if engine.limits != wanted {
+                        engine.setLimits(iopsLimit: wanted.iops, bandwidthLimit: wanted.bandwidth)
+                        logger.info("applied the volume's new QoS limits", metadata: [
+                            "volume.id": "\(volumeID)", "limits.iops": "\(wanted.iops)", "limits.bandwidth": "\(wanted.bandwidth)"])
+                    }
+                }
                 return try Self.engineReplicas(replicas)
             },
             markInSync: { node in

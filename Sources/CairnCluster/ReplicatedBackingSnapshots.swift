@@ -60,20 +60,27 @@ extension ReplicatedBacking {
         let epoch = UInt64(max(volume.epoch, 0))
         if let attachedNode {
             let address = try await dataAddress(of: attachedNode, for: volume)
-            return try await Self.blocking {
+            let taken: [String]? = try await Self.blocking {
                 let client = try Self.connect(address, volumeID: volume.id, nodeID: attachedNode, doing: "take snapshot \(snapshotID)")
                 defer { client.close() }
                 do {
                     return try client.barrierSnapshot(volumeID: volume.id, snapshotID: snapshotID, epoch: epoch)
-                } catch ReplicaClientError.remote(.notFound, let message) {
-                    throw CairnError.unavailable("node \(attachedNode) runs no engine for volume \(volume.id) (\(message)); the attachment may be moving, retry")
+                } catch ReplicaClientError.remote(.notFound, _) {
+                    return nil  // published but not staged yet: no engine, no writer
                 } catch ReplicaClientError.remote(.staleEpoch, let message) {
                     throw CairnError.aborted("volume \(volume.id)'s attachment moved on while snapshotting (\(message)); retry")
                 } catch {
                     throw CairnError.unavailable("snapshot \(snapshotID) of volume \(volume.id) through node \(attachedNode) failed: \(error); retry")
                 }
             }
+            if let taken { return taken }
+            // Published there but not staged yet. Each replica is claimed with the
+            // attachment's epoch before its snapshot: an engine of an older attachment still
+            // running somewhere is fenced first (staging would do the same), so nothing writes.
+            logger.info("the volume is published but no engine runs it yet: taking the snapshot on each in-sync replica after claiming it with the attachment's epoch",
+                        metadata: ["volume.id": "\(volume.id)", "snapshot.id": "\(snapshotID)", "node.id": "\(attachedNode)"])
         }
+        let claimFirst = attachedNode != nil
         var took: [String] = []
         var failures: [String] = []
         for replica in replicas where replica.inSync {
@@ -81,6 +88,7 @@ extension ReplicatedBacking {
                 try await Self.blocking {
                     let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "take snapshot \(snapshotID)")
                     defer { client.close() }
+                    if claimFirst { _ = try client.claim(volumeID: volume.id, epoch: epoch) }
                     try client.snapshot(volumeID: volume.id, snapshotID: snapshotID, epoch: epoch)
                 }
                 took.append(replica.nodeID)
@@ -273,7 +281,7 @@ extension ReplicatedBacking {
 
     /// Applies QoS limits (0 = none) to the engine of `volumeID` running on this node. Returns
     /// false when none runs here (the limits then apply when it starts: `activate` reads them
-    /// from the record's parameters).
+    /// from the record's mutable parameters).
     @discardableResult
     public func setLimits(volumeID: String, iops: UInt64, bandwidth: UInt64) -> Bool {
         guard let engine = engineRegistry.engine(volumeID: volumeID) else { return false }
@@ -281,21 +289,10 @@ extension ReplicatedBacking {
         return true
     }
 
-    /// The record's parameter names for the QoS limits (decimal; operations and bytes per second).
-    public static let iopsLimitParameter = "iopsLimit"
-    public static let bandwidthLimitParameter = "bandwidthLimit"
-
-    /// The limits in the record's parameters; a malformed value is logged and means no limit.
-    static func limits(_ volume: VolumeRecord, logger: Logger) -> (iops: UInt64, bandwidth: UInt64) {
-        func value(_ key: String) -> UInt64 {
-            guard let raw = volume.parameters[key] else { return 0 }
-            guard let v = UInt64(raw.trimmingCharacters(in: .whitespaces)) else {
-                logger.warning("ignoring a QoS parameter that is not a non-negative integer", metadata: [
-                    "volume.id": "\(volume.id)", "parameter": "\(key)", "value": "\(raw)"])
-                return 0
-            }
-            return v
-        }
-        return (value(iopsLimitParameter), value(bandwidthLimitParameter))
+    /// The limits ControllerModifyVolume (or CreateVolume's mutable_parameters) recorded on the
+    /// volume (`QoSLimits`: validated when stored; absent means no limit).
+    static func limits(_ volume: VolumeRecord) -> (iops: UInt64, bandwidth: UInt64) {
+        let limits = QoSLimits(volume: volume)
+        return (limits.iops ?? 0, limits.bytesPerSecond ?? 0)
     }
 }
