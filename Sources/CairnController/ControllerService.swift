@@ -71,6 +71,13 @@ public final class ControllerService: Sendable {
                     throw CairnError.alreadyExists(
                         "volume \"\(existing.name)\" already exists with content source \(existing.contentSource.map { "\($0)" } ?? "none"), not \(source.map { "\($0)" } ?? "none")")
                 }
+                if existing.contentPending == true, let source {
+                    // The CreateVolume that made the record was cut off before the content was in.
+                    logger.notice("finishing a volume whose creation from its source was interrupted",
+                                  metadata: ["volume.id": "\(existing.id)", "volume.source": "\(source)"])
+                    try await fill(existing, from: source)
+                    return Self.createResponse(try await store.volume(id: existing.id) ?? existing)
+                }
                 logger.debug("volume already exists", metadata: ["volume.id": "\(existing.id)", "volume.name": "\(existing.name)"])
                 return Self.createResponse(existing)
             }
@@ -108,16 +115,21 @@ public final class ControllerService: Sendable {
             }
             do {
                 if let source {
-                    // The record first: a clone of a volume records a hidden snapshot that
-                    // names it, and DeleteVolume of a half-made clone must find both.
+                    // The record first, marked pending: a repeat after a crash finishes the
+                    // fill, and DeleteVolume of a half-made clone finds it (and its hidden base).
+                    volume.contentPending = true
                     try await store.createVolume(volume)
-                    try await createFromSource(volume, source: source)
+                    try await fill(volume, from: source)
+                    volume.contentPending = nil
                 } else {
                     try await backing.create(volume)
                     try await store.createVolume(volume)
                 }
             } catch {
-                if source != nil { try? await store.deleteVolume(id: volume.id) }
+                if source != nil {
+                    try? await removeCloneBase(of: volume)
+                    try? await store.deleteVolume(id: volume.id)
+                }
                 do {
                     try await backing.delete(volume)
                 } catch let cleanup {
@@ -228,6 +240,10 @@ public final class ControllerService: Sendable {
         return try await locks.withLock(request.volumeID, operation: "ControllerPublishVolume") {
             guard let volume = try await store.volume(id: request.volumeID) else {
                 throw CairnError.notFound("volume \(request.volumeID) does not exist")
+            }
+            if volume.contentPending == true {
+                throw CairnError.failedPrecondition(
+                    "volume \(volume.id) is still being filled from \(volume.contentSource.map { "\($0)" } ?? "its source") (its CreateVolume was interrupted); repeat that CreateVolume to finish it")
             }
             guard let node = try await store.node(id: request.nodeID) else {
                 throw CairnError.notFound("node \(request.nodeID) is not registered with this controller")

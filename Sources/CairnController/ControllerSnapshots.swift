@@ -240,7 +240,18 @@ extension ControllerService {
         }
     }
 
-    /// Fills the new volume's storage from its source, instead of `backing.create`.
+    /// Fills a new volume (recorded with `contentPending`) from its source, then clears the mark.
+    func fill(_ volume: VolumeRecord, from source: ContentSource) async throws {
+        try await createFromSource(volume, source: source)
+        _ = try await store.updateVolume(id: volume.id, what: "finish creating volume \(volume.id) from \(source)") { record in
+            guard record.contentPending != nil else { return false }
+            record.contentPending = nil
+            return true
+        }
+    }
+
+    /// Fills the new volume's storage from its source, instead of `backing.create`. Idempotent:
+    /// a repeat after an interruption redoes or finishes each step.
     func createFromSource(_ volume: VolumeRecord, source: ContentSource) async throws {
         switch source {
         case .snapshot(let id):
@@ -252,8 +263,13 @@ extension ControllerService {
             // A clone of a volume is a clone of a snapshot taken now, at a barrier if it is in
             // use. Cluster mode keeps that snapshot (hidden; the clone shares its layers) until
             // the clone is deleted; on one machine the clone is a copy and it goes at once.
-            let base = try await startSnapshot(name: "clone-base-\(volume.id)", of: id, hidden: true)
-            let snapshot = try await finishSnapshot(base)
+            let baseName = "clone-base-\(volume.id)"
+            let snapshot: SnapshotRecord
+            if let existing = try await store.snapshot(named: baseName) {
+                snapshot = existing.readyToUse ? existing : try await finishSnapshot(existing)
+            } else {
+                snapshot = try await finishSnapshot(try await startSnapshot(name: baseName, of: id, hidden: true))
+            }
             do {
                 try await backing.createFromSnapshot(volume, snapshot: snapshot, source: try await store.volume(id: id))
             } catch {

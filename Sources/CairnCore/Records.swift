@@ -53,6 +53,10 @@ public struct VolumeRecord: Codable, Sendable, Equatable {
     /// The node whose controller created the volume, when that controller runs with
     /// `--list-scope node` (one controller per node, as Mesos's per-agent SLRP has it); nil otherwise.
     public var createdByNode: String?
+    /// Set while a volume made from a content source is being filled (the record comes first,
+    /// so that a CreateVolume cut off in the middle is finished by its repeat, and a
+    /// DeleteVolume finds what it left); nil once the volume holds its content.
+    public var contentPending: Bool?
 
     public init(id: String, name: String, capacityBytes: Int64, parameters: [String: String],
                 fsType: String, accessModes: [Int], accessibleTopology: [String: String],

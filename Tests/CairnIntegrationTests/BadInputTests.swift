@@ -283,7 +283,7 @@ final class BadInputTests: IntegrationTestCase {
 
     func testUnknownMethodsAreUnimplemented() async throws {
         let env = try await Env.make(self)
-        for method in ["/csi.v1.Controller/Nope", "/csi.v1.Nope/Probe", "/csi.v1.Controller/CreateSnapshot"] {
+        for method in ["/csi.v1.Controller/Nope", "/csi.v1.Nope/Probe", "/csi.v1.SnapshotMetadata/GetMetadataAllocated"] {
             let reply = await env.csi.raw(method, [])
             XCTAssertEqual(reply.code, .unimplemented, "\(method): expected UNIMPLEMENTED, got \(reply.code): \"\(reply.message)\"")
         }

@@ -146,6 +146,32 @@ final class ControllerSnapshotTests: XCTestCase {
         _ = try await create("r3", source: .snapshot(id: s2.snapshotID))
     }
 
+    func testARestoreCutOffBeforeItsDataIsFinishedByItsRepeatAndCannotBePublishedMeanwhile() async throws {
+        let v = try await create("v")
+        try write([4, 2], to: file(v.volumeID), at: 0)
+        let s = try await snapshot(v.volumeID, "s")
+        // What a CreateVolume that died after writing its record leaves: a pending record, no file.
+        let cut = VolumeRecord(id: "vol-00000000-0000-0000-0000-00000000000a", name: "restore", capacityBytes: 64 << 20,
+                               parameters: [:], fsType: "", accessModes: [AccessMode.singleNodeWriter.rawValue],
+                               accessibleTopology: [:], contentSource: .snapshot(id: s.snapshotID))
+        var pending = cut
+        pending.contentPending = true
+        try await store.createVolume(pending)
+        await assertStatus(.failedPrecondition) {
+            _ = try await self.controller.controllerPublishVolume(.with {
+                $0.volumeID = cut.id; $0.nodeID = "node-a"; $0.volumeCapability = ControllerServiceTests.capability(block: true)
+            })
+        }
+        let finished = try await create("restore", source: .snapshot(id: s.snapshotID))
+        XCTAssertEqual(finished.volumeID, cut.id, "the repeat finishes the same volume")
+        XCTAssertEqual(try read(file(cut.id), at: 0, count: 2), [4, 2])
+        let record = try await store.volume(id: cut.id)
+        XCTAssertNil(record?.contentPending)
+        _ = try await controller.controllerPublishVolume(.with {
+            $0.volumeID = cut.id; $0.nodeID = "node-a"; $0.volumeCapability = ControllerServiceTests.capability(block: true)
+        })
+    }
+
     func testACloneIsAtLeastAsLargeAsItsSourceAndKeepsItsFilesystem() async throws {
         let v = try await create("fs", mib: 96, block: false)
         await assertStatus(.outOfRange) {

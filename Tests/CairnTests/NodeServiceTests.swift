@@ -480,7 +480,7 @@ final class NodeServiceTests: XCTestCase {
 
     func testCapabilitiesAndInfo() async throws {
         let caps = try await node.nodeGetCapabilities(.init()).capabilities.map(\.rpc.type)
-        XCTAssertEqual(caps, [.stageUnstageVolume, .getVolumeStats, .volumeCondition, .singleNodeMultiWriter])
+        XCTAssertEqual(caps, [.stageUnstageVolume, .getVolumeStats, .volumeCondition, .singleNodeMultiWriter, .expandVolume])
         let info = try await node.nodeGetInfo(.init())
         XCTAssertEqual(info.nodeID, "node-a")
         XCTAssertEqual(info.maxVolumesPerNode, 16)
