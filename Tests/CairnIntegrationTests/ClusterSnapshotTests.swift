@@ -149,6 +149,41 @@ final class ClusterSnapshotTests: XCTestCase {
         _ = try await bed.controller.deleteVolume(CSI.delete(volume))
     }
 
+    /// Two volumes attached on different nodes are snapshotted at one barrier (each engine
+    /// holds its writes until both are sealed); each member restores what was written before.
+    func testAGroupSnapshotOfVolumesOnTwoNodesRestoresEachMember() async throws {
+        bed = try Testbed.up(nodes: 3)
+        let size: Int64 = 64 << 20
+        let a = try await createVolume("group-a", bytes: size)
+        let b = try await createVolume("group-b", bytes: size)
+        let onA = try await bed.attachBlock(a, on: "n1")
+        let onB = try await bed.attachBlock(b, on: "n2")
+        let before = [a: VolumeIO.randomBytes(1 << 20), b: VolumeIO.randomBytes(1 << 20)]
+        try VolumeIO.writeDevice(onA.target, at: 0, before[a]!)
+        try VolumeIO.writeDevice(onB.target, at: 0, before[b]!)
+        let group = try await bed.controller.createGroupSnapshot(name: "pair", volumes: [a, b]).groupSnapshot
+        XCTAssertTrue(group.readyToUse)
+        XCTAssertEqual(group.snapshots.count, 2)
+        for (device, volume) in [(onA.target, a), (onB.target, b)] {  // the holds were released
+            try VolumeIO.writeDevice(device, at: 0, VolumeIO.randomBytes(1 << 20))
+            XCTAssertNotEqual(try VolumeIO.readDevice(device, at: 0, count: 1 << 20), before[volume])
+        }
+        for member in group.snapshots {
+            let restored = try await bed.controller.createVolume(
+                CSI.create(name: "restored-\(member.sourceVolumeID)", access: .block, required: size, from: member.snapshotID,
+                           parameters: ["replicas": "3"])).volume
+            let attached = try await bed.attachBlock(restored.volumeID, on: "n3")
+            XCTAssertEqual(try VolumeIO.readDevice(attached.target, at: 0, count: 1 << 20), before[member.sourceVolumeID],
+                           "group member of \(member.sourceVolumeID) does not hold what was written before the barrier")
+            try await bed.detach(restored.volumeID, attached)
+            _ = try await bed.controller.deleteVolume(CSI.delete(restored.volumeID))
+        }
+        try await bed.controller.deleteGroupSnapshot(group.groupSnapshotID)
+        try await bed.detach(a, onA)
+        try await bed.detach(b, onB)
+        for volume in [a, b] { _ = try await bed.controller.deleteVolume(CSI.delete(volume)) }
+    }
+
     // MARK: Steps
 
     func createVolume(_ name: String, bytes: Int64) async throws -> String {
