@@ -172,31 +172,42 @@ extension LocalFileBacking {
         return "\(snapshotDirectory)/\(snapshotID).img"
     }
 
-    /// A sparse copy of the volume's file. The file has no copy-on-write on ext4, so the copy
-    /// must not race writes: a volume staged with a filesystem is frozen (FIFREEZE: the
-    /// filesystem flushes and blocks new writes) for the copy's duration — the barrier — and a
-    /// raw block volume in use is refused, since nothing can hold its writes.
+    /// A copy of the volume's file (`SparseCopy`: a clone where the filesystem shares extents,
+    /// else a sparse copy). A volume staged with a filesystem is frozen (FIFREEZE: the
+    /// filesystem flushes and blocks new writes) for the copy — the barrier.
     public func takeSnapshot(_ snapshot: SnapshotRecord, of volume: VolumeRecord, in use: VolumeUse) async throws -> [String]? {
         try await takeGroupSnapshot([GroupSnapshotMember(snapshot: snapshot, volume: volume, use: use)])[0]
     }
 
     /// Every staged member's filesystem is frozen before the first copy and thawed after the
-    /// last, so the copies are of one instant across the volumes.
+    /// last, so the copies are of one instant across the volumes. A raw block volume in use has
+    /// nothing to freeze: it can be taken only as a clone of its file (FICLONE, atomic against
+    /// its writers: crash-consistent), so only where the data directory shares extents, and at
+    /// most one per group (two clones are two instants).
     public func takeGroupSnapshot(_ members: [GroupSnapshotMember]) async throws -> [[String]?] {
         var frozen: [String] = []
+        var blockInUse: [GroupSnapshotMember] = []
         for member in members {
             guard let stage = member.use.localStage else { continue }
-            guard stage.accessType == .mount else {
-                throw CairnError.failedPrecondition(
-                    "volume \(member.volume.id) is staged for raw block access at \(stage.stagingPath); a one-machine volume has no write barrier for raw block devices, so a snapshot now would not be crash-consistent. Stop the application and unstage the volume, then retry")
-            }
-            frozen.append(stage.stagingPath)
+            if stage.accessType == .mount { frozen.append(stage.stagingPath) } else { blockInUse.append(member) }
         }
+        if let first = blockInUse.first {
+            guard SparseCopy.canReflink(from: directory, into: snapshotDirectory) else {
+                throw CairnError.failedPrecondition(
+                    "volume \(first.volume.id) is staged for raw block access at \(first.use.localStage!.stagingPath), and this data directory's filesystem cannot clone files (no reflink: ext4): nothing can hold its writes for a crash-consistent copy. Stop the application and unstage the volume, then retry — or keep --data-dir on xfs with reflink or on btrfs")
+            }
+            guard blockInUse.count == 1 else {
+                throw CairnError.failedPrecondition(
+                    "volumes \(blockInUse.map(\.volume.id).joined(separator: ", ")) are staged for raw block access: on one machine only one of them can be cut at the group's instant. Unstage all but one, then retry")
+            }
+        }
+        let inUse = Set(blockInUse.map(\.volume.id))
         try SparseCopy.frozen(mountPaths: frozen) {
             for member in members {
                 let target = try snapshotFile(snapshotID: member.snapshot.id)
                 if FileManager.default.fileExists(atPath: target) { continue }  // taken before: idempotent
-                try SparseCopy.copy(from: try file(volumeID: member.volume.id), to: target, size: member.volume.capacityBytes)
+                try SparseCopy.copy(from: try file(volumeID: member.volume.id), to: target, size: member.volume.capacityBytes,
+                                    requireReflink: inUse.contains(member.volume.id))
             }
         }
         return members.map { _ in nil }
@@ -222,95 +233,5 @@ extension LocalFileBacking {
 
     public func expand(_ volume: VolumeRecord) throws {
         try create(volume)  // ftruncate up to the new size; never shrinks
-    }
-}
-
-/// Copies a file keeping its holes (SEEK_DATA/SEEK_HOLE; only data extents are read), into a temporary
-/// file that is fsynced and renamed into place: the target is either whole or absent.
-public enum SparseCopy {
-    public static func copy(from source: String, to target: String, size: Int64) throws {
-        let tmp = target + ".partial"
-        let input = open(source, O_RDONLY | O_CLOEXEC)
-        guard input >= 0 else { throw SystemError("open \(source)", errno: errno) }
-        defer { close(input) }
-        let output = open(tmp, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0o600)
-        guard output >= 0 else { throw SystemError("create \(tmp)", errno: errno) }
-        var ok = false
-        defer {
-            close(output)
-            if !ok { unlink(tmp) }
-        }
-        guard ftruncate(output, off_t(size)) == 0 else { throw SystemError("ftruncate \(tmp)", errno: errno) }
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
-        defer { buffer.deallocate() }
-        // Glibc hides these behind _GNU_SOURCE; the values are Linux's.
-        let seekData: Int32 = 3, seekHole: Int32 = 4
-        var offset: off_t = 0
-        while offset < off_t(size) {
-            let data = lseek(input, offset, seekData)
-            if data < 0 {
-                if errno == ENXIO { break }  // only a hole is left
-                throw SystemError("lseek SEEK_DATA \(source)", errno: errno)
-            }
-            if data >= off_t(size) { break }
-            var end = lseek(input, data, seekHole)
-            if end < 0 { throw SystemError("lseek SEEK_HOLE \(source)", errno: errno) }
-            end = min(end, off_t(size))
-            var at = data
-            while at < end {
-                let n = pread(input, buffer.baseAddress, min(buffer.count, Int(end - at)), at)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    throw SystemError("read \(source)", errno: errno)
-                }
-                if n == 0 { break }
-                var written = 0
-                while written < n {
-                    let w = pwrite(output, buffer.baseAddress! + written, n - written, at + off_t(written))
-                    if w < 0 {
-                        if errno == EINTR { continue }
-                        throw SystemError("write \(tmp)", errno: errno)
-                    }
-                    written += w
-                }
-                at += off_t(n)
-            }
-            offset = end
-        }
-        guard fsync(output) == 0 else { throw SystemError("fsync \(tmp)", errno: errno) }
-        guard rename(tmp, target) == 0 else { throw SystemError("rename \(tmp) → \(target)", errno: errno) }
-        ok = true
-        let dir = open((target as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dir >= 0 {
-            fsync(dir)
-            close(dir)
-        }
-    }
-
-    /// Runs `body` with the filesystems mounted at `mountPaths` frozen (FIFREEZE … FITHAW):
-    /// each is consistent on its device and its writes wait until the thaw.
-    public static func frozen<T>(mountPaths: [String], _ body: () throws -> T) throws -> T {
-        let freeze: UInt = 0xC004_5877  // _IOWR('X', 119, int)
-        let thaw: UInt = 0xC004_5878    // _IOWR('X', 120, int)
-        var held: [Int32] = []
-        defer {
-            for fd in held.reversed() {
-                var zero: Int32 = 0
-                _ = ioctl(fd, thaw, &zero)
-                close(fd)
-            }
-        }
-        for path in Set(mountPaths).sorted() {
-            let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-            guard fd >= 0 else { throw SystemError("open \(path) to freeze its filesystem", errno: errno) }
-            var zero: Int32 = 0
-            guard ioctl(fd, freeze, &zero) == 0 else {
-                let e = errno
-                close(fd)
-                throw SystemError("FIFREEZE \(path)", errno: e)
-            }
-            held.append(fd)
-        }
-        return try body()
     }
 }

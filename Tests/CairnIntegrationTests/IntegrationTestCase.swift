@@ -16,13 +16,17 @@ class IntegrationTestCase: XCTestCase {
     private var plugins: [PluginProcess] = []
 
     /// Starts a plugin for this test. Skips the test when not root (mount and losetup need it).
+    /// `beforeStart` prepares the plugin's directories (e.g. mounts a filesystem at its data
+    /// directory); whatever it mounts or attaches under `root` is removed by the tear-down.
     func startPlugin(capacity: String = "20Gi", extraArguments: [String] = [], nodeID: String = "it-node",
-                     launch: PluginProcess.Launch = .flags) async throws -> PluginProcess {
+                     launch: PluginProcess.Launch = .flags,
+                     beforeStart: ((PluginProcess) throws -> Void)? = nil) async throws -> PluginProcess {
         if getuid() != 0 {
             throw XCTSkip("integration tests mount filesystems and attach loop devices: run them as root")
         }
         let plugin = try PluginProcess(capacity: capacity, nodeID: nodeID, extraArguments: extraArguments, launch: launch)
         plugins.append(plugin)  // before start(): tearDown cleans up even if the start fails
+        try beforeStart?(plugin)
         try await plugin.start()
         return plugin
     }

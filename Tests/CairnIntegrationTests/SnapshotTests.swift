@@ -104,6 +104,47 @@ final class SnapshotTests: IntegrationTestCase {
         try await unplace(csi, plugin, b)
     }
 
+    /// With the data directory on a filesystem that shares extents (xfs, reflink=1), a raw
+    /// block volume in use is snapshotted and cloned as a clone of its file — atomic against
+    /// its writers — instead of being refused; two such volumes in one group still are.
+    func testOnAReflinkDataDirectoryABlockVolumeInUseIsSnapshottedAndCloned() async throws {
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: "/usr/sbin/mkfs.xfs"), "needs xfsprogs")
+        let plugin = try await startPlugin { plugin in
+            let image = plugin.root + "/data-xfs.img"
+            try Self.shell(["truncate", "-s", "1G", image])
+            try Self.shell(["mkfs.xfs", "-q", "-m", "reflink=1", image])
+            try FileManager.default.createDirectory(atPath: plugin.dataDir, withIntermediateDirectories: true)
+            try Self.shell(["mount", "-o", "loop", image, plugin.dataDir])
+        }
+        let csi = CSIClient(plugin: plugin)
+        let a = try await place(csi, plugin, name: "reflink-a", access: .block, sizeMiB: 64)
+        let before = VolumeIO.randomBytes(1 << 20)
+        try VolumeIO.writeDevice(a.target, at: 0, before)
+        let snapshot = try await must("CreateSnapshot of a staged block volume") {
+            try await csi.createSnapshot(CSI.snapshot(a.volume.volumeID, name: "reflinked"))
+        }.snapshot
+        try VolumeIO.writeDevice(a.target, at: 0, VolumeIO.randomBytes(1 << 20))
+        let restored = try await csi.createVolume(CSI.create(name: "from-reflink", access: .block, required: 64 * CSI.mib,
+                                                             from: snapshot.snapshotID)).volume
+        let copy = try await placeExisting(csi, plugin, volume: restored, name: "from-reflink", access: .block)
+        XCTAssertEqual(try VolumeIO.readDevice(copy.target, at: 0, count: before.count), before, "the snapshot is not of its instant")
+
+        let b = try await place(csi, plugin, name: "reflink-b", access: .block, sizeMiB: 64)
+        let refused = await expectStatus(.failedPrecondition, "a group of two raw block volumes in use") {
+            _ = try await csi.createGroupSnapshot(name: "two-blocks", volumes: [a.volume.volumeID, b.volume.volumeID])
+        }
+        XCTAssertTrue(refused.message.contains("Unstage all but one"), refused.message)
+        try await unplace(csi, plugin, b, lastOne: false)
+        try await unplace(csi, plugin, copy, lastOne: false)
+        try await must("DeleteSnapshot") { try await csi.deleteSnapshot(snapshot.snapshotID) }
+        try await unplace(csi, plugin, a, lastOne: false)
+    }
+
+    static func shell(_ arguments: [String]) throws {
+        let result = try BackgroundCommand(arguments).wait()
+        guard result.status == 0 else { throw FixtureError("\(arguments.joined(separator: " ")): \(result.output)") }
+    }
+
     /// xfs (ext4's online resize needs CAP_SYS_RESOURCE, which some sandboxes withhold; the
     /// unit tests cover it where it is granted): fio writes and verifies while the volume grows.
     func testAnXFSVolumeGrowsOnlineWhileFioRunsAndLosesNothing() async throws {
