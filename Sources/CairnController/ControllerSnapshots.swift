@@ -178,16 +178,6 @@ extension ControllerService {
 
     // MARK: CreateVolume from a snapshot or a volume
 
-    /// The content source of a CreateVolume, resolved: the snapshot whose data the new volume
-    /// gets (for a volume source, a hidden snapshot taken now), and what the response reports.
-    struct ResolvedSource {
-        var snapshot: SnapshotRecord
-        var source: ContentSource
-        /// The snapshot was taken just for this clone and goes away with it (or at once, on one
-        /// machine, where the clone is an independent copy).
-        var hidden: Bool
-    }
-
     static func contentSource(_ request: Csi_V1_CreateVolumeRequest) throws -> ContentSource? {
         guard request.hasVolumeContentSource else { return nil }
         switch request.volumeContentSource.type {
@@ -203,8 +193,9 @@ extension ControllerService {
         }
     }
 
-    /// Checks the source exists and the new volume can hold it; returns the snapshot's record
-    /// (for a snapshot source) or the source volume (for a clone of a volume).
+    /// Checks the source exists (NOT_FOUND) and is ready, and fits the new volume: raises `size`
+    /// to the source's when smaller (OUT_OF_RANGE past `limit`) and takes the source's filesystem
+    /// (INVALID_ARGUMENT when the request names another).
     func checkSource(_ source: ContentSource, size: inout Int64, limit: Int64, fsType: inout String) async throws {
         let sourceBytes: Int64
         let sourceFs: String
