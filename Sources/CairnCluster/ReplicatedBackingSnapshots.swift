@@ -112,20 +112,6 @@ extension ReplicatedBacking {
         throw CairnError.unavailable("volume \(volume.id) is attached to node \(node), whose replica server address is unknown (the node has not registered one); retry once it has")
     }
 
-    /// One volume of a group snapshot.
-    public struct GroupSnapshotMember: Sendable {
-        public var volume: VolumeRecord
-        public var snapshotID: String
-        /// The node the volume is attached to (its engine's), or nil when it is not attached.
-        public var attachedNode: String?
-
-        public init(volume: VolumeRecord, snapshotID: String, attachedNode: String?) {
-            self.volume = volume
-            self.snapshotID = snapshotID
-            self.attachedNode = attachedNode
-        }
-    }
-
     /// Takes every member's snapshot at one barrier: holds the writes of each attached member's
     /// engine (on its node) first, then snapshots each member — attached ones inside the hold,
     /// detached ones directly on their in-sync replicas (nothing writes them) — and releases
@@ -136,7 +122,7 @@ extension ReplicatedBacking {
         guard Set(members.map(\.volume.id)).count == members.count else {
             throw CairnError.invalidArgument("a group snapshot names a volume twice")
         }
-        for member in members { try Validate.volumeID(member.snapshotID, field: "snapshot id") }
+        for member in members { try Validate.volumeID(member.snapshot.id, field: "snapshot id") }
         // One connection per attached member, open from its hold to its release.
         var held: [(client: ReplicaClient, member: GroupSnapshotMember)] = []
         func releaseAll() async {
@@ -146,7 +132,7 @@ extension ReplicatedBacking {
                     try await Self.blocking { try client.releaseWrites(volumeID: member.volume.id, epoch: epoch) }
                 } catch {
                     logger.warning("could not release a group snapshot's write hold; it lapses by itself at its timeout",
-                                   metadata: ["volume.id": "\(member.volume.id)", "node.id": "\(member.attachedNode ?? "")",
+                                   metadata: ["volume.id": "\(member.volume.id)", "node.id": "\(member.use.attachedNode ?? "")",
                                               "hold.timeout": "\(holdTimeout)", "error": "\(error)"])
                 }
                 client.close()
@@ -155,7 +141,7 @@ extension ReplicatedBacking {
         }
         do {
             for member in members {
-                guard let node = member.attachedNode else { continue }
+                guard let node = member.use.attachedNode else { continue }
                 let address = try await dataAddress(of: node, for: member.volume)
                 let volumeID = member.volume.id, epoch = UInt64(max(member.volume.epoch, 0))
                 let client = try Self.connect(address, volumeID: volumeID, nodeID: node, doing: "hold its writes for a group snapshot")
@@ -169,7 +155,7 @@ extension ReplicatedBacking {
             }
             var nodes: [String: [String]] = [:]
             for member in members {
-                let volumeID = member.volume.id, epoch = UInt64(max(member.volume.epoch, 0)), id = member.snapshotID
+                let volumeID = member.volume.id, epoch = UInt64(max(member.volume.epoch, 0)), id = member.snapshot.id
                 if let client = held.first(where: { $0.member.volume.id == volumeID })?.client {
                     nodes[volumeID] = try await Self.blocking {
                         try client.barrierSnapshot(volumeID: volumeID, snapshotID: id, epoch: epoch)

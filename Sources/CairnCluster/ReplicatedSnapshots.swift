@@ -7,10 +7,8 @@ extension ReplicatedBacking {
         try await self.snapshot(volume: volume, snapshotID: snapshot.id, attachedNode: use.attachedNode)
     }
 
-    public func takeGroupSnapshot(_ members: [CairnCore.GroupSnapshotMember]) async throws -> [[String]?] {
-        let holders = try await groupSnapshot(members.map {
-            GroupSnapshotMember(volume: $0.volume, snapshotID: $0.snapshot.id, attachedNode: $0.use.attachedNode)
-        })
+    public func takeGroupSnapshot(_ members: [GroupSnapshotMember]) async throws -> [[String]?] {
+        let holders = try await groupSnapshot(members)
         return members.map { holders[$0.volume.id] }
     }
 

@@ -334,10 +334,11 @@ public final class ControllerService: Sendable {
         return response
     }
 
-    /// Pagination tokens are the id of the last volume returned; listing resumes strictly after
-    /// it, so a token stays valid when that volume is deleted and new volumes are not skipped.
-    static func isToken(_ token: String) -> Bool {
-        token.hasPrefix("vol-") && UUID(uuidString: String(token.dropFirst(4))) != nil
+    /// Pagination tokens are the id of the last volume (or snapshot) returned; listing resumes
+    /// strictly after it, so a token stays valid when that entry is deleted and new entries are
+    /// not skipped.
+    static func isToken(_ token: String, prefix: String = "vol-") -> Bool {
+        token.hasPrefix(prefix) && UUID(uuidString: String(token.dropFirst(prefix.count))) != nil
     }
 
     public func listVolumes(_ request: Csi_V1_ListVolumesRequest) async throws -> Csi_V1_ListVolumesResponse {

@@ -138,13 +138,9 @@ extension ControllerService {
 
     // MARK: ListSnapshots / GetSnapshot
 
-    static func isSnapshotToken(_ token: String) -> Bool {
-        token.hasPrefix(snapshotIDPrefix) && UUID(uuidString: String(token.dropFirst(snapshotIDPrefix.count))) != nil
-    }
-
     public func listSnapshots(_ request: Csi_V1_ListSnapshotsRequest) async throws -> Csi_V1_ListSnapshotsResponse {
         if request.maxEntries < 0 { throw CairnError.invalidArgument("max_entries must not be negative") }
-        if !request.startingToken.isEmpty && !Self.isSnapshotToken(request.startingToken) {
+        if !request.startingToken.isEmpty && !Self.isToken(request.startingToken, prefix: Self.snapshotIDPrefix) {
             throw CairnError.aborted("starting_token \"\(Validate.printable(request.startingToken))\" was not issued by this plugin; list again from the start")
         }
         var response = Csi_V1_ListSnapshotsResponse()

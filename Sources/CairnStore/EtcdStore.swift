@@ -496,7 +496,7 @@ public final class EtcdStore: MetadataStore {
         }
     }
 
-    private func named<T: Decodable>(_ type: T.Type, _ kind: NamedKind, name: String, id: (T) -> String, nameOf: (T) -> String) async throws -> T? {
+    private func named<T: Decodable>(_ type: T.Type, _ kind: NamedKind, name: String, nameOf: (T) -> String) async throws -> T? {
         guard let key = try await client.get(kind.names + Self.escape(name)).kv else { return nil }
         guard let record = try await get(type, kind.records + String(decoding: key.value, as: UTF8.self)), nameOf(record) == name else {
             return nil  // deleted (and maybe the name reused) between the two reads
@@ -525,7 +525,7 @@ public final class EtcdStore: MetadataStore {
     }
 
     public func snapshot(named name: String) async throws -> SnapshotRecord? {
-        try await named(SnapshotRecord.self, snapshotKind, name: name, id: \.id, nameOf: \.name)
+        try await named(SnapshotRecord.self, snapshotKind, name: name, nameOf: \.name)
     }
 
     public func listSnapshots(afterID: String?, limit: Int) async throws -> [SnapshotRecord] {
@@ -552,7 +552,7 @@ public final class EtcdStore: MetadataStore {
     }
 
     public func groupSnapshot(named name: String) async throws -> GroupSnapshotRecord? {
-        try await named(GroupSnapshotRecord.self, groupKind, name: name, id: \.id, nameOf: \.name)
+        try await named(GroupSnapshotRecord.self, groupKind, name: name, nameOf: \.name)
     }
 
     public func deleteGroupSnapshot(id: String) async throws {

@@ -36,11 +36,11 @@ final class ClusterSnapshotTests: XCTestCase {
         let size: Int64 = 256 << 20
         let source = try await createVolume("src", bytes: size)
         let attached = try await bed.attachBlock(source, on: "n1")
-        try run(["mkfs.ext4", "-q", "-F", attached.target])
+        try BackgroundCommand.succeed(["mkfs.ext4", "-q", "-F", attached.target])
         let fs = try mount(attached.target, name: "src")
         let marker = VolumeIO.randomBytes(64 << 10)
         try VolumeIO.writeFile(fs + "/before", marker)
-        try run(["sync", "-f", fs + "/before"])
+        try BackgroundCommand.succeed(["sync", "-f", fs + "/before"])
 
         let load = try BackgroundCommand(["bash", "-c", """
             cd \(fs) && while :; do
@@ -191,21 +191,16 @@ final class ClusterSnapshotTests: XCTestCase {
             .volume.volumeID
     }
 
-    func run(_ command: [String]) throws {
-        let result = try BackgroundCommand(command).wait()
-        guard result.status == 0 else { throw FixtureError("\(command.joined(separator: " ")) failed (\(result.status)): \(result.output)") }
-    }
-
     func mount(_ device: String, name: String) throws -> String {
         let dir = bed.stateDir + "/mnt/fs-\(name)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        try run(["mount", "-t", "ext4", device, dir])
+        try BackgroundCommand.succeed(["mount", "-t", "ext4", device, dir])
         mounts.append(dir)
         return dir
     }
 
     func unmount(_ dir: String) throws {
-        try run(["umount", dir])
+        try BackgroundCommand.succeed(["umount", dir])
         mounts.removeAll { $0 == dir }
     }
 

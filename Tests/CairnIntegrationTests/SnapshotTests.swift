@@ -111,10 +111,10 @@ final class SnapshotTests: IntegrationTestCase {
         try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: "/usr/sbin/mkfs.xfs"), "needs xfsprogs")
         let plugin = try await startPlugin { plugin in
             let image = plugin.root + "/data-xfs.img"
-            try Self.shell(["truncate", "-s", "1G", image])
-            try Self.shell(["mkfs.xfs", "-q", "-m", "reflink=1", image])
+            try BackgroundCommand.succeed(["truncate", "-s", "1G", image])
+            try BackgroundCommand.succeed(["mkfs.xfs", "-q", "-m", "reflink=1", image])
             try FileManager.default.createDirectory(atPath: plugin.dataDir, withIntermediateDirectories: true)
-            try Self.shell(["mount", "-o", "loop", image, plugin.dataDir])
+            try BackgroundCommand.succeed(["mount", "-o", "loop", image, plugin.dataDir])
         }
         let csi = CSIClient(plugin: plugin)
         let a = try await place(csi, plugin, name: "reflink-a", access: .block, sizeMiB: 64)
@@ -138,11 +138,6 @@ final class SnapshotTests: IntegrationTestCase {
         try await unplace(csi, plugin, copy, lastOne: false)
         try await must("DeleteSnapshot") { try await csi.deleteSnapshot(snapshot.snapshotID) }
         try await unplace(csi, plugin, a, lastOne: false)
-    }
-
-    static func shell(_ arguments: [String]) throws {
-        let result = try BackgroundCommand(arguments).wait()
-        guard result.status == 0 else { throw FixtureError("\(arguments.joined(separator: " ")): \(result.output)") }
     }
 
     /// xfs (ext4's online resize needs CAP_SYS_RESOURCE, which some sandboxes withhold; the
@@ -304,6 +299,14 @@ final class BackgroundCommand: @unchecked Sendable {
             self.lock.unlock()
         }
         try process.run()
+    }
+
+    /// Runs `arguments` to the end; throws with its output unless it exits 0.
+    static func succeed(_ arguments: [String]) throws {
+        let result = try BackgroundCommand(arguments).wait()
+        guard result.status == 0 else {
+            throw FixtureError("\(arguments.joined(separator: " ")) failed (\(result.status)): \(result.output)")
+        }
     }
 
     var isRunning: Bool { process.isRunning }

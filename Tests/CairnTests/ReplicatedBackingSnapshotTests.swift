@@ -140,9 +140,9 @@ final class ReplicatedBackingSnapshotTests: XCTestCase {
         let detached = record("vol-idle")
         try await backing.create(detached)
         let nodes = try await backing.groupSnapshot([
-            .init(volume: record("vol-src"), snapshotID: "g1-src", attachedNode: "n1"),
-            .init(volume: record("vol-two"), snapshotID: "g1-two", attachedNode: "n1"),
-            .init(volume: detached, snapshotID: "g1-idle", attachedNode: nil),
+            member(record("vol-src"), "g1-src", attachedNode: "n1"),
+            member(record("vol-two"), "g1-two", attachedNode: "n1"),
+            member(detached, "g1-idle", attachedNode: nil),
         ])
         XCTAssertEqual(nodes.mapValues { $0.sorted() }, ["vol-src": ["n1", "n2"], "vol-two": ["n1", "n2"], "vol-idle": ["n1", "n2"]])
         for node in 0..<2 {
@@ -159,8 +159,8 @@ final class ReplicatedBackingSnapshotTests: XCTestCase {
         // A member whose node runs no engine fails the group, and the holds taken are released.
         do {
             _ = try await backing.groupSnapshot([
-                .init(volume: record("vol-src"), snapshotID: "g2-src", attachedNode: "n1"),
-                .init(volume: record("vol-two"), snapshotID: "g2-two", attachedNode: "n2"),
+                member(record("vol-src"), "g2-src", attachedNode: "n1"),
+                member(record("vol-two"), "g2-two", attachedNode: "n2"),
             ])
             XCTFail("a group with a member on a node without its engine succeeded")
         } catch let error as CairnError {
@@ -214,5 +214,11 @@ final class ReplicatedBackingSnapshotTests: XCTestCase {
         XCTAssertEqual(stat(file, &st), 0)
         XCTAssertEqual(Int64(st.st_size), 2 * size, "the running engine grew the file")
         XCTAssertTrue(backing.setLimits(volumeID: "vol-src", iops: 0, bandwidth: 0))
+    }
+
+    /// A group member as the controller passes it: the snapshot's record, the volume, where it is attached.
+    func member(_ volume: VolumeRecord, _ snapshotID: String, attachedNode: String?) -> GroupSnapshotMember {
+        GroupSnapshotMember(snapshot: SnapshotRecord(id: snapshotID, name: snapshotID, sourceVolumeID: volume.id, sizeBytes: volume.capacityBytes),
+                            volume: volume, use: VolumeUse(attachedNode: attachedNode))
     }
 }
