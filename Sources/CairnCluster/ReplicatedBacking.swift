@@ -171,6 +171,7 @@ public final class ReplicatedBacking: VolumeBacking {
         }
         let recovery = recoveryHooks(volumeID: volumeID, epoch: epoch)
         let limits = Self.limits(current)
+        let minInSync = current.minInSync
         let file = try await Self.blocking {
             let file = try engines.start(volumeID: volumeID, sizeBytes: sizeBytes, epoch: UInt64(epoch), replicas: targets,
                                          localNodeID: nodeID, mountDirectory: mountDirectory,
@@ -178,6 +179,8 @@ public final class ReplicatedBacking: VolumeBacking {
             if limits.iops > 0 || limits.bandwidth > 0 {
                 engines.engine(volumeID: volumeID)?.setLimits(iopsLimit: limits.iops, bandwidthLimit: limits.bandwidth)
             }
+            // Before the node attaches a loop device to the file: no I/O has reached it yet.
+            engines.engine(volumeID: volumeID)?.setMinInSync(minInSync)
             return file
         }
         logger.info("the volume's engine is serving it", metadata: [
@@ -265,7 +268,10 @@ public final class ReplicatedBacking: VolumeBacking {
         let out = replicas.filter { !$0.inSync }
         guard !out.isEmpty else { return nil }
         let inSync = replicas.filter(\.inSync)
-        return "degraded: \(inSync.count) of \(replicas.count) replicas in sync (\(inSync.map(\.nodeID).joined(separator: ", "))); out of sync: "
+        let refused = inSync.count < volume.minInSync
+            ? "writes refused: minInSync=\(volume.minInSync) but only \(inSync.count) replica\(inSync.count == 1 ? " is" : "s are") in sync (they are served again once a replica is back in sync); "
+            : ""
+        return refused + "degraded: \(inSync.count) of \(replicas.count) replicas in sync (\(inSync.map(\.nodeID).joined(separator: ", "))); out of sync: "
             + out.map { r in
                 "\(r.nodeID)" + (r.outOfSyncSince.map { " since \(Self.timestamp($0))" } ?? "") + (r.reason.map { ": \($0)" } ?? "")
                     + (r.resync.map { "; resyncing: \($0.summary)" } ?? "")

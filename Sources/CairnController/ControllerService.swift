@@ -56,6 +56,15 @@ public final class ControllerService: Sendable {
             throw CairnError.resourceExhausted(
                 "replicas=\(parameters.replicas) needs \(parameters.replicas) nodes, but this deployment stores volumes on one node (\(localNodeID)); use replicas=1")
         }
+        if cluster == nil, parameters.minInSync > 1 {
+            throw CairnError.invalidArgument(
+                "minInSync=\(parameters.minInSync) needs replicated volumes (cluster mode, --store etcd); a one-machine volume has one copy, so use minInSync=1 or leave it out")
+        }
+        if let cluster, parameters.minInSync > (parameters.explicitReplicas ?? cluster.defaultReplicas) {
+            let count = parameters.explicitReplicas ?? cluster.defaultReplicas
+            throw CairnError.invalidArgument(
+                "minInSync=\(parameters.minInSync) is more than the volume's \(count) replicas: no write could ever be acknowledged; use minInSync ≤ replicas")
+        }
         if cluster == nil, request.hasAccessibilityRequirements {
             let requisite = request.accessibilityRequirements.requisite
             if !requisite.isEmpty && !requisite.contains(where: { matchesLocalTopology($0.segments) }) {

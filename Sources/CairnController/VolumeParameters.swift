@@ -3,12 +3,15 @@ import CairnCore
 /// CreateVolume / GetCapacity parameters (StorageClass parameters, Mesos profile parameters).
 /// Every key is validated: a typo must fail loudly, not be silently ignored.
 struct VolumeParameters: Equatable {
-    static let known = ["fsType", "replicas"]
+    static let known = ["fsType", "replicas", "minInSync"]
     /// Keys the Kubernetes external-provisioner may pass through; accepted and not stored.
     static let ignoredPrefixes = ["csi.storage.k8s.io/"]
 
     var fsType: String?
     var replicas: Int = 1
+    /// Writes are refused while fewer replicas than this are in sync (Kafka's
+    /// `min.insync.replicas`); 1 (the default) acknowledges a write on any one in-sync replica.
+    var minInSync: Int = 1
     /// `replicas` when the request named it (cluster mode defaults to 3, one machine to 1).
     var explicitReplicas: Int? { stored["replicas"] == nil ? nil : replicas }
     /// The parameters Cairn stores (normalised, without ignored keys).
@@ -29,6 +32,11 @@ struct VolumeParameters: Equatable {
                     throw CairnError.invalidArgument("parameter replicas=\"\(Validate.printable(value))\" must be a whole number from 1 to 5")
                 }
                 replicas = n
+            case "minInSync":
+                guard let n = Int(value), (1...5).contains(n) else {
+                    throw CairnError.invalidArgument("parameter minInSync=\"\(Validate.printable(value))\" must be a whole number from 1 to 5 (and at most replicas)")
+                }
+                minInSync = n
             default:
                 throw CairnError.invalidArgument(
                     "unknown parameter \"\(Validate.printable(key))\"; Cairn accepts \(Self.known.joined(separator: ", ")) (and ignores csi.storage.k8s.io/* keys)")

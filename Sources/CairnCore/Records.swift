@@ -222,6 +222,10 @@ public struct ResyncProgress: Codable, Sendable, Equatable {
 }
 
 extension VolumeRecord {
+    /// The `minInSync` parameter (CreateVolume validated it): writes are refused while fewer
+    /// replicas are in sync. 1 when the volume was created without it.
+    public var minInSync: Int { parameters["minInSync"].flatMap { Int($0) } ?? 1 }
+
     /// `markReplicaOutOfSync`'s rule, shared by every store: fenced unless the volume's epoch is
     /// still `epoch`; NOT_FOUND without that replica. Returns false (and changes nothing) when
     /// the replica is already out of sync.

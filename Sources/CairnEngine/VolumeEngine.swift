@@ -40,6 +40,11 @@ public struct EngineState: Sendable, Equatable {
     /// Blocks the scrub has verified since the engine started, and completed passes.
     public var scrubbedBlocks: UInt64 = 0
     public var scrubPasses: UInt64 = 0
+    /// The volume's `minInSync`: writes, trims and flushes are refused (EIO) while fewer
+    /// replicas are in sync.
+    public var minInSync: Int = 1
+    /// Writes, trims and flushes refused because fewer than `minInSync` replicas were in sync.
+    public var refusedBelowMinInSync: UInt64 = 0
 }
 
 /// One replica as the engine holds it.
@@ -137,6 +142,10 @@ public final class VolumeEngine: Sendable {
     let limiter = IOLimiter()
     /// Serializes `grow` calls.
     private let growth = Mutex(())
+    /// `minInSync` (at least 1) and what it refused; the last refusal logged (monotonic s).
+    let minimumInSync = Atomic<Int>(1)
+    let refusedBelowMinimum = Atomic<UInt64>(0)
+    private let refusalLogged = Mutex<Double>(0)
 
     private let reads = Atomic<UInt64>(0)
     private let writes = Atomic<UInt64>(0)
@@ -193,7 +202,7 @@ public final class VolumeEngine: Sendable {
             }
             try makeDirectory(mountDirectory)
 
-            let (claimed, failures, highest) = try claimAll()
+            var (claimed, failures, highest) = try claimAll()
             if claimed.isEmpty {
                 let reasons = failures.map { "\($0.replica): \($0.reason)" }.joined(separator: "; ")
                 throw CairnError.unavailable(
@@ -209,6 +218,13 @@ public final class VolumeEngine: Sendable {
                 claimed.forEach { $0.io.close() }
                 throw CairnError.unavailable(
                     "cannot record the unreachable replicas of volume \(volumeID) out of sync (\(error)); the volume cannot be served until the store accepts it, retry")
+            }
+            let convergence: ConvergenceReport
+            do {
+                convergence = try convergeAtClaim(&claimed, failures: &failures)
+            } catch {
+                claimed.forEach { $0.io.close() }
+                throw error
             }
             generation.store(highest, ordering: .relaxed)
             let local = claimed.filter { $0.nodeID == localNodeID }
@@ -244,6 +260,8 @@ public final class VolumeEngine: Sendable {
             logger.info("volume engine started", metadata: [
                 "path": "\(path)", "replicas.in_sync": "\(ordered.map(\.nodeID))",
                 "replicas.out_of_sync": "\(failures.map(\.replica.nodeID))", "generation": "\(highest)",
+                "converged.blocks": "\(convergence.blocksConverged)",
+                "converge.seconds": "\(String(format: "%.3f", convergence.seconds))",
                 "fuse.connection": "\(cfuse_connection_id(session))"])
             return path
         }
@@ -335,10 +353,50 @@ public final class VolumeEngine: Sendable {
             bytesRead: bytesRead.load(ordering: .relaxed), bytesWritten: bytesWritten.load(ordering: .relaxed),
             errors: errors.load(ordering: .relaxed), resync: resync,
             repairedBlocks: repaired.load(ordering: .relaxed), unrepairableBlocks: unrepairable.load(ordering: .relaxed),
-            scrubbedBlocks: scrubbed.load(ordering: .relaxed), scrubPasses: scrubPasses.load(ordering: .relaxed))
+            scrubbedBlocks: scrubbed.load(ordering: .relaxed), scrubPasses: scrubPasses.load(ordering: .relaxed),
+            minInSync: minimumInSync.load(ordering: .relaxed),
+            refusedBelowMinInSync: refusedBelowMinimum.load(ordering: .relaxed))
     }
 
     private struct ClaimFailure { var replica: EngineReplica; var reason: String }
+
+    /// Converges the claimed in-sync replicas (Convergence.swift) before the first I/O. A
+    /// replica that fails meanwhile is recorded out of sync and dropped, like one that could not
+    /// be claimed, and the others converge again; a fencing signal fails the start.
+    private func convergeAtClaim(_ claimed: inout [Member], failures: inout [ClaimFailure]) throws -> ConvergenceReport {
+        while true {
+            do {
+                let report = try converge(claimed)
+                if report.blocksConverged > 0 {
+                    logger.warning("in-sync replicas differed at claim (writes an earlier engine never acknowledged); rolled forward to the newest version", metadata: [
+                        "regions": "\(report.regionsDiffering)", "blocks": "\(report.blocksConverged)",
+                        "bytes": "\(report.bytesCopied)", "seconds": "\(String(format: "%.3f", report.seconds))",
+                        "replicas": "\(claimed.map(\.nodeID))"])
+                }
+                return report
+            } catch {
+                let member = error.member
+                if isFencing(error.error) {
+                    logger.error("fenced while converging the replicas at start", metadata: [
+                        "replica.node": "\(member.nodeID)", "error": "\(error.error)"])
+                    throw CairnError.failedPrecondition(
+                        "volume \(volumeID): replica on \(member.nodeID) has seen an epoch newer than \(epoch) (\(error.error)); this attachment was superseded — publish the volume again")
+                }
+                let reason = "converging the in-sync replicas at claim failed: \(error.error)"
+                do {
+                    try markOutOfSync(member.nodeID, reason)
+                } catch {
+                    throw CairnError.unavailable(
+                        "cannot record replica \(member.nodeID) of volume \(volumeID) out of sync after it failed while converging (\(error)); retry")
+                }
+                logger.warning("replica recorded out of sync at start", metadata: [
+                    "replica.node": "\(member.nodeID)", "reason": "\(reason)"])
+                member.io.close()
+                claimed.removeAll { $0 === member }
+                failures.append(ClaimFailure(replica: member.replica, reason: reason))
+            }
+        }
+    }
 
     /// Connects and claims every replica; returns the claimed ones, the failures and the highest
     /// generation any claimed replica holds.
@@ -460,6 +518,7 @@ public final class VolumeEngine: Sendable {
         let (members, inSyncCount, ticket) = enter()
         defer { leave(ticket) }
         guard inSyncCount > 0 else { return -EIO }
+        guard meetsMinimum(inSyncCount, what: "write at offset \(offset)") else { return -EIO }
         let generation = self.generation.wrappingAdd(1, ordering: .relaxed).newValue
         let volumeID = volumeID, epoch = epoch
         return withUnsafeTemporaryAllocation(of: (() throws -> Void).self, capacity: members.count) { pending in
@@ -549,6 +608,7 @@ public final class VolumeEngine: Sendable {
         defer { leave(ticket) }
         let members = numbered ? all : Array(all.prefix(inSyncCount))
         guard inSyncCount > 0 else { return -EIO }
+        guard meetsMinimum(inSyncCount, what: what()) else { return -EIO }
         let generation = numbered ? self.generation.wrappingAdd(1, ordering: .relaxed).newValue : 0
         if members.count == 1 {
             do {
@@ -615,7 +675,35 @@ public final class VolumeEngine: Sendable {
         }
         if inSyncFailures.isEmpty { return !fenced.load(ordering: .acquiring) }
         let succeeded = inSyncCount - inSyncFailures.filter { f in !catching.contains(ObjectIdentifier(f.0)) }.count
-        return settle(inSyncFailures, succeeded: succeeded, what: what)
+        guard settle(inSyncFailures, succeeded: succeeded, what: what) else { return false }
+        // The failed replicas left the set: the write reached fewer than the volume asks for.
+        return meetsMinimum(sets.withLock { $0.inSync.count }, what: what)
+    }
+
+    /// Sets the volume's `minInSync` (1...; values below 1 count as 1).
+    public func setMinInSync(_ count: Int) {
+        minimumInSync.store(max(1, count), ordering: .relaxed)
+    }
+
+    /// False (the I/O is answered EIO, counted, and logged at most every 10 s) when fewer than
+    /// `minInSync` replicas are in sync.
+    func meetsMinimum(_ inSyncCount: Int, what: @autoclosure () -> String) -> Bool {
+        let minimum = minimumInSync.load(ordering: .relaxed)
+        if inSyncCount >= minimum { return true }
+        let refused = refusedBelowMinimum.wrappingAdd(1, ordering: .relaxed).newValue
+        let now = monotonicSeconds()
+        let log = refusalLogged.withLock { last in
+            guard now - last >= 10 else { return false }
+            last = now
+            return true
+        }
+        if log {
+            let inSync = sets.withLock { $0.inSync.map(\.nodeID) }
+            logger.error("I/O refused: fewer replicas in sync than the volume's minInSync; it is served again once a replica is back in sync", metadata: [
+                "operation": "\(what())", "min_in_sync": "\(minimum)", "replicas.in_sync": "\(inSync)",
+                "refused.total": "\(refused)"])
+        }
+        return false
     }
 
     func settle(_ failures: [(Member, any Error)], succeeded: Int, what: String,

@@ -87,6 +87,10 @@ final class ControllerServiceTests: XCTestCase {
         await assertStatus(.invalidArgument) { try await self.create("p4", parameters: ["replicas": "three"]) }
         await assertStatus(.resourceExhausted) { try await self.create("p5", parameters: ["replicas": "3"]) }
         _ = try await create("p6", parameters: ["csi.storage.k8s.io/pvc/name": "data", "replicas": "1"])
+        await assertStatus(.invalidArgument) { try await self.create("p8", parameters: ["minInSync": "0"]) }
+        await assertStatus(.invalidArgument) { try await self.create("p9", parameters: ["minInSync": "two"]) }
+        // One machine keeps one copy: minInSync 2 could never be met.
+        await assertStatus(.invalidArgument) { try await self.create("p10", parameters: ["minInSync": "2"]) }
         await assertStatus(.invalidArgument) { try await self.create("p7", mode: .multiNodeMultiWriter) }
         await assertStatus(.invalidArgument) { try await self.create("") }
         await assertStatus(.invalidArgument) { try await self.create(String(repeating: "n", count: 10 * 1024)) }

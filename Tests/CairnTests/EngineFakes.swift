@@ -172,6 +172,8 @@ final class FakeReplica: ReplicaIO {
         try state.withLock { s in
             try check(s, epoch: epoch)
             s.summaryCalls += 1
+            // A replica that stores nothing has nothing written.
+            guard storesData else { return [UInt64](repeating: 0, count: count) }
             return (0..<count).map { i in
                 let start = (Int(firstRegion) + i) * 256
                 let values = s.generations[start..<min(start + 256, s.generations.count)]
