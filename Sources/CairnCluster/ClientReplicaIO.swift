@@ -57,6 +57,10 @@ final class ClientReplicaIO: ReplicaIO {
         try client.generations(volumeID: volumeID, firstBlock: firstBlock, count: count, epoch: epoch)
     }
 
+    func activity(volumeID: String, cleanThrough: UInt64, converged: Bool, epoch: UInt64) throws -> ReplicaActivity {
+        try client.activity(volumeID: volumeID, cleanThrough: cleanThrough, converged: converged, epoch: epoch)
+    }
+
     func generationSummary(volumeID: String, firstRegion: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
         try client.generationSummary(volumeID: volumeID, firstRegion: firstRegion, count: count, epoch: epoch)
     }

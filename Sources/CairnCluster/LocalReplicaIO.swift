@@ -58,6 +58,10 @@ final class LocalReplicaIO: ReplicaIO {
         try store(volumeID).generations(firstBlock: firstBlock, count: count, epoch: epoch)
     }
 
+    func activity(volumeID: String, cleanThrough: UInt64, converged: Bool, epoch: UInt64) throws -> ReplicaActivity {
+        try store(volumeID).activity(cleanThrough: cleanThrough, converged: converged, epoch: epoch)
+    }
+
     func generationSummary(volumeID: String, firstRegion: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
         try store(volumeID).generationSummary(firstRegion: firstRegion, count: count, epoch: epoch)
     }

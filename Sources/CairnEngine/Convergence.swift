@@ -19,7 +19,11 @@ import Foundation
 
 /// What convergence found and did, for the log and tests.
 public struct ConvergenceReport: Sendable, Equatable {
-    /// 1 MiB regions whose digests differed between in-sync replicas.
+    /// Regions compared: those the replicas' activity logs name, or all when one cannot tell.
+    public var regionsCompared: UInt64 = 0
+    /// Whether a replica's activity log could not tell (it restarted), so every region's digest was compared.
+    public var compareWhole = false
+    /// 1 MiB regions whose block generations were compared (logged, or digests differing).
     public var regionsDiffering = 0
     /// Blocks rolled forward (counted once per block, whatever the number of replicas behind).
     public var blocksConverged = 0
@@ -31,23 +35,35 @@ public struct ConvergenceReport: Sendable, Equatable {
 extension VolumeEngine {
     /// Makes every member hold the newest version of every block any of them holds. Throws the
     /// first error with the member it came from (the caller drops that member and runs again).
-    func converge(_ members: [Member]) throws(ConvergenceFailure) -> ConvergenceReport {
+    func converge(_ members: [Member], settledThrough: UInt64) throws(ConvergenceFailure) -> ConvergenceReport {
         var report = ConvergenceReport()
-        guard members.count > 1 else { return report }
         let started = monotonicSeconds()
         let blocks = sizeBytes / UInt64(Self.blockSize)
         let regions = (blocks + UInt64(Self.regionBlocks) - 1) / UInt64(Self.regionBlocks)
+        // The replicas' activity logs: the regions an earlier engine wrote and never settled.
+        let logs = try each(members) { member in
+            try member.io.activity(volumeID: volumeID, cleanThrough: 0, converged: false, epoch: epoch)
+        }
+        report.compareWhole = logs.contains(where: \.all)
+        // Regions whose block generations are compared: the logged ones, or (when a log cannot
+        // tell) those whose digests differ among all regions'.
         var differing: [UInt64] = []
-        var region: UInt64 = 0
-        while region < regions {
-            let count = Int(min(UInt64(Self.maxSummaryCount), regions - region))
-            let digests = try each(members) { member in
-                try member.io.generationSummary(volumeID: volumeID, firstRegion: region, count: count, epoch: epoch)
+        if members.count > 1 && !report.compareWhole {
+            differing = Set(logs.flatMap(\.regions)).filter { $0 < regions }.sorted()
+            report.regionsCompared = UInt64(differing.count)
+        } else if members.count > 1 {
+            report.regionsCompared = regions
+            var region: UInt64 = 0
+            while region < regions {
+                let count = Int(min(UInt64(Self.maxSummaryCount), regions - region))
+                let digests = try each(members) { member in
+                    try member.io.generationSummary(volumeID: volumeID, firstRegion: region, count: count, epoch: epoch)
+                }
+                for i in 0..<count where digests.contains(where: { $0[i] != digests[0][i] }) {
+                    differing.append(region + UInt64(i))
+                }
+                region += UInt64(count)
             }
-            for i in 0..<count where digests.contains(where: { $0[i] != digests[0][i] }) {
-                differing.append(region + UInt64(i))
-            }
-            region += UInt64(count)
         }
         report.regionsDiffering = differing.count
         var index = 0
@@ -69,6 +85,10 @@ extension VolumeEngine {
         if report.blocksConverged > 0 {
             // The copies are durable before the first I/O is served.
             _ = try each(members) { member in try member.io.flush(volumeID: volumeID, epoch: epoch) }
+        }
+        // Identical now: what the earlier engines left is settled, the restarts' unknown too.
+        _ = try each(members) { member in
+            try member.io.activity(volumeID: volumeID, cleanThrough: settledThrough, converged: true, epoch: epoch)
         }
         report.seconds = monotonicSeconds() - started
         return report
@@ -168,4 +188,30 @@ extension VolumeEngine {
 struct ConvergenceFailure: Error {
     let member: Member
     let error: any Error
+}
+
+extension VolumeEngine {
+    /// Advances the replicas' clean watermark (`ActivityLog`): every write and trim numbered at
+    /// or below the generation sampled here has finished on every in-sync replica (the
+    /// `changeMembers` drain), so none of them can leave the replicas different any more. Not
+    /// once a write failed after it was sent (`unsettled`): then the next engine compares the
+    /// regions written since. Called by the recovery thread every membership interval; returns
+    /// the watermark reached (`last` when nothing changed).
+    func settleActivity(after last: UInt64) -> UInt64 {
+        if fenced.load(ordering: .relaxed) || unsettled.load(ordering: .acquiring) { return last }
+        guard generation.load(ordering: .relaxed) != last else { return last }
+        let through = changeMembers { _ in generation.load(ordering: .relaxed) }
+        guard !unsettled.load(ordering: .acquiring) else { return last }
+        let members = sets.withLock { $0.inSync }
+        for member in members {
+            do {
+                _ = try member.io.activity(volumeID: volumeID, cleanThrough: through, converged: false, epoch: epoch)
+            } catch {
+                // The replica's next I/O decides whether it stays in sync; its log only grows.
+                logger.debug("could not settle a replica's activity log", metadata: [
+                    "replica.node": "\(member.nodeID)", "error": "\(error)"])
+            }
+        }
+        return through
+    }
 }

@@ -127,6 +127,7 @@ final class RecoveryDriver: @unchecked Sendable {
     private var nextPoll: Double = 0
     private var scrubCursor: UInt64 = 0
     private var scrubPassRepairs: UInt64 = 0
+    private var settledThrough: UInt64 = 0
 
     init(engine: VolumeEngine, recovery: EngineRecovery) {
         self.engine = engine
@@ -154,6 +155,7 @@ final class RecoveryDriver: @unchecked Sendable {
             if now >= nextPoll {
                 nextPoll = now + recovery.membershipInterval
                 engine.refreshMembership(recovery)
+                settledThrough = engine.settleActivity(after: settledThrough)
             }
             if let target = nextTarget(now: now) {
                 do {
@@ -493,6 +495,8 @@ extension VolumeEngine {
             if let i = s.known.firstIndex(where: { $0.nodeID == replica.nodeID }) { s.known[i].inSync = true }
         }
         recovery.reportProgress(replica.nodeID, nil)
+        // Compared whole against the source: whatever it had before a restart is settled.
+        _ = try? io.activity(volumeID: volumeID, cleanThrough: 0, converged: true, epoch: epoch)
         let wire = io.wireBytes
         let seconds = Date().timeIntervalSince(started)
         logger.info("resync complete: the replica is in sync again", metadata: [

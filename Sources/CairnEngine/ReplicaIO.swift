@@ -46,6 +46,10 @@ public protocol ReplicaIO: AnyObject, Sendable {
     /// One digest per 1 MiB region of the block generations (0 for a region never written);
     /// count ≤ 4,096.
     func generationSummary(volumeID: String, firstRegion: UInt64, count: Int, epoch: UInt64) throws -> [UInt64]
+    /// Forgets the regions written at or below `cleanThrough` (every write up to it reached
+    /// every in-sync replica; with `converged`, the replica was compared whole) and returns the
+    /// regions still unsettled (`ActivityLog`). The default knows nothing: compare everything.
+    func activity(volumeID: String, cleanThrough: UInt64, converged: Bool, epoch: UInt64) throws -> ReplicaActivity
     /// A resync copy: applied to the blocks whose generation is lower than `generation`.
     /// Returns the blocks applied.
     func writeIfNewer(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
@@ -72,6 +76,10 @@ public protocol ReplicaIO: AnyObject, Sendable {
 }
 
 extension ReplicaIO {
+    public func activity(volumeID: String, cleanThrough: UInt64, converged: Bool, epoch: UInt64) throws -> ReplicaActivity {
+        .unknown
+    }
+
     public func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
                            epoch: UInt64) -> () throws -> Void {
         do {

@@ -125,6 +125,9 @@ public final class VolumeEngine: Sendable {
     let inflightEven = Atomic<Int>(0)
     let inflightOdd = Atomic<Int>(0)
     let fenced = Atomic<Bool>(false)
+    /// A write or trim failed after it was sent: the in-sync replicas may now differ on it, so
+    /// the clean watermark stops (Convergence.swift) and the next engine compares those regions.
+    let unsettled = Atomic<Bool>(false)
     let generation = Atomic<UInt64>(0)
     let repaired = Atomic<UInt64>(0)
     let unrepairable = Atomic<UInt64>(0)
@@ -221,7 +224,7 @@ public final class VolumeEngine: Sendable {
             }
             let convergence: ConvergenceReport
             do {
-                convergence = try convergeAtClaim(&claimed, failures: &failures)
+                convergence = try convergeAtClaim(&claimed, failures: &failures, highest: highest)
             } catch {
                 claimed.forEach { $0.io.close() }
                 throw error
@@ -261,6 +264,7 @@ public final class VolumeEngine: Sendable {
                 "path": "\(path)", "replicas.in_sync": "\(ordered.map(\.nodeID))",
                 "replicas.out_of_sync": "\(failures.map(\.replica.nodeID))", "generation": "\(highest)",
                 "converged.blocks": "\(convergence.blocksConverged)",
+                "converge.regions": "\(convergence.compareWhole ? "all" : String(convergence.regionsCompared))",
                 "converge.seconds": "\(String(format: "%.3f", convergence.seconds))",
                 "fuse.connection": "\(cfuse_connection_id(session))"])
             return path
@@ -363,10 +367,11 @@ public final class VolumeEngine: Sendable {
     /// Converges the claimed in-sync replicas (Convergence.swift) before the first I/O. A
     /// replica that fails meanwhile is recorded out of sync and dropped, like one that could not
     /// be claimed, and the others converge again; a fencing signal fails the start.
-    private func convergeAtClaim(_ claimed: inout [Member], failures: inout [ClaimFailure]) throws -> ConvergenceReport {
+    private func convergeAtClaim(_ claimed: inout [Member], failures: inout [ClaimFailure],
+                                 highest: UInt64) throws -> ConvergenceReport {
         while true {
             do {
-                let report = try converge(claimed)
+                let report = try converge(claimed, settledThrough: highest)
                 if report.blocksConverged > 0 {
                     logger.warning("in-sync replicas differed at claim (writes an earlier engine never acknowledged); rolled forward to the newest version", metadata: [
                         "regions": "\(report.regionsDiffering)", "blocks": "\(report.blocksConverged)",
@@ -537,8 +542,11 @@ public final class VolumeEngine: Sendable {
                 pending.deinitializeElement(at: i)
             }
             if failures.isEmpty { return 0 }
-            return settleWithCatchingUp(failures, members: members, inSyncCount: inSyncCount,
-                                        what: "write at offset \(offset)") ? 0 : -EIO
+            if settleWithCatchingUp(failures, members: members, inSyncCount: inSyncCount, what: "write at offset \(offset)") {
+                return 0
+            }
+            unsettled.store(true, ordering: .releasing)
+            return -EIO
         }
     }
 
@@ -615,7 +623,9 @@ public final class VolumeEngine: Sendable {
                 try operation(members[0], generation)
                 return 0
             } catch {
-                return settle([(members[0], error)], succeeded: 0, what: what()) ? 0 : -EIO
+                if settle([(members[0], error)], succeeded: 0, what: what()) { return 0 }
+                if numbered { unsettled.store(true, ordering: .releasing) }
+                return -EIO
             }
         }
         return withUnsafeTemporaryAllocation(of: (any Error)?.self, capacity: members.count) { outcome in
@@ -629,7 +639,9 @@ public final class VolumeEngine: Sendable {
                 if let error = outcome[i] { failures.append((members[i], error)) }
             }
             if failures.isEmpty { return 0 }
-            return settleWithCatchingUp(failures, members: members, inSyncCount: inSyncCount, what: what()) ? 0 : -EIO
+            if settleWithCatchingUp(failures, members: members, inSyncCount: inSyncCount, what: what()) { return 0 }
+            if numbered { unsettled.store(true, ordering: .releasing) }
+            return -EIO
         }
     }
 

@@ -65,6 +65,8 @@ public enum Opcode: UInt8, Sendable, CaseIterable {
     /// Group snapshots: hold (then release) the writes of the volume's engine on the receiving node.
     case holdWrites = 18
     case releaseWrites = 19
+    /// Settle and report the regions written above the engine's clean watermark (FrameActivity.swift).
+    case activity = 20
 }
 
 /// Header flag bits. Bits other than these are reserved and must be zero (a peer that sets
@@ -316,6 +318,7 @@ public enum Request: Equatable, Sendable {
     case grow(GrowRequest)
     case holdWrites(HoldWritesRequest)
     case releaseWrites(ReleaseWritesRequest)
+    case activity(ActivityRequest)
 
     public var opcode: Opcode {
         switch self {
@@ -338,6 +341,7 @@ public enum Request: Equatable, Sendable {
         case .grow: .grow
         case .holdWrites: .holdWrites
         case .releaseWrites: .releaseWrites
+        case .activity: .activity
         }
     }
 
@@ -378,6 +382,7 @@ public enum Request: Equatable, Sendable {
         case .grow(let m): m.encode()
         case .holdWrites(let m): m.encode()
         case .releaseWrites(let m): m.encode()
+        case .activity(let m): m.encode()
         }
     }
 
@@ -413,6 +418,7 @@ public enum Request: Equatable, Sendable {
         case .grow: self = .grow(try GrowRequest(decoding: payload))
         case .holdWrites: self = .holdWrites(try HoldWritesRequest(decoding: payload))
         case .releaseWrites: self = .releaseWrites(try ReleaseWritesRequest(decoding: payload))
+        case .activity: self = .activity(try ActivityRequest(decoding: payload))
         }
     }
 }
@@ -444,6 +450,7 @@ public enum Response: Equatable, Sendable {
     case grow(PlainResponse)
     case holdWrites(PlainResponse)
     case releaseWrites(PlainResponse)
+    case activity(ActivityResponse)
 
     public var opcode: Opcode {
         switch self {
@@ -468,6 +475,7 @@ public enum Response: Equatable, Sendable {
         case .grow: .grow
         case .holdWrites: .holdWrites
         case .releaseWrites: .releaseWrites
+        case .activity: .activity
         }
     }
 
@@ -503,6 +511,7 @@ public enum Response: Equatable, Sendable {
         case .grow(let m): m.encode()
         case .holdWrites(let m): m.encode()
         case .releaseWrites(let m): m.encode()
+        case .activity(let m): m.encode()
         }
     }
 
@@ -537,6 +546,7 @@ public enum Response: Equatable, Sendable {
         case .grow: self = .grow(try PlainResponse(decoding: payload))
         case .holdWrites: self = .holdWrites(try PlainResponse(decoding: payload))
         case .releaseWrites: self = .releaseWrites(try PlainResponse(decoding: payload))
+        case .activity: self = .activity(try ActivityResponse(decoding: payload))
         }
     }
 }
@@ -585,6 +595,9 @@ public enum Response: Equatable, Sendable {
 //            rsp: status u8
 //   releaseWrites req: volume
 //            rsp: status u8
+//   activity req: volume | clean-through generation u64 | flags u8 (bit 0: converged)
+//            rsp: status u8 | all u8 | count u32 | count × region u64 (1 MiB regions written
+//                 above the clean watermark; all = 1: the replica cannot tell, compare it whole)
 // A write with the header flag `ifNewer` (a resync write) or `repair`, and a trim with
 // `ifNewer`, answer status u8 | applied blocks u32, with `ifNewer` set in the response header.
 // Every response ends with a message (u16 length + UTF-8, ≤ 1024 bytes; empty on success).

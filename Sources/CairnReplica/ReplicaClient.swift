@@ -247,6 +247,16 @@ public final class ReplicaClient: Sendable {
         return Int(m.appliedBlocks)
     }
 
+    /// Settles the regions written at or below `cleanThrough` (with `converged`, also the
+    /// restart's unknown) and returns what is left (`ReplicaStore.activity`).
+    public func activity(volumeID: String, cleanThrough: UInt64, converged: Bool, epoch: UInt64) throws -> ReplicaActivity {
+        let request = ActivityRequest(volume: volumeID, cleanThrough: cleanThrough, converged: converged)
+        let (r, _) = try roundTrip(.activity(request), epoch: epoch)
+        guard case .activity(let m) = r else { throw mismatch(r, .activity) }
+        try Self.check(m.status, m.message)
+        return m.activity
+    }
+
     /// One digest per 1 MiB region of block generations (`ReplicaStore.generationSummary`),
     /// regions `firstRegion ..< firstRegion+count` (count 1...4096).
     public func generationSummary(volumeID: String, firstRegion: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {

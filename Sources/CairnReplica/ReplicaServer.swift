@@ -352,6 +352,10 @@ public final class ReplicaServer: Sendable {
                 let store = try store(m.volume)
                 let digests = try store.generationSummary(firstRegion: m.firstBlock, count: Int(m.count), epoch: epoch)
                 return reply(.summary(GenerationsResponse(status: .ok, generations: digests)), epoch: epoch)
+            case .activity(let m):
+                let store = try store(m.volume)
+                let activity = try store.activity(cleanThrough: m.cleanThrough, converged: m.converged, epoch: epoch)
+                return reply(.activity(ActivityResponse(status: .ok, activity: activity)), epoch: epoch)
             case .verify(let m):
                 let store = try store(m.volume)
                 let bad = try store.verify(firstBlock: m.firstBlock, count: Int(m.count), epoch: epoch)
@@ -456,6 +460,7 @@ public final class ReplicaServer: Sendable {
         case .grow: .grow(PlainResponse(status: status, message: message))
         case .holdWrites: .holdWrites(PlainResponse(status: status, message: message))
         case .releaseWrites: .releaseWrites(PlainResponse(status: status, message: message))
+        case .activity: .activity(ActivityResponse(status: status, message: message))
         }
     }
 

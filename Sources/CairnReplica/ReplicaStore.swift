@@ -120,6 +120,8 @@ public final class ReplicaStore: Sendable {
     let logger: Logger
     let state: SharedExclusive<State>
     let regions = RegionLocks()
+    /// Regions written above the engine's clean watermark (convergence at the next claim).
+    public let activity = ActivityLog()
     /// Serializes the operations that rewrite sealed layers or depend on them staying put:
     /// `deleteSnapshot` (its merge runs in chunks, taking the shared lock per chunk so writes go
     /// on) and `clone` (it hard-links sealed layers). Always taken before `state`.
@@ -357,6 +359,7 @@ public final class ReplicaStore: Sendable {
         try state.withShared { s in
             let (first, count) = try Self.checkLocked(s, offset: offset, length: data.count, epoch: epoch)
             try Self.checkGeneration(generation)
+            activity.note(offset: offset, length: data.count, generation: generation)
             let source = Self.alignedSource(data)
             try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 for i in 0..<count {
@@ -409,6 +412,7 @@ public final class ReplicaStore: Sendable {
         return try state.withShared { s in
             let (first, count) = try Self.checkLocked(s, offset: offset, length: data.count, epoch: epoch)
             try Self.checkGeneration(generation)
+            activity.note(offset: offset, length: data.count, generation: generation)
             let source = Self.alignedSource(data)
             let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: data.count) {
@@ -604,6 +608,7 @@ public final class ReplicaStore: Sendable {
                 throw ReplicaError.badRequest("generation \(generation) is above the limit of \(BlockGenerations.maxGeneration)")
             }
             let generation = generation ?? s.highestGeneration.load(ordering: .relaxed)
+            activity.note(offset: offset, length: length, generation: generation)
             // An absent entry would let a snapshot's data show through the trim.
             if generation == 0, !s.sealed.isEmpty {
                 throw ReplicaError.badRequest("a trim over a snapshot needs a generation above 0")
@@ -638,6 +643,7 @@ public final class ReplicaStore: Sendable {
             guard generation <= BlockGenerations.maxGeneration else {
                 throw ReplicaError.badRequest("generation \(generation) is above the limit of \(BlockGenerations.maxGeneration)")
             }
+            activity.note(offset: offset, length: length, generation: generation)
             let trimmed = BlockMapEntry(generation: generation, crc: Self.zeroBlockCRC, flags: BlockMapEntry.trimmedFlag)
             let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: length) {
@@ -697,6 +703,16 @@ public final class ReplicaStore: Sendable {
 
     /// Records `epoch` as the highest seen (persisted before returning). The same epoch again
     /// is a no-op; a lower one is `staleEpoch`.
+    /// The `activity` op: settles what the engine says is settled and reports what is not
+    /// (`ActivityLog`). Epoch-checked like every data op: a fenced engine cannot clear it.
+    public func activity(cleanThrough: UInt64, converged: Bool, epoch: UInt64) throws -> ReplicaActivity {
+        try state.withShared { s in
+            try Self.checkOpenLocked(s)
+            try Self.checkEpochLocked(s, epoch)
+            return activity.settle(cleanThrough: cleanThrough, converged: converged)
+        }
+    }
+
     public func claim(epoch: UInt64) throws {
         try state.withExclusive { s in
             try Self.checkOpenLocked(s)

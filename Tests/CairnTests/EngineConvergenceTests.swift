@@ -61,6 +61,36 @@ extension EngineFUSETests {
                        "equal digests: no block generations were read")
     }
 
+    func testWithoutARestartOnlyTheLoggedRegionsAreComparedAndTheWatermarkSettlesThem() throws {
+        let fakes = fakes(3)
+        // Replicas whose processes did not restart: their logs know what was written.
+        for fake in fakes { _ = fake.log.settle(cleanThrough: 0, converged: true) }
+        fakes[1].tamper(block: 2000, byte: 0x20, generation: 20)   // region 7, only n2
+        let store = RecoveryStore(replicas(fakes))
+        let engine = makeEngine(fakes, recovery: store.hooks())
+        let fd = try Self.open(try engine.start())
+        openFiles.append(fd)
+        XCTAssertEqual(fakes.map { f in f.state.withLock { $0.summaryCalls } }, [0, 0, 0], "no digest of the whole volume")
+        XCTAssertEqual(fakes[0].bytes(2000 * 4096, 4096), [UInt8](repeating: 0x20, count: 4096))
+        XCTAssertEqual(fakes[2].bytes(2000 * 4096, 4096), [UInt8](repeating: 0x20, count: 4096))
+        for fake in fakes {
+            XCTAssertEqual(try fake.activity(volumeID: "vol-a", cleanThrough: 0, converged: false, epoch: 5),
+                           ReplicaActivity(all: false, regions: []), "\(fake.nodeID)'s log is settled after the claim")
+        }
+        // Writes are logged until the recovery thread's watermark passes them.
+        XCTAssertEqual(Self.write(fd, 3 << 20, 4096, 0x33), 0)
+        waitUntil(5, "the watermark to settle the write") {
+            fakes.allSatisfy { (try? $0.activity(volumeID: "vol-a", cleanThrough: 0, converged: false, epoch: 5))?.regions == [] }
+        }
+        // A write that fails after it was sent stops the watermark: its region stays logged.
+        recorder.failing.withLock { $0 = FakeFailure(description: "store unreachable") }
+        fakes[2].fail(with: FakeFailure(description: "n3 cut off"))
+        XCTAssertEqual(Self.write(fd, 5 << 20, 4096, 0x55), EIO)
+        XCTAssertEqual(Self.write(fd, 6 << 20, 4096, 0x66), EIO)
+        usleep(600_000)
+        XCTAssertEqual(try fakes[0].activity(volumeID: "vol-a", cleanThrough: 0, converged: false, epoch: 5).regions, [5, 6])
+    }
+
     func testAReplicaFailingWhileConvergingIsRecordedOutOfSyncAndTheRestConverge() throws {
         let fakes = fakes(3)
         fakes[1].tamper(block: 9, byte: 0x19, generation: 19)
@@ -185,4 +215,49 @@ private final class FailAfterClaim: ReplicaIO, @unchecked Sendable {
     func snapshot(volumeID: String, snapshotID: String, epoch: UInt64) throws { throw Down() }
     func grow(volumeID: String, sizeBytes: UInt64, epoch: UInt64) throws { throw Down() }
     var wireBytes: (sent: UInt64, received: UInt64) { (0, 0) }
+}
+
+final class ActivityLogTests: XCTestCase {
+    func testARestartedLogKnowsNothingUntilConverged() {
+        let log = ActivityLog()
+        log.note(offset: 0, length: 4096, generation: 1)
+        XCTAssertEqual(log.settle(cleanThrough: 0, converged: false), .unknown)
+        XCTAssertEqual(log.settle(cleanThrough: 0, converged: true), ReplicaActivity(all: false, regions: [0]))
+    }
+
+    func testRegionsAreSettledOnlyWhenTheWatermarkPassesTheirNewestWrite() {
+        let log = ActivityLog()
+        _ = log.settle(cleanThrough: 0, converged: true)
+        log.note(offset: 3 << 20, length: 4096, generation: 5)
+        log.note(offset: (4 << 20) - 4096, length: 8192, generation: 6)  // spans regions 3 and 4
+        log.note(offset: 9 << 20, length: 4096, generation: 9)
+        XCTAssertEqual(log.settle(cleanThrough: 0, converged: false).regions, [3, 4, 9])
+        XCTAssertEqual(log.settle(cleanThrough: 5, converged: false).regions, [3, 4, 9], "region 3's newest write is 6")
+        XCTAssertEqual(log.settle(cleanThrough: 6, converged: false).regions, [9])
+        XCTAssertEqual(log.settle(cleanThrough: 9, converged: false).regions, [])
+    }
+
+    func testAnOverflowMeansEverythingUntilTheWatermarkPassesIt() {
+        let log = ActivityLog()
+        _ = log.settle(cleanThrough: 0, converged: true)
+        log.note(offset: 0, length: (ActivityLog.maxTracked + 1) << 20, generation: 7)  // a discard of 64 GiB
+        XCTAssertTrue(log.settle(cleanThrough: 6, converged: false).all)
+        log.note(offset: 0, length: 4096, generation: 8)
+        XCTAssertTrue(log.settle(cleanThrough: 7, converged: false).all, "generation 8 came during the overflow")
+        XCTAssertEqual(log.settle(cleanThrough: 8, converged: false), ReplicaActivity(all: false, regions: []))
+    }
+
+    func testTheReplicaStoreLogsWritesAndTrimsAndRefusesAStaleEngine() throws {
+        let dir = NSTemporaryDirectory() + "cairn-activity-\(UUID().uuidString)"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try ReplicaStore.create(directory: dir, volumeID: "vol-x", size: 16 << 20, logger: ReplicaStore.discardingLogger)
+        try store.claim(epoch: 3)
+        XCTAssertTrue(try store.activity(cleanThrough: 0, converged: false, epoch: 3).all, "a store just opened cannot tell")
+        _ = try store.activity(cleanThrough: 0, converged: true, epoch: 3)
+        try store.write(offset: 2 << 20, data: [UInt8](repeating: 1, count: 4096), generation: 4, epoch: 3)
+        try store.trim(offset: 5 << 20, length: 8192, generation: 5, epoch: 3)
+        XCTAssertEqual(try store.activity(cleanThrough: 0, converged: false, epoch: 3).regions, [2, 5])
+        XCTAssertThrowsError(try store.activity(cleanThrough: 9, converged: true, epoch: 2), "a fenced engine settles nothing")
+        XCTAssertEqual(try store.activity(cleanThrough: 5, converged: false, epoch: 3).regions, [])
+    }
 }

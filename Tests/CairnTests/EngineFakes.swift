@@ -42,6 +42,8 @@ final class FakeReplica: ReplicaIO {
     let nodeID: String
     let storesData: Bool
     let state: Mutex<State>
+    /// The replica store's activity log, for convergence (starts "restarted", as a store does).
+    let log = ActivityLog()
     /// Called at the start of every write, outside the lock (to observe concurrency).
     let onWrite = Mutex<(@Sendable () -> Void)?>(nil)
 
@@ -105,6 +107,7 @@ final class FakeReplica: ReplicaIO {
         try state.withLock { s in
             try check(s, epoch: epoch)
             guard storesData else { return }
+            log.note(offset: offset, length: data.count, generation: generation)
             s.writes.append(Write(offset: offset, length: data.count, generation: generation))
             s.data.withUnsafeMutableBytes { ($0.baseAddress! + Int(offset)).copyMemory(from: data.baseAddress!, byteCount: data.count) }
             for b in Int(offset / 4096)..<Int(offset / 4096) + data.count / 4096 {
@@ -126,6 +129,7 @@ final class FakeReplica: ReplicaIO {
         try checkAligned(offset, Int(length))
         try state.withLock { s in
             try check(s, epoch: epoch)
+            log.note(offset: offset, length: Int(length), generation: generation)
             s.trims.append((offset, length, generation))
             guard storesData else { return }
             for i in Int(offset)..<Int(offset + length) { s.data[i] = 0 }
@@ -192,6 +196,7 @@ final class FakeReplica: ReplicaIO {
         return try state.withLock { s in
             try check(s, epoch: epoch)
             if resync { s.resyncBytes += data.count }
+            log.note(offset: offset, length: data.count, generation: generation)
             var applied = 0
             for i in 0..<data.count / 4096 {
                 let b = Int(offset / 4096) + i
@@ -221,6 +226,7 @@ final class FakeReplica: ReplicaIO {
         try checkAligned(offset, Int(length))
         return try state.withLock { s in
             try check(s, epoch: epoch)
+            log.note(offset: offset, length: Int(length), generation: generation)
             var applied = 0
             for b in Int(offset / 4096)..<Int((offset + length) / 4096)
             where BlockGenerations.generation(s.generations[b]) < generation {
@@ -242,12 +248,18 @@ final class FakeReplica: ReplicaIO {
 
     var wireBytes: (sent: UInt64, received: UInt64) { (0, 0) }
 
+    func activity(volumeID: String, cleanThrough: UInt64, converged: Bool, epoch: UInt64) throws -> ReplicaActivity {
+        try state.withLock { s in try check(s, epoch: epoch) }
+        return log.settle(cleanThrough: cleanThrough, converged: converged)
+    }
+
     /// Simulates a write the engine never saw acknowledged (or silent corruption when
     /// `corrupt`): changes the bytes of `block` at `generation` behind the engine's back.
     func tamper(block: Int, byte: UInt8, generation: UInt64? = nil, corrupt: Bool = false) {
         state.withLock { s in
             for i in block * 4096..<(block + 1) * 4096 { s.data[i] = byte }
             if let generation {
+                log.note(offset: UInt64(block * 4096), length: 4096, generation: generation)
                 s.generations[block] = generation
                 s.highestGeneration = max(s.highestGeneration, generation)
             }

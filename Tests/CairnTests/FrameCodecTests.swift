@@ -34,6 +34,7 @@ final class FrameCodecTests: XCTestCase {
             .grow(GrowRequest(volume: "pvc-0f1e2d3c", size: 1 << 40)),
             .holdWrites(HoldWritesRequest(volume: "pvc-0f1e2d3c", timeoutMilliseconds: 30_000)),
             .releaseWrites(ReleaseWritesRequest(volume: "pvc-0f1e2d3c")),
+            .activity(ActivityRequest(volume: "pvc-0f1e2d3c", cleanThrough: 41, converged: true)),
         ]
         let responses: [Response] = [
             .hello(HelloResponse(status: .ok, protocolVersion: 1, authToken: [1, 2, 3])),
@@ -64,6 +65,7 @@ final class FrameCodecTests: XCTestCase {
             .grow(PlainResponse(status: .badRequest, message: "cannot shrink")),
             .holdWrites(PlainResponse(status: .notFound, message: "no engine runs volume v on this node")),
             .releaseWrites(PlainResponse(status: .ok)),
+            .activity(ActivityResponse(status: .ok, activity: ReplicaActivity(all: false, regions: [3, 9, 1 << 40]))),
         ]
         var frames: [Frame] = []
         for (i, r) in requests.enumerated() {
