@@ -98,23 +98,45 @@ public final class ReplicatedBacking: VolumeBacking {
         }
     }
 
+    /// Deletes the replica on its node; when the node cannot be asked (it is away), records the
+    /// deletion in the store instead, and the node's `ReplicaSweeper` does it when it runs again.
+    /// Either way no pending deletion is left behind a replica that is gone. Throws only when
+    /// neither worked (the store is unreachable too).
     public func deleteReplica(_ volume: VolumeRecord, replica: ReplicaRecord) async throws {
-        try await Self.blocking {
-            let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "delete its replica")
-            defer { client.close() }
-            try client.delete(volumeID: volume.id)
+        try await deleteReplica(volume, replica: replica, reason: "replaced by re-replication")
+    }
+
+    func deleteReplica(_ volume: VolumeRecord, replica: ReplicaRecord, reason: String) async throws {
+        do {
+            try await Self.blocking {
+                let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "delete its replica")
+                defer { client.close() }
+                try client.delete(volumeID: volume.id)
+            }
+        } catch {
+            let pending = ReplicaDeletion(nodeID: replica.nodeID, volumeID: volume.id, reason: reason)
+            do {
+                try await store.recordReplicaDeletions([pending])
+            } catch let recording {
+                throw CairnError.unavailable(
+                    "could not delete volume \(volume.id)'s replica on node \(replica.nodeID) (\(error)) nor record its deletion for that node (\(recording)); remove <data-dir>/replicas/\(volume.id) on that node by hand")
+            }
+            logger.warning("could not delete a replica; its node removes it when it runs again", metadata: [
+                "volume.id": "\(volume.id)", "node.id": "\(replica.nodeID)", "reason": "\(reason)", "error": "\(error)"])
+            return
         }
+        // Done here: a deletion recorded earlier (DeleteVolume's transaction, re-replication) is moot.
+        try? await store.removeReplicaDeletion(nodeID: replica.nodeID, volumeID: volume.id, token: nil)
     }
 
     public func delete(_ volume: VolumeRecord) async throws {
         for replica in volume.replicas ?? [] {
             do {
-                try await deleteReplica(volume, replica: replica)
+                try await deleteReplica(volume, replica: replica, reason: "volume \(volume.id) deleted")
             } catch {
-                // The volume goes anyway: a node that is away keeps an orphaned replica, which
-                // holds disk space but no volume anyone can reach. Say so, loudly.
-                logger.warning("could not delete a replica of the deleted volume; remove <data-dir>/replicas/\(volume.id) on that node by hand",
-                               metadata: ["volume.id": "\(volume.id)", "node.id": "\(replica.nodeID)", "error": "\(error)"])
+                // The volume goes anyway: the replica holds disk space but no volume anyone can reach.
+                logger.error("a replica of the deleted volume is orphaned", metadata: [
+                    "volume.id": "\(volume.id)", "node.id": "\(replica.nodeID)", "error": "\(error)"])
             }
         }
     }

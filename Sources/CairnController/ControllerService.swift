@@ -231,8 +231,18 @@ public final class ControllerService: Sendable {
                 }
             }
             try await removeCloneBase(of: volume)
-            try await backing.delete(volume)
-            try await store.deleteVolume(id: volume.id)
+            if let replicas = volume.replicas, !replicas.isEmpty {
+                // The record goes first, and in the same transaction a pending deletion of every
+                // replica: a node that is away (or a controller that dies now) cannot leave one
+                // behind for good. Each replica deleted now takes its pending deletion with it; the
+                // others' nodes delete them when they run again (ReplicaSweeper).
+                let pending = replicas.map { ReplicaDeletion(nodeID: $0.nodeID, volumeID: volume.id, reason: "volume \(volume.id) deleted") }
+                try await store.deleteVolume(id: volume.id, recordingReplicaDeletions: pending)
+                try await backing.delete(volume)
+            } else {
+                try await backing.delete(volume)
+                try await store.deleteVolume(id: volume.id)
+            }
             logger.info("volume deleted", metadata: ["volume.id": "\(volume.id)", "volume.name": "\(volume.name)"])
             return Csi_V1_DeleteVolumeResponse()
         }

@@ -122,7 +122,12 @@ public final class ReplicaRepairer: Sendable {
                 let candidates = try await controller.placementCandidates()
                 let removed = Set(try await store.removedNodes())
                 let staying = candidates.filter { holders.contains($0.nodeID) && $0.nodeID != oldNodeID }
-                let eligible = candidates.filter { !holders.contains($0.nodeID) && !removed.contains($0.nodeID) }
+                // A node whose old replica of this volume is still to be deleted gets no new one:
+                // its sweeper could remove the new replica along with the old.
+                let deleting = Set(try await store.replicaDeletions(nodeID: nil).filter { $0.volumeID == volumeID }.map(\.nodeID))
+                let eligible = candidates.filter {
+                    !holders.contains($0.nodeID) && !removed.contains($0.nodeID) && !deleting.contains($0.nodeID)
+                }
                 let chosen: PlacementCandidate
                 do {
                     chosen = try Placement.choose(count: 1, size: volume.capacityBytes, candidates: eligible,
@@ -133,15 +138,21 @@ public final class ReplicaRepairer: Sendable {
                 }
                 let replacement = ReplicaRecord(nodeID: chosen.nodeID, address: chosen.address ?? "", inSync: false)
                 try await controller.backing.createReplica(volume, replica: replacement)
+                // The old replica's deletion is recorded before the record stops listing it, so a
+                // controller that dies in between leaves nothing behind for good (while the volume
+                // still lists the replica, its node drops the pending deletion and keeps it).
+                try await store.recordReplicaDeletions([ReplicaDeletion(
+                    nodeID: oldNodeID, volumeID: volumeID, reason: "replaced by a new replica on \(chosen.nodeID): \(why)")])
                 try await store.replaceReplica(volumeID: volumeID, oldNodeID: oldNodeID, with: replacement)
                 logger.notice("replica re-created on another node; the attached engine copies it in full", metadata: [
                     "volume.id": "\(volumeID)", "replica.old": "\(oldNodeID)", "replica.new": "\(chosen.nodeID)",
                     "reason": "\(why)"])
                 do {
+                    // Deleted now, or recorded (again) for its node to delete when it returns.
                     try await controller.backing.deleteReplica(volume, replica: old)
                 } catch {
-                    logger.warning("could not delete the replaced replica; remove <data-dir>/replicas/\(volumeID) on that node when it returns",
-                                   metadata: ["volume.id": "\(volumeID)", "node.id": "\(oldNodeID)", "error": "\(error)"])
+                    logger.error("could not delete the replaced replica nor record its deletion; remove <data-dir>/replicas/\(volumeID) on that node by hand",
+                                 metadata: ["volume.id": "\(volumeID)", "node.id": "\(oldNodeID)", "error": "\(error)"])
                 }
                 return Replacement(volumeID: volumeID, oldNodeID: oldNodeID, newNodeID: chosen.nodeID)
             }

@@ -19,8 +19,10 @@ public protocol MetadataStore: Sendable {
     func volume(named name: String) async throws -> VolumeRecord?
     /// Volumes ordered by id, strictly after `afterID`, at most `limit` (0 = no limit).
     func listVolumes(afterID: String?, limit: Int) async throws -> [VolumeRecord]
-    /// Deletes the volume and every record that refers to it. No error if absent.
-    func deleteVolume(id: String) async throws
+    /// Deletes the volume and every record that refers to it and, in the same transaction,
+    /// records `replicaDeletions` (its replicas, which their nodes delete when the controller
+    /// could not: nothing is lost if the controller dies between the two). No error if absent.
+    func deleteVolume(id: String, recordingReplicaDeletions replicaDeletions: [ReplicaDeletion]) async throws
     func provisionedBytes() async throws -> Int64
 
     // Attachments (ControllerPublish)
@@ -43,6 +45,15 @@ public protocol MetadataStore: Sendable {
     /// it returns true (false: nothing changes); returns that answer. NOT_FOUND without the
     /// volume. The building block of the replica operations below.
     func updateVolume(id: String, what: String, _ change: @escaping @Sendable (inout VolumeRecord) throws -> Bool) async throws -> Bool
+
+    // Replica deletions (orphaned replicas, docs/recovery.md)
+    /// Records pending deletions, replacing any recorded for the same node and volume.
+    func recordReplicaDeletions(_ deletions: [ReplicaDeletion]) async throws
+    /// The pending deletions of the node's replicas (nil: of every node), ordered by node, then volume.
+    func replicaDeletions(nodeID: String?) async throws -> [ReplicaDeletion]
+    /// Removes the pending deletion of the node's replica of the volume; with `token`, only if
+    /// the recorded one still carries it (a newer recording stays). No error if absent.
+    func removeReplicaDeletion(nodeID: String, volumeID: String, token: String?) async throws
 
     // Node removal
     /// Records that the node is gone for good (`cairn node remove`): its replicas are re-created
@@ -85,6 +96,11 @@ public protocol MetadataStore: Sendable {
 }
 
 extension MetadataStore {
+    /// Deletes the volume and every record that refers to it. No error if absent.
+    public func deleteVolume(id: String) async throws {
+        try await deleteVolume(id: id, recordingReplicaDeletions: [])
+    }
+
     /// The replica is in sync again: one transaction, conditional on the volume's epoch (the
     /// resyncing engine's) — FAILED_PRECONDITION "fenced: …" otherwise. Idempotent.
     public func markReplicaInSync(volumeID: String, nodeID: String, epoch: Int64) async throws {

@@ -179,6 +179,28 @@ public struct ReplicaRecord: Codable, Sendable, Equatable {
     }
 }
 
+/// A replica that must go but whose node could not be asked (it was away): DeleteVolume and
+/// re-replication record it, and the node deletes the replica itself when it runs again
+/// (`ReplicaSweeper`), then removes the record. Keyed by node and volume.
+public struct ReplicaDeletion: Codable, Sendable, Equatable {
+    public var nodeID: String
+    public var volumeID: String
+    /// Why the replica goes ("volume deleted", "replaced by a new replica on n4").
+    public var reason: String
+    public var recordedAt: Date
+    /// New at each recording, so a removal can be made conditional on the one that was read.
+    public var token: String
+
+    public init(nodeID: String, volumeID: String, reason: String, recordedAt: Date = Date(),
+                token: String = UUID().uuidString.lowercased()) {
+        self.nodeID = nodeID
+        self.volumeID = volumeID
+        self.reason = reason
+        self.recordedAt = recordedAt
+        self.token = token
+    }
+}
+
 /// A resync's progress as recorded for operators (`cairn volume inspect`, volume conditions).
 public struct ResyncProgress: Codable, Sendable, Equatable {
     public var bytesTotal: Int64

@@ -95,6 +95,10 @@ public final class EtcdStore: MetadataStore {
     private var removedNodesPrefix: String { "\(prefix)/removed-nodes/" }
     private func nodeKey(_ id: String) -> String { nodesPrefix + id }
     private var leaderKey: String { "\(prefix)/leader" }
+    private var replicaDeletionsPrefix: String { "\(prefix)/replica-deletions/" }
+    private func replicaDeletionKey(_ nodeID: String, _ volumeID: String) -> String {
+        "\(replicaDeletionsPrefix)\(nodeID)/\(volumeID)"
+    }
 
     /// Percent-escapes everything but `[A-Za-z0-9._-]`, so no key part contains a "/".
     static func escape(_ text: String) -> String {
@@ -380,7 +384,8 @@ public final class EtcdStore: MetadataStore {
             .kvs.map { try decode(VolumeRecord.self, $0) }
     }
 
-    public func deleteVolume(id: String) async throws {
+    public func deleteVolume(id: String, recordingReplicaDeletions replicaDeletions: [ReplicaDeletion]) async throws {
+        let deletions = try replicaDeletions.map { (replicaDeletionKey($0.nodeID, $0.volumeID), try StoreRules.encode($0)) }
         let existed = try await transact("delete volume \(id)") { txn in
             let volume = try await txn.get(volumeKey(id)).map { try decode(VolumeRecord.self, $0) }
             let attachments = try await txn.range(attachmentsPrefix(id)).map { try decode(AttachmentRecord.self, $0) }
@@ -393,9 +398,31 @@ public final class EtcdStore: MetadataStore {
             for attachment in attachments { txn.delete(nodeAttachmentKey(attachment.nodeID, id)) }
             for key in stageKeys { txn.delete(key) }
             txn.deletePrefix(publishesPrefix(id))
+            for (key, doc) in deletions { txn.put(key, doc) }
             return volume != nil
         }
         if existed { logger.info("volume deleted from the store", metadata: ["volume": "\(id)"]) }
+    }
+
+    // MARK: replica deletions
+
+    public func recordReplicaDeletions(_ deletions: [ReplicaDeletion]) async throws {
+        guard !deletions.isEmpty else { return }
+        try await write(try deletions.map { .put(replicaDeletionKey($0.nodeID, $0.volumeID), try StoreRules.encode($0)) })
+    }
+
+    public func replicaDeletions(nodeID: String?) async throws -> [ReplicaDeletion] {
+        try await list(ReplicaDeletion.self, prefix: replicaDeletionsPrefix + (nodeID.map { "\($0)/" } ?? ""))
+            .sorted { ($0.nodeID, $0.volumeID) < ($1.nodeID, $1.volumeID) }
+    }
+
+    public func removeReplicaDeletion(nodeID: String, volumeID: String, token: String?) async throws {
+        let key = replicaDeletionKey(nodeID, volumeID)
+        guard let token else { return try await write([.delete(key)]) }
+        try await transact("remove the pending deletion of node \(nodeID)'s replica of volume \(volumeID)") { txn in
+            guard let kv = try await txn.get(key), try decode(ReplicaDeletion.self, kv).token == token else { return }
+            txn.delete(key)
+        }
     }
 
     public func provisionedBytes() async throws -> Int64 {

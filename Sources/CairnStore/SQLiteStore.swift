@@ -70,6 +70,12 @@ public final class SQLiteStore: MetadataStore {
                 CREATE TABLE group_snapshots (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, doc BLOB NOT NULL);
                 """)
         }
+        migrator.registerMigration("v5-replica-deletions") { db in
+            try db.execute(sql: """
+                CREATE TABLE replica_deletions (node_id TEXT NOT NULL, volume_id TEXT NOT NULL, doc BLOB NOT NULL,
+                                                PRIMARY KEY (node_id, volume_id));
+                """)
+        }
         return migrator
     }
 
@@ -163,12 +169,49 @@ public final class SQLiteStore: MetadataStore {
         }
     }
 
-    public func deleteVolume(id: String) async throws {
+    public func deleteVolume(id: String, recordingReplicaDeletions replicaDeletions: [ReplicaDeletion]) async throws {
+        let docs = try replicaDeletions.map { ($0, try Self.encode($0)) }
         try await write { db in
             for table in ["attachments", "stages", "publishes", "volumes"] {
                 let column = table == "volumes" ? "id" : "volume_id"
                 try db.execute(sql: "DELETE FROM \(table) WHERE \(column) = ?", arguments: [id])
             }
+            try Self.insertReplicaDeletions(db, docs)
+        }
+    }
+
+    // MARK: replica deletions
+
+    private static func insertReplicaDeletions(_ db: Database, _ docs: [(ReplicaDeletion, Data)]) throws {
+        for (deletion, doc) in docs {
+            try db.execute(sql: "INSERT OR REPLACE INTO replica_deletions (node_id, volume_id, doc) VALUES (?, ?, ?)",
+                           arguments: [deletion.nodeID, deletion.volumeID, doc])
+        }
+    }
+
+    public func recordReplicaDeletions(_ deletions: [ReplicaDeletion]) async throws {
+        let docs = try deletions.map { ($0, try Self.encode($0)) }
+        try await write { db in try Self.insertReplicaDeletions(db, docs) }
+    }
+
+    public func replicaDeletions(nodeID: String?) async throws -> [ReplicaDeletion] {
+        try await read { db in
+            try Self.fetchAll(db, ReplicaDeletion.self,
+                              "SELECT doc FROM replica_deletions WHERE ? IS NULL OR node_id = ? ORDER BY node_id, volume_id",
+                              [nodeID, nodeID])
+        }
+    }
+
+    public func removeReplicaDeletion(nodeID: String, volumeID: String, token: String?) async throws {
+        try await write { db in
+            if let token {
+                let recorded = try Self.fetchOne(db, ReplicaDeletion.self,
+                                                 "SELECT doc FROM replica_deletions WHERE node_id = ? AND volume_id = ?",
+                                                 [nodeID, volumeID])
+                guard recorded?.token == token else { return }
+            }
+            try db.execute(sql: "DELETE FROM replica_deletions WHERE node_id = ? AND volume_id = ?",
+                           arguments: [nodeID, volumeID])
         }
     }
 

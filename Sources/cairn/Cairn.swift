@@ -241,6 +241,12 @@ struct Serve: AsyncParsableCommand {
                 let nodeCapacity = try capacity.map(Self.parseBytes) ?? Self.filesystemBytes(dataDir)
                 try await store.registerNode(NodeRecord(id: nodeID, topology: topology, maxVolumes: maxVolumes,
                                                         dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity))
+                if etcd != nil, let dataAddressRecorded {
+                    // Replicas the controller could not delete while this node was away.
+                    let sweeper = ReplicaSweeper(nodeID: nodeID, store: store, dataDir: dataDir,
+                                                 address: dataAddressRecorded, logger: logger)
+                    Task { await sweeper.run() }
+                }
                 let service = NodeService(nodeID: nodeID, topology: topology, maxVolumesPerNode: maxVolumes, store: store,
                                           backing: backing, mounter: mounter, pathRoots: roots, locks: VolumeLocks(),
                                           logger: logger, defaultTargetPID: targetNamespacePID)

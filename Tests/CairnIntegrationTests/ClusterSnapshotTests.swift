@@ -18,12 +18,7 @@ final class ClusterSnapshotTests: XCTestCase {
     override func tearDown() async throws {
         for dir in mounts.reversed() { _ = Testbed.run(["umount", dir]) }
         mounts = []
-        if let bed {
-            if let run = testRun, run.failureCount + run.unexpectedExceptionCount > 0 {
-                for name in ["controller"] + bed.nodes { print("==> \(name).log\n" + bed.logTail(name, lines: 60)) }
-            }
-            if let problem = bed.down() { XCTFail(problem) }
-        }
+        if let problem = bed?.down(after: testRun) { XCTFail(problem) }
         bed = nil
     }
 

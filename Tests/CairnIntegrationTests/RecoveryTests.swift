@@ -17,12 +17,7 @@ final class RecoveryTests: XCTestCase {
     var bed: Testbed!
 
     override func tearDown() async throws {
-        if let bed {
-            if let run = testRun, run.failureCount + run.unexpectedExceptionCount > 0 {
-                for name in ["controller"] + bed.nodes { print("==> \(name).log\n" + bed.logTail(name, lines: 80)) }
-            }
-            if let problem = bed.down() { XCTFail(problem) }
-        }
+        if let problem = bed?.down(after: testRun, logLines: 80) { XCTFail(problem) }
         bed = nil
     }
 

@@ -107,6 +107,15 @@ struct Testbed: Sendable {
         return nil
     }
 
+    /// A test's tearDown: prints the tail of every process's log when `run` failed, then `down`.
+    /// Returns down's problem, nil when all went.
+    func down(after run: XCTestRun?, logLines: Int = 60) -> String? {
+        if let run, run.failureCount + run.unexpectedExceptionCount > 0 {
+            for name in ["controller"] + nodes { print("==> \(name).log\n" + logTail(name, lines: logLines)) }
+        }
+        return down()
+    }
+
     /// SIGKILLs the process group of `node` (`n<i>`, `controller` or `etcd`): a crash, nothing cleaned up.
     func kill(_ node: String) throws { try command(["kill", node]) }
     /// Starts `node` again with the same flags (killing it first if it runs) and waits until it serves.

@@ -84,6 +84,14 @@ final class EtcdStoreTests: XCTestCase {
         try await StoreContract.aRemovedNodeCannotRegisterAgain(makeStore())
     }
 
+    func testReplicaDeletionsAreRecordedListedAndRemovedOnlyAsRead() async throws {
+        try await StoreContract.replicaDeletionsAreRecordedListedAndRemovedOnlyAsRead(makeStore())
+    }
+
+    func testDeletingAVolumeRecordsItsReplicasDeletionsInTheSameStep() async throws {
+        try await StoreContract.deletingAVolumeRecordsItsReplicasDeletionsInTheSameStep(makeStore())
+    }
+
     func testRegisteredNodesAreLive() async throws {
         try await StoreContract.registeredNodesAreLive(makeStore())
     }

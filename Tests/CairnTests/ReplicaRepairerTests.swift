@@ -101,6 +101,24 @@ final class ReplicaRepairerTests: XCTestCase {
         XCTAssertEqual(done, .init(volumeID: "vol-2", oldNodeID: "n4", newNodeID: "n3"))
     }
 
+    func testTheOldReplicasDeletionIsLeftToItsNodeAndANodeStillToDeleteOneGetsNoNewOne() async throws {
+        try await volume("vol-5", replicas: ["n1", "n2", "n3"])
+        // n4 still has to delete an old replica of vol-5: a new one there could go with it.
+        try await store.recordReplicaDeletions([ReplicaDeletion(nodeID: "n4", volumeID: "vol-5", reason: "replaced earlier")])
+        try await store.removeNode(id: "n3")
+        var done = try await repairer.scan()
+        XCTAssertEqual(done, [])
+        XCTAssertEqual(backing.created.withLock { $0 }, [])
+
+        try await store.removeReplicaDeletion(nodeID: "n4", volumeID: "vol-5", token: nil)
+        done = try await repairer.scan()
+        XCTAssertEqual(done, [.init(volumeID: "vol-5", oldNodeID: "n3", newNodeID: "n4")])
+        // The fake backing cannot reach n3: its replica's deletion stays recorded for n3.
+        let pending = try await store.replicaDeletions(nodeID: nil)
+        XCTAssertEqual(pending.map(\.nodeID), ["n3"])
+        XCTAssertTrue(pending.first?.reason.contains("replaced by a new replica on n4") == true, pending.first?.reason ?? "")
+    }
+
     func testTheLastInSyncReplicaIsNeverReplaced() async throws {
         try await volume("vol-3", replicas: ["n1", "n2"])
         try await store.markReplicaOutOfSync(volumeID: "vol-3", nodeID: "n2", epoch: 1, reason: "down")

@@ -52,6 +52,14 @@ final class SQLiteStoreContractTests: XCTestCase {
         try await StoreContract.aRemovedNodeCannotRegisterAgain(store)
     }
 
+    func testReplicaDeletionsAreRecordedListedAndRemovedOnlyAsRead() async throws {
+        try await StoreContract.replicaDeletionsAreRecordedListedAndRemovedOnlyAsRead(store)
+    }
+
+    func testDeletingAVolumeRecordsItsReplicasDeletionsInTheSameStep() async throws {
+        try await StoreContract.deletingAVolumeRecordsItsReplicasDeletionsInTheSameStep(store)
+    }
+
     func testRegisteredNodesAreLive() async throws {
         try await StoreContract.registeredNodesAreLive(store)
     }

@@ -298,6 +298,48 @@ enum StoreContract {
         }
     }
 
+    static func replicaDeletionsAreRecordedListedAndRemovedOnlyAsRead(_ store: any MetadataStore) async throws {
+        let a2 = ReplicaDeletion(nodeID: "node-a", volumeID: "vol-2", reason: "volume vol-2 deleted", recordedAt: when)
+        let a1 = ReplicaDeletion(nodeID: "node-a", volumeID: "vol-1", reason: "replaced", recordedAt: when)
+        let b1 = ReplicaDeletion(nodeID: "node-b", volumeID: "vol-1", reason: "replaced", recordedAt: when)
+        try await store.recordReplicaDeletions([a2, b1, a1])
+        var onA = try await store.replicaDeletions(nodeID: "node-a")
+        XCTAssertEqual(onA, [a1, a2])
+        var all = try await store.replicaDeletions(nodeID: nil)
+        XCTAssertEqual(all, [a1, a2, b1])
+        let none = try await store.replicaDeletions(nodeID: "node")  // a prefix of node ids, not a node
+        XCTAssertEqual(none, [])
+
+        // Recording again replaces; a removal conditional on the older recording leaves the newer.
+        let a1Again = ReplicaDeletion(nodeID: "node-a", volumeID: "vol-1", reason: "replaced again", recordedAt: when)
+        try await store.recordReplicaDeletions([a1Again])
+        try await store.removeReplicaDeletion(nodeID: "node-a", volumeID: "vol-1", token: a1.token)
+        onA = try await store.replicaDeletions(nodeID: "node-a")
+        XCTAssertEqual(onA, [a1Again, a2])
+        try await store.removeReplicaDeletion(nodeID: "node-a", volumeID: "vol-1", token: a1Again.token)
+        try await store.removeReplicaDeletion(nodeID: "node-b", volumeID: "vol-1", token: nil)
+        try await store.removeReplicaDeletion(nodeID: "node-c", volumeID: "vol-9", token: "absent")  // no error
+        try await store.removeReplicaDeletion(nodeID: "node-c", volumeID: "vol-9", token: nil)
+        all = try await store.replicaDeletions(nodeID: nil)
+        XCTAssertEqual(all, [a2])
+    }
+
+    static func deletingAVolumeRecordsItsReplicasDeletionsInTheSameStep(_ store: any MetadataStore) async throws {
+        let replicas = [ReplicaRecord(nodeID: "node-a", address: "10.0.0.1:7000"), ReplicaRecord(nodeID: "node-b", address: "10.0.0.2:7000")]
+        try await store.createVolume(volume("vol-d", replicas: replicas))
+        let pending = replicas.map { ReplicaDeletion(nodeID: $0.nodeID, volumeID: "vol-d", reason: "volume vol-d deleted", recordedAt: when) }
+        try await store.deleteVolume(id: "vol-d", recordingReplicaDeletions: pending)
+        let gone = try await store.volume(id: "vol-d")
+        XCTAssertNil(gone)
+        let all = try await store.replicaDeletions(nodeID: nil)
+        XCTAssertEqual(all, pending)
+        // The plain deletion records none, and an absent volume is no error either way.
+        try await store.deleteVolume(id: "vol-d")
+        try await store.deleteVolume(id: "vol-absent", recordingReplicaDeletions: [])
+        let still = try await store.replicaDeletions(nodeID: nil)
+        XCTAssertEqual(still, pending)
+    }
+
     static func registeredNodesAreLive(_ store: any MetadataStore) async throws {
         let b = NodeRecord(id: "node-b", topology: ["zone": "2"], maxVolumes: 0, registeredAt: when)
         let a = NodeRecord(id: "node-a", topology: ["zone": "1"], maxVolumes: 8, registeredAt: when,
