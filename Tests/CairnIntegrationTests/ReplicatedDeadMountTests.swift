@@ -6,24 +6,8 @@ import XCTest
 /// Issue 13: a node process killed with SIGKILL leaves its engines' FUSE mounts behind (and the
 /// loop device on the FUSE file of a staged volume). After the node's restart, NodeUnstage must
 /// leave no dead FUSE mount and no loop device, nothing may stack, and staging again works.
-/// On the real test bed (docs/testbed.md); `down` in tearDown removes whatever a failure left.
-final class DeadEngineMountTests: XCTestCase {
-    var bed: Testbed!
-
-    override func setUp() async throws {
-        bed = try Testbed.up(nodes: 3)
-    }
-
-    override func tearDown() async throws {
-        if let bed {
-            if let run = testRun, run.failureCount + run.unexpectedExceptionCount > 0 {
-                for name in ["controller", "n1"] { print("==> \(name).log\n" + bed.logTail(name, lines: 80)) }
-            }
-            bed.down()
-        }
-        bed = nil
-    }
-
+/// On the failover tests' bed (their setUp and tearDown: `down` removes whatever a failure left).
+extension ReplicatedFailoverTests {
     /// The `fuse.cairn` mounts under `node`'s data directory (in mount order).
     func fuseMounts(_ node: String) throws -> [MountInfo] {
         let dataDir = bed.stateDir + "/\(node)/"
@@ -31,7 +15,6 @@ final class DeadEngineMountTests: XCTestCase {
     }
 
     func testKilledNodeLeavesNoDeadFUSEMountAfterRestartAndUnstageAndStagesAgain() async throws {
-        let controller = bed.controller
         let bytes: Int64 = 64 << 20
         let volumeID = try await controller.createVolume(
             CSI.create(name: "dead-mounts", access: .block, required: bytes, parameters: ["replicas": "3"])).volume.volumeID
