@@ -312,10 +312,11 @@ static void quiet_log(enum fuse_log_level level, const char *fmt, va_list ap) {
 cfuse_session *cfuse_mount(const char *mountpoint, const char *name, uint64_t size,
                            const cfuse_callbacks *callbacks, void *context,
                            char *error, size_t error_size) {
+    // Dead FUSE mounts at the mount point (a killed process's) are the caller's to detach first
+    // (`DeadFUSEMounts`): stat() on one still succeeds, so it cannot be told from here.
     struct stat st;
     if (stat(mountpoint, &st) != 0) {
         if (errno == ENOTCONN) {
-            // A FUSE mount whose daemon died: detach it so this one can take its place.
             umount2(mountpoint, MNT_DETACH);
         } else {
             set_error(error, error_size, "mount point %s: %s", mountpoint, strerror(errno));
@@ -369,7 +370,7 @@ unsigned cfuse_connection_id(const cfuse_session *session) { return session ? se
 // Writes "1" to the connection's abort file: every pending and future request fails with
 // ENOTCONN and the workers' reads of /dev/fuse return. When fusectl is not mounted, mounts it
 // for the write and unmounts it again, leaving the machine as it was.
-static void abort_connection(unsigned connection) {
+void cfuse_abort_connection(unsigned connection) {
     if (connection == 0) return;
     char path[128];
     snprintf(path, sizeof path, "/sys/fs/fuse/connections/%u/abort", connection);
@@ -399,7 +400,7 @@ int cfuse_unmount(cfuse_session *s) {
         if (pthread_timedjoin_np(s->thread, NULL, &deadline) != 0) {
             // Still in use (a loop device on the file, or a mount detached lazily by someone
             // else): abort the connection so the loop ends and no callback runs after this.
-            abort_connection(s->connection);
+            cfuse_abort_connection(s->connection);
             aborted = 1;
             pthread_join(s->thread, NULL);
         }

@@ -276,10 +276,44 @@ public final class ReplicatedBacking: VolumeBacking {
     }
 
     public func deactivate(volumeID: String) async throws {
-        guard engines.state(volumeID: volumeID) != nil else { return }
-        let engines = self.engines
-        await Self.blocking { engines.stop(volumeID: volumeID) }
-        logger.info("stopped the volume's engine", metadata: ["volume.id": "\(volumeID)"])
+        try Validate.volumeID(volumeID)
+        let (engines, logger) = (self.engines, self.logger)
+        let mountDirectory = "\(enginesDirectory)/\(volumeID)"
+        if engines.state(volumeID: volumeID) != nil {
+            await Self.blocking { engines.stop(volumeID: volumeID) }
+            logger.info("stopped the volume's engine", metadata: ["volume.id": "\(volumeID)"])
+        }
+        // A killed process's engine left its mount here (NodeUnstage after a crash): the node
+        // has detached the loop devices on it by now, so it goes too.
+        try await Self.blocking {
+            _ = try DeadFUSEMounts.detach(under: mountDirectory, exactly: true, logger: logger)
+        }
+    }
+
+    /// At the node process's start, before it serves: every `fuse.cairn` mount under
+    /// `<data-dir>/engines/` is a killed predecessor's (no engine of this process runs yet).
+    /// Each is aborted; those whose file `inUse` says a loop device still holds stay mounted
+    /// (the node finds such a device by that path; NodeUnstageVolume detaches it, then
+    /// `deactivate` the mount), the others are detached now.
+    public func detachDeadEngineMounts(inUse: @Sendable (String) async -> Bool) async {
+        do {
+            var held = Set<String>()
+            for mount in try DeadFUSEMounts.find(under: enginesDirectory) where await inUse(mount.mountPoint + "/volume") {
+                held.insert(mount.mountPoint)
+            }
+            let (directory, logger) = (enginesDirectory, self.logger)
+            let kept = held
+            let detached = try await Self.blocking {
+                try DeadFUSEMounts.detach(under: directory, logger: logger, keep: { kept.contains($0.mountPoint) })
+            }
+            if !detached.isEmpty || !held.isEmpty {
+                logger.info("cleaned up the FUSE mounts of engines a previous process left behind",
+                            metadata: ["detached": "\(detached.count)", "kept.until_unstage": "\(held.sorted())"])
+            }
+        } catch {
+            logger.error("cannot look for dead FUSE mounts of earlier engines; NodeUnstageVolume and the next engine start detach them",
+                         metadata: ["path": "\(enginesDirectory)", "error": "\(error)"])
+        }
     }
 
     // MARK: Condition

@@ -242,6 +242,21 @@ public final class VolumeEngine: Sendable {
             }
             life.members = claimed
 
+            // Never stack on a mount left here by a killed process (docs/engine.md).
+            do {
+                try DeadFUSEMounts.detach(under: mountDirectory, exactly: true, logger: logger)
+            } catch {
+                claimed.forEach { $0.io.close() }
+                life.members = []
+                throw CairnError.internal("cannot check \(mountDirectory) for a dead FUSE mount before mounting: \(error)")
+            }
+            if let other = (try? MountTable.read())?.last(where: { $0.mountPoint == (Validate.realPath(mountDirectory) ?? mountDirectory) }),
+               other.fsType == "fuse.cairn" {
+                claimed.forEach { $0.io.close() }
+                life.members = []
+                throw CairnError.internal(
+                    "another engine of this process already serves \(mountDirectory) (FUSE connection \(other.minor)); Cairn will not mount a second one on top")
+            }
             let retained = Unmanaged.passRetained(self)
             var callbacks = cfuse_callbacks(read: engineRead, write: engineWrite, flush: engineFlush, trim: engineTrim)
             var message = [CChar](repeating: 0, count: 512)
@@ -257,6 +272,7 @@ public final class VolumeEngine: Sendable {
             }
             life.session = session
             life.retained = retained
+            DeadFUSEMounts.register(mountPoint: mountDirectory, connection: UInt32(cfuse_connection_id(session)))
             if let recovery {
                 life.driver = RecoveryDriver(engine: self, recovery: recovery)
             }
@@ -285,6 +301,7 @@ public final class VolumeEngine: Sendable {
                 if cfuse_unmount(session) != 0 {
                     logger.warning("the FUSE connection was still in use (a loop device on the file?) and was aborted")
                 }
+                DeadFUSEMounts.unregister(mountPoint: mountDirectory)
                 life.session = nil
                 life.retained?.release()
                 life.retained = nil

@@ -107,7 +107,7 @@ public enum HostPaths {
     /// Names a running process's mount namespace from /proc/PID/stat (field 22, starttime).
     public static func namespace(ofProcess pid: Int32, proc: String = "/proc") throws -> MountNamespace {
         guard pid > 0 else { throw MountNamespaceGone(pid: pid, reason: "is not a valid process id") }
-        guard let stat = try? String(contentsOfFile: "\(proc)/\(pid)/stat", encoding: .utf8),
+        guard let stat = ProcFile.textIfReadable("\(proc)/\(pid)/stat"),
               let close = stat.lastIndex(of: ")") else {
             throw MountNamespaceGone(pid: pid, reason: "does not exist (has the container exited?)")
         }

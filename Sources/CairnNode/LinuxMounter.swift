@@ -76,7 +76,7 @@ public struct LinuxMounter: Mounter {
                 "could not attach \(file) as a loop device (losetup exit \(result.status): \(result.output)); check that the file exists, that free loop devices remain (losetup -a; modprobe loop max_loop=…) and that this process may use /dev/loop-control")
         }
         let name = (device as NSString).lastPathComponent
-        if let dio = try? String(contentsOfFile: "\(sysBlock)/\(name)/loop/dio", encoding: .utf8),
+        if let dio = ProcFile.textIfReadable("\(sysBlock)/\(name)/loop/dio"),
            dio.trimmingCharacters(in: .whitespacesAndNewlines) != "1" {
             logger.warning("loop device runs without direct I/O; the filesystem holding the backing file may not support O_DIRECT (expect about 3× lower throughput)",
                            metadata: ["device": "\(device)", "path": "\(file)"])
@@ -96,7 +96,7 @@ public struct LinuxMounter: Mounter {
         }
         var devices: [String] = []
         for name in names where name.hasPrefix("loop") {
-            guard let raw = try? String(contentsOfFile: "\(sysBlock)/\(name)/loop/backing_file", encoding: .utf8) else {
+            guard let raw = ProcFile.textIfReadable("\(sysBlock)/\(name)/loop/backing_file") else {
                 continue  // not bound
             }
             var backing = raw.trimmingCharacters(in: .newlines)
@@ -273,13 +273,11 @@ public struct LinuxMounter: Mounter {
 
     public func mountTable(in namespace: MountNamespace) async throws -> [MountInfo] {
         if case .process = namespace { return MountTable.parse(try await nsexec.mountinfo(namespace)) }
-        let text: String
         do {
-            text = try String(contentsOfFile: mountInfoPath, encoding: .utf8)
+            return try MountTable.read(mountInfoPath)
         } catch {
             throw CairnError.internal("cannot read \(mountInfoPath): \(error); is /proc mounted in this container?")
         }
-        return MountTable.parse(text)
     }
 
     // MARK: Capacity
@@ -330,7 +328,7 @@ public struct LinuxMounter: Mounter {
         // sysfs reports the size in 512-byte sectors whatever the logical block size is.
         let name = ((Validate.realPath(device) ?? device) as NSString).lastPathComponent
         let path = "/sys/class/block/\(name)/size"
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8),
+        guard let text = ProcFile.textIfReadable(path),
               let sectors = Int64(text.trimmingCharacters(in: .whitespacesAndNewlines)) else {
             throw CairnError.internal("cannot read the size of \(device) from \(path); is the device still attached?")
         }

@@ -186,8 +186,15 @@ static int open_process(const struct opts *o, unsigned long long *start)
     int proc = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (proc < 0) fail(gone_or_system(errno), errno, GONE_HINT, "opening %s", path);
     int fd = openat(proc, "stat", O_RDONLY | O_CLOEXEC);
-    ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof buf - 1);
-    if (n < 0) fail(gone_or_system(errno), errno, GONE_HINT, "reading %s/stat", path);
+    if (fd < 0) fail(gone_or_system(errno), errno, GONE_HINT, "reading %s/stat", path);
+    /* procfs may hand a file out in pieces: read to EOF (the line is far shorter than buf). */
+    size_t n = 0;
+    for (;;) {
+        ssize_t r = read(fd, buf + n, sizeof buf - 1 - n);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) fail(gone_or_system(errno), errno, GONE_HINT, "reading %s/stat", path);
+        if (r == 0 || (n += (size_t)r) == sizeof buf - 1) break;
+    }
     close(fd);
     buf[n] = 0;
     char *comm_end = strrchr(buf, ')'); /* comm may hold spaces and ')'; the last ')' ends it */

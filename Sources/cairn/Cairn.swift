@@ -251,6 +251,12 @@ struct Serve: AsyncParsableCommand {
                                           backing: backing, mounter: mounter, pathRoots: roots, locks: VolumeLocks(),
                                           logger: logger, defaultTargetPID: targetNamespacePID)
                 if role == .all || inProcessAgent {
+                    if let replicated = backing as? ReplicatedBacking, let linux {
+                        // A killed predecessor's engines left FUSE mounts: never serve on top of them.
+                        await replicated.detachDeadEngineMounts { file in
+                            (try? await linux.loopDevices(backing: file))?.isEmpty == false
+                        }
+                    }
                     // This process is the agent too: bring the machine back to the records first.
                     await service.restore()
                 }

@@ -19,12 +19,13 @@ class IntegrationTestCase: XCTestCase {
     /// `beforeStart` prepares the plugin's directories (e.g. mounts a filesystem at its data
     /// directory); whatever it mounts or attaches under `root` is removed by the tear-down.
     func startPlugin(capacity: String = "20Gi", extraArguments: [String] = [], nodeID: String = "it-node",
-                     launch: PluginProcess.Launch = .flags,
+                     launch: PluginProcess.Launch = .flags, launchPrefix: [String] = [],
                      beforeStart: ((PluginProcess) throws -> Void)? = nil) async throws -> PluginProcess {
         if getuid() != 0 {
             throw XCTSkip("integration tests mount filesystems and attach loop devices: run them as root")
         }
-        let plugin = try PluginProcess(capacity: capacity, nodeID: nodeID, extraArguments: extraArguments, launch: launch)
+        let plugin = try PluginProcess(capacity: capacity, nodeID: nodeID, extraArguments: extraArguments, launch: launch,
+                                       launchPrefix: launchPrefix)
         plugins.append(plugin)  // before start(): tearDown cleans up even if the start fails
         try beforeStart?(plugin)
         try await plugin.start()

@@ -52,6 +52,10 @@ final class PluginProcess: @unchecked Sendable {
     /// Mesos's /tmp/mesos-csi-XXXXXX/endpoint.sock) and `MESOS_AGENT_ID` in the environment,
     /// with neither `--endpoint` nor `--node-id` on the command line.
     let launch: Launch
+    /// A command the plugin is started through (its argv ends with `cairn serve …`), e.g.
+    /// `unshare --mount …` for a plugin in a mount namespace of its own; empty: started directly.
+    /// The command must exec the plugin, so that `pid` is the plugin's.
+    let launchPrefix: [String]
 
     enum Launch: Sendable {
         case flags
@@ -85,9 +89,10 @@ final class PluginProcess: @unchecked Sendable {
 
     /// Makes the temporary directory; does not start the process (see `start`).
     init(capacity: String = "20Gi", nodeID: String = "it-node", extraArguments: [String] = [],
-         launch: Launch = .flags) throws {
+         launch: Launch = .flags, launchPrefix: [String] = []) throws {
         self.binary = try Self.locateBinary()
         self.launch = launch
+        self.launchPrefix = launchPrefix
         self.capacity = capacity
         self.nodeID = nodeID
         self.extraArguments = extraArguments
@@ -189,8 +194,9 @@ final class PluginProcess: @unchecked Sendable {
 
         let process = Process()
         process.environment = environment
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = arguments
+        let argv = launchPrefix + [binary] + arguments
+        process.executableURL = URL(fileURLWithPath: argv[0])  // launchPrefix[0]: an absolute path
+        process.arguments = Array(argv.dropFirst())
         process.standardOutput = log
         process.standardError = log
         process.standardInput = FileHandle.nullDevice
@@ -302,21 +308,28 @@ final class PluginProcess: @unchecked Sendable {
     // MARK: Inspection
 
     /// Mount points at or under any of `paths`, from /proc/self/mountinfo (in mount order).
-    static func mounts(under paths: [String]) -> [MountEntry] {
-        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
+    static func mounts(under paths: [String], table: String = "/proc/self/mountinfo") -> [MountEntry] {
+        guard let text = ProcFile.textIfReadable(table) else { return [] }
         return text.split(separator: "\n").compactMap(MountEntry.init).filter { entry in
             paths.contains { Validate.isInside(entry.mountPoint, root: $0) }
         }
     }
 
-    func mounts(under path: String? = nil) -> [MountEntry] { Self.mounts(under: [path ?? root]) }
+    func mounts(under path: String? = nil) -> [MountEntry] { Self.mounts(under: [path ?? root], table: mountTablePath) }
+
+    /// The mount table the plugin sees: its own namespace's when `launchPrefix` may have given
+    /// it one (while it runs), else this process's.
+    var mountTablePath: String {
+        if !launchPrefix.isEmpty, let pid, isRunning { return "/proc/\(pid)/mountinfo" }
+        return "/proc/self/mountinfo"
+    }
 
     /// Loop devices whose backing file is at or under `path` (also after that file was deleted).
     static func loopDevices(backedUnder path: String) -> [LoopDevice] {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: "/sys/block") else { return [] }
         var result: [LoopDevice] = []
         for name in names where name.hasPrefix("loop") {
-            guard let raw = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8) else {
+            guard let raw = ProcFile.textIfReadable("/sys/block/\(name)/loop/backing_file") else {
                 continue
             }
             var backing = raw.trimmingCharacters(in: .newlines)

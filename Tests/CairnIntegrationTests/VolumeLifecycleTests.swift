@@ -22,6 +22,50 @@ final class VolumeLifecycleTests: IntegrationTestCase {
         try await lifeWithRestart(access: .block, sizeMiB: 64)
     }
 
+    // MARK: A long mount table (issue 13)
+
+    /// The kernel hands out /proc/self/mountinfo in pieces; a plugin that read only the first
+    /// (about 4 KiB) never saw its own mounts at the end of a long table. Here the plugin runs
+    /// in a mount namespace of its own holding 400 extra tmpfs mounts with long names (over
+    /// 64 KiB of table, so even a 64 KiB read is not the whole of it), and a mount and a block
+    /// volume each go through their whole life. The namespace, and every mount in it, ends with
+    /// the plugin; the tear-down detaches the loop devices.
+    func testWholeLifeWorksWhenThePluginsMountTableIsLargerThan64KiB() async throws {
+        // The bulk lives on a tmpfs over /mnt inside the private namespace: nothing on the host.
+        let script = """
+            set -e
+            mount -t tmpfs -o size=4m,mode=0700 cairn-it-bulk /mnt
+            long=$(printf 'x%.0s' $(seq 1 200))
+            for i in $(seq 1 400); do
+                mkdir "/mnt/$i-$long"
+                mount -t tmpfs -o size=4k cairn-it-bulk "/mnt/$i-$long"
+            done
+            exec "$@"
+            """
+        let plugin = try await startPlugin(launchPrefix: [
+            "/usr/bin/unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh",
+        ])
+        let pid = try XCTUnwrap(plugin.pid)
+        XCTAssertEqual(plugin.mountTablePath, "/proc/\(pid)/mountinfo")
+        let tableBytes = try ProcFile.bytes(plugin.mountTablePath).count
+        XCTAssertGreaterThan(tableBytes, 64 << 10, "the plugin's mount table must be larger than 64 KiB for this test")
+        XCTAssert(PluginProcess.mounts(under: [plugin.root]).isEmpty, "the plugin's mounts must stay in its own namespace")
+
+        let csi = CSIClient(plugin: plugin)
+        for access in [Access.mount(fsType: "ext4"), .block] {
+            let placed = try await place(csi, plugin, name: "long-table-\(access.slug)-\(UUID().uuidString.prefix(8))",
+                                         access: access, sizeMiB: 64)
+            // The application's I/O, through the plugin's namespace (/proc/PID/root).
+            var seen = placed
+            seen.target = "/proc/\(pid)/root" + placed.target
+            let payload = try writePayload(seen)
+            XCTAssertEqual(try readPayload(seen, count: payload.count), payload, "the data written must read back")
+            try await unplace(csi, plugin, placed, lastOne: false)
+        }
+        let left = plugin.mounts().map { "\($0.mountPoint)" } + plugin.loopDevices().map(\.device)
+        XCTAssert(left.isEmpty, "after both volumes' whole lives the plugin left behind \(left)")
+    }
+
     // MARK: Reboot-like loss of mounts and loop devices
 
     func testExt4VolumeIsReattachedAndRemountedWithItsDataAfterARebootLikeEvent() async throws {

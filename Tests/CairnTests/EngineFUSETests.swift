@@ -49,7 +49,7 @@ final class EngineFUSETests: XCTestCase {
         for registry in registries { registry.stopAll() }
         if !dir.isEmpty {
             // Only once nothing is mounted below it.
-            let mountinfo = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+            let mountinfo = ProcFile.textIfReadable("/proc/self/mountinfo") ?? ""
             XCTAssertFalse(mountinfo.contains(dir), "a mount under \(dir) survived the test")
             if !mountinfo.contains(dir) { try? FileManager.default.removeItem(atPath: dir) }
         }
@@ -416,6 +416,66 @@ final class EngineFUSETests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: path))
         XCTAssertEqual(run(["losetup", "-d", device]), 0)
         loopDevices.removeAll()
+    }
+
+    // MARK: Dead FUSE mounts (issue 13)
+
+    /// A FUSE mount whose daemon is gone, as a SIGKILLed node process leaves one: mounted over
+    /// /dev/fuse as `fuse.cairn`, then the descriptor closed (the kernel aborts the connection).
+    func deadMount(at path: String) throws {
+        if mkdir(path, 0o700) != 0 && errno != EEXIST { throw SystemError("mkdir \(path)", errno: errno) }
+        let fd = Glibc.open("/dev/fuse", O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw SystemError("open /dev/fuse", errno: errno) }
+        defer { close(fd) }
+        guard mount("cairn:dead", path, "fuse.cairn", 0, "fd=\(fd),rootmode=40000,user_id=0,group_id=0") == 0 else {
+            throw SystemError("mount fuse.cairn at \(path)", errno: errno)
+        }
+    }
+
+    func fuseMounts(at path: String) throws -> [MountInfo] {
+        try MountTable.read().filter { $0.mountPoint == path && $0.fsType == "fuse.cairn" }
+    }
+
+    /// Unmounts whatever FUSE mounts remain at `path` (lazily), for the tear-down.
+    func detachAll(at path: String) {
+        for _ in 0..<4 where !((try? fuseMounts(at: path)) ?? []).isEmpty { umount2(path, Int32(MNT_DETACH)) }
+    }
+
+    func testStartDetachesDeadMountsStackedAtItsMountPointAndNeverStacks() throws {
+        let fakes = fakes(1)
+        let engine = makeEngine(fakes)
+        defer { engine.stop(); detachAll(at: engine.mountDirectory) }
+        try deadMount(at: engine.mountDirectory)
+        try deadMount(at: engine.mountDirectory)
+        XCTAssertEqual(try fuseMounts(at: engine.mountDirectory).count, 2, "two dead mounts stacked, as after two crashes")
+        let fd = try Self.open(try engine.start())
+        defer { close(fd) }
+        let left = try fuseMounts(at: engine.mountDirectory)
+        XCTAssertEqual(left.count, 1, "the engine's own mount only: \(left.map(\.source))")
+        XCTAssertEqual(left.first?.source, "cairn:vol-a")
+        XCTAssertEqual(Self.write(fd, 0, 4096, 0x5A), 0)
+        XCTAssertEqual(Self.read(fd, 0, 4096).1, [UInt8](repeating: 0x5A, count: 4096))
+        XCTAssertEqual(try DeadFUSEMounts.find(under: dir), [], "a live engine of this process is not dead")
+    }
+
+    func testSweepDetachesOnlyDeadMountsAndLeavesALiveEngineServing() throws {
+        let (engine, _, fd) = try mounted(1)  // stopped by the tear-down, after fd is closed
+        let dead = dir + "/mnt-vol-gone"
+        defer { detachAll(at: dead) }
+        try deadMount(at: dead)
+        XCTAssertEqual(try DeadFUSEMounts.find(under: dir).map(\.mountPoint), [dead])
+        // What the node does at its start and in NodeUnstage.
+        XCTAssertEqual(try DeadFUSEMounts.detach(under: dir, logger: logger), [dead])
+        XCTAssertEqual(try fuseMounts(at: dead), [])
+        XCTAssertEqual(try fuseMounts(at: engine.mountDirectory).count, 1, "the live engine's mount stays")
+        XCTAssertEqual(Self.write(fd, 8192, 4096, 0x33), 0, "the live engine still serves writes")
+        XCTAssertEqual(Self.read(fd, 8192, 4096).1, [UInt8](repeating: 0x33, count: 4096))
+        // A kept mount (a loop device still holds its file) is aborted but stays mounted.
+        try deadMount(at: dead)
+        XCTAssertEqual(try DeadFUSEMounts.detach(under: dir, logger: logger, keep: { $0.mountPoint == dead }), [])
+        XCTAssertEqual(try fuseMounts(at: dead).count, 1)
+        XCTAssertEqual(try DeadFUSEMounts.detach(under: dead, exactly: true, logger: logger), [dead])
+        XCTAssertEqual(try fuseMounts(at: dead), [])
     }
 
     /// The open reply carries FOPEN_PARALLEL_DIRECT_WRITES: two direct writes to the file reach

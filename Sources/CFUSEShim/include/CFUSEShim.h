@@ -32,8 +32,8 @@ typedef struct cfuse_callbacks {
 
 typedef struct cfuse_session cfuse_session;
 
-/// Mounts the filesystem at `mountpoint` (an existing directory; a dead FUSE mount left there by
-/// a crashed process is detached first) and starts the multi-threaded loop on its own thread.
+/// Mounts the filesystem at `mountpoint` (an existing directory; a FUSE mount there that answers
+/// ENOTCONN is detached first, but a killed process's mount may not: see `DeadFUSEMounts`) and starts the multi-threaded loop on its own thread.
 /// `name` becomes the fsname `cairn:<name>`. On failure returns NULL and writes a message to
 /// `error` (at most `error_size` bytes, NUL-terminated).
 cfuse_session *cfuse_mount(const char *mountpoint, const char *name, uint64_t size,
@@ -50,6 +50,11 @@ int cfuse_unmount(cfuse_session *session);
 /// cached attributes of the file, so the next stat — and `losetup -c` on a loop device over it —
 /// sees the new size at once instead of after the attribute timeout. Returns 0 or -errno.
 int cfuse_set_size(cfuse_session *session, uint64_t size);
+
+/// Aborts the kernel's FUSE connection `connection` (the minor of the mount's st_dev, as in
+/// /proc/self/mountinfo's `0:N`) through fusectl, mounting /sys/fs/fuse/connections for the
+/// write if needed: every pending and later request fails with ENOTCONN. 0 is ignored.
+void cfuse_abort_connection(unsigned connection);
 
 /// The kernel's FUSE connection id of the mount (the minor of its st_dev), 0 if unknown.
 unsigned cfuse_connection_id(const cfuse_session *session);

@@ -1,3 +1,5 @@
+import Foundation
+
 /// Parser for /proc/<pid>/mountinfo (proc(5)):
 ///
 ///     36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
@@ -11,6 +13,11 @@ public enum MountTable {
     /// (a newer kernel may add fields after the separator; those are ignored, not fatal).
     public static func parse(_ text: String) -> [MountInfo] {
         text.split(separator: "\n", omittingEmptySubsequences: true).compactMap { parseLine(Substring($0)) }
+    }
+
+    /// Reads and parses a mountinfo file whole (`ProcFile`: a long table comes in pieces).
+    public static func read(_ path: String = "/proc/self/mountinfo") throws -> [MountInfo] {
+        parse(try ProcFile.text(path))
     }
 
     public static func parseLine(_ line: Substring) -> MountInfo? {
@@ -62,4 +69,45 @@ public enum MountTable {
     static func octal(_ b: UInt8) -> UInt8? {
         b >= UInt8(ascii: "0") && b <= UInt8(ascii: "7") ? b - UInt8(ascii: "0") : nil
     }
+}
+
+/// One line of /proc/self/mountinfo (proc(5)), unescaped.
+public struct MountInfo: Sendable, Equatable {
+    public var mountID: Int
+    public var parentID: Int
+    public var major: UInt32
+    public var minor: UInt32
+    /// The directory of the source filesystem that is mounted here ("/" for a whole filesystem;
+    /// for a bind mount of a device node, the node's path inside devtmpfs, e.g. "/loop3").
+    public var root: String
+    public var mountPoint: String
+    /// Per-mount options (ro/rw, nosuid, nodev, noexec, relatime…).
+    public var mountOptions: [String]
+    /// Optional fields such as `shared:1` or `master:2`.
+    public var optionalFields: [String]
+    public var fsType: String
+    /// The mount source, e.g. `/dev/loop3` (or "none", "tmpfs"…).
+    public var source: String
+    /// Per-superblock options.
+    public var superOptions: [String]
+
+    public init(mountID: Int, parentID: Int, major: UInt32, minor: UInt32, root: String,
+                mountPoint: String, mountOptions: [String], optionalFields: [String],
+                fsType: String, source: String, superOptions: [String]) {
+        self.mountID = mountID
+        self.parentID = parentID
+        self.major = major
+        self.minor = minor
+        self.root = root
+        self.mountPoint = mountPoint
+        self.mountOptions = mountOptions
+        self.optionalFields = optionalFields
+        self.fsType = fsType
+        self.source = source
+        self.superOptions = superOptions
+    }
+
+    /// Read-only at the mount point (a bind mount made read-only) or at the superblock (e.g. ext4
+    /// remounted itself read-only after I/O errors with errors=remount-ro).
+    public var isReadOnly: Bool { mountOptions.contains("ro") || superOptions.contains("ro") }
 }
