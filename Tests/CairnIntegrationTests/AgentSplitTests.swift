@@ -372,7 +372,7 @@ final class AgentSplitTests: IntegrationTestCase {
     }
 
     static func hostMountIDs() -> [Int] {
-        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
+        guard let text = ProcFile.textIfReadable("/proc/self/mountinfo") else { return [] }
         return text.split(separator: "\n").compactMap(MountEntry.init).map(\.mountID)
     }
 

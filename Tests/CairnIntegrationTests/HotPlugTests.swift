@@ -33,7 +33,7 @@ final class HotPlugTests: IntegrationTestCase {
 
         /// Mount points in the container's namespace.
         func mountPoints() -> [String] {
-            guard let text = try? String(contentsOfFile: "/proc/\(pid)/mountinfo", encoding: .utf8) else { return [] }
+            guard let text = ProcFile.textIfReadable("/proc/\(pid)/mountinfo") else { return [] }
             return text.split(separator: "\n").compactMap(MountEntry.init).map(\.mountPoint)
         }
 
@@ -90,7 +90,7 @@ final class HotPlugTests: IntegrationTestCase {
         // The container's process is unshare's child; wait until it runs busybox in its rootfs.
         let unsharePID = unshare.processIdentifier
         for _ in 0..<200 {
-            let children = (try? String(contentsOfFile: "/proc/\(unsharePID)/task/\(unsharePID)/children", encoding: .utf8)) ?? ""
+            let children = (ProcFile.textIfReadable("/proc/\(unsharePID)/task/\(unsharePID)/children")) ?? ""
             if let child = children.split(separator: " ").first.flatMap({ Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }),
                (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(child)/root")) == rootfs,
                ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(child)/exe")) ?? "").hasSuffix("busybox") {

@@ -68,7 +68,7 @@ extension VolumeLifecycleTests {
     }
 
     static func mountPoints(of pid: Int32) throws -> [String] {
-        try String(contentsOfFile: "/proc/\(pid)/mountinfo", encoding: .utf8)
+        try ProcFile.text("/proc/\(pid)/mountinfo")
             .split(separator: "\n").compactMap { line in
                 let fields = line.split(separator: " ")
                 return fields.count > 4 ? String(fields[4]).replacingOccurrences(of: "\\040", with: " ") : nil

@@ -1,6 +1,6 @@
 @testable import CairnCluster
 import CairnCore
-import CairnEngine
+@testable import CairnEngine
 import CairnReplica
 import Foundation
 import Logging
@@ -49,6 +49,22 @@ extension EngineFUSETests {
         // Only the differing blocks moved: 3 blocks to n1 (5) or n2, n3 — counted per target.
         let copied = fakes.map { f in f.state.withLock { $0.resyncBytes } }
         XCTAssertEqual(copied, [2 * 4096, 4096, 2 * 4096], "n1 gets 5 and 7; n2 gets 300 (and 600 as a trim); n3 gets 7 and 300")
+    }
+
+    func testAnEngineNeverReusesAGenerationAnEarlierEngineLeftOnAnUnreachableReplica() throws {
+        let fakes = fakes(3)
+        // The epoch-4 engine's last write of block 3 reached only n3, which is now unreachable.
+        let earlier = (UInt64(4) << VolumeEngine.epochShift) + 7
+        fakes[2].tamper(block: 3, byte: 0x77, generation: earlier)
+        fakes[2].state.withLock { $0.claimFailure = FakeFailure(description: "n3 is unreachable") }
+        let engine = makeEngine(fakes, epoch: 5)
+        let fd = try Self.open(try engine.start())
+        openFiles.append(fd)
+        XCTAssertEqual(Self.write(fd, 3 * 4096, 4096, 0x55), 0)
+        let written = fakes[0].state.withLock { $0.generations[3] }
+        XCTAssertGreaterThan(written, earlier, "the new engine's write must be newer than anything an older engine numbered")
+        XCTAssertEqual(VolumeEngine.firstGeneration(epoch: 5, highest: 9), 5 << VolumeEngine.epochShift)
+        XCTAssertEqual(VolumeEngine.firstGeneration(epoch: 5, highest: (6 << VolumeEngine.epochShift)), 6 << VolumeEngine.epochShift)
     }
 
     func testIdenticalReplicasCostOnlyTheirDigestsAtClaim() throws {

@@ -1,3 +1,4 @@
+import CairnCore
 import Foundation
 import XCTest
 
@@ -74,7 +75,7 @@ final class NamespaceExecTests: XCTestCase {
                                                   "/bin/busybox", "cat", "/data/vol/hello"])
         XCTAssertEqual(inside.status, 0, inside.stderr)
         XCTAssertEqual(inside.stdout, "hello")
-        XCTAssertEqual(try String(contentsOfFile: "/proc/\(pid)/root/data/vol/hello", encoding: .utf8), "hello\n")
+        XCTAssertEqual(try ProcFile.text("/proc/\(pid)/root/data/vol/hello"), "hello\n")
 
         // Not on the host: the mount went into the container's namespace only.
         XCTAssertEqual(hostMounts(under: rootfs), [])
@@ -323,7 +324,7 @@ final class NamespaceExecTests: XCTestCase {
     }
 
     func children(of pid: Int32) -> [Int32] {
-        let text = (try? String(contentsOfFile: "/proc/\(pid)/task/\(pid)/children", encoding: .utf8)) ?? ""
+        let text = (ProcFile.textIfReadable("/proc/\(pid)/task/\(pid)/children")) ?? ""
         return text.split(separator: " ").compactMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
     }
 
@@ -334,7 +335,7 @@ final class NamespaceExecTests: XCTestCase {
 
     /// Fields after the command name in /proc/PID/stat, starting with field 3 (state).
     static func statFields(of pid: Int32) -> [Substring] {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+        guard let text = ProcFile.textIfReadable("/proc/\(pid)/stat"),
               let close = text.lastIndex(of: ")") else { return [] }
         return text[text.index(after: close)...].split(separator: " ")
     }
@@ -355,7 +356,7 @@ final class NamespaceExecTests: XCTestCase {
 
     /// Mount points at or under `root` in the host's (this process's) namespace, unescaped.
     func hostMounts(under root: String) -> [String] {
-        let text = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+        let text = (ProcFile.textIfReadable("/proc/self/mountinfo")) ?? ""
         return text.split(separator: "\n").compactMap { line -> String? in
             let fields = line.split(separator: " ")
             guard fields.count > 4 else { return nil }

@@ -28,7 +28,7 @@ extension NodeLinuxMounterTests {
 
     /// Whether this process has Linux capability `bit` in its effective set.
     static func hasCapability(_ bit: Int) -> Bool {
-        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+        guard let status = ProcFile.textIfReadable("/proc/self/status"),
               let line = status.split(separator: "\n").first(where: { $0.hasPrefix("CapEff:") }),
               let mask = UInt64(line.split(separator: "\t").last ?? "", radix: 16) else { return false }
         return mask >> UInt64(bit) & 1 == 1

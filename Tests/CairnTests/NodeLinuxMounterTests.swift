@@ -35,7 +35,7 @@ final class NodeLinuxMounterTests: XCTestCase {
         }
         let names = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? []
         for name in names where name.hasPrefix("loop") {
-            guard let backing = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8),
+            guard let backing = ProcFile.textIfReadable("/sys/block/\(name)/loop/backing_file"),
                   Validate.isInside(backing.trimmingCharacters(in: .whitespacesAndNewlines), root: realDir)
                     || backing.hasPrefix(realDir + "/") else { continue }
             _ = try? await Command.run(["losetup", "--detach", "/dev/\(name)"])

@@ -329,7 +329,7 @@ final class ReplicaStoreTests: XCTestCase {
         let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 1 << 20)
         defer { try? store.close() }
         guard store.usesDirectIO else { throw XCTSkip("the filesystem under /tmp refuses O_DIRECT") }
-        let flags = try String(contentsOfFile: "/proc/self/fdinfo/\(dataDescriptor())", encoding: .utf8)
+        let flags = try ProcFile.text("/proc/self/fdinfo/\(dataDescriptor())")
             .split(separator: "\n").first { $0.hasPrefix("flags:") }
         let octal = Int(flags?.split(separator: "\t").last.map(String.init) ?? "", radix: 8) ?? 0
         XCTAssertNotEqual(octal & Int(FileIO.O_DIRECT), 0, "the open descriptor carries O_DIRECT")

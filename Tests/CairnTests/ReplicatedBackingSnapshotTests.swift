@@ -45,7 +45,7 @@ final class ReplicatedBackingSnapshotTests: XCTestCase {
         for server in servers { server.stop() }
         servers = []
         if !dir.isEmpty {
-            let mountinfo = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+            let mountinfo = (ProcFile.textIfReadable("/proc/self/mountinfo")) ?? ""
             XCTAssertFalse(mountinfo.contains(dir), "a mount under \(dir) survived the test")
             if !mountinfo.contains(dir) { try? FileManager.default.removeItem(atPath: dir) }
         }
