@@ -92,6 +92,9 @@ public enum DeadFUSEMounts {
                     kept.insert(point)
                     continue
                 }
+                // A loop device over the dead file can never serve again; detached lazily, it
+                // would name "/volume" and nobody could find it by its path any more.
+                releaseLoopDevices(over: point + "/volume", logger: logger)
                 if umount2(point, Int32(MNT_DETACH)) == 0 {
                     logger.warning("detached a dead engine's FUSE mount (its process is gone)",
                                    metadata: ["path": "\(point)", "fuse.connection": "\(top.minor)", "source": "\(top.source)"])
@@ -107,5 +110,29 @@ public enum DeadFUSEMounts {
             if !progressed { break }
         }
         return detached
+    }
+
+    /// Clears every loop device backed by `file` (LOOP_CLR_FD: at once when nothing else holds
+    /// it open, otherwise the kernel marks it autoclear and it goes when its last opener closes).
+    static func releaseLoopDevices(over file: String, logger: Logger) {
+        let loopClearFD: UInt = 0x4C01
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? [] where entry.hasPrefix("loop") {
+            guard let back = ProcFile.textIfReadable("/sys/block/\(entry)/loop/backing_file")?
+                    .trimmingCharacters(in: .whitespacesAndNewlines), back == file else { continue }
+            let fd = open("/dev/\(entry)", O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else {
+                logger.error("cannot open a loop device over a dead engine's file to detach it; detach it by hand (losetup -d)",
+                             metadata: ["device": "/dev/\(entry)", "file": "\(file)", "error": "\(String(cString: strerror(errno)))"])
+                continue
+            }
+            defer { close(fd) }
+            if ioctl(fd, loopClearFD, 0) == 0 {
+                logger.warning("detached a loop device over a dead engine's file (it goes once nothing holds it open)",
+                               metadata: ["device": "/dev/\(entry)", "file": "\(file)"])
+            } else {
+                logger.error("could not detach a loop device over a dead engine's file; detach it by hand (losetup -d)",
+                             metadata: ["device": "/dev/\(entry)", "file": "\(file)", "error": "\(String(cString: strerror(errno)))"])
+            }
+        }
     }
 }
