@@ -79,39 +79,51 @@ struct Attachment {
     let staging: String
     let target: String
 
+    let capability: Csi_V1_VolumeCapability
+
     init(volume: String, nodeID: String, root: String) {
-        self.volume = volume
-        self.nodeID = nodeID
-        staging = root + "/\(volume)-\(nodeID)/staging"
-        target = root + "/\(volume)-\(nodeID)/target"
+        self.init(volume: volume, nodeID: nodeID, staging: root + "/\(volume)-\(nodeID)/staging",
+                  target: root + "/\(volume)-\(nodeID)/target")
     }
 
-    /// ControllerPublish, NodeStage (formats the first time), NodePublish.
-    func publish(controller: CSIClient, node: CSIClient) async throws {
+    init(volume: String, nodeID: String, staging: String, target: String,
+         capability: Csi_V1_VolumeCapability = Requests.capability()) {
+        self.volume = volume
+        self.nodeID = nodeID
+        self.staging = staging
+        self.target = target
+        self.capability = capability
+    }
+
+    /// ControllerPublish, NodeStage (formats the first time), NodePublish; the publish context.
+    @discardableResult
+    func publish(controller: CSIClient, node: CSIClient) async throws -> [String: String] {
         var cp = Csi_V1_ControllerPublishVolumeRequest()
         cp.volumeID = volume
         cp.nodeID = nodeID
-        cp.volumeCapability = Requests.capability()
+        cp.volumeCapability = capability
         let published = try await controller.call("Controller", "ControllerPublishVolume", cp,
                                                   as: Csi_V1_ControllerPublishVolumeResponse.self)
         try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
         var stage = Csi_V1_NodeStageVolumeRequest()
         stage.volumeID = volume
         stage.stagingTargetPath = staging
-        stage.volumeCapability = Requests.capability()
+        stage.volumeCapability = capability
         stage.publishContext = published.publishContext
         _ = try await node.call("Node", "NodeStageVolume", stage, as: Csi_V1_NodeStageVolumeResponse.self)
         var pub = Csi_V1_NodePublishVolumeRequest()
         pub.volumeID = volume
         pub.stagingTargetPath = staging
         pub.targetPath = target
-        pub.volumeCapability = Requests.capability()
+        pub.volumeCapability = capability
         pub.publishContext = published.publishContext
         _ = try await node.call("Node", "NodePublishVolume", pub, as: Csi_V1_NodePublishVolumeResponse.self)
+        return published.publishContext
     }
 
-    /// NodeUnpublish, NodeUnstage (only when `node` is given: a dead node cannot), ControllerUnpublish.
-    func unpublish(controller: CSIClient, node: CSIClient?) async throws {
+    /// NodeUnpublish, NodeUnstage (only when `node` is given: a dead node cannot), ControllerUnpublish
+    /// (only when `controller` is given: a CO cleaning up a node it already detached does not).
+    func unpublish(controller: CSIClient?, node: CSIClient?) async throws {
         if let node {
             var unpub = Csi_V1_NodeUnpublishVolumeRequest()
             unpub.volumeID = volume
@@ -122,6 +134,7 @@ struct Attachment {
             unstage.stagingTargetPath = staging
             _ = try await node.call("Node", "NodeUnstageVolume", unstage, as: Csi_V1_NodeUnstageVolumeResponse.self)
         }
+        guard let controller else { return }
         var cu = Csi_V1_ControllerUnpublishVolumeRequest()
         cu.volumeID = volume
         cu.nodeID = nodeID

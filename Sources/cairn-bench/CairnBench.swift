@@ -9,7 +9,7 @@ struct CairnBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cairn-bench",
         abstract: "Times Cairn's CSI control plane and failover (used by bench/run).",
-        subcommands: [ControlPlane.self, Failover.self, Stage.self, Unstage.self, Resync.self]
+        subcommands: [ControlPlane.self, Failover.self, Stage.self, Unstage.self, Resync.self, CSICommands.self]
     )
 }
 
