@@ -29,6 +29,8 @@ public struct ConvergenceReport: Sendable, Equatable {
     public var blocksConverged = 0
     /// Bytes written to lagging replicas.
     public var bytesCopied: UInt64 = 0
+    /// Replicas grown to the largest claimed size (an expansion cut off halfway).
+    public var replicasGrown = 0
     public var seconds: Double = 0
 }
 
@@ -38,6 +40,17 @@ extension VolumeEngine {
     func converge(_ members: [Member], settledThrough: UInt64) throws(ConvergenceFailure) -> ConvergenceReport {
         var report = ConvergenceReport()
         let started = monotonicSeconds()
+        // Sizes first: an expansion cut off halfway (ControllerExpandVolume grows the replicas
+        // one by one) leaves some bigger than the others. Growing is idempotent and adds zeros,
+        // so the smaller ones grow to the largest; the volume keeps its recorded size.
+        let largest = max(sizeBytes, members.map(\.claimedSize).max() ?? 0)
+        replicaSize.max(largest, ordering: .relaxed)
+        for member in members where member.claimedSize < largest {
+            try attempt(member) { try member.io.grow(volumeID: volumeID, sizeBytes: largest, epoch: epoch) }
+            report.replicasGrown += 1
+            logger.notice("grew a replica an interrupted expansion left smaller than the others", metadata: [
+                "replica.node": "\(member.nodeID)", "replica.size": "\(member.claimedSize)", "grown.to": "\(largest)"])
+        }
         let blocks = sizeBytes / UInt64(Self.blockSize)
         let regions = (blocks + UInt64(Self.regionBlocks) - 1) / UInt64(Self.regionBlocks)
         // The replicas' activity logs: the regions an earlier engine wrote and never settled.

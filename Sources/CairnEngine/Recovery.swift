@@ -318,13 +318,15 @@ extension VolumeEngine {
             if isFencing(error) { fence(by: replica.nodeID, error: error) }
             throw ResyncAborted("cannot claim it with epoch \(epoch): \(error)")
         }
-        if status.size < sizeBytes {
-            // The target missed an online growth while it was away: it catches up on that too.
+        let wanted = max(sizeBytes, replicaSize.load(ordering: .relaxed))
+        if status.size < wanted {
+            // The target missed an online growth while it was away (or an expansion that was
+            // cut off grew the others): it catches up on that too.
             do {
-                try io.grow(volumeID: volumeID, sizeBytes: sizeBytes, epoch: epoch)
+                try io.grow(volumeID: volumeID, sizeBytes: wanted, epoch: epoch)
             } catch {
                 io.close()
-                throw ResyncAborted("it holds \(status.size) bytes, less than the volume's \(sizeBytes), and cannot grow: \(error)")
+                throw ResyncAborted("it holds \(status.size) bytes, less than the \(wanted) the other replicas hold, and cannot grow: \(error)")
             }
         }
         let member = Member(replica: replica, io: io)

@@ -58,9 +58,13 @@ final class Member: Sendable {
     /// write is answered from the in-sync replicas alone.
     let catchUpFailure = Mutex<String?>(nil)
 
-    init(replica: EngineReplica, io: any ReplicaIO) {
+    /// The replica's size when it was claimed (0 when not known).
+    let claimedSize: UInt64
+
+    init(replica: EngineReplica, io: any ReplicaIO, claimedSize: UInt64 = 0) {
         self.replica = replica
         self.io = io
+        self.claimedSize = claimedSize
     }
 
     var nodeID: String { replica.nodeID }
@@ -84,6 +88,9 @@ public final class VolumeEngine: Sendable {
     /// The volume's size now (raised by `grow`).
     public var sizeBytes: UInt64 { size.load(ordering: .acquiring) }
     let size: Atomic<UInt64>
+    /// The size every replica should have: the volume's, or more when an expansion grew some
+    /// replicas and was cut off before the volume's record (convergence grows the others to it).
+    let replicaSize = Atomic<UInt64>(0)
     public let epoch: UInt64
     public let replicas: [EngineReplica]
     public let localNodeID: String
@@ -348,6 +355,7 @@ public final class VolumeEngine: Sendable {
                     "volume \(volumeID) could not grow to \(newSize) bytes on any in-sync replica (\(failures.map { "\($0.0.nodeID): \($0.1)" }.joined(separator: "; "))); retry")
             }
             size.store(newSize, ordering: .releasing)
+            replicaSize.max(newSize, ordering: .relaxed)
             let refreshed = lifecycle.withLock { life -> Int32 in
                 guard let session = life.session else { return 0 }
                 return cfuse_set_size(session, newSize)
@@ -449,7 +457,7 @@ public final class VolumeEngine: Sendable {
                 guard status.size >= sizeBytes else {
                     throw CairnError.failedPrecondition("the replica holds \(status.size) bytes, less than the volume's \(sizeBytes)")
                 }
-                claimed.append(Member(replica: replica, io: connected))
+                claimed.append(Member(replica: replica, io: connected, claimedSize: status.size))
                 highest = max(highest, status.highestGeneration)
             } catch where isFencing(error) {
                 io?.close()

@@ -99,8 +99,14 @@ public final class NodeService: Sendable {
         // Already staged? First what the records say…
         let file = try backing.file(volumeID: volumeID)
         let devices = try await mounter.loopDevices(backing: file)
-        let table = try await mounter.mountTable()
+        var table = try await mounter.mountTable()
         let existing = try await store.stage(volumeID: volumeID, nodeID: nodeID)
+        if let existing, let orphan = try await orphanedStageDevice(existing, devices: devices) {
+            // Staged on a loop device whose engine file is gone: nothing can serve through it
+            // again. Undo it and stage afresh rather than call a dead volume staged.
+            try await discardOrphanedStage(existing, device: orphan, meta: meta)
+            table = try await mounter.mountTable()
+        }
         if let existing {
             if existing.stagingPath != stagingPath {
                 if try await isStageLive(existing, devices: devices, table: table) {
@@ -283,7 +289,12 @@ public final class NodeService: Sendable {
                 "volume \(volumeID) is still published at \(stillPublished.map(\.targetPath).joined(separator: ", ")); call NodeUnpublishVolume for every target first")
         }
         let file = try backing.file(volumeID: volumeID)
-        let devices = try await mounter.loopDevices(backing: file)
+        var devices = try await mounter.loopDevices(backing: file)
+        if let orphan = try await orphanedStageDevice(existing, devices: devices) {
+            logger.warning("the staged loop device's engine file is gone (its FUSE mount was detached); unmounting and detaching it",
+                           metadata: meta.with("device", orphan))
+            devices.append(orphan)
+        }
         let stagingReal = try await mounter.resolve(stagingPath)
         let users = table.filter { usesVolume($0, devices: devices) && $0.mountPoint != stagingReal }
         if !users.isEmpty {
@@ -790,6 +801,32 @@ public final class NodeService: Sendable {
             let real = try await mounter.resolve(stage.stagingPath)
             return table.contains { $0.mountPoint == real && usesVolume($0, devices: devices) }
         }
+    }
+
+    /// The stage record's loop device when it is still bound but no longer to the volume's
+    /// engine file: an engine's FUSE mount detached lazily under it (a node process that shut
+    /// down while the volume was staged, or a dead engine's mount removed) leaves it naming
+    /// `/volume`. It is still this volume's — the record says so — but nothing can serve
+    /// through it again, so unstage unmounts and detaches it and stage replaces it.
+    private func orphanedStageDevice(_ existing: StageRecord?, devices: [String]) async throws -> String? {
+        guard let device = existing?.devicePath, !device.isEmpty, !devices.contains(device) else { return nil }
+        return try await mounter.loopDevices(backing: "/volume").contains(device) ? device : nil
+    }
+
+    /// Unmounts the staging path where `device` is mounted there and detaches `device`.
+    private func discardOrphanedStage(_ stage: StageRecord, device: String, meta: Logger.Metadata) async throws {
+        logger.warning("the volume is recorded as staged on a loop device whose engine file is gone (its FUSE mount was detached); staging it afresh",
+                       metadata: meta.with("device", device))
+        if stage.accessType == .mount {
+            let real = try await mounter.resolve(stage.stagingPath)
+            for _ in 0..<8 {
+                guard let mounted = try await mounter.mountInfo(at: real), mounted.source == device else { break }
+                try await mounter.unmount(real, in: .host)
+                logger.info("unmounted the dead staging mount", metadata: meta.with("device", device))
+            }
+        }
+        try await mounter.detachLoop(device: device)
+        logger.info("detached the dead loop device", metadata: meta.with("device", device))
     }
 
     private func isSameStage(_ a: StageRecord, _ b: StageRecord) -> Bool {

@@ -67,6 +67,16 @@ extension EngineFUSETests {
         XCTAssertEqual(VolumeEngine.firstGeneration(epoch: 5, highest: (6 << VolumeEngine.epochShift)), 6 << VolumeEngine.epochShift)
     }
 
+    func testAnExpansionCutOffHalfwayLeavesNoReplicaSmallerThanTheOthersAfterTheClaim() throws {
+        let fakes = fakes(3)
+        // ControllerExpandVolume grew n2, then its node died before n1 and n3 (and the record).
+        try fakes[1].grow(volumeID: "vol-a", sizeBytes: UInt64(Self.size + (16 << 20)), epoch: 4)
+        let engine = makeEngine(fakes)
+        _ = try engine.start()
+        XCTAssertEqual(fakes.map { f in f.state.withLock { $0.data.count } }, [Int](repeating: Self.size + (16 << 20), count: 3))
+        XCTAssertEqual(engine.sizeBytes, UInt64(Self.size), "the volume keeps its recorded size")
+    }
+
     func testIdenticalReplicasCostOnlyTheirDigestsAtClaim() throws {
         let fakes = fakes(3)
         for fake in fakes { fake.tamper(block: 42, byte: 0x42, generation: 42) }

@@ -187,6 +187,24 @@ final class NodeServiceTests: XCTestCase {
         XCTAssertEqual(record?.stagingPath, staging)
     }
 
+    func testAStageWhoseEngineFileWasDetachedIsUnstagedAndRestagedNotCalledStaged() async throws {
+        _ = try await node.nodeStageVolume(stageRequest())
+        mounter.detachBackingFile(of: "/dev/loop0")
+        // A repeated NodeStage replaces the dead staging mount and loop device.
+        _ = try await node.nodeStageVolume(stageRequest())
+        XCTAssertEqual(mounter.mounts(at: staging).map(\.source), ["/dev/loop1"])
+        XCTAssertEqual(mounter.count("detach /dev/loop0"), 1)
+        let record = try await store.stage(volumeID: "vol-1", nodeID: "node-a")
+        XCTAssertEqual(record?.devicePath, "/dev/loop1")
+        // NodeUnstage finds a dead one too: the mount goes, the device is detached.
+        mounter.detachBackingFile(of: "/dev/loop1")
+        _ = try await node.nodeUnstageVolume(unstageRequest())
+        XCTAssertTrue(mounter.mounts(at: staging).isEmpty, "the dead staging mount leaked")
+        XCTAssertEqual(mounter.loopCount, 0)
+        let after = try await store.stage(volumeID: "vol-1", nodeID: "node-a")
+        XCTAssertNil(after)
+    }
+
     func testStageUsesTheRequestedFilesystemAndMountFlags() async throws {
         _ = try await node.nodeStageVolume(stageRequest(capability: Self.capability(fs: "xfs", flags: ["noatime"])))
         XCTAssertEqual(mounter.calls.filter { $0.hasPrefix("mkfs") }, ["mkfs /dev/loop0 xfs"])
@@ -592,6 +610,12 @@ final class NodeFakeMounter: Mounter {
             s.mounts = []
             s.nextLoop = 0
         }
+    }
+
+    /// The loop device's backing file was detached from under it (an engine's FUSE mount
+    /// detached lazily): sysfs then names it by its path in the detached mount.
+    func detachBackingFile(of device: String) {
+        state.withLock { $0.loops[device] = "/volume" }
     }
 
     func addForeignMount(at path: String) {
