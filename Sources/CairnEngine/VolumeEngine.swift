@@ -305,6 +305,10 @@ public final class VolumeEngine: Sendable {
         driver?.stop()
         lifecycle.withLock { life in
             if let session = life.session {
+                // A loop device still on the file (the process is shutting down with the volume
+                // staged) can never serve again once this engine is gone; after the lazy
+                // unmount it would name "/volume" and nobody could find it by its path.
+                DeadFUSEMounts.releaseLoopDevices(over: Validate.realPath(path) ?? path, logger: logger)
                 if cfuse_unmount(session) != 0 {
                     logger.warning("the FUSE connection was still in use (a loop device on the file?) and was aborted")
                 }
