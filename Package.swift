@@ -147,7 +147,7 @@ let targets: [Target] = [
         name: "cairn",
         dependencies: [
             "CairnCore", "CairnStore", "CairnRPC", "CairnController", "CairnNode", "CairnAgent",
-            "CairnCluster", "CairnReplica",
+            "CairnCluster", "CairnReplica", "CairnEngine",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Logging", package: "swift-log"),

@@ -9,12 +9,15 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <spawn.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/sysmacros.h>
 #include <time.h>
 #include <unistd.h>
@@ -31,6 +34,8 @@ struct cfuse_session {
     cfuse_callbacks callbacks;
     void *context;
     unsigned connection;
+    unsigned proto_minor;
+    int resumed;
     char *mountpoint;
 };
 
@@ -87,7 +92,10 @@ static void fill_attr(const struct cfuse_session *s, fuse_ino_t ino, struct stat
 static struct cfuse_session *session_of(fuse_req_t req) { return fuse_req_userdata(req); }
 
 static void op_init(void *userdata, struct fuse_conn_info *conn) {
-    (void)userdata;
+    struct cfuse_session *s = userdata;
+    // The kernel's protocol minor: >= 40 means it can resend the requests a dead daemon had
+    // read (FUSE_NOTIFY_RESEND). On a resumed session this is the synthetic INIT's (below).
+    if (s) s->proto_minor = conn->proto_minor;
     conn->max_write = CFUSE_MAX_WRITE;
     conn->max_background = 128;
     conn->congestion_threshold = 96;
@@ -309,6 +317,30 @@ static void quiet_log(enum fuse_log_level level, const char *fmt, va_list ap) {
     vfprintf(stderr, fmt, ap);
 }
 
+// A session over libfuse with Cairn's options, not mounted yet; shared by mount and resume.
+static struct cfuse_session *new_cfuse(const char *mountpoint, const char *name, uint64_t size,
+                                       const cfuse_callbacks *callbacks, void *context,
+                                       char *error, size_t error_size) {
+    struct cfuse_session *s = calloc(1, sizeof *s);
+    if (!s) { set_error(error, error_size, "out of memory"); return NULL; }
+    s->size = size;
+    s->callbacks = *callbacks;
+    s->context = context;
+    s->mountpoint = strdup(mountpoint);
+    char options[512];
+    snprintf(options, sizeof options, "default_permissions,fsname=cairn:%s,subtype=cairn", name);
+    char *argv[] = {"cairn", "-o", options, NULL};
+    struct fuse_args args = FUSE_ARGS_INIT(3, argv);
+    s->se = fuse_session_new(&args, &ops, sizeof ops, s);
+    if (!s->se) {
+        set_error(error, error_size, "cannot create the FUSE session (is /dev/fuse present? options: %s)", options);
+        free(s->mountpoint);
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
 cfuse_session *cfuse_mount(const char *mountpoint, const char *name, uint64_t size,
                            const cfuse_callbacks *callbacks, void *context,
                            char *error, size_t error_size) {
@@ -325,24 +357,8 @@ cfuse_session *cfuse_mount(const char *mountpoint, const char *name, uint64_t si
     }
     fuse_set_log_func(quiet_log);
 
-    struct cfuse_session *s = calloc(1, sizeof *s);
-    if (!s) { set_error(error, error_size, "out of memory"); return NULL; }
-    s->size = size;
-    s->callbacks = *callbacks;
-    s->context = context;
-    s->mountpoint = strdup(mountpoint);
-
-    char options[512];
-    snprintf(options, sizeof options, "default_permissions,fsname=cairn:%s,subtype=cairn", name);
-    char *argv[] = {"cairn", "-o", options, NULL};
-    struct fuse_args args = FUSE_ARGS_INIT(3, argv);
-    s->se = fuse_session_new(&args, &ops, sizeof ops, s);
-    if (!s->se) {
-        set_error(error, error_size, "cannot create the FUSE session (is /dev/fuse present? options: %s)", options);
-        free(s->mountpoint);
-        free(s);
-        return NULL;
-    }
+    struct cfuse_session *s = new_cfuse(mountpoint, name, size, callbacks, context, error, error_size);
+    if (!s) return NULL;
     if (fuse_session_mount(s->se, mountpoint) != 0) {
         set_error(error, error_size, "cannot mount FUSE at %s (needs root and /dev/fuse; see the log for libfuse's reason)", mountpoint);
         fuse_session_destroy(s->se);
@@ -391,8 +407,10 @@ int cfuse_unmount(cfuse_session *s) {
     int aborted = 0;
     fuse_session_exit(s->se);
     // Lazy (MNT_DETACH): the mount leaves the namespace at once; the connection ends when the
-    // last user (a loop device) lets go of the file.
-    fuse_session_unmount(s->se);
+    // last user (a loop device) lets go of the file. A resumed session's libfuse never mounted
+    // (it was handed the descriptor), so it would not unmount: done here.
+    if (s->resumed) umount2(s->mountpoint, MNT_DETACH);
+    else fuse_session_unmount(s->se);
     if (s->thread_started) {
         struct timespec deadline;
         clock_gettime(CLOCK_REALTIME, &deadline);
@@ -417,4 +435,127 @@ int cfuse_set_size(cfuse_session *s, uint64_t size) {
     int r = fuse_lowlevel_notify_inval_inode(s->se, VOLUME_INO, 0, 0);
     // ENOENT: the kernel holds no inode for the file yet (never looked up): nothing is cached.
     return r == -ENOENT ? 0 : r;
+}
+
+unsigned cfuse_protocol_minor(const cfuse_session *session) { return session ? session->proto_minor : 0; }
+
+int cfuse_device_fd(const cfuse_session *session) { return session ? fuse_session_fd(session->se) : -1; }
+
+cfuse_session *cfuse_resume(int device_fd, const char *mountpoint, const char *name, uint64_t size,
+                            unsigned proto_minor, const cfuse_callbacks *callbacks, void *context,
+                            char *error, size_t error_size) {
+    fuse_set_log_func(quiet_log);
+    if (proto_minor < 40) {
+        set_error(error, error_size, "the kernel's FUSE protocol is 7.%u: resending requests in flight needs 7.40 (Linux 6.9)", proto_minor);
+        return NULL;
+    }
+    struct cfuse_session *s = new_cfuse(mountpoint, name, size, callbacks, context, error, error_size);
+    if (!s) return NULL;
+    s->resumed = 1;
+    // libfuse takes a descriptor named /dev/fd/N as already mounted (and closes it on destroy):
+    // it gets its own duplicate, the caller keeps `device_fd`.
+    int fd = fcntl(device_fd, F_DUPFD_CLOEXEC, 3);
+    if (fd < 0) {
+        set_error(error, error_size, "cannot duplicate the kept FUSE descriptor: %s", strerror(errno));
+        fuse_session_destroy(s->se); free(s->mountpoint); free(s);
+        return NULL;
+    }
+    char fdpath[64];
+    snprintf(fdpath, sizeof fdpath, "/dev/fd/%d", fd);
+    if (fuse_session_mount(s->se, fdpath) != 0) {
+        set_error(error, error_size, "libfuse refused the kept FUSE descriptor %d", fd);
+        close(fd);
+        fuse_session_destroy(s->se); free(s->mountpoint); free(s);
+        return NULL;
+    }
+    // The kernel negotiated INIT with the dead daemon and will not send it again; libfuse
+    // answers nothing before it has seen one. It is given the INIT the kernel would send (the
+    // same protocol minor; FUSE_MAX_PAGES keeps its read buffer at 1 MiB + header, what
+    // max_write was negotiated at). Its reply goes to the kernel under unique 1, which names no
+    // request (the kernel numbers requests with even uniques): the kernel answers ENOENT, which
+    // libfuse ignores as "interrupted".
+    struct {
+        struct fuse_in_header h;
+        struct fuse_init_in in;
+    } init;
+    memset(&init, 0, sizeof init);
+    init.h.len = sizeof init;
+    init.h.opcode = FUSE_INIT;
+    init.h.unique = 1;
+    init.in.major = FUSE_KERNEL_VERSION;
+    init.in.minor = proto_minor;
+    init.in.max_readahead = 128 * 1024;
+    init.in.flags = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_MAX_PAGES | FUSE_ATOMIC_O_TRUNC
+                  | FUSE_PARALLEL_DIROPS | FUSE_ASYNC_DIO;
+    struct fuse_buf buf = {.size = sizeof init, .flags = 0, .mem = &init, .fd = -1, .pos = 0};
+    fuse_session_process_buf(s->se, &buf);
+    int rc = pthread_create(&s->thread, NULL, loop_thread, s);
+    if (rc != 0) {
+        set_error(error, error_size, "cannot start the FUSE loop thread: %s", strerror(rc));
+        fuse_session_destroy(s->se); free(s->mountpoint); free(s);
+        return NULL;
+    }
+    s->thread_started = 1;
+    struct stat st;
+    if (stat(mountpoint, &st) == 0) s->connection = minor(st.st_dev);
+    return s;
+}
+
+int cfuse_resend(cfuse_session *s) {
+    if (!s) return -EINVAL;
+    // FUSE_NOTIFY_RESEND (7.40): every request the kernel had handed to a reader and not seen
+    // answered goes back to the pending queue, to be read again (unique | FUSE_UNIQUE_RESEND).
+    struct fuse_out_header out = {.len = sizeof out, .error = 7 /* FUSE_NOTIFY_RESEND */, .unique = 0};
+    ssize_t n = write(fuse_session_fd(s->se), &out, sizeof out);
+    if (n < 0) return -errno;
+    return 0;
+}
+
+// SCM_RIGHTS over a unix socket: one message, at most one descriptor.
+ssize_t cfuse_send_with_fd(int socket_fd, const void *data, size_t length, int fd) {
+    struct iovec iov = {.iov_base = (void *)data, .iov_len = length};
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (fd >= 0) {
+        memset(&control, 0, sizeof control);
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof control.buf;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    }
+    ssize_t n;
+    do { n = sendmsg(socket_fd, &msg, MSG_NOSIGNAL); } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : n;
+}
+
+ssize_t cfuse_receive_with_fd(int socket_fd, void *data, size_t capacity, int *fd) {
+    *fd = -1;
+    struct iovec iov = {.iov_base = data, .iov_len = capacity};
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
+    ssize_t n;
+    do { n = recvmsg(socket_fd, &msg, MSG_CMSG_CLOEXEC); } while (n < 0 && errno == EINTR);
+    if (n < 0) return -errno;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
+            memcpy(fd, CMSG_DATA(c), sizeof(int));
+        }
+    }
+    return n;
+}
+
+
+int cfuse_spawn_close_from(posix_spawn_file_actions_t *actions, int first) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, first);
 }

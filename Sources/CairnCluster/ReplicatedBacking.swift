@@ -47,14 +47,14 @@ public final class ReplicatedBacking: VolumeBacking {
     }
 
     public init(dataDir: String, nodeID: String, store: any MetadataStore, recovery: RecoveryOptions = RecoveryOptions(),
-                logger: Logger) throws {
+                keeper: FUSEKeeperClient? = nil, logger: Logger) throws {
         enginesDirectory = dataDir + "/engines"
         self.nodeID = nodeID
         self.store = store
         self.logger = logger
         self.options = recovery
         self.throttle = ResyncThrottle(bytesPerSecond: recovery.rebuildBytesPerSecond)
-        engines = EngineRegistry(logger: logger)
+        engines = EngineRegistry(logger: logger, keeper: keeper)
         try FileManager.default.createDirectory(atPath: enginesDirectory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
     }
@@ -287,6 +287,19 @@ public final class ReplicatedBacking: VolumeBacking {
         // has detached the loop devices on it by now, so it goes too.
         try await Self.blocking {
             _ = try DeadFUSEMounts.detach(under: mountDirectory, exactly: true, logger: logger)
+        }
+    }
+
+    /// At the start of the process that runs engines, before it serves: takes back the FUSE
+    /// connections the keeper kept for the engines of a dead predecessor, cleans up the mounts
+    /// nobody kept, runs `restore` (the node's records: NodeStage again for each staged volume,
+    /// which resumes a kept connection), then lets go of kept connections no volume claimed.
+    public func recoverEngines(inUse: @escaping @Sendable (String) async -> Bool, restore: () async -> Void) async {
+        engines.adoptKeptConnections()
+        await detachDeadEngineMounts(inUse: inUse)
+        await restore()
+        if !engines.releaseUnresumed().isEmpty {
+            await detachDeadEngineMounts(inUse: inUse)
         }
     }
 

@@ -12,9 +12,54 @@ import Synchronization
 public final class EngineRegistry: Sendable {
     private let engines = Mutex<[String: VolumeEngine]>([:])
     private let logger: Logger
+    /// Where engines keep their FUSE descriptors across a restart of this process.
+    public let keeper: FUSEKeeperClient?
+    /// Connections a dead predecessor's engines left with the keeper, by volume, until an engine
+    /// of the volume resumes them (or `releaseUnresumed` lets them go).
+    private let kept = Mutex<[String: KeptFUSE]>([:])
 
-    public init(logger: Logger) {
+    public init(logger: Logger, keeper: FUSEKeeperClient? = nil) {
         self.logger = logger
+        self.keeper = keeper
+    }
+
+    /// At start-up, before anything looks for dead FUSE mounts: takes what the keeper holds for
+    /// this data directory. Each such mount counts as live (not aborted, not detached) until its
+    /// volume's engine resumes it or `releaseUnresumed` runs. Returns the volumes.
+    @discardableResult
+    public func adoptKeptConnections() -> [String] {
+        guard let keeper else { return [] }
+        let list = keeper.start()
+        kept.withLock { kept in
+            for (entry, fd) in list {
+                kept[entry.volumeID] = KeptFUSE(entry: entry, fd: fd)
+                DeadFUSEMounts.register(mountPoint: entry.mountPoint, connection: entry.connection)
+            }
+        }
+        if !list.isEmpty {
+            logger.notice("the FUSE keeper kept the connections of volumes staged before this process started; their engines resume them",
+                          metadata: ["volumes": "\(list.map(\.0.volumeID).sorted())",
+                                     "kernel.resend": "\(FUSEResume.kernelSupportsResend())"])
+        }
+        return list.map(\.0.volumeID)
+    }
+
+    /// After the node's records were restored: kept connections no engine resumed belong to
+    /// volumes no longer staged here; the keeper lets go of them and they count as dead again.
+    public func releaseUnresumed() -> [KeptConnection] {
+        let left = kept.withLock { kept in
+            defer { kept.removeAll() }
+            return Array(kept.values)
+        }
+        for item in left {
+            DeadFUSEMounts.unregister(mountPoint: item.entry.mountPoint)
+            keeper?.drop(volumeID: item.entry.volumeID)
+        }
+        if !left.isEmpty {
+            logger.warning("kept FUSE connections of volumes not staged here any more were let go",
+                           metadata: ["volumes": "\(left.map(\.entry.volumeID).sorted())"])
+        }
+        return left.map(\.entry)
     }
 
     public func start(volumeID: String, sizeBytes: UInt64, epoch: UInt64, replicas: [EngineReplica], localNodeID: String,
@@ -36,11 +81,20 @@ public final class EngineRegistry: Sendable {
                 running.stop()
                 engines[volumeID] = nil
             }
+            let resume = kept.withLock { $0.removeValue(forKey: volumeID) }
             let engine = VolumeEngine(volumeID: volumeID, sizeBytes: sizeBytes, epoch: epoch, replicas: replicas,
                                       localNodeID: localNodeID, mountDirectory: mountDirectory,
                                       connect: connect, markOutOfSync: markOutOfSync, recovery: recovery,
-                                      logger: logger)
-            let path = try engine.start()
+                                      keeper: keeper, resume: resume, logger: logger)
+            let path: String
+            do {
+                path = try engine.start()
+            } catch {
+                // Failed before it reached the mount (the replicas): the kept connection waits
+                // for the next attempt (NodeStage retries).
+                if let unused = engine.takeUnusedResume() { kept.withLock { $0[volumeID] = unused } }
+                throw error
+            }
             engines[volumeID] = engine
             return path
         }

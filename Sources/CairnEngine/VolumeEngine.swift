@@ -99,6 +99,10 @@ public final class VolumeEngine: Sendable {
     private let markOutOfSync: @Sendable (_ nodeID: String, _ reason: String) throws -> Void
     let recovery: EngineRecovery?
     let logger: Logger
+    /// Where the FUSE descriptor is kept while this process restarts (nil: nowhere).
+    let keeper: FUSEKeeperClient?
+    /// A dead predecessor's connection to serve instead of mounting (taken from the keeper).
+    private let resume = Mutex<KeptFUSE?>(nil)
 
     private struct Lifecycle: ~Copyable {
         var session: OpaquePointer?
@@ -170,7 +174,10 @@ public final class VolumeEngine: Sendable {
                 connect: @escaping @Sendable (EngineReplica) throws -> any ReplicaIO,
                 markOutOfSync: @escaping @Sendable (_ nodeID: String, _ reason: String) throws -> Void,
                 recovery: EngineRecovery? = nil,
+                keeper: FUSEKeeperClient? = nil, resume: KeptFUSE? = nil,
                 logger: Logger) {
+        self.keeper = keeper
+        self.resume.withLock { $0 = resume }
         self.volumeID = volumeID
         self.size = Atomic(sizeBytes)
         self.epoch = epoch
@@ -249,26 +256,39 @@ public final class VolumeEngine: Sendable {
             }
             life.members = claimed
 
-            // Never stack on a mount left here by a killed process (docs/engine.md).
-            do {
-                try DeadFUSEMounts.detach(under: mountDirectory, exactly: true, logger: logger)
-            } catch {
-                claimed.forEach { $0.io.close() }
-                life.members = []
-                throw CairnError.internal("cannot check \(mountDirectory) for a dead FUSE mount before mounting: \(error)")
-            }
-            if let other = (try? MountTable.read())?.last(where: { $0.mountPoint == (Validate.realPath(mountDirectory) ?? mountDirectory) }),
-               other.fsType == "fuse.cairn" {
-                claimed.forEach { $0.io.close() }
-                life.members = []
-                throw CairnError.internal(
-                    "another engine of this process already serves \(mountDirectory) (FUSE connection \(other.minor)); Cairn will not mount a second one on top")
-            }
             let retained = Unmanaged.passRetained(self)
             var callbacks = cfuse_callbacks(read: engineRead, write: engineWrite, flush: engineFlush, trim: engineTrim)
             var message = [CChar](repeating: 0, count: 512)
-            let session = withUnsafePointer(to: &callbacks) { cb in
-                cfuse_mount(mountDirectory, volumeID, sizeBytes, cb, retained.toOpaque(), &message, message.count)
+            // A predecessor in this data directory died with the volume staged and the keeper
+            // kept its connection: serve that one (the loop device and every request in flight
+            // are on it) rather than mount anew.
+            var session: OpaquePointer? = nil
+            var resumedFrom: KeptConnection?
+            if let kept = resume.withLock({ r in defer { r = nil }; return r }) {
+                session = resumeKept(kept, callbacks: &callbacks, context: retained.toOpaque())
+                if session != nil { resumedFrom = kept.entry }
+            }
+            if session == nil {
+                // Never stack on a mount left here by a killed process (docs/engine.md).
+                do {
+                    try DeadFUSEMounts.detach(under: mountDirectory, exactly: true, logger: logger)
+                } catch {
+                    retained.release()
+                    claimed.forEach { $0.io.close() }
+                    life.members = []
+                    throw CairnError.internal("cannot check \(mountDirectory) for a dead FUSE mount before mounting: \(error)")
+                }
+                if let other = (try? MountTable.read())?.last(where: { $0.mountPoint == (Validate.realPath(mountDirectory) ?? mountDirectory) }),
+                   other.fsType == "fuse.cairn" {
+                    retained.release()
+                    claimed.forEach { $0.io.close() }
+                    life.members = []
+                    throw CairnError.internal(
+                        "another engine of this process already serves \(mountDirectory) (FUSE connection \(other.minor)); Cairn will not mount a second one on top")
+                }
+                session = withUnsafePointer(to: &callbacks) { cb in
+                    cfuse_mount(mountDirectory, volumeID, sizeBytes, cb, retained.toOpaque(), &message, message.count)
+                }
             }
             guard let session else {
                 retained.release()
@@ -280,6 +300,22 @@ public final class VolumeEngine: Sendable {
             life.session = session
             life.retained = retained
             DeadFUSEMounts.register(mountPoint: mountDirectory, connection: UInt32(cfuse_connection_id(session)))
+            keeper?.hold(KeptConnection(volumeID: volumeID, mountPoint: mountDirectory,
+                                        connection: UInt32(cfuse_connection_id(session)),
+                                        protoMinor: UInt32(cfuse_protocol_minor(session))),
+                         fd: cfuse_device_fd(session))
+            if resumedFrom != nil {
+                // Only now — claimed, converged, serving — may the kernel hand out again what the
+                // dead engine had read and not answered; every such request is served once more.
+                let r = cfuse_resend(session)
+                if r == 0 {
+                    logger.notice("resumed the volume's FUSE connection after its engine's process died: the kernel resends the requests that were in flight",
+                                  metadata: ["fuse.connection": "\(cfuse_connection_id(session))"])
+                } else {
+                    logger.error("resumed the volume's FUSE connection but the kernel refused to resend the requests in flight; those wait until the volume is unstaged",
+                                 metadata: ["error": "\(String(cString: strerror(-r)))"])
+                }
+            }
             if let recovery {
                 life.driver = RecoveryDriver(engine: self, recovery: recovery)
             }
@@ -289,9 +325,41 @@ public final class VolumeEngine: Sendable {
                 "converged.blocks": "\(convergence.blocksConverged)",
                 "converge.regions": "\(convergence.compareWhole ? "all" : String(convergence.regionsCompared))",
                 "converge.seconds": "\(String(format: "%.3f", convergence.seconds))",
-                "fuse.connection": "\(cfuse_connection_id(session))"])
+                "fuse.connection": "\(cfuse_connection_id(session))",
+                "fuse.resumed": "\(resumedFrom != nil)"])
             return path
         }
+    }
+
+    /// The kept connection this engine was given and did not get to (start failed before it).
+    func takeUnusedResume() -> KeptFUSE? {
+        resume.withLock { r in defer { r = nil }; return r }
+    }
+
+    /// Serves the kept connection `kept` if the kernel still has it mounted here; nil (after
+    /// logging why) when it cannot be, the caller then mounts anew.
+    private func resumeKept(_ kept: KeptFUSE, callbacks: inout cfuse_callbacks,
+                            context: UnsafeMutableRawPointer) -> OpaquePointer? {
+        let entry = kept.entry
+        let root = Validate.realPath(mountDirectory) ?? mountDirectory
+        let mounted = (try? MountTable.read())?.last(where: { $0.mountPoint == root })
+        guard let mounted, mounted.fsType == "fuse.cairn", mounted.minor == entry.connection else {
+            logger.warning("the kept FUSE connection is no longer mounted at the engine's directory; mounting anew",
+                           metadata: ["fuse.connection": "\(entry.connection)", "mounted": "\(mounted.map { "\($0.fsType) 0:\($0.minor)" } ?? "nothing")"])
+            DeadFUSEMounts.unregister(mountPoint: mountDirectory)
+            return nil
+        }
+        var message = [CChar](repeating: 0, count: 512)
+        let session = withUnsafePointer(to: &callbacks) { cb in
+            cfuse_resume(kept.fd, mountDirectory, volumeID, sizeBytes, entry.protoMinor, cb, context, &message, message.count)
+        }
+        if session == nil {
+            let reason = String(decoding: message.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            logger.error("cannot resume the kept FUSE connection; it is aborted (I/O in flight on it fails) and the volume is mounted anew",
+                         metadata: ["fuse.connection": "\(entry.connection)", "reason": "\(reason)"])
+            DeadFUSEMounts.unregister(mountPoint: mountDirectory)
+        }
+        return session
     }
 
     /// Unmounts FUSE (no callback runs after it returns) and closes the replicas. Idempotent.
@@ -313,6 +381,7 @@ public final class VolumeEngine: Sendable {
                     logger.warning("the FUSE connection was still in use (a loop device on the file?) and was aborted")
                 }
                 DeadFUSEMounts.unregister(mountPoint: mountDirectory)
+                keeper?.drop(volumeID: volumeID)
                 life.session = nil
                 life.retained?.release()
                 life.retained = nil

@@ -98,9 +98,22 @@ public final class NodeService: Sendable {
 
         // Already staged? First what the records say…
         let file = try backing.file(volumeID: volumeID)
+        let existing = try await store.stage(volumeID: volumeID, nodeID: nodeID)
+        if existing != nil {
+            // Staged here before: whatever the mounts and loop devices look like, the volume is
+            // staged only if its engine serves it. After a restart of the engine's process this
+            // resumes the connection the FUSE keeper kept (nothing in flight is lost); when
+            // nothing was kept it mounts anew, and the loop device left on the dead connection
+            // is found below as an orphan and replaced. A failure here is the answer: a volume
+            // no engine serves is never reported staged.
+            do {
+                _ = try await backing.activate(volume, epoch: attachment.epoch)
+            } catch let error as CairnError {
+                throw CairnError(error.code, "volume \(volumeID) is staged on this node but its engine cannot serve it: \(error.message)")
+            }
+        }
         let devices = try await mounter.loopDevices(backing: file)
         var table = try await mounter.mountTable()
-        let existing = try await store.stage(volumeID: volumeID, nodeID: nodeID)
         if let existing, let orphan = try await orphanedStageDevice(existing, devices: devices) {
             // Staged on a loop device whose engine file is gone: nothing can serve through it
             // again. Undo it and stage afresh rather than call a dead volume staged.

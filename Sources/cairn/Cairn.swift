@@ -3,6 +3,7 @@ import CairnAgent
 import CairnCluster
 import CairnController
 import CairnCore
+import CairnEngine
 import CairnNode
 import CairnReplica
 import CairnRPC
@@ -17,13 +18,15 @@ struct Cairn: AsyncParsableCommand {
         commandName: "cairn",
         abstract: "Cairn: replicated block volumes for stateful services, over CSI.",
         version: CairnVersion.version,
-        subcommands: [Serve.self, VolumeCommand.self, NodeCommand.self, ReplicaCommand.self]
+        subcommands: [Serve.self, VolumeCommand.self, NodeCommand.self, ReplicaCommand.self, FUSEKeeperCommand.self]
     )
 }
 
 enum Role: String, ExpressibleByArgument, CaseIterable {
     case all, controller, node, agent
 }
+
+extension FUSEKeeperMode: ExpressibleByArgument {}
 
 enum StoreKind: String, ExpressibleByArgument, CaseIterable {
     case sqlite, etcd
@@ -106,6 +109,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Seconds to let in-flight calls finish on SIGTERM.")
     var shutdownGrace: Int = 10
 
+    @Option(name: .customLong("fuse-keeper"), help: "Where the volumes' FUSE connections are kept while the process running their engines restarts (--store etcd; all, agent and node roles): spawn (start `cairn fuse-keeper` in its own session when none answers), external (one runs beside this process, e.g. its own DaemonSet or systemd unit; never start one), off (a restart fails the I/O in flight).")
+    var fuseKeeper: FUSEKeeperMode = .spawn
+
+    @Option(name: .customLong("fuse-keeper-socket"), help: "The FUSE keeper's unix socket. Default: <data-dir>/fuse-keeper.sock.")
+    var fuseKeeperSocket: String?
+
     func run() async throws {
         guard let level = Logger.Level(rawValue: logLevel) else {
             throw ValidationError("--log-level \(logLevel) is not one of trace, debug, info, notice, warning, error, critical")
@@ -164,12 +173,18 @@ struct Serve: AsyncParsableCommand {
             logger.warning("--role all with --store etcd serves a controller in this process at once, outside the leader lease (each of its changes is one etcd transaction); re-replication runs only while this process holds the lease. In a cluster without a CO that needs a controller per node, run one `--role controller` (standbys wait for the lease) and `--role node --agent-socket none` on every node")
         }
         let localFiles = try LocalFileBacking(dataDir: dataDir)
+        // Engines run in the agent, all, and node-with-in-process-agent roles: their FUSE
+        // connections are kept across a restart of this process (docs/design.md).
+        let runsEngines = etcd != nil && (role == .agent || role == .all || (role == .node && agentSocket == "none"))
+        let keeper = runsEngines ? FUSEKeeperClient(socketPath: fuseKeeperSocket ?? dataDir + "/fuse-keeper.sock",
+                                                    mode: fuseKeeper, logger: logger) : nil
+        if runsEngines { Self.reportRestartSupport(keeper: keeper!, logger: logger) }
         let backing: any VolumeBacking = etcd == nil ? localFiles
             : try ReplicatedBacking(dataDir: dataDir, nodeID: nodeID, store: store,
                                     recovery: .init(rebuildBytesPerSecond: UInt64(rebuildRate * 1e6),
                                                     scrubBytesPerSecond: UInt64(scrubRate * 1e6),
                                                     retrySeconds: resyncRetry),
-                                    logger: logger)
+                                    keeper: keeper, logger: logger)
         var servers: [ServedEndpoint] = []
         // `--role node --agent-socket none`: this process is the node's agent too (privileged,
         // in the host's namespaces) — the usual way to run a cluster node.
@@ -252,13 +267,15 @@ struct Serve: AsyncParsableCommand {
                                           logger: logger, defaultTargetPID: targetNamespacePID)
                 if role == .all || inProcessAgent {
                     if let replicated = backing as? ReplicatedBacking, let linux {
-                        // A killed predecessor's engines left FUSE mounts: never serve on top of them.
-                        await replicated.detachDeadEngineMounts { file in
+                        // A killed predecessor's engines: resume the connections the keeper kept,
+                        // never serve on top of the others; the records are restored in between.
+                        await replicated.recoverEngines(inUse: { file in
                             (try? await linux.loopDevices(backing: file))?.isEmpty == false
-                        }
+                        }, restore: { await service.restore() })
+                    } else {
+                        // This process is the agent too: bring the machine back to the records first.
+                        await service.restore()
                     }
-                    // This process is the agent too: bring the machine back to the records first.
-                    await service.restore()
                 }
                 await service.reconcile()
                 Routes.node(service, on: router)
@@ -310,7 +327,13 @@ struct Serve: AsyncParsableCommand {
                                       logger: agentLogger)
                 // An agent (re)start: re-attach and re-mount what the records say is staged,
                 // before the node role can reach us, so nothing races with it.
-                await hotPlug.restore()
+                if let replicated = backing as? ReplicatedBacking {
+                    await replicated.recoverEngines(inUse: { file in
+                        (try? await linux.loopDevices(backing: file))?.isEmpty == false
+                    }, restore: { await hotPlug.restore() })
+                } else {
+                    await hotPlug.restore()
+                }
             }
             let service = AgentService(mounter: linux,
                                        confinement: AgentConfinement(pathRoots: roots, volumesDirectory: localFiles.directory),
@@ -348,6 +371,20 @@ struct Serve: AsyncParsableCommand {
         await etcd?.stop()
     }
 
+    /// Says at start-up what a restart of this process costs the staged volumes' I/O.
+    static func reportRestartSupport(keeper: FUSEKeeperClient, logger: Logger) {
+        let release = FUSEResume.kernelRelease()
+        if keeper.mode == .off {
+            logger.warning("--fuse-keeper off: a restart or upgrade of this process fails the I/O in flight on every staged volume and their loop devices must be staged again")
+        } else if !FUSEResume.kernelSupportsResend(release: release) {
+            logger.warning("this kernel cannot resend FUSE requests in flight (FUSE_NOTIFY_RESEND needs Linux 6.9): after a restart of this process the kept connections are aborted instead of resumed, and staged volumes are staged anew (I/O errors for their users). Upgrade the kernel for restarts without I/O errors",
+                           metadata: ["kernel": "\(release)"])
+        } else {
+            logger.info("restarts of this process keep the staged volumes' I/O: the FUSE keeper holds their connections and the kernel resends requests in flight",
+                        metadata: ["kernel": "\(release)", "keeper.mode": "\(keeper.mode.rawValue)", "keeper.socket": "\(keeper.socketPath)"])
+        }
+    }
+
     /// The agent socket's endpoint this role serves or reaches; nil when it has none.
     func agentEndpoint() throws -> String? {
         switch role {
@@ -372,23 +409,9 @@ struct Serve: AsyncParsableCommand {
 
     /// Whether a server answers on the unix socket at `path` (a live agent, not a stale file).
     static func socketIsServed(_ path: String) -> Bool {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return false }
-        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
-            buffer.copyBytes(from: bytes)
-            buffer[bytes.count] = 0
-        }
-        let result = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
-        return result == 0
+        guard let fd = UnixSocket.connect(path, type: Int32(SOCK_STREAM.rawValue)) else { return false }
+        close(fd)
+        return true
     }
 
     static func parseBytes(_ text: String) throws -> Int64 {
@@ -449,5 +472,31 @@ struct RPCServers: Service {
                 group.addTask { await served.server.shutdown(grace: grace) }
             }
         }
+    }
+}
+
+/// `cairn fuse-keeper`: holds the FUSE connections of one data directory's engines while the
+/// process running them restarts (docs/design.md "Engines survive their process").
+struct FUSEKeeperCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "fuse-keeper",
+        abstract: "Hold staged volumes' FUSE connections across restarts of the process running their engines.",
+        discussion: "Started by `cairn serve` (--fuse-keeper spawn) or as its own unit (--fuse-keeper external). It never touches I/O; it only keeps /dev/fuse descriptors open. Stopping it while no engine runs fails the kept volumes' I/O.")
+
+    @Option(help: "The unix socket to serve (the engine process's --fuse-keeper-socket).")
+    var socket: String
+
+    @Option(name: .customLong("pid-file"), help: "Write this process's pid here.")
+    var pidFile: String?
+
+    @Option(help: "Log level.")
+    var logLevel: String = "info"
+
+    func run() throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { LogfmtHandler(label: $0, level: level) }
+        var logger = Logger(label: "cairn.fuse-keeper")
+        logger.logLevel = level
+        try FUSEKeeperServer.run(socketPath: socket, pidFile: pidFile, logger: logger)
     }
 }

@@ -7,6 +7,7 @@
 #ifndef CFUSE_SHIM_H
 #define CFUSE_SHIM_H
 
+#include <spawn.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -58,6 +59,35 @@ void cfuse_abort_connection(unsigned connection);
 
 /// The kernel's FUSE connection id of the mount (the minor of its st_dev), 0 if unknown.
 unsigned cfuse_connection_id(const cfuse_session *session);
+
+/// The FUSE protocol minor the kernel offered at INIT (>= 40: it can resend requests in flight).
+unsigned cfuse_protocol_minor(const cfuse_session *session);
+
+/// The session's /dev/fuse descriptor (owned by the session; duplicate it to keep it).
+int cfuse_device_fd(const cfuse_session *session);
+
+/// Serves a FUSE connection whose daemon died, from `device_fd` (a /dev/fuse descriptor kept
+/// open meanwhile, so the kernel kept the mount at `mountpoint` and every request in flight).
+/// The session duplicates the descriptor. `proto_minor` is the protocol minor the connection
+/// was negotiated at (cfuse_protocol_minor of the first session). The loop starts at once;
+/// call cfuse_resend afterwards to have the kernel hand out again what the dead daemon had
+/// read but not answered. NULL and `error` on failure (e.g. a kernel older than 7.40).
+cfuse_session *cfuse_resume(int device_fd, const char *mountpoint, const char *name, uint64_t size,
+                            unsigned proto_minor, const cfuse_callbacks *callbacks, void *context,
+                            char *error, size_t error_size);
+
+/// FUSE_NOTIFY_RESEND on the session's connection. 0 or -errno (-EINVAL: the kernel does not
+/// know the notification, i.e. older than 6.9).
+int cfuse_resend(cfuse_session *session);
+
+/// sendmsg of `length` bytes with `fd` (if >= 0) as SCM_RIGHTS. Bytes sent or -errno.
+ssize_t cfuse_send_with_fd(int socket_fd, const void *data, size_t length, int fd);
+
+/// recvmsg into `data`; `*fd` is the descriptor received (close-on-exec) or -1. Bytes or -errno.
+ssize_t cfuse_receive_with_fd(int socket_fd, void *data, size_t capacity, int *fd);
+
+/// posix_spawn_file_actions_addclosefrom_np (glibc 2.34): the child gets no descriptor >= first.
+int cfuse_spawn_close_from(posix_spawn_file_actions_t *actions, int first);
 
 #ifdef __cplusplus
 }
