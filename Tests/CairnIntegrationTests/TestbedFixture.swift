@@ -120,6 +120,9 @@ struct Testbed: Sendable {
     func kill(_ node: String) throws { try command(["kill", node]) }
     /// Starts `node` again with the same flags (killing it first if it runs) and waits until it serves.
     func restart(_ node: String) throws { try command(["restart", node]) }
+    /// SIGKILL of the process that runs the node's engines, not of its FUSE keeper.
+    func killEngineProcess(_ node: String) throws { try command(["kill", node]) }
+    func restartEngineProcess(_ node: String) throws { try command(["restart", node]) }
     /// `node` loses etcd and the controller (both directions) but keeps the other nodes.
     func partition(_ node: String) throws { try command(["partition", node]) }
     func heal(_ node: String) throws { try command(["heal", node]) }
@@ -236,15 +239,19 @@ extension Testbed {
     func node(_ name: String) -> CSIClient { CSIClient(endpoint: nodeEndpoint(name)) }
 
     func attachBlock(_ volumeID: String, on name: String) async throws -> Attached {
-        let published = try await controller.controllerPublish(CSI.controllerPublish(volumeID, node: name, access: .block))
+        try await attach(volumeID, on: name, access: .block)
+    }
+
+    func attach(_ volumeID: String, on name: String, access: Access) async throws -> Attached {
+        let published = try await controller.controllerPublish(CSI.controllerPublish(volumeID, node: name, access: access))
         let root = stateDir + "/mnt/\(volumeID)-\(name)"
         let staging = root + "/staging"
         let target = root + "/target"
         try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
         let client = node(name)
-        _ = try await client.nodeStage(CSI.stage(volumeID, staging: staging, access: .block,
+        _ = try await client.nodeStage(CSI.stage(volumeID, staging: staging, access: access,
                                                  publishContext: published.publishContext))
-        _ = try await client.nodePublish(CSI.publish(volumeID, staging: staging, target: target, access: .block,
+        _ = try await client.nodePublish(CSI.publish(volumeID, staging: staging, target: target, access: access,
                                                      publishContext: published.publishContext))
         return Attached(node: name, staging: staging, target: target)
     }

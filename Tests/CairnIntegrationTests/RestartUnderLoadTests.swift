@@ -1,0 +1,140 @@
+import CSIProto
+import CairnCore
+import Foundation
+import XCTest
+
+/// Issue 14: restarting the process that runs a volume's engine, under load, costs no I/O
+/// error. fio with crc32c verification writes through a raw block volume and through ext4 (3
+/// replicas each) while the process is SIGKILLed and started again; the FUSE keeper keeps the
+/// connection and the kernel resends what was in flight. On the failover tests' bed (their
+/// setUp and tearDown).
+extension ReplicatedFailoverTests {
+    /// SIGKILL of the node's engine-running process only (its FUSE keeper lives on), as a crash,
+    /// a supervisor restart or an upgrade does it; then the same process is started again.
+    func killAndRestartEngineProcess(_ node: String) throws {
+        try bed.killEngineProcess(node)
+        try bed.restartEngineProcess(node)
+    }
+
+    func testEngineProcessKilledUnderBlockLoadLosesNoIO() async throws {
+        let volume = try await createBlockVolume("restart-block")
+        let attached = try await attach(volume, on: "n1")
+        let fio = try Fio.start(file: attached.target, sizeMiB: 48, seconds: 14)
+        try await Task.sleep(for: .seconds(4))
+        try killAndRestartEngineProcess("n1")
+        let result = try await fio.wait(seconds: 90)
+        print("restart under block load: \(result.summary)")
+        XCTAssertEqual(result.exitStatus, 0, "fio failed: \(result.errorText)")
+        XCTAssertEqual(result.ioErrors, 0, result.errorText)
+        XCTAssertGreaterThan(result.writes, 100, "fio must have written before and after the restart")
+        XCTAssertLessThanOrEqual(try fuseMounts("n1").count, 1, "the restart must not stack a mount")
+        XCTAssertTrue(bed.logTail("n1", lines: 400).contains("resumed the volume's FUSE connection"),
+                      "the new engine resumes the kept connection")
+
+        // A CO repeating NodeStage/NodePublish after the restart gets OK for a volume that serves.
+        let n1 = node("n1")
+        _ = try await n1.nodeStage(CSI.stage(volume.id, staging: attached.staging, access: .block))
+        _ = try await n1.nodePublish(CSI.publish(volume.id, staging: attached.staging, target: attached.target, access: .block))
+        let stats = try await n1.nodeGetVolumeStats(CSI.stats(volume.id, path: attached.target))
+        XCTAssertFalse(stats.volumeCondition.abnormal, stats.volumeCondition.message)
+        let block = BlockWriter.block(index: 7, sequence: 99)
+        try BlockWriter.writeDirect(device: attached.target, index: 7, block: block)
+        XCTAssertEqual(try BlockWriter.readDirect(device: attached.target, index: 7), block)
+        try await detach(volume, attached)
+        XCTAssertEqual(try fuseMounts("n1").map(\.mountPoint), [], "NodeUnstage stops the resumed engine")
+    }
+
+    func testEngineProcessKilledUnderExt4LoadLosesNoIO() async throws {
+        let bytes: Int64 = 128 << 20
+        let volumeID = try await controller.createVolume(
+            CSI.create(name: "restart-ext4", access: .mount(fsType: "ext4"), required: bytes,
+                       parameters: ["replicas": "3"])).volume.volumeID
+        let attached = try await bed.attach(volumeID, on: "n1", access: .mount(fsType: "ext4"))
+        let fio = try Fio.start(file: attached.target + "/fio.dat", sizeMiB: 32, seconds: 14)
+        try await Task.sleep(for: .seconds(4))
+        try killAndRestartEngineProcess("n1")
+        let result = try await fio.wait(seconds: 90)
+        print("restart under ext4 load: \(result.summary)")
+        XCTAssertEqual(result.exitStatus, 0, "fio failed: \(result.errorText)")
+        XCTAssertEqual(result.ioErrors, 0, result.errorText)
+        XCTAssertGreaterThan(result.writes, 100)
+        // The filesystem saw no error either (ext4 remounts read-only on one).
+        let mounted = try MountTable.read().last { $0.mountPoint == attached.staging }
+        XCTAssertNotNil(mounted)
+        XCTAssertFalse(mounted.map { $0.mountOptions.contains("ro") || $0.superOptions.contains("ro") } ?? true, "ext4 went read-only")
+        try await bed.detach(volumeID, attached)
+        _ = try await controller.deleteVolume(CSI.delete(volumeID))
+    }
+}
+
+/// fio with crc32c verification (a write job that verifies every block it wrote, as it goes and
+/// at the end), JSON output; direct, synchronous 4 KiB random writes.
+struct Fio {
+    let process: Process
+    let output: URL
+
+    struct Result {
+        var exitStatus: Int32
+        var ioErrors: Int
+        var writes: Int
+        /// The longest single write, seconds: the restart's stall as the application saw it.
+        var longestWrite: Double
+        var errorText: String
+        var summary: String {
+            "fio exit=\(exitStatus) writes=\(writes) io_errors=\(ioErrors) longest_write=\(String(format: "%.3f", longestWrite)) s"
+        }
+    }
+
+    static func start(file: String, sizeMiB: Int, seconds: Int) throws -> Fio {
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("fio-\(UUID().uuidString).json")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/fio")
+        process.arguments = [
+            "--name=restart", "--filename=\(file)", "--size=\(sizeMiB)M", "--rw=randwrite", "--bs=4k",
+            "--direct=1", "--sync=1", "--ioengine=psync", "--iodepth=1", "--numjobs=1",
+            "--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1", "--do_verify=1",
+            "--runtime=\(seconds)", "--time_based", "--output-format=json", "--output=\(output.path)",
+        ]
+        process.standardOutput = FileHandle.nullDevice
+        let errors = Pipe()
+        process.standardError = errors
+        try process.run()
+        return Fio(process: process, output: output)
+    }
+
+    func wait(seconds: Int) async throws -> Result {
+        let deadline = ContinuousClock.now + .seconds(seconds)
+        while process.isRunning {
+            if ContinuousClock.now > deadline {
+                process.terminate()
+                throw FixtureError("fio still runs after \(seconds) s: I/O on the volume hangs")
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        defer { try? FileManager.default.removeItem(at: output) }
+        let stderr = String(decoding: (process.standardError as? Pipe)?.fileHandleForReading.readDataToEndOfFile() ?? Data(),
+                            as: UTF8.self)
+        var result = Result(exitStatus: process.terminationStatus, ioErrors: 0, writes: 0, longestWrite: 0, errorText: stderr)
+        guard let data = try? Data(contentsOf: output),
+              let json = try? JSONSerialization.jsonObject(with: Self.jsonPart(data)) as? [String: Any],
+              let job = (json["jobs"] as? [[String: Any]])?.first else {
+            result.errorText += " (no fio JSON output)"
+            result.ioErrors = -1
+            return result
+        }
+        result.ioErrors = job["error"] as? Int ?? 0
+        if let write = job["write"] as? [String: Any] {
+            result.writes = write["total_ios"] as? Int ?? 0
+            if let clat = write["clat_ns"] as? [String: Any], let max = clat["max"] as? Double ?? (clat["max"] as? Int).map(Double.init) {
+                result.longestWrite = max / 1e9
+            }
+        }
+        return result
+    }
+
+    /// fio prints notes before the JSON object on some versions.
+    static func jsonPart(_ data: Data) -> Data {
+        guard let start = data.firstIndex(of: UInt8(ascii: "{")) else { return data }
+        return data[start...]
+    }
+}
