@@ -331,6 +331,16 @@ public final class ReplicatedBacking: VolumeBacking {
 
     // MARK: Condition
 
+    public func servingProblem(volumeID: String) -> String? {
+        guard let state = engines.state(volumeID: volumeID), state.path != nil else {
+            return "no engine serves volume \(volumeID) on this node (its process restarted and the FUSE connection could not be resumed, or the engine failed to start): I/O on its device fails; NodeStageVolume starts it again, or unstage and stage the volume"
+        }
+        if state.fenced {
+            return "this node's engine was fenced (a replica has seen a newer epoch: the volume is attached elsewhere now); every I/O here fails: unpublish and unstage it on this node"
+        }
+        return nil
+    }
+
     public func problem(_ volume: VolumeRecord) -> String? {
         if let blocker = stageBlocker(volume) { return blocker }
         guard let replicas = volume.replicas else { return nil }

@@ -25,6 +25,9 @@ public protocol VolumeBacking: Sendable {
     func problem(_ volume: VolumeRecord) -> String?
     /// A one-line description of the healthy state (e.g. which replicas are in sync).
     func healthy(_ volume: VolumeRecord) -> String
+    /// What is wrong with how this node serves the staged volume (replicated: no engine runs,
+    /// or it was fenced), or nil. Asked only for a volume staged here.
+    func servingProblem(volumeID: String) -> String?
     /// Why the volume cannot be staged now, or nil. A degraded replicated volume can be: its
     /// condition is abnormal, yet it serves I/O from the replicas still in sync.
     func stageBlocker(_ volume: VolumeRecord) -> String?
@@ -58,6 +61,7 @@ public protocol VolumeBacking: Sendable {
 
 extension VolumeBacking {
     public func stageBlocker(_ volume: VolumeRecord) -> String? { problem(volume) }
+    public func servingProblem(volumeID: String) -> String? { nil }
 
     /// Re-replication: creates one new, empty replica of `volume` on the node `replica` names.
     public func createReplica(_ volume: VolumeRecord, replica: ReplicaRecord) async throws {

@@ -619,6 +619,9 @@ public final class NodeService: Sendable {
         if let problem = backing.problem(volume) {
             problems.append(problem)
         }
+        if stage != nil, let problem = backing.servingProblem(volumeID: volumeID) {
+            problems.append(problem)
+        }
         var response = Csi_V1_NodeGetVolumeStatsResponse()
         switch accessType {
         case .mount:

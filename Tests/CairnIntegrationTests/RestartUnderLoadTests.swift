@@ -44,6 +44,39 @@ extension ReplicatedFailoverTests {
         XCTAssertEqual(try fuseMounts("n1").map(\.mountPoint), [], "NodeUnstage stops the resumed engine")
     }
 
+    /// The keeper itself dies (OOM killer, an operator): the engine process starts a new one
+    /// and hands it every connection, so the next restart of the engine process still loses
+    /// nothing.
+    func testKeeperKilledThenEngineProcessKilledStillLosesNoIO() async throws {
+        let volume = try await createBlockVolume("keeper-killed")
+        let attached = try await attach(volume, on: "n1")
+        let pidFile = bed.stateDir + "/n1/fuse-keeper.pid"
+        let first = try XCTUnwrap(Int32(try String(contentsOfFile: pidFile, encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines)))
+        XCTAssertEqual(kill(first, SIGKILL), 0, "SIGKILL of the keeper \(first)")
+        // The engine process notices within its 2 s watch and starts a new keeper.
+        var second: Int32?
+        for _ in 0..<100 {
+            try await Task.sleep(for: .milliseconds(100))
+            if let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+               let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid != first, kill(pid, 0) == 0 {
+                second = pid
+                break
+            }
+        }
+        XCTAssertNotNil(second, "a new keeper must be started after the first one died")
+        try await Task.sleep(for: .seconds(1))
+
+        let fio = try Fio.start(file: attached.target, sizeMiB: 48, seconds: 10)
+        try await Task.sleep(for: .seconds(3))
+        try killAndRestartEngineProcess("n1")
+        let result = try await fio.wait(seconds: 90)
+        print("restart after a keeper restart: \(result.summary)")
+        XCTAssertEqual(result.exitStatus, 0, "fio failed: \(result.errorText)")
+        XCTAssertEqual(result.ioErrors, 0, result.errorText)
+        try await detach(volume, attached)
+    }
+
     func testEngineProcessKilledUnderExt4LoadLosesNoIO() async throws {
         let bytes: Int64 = 128 << 20
         let volumeID = try await controller.createVolume(
