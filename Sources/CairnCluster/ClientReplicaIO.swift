@@ -10,12 +10,11 @@ extension ReplicaClientError: ReplicaFencingSignal {
 }
 
 extension ReplicaClientError: ReplicaDamageSignal {
-    /// A replica that finds a block's data not matching its checksum answers `checksumMismatch`
-    /// with a message naming the block ("checksum mismatch in block N: …").
+    /// A replica that finds a block's data not matching its checksum answers a read with
+    /// `checksumMismatch` and the block's number (a field of the response, protocol version 2).
     public var damagedBlock: UInt64? {
-        guard case .remote(.checksumMismatch, let message) = self else { return nil }
-        guard let range = message.range(of: "block ") else { return 0 }
-        return UInt64(message[range.upperBound...].prefix { $0.isNumber }) ?? 0
+        if case .damagedBlock(let block, _) = self { return block }
+        return nil
     }
 }
 

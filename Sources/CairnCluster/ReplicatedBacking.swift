@@ -148,10 +148,10 @@ public final class ReplicatedBacking: VolumeBacking {
         return "\(enginesDirectory)/\(volumeID)/volume"
     }
 
-    public func activate(_ volume: VolumeRecord, epoch: Int64) async throws -> String {
+    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch) async throws -> String {
         try Validate.volumeID(volume.id)
         // Already serving this epoch: no store read. (A newer epoch restarts the engine: the registry.)
-        if let running = engines.state(volumeID: volume.id), running.epoch == UInt64(epoch), let path = running.path {
+        if let running = engines.state(volumeID: volume.id), running.epoch == epoch.rawValue, let path = running.path {
             return path
         }
         // The freshest record: which replicas are in sync is the store's, not the caller's copy.
@@ -195,7 +195,7 @@ public final class ReplicatedBacking: VolumeBacking {
         let limits = Self.limits(current)
         let minInSync = current.minInSync
         let file = try await Self.blocking {
-            let file = try engines.start(volumeID: volumeID, sizeBytes: sizeBytes, epoch: UInt64(epoch), replicas: targets,
+            let file = try engines.start(volumeID: volumeID, sizeBytes: sizeBytes, epoch: epoch.rawValue, replicas: targets,
                                          localNodeID: nodeID, mountDirectory: mountDirectory,
                                          connect: connect, markOutOfSync: markOutOfSync, recovery: recovery)
             if limits.iops > 0 || limits.bandwidth > 0 {
@@ -221,7 +221,7 @@ public final class ReplicatedBacking: VolumeBacking {
 
     /// The engine's way to the store for recovery: the replica list (re-replication changes
     /// it), the rejoin transaction and progress records, all conditional on `epoch`.
-    private func recoveryHooks(volumeID: String, epoch: Int64) -> EngineRecovery {
+    private func recoveryHooks(volumeID: String, epoch: FencingEpoch) -> EngineRecovery {
         let store = self.store
         let logger = self.logger
         let engines = self.engines

@@ -57,7 +57,7 @@ extension ReplicatedBacking {
         guard let replicas = volume.replicas, !replicas.isEmpty else {
             throw CairnError.failedPrecondition("volume \(volume.id) has no replicas; it was not created in cluster mode")
         }
-        let epoch = UInt64(max(volume.epoch, 0))
+        let epoch = volume.epoch.rawValue
         if let attachedNode {
             let address = try await dataAddress(of: attachedNode, for: volume)
             let taken: [String]? = try await Self.blocking {
@@ -127,7 +127,7 @@ extension ReplicatedBacking {
         var held: [(client: ReplicaClient, member: GroupSnapshotMember)] = []
         func releaseAll() async {
             for (client, member) in held {
-                let epoch = UInt64(max(member.volume.epoch, 0))
+                let epoch = member.volume.epoch.rawValue
                 do {
                     try await Self.blocking { try client.releaseWrites(volumeID: member.volume.id, epoch: epoch) }
                 } catch {
@@ -143,7 +143,7 @@ extension ReplicatedBacking {
             for member in members {
                 guard let node = member.use.attachedNode else { continue }
                 let address = try await dataAddress(of: node, for: member.volume)
-                let volumeID = member.volume.id, epoch = UInt64(max(member.volume.epoch, 0))
+                let volumeID = member.volume.id, epoch = member.volume.epoch.rawValue
                 let client = try Self.connect(address, volumeID: volumeID, nodeID: node, doing: "hold its writes for a group snapshot")
                 do {
                     try await Self.blocking { try client.holdWrites(volumeID: volumeID, timeout: holdTimeout, epoch: epoch) }
@@ -155,7 +155,7 @@ extension ReplicatedBacking {
             }
             var nodes: [String: [String]] = [:]
             for member in members {
-                let volumeID = member.volume.id, epoch = UInt64(max(member.volume.epoch, 0)), id = member.snapshot.id
+                let volumeID = member.volume.id, epoch = member.volume.epoch.rawValue, id = member.snapshot.id
                 if let client = held.first(where: { $0.member.volume.id == volumeID })?.client {
                     nodes[volumeID] = try await Self.blocking {
                         try client.barrierSnapshot(volumeID: volumeID, snapshotID: id, epoch: epoch)
@@ -178,7 +178,7 @@ extension ReplicatedBacking {
     /// view, and a later delete — or the replica's deletion — removes the leftover).
     public func deleteSnapshot(volume: VolumeRecord, snapshotID: String) async throws {
         try Validate.volumeID(snapshotID, field: "snapshot id")
-        let epoch = UInt64(max(volume.epoch, 0))
+        let epoch = volume.epoch.rawValue
         for replica in volume.replicas ?? [] {
             do {
                 try await Self.blocking {
@@ -243,7 +243,7 @@ extension ReplicatedBacking {
         guard sizeBytes > 0, sizeBytes % Int64(VolumeEngine.blockSize) == 0 else {
             throw CairnError.invalidArgument("size \(sizeBytes) is not a positive multiple of \(VolumeEngine.blockSize) bytes")
         }
-        let epoch = UInt64(max(volume.epoch, 0))
+        let epoch = volume.epoch.rawValue
         for replica in volume.replicas ?? [] {
             do {
                 try await Self.blocking {

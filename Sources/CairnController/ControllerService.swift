@@ -294,7 +294,7 @@ public final class ControllerService: Sendable {
 
     static func publishResponse(_ attachment: AttachmentRecord) -> Csi_V1_ControllerPublishVolumeResponse {
         var response = Csi_V1_ControllerPublishVolumeResponse()
-        response.publishContext = [epochContextKey: String(attachment.epoch)]
+        response.publishContext = [epochContextKey: String(attachment.epoch.rawValue)]
         return response
     }
 

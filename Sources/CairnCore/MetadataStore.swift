@@ -40,7 +40,7 @@ public protocol MetadataStore: Sendable {
     /// volume's epoch still being `epoch` (FAILED_PRECONDITION "fenced: the volume's epoch is
     /// now N" otherwise; NOT_FOUND when the volume or that replica does not exist). Idempotent:
     /// already out of sync → no change, no error.
-    func markReplicaOutOfSync(volumeID: String, nodeID: String, epoch: Int64, reason: String) async throws
+    func markReplicaOutOfSync(volumeID: String, nodeID: String, epoch: FencingEpoch, reason: String) async throws
     /// Runs `change` on the volume's record in one transaction and writes the record back when
     /// it returns true (false: nothing changes); returns that answer. NOT_FOUND without the
     /// volume. The building block of the replica operations below.
@@ -103,7 +103,7 @@ extension MetadataStore {
 
     /// The replica is in sync again: one transaction, conditional on the volume's epoch (the
     /// resyncing engine's) — FAILED_PRECONDITION "fenced: …" otherwise. Idempotent.
-    public func markReplicaInSync(volumeID: String, nodeID: String, epoch: Int64) async throws {
+    public func markReplicaInSync(volumeID: String, nodeID: String, epoch: FencingEpoch) async throws {
         _ = try await updateVolume(id: volumeID, what: "mark replica \(nodeID) of volume \(volumeID) in sync") { volume in
             try volume.markReplicaInSync(nodeID: nodeID, epoch: epoch)
         }
@@ -111,7 +111,7 @@ extension MetadataStore {
 
     /// Records (or clears, with nil) an out-of-sync replica's resync progress, under the same
     /// epoch condition.
-    public func recordResyncProgress(volumeID: String, nodeID: String, epoch: Int64, progress: ResyncProgress?) async throws {
+    public func recordResyncProgress(volumeID: String, nodeID: String, epoch: FencingEpoch, progress: ResyncProgress?) async throws {
         _ = try await updateVolume(id: volumeID, what: "record resync progress of replica \(nodeID) of volume \(volumeID)") { volume in
             try volume.recordResyncProgress(nodeID: nodeID, epoch: epoch, progress: progress)
         }

@@ -40,7 +40,7 @@ public struct VolumeRecord: Codable, Sendable, Equatable {
     /// CSI access modes (raw enum values) the volume was created for.
     public var accessModes: [Int]
     public var accessibleTopology: [String: String]
-    public var epoch: Int64
+    public var epoch: FencingEpoch
     public var createdAt: Date
     /// The nodes holding a replica of the volume, and which of them are in sync; nil for a
     /// one-machine volume backed by a local file (and in records written before replication).
@@ -60,7 +60,7 @@ public struct VolumeRecord: Codable, Sendable, Equatable {
 
     public init(id: String, name: String, capacityBytes: Int64, parameters: [String: String],
                 fsType: String, accessModes: [Int], accessibleTopology: [String: String],
-                epoch: Int64 = 0, createdAt: Date = Date(), replicas: [ReplicaRecord]? = nil,
+                epoch: FencingEpoch = 0, createdAt: Date = Date(), replicas: [ReplicaRecord]? = nil,
                 contentSource: ContentSource? = nil, mutableParameters: [String: String]? = nil) {
         self.replicas = replicas
         self.contentSource = contentSource
@@ -251,7 +251,7 @@ extension VolumeRecord {
     /// `markReplicaOutOfSync`'s rule, shared by every store: fenced unless the volume's epoch is
     /// still `epoch`; NOT_FOUND without that replica. Returns false (and changes nothing) when
     /// the replica is already out of sync.
-    public mutating func markReplicaOutOfSync(nodeID: String, epoch: Int64, reason: String,
+    public mutating func markReplicaOutOfSync(nodeID: String, epoch: FencingEpoch, reason: String,
                                               at now: Date = Date()) throws -> Bool {
         let index = try replicaIndex(nodeID: nodeID, epoch: epoch)
         guard replicas![index].inSync else { return false }
@@ -263,7 +263,7 @@ extension VolumeRecord {
 
     /// `markReplicaInSync`'s rule: the epoch and replica checks of `markReplicaOutOfSync`;
     /// clears the out-of-sync fields and the progress. False (no change) when already in sync.
-    public mutating func markReplicaInSync(nodeID: String, epoch: Int64) throws -> Bool {
+    public mutating func markReplicaInSync(nodeID: String, epoch: FencingEpoch) throws -> Bool {
         let index = try replicaIndex(nodeID: nodeID, epoch: epoch)
         guard !replicas![index].inSync else { return false }
         replicas![index].inSync = true
@@ -275,7 +275,7 @@ extension VolumeRecord {
 
     /// `recordResyncProgress`'s rule: only for an out-of-sync replica (false otherwise), under
     /// the same epoch check.
-    public mutating func recordResyncProgress(nodeID: String, epoch: Int64, progress: ResyncProgress?) throws -> Bool {
+    public mutating func recordResyncProgress(nodeID: String, epoch: FencingEpoch, progress: ResyncProgress?) throws -> Bool {
         let index = try replicaIndex(nodeID: nodeID, epoch: epoch)
         guard !replicas![index].inSync, replicas![index].resync != progress else { return false }
         replicas![index].resync = progress
@@ -302,7 +302,7 @@ extension VolumeRecord {
         replicas![index] = new
     }
 
-    private func replicaIndex(nodeID: String, epoch: Int64) throws -> Int {
+    private func replicaIndex(nodeID: String, epoch: FencingEpoch) throws -> Int {
         guard self.epoch == epoch else {
             throw CairnError.failedPrecondition(
                 "fenced: the volume's epoch is now \(self.epoch) (the caller holds epoch \(epoch)); a newer attachment owns volume \(id)")
@@ -321,10 +321,10 @@ public struct AttachmentRecord: Codable, Sendable, Equatable {
     public var readonly: Bool
     /// CSI access mode (raw) of the capability it was published with.
     public var accessMode: Int
-    public var epoch: Int64
+    public var epoch: FencingEpoch
     public var createdAt: Date
 
-    public init(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int, epoch: Int64,
+    public init(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int, epoch: FencingEpoch,
                 createdAt: Date = Date()) {
         self.volumeID = volumeID
         self.nodeID = nodeID

@@ -18,7 +18,7 @@ public protocol VolumeBacking: Sendable {
     /// Makes `file(volumeID:)` usable on this node for a writer holding `epoch` (replicated:
     /// starts the engine, which claims the replicas with the epoch and so fences older holders).
     /// Idempotent. Returns the file.
-    func activate(_ volume: VolumeRecord, epoch: Int64) async throws -> String
+    func activate(_ volume: VolumeRecord, epoch: FencingEpoch) async throws -> String
     /// Undoes `activate` once no loop device uses the file any more. Idempotent.
     func deactivate(volumeID: String) async throws
     /// Health as CSI's VolumeCondition wants it: nil when healthy, else what is wrong.
@@ -144,7 +144,7 @@ public struct LocalFileBacking: VolumeBacking {
         if unlink(path) != 0 && errno != ENOENT { throw SystemError("unlink \(path)", errno: errno) }
     }
 
-    public func activate(_ volume: VolumeRecord, epoch: Int64) throws -> String {
+    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch) throws -> String {
         try file(volumeID: volume.id)
     }
 

@@ -18,7 +18,13 @@
 /// Fixed sizes and limits of the data protocol.
 public enum FrameLimits {
     public static let magic: UInt32 = 0x464E_5243  // "CRNF" in wire order (little-endian u32)
+    /// The header's version: the framing itself.
     public static let version: UInt16 = 1
+    /// The newest protocol version a hello offers and this side speaks: 2 adds the damaged
+    /// block to a read's `checksumMismatch` (`FrameFlags.detail`). A server answers a hello
+    /// with the lower of the two versions and uses only what that version has.
+    public static let protocolVersion: UInt16 = 2
+    public static let supportedProtocolVersions: ClosedRange<UInt16> = 1...protocolVersion
     public static let headerSize = 32
     /// The header CRC covers every header byte before the CRC field.
     public static let checksummedHeaderSize = 28
@@ -84,7 +90,10 @@ public enum FrameFlags {
     /// runs the volume on the receiving node (its write barrier over every in-sync replica),
     /// not on this replica alone.
     public static let barrier: UInt8 = 0x08
-    public static let known: UInt8 = response | ifNewer | repair | barrier
+    /// Only on a `read` response with status `checksumMismatch` (protocol version 2): the
+    /// payload ends with the damaged block's number, u64, after the message.
+    public static let detail: UInt8 = 0x10
+    public static let known: UInt8 = response | ifNewer | repair | barrier | detail
 }
 
 /// The status a response carries. Wire values: never renumber.
@@ -213,6 +222,9 @@ public struct FrameHeader: Equatable, Sendable {
         guard flags & FrameFlags.barrier == 0 || opcode == .snapshot else {
             throw FrameError(.reservedFlags, "the barrier flag is only valid on snapshot, not \(opcode) (request id \(requestID))")
         }
+        guard flags & FrameFlags.detail == 0 || (opcode == .read && flags & FrameFlags.response != 0) else {
+            throw FrameError(.reservedFlags, "the detail flag is only valid on a read response, not \(opcode) (request id \(requestID))")
+        }
         self.init(opcode: opcode, flags: flags, requestID: requestID, payloadLength: payloadLength, epoch: epoch)
     }
 }
@@ -223,8 +235,8 @@ public struct FrameHeader: Equatable, Sendable {
 /// follow from the body; the payload length from its encoding.
 public struct Frame: Equatable, Sendable {
     public enum Body: Equatable, Sendable {
-        case request(Request)
-        case response(Response)
+        case request(FrameMessage)
+        case response(FrameMessage)
     }
 
     public var requestID: UInt64
@@ -239,33 +251,36 @@ public struct Frame: Equatable, Sendable {
         self.body = body
     }
 
-    public var opcode: Opcode {
+    public var message: FrameMessage {
         switch body {
-        case .request(let r): r.opcode
-        case .response(let r): r.opcode
+        case .request(let m), .response(let m): m
         }
     }
+
+    public var opcode: Opcode { message.opcode }
 
     public var isResponse: Bool {
         if case .response = body { return true }
         return false
     }
 
-    /// The header's flag bits, which follow from the body.
-    public var headerFlags: UInt8 {
-        switch body {
-        case .request(let r): r.headerFlags
-        case .response(let r): FrameFlags.response | r.headerFlags
-        }
+    /// The body as `Op`'s request; nil for a response or another op's frame.
+    public func request<Op: DataOperation>(_: Op.Type) -> Op.Request? {
+        guard case .request(let m) = body, m.opcode == Op.opcode else { return nil }
+        return m.as(Op.Request.self)
     }
 
-    /// The payload's bytes (without the header).
-    public func encodePayload() -> [UInt8] {
-        switch body {
-        case .request(let r): r.encode()
-        case .response(let r): r.encode()
-        }
+    /// The body as `Op`'s response; nil for a request or another op's frame.
+    public func response<Op: DataOperation>(_: Op.Type) -> Op.Response? {
+        guard case .response(let m) = body, m.opcode == Op.opcode else { return nil }
+        return m.as(Op.Response.self)
     }
+
+    /// The header's flag bits, which follow from the body.
+    public var headerFlags: UInt8 { (isResponse ? FrameFlags.response : 0) | message.headerFlags }
+
+    /// The payload's bytes (without the header).
+    public func encodePayload() -> [UInt8] { message.encode() }
 
     /// Header and payload, ready for the socket.
     public func encode() -> [UInt8] {
@@ -276,278 +291,22 @@ public struct Frame: Equatable, Sendable {
         return header.encode() + payload
     }
 
-    /// Builds a frame from a validated header and its complete payload.
+    /// Builds a frame from a validated header and its complete payload, decoded by the op the
+    /// header names.
     public init(header: FrameHeader, payload: some Collection<UInt8>) throws(FrameError) {
         guard payload.count == Int(header.payloadLength) else {
             throw FrameError(.truncated, "payload is \(payload.count) bytes, header says \(header.payloadLength) (request id \(header.requestID))")
         }
-        let body: Body
+        guard let op = DataOp.operation(header.opcode) else {
+            throw FrameError(.unknownOpcode, "no operation is declared for op \(header.opcode) (request id \(header.requestID))")
+        }
+        let message: FrameMessage
         do throws(FrameError) {
-            if header.isResponse {
-                body = .response(try Response(opcode: header.opcode, flags: header.flags, decoding: payload))
-            } else {
-                body = .request(try Request(opcode: header.opcode, flags: header.flags, decoding: payload))
-            }
+            message = try op.decode(response: header.isResponse, flags: header.flags, payload: payload)
         } catch {
-            throw FrameError(error.kind, "\(error.reason) (\(header.opcode) \(header.isResponse ? "response" : "request"), request id \(header.requestID))")
+            throw FrameError(error.kind, "\(error.reason) (\(op.name) \(header.isResponse ? "response" : "request"), request id \(header.requestID))")
         }
-        self.init(requestID: header.requestID, epoch: header.epoch, body: body)
-    }
-}
-
-/// A request body, one case per op.
-public enum Request: Equatable, Sendable {
-    case hello(HelloRequest)
-    case claim(ClaimRequest)
-    case read(ReadRequest)
-    case write(WriteRequest)
-    case flush(FlushRequest)
-    case trim(TrimRequest)
-    case status(StatusRequest)
-    case create(CreateRequest)
-    case delete(DeleteRequest)
-    case generations(GenerationsRequest)
-    /// Same layout as `generations`: first *region* (256 blocks) and region count (1...4096).
-    case summary(GenerationsRequest)
-    /// Same layout as `generations`: first block and block count (1...16384).
-    case verify(GenerationsRequest)
-    case snapshot(SnapshotRequest)
-    case deleteSnapshot(SnapshotRequest)
-    case listSnapshots(ListSnapshotsRequest)
-    case clone(CloneRequest)
-    case grow(GrowRequest)
-    case holdWrites(HoldWritesRequest)
-    case releaseWrites(ReleaseWritesRequest)
-    case activity(ActivityRequest)
-
-    public var opcode: Opcode {
-        switch self {
-        case .hello: .hello
-        case .claim: .claim
-        case .read: .read
-        case .write: .write
-        case .flush: .flush
-        case .trim: .trim
-        case .status: .status
-        case .create: .create
-        case .delete: .delete
-        case .generations: .generations
-        case .summary: .summary
-        case .verify: .verify
-        case .snapshot: .snapshot
-        case .deleteSnapshot: .deleteSnapshot
-        case .listSnapshots: .listSnapshots
-        case .clone: .clone
-        case .grow: .grow
-        case .holdWrites: .holdWrites
-        case .releaseWrites: .releaseWrites
-        case .activity: .activity
-        }
-    }
-
-    /// Header flag bits the request carries besides its opcode (`FrameFlags.ifNewer`, `repair`).
-    public var headerFlags: UInt8 {
-        if case .write(let m) = self { return (m.ifNewer ? FrameFlags.ifNewer : 0) | (m.repair ? FrameFlags.repair : 0) }
-        if case .trim(let m) = self, m.ifNewer { return FrameFlags.ifNewer }
-        if case .snapshot(let m) = self, m.barrier { return FrameFlags.barrier }
-        return 0
-    }
-
-    /// Whether the response carries an applied-block count (`ConditionalWriteResponse`).
-    public var isConditional: Bool {
-        switch self {
-        case .write, .trim: headerFlags != 0
-        default: false
-        }
-    }
-
-    public func encode() -> [UInt8] {
-        switch self {
-        case .hello(let m): m.encode()
-        case .claim(let m): m.encode()
-        case .read(let m): m.encode()
-        case .write(let m): m.encode()
-        case .flush(let m): m.encode()
-        case .trim(let m): m.encode()
-        case .status(let m): m.encode()
-        case .create(let m): m.encode()
-        case .delete(let m): m.encode()
-        case .generations(let m): m.encode()
-        case .summary(let m): m.encode()
-        case .verify(let m): m.encode()
-        case .snapshot(let m): m.encode()
-        case .deleteSnapshot(let m): m.encode()
-        case .listSnapshots(let m): m.encode()
-        case .clone(let m): m.encode()
-        case .grow(let m): m.encode()
-        case .holdWrites(let m): m.encode()
-        case .releaseWrites(let m): m.encode()
-        case .activity(let m): m.encode()
-        }
-    }
-
-    /// Decodes a request payload; `flags` are the header's (the if-newer bit of a write).
-    public init(opcode: Opcode, flags: UInt8 = 0, decoding payload: some Collection<UInt8>) throws(FrameError) {
-        switch opcode {
-        case .hello: self = .hello(try HelloRequest(decoding: payload))
-        case .claim: self = .claim(try ClaimRequest(decoding: payload))
-        case .read: self = .read(try ReadRequest(decoding: payload))
-        case .write:
-            var m = try WriteRequest(decoding: payload)
-            m.ifNewer = flags & FrameFlags.ifNewer != 0
-            m.repair = flags & FrameFlags.repair != 0
-            self = .write(m)
-        case .flush: self = .flush(try FlushRequest(decoding: payload))
-        case .trim:
-            var m = try TrimRequest(decoding: payload)
-            m.ifNewer = flags & FrameFlags.ifNewer != 0
-            self = .trim(m)
-        case .status: self = .status(try StatusRequest(decoding: payload))
-        case .create: self = .create(try CreateRequest(decoding: payload))
-        case .delete: self = .delete(try DeleteRequest(decoding: payload))
-        case .generations: self = .generations(try GenerationsRequest(decoding: payload))
-        case .summary: self = .summary(try GenerationsRequest(decoding: payload))
-        case .verify: self = .verify(try GenerationsRequest(decoding: payload))
-        case .snapshot:
-            var m = try SnapshotRequest(decoding: payload)
-            m.barrier = flags & FrameFlags.barrier != 0
-            self = .snapshot(m)
-        case .deleteSnapshot: self = .deleteSnapshot(try SnapshotRequest(decoding: payload))
-        case .listSnapshots: self = .listSnapshots(try ListSnapshotsRequest(decoding: payload))
-        case .clone: self = .clone(try CloneRequest(decoding: payload))
-        case .grow: self = .grow(try GrowRequest(decoding: payload))
-        case .holdWrites: self = .holdWrites(try HoldWritesRequest(decoding: payload))
-        case .releaseWrites: self = .releaseWrites(try ReleaseWritesRequest(decoding: payload))
-        case .activity: self = .activity(try ActivityRequest(decoding: payload))
-        }
-    }
-}
-
-/// A response body, one case per op.
-public enum Response: Equatable, Sendable {
-    case hello(HelloResponse)
-    case claim(ClaimResponse)
-    case read(ReadResponse)
-    case write(WriteResponse)
-    case flush(FlushResponse)
-    case trim(TrimResponse)
-    case status(StatusResponse)
-    case create(CreateResponse)
-    case delete(DeleteResponse)
-    case generations(GenerationsResponse)
-    /// One digest per region (the `generations` layout).
-    case summary(GenerationsResponse)
-    /// The bad blocks' numbers (the `generations` layout).
-    case verify(GenerationsResponse)
-    /// The response to a conditional write (if-newer or repair; opcode `write`).
-    case conditionalWrite(ConditionalWriteResponse)
-    /// The response to an if-newer trim (opcode `trim`).
-    case conditionalTrim(ConditionalWriteResponse)
-    case snapshot(SnapshotResponse)
-    case deleteSnapshot(PlainResponse)
-    case listSnapshots(ListSnapshotsResponse)
-    case clone(PlainResponse)
-    case grow(PlainResponse)
-    case holdWrites(PlainResponse)
-    case releaseWrites(PlainResponse)
-    case activity(ActivityResponse)
-
-    public var opcode: Opcode {
-        switch self {
-        case .hello: .hello
-        case .claim: .claim
-        case .read: .read
-        case .write: .write
-        case .flush: .flush
-        case .trim: .trim
-        case .status: .status
-        case .create: .create
-        case .delete: .delete
-        case .generations: .generations
-        case .summary: .summary
-        case .verify: .verify
-        case .conditionalWrite: .write
-        case .conditionalTrim: .trim
-        case .snapshot: .snapshot
-        case .deleteSnapshot: .deleteSnapshot
-        case .listSnapshots: .listSnapshots
-        case .clone: .clone
-        case .grow: .grow
-        case .holdWrites: .holdWrites
-        case .releaseWrites: .releaseWrites
-        case .activity: .activity
-        }
-    }
-
-    /// Header flag bits the response carries besides `FrameFlags.response`.
-    public var headerFlags: UInt8 {
-        switch self {
-        case .conditionalWrite, .conditionalTrim: FrameFlags.ifNewer
-        case .snapshot(let m) where m.barrier: FrameFlags.barrier
-        default: 0
-        }
-    }
-
-    public func encode() -> [UInt8] {
-        switch self {
-        case .hello(let m): m.encode()
-        case .claim(let m): m.encode()
-        case .read(let m): m.encode()
-        case .write(let m): m.encode()
-        case .flush(let m): m.encode()
-        case .trim(let m): m.encode()
-        case .status(let m): m.encode()
-        case .create(let m): m.encode()
-        case .delete(let m): m.encode()
-        case .generations(let m): m.encode()
-        case .summary(let m): m.encode()
-        case .verify(let m): m.encode()
-        case .conditionalWrite(let m): m.encode()
-        case .conditionalTrim(let m): m.encode()
-        case .snapshot(let m): m.encode()
-        case .deleteSnapshot(let m): m.encode()
-        case .listSnapshots(let m): m.encode()
-        case .clone(let m): m.encode()
-        case .grow(let m): m.encode()
-        case .holdWrites(let m): m.encode()
-        case .releaseWrites(let m): m.encode()
-        case .activity(let m): m.encode()
-        }
-    }
-
-    /// Decodes a response payload; `flags` are the header's (the if-newer bit of a write).
-    public init(opcode: Opcode, flags: UInt8 = 0, decoding payload: some Collection<UInt8>) throws(FrameError) {
-        switch opcode {
-        case .hello: self = .hello(try HelloResponse(decoding: payload))
-        case .claim: self = .claim(try ClaimResponse(decoding: payload))
-        case .read: self = .read(try ReadResponse(decoding: payload))
-        case .write:
-            self = flags & FrameFlags.ifNewer != 0
-                ? .conditionalWrite(try ConditionalWriteResponse(decoding: payload))
-                : .write(try WriteResponse(decoding: payload))
-        case .flush: self = .flush(try FlushResponse(decoding: payload))
-        case .trim:
-            self = flags & FrameFlags.ifNewer != 0
-                ? .conditionalTrim(try ConditionalWriteResponse(decoding: payload))
-                : .trim(try TrimResponse(decoding: payload))
-        case .status: self = .status(try StatusResponse(decoding: payload))
-        case .create: self = .create(try CreateResponse(decoding: payload))
-        case .delete: self = .delete(try DeleteResponse(decoding: payload))
-        case .generations: self = .generations(try GenerationsResponse(decoding: payload))
-        case .summary: self = .summary(try GenerationsResponse(decoding: payload))
-        case .verify: self = .verify(try GenerationsResponse(decoding: payload))
-        case .snapshot:
-            var m = try SnapshotResponse(decoding: payload)
-            m.barrier = flags & FrameFlags.barrier != 0
-            self = .snapshot(m)
-        case .deleteSnapshot: self = .deleteSnapshot(try PlainResponse(decoding: payload))
-        case .listSnapshots: self = .listSnapshots(try ListSnapshotsResponse(decoding: payload))
-        case .clone: self = .clone(try PlainResponse(decoding: payload))
-        case .grow: self = .grow(try PlainResponse(decoding: payload))
-        case .holdWrites: self = .holdWrites(try PlainResponse(decoding: payload))
-        case .releaseWrites: self = .releaseWrites(try PlainResponse(decoding: payload))
-        case .activity: self = .activity(try ActivityResponse(decoding: payload))
-        }
+        self.init(requestID: header.requestID, epoch: header.epoch, body: header.isResponse ? .response(message) : .request(message))
     }
 }
 
@@ -560,7 +319,7 @@ public enum Response: Equatable, Sendable {
 //   claim    req: volume                       (the claimed epoch is the header's)
 //            rsp: status u8 | replica epoch u64
 //   read     req: volume | offset u64 | length u32
-//            rsp: status u8 | data              (empty unless ok)
+//            rsp: status u8 | data | message [| damaged block u64: flag `detail`, checksum-mismatch]
 //   write    req: volume | generation u64 | offset u64 | data
 //            rsp: status u8
 //   flush    req: volume
@@ -602,12 +361,12 @@ public enum Response: Equatable, Sendable {
 // `ifNewer`, answer status u8 | applied blocks u32, with `ifNewer` set in the response header.
 // Every response ends with a message (u16 length + UTF-8, ≤ 1024 bytes; empty on success).
 
-public struct HelloRequest: Equatable, Sendable {
+public struct HelloRequest: WireCodable {
     public var protocolVersion: UInt16
     /// Opaque cluster authentication (a key id + MAC later); empty for now.
     public var authToken: [UInt8]
 
-    public init(protocolVersion: UInt16 = FrameLimits.version, authToken: [UInt8] = []) {
+    public init(protocolVersion: UInt16 = FrameLimits.protocolVersion, authToken: [UInt8] = []) {
         self.protocolVersion = protocolVersion
         self.authToken = authToken
     }
@@ -619,7 +378,7 @@ public struct HelloRequest: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         protocolVersion = try r.readUInt16("protocol version")
         authToken = try r.readToken()
@@ -627,7 +386,7 @@ public struct HelloRequest: Equatable, Sendable {
     }
 }
 
-public struct HelloResponse: Equatable, Sendable {
+public struct HelloResponse: WireResponse {
     public var status: ReplyStatus
     /// Why the request failed, for logs and errors; empty on success.
     public var message: String
@@ -635,7 +394,9 @@ public struct HelloResponse: Equatable, Sendable {
     /// Opaque: room for the replica's half of a mutual authentication.
     public var authToken: [UInt8]
 
-    public init(status: ReplyStatus, protocolVersion: UInt16 = FrameLimits.version, authToken: [UInt8] = [], message: String = "") {
+    public init(failure: ReplyFailure) { self.init(status: failure.status, message: failure.message) }
+
+    public init(status: ReplyStatus, protocolVersion: UInt16 = FrameLimits.protocolVersion, authToken: [UInt8] = [], message: String = "") {
         self.message = message
         self.status = status
         self.protocolVersion = protocolVersion
@@ -651,7 +412,7 @@ public struct HelloResponse: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         status = try r.readStatus()
         protocolVersion = try r.readUInt16("protocol version")
@@ -661,7 +422,9 @@ public struct HelloResponse: Equatable, Sendable {
     }
 }
 
-public struct ClaimRequest: Equatable, Sendable {
+/// The requests that name a volume and nothing else (`claim`, `flush`, `status`, `delete`,
+/// `listSnapshots`, `releaseWrites`): volume.
+public struct VolumeRequest: WireCodable {
     public var volume: String
 
     public init(volume: String) { self.volume = volume }
@@ -672,14 +435,20 @@ public struct ClaimRequest: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         volume = try r.readVolume()
         try r.expectEnd()
     }
 }
 
-public struct ClaimResponse: Equatable, Sendable {
+/// The claimed epoch is the header's.
+public typealias ClaimRequest = VolumeRequest
+public typealias FlushRequest = VolumeRequest
+public typealias StatusRequest = VolumeRequest
+public typealias DeleteRequest = VolumeRequest
+
+public struct ClaimResponse: WireResponse {
     public var status: ReplyStatus
     /// Why the request failed, for logs and errors; empty on success.
     public var message: String
@@ -692,6 +461,10 @@ public struct ClaimResponse: Equatable, Sendable {
         self.replicaEpoch = replicaEpoch
     }
 
+    public init(failure: ReplyFailure) { self.init(status: failure.status, replicaEpoch: failure.epoch, message: failure.message) }
+
+    public var headerEpoch: UInt64? { replicaEpoch }
+
     public func encode() -> [UInt8] {
         var w = ByteWriter()
         w.write(status.rawValue)
@@ -700,7 +473,7 @@ public struct ClaimResponse: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         status = try r.readStatus()
         replicaEpoch = try r.readUInt64("replica epoch")
@@ -709,7 +482,7 @@ public struct ClaimResponse: Equatable, Sendable {
     }
 }
 
-public struct ReadRequest: Equatable, Sendable {
+public struct ReadRequest: WireCodable {
     public var volume: String
     public var offset: UInt64
     public var length: UInt32
@@ -728,7 +501,7 @@ public struct ReadRequest: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         volume = try r.readVolume()
         offset = try r.readUInt64("offset")
@@ -738,40 +511,56 @@ public struct ReadRequest: Equatable, Sendable {
     }
 }
 
-public struct ReadResponse: Equatable, Sendable {
+public struct ReadResponse: WireResponse {
     public var status: ReplyStatus
     /// Why the request failed, for logs and errors; empty on success.
     public var message: String
     /// Whole blocks; empty unless `status` is `ok`.
     public var data: [UInt8]
+    /// On `checksumMismatch`: the block whose data failed its checksum (protocol version 2;
+    /// `FrameFlags.detail` in the header, the u64 after the message).
+    public var damagedBlock: UInt64?
 
-    public init(status: ReplyStatus, data: [UInt8] = [], message: String = "") {
+    public init(status: ReplyStatus, data: [UInt8] = [], damagedBlock: UInt64? = nil, message: String = "") {
         self.message = message
         self.status = status
         self.data = data
+        self.damagedBlock = damagedBlock
     }
 
+    public init(failure: ReplyFailure) {
+        self.init(status: failure.status, damagedBlock: failure.status == .checksumMismatch ? failure.damagedBlock : nil,
+                  message: failure.message)
+    }
+
+    public var headerFlags: UInt8 { damagedBlock == nil ? 0 : FrameFlags.detail }
+
     public func encode() -> [UInt8] {
-        var w = ByteWriter(capacity: 5 + data.count)
+        var w = ByteWriter(capacity: 13 + data.count)
         w.write(status.rawValue)
         w.writeData(data)
         w.writeMessage(message)
+        if let damagedBlock { w.write(damagedBlock) }
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         status = try r.readStatus()
         data = try r.readData(allowEmpty: true)
         message = try r.readMessage()
+        damagedBlock = flags & FrameFlags.detail != 0 ? try r.readUInt64("damaged block") : nil
         try r.expectEnd()
         guard status == .ok || data.isEmpty else {
             throw FrameError(.malformedPayload, "read response with status \(status) carries \(data.count) bytes of data")
         }
+        guard damagedBlock == nil || status == .checksumMismatch else {
+            throw FrameError(.malformedPayload, "read response with status \(status) names a damaged block")
+        }
     }
 }
 
-public struct WriteRequest: Equatable, Sendable {
+public struct WriteRequest: WireCodable {
     public var volume: String
     /// The volume-wide write generation (strictly increasing, assigned by the engine).
     public var generation: UInt64
@@ -795,6 +584,8 @@ public struct WriteRequest: Equatable, Sendable {
         self.repair = repair
     }
 
+    public var headerFlags: UInt8 { (ifNewer ? FrameFlags.ifNewer : 0) | (repair ? FrameFlags.repair : 0) }
+
     public func encode() -> [UInt8] {
         var w = ByteWriter(capacity: 2 + volume.utf8.count + 20 + data.count)
         w.writeVolume(volume)
@@ -804,14 +595,14 @@ public struct WriteRequest: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         volume = try r.readVolume()
         generation = try r.readUInt64("generation")
         offset = try r.readUInt64("offset")
         data = try r.readData(allowEmpty: false)
-        ifNewer = false
-        repair = false
+        ifNewer = flags & FrameFlags.ifNewer != 0
+        repair = flags & FrameFlags.repair != 0
         try r.expectEnd()
         guard generation != 0 else {
             // Generation 0 means "never written" in the block map.
@@ -822,7 +613,7 @@ public struct WriteRequest: Equatable, Sendable {
 }
 
 /// The response of the ops that answer with a status (and a message) only.
-public struct PlainResponse: Equatable, Sendable {
+public struct PlainResponse: WireResponse {
     public var status: ReplyStatus
     /// Why the request failed, for logs and errors; empty on success.
     public var message: String
@@ -832,6 +623,8 @@ public struct PlainResponse: Equatable, Sendable {
         self.message = message
     }
 
+    public init(failure: ReplyFailure) { self.init(status: failure.status, message: failure.message) }
+
     public func encode() -> [UInt8] {
         var w = ByteWriter()
         w.write(status.rawValue)
@@ -839,7 +632,7 @@ public struct PlainResponse: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         status = try r.readStatus()
         message = try r.readMessage()
@@ -847,25 +640,7 @@ public struct PlainResponse: Equatable, Sendable {
     }
 }
 
-public struct FlushRequest: Equatable, Sendable {
-    public var volume: String
-
-    public init(volume: String) { self.volume = volume }
-
-    public func encode() -> [UInt8] {
-        var w = ByteWriter()
-        w.writeVolume(volume)
-        return w.bytes
-    }
-
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(payload)
-        volume = try r.readVolume()
-        try r.expectEnd()
-    }
-}
-
-public struct FlushResponse: Equatable, Sendable {
+public struct FlushResponse: WireResponse {
     public var status: ReplyStatus
     /// Why the request failed, for logs and errors; empty on success.
     public var message: String
@@ -878,6 +653,8 @@ public struct FlushResponse: Equatable, Sendable {
         self.flushedGeneration = flushedGeneration
     }
 
+    public init(failure: ReplyFailure) { self.init(status: failure.status, flushedGeneration: 0, message: failure.message) }
+
     public func encode() -> [UInt8] {
         var w = ByteWriter()
         w.write(status.rawValue)
@@ -886,7 +663,7 @@ public struct FlushResponse: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         status = try r.readStatus()
         flushedGeneration = try r.readUInt64("flushed generation")
@@ -895,7 +672,7 @@ public struct FlushResponse: Equatable, Sendable {
     }
 }
 
-public struct TrimRequest: Equatable, Sendable {
+public struct TrimRequest: WireCodable {
     public var volume: String
     /// The generation the trimmed blocks take (so a delta resync sees the trim); 0 lets the
     /// replica use the highest generation it has written.
@@ -914,6 +691,8 @@ public struct TrimRequest: Equatable, Sendable {
         self.ifNewer = ifNewer
     }
 
+    public var headerFlags: UInt8 { ifNewer ? FrameFlags.ifNewer : 0 }
+
     public func encode() -> [UInt8] {
         var w = ByteWriter()
         w.writeVolume(volume)
@@ -923,37 +702,19 @@ public struct TrimRequest: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         volume = try r.readVolume()
         generation = try r.readUInt64("generation")
         offset = try r.readUInt64("offset")
         length = try r.readUInt64("length")
-        ifNewer = false
+        ifNewer = flags & FrameFlags.ifNewer != 0
         try r.expectEnd()
         try validateBlockRange(offset: offset, length: length, maxLength: .max, what: "trim")
     }
 }
 
-public struct StatusRequest: Equatable, Sendable {
-    public var volume: String
-
-    public init(volume: String) { self.volume = volume }
-
-    public func encode() -> [UInt8] {
-        var w = ByteWriter()
-        w.writeVolume(volume)
-        return w.bytes
-    }
-
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(payload)
-        volume = try r.readVolume()
-        try r.expectEnd()
-    }
-}
-
-public struct StatusResponse: Equatable, Sendable {
+public struct StatusResponse: WireResponse {
     public var status: ReplyStatus
     /// Why the request failed, for logs and errors; empty on success.
     public var message: String
@@ -973,6 +734,12 @@ public struct StatusResponse: Equatable, Sendable {
         self.highestGeneration = highestGeneration
     }
 
+    public init(failure: ReplyFailure) {
+        self.init(status: failure.status, size: 0, replicaEpoch: failure.epoch, flushedGeneration: 0, message: failure.message)
+    }
+
+    public var headerEpoch: UInt64? { replicaEpoch }
+
     public func encode() -> [UInt8] {
         var w = ByteWriter()
         w.write(status.rawValue)
@@ -984,7 +751,7 @@ public struct StatusResponse: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         status = try r.readStatus()
         size = try r.readUInt64("size")
@@ -996,7 +763,7 @@ public struct StatusResponse: Equatable, Sendable {
     }
 }
 
-public struct CreateRequest: Equatable, Sendable {
+public struct CreateRequest: WireCodable {
     public var volume: String
     /// Bytes, a positive multiple of 4096.
     public var size: UInt64
@@ -1013,7 +780,7 @@ public struct CreateRequest: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         volume = try r.readVolume()
         size = try r.readUInt64("size")
@@ -1022,24 +789,6 @@ public struct CreateRequest: Equatable, Sendable {
             // The frame's error names the op (create or grow).
             throw FrameError(.malformedPayload, "size \(size) is not a positive multiple of \(FrameLimits.blockSize)")
         }
-    }
-}
-
-public struct DeleteRequest: Equatable, Sendable {
-    public var volume: String
-
-    public init(volume: String) { self.volume = volume }
-
-    public func encode() -> [UInt8] {
-        var w = ByteWriter()
-        w.writeVolume(volume)
-        return w.bytes
-    }
-
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
-        var r = ByteReader(payload)
-        volume = try r.readVolume()
-        try r.expectEnd()
     }
 }
 
@@ -1057,7 +806,7 @@ public enum BlockGenerations {
     public static func isTrimmed(_ reported: UInt64) -> Bool { reported & trimmedBit != 0 }
 }
 
-public struct GenerationsRequest: Equatable, Sendable {
+public struct GenerationsRequest: WireCodable {
     public var volume: String
     public var firstBlock: UInt64
     /// 1...`FrameLimits.maxGenerationsCount` blocks (the replica answers `bad-request` otherwise).
@@ -1077,7 +826,7 @@ public struct GenerationsRequest: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         volume = try r.readVolume()
         firstBlock = try r.readUInt64("first block")
@@ -1088,7 +837,7 @@ public struct GenerationsRequest: Equatable, Sendable {
     }
 }
 
-public struct GenerationsResponse: Equatable, Sendable {
+public struct GenerationsResponse: WireResponse {
     public var status: ReplyStatus
     /// Why the request failed, for logs and errors; empty on success.
     public var message: String
@@ -1101,6 +850,8 @@ public struct GenerationsResponse: Equatable, Sendable {
         self.message = message
     }
 
+    public init(failure: ReplyFailure) { self.init(status: failure.status, message: failure.message) }
+
     public func encode() -> [UInt8] {
         var w = ByteWriter(capacity: 7 + 8 * generations.count)
         w.write(status.rawValue)
@@ -1110,7 +861,7 @@ public struct GenerationsResponse: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         status = try r.readStatus()
         let count = try r.readUInt32("generations count")
@@ -1132,42 +883,48 @@ public struct GenerationsResponse: Equatable, Sendable {
     }
 }
 
-/// The response to a resync write (`FrameFlags.ifNewer`).
-public struct ConditionalWriteResponse: Equatable, Sendable {
+/// The response to a `write` or `trim`: status u8 | message for a plain one; for a conditional
+/// one (a resync or repair write, an if-newer trim: `FrameFlags.ifNewer` in the response
+/// header) status u8 | applied blocks u32 | message.
+public struct WriteResponse: WireResponse {
     public var status: ReplyStatus
     /// Why the request failed, for logs and errors; empty on success.
     public var message: String
-    /// Blocks written (their generation was lower than the request's); the rest held a newer
-    /// or equal generation and were left alone. 0 unless `status` is `ok`.
-    public var appliedBlocks: UInt32
+    /// A conditional request's blocks applied (their generation allowed it); the rest were left
+    /// alone. Nil for a plain write or trim; 0 unless `status` is `ok`.
+    public var appliedBlocks: UInt32?
 
-    public init(status: ReplyStatus, appliedBlocks: UInt32 = 0, message: String = "") {
+    public init(status: ReplyStatus, appliedBlocks: UInt32? = nil, message: String = "") {
         self.status = status
         self.appliedBlocks = appliedBlocks
         self.message = message
     }
 
+    public init(failure: ReplyFailure) {
+        let conditional = failure.requestFlags & (FrameFlags.ifNewer | FrameFlags.repair) != 0
+        self.init(status: failure.status, appliedBlocks: conditional ? 0 : nil, message: failure.message)
+    }
+
+    public var headerFlags: UInt8 { appliedBlocks == nil ? 0 : FrameFlags.ifNewer }
+
     public func encode() -> [UInt8] {
         var w = ByteWriter()
         w.write(status.rawValue)
-        w.write(appliedBlocks)
+        if let appliedBlocks { w.write(appliedBlocks) }
         w.writeMessage(message)
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         status = try r.readStatus()
-        appliedBlocks = try r.readUInt32("applied blocks")
+        appliedBlocks = flags & FrameFlags.ifNewer != 0 ? try r.readUInt32("applied blocks") : nil
         message = try r.readMessage()
         try r.expectEnd()
     }
 }
 
-public typealias WriteResponse = PlainResponse
-public typealias TrimResponse = PlainResponse
-public typealias CreateResponse = PlainResponse
-public typealias DeleteResponse = PlainResponse
+public typealias TrimResponse = WriteResponse
 
 // MARK: - Validation and byte access
 

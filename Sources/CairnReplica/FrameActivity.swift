@@ -3,7 +3,7 @@
 ///   req: volume | clean-through generation u64 | flags u8 (bit 0: converged — clear the
 ///        restart's unknown)
 ///   rsp: status u8 | all u8 (1: compare the whole replica) | count u32 | count × region u64 | message
-public struct ActivityRequest: Equatable, Sendable {
+public struct ActivityRequest: WireCodable {
     public static let convergedFlag: UInt8 = 1
 
     public var volume: String
@@ -24,7 +24,7 @@ public struct ActivityRequest: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         volume = try r.readVolume()
         cleanThrough = try r.readUInt64("clean-through generation")
@@ -37,7 +37,7 @@ public struct ActivityRequest: Equatable, Sendable {
     }
 }
 
-public struct ActivityResponse: Equatable, Sendable {
+public struct ActivityResponse: WireResponse {
     public var status: ReplyStatus
     public var message: String
     public var activity: ReplicaActivity
@@ -47,6 +47,8 @@ public struct ActivityResponse: Equatable, Sendable {
         self.activity = activity
         self.message = message
     }
+
+    public init(failure: ReplyFailure) { self.init(status: failure.status, message: failure.message) }
 
     public func encode() -> [UInt8] {
         // A list past the limit is sent as "everything" (it cannot be, the log caps it first).
@@ -61,7 +63,7 @@ public struct ActivityResponse: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         status = try r.readStatus()
         let all = try r.readUInt8("all")

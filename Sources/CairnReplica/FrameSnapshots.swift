@@ -3,7 +3,7 @@
 // payload with bytes left over is malformed.
 
 /// `snapshot` and `deleteSnapshot` requests: volume | snapshot id.
-public struct SnapshotRequest: Equatable, Sendable {
+public struct SnapshotRequest: WireCodable {
     public var volume: String
     public var snapshotID: String
     /// `FrameFlags.barrier` (snapshot only): the receiving node's engine for the volume takes the
@@ -16,6 +16,8 @@ public struct SnapshotRequest: Equatable, Sendable {
         self.barrier = barrier
     }
 
+    public var headerFlags: UInt8 { barrier ? FrameFlags.barrier : 0 }
+
     public func encode() -> [UInt8] {
         var w = ByteWriter()
         w.writeVolume(volume)
@@ -23,17 +25,17 @@ public struct SnapshotRequest: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         volume = try r.readVolume()
         snapshotID = try r.readName("snapshot id")
-        barrier = false
+        barrier = flags & FrameFlags.barrier != 0
         try r.expectEnd()
     }
 }
 
 /// The `snapshot` response: what the snapshot is and (for a barrier snapshot) which nodes hold it.
-public struct SnapshotResponse: Equatable, Sendable {
+public struct SnapshotResponse: WireResponse {
     public var status: ReplyStatus
     public var message: String
     /// The volume's size when the snapshot was taken (0 unless ok).
@@ -56,6 +58,12 @@ public struct SnapshotResponse: Equatable, Sendable {
         self.message = message
     }
 
+    public init(failure: ReplyFailure) {
+        self.init(status: failure.status, barrier: failure.requestFlags & FrameFlags.barrier != 0, message: failure.message)
+    }
+
+    public var headerFlags: UInt8 { barrier ? FrameFlags.barrier : 0 }
+
     public func encode() -> [UInt8] {
         var w = ByteWriter()
         w.write(status.rawValue)
@@ -68,7 +76,7 @@ public struct SnapshotResponse: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         status = try r.readStatus()
         size = try r.readUInt64("size")
@@ -80,7 +88,7 @@ public struct SnapshotResponse: Equatable, Sendable {
         var nodes: [String] = []
         for _ in 0..<count { nodes.append(try r.readName("node id")) }
         self.nodes = nodes
-        barrier = false
+        barrier = flags & FrameFlags.barrier != 0
         message = try r.readMessage()
         try r.expectEnd()
     }
@@ -102,7 +110,7 @@ public struct SnapshotEntry: Equatable, Sendable {
     }
 }
 
-public struct ListSnapshotsResponse: Equatable, Sendable {
+public struct ListSnapshotsResponse: WireResponse {
     public var status: ReplyStatus
     public var message: String
     /// Oldest first; empty unless ok.
@@ -116,6 +124,8 @@ public struct ListSnapshotsResponse: Equatable, Sendable {
         self.snapshots = snapshots
         self.message = message
     }
+
+    public init(failure: ReplyFailure) { self.init(status: failure.status, message: failure.message) }
 
     public func encode() -> [UInt8] {
         var w = ByteWriter()
@@ -131,7 +141,7 @@ public struct ListSnapshotsResponse: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         status = try r.readStatus()
         let count = try r.readUInt16("snapshot count")
@@ -153,7 +163,7 @@ public struct ListSnapshotsResponse: Equatable, Sendable {
 }
 
 /// `clone`: a new replica `volume` on this node sharing `source`'s layers up to `snapshotID`.
-public struct CloneRequest: Equatable, Sendable {
+public struct CloneRequest: WireCodable {
     public var volume: String
     public var source: String
     public var snapshotID: String
@@ -176,7 +186,7 @@ public struct CloneRequest: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         volume = try r.readVolume()
         source = try r.readName("source volume id")
@@ -210,7 +220,7 @@ extension ByteReader {
 
 /// `holdWrites`: hold the writes of the engine running `volume` on the receiving node for at
 /// most `timeoutMilliseconds` (a group snapshot's barrier; `releaseWrites` ends it sooner).
-public struct HoldWritesRequest: Equatable, Sendable {
+public struct HoldWritesRequest: WireCodable {
     public var volume: String
     public var timeoutMilliseconds: UInt32
 
@@ -229,7 +239,7 @@ public struct HoldWritesRequest: Equatable, Sendable {
         return w.bytes
     }
 
-    public init(decoding payload: some Collection<UInt8>) throws(FrameError) {
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
         var r = ByteReader(payload)
         volume = try r.readVolume()
         timeoutMilliseconds = try r.readUInt32("timeout")

@@ -26,12 +26,25 @@ public enum ReplicaClientError: Error, Sendable, Equatable, CustomStringConverti
     case connection(String)
     /// No reply within the request timeout; the connection is now broken.
     case timeout(String)
+    /// The replica found the data of this block not matching its checksum (a read's
+    /// `checksumMismatch`; protocol version 2 names the block).
+    case damagedBlock(UInt64, String)
+
+    /// The replica's status, for an error the replica answered with.
+    public var replyStatus: ReplyStatus? {
+        switch self {
+        case .remote(let status, _): status
+        case .damagedBlock: .checksumMismatch
+        case .connection, .timeout: nil
+        }
+    }
 
     public var description: String {
         switch self {
         case let .remote(status, message): "replica refused the request (\(status)): \(message)"
         case let .connection(reason): "replica connection failed: \(reason)"
         case let .timeout(reason): "replica request timed out: \(reason)"
+        case let .damagedBlock(_, message): "replica refused the request (\(ReplyStatus.checksumMismatch)): \(message)"
         }
     }
 }
@@ -90,9 +103,10 @@ public final class ReplicaClient: Sendable {
             throw ReplicaClientError.connection("cannot start the reader thread: \(error)")
         }
         do {
-            let (response, _) = try roundTrip(.hello(HelloRequest()), epoch: 0, timeout: connectTimeout)
-            guard case .hello(let hello) = response else { throw protocolViolation("hello answered with \(response.opcode)") }
-            try Self.check(hello.status, hello.message)
+            let hello = try call(DataOp.Hello.self, HelloRequest(), epoch: 0, timeout: connectTimeout)
+            guard FrameLimits.supportedProtocolVersions.contains(hello.protocolVersion) else {
+                throw protocolViolation("hello answered with protocol version \(hello.protocolVersion)")
+            }
         } catch {
             close()
             throw error
@@ -119,32 +133,54 @@ public final class ReplicaClient: Sendable {
 
     // MARK: operations
 
+    /// Sends `request` as op `Op` and waits for its response; a status other than `ok` throws
+    /// (`.remote`, or `.damagedBlock` for a read's checksum mismatch naming the block).
+    public func call<Op: DataOperation>(_ op: Op.Type, _ request: Op.Request, epoch: UInt64,
+                                        timeout: Duration? = nil) throws(ReplicaClientError) -> Op.Response {
+        try call(op, timeout: timeout) { id in Frame(requestID: id, epoch: epoch, body: .request(Op.request(request))).encode() }
+    }
+
+    /// `call` with the frame built by `encode` for the request id (a write straight from the
+    /// caller's buffer: `WriteRequest.encodeFrame`).
+    private func call<Op: DataOperation>(_ op: Op.Type, timeout: Duration? = nil,
+                                         encode: (UInt64) -> [UInt8]) throws(ReplicaClientError) -> Op.Response {
+        let (waiter, id) = try send(opcode: Op.opcode, encode: encode)
+        return try answer(op, waiter: waiter, id: id, timeout: timeout ?? requestTimeout)
+    }
+
+    /// Waits for the reply to request `id` and checks it is `Op`'s, and `ok`.
+    private func answer<Op: DataOperation>(_: Op.Type, waiter: Waiter, id: UInt64,
+                                           timeout: Duration) throws(ReplicaClientError) -> Op.Response {
+        let frame = try wait(for: waiter, id: id, opcode: Op.opcode, timeout: timeout)
+        guard let response = frame.response(Op.self) else {
+            throw protocolViolation("request id \(id) (\(Op.name)) was answered with \(frame.isResponse ? "" : "a request ")\(frame.opcode)")
+        }
+        guard response.status == .ok else {
+            let message = response.message.isEmpty ? "\(response.status)" : response.message
+            if let read = response as? ReadResponse, let block = read.damagedBlock { throw .damagedBlock(block, message) }
+            throw .remote(response.status, message)
+        }
+        return response
+    }
+
     /// Creates the replica (idempotent for the same size).
     public func create(volumeID: String, sizeBytes: UInt64) throws {
-        let (r, _) = try roundTrip(.create(CreateRequest(volume: volumeID, size: sizeBytes)), epoch: 0)
-        guard case .create(let m) = r else { throw mismatch(r, .create) }
-        try Self.check(m.status, m.message)
+        _ = try call(DataOp.Create.self, CreateRequest(volume: volumeID, size: sizeBytes), epoch: 0)
     }
 
     /// Deletes the replica (idempotent). `epoch` must not be older than the replica's.
     public func delete(volumeID: String, epoch: UInt64 = .max) throws {
-        let (r, _) = try roundTrip(.delete(DeleteRequest(volume: volumeID)), epoch: epoch)
-        guard case .delete(let m) = r else { throw mismatch(r, .delete) }
-        try Self.check(m.status, m.message)
+        _ = try call(DataOp.Delete.self, DeleteRequest(volume: volumeID), epoch: epoch)
     }
 
     /// Claims `epoch` (persisted by the replica before it answers) and returns the status.
     public func claim(volumeID: String, epoch: UInt64) throws -> ReplicaStatus {
-        let (r, _) = try roundTrip(.claim(ClaimRequest(volume: volumeID)), epoch: epoch)
-        guard case .claim(let m) = r else { throw mismatch(r, .claim) }
-        try Self.check(m.status, m.message)
+        _ = try call(DataOp.Claim.self, ClaimRequest(volume: volumeID), epoch: epoch)
         return try status(volumeID: volumeID, epoch: epoch)
     }
 
     public func status(volumeID: String, epoch: UInt64) throws -> ReplicaStatus {
-        let (r, _) = try roundTrip(.status(StatusRequest(volume: volumeID)), epoch: epoch)
-        guard case .status(let m) = r else { throw mismatch(r, .status) }
-        try Self.check(m.status, m.message)
+        let m = try call(DataOp.Status.self, StatusRequest(volume: volumeID), epoch: epoch)
         return ReplicaStatus(volumeID: volumeID, size: m.size, blockSize: UInt32(FrameLimits.blockSize),
                              epoch: m.replicaEpoch, flushedGeneration: m.flushedGeneration,
                              highestGeneration: m.highestGeneration)
@@ -152,9 +188,7 @@ public final class ReplicaClient: Sendable {
 
     /// Reads whole, aligned blocks (at most `FrameLimits.maxDataLength`).
     public func read(volumeID: String, offset: UInt64, length: Int, epoch: UInt64) throws -> [UInt8] {
-        let (r, _) = try roundTrip(.read(ReadRequest(volume: volumeID, offset: offset, length: UInt32(clamping: length))), epoch: epoch)
-        guard case .read(let m) = r else { throw mismatch(r, .read) }
-        try Self.check(m.status, m.message)
+        let m = try call(DataOp.Read.self, ReadRequest(volume: volumeID, offset: offset, length: UInt32(clamping: length)), epoch: epoch)
         guard m.data.count == length else {
             throw protocolViolation("read of \(length) bytes answered with \(m.data.count)")
         }
@@ -163,12 +197,10 @@ public final class ReplicaClient: Sendable {
 
     /// Writes whole, aligned blocks at `generation` (> 0); durable after the next `flush`.
     public func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws {
-        let (r, _) = try roundTrip(opcode: .write, timeout: requestTimeout) { id in
+        _ = try call(DataOp.Write.self) { id in
             WriteRequest.encodeFrame(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
                                      offset: offset, data: data)
         }
-        guard case .write(let m) = r else { throw mismatch(r, .write) }
-        try Self.check(m.status, m.message)
     }
 
     /// A resync write (`FrameFlags.ifNewer`): the replica applies it only to the blocks whose
@@ -181,18 +213,32 @@ public final class ReplicaClient: Sendable {
             try write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
             return data.count / FrameLimits.blockSize
         }
-        let (r, _) = try roundTrip(opcode: .write, timeout: requestTimeout) { id in
+        let m = try call(DataOp.Write.self) { id in
             WriteRequest.encodeFrame(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
                                      offset: offset, data: data, ifNewer: true)
         }
-        guard case .conditionalWrite(let m) = r else {
-            throw protocolViolation("a resync write was answered without the if-newer flag")
+        return try applied(m, of: data.count / FrameLimits.blockSize, "a resync write")
+    }
+
+    /// A repair write (`FrameFlags.repair`): applied only to the blocks whose current generation
+    /// is at most `generation`. Returns how many blocks were applied.
+    @discardableResult
+    public func repairWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                            epoch: UInt64) throws -> Int {
+        let m = try call(DataOp.Write.self) { id in
+            WriteRequest.encodeFrame(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
+                                     offset: offset, data: data, repair: true)
         }
-        try Self.check(m.status, m.message)
-        guard Int(m.appliedBlocks) <= data.count / FrameLimits.blockSize else {
-            throw protocolViolation("a resync write of \(data.count / FrameLimits.blockSize) blocks reports \(m.appliedBlocks) applied")
+        return try applied(m, of: data.count / FrameLimits.blockSize, "a repair write")
+    }
+
+    /// A conditional write's or trim's applied count, checked against the blocks it covered.
+    private func applied(_ m: WriteResponse, of blocks: Int, _ what: String) throws(ReplicaClientError) -> Int {
+        guard let applied = m.appliedBlocks else { throw protocolViolation("\(what) was answered without an applied count") }
+        guard Int(applied) <= blocks else {
+            throw protocolViolation("\(what) of \(blocks) blocks reports \(applied) applied")
         }
-        return Int(m.appliedBlocks)
+        return Int(applied)
     }
 
     /// The block map's generation of blocks `firstBlock ..< firstBlock+count` (count
@@ -200,9 +246,7 @@ public final class ReplicaClient: Sendable {
     /// written, bit 63 set for a trimmed block.
     public func generations(volumeID: String, firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
         let request = GenerationsRequest(volume: volumeID, firstBlock: firstBlock, count: UInt32(clamping: count))
-        let (r, _) = try roundTrip(.generations(request), epoch: epoch)
-        guard case .generations(let m) = r else { throw mismatch(r, .generations) }
-        try Self.check(m.status, m.message)
+        let m = try call(DataOp.Generations.self, request, epoch: epoch)
         guard m.generations.count == count else {
             throw protocolViolation("generations of \(count) blocks answered with \(m.generations.count)")
         }
@@ -225,45 +269,22 @@ public final class ReplicaClient: Sendable {
             return { throw error }
         }
         return { [self] in
-            let (r, _) = try wait(for: sent.0, id: sent.1, opcode: .write, timeout: requestTimeout)
-            guard case .write(let m) = r else { throw mismatch(r, .write) }
-            try Self.check(m.status, m.message)
+            _ = try answer(DataOp.Write.self, waiter: sent.0, id: sent.1, timeout: requestTimeout)
         }
-    }
-
-    /// A repair write (`FrameFlags.repair`): applied only to the blocks whose current generation
-    /// is at most `generation`. Returns how many blocks were applied.
-    @discardableResult
-    public func repairWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
-                            epoch: UInt64) throws -> Int {
-        let (r, _) = try roundTrip(opcode: .write, timeout: requestTimeout) { id in
-            WriteRequest.encodeFrame(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
-                                     offset: offset, data: data, repair: true)
-        }
-        guard case .conditionalWrite(let m) = r else {
-            throw protocolViolation("a repair write was answered without an applied count")
-        }
-        try Self.check(m.status, m.message)
-        return Int(m.appliedBlocks)
     }
 
     /// Settles the regions written at or below `cleanThrough` (with `converged`, also the
     /// restart's unknown) and returns what is left (`ReplicaStore.activity`).
     public func activity(volumeID: String, cleanThrough: UInt64, converged: Bool, epoch: UInt64) throws -> ReplicaActivity {
         let request = ActivityRequest(volume: volumeID, cleanThrough: cleanThrough, converged: converged)
-        let (r, _) = try roundTrip(.activity(request), epoch: epoch)
-        guard case .activity(let m) = r else { throw mismatch(r, .activity) }
-        try Self.check(m.status, m.message)
-        return m.activity
+        return try call(DataOp.Activity.self, request, epoch: epoch).activity
     }
 
     /// One digest per 1 MiB region of block generations (`ReplicaStore.generationSummary`),
     /// regions `firstRegion ..< firstRegion+count` (count 1...4096).
     public func generationSummary(volumeID: String, firstRegion: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
         let request = GenerationsRequest(volume: volumeID, firstBlock: firstRegion, count: UInt32(clamping: count))
-        let (r, _) = try roundTrip(.summary(request), epoch: epoch)
-        guard case .summary(let m) = r else { throw mismatch(r, .summary) }
-        try Self.check(m.status, m.message)
+        let m = try call(DataOp.Summary.self, request, epoch: epoch)
         guard m.generations.count == count else {
             throw protocolViolation("a summary of \(count) regions answered with \(m.generations.count)")
         }
@@ -274,9 +295,7 @@ public final class ReplicaClient: Sendable {
     /// checksum on the replica (`ReplicaStore.verify`).
     public func verify(volumeID: String, firstBlock: UInt64, count: Int, epoch: UInt64) throws -> [UInt64] {
         let request = GenerationsRequest(volume: volumeID, firstBlock: firstBlock, count: UInt32(clamping: count))
-        let (r, _) = try roundTrip(.verify(request), epoch: epoch, timeout: .seconds(120))
-        guard case .verify(let m) = r else { throw mismatch(r, .verify) }
-        try Self.check(m.status, m.message)
+        let m = try call(DataOp.Verify.self, request, epoch: epoch, timeout: .seconds(120))
         guard m.generations.allSatisfy({ $0 >= firstBlock && $0 < firstBlock + UInt64(count) }) else {
             throw protocolViolation("verify of blocks \(firstBlock)+\(count) names blocks outside the range")
         }
@@ -293,30 +312,21 @@ public final class ReplicaClient: Sendable {
             return Int(length / UInt64(FrameLimits.blockSize))
         }
         let request = TrimRequest(volume: volumeID, generation: generation, offset: offset, length: length, ifNewer: true)
-        let (r, _) = try roundTrip(.trim(request), epoch: epoch)
-        guard case .conditionalTrim(let m) = r else {
-            throw protocolViolation("an if-newer trim was answered without an applied count")
-        }
-        try Self.check(m.status, m.message)
-        return Int(m.appliedBlocks)
+        let m = try call(DataOp.Trim.self, request, epoch: epoch)
+        return try applied(m, of: Int(clamping: length / UInt64(FrameLimits.blockSize)), "an if-newer trim")
     }
 
     /// Makes every write acknowledged so far durable on the replica; returns the flushed generation.
     @discardableResult
     public func flush(volumeID: String, epoch: UInt64) throws -> UInt64 {
-        let (r, _) = try roundTrip(.flush(FlushRequest(volume: volumeID)), epoch: epoch)
-        guard case .flush(let m) = r else { throw mismatch(r, .flush) }
-        try Self.check(m.status, m.message)
-        return m.flushedGeneration
+        try call(DataOp.Flush.self, FlushRequest(volume: volumeID), epoch: epoch).flushedGeneration
     }
 
     /// Trims whole, aligned blocks (they read as zeros); they take `generation` (0: the
     /// replica's highest written).
     public func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws {
         let request = TrimRequest(volume: volumeID, generation: generation, offset: offset, length: length)
-        let (r, _) = try roundTrip(.trim(request), epoch: epoch)
-        guard case .trim(let m) = r else { throw mismatch(r, .trim) }
-        try Self.check(m.status, m.message)
+        _ = try call(DataOp.Trim.self, request, epoch: epoch)
     }
 
     // Snapshots, clones, growth (ops 13–17).
@@ -325,10 +335,8 @@ public final class ReplicaClient: Sendable {
     /// of an attached volume goes through `barrierSnapshot` to the node running its engine.
     @discardableResult
     public func snapshot(volumeID: String, snapshotID: String, epoch: UInt64) throws -> ReplicaSnapshot {
-        let (r, _) = try roundTrip(.snapshot(SnapshotRequest(volume: volumeID, snapshotID: snapshotID)), epoch: epoch,
-                                   timeout: Self.controlTimeout)
-        guard case .snapshot(let m) = r else { throw mismatch(r, .snapshot) }
-        try Self.check(m.status, m.message)
+        let m = try call(DataOp.Snapshot.self, SnapshotRequest(volume: volumeID, snapshotID: snapshotID), epoch: epoch,
+                         timeout: Self.controlTimeout)
         return ReplicaSnapshot(id: snapshotID, size: m.size, generation: m.generation, layer: 0)
     }
 
@@ -336,42 +344,30 @@ public final class ReplicaClient: Sendable {
     /// runs `volumeID` there (its write barrier over every in-sync replica). Returns the node
     /// ids whose replicas hold the snapshot; `not-found` when no engine runs the volume there.
     public func barrierSnapshot(volumeID: String, snapshotID: String, epoch: UInt64) throws -> [String] {
-        let (r, _) = try roundTrip(.snapshot(SnapshotRequest(volume: volumeID, snapshotID: snapshotID, barrier: true)),
-                                   epoch: epoch, timeout: Self.controlTimeout)
-        guard case .snapshot(let m) = r else { throw mismatch(r, .snapshot) }
-        try Self.check(m.status, m.message)
-        return m.nodes
+        try call(DataOp.Snapshot.self, SnapshotRequest(volume: volumeID, snapshotID: snapshotID, barrier: true),
+                 epoch: epoch, timeout: Self.controlTimeout).nodes
     }
 
     /// Deletes snapshot `snapshotID` of the replica (idempotent; the merge may take a while).
     public func deleteSnapshot(volumeID: String, snapshotID: String, epoch: UInt64) throws {
-        let (r, _) = try roundTrip(.deleteSnapshot(SnapshotRequest(volume: volumeID, snapshotID: snapshotID)), epoch: epoch,
-                                   timeout: Self.controlTimeout)
-        guard case .deleteSnapshot(let m) = r else { throw mismatch(r, .deleteSnapshot) }
-        try Self.check(m.status, m.message)
+        _ = try call(DataOp.DeleteSnapshot.self, SnapshotRequest(volume: volumeID, snapshotID: snapshotID), epoch: epoch,
+                     timeout: Self.controlTimeout)
     }
 
     public func listSnapshots(volumeID: String, epoch: UInt64) throws -> [SnapshotEntry] {
-        let (r, _) = try roundTrip(.listSnapshots(ListSnapshotsRequest(volume: volumeID)), epoch: epoch)
-        guard case .listSnapshots(let m) = r else { throw mismatch(r, .listSnapshots) }
-        try Self.check(m.status, m.message)
-        return m.snapshots
+        try call(DataOp.ListSnapshots.self, ListSnapshotsRequest(volume: volumeID), epoch: epoch).snapshots
     }
 
     /// Creates replica `volumeID` on the reached node from snapshot `snapshotID` of the replica
     /// of `sourceVolumeID` there (hard links, no copy); idempotent for the same size.
     public func clone(volumeID: String, sourceVolumeID: String, snapshotID: String, sizeBytes: UInt64) throws {
         let request = CloneRequest(volume: volumeID, source: sourceVolumeID, snapshotID: snapshotID, size: sizeBytes)
-        let (r, _) = try roundTrip(.clone(request), epoch: 0, timeout: Self.controlTimeout)
-        guard case .clone(let m) = r else { throw mismatch(r, .clone) }
-        try Self.check(m.status, m.message)
+        _ = try call(DataOp.Clone.self, request, epoch: 0, timeout: Self.controlTimeout)
     }
 
     /// Grows the replica to `sizeBytes` (the same size is a no-op; smaller is refused).
     public func grow(volumeID: String, sizeBytes: UInt64, epoch: UInt64) throws {
-        let (r, _) = try roundTrip(.grow(GrowRequest(volume: volumeID, size: sizeBytes)), epoch: epoch)
-        guard case .grow(let m) = r else { throw mismatch(r, .grow) }
-        try Self.check(m.status, m.message)
+        _ = try call(DataOp.Grow.self, GrowRequest(volume: volumeID, size: sizeBytes), epoch: epoch)
     }
 
     /// Holds the writes of the engine running `volumeID` on the reached node for at most
@@ -380,16 +376,12 @@ public final class ReplicaClient: Sendable {
     public func holdWrites(volumeID: String, timeout: Duration, epoch: UInt64) throws {
         let ms = UInt32(clamping: max(1, timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000))
         let request = HoldWritesRequest(volume: volumeID, timeoutMilliseconds: min(ms, HoldWritesRequest.maxTimeoutMilliseconds))
-        let (r, _) = try roundTrip(.holdWrites(request), epoch: epoch, timeout: Self.controlTimeout)
-        guard case .holdWrites(let m) = r else { throw mismatch(r, .holdWrites) }
-        try Self.check(m.status, m.message)
+        _ = try call(DataOp.HoldWrites.self, request, epoch: epoch, timeout: Self.controlTimeout)
     }
 
     /// Releases a hold taken with `holdWrites` (harmless without one).
     public func releaseWrites(volumeID: String, epoch: UInt64) throws {
-        let (r, _) = try roundTrip(.releaseWrites(ReleaseWritesRequest(volume: volumeID)), epoch: epoch)
-        guard case .releaseWrites(let m) = r else { throw mismatch(r, .releaseWrites) }
-        try Self.check(m.status, m.message)
+        _ = try call(DataOp.ReleaseWrites.self, ReleaseWritesRequest(volume: volumeID), epoch: epoch)
     }
 
     /// Snapshot deletion merges layers and a barrier snapshot waits for a volume's in-flight
@@ -407,32 +399,11 @@ public final class ReplicaClient: Sendable {
 
     // MARK: plumbing
 
-    private static func check(_ status: ReplyStatus, _ message: String) throws(ReplicaClientError) {
-        guard status == .ok else { throw .remote(status, message.isEmpty ? "\(status)" : message) }
-    }
-
-    private func mismatch(_ response: Response, _ expected: Opcode) -> ReplicaClientError {
-        protocolViolation("a \(expected) request was answered with \(response.opcode)")
-    }
-
     /// Breaks the connection for a reply that makes no sense.
     private func protocolViolation(_ what: String) -> ReplicaClientError {
         let reason = "protocol violation from \(address): \(what)"
         markBroken(reason)
         return .connection(reason)
-    }
-
-    private func roundTrip(_ request: Request, epoch: UInt64, timeout: Duration? = nil) throws(ReplicaClientError) -> (Response, UInt64) {
-        try roundTrip(opcode: request.opcode, timeout: timeout ?? requestTimeout) { id in
-            Frame(requestID: id, epoch: epoch, body: .request(request)).encode()
-        }
-    }
-
-    /// Registers a waiter, sends the frame `encode` builds for the new request id, and waits.
-    private func roundTrip(opcode: Opcode, timeout: Duration,
-                           encode: (UInt64) -> [UInt8]) throws(ReplicaClientError) -> (Response, UInt64) {
-        let (waiter, id) = try send(opcode: opcode, encode: encode)
-        return try wait(for: waiter, id: id, opcode: opcode, timeout: timeout)
     }
 
     /// Registers a waiter and sends the frame `encode` builds for the new request id. A send
@@ -466,7 +437,7 @@ public final class ReplicaClient: Sendable {
 
     /// Waits for the reply to request `id` (sent by `send`).
     private func wait(for waiter: Waiter, id: UInt64, opcode: Opcode,
-                      timeout: Duration) throws(ReplicaClientError) -> (Response, UInt64) {
+                      timeout: Duration) throws(ReplicaClientError) -> Frame {
         if waiter.done.wait(timeout: .now() + Self.dispatchInterval(timeout)) == .timedOut {
             _ = state.withLock { $0.waiters.removeValue(forKey: id) }
             if waiter.result.withLock({ $0 == nil }) {
@@ -476,11 +447,7 @@ public final class ReplicaClient: Sendable {
                 throw .timeout(reason)
             }
         }
-        let frame = try waiter.result.withLock { $0! }.get()
-        guard case .response(let response) = frame.body, response.opcode == opcode else {
-            throw protocolViolation("request id \(id) (\(opcode)) was answered with \(frame.opcode)")
-        }
-        return (response, frame.epoch)
+        return try waiter.result.withLock { $0! }.get()
     }
 
     private static func dispatchInterval(_ d: Duration) -> DispatchTimeInterval {

@@ -6,7 +6,8 @@
 // of worker threads so many run at once), the per-connection
 // write lock (responses go out whole, possibly out of order), the registry of open
 // `ReplicaStore`s (one per volume, shared by every connection, opened lazily, closed at stop),
-// and the mapping of errors to `ReplyStatus`.
+// the table of op handlers (one per `DataOp`, registered with `handler(Op.self)`) and the
+// mapping of errors to `ReplyStatus` (once, for every op: `failure`).
 //
 // Does not own: the format or the epoch rule (ReplicaStore checks every request against the
 // persisted epoch), the framing rules (Frame*.swift), authentication (the hello's token is
@@ -216,6 +217,7 @@ public final class ReplicaServer: Sendable {
         }
         var decoder = FrameDecoder()
         var greeted = false
+        var peerVersion = FrameLimits.protocolVersion
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.receiveBufferSize, alignment: 16)
         defer { buffer.deallocate() }
         while true {
@@ -242,45 +244,48 @@ public final class ReplicaServer: Sendable {
                 return
             }
             for frame in frames {
-                guard case .request(let request) = frame.body else {
+                guard !frame.isResponse else {
                     log.warning("closing connection: the peer sent a \(frame.opcode) response (request id \(frame.requestID)); a replica server only takes requests")
                     return
                 }
-                if case .hello(let hello) = request {
+                if let hello = frame.request(DataOp.Hello.self) {
                     guard !greeted else {
                         log.warning("closing connection: a second hello (request id \(frame.requestID))")
                         return
                     }
-                    guard hello.protocolVersion == FrameLimits.version else {
-                        let message = "protocol version \(hello.protocolVersion) is not supported; this replica server speaks \(FrameLimits.version)"
-                        c.send(Frame(requestID: frame.requestID, epoch: 0, body: .response(.hello(
+                    let versions = FrameLimits.supportedProtocolVersions
+                    guard versions.contains(hello.protocolVersion) else {
+                        let message = "protocol version \(hello.protocolVersion) is not supported; this replica server speaks \(versions.lowerBound)...\(versions.upperBound)"
+                        c.send(Frame(requestID: frame.requestID, epoch: 0, body: .response(DataOp.Hello.response(
                             HelloResponse(status: .badRequest, message: message)))))
                         log.warning("closing connection: \(message)")
                         return
                     }
                     greeted = true
-                    c.send(Frame(requestID: frame.requestID, epoch: 0, body: .response(.hello(HelloResponse(status: .ok)))))
+                    peerVersion = hello.protocolVersion
+                    c.send(Frame(requestID: frame.requestID, epoch: 0, body: .response(DataOp.Hello.response(
+                        HelloResponse(status: .ok, protocolVersion: peerVersion)))))
                     continue
                 }
                 guard greeted else {
                     log.warning("closing connection: the first frame must be hello, got \(frame.opcode) (request id \(frame.requestID))")
                     return
                 }
-                if case .write(let m) = request, m.data.count <= Self.inlineWriteLimit {
+                if let m = frame.request(DataOp.Write.self), m.data.count <= Self.inlineWriteLimit {
                     // Small writes run on this thread: a hand-off to a worker and back costs
                     // more CPU than the write itself on a busy node. Larger ones (and reads,
                     // flushes, claims) go to the pool so a slow one does not stall the rest.
-                    c.send(handle(frame, request, logger: log))
+                    c.send(handle(frame, peerVersion: peerVersion, logger: log))
                     continue
                 }
                 inFlight.wait()
                 running.enter()
-                workers.submit { [self] in
+                workers.submit { [self, peerVersion] in
                     defer {
                         inFlight.signal()
                         running.leave()
                     }
-                    c.send(handle(frame, request, logger: log))
+                    c.send(handle(frame, peerVersion: peerVersion, logger: log))
                 }
             }
         }
@@ -288,180 +293,208 @@ public final class ReplicaServer: Sendable {
 
     // MARK: requests
 
-    /// Runs one request; every failure becomes the op's response with a status and a message.
-    func handle(_ frame: Frame, _ request: Request, logger log: Logger) -> Frame {
-        let epoch = frame.epoch
-        func reply(_ response: Response, epoch replyEpoch: UInt64) -> Frame {
-            Frame(requestID: frame.requestID, epoch: replyEpoch, body: .response(response))
-        }
-        do {
-            switch request {
-            case .hello:
-                throw ReplicaError.badRequest("hello is only valid as the first frame")
-            case .create(let m):
-                try create(volume: m.volume, size: m.size)
-                return reply(.create(CreateResponse(status: .ok)), epoch: epoch)
-            case .delete(let m):
-                try delete(volume: m.volume, epoch: epoch)
-                return reply(.delete(DeleteResponse(status: .ok)), epoch: epoch)
-            case .claim(let m):
-                let store = try store(m.volume)
-                try store.claim(epoch: epoch)
-                let current = store.status.epoch
-                return reply(.claim(ClaimResponse(status: .ok, replicaEpoch: current)), epoch: current)
-            case .status(let m):
-                let s = try store(m.volume).status
-                guard epoch >= s.epoch else { throw ReplicaError.staleEpoch(seen: s.epoch, got: epoch) }
-                return reply(.status(StatusResponse(status: .ok, size: s.size, replicaEpoch: s.epoch,
-                                                    flushedGeneration: s.flushedGeneration,
-                                                    highestGeneration: s.highestGeneration)), epoch: s.epoch)
-            case .read(let m):
-                let store = try store(m.volume)
-                try checkRange(store, offset: m.offset, length: UInt64(m.length))
-                let data = try store.read(offset: m.offset, length: Int(m.length), epoch: epoch)
-                return reply(.read(ReadResponse(status: .ok, data: data)), epoch: epoch)
-            case .write(let m):
-                let store = try store(m.volume)
-                try checkRange(store, offset: m.offset, length: UInt64(m.data.count))
-                if m.ifNewer || m.repair {
-                    let applied = try m.data.withUnsafeBytes {
-                        try store.write(offset: m.offset, bytes: $0, generation: m.generation, epoch: epoch,
-                                        condition: m.repair ? .ifNotNewer : .ifNewer)
-                    }
-                    if m.repair {
-                        log.warning("replica blocks repaired", metadata: [
-                            "volume.id": "\(m.volume)", "replica.offset": "\(m.offset)", "replica.generation": "\(m.generation)",
-                            "replica.applied": "\(applied)"])
-                    }
-                    return reply(.conditionalWrite(ConditionalWriteResponse(status: .ok, appliedBlocks: UInt32(applied))), epoch: epoch)
+    /// What a handler knows about the request besides its body.
+    struct RequestContext {
+        /// The request header's epoch.
+        let epoch: UInt64
+        let requestFlags: UInt8
+        /// The hello's negotiated protocol version (what the peer understands).
+        let peerVersion: UInt16
+        let log: Logger
+    }
+
+    /// One op's server side: runs the request and answers it, a failure included.
+    typealias Handler = @Sendable (ReplicaServer, Frame, RequestContext) -> Frame
+
+    /// An op's handler: `body` answers a request of `Op`; any error it throws becomes `Op`'s
+    /// failure response (status, message, the fencing epoch, a damaged block).
+    static func handler<Op: DataOperation>(
+        _: Op.Type, _ body: @escaping @Sendable (ReplicaServer, Op.Request, RequestContext) throws -> Op.Response
+    ) -> (Opcode, Handler) {
+        (Op.opcode, { server, frame, context in
+            do {
+                guard let request = frame.request(Op.self) else {
+                    throw ReplicaError.badRequest("a \(frame.opcode) frame is not a \(Op.name) request")
                 }
-                try store.write(offset: m.offset, data: m.data, generation: m.generation, epoch: epoch)
-                return reply(.write(WriteResponse(status: .ok)), epoch: epoch)
-            case .generations(let m):
-                let store = try store(m.volume)
-                try ReplicaStore.checkGenerationsCount(Int(m.count))
-                let blockSize = UInt64(ReplicaStore.blockSize)
-                let (start, overflow) = m.firstBlock.multipliedReportingOverflow(by: blockSize)
-                guard !overflow else {
-                    throw CairnError.outOfRange("block \(m.firstBlock) is beyond the end of volume \(store.volumeID)")
-                }
-                try checkRange(store, offset: start, length: UInt64(m.count) * blockSize)
-                let generations = try store.generations(firstBlock: m.firstBlock, count: Int(m.count), epoch: epoch)
-                return reply(.generations(GenerationsResponse(status: .ok, generations: generations)), epoch: epoch)
-            case .summary(let m):
-                let store = try store(m.volume)
-                let digests = try store.generationSummary(firstRegion: m.firstBlock, count: Int(m.count), epoch: epoch)
-                return reply(.summary(GenerationsResponse(status: .ok, generations: digests)), epoch: epoch)
-            case .activity(let m):
-                let store = try store(m.volume)
-                let activity = try store.activity(cleanThrough: m.cleanThrough, converged: m.converged, epoch: epoch)
-                return reply(.activity(ActivityResponse(status: .ok, activity: activity)), epoch: epoch)
-            case .verify(let m):
-                let store = try store(m.volume)
-                let bad = try store.verify(firstBlock: m.firstBlock, count: Int(m.count), epoch: epoch)
-                return reply(.verify(GenerationsResponse(status: .ok, generations: bad)), epoch: epoch)
-            case .flush(let m):
-                let store = try store(m.volume)
-                try store.flush(epoch: epoch)
-                return reply(.flush(FlushResponse(status: .ok, flushedGeneration: store.status.flushedGeneration)), epoch: epoch)
-            case .snapshot(let m):
-                if m.barrier {
-                    guard let hooks = engineHooks,
-                          let nodes = try hooks.snapshot(volume: m.volume, snapshotID: m.snapshotID, epoch: epoch) else {
-                        throw Self.noEngine(m.volume)
-                    }
-                    return reply(.snapshot(SnapshotResponse(status: .ok, nodes: nodes, barrier: true)), epoch: epoch)
-                }
-                let snap = try store(m.volume).snapshot(id: m.snapshotID, epoch: epoch)
-                return reply(.snapshot(SnapshotResponse(status: .ok, size: snap.size, generation: snap.generation)), epoch: epoch)
-            case .deleteSnapshot(let m):
-                try store(m.volume).deleteSnapshot(id: m.snapshotID, epoch: epoch)
-                return reply(.deleteSnapshot(PlainResponse(status: .ok)), epoch: epoch)
-            case .listSnapshots(let m):
-                let list = try store(m.volume).snapshots(epoch: epoch)
-                return reply(.listSnapshots(ListSnapshotsResponse(
-                    status: .ok, snapshots: list.map { SnapshotEntry(id: $0.id, size: $0.size, generation: $0.generation) })), epoch: epoch)
-            case .clone(let m):
-                try clone(volume: m.volume, source: m.source, snapshotID: m.snapshotID, size: m.size)
-                return reply(.clone(PlainResponse(status: .ok)), epoch: epoch)
-            case .grow(let m):
-                try store(m.volume).grow(to: m.size, epoch: epoch)
-                return reply(.grow(PlainResponse(status: .ok)), epoch: epoch)
-            case .holdWrites(let m):
-                guard let hooks = engineHooks,
-                      try hooks.holdWrites(volume: m.volume, timeout: .milliseconds(Int(m.timeoutMilliseconds)), epoch: epoch) else {
-                    throw Self.noEngine(m.volume)
-                }
-                return reply(.holdWrites(PlainResponse(status: .ok)), epoch: epoch)
-            case .releaseWrites(let m):
-                guard let hooks = engineHooks, try hooks.releaseWrites(volume: m.volume, epoch: epoch) else {
-                    throw Self.noEngine(m.volume)
-                }
-                return reply(.releaseWrites(PlainResponse(status: .ok)), epoch: epoch)
-            case .trim(let m):
-                let store = try store(m.volume)
-                try checkRange(store, offset: m.offset, length: m.length)
-                // The store bounds one call; a trim may cover the whole volume.
-                let chunk = UInt64(ReplicaStore.maxRequestLength)
-                var done: UInt64 = 0
-                var applied = 0
-                while done < m.length {
-                    let n = min(chunk, m.length - done)
-                    applied += try store.trim(offset: m.offset + done, length: Int(n),
-                                              generation: m.generation == 0 ? nil : m.generation, epoch: epoch, ifNewer: m.ifNewer)
-                    done += n
-                }
-                if m.ifNewer {
-                    return reply(.conditionalTrim(ConditionalWriteResponse(status: .ok, appliedBlocks: UInt32(clamping: applied))), epoch: epoch)
-                }
-                return reply(.trim(TrimResponse(status: .ok)), epoch: epoch)
+                let response = try body(server, request, context)
+                return Frame(requestID: frame.requestID, epoch: response.headerEpoch ?? context.epoch,
+                             body: .response(Op.response(response)))
+            } catch {
+                let failure = server.failure(error, frame: frame, context: context)
+                return Frame(requestID: frame.requestID, epoch: failure.epoch, body: .response(Op.failureResponse(failure)))
             }
-        } catch {
-            let (status, message) = Self.replyStatus(for: error)
-            var replyEpoch = epoch
-            if case let ReplicaError.staleEpoch(seen, _) = error { replyEpoch = seen }
-            let level: Logger.Level = status == .ioError || status == .checksumMismatch ? .error : .info
-            log.log(level: level, "replica request refused", metadata: [
-                "replica.op": "\(frame.opcode)", "replica.request_id": "\(frame.requestID)",
-                "replica.status": "\(status)", "error": "\(message)",
-            ])
-            return reply(Self.failure(request, status, message, epoch: replyEpoch), epoch: replyEpoch)
+        })
+    }
+
+    /// The server side of every op, by opcode (a test checks every declared op has one).
+    static let handlers: [Opcode: Handler] = Dictionary(uniqueKeysWithValues: [
+        handler(DataOp.Hello.self) { _, _, _ in
+            throw ReplicaError.badRequest("hello is only valid as the first frame")
+        },
+        handler(DataOp.Create.self) { server, m, _ in
+            try server.create(volume: m.volume, size: m.size)
+            return PlainResponse(status: .ok)
+        },
+        handler(DataOp.Delete.self) { server, m, c in
+            try server.delete(volume: m.volume, epoch: c.epoch)
+            return PlainResponse(status: .ok)
+        },
+        handler(DataOp.Claim.self) { server, m, c in
+            let store = try server.store(m.volume)
+            try store.claim(epoch: c.epoch)
+            return ClaimResponse(status: .ok, replicaEpoch: store.status.epoch)
+        },
+        handler(DataOp.Status.self) { server, m, c in
+            let s = try server.store(m.volume).status
+            guard c.epoch >= s.epoch else { throw ReplicaError.staleEpoch(seen: s.epoch, got: c.epoch) }
+            return StatusResponse(status: .ok, size: s.size, replicaEpoch: s.epoch, flushedGeneration: s.flushedGeneration,
+                                  highestGeneration: s.highestGeneration)
+        },
+        handler(DataOp.Read.self) { server, m, c in
+            let store = try server.store(m.volume)
+            try server.checkRange(store, offset: m.offset, length: UInt64(m.length))
+            return ReadResponse(status: .ok, data: try store.read(offset: m.offset, length: Int(m.length), epoch: c.epoch))
+        },
+        handler(DataOp.Write.self) { server, m, c in try server.write(m, context: c) },
+        handler(DataOp.Generations.self) { server, m, c in
+            let store = try server.store(m.volume)
+            try ReplicaStore.checkGenerationsCount(Int(m.count))
+            let blockSize = UInt64(ReplicaStore.blockSize)
+            let (start, overflow) = m.firstBlock.multipliedReportingOverflow(by: blockSize)
+            guard !overflow else {
+                throw CairnError.outOfRange("block \(m.firstBlock) is beyond the end of volume \(store.volumeID)")
+            }
+            try server.checkRange(store, offset: start, length: UInt64(m.count) * blockSize)
+            let generations = try store.generations(firstBlock: m.firstBlock, count: Int(m.count), epoch: c.epoch)
+            return GenerationsResponse(status: .ok, generations: generations)
+        },
+        handler(DataOp.Summary.self) { server, m, c in
+            let digests = try server.store(m.volume).generationSummary(firstRegion: m.firstBlock, count: Int(m.count), epoch: c.epoch)
+            return GenerationsResponse(status: .ok, generations: digests)
+        },
+        handler(DataOp.Activity.self) { server, m, c in
+            let activity = try server.store(m.volume).activity(cleanThrough: m.cleanThrough, converged: m.converged, epoch: c.epoch)
+            return ActivityResponse(status: .ok, activity: activity)
+        },
+        handler(DataOp.Verify.self) { server, m, c in
+            let bad = try server.store(m.volume).verify(firstBlock: m.firstBlock, count: Int(m.count), epoch: c.epoch)
+            return GenerationsResponse(status: .ok, generations: bad)
+        },
+        handler(DataOp.Flush.self) { server, m, c in
+            let store = try server.store(m.volume)
+            try store.flush(epoch: c.epoch)
+            return FlushResponse(status: .ok, flushedGeneration: store.status.flushedGeneration)
+        },
+        handler(DataOp.Snapshot.self) { server, m, c in
+            if m.barrier {
+                guard let hooks = server.engineHooks,
+                      let nodes = try hooks.snapshot(volume: m.volume, snapshotID: m.snapshotID, epoch: c.epoch) else {
+                    throw ReplicaServer.noEngine(m.volume)
+                }
+                return SnapshotResponse(status: .ok, nodes: nodes, barrier: true)
+            }
+            let snap = try server.store(m.volume).snapshot(id: m.snapshotID, epoch: c.epoch)
+            return SnapshotResponse(status: .ok, size: snap.size, generation: snap.generation)
+        },
+        handler(DataOp.DeleteSnapshot.self) { server, m, c in
+            try server.store(m.volume).deleteSnapshot(id: m.snapshotID, epoch: c.epoch)
+            return PlainResponse(status: .ok)
+        },
+        handler(DataOp.ListSnapshots.self) { server, m, c in
+            let list = try server.store(m.volume).snapshots(epoch: c.epoch)
+            return ListSnapshotsResponse(status: .ok, snapshots: list.map { SnapshotEntry(id: $0.id, size: $0.size, generation: $0.generation) })
+        },
+        handler(DataOp.Clone.self) { server, m, _ in
+            try server.clone(volume: m.volume, source: m.source, snapshotID: m.snapshotID, size: m.size)
+            return PlainResponse(status: .ok)
+        },
+        handler(DataOp.Grow.self) { server, m, c in
+            try server.store(m.volume).grow(to: m.size, epoch: c.epoch)
+            return PlainResponse(status: .ok)
+        },
+        handler(DataOp.HoldWrites.self) { server, m, c in
+            guard let hooks = server.engineHooks,
+                  try hooks.holdWrites(volume: m.volume, timeout: .milliseconds(Int(m.timeoutMilliseconds)), epoch: c.epoch) else {
+                throw ReplicaServer.noEngine(m.volume)
+            }
+            return PlainResponse(status: .ok)
+        },
+        handler(DataOp.ReleaseWrites.self) { server, m, c in
+            guard let hooks = server.engineHooks, try hooks.releaseWrites(volume: m.volume, epoch: c.epoch) else {
+                throw ReplicaServer.noEngine(m.volume)
+            }
+            return PlainResponse(status: .ok)
+        },
+        handler(DataOp.Trim.self) { server, m, c in try server.trim(m, context: c) },
+    ])
+
+    /// Runs one request through its op's handler; every failure becomes the op's response.
+    func handle(_ frame: Frame, peerVersion: UInt16 = FrameLimits.protocolVersion, logger log: Logger) -> Frame {
+        let context = RequestContext(epoch: frame.epoch, requestFlags: frame.headerFlags & ~FrameFlags.response,
+                                     peerVersion: peerVersion, log: log)
+        guard let handler = Self.handlers[frame.opcode] else {
+            // Every declared op has a handler (a test pins it down); the decoder refuses the rest.
+            let failure = failure(ReplicaError.badRequest("this replica server has no handler for \(frame.opcode)"),
+                                  frame: frame, context: context)
+            return Frame(requestID: frame.requestID, epoch: failure.epoch,
+                         body: .response(DataOp.operation(frame.opcode)?.failureResponse(failure) ?? frame.message))
         }
+        return handler(self, frame, context)
+    }
+
+    /// A refused request's failure: its status and message, the epoch to answer with (the
+    /// newer one that fenced the sender), and the damaged block of a checksum mismatch for a
+    /// peer that takes it. Logged here, once for every op.
+    private func failure(_ error: any Error, frame: Frame, context: RequestContext) -> ReplyFailure {
+        let (status, message) = Self.replyStatus(for: error)
+        var failure = ReplyFailure(status: status, message: message, epoch: context.epoch, requestFlags: context.requestFlags)
+        if case let ReplicaError.staleEpoch(seen, _) = error { failure.epoch = seen }
+        if case let ReplicaError.checksumMismatch(block) = error, context.peerVersion >= 2 { failure.damagedBlock = block }
+        let level: Logger.Level = status == .ioError || status == .checksumMismatch ? .error : .info
+        context.log.log(level: level, "replica request refused", metadata: [
+            "replica.op": "\(frame.opcode)", "replica.request_id": "\(frame.requestID)",
+            "replica.status": "\(status)", "error": "\(message)",
+        ])
+        return failure
+    }
+
+    private func write(_ m: WriteRequest, context c: RequestContext) throws -> WriteResponse {
+        let store = try store(m.volume)
+        try checkRange(store, offset: m.offset, length: UInt64(m.data.count))
+        guard m.ifNewer || m.repair else {
+            try store.write(offset: m.offset, data: m.data, generation: m.generation, epoch: c.epoch)
+            return WriteResponse(status: .ok)
+        }
+        let applied = try m.data.withUnsafeBytes {
+            try store.write(offset: m.offset, bytes: $0, generation: m.generation, epoch: c.epoch,
+                            condition: m.repair ? .ifNotNewer : .ifNewer)
+        }
+        if m.repair {
+            c.log.warning("replica blocks repaired", metadata: [
+                "volume.id": "\(m.volume)", "replica.offset": "\(m.offset)", "replica.generation": "\(m.generation)",
+                "replica.applied": "\(applied)"])
+        }
+        return WriteResponse(status: .ok, appliedBlocks: UInt32(applied))
+    }
+
+    private func trim(_ m: TrimRequest, context c: RequestContext) throws -> TrimResponse {
+        let store = try store(m.volume)
+        try checkRange(store, offset: m.offset, length: m.length)
+        // The store bounds one call; a trim may cover the whole volume.
+        let chunk = UInt64(ReplicaStore.maxRequestLength)
+        var done: UInt64 = 0
+        var applied = 0
+        while done < m.length {
+            let n = min(chunk, m.length - done)
+            applied += try store.trim(offset: m.offset + done, length: Int(n),
+                                      generation: m.generation == 0 ? nil : m.generation, epoch: c.epoch, ifNewer: m.ifNewer)
+            done += n
+        }
+        return TrimResponse(status: .ok, appliedBlocks: m.ifNewer ? UInt32(clamping: applied) : nil)
     }
 
     static func noEngine(_ volume: String) -> ReplicaError {
         .notFound("no engine runs volume \(volume) on this node; send barrier requests to the node the volume is attached to, or snapshot each replica when it is not attached")
-    }
-
-    /// The request's response carrying only a failure.
-    static func failure(_ request: Request, _ status: ReplyStatus, _ message: String, epoch: UInt64) -> Response {
-        if request.isConditional {
-            let m = ConditionalWriteResponse(status: status, message: message)
-            return request.opcode == .trim ? .conditionalTrim(m) : .conditionalWrite(m)
-        }
-        return switch request.opcode {
-        case .hello: .hello(HelloResponse(status: status, message: message))
-        case .claim: .claim(ClaimResponse(status: status, replicaEpoch: epoch, message: message))
-        case .read: .read(ReadResponse(status: status, message: message))
-        case .write: .write(WriteResponse(status: status, message: message))
-        case .flush: .flush(FlushResponse(status: status, flushedGeneration: 0, message: message))
-        case .trim: .trim(TrimResponse(status: status, message: message))
-        case .status: .status(StatusResponse(status: status, size: 0, replicaEpoch: epoch, flushedGeneration: 0, message: message))
-        case .create: .create(CreateResponse(status: status, message: message))
-        case .delete: .delete(DeleteResponse(status: status, message: message))
-        case .generations: .generations(GenerationsResponse(status: status, message: message))
-        case .summary: .summary(GenerationsResponse(status: status, message: message))
-        case .verify: .verify(GenerationsResponse(status: status, message: message))
-        case .snapshot:
-            .snapshot(SnapshotResponse(status: status, barrier: request.headerFlags & FrameFlags.barrier != 0, message: message))
-        case .deleteSnapshot: .deleteSnapshot(PlainResponse(status: status, message: message))
-        case .listSnapshots: .listSnapshots(ListSnapshotsResponse(status: status, message: message))
-        case .clone: .clone(PlainResponse(status: status, message: message))
-        case .grow: .grow(PlainResponse(status: status, message: message))
-        case .holdWrites: .holdWrites(PlainResponse(status: status, message: message))
-        case .releaseWrites: .releaseWrites(PlainResponse(status: status, message: message))
-        case .activity: .activity(ActivityResponse(status: status, message: message))
-        }
     }
 
     /// The wire status of an error, and its message.

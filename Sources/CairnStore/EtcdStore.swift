@@ -445,7 +445,7 @@ public final class EtcdStore: MetadataStore {
             let onNode = nodeLimit > 0 ? Int64(try await txn.range(nodeAttachmentsPrefix(nodeID)).count) : 0
             try StoreRules.checkAttach(volumeID: volumeID, nodeID: nodeID, volumeAttachments: existing,
                                        attachedToNode: onNode, exclusive: exclusive, nodeLimit: nodeLimit)
-            volume.epoch += 1
+            volume.epoch = volume.epoch.next
             let attachment = AttachmentRecord(volumeID: volumeID, nodeID: nodeID, readonly: readonly,
                                               accessMode: accessMode, epoch: volume.epoch)
             txn.put(volumeKey(volumeID), try StoreRules.encode(volume))
@@ -461,7 +461,7 @@ public final class EtcdStore: MetadataStore {
 
     // MARK: replicas
 
-    public func markReplicaOutOfSync(volumeID: String, nodeID: String, epoch: Int64, reason: String) async throws {
+    public func markReplicaOutOfSync(volumeID: String, nodeID: String, epoch: FencingEpoch, reason: String) async throws {
         let changed = try await transact("mark replica \(nodeID) of volume \(volumeID) out of sync") { txn in
             guard var volume = try await txn.get(volumeKey(volumeID)).map({ try decode(VolumeRecord.self, $0) }) else {
                 throw StoreRules.volumeNotFound(volumeID)

@@ -240,7 +240,7 @@ public final class SQLiteStore: MetadataStore {
                 ? try Int64.fetchOne(db, sql: "SELECT COUNT(*) FROM attachments WHERE node_id = ?", arguments: [nodeID]) ?? 0 : 0
             try StoreRules.checkAttach(volumeID: volumeID, nodeID: nodeID, volumeAttachments: existing,
                                        attachedToNode: onNode, exclusive: exclusive, nodeLimit: nodeLimit)
-            volume.epoch += 1
+            volume.epoch = volume.epoch.next
             let attachment = AttachmentRecord(volumeID: volumeID, nodeID: nodeID, readonly: readonly,
                                               accessMode: accessMode, epoch: volume.epoch)
             try db.execute(sql: "UPDATE volumes SET doc = ? WHERE id = ?", arguments: [try Self.encode(volume), volumeID])
@@ -258,7 +258,7 @@ public final class SQLiteStore: MetadataStore {
 
     // MARK: replicas
 
-    public func markReplicaOutOfSync(volumeID: String, nodeID: String, epoch: Int64, reason: String) async throws {
+    public func markReplicaOutOfSync(volumeID: String, nodeID: String, epoch: FencingEpoch, reason: String) async throws {
         let changed = try await write { db in
             guard var volume = try Self.fetchOne(db, VolumeRecord.self, "SELECT doc FROM volumes WHERE id = ?", [volumeID]) else {
                 throw StoreRules.volumeNotFound(volumeID)

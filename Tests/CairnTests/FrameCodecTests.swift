@@ -10,62 +10,62 @@ final class FrameCodecTests: XCTestCase {
 
     /// One request and one response of every op, with non-trivial field values.
     static var everyOp: [Frame] {
-        let requests: [Request] = [
-            .hello(HelloRequest(protocolVersion: 1, authToken: [0xDE, 0xAD, 0xBE, 0xEF])),
-            .claim(ClaimRequest(volume: "pvc-0f1e2d3c")),
-            .read(ReadRequest(volume: "pvc-0f1e2d3c", offset: 8192, length: 8192)),
-            .write(WriteRequest(volume: "pvc-0f1e2d3c", generation: 42, offset: 4096, data: block + block)),
-            .flush(FlushRequest(volume: "pvc-0f1e2d3c")),
-            .trim(TrimRequest(volume: "völ-ü", generation: 43, offset: 1 << 30, length: 1 << 40)),
-            .status(StatusRequest(volume: String(repeating: "v", count: 128))),
-            .create(CreateRequest(volume: "pvc-0f1e2d3c", size: 16 << 20)),
-            .delete(DeleteRequest(volume: "pvc-0f1e2d3c")),
-            .generations(GenerationsRequest(volume: "pvc-0f1e2d3c", firstBlock: 1 << 20, count: 65_536)),
-            .write(WriteRequest(volume: "pvc-0f1e2d3c", generation: 40, offset: 0, data: block, ifNewer: true)),
-            .write(WriteRequest(volume: "pvc-0f1e2d3c", generation: 39, offset: 0, data: block, repair: true)),
-            .trim(TrimRequest(volume: "pvc-0f1e2d3c", generation: 44, offset: 4096, length: 8192, ifNewer: true)),
-            .summary(GenerationsRequest(volume: "pvc-0f1e2d3c", firstBlock: 3, count: 4096)),
-            .verify(GenerationsRequest(volume: "pvc-0f1e2d3c", firstBlock: 256, count: 16_384)),
-            .snapshot(SnapshotRequest(volume: "pvc-0f1e2d3c", snapshotID: "snap-1")),
-            .snapshot(SnapshotRequest(volume: "pvc-0f1e2d3c", snapshotID: String(repeating: "s", count: 128), barrier: true)),
-            .deleteSnapshot(SnapshotRequest(volume: "pvc-0f1e2d3c", snapshotID: "snap-1")),
-            .listSnapshots(ListSnapshotsRequest(volume: "pvc-0f1e2d3c")),
-            .clone(CloneRequest(volume: "pvc-new", source: "pvc-0f1e2d3c", snapshotID: "snap-1", size: 32 << 20)),
-            .grow(GrowRequest(volume: "pvc-0f1e2d3c", size: 1 << 40)),
-            .holdWrites(HoldWritesRequest(volume: "pvc-0f1e2d3c", timeoutMilliseconds: 30_000)),
-            .releaseWrites(ReleaseWritesRequest(volume: "pvc-0f1e2d3c")),
-            .activity(ActivityRequest(volume: "pvc-0f1e2d3c", cleanThrough: 41, converged: true)),
+        let requests: [FrameMessage] = [
+            DataOp.Hello.request(HelloRequest(protocolVersion: 1, authToken: [0xDE, 0xAD, 0xBE, 0xEF])),
+            DataOp.Claim.request(ClaimRequest(volume: "pvc-0f1e2d3c")),
+            DataOp.Read.request(ReadRequest(volume: "pvc-0f1e2d3c", offset: 8192, length: 8192)),
+            DataOp.Write.request(WriteRequest(volume: "pvc-0f1e2d3c", generation: 42, offset: 4096, data: block + block)),
+            DataOp.Flush.request(FlushRequest(volume: "pvc-0f1e2d3c")),
+            DataOp.Trim.request(TrimRequest(volume: "völ-ü", generation: 43, offset: 1 << 30, length: 1 << 40)),
+            DataOp.Status.request(StatusRequest(volume: String(repeating: "v", count: 128))),
+            DataOp.Create.request(CreateRequest(volume: "pvc-0f1e2d3c", size: 16 << 20)),
+            DataOp.Delete.request(DeleteRequest(volume: "pvc-0f1e2d3c")),
+            DataOp.Generations.request(GenerationsRequest(volume: "pvc-0f1e2d3c", firstBlock: 1 << 20, count: 65_536)),
+            DataOp.Write.request(WriteRequest(volume: "pvc-0f1e2d3c", generation: 40, offset: 0, data: block, ifNewer: true)),
+            DataOp.Write.request(WriteRequest(volume: "pvc-0f1e2d3c", generation: 39, offset: 0, data: block, repair: true)),
+            DataOp.Trim.request(TrimRequest(volume: "pvc-0f1e2d3c", generation: 44, offset: 4096, length: 8192, ifNewer: true)),
+            DataOp.Summary.request(GenerationsRequest(volume: "pvc-0f1e2d3c", firstBlock: 3, count: 4096)),
+            DataOp.Verify.request(GenerationsRequest(volume: "pvc-0f1e2d3c", firstBlock: 256, count: 16_384)),
+            DataOp.Snapshot.request(SnapshotRequest(volume: "pvc-0f1e2d3c", snapshotID: "snap-1")),
+            DataOp.Snapshot.request(SnapshotRequest(volume: "pvc-0f1e2d3c", snapshotID: String(repeating: "s", count: 128), barrier: true)),
+            DataOp.DeleteSnapshot.request(SnapshotRequest(volume: "pvc-0f1e2d3c", snapshotID: "snap-1")),
+            DataOp.ListSnapshots.request(ListSnapshotsRequest(volume: "pvc-0f1e2d3c")),
+            DataOp.Clone.request(CloneRequest(volume: "pvc-new", source: "pvc-0f1e2d3c", snapshotID: "snap-1", size: 32 << 20)),
+            DataOp.Grow.request(GrowRequest(volume: "pvc-0f1e2d3c", size: 1 << 40)),
+            DataOp.HoldWrites.request(HoldWritesRequest(volume: "pvc-0f1e2d3c", timeoutMilliseconds: 30_000)),
+            DataOp.ReleaseWrites.request(ReleaseWritesRequest(volume: "pvc-0f1e2d3c")),
+            DataOp.Activity.request(ActivityRequest(volume: "pvc-0f1e2d3c", cleanThrough: 41, converged: true)),
         ]
-        let responses: [Response] = [
-            .hello(HelloResponse(status: .ok, protocolVersion: 1, authToken: [1, 2, 3])),
-            .claim(ClaimResponse(status: .staleEpoch, replicaEpoch: 9)),
-            .read(ReadResponse(status: .ok, data: block)),
-            .write(WriteResponse(status: .checksumMismatch)),
-            .flush(FlushResponse(status: .ok, flushedGeneration: 41)),
-            .trim(TrimResponse(status: .outOfRange, message: "range 0+8192 is beyond the end")),
-            .status(StatusResponse(status: .ok, size: 1 << 34, replicaEpoch: 7, flushedGeneration: .max, highestGeneration: 12)),
-            .create(CreateResponse(status: .badRequest, message: "exists with size 4096 — délète it first")),
-            .delete(DeleteResponse(status: .ok)),
-            .generations(GenerationsResponse(status: .ok, generations: [0, 7, 9 | BlockGenerations.trimmedBit, .max >> 1])),
-            .generations(GenerationsResponse(status: .badRequest, message: "generations count 0 is outside 1...65536")),
-            .conditionalWrite(ConditionalWriteResponse(status: .ok, appliedBlocks: 3)),
-            .conditionalWrite(ConditionalWriteResponse(status: .staleEpoch, message: "stale epoch 1")),
-            .conditionalTrim(ConditionalWriteResponse(status: .ok, appliedBlocks: 2)),
-            .summary(GenerationsResponse(status: .ok, generations: [0, 0xDEAD_BEEF, 1])),
-            .verify(GenerationsResponse(status: .ok, generations: [])),
-            .verify(GenerationsResponse(status: .ok, generations: [257, 300])),
-            .snapshot(SnapshotResponse(status: .ok, size: 16 << 20, generation: 99)),
-            .snapshot(SnapshotResponse(status: .ok, nodes: ["n1", "nöde-2"], barrier: true)),
-            .snapshot(SnapshotResponse(status: .notFound, barrier: true, message: "no engine runs volume v on this node")),
-            .deleteSnapshot(PlainResponse(status: .ok)),
-            .listSnapshots(ListSnapshotsResponse(status: .ok, snapshots: [
+        let responses: [FrameMessage] = [
+            DataOp.Hello.response(HelloResponse(status: .ok, protocolVersion: 1, authToken: [1, 2, 3])),
+            DataOp.Claim.response(ClaimResponse(status: .staleEpoch, replicaEpoch: 9)),
+            DataOp.Read.response(ReadResponse(status: .ok, data: block)),
+            DataOp.Write.response(WriteResponse(status: .checksumMismatch)),
+            DataOp.Flush.response(FlushResponse(status: .ok, flushedGeneration: 41)),
+            DataOp.Trim.response(TrimResponse(status: .outOfRange, message: "range 0+8192 is beyond the end")),
+            DataOp.Status.response(StatusResponse(status: .ok, size: 1 << 34, replicaEpoch: 7, flushedGeneration: .max, highestGeneration: 12)),
+            DataOp.Create.response(PlainResponse(status: .badRequest, message: "exists with size 4096 — délète it first")),
+            DataOp.Delete.response(PlainResponse(status: .ok)),
+            DataOp.Generations.response(GenerationsResponse(status: .ok, generations: [0, 7, 9 | BlockGenerations.trimmedBit, .max >> 1])),
+            DataOp.Generations.response(GenerationsResponse(status: .badRequest, message: "generations count 0 is outside 1...65536")),
+            DataOp.Write.response(WriteResponse(status: .ok, appliedBlocks: 3)),
+            DataOp.Write.response(WriteResponse(status: .staleEpoch, message: "stale epoch 1")),
+            DataOp.Trim.response(TrimResponse(status: .ok, appliedBlocks: 2)),
+            DataOp.Summary.response(GenerationsResponse(status: .ok, generations: [0, 0xDEAD_BEEF, 1])),
+            DataOp.Verify.response(GenerationsResponse(status: .ok, generations: [])),
+            DataOp.Verify.response(GenerationsResponse(status: .ok, generations: [257, 300])),
+            DataOp.Snapshot.response(SnapshotResponse(status: .ok, size: 16 << 20, generation: 99)),
+            DataOp.Snapshot.response(SnapshotResponse(status: .ok, nodes: ["n1", "nöde-2"], barrier: true)),
+            DataOp.Snapshot.response(SnapshotResponse(status: .notFound, barrier: true, message: "no engine runs volume v on this node")),
+            DataOp.DeleteSnapshot.response(PlainResponse(status: .ok)),
+            DataOp.ListSnapshots.response(ListSnapshotsResponse(status: .ok, snapshots: [
                 SnapshotEntry(id: "a", size: 4096, generation: 1), SnapshotEntry(id: "b", size: 1 << 30, generation: .max >> 1)])),
-            .listSnapshots(ListSnapshotsResponse(status: .staleEpoch, message: "stale epoch 1")),
-            .clone(PlainResponse(status: .notFound, message: "no snapshot s")),
-            .grow(PlainResponse(status: .badRequest, message: "cannot shrink")),
-            .holdWrites(PlainResponse(status: .notFound, message: "no engine runs volume v on this node")),
-            .releaseWrites(PlainResponse(status: .ok)),
-            .activity(ActivityResponse(status: .ok, activity: ReplicaActivity(all: false, regions: [3, 9, 1 << 40]))),
+            DataOp.ListSnapshots.response(ListSnapshotsResponse(status: .staleEpoch, message: "stale epoch 1")),
+            DataOp.Clone.response(PlainResponse(status: .notFound, message: "no snapshot s")),
+            DataOp.Grow.response(PlainResponse(status: .badRequest, message: "cannot shrink")),
+            DataOp.HoldWrites.response(PlainResponse(status: .notFound, message: "no engine runs volume v on this node")),
+            DataOp.ReleaseWrites.response(PlainResponse(status: .ok)),
+            DataOp.Activity.response(ActivityResponse(status: .ok, activity: ReplicaActivity(all: false, regions: [3, 9, 1 << 40]))),
         ]
         var frames: [Frame] = []
         for (i, r) in requests.enumerated() {
@@ -134,24 +134,55 @@ final class FrameCodecTests: XCTestCase {
             let bytes = frame.encode()
             XCTAssertEqual(try Self.decodeAll(bytes), [frame], "\(frame.opcode) response=\(frame.isResponse)")
             // The typed payloads round-trip on their own as well.
-            switch frame.body {
-            case .request(let r): XCTAssertEqual(try Request(opcode: r.opcode, flags: r.headerFlags, decoding: r.encode()), r)
-            case .response(let r): XCTAssertEqual(try Response(opcode: r.opcode, flags: r.headerFlags, decoding: r.encode()), r)
-            }
+            let m = frame.message
+            let op = try XCTUnwrap(DataOp.operation(m.opcode))
+            XCTAssertEqual(try op.decode(response: frame.isResponse, flags: m.headerFlags, payload: m.encode()), m)
         }
         XCTAssertEqual(Set(Self.everyOp.filter { !$0.isResponse }.map(\.opcode)), Set(Opcode.allCases))
         XCTAssertEqual(Set(Self.everyOp.filter { $0.isResponse }.map(\.opcode)), Set(Opcode.allCases))
     }
 
+    func testEveryOpIsDeclaredOnceWithAUniqueOpcodeAndRoundTrips() throws {
+        let opcodes = DataOp.all.map { $0.opcode }
+        XCTAssertEqual(opcodes.count, Set(opcodes).count, "two ops share an opcode: \(opcodes)")
+        XCTAssertEqual(Set(opcodes), Set(Opcode.allCases), "every opcode is declared by exactly one op")
+        XCTAssertEqual(Set(DataOp.all.map { $0.name }).count, DataOp.all.count, "op names are unique")
+        for op in DataOp.all {
+            XCTAssertEqual(DataOp.operation(op.opcode).map { ObjectIdentifier($0) }, ObjectIdentifier(op))
+            // A failure response of every op round-trips through the op's own decoder.
+            let failure = ReplyFailure(status: .staleEpoch, message: "stale epoch 3", epoch: 9)
+            let frame = Frame(requestID: 1, epoch: 9, body: .response(op.failureResponse(failure)))
+            XCTAssertEqual(try Self.decodeAll(frame.encode()), [frame], op.name)
+        }
+    }
+
+    func testADamagedBlockTravelsAsAFieldOfAReadResponse() throws {
+        let damaged = Frame(requestID: 3, epoch: 2, body: .response(DataOp.Read.response(
+            ReadResponse(status: .checksumMismatch, damagedBlock: 12, message: "checksum mismatch in block 12"))))
+        let bytes = damaged.encode()
+        XCTAssertEqual(bytes[7], FrameFlags.response | FrameFlags.detail)
+        XCTAssertEqual(try Self.decodeAll(bytes).first?.response(DataOp.Read.self)?.damagedBlock, 12)
+        // Without the flag the layout is version 1's, byte for byte.
+        let plain = Frame(requestID: 3, epoch: 2, body: .response(DataOp.Read.response(ReadResponse(status: .checksumMismatch, message: "x"))))
+        XCTAssertEqual(Array(plain.encode()[32...]), [ReplyStatus.checksumMismatch.rawValue] + Self.le(UInt32(0)) + Self.le(UInt16(1)) + [0x78])
+        // The flag belongs to a read response only, and names a checksum mismatch only.
+        assertFrameError(Self.rawFrame(op: Opcode.read.rawValue, flags: FrameFlags.detail, payload: []), .reservedFlags, containing: "detail")
+        assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.response | FrameFlags.detail, payload: [0, 0, 0]),
+                         .reservedFlags, containing: "detail")
+        assertFrameError(Self.rawFrame(op: Opcode.read.rawValue, flags: FrameFlags.response | FrameFlags.detail,
+                                       payload: [ReplyStatus.ioError.rawValue] + Self.le(UInt32(0)) + [0, 0] + Self.le(UInt64(1))),
+                         .malformedPayload, containing: "damaged block")
+    }
+
     func testEveryStatusCodeRoundTrips() throws {
         for status in ReplyStatus.allCases {
-            let frame = Frame(requestID: 5, epoch: 3, body: .response(.write(WriteResponse(status: status))))
+            let frame = Frame(requestID: 5, epoch: 3, body: .response(DataOp.Write.response(WriteResponse(status: status))))
             XCTAssertEqual(try Self.decodeAll(frame.encode()), [frame])
         }
     }
 
     func testHeaderLayoutIsLittleEndianWithChecksumOverFirst28Bytes() throws {
-        let frame = Frame(requestID: 0x0102_0304_0506_0708, epoch: 0x1112_1314_1516_1718, body: .response(.trim(TrimResponse(status: .ok))))
+        let frame = Frame(requestID: 0x0102_0304_0506_0708, epoch: 0x1112_1314_1516_1718, body: .response(DataOp.Trim.response(TrimResponse(status: .ok))))
         let bytes = frame.encode()
         XCTAssertEqual(bytes.count, 35)  // header + status + empty message (u16 length)
         XCTAssertEqual(Array(bytes[0..<4]), Array("CRNF".utf8))
@@ -167,11 +198,11 @@ final class FrameCodecTests: XCTestCase {
 
     func testLargestWriteIsAcceptedAndOneBlockMoreIsNot() throws {
         let data = [UInt8](repeating: 0xA5, count: FrameLimits.maxDataLength)
-        let write = Frame(requestID: 1, epoch: 1, body: .request(.write(WriteRequest(volume: String(repeating: "x", count: 128), generation: 1, offset: 0, data: data))))
+        let write = Frame(requestID: 1, epoch: 1, body: .request(DataOp.Write.request(WriteRequest(volume: String(repeating: "x", count: 128), generation: 1, offset: 0, data: data))))
         XCTAssertLessThanOrEqual(write.encode().count, FrameLimits.maxFrameSize)
         XCTAssertEqual(try Self.decodeAll(write.encode()), [write])
 
-        let tooBig = Frame(requestID: 1, epoch: 1, body: .request(.write(WriteRequest(volume: "v", generation: 1, offset: 0, data: data + Self.block))))
+        let tooBig = Frame(requestID: 1, epoch: 1, body: .request(DataOp.Write.request(WriteRequest(volume: "v", generation: 1, offset: 0, data: data + Self.block))))
         assertFrameError(tooBig.encode(), .oversizedPayload, containing: "limit")
     }
 
@@ -211,17 +242,17 @@ final class FrameCodecTests: XCTestCase {
     func testPipelinedFramesWithInterleavedRequestIDsComeOutInStreamOrder() throws {
         let volume = "pvc-a"
         let requests: [Frame] = [
-            Frame(requestID: 10, epoch: 4, body: .request(.write(WriteRequest(volume: volume, generation: 1, offset: 0, data: Self.block)))),
-            Frame(requestID: 11, epoch: 4, body: .request(.read(ReadRequest(volume: volume, offset: 0, length: 4096)))),
-            Frame(requestID: 12, epoch: 4, body: .request(.flush(FlushRequest(volume: volume)))),
+            Frame(requestID: 10, epoch: 4, body: .request(DataOp.Write.request(WriteRequest(volume: volume, generation: 1, offset: 0, data: Self.block)))),
+            Frame(requestID: 11, epoch: 4, body: .request(DataOp.Read.request(ReadRequest(volume: volume, offset: 0, length: 4096)))),
+            Frame(requestID: 12, epoch: 4, body: .request(DataOp.Flush.request(FlushRequest(volume: volume)))),
         ]
         // Responses complete out of order, interleaved with new requests on the same stream.
         let mixed: [Frame] = [
-            Frame(requestID: 12, epoch: 4, body: .response(.flush(FlushResponse(status: .ok, flushedGeneration: 1)))),
-            Frame(requestID: 13, epoch: 4, body: .request(.status(StatusRequest(volume: volume)))),
-            Frame(requestID: 10, epoch: 4, body: .response(.write(WriteResponse(status: .ok)))),
-            Frame(requestID: 11, epoch: 4, body: .response(.read(ReadResponse(status: .ok, data: Self.block)))),
-            Frame(requestID: 13, epoch: 5, body: .response(.status(StatusResponse(status: .staleEpoch, size: 0, replicaEpoch: 5, flushedGeneration: 1)))),
+            Frame(requestID: 12, epoch: 4, body: .response(DataOp.Flush.response(FlushResponse(status: .ok, flushedGeneration: 1)))),
+            Frame(requestID: 13, epoch: 4, body: .request(DataOp.Status.request(StatusRequest(volume: volume)))),
+            Frame(requestID: 10, epoch: 4, body: .response(DataOp.Write.response(WriteResponse(status: .ok)))),
+            Frame(requestID: 11, epoch: 4, body: .response(DataOp.Read.response(ReadResponse(status: .ok, data: Self.block)))),
+            Frame(requestID: 13, epoch: 5, body: .response(DataOp.Status.response(StatusResponse(status: .staleEpoch, size: 0, replicaEpoch: 5, flushedGeneration: 1)))),
         ]
         let all = requests + mixed
         var d = FrameDecoder()
@@ -310,25 +341,25 @@ final class FrameCodecTests: XCTestCase {
 
     func testAWriteWhoseDataIsNotAMultipleOf4096IsRejected() {
         for count in [1, 512, 4095, 4097, 8191] {
-            let frame = Frame(requestID: 1, epoch: 1, body: .request(.write(WriteRequest(volume: "v", generation: 1, offset: 0, data: [UInt8](repeating: 1, count: count)))))
+            let frame = Frame(requestID: 1, epoch: 1, body: .request(DataOp.Write.request(WriteRequest(volume: "v", generation: 1, offset: 0, data: [UInt8](repeating: 1, count: count)))))
             assertFrameError(frame.encode(), .malformedPayload, containing: "multiple of 4096")
         }
-        let empty = Frame(requestID: 1, epoch: 1, body: .request(.write(WriteRequest(volume: "v", generation: 1, offset: 0, data: []))))
+        let empty = Frame(requestID: 1, epoch: 1, body: .request(DataOp.Write.request(WriteRequest(volume: "v", generation: 1, offset: 0, data: []))))
         assertFrameError(empty.encode(), .malformedPayload)
     }
 
     func testUnalignedOrWrappingRangesAreRejected() {
-        let bad: [Request] = [
-            .write(WriteRequest(volume: "v", generation: 1, offset: 512, data: Self.block)),
-            .write(WriteRequest(volume: "v", generation: 0, offset: 0, data: Self.block)),
-            .write(WriteRequest(volume: "v", generation: 1, offset: UInt64.max - 4095, data: Self.block)),
-            .read(ReadRequest(volume: "v", offset: 4096, length: 100)),
-            .read(ReadRequest(volume: "v", offset: 1, length: 4096)),
-            .read(ReadRequest(volume: "v", offset: 0, length: 0)),
-            .read(ReadRequest(volume: "v", offset: 0, length: UInt32(FrameLimits.maxDataLength + 4096))),
-            .read(ReadRequest(volume: "v", offset: UInt64.max - 4095, length: 4096)),
-            .trim(TrimRequest(volume: "v", offset: 0, length: 4097)),
-            .trim(TrimRequest(volume: "v", offset: 1 << 63, length: 1 << 63)),
+        let bad: [FrameMessage] = [
+            DataOp.Write.request(WriteRequest(volume: "v", generation: 1, offset: 512, data: Self.block)),
+            DataOp.Write.request(WriteRequest(volume: "v", generation: 0, offset: 0, data: Self.block)),
+            DataOp.Write.request(WriteRequest(volume: "v", generation: 1, offset: UInt64.max - 4095, data: Self.block)),
+            DataOp.Read.request(ReadRequest(volume: "v", offset: 4096, length: 100)),
+            DataOp.Read.request(ReadRequest(volume: "v", offset: 1, length: 4096)),
+            DataOp.Read.request(ReadRequest(volume: "v", offset: 0, length: 0)),
+            DataOp.Read.request(ReadRequest(volume: "v", offset: 0, length: UInt32(FrameLimits.maxDataLength + 4096))),
+            DataOp.Read.request(ReadRequest(volume: "v", offset: UInt64.max - 4095, length: 4096)),
+            DataOp.Trim.request(TrimRequest(volume: "v", offset: 0, length: 4097)),
+            DataOp.Trim.request(TrimRequest(volume: "v", offset: 1 << 63, length: 1 << 63)),
         ]
         for request in bad {
             assertFrameError(Frame(requestID: 1, epoch: 1, body: .request(request)).encode(), .malformedPayload)
@@ -336,9 +367,9 @@ final class FrameCodecTests: XCTestCase {
     }
 
     func testAVolumeIDLongerThan128BytesIsRejected() {
-        let frame = Frame(requestID: 1, epoch: 1, body: .request(.claim(ClaimRequest(volume: String(repeating: "a", count: 129)))))
+        let frame = Frame(requestID: 1, epoch: 1, body: .request(DataOp.Claim.request(ClaimRequest(volume: String(repeating: "a", count: 129)))))
         assertFrameError(frame.encode(), .malformedPayload, containing: "volume id is 129 bytes")
-        let empty = Frame(requestID: 1, epoch: 1, body: .request(.status(StatusRequest(volume: ""))))
+        let empty = Frame(requestID: 1, epoch: 1, body: .request(DataOp.Status.request(StatusRequest(volume: ""))))
         assertFrameError(empty.encode(), .malformedPayload, containing: "volume id")
         // A length that claims more bytes than the payload has.
         assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, payload: [100, 0, 65, 65]), .malformedPayload, containing: "ends inside")
@@ -366,7 +397,7 @@ final class FrameCodecTests: XCTestCase {
 
     func testCreateSizeMustBeAPositiveMultipleOf4096() {
         for size: UInt64 in [0, 4095, 4097] {
-            let frame = Frame(requestID: 1, epoch: 0, body: .request(.create(CreateRequest(volume: "v", size: size))))
+            let frame = Frame(requestID: 1, epoch: 0, body: .request(DataOp.Create.request(CreateRequest(volume: "v", size: size))))
             assertFrameError(frame.encode(), .malformedPayload, containing: "size \(size) is not a positive multiple of 4096 (create request")
         }
     }
@@ -378,15 +409,15 @@ final class FrameCodecTests: XCTestCase {
         assertFrameError(notUTF8, .malformedPayload, containing: "message is not valid UTF-8")
         // The sender cuts a long message on a character boundary, so it still decodes.
         let long = String(repeating: "é", count: 700)  // 1400 bytes
-        let frame = Frame(requestID: 1, epoch: 0, body: .response(.write(WriteResponse(status: .ioError, message: long))))
+        let frame = Frame(requestID: 1, epoch: 0, body: .response(DataOp.Write.response(WriteResponse(status: .ioError, message: long))))
         let decoded = try Self.decodeAll(frame.encode())
-        guard case .response(.write(let m)) = decoded.first?.body else { return XCTFail("decoded \(decoded)") }
+        guard let m = decoded.first?.response(DataOp.Write.self) else { return XCTFail("decoded \(decoded)") }
         XCTAssertEqual(m.message, String(repeating: "é", count: 512))
     }
 
     func testTheHotPathWriteEncoderMatchesTheGenericOne() throws {
         let data = Self.block + Self.block
-        let generic = Frame(requestID: 77, epoch: 9, body: .request(.write(WriteRequest(volume: "vol-1", generation: 5, offset: 8192, data: data)))).encode()
+        let generic = Frame(requestID: 77, epoch: 9, body: .request(DataOp.Write.request(WriteRequest(volume: "vol-1", generation: 5, offset: 8192, data: data)))).encode()
         let fast = data.withUnsafeBytes {
             WriteRequest.encodeFrame(requestID: 77, epoch: 9, volume: "vol-1", generation: 5, offset: 8192, data: $0)
         }
@@ -395,16 +426,16 @@ final class FrameCodecTests: XCTestCase {
 
     func testTheHotPathEncoderCarriesTheIfNewerFlag() throws {
         let data = Self.block
-        let generic = Frame(requestID: 78, epoch: 9, body: .request(.write(WriteRequest(volume: "vol-1", generation: 5, offset: 0, data: data, ifNewer: true)))).encode()
+        let generic = Frame(requestID: 78, epoch: 9, body: .request(DataOp.Write.request(WriteRequest(volume: "vol-1", generation: 5, offset: 0, data: data, ifNewer: true)))).encode()
         let fast = data.withUnsafeBytes {
             WriteRequest.encodeFrame(requestID: 78, epoch: 9, volume: "vol-1", generation: 5, offset: 0, data: $0, ifNewer: true)
         }
         XCTAssertEqual(fast, generic)
         XCTAssertEqual(fast[7], FrameFlags.ifNewer)
         // The flag lives in the header only: the payload is a plain write's.
-        let plain = Frame(requestID: 78, epoch: 9, body: .request(.write(WriteRequest(volume: "vol-1", generation: 5, offset: 0, data: data)))).encode()
+        let plain = Frame(requestID: 78, epoch: 9, body: .request(DataOp.Write.request(WriteRequest(volume: "vol-1", generation: 5, offset: 0, data: data)))).encode()
         XCTAssertEqual(Array(fast[32...]), Array(plain[32...]))
-        guard case .request(.write(let decoded)) = try Self.decodeAll(fast).first?.body else { return XCTFail("not a write") }
+        guard let decoded = try Self.decodeAll(fast).first?.request(DataOp.Write.self) else { return XCTFail("not a write") }
         XCTAssertTrue(decoded.ifNewer)
     }
 
@@ -420,7 +451,7 @@ final class FrameCodecTests: XCTestCase {
         let fast = [UInt8](repeating: 1, count: 4096).withUnsafeBytes {
             WriteRequest.encodeFrame(requestID: 1, epoch: 2, volume: "v", generation: 3, offset: 0, data: $0, repair: true)
         }
-        guard case .request(.write(let decoded)) = try? Self.decodeAll(fast).first?.body else { return XCTFail("not a write") }
+        guard let decoded = (try? Self.decodeAll(fast))?.first?.request(DataOp.Write.self) else { return XCTFail("not a write") }
         XCTAssertTrue(decoded.repair)
         XCTAssertFalse(decoded.ifNewer)
     }
@@ -432,7 +463,7 @@ final class FrameCodecTests: XCTestCase {
                          .reservedFlags, containing: "only valid on write and trim")
         // A conditional write's response carries the applied count; a plain one does not.
         let conditional = Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.response | FrameFlags.ifNewer, payload: [0] + Self.le(UInt32(2)) + [0, 0])
-        XCTAssertEqual(try? Self.decodeAll(conditional).first?.body, .response(.conditionalWrite(ConditionalWriteResponse(status: .ok, appliedBlocks: 2))))
+        XCTAssertEqual(try? Self.decodeAll(conditional).first?.body, .response(DataOp.Write.response(WriteResponse(status: .ok, appliedBlocks: 2))))
         assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.response, payload: [0] + Self.le(UInt32(2)) + [0, 0]), .malformedPayload)
     }
 
@@ -443,7 +474,7 @@ final class FrameCodecTests: XCTestCase {
                          .reservedFlags, containing: "barrier")
         assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.barrier, payload: volume), .reservedFlags, containing: "barrier")
         let barrier = Self.rawFrame(op: Opcode.snapshot.rawValue, flags: FrameFlags.barrier, payload: volume + Self.volumeField([0x73]))
-        XCTAssertEqual(try Self.decodeAll(barrier).first?.body, .request(.snapshot(SnapshotRequest(volume: "v", snapshotID: "s", barrier: true))))
+        XCTAssertEqual(try Self.decodeAll(barrier).first?.body, .request(DataOp.Snapshot.request(SnapshotRequest(volume: "v", snapshotID: "s", barrier: true))))
         // Snapshot ids: 1...128 bytes of UTF-8, nothing after them.
         assertFrameError(Self.rawFrame(op: Opcode.snapshot.rawValue, payload: volume + Self.volumeField([])), .malformedPayload, containing: "snapshot id")
         assertFrameError(Self.rawFrame(op: Opcode.snapshot.rawValue, payload: volume + Self.volumeField([UInt8](repeating: 0x61, count: 129))),
@@ -500,7 +531,7 @@ final class FrameCodecTests: XCTestCase {
             XCTAssertTrue((error as? FrameError)?.reason.contains("carries") ?? false, "\(error)")
         }
         let largest = GenerationsResponse(status: .ok, generations: [UInt64](repeating: .max, count: FrameLimits.maxGenerationsCount))
-        let frame = Frame(requestID: 1, epoch: 1, body: .response(.generations(largest)))
+        let frame = Frame(requestID: 1, epoch: 1, body: .response(DataOp.Generations.response(largest)))
         XCTAssertLessThanOrEqual(frame.encode().count, FrameLimits.maxFrameSize)
         XCTAssertEqual(try Self.decodeAll(frame.encode()), [frame])
     }
@@ -515,7 +546,7 @@ final class FrameCodecTests: XCTestCase {
     }
 
     func testPayloadErrorsNameTheRequestID() {
-        let frame = Frame(requestID: 77, epoch: 1, body: .request(.write(WriteRequest(volume: "v", generation: 1, offset: 0, data: [1]))))
+        let frame = Frame(requestID: 77, epoch: 1, body: .request(DataOp.Write.request(WriteRequest(volume: "v", generation: 1, offset: 0, data: [1]))))
         assertFrameError(frame.encode(), .malformedPayload, containing: "request id 77")
     }
 
@@ -525,7 +556,7 @@ final class FrameCodecTests: XCTestCase {
     /// holds more than one maximal frame beyond the chunk being fed.
     func testRandomMutationsThrowOrDecodeAndNeverTrap() throws {
         let seeds = Self.everyOp.map { $0.encode() } + [
-            Frame(requestID: 3, epoch: 3, body: .request(.read(ReadRequest(volume: "r", offset: 0, length: 4096)))).encode(),
+            Frame(requestID: 3, epoch: 3, body: .request(DataOp.Read.request(ReadRequest(volume: "r", offset: 0, length: 4096)))).encode(),
         ]
         var rng = SplitMix64(seed: 0x5EED_CA12)
         let deadline = Date().addingTimeInterval(30)

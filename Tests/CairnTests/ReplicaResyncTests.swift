@@ -229,6 +229,10 @@ final class ReplicaResyncTests: XCTestCase {
         try corrupt(block: 12)
         XCTAssertEqual(try c.verify(volumeID: volume, firstBlock: 0, count: 16_384, epoch: 2), [12])
         assertRemote(.checksumMismatch, containing: ["block 12"]) { try c.read(volumeID: volume, offset: UInt64(12 * bs), length: bs, epoch: 2) }
+        // The damaged block's number travels as a field of the response, not in the message.
+        XCTAssertThrowsError(try c.read(volumeID: volume, offset: UInt64(8 * bs), length: 8 * bs, epoch: 2)) { error in
+            guard case .damagedBlock(12, _) = error as? ReplicaClientError else { return XCTFail("\(error)") }
+        }
         // The good copy at the block's own generation is applied (≤), the block reads again.
         let good = Self.blockData(generation: 5, block: 12)
         XCTAssertEqual(try good.withUnsafeBytes {

@@ -125,7 +125,7 @@ final class ReplicaServerTests: XCTestCase {
         var received: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
         if hello {
-            try Frame(requestID: 1, epoch: 0, body: .request(.hello(HelloRequest()))).encode().withUnsafeBytes { try Socket.sendAll(fd, $0) }
+            try Frame(requestID: 1, epoch: 0, body: .request(DataOp.Hello.request(HelloRequest()))).encode().withUnsafeBytes { try Socket.sendAll(fd, $0) }
             var decoder = FrameDecoder()
             while received.count < FrameLimits.headerSize + 5 {
                 let n = recv(fd, &buffer, buffer.count, 0)
@@ -416,7 +416,7 @@ final class ReplicaServerTests: XCTestCase {
         _ = try good.claim(volumeID: volume, epoch: 1)
 
         let block = pattern(bs, seed: 5)
-        let validWrite = Frame(requestID: 9, epoch: 1, body: .request(.write(WriteRequest(volume: volume, generation: 7, offset: 0, data: block)))).encode()
+        let validWrite = Frame(requestID: 9, epoch: 1, body: .request(DataOp.Write.request(WriteRequest(volume: volume, generation: 7, offset: 0, data: block)))).encode()
         var badChecksum = validWrite
         badChecksum[9] ^= 0x40  // request id bit: the header crc no longer matches
         var oversized = FrameHeader(opcode: .write, flags: 0, requestID: 3, payloadLength: UInt32(FrameLimits.maxPayloadLength + 1), epoch: 1).encode()
@@ -424,7 +424,7 @@ final class ReplicaServerTests: XCTestCase {
         var unknownOp = validWrite
         unknownOp[6] = 0xEE
         unknownOp.replaceSubrange(28..<32, with: withUnsafeBytes(of: CRC32C.checksum(Array(unknownOp[0..<28])).littleEndian) { Array($0) })
-        let misaligned = Frame(requestID: 4, epoch: 1, body: .request(.write(WriteRequest(volume: volume, generation: 7, offset: 100, data: block)))).encode()
+        let misaligned = Frame(requestID: 4, epoch: 1, body: .request(DataOp.Write.request(WriteRequest(volume: volume, generation: 7, offset: 100, data: block)))).encode()
 
         let cases: [(String, [UInt8], Bool, String)] = [
             ("garbage", Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8), false, "bad frame magic"),
@@ -433,8 +433,8 @@ final class ReplicaServerTests: XCTestCase {
             ("unknown op", unknownOp, true, "unknown op 238"),
             ("misaligned write", misaligned, true, "not a multiple of 4096"),
             ("request before hello", validWrite, false, "the first frame must be hello, got write"),
-            ("second hello", Frame(requestID: 2, epoch: 0, body: .request(.hello(HelloRequest()))).encode(), true, "a second hello"),
-            ("a response", Frame(requestID: 2, epoch: 0, body: .response(.write(WriteResponse(status: .ok)))).encode(), true, "only takes requests"),
+            ("second hello", Frame(requestID: 2, epoch: 0, body: .request(DataOp.Hello.request(HelloRequest()))).encode(), true, "a second hello"),
+            ("a response", Frame(requestID: 2, epoch: 0, body: .response(DataOp.Write.response(WriteResponse(status: .ok)))).encode(), true, "only takes requests"),
         ]
         for (name, bytes, hello, reason) in cases {
             let (closed, received) = try sendRaw(bytes, hello: hello)
@@ -457,15 +457,22 @@ final class ReplicaServerTests: XCTestCase {
         XCTAssertEqual(try fresh.status(volumeID: volume, epoch: 1).epoch, 1)
     }
 
+    func testEveryDeclaredOpHasAServerHandler() {
+        for op in DataOp.all {
+            XCTAssertNotNil(ReplicaServer.handlers[op.opcode], "no handler for \(op.name)")
+        }
+        XCTAssertEqual(ReplicaServer.handlers.count, DataOp.all.count)
+    }
+
     func testAnUnsupportedProtocolVersionIsRefusedWithAReason() throws {
-        let hello = Frame(requestID: 1, epoch: 0, body: .request(.hello(HelloRequest(protocolVersion: 2)))).encode()
+        let hello = Frame(requestID: 1, epoch: 0, body: .request(DataOp.Hello.request(HelloRequest(protocolVersion: 3)))).encode()
         let (closed, received) = try sendRaw(hello)
         XCTAssertTrue(closed)
         var d = FrameDecoder()
         let replies = try d.feed(received)
-        guard case .response(.hello(let r)) = replies.first?.body else { return XCTFail("no hello reply: \(replies)") }
+        guard let r = replies.first?.response(DataOp.Hello.self) else { return XCTFail("no hello reply: \(replies)") }
         XCTAssertEqual(r.status, .badRequest)
-        XCTAssertTrue(r.message.contains("protocol version 2 is not supported"), r.message)
+        XCTAssertTrue(r.message.contains("protocol version 3 is not supported"), r.message)
     }
 
     // MARK: connection loss
@@ -496,7 +503,7 @@ final class ReplicaServerTests: XCTestCase {
                 guard n > 0, let frames = try? decoder.feed(buffer[0..<n]) else { return }
                 for f in frames {
                     if f.opcode == .hello {
-                        let reply = Frame(requestID: f.requestID, epoch: 0, body: .response(.hello(HelloResponse(status: .ok)))).encode()
+                        let reply = Frame(requestID: f.requestID, epoch: 0, body: .response(DataOp.Hello.response(HelloResponse(status: .ok)))).encode()
                         _ = reply.withUnsafeBytes { send(c, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
                     } else {
                         received.add(1, ordering: .relaxed)
@@ -652,8 +659,9 @@ extension XCTestCase {
         do {
             _ = try body()
             XCTFail("expected \(status), got success", file: file, line: line)
-        } catch let ReplicaClientError.remote(got, message) {
-            XCTAssertEqual(got, status, message, file: file, line: line)
+        } catch let error as ReplicaClientError where error.replyStatus != nil {
+            let message = "\(error)"
+            XCTAssertEqual(error.replyStatus, status, message, file: file, line: line)
             for text in texts {
                 XCTAssertTrue(message.contains(text), "\"\(message)\" lacks \"\(text)\"", file: file, line: line)
             }

@@ -51,7 +51,7 @@ final class ReplicatedBackingSnapshotTests: XCTestCase {
         }
     }
 
-    private func record(_ id: String, size: Int64? = nil, epoch: Int64 = 1) -> VolumeRecord {
+    private func record(_ id: String, size: Int64? = nil, epoch: FencingEpoch = 1) -> VolumeRecord {
         VolumeRecord(id: id, name: id, capacityBytes: size ?? self.size, parameters: [:], fsType: "", accessModes: [7],
                      accessibleTopology: [:], epoch: epoch,
                      replicas: servers.enumerated().map { ReplicaRecord(nodeID: "n\($0 + 1)", address: "127.0.0.1:\($1.boundPort)") })
