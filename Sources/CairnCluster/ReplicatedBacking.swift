@@ -175,7 +175,7 @@ public final class ReplicatedBacking: VolumeBacking {
             if replica.nodeID == nodeID, let server = localReplicas {
                 return try LocalReplicaIO(server: server, volumeID: volumeID)
             }
-            return ClientReplicaIO(try ReplicaClient(host: replica.host, port: replica.port))
+            return ClientReplicaIO(try ReplicaClient.connect(host: replica.host, port: replica.port))
         }
         let markOutOfSync: @Sendable (String, String) throws -> Void = { failedNode, reason in
             do {
@@ -387,7 +387,7 @@ public final class ReplicatedBacking: VolumeBacking {
     static func connect(_ address: String, volumeID: String, nodeID: String, doing: String) throws -> ReplicaClient {
         do {
             let parsed = try ReplicaAddress(address)
-            return try ReplicaClient(host: parsed.host, port: parsed.port)
+            return try ReplicaClient.connect(host: parsed.host, port: parsed.port)
         } catch {
             throw CairnError.unavailable(
                 "cannot reach node \(nodeID)'s replica server at \(address) to \(doing) for volume \(volumeID): \(error); check that its agent runs and the address is reachable")

@@ -87,7 +87,8 @@ public final class ReplicaClient: Sendable {
 
     /// Connects, sends hello and waits for the reply (both within `connectTimeout`).
     public init(host: String, port: UInt16, connectTimeout: Duration = .seconds(3),
-                requestTimeout: Duration = .seconds(10), logger: Logger = ReplicaStore.discardingLogger) throws {
+                requestTimeout: Duration = .seconds(10), logger: Logger = ReplicaStore.discardingLogger,
+                protocolVersion: UInt16 = FrameLimits.protocolVersion) throws {
         self.address = ReplicaAddress(host: host, port: port)
         self.requestTimeout = requestTimeout
         self.logger = logger
@@ -103,7 +104,7 @@ public final class ReplicaClient: Sendable {
             throw ReplicaClientError.connection("cannot start the reader thread: \(error)")
         }
         do {
-            let hello = try call(DataOp.Hello.self, HelloRequest(), epoch: 0, timeout: connectTimeout)
+            let hello = try call(DataOp.Hello.self, HelloRequest(protocolVersion: protocolVersion), epoch: 0, timeout: connectTimeout)
             guard FrameLimits.supportedProtocolVersions.contains(hello.protocolVersion) else {
                 throw protocolViolation("hello answered with protocol version \(hello.protocolVersion)")
             }
@@ -112,6 +113,26 @@ public final class ReplicaClient: Sendable {
             throw error
         }
         logger.debug("replica connection established", metadata: ["replica.address": "\(address)"])
+    }
+
+    /// Connects at the newest protocol version the server speaks: a server of an older release
+    /// (a rolling upgrade reaches engines before some agents) refuses a newer hello with
+    /// badRequest and closes; the client then connects again one version lower.
+    public static func connect(host: String, port: UInt16, connectTimeout: Duration = .seconds(3),
+                               requestTimeout: Duration = .seconds(10),
+                               logger: Logger = ReplicaStore.discardingLogger) throws -> ReplicaClient {
+        var version = FrameLimits.protocolVersion
+        while true {
+            do {
+                return try ReplicaClient(host: host, port: port, connectTimeout: connectTimeout,
+                                         requestTimeout: requestTimeout, logger: logger, protocolVersion: version)
+            } catch ReplicaClientError.remote(.badRequest, let message)
+                        where version > FrameLimits.supportedProtocolVersions.lowerBound && message.contains("protocol version") {
+                logger.info("the replica server speaks an older data protocol; connecting at the previous version",
+                            metadata: ["replica.address": "\(host):\(port)", "refused.version": "\(version)"])
+                version -= 1
+            }
+        }
     }
 
     public convenience init(_ address: ReplicaAddress, connectTimeout: Duration = .seconds(3),

@@ -82,7 +82,13 @@ public final class ReplicaServer: Sendable {
     }
 
     /// Replicas live in `<dataDir>/replicas/<volume-id>/` (created if missing).
-    public init(dataDir: String, host: String, port: UInt16, logger: Logger) throws {
+    /// The data protocol versions this server accepts at hello (narrowed in tests to play a
+    /// server of an older release).
+    let protocolVersions: ClosedRange<UInt16>
+
+    public init(dataDir: String, host: String, port: UInt16, logger: Logger,
+                protocolVersions: ClosedRange<UInt16> = FrameLimits.supportedProtocolVersions) throws {
+        self.protocolVersions = protocolVersions
         self.dataDir = dataDir
         self.replicasDir = dataDir + "/replicas"
         self.host = host
@@ -253,7 +259,7 @@ public final class ReplicaServer: Sendable {
                         log.warning("closing connection: a second hello (request id \(frame.requestID))")
                         return
                     }
-                    let versions = FrameLimits.supportedProtocolVersions
+                    let versions = protocolVersions
                     guard versions.contains(hello.protocolVersion) else {
                         let message = "protocol version \(hello.protocolVersion) is not supported; this replica server speaks \(versions.lowerBound)...\(versions.upperBound)"
                         c.send(Frame(requestID: frame.requestID, epoch: 0, body: .response(DataOp.Hello.response(

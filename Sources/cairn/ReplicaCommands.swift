@@ -31,7 +31,7 @@ struct ReplicaDigestCommand: AsyncParsableCommand {
     func run() async throws {
         do {
             let parsed = try ReplicaAddress(address)
-            let client = try ReplicaClient(host: parsed.host, port: parsed.port)
+            let client = try ReplicaClient.connect(host: parsed.host, port: parsed.port)
             defer { client.close() }
             let status = try client.status(volumeID: volume, epoch: .max)
             var digest = VolumeDigest()

@@ -72,6 +72,23 @@ final class ReplicaServerTests: XCTestCase {
         if !root.isEmpty { try? FileManager.default.removeItem(atPath: root) }
     }
 
+    /// A rolling upgrade reaches an engine before some agents: the newer client connects to a
+    /// server that speaks only protocol version 1 and works at that version.
+    func testClientFallsBackToTheOlderProtocolOfAnOlderServer() throws {
+        let old = try ReplicaServer(dataDir: root + "/old", host: "127.0.0.1", port: 0, logger: logs.logger,
+                                    protocolVersions: 1...1)
+        try old.start()
+        defer { old.stop() }
+        XCTAssertThrowsError(try ReplicaClient(host: "127.0.0.1", port: old.boundPort),
+                             "the newest hello is refused by a version-1 server")
+        let client = try ReplicaClient.connect(host: "127.0.0.1", port: old.boundPort)
+        defer { client.close() }
+        try client.create(volumeID: "vol-old", sizeBytes: 1 << 20)
+        _ = try client.claim(volumeID: "vol-old", epoch: 1)
+        try pattern(4096, seed: 3).withUnsafeBytes { try client.write(volumeID: "vol-old", offset: 0, data: $0, generation: 1, epoch: 1) }
+        XCTAssertEqual(try client.read(volumeID: "vol-old", offset: 0, length: 4096, epoch: 1), pattern(4096, seed: 3))
+    }
+
     // MARK: helpers
 
     private func startServer() throws {
