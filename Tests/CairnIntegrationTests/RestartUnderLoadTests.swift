@@ -77,6 +77,47 @@ extension ReplicatedFailoverTests {
         try await detach(volume, attached)
     }
 
+    /// A replica node's process restarts (an upgrade) while the volume is written on another
+    /// node: no I/O error, and the replica is back in sync within 30 s by a delta — the resync
+    /// copies what changed while it was away, far less than the volume.
+    func testReplicaNodeRestartedUnderLoadRejoinsByDeltaWithin30Seconds() async throws {
+        let volume = try await createBlockVolume("replica-restart")
+        let attached = try await attach(volume, on: "n1")
+        let fio = try Fio.start(file: attached.target, sizeMiB: 48, seconds: 12)
+        try await Task.sleep(for: .seconds(3))
+        try bed.kill("n2")
+        try await Task.sleep(for: .seconds(1))
+        try bed.restart("n2")
+        let restarted = ContinuousClock.now
+        var back: Duration?
+        while ContinuousClock.now - restarted < .seconds(60) {
+            let condition = try await controller.controllerGetVolume(CSI.getVolume(volume.id)).status.volumeCondition
+            // Degraded first (n1's engine dropped the replica), then in sync again.
+            if !condition.abnormal, bed.logTail("n1", lines: 400).contains("resync complete") {
+                back = ContinuousClock.now - restarted
+                break
+            }
+            try await Task.sleep(for: .milliseconds(250))
+        }
+        let result = try await fio.wait(seconds: 90)
+        print("replica node restart under load: \(result.summary)")
+        XCTAssertEqual(result.exitStatus, 0, "fio failed: \(result.errorText)")
+        XCTAssertEqual(result.ioErrors, 0, result.errorText)
+        let line = bed.logTail("n1", lines: 400).split(separator: "\n").last { $0.contains("resync complete") && $0.contains("replica.node=n2") }
+        print("replica node restart: back in sync after \(back.map { "\($0)" } ?? "never"); \(line.map(String.init) ?? "no resync line")")
+        let inSync = try XCTUnwrap(back, "the restarted replica must be back in sync")
+        XCTAssertLessThanOrEqual(inSync, .seconds(30))
+        let copied = line.flatMap { Self.metric($0, "copied.bytes") } ?? Int64.max
+        XCTAssertLessThan(copied, Int64(volume.blocks * BlockWriter.blockSize) / 2,
+                          "a restart costs a delta, never a full rebuild: \(line.map(String.init) ?? "")")
+        try await detach(volume, attached)
+    }
+
+    static func metric(_ line: Substring, _ key: String) -> Int64? {
+        guard let range = line.range(of: key + "=") else { return nil }
+        return Int64(line[range.upperBound...].prefix { $0.isNumber })
+    }
+
     func testEngineProcessKilledUnderExt4LoadLosesNoIO() async throws {
         let bytes: Int64 = 128 << 20
         let volumeID = try await controller.createVolume(
