@@ -121,6 +121,8 @@ def collect(raw):
         "control_plane": control,
         "failover": load_json(os.path.join(raw, "failover.json")),
         "resync": load_json(os.path.join(raw, "resync.json")),
+        "restarts": load_json(os.path.join(raw, "restarts.json")),
+        "rss_per_volume": load_json(os.path.join(raw, "rss-per-volume.json")),
         "rss_samples": rss,
         "gluster_skipped": gluster_skipped,
     }
@@ -246,6 +248,35 @@ def markdown(data, out):
                   f"| full rebuild: {rs['rebuild_bytes'] / 2**20:.0f} MiB written while n3 was down | "
                   f"**{rs['rebuild_rate_bytes_per_second'] / 1e6:.0f} MB/s** on n3's wire (10%–90% of the copy); healthy"
                   f" {rs['rebuild_seconds']:.1f} s after the restart |", ""]
+
+    # Restarts.
+    restarts = data.get("restarts")
+    if restarts:
+        titles = {"engine": "the process running n1's engines (and its replica server)",
+                  "node": "n1's CSI node process", "replica": "a replica node's process (n2)"}
+        lines += ["## Restarts (issue 14)", "",
+                  "One Cairn process SIGKILLed and started again while fio writes 4 KiB blocks (O_DIRECT|O_SYNC, QD1,"
+                  " crc32c verification) to a staged 3-replica block volume on n1; the FUSE keeper holds n1's FUSE"
+                  " connections meanwhile. The stall is the longest single write fio saw.", "",
+                  "| restarted | writes | I/O errors | fio exit | stall (longest write) | p99 write | all replicas in sync after |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in restarts:
+            if r.get("hung"):
+                lines.append(f"| {titles.get(r['kind'], r['kind'])} (`{r['process']}`) | – | – | – | **I/O hung** | – | – |")
+                continue
+            stall = r.get("longest_write_s")
+            lines.append(
+                f"| {titles.get(r['kind'], r['kind'])} (`{r['process']}`) | {r.get('writes', '–')} | {r.get('io_errors', '–')}"
+                f" | {r.get('fio_exit', '–')} | **{fmt(stall, 3)} s**{' (≤ 2 s: met)' if stall is not None and stall <= 2 else ' (≤ 2 s: **not met**)' if stall is not None else ''}"
+                f" | {fmt(r.get('p99_write_ms'), 1)} ms | {fmt(r.get('in_sync_after_s'), 1) + ' s' if r.get('in_sync_after_s') is not None else '–'} |")
+        lines.append("")
+    pv = data.get("rss_per_volume")
+    if pv:
+        per = (pv["after_kib"] - pv["before_kib"]) / 1024 / pv["volumes"]
+        lines += [f"Memory per staged idle 3-replica volume: **{per:.1f} MiB** added to `{pv['process']}` per volume"
+                  f" ({pv['volumes']} volumes; {pv['before_kib'] / 1024:.0f} → {pv['after_kib'] / 1024:.0f} MiB;"
+                  f" ≤ 10 MiB: {'**met**' if per <= 10 else '**not met**'}); the FUSE keeper: "
+                  f"{fmt((pv.get('keeper_kib') or 0) / 1024, 1)} MiB.", ""]
 
     # Memory.
     phases = memory_table(data["rss_samples"])

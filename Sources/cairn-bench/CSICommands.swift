@@ -9,7 +9,7 @@ struct CSICommands: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "csi",
         abstract: "CSI calls as a CO makes them, one command each (used by scripts/soak).",
-        subcommands: [CSICreate.self, CSIAttach.self, CSIDetach.self, CSIDelete.self, CSIExpand.self,
+        subcommands: [CSICreate.self, CSIAttach.self, CSIDetach.self, CSIDelete.self, CSICondition.self, CSIExpand.self,
                       CSISnapshot.self, CSIDeleteSnapshot.self, CSIProbe.self])
 }
 
@@ -109,6 +109,21 @@ struct CSIDelete: AsyncParsableCommand {
 }
 
 /// ControllerExpandVolume, then NodeExpandVolume on the attached node when --node is given.
+struct CSICondition: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "condition", abstract: "ControllerGetVolume; prints `normal: MESSAGE` or `abnormal: MESSAGE`.")
+    @Option(help: "The controller's CSI endpoint.") var controller: String
+    @Option(help: "The volume id.") var volume: String
+
+    func run() async throws {
+        var r = Csi_V1_ControllerGetVolumeRequest()
+        r.volumeID = volume
+        let condition = try await CSIClient(endpoint: controller).call(
+            "Controller", "ControllerGetVolume", r, as: Csi_V1_ControllerGetVolumeResponse.self).status.volumeCondition
+        print("\(condition.abnormal ? "abnormal" : "normal"): \(condition.message)")
+    }
+}
+
 struct CSIExpand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "expand", abstract: "ControllerExpandVolume, then NodeExpandVolume with --node; prints the new size in bytes.")
     @Option(help: "The controller's CSI endpoint.") var controller: String
