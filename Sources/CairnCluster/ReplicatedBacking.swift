@@ -290,6 +290,25 @@ public final class ReplicatedBacking: VolumeBacking {
         }
     }
 
+    /// Makes this process the only one running engines for this data directory, for as long as
+    /// it lives (an exclusive lock on `<data-dir>/engines/.lock`, released by the kernel when
+    /// the process dies). Two would serve the same kept FUSE connections and replicas at once.
+    public func lockEnginesDirectory() throws {
+        let path = enginesDirectory + "/.lock"
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SystemError("open \(path)", errno: errno) }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            let holder = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+            close(fd)
+            throw CairnError.failedPrecondition(
+                "another cairn process (pid \(holder)) runs the engines of \(enginesDirectory); stop it first, or give this one another --data-dir")
+        }
+        _ = ftruncate(fd, 0)
+        let pid = "\(getpid())\n"
+        _ = pid.withCString { write(fd, $0, strlen($0)) }
+        // Kept open (and locked) until the process exits.
+    }
+
     /// At the start of the process that runs engines, before it serves: takes back the FUSE
     /// connections the keeper kept for the engines of a dead predecessor, cleans up the mounts
     /// nobody kept, runs `restore` (the node's records: NodeStage again for each staged volume,
