@@ -15,7 +15,7 @@ import Synchronization
 /// replicas fences every older holder), `deactivate` stops it. The engine's only way to drop a
 /// failed replica is `markReplicaOutOfSync` in the store, conditional on the epoch: if that
 /// transaction does not commit, the write that found the failure is not acknowledged.
-public final class ReplicatedBacking: VolumeBacking {
+public final class ReplicatedBacking: VolumeBacking, NodeBacking {
     let enginesDirectory: String
     let nodeID: String
     let store: any MetadataStore

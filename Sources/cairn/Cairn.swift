@@ -161,10 +161,10 @@ struct Serve: AsyncParsableCommand {
             throw ValidationError("--list-scope node is for the controller and all roles with --store etcd (on one machine every volume is the node's already)")
         }
         if etcd != nil && role == .all {
-            logger.warning("--role all with --store etcd serves a controller in this process at once, outside the leader lease (each of its changes is one etcd transaction); re-replication runs only while this process holds the lease. In a cluster without a CO that needs a controller per node, run one `--role controller` (standbys wait for the lease) and `--role node --agent-socket none` on every node")
+            logger.warning("--role all with --store etcd serves a controller in this process at once, outside the leader lease (each of its changes is one etcd transaction); re-replication runs only while this process holds the lease. In a cluster without a CO that needs a controller per node, run one `--role controller` (standbys wait for the lease) and on every node `--role agent` plus `--role node --agent-socket PATH`")
         }
         let localFiles = try LocalFileBacking(dataDir: dataDir)
-        let backing: any VolumeBacking = etcd == nil ? localFiles
+        let backing: any VolumeBacking & NodeBacking = etcd == nil ? localFiles
             : try ReplicatedBacking(dataDir: dataDir, nodeID: nodeID, store: store,
                                     recovery: .init(rebuildBytesPerSecond: UInt64(rebuildRate * 1e6),
                                                     scrubBytesPerSecond: UInt64(scrubRate * 1e6),
@@ -172,8 +172,11 @@ struct Serve: AsyncParsableCommand {
                                     logger: logger)
         var servers: [ServedEndpoint] = []
         // `--role node --agent-socket none`: this process is the node's agent too (privileged,
-        // in the host's namespaces) — the usual way to run a cluster node.
+        // in the host's namespaces, running the engines).
         let inProcessAgent = role == .node && agentSocket == "none"
+        // `--role node --agent-socket PATH`: the CSI node of a split node. The agent owns the
+        // replica server, the engines and (in cluster mode) the node's registration.
+        let splitNode = role == .node && !inProcessAgent
 
         // The machine's own mounter: in-process for the agent and all roles (and a node that is
         // its own agent). The node role otherwise reaches it through the agent.
@@ -186,6 +189,9 @@ struct Serve: AsyncParsableCommand {
             guard etcd != nil, role != .controller else {
                 throw ValidationError("--data-address is for the all, agent and node roles with --store etcd")
             }
+            if splitNode {
+                throw ValidationError("--data-address is served by the agent when the node role has an --agent-socket: pass it to `cairn serve --role agent` (or run the node with --agent-socket none)")
+            }
             let address: ReplicaAddress
             do { address = try ReplicaAddress(dataAddress) } catch {
                 throw ValidationError("--data-address \(dataAddress) is not HOST:PORT (\(error))")
@@ -196,8 +202,23 @@ struct Serve: AsyncParsableCommand {
             (backing as? ReplicatedBacking)?.serveLocalReplicas(from: server)
             dataAddressRecorded = "\(address.host):\(server.boundPort)"
             logger.info("serving replicas", metadata: ["data.address": "\(dataAddressRecorded!)"])
-        } else if etcd != nil && role != .controller {
+        } else if etcd != nil && role != .controller && !splitNode {
             logger.warning("no --data-address: this node holds no replicas (it can still run volumes' engines)")
+        }
+        let nodeCapacity = try capacity.map(Self.parseBytes) ?? Self.filesystemBytes(dataDir)
+        let nodeRecord = NodeRecord(id: nodeID, topology: topology, maxVolumes: maxVolumes,
+                                    dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity)
+        if etcd != nil, let dataAddressRecorded {
+            // Replicas the controller could not delete while this node was away.
+            let sweeper = ReplicaSweeper(nodeID: nodeID, store: store, dataDir: dataDir,
+                                         address: dataAddressRecorded, logger: logger)
+            Task { await sweeper.run() }
+        }
+        if role == .agent && etcd != nil {
+            // In a cluster the agent registers the node: its lease is the liveness of the
+            // replica server and the engines, and only it knows the data address. The split
+            // node role registers nothing, so killing it neither expires nor rewrites the record.
+            try await store.registerNode(nodeRecord)
         }
         if linux != nil {
             let tools = ["losetup", "mount", "umount", "blkid", "mkfs.ext4", "fsck.ext4", "resize2fs", "mkfs.xfs", "xfs_growfs"]
@@ -217,7 +238,8 @@ struct Serve: AsyncParsableCommand {
             Routes.identity(IdentityService(controllerService: true, groupControllerService: true), on: router)
             if role == .all || role == .node {
                 let mounter: any Mounter
-                if role == .node, !inProcessAgent, let agentEndpoint {
+                let nodeBacking: any NodeBacking
+                if splitNode, let agentEndpoint {
                     let client = try AgentClient(socket: agentEndpoint, logger: logger)
                     do {
                         let hello = try await client.hello()
@@ -235,28 +257,21 @@ struct Serve: AsyncParsableCommand {
                                        metadata: ["error": "\(error)"])
                     }
                     mounter = AgentMounter(client: client)
+                    // The engines run in the agent: this process holds none, so it may die
+                    // and restart at any moment without touching a volume's I/O.
+                    nodeBacking = AgentBacking(client: client)
                 } else {
                     mounter = linux!
+                    nodeBacking = backing
                 }
-                let nodeCapacity = try capacity.map(Self.parseBytes) ?? Self.filesystemBytes(dataDir)
-                try await store.registerNode(NodeRecord(id: nodeID, topology: topology, maxVolumes: maxVolumes,
-                                                        dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity))
-                if etcd != nil, let dataAddressRecorded {
-                    // Replicas the controller could not delete while this node was away.
-                    let sweeper = ReplicaSweeper(nodeID: nodeID, store: store, dataDir: dataDir,
-                                                 address: dataAddressRecorded, logger: logger)
-                    Task { await sweeper.run() }
+                if !(splitNode && etcd != nil) {
+                    try await store.registerNode(nodeRecord)
                 }
                 let service = NodeService(nodeID: nodeID, topology: topology, maxVolumesPerNode: maxVolumes, store: store,
-                                          backing: backing, mounter: mounter, pathRoots: roots, locks: VolumeLocks(),
+                                          backing: nodeBacking, mounter: mounter, pathRoots: roots, locks: VolumeLocks(),
                                           logger: logger, defaultTargetPID: targetNamespacePID)
                 if role == .all || inProcessAgent {
-                    if let replicated = backing as? ReplicatedBacking, let linux {
-                        // A killed predecessor's engines left FUSE mounts: never serve on top of them.
-                        await replicated.detachDeadEngineMounts { file in
-                            (try? await linux.loopDevices(backing: file))?.isEmpty == false
-                        }
-                    }
+                    await Self.detachDeadEngineMounts(backing, linux: linux)
                     // This process is the agent too: bring the machine back to the records first.
                     await service.restore()
                 }
@@ -308,13 +323,16 @@ struct Serve: AsyncParsableCommand {
                 hotPlug = NodeService(nodeID: nodeID, topology: topology, maxVolumesPerNode: maxVolumes, store: store,
                                       backing: backing, mounter: linux, pathRoots: roots, locks: VolumeLocks(),
                                       logger: agentLogger)
-                // An agent (re)start: re-attach and re-mount what the records say is staged,
-                // before the node role can reach us, so nothing races with it.
+                await Self.detachDeadEngineMounts(backing, linux: linux)
+                // An agent (re)start: re-attach and re-mount what the records say is staged —
+                // starting replicated volumes' engines through the same stage code — before
+                // the node role can reach us, so nothing races with it.
                 await hotPlug.restore()
             }
             let service = AgentService(mounter: linux,
-                                       confinement: AgentConfinement(pathRoots: roots, volumesDirectory: localFiles.directory),
-                                       hotPlug: hotPlug, nodeID: nodeID, logger: agentLogger)
+                                       confinement: AgentConfinement(pathRoots: roots, volumesDirectory: localFiles.directory,
+                                                                     enginesDirectory: etcd == nil ? nil : dataDir + "/engines"),
+                                       hotPlug: hotPlug, backing: backing, store: store, nodeID: nodeID, logger: agentLogger)
             let router = Router()
             service.register(on: router)
             let path = Endpoint.unixPath(agentEndpoint)!
@@ -346,6 +364,15 @@ struct Serve: AsyncParsableCommand {
         try await group.run()
         replicaServer?.stop()
         await etcd?.stop()
+    }
+
+    /// Before the engine-running process serves: a killed predecessor's engines left FUSE
+    /// mounts, and nothing may serve on top of them.
+    static func detachDeadEngineMounts(_ backing: any VolumeBacking, linux: LinuxMounter?) async {
+        guard let replicated = backing as? ReplicatedBacking, let linux else { return }
+        await replicated.detachDeadEngineMounts { file in
+            (try? await linux.loopDevices(backing: file))?.isEmpty == false
+        }
     }
 
     /// The agent socket's endpoint this role serves or reaches; nil when it has none.
