@@ -61,4 +61,49 @@ extension ReplicatedFailoverTests {
         XCTAssertEqual(PluginProcess.loopDevices(backedUnder: bed.stateDir + "/n1").map(\.device), [])
         _ = try await controller.deleteVolume(CSI.delete(volume.id))
     }
+
+    /// `upgrade n1` restarts the agent, then the CSI node, with the same flags; the FUSE keeper
+    /// (here a stand-in named like one) outlives it, `kill n1` does not. (Whether a volume staged
+    /// through the agent keeps serving across the agent's restart is the keeper's business: until
+    /// it holds the /dev/fuse descriptors, the restarted agent finds its engine's mount dead.)
+    func testUpgradeRestartsANodesProcessesOneByOneKeepingTheKeeperAndKillTakesTheWholeNode() async throws {
+        try XCTSkipUnless(bed.isSplit, "the bed runs one process per node (CAIRN_TESTBED_SPLIT=0)")
+        let keeper = Process()
+        keeper.executableURL = URL(fileURLWithPath: "/bin/bash")
+        keeper.arguments = ["-c", "exec -a 'cairn fuse-keeper --socket \(bed.stateDir)/n1/fuse-keeper.sock' sleep 600"]
+        try keeper.run()
+        defer { if keeper.isRunning { keeper.terminate() } }
+        try "\(keeper.processIdentifier)\n".write(toFile: bed.stateDir + "/n1/fuse-keeper.pid", atomically: true, encoding: .utf8)
+
+        let before = try ["n1-agent", "n1"].map(pid)
+        try bed.upgrade("n1", cairn: try PluginProcess.locateBinary())
+        let after = try ["n1-agent", "n1"].map(pid)
+        XCTAssertNotEqual(before[0], after[0], "the agent was restarted")
+        XCTAssertNotEqual(before[1], after[1], "the CSI node was restarted")
+        XCTAssertTrue(keeper.isRunning, "upgrade must not kill the FUSE keeper")
+        let status = try bed.status()
+        XCTAssertTrue(status.contains("n1-keeper") && status.contains("n1-agent") && status.contains("n1-node"), status)
+
+        // Both serve again: a volume placed on every node is created, staged and unstaged on n1.
+        let volume = try await createBlockVolume("split-node-upgraded")
+        let attached = try await attach(volume, on: "n1")
+        let block = BlockWriter.block(index: 5, sequence: 77)
+        try BlockWriter.writeDirect(device: attached.target, index: 5, block: block)
+        XCTAssertEqual(try BlockWriter.readDirect(device: attached.target, index: 5), block)
+        try await detach(volume, attached)
+        _ = try await controller.deleteVolume(CSI.delete(volume.id))
+
+        try bed.kill("n1-agent")
+        XCTAssertTrue(keeper.isRunning, "kill n1-agent must not kill the FUSE keeper")
+        try bed.kill("n1")
+        keeper.waitUntilExit()
+        XCTAssertEqual(keeper.terminationReason, .uncaughtSignal, "kill n1 takes the node's FUSE keeper with it")
+        XCTAssertEqual(keeper.terminationStatus, SIGKILL)
+    }
+
+    /// The pid a bed process's `.pid` file records.
+    private func pid(_ name: String) throws -> String {
+        let text = try String(contentsOfFile: "\(bed.stateDir)/\(name).pid", encoding: .utf8)
+        return String(text.split(separator: " ").first ?? "")
+    }
 }
