@@ -169,7 +169,7 @@ let targets: [Target] = [
     .executableTarget(name: "cairn-nsexec", path: "Sources/cairn-nsexec"),
     .testTarget(
         name: "CairnTests",
-        dependencies: ["CairnReplica", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnRPC", "CSIProto", "cairn-nsexec"],
+        dependencies: ["CairnReplica", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec"],
         swiftSettings: swiftSettings
     ),
     .testTarget(

@@ -12,7 +12,7 @@ import CairnProto
 /// Version and method names of the agent protocol.
 public enum AgentProtocol {
     /// Bumped on any change an older peer would misread (see proto/cairn.proto).
-    public static let version: UInt32 = 1
+    public static let version: UInt32 = 2
     static let service = "/cairn.agent.v1.Agent/"
 
     /// The default agent socket.
@@ -40,6 +40,11 @@ public enum AgentProtocol {
         public static let filesystemStats = service + "FilesystemStats"
         public static let attachToProcess = service + "AttachToProcess"
         public static let detachFromProcess = service + "DetachFromProcess"
+        public static let volumeFile = service + "VolumeFile"
+        public static let activateVolume = service + "ActivateVolume"
+        public static let deactivateVolume = service + "DeactivateVolume"
+        public static let volumeCondition = service + "VolumeCondition"
+        public static let expandVolumeOnNode = service + "ExpandVolumeOnNode"
     }
 
     /// `--agent-socket` spellings: an absolute path or a `unix://` endpoint → the endpoint.
@@ -227,6 +232,21 @@ extension Cairn_Agent_V1_DeviceContent {
             // Never guess "empty": that would let a caller format a device that holds data.
             throw CairnError.internal("the cairn agent's answer to Probe \(device) names no content; is it a newer, incompatible version?")
         }
+    }
+}
+
+extension Cairn_Agent_V1_VolumeConditionResponse {
+    init(_ c: BackingCondition) {
+        self.init()
+        abnormal = c.problem != nil
+        problem = c.problem ?? ""
+        healthy = c.healthy
+        stageBlocked = c.stageBlocker != nil
+        stageBlocker = c.stageBlocker ?? ""
+    }
+
+    var decoded: BackingCondition {
+        BackingCondition(problem: abnormal ? problem : nil, healthy: healthy, stageBlocker: stageBlocked ? stageBlocker : nil)
     }
 }
 

@@ -9,8 +9,10 @@ import SwiftProtobuf
 /// What the agent agrees to touch, whoever asks: defence in depth behind the node role's own
 /// validation, because the agent is root in the host's namespaces and its socket is the one door
 /// to that power.
-/// - Files attached as loop devices: `<data-dir>/volumes/<volume-id>.img` only (never an
-///   arbitrary file), also after resolving symlinks.
+/// - Files attached as loop devices: `<data-dir>/volumes/<volume-id>.img` and, in cluster mode,
+///   a running engine's `<data-dir>/engines/<volume-id>/volume` only (never an arbitrary file),
+///   also after resolving symlinks. Loop devices may also be listed by `/volume`, the name a
+///   detached engine file leaves on the devices still bound to it.
 /// - Devices: loop devices (`/dev/loopN`) only.
 /// - Host-namespace staging and target paths: under a `--path-root` (Validate.path), or under
 ///   a root's resolved form (the node resolves paths before binding, and a root may itself be a
@@ -20,12 +22,16 @@ import SwiftProtobuf
 public struct AgentConfinement: Sendable {
     public let pathRoots: [String]
     public let volumesDirectory: String
+    public let enginesDirectory: String?
     private let checkedRoots: [String]
     private let resolvedVolumesDirectory: String
+    /// The name losetup shows for a device whose engine file's FUSE mount was detached.
+    static let detachedEngineFile = "/volume"
 
-    public init(pathRoots: [String], volumesDirectory: String) {
+    public init(pathRoots: [String], volumesDirectory: String, enginesDirectory: String? = nil) {
         self.pathRoots = pathRoots
         self.volumesDirectory = volumesDirectory
+        self.enginesDirectory = enginesDirectory
         var roots = pathRoots
         for root in pathRoots {
             if let real = Validate.realPath(root), !roots.contains(real) { roots.append(real) }
@@ -53,6 +59,10 @@ public struct AgentConfinement: Sendable {
     @discardableResult
     public func backingFile(_ file: String, field: String = "file") throws -> String {
         let normalised = try Validate.absolutePath(file, field: field)
+        if let enginesDirectory, let volumeID = Self.engineVolume(normalised, under: enginesDirectory) {
+            try Validate.volumeID(volumeID)
+            return normalised
+        }
         let directory = (normalised as NSString).deletingLastPathComponent
         let name = (normalised as NSString).lastPathComponent
         let refusal = CairnError.invalidArgument(
@@ -67,6 +77,19 @@ public struct AgentConfinement: Sendable {
                 "\(field) \"\(Validate.printable(file))\" resolves through a symbolic link to \(real), outside \(volumesDirectory); the agent attaches volume files only")
         }
         return normalised
+    }
+
+    /// A file whose loop devices may be listed: a backing file, or `/volume`.
+    public func listedFile(_ file: String) throws {
+        if file != Self.detachedEngineFile { try backingFile(file) }
+    }
+
+    /// `<engines>/<volume-id>/volume` → the volume id (unchecked), else nil.
+    static func engineVolume(_ path: String, under enginesDirectory: String) -> String? {
+        let prefix = enginesDirectory + "/"
+        guard path.hasPrefix(prefix), path.hasSuffix("/volume") else { return nil }
+        let middle = path.dropFirst(prefix.count).dropLast("/volume".count)
+        return middle.isEmpty || middle.contains("/") ? nil : String(middle)
     }
 
     /// A loop device node, `/dev/loopN`.
@@ -94,21 +117,28 @@ public struct AgentConfinement: Sendable {
 /// Serves the agent protocol (proto/cairn.proto): every `Mounter` method forwarded to the
 /// machine's Mounter (LinuxMounter in production) after the agent's own checks
 /// (`AgentConfinement`), and hot-plug through a NodeService (the same one the CSI node service
-/// uses in `--role all`, so its volume locks are shared).
+/// uses in `--role all`, so its volume locks are shared), and the volume's backing on this
+/// node (`backing`: the engines of replicated volumes run here, for a split node role's
+/// `AgentBacking`), reading volume records from `store`.
 ///
 /// Errors leave through `AgentWire.encode` only.
 public final class AgentService: Sendable {
     let mounter: any Mounter
     let confinement: AgentConfinement
     let hotPlug: NodeService?
+    let backing: (any NodeBacking)?
+    let store: (any MetadataStore)?
     let nodeID: String
     let logger: Logger
 
-    public init(mounter: any Mounter, confinement: AgentConfinement, hotPlug: NodeService?, nodeID: String,
+    public init(mounter: any Mounter, confinement: AgentConfinement, hotPlug: NodeService?,
+                backing: (any NodeBacking)? = nil, store: (any MetadataStore)? = nil, nodeID: String,
                 logger: Logger) {
         self.mounter = mounter
         self.confinement = confinement
         self.hotPlug = hotPlug
+        self.backing = backing
+        self.store = store
         self.nodeID = nodeID
         self.logger = logger
     }
@@ -138,7 +168,7 @@ public final class AgentService: Sendable {
             return .with { $0.device = device }
         }
         serve(router, M.loopDevices) { (q: Cairn_Agent_V1_LoopDevicesRequest) async throws -> Cairn_Agent_V1_LoopDevicesResponse in
-            try c.backingFile(q.file)
+            try c.listedFile(q.file)
             let devices = try await m.loopDevices(backing: q.file)
             return .with { $0.devices = devices }
         }
@@ -220,6 +250,8 @@ public final class AgentService: Sendable {
             return .with { $0.stats = .init(stats) }
         }
 
+        registerBacking(on: router)
+
         // Hot-plug.
         serve(router, M.attachToProcess) { (q: Cairn_Agent_V1_AttachToProcessRequest) async throws -> Cairn_Agent_V1_AttachToProcessResponse in
             let result = try await self.requireHotPlug().attachToProcess(volumeID: q.volumeID, pid: q.pid, path: q.path,
@@ -236,6 +268,71 @@ public final class AgentService: Sendable {
                 $0.processGone = result.processGone
             }
         }
+    }
+
+    /// The volume's backing on this node (AgentBacking's side).
+    private func registerBacking(on router: Router) {
+        typealias M = AgentProtocol.Method
+        serve(router, M.volumeFile) { (q: Cairn_Agent_V1_VolumeFileRequest) async throws -> Cairn_Agent_V1_VolumeFileResponse in
+            try Validate.volumeID(q.volumeID, field: "volume_id")
+            let file = try await self.requireBacking().file(volumeID: q.volumeID)
+            return .with { $0.file = file }
+        }
+        serve(router, M.activateVolume) { (q: Cairn_Agent_V1_ActivateVolumeRequest) async throws -> Cairn_Agent_V1_ActivateVolumeResponse in
+            let (volume, attachment) = try await self.attachedVolume(q.volumeID)
+            // The epoch comes from this agent's store, never from the caller: it is what fences.
+            guard attachment.epoch == FencingEpoch(UInt64(bitPattern: q.epoch)) else {
+                throw CairnError.failedPrecondition(
+                    "volume \(q.volumeID) is attached to node \(self.nodeID) with epoch \(attachment.epoch.rawValue), not \(q.epoch); the request is stale, retry NodeStageVolume")
+            }
+            let file = try await self.requireBacking().activate(volume, epoch: attachment.epoch)
+            return .with { $0.file = file }
+        }
+        serve(router, M.deactivateVolume) { (q: Cairn_Agent_V1_DeactivateVolumeRequest) async throws -> Cairn_Agent_V1_DeactivateVolumeResponse in
+            try Validate.volumeID(q.volumeID, field: "volume_id")
+            try await self.requireBacking().deactivate(volumeID: q.volumeID)
+            return Cairn_Agent_V1_DeactivateVolumeResponse()
+        }
+        serve(router, M.volumeCondition) { (q: Cairn_Agent_V1_VolumeConditionRequest) async throws -> Cairn_Agent_V1_VolumeConditionResponse in
+            let volume = try await self.volume(q.volumeID)
+            return .init(try await self.requireBacking().condition(volume))
+        }
+        serve(router, M.expandVolumeOnNode) { (q: Cairn_Agent_V1_ExpandVolumeOnNodeRequest) async throws -> Cairn_Agent_V1_ExpandVolumeOnNodeResponse in
+            let (volume, _) = try await self.attachedVolume(q.volumeID)
+            try await self.requireBacking().expandOnNode(volume)
+            return Cairn_Agent_V1_ExpandVolumeOnNodeResponse()
+        }
+    }
+
+    private func requireBacking() throws -> any NodeBacking {
+        guard let backing else {
+            throw CairnError.unimplemented("this cairn agent was started without a node store; it runs no volume's backing")
+        }
+        return backing
+    }
+
+    /// The volume's record from the agent's own store connection: the freshest, whatever the
+    /// node role read.
+    private func volume(_ volumeID: String) async throws -> VolumeRecord {
+        try Validate.volumeID(volumeID, field: "volume_id")
+        guard let store else {
+            throw CairnError.unimplemented("this cairn agent was started without a node store; it runs no volume's backing")
+        }
+        guard let volume = try await store.volume(id: volumeID) else {
+            throw CairnError.notFound("volume \(volumeID) does not exist")
+        }
+        return volume
+    }
+
+    /// Defence in depth: the agent starts or grows an engine only for a volume the controller
+    /// attached to this node.
+    private func attachedVolume(_ volumeID: String) async throws -> (VolumeRecord, AttachmentRecord) {
+        let volume = try await volume(volumeID)
+        guard let attachment = try await store!.attachments(volumeID: volumeID).first(where: { $0.nodeID == nodeID }) else {
+            throw CairnError.failedPrecondition(
+                "volume \(volumeID) is not attached to node \(nodeID); call ControllerPublishVolume for this node first")
+        }
+        return (volume, attachment)
     }
 
     private func requireHotPlug() throws -> NodeService {

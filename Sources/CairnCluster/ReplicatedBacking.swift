@@ -15,7 +15,7 @@ import Synchronization
 /// replicas fences every older holder), `deactivate` stops it. The engine's only way to drop a
 /// failed replica is `markReplicaOutOfSync` in the store, conditional on the epoch: if that
 /// transaction does not commit, the write that found the failure is not acknowledged.
-public final class ReplicatedBacking: VolumeBacking {
+public final class ReplicatedBacking: VolumeBacking, NodeBacking {
     let enginesDirectory: String
     let nodeID: String
     let store: any MetadataStore
@@ -350,7 +350,16 @@ public final class ReplicatedBacking: VolumeBacking {
 
     // MARK: Condition
 
-    public func servingProblem(volumeID: String) -> String? {
+    /// The node's view: the volume's replicas as the controller sees them, and whether this
+    /// process's engine serves it (NodeGetVolumeStats reports a staged volume no engine serves
+    /// as abnormal).
+    public func condition(_ volume: VolumeRecord) -> BackingCondition {
+        let problems = [problem(volume), servingProblem(volumeID: volume.id)].compactMap { $0 }
+        return BackingCondition(problem: problems.isEmpty ? nil : problems.joined(separator: "; "),
+                                healthy: healthy(volume), stageBlocker: stageBlocker(volume))
+    }
+
+    func servingProblem(volumeID: String) -> String? {
         guard let state = engines.state(volumeID: volumeID), state.path != nil else {
             return "no engine serves volume \(volumeID) on this node (its process restarted and the FUSE connection could not be resumed, or the engine failed to start): I/O on its device fails; NodeStageVolume starts it again, or unstage and stage the volume"
         }

@@ -5,29 +5,17 @@ import Foundation
 /// Two implementations: `LocalFileBacking` (one machine: a sparse file per volume, attached as a
 /// loop device directly) and `ReplicatedBacking` (cluster mode, module CairnCluster: replicas on
 /// several nodes; the node that stages the volume runs an engine that exposes it through FUSE as
-/// one file). Either way the node attaches `file(volumeID:)` as a loop device, so the controller
-/// and node services do not care which one they have.
+/// one file). This is the controller's side; the node's is `NodeBacking` (both implement it),
+/// so the controller and node services do not care which one they have.
 public protocol VolumeBacking: Sendable {
     /// Creates the storage for `volume` (idempotent: an existing backing of the right size is kept).
     func create(_ volume: VolumeRecord) async throws
     /// Removes the storage. No error when it is already gone.
     func delete(_ volume: VolumeRecord) async throws
-    /// The file a node attaches as a loop device (it exists only while the volume is active on
-    /// this node, for a replicated volume).
-    func file(volumeID: String) throws -> String
-    /// Makes `file(volumeID:)` usable on this node for a writer holding `epoch` (replicated:
-    /// starts the engine, which claims the replicas with the epoch and so fences older holders).
-    /// Idempotent. Returns the file.
-    func activate(_ volume: VolumeRecord, epoch: FencingEpoch) async throws -> String
-    /// Undoes `activate` once no loop device uses the file any more. Idempotent.
-    func deactivate(volumeID: String) async throws
     /// Health as CSI's VolumeCondition wants it: nil when healthy, else what is wrong.
     func problem(_ volume: VolumeRecord) -> String?
     /// A one-line description of the healthy state (e.g. which replicas are in sync).
     func healthy(_ volume: VolumeRecord) -> String
-    /// What is wrong with how this node serves the staged volume (replicated: no engine runs,
-    /// or it was fenced), or nil. Asked only for a volume staged here.
-    func servingProblem(volumeID: String) -> String?
     /// Why the volume cannot be staged now, or nil. A degraded replicated volume can be: its
     /// condition is abnormal, yet it serves I/O from the replicas still in sync.
     func stageBlocker(_ volume: VolumeRecord) -> String?
@@ -54,14 +42,10 @@ public protocol VolumeBacking: Sendable {
     /// ControllerExpandVolume: grows the volume's storage to `volume.capacityBytes` (the record
     /// already says the new size). Idempotent.
     func expand(_ volume: VolumeRecord) async throws
-    /// NodeExpandVolume, before the device and filesystem grow: makes `file(volumeID:)` on this
-    /// node show the new size (replicated: the running engine grows). Idempotent.
-    func expandOnNode(_ volume: VolumeRecord) async throws
 }
 
 extension VolumeBacking {
     public func stageBlocker(_ volume: VolumeRecord) -> String? { problem(volume) }
-    public func servingProblem(volumeID: String) -> String? { nil }
 
     /// Re-replication: creates one new, empty replica of `volume` on the node `replica` names.
     public func createReplica(_ volume: VolumeRecord, replica: ReplicaRecord) async throws {
@@ -72,8 +56,6 @@ extension VolumeBacking {
     public func deleteReplica(_ volume: VolumeRecord, replica: ReplicaRecord) async throws {
         throw CairnError.failedPrecondition("volume \(volume.id) is not replicated (one-machine store)")
     }
-
-    public func expandOnNode(_ volume: VolumeRecord) async throws {}
 }
 
 /// Where a volume is in use when the controller acts on its data.
@@ -105,7 +87,7 @@ public struct GroupSnapshotMember: Sendable {
 /// One sparse file per volume under `<data-dir>/volumes/`, one per snapshot under
 /// `<data-dir>/snapshots/`. Ids are validated before they get here (`Validate.volumeID`), so
 /// the joins below cannot leave the directories.
-public struct LocalFileBacking: VolumeBacking {
+public struct LocalFileBacking: VolumeBacking, NodeBacking {
     public let directory: String
     public let snapshotDirectory: String
 
@@ -149,6 +131,8 @@ public struct LocalFileBacking: VolumeBacking {
     }
 
     public func deactivate(volumeID: String) {}
+
+    public func expandOnNode(_ volume: VolumeRecord) {}  // `expand` grew the file already
 
     public func healthy(_ volume: VolumeRecord) -> String {
         "healthy: 1 of 1 replicas in sync (a local file)"

@@ -26,7 +26,7 @@ public final class NodeService: Sendable {
     let topology: [String: String]
     let maxVolumesPerNode: Int64
     let store: any MetadataStore
-    let backing: any VolumeBacking
+    let backing: any NodeBacking
     let mounter: any Mounter
     let pathRoots: [String]
     let locks: VolumeLocks
@@ -40,7 +40,7 @@ public final class NodeService: Sendable {
     public static let namespacePIDKey = "cairn.dev/mount-namespace-pid"
 
     public init(nodeID: String, topology: [String: String], maxVolumesPerNode: Int64,
-                store: any MetadataStore, backing: any VolumeBacking, mounter: any Mounter,
+                store: any MetadataStore, backing: any NodeBacking, mounter: any Mounter,
                 pathRoots: [String], locks: VolumeLocks, logger: Logger, defaultTargetPID: Int32? = nil) {
         self.defaultTargetPID = defaultTargetPID
         self.nodeID = nodeID
@@ -97,7 +97,7 @@ public final class NodeService: Sendable {
         record.readOnly = readOnly
 
         // Already staged? First what the records say…
-        let file = try backing.file(volumeID: volumeID)
+        let file = try await backing.file(volumeID: volumeID)
         let existing = try await store.stage(volumeID: volumeID, nodeID: nodeID)
         if existing != nil {
             // Staged here before: whatever the mounts and loop devices look like, the volume is
@@ -188,7 +188,7 @@ public final class NodeService: Sendable {
         if activatedNow {
             _ = try await backing.activate(volume, epoch: attachment.epoch)
         }
-        if let problem = backing.stageBlocker(volume) {
+        if let problem = try await backing.condition(volume).stageBlocker {
             if activatedNow { try? await backing.deactivate(volumeID: volumeID) }
             throw CairnError.failedPrecondition("volume \(volumeID) cannot be staged: \(problem)")
         }
@@ -301,7 +301,7 @@ public final class NodeService: Sendable {
             throw CairnError.failedPrecondition(
                 "volume \(volumeID) is still published at \(stillPublished.map(\.targetPath).joined(separator: ", ")); call NodeUnpublishVolume for every target first")
         }
-        let file = try backing.file(volumeID: volumeID)
+        let file = try await backing.file(volumeID: volumeID)
         var devices = try await mounter.loopDevices(backing: file)
         if let orphan = try await orphanedStageDevice(existing, devices: devices) {
             logger.warning("the staged loop device's engine file is gone (its FUSE mount was detached); unmounting and detaching it",
@@ -400,7 +400,7 @@ public final class NodeService: Sendable {
                 "volume \(volumeID) is staged with a \(stage.fsType) filesystem; it cannot be published as \(access.fsType)")
         }
 
-        let file = try backing.file(volumeID: volumeID)
+        let file = try await backing.file(volumeID: volumeID)
         let devices = try await mounter.loopDevices(backing: file)
         let table = try await mounter.mountTable()
         let stagingReal = try await mounter.resolve(stagingPath)
@@ -547,7 +547,7 @@ public final class NodeService: Sendable {
                           record: PublishRecord?) async throws {
         var meta = metadata(volumeID, path: targetPath)
         if namespace != .host { meta["namespace"] = "\(namespace)" }
-        let file = try backing.file(volumeID: volumeID)
+        let file = try await backing.file(volumeID: volumeID)
         let devices = try await mounter.loopDevices(backing: file)
         let targetReal = try await mounter.resolve(targetPath, in: namespace)
 
@@ -600,7 +600,7 @@ public final class NodeService: Sendable {
             path = lexical
         }
         let isStaging = stage?.stagingPath == path
-        let file = try backing.file(volumeID: volumeID)
+        let file = try await backing.file(volumeID: volumeID)
         let devices = try await mounter.loopDevices(backing: file)
         var real = path
         var mounted: MountInfo?
@@ -616,10 +616,8 @@ public final class NodeService: Sendable {
         let accessType: AccessType = publish?.accessType ?? stage?.accessType
             ?? (mounted.map { $0.source.hasPrefix("/dev/loop") } == true ? .mount : .block)
         var problems: [String] = []
-        if let problem = backing.problem(volume) {
-            problems.append(problem)
-        }
-        if stage != nil, let problem = backing.servingProblem(volumeID: volumeID) {
+        let condition = try await backing.condition(volume)
+        if let problem = condition.problem {
             problems.append(problem)
         }
         var response = Csi_V1_NodeGetVolumeStatsResponse()
@@ -657,7 +655,7 @@ public final class NodeService: Sendable {
             $0.abnormal = !problems.isEmpty
             $0.message = problems.isEmpty
                 ? (volume.replicas == nil ? "volume is attached and mounted; its backing file is intact"
-                    : "volume is attached and mounted; " + backing.healthy(volume))
+                    : "volume is attached and mounted; " + condition.healthy)
                 : problems.joined(separator: "; ")
         }
         return response
@@ -746,7 +744,7 @@ public final class NodeService: Sendable {
             let stages = try await store.stages(nodeID: nodeID)
             for stage in stages {
                 let meta = metadata(stage.volumeID, path: stage.stagingPath).with("device", stage.devicePath)
-                let devices = try await mounter.loopDevices(backing: try backing.file(volumeID: stage.volumeID))
+                let devices = try await mounter.loopDevices(backing: try await backing.file(volumeID: stage.volumeID))
                 if devices.isEmpty {
                     logger.warning("the loop device of a staged volume vanished (reboot?); the next NodeStageVolume re-attaches it",
                                    metadata: meta)

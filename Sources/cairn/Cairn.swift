@@ -170,7 +170,7 @@ struct Serve: AsyncParsableCommand {
             throw ValidationError("--list-scope node is for the controller and all roles with --store etcd (on one machine every volume is the node's already)")
         }
         if etcd != nil && role == .all {
-            logger.warning("--role all with --store etcd serves a controller in this process at once, outside the leader lease (each of its changes is one etcd transaction); re-replication runs only while this process holds the lease. In a cluster without a CO that needs a controller per node, run one `--role controller` (standbys wait for the lease) and `--role node --agent-socket none` on every node")
+            logger.warning("--role all with --store etcd serves a controller in this process at once, outside the leader lease (each of its changes is one etcd transaction); re-replication runs only while this process holds the lease. In a cluster without a CO that needs a controller per node, run one `--role controller` (standbys wait for the lease) and on every node `--role agent` plus `--role node --agent-socket PATH`")
         }
         let localFiles = try LocalFileBacking(dataDir: dataDir)
         // Engines run in the agent, all, and node-with-in-process-agent roles: their FUSE
@@ -179,16 +179,24 @@ struct Serve: AsyncParsableCommand {
         let keeper = runsEngines ? FUSEKeeperClient(socketPath: fuseKeeperSocket ?? dataDir + "/fuse-keeper.sock",
                                                     mode: fuseKeeper, logger: logger) : nil
         if runsEngines { Self.reportRestartSupport(keeper: keeper!, logger: logger) }
-        let backing: any VolumeBacking = etcd == nil ? localFiles
+        let backing: any VolumeBacking & NodeBacking = etcd == nil ? localFiles
             : try ReplicatedBacking(dataDir: dataDir, nodeID: nodeID, store: store,
                                     recovery: .init(rebuildBytesPerSecond: UInt64(rebuildRate * 1e6),
                                                     scrubBytesPerSecond: UInt64(scrubRate * 1e6),
                                                     retrySeconds: resyncRetry),
                                     keeper: keeper, logger: logger)
+        if runsEngines, let replicated = backing as? ReplicatedBacking {
+            do { try replicated.lockEnginesDirectory() } catch let error as CairnError {
+                throw ValidationError(error.message)
+            }
+        }
         var servers: [ServedEndpoint] = []
         // `--role node --agent-socket none`: this process is the node's agent too (privileged,
-        // in the host's namespaces) — the usual way to run a cluster node.
+        // in the host's namespaces, running the engines).
         let inProcessAgent = role == .node && agentSocket == "none"
+        // `--role node --agent-socket PATH`: the CSI node of a split node. The agent owns the
+        // replica server, the engines and (in cluster mode) the node's registration.
+        let splitNode = role == .node && !inProcessAgent
 
         // The machine's own mounter: in-process for the agent and all roles (and a node that is
         // its own agent). The node role otherwise reaches it through the agent.
@@ -201,6 +209,9 @@ struct Serve: AsyncParsableCommand {
             guard etcd != nil, role != .controller else {
                 throw ValidationError("--data-address is for the all, agent and node roles with --store etcd")
             }
+            if splitNode {
+                throw ValidationError("--data-address is served by the agent when the node role has an --agent-socket: pass it to `cairn serve --role agent` (or run the node with --agent-socket none)")
+            }
             let address: ReplicaAddress
             do { address = try ReplicaAddress(dataAddress) } catch {
                 throw ValidationError("--data-address \(dataAddress) is not HOST:PORT (\(error))")
@@ -211,8 +222,23 @@ struct Serve: AsyncParsableCommand {
             (backing as? ReplicatedBacking)?.serveLocalReplicas(from: server)
             dataAddressRecorded = "\(address.host):\(server.boundPort)"
             logger.info("serving replicas", metadata: ["data.address": "\(dataAddressRecorded!)"])
-        } else if etcd != nil && role != .controller {
+        } else if etcd != nil && role != .controller && !splitNode {
             logger.warning("no --data-address: this node holds no replicas (it can still run volumes' engines)")
+        }
+        let nodeCapacity = try capacity.map(Self.parseBytes) ?? Self.filesystemBytes(dataDir)
+        let nodeRecord = NodeRecord(id: nodeID, topology: topology, maxVolumes: maxVolumes,
+                                    dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity)
+        if etcd != nil, let dataAddressRecorded {
+            // Replicas the controller could not delete while this node was away.
+            let sweeper = ReplicaSweeper(nodeID: nodeID, store: store, dataDir: dataDir,
+                                         address: dataAddressRecorded, logger: logger)
+            Task { await sweeper.run() }
+        }
+        if role == .agent && etcd != nil {
+            // In a cluster the agent registers the node: its lease is the liveness of the
+            // replica server and the engines, and only it knows the data address. The split
+            // node role registers nothing, so killing it neither expires nor rewrites the record.
+            try await store.registerNode(nodeRecord)
         }
         if linux != nil {
             let tools = ["losetup", "mount", "umount", "blkid", "mkfs.ext4", "fsck.ext4", "resize2fs", "mkfs.xfs", "xfs_growfs"]
@@ -232,7 +258,8 @@ struct Serve: AsyncParsableCommand {
             Routes.identity(IdentityService(controllerService: true, groupControllerService: true), on: router)
             if role == .all || role == .node {
                 let mounter: any Mounter
-                if role == .node, !inProcessAgent, let agentEndpoint {
+                let nodeBacking: any NodeBacking
+                if splitNode, let agentEndpoint {
                     let client = try AgentClient(socket: agentEndpoint, logger: logger)
                     do {
                         let hello = try await client.hello()
@@ -250,32 +277,23 @@ struct Serve: AsyncParsableCommand {
                                        metadata: ["error": "\(error)"])
                     }
                     mounter = AgentMounter(client: client)
+                    // The engines run in the agent: this process holds none, so it may die
+                    // and restart at any moment without touching a volume's I/O.
+                    nodeBacking = AgentBacking(client: client)
                 } else {
                     mounter = linux!
+                    nodeBacking = backing
                 }
-                let nodeCapacity = try capacity.map(Self.parseBytes) ?? Self.filesystemBytes(dataDir)
-                try await store.registerNode(NodeRecord(id: nodeID, topology: topology, maxVolumes: maxVolumes,
-                                                        dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity))
-                if etcd != nil, let dataAddressRecorded {
-                    // Replicas the controller could not delete while this node was away.
-                    let sweeper = ReplicaSweeper(nodeID: nodeID, store: store, dataDir: dataDir,
-                                                 address: dataAddressRecorded, logger: logger)
-                    Task { await sweeper.run() }
+                if !(splitNode && etcd != nil) {
+                    try await store.registerNode(nodeRecord)
                 }
                 let service = NodeService(nodeID: nodeID, topology: topology, maxVolumesPerNode: maxVolumes, store: store,
-                                          backing: backing, mounter: mounter, pathRoots: roots, locks: VolumeLocks(),
+                                          backing: nodeBacking, mounter: mounter, pathRoots: roots, locks: VolumeLocks(),
                                           logger: logger, defaultTargetPID: targetNamespacePID)
                 if role == .all || inProcessAgent {
-                    if let replicated = backing as? ReplicatedBacking, let linux {
-                        // A killed predecessor's engines: resume the connections the keeper kept,
-                        // never serve on top of the others; the records are restored in between.
-                        await replicated.recoverEngines(inUse: { file in
-                            (try? await linux.loopDevices(backing: file))?.isEmpty == false
-                        }, restore: { await service.restore() })
-                    } else {
-                        // This process is the agent too: bring the machine back to the records first.
-                        await service.restore()
-                    }
+                    // This process is the agent too: bring the machine back to the records first —
+                    // resuming the engines whose FUSE connections the keeper kept.
+                    await Self.recoverEngines(backing, linux: linux) { await service.restore() }
                 }
                 await service.reconcile()
                 Routes.node(service, on: router)
@@ -325,19 +343,16 @@ struct Serve: AsyncParsableCommand {
                 hotPlug = NodeService(nodeID: nodeID, topology: topology, maxVolumesPerNode: maxVolumes, store: store,
                                       backing: backing, mounter: linux, pathRoots: roots, locks: VolumeLocks(),
                                       logger: agentLogger)
-                // An agent (re)start: re-attach and re-mount what the records say is staged,
-                // before the node role can reach us, so nothing races with it.
-                if let replicated = backing as? ReplicatedBacking {
-                    await replicated.recoverEngines(inUse: { file in
-                        (try? await linux.loopDevices(backing: file))?.isEmpty == false
-                    }, restore: { await hotPlug.restore() })
-                } else {
-                    await hotPlug.restore()
-                }
+                // An agent (re)start: re-attach and re-mount what the records say is staged —
+                // starting replicated volumes' engines through the same stage code, resuming the
+                // FUSE connections the keeper kept — before the node role can reach us, so
+                // nothing races with it.
+                await Self.recoverEngines(backing, linux: linux) { await hotPlug.restore() }
             }
             let service = AgentService(mounter: linux,
-                                       confinement: AgentConfinement(pathRoots: roots, volumesDirectory: localFiles.directory),
-                                       hotPlug: hotPlug, nodeID: nodeID, logger: agentLogger)
+                                       confinement: AgentConfinement(pathRoots: roots, volumesDirectory: localFiles.directory,
+                                                                     enginesDirectory: etcd == nil ? nil : dataDir + "/engines"),
+                                       hotPlug: hotPlug, backing: backing, store: store, nodeID: nodeID, logger: agentLogger)
             let router = Router()
             service.register(on: router)
             let path = Endpoint.unixPath(agentEndpoint)!
@@ -383,6 +398,17 @@ struct Serve: AsyncParsableCommand {
             logger.info("restarts of this process keep the staged volumes' I/O: the FUSE keeper holds their connections and the kernel resends requests in flight",
                         metadata: ["kernel": "\(release)", "keeper.mode": "\(keeper.mode.rawValue)", "keeper.socket": "\(keeper.socketPath)"])
         }
+    }
+
+    /// Before the engine-running process serves: takes back the FUSE connections the keeper kept
+    /// for a killed predecessor's engines, cleans up the mounts nobody kept (nothing may serve on
+    /// top of them), runs `restore` (NodeStage again for each staged volume: its engine resumes
+    /// a kept connection), then lets go of kept connections no staged volume claimed.
+    static func recoverEngines(_ backing: any VolumeBacking, linux: LinuxMounter?, restore: () async -> Void) async {
+        guard let replicated = backing as? ReplicatedBacking, let linux else { return await restore() }
+        await replicated.recoverEngines(inUse: { file in
+            (try? await linux.loopDevices(backing: file))?.isEmpty == false
+        }, restore: restore)
     }
 
     /// The agent socket's endpoint this role serves or reaches; nil when it has none.

@@ -94,15 +94,15 @@ final class AgentSplitTests: IntegrationTestCase {
         XCTAssertEqual(st.st_uid, 0, "the agent socket must belong to root")
 
         let agent = split.channel(.agent)
-        let hello = try await agent.call("/cairn.agent.v1.Agent/Hello", Cairn_Agent_V1_HelloRequest.with { $0.protocolVersion = 1 },
+        let hello = try await agent.call("/cairn.agent.v1.Agent/Hello", Cairn_Agent_V1_HelloRequest.with { $0.protocolVersion = 2 },
                                          as: Cairn_Agent_V1_HelloResponse.self)
-        XCTAssertEqual(hello.protocolVersion, 1)
+        XCTAssertEqual(hello.protocolVersion, 2)
         XCTAssertEqual(hello.nodeID, split.nodeID)
         let mismatch = await expectStatus(.failedPrecondition, "Hello with protocol version 99") {
             _ = try await agent.call("/cairn.agent.v1.Agent/Hello", Cairn_Agent_V1_HelloRequest.with { $0.protocolVersion = 99 },
                                      as: Cairn_Agent_V1_HelloResponse.self)
         }
-        XCTAssert(mismatch.message.contains("protocol version 1") && mismatch.message.contains("99"), mismatch.message)
+        XCTAssert(mismatch.message.contains("protocol version 2") && mismatch.message.contains("99"), mismatch.message)
 
         let mountsBefore = Set(Self.hostMountIDs())
         let loopsBefore = Set(PluginProcess.loopDevices(backedUnder: "/").map(\.device))

@@ -131,7 +131,7 @@ final class ClusterSnapshotTests: XCTestCase {
         let free = try iops(attached.target, seconds: 4)
         try await bed.controller.controllerModify(volume, ["iopsLimit": "500"])
         let deadline = Date().addingTimeInterval(15)
-        while !bed.logTail("n1", lines: 200).contains("applied the volume's new QoS limits") {
+        while !bed.logTail(bed.engineProcess("n1"), lines: 200).contains("applied the volume's new QoS limits") {
             guard Date() < deadline else { return XCTFail("the engine did not apply the new limit in 15 s") }
             try await Task.sleep(for: .milliseconds(200))
         }

@@ -158,11 +158,11 @@ final class RecoveryTests: XCTestCase {
         try corrupt(volume, on: "n1", block: 100)
         let read = try BlockWriter.readDirect(device: attached.target, index: 100)
         XCTAssertEqual(read, Self.pattern(block: 100, seed: 6), "the read did not return the good copy")
-        XCTAssertTrue(bed.logTail("n1", lines: 400).contains("repaired a corrupted block"), bed.logTail("n1", lines: 40))
+        XCTAssertTrue(bed.logTail(bed.engineProcess("n1"), lines: 400).contains("repaired a corrupted block"), bed.logTail(bed.engineProcess("n1"), lines: 40))
         // n2: block 7000, never read: the scrub finds it.
         try corrupt(volume, on: "n2", block: 7000)
         let deadline = Date().addingTimeInterval(60)
-        while !bed.logTail("n1", lines: 400).contains("found.by=scrub") {
+        while !bed.logTail(bed.engineProcess("n1"), lines: 400).contains("found.by=scrub") {
             guard Date() < deadline else { return XCTFail("the scrub did not repair n2's block in 60 s") }
             usleep(200_000)
         }

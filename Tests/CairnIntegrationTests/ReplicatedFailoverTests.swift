@@ -19,7 +19,7 @@ final class ReplicatedFailoverTests: XCTestCase {
     override func tearDown() async throws {
         if let bed {
             if let run = testRun, run.failureCount + run.unexpectedExceptionCount > 0 {
-                for name in ["controller"] + bed.nodes { print("==> \(name).log\n" + bed.logTail(name, lines: 60)) }
+                for name in bed.processNames { print("==> \(name).log\n" + bed.logTail(name, lines: 60)) }
             }
             bed.down()
         }
@@ -91,10 +91,7 @@ final class ReplicatedFailoverTests: XCTestCase {
         try bed.kill("n3")
         let before = writer.acknowledgedCount
         try await writer.waitForAcknowledged(before + 200, seconds: 60)
-        writer.stop()
-        try await writer.waitUntilStopped(seconds: 30)
-        XCTAssertNil(writer.failure, "I/O stopped when one replica of three died")
-        try BlockWriter.verify(device: attached.target, acknowledged: writer.acknowledged())
+        try await writer.stopAndVerify("I/O stopped when one replica of three died")
 
         let condition = try await controller.controllerGetVolume(CSI.getVolume(volume.id)).status.volumeCondition
         XCTAssertTrue(condition.abnormal)
@@ -181,6 +178,15 @@ final class BlockWriter: @unchecked Sendable {
     }
 
     func stop() { state.withLock { $0.stopRequested = true } }
+
+    /// Stops writing, then: no write failed (else `failureMessage`), and every acknowledged block
+    /// reads back from the device.
+    func stopAndVerify(_ failureMessage: String) async throws {
+        stop()
+        try await waitUntilStopped(seconds: 30)
+        if let failure { XCTFail("\(failureMessage): \(failure)") }
+        try Self.verify(device: device, acknowledged: acknowledged())
+    }
 
     private func run() {
         defer { state.withLock { $0.stopped = true } }

@@ -128,7 +128,7 @@ final class SplitPlugin: @unchecked Sendable {
                 let candidate = GRPCChannel(target: endpoint(role))
                 let reply: (code: StatusCode, message: String, response: [UInt8])
                 if role == .agent {
-                    let hello = try Cairn_Agent_V1_HelloRequest.with { $0.protocolVersion = 1 }.serializedBytes() as [UInt8]
+                    let hello = try Cairn_Agent_V1_HelloRequest.with { $0.protocolVersion = 2 }.serializedBytes() as [UInt8]
                     reply = await candidate.callRaw("/cairn.agent.v1.Agent/Hello", hello, timeout: .seconds(2))
                 } else {
                     reply = await candidate.callRaw("/csi.v1.Identity/Probe", [], timeout: .seconds(2))

@@ -46,6 +46,22 @@ struct Testbed: Sendable {
         ProcessInfo.processInfo.environment["CAIRN_TESTBED_DIR"] ?? "/run/cairn-testbed"
     }
 
+    /// The network namespaces' prefix (`CAIRN_TESTBED_PREFIX`, which the script inherits).
+    static var namespacePrefix: String {
+        (ProcessInfo.processInfo.environment["CAIRN_TESTBED_PREFIX"] ?? "cairntb") + "-"
+    }
+
+    /// Whether each node runs as an agent and a CSI node (the default; `CAIRN_TESTBED_SPLIT=0`
+    /// in the test's environment: one process per node).
+    var isSplit: Bool { FileManager.default.fileExists(atPath: "\(stateDir)/n1-agent.argv") }
+
+    /// The process that runs `node`'s engines and replica server, whose log has their messages:
+    /// `n<i>-agent` on a split bed, else `n<i>`.
+    func engineProcess(_ node: String) -> String { isSplit ? node + "-agent" : node }
+
+    /// Every Cairn process's log name: the controller, then each node's agent (split) and node.
+    var processNames: [String] { ["controller"] + nodes.flatMap { isSplit ? [$0 + "-agent", $0] : [$0] } }
+
     /// Builds a bed of `nodes` nodes with the `cairn` next to the test bundle (`withCairn: false`:
     /// network and etcd only). Skips the test when not root. When `up` fails, runs `down` and
     /// throws with up's output (it ends with the failing process's log).
@@ -111,18 +127,22 @@ struct Testbed: Sendable {
     /// Returns down's problem, nil when all went.
     func down(after run: XCTestRun?, logLines: Int = 60) -> String? {
         if let run, run.failureCount + run.unexpectedExceptionCount > 0 {
-            for name in ["controller"] + nodes { print("==> \(name).log\n" + logTail(name, lines: logLines)) }
+            for name in processNames { print("==> \(name).log\n" + logTail(name, lines: logLines)) }
         }
         return down()
     }
 
-    /// SIGKILLs the process group of `node` (`n<i>`, `controller` or `etcd`): a crash, nothing cleaned up.
+    /// SIGKILLs the process group of `node` (`controller`, `etcd`, `n<i>-agent`, `n<i>-node`),
+    /// or a whole node `n<i>` (its agent, CSI node and FUSE keeper): a crash, nothing cleaned up.
     func kill(_ node: String) throws { try command(["kill", node]) }
     /// Starts `node` again with the same flags (killing it first if it runs) and waits until it serves.
     func restart(_ node: String) throws { try command(["restart", node]) }
-    /// SIGKILL of the process that runs the node's engines, not of its FUSE keeper.
-    func killEngineProcess(_ node: String) throws { try command(["kill", node]) }
-    func restartEngineProcess(_ node: String) throws { try command(["restart", node]) }
+    /// SIGKILL of the process that runs the node's engines (`nN-agent`, or `nN` in a one-process
+    /// bed), not of its FUSE keeper; then the same process started again.
+    func killEngineProcess(_ node: String) throws { try command(["kill", engineProcess(node)]) }
+    func restartEngineProcess(_ node: String) throws { try command(["restart", engineProcess(node)]) }
+    /// Restarts node `n<i>`'s processes one at a time with `cairn` (SIGTERM, same flags).
+    func upgrade(_ node: String, cairn: String) throws { try command(["upgrade", node, "--cairn", cairn]) }
     /// `node` loses etcd and the controller (both directions) but keeps the other nodes.
     func partition(_ node: String) throws { try command(["partition", node]) }
     func heal(_ node: String) throws { try command(["heal", node]) }
@@ -136,7 +156,7 @@ struct Testbed: Sendable {
     /// `scripts/testbed status`: processes and partitions.
     func status() throws -> String { try command(["status"]) }
 
-    /// The last lines of a process's log (`etcd`, `controller`, `n<i>`), for failure messages.
+    /// The last lines of a process's log (`etcd`, `controller`, `n<i>`, `n<i>-agent`), for failure messages.
     func logTail(_ name: String, lines: Int = 40) -> String {
         guard let text = try? String(contentsOfFile: "\(stateDir)/\(name).log", encoding: .utf8) else {
             return "(no log at \(stateDir)/\(name).log)"
@@ -180,13 +200,13 @@ final class TestbedNetworkTests: XCTestCase {
 
     private func namespaces() throws -> [String] {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: "/run/netns")) ?? []
-        return names.filter { $0.hasPrefix("cairntb-") }.sorted()
+        return names.filter { $0.hasPrefix(Testbed.namespacePrefix) }.sorted()
     }
 
     func testPartitionCutsOnlyTheControlPlaneAndDownRemovesEverything() throws {
         let bed = try Testbed.up(nodes: 2, withCairn: false)
         self.bed = bed
-        XCTAssertEqual(try namespaces(), ["cairntb-ctl", "cairntb-hub", "cairntb-n1", "cairntb-n2"])
+        XCTAssertEqual(try namespaces(), ["ctl", "hub", "n1", "n2"].map { Testbed.namespacePrefix + $0 })
         XCTAssertEqual(bed.etcdEndpoint, "http://10.77.0.1:2379")
         XCTAssertNil(bed.endpoints["controller"], "--no-cairn starts no controller")
         try bed.check()
