@@ -342,7 +342,9 @@ public final class EtcdStore: MetadataStore, LeaderElection {
                 return "no renewal within the lease's TTL (etcd unreachable): another controller may lead by now"
             }
             do {
-                let kv = try await client.get(leaderKey).kv
+                // Bounded by the deadline: a hung etcd must not keep a lapsed leader acting.
+                let left = held.deadline - ContinuousClock.now
+                let kv = try await client.get(leaderKey, timeout: max(min(left, .seconds(5)), .milliseconds(100))).kv
                 if kv == nil { return "the leader key \(leaderKey) was deleted" }
                 if let kv, kv.lease != held.lease {
                     return "the leader key \(leaderKey) is held by \(String(decoding: kv.value, as: UTF8.self)) under another lease"

@@ -376,13 +376,11 @@ struct Serve: AsyncParsableCommand {
         // Started in this order, shut down in the reverse one (Services.swift): calls first,
         // then leader and background work, the replica server, and the store's leases last.
         var services: [any Service] = []
-        if let etcd { services.append(StoreLeases(store: etcd, logger: logger)) }
-        if runsEngines, let replicated = backing as? ReplicatedBacking {
-            services.append(EnginesKept(backing: replicated, logger: logger))
-        }
-        if let replicaServer { services.append(ReplicaServing(server: replicaServer, logger: logger)) }
-        if let sweeper { services.append(BackgroundLoop(name: "orphaned-replica-sweeper", logger: logger) { await sweeper.run() }) }
-        if let leadership { services.append(ControllerLeading(leadership: leadership, logger: logger)) }
+        if let etcd { services.append(UntilShutdown.storeLeases(etcd, logger: logger)) }
+        if runsEngines { services.append(UntilShutdown.enginesKept(logger: logger)) }
+        if let replicaServer { services.append(UntilShutdown.replicaServer(replicaServer, logger: logger)) }
+        if let sweeper { services.append(BackgroundLoop.sweeper(sweeper, logger: logger)) }
+        if let leadership { services.append(BackgroundLoop.leadership(leadership, logger: logger)) }
         services.append(RPCServers(servers: servers, grace: .seconds(shutdownGrace), logger: logger))
         let group = ServiceGroup(configuration: .init(
             services: services.map { .init(service: $0) },
