@@ -8,29 +8,9 @@ import XCTest
 
 /// ControllerLeadership against a real etcd: campaigning, leading (the leader-only work runs),
 /// losing the lease (the work stops, the controller campaigns again) and a standby taking over.
-/// Every leadership task is cancelled and every store stopped in tearDown.
-final class ControllerLeadershipTests: XCTestCase {
-    nonisolated(unsafe) static var server: EtcdTestServer?
-    var stores: [EtcdStore] = []
-    var running: [Task<Void, Never>] = []
-
-    override func setUp() async throws {
-        if Self.server == nil { Self.server = try await EtcdTestServer.start() }
-    }
-
-    override func tearDown() async throws {
-        for task in running { task.cancel(); await task.value }
-        running = []
-        for store in stores { await store.stop() }
-        stores = []
-    }
-
-    override class func tearDown() {
-        server?.stop()
-        server = nil
-        super.tearDown()
-    }
-
+/// Every leadership task is cancelled (a teardown block) and every store stopped in tearDown.
+/// (In EtcdStoreTests: its class-wide etcd and its stores, stopped in its tearDown.)
+extension EtcdStoreTests {
     /// Counts how often the leader-only work started and how many runs are going now.
     final class WorkCount: Sendable {
         let counts = Mutex<(started: Int, running: Int)>((0, 0))
@@ -44,7 +24,7 @@ final class ControllerLeadershipTests: XCTestCase {
         }
     }
 
-    func store(_ server: EtcdTestServer, prefixOf other: EtcdStore? = nil) throws -> EtcdStore {
+    func leaderStore(_ server: EtcdTestServer, prefixOf other: EtcdStore? = nil) throws -> EtcdStore {
         let store = try other.map {
             try EtcdStore(endpoints: [server.clientURL], prefix: $0.prefix, logger: Logger(label: "second"))
         } ?? server.store()
@@ -52,14 +32,18 @@ final class ControllerLeadershipTests: XCTestCase {
         return store
     }
 
-    func lead(_ store: EtcdStore, _ id: String, ttl: Int = 2, work: WorkCount) -> ControllerLeadership {
+    func lead(_ store: EtcdStore, _ id: String, ttl: Int = 2, work: WorkCount) -> (ControllerLeadership, Task<Void, Never>) {
         var logger = Logger(label: "leadership-test")
         logger.logLevel = .debug
         let leadership = ControllerLeadership(election: store, leaderID: id, ttl: ttl, gatesCSI: true, logger: logger) {
             await work.work()
         }
-        running.append(Task { await leadership.run() })
-        return leadership
+        let task = Task { await leadership.run() }
+        addTeardownBlock {
+            task.cancel()
+            await task.value
+        }
+        return (leadership, task)
     }
 
     func waitUntil(_ what: String, within seconds: Double, _ condition: () -> Bool) async throws {
@@ -70,15 +54,15 @@ final class ControllerLeadershipTests: XCTestCase {
         }
     }
 
-    func testAStandbyAnswersUnavailableUntilTheLeaderStopsThenLeadsAtOnce() async throws {
+    func testLeadershipAStandbyAnswersUnavailableUntilTheLeaderStopsThenLeadsAtOnce() async throws {
         let server = try XCTUnwrap(Self.server)
-        let first = try store(server), second = try store(server, prefixOf: first)
+        let first = try leaderStore(server), second = try leaderStore(server, prefixOf: first)
         let firstWork = WorkCount(), secondWork = WorkCount()
-        let leader = lead(first, "controller-1", work: firstWork)
+        let (leader, leaderTask) = lead(first, "controller-1", work: firstWork)
         try await waitUntil("the first controller leads", within: 5) { leader.isLeading && firstWork.running == 1 }
         XCTAssertNoThrow(try leader.requireLeading())
 
-        let standby = lead(second, "controller-2", work: secondWork)
+        let (standby, _) = lead(second, "controller-2", work: secondWork)
         try await Task.sleep(for: .seconds(3))  // longer than the TTL: the lease is kept alive
         XCTAssertEqual(standby.phase, .campaigning)
         XCTAssertEqual(secondWork.started, 0, "a standby runs no leader-only work")
@@ -87,19 +71,19 @@ final class ControllerLeadershipTests: XCTestCase {
         }
 
         let stopped = ContinuousClock.now
-        running[0].cancel()  // SIGTERM: the leader resigns (revokes its lease)
-        await running[0].value
+        leaderTask.cancel()  // SIGTERM: the leader resigns (revokes its lease)
+        await leaderTask.value
         XCTAssertEqual(leader.phase, .stopped)
         XCTAssertEqual(firstWork.running, 0, "the leader-only work stops with the leadership")
         try await waitUntil("the standby leads", within: 3) { standby.isLeading && secondWork.running == 1 }
         print("standby took over \(ContinuousClock.now - stopped) after the leader resigned")
     }
 
-    func testALeaderWhoseLeaseIsRevokedStopsItsWorkAndCampaignsAgain() async throws {
+    func testLeadershipALeaderWhoseLeaseIsRevokedStopsItsWorkAndCampaignsAgain() async throws {
         let server = try XCTUnwrap(Self.server)
-        let first = try store(server)
+        let first = try leaderStore(server)
         let work = WorkCount()
-        let leader = lead(first, "controller-1", work: work)
+        let (leader, _) = lead(first, "controller-1", work: work)
         try await waitUntil("the controller leads", within: 5) { leader.isLeading && work.running == 1 }
 
         // Behind its back: the lease is revoked, so etcd deletes the leader key.
@@ -109,12 +93,12 @@ final class ControllerLeadershipTests: XCTestCase {
         XCTAssertEqual(work.running, 1)
     }
 
-    func testALeaderCutOffFromEtcdForLongerThanTheTTLStopsActingAndLeadsAgainAfterwards() async throws {
+    func testLeadershipALeaderCutOffFromEtcdForLongerThanTheTTLStopsActingAndLeadsAgainAfterwards() async throws {
         let own = try await EtcdTestServer.start()
         defer { own.stop() }
-        let store = try self.store(own)
+        let store = try leaderStore(own)
         let work = WorkCount()
-        let leader = lead(store, "controller-1", work: work)
+        let (leader, _) = lead(store, "controller-1", work: work)
         try await waitUntil("the controller leads", within: 5) { leader.isLeading && work.running == 1 }
 
         kill(own.pid, SIGSTOP)  // etcd hangs: no renewal, no answer
