@@ -1,14 +1,17 @@
 import CSIProto
 
-/// CSI Identity. Probe is ready as soon as the server is serving: every dependency (store,
-/// tools) is checked at start-up, before the socket is opened.
+/// CSI Identity. Probe is ready as soon as the server is serving (every dependency — store,
+/// tools — is checked at start-up, before the socket is opened), unless `ready` says otherwise:
+/// a standby controller is not ready until it holds the leader lease.
 public struct IdentityService: Sendable {
     public let controllerService: Bool
     public let groupControllerService: Bool
+    let ready: @Sendable () -> Bool
 
-    public init(controllerService: Bool, groupControllerService: Bool = false) {
+    public init(controllerService: Bool, groupControllerService: Bool = false, ready: @escaping @Sendable () -> Bool = { true }) {
         self.controllerService = controllerService
         self.groupControllerService = groupControllerService
+        self.ready = ready
     }
 
     public func getPluginInfo(_ request: Csi_V1_GetPluginInfoRequest) async throws -> Csi_V1_GetPluginInfoResponse {
@@ -38,7 +41,7 @@ public struct IdentityService: Sendable {
 
     public func probe(_ request: Csi_V1_ProbeRequest) async throws -> Csi_V1_ProbeResponse {
         var response = Csi_V1_ProbeResponse()
-        response.ready = .with { $0.value = true }
+        response.ready = .with { $0.value = ready() }
         return response
     }
 }

@@ -38,6 +38,21 @@ public final class Router: Sendable {
         routes.withLock { $0[method] = raw }
     }
 
+    /// Makes `check` run before every handler registered so far whose method starts with one of
+    /// `prefixes` (except those named in `except`); what it throws is the call's answer.
+    public func precede(methodsWithPrefixes prefixes: [String], except: Set<String> = [],
+                        with check: @escaping @Sendable () throws -> Void) {
+        routes.withLock { routes in
+            for (method, handler) in routes
+            where !except.contains(method) && prefixes.contains(where: { method.hasPrefix($0) }) {
+                routes[method] = { bytes, context in
+                    try check()
+                    return try await handler(bytes, context)
+                }
+            }
+        }
+    }
+
     public func handler(for method: String) -> RawHandler? {
         routes.withLock { $0[method] }
     }

@@ -45,9 +45,11 @@ final class EtcdClient: Sendable {
 
     var endpointList: String { endpoints.joined(separator: ",") }
 
+    /// `timeout` (default: the client's) bounds each endpoint's attempt.
     func call<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message>(
-        _ method: String, _ request: Request, as: Response.Type = Response.self
+        _ method: String, _ request: Request, as: Response.Type = Response.self, timeout: Duration? = nil
     ) async throws -> Response {
+        let timeout = timeout ?? self.timeout
         let bytes: [UInt8] = try request.serializedBytes()
         let start = preferred.load(ordering: .relaxed)
         var reasons: [String] = []
@@ -82,10 +84,10 @@ final class EtcdClient: Sendable {
 
     // MARK: KV
 
-    func get(_ key: String) async throws -> (kv: Etcdserverpb_KeyValue?, revision: Int64) {
+    func get(_ key: String, timeout: Duration? = nil) async throws -> (kv: Etcdserverpb_KeyValue?, revision: Int64) {
         var request = Etcdserverpb_RangeRequest()
         request.key = Data(key.utf8)
-        let response: Etcdserverpb_RangeResponse = try await call("/etcdserverpb.KV/Range", request)
+        let response: Etcdserverpb_RangeResponse = try await call("/etcdserverpb.KV/Range", request, timeout: timeout)
         return (response.kvs.first, response.header.revision)
     }
 

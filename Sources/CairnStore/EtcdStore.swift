@@ -26,7 +26,7 @@ import Synchronization
 /// `Compare(mod_revision == seen)` for every key read (0 for a key that must not exist) and
 /// `Compare(mod_revision < read revision + 1)` over every range read (no key in it created or
 /// changed since); on conflict read again (at most `maxAttempts` times, with jitter).
-public final class EtcdStore: MetadataStore {
+public final class EtcdStore: MetadataStore, LeaderElection {
     private let client: EtcdClient
     /// Every key of this store lives under it.
     public let prefix: String
@@ -53,6 +53,10 @@ public final class EtcdStore: MetadataStore {
         /// after that etcd may have handed the key to someone else.
         var deadline: ContinuousClock.Instant
         var task: Task<Void, Never>?
+        var ttl: Int
+
+        /// How often `leadershipLost` looks at the leader key.
+        var pollInterval: Duration { .milliseconds(min(max(ttl * 1000 / 3, 200), 1000)) }
     }
 
     /// - Parameters:
@@ -303,7 +307,7 @@ public final class EtcdStore: MetadataStore {
             try? await client.revokeLease(lease)
             return false
         }
-        state.withLock { $0.leader = Leader(id: leaderID, lease: lease, deadline: start + .seconds(ttl)) }
+        state.withLock { $0.leader = Leader(id: leaderID, lease: lease, deadline: start + .seconds(ttl), ttl: ttl) }
         let task = Task {
             await self.keepAlive(lease: lease, ttl: ttl, what: "the leader lease of \(leaderID)") { deadline in
                 self.state.withLock { if $0.leader?.lease == lease { $0.leader?.deadline = deadline } }
@@ -322,6 +326,51 @@ public final class EtcdStore: MetadataStore {
     /// guarantees the lease has not expired yet.
     public func isLeader() -> Bool {
         state.withLock { state in state.leader.map { ContinuousClock.now < $0.deadline } ?? false }
+    }
+
+    /// Polls (every third of the lease's TTL, at least every second) until this process no longer
+    /// holds the leader lease it won as `leaderID`: the keep-alive found the lease gone, the last
+    /// renewal's deadline passed (etcd unreachable for longer than the TTL: another candidate may
+    /// lead by now), or `<prefix>/leader` was deleted or is under another lease.
+    public func leadershipLost(leaderID: String) async throws -> String {
+        while true {
+            try Task.checkCancellation()
+            guard let held = state.withLock({ $0.leader }), held.id == leaderID else {
+                return "the lease expired: etcd did not renew it (unreachable for longer than its TTL, or it was revoked)"
+            }
+            guard ContinuousClock.now < held.deadline else {
+                return "no renewal within the lease's TTL (etcd unreachable): another controller may lead by now"
+            }
+            do {
+                // Bounded by the deadline: a hung etcd must not keep a lapsed leader acting.
+                let left = held.deadline - ContinuousClock.now
+                let kv = try await client.get(leaderKey, timeout: max(min(left, .seconds(5)), .milliseconds(100))).kv
+                if kv == nil { return "the leader key \(leaderKey) was deleted" }
+                if let kv, kv.lease != held.lease {
+                    return "the leader key \(leaderKey) is held by \(String(decoding: kv.value, as: UTF8.self)) under another lease"
+                }
+            } catch let error as CairnError where error.code == .unavailable {
+                // The deadline above decides: a short outage within the TTL keeps the lease.
+            }
+            try await Task.sleep(for: held.pollInterval)
+        }
+    }
+
+    /// Gives up the leader lease won as `leaderID`: stops its keep-alive and revokes it, so the
+    /// key goes at once and a standby's next poll wins it.
+    public func resign(leaderID: String) async {
+        let held = state.withLock { state -> Leader? in
+            guard let leader = state.leader, leader.id == leaderID else { return nil }
+            state.leader = nil
+            return leader
+        }
+        guard let held else { return }
+        held.task?.cancel()
+        await held.task?.value
+        do { try await client.revokeLease(held.lease) } catch {
+            logger.warning("could not revoke the leader lease; it expires by itself", metadata: ["error": "\(error)"])
+        }
+        logger.notice("gave up the leader lease", metadata: ["leader": "\(leaderID)"])
     }
 
     /// Stops every keep-alive. With `revokingLeases` (the default) it also revokes the leases,

@@ -97,6 +97,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("replica-timeout"), help: "Seconds a replica's node may stay away (out of sync, not live) before the controller re-creates that replica on another node (--store etcd, controller). `cairn node remove` triggers it at once.")
     var replicaTimeout: Double = 600
 
+    @Option(name: .customLong("leader-lease-ttl"), help: "Seconds the controller's leader lease outlives its holder's last renewal (--store etcd; controller and all roles): a standby takes over within about this long after the leader dies; a leader that cannot renew it for this long stops acting and campaigns again.")
+    var leaderLeaseTTL: Int = 10
+
     @Option(name: .customLong("resync-retry"), help: "Seconds before an engine tries again to resync an out-of-sync replica it could not reach (doubling after each failure, up to 8×) (--store etcd).")
     var resyncRetry: Double = 5
 
@@ -139,6 +142,7 @@ struct Serve: AsyncParsableCommand {
         let roots = pathRoots.map { $0.hasSuffix("/") && $0.count > 1 ? String($0.dropLast()) : $0 }
         for root in roots where !root.hasPrefix("/") { throw ValidationError("--path-root \(root) must be absolute") }
 
+        guard leaderLeaseTTL >= 1 else { throw ValidationError("--leader-lease-ttl must be at least 1 second") }
         guard replicaTimeout >= 0 else { throw ValidationError("--replica-timeout must be 0 or more seconds") }
         guard resyncRetry > 0 else { throw ValidationError("--resync-retry must be more than 0 seconds") }
         guard rebuildRate >= 0, scrubRate >= 0 else { throw ValidationError("--rebuild-rate and --scrub-rate must be 0 (off/unlimited) or more MB/s") }
@@ -217,6 +221,8 @@ struct Serve: AsyncParsableCommand {
                 throw ValidationError("--data-address \(dataAddress) is not HOST:PORT (\(error))")
             }
             let server = try ReplicaServer(dataDir: dataDir, host: address.host, port: address.port, logger: logger)
+            // Listening before the node registers (the bound port is recorded); the
+            // ReplicaServing service stops it on shutdown.
             try server.start()
             replicaServer = server
             (backing as? ReplicatedBacking)?.serveLocalReplicas(from: server)
@@ -228,11 +234,12 @@ struct Serve: AsyncParsableCommand {
         let nodeCapacity = try capacity.map(Self.parseBytes) ?? Self.filesystemBytes(dataDir)
         let nodeRecord = NodeRecord(id: nodeID, topology: topology, maxVolumes: maxVolumes,
                                     dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity)
+        // Replicas the controller could not delete while this node was away (a lifecycle
+        // service below, with the process that serves this node's replicas).
+        var sweeper: ReplicaSweeper?
         if etcd != nil, let dataAddressRecorded {
-            // Replicas the controller could not delete while this node was away.
-            let sweeper = ReplicaSweeper(nodeID: nodeID, store: store, dataDir: dataDir,
-                                         address: dataAddressRecorded, logger: logger)
-            Task { await sweeper.run() }
+            sweeper = ReplicaSweeper(nodeID: nodeID, store: store, dataDir: dataDir,
+                                     address: dataAddressRecorded, logger: logger)
         }
         if role == .agent && etcd != nil {
             // In a cluster the agent registers the node: its lease is the liveness of the
@@ -250,12 +257,9 @@ struct Serve: AsyncParsableCommand {
 
         // CSI.
         var node: NodeService?
+        var leadership: ControllerLeadership?
         if role != .agent {
             let router = Router()
-            // The spec: plugin capabilities describe the plugin "as a whole", the same from
-            // every instance whichever RPCs it serves — so the node role advertises the
-            // controller service too (csi-sanity's node tests rely on it to ControllerPublish).
-            Routes.identity(IdentityService(controllerService: true, groupControllerService: true), on: router)
             if role == .all || role == .node {
                 let mounter: any Mounter
                 let nodeBacking: any NodeBacking
@@ -301,12 +305,6 @@ struct Serve: AsyncParsableCommand {
             }
             if role == .all || role == .controller {
                 let pool = try capacity.map(Self.parseBytes) ?? Self.filesystemBytes(dataDir)
-                if let etcd, role == .controller {
-                    // One controller acts at a time: the others wait here as standbys.
-                    logger.info("campaigning for the controller's leader lease")
-                    try await etcd.campaign(leaderID: nodeID)
-                    logger.info("this controller holds the leader lease")
-                }
                 let controller = ControllerService(store: store, backing: backing, capacity: CapacityPolicy(poolBytes: pool),
                                                    localNodeID: nodeID, localTopology: topology, locks: VolumeLocks(),
                                                    logger: logger,
@@ -314,20 +312,34 @@ struct Serve: AsyncParsableCommand {
                                                                                               scopedToNode: listScope == .node))
                 Routes.controller(controller, on: router)
                 Routes.groupController(controller, on: router)
-                if etcd != nil {
+                if let etcd {
+                    // Re-replication acts on every volume: one process at a time, the lease holder.
+                    // A --role controller serves Controller calls only while it holds the lease too
+                    // (standbys answer UNAVAILABLE, Probe not ready); --role all serves them at once
+                    // (each change is one etcd transaction) and only re-replicates as leader.
                     let repairer = ReplicaRepairer(controller: controller, timeout: .milliseconds(Int64(replicaTimeout * 1000)),
                                                    logger: logger)
-                    Task {
-                        if role == .all, let etcd {
-                            // Re-replication acts on every volume: one process at a time, the lease holder.
-                            // (A --role controller holds the lease already.) Only cancellation ends the campaign.
-                            do { try await etcd.campaign(leaderID: nodeID) } catch { return }
-                            logger.info("this process holds the leader lease: re-replication runs here")
-                        }
+                    let lease = ControllerLeadership(election: etcd, leaderID: nodeID, ttl: leaderLeaseTTL,
+                                                     gatesCSI: role == .controller, logger: logger) {
                         await repairer.run()
                     }
+                    if lease.gatesCSI {
+                        router.precede(methodsWithPrefixes: ["/csi.v1.Controller/", "/csi.v1.GroupController/"],
+                                       except: ["/csi.v1.Controller/ControllerGetCapabilities",
+                                                "/csi.v1.GroupController/GroupControllerGetCapabilities"]) {
+                            try lease.requireLeading()
+                        }
+                    }
+                    leadership = lease
                 }
             }
+            // The spec: plugin capabilities describe the plugin "as a whole", the same from
+            // every instance whichever RPCs it serves — so the node role advertises the
+            // controller service too (csi-sanity's node tests rely on it to ControllerPublish).
+            // A standby controller is not ready: a CO's sidecars wait on it (ProbeForever).
+            let gate = leadership?.gatesCSI == true ? leadership : nil
+            Routes.identity(IdentityService(controllerService: true, groupControllerService: true,
+                                            ready: { gate?.isLeading ?? true }), on: router)
             servers.append(ServedEndpoint(name: "csi", endpoint: endpoint, socketMode: 0o660,
                                           server: GRPCServer(router: router, logger: logger), optional: false))
         }
@@ -377,13 +389,20 @@ struct Serve: AsyncParsableCommand {
             "data_dir": "\(dataDir)", "version": "\(CairnVersion.version)",
             "path_roots": "\(roots.joined(separator: ","))",
         ].merging(role == .node ? ["agent.endpoint": "\(agentEndpoint ?? "")"] : [:]) { a, _ in a })
+        // Started in this order, shut down in the reverse one (Services.swift): calls first,
+        // then leader and background work, the replica server, and the store's leases last.
+        var services: [any Service] = []
+        if let etcd { services.append(UntilShutdown.storeLeases(etcd, logger: logger)) }
+        if runsEngines { services.append(UntilShutdown.enginesKept(logger: logger)) }
+        if let replicaServer { services.append(UntilShutdown.replicaServer(replicaServer, logger: logger)) }
+        if let sweeper { services.append(BackgroundLoop.sweeper(sweeper, logger: logger)) }
+        if let leadership { services.append(BackgroundLoop.leadership(leadership, logger: logger)) }
+        services.append(RPCServers(servers: servers, grace: .seconds(shutdownGrace), logger: logger))
         let group = ServiceGroup(configuration: .init(
-            services: [.init(service: RPCServers(servers: servers, grace: .seconds(shutdownGrace), logger: logger))],
+            services: services.map { .init(service: $0) },
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         try await group.run()
-        replicaServer?.stop()
-        await etcd?.stop()
     }
 
     /// Says at start-up what a restart of this process costs the staged volumes' I/O.
@@ -475,6 +494,10 @@ struct RPCServers: Service {
     let logger: Logger
 
     func run() async throws {
+        try await logged("rpc-servers", logger) { try await serve() }
+    }
+
+    private func serve() async throws {
         var started: [ServedEndpoint] = []
         do {
             for served in servers {

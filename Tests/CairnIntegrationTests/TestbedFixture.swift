@@ -66,8 +66,9 @@ struct Testbed: Sendable {
     /// network and etcd only). Skips the test when not root. When `up` fails, runs `down` and
     /// throws with up's output (it ends with the failing process's log).
     /// `nodeArgs`/`controllerArgs`: extra `cairn serve` flags (kept across `restart`).
+    /// `controllers: 2` adds `controller2`, a standby waiting for the leader lease.
     static func up(nodes: Int, withCairn: Bool = true, pathRoots: [String] = [], nodeArgs: [String] = [],
-                   controllerArgs: [String] = []) throws -> Testbed {
+                   controllerArgs: [String] = [], controllers: Int = 1) throws -> Testbed {
         if getuid() != 0 {
             throw XCTSkip("the test bed makes network namespaces, mounts and loop devices: run the tests as root")
         }
@@ -81,6 +82,7 @@ struct Testbed: Sendable {
         let started = run(arguments, environment: [
             "CAIRN_TESTBED_NODE_ARGS": nodeArgs.joined(separator: " "),
             "CAIRN_TESTBED_CONTROLLER_ARGS": controllerArgs.joined(separator: " "),
+            "CAIRN_TESTBED_CONTROLLERS": controllers == 1 ? "" : String(controllers),
         ])
         guard started.status == 0 else {
             let cleanup = run(["down"])
@@ -132,7 +134,7 @@ struct Testbed: Sendable {
         return down()
     }
 
-    /// SIGKILLs the process group of `node` (`controller`, `etcd`, `n<i>-agent`, `n<i>-node`),
+    /// SIGKILLs the process group of `node` (`controller`, `controller2`, `etcd`, `n<i>-agent`, `n<i>-node`),
     /// or a whole node `n<i>` (its agent, CSI node and FUSE keeper): a crash, nothing cleaned up.
     func kill(_ node: String) throws { try command(["kill", node]) }
     /// Starts `node` again with the same flags (killing it first if it runs) and waits until it serves.
@@ -256,6 +258,8 @@ extension Testbed {
     }
 
     var controller: CSIClient { CSIClient(endpoint: controllerEndpoint) }
+    /// The standby controller of a bed brought up with `controllers: 2`.
+    var controller2: CSIClient { CSIClient(endpoint: endpoints["controller2"] ?? "unix://\(stateDir)/controller2.sock") }
     func node(_ name: String) -> CSIClient { CSIClient(endpoint: nodeEndpoint(name)) }
 
     func attachBlock(_ volumeID: String, on name: String) async throws -> Attached {

@@ -66,6 +66,9 @@ final class EtcdTestServer: @unchecked Sendable {
                              nodeLeaseTTL: nodeLeaseTTL, logger: logger)
     }
 
+    /// etcd's process id (the leadership tests SIGSTOP it to make it unreachable).
+    var pid: Int32 { process.processIdentifier }
+
     func stop() {
         if process.isRunning {
             process.terminate()
