@@ -28,7 +28,7 @@ extension ReplicatedFailoverTests {
         XCTAssertEqual(result.ioErrors, 0, result.errorText)
         XCTAssertGreaterThan(result.writes, 100, "fio must have written before and after the restart")
         XCTAssertLessThanOrEqual(try fuseMounts("n1").count, 1, "the restart must not stack a mount")
-        XCTAssertTrue(bed.logTail("n1", lines: 400).contains("resumed the volume's FUSE connection"),
+        XCTAssertTrue(bed.logTail(bed.engineProcess("n1"), lines: 400).contains("resumed the volume's FUSE connection"),
                       "the new engine resumes the kept connection")
 
         // A CO repeating NodeStage/NodePublish after the restart gets OK for a volume that serves.
@@ -85,15 +85,16 @@ extension ReplicatedFailoverTests {
         let attached = try await attach(volume, on: "n1")
         let fio = try Fio.start(file: attached.target, sizeMiB: 48, seconds: 12)
         try await Task.sleep(for: .seconds(3))
-        try bed.kill("n2")
+        // The process holding n2's replicas (the agent on a split bed).
+        try bed.kill(bed.engineProcess("n2"))
         try await Task.sleep(for: .seconds(1))
-        try bed.restart("n2")
+        try bed.restart(bed.engineProcess("n2"))
         let restarted = ContinuousClock.now
         var back: Duration?
         while ContinuousClock.now - restarted < .seconds(60) {
             let condition = try await controller.controllerGetVolume(CSI.getVolume(volume.id)).status.volumeCondition
             // Degraded first (n1's engine dropped the replica), then in sync again.
-            if !condition.abnormal, bed.logTail("n1", lines: 400).contains("resync complete") {
+            if !condition.abnormal, bed.logTail(bed.engineProcess("n1"), lines: 400).contains("resync complete") {
                 back = ContinuousClock.now - restarted
                 break
             }
@@ -103,13 +104,56 @@ extension ReplicatedFailoverTests {
         print("replica node restart under load: \(result.summary)")
         XCTAssertEqual(result.exitStatus, 0, "fio failed: \(result.errorText)")
         XCTAssertEqual(result.ioErrors, 0, result.errorText)
-        let line = bed.logTail("n1", lines: 400).split(separator: "\n").last { $0.contains("resync complete") && $0.contains("replica.node=n2") }
+        let line = bed.logTail(bed.engineProcess("n1"), lines: 400).split(separator: "\n").last { $0.contains("resync complete") && $0.contains("replica.node=n2") }
         print("replica node restart: back in sync after \(back.map { "\($0)" } ?? "never"); \(line.map(String.init) ?? "no resync line")")
         let inSync = try XCTUnwrap(back, "the restarted replica must be back in sync")
         XCTAssertLessThanOrEqual(inSync, .seconds(30))
         let copied = line.flatMap { Self.metric($0, "copied.bytes") } ?? Int64.max
         XCTAssertLessThan(copied, Int64(volume.blocks * BlockWriter.blockSize) / 2,
                           "a restart costs a delta, never a full rebuild: \(line.map(String.init) ?? "")")
+        try await detach(volume, attached)
+    }
+
+    /// A rolling upgrade: every node's Cairn processes replaced, one node at a time, by another
+    /// build (`CAIRN_UPGRADE_BIN`, scripts/test builds the release binary for it) while fio writes
+    /// through a 3-replica block volume on n1: no I/O error, and after each node the volume is
+    /// back to all replicas in sync within 30 s.
+    func testRollingUpgradeOfEveryNodeUnderLoadLosesNoIO() async throws {
+        guard let other = ProcessInfo.processInfo.environment["CAIRN_UPGRADE_BIN"], !other.isEmpty else {
+            throw XCTSkip("CAIRN_UPGRADE_BIN (another build of cairn to upgrade to) is not set; scripts/test sets it to the release build")
+        }
+        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: other), "CAIRN_UPGRADE_BIN \(other) is not executable")
+        let volume = try await createBlockVolume("rolling-upgrade")
+        let attached = try await attach(volume, on: "n1")
+        let fio = try Fio.start(file: attached.target, sizeMiB: 48, seconds: 60)
+        try await Task.sleep(for: .seconds(3))
+        var report: [String] = []
+        for node in bed.nodes {
+            let started = ContinuousClock.now
+            try bed.upgrade(node, cairn: other)
+            let upgraded = ContinuousClock.now - started
+            var back: Duration?
+            while ContinuousClock.now - started < .seconds(60) {
+                try await Task.sleep(for: .milliseconds(250))
+                if try await !controller.controllerGetVolume(CSI.getVolume(volume.id)).status.volumeCondition.abnormal {
+                    back = ContinuousClock.now - started
+                    break
+                }
+            }
+            let exe = bed.executable(of: bed.engineProcess(node)) ?? "?"
+            let resync = bed.logTail(bed.engineProcess("n1"), lines: 600).split(separator: "\n")
+                .last { $0.contains("resync complete") && $0.contains("replica.node=\(node)") }
+            report.append("\(node): upgraded in \(upgraded), all in sync after \(back.map { "\($0)" } ?? "never"), running \(exe); "
+                          + "resync: copied.bytes=\(resync.flatMap { Self.metric($0, "copied.bytes") }.map(String.init) ?? "-") "
+                          + "wire.sent=\(resync.flatMap { Self.metric($0, "wire.sent") }.map(String.init) ?? "-")")
+            let inSync = try XCTUnwrap(back, "after upgrading \(node) the volume must be back to all replicas in sync")
+            XCTAssertLessThanOrEqual(inSync, .seconds(30), "\(node)")
+            XCTAssertEqual(exe, URL(fileURLWithPath: other).resolvingSymlinksInPath().path, "\(node) runs the other build")
+        }
+        let result = try await fio.wait(seconds: 120)
+        print("rolling upgrade under load: \(result.summary)\n  " + report.joined(separator: "\n  "))
+        XCTAssertEqual(result.ioErrors, 0, result.errorText)
+        XCTAssertFalse(result.errorText.contains("verify"), result.errorText)
         try await detach(volume, attached)
     }
 

@@ -143,6 +143,24 @@ struct Testbed: Sendable {
     /// bed), not of its FUSE keeper; then the same process started again.
     func killEngineProcess(_ node: String) throws { try command(["kill", engineProcess(node)]) }
     func restartEngineProcess(_ node: String) throws { try command(["restart", engineProcess(node)]) }
+    /// The executable a bed process runs now (its `.pid` file names the process, or the leader
+    /// of the session it runs in), resolved; nil when it does not run.
+    func executable(of name: String) -> String? {
+        guard let text = try? String(contentsOfFile: "\(stateDir)/\(name).pid", encoding: .utf8),
+              let leader = Int32(text.split(separator: " ").first ?? "") else { return nil }
+        var candidates = [leader]
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+            guard let pid = Int32(entry), pid != leader else { continue }
+            if getsid(pid) == leader { candidates.append(pid) }
+        }
+        for pid in candidates {
+            if let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe"),
+               URL(fileURLWithPath: exe).lastPathComponent.hasPrefix("cairn") {
+                return exe
+            }
+        }
+        return nil
+    }
     /// Restarts node `n<i>`'s processes one at a time with `cairn` (SIGTERM, same flags).
     func upgrade(_ node: String, cairn: String) throws { try command(["upgrade", node, "--cairn", cairn]) }
     /// `node` loses etcd and the controller (both directions) but keeps the other nodes.
