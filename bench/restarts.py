@@ -25,7 +25,7 @@ def fio(device, seconds, out):
     return subprocess.Popen([
         "fio", "--name=restart", f"--filename={device}", "--size=256M", "--rw=randwrite", "--bs=4k",
         "--direct=1", "--sync=1", "--ioengine=psync", "--iodepth=1",
-        "--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1",
+        "--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1", "--verify_state_save=0",
         f"--runtime={seconds}", "--time_based", "--output-format=json", f"--output={out}",
     ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

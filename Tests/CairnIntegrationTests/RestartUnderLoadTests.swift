@@ -210,7 +210,7 @@ struct Fio {
         process.arguments = [
             "--name=restart", "--filename=\(file)", "--size=\(sizeMiB)M", "--rw=randwrite", "--bs=4k",
             "--direct=1", "--sync=1", "--ioengine=psync", "--iodepth=1", "--numjobs=1",
-            "--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1", "--do_verify=1",
+            "--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
             "--runtime=\(seconds)", "--time_based", "--output-format=json", "--output=\(output.path)",
         ]
         process.standardOutput = FileHandle.nullDevice
