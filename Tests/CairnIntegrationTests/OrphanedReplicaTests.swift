@@ -38,7 +38,7 @@ final class OrphanedReplicaTests: XCTestCase {
             }
             try await Task.sleep(for: .milliseconds(250))
         }
-        let log = try String(contentsOfFile: "\(bed.stateDir)/\(bed.engineProcess("n3")).log", encoding: .utf8)
+        let log = try String(contentsOfFile: bed.logPath(bed.engineProcess("n3")), encoding: .utf8)
         XCTAssertTrue(log.contains("orphaned replica removed") && log.contains(volumeID), "n3 does not log the removal")
     }
 
@@ -58,7 +58,7 @@ final class OrphanedReplicaTests: XCTestCase {
         XCTAssertTrue(replicaExists(volumeID, on: "n3"), "n3 removed a replica of a live volume")
         let got = try await bed.controller.controllerGetVolume(CSI.getVolume(volumeID))
         XCTAssertEqual(got.volume.volumeID, volumeID)
-        let log = try String(contentsOfFile: "\(bed.stateDir)/\(bed.engineProcess("n3")).log", encoding: .utf8)
+        let log = try String(contentsOfFile: bed.logPath(bed.engineProcess("n3")), encoding: .utf8)
         XCTAssertTrue(log.contains("kept a replica whose deletion was pending"), "n3 does not say it kept the replica")
         XCTAssertFalse(log.contains("orphaned replica removed"))
         _ = try await bed.controller.deleteVolume(CSI.delete(volumeID))

@@ -44,6 +44,34 @@ extension ReplicatedFailoverTests {
         XCTAssertEqual(try fuseMounts("n1").map(\.mountPoint), [], "NodeUnstage stops the resumed engine")
     }
 
+    /// The CSI node process SIGKILLed and restarted while fio writes through ext4 and through a
+    /// raw block volume at once (3 replicas each): it holds nothing of the data path.
+    func testCSINodeProcessKilledUnderExt4AndBlockLoadLosesNoIO() async throws {
+        try XCTSkipUnless(bed.isSplit, "the bed runs one process per node (CAIRN_TESTBED_SPLIT=0)")
+        let block = try await createBlockVolume("node-restart-block")
+        let blockAttached = try await attach(block, on: "n1")
+        let fsID = try await controller.createVolume(
+            CSI.create(name: "node-restart-ext4", access: .mount(fsType: "ext4"), required: 128 << 20,
+                       parameters: ["replicas": "3"])).volume.volumeID
+        let fsAttached = try await bed.attach(fsID, on: "n1", access: .mount(fsType: "ext4"))
+        let onBlock = try Fio.start(file: blockAttached.target, sizeMiB: 48, seconds: 12)
+        let onExt4 = try Fio.start(file: fsAttached.target + "/fio.dat", sizeMiB: 32, seconds: 12)
+        try await Task.sleep(for: .seconds(4))
+        try bed.kill("n1-node")
+        try await Task.sleep(for: .seconds(1))
+        try bed.restart("n1-node")
+        for (name, fio) in [("block", onBlock), ("ext4", onExt4)] {
+            let result = try await fio.wait(seconds: 90)
+            print("CSI node restart under \(name) load: \(result.summary)")
+            XCTAssertEqual(result.exitStatus, 0, "\(name): fio failed: \(result.errorText)")
+            XCTAssertEqual(result.ioErrors, 0, "\(name): \(result.errorText)")
+            XCTAssertGreaterThan(result.writes, 100, name)
+        }
+        try await bed.detach(fsID, fsAttached)
+        _ = try await controller.deleteVolume(CSI.delete(fsID))
+        try await detach(block, blockAttached)
+    }
+
     /// The keeper itself dies (OOM killer, an operator): the engine process starts a new one
     /// and hands it every connection, so the next restart of the engine process still loses
     /// nothing.

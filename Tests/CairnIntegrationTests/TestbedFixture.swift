@@ -57,7 +57,10 @@ struct Testbed: Sendable {
 
     /// The process that runs `node`'s engines and replica server, whose log has their messages:
     /// `n<i>-agent` on a split bed, else `n<i>`.
-    func engineProcess(_ node: String) -> String { isSplit ? node + "-agent" : node }
+    /// The bed name of the process running `node`'s engines and replica server: its agent, or on a
+    /// one-process bed the node's process alone (`nN-node`; `nN` would be the whole node, its
+    /// FUSE keeper included).
+    func engineProcess(_ node: String) -> String { isSplit ? node + "-agent" : node + "-node" }
 
     /// Every Cairn process's log name: the controller, then each node's agent (split) and node.
     var processNames: [String] { ["controller"] + nodes.flatMap { isSplit ? [$0 + "-agent", $0] : [$0] } }
@@ -146,7 +149,8 @@ struct Testbed: Sendable {
     /// The executable a bed process runs now (its `.pid` file names the process, or the leader
     /// of the session it runs in), resolved; nil when it does not run.
     func executable(of name: String) -> String? {
-        guard let text = try? String(contentsOfFile: "\(stateDir)/\(name).pid", encoding: .utf8),
+        let file = name.hasSuffix("-node") ? String(name.dropLast(5)) : name
+        guard let text = try? String(contentsOfFile: "\(stateDir)/\(file).pid", encoding: .utf8),
               let leader = Int32(text.split(separator: " ").first ?? "") else { return nil }
         var candidates = [leader]
         for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
@@ -177,9 +181,14 @@ struct Testbed: Sendable {
     func status() throws -> String { try command(["status"]) }
 
     /// The last lines of a process's log (`etcd`, `controller`, `n<i>`, `n<i>-agent`), for failure messages.
+    /// The log of a bed process (`nN-node` is the process `nN`, whose log it keeps).
+    func logPath(_ name: String) -> String {
+        "\(stateDir)/\(name.hasSuffix("-node") ? String(name.dropLast(5)) : name).log"
+    }
+
     func logTail(_ name: String, lines: Int = 40) -> String {
-        guard let text = try? String(contentsOfFile: "\(stateDir)/\(name).log", encoding: .utf8) else {
-            return "(no log at \(stateDir)/\(name).log)"
+        guard let text = try? String(contentsOfFile: logPath(name), encoding: .utf8) else {
+            return "(no log at \(logPath(name)))"
         }
         return text.split(separator: "\n", omittingEmptySubsequences: false).suffix(lines).joined(separator: "\n")
     }
