@@ -1,9 +1,12 @@
 import ArgumentParser
+import CairnCSI
 import CairnCluster
 import CairnController
 import CairnCore
 import CairnEngine
+import CairnLocal
 import CairnNode
+import CairnProcess
 import CairnReplica
 import CairnRPC
 import CairnStore
