@@ -118,6 +118,8 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("fuse-keeper-socket"), help: "The FUSE keeper's unix socket. Default: <data-dir>/fuse-keeper.sock.")
     var fuseKeeperSocket: String?
 
+    /// Validates the flags, then hands over to the role's builder (Roles/: what each role runs,
+    /// in which order it starts).
     func run() async throws {
         guard let level = Logger.Level(rawValue: logLevel) else {
             throw ValidationError("--log-level \(logLevel) is not one of trace, debug, info, notice, warning, error, critical")
