@@ -63,11 +63,25 @@ let targets: [Target] = [
     // Domain types, errors (one mapping to gRPC status), validation, the store protocol.
     .target(
         name: "CairnCore",
-        dependencies: [
-            "CSIProto", "CCairnBuildInfo",
-            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
-            .product(name: "Logging", package: "swift-log"),
-        ],
+        dependencies: ["CCairnBuildInfo", .product(name: "Logging", package: "swift-log")],
+        swiftSettings: swiftSettings
+    ),
+    // CSI semantics shared by the services: access modes and capabilities (AccessRules), Identity.
+    .target(
+        name: "CairnCSI",
+        dependencies: ["CairnCore", "CSIProto"],
+        swiftSettings: swiftSettings
+    ),
+    // External tools (losetup, mkfs, mount…) run to completion with a timeout.
+    .target(
+        name: "CairnProcess",
+        dependencies: ["CairnCore", .product(name: "Logging", package: "swift-log")],
+        swiftSettings: swiftSettings
+    ),
+    // One machine's volume backing: a sparse file per volume, snapshots and clones as copies.
+    .target(
+        name: "CairnLocal",
+        dependencies: ["CairnCore"],
         swiftSettings: swiftSettings
     ),
     // The metadata stores: embedded SQLite (WAL) through GRDB, and etcd v3 over gRPC.
@@ -93,12 +107,12 @@ let targets: [Target] = [
     ),
     .target(
         name: "CairnController",
-        dependencies: ["CairnCore", "CSIProto", .product(name: "Logging", package: "swift-log")],
+        dependencies: ["CairnCore", "CairnCSI", "CSIProto", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
     .target(
         name: "CairnNode",
-        dependencies: ["CairnCore", "CSIProto", .product(name: "Logging", package: "swift-log")],
+        dependencies: ["CairnCore", "CairnCSI", "CairnProcess", "CSIProto", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
     // The agent: serves the Mounter over proto/cairn.proto (AgentService) and its client
@@ -106,7 +120,7 @@ let targets: [Target] = [
     .target(
         name: "CairnAgent",
         dependencies: [
-            "CairnCore", "CairnNode", "CairnProto", "CairnRPC",
+            "CairnCore", "CairnCSI", "CairnNode", "CairnProto", "CairnRPC",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             .product(name: "Logging", package: "swift-log"),
         ],
@@ -146,8 +160,8 @@ let targets: [Target] = [
     .executableTarget(
         name: "cairn",
         dependencies: [
-            "CairnCore", "CairnStore", "CairnRPC", "CairnController", "CairnNode", "CairnAgent",
-            "CairnCluster", "CairnReplica", "CairnEngine",
+            "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "CairnRPC", "CairnController",
+            "CairnNode", "CairnAgent", "CairnCluster", "CairnReplica", "CairnEngine",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Logging", package: "swift-log"),
@@ -159,7 +173,7 @@ let targets: [Target] = [
     .executableTarget(
         name: "cairn-bench",
         dependencies: [
-            "CairnCore", "CairnRPC", "CSIProto",
+            "CairnCore", "CairnCSI", "CairnRPC", "CSIProto",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ],
@@ -169,12 +183,12 @@ let targets: [Target] = [
     .executableTarget(name: "cairn-nsexec", path: "Sources/cairn-nsexec"),
     .testTarget(
         name: "CairnTests",
-        dependencies: ["CairnReplica", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec"],
+        dependencies: ["CairnReplica", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec"],
         swiftSettings: swiftSettings
     ),
     .testTarget(
         name: "CairnIntegrationTests",
-        dependencies: ["CairnCore", "CairnRPC", "CSIProto", "CairnProto", "CairnReplica", "CCRC32C"],
+        dependencies: ["CairnCore", "CairnCSI", "CairnProcess", "CairnRPC", "CSIProto", "CairnProto", "CairnReplica", "CCRC32C"],
         swiftSettings: swiftSettings
     ),
 ]

@@ -1,3 +1,4 @@
+import CairnCSI
 import CairnCore
 import CairnNode
 import CairnProto

@@ -1,3 +1,4 @@
+import CairnCSI
 import CairnCore
 
 /// CreateVolume / GetCapacity parameters (StorageClass parameters, Mesos profile parameters).

@@ -1,8 +1,8 @@
 /// The node side of a volume's backing: what NodeService needs to turn an attached volume into
 /// a file it can attach as a loop device on this machine.
 ///
-/// Three implementations: `LocalFileBacking` (one machine: the volume's sparse file),
-/// `ReplicatedBacking` (cluster mode: the engine, in the process that runs it) and
+/// Three implementations: `LocalFileBacking` (module CairnLocal, one machine: the volume's
+/// sparse file), `ReplicatedBacking` (cluster mode: the engine, in the process that runs it) and
 /// `AgentBacking` (module CairnAgent: the node role of a split node, which runs no engine and
 /// asks the agent over its socket — so the CSI node process can die and restart at any moment
 /// without touching a volume's I/O). The controller side (create, delete, snapshots, replicas,

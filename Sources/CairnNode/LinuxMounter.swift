@@ -1,4 +1,6 @@
+import CairnCSI
 import CairnCore
+import CairnProcess
 import Foundation
 import Logging
 

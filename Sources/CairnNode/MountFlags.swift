@@ -1,3 +1,4 @@
+import CairnCSI
 import CairnCore
 
 /// Node-side rules for the `mount_flags` of a capability, on top of AccessRules' syntax checks.

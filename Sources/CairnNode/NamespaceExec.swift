@@ -1,4 +1,5 @@
 import CairnCore
+import CairnProcess
 import Foundation
 import Logging
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import CSIProto
+import CairnCSI
 import Foundation
 
 /// `cairn-bench csi …`: single CSI calls (or a CO's chain of them) from the command line, for

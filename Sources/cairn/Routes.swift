@@ -1,4 +1,5 @@
 import CSIProto
+import CairnCSI
 import CairnController
 import CairnCore
 import CairnNode

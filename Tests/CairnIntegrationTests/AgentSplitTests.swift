@@ -1,4 +1,5 @@
 import CSIProto
+import CairnCSI
 import CairnCore
 import CairnProto
 import CairnRPC

@@ -1,5 +1,7 @@
 import CSIProto
+import CairnCSI
 import CairnCore
+import CairnProcess
 import CairnRPC
 import Foundation
 import XCTest

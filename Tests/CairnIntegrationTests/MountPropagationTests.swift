@@ -1,5 +1,6 @@
 import CSIProto
 import CairnCore
+import CairnProcess
 import Foundation
 import XCTest
 

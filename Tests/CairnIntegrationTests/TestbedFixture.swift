@@ -1,5 +1,6 @@
 import CSIProto
 import CairnCore
+import CairnProcess
 import Foundation
 import XCTest
 
@@ -202,7 +203,7 @@ struct Testbed: Sendable {
         return result.output
     }
 
-    /// Runs the script (through CairnCore's `Command`, with a deadline: `up` waits at most 120 s
+    /// Runs the script (through CairnProcess's `Command`, with a deadline: `up` waits at most 120 s
     /// for the lock plus its start-up timeouts). Failing to run it, or a timeout, reports exit
     /// status 127 with the reason.
     static func run(_ arguments: [String], environment: [String: String] = [:]) -> (status: Int32, stdout: String, output: String) {

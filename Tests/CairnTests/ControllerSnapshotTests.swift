@@ -1,6 +1,8 @@
 import CSIProto
+import CairnCSI
 import CairnController
 import CairnCore
+import CairnLocal
 import CairnStore
 import Foundation
 import Logging

@@ -1,6 +1,9 @@
 import CSIProto
+import CairnCSI
 import CairnCore
+import CairnLocal
 import CairnNode
+import CairnProcess
 import CairnStore
 import Foundation
 import Logging

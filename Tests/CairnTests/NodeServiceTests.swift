@@ -1,5 +1,7 @@
 import CSIProto
+import CairnCSI
 import CairnCore
+import CairnLocal
 import CairnNode
 import CairnStore
 import Foundation

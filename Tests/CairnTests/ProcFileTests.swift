@@ -1,5 +1,6 @@
 import CairnCore
 import CairnNode
+import CairnProcess
 import Foundation
 import Logging
 import XCTest

@@ -1,4 +1,5 @@
 import CairnCore
+import CairnProcess
 import CairnStore
 import Foundation
 import Logging

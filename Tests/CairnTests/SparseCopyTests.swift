@@ -1,4 +1,5 @@
 import CairnCore
+import CairnLocal
 import Foundation
 import XCTest
 

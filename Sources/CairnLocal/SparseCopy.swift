@@ -1,3 +1,4 @@
+import CairnCore
 import Foundation
 
 /// Point-in-time copies of volume files for one machine's snapshots and clones.

@@ -1,4 +1,5 @@
 import CSIProto
+import CairnCore
 
 /// CSI Identity. Probe is ready as soon as the server is serving (every dependency — store,
 /// tools — is checked at start-up, before the socket is opened), unless `ready` says otherwise:

@@ -1,0 +1,15 @@
+import CairnRPC
+
+/// `--role all`: one process for one machine — Identity + Controller + Node on the CSI
+/// endpoint, and the agent socket for `cairn volume attach|detach`, sharing one NodeService.
+enum AllRole {
+    static func run(_ context: ServeContext) async throws {
+        context.warnAboutMissingTools()
+        let router = Router()
+        let node = try await context.csiNode(on: router)
+        let leadership = try context.csiController(on: router)
+        var servers = [context.csiServer(router, leadership: leadership)]
+        if let agent = try await context.agentServer(sharing: node) { servers.append(agent) }
+        try await context.serve(servers, leadership: leadership)
+    }
+}

@@ -1,0 +1,49 @@
+import CairnController
+import CairnCore
+import CairnRPC
+
+/// `--role controller`: Identity + Controller (+ GroupController) on the CSI endpoint; with
+/// etcd, Controller calls and re-replication only while this process holds the leader lease.
+enum ControllerRole {
+    static func run(_ context: ServeContext) async throws {
+        context.warnAboutMissingTools()
+        let router = Router()
+        let leadership = try context.csiController(on: router)
+        let csi = context.csiServer(router, leadership: leadership)
+        try await context.serve([csi], leadership: leadership)
+    }
+}
+
+extension ServeContext {
+    /// The CSI Controller and GroupController services on `router`; in cluster mode also the
+    /// leadership that runs re-replication (and, for `--role controller`, gates the calls).
+    func csiController(on router: Router) throws -> ControllerLeadership? {
+        let pool = try options.capacity.map(Serve.parseBytes) ?? Serve.filesystemBytes(options.dataDir)
+        let controller = ControllerService(store: store, backing: backing, capacity: CapacityPolicy(poolBytes: pool),
+                                           localNodeID: nodeID, localTopology: topology, locks: VolumeLocks(),
+                                           logger: logger,
+                                           cluster: etcd == nil ? nil : ClusterConfig(defaultReplicas: options.defaultReplicas,
+                                                                                      scopedToNode: options.listScope == .node))
+        Routes.controller(controller, on: router)
+        Routes.groupController(controller, on: router)
+        guard let etcd else { return nil }
+        // Re-replication acts on every volume: one process at a time, the lease holder.
+        // A --role controller serves Controller calls only while it holds the lease too
+        // (standbys answer UNAVAILABLE, Probe not ready); --role all serves them at once
+        // (each change is one etcd transaction) and only re-replicates as leader.
+        let repairer = ReplicaRepairer(controller: controller, timeout: .milliseconds(Int64(options.replicaTimeout * 1000)),
+                                       logger: logger)
+        let lease = ControllerLeadership(election: etcd, leaderID: nodeID, ttl: options.leaderLeaseTTL,
+                                         gatesCSI: role == .controller, logger: logger) {
+            await repairer.run()
+        }
+        if lease.gatesCSI {
+            router.precede(methodsWithPrefixes: ["/csi.v1.Controller/", "/csi.v1.GroupController/"],
+                           except: ["/csi.v1.Controller/ControllerGetCapabilities",
+                                    "/csi.v1.GroupController/GroupControllerGetCapabilities"]) {
+                try lease.requireLeading()
+            }
+        }
+        return lease
+    }
+}
