@@ -345,6 +345,9 @@ public struct NodeRecord: Codable, Sendable, Equatable {
     public var dataAddress: String?
     /// Bytes the node offers for replicas; nil when not reported.
     public var capacityBytes: Int64?
+    /// What a restart of the node's engine-running process costs its staged volumes, as that
+    /// process found at start-up (FUSE keeper, kernel resend support); nil when it runs none.
+    public var engineRestarts: String?
 
     public init(id: String, topology: [String: String], maxVolumes: Int64, registeredAt: Date = Date(),
                 dataAddress: String? = nil, capacityBytes: Int64? = nil) {

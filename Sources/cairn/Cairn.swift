@@ -165,16 +165,22 @@ struct Serve: AsyncParsableCommand {
     }
 
     /// Says at start-up what a restart of this process costs the staged volumes' I/O.
-    static func reportRestartSupport(keeper: FUSEKeeperClient, logger: Logger) {
+    /// Says at start-up what a restart of this process costs the staged volumes' I/O; returns
+    /// the same as one line for the node record (`cairn node list`).
+    @discardableResult
+    static func reportRestartSupport(keeper: FUSEKeeperClient, logger: Logger) -> String {
         let release = FUSEResume.kernelRelease()
         if keeper.mode == .off {
             logger.warning("--fuse-keeper off: a restart or upgrade of this process fails the I/O in flight on every staged volume and their loop devices must be staged again")
+            return "fail the I/O in flight (--fuse-keeper off; kernel \(release))"
         } else if !FUSEResume.kernelSupportsResend(release: release) {
             logger.warning("this kernel cannot resend FUSE requests in flight (FUSE_NOTIFY_RESEND needs Linux 6.9): after a restart of this process the kept connections are aborted instead of resumed, and staged volumes are staged anew (I/O errors for their users). Upgrade the kernel for restarts without I/O errors",
                            metadata: ["kernel": "\(release)"])
+            return "fail the I/O in flight (kernel \(release) cannot resend FUSE requests: needs 6.9)"
         } else {
             logger.info("restarts of this process keep the staged volumes' I/O: the FUSE keeper holds their connections and the kernel resends requests in flight",
                         metadata: ["kernel": "\(release)", "keeper.mode": "\(keeper.mode.rawValue)", "keeper.socket": "\(keeper.socketPath)"])
+            return "keep the I/O (FUSE keeper \(keeper.mode.rawValue), kernel \(release) resends requests in flight)"
         }
     }
 

@@ -55,7 +55,8 @@ struct NodeList: AsyncParsableCommand {
                 let node = live.first { $0.id == id }
                 let state = removed.contains(id) ? "removed" : node != nil ? "live" : "away"
                 let h = held[id] ?? (0, 0)
-                print("node \(id) \(state) data \(node?.dataAddress ?? "-") replicas \(h.inSync) in sync, \(h.outOfSync) out of sync")
+                print("node \(id) \(state) data \(node?.dataAddress ?? "-") replicas \(h.inSync) in sync, \(h.outOfSync) out of sync"
+                      + (node?.engineRestarts.map { "; restarts \($0)" } ?? ""))
             }
         } catch let error as ValidationError {
             throw error

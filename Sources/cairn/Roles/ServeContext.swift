@@ -92,7 +92,7 @@ struct ServeContext {
         let runsEngines = etcd != nil && (role == .agent || role == .all || (role == .node && options.agentSocket == "none"))
         let keeper = runsEngines ? FUSEKeeperClient(socketPath: options.fuseKeeperSocket ?? dataDir + "/fuse-keeper.sock",
                                                     mode: options.fuseKeeper, logger: logger) : nil
-        if runsEngines { Serve.reportRestartSupport(keeper: keeper!, logger: logger) }
+        let restarts = runsEngines ? Serve.reportRestartSupport(keeper: keeper!, logger: logger) : nil
         let backing: any VolumeBacking & NodeBacking = etcd == nil ? localFiles
             : try ReplicatedBacking(dataDir: dataDir, nodeID: nodeID, store: store,
                                     recovery: .init(rebuildBytesPerSecond: UInt64(options.rebuildRate * 1e6),
@@ -133,8 +133,9 @@ struct ServeContext {
             logger.warning("no --data-address: this node holds no replicas (it can still run volumes' engines)")
         }
         let nodeCapacity = try options.capacity.map(Serve.parseBytes) ?? Serve.filesystemBytes(dataDir)
-        let nodeRecord = NodeRecord(id: nodeID, topology: topology, maxVolumes: options.maxVolumes,
+        var nodeRecord = NodeRecord(id: nodeID, topology: topology, maxVolumes: options.maxVolumes,
                                     dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity)
+        nodeRecord.engineRestarts = restarts
         var sweeper: ReplicaSweeper?
         if etcd != nil, let dataAddressRecorded {
             sweeper = ReplicaSweeper(nodeID: nodeID, store: store, dataDir: dataDir,
