@@ -345,10 +345,15 @@ public struct NodeRecord: Codable, Sendable, Equatable {
     public var dataAddress: String?
     /// Bytes the node offers for replicas; nil when not reported.
     public var capacityBytes: Int64?
+    /// "host:port" of the node's ReplicaControl gRPC service (beside the replica server); nil
+    /// in a record of a node of an earlier release, whose replicas are then controlled through
+    /// the data protocol's ops.
+    public var controlAddress: String?
 
     public init(id: String, topology: [String: String], maxVolumes: Int64, registeredAt: Date = Date(),
-                dataAddress: String? = nil, capacityBytes: Int64? = nil) {
+                dataAddress: String? = nil, capacityBytes: Int64? = nil, controlAddress: String? = nil) {
         self.dataAddress = dataAddress
+        self.controlAddress = controlAddress
         self.capacityBytes = capacityBytes
         self.id = id
         self.topology = topology
