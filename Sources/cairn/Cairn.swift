@@ -85,6 +85,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("data-address"), help: "HOST:PORT where this node's replica server listens for the data protocol (--store etcd; all, agent and node roles). Other nodes' engines reach this node's replicas there.")
     var dataAddress: String?
 
+    @Option(name: .customLong("control-address"), help: "HOST:PORT of this node's ReplicaControl gRPC service (replica create, delete, snapshots, clone, grow), served beside the replica server; default: the --data-address host and its port + 1; `none`: not served (the controller then uses the data protocol's ops).")
+    var controlAddress: String?
+
     @Option(name: .customLong("default-replicas"), help: "Replicas of a volume whose CreateVolume does not name `replicas` (--store etcd).")
     var defaultReplicas: Int = 3
 
@@ -231,15 +234,18 @@ struct Serve: AsyncParsableCommand {
         } else if etcd != nil && role != .controller && !splitNode {
             logger.warning("no --data-address: this node holds no replicas (it can still run volumes' engines)")
         }
+        let control = try ReplicaControlServing(flag: controlAddress, replicaServer: replicaServer, logger: logger)
+        if let control { servers.append(control.served) }
         let nodeCapacity = try capacity.map(Self.parseBytes) ?? Self.filesystemBytes(dataDir)
         let nodeRecord = NodeRecord(id: nodeID, topology: topology, maxVolumes: maxVolumes,
-                                    dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity)
+                                    dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity,
+                                    controlAddress: control?.address)
         // Replicas the controller could not delete while this node was away (a lifecycle
         // service below, with the process that serves this node's replicas).
         var sweeper: ReplicaSweeper?
         if etcd != nil, let dataAddressRecorded {
             sweeper = ReplicaSweeper(nodeID: nodeID, store: store, dataDir: dataDir,
-                                     address: dataAddressRecorded, logger: logger)
+                                     address: dataAddressRecorded, controlAddress: control?.address, logger: logger)
         }
         if role == .agent && etcd != nil {
             // In a cluster the agent registers the node: its lease is the liveness of the
