@@ -1,8 +1,10 @@
+import CairnCluster
 import CairnCore
 import CairnProto
 import CairnReplica
 import CairnReplicaControl
 import CairnRPC
+import CairnStore
 import Foundation
 import Logging
 import Synchronization
@@ -158,6 +160,40 @@ final class ReplicaControlServiceTests: XCTestCase {
         try await client.createReplica(nothingListens, volumeID: "vol-z", sizeBytes: size)
         try await client.deleteReplica(nothingListens, volumeID: "vol-z")
         XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/replicas/vol-z"))
+    }
+
+    /// The backing takes each node's control address from its record: a node that registered
+    /// one is called over gRPC, one whose record has none (an earlier release) over the data ops.
+    func testTheBackingUsesTheControlAddressOfTheNodeRecord() async throws {
+        let store = try SQLiteStore(path: dir + "/cairn.db", logger: logger)
+        let backing = try ReplicatedBacking(dataDir: dir + "/controller", nodeID: "ctl", store: store, logger: logger)
+        let volume = { (id: String) in
+            VolumeRecord(id: id, name: id, capacityBytes: Int64(self.size), parameters: [:], fsType: "", accessModes: [7],
+                         accessibleTopology: [:], epoch: 1, replicas: [ReplicaRecord(nodeID: "n1", address: self.dataAddress)])
+        }
+        try await store.registerNode(NodeRecord(id: "n1", topology: [:], maxVolumes: 0, dataAddress: dataAddress))
+        try await backing.create(volume("vol-old"))
+        XCTAssertEqual(served.value, 0, "a record without a control address: the data op")
+
+        let node = try controlNode()
+        try await store.registerNode(NodeRecord(id: "n1", topology: [:], maxVolumes: 0, dataAddress: dataAddress,
+                                                controlAddress: node.controlAddress))
+        let recorded = try await store.node(id: "n1")
+        XCTAssertEqual(recorded?.controlAddress, node.controlAddress)
+        try await backing.create(volume("vol-new"))
+        try await backing.grow(volume: volume("vol-new"), to: 2 * Int64(size))
+        try await backing.delete(volume("vol-old"))
+        XCTAssertEqual(served.value, 3, "a record with a control address: the service")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: dir + "/replicas/vol-new/superblock"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/replicas/vol-old"))
+    }
+
+    /// A node record written by an earlier release (no `controlAddress` key) still decodes.
+    func testANodeRecordOfAnEarlierReleaseDecodes() throws {
+        let old = #"{"id":"n1","topology":{},"maxVolumes":0,"registeredAt":0,"dataAddress":"10.0.0.1:7410"}"#
+        let record = try JSONDecoder().decode(NodeRecord.self, from: Data(old.utf8))
+        XCTAssertEqual(record.dataAddress, "10.0.0.1:7410")
+        XCTAssertNil(record.controlAddress)
     }
 
     private func assertFullCycleWorks(_ node: ReplicaNode, file: StaticString = #filePath, line: UInt = #line) async throws {
