@@ -1304,7 +1304,7 @@ public nonisolated struct Cairn_Agent_V1_HoldWritesRequest: Sendable {
 
   public var epoch: UInt64 = 0
 
-  /// the hold lapses by itself after this
+  /// 1 to 600,000: the hold lapses by itself after this
   public var timeoutMs: UInt32 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()

@@ -164,7 +164,7 @@ public final class ReplicaControlClient: Sendable {
         let request = Cairn_Agent_V1_HoldWritesRequest.with {
             $0.volumeID = volumeID
             $0.epoch = epoch
-            $0.timeoutMs = UInt32(clamping: max(1, ms))
+            $0.timeoutMs = min(UInt32(clamping: max(1, ms)), HoldWritesRequest.maxTimeoutMilliseconds)
         }
         try await perform(node, "HoldWrites", request, as: Cairn_Agent_V1_HoldWritesResponse.self,
                            volumeID: volumeID, doing: "hold its writes") {

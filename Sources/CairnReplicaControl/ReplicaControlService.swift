@@ -66,8 +66,9 @@ public final class ReplicaControlService: Sendable {
             return Cairn_Agent_V1_GrowReplicaResponse()
         }
         router.register(Self.method("HoldWrites")) { (q: Cairn_Agent_V1_HoldWritesRequest, _) in
-            guard q.timeoutMs > 0 else {
-                throw CairnError.invalidArgument("a write hold needs a timeout (timeout_ms > 0): it lapses by itself so a caller that dies cannot freeze the volume")
+            let limit = HoldWritesRequest.maxTimeoutMilliseconds
+            guard q.timeoutMs > 0, q.timeoutMs <= limit else {
+                throw CairnError.invalidArgument("a write hold needs a timeout of 1 to \(limit) ms, not \(q.timeoutMs): it lapses by itself so a caller that dies cannot freeze the volume")
             }
             try await self.run { try $0.holdWrites(volume: q.volumeID, timeout: .milliseconds(Int64(q.timeoutMs)), epoch: q.epoch) }
             return Cairn_Agent_V1_HoldWritesResponse()
