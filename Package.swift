@@ -133,6 +133,17 @@ let targets: [Target] = [
         dependencies: ["CairnCore", "CCRC32C", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
+    // The ReplicaControl gRPC service (proto/cairn.proto) over the replica server, and its
+    // callers' client (falling back to the data protocol's ops for a node of the previous release).
+    .target(
+        name: "CairnReplicaControl",
+        dependencies: [
+            "CairnCore", "CairnReplica", "CairnRPC", "CairnProto",
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            .product(name: "Logging", package: "swift-log"),
+        ],
+        swiftSettings: swiftSettings
+    ),
     // CRC-32C with the CPU's instruction; optimised in every configuration (tests checksum
     // every block they write and read).
     .target(
@@ -154,14 +165,14 @@ let targets: [Target] = [
     // Cluster mode's volume backing: replicas placed on nodes, an engine per staged volume.
     .target(
         name: "CairnCluster",
-        dependencies: ["CairnCore", "CairnReplica", "CairnEngine", .product(name: "Logging", package: "swift-log")],
+        dependencies: ["CairnCore", "CairnReplica", "CairnReplicaControl", "CairnEngine", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
     .executableTarget(
         name: "cairn",
         dependencies: [
             "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "CairnRPC", "CairnController",
-            "CairnNode", "CairnAgent", "CairnCluster", "CairnReplica", "CairnEngine",
+            "CairnNode", "CairnAgent", "CairnCluster", "CairnReplica", "CairnReplicaControl", "CairnEngine",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Logging", package: "swift-log"),
@@ -183,7 +194,7 @@ let targets: [Target] = [
     .executableTarget(name: "cairn-nsexec", path: "Sources/cairn-nsexec"),
     .testTarget(
         name: "CairnTests",
-        dependencies: ["CairnReplica", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec"],
+        dependencies: ["CairnReplica", "CairnReplicaControl", "CairnProto", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec"],
         swiftSettings: swiftSettings
     ),
     .testTarget(

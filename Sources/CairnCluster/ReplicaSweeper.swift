@@ -1,5 +1,6 @@
 import CairnCore
 import CairnReplica
+import CairnReplicaControl
 import Foundation
 import Logging
 
@@ -11,21 +12,23 @@ import Logging
 /// Safety: a replica the store lists as part of a live volume is never deleted — its pending
 /// deletion is dropped instead (the volume exists again with this replica, or a re-replication
 /// was recorded but never committed). The deletion goes through this node's own replica server
-/// (the data protocol's idempotent `delete`), so it cannot race an open replica there.
+/// (ReplicaControl's idempotent DeleteReplica), so it cannot race an open replica there.
 public final class ReplicaSweeper: Sendable {
     let nodeID: String
     let store: any MetadataStore
-    /// This node's replica server, as this process reaches it.
-    let address: String
+    /// This node's replica server and control service, as this process reaches them.
+    let node: ReplicaNode
+    let control: ReplicaControlClient
     let replicasDirectory: String
     let interval: Duration
     let logger: Logger
 
-    public init(nodeID: String, store: any MetadataStore, dataDir: String, address: String,
+    public init(nodeID: String, store: any MetadataStore, dataDir: String, address: String, controlAddress: String? = nil,
                 interval: Duration = .seconds(30), logger: Logger) {
         self.nodeID = nodeID
         self.store = store
-        self.address = address
+        self.node = ReplicaNode(nodeID: nodeID, dataAddress: address, controlAddress: controlAddress)
+        self.control = ReplicaControlClient(logger: logger)
         self.replicasDirectory = dataDir + "/replicas"
         self.interval = interval
         var logger = logger
@@ -82,13 +85,7 @@ public final class ReplicaSweeper: Sendable {
             return .kept(volumeID: volumeID)
         }
         let existed = FileManager.default.fileExists(atPath: "\(replicasDirectory)/\(volumeID)")
-        let address = self.address
-        try await ReplicatedBacking.blocking {
-            let client = try ReplicatedBacking.connect(address, volumeID: volumeID, nodeID: self.nodeID,
-                                                       doing: "delete an orphaned replica")
-            defer { client.close() }
-            try client.delete(volumeID: volumeID)
-        }
+        try await control.deleteReplica(node, volumeID: volumeID)
         // Conditional on the record read: a newer recording (the controller met this node away
         // again meanwhile) stays for the next pass, which finds the replica gone.
         try await store.removeReplicaDeletion(nodeID: nodeID, volumeID: volumeID, token: pending.token)

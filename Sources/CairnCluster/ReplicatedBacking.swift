@@ -1,6 +1,7 @@
 import CairnCore
 import CairnEngine
 import CairnReplica
+import CairnReplicaControl
 import Dispatch
 import Foundation
 import Logging
@@ -10,7 +11,8 @@ import Synchronization
 /// controller, recorded in the volume's record), and the node that stages it runs a
 /// `VolumeEngine` that exposes the volume through FUSE as `<data-dir>/engines/<id>/volume`.
 ///
-/// Controller side: `create`/`delete` reach every replica's node over the data protocol.
+/// Controller side: `create`/`delete` reach every replica's node through its ReplicaControl
+/// service (the data protocol's ops for a node of the previous release: `ReplicaControlClient`).
 /// Node side: `activate` starts the engine with the attachment's epoch (claiming the in-sync
 /// replicas fences every older holder), `deactivate` stops it. The engine's only way to drop a
 /// failed replica is `markReplicaOutOfSync` in the store, conditional on the epoch: if that
@@ -29,6 +31,8 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
     /// This node's resync bandwidth limit, shared by every engine here.
     let throttle: ResyncThrottle
     let options: RecoveryOptions
+    /// The control operations on other nodes' replicas (create, delete, snapshots, clone, grow).
+    let control: ReplicaControlClient
 
     /// How the node's engines recover replicas (docs/recovery.md).
     public struct RecoveryOptions: Sendable {
@@ -55,6 +59,7 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
         self.options = recovery
         self.throttle = ResyncThrottle(bytesPerSecond: recovery.rebuildBytesPerSecond)
         engines = EngineRegistry(logger: logger, keeper: keeper)
+        control = ReplicaControlClient(logger: logger)
         try FileManager.default.createDirectory(atPath: enginesDirectory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
     }
@@ -86,16 +91,26 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
     }
 
     public func createReplica(_ volume: VolumeRecord, replica: ReplicaRecord) async throws {
-        try await Self.blocking {
-            let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "create its replica")
-            defer { client.close() }
-            do {
-                try client.create(volumeID: volume.id, sizeBytes: UInt64(volume.capacityBytes))
-            } catch {
-                throw CairnError.unavailable(
-                    "could not create volume \(volume.id)'s replica on node \(replica.nodeID) (\(replica.address)): \(error); check that node's agent log, or retry")
-            }
+        let node = await replicaNode(replica)
+        do {
+            try await control.createReplica(node, volumeID: volume.id, sizeBytes: UInt64(volume.capacityBytes))
+        } catch let error as CairnError where error.code == .unavailable {
+            throw error  // already says which node could not be reached
+        } catch {
+            throw CairnError.unavailable(
+                "could not create volume \(volume.id)'s replica on node \(replica.nodeID) (\(replica.address)): \(error); check that node's agent log, or retry")
         }
+    }
+
+    /// How `replica`'s node is reached: its data address as placed, and the control address
+    /// its record names (none when the record cannot be read: the data protocol then).
+    func replicaNode(_ replica: ReplicaRecord) async -> ReplicaNode {
+        await replicaNode(replica.nodeID, dataAddress: replica.address)
+    }
+
+    func replicaNode(_ nodeID: String, dataAddress: String) async -> ReplicaNode {
+        let record = try? await store.node(id: nodeID)
+        return ReplicaNode(nodeID: nodeID, dataAddress: dataAddress, controlAddress: record?.controlAddress)
     }
 
     /// Deletes the replica on its node; when the node cannot be asked (it is away), records the
@@ -108,11 +123,7 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
 
     func deleteReplica(_ volume: VolumeRecord, replica: ReplicaRecord, reason: String) async throws {
         do {
-            try await Self.blocking {
-                let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "delete its replica")
-                defer { client.close() }
-                try client.delete(volumeID: volume.id)
-            }
+            try await control.deleteReplica(await replicaNode(replica), volumeID: volume.id)
         } catch {
             let pending = ReplicaDeletion(nodeID: replica.nodeID, volumeID: volume.id, reason: reason)
             do {

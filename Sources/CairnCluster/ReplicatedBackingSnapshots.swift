@@ -1,11 +1,13 @@
 import CairnCore
 import CairnEngine
 import CairnReplica
+import CairnReplicaControl
 import Foundation
 import Logging
 
 // Snapshots, clones, growth and QoS of replicated volumes (issue 7): what the controller and
-// the node service call. Every replica is reached over the data protocol; a snapshot of an
+// the node service call. Every replica is reached through its node's ReplicaControl service
+// (the data protocol's ops for a node of the previous release); a snapshot of an
 // attached volume goes to the node running its engine (the write barrier), an unattached one
 // (no writer) is taken on each in-sync replica directly.
 
@@ -59,19 +61,16 @@ extension ReplicatedBacking {
         }
         let epoch = volume.epoch.rawValue
         if let attachedNode {
-            let address = try await dataAddress(of: attachedNode, for: volume)
-            let taken: [String]? = try await Self.blocking {
-                let client = try Self.connect(address, volumeID: volume.id, nodeID: attachedNode, doing: "take snapshot \(snapshotID)")
-                defer { client.close() }
-                do {
-                    return try client.barrierSnapshot(volumeID: volume.id, snapshotID: snapshotID, epoch: epoch)
-                } catch ReplicaClientError.remote(.notFound, _) {
-                    return nil  // published but not staged yet: no engine, no writer
-                } catch ReplicaClientError.remote(.staleEpoch, let message) {
-                    throw CairnError.aborted("volume \(volume.id)'s attachment moved on while snapshotting (\(message)); retry")
-                } catch {
-                    throw CairnError.unavailable("snapshot \(snapshotID) of volume \(volume.id) through node \(attachedNode) failed: \(error); retry")
-                }
+            let node = try await engineNode(attachedNode, for: volume)
+            let taken: [String]?
+            do {
+                taken = try await control.barrierSnapshot(node, volumeID: volume.id, snapshotID: snapshotID, epoch: epoch)
+            } catch let error as CairnError where error.code == .notFound {
+                taken = nil  // published but not staged yet: no engine, no writer
+            } catch let error as CairnError where error.code == .failedPrecondition {
+                throw CairnError.aborted("volume \(volume.id)'s attachment moved on while snapshotting (\(error.message)); retry")
+            } catch {
+                throw CairnError.unavailable("snapshot \(snapshotID) of volume \(volume.id) through node \(attachedNode) failed: \(error); retry")
             }
             if let taken { return taken }
             // Published there but not staged yet. Each replica is claimed with the
@@ -85,12 +84,15 @@ extension ReplicatedBacking {
         var failures: [String] = []
         for replica in replicas where replica.inSync {
             do {
-                try await Self.blocking {
-                    let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "take snapshot \(snapshotID)")
-                    defer { client.close() }
-                    if claimFirst { _ = try client.claim(volumeID: volume.id, epoch: epoch) }
-                    try client.snapshot(volumeID: volume.id, snapshotID: snapshotID, epoch: epoch)
+                if claimFirst {
+                    // Claiming is the data protocol's (the engine's own first step).
+                    try await Self.blocking {
+                        let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "take snapshot \(snapshotID)")
+                        defer { client.close() }
+                        _ = try client.claim(volumeID: volume.id, epoch: epoch)
+                    }
                 }
+                try await control.snapshot(await replicaNode(replica), volumeID: volume.id, snapshotID: snapshotID, epoch: epoch)
                 took.append(replica.nodeID)
             } catch {
                 failures.append("\(replica.nodeID): \(error)")
@@ -104,12 +106,15 @@ extension ReplicatedBacking {
         return took
     }
 
-    /// The replica server address of `node`, which runs `volume`'s engine: its replica's, or the
-    /// one it registered (an attached node need not hold a replica).
-    func dataAddress(of node: String, for volume: VolumeRecord) async throws -> String {
-        if let replica = volume.replicas?.first(where: { $0.nodeID == node }) { return replica.address }
-        if let record = try await store.node(id: node), let data = record.dataAddress { return data }
-        throw CairnError.unavailable("volume \(volume.id) is attached to node \(node), whose replica server address is unknown (the node has not registered one); retry once it has")
+    /// How to reach `node`, which runs `volume`'s engine: its replica's data address, or the
+    /// one it registered (an attached node need not hold a replica), and its control address.
+    func engineNode(_ node: String, for volume: VolumeRecord) async throws -> ReplicaNode {
+        let record = try await store.node(id: node)
+        let data = volume.replicas?.first(where: { $0.nodeID == node })?.address ?? record?.dataAddress
+        guard let data else {
+            throw CairnError.unavailable("volume \(volume.id) is attached to node \(node), whose replica server address is unknown (the node has not registered one); retry once it has")
+        }
+        return ReplicaNode(nodeID: node, dataAddress: data, controlAddress: record?.controlAddress)
     }
 
     /// Takes every member's snapshot at one barrier: holds the writes of each attached member's
@@ -123,43 +128,38 @@ extension ReplicatedBacking {
             throw CairnError.invalidArgument("a group snapshot names a volume twice")
         }
         for member in members { try Validate.volumeID(member.snapshot.id, field: "snapshot id") }
-        // One connection per attached member, open from its hold to its release.
-        var held: [(client: ReplicaClient, member: GroupSnapshotMember)] = []
+        // The attached members whose writes are held, and the node holding them.
+        var held: [(node: ReplicaNode, member: GroupSnapshotMember)] = []
         func releaseAll() async {
-            for (client, member) in held {
+            for (node, member) in held {
                 let epoch = member.volume.epoch.rawValue
                 do {
-                    try await Self.blocking { try client.releaseWrites(volumeID: member.volume.id, epoch: epoch) }
+                    try await control.releaseWrites(node, volumeID: member.volume.id, epoch: epoch)
                 } catch {
                     logger.warning("could not release a group snapshot's write hold; it lapses by itself at its timeout",
                                    metadata: ["volume.id": "\(member.volume.id)", "node.id": "\(member.use.attachedNode ?? "")",
                                               "hold.timeout": "\(holdTimeout)", "error": "\(error)"])
                 }
-                client.close()
             }
             held = []
         }
         do {
             for member in members {
-                guard let node = member.use.attachedNode else { continue }
-                let address = try await dataAddress(of: node, for: member.volume)
+                guard let attached = member.use.attachedNode else { continue }
+                let node = try await engineNode(attached, for: member.volume)
                 let volumeID = member.volume.id, epoch = member.volume.epoch.rawValue
-                let client = try Self.connect(address, volumeID: volumeID, nodeID: node, doing: "hold its writes for a group snapshot")
                 do {
-                    try await Self.blocking { try client.holdWrites(volumeID: volumeID, timeout: holdTimeout, epoch: epoch) }
+                    try await control.holdWrites(node, volumeID: volumeID, hold: holdTimeout, epoch: epoch)
                 } catch {
-                    client.close()
-                    throw CairnError.unavailable("could not hold the writes of volume \(volumeID) on node \(node) for a group snapshot: \(error); retry")
+                    throw CairnError.unavailable("could not hold the writes of volume \(volumeID) on node \(attached) for a group snapshot: \(error); retry")
                 }
-                held.append((client, member))
+                held.append((node, member))
             }
             var nodes: [String: [String]] = [:]
             for member in members {
                 let volumeID = member.volume.id, epoch = member.volume.epoch.rawValue, id = member.snapshot.id
-                if let client = held.first(where: { $0.member.volume.id == volumeID })?.client {
-                    nodes[volumeID] = try await Self.blocking {
-                        try client.barrierSnapshot(volumeID: volumeID, snapshotID: id, epoch: epoch)
-                    }
+                if let node = held.first(where: { $0.member.volume.id == volumeID })?.node {
+                    nodes[volumeID] = try await control.barrierSnapshot(node, volumeID: volumeID, snapshotID: id, epoch: epoch)
                 } else {
                     nodes[volumeID] = try await snapshot(volume: member.volume, snapshotID: id, attachedNode: nil)
                 }
@@ -181,12 +181,8 @@ extension ReplicatedBacking {
         let epoch = volume.epoch.rawValue
         for replica in volume.replicas ?? [] {
             do {
-                try await Self.blocking {
-                    let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "delete snapshot \(snapshotID)")
-                    defer { client.close() }
-                    try client.deleteSnapshot(volumeID: volume.id, snapshotID: snapshotID, epoch: epoch)
-                }
-            } catch ReplicaClientError.remote(.notFound, _) {
+                try await control.deleteSnapshot(await replicaNode(replica), volumeID: volume.id, snapshotID: snapshotID, epoch: epoch)
+            } catch let error as CairnError where error.code == .notFound {
                 continue  // no replica there any more: nothing holds the snapshot
             } catch {
                 logger.warning("could not delete the snapshot on a replica; it keeps the snapshot's layer until the snapshot is deleted again there (the same DeleteSnapshot, once the node is back) or the replica is deleted",
@@ -211,19 +207,15 @@ extension ReplicatedBacking {
         try await withThrowingTaskGroup(of: Void.self) { group in
             for replica in replicas {
                 group.addTask {
-                    try await Self.blocking {
-                        let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "clone snapshot \(snapshotID)")
-                        defer { client.close() }
-                        do {
-                            try client.clone(volumeID: volume.id, sourceVolumeID: source.id, snapshotID: snapshotID,
-                                             sizeBytes: UInt64(volume.capacityBytes))
-                        } catch ReplicaClientError.remote(.notFound, let message) {
-                            throw CairnError.notFound("node \(replica.nodeID) has no snapshot \(snapshotID) of volume \(source.id) to clone (\(message))")
-                        } catch ReplicaClientError.remote(.badRequest, let message) {
-                            throw CairnError.invalidArgument("cannot clone snapshot \(snapshotID) into volume \(volume.id) on node \(replica.nodeID): \(message)")
-                        } catch {
-                            throw CairnError.unavailable("could not clone snapshot \(snapshotID) into volume \(volume.id) on node \(replica.nodeID): \(error); retry")
-                        }
+                    do {
+                        try await self.control.cloneReplica(await self.replicaNode(replica), volumeID: volume.id, sourceVolumeID: source.id,
+                                                            snapshotID: snapshotID, sizeBytes: UInt64(volume.capacityBytes))
+                    } catch let error as CairnError where error.code == .notFound {
+                        throw CairnError.notFound("node \(replica.nodeID) has no snapshot \(snapshotID) of volume \(source.id) to clone (\(error.message))")
+                    } catch let error as CairnError where error.code == .invalidArgument || error.code == .alreadyExists {
+                        throw CairnError.invalidArgument("cannot clone snapshot \(snapshotID) into volume \(volume.id) on node \(replica.nodeID): \(error.message)")
+                    } catch {
+                        throw CairnError.unavailable("could not clone snapshot \(snapshotID) into volume \(volume.id) on node \(replica.nodeID): \(error); retry")
                     }
                 }
             }
@@ -246,16 +238,12 @@ extension ReplicatedBacking {
         let epoch = volume.epoch.rawValue
         for replica in volume.replicas ?? [] {
             do {
-                try await Self.blocking {
-                    let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "grow its replica")
-                    defer { client.close() }
-                    try client.grow(volumeID: volume.id, sizeBytes: UInt64(sizeBytes), epoch: epoch)
-                }
+                try await control.growReplica(await replicaNode(replica), volumeID: volume.id, sizeBytes: UInt64(sizeBytes), epoch: epoch)
             } catch where !replica.inSync {
                 logger.warning("an out-of-sync replica could not grow now; its resync grows it", metadata: [
                     "volume.id": "\(volume.id)", "node.id": "\(replica.nodeID)", "error": "\(error)"])
-            } catch ReplicaClientError.remote(.badRequest, let message) {
-                throw CairnError.invalidArgument("cannot grow volume \(volume.id) to \(sizeBytes) bytes on node \(replica.nodeID): \(message)")
+            } catch let error as CairnError where error.code == .invalidArgument {
+                throw CairnError.invalidArgument("cannot grow volume \(volume.id) to \(sizeBytes) bytes on node \(replica.nodeID): \(error.message)")
             } catch {
                 throw CairnError.unavailable("could not grow volume \(volume.id)'s replica on node \(replica.nodeID): \(error); retry")
             }

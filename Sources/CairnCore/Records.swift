@@ -348,10 +348,15 @@ public struct NodeRecord: Codable, Sendable, Equatable {
     /// What a restart of the node's engine-running process costs its staged volumes, as that
     /// process found at start-up (FUSE keeper, kernel resend support); nil when it runs none.
     public var engineRestarts: String?
+    /// "host:port" of the node's ReplicaControl gRPC service (beside the replica server); nil
+    /// in a record of a node of an earlier release, whose replicas are then controlled through
+    /// the data protocol's ops.
+    public var controlAddress: String?
 
     public init(id: String, topology: [String: String], maxVolumes: Int64, registeredAt: Date = Date(),
-                dataAddress: String? = nil, capacityBytes: Int64? = nil) {
+                dataAddress: String? = nil, capacityBytes: Int64? = nil, controlAddress: String? = nil) {
         self.dataAddress = dataAddress
+        self.controlAddress = controlAddress
         self.capacityBytes = capacityBytes
         self.id = id
         self.topology = topology

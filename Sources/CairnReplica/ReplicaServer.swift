@@ -338,11 +338,11 @@ public final class ReplicaServer: Sendable {
             throw ReplicaError.badRequest("hello is only valid as the first frame")
         },
         handler(DataOp.Create.self) { server, m, _ in
-            try server.create(volume: m.volume, size: m.size)
+            try server.createReplica(volume: m.volume, size: m.size)
             return PlainResponse(status: .ok)
         },
         handler(DataOp.Delete.self) { server, m, c in
-            try server.delete(volume: m.volume, epoch: c.epoch)
+            try server.deleteReplica(volume: m.volume, epoch: c.epoch)
             return PlainResponse(status: .ok)
         },
         handler(DataOp.Claim.self) { server, m, c in
@@ -393,42 +393,33 @@ public final class ReplicaServer: Sendable {
         },
         handler(DataOp.Snapshot.self) { server, m, c in
             if m.barrier {
-                guard let hooks = server.engineHooks,
-                      let nodes = try hooks.snapshot(volume: m.volume, snapshotID: m.snapshotID, epoch: c.epoch) else {
-                    throw ReplicaServer.noEngine(m.volume)
-                }
+                let nodes = try server.barrierSnapshot(volume: m.volume, snapshotID: m.snapshotID, epoch: c.epoch)
                 return SnapshotResponse(status: .ok, nodes: nodes, barrier: true)
             }
-            let snap = try server.store(m.volume).snapshot(id: m.snapshotID, epoch: c.epoch)
+            let snap = try server.snapshotReplica(volume: m.volume, snapshotID: m.snapshotID, epoch: c.epoch)
             return SnapshotResponse(status: .ok, size: snap.size, generation: snap.generation)
         },
         handler(DataOp.DeleteSnapshot.self) { server, m, c in
-            try server.store(m.volume).deleteSnapshot(id: m.snapshotID, epoch: c.epoch)
+            try server.deleteSnapshot(volume: m.volume, snapshotID: m.snapshotID, epoch: c.epoch)
             return PlainResponse(status: .ok)
         },
         handler(DataOp.ListSnapshots.self) { server, m, c in
-            let list = try server.store(m.volume).snapshots(epoch: c.epoch)
-            return ListSnapshotsResponse(status: .ok, snapshots: list.map { SnapshotEntry(id: $0.id, size: $0.size, generation: $0.generation) })
+            ListSnapshotsResponse(status: .ok, snapshots: try server.listSnapshots(volume: m.volume, epoch: c.epoch))
         },
         handler(DataOp.Clone.self) { server, m, _ in
-            try server.clone(volume: m.volume, source: m.source, snapshotID: m.snapshotID, size: m.size)
+            try server.cloneReplica(volume: m.volume, source: m.source, snapshotID: m.snapshotID, size: m.size)
             return PlainResponse(status: .ok)
         },
         handler(DataOp.Grow.self) { server, m, c in
-            try server.store(m.volume).grow(to: m.size, epoch: c.epoch)
+            try server.growReplica(volume: m.volume, size: m.size, epoch: c.epoch)
             return PlainResponse(status: .ok)
         },
         handler(DataOp.HoldWrites.self) { server, m, c in
-            guard let hooks = server.engineHooks,
-                  try hooks.holdWrites(volume: m.volume, timeout: .milliseconds(Int(m.timeoutMilliseconds)), epoch: c.epoch) else {
-                throw ReplicaServer.noEngine(m.volume)
-            }
+            try server.holdWrites(volume: m.volume, timeout: .milliseconds(Int(m.timeoutMilliseconds)), epoch: c.epoch)
             return PlainResponse(status: .ok)
         },
         handler(DataOp.ReleaseWrites.self) { server, m, c in
-            guard let hooks = server.engineHooks, try hooks.releaseWrites(volume: m.volume, epoch: c.epoch) else {
-                throw ReplicaServer.noEngine(m.volume)
-            }
+            try server.releaseWrites(volume: m.volume, epoch: c.epoch)
             return PlainResponse(status: .ok)
         },
         handler(DataOp.Trim.self) { server, m, c in try server.trim(m, context: c) },
@@ -573,8 +564,54 @@ public final class ReplicaServer: Sendable {
         }
     }
 
+    // MARK: control operations (the data ops' and the ReplicaControl service's one body each)
+
+    /// Takes snapshot `snapshotID` of this node's replica of `volume` (idempotent by id).
+    public func snapshotReplica(volume: String, snapshotID: String, epoch: UInt64) throws -> ReplicaSnapshot {
+        try store(volume).snapshot(id: snapshotID, epoch: epoch)
+    }
+
+    /// Takes snapshot `snapshotID` through the engine running `volume` here (its write barrier
+    /// over every in-sync replica); the node ids holding it. `notFound` when no engine runs it.
+    public func barrierSnapshot(volume: String, snapshotID: String, epoch: UInt64) throws -> [String] {
+        guard let hooks = engineHooks, let nodes = try hooks.snapshot(volume: volume, snapshotID: snapshotID, epoch: epoch) else {
+            throw Self.noEngine(volume)
+        }
+        return nodes
+    }
+
+    /// Deletes snapshot `snapshotID` of this node's replica of `volume` (a missing one is fine).
+    public func deleteSnapshot(volume: String, snapshotID: String, epoch: UInt64) throws {
+        try store(volume).deleteSnapshot(id: snapshotID, epoch: epoch)
+    }
+
+    /// The snapshots this node's replica of `volume` holds.
+    public func listSnapshots(volume: String, epoch: UInt64) throws -> [SnapshotEntry] {
+        try store(volume).snapshots(epoch: epoch).map { SnapshotEntry(id: $0.id, size: $0.size, generation: $0.generation) }
+    }
+
+    /// Grows this node's replica of `volume` to `size` bytes (a replica already that large is fine).
+    public func growReplica(volume: String, size: UInt64, epoch: UInt64) throws {
+        try store(volume).grow(to: size, epoch: epoch)
+    }
+
+    /// Holds the writes of the engine running `volume` here for at most `timeout`; `notFound`
+    /// when no engine runs it.
+    public func holdWrites(volume: String, timeout: Duration, epoch: UInt64) throws {
+        guard let hooks = engineHooks, try hooks.holdWrites(volume: volume, timeout: timeout, epoch: epoch) else {
+            throw Self.noEngine(volume)
+        }
+    }
+
+    /// Releases that hold; `notFound` when no engine runs `volume` here.
+    public func releaseWrites(volume: String, epoch: UInt64) throws {
+        guard let hooks = engineHooks, try hooks.releaseWrites(volume: volume, epoch: epoch) else {
+            throw Self.noEngine(volume)
+        }
+    }
+
     /// Creates the replica, or accepts an existing one of the same size.
-    private func create(volume: String, size: UInt64) throws {
+    public func createReplica(volume: String, size: UInt64) throws {
         try make(volume: volume, size: size, what: "re-create it") { [logger] dir in
             try ReplicaStore.create(directory: dir, volumeID: volume, size: size, logger: logger)
         }
@@ -582,7 +619,7 @@ public final class ReplicaServer: Sendable {
 
     /// Creates replica `volume` from snapshot `snapshotID` of this node's replica of `source`, or
     /// accepts an existing one of the same size (a repeated clone).
-    private func clone(volume: String, source: String, snapshotID: String, size: UInt64) throws {
+    public func cloneReplica(volume: String, source: String, snapshotID: String, size: UInt64) throws {
         guard volume != source else { throw ReplicaError.badRequest("a clone needs a new volume id, not its source's (\(source))") }
         let sourceStore = try store(source)
         try make(volume: volume, size: size, what: "clone again") { [logger] dir in
@@ -603,7 +640,7 @@ public final class ReplicaServer: Sendable {
             if let store {
                 let existing = store.status.size
                 guard existing == size else {
-                    throw ReplicaError.badRequest("the replica of volume \(volume) exists with size \(existing), not \(size); delete it first to \(what)")
+                    throw ReplicaError.alreadyExists("the replica of volume \(volume) exists with size \(existing), not \(size); delete it first to \(what)")
                 }
                 logger.debug("replica already exists", metadata: ["volume.id": "\(volume)", "replica.size": "\(size)"])
                 return
@@ -614,7 +651,7 @@ public final class ReplicaServer: Sendable {
 
     /// Closes and removes the replica; a missing one is fine. A sender with an epoch older than
     /// the replica's is refused (a fenced writer cannot delete the volume either).
-    private func delete(volume: String, epoch: UInt64) throws {
+    public func deleteReplica(volume: String, epoch: UInt64) throws {
         let dir = try directory(volume)
         let trashDir = dataDir + "/replicas-trash"
         let trash = trashDir + "/" + volume

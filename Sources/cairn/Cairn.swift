@@ -85,6 +85,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("data-address"), help: "HOST:PORT where this node's replica server listens for the data protocol (--store etcd; all, agent and node roles). Other nodes' engines reach this node's replicas there.")
     var dataAddress: String?
 
+    @Option(name: .customLong("control-address"), help: "HOST:PORT of this node's ReplicaControl gRPC service (replica create, delete, snapshots, clone, grow), served beside the replica server; default: the --data-address host and its port + 1; `none`: not served (the controller then uses the data protocol's ops).")
+    var controlAddress: String?
+
     @Option(name: .customLong("default-replicas"), help: "Replicas of a volume whose CreateVolume does not name `replicas` (--store etcd).")
     var defaultReplicas: Int = 3
 

@@ -49,6 +49,8 @@ struct ServeContext {
     let linux: LinuxMounter?
     /// The replica server: this node's share of every replicated volume's data.
     let replicaServer: ReplicaServer?
+    /// The ReplicaControl service beside the replica server (`--control-address`), if served.
+    let control: ReplicaControlServing?
     let nodeRecord: NodeRecord
     /// Replicas the controller could not delete while this node was away (a lifecycle
     /// service, with the process that serves this node's replicas).
@@ -133,18 +135,20 @@ struct ServeContext {
             logger.warning("no --data-address: this node holds no replicas (it can still run volumes' engines)")
         }
         let nodeCapacity = try options.capacity.map(Serve.parseBytes) ?? Serve.filesystemBytes(dataDir)
+        let control = try ReplicaControlServing(flag: options.controlAddress, replicaServer: replicaServer, logger: logger)
         var nodeRecord = NodeRecord(id: nodeID, topology: topology, maxVolumes: options.maxVolumes,
-                                    dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity)
+                                    dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity,
+                                    controlAddress: control?.address)
         nodeRecord.engineRestarts = restarts
         var sweeper: ReplicaSweeper?
         if etcd != nil, let dataAddressRecorded {
             sweeper = ReplicaSweeper(nodeID: nodeID, store: store, dataDir: dataDir,
-                                     address: dataAddressRecorded, logger: logger)
+                                     address: dataAddressRecorded, controlAddress: control?.address, logger: logger)
         }
         return ServeContext(options: options, logger: logger, endpoint: endpoint, nodeID: nodeID, topology: topology,
                             roots: roots, agentEndpoint: agentEndpoint, etcd: etcd, store: store, localFiles: localFiles,
                             backing: backing, runsEngines: runsEngines, inProcessAgent: inProcessAgent,
-                            splitNode: splitNode, linux: linux, replicaServer: replicaServer, nodeRecord: nodeRecord,
+                            splitNode: splitNode, linux: linux, replicaServer: replicaServer, control: control, nodeRecord: nodeRecord,
                             sweeper: sweeper)
     }
 
@@ -172,7 +176,9 @@ struct ServeContext {
     }
 
     /// Runs `servers` and the background services in one ServiceGroup until SIGTERM/SIGINT.
-    func serve(_ servers: [ServedEndpoint], leadership: ControllerLeadership?) async throws {
+    func serve(_ roleServers: [ServedEndpoint], leadership: ControllerLeadership?) async throws {
+        // The ReplicaControl service goes with the replica server, whichever role serves it.
+        let servers = roleServers + (control.map { [$0.served] } ?? [])
         logger.info("cairn starting", metadata: [
             "role": "\(role)", "endpoints": "\(servers.map { "\($0.name)=\($0.endpoint)" }.joined(separator: ","))",
             "data_dir": "\(options.dataDir)", "version": "\(CairnVersion.version)",
