@@ -265,9 +265,14 @@ def markdown(data, out):
                 lines.append(f"| {titles.get(r['kind'], r['kind'])} (`{r['process']}`) | – | – | – | **I/O hung** | – | – |")
                 continue
             stall = r.get("longest_write_s")
+            failed = r.get("io_errors", 0) != 0 or r.get("fio_exit", 0) != 0
+            if failed:
+                stall_cell = "**I/O failed** (no stall: the writer got errors)"
+            else:
+                stall_cell = f"**{fmt(stall, 3)} s**" + (" (≤ 2 s: met)" if stall is not None and stall <= 2 else " (≤ 2 s: **not met**)")
             lines.append(
                 f"| {titles.get(r['kind'], r['kind'])} (`{r['process']}`) | {r.get('writes', '–')} | {r.get('io_errors', '–')}"
-                f" | {r.get('fio_exit', '–')} | **{fmt(stall, 3)} s**{' (≤ 2 s: met)' if stall is not None and stall <= 2 else ' (≤ 2 s: **not met**)' if stall is not None else ''}"
+                f" | {r.get('fio_exit', '–')} | {stall_cell}"
                 f" | {fmt(r.get('p99_write_ms'), 1)} ms | {fmt(r.get('in_sync_after_s'), 1) + ' s' if r.get('in_sync_after_s') is not None else '–'} |")
         lines.append("")
     pv = data.get("rss_per_volume")
