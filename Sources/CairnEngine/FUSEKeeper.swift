@@ -87,10 +87,11 @@ private func receive(_ socket: Int32) -> (KeeperMessage, Int32)? {
 /// directory. It does nothing else — no store, no network, no FUSE I/O — so it never needs a
 /// restart for an upgrade of the engines. It drops an entry when the engine asks (unstage), when
 /// an entry for the same volume replaces it, or when the kernel reports the connection gone
-/// (POLLERR: unmounted and released, or aborted). It exits when it holds nothing and no engine
-/// process is connected (after a first 30 s of grace), and on SIGTERM/SIGINT.
+/// (POLLERR: unmounted and released, or aborted). Started by an engine process (spawn mode) it
+/// exits when it holds nothing and no engine process is connected (after a first 30 s of
+/// grace); run as its own unit it stays. SIGTERM/SIGINT end it.
 public enum FUSEKeeperServer {
-    public static func run(socketPath: String, pidFile: String?, logger: Logger) throws -> Never {
+    public static func run(socketPath: String, pidFile: String?, exitWhenIdle: Bool, logger: Logger) throws -> Never {
         var sigset = sigset_t()
         sigemptyset(&sigset)
         signal(SIGPIPE, SIG_IGN)
@@ -161,7 +162,7 @@ public enum FUSEKeeperServer {
                     clients.append(client)
                 }
             }
-            if held.isEmpty && clients.isEmpty && Date().timeIntervalSince(started) > 30 {
+            if exitWhenIdle && held.isEmpty && clients.isEmpty && Date().timeIntervalSince(started) > 30 {
                 logger.info("FUSE keeper exiting: it holds no connection and no engine process is connected")
                 break
             }
@@ -237,6 +238,7 @@ public final class FUSEKeeperClient: Sendable {
         /// The presence connection: the keeper stays while an engine process is connected.
         var presence: Int32 = -1
         var watching = false
+        var warnedAbsent = false
     }
     private let state = Mutex<State>(State())
 
@@ -254,8 +256,10 @@ public final class FUSEKeeperClient: Sendable {
     /// connections it holds for this data directory: the engines of a dead predecessor.
     public func start() -> [(KeptConnection, Int32)] {
         guard enabled else { return [] }
+        // Watched whether or not it answers now: an external keeper may start after this
+        // process; once it answers, it is handed every connection this process holds.
+        defer { startWatching() }
         guard ensureConnected() else { return [] }
-        startWatching()
         return list()
     }
 
@@ -326,7 +330,9 @@ public final class FUSEKeeperClient: Sendable {
             return true
         }
         guard mode == .spawn else {
-            logger.warning("no FUSE keeper answers; volumes staged now will not survive a restart of this process until one runs (cairn fuse-keeper)")
+            if state.withLock({ s in defer { s.warnedAbsent = true }; return !s.warnedAbsent }) {
+                logger.warning("no FUSE keeper answers (--fuse-keeper external); until one runs, staged volumes' I/O does not survive a restart of this process: start `cairn fuse-keeper --socket \(socketPath)` (its own unit or DaemonSet)")
+            }
             return false
         }
         spawnKeeper()
@@ -347,7 +353,7 @@ public final class FUSEKeeperClient: Sendable {
 
     private func setPresence(_ fd: Int32) {
         let old = state.withLock { s in
-            defer { s.presence = fd }
+            defer { s.presence = fd; s.warnedAbsent = false }
             return s.presence
         }
         if old >= 0 { close(old) }
@@ -355,7 +361,7 @@ public final class FUSEKeeperClient: Sendable {
 
     private func spawnKeeper() {
         let executable = "/proc/self/exe"
-        let arguments = ["cairn", "fuse-keeper", "--socket", socketPath, "--pid-file", pidPath]
+        let arguments = ["cairn", "fuse-keeper", "--socket", socketPath, "--pid-file", pidPath, "--exit-when-idle"]
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -416,7 +422,7 @@ public final class FUSEKeeperClient: Sendable {
                 for (_, item) in handed {
                     _ = request(KeeperMessage(op: "hold", entry: item.entry), fd: item.fd)
                 }
-                logger.warning("the FUSE keeper restarted; handed it every connection this process holds",
+                logger.notice("a FUSE keeper answers (again); handed it every connection this process holds",
                                metadata: ["volumes": "\(handed.keys.sorted())"])
             }
         }

@@ -306,6 +306,9 @@ struct FUSEKeeperCommand: ParsableCommand {
     @Option(name: .customLong("pid-file"), help: "Write this process's pid here.")
     var pidFile: String?
 
+    @Flag(name: .customLong("exit-when-idle"), help: "Exit once it holds no connection and no engine process is connected (how `cairn serve --fuse-keeper spawn` starts it); by default it stays, as a unit or DaemonSet of its own should.")
+    var exitWhenIdle = false
+
     @Option(help: "Log level.")
     var logLevel: String = "info"
 
@@ -314,6 +317,6 @@ struct FUSEKeeperCommand: ParsableCommand {
         LoggingSystem.bootstrap { LogfmtHandler(label: $0, level: level) }
         var logger = Logger(label: "cairn.fuse-keeper")
         logger.logLevel = level
-        try FUSEKeeperServer.run(socketPath: socket, pidFile: pidFile, logger: logger)
+        try FUSEKeeperServer.run(socketPath: socket, pidFile: pidFile, exitWhenIdle: exitWhenIdle, logger: logger)
     }
 }
