@@ -301,6 +301,12 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
         }
     }
 
+    /// SIGTERM with volumes staged: every engine stops serving and finishes what it serves; the
+    /// FUSE keeper keeps the connections for the next process (`EngineRegistry.handOverAll`).
+    public func handOverEngines() {
+        engines.handOverAll()
+    }
+
     /// Makes this process the only one running engines for this data directory, for as long as
     /// it lives (an exclusive lock on `<data-dir>/engines/.lock`, released by the kernel when
     /// the process dies). Two would serve the same kept FUSE connections and replicas at once.

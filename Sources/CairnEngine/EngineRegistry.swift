@@ -1,4 +1,5 @@
 import CairnCore
+import Foundation
 import Logging
 import Synchronization
 
@@ -118,6 +119,22 @@ public final class EngineRegistry: Sendable {
 
     public var volumeIDs: [String] {
         engines.withLock { Array($0.keys) }.sorted()
+    }
+
+    /// SIGTERM with volumes staged: every engine stops serving new requests and finishes the
+    /// ones it serves (in parallel), leaving its FUSE connection to the keeper and the next
+    /// process. Nothing is unmounted.
+    public func handOverAll(timeout: Duration = .seconds(5)) {
+        let all = engines.withLock { Array($0.values) }
+        let group = DispatchGroup()
+        for engine in all {
+            group.enter()
+            Thread.detachNewThread {
+                engine.handOver(timeout: timeout)
+                group.leave()
+            }
+        }
+        group.wait()
     }
 
     public func stopAll() {

@@ -136,6 +136,9 @@ public final class VolumeEngine: Sendable {
     let inflightEven = Atomic<Int>(0)
     let inflightOdd = Atomic<Int>(0)
     let fenced = Atomic<Bool>(false)
+    /// FUSE requests being served now, and whether the engine was handed over (`handOver`).
+    let serving = Atomic<Int>(0)
+    let handedOver = Atomic<Bool>(false)
     /// A write or trim failed after it was sent: the in-sync replicas may now differ on it, so
     /// the clean watermark stops (Convergence.swift) and the next engine compares those regions.
     let unsettled = Atomic<Bool>(false)
@@ -902,18 +905,68 @@ private func engine(_ context: UnsafeMutableRawPointer?) -> VolumeEngine {
 
 private let engineRead: @convention(c) (UnsafeMutableRawPointer?, UInt64, Int, UnsafeMutableRawPointer?) -> Int = {
     context, offset, size, buffer in
-    engine(context).read(offset: offset, size: size, into: buffer!)
+    let e = engine(context)
+    e.admit()
+    defer { e.release() }
+    return e.read(offset: offset, size: size, into: buffer!)
 }
 
 private let engineWrite: @convention(c) (UnsafeMutableRawPointer?, UInt64, UnsafeRawPointer?, Int) -> Int32 = {
     context, offset, buffer, size in
-    engine(context).write(offset: offset, data: UnsafeRawBufferPointer(start: buffer, count: size))
+    let e = engine(context)
+    e.admit()
+    defer { e.release() }
+    return e.write(offset: offset, data: UnsafeRawBufferPointer(start: buffer, count: size))
 }
 
 private let engineFlush: @convention(c) (UnsafeMutableRawPointer?) -> Int32 = { context in
-    engine(context).flush()
+    let e = engine(context)
+    e.admit()
+    defer { e.release() }
+    return e.flush()
 }
 
 private let engineTrim: @convention(c) (UnsafeMutableRawPointer?, UInt64, UInt64) -> Int32 = { context, offset, length in
-    engine(context).trim(offset: offset, length: length)
+    let e = engine(context)
+    e.admit()
+    defer { e.release() }
+    return e.trim(offset: offset, length: length)
+}
+
+// MARK: Handing over to the next process
+
+extension VolumeEngine {
+    /// Every FUSE request passes here first. Once the engine is handed over (`handOver`), a new
+    /// request is never served by this process: its worker parks until the process exits, the
+    /// kernel keeps the request as read-but-unanswered, and the next engine of the volume gets
+    /// it again (FUSE_NOTIFY_RESEND).
+    func admit() {
+        serving.wrappingAdd(1, ordering: .sequentiallyConsistent)
+        guard handedOver.load(ordering: .sequentiallyConsistent) else { return }
+        serving.wrappingSubtract(1, ordering: .sequentiallyConsistent)
+        while true { sleep(3600) }
+    }
+
+    func release() {
+        serving.wrappingSubtract(1, ordering: .sequentiallyConsistent)
+    }
+
+    /// The process is shutting down with the volume staged (SIGTERM: an upgrade, a supervisor):
+    /// no new request is served from now on, and those being served finish (up to `timeout`),
+    /// so nothing this process does afterwards — stopping its replica server, revoking its
+    /// leases — fails an I/O or records a replica out of sync. The FUSE mount stays; the keeper
+    /// holds the connection for the next process. Returns the requests still running at the
+    /// timeout (0: all done).
+    @discardableResult
+    public func handOver(timeout: Duration = .seconds(5)) -> Int {
+        handedOver.store(true, ordering: .sequentiallyConsistent)
+        let deadline = ContinuousClock.now + timeout
+        while serving.load(ordering: .sequentiallyConsistent) > 0 && ContinuousClock.now < deadline {
+            usleep(2_000)
+        }
+        let left = serving.load(ordering: .sequentiallyConsistent)
+        logger.info("handed the volume over to the next process: no new request is served here",
+                    metadata: ["requests.unfinished": "\(left)"])
+        return left
+    }
 }

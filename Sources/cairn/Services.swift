@@ -13,8 +13,9 @@ import ServiceLifecycle
 //   1. RPCServers          stop taking CSI and agent calls, drain those in flight
 //   2. leadership          stop re-replication, give the leader lease up (a standby takes over)
 //   3. sweeper             the node's orphaned-replica sweeper
-//   4. replicaServer       stop serving this node's replicas to other nodes' engines
-//   5. enginesKept         nothing: the engines and their FUSE mounts outlive the process
+//   4. enginesKept         hand the engines over: no new FUSE request served here, the running
+//                          ones finish; their mounts outlive the process (the keeper)
+//   5. replicaServer       stop serving this node's replicas to other nodes' engines
 //   6. storeLeases         end the node registration's keep-alive and revoke it
 
 /// A service that logs its start and stop, for the start-up and shutdown sequence to read in
@@ -81,12 +82,21 @@ struct UntilShutdown: Service {
     /// The staged volumes' engines (FUSE servers, their recovery threads). Deliberately NOT
     /// stopped on SIGTERM: the FUSE keeper holds their connections (docs/design.md "Engines
     /// survive their process"), so the next process resumes them; stopping them would unmount
-    /// the volumes under their users. A clean shutdown therefore leaves every staged volume's
-    /// FUSE mount in place, exactly as a crash does, and the kernel holds (or resends) the I/O
-    /// in flight until the next process takes the connections back. This only says so.
-    static func enginesKept(logger: Logger) -> Self {
+    /// the volumes under their users. They are *handed over* instead, before the replica server
+    /// stops: no new request is served here, the ones being served finish, and the kernel keeps
+    /// what arrives meanwhile for the next process (resent). A clean shutdown therefore leaves
+    /// every staged volume's FUSE mount in place, exactly as a crash does — without recording
+    /// this node's own replica out of sync because the replica server went first.
+    static func enginesKept(_ backing: ReplicatedBacking?, logger: Logger) -> Self {
         Self(name: "engines", logger: logger) {
-            logger.notice("leaving the staged volumes' engines to the FUSE keeper: their mounts stay, the next process resumes them")
+            logger.notice("handing the staged volumes' engines over to the next process: their mounts stay with the FUSE keeper")
+            guard let backing else { return }
+            await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+                DispatchQueue.global().async {
+                    backing.handOverEngines()
+                    done.resume()
+                }
+            }
         }
     }
 

@@ -188,8 +188,10 @@ struct ServeContext {
         // then leader and background work, the replica server, and the store's leases last.
         var services: [any Service] = []
         if let etcd { services.append(UntilShutdown.storeLeases(etcd, logger: logger)) }
-        if runsEngines { services.append(UntilShutdown.enginesKept(logger: logger)) }
+        // (Started after the replica server, so stopped before it: engines use this node's
+        // replicas in process.)
         if let replicaServer { services.append(UntilShutdown.replicaServer(replicaServer, logger: logger)) }
+        if runsEngines { services.append(UntilShutdown.enginesKept(backing as? ReplicatedBacking, logger: logger)) }
         if let sweeper { services.append(BackgroundLoop.sweeper(sweeper, logger: logger)) }
         if let leadership { services.append(BackgroundLoop.leadership(leadership, logger: logger)) }
         services.append(RPCServers(servers: servers, grace: .seconds(options.shutdownGrace), logger: logger))
