@@ -285,22 +285,29 @@ final class BackgroundCommand: @unchecked Sendable {
     private let output = Pipe()
     private let lock = NSLock()
     private var collected = Data()
+    /// Signalled when the reader has seen the end of the output (the command and every child
+    /// holding the pipe exited). A readability handler can still be running, its bytes not yet
+    /// appended, when the process is seen exiting: fast commands then lost their whole output.
+    private let drained = DispatchSemaphore(value: 0)
 
     init(_ arguments: [String]) throws {
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = arguments
         process.standardOutput = output
         process.standardError = output
-        output.fileHandleForReading.readabilityHandler = { [weak self] handle in
-            let data = handle.availableData
-            guard let self else { return }
-            self.lock.lock()
-            self.collected.append(data)
-            self.lock.unlock()
-        }
         try process.run()
+        let handle = output.fileHandleForReading
+        Thread.detachNewThread { [self] in
+            while true {
+                let data = handle.availableData
+                if data.isEmpty { break }
+                lock.lock()
+                collected.append(data)
+                lock.unlock()
+            }
+            drained.signal()
+        }
     }
-
     /// Runs `arguments` to the end; throws with its output unless it exits 0.
     static func succeed(_ arguments: [String]) throws {
         let result = try BackgroundCommand(arguments).wait()
@@ -326,10 +333,10 @@ final class BackgroundCommand: @unchecked Sendable {
 
     func wait() -> (status: Int32, output: String) {
         process.waitUntilExit()
-        output.fileHandleForReading.readabilityHandler = nil
-        let rest = output.fileHandleForReading.readDataToEndOfFile()
+        // Our copy of the write end is closed by Process once the child started; the reader sees
+        // EOF when the command (and any child it left holding the pipe) is gone.
+        _ = drained.wait(timeout: .now() + 10)
         lock.lock()
-        collected.append(rest)
         let text = String(decoding: collected, as: UTF8.self)
         lock.unlock()
         return (process.terminationStatus, text)
