@@ -61,8 +61,14 @@ private func decode(_ bytes: ArraySlice<UInt8>) -> KeeperMessage? {
 
 private let maxPacket = 64 * 1024
 
-private func connectSeqpacket(_ path: String) -> Int32? {
-    UnixSocket.connect(path, type: Int32(SOCK_SEQPACKET.rawValue))
+private func connectSeqpacket(_ path: String, timeoutSeconds: Int = 2) -> Int32? {
+    guard let fd = UnixSocket.connect(path, type: Int32(SOCK_SEQPACKET.rawValue)) else { return nil }
+    // A keeper that stops answering must never hang an engine's start or stop: every send and
+    // receive gives up after the timeout (the caller then treats the keeper as absent).
+    var timeout = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
+    _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    return fd
 }
 
 private func send(_ socket: Int32, _ message: KeeperMessage, fd: Int32 = -1) -> Bool {
