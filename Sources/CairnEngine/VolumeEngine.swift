@@ -373,7 +373,10 @@ public final class VolumeEngine: Sendable {
             defer { life.driver = nil }
             return life.driver
         }
+        // Each step logged: a stop that hangs says where (docs/soak.md, the open split-bed case).
+        logger.info("stopping the volume engine: its recovery thread first", metadata: ["fenced": "\(fenced.load(ordering: .relaxed))"])
         driver?.stop()
+        logger.info("the volume engine's recovery thread stopped; unmounting FUSE")
         lifecycle.withLock { life in
             if let session = life.session {
                 // A loop device still on the file (the process is shutting down with the volume
