@@ -24,8 +24,7 @@ extension ReplicatedFailoverTests {
         try killAndRestartEngineProcess("n1")
         let result = try await fio.wait(seconds: 90)
         print("restart under block load: \(result.summary)")
-        XCTAssertEqual(result.exitStatus, 0, "fio failed: \(result.errorText)")
-        XCTAssertEqual(result.ioErrors, 0, result.errorText)
+        result.assertNoIOError()
         XCTAssertGreaterThan(result.writes, 100, "fio must have written before and after the restart")
         XCTAssertLessThanOrEqual(try fuseMounts("n1").count, 1, "the restart must not stack a mount")
         XCTAssertTrue(bed.logTail(bed.engineProcess("n1"), lines: 400).contains("resumed the volume's FUSE connection"),
@@ -63,8 +62,7 @@ extension ReplicatedFailoverTests {
         for (name, fio) in [("block", onBlock), ("ext4", onExt4)] {
             let result = try await fio.wait(seconds: 90)
             print("CSI node restart under \(name) load: \(result.summary)")
-            XCTAssertEqual(result.exitStatus, 0, "\(name): fio failed: \(result.errorText)")
-            XCTAssertEqual(result.ioErrors, 0, "\(name): \(result.errorText)")
+            result.assertNoIOError("\(name): ")
             XCTAssertGreaterThan(result.writes, 100, name)
         }
         try await bed.detach(fsID, fsAttached)
@@ -100,8 +98,7 @@ extension ReplicatedFailoverTests {
         try killAndRestartEngineProcess("n1")
         let result = try await fio.wait(seconds: 90)
         print("restart after a keeper restart: \(result.summary)")
-        XCTAssertEqual(result.exitStatus, 0, "fio failed: \(result.errorText)")
-        XCTAssertEqual(result.ioErrors, 0, result.errorText)
+        result.assertNoIOError()
         try await detach(volume, attached)
     }
 
@@ -130,8 +127,7 @@ extension ReplicatedFailoverTests {
         }
         let result = try await fio.wait(seconds: 90)
         print("replica node restart under load: \(result.summary)")
-        XCTAssertEqual(result.exitStatus, 0, "fio failed: \(result.errorText)")
-        XCTAssertEqual(result.ioErrors, 0, result.errorText)
+        result.assertNoIOError()
         let line = bed.logTail(bed.engineProcess("n1"), lines: 400).split(separator: "\n").last { $0.contains("resync complete") && $0.contains("replica.node=n2") }
         print("replica node restart: back in sync after \(back.map { "\($0)" } ?? "never"); \(line.map(String.init) ?? "no resync line")")
         let inSync = try XCTUnwrap(back, "the restarted replica must be back in sync")
@@ -207,8 +203,7 @@ extension ReplicatedFailoverTests {
         try killAndRestartEngineProcess("n1")
         let result = try await fio.wait(seconds: 90)
         print("restart under ext4 load: \(result.summary)")
-        XCTAssertEqual(result.exitStatus, 0, "fio failed: \(result.errorText)")
-        XCTAssertEqual(result.ioErrors, 0, result.errorText)
+        result.assertNoIOError()
         XCTAssertGreaterThan(result.writes, 100)
         // The filesystem saw no error either (ext4 remounts read-only on one).
         let mounted = try MountTable.read().last { $0.mountPoint == attached.staging }
@@ -232,6 +227,11 @@ struct Fio {
         /// The longest single write, seconds: the restart's stall as the application saw it.
         var longestWrite: Double
         var errorText: String
+        /// fio exited 0 and saw no I/O error (a verify error makes it exit non-zero).
+        func assertNoIOError(_ prefix: String = "", file: StaticString = #filePath, line: UInt = #line) {
+            XCTAssertEqual(exitStatus, 0, "\(prefix)fio failed: \(errorText)", file: file, line: line)
+            XCTAssertEqual(ioErrors, 0, "\(prefix)\(errorText)", file: file, line: line)
+        }
         var summary: String {
             "fio exit=\(exitStatus) writes=\(writes) io_errors=\(ioErrors) longest_write=\(String(format: "%.3f", longestWrite)) s"
         }
