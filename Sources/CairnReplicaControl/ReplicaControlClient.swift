@@ -15,6 +15,7 @@
 import CairnCore
 import CairnProto
 import CairnReplica
+import CairnSecurity
 import CairnRPC
 import Dispatch
 import Logging
@@ -45,7 +46,11 @@ public final class ReplicaControlClient: Sendable {
     /// One channel per control address, kept: calls are rare, nodes few, connections reused.
     private let channels = Mutex<[String: GRPCChannel]>([:])
 
-    public init(timeout: Duration = .seconds(120), logger: Logger) {
+    /// How the data protocol's fallback connections authenticate.
+    public let security: DataPlaneSecurity
+
+    public init(timeout: Duration = .seconds(120), logger: Logger, security: DataPlaneSecurity = .insecure) {
+        self.security = security
         self.timeout = timeout
         self.logger = logger
     }
@@ -227,14 +232,15 @@ public final class ReplicaControlClient: Sendable {
     /// Runs `body` over one data-protocol connection to the node, on a dispatch thread.
     private func dataOp<T: Sendable>(_ node: ReplicaNode, volumeID: String, doing: String,
                                      _ body: @escaping @Sendable (ReplicaClient) throws -> T) async throws -> T {
-        let timeout = self.timeout
+        let (timeout, security) = (self.timeout, self.security)
         return try await withCheckedThrowingContinuation { continuation in
             DispatchQueue.global().async {
                 continuation.resume(with: Result {
                     let client: ReplicaClient
                     do {
                         let parsed = try ReplicaAddress(node.dataAddress)
-                        client = try ReplicaClient.connect(host: parsed.host, port: parsed.port, requestTimeout: timeout)
+                        client = try ReplicaClient.connect(host: parsed.host, port: parsed.port, requestTimeout: timeout,
+                                                                security: security, expectedNode: node.nodeID)
                     } catch {
                         throw CairnError.unavailable(
                             "cannot reach node \(node.nodeID)'s replica server at \(node.dataAddress) to \(doing) for volume \(volumeID): \(error); check that its agent runs and the address is reachable")

@@ -18,7 +18,7 @@ struct Cairn: AsyncParsableCommand {
         commandName: "cairn",
         abstract: "Cairn: replicated block volumes for stateful services, over CSI.",
         version: CairnVersion.version,
-        subcommands: [Serve.self, VolumeCommand.self, NodeCommand.self, ReplicaCommand.self, FUSEKeeperCommand.self]
+        subcommands: [Serve.self, VolumeCommand.self, NodeCommand.self, ReplicaCommand.self, FUSEKeeperCommand.self, CACommand.self, CertCommand.self]
     )
 }
 
@@ -120,6 +120,8 @@ struct Serve: AsyncParsableCommand {
 
     @Option(name: .customLong("fuse-keeper-socket"), help: "The FUSE keeper's unix socket. Default: <data-dir>/fuse-keeper.sock.")
     var fuseKeeperSocket: String?
+
+    @OptionGroup var dataSecurityOptions: DataSecurityOptions
 
     /// Validates the flags, then hands over to the role's builder (Roles/: what each role runs,
     /// in which order it starts).
