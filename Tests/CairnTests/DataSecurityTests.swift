@@ -63,13 +63,19 @@ final class DataSecurityTests: XCTestCase {
         return c
     }
 
+    /// The controller's grant of `epoch` of the test volume to node n2.
+    private func grant(_ epoch: UInt64) throws -> ClaimGrant {
+        try TLSIdentity(files: TLSFiles(directory: root + "/ctl"), logger: logs.logger)
+            .grant(volumeID: volume, nodeID: "n2", epoch: FencingEpoch(epoch))
+    }
+
     private func pattern(_ count: Int, seed: UInt8) -> [UInt8] { (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ Int(seed)) } }
 
     private func roundTrip(_ mode: DataSecurity) throws {
         let server = try startServer(mode)
         let c = try connect(server, as: "n2", mode)
         try c.create(volumeID: volume, sizeBytes: 64 << 20)
-        XCTAssertEqual(try c.claim(volumeID: volume, epoch: 2).epoch, 2)
+        XCTAssertEqual(try c.claim(volumeID: volume, epoch: 2, grant: try grant(2)).epoch, 2)
         // Small, and larger than one record (1 MiB): split into several records both ways.
         for (offset, length, seed) in [(0, bs, UInt8(1)), (8 * bs, 3 << 20, 2)] {
             let data = pattern(length, seed: seed)
@@ -145,7 +151,7 @@ final class DataSecurityTests: XCTestCase {
                     stops.append { relay.stop() }
                     let c = try connect(server, as: "n2", mode, port: relay.port)
                     try c.create(volumeID: volume, sizeBytes: 1 << 20)
-                    _ = try c.claim(volumeID: volume, epoch: 1)
+                    _ = try c.claim(volumeID: volume, epoch: 1, grant: try grant(1))
                     let before = pattern(bs, seed: 9)
                     try before.withUnsafeBytes { try c.write(volumeID: volume, offset: 0, data: $0, generation: 1, epoch: 1) }
                     relay.arm(attack)
@@ -177,6 +183,36 @@ final class DataSecurityTests: XCTestCase {
         sleep(2)
         XCTAssertGreaterThan(identity.current.info.notAfter, first)
         XCTAssertTrue(logs.contains(.notice, "TLS identity reloaded"))
+    }
+
+    /// A node's claim needs the controller's grant for that volume, that node and that epoch;
+    /// a refusal does not tell the node the replica's epoch.
+    func testANodeClaimsOnlyWhatTheControllerGrantedIt() throws {
+        let server = try startServer(.auth)
+        let ctl = try TLSIdentity(files: TLSFiles(directory: root + "/ctl"), logger: logs.logger)
+        let n1 = try TLSIdentity(files: TLSFiles(directory: root + "/n1"), logger: logs.logger)
+        let admin = try connect(server, as: "ctl", .auth)
+        try admin.create(volumeID: volume, sizeBytes: 1 << 20)
+        XCTAssertEqual(try admin.claim(volumeID: volume, epoch: 4).epoch, 4, "a controller claims without a grant")
+        let c = try connect(server, as: "n2", .auth)
+        func refused(_ grant: ClaimGrant?, epoch: UInt64, _ why: String, line: UInt = #line) {
+            XCTAssertThrowsError(try c.claim(volumeID: volume, epoch: epoch, grant: grant), line: line) { error in
+                XCTAssertTrue("\(error)".contains(why), "\(error)", line: line)
+                XCTAssertFalse(["epoch 4 ", "epoch 4,", "epoch 4)", "seen", "stale"].contains { "\(error)".contains($0) },
+                               "the refusal reveals the epoch: \(error)", line: line)
+            }
+        }
+        refused(nil, epoch: 1 << 62, "without the controller's grant")
+        refused(try ctl.grant(volumeID: volume, nodeID: "n1", epoch: 5), epoch: 5, "does not verify")
+        refused(try ctl.grant(volumeID: volume, nodeID: "n2", epoch: 5), epoch: 6, "does not verify")
+        refused(try ctl.grant(volumeID: "vol-other", nodeID: "n2", epoch: 5), epoch: 5, "does not verify")
+        refused(try n1.grant(volumeID: volume, nodeID: "n2", epoch: 5), epoch: 5, "not a controller")
+        XCTAssertEqual(try admin.status(volumeID: volume, epoch: .max).epoch, 4, "no refused claim moved the epoch")
+        XCTAssertEqual(try c.claim(volumeID: volume, epoch: 5, grant: try ctl.grant(volumeID: volume, nodeID: "n2", epoch: 5)).epoch, 5)
+        XCTAssertTrue(logs.records.withLock { $0.contains {
+            $0.message == "claim accepted" && $0.metadata["replica.peer_identity"] == "spiffe://cairn/node/n2" && $0.metadata["claim.epoch"] == "5"
+        } })
+        XCTAssertTrue(logs.contains(.warning, "refused a claim"))
     }
 
     func testSignaturesVerifyOnlyFromTheCluster() throws {

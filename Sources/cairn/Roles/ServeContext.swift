@@ -30,6 +30,8 @@ struct ServeContext {
     let roots: [String]
     /// The agent socket this role serves or reaches; nil when it has none.
     let agentEndpoint: String?
+    /// How this process's data-protocol traffic is authenticated (`.insecure` when it speaks none).
+    let security: DataPlaneSecurity
 
     /// The etcd client in cluster mode (the store, leader election and node leases); nil on one machine.
     let etcd: EtcdStore?
@@ -156,7 +158,7 @@ struct ServeContext {
                                      logger: logger)
         }
         return ServeContext(options: options, logger: logger, endpoint: endpoint, nodeID: nodeID, topology: topology,
-                            roots: roots, agentEndpoint: agentEndpoint, etcd: etcd, store: store, localFiles: localFiles,
+                            roots: roots, agentEndpoint: agentEndpoint, security: security, etcd: etcd, store: store, localFiles: localFiles,
                             backing: backing, runsEngines: runsEngines, inProcessAgent: inProcessAgent,
                             splitNode: splitNode, linux: linux, replicaServer: replicaServer, control: control, nodeRecord: nodeRecord,
                             sweeper: sweeper)
