@@ -135,6 +135,10 @@ struct ServeContext {
             }
             let server = try ReplicaServer(dataDir: dataDir, host: address.host, port: address.port, logger: logger,
                                            security: security)
+            if let identity = security.identity {
+                let membership = PeerMembership(store: store, trustDomain: identity.trustDomain)
+                server.authorizePeer = { membership.refusal(of: $0) }
+            }
             // Listening before the node registers (the bound port is recorded); the
             // ReplicaServing service stops it on shutdown.
             try server.start()
