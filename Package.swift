@@ -35,6 +35,8 @@ let targets: [Target] = [
             .linkedLibrary("grpc"),
             .linkedLibrary("gpr"),
             .linkedLibrary("absl_synchronization"),
+            .linkedLibrary("ssl"),
+            .linkedLibrary("crypto"),
         ]
     ),
     .target(
