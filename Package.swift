@@ -167,7 +167,7 @@ let targets: [Target] = [
     // Cluster mode's volume backing: replicas placed on nodes, an engine per staged volume.
     .target(
         name: "CairnCluster",
-        dependencies: ["CairnCore", "CairnReplica", "CairnReplicaControl", "CairnEngine", .product(name: "Logging", package: "swift-log")],
+        dependencies: ["CairnCore", "CairnReplica", "CairnReplicaControl", "CairnRPC", "CairnEngine", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
     .executableTarget(

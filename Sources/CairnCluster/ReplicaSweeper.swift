@@ -1,6 +1,7 @@
 import CairnCore
 import CairnReplica
 import CairnReplicaControl
+import CairnRPC
 import Foundation
 import Logging
 
@@ -24,11 +25,11 @@ public final class ReplicaSweeper: Sendable {
     let logger: Logger
 
     public init(nodeID: String, store: any MetadataStore, dataDir: String, address: String, controlAddress: String? = nil,
-                interval: Duration = .seconds(30), logger: Logger) {
+                interval: Duration = .seconds(30), controlTLS: TLSIdentity? = nil, logger: Logger) {
         self.nodeID = nodeID
         self.store = store
         self.node = ReplicaNode(nodeID: nodeID, dataAddress: address, controlAddress: controlAddress)
-        self.control = ReplicaControlClient(logger: logger)
+        self.control = ReplicaControlClient(tls: controlTLS, logger: logger)
         self.replicasDirectory = dataDir + "/replicas"
         self.interval = interval
         var logger = logger

@@ -2,6 +2,7 @@ import CairnCore
 import CairnEngine
 import CairnReplica
 import CairnReplicaControl
+import CairnRPC
 import Dispatch
 import Foundation
 import Logging
@@ -51,7 +52,7 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
     }
 
     public init(dataDir: String, nodeID: String, store: any MetadataStore, recovery: RecoveryOptions = RecoveryOptions(),
-                keeper: FUSEKeeperClient? = nil, logger: Logger) throws {
+                keeper: FUSEKeeperClient? = nil, controlTLS: TLSIdentity? = nil, logger: Logger) throws {
         enginesDirectory = dataDir + "/engines"
         self.nodeID = nodeID
         self.store = store
@@ -59,7 +60,7 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
         self.options = recovery
         self.throttle = ResyncThrottle(bytesPerSecond: recovery.rebuildBytesPerSecond)
         engines = EngineRegistry(logger: logger, keeper: keeper)
-        control = ReplicaControlClient(logger: logger)
+        control = ReplicaControlClient(tls: controlTLS, logger: logger)
         try FileManager.default.createDirectory(atPath: enginesDirectory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
     }

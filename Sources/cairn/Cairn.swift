@@ -82,6 +82,11 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("etcd-endpoints"), help: "etcd client URLs, comma-separated or repeated (with --store etcd), e.g. http://10.0.0.1:2379.")
     var etcdEndpoints: [String] = []
 
+    @OptionGroup var etcdTLS: EtcdTLSOptions
+
+    @Option(name: .customLong("tls-dir"), help: "This process's TLS identity: a directory with ca.crt (the cluster's CA bundle), tls.crt and tls.key (`cairn cert issue`, or a Kubernetes Secret from cert-manager). The ReplicaControl service then serves mutual TLS and admits only the cluster's controllers (and the node itself); its client presents this certificate.")
+    var tlsDir: String?
+
     @Option(name: .customLong("data-address"), help: "HOST:PORT where this node's replica server listens for the data protocol (--store etcd; all, agent and node roles). Other nodes' engines reach this node's replicas there.")
     var dataAddress: String?
 

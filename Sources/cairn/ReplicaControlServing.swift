@@ -13,7 +13,9 @@ struct ReplicaControlServing {
     let served: ServedEndpoint
 
     /// Nil when this process serves no replicas, or `--control-address none`.
-    init?(flag: String?, replicaServer: ReplicaServer?, logger: Logger) throws {
+    /// With `identity` (`--tls-dir`), served over mutual TLS and authorized by
+    /// `ReplicaControlAccess` (the cluster's controllers and this node itself).
+    init?(flag: String?, replicaServer: ReplicaServer?, identity: ProcessIdentity?, logger: Logger) throws {
         guard let replicaServer else {
             if let flag, flag != "none" {
                 throw ValidationError("--control-address \(flag) is served beside the replica server: it needs --data-address (and the process that serves it)")
@@ -38,11 +40,13 @@ struct ReplicaControlServing {
         }
         address = "\(parsed)"
         let router = Router()
-        ReplicaControlService(server: replicaServer).register(on: router)
+        ReplicaControlService(server: replicaServer).register(on: router, access: identity?.replicaControlAccess)
         var controlLogger = logger
         controlLogger[metadataKey: "replica.control"] = "\(address)"
         served = ServedEndpoint(name: "replica-control", endpoint: "tcp://\(address)", socketMode: 0o600,
-                                server: GRPCServer(router: router, logger: controlLogger), optional: false)
-        logger.info("serving replica control", metadata: ["control.address": "\(address)"])
+                                server: GRPCServer(router: router, logger: controlLogger, tls: identity?.files), optional: false)
+        logger.info("serving replica control", metadata: [
+            "control.address": "\(address)",
+            "control.tls": "\(identity.map { "mutual, as \($0.spiffeID)" } ?? "none (plaintext, no caller checked)")"])
     }
 }

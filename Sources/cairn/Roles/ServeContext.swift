@@ -72,13 +72,14 @@ struct ServeContext {
         switch options.store {
         case .sqlite:
             if !endpoints.isEmpty { throw ValidationError("--etcd-endpoints needs --store etcd") }
+            if options.etcdTLS.ca != nil { throw ValidationError("--etcd-ca needs --store etcd") }
             if options.dataAddress != nil { throw ValidationError("--data-address needs --store etcd: on one machine volumes are local files") }
             etcd = nil
             store = try SQLiteStore(path: dataDir + "/cairn.db", logger: logger)
         case .etcd:
             guard !endpoints.isEmpty else { throw ValidationError("--store etcd needs --etcd-endpoints URL[,URL...]") }
             guard (1...5).contains(options.defaultReplicas) else { throw ValidationError("--default-replicas must be 1 to 5") }
-            let client = try EtcdStore(endpoints: endpoints, logger: logger)
+            let client = try EtcdStore(endpoints: endpoints, tls: try options.etcdTLS.identity(), logger: logger)
             etcd = client
             store = client
         }
@@ -91,6 +92,10 @@ struct ServeContext {
         let localFiles = try LocalFileBacking(dataDir: dataDir)
         // Engines run in the agent, all, and node-with-in-process-agent roles: their FUSE
         // connections are kept across a restart of this process (docs/design.md).
+        let identity = try options.tlsDir.map {
+            try ProcessIdentity(directory: $0, nodeID: nodeID,
+                                servesReplicas: options.dataAddress != nil && role != .controller)
+        }
         let runsEngines = etcd != nil && (role == .agent || role == .all || (role == .node && options.agentSocket == "none"))
         let keeper = runsEngines ? FUSEKeeperClient(socketPath: options.fuseKeeperSocket ?? dataDir + "/fuse-keeper.sock",
                                                     mode: options.fuseKeeper, logger: logger) : nil
@@ -100,7 +105,7 @@ struct ServeContext {
                                     recovery: .init(rebuildBytesPerSecond: UInt64(options.rebuildRate * 1e6),
                                                     scrubBytesPerSecond: UInt64(options.scrubRate * 1e6),
                                                     retrySeconds: options.resyncRetry),
-                                    keeper: keeper, logger: logger)
+                                    keeper: keeper, controlTLS: identity?.files, logger: logger)
         if runsEngines, let replicated = backing as? ReplicatedBacking {
             do { try replicated.lockEnginesDirectory() } catch let error as CairnError {
                 throw ValidationError(error.message)
@@ -135,7 +140,8 @@ struct ServeContext {
             logger.warning("no --data-address: this node holds no replicas (it can still run volumes' engines)")
         }
         let nodeCapacity = try options.capacity.map(Serve.parseBytes) ?? Serve.filesystemBytes(dataDir)
-        let control = try ReplicaControlServing(flag: options.controlAddress, replicaServer: replicaServer, logger: logger)
+        let control = try ReplicaControlServing(flag: options.controlAddress, replicaServer: replicaServer,
+                                                identity: identity, logger: logger)
         var nodeRecord = NodeRecord(id: nodeID, topology: topology, maxVolumes: options.maxVolumes,
                                     dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity,
                                     controlAddress: control?.address)
@@ -143,7 +149,8 @@ struct ServeContext {
         var sweeper: ReplicaSweeper?
         if etcd != nil, let dataAddressRecorded {
             sweeper = ReplicaSweeper(nodeID: nodeID, store: store, dataDir: dataDir,
-                                     address: dataAddressRecorded, controlAddress: control?.address, logger: logger)
+                                     address: dataAddressRecorded, controlAddress: control?.address,
+                                     controlTLS: identity?.files, logger: logger)
         }
         return ServeContext(options: options, logger: logger, endpoint: endpoint, nodeID: nodeID, topology: topology,
                             roots: roots, agentEndpoint: agentEndpoint, etcd: etcd, store: store, localFiles: localFiles,
