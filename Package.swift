@@ -39,6 +39,19 @@ let targets: [Target] = [
             .linkedLibrary("crypto"),
         ]
     ),
+    // C over Debian's OpenSSL (libssl3): the CA and certificates, the TLS 1.3 handshake, AEAD
+    // records and signatures. The only importer is CairnSecurity.
+    .target(
+        name: "CTLSShim",
+        linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]
+    ),
+    // Identities (SPIFFE IDs in certificates from the cluster CA), the data protocol's secure
+    // channel, signed grants.
+    .target(
+        name: "CairnSecurity",
+        dependencies: ["CTLSShim", "CairnCore", .product(name: "Logging", package: "swift-log")],
+        swiftSettings: swiftSettings
+    ),
     .target(
         name: "CCairnBuildInfo",
         cSettings: [.define("CAIRN_BUILD_COMMIT", to: "\"\(buildCommit)\"")]
@@ -101,7 +114,7 @@ let targets: [Target] = [
     .target(
         name: "CairnRPC",
         dependencies: [
-            "CGRPCShim", "CairnCore",
+            "CGRPCShim", "CairnCore", "CairnSecurity",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             .product(name: "Logging", package: "swift-log"),
         ],
@@ -132,7 +145,7 @@ let targets: [Target] = [
     // over POSIX files: no gRPC, no FUSE.
     .target(
         name: "CairnReplica",
-        dependencies: ["CairnCore", "CCRC32C", .product(name: "Logging", package: "swift-log")],
+        dependencies: ["CairnCore", "CairnSecurity", "CCRC32C", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
     // The ReplicaControl gRPC service (proto/cairn.proto) over the replica server, and its
@@ -174,7 +187,7 @@ let targets: [Target] = [
         name: "cairn",
         dependencies: [
             "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "CairnRPC", "CairnController",
-            "CairnNode", "CairnAgent", "CairnCluster", "CairnReplica", "CairnReplicaControl", "CairnEngine",
+            "CairnNode", "CairnAgent", "CairnCluster", "CairnReplica", "CairnReplicaControl", "CairnEngine", "CairnSecurity",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Logging", package: "swift-log"),
@@ -196,12 +209,12 @@ let targets: [Target] = [
     .executableTarget(name: "cairn-nsexec", path: "Sources/cairn-nsexec"),
     .testTarget(
         name: "CairnTests",
-        dependencies: ["CairnReplica", "CairnReplicaControl", "CairnProto", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec"],
+        dependencies: ["CairnReplica", "CairnReplicaControl", "CairnSecurity", "CairnProto", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec"],
         swiftSettings: swiftSettings
     ),
     .testTarget(
         name: "CairnIntegrationTests",
-        dependencies: ["CairnCore", "CairnCSI", "CairnProcess", "CairnRPC", "CSIProto", "CairnProto", "CairnReplica", "CCRC32C"],
+        dependencies: ["CairnCore", "CairnCSI", "CairnProcess", "CairnRPC", "CSIProto", "CairnProto", "CairnReplica", "CairnSecurity", "CCRC32C"],
         swiftSettings: swiftSettings
     ),
 ]

@@ -15,7 +15,6 @@
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
-#include <openssl/x509v3.h>
 
 #include <atomic>
 #include <cerrno>
@@ -87,7 +86,6 @@ int no_passphrase(char *, int, int, void *) { return 0; }
 // error at start instead of a failed handshake later. Messages name files, never their contents.
 struct tls_material {
   std::string ca, chain, key;
-  std::string spiffe_id;  // of the leaf certificate, when it has one URI SAN spiffe://...
   ~tls_material() {
     if (!key.empty()) OPENSSL_cleanse(&key[0], key.size());
   }
@@ -133,8 +131,6 @@ struct tls_material {
     } else if (X509_cmp_current_time(X509_get0_notAfter(leaf)) < 0) {
       *error = std::string("the certificate in ") + files->cert_path + " has expired; issue a new one";
       ok = false;
-    } else {
-      spiffe_id = uri_san(leaf);
     }
     ERR_clear_error();
     EVP_PKEY_free(pkey);
@@ -160,25 +156,6 @@ struct tls_material {
     BIO_free(bio);
     ERR_clear_error();
     return count;
-  }
-
-  // The certificate's SPIFFE ID: its one URI SAN starting with spiffe:// (as grpc's
-  // peer_spiffe_id reads a peer's), or "".
-  static std::string uri_san(X509 *cert) {
-    std::string found;
-    int uris = 0;
-    auto names = static_cast<GENERAL_NAMES *>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
-    if (!names) return found;
-    for (int i = 0; i < sk_GENERAL_NAME_num(names); i++) {
-      const GENERAL_NAME *name = sk_GENERAL_NAME_value(names, i);
-      if (name->type != GEN_URI) continue;
-      uris++;
-      const ASN1_IA5STRING *uri = name->d.uniformResourceIdentifier;
-      std::string value(reinterpret_cast<const char *>(ASN1_STRING_get0_data(uri)), ASN1_STRING_length(uri));
-      if (value.compare(0, 9, "spiffe://") == 0) found = value;
-    }
-    GENERAL_NAMES_free(names);
-    return uris == 1 ? found : std::string();
   }
 };
 
@@ -319,23 +296,24 @@ size_t cgrpc_call_peer(const cgrpc_call *call, char *buffer, size_t buffer_len) 
   return peer.size();
 }
 
-size_t cgrpc_call_peer_spiffe_id(const cgrpc_call *call, char *buffer, size_t buffer_len) {
+size_t cgrpc_call_peer_uris(const cgrpc_call *call, char *buffer, size_t buffer_len) {
   auto auth = call->ctx_->auth_context();
-  std::string id;
+  std::string uris;
   if (auth && auth->IsPeerAuthenticated()) {
-    auto values = auth->FindPropertyValues("peer_spiffe_id");
-    if (values.size() == 1) id.assign(values[0].data(), values[0].size());
+    // Every URI SAN (grpc's peer_spiffe_id holds one only when the certificate has exactly one;
+    // a `--role all` certificate names a node and a controller).
+    for (const auto &value : auth->FindPropertyValues(GRPC_PEER_URI_PROPERTY_NAME)) {
+      if (!uris.empty()) uris += '\n';
+      uris.append(value.data(), value.size());
+    }
   }
-  if (buffer && buffer_len) snprintf(buffer, buffer_len, "%s", id.c_str());
-  return id.size();
+  if (buffer && buffer_len) snprintf(buffer, buffer_len, "%s", uris.c_str());
+  return uris.size();
 }
 
-int cgrpc_tls_check(const cgrpc_tls_files *files, char *spiffe_id, size_t spiffe_id_len, char *err,
-                    size_t err_len) {
+int cgrpc_tls_check(const cgrpc_tls_files *files, char *err, size_t err_len) {
   tls_material material;
-  if (!material.load(files, err, err_len)) return -1;
-  if (spiffe_id && spiffe_id_len) snprintf(spiffe_id, spiffe_id_len, "%s", material.spiffe_id.c_str());
-  return 0;
+  return material.load(files, err, err_len) ? 0 : -1;
 }
 
 void cgrpc_call_finish(cgrpc_call *call, int status_code, const char *message,

@@ -2,6 +2,7 @@ import CairnCore
 import CairnReplica
 import CairnReplicaControl
 import CairnRPC
+import CairnSecurity
 import Foundation
 import Logging
 
@@ -25,11 +26,11 @@ public final class ReplicaSweeper: Sendable {
     let logger: Logger
 
     public init(nodeID: String, store: any MetadataStore, dataDir: String, address: String, controlAddress: String? = nil,
-                interval: Duration = .seconds(30), controlTLS: TLSIdentity? = nil, logger: Logger) {
+                interval: Duration = .seconds(30), security: DataPlaneSecurity = .insecure, logger: Logger) {
         self.nodeID = nodeID
         self.store = store
         self.node = ReplicaNode(nodeID: nodeID, dataAddress: address, controlAddress: controlAddress)
-        self.control = ReplicaControlClient(tls: controlTLS, logger: logger)
+        self.control = ReplicaControlClient(logger: logger, security: security)
         self.replicasDirectory = dataDir + "/replicas"
         self.interval = interval
         var logger = logger

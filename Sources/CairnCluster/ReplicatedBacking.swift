@@ -3,6 +3,7 @@ import CairnEngine
 import CairnReplica
 import CairnReplicaControl
 import CairnRPC
+import CairnSecurity
 import Dispatch
 import Foundation
 import Logging
@@ -22,6 +23,8 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
     let enginesDirectory: String
     let nodeID: String
     let store: any MetadataStore
+    /// How this node's engines and the controller's fallback authenticate to replica servers.
+    public let security: DataPlaneSecurity
     let logger: Logger
     /// The engines of the volumes staged on this node (idempotent per epoch).
     private let engines: EngineRegistry
@@ -52,15 +55,16 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
     }
 
     public init(dataDir: String, nodeID: String, store: any MetadataStore, recovery: RecoveryOptions = RecoveryOptions(),
-                keeper: FUSEKeeperClient? = nil, controlTLS: TLSIdentity? = nil, logger: Logger) throws {
+                keeper: FUSEKeeperClient? = nil, security: DataPlaneSecurity = .insecure, logger: Logger) throws {
         enginesDirectory = dataDir + "/engines"
+        self.security = security
         self.nodeID = nodeID
         self.store = store
         self.logger = logger
         self.options = recovery
         self.throttle = ResyncThrottle(bytesPerSecond: recovery.rebuildBytesPerSecond)
         engines = EngineRegistry(logger: logger, keeper: keeper)
-        control = ReplicaControlClient(tls: controlTLS, logger: logger)
+        control = ReplicaControlClient(logger: logger, security: security)
         try FileManager.default.createDirectory(atPath: enginesDirectory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
     }
@@ -181,13 +185,14 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
         let store = self.store
         let volumeID = volume.id
         let localReplicas = localServer.withLock { $0 }
-        let (engines, nodeID) = (self.engines, self.nodeID)
+        let (engines, nodeID, security) = (self.engines, self.nodeID, self.security)
         let (sizeBytes, mountDirectory) = (UInt64(current.capacityBytes), "\(enginesDirectory)/\(volume.id)")
         let connect: @Sendable (EngineReplica) throws -> any ReplicaIO = { replica in
             if replica.nodeID == nodeID, let server = localReplicas {
                 return try LocalReplicaIO(server: server, volumeID: volumeID)
             }
-            return ClientReplicaIO(try ReplicaClient.connect(host: replica.host, port: replica.port))
+            return ClientReplicaIO(try ReplicaClient.connect(host: replica.host, port: replica.port, security: security,
+                                                             expectedNode: replica.nodeID))
         }
         let markOutOfSync: @Sendable (String, String) throws -> Void = { failedNode, reason in
             do {
@@ -430,10 +435,11 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
 
     // MARK: Helpers
 
-    static func connect(_ address: String, volumeID: String, nodeID: String, doing: String) throws -> ReplicaClient {
+    static func connect(_ address: String, volumeID: String, nodeID: String, doing: String,
+                        security: DataPlaneSecurity) throws -> ReplicaClient {
         do {
             let parsed = try ReplicaAddress(address)
-            return try ReplicaClient.connect(host: parsed.host, port: parsed.port)
+            return try ReplicaClient.connect(host: parsed.host, port: parsed.port, security: security, expectedNode: nodeID)
         } catch {
             throw CairnError.unavailable(
                 "cannot reach node \(nodeID)'s replica server at \(address) to \(doing) for volume \(volumeID): \(error); check that its agent runs and the address is reachable")

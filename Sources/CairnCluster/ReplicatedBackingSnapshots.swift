@@ -80,6 +80,7 @@ extension ReplicatedBacking {
                         metadata: ["volume.id": "\(volume.id)", "snapshot.id": "\(snapshotID)", "node.id": "\(attachedNode)"])
         }
         let claimFirst = attachedNode != nil
+        let security = self.security
         var took: [String] = []
         var failures: [String] = []
         for replica in replicas where replica.inSync {
@@ -87,7 +88,8 @@ extension ReplicatedBacking {
                 if claimFirst {
                     // Claiming is the data protocol's (the engine's own first step).
                     try await Self.blocking {
-                        let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "take snapshot \(snapshotID)")
+                        let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "take snapshot \(snapshotID)",
+                                                      security: security)
                         defer { client.close() }
                         _ = try client.claim(volumeID: volume.id, epoch: epoch)
                     }

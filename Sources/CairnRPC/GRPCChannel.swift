@@ -16,7 +16,7 @@ public final class GRPCChannel: Sendable {
     /// `serverName` (nil: the target's host); the client presents `tls.certFile` when it has one.
     /// The files are read now, so a channel created after a rotation uses the new ones. Throws
     /// INVALID_ARGUMENT naming the unusable file.
-    public init(target: String, tls: TLSIdentity, serverName: String? = nil) throws {
+    public init(target: String, tls: TLSCredentials, serverName: String? = nil) throws {
         var err = [CChar](repeating: 0, count: 1024)
         let raw = tls.withFiles { files in
             if let serverName {
@@ -24,7 +24,7 @@ public final class GRPCChannel: Sendable {
             }
             return cgrpc_channel_create_tls(target, files, nil, &err, err.count)
         }
-        guard let raw else { throw CairnError.invalidArgument("TLS identity (\(tls)): \(String(cString: err))") }
+        guard let raw else { throw CairnError.invalidArgument("TLS files (\(tls)): \(String(cString: err))") }
         pointer = ChannelPointer(raw: raw)
     }
 

@@ -1,5 +1,6 @@
 import CGRPCShim
 import CairnCore
+import CairnSecurity
 import Foundation
 import Logging
 import Synchronization
@@ -14,12 +15,12 @@ import Synchronization
 public final class GRPCServer: Sendable {
     private let core: ServerCore
     private let handle = Mutex<ServerHandle?>(nil)
-    private let tls: TLSIdentity?
+    private let tls: TLSCredentials?
 
     /// With `tls`, every endpoint serves mutual TLS: the server presents `tls.certFile` and
     /// requires a client certificate that verifies against `tls.caFile`; handlers see the
     /// caller's verified identity in `RPCContext.peer`. The files are read at `start`.
-    public init(router: Router, logger: Logger, tls: TLSIdentity? = nil) {
+    public init(router: Router, logger: Logger, tls: TLSCredentials? = nil) {
         core = ServerCore(router: router, logger: logger)
         self.tls = tls
     }
@@ -173,8 +174,8 @@ private let serverHandler: cgrpc_handler_fn = { context, call, id, method, metho
     let core = Unmanaged<ServerCore>.fromOpaque(context).takeUnretainedValue()
     let name = String(decoding: UnsafeRawBufferPointer(start: method, count: methodLength), as: UTF8.self)
     let bytes = requestLength == 0 ? [] : [UInt8](UnsafeBufferPointer(start: request, count: requestLength))
-    let peer = RPCPeer(address: callString(call, cgrpc_call_peer),
-                       spiffeID: SPIFFEID(callString(call, cgrpc_call_peer_spiffe_id)))
+    let uris = callString(call, cgrpc_call_peer_uris).split(separator: "\n").map(String.init)
+    let peer = RPCPeer(address: callString(call, cgrpc_call_peer), identity: uris.isEmpty ? nil : PeerIdentity(uris: uris))
     core.dispatch(call: call, id: id, method: name, request: bytes, deadlineMS: deadlineMS, peer: peer)
 }
 

@@ -1,4 +1,5 @@
 import CairnCore
+import CairnSecurity
 import Logging
 import SwiftProtobuf
 import Synchronization
@@ -9,7 +10,7 @@ public struct RPCContext: Sendable {
     /// When the client gives up; nil when it set no deadline.
     public let deadline: ContinuousClock.Instant?
     public let logger: Logger
-    /// Who called: its address, and over mutual TLS its verified certificate's SPIFFE ID.
+    /// Who called: its address, and over mutual TLS what its verified certificate names.
     public let peer: RPCPeer
 
     public init(method: String, deadline: ContinuousClock.Instant?, logger: Logger, peer: RPCPeer = RPCPeer(address: "")) {
@@ -21,19 +22,19 @@ public struct RPCContext: Sendable {
 }
 
 /// The caller of an RPC as the server's transport saw it.
-public struct RPCPeer: Sendable, Hashable, CustomStringConvertible {
+public struct RPCPeer: Sendable, CustomStringConvertible {
     /// As grpc spells it: "ipv4:10.0.0.2:41234", "unix:/run/cairn/agent.sock".
     public let address: String
-    /// The SPIFFE ID of the client certificate the server verified (mutual TLS); nil over
-    /// plaintext, or for a certificate without one.
-    public let spiffeID: SPIFFEID?
+    /// The URI SANs (SPIFFE IDs) of the client certificate the server verified (mutual TLS);
+    /// nil over plaintext, or for a certificate without any.
+    public let identity: PeerIdentity?
 
-    public init(address: String, spiffeID: SPIFFEID? = nil) {
+    public init(address: String, identity: PeerIdentity? = nil) {
         self.address = address
-        self.spiffeID = spiffeID
+        self.identity = identity
     }
 
-    public var description: String { "\(spiffeID.map { "\($0)" } ?? "no identity") at \(address)" }
+    public var description: String { "\(identity.map { "\($0)" } ?? "no identity") at \(address)" }
 }
 
 /// Maps full gRPC method names ("/csi.v1.Node/NodeStageVolume") to typed handlers.

@@ -15,6 +15,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CairnSecurity
 import Dispatch
 import Logging
 import Synchronization
@@ -53,6 +54,8 @@ public final class ReplicaClient: Sendable {
     public let address: ReplicaAddress
     public let requestTimeout: Duration
     private let fd: Int32
+    /// The authenticated channel (auth and secure modes); nil for plain TCP.
+    private let channel: SecureChannel?
     private let logger: Logger
     private let state = Mutex(ClientState())
     /// Held while sending; true once the descriptor is closed (by the reader, on its way out).
@@ -85,10 +88,14 @@ public final class ReplicaClient: Sendable {
         }
     }
 
-    /// Connects, sends hello and waits for the reply (both within `connectTimeout`).
+    /// Connects, authenticates (with `security`), sends hello and waits for the reply (each
+    /// within `connectTimeout`). With security, the server must prove it is a node of this
+    /// identity's trust domain — `expectedNode` when given (the node the store says holds the
+    /// replica) — or the connection is refused.
     public init(host: String, port: UInt16, connectTimeout: Duration = .seconds(3),
                 requestTimeout: Duration = .seconds(10), logger: Logger = ReplicaStore.discardingLogger,
-                protocolVersion: UInt16 = FrameLimits.protocolVersion) throws {
+                protocolVersion: UInt16 = FrameLimits.protocolVersion,
+                security: DataPlaneSecurity = .insecure, expectedNode: String? = nil) throws {
         self.address = ReplicaAddress(host: host, port: port)
         self.requestTimeout = requestTimeout
         self.logger = logger
@@ -96,6 +103,13 @@ public final class ReplicaClient: Sendable {
             self.fd = try Socket.connect(host: host, port: port, timeout: connectTimeout)
         } catch {
             throw ReplicaClientError.connection("\(error)")
+        }
+        do {
+            self.channel = try Self.authenticate(fd: fd, address: address, security: security, expectedNode: expectedNode,
+                                                 timeout: connectTimeout)
+        } catch {
+            _ = Glibc.close(fd)
+            throw error
         }
         do {
             try startThread { [self] in readLoop() }
@@ -115,17 +129,40 @@ public final class ReplicaClient: Sendable {
         logger.debug("replica connection established", metadata: ["replica.address": "\(address)"])
     }
 
+    /// The handshake of a secure connection, and the check of who answered.
+    private static func authenticate(fd: Int32, address: ReplicaAddress, security: DataPlaneSecurity, expectedNode: String?,
+                                     timeout: Duration) throws(ReplicaClientError) -> SecureChannel? {
+        guard let identity = security.identity else { return nil }
+        let channel: SecureChannel
+        do {
+            channel = try SecureChannel.establish(fd: fd, asServer: false, mode: security.mode, context: identity.current,
+                                                  timeout: timeout)
+        } catch {
+            throw .connection("cannot authenticate the replica server \(address): \(error)")
+        }
+        let td = identity.trustDomain
+        guard let node = channel.peer.node(in: td) else {
+            throw .connection("the replica server \(address) presented a certificate (\(channel.peer)) that names no node of trust domain \(td); refusing it")
+        }
+        if let expectedNode, node != expectedNode {
+            throw .connection("the replica server \(address) is node \(node), not node \(expectedNode) that the store says holds the replica; refusing it")
+        }
+        return channel
+    }
+
     /// Connects at the newest protocol version the server speaks: a server of an older release
     /// (a rolling upgrade reaches engines before some agents) refuses a newer hello with
     /// badRequest and closes; the client then connects again one version lower.
     public static func connect(host: String, port: UInt16, connectTimeout: Duration = .seconds(3),
                                requestTimeout: Duration = .seconds(10),
-                               logger: Logger = ReplicaStore.discardingLogger) throws -> ReplicaClient {
+                               logger: Logger = ReplicaStore.discardingLogger,
+                               security: DataPlaneSecurity = .insecure, expectedNode: String? = nil) throws -> ReplicaClient {
         var version = FrameLimits.protocolVersion
         while true {
             do {
                 return try ReplicaClient(host: host, port: port, connectTimeout: connectTimeout,
-                                         requestTimeout: requestTimeout, logger: logger, protocolVersion: version)
+                                         requestTimeout: requestTimeout, logger: logger, protocolVersion: version,
+                                         security: security, expectedNode: expectedNode)
             } catch ReplicaClientError.remote(.badRequest, let message)
                         where version > FrameLimits.supportedProtocolVersions.lowerBound && message.contains("protocol version") {
                 logger.info("the replica server speaks an older data protocol; connecting at the previous version",
@@ -443,7 +480,11 @@ public final class ReplicaClient: Sendable {
         let sent: String? = sendLock.withLock { closed in
             guard !closed else { return "the connection is closed" }
             do {
-                try bytes.withUnsafeBytes { try Socket.sendAll(fd, $0) }
+                if let channel {
+                    try bytes.withUnsafeBytes { try channel.send([$0]) }
+                } else {
+                    try bytes.withUnsafeBytes { try Socket.sendAll(fd, $0) }
+                }
                 sentBytes.wrappingAdd(UInt64(bytes.count), ordering: .relaxed)
                 return nil
             } catch {
@@ -492,20 +533,31 @@ public final class ReplicaClient: Sendable {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: ReplicaServer.receiveBufferSize, alignment: 16)
         var reason = "connection to \(address) closed"
         read: while true {
-            let n = recv(fd, buffer.baseAddress, buffer.count, 0)
-            if n < 0 {
-                if errno == EINTR { continue }
-                reason = "receiving from \(address) failed: \(String(cString: strerror(errno)))"
-                break
+            let chunk: UnsafeRawBufferPointer
+            if let channel {
+                do {
+                    chunk = try channel.receive() ?? UnsafeRawBufferPointer(start: nil, count: 0)
+                } catch {
+                    reason = "receiving from \(address) failed: \(error)"
+                    break
+                }
+            } else {
+                let n = recv(fd, buffer.baseAddress, buffer.count, 0)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    reason = "receiving from \(address) failed: \(String(cString: strerror(errno)))"
+                    break
+                }
+                chunk = UnsafeRawBufferPointer(rebasing: buffer[0..<n])
             }
-            if n > 0 { receivedBytes.wrappingAdd(UInt64(n), ordering: .relaxed) }
-            if n == 0 {
+            if !chunk.isEmpty { receivedBytes.wrappingAdd(UInt64(chunk.count), ordering: .relaxed) }
+            if chunk.isEmpty {
                 reason = "\(address) closed the connection"
                 break
             }
             let frames: [Frame]
             do {
-                frames = try decoder.feed(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+                frames = try decoder.feed(chunk)
             } catch {
                 reason = "bad frame from \(address): \(error.reason)"
                 logger.warning("closing replica connection", metadata: ["replica.address": "\(address)", "error": "\(error.reason)"])

@@ -9,9 +9,16 @@
 // the table of op handlers (one per `DataOp`, registered with `handler(Op.self)`) and the
 // mapping of errors to `ReplyStatus` (once, for every op: `failure`).
 //
+// Authentication (docs/security.md): with `--data-security auth|secure` every connection first
+// runs a mutual TLS 1.3 handshake (SecureChannel) and is refused unless the peer's certificate
+// comes from the cluster's CA and names a node or controller of its trust domain (and
+// `authorizePeer`, the agent's check against the store's nodes, agrees); every refusal and
+// every accepted connection is logged with the peer's identity and address. A refused peer
+// never gets a frame, so it learns no epoch. The hello's token is not used.
+//
 // Does not own: the format or the epoch rule (ReplicaStore checks every request against the
-// persisted epoch), the framing rules (Frame*.swift), authentication (the hello's token is
-// accepted as is for now), placement (the controller says which replicas to create and delete).
+// persisted epoch), the framing rules (Frame*.swift), placement (the controller says which
+// replicas to create and delete).
 //
 // A frame the decoder rejects, a request before hello or a response sent to us closes that
 // connection only, with a warning naming the peer and the reason; nothing is written.
@@ -22,6 +29,7 @@ import Glibc
 import Musl
 #endif
 import CairnCore
+import CairnSecurity
 import Dispatch
 import Logging
 import Synchronization
@@ -58,6 +66,16 @@ public final class ReplicaServer: Sendable {
     /// volume never has two stores and a delete cannot race an open.
     private let stores = Mutex([String: ReplicaStore]())
     private let hooks = Mutex<(any ReplicaEngineHooks)?>(nil)
+    /// How connections are authenticated and protected.
+    public let security: DataPlaneSecurity
+    private let peerCheck = Mutex<(@Sendable (PeerIdentity) -> String?)?>(nil)
+
+    /// A further check of an authenticated peer (the agent's: the node is one the store knows);
+    /// returns why the peer is refused, or nil.
+    public var authorizePeer: (@Sendable (PeerIdentity) -> String?)? {
+        get { peerCheck.withLock { $0 } }
+        set { peerCheck.withLock { $0 = newValue } }
+    }
 
     /// What the node process running volume engines lets this server reach: a `snapshot` request
     /// with the barrier flag is handed to it. Nil (the default) refuses barrier snapshots with
@@ -87,8 +105,10 @@ public final class ReplicaServer: Sendable {
     let protocolVersions: ClosedRange<UInt16>
 
     public init(dataDir: String, host: String, port: UInt16, logger: Logger,
-                protocolVersions: ClosedRange<UInt16> = FrameLimits.supportedProtocolVersions) throws {
+                protocolVersions: ClosedRange<UInt16> = FrameLimits.supportedProtocolVersions,
+                security: DataPlaneSecurity = .insecure) throws {
         self.protocolVersions = protocolVersions
+        self.security = security
         self.dataDir = dataDir
         self.replicasDir = dataDir + "/replicas"
         self.host = host
@@ -127,6 +147,7 @@ public final class ReplicaServer: Sendable {
         }
         logger.info("replica server listening", metadata: [
             "replica.listen": "\(ReplicaAddress(host: host, port: port))", "replica.dir": "\(replicasDir)",
+            "replica.security": "\(security)",
         ])
     }
 
@@ -212,8 +233,28 @@ public final class ReplicaServer: Sendable {
     /// stream breaks a rule, or the server stops; the socket is closed once running requests
     /// have answered.
     private func serve(_ c: ServerConnection) {
-        let log = { var l = logger; l[metadataKey: "replica.peer"] = "\(c.peer)"; return l }()
-        log.debug("replica connection opened")
+        var connectionLog = { var l = logger; l[metadataKey: "replica.peer"] = "\(c.peer)"; return l }()
+        connectionLog.debug("replica connection opened")
+        if let identity = security.identity {
+            let channel: SecureChannel
+            do {
+                channel = try SecureChannel.establish(fd: c.fd, asServer: true, mode: security.mode, context: identity.current,
+                                                      timeout: security.handshakeTimeout)
+            } catch {
+                connectionLog.warning("refused a replica connection: the peer did not authenticate", metadata: ["error": "\(error)"])
+                c.close()
+                return
+            }
+            if let reason = security.refusal(of: channel.peer) ?? authorizePeer?(channel.peer) {
+                connectionLog.warning("refused a replica connection: \(reason)", metadata: ["replica.peer_identity": "\(channel.peer)"])
+                c.close()
+                return
+            }
+            connectionLog[metadataKey: "replica.peer_identity"] = "\(channel.peer)"
+            connectionLog.info("replica connection authenticated", metadata: ["replica.security": "\(security.mode)"])
+            c.channel = channel
+        }
+        let log = connectionLog
         let inFlight = DispatchSemaphore(value: Self.maxInFlightPerConnection)
         let running = DispatchGroup()
         defer {
@@ -227,13 +268,24 @@ public final class ReplicaServer: Sendable {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.receiveBufferSize, alignment: 16)
         defer { buffer.deallocate() }
         while true {
-            let n = recv(c.fd, buffer.baseAddress, buffer.count, 0)
-            if n < 0 {
-                if errno == EINTR { continue }
-                log.info("replica connection failed", metadata: ["error": "\(String(cString: strerror(errno)))"])
-                return
+            let chunk: UnsafeRawBufferPointer
+            if let channel = c.channel {
+                do {
+                    chunk = try channel.receive() ?? UnsafeRawBufferPointer(start: nil, count: 0)
+                } catch {
+                    log.warning("closing replica connection", metadata: ["error": "\(error)"])
+                    return
+                }
+            } else {
+                let n = recv(c.fd, buffer.baseAddress, buffer.count, 0)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    log.info("replica connection failed", metadata: ["error": "\(String(cString: strerror(errno)))"])
+                    return
+                }
+                chunk = UnsafeRawBufferPointer(rebasing: buffer[0..<n])
             }
-            if n == 0 {
+            if chunk.isEmpty {
                 do {
                     try decoder.finish()
                     log.debug("replica connection closed by the peer")
@@ -244,7 +296,7 @@ public final class ReplicaServer: Sendable {
             }
             let frames: [Frame]
             do {
-                frames = try decoder.feed(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+                frames = try decoder.feed(chunk)
             } catch {
                 log.warning("closing connection: \(error.reason)")
                 return
@@ -689,9 +741,12 @@ public final class ReplicaServer: Sendable {
 }
 
 /// One accepted connection: the descriptor, and the lock that keeps responses whole.
-final class ServerConnection: Sendable {
+final class ServerConnection: @unchecked Sendable {
     let fd: Int32
     let peer: String
+    /// The authenticated channel (auth and secure modes); set by the reader before any frame is
+    /// read or sent, never changed afterwards.
+    var channel: SecureChannel?
     /// True once the descriptor is closed; held while sending.
     private let closed = Mutex(false)
 
@@ -708,8 +763,12 @@ final class ServerConnection: Sendable {
         closed.withLock { isClosed in
             guard !isClosed else { return }
             do {
-                try header.encode().withUnsafeBytes { try Socket.sendAll(fd, $0, more: !payload.isEmpty) }
-                try payload.withUnsafeBytes { try Socket.sendAll(fd, $0) }
+                if let channel {
+                    try header.encode().withUnsafeBytes { h in try payload.withUnsafeBytes { p in try channel.send([h, p]) } }
+                } else {
+                    try header.encode().withUnsafeBytes { try Socket.sendAll(fd, $0, more: !payload.isEmpty) }
+                    try payload.withUnsafeBytes { try Socket.sendAll(fd, $0) }
+                }
             } catch {
                 _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
             }

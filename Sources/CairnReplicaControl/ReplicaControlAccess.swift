@@ -14,6 +14,7 @@
 
 import CairnCore
 import CairnRPC
+import CairnSecurity
 import Logging
 
 public struct ReplicaControlAccess: Sendable {
@@ -34,7 +35,7 @@ public struct ReplicaControlAccess: Sendable {
     public func authorize(_ context: RPCContext) throws {
         let peer = context.peer
         var metadata: Logger.Metadata = [
-            "peer.id": "\(peer.spiffeID.map { "\($0)" } ?? "none")", "peer.address": "\(peer.address)",
+            "peer.id": "\(peer.identity.map { "\($0)" } ?? "none")", "peer.address": "\(peer.address)",
             "rpc.method": "\(context.method)",
         ]
         guard let refusal = refusal(peer) else {
@@ -50,21 +51,13 @@ public struct ReplicaControlAccess: Sendable {
 
     /// Why `peer` may not call; nil when it may.
     func refusal(_ peer: RPCPeer) -> String? {
-        guard let id = peer.spiffeID else {
-            return "the client certificate names no SPIFFE ID (spiffe://\(trustDomain)/controller/NAME or spiffe://\(trustDomain)/node/\(nodeID))"
+        guard let identity = peer.identity, !identity.ids.isEmpty else {
+            return "the client certificate names no Cairn identity (spiffe://\(trustDomain)/controller/NAME or spiffe://\(trustDomain)/node/\(nodeID))"
         }
-        guard id.trustDomain == trustDomain else {
-            return "\(id) is of trust domain \(id.trustDomain), this cluster's is \(trustDomain)"
+        if identity.isController(in: trustDomain) || identity.node(in: trustDomain) == nodeID { return nil }
+        if let node = identity.node(in: trustDomain) {
+            return "node \(node) may not control node \(nodeID)'s replicas: only the cluster's controllers and the node itself may"
         }
-        switch id.member {
-        case (.controller, _)?:
-            return nil
-        case (.node, let name)? where name == nodeID:
-            return nil
-        case (.node, let name)?:
-            return "node \(name) may not control node \(nodeID)'s replicas: only the cluster's controllers and the node itself may"
-        case nil:
-            return "\(id) names neither a controller nor a node of the cluster"
-        }
+        return "\(identity) names no controller or node of trust domain \(trustDomain)"
     }
 }

@@ -15,6 +15,7 @@
 import CairnCore
 import CairnProto
 import CairnReplica
+import CairnSecurity
 import CairnRPC
 import Dispatch
 import Logging
@@ -42,20 +43,25 @@ public final class ReplicaControlClient: Sendable {
     /// flushes: the deadline of every call (the data ops' timeout too).
     public let timeout: Duration
     private let logger: Logger
-    /// This process's identity for mutual TLS to the nodes' control services; nil: plaintext.
-    private let tls: TLSIdentity?
+    /// The files of this process's identity for mutual TLS to the nodes' control services
+    /// (`security.identity`); nil: plaintext.
+    private let tls: TLSCredentials?
     /// One channel per control address and node, kept: calls are rare, nodes few, connections
     /// reused. A channel is dropped when its node is UNAVAILABLE, so the next one reads the TLS
     /// files again (a rotated certificate is used from the next reconnection).
     private let channels = Mutex<[String: GRPCChannel]>([:])
 
-    /// With `tls`, every control call goes over mutual TLS: the client presents `tls.certFile`,
-    /// and the node's certificate must verify against `tls.caFile` and name the node id the
-    /// caller means to reach (node certificates carry it as a DNS SAN), so a call for n2 never
-    /// runs on another node that answers at n2's address.
-    public init(timeout: Duration = .seconds(120), tls: TLSIdentity? = nil, logger: Logger) {
+    /// How the data protocol's fallback connections authenticate.
+    public let security: DataPlaneSecurity
+
+    /// With an identity in `security`, every control call goes over mutual TLS too: the client
+    /// presents its certificate, and the node's must verify against the identity's CA bundle and
+    /// name the node id the caller means to reach (node certificates carry it as a DNS SAN), so
+    /// a call for n2 never runs on another node that answers at n2's address.
+    public init(timeout: Duration = .seconds(120), logger: Logger, security: DataPlaneSecurity = .insecure) {
+        self.security = security
         self.timeout = timeout
-        self.tls = tls
+        self.tls = security.identity.map { TLSCredentials($0.files) }
         self.logger = logger
     }
 
@@ -251,14 +257,15 @@ public final class ReplicaControlClient: Sendable {
     /// Runs `body` over one data-protocol connection to the node, on a dispatch thread.
     private func dataOp<T: Sendable>(_ node: ReplicaNode, volumeID: String, doing: String,
                                      _ body: @escaping @Sendable (ReplicaClient) throws -> T) async throws -> T {
-        let timeout = self.timeout
+        let (timeout, security) = (self.timeout, self.security)
         return try await withCheckedThrowingContinuation { continuation in
             DispatchQueue.global().async {
                 continuation.resume(with: Result {
                     let client: ReplicaClient
                     do {
                         let parsed = try ReplicaAddress(node.dataAddress)
-                        client = try ReplicaClient.connect(host: parsed.host, port: parsed.port, requestTimeout: timeout)
+                        client = try ReplicaClient.connect(host: parsed.host, port: parsed.port, requestTimeout: timeout,
+                                                                security: security, expectedNode: node.nodeID)
                     } catch {
                         throw CairnError.unavailable(
                             "cannot reach node \(node.nodeID)'s replica server at \(node.dataAddress) to \(doing) for volume \(volumeID): \(error); check that its agent runs and the address is reachable")

@@ -21,12 +21,12 @@ final class EtcdClient: Sendable {
     /// Endpoints as given (for messages), and as gRPC targets ("host:port").
     let endpoints: [String]
     private let targets: [String]
-    private let tls: TLSIdentity?
+    private let tls: TLSCredentials?
     private let channels: Mutex<[GRPCChannel]>
     private let preferred = Atomic<Int>(0)
     private let timeout: Duration
 
-    init(endpoints: [String], tls: TLSIdentity? = nil, timeout: Duration = .seconds(5)) throws {
+    init(endpoints: [String], tls: TLSCredentials? = nil, timeout: Duration = .seconds(5)) throws {
         guard !endpoints.isEmpty else {
             throw CairnError.invalidArgument("no etcd endpoint given: name at least one, like http://127.0.0.1:2379")
         }
@@ -70,7 +70,7 @@ final class EtcdClient: Sendable {
     }
 
     /// A channel to `target`; over TLS, etcd's certificate must name the target's host.
-    private static func channel(_ target: String, tls: TLSIdentity?) throws -> GRPCChannel {
+    private static func channel(_ target: String, tls: TLSCredentials?) throws -> GRPCChannel {
         guard let tls else { return GRPCChannel(target: target) }
         do {
             return try GRPCChannel(target: target, tls: tls)

@@ -68,7 +68,7 @@ public final class EtcdStore: MetadataStore, LeaderElection {
     ///     (`--client-cert-auth`).
     ///   - prefix: every key lives under it (several Cairn clusters can share one etcd).
     ///   - nodeLeaseTTL: seconds a node's registration outlives its last keep-alive.
-    public init(endpoints: [String], tls: TLSIdentity? = nil, prefix: String = "/cairn", nodeLeaseTTL: Int = 10,
+    public init(endpoints: [String], tls: TLSCredentials? = nil, prefix: String = "/cairn", nodeLeaseTTL: Int = 10,
                 logger: Logger) throws {
         client = try EtcdClient(endpoints: endpoints, tls: tls)
         var prefix = prefix

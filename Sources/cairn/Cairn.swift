@@ -18,7 +18,7 @@ struct Cairn: AsyncParsableCommand {
         commandName: "cairn",
         abstract: "Cairn: replicated block volumes for stateful services, over CSI.",
         version: CairnVersion.version,
-        subcommands: [Serve.self, VolumeCommand.self, NodeCommand.self, ReplicaCommand.self, FUSEKeeperCommand.self]
+        subcommands: [Serve.self, VolumeCommand.self, NodeCommand.self, ReplicaCommand.self, FUSEKeeperCommand.self, CACommand.self, CertCommand.self]
     )
 }
 
@@ -84,9 +84,6 @@ struct Serve: AsyncParsableCommand {
 
     @OptionGroup var etcdTLS: EtcdTLSOptions
 
-    @Option(name: .customLong("tls-dir"), help: "This process's TLS identity: a directory with ca.crt (the cluster's CA bundle), tls.crt and tls.key (`cairn cert issue`, or a Kubernetes Secret from cert-manager). The ReplicaControl service then serves mutual TLS and admits only the cluster's controllers (and the node itself); its client presents this certificate.")
-    var tlsDir: String?
-
     @Option(name: .customLong("data-address"), help: "HOST:PORT where this node's replica server listens for the data protocol (--store etcd; all, agent and node roles). Other nodes' engines reach this node's replicas there.")
     var dataAddress: String?
 
@@ -125,6 +122,8 @@ struct Serve: AsyncParsableCommand {
 
     @Option(name: .customLong("fuse-keeper-socket"), help: "The FUSE keeper's unix socket. Default: <data-dir>/fuse-keeper.sock.")
     var fuseKeeperSocket: String?
+
+    @OptionGroup var dataSecurityOptions: DataSecurityOptions
 
     /// Validates the flags, then hands over to the role's builder (Roles/: what each role runs,
     /// in which order it starts).

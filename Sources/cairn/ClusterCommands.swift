@@ -44,7 +44,7 @@ struct EtcdTLSOptions: ParsableArguments {
     var key: String?
 
     /// Nil without --etcd-ca; the certificate and key only together.
-    func identity() throws -> TLSIdentity? {
+    func identity() throws -> TLSCredentials? {
         guard let ca else {
             if cert != nil || key != nil {
                 throw ValidationError("--etcd-cert and --etcd-key need --etcd-ca: the CA bundle that etcd's certificate verifies against")
@@ -54,7 +54,7 @@ struct EtcdTLSOptions: ParsableArguments {
         guard (cert == nil) == (key == nil) else {
             throw ValidationError(cert == nil ? "--etcd-key needs --etcd-cert" : "--etcd-cert needs --etcd-key")
         }
-        return TLSIdentity(caFile: ca, certFile: cert, keyFile: key)
+        return TLSCredentials(caFile: ca, certFile: cert, keyFile: key)
     }
 }
 

@@ -2,6 +2,7 @@ import ArgumentParser
 import CairnCore
 import CairnReplica
 import Foundation
+import Logging
 
 /// `cairn replica …`: look at one replica through its node's data protocol (read only).
 struct ReplicaCommand: AsyncParsableCommand {
@@ -28,10 +29,13 @@ struct ReplicaDigestCommand: AsyncParsableCommand {
     @Option(help: "HOST:PORT of the node's replica server (its --data-address).")
     var address: String
 
+    @OptionGroup var security: DataSecurityOptions
+
     func run() async throws {
         do {
             let parsed = try ReplicaAddress(address)
-            let client = try ReplicaClient.connect(host: parsed.host, port: parsed.port)
+            let client = try ReplicaClient.connect(host: parsed.host, port: parsed.port,
+                                                   security: try security.resolve(dataDir: nil, logger: Logger(label: "cairn")))
             defer { client.close() }
             let status = try client.status(volumeID: volume, epoch: .max)
             var digest = VolumeDigest()

@@ -12,10 +12,10 @@ final class EtcdTestServer: @unchecked Sendable {
     let dir: String
     let clientURL: String
     /// With `start(tls:)`: the identity a client presents (a certificate of the test CA).
-    let clientIdentity: TLSIdentity?
+    let clientIdentity: TLSCredentials?
     private let process = Process()
 
-    private init(dir: String, clientURL: String, clientIdentity: TLSIdentity?) {
+    private init(dir: String, clientURL: String, clientIdentity: TLSCredentials?) {
         self.dir = dir
         self.clientURL = clientURL
         self.clientIdentity = clientIdentity
@@ -33,7 +33,7 @@ final class EtcdTestServer: @unchecked Sendable {
         let clientPort = try freePort(), peerPort = try freePort()
         let client = "\(tls ? "https" : "http")://127.0.0.1:\(clientPort)", peer = "http://127.0.0.1:\(peerPort)"
         var tlsArguments: [String] = []
-        var clientIdentity: TLSIdentity?
+        var clientIdentity: TLSCredentials?
         if tls {
             let pki = try TestPKI.make(in: dir + "/pki")
             let serving = try pki.issue("etcd", dns: ["localhost"], ips: ["127.0.0.1"])
@@ -74,7 +74,7 @@ final class EtcdTestServer: @unchecked Sendable {
     }
 
     /// A store on this etcd under a fresh prefix, so tests sharing one etcd never see each other.
-    func store(nodeLeaseTTL: Int = 10, endpoints: [String]? = nil, tls: TLSIdentity? = nil) throws -> EtcdStore {
+    func store(nodeLeaseTTL: Int = 10, endpoints: [String]? = nil, tls: TLSCredentials? = nil) throws -> EtcdStore {
         var logger = Logger(label: "etcd-store-test")
         logger.logLevel = .debug
         return try EtcdStore(endpoints: endpoints ?? [clientURL], tls: tls ?? clientIdentity, prefix: "/cairn-test-\(UUID().uuidString)",

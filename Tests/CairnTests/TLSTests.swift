@@ -3,6 +3,7 @@ import CairnProto
 import CairnReplica
 import CairnReplicaControl
 import CairnRPC
+import CairnSecurity
 import CairnStore
 import Foundation
 import Logging
@@ -68,7 +69,7 @@ final class TLSTests: XCTestCase {
         let key = try String(contentsOfFile: good.keyFile!, encoding: .utf8)
         let keyBody = key.split(separator: "\n").dropFirst().first.map(String.init) ?? key
 
-        func refusal(_ endpoints: [String], _ tls: TLSIdentity?) -> String {
+        func refusal(_ endpoints: [String], _ tls: TLSCredentials?) -> String {
             do {
                 _ = try EtcdStore(endpoints: endpoints, tls: tls, logger: logger)
                 return ""
@@ -80,11 +81,11 @@ final class TLSTests: XCTestCase {
         XCTAssertTrue(refusal(["https://127.0.0.1:2379"], nil).contains("--etcd-ca"))
         XCTAssertTrue(refusal(["https://127.0.0.1:2379", "http://127.0.0.2:2379"], good).contains("mix http:// and https://"))
         XCTAssertTrue(refusal(["http://127.0.0.1:2379"], good).contains("https://"))
-        XCTAssertTrue(refusal(["https://127.0.0.1:2379"], TLSIdentity(caFile: dir + "/missing.crt")).contains("cannot read \(dir)/missing.crt"))
-        XCTAssertTrue(refusal(["https://127.0.0.1:2379"], TLSIdentity(caFile: good.keyFile!)).contains("holds no PEM certificate"))
-        let mismatched = TLSIdentity(caFile: good.caFile, certFile: good.certFile, keyFile: other.keyFile)
+        XCTAssertTrue(refusal(["https://127.0.0.1:2379"], TLSCredentials(caFile: dir + "/missing.crt")).contains("cannot read \(dir)/missing.crt"))
+        XCTAssertTrue(refusal(["https://127.0.0.1:2379"], TLSCredentials(caFile: good.keyFile!)).contains("holds no PEM certificate"))
+        let mismatched = TLSCredentials(caFile: good.caFile, certFile: good.certFile, keyFile: other.keyFile)
         XCTAssertTrue(refusal(["https://127.0.0.1:2379"], mismatched).contains("does not belong to the certificate"))
-        let keyAsCert = TLSIdentity(caFile: good.caFile, certFile: good.keyFile, keyFile: good.keyFile)
+        let keyAsCert = TLSCredentials(caFile: good.caFile, certFile: good.keyFile, keyFile: good.keyFile)
         XCTAssertTrue(refusal(["https://127.0.0.1:2379"], keyAsCert).contains("holds no PEM certificate"))
         XCTAssertEqual(refusal(["https://127.0.0.1:2379"], good), "", "good files, checked before any connection")
     }
@@ -110,7 +111,7 @@ final class TLSTests: XCTestCase {
     }
 
     /// One ListSnapshots call straight over gRPC (no data-protocol fallback): its status.
-    private func list(_ node: ReplicaNode, as identity: TLSIdentity?, expecting name: String = "n1") async throws -> StatusCode {
+    private func list(_ node: ReplicaNode, as identity: TLSCredentials?, expecting name: String = "n1") async throws -> StatusCode {
         let target = "tcp://" + node.controlAddress!
         let channel = try identity.map { try GRPCChannel(target: target, tls: $0, serverName: name) } ?? GRPCChannel(target: target)
         let request = Cairn_Agent_V1_ListReplicaSnapshotsRequest.with { $0.volumeID = "vol-absent"; $0.epoch = 1 }
@@ -128,9 +129,15 @@ final class TLSTests: XCTestCase {
         XCTAssertEqual(controlled, .notFound, "a controller of the cluster is admitted")
         let itself = try await list(node, as: try pki.node("n1"))
         XCTAssertEqual(itself, .notFound, "the node's own sweeper is admitted")
+        let both = try pki.issue("n3", uris: ["spiffe://cairn/node/n3", "spiffe://cairn/controller/n3"], dns: ["n3"])
+        let roleAll = try await list(node, as: both)
+        XCTAssertEqual(roleAll, .notFound, "a `--role all` process (a node and a controller) is admitted as a controller")
 
         // The client's ReplicaControlClient over mTLS creates a replica through the service.
-        let client = ReplicaControlClient(timeout: .seconds(20), tls: controller, logger: logger)
+        let identity = try TLSIdentity(files: TLSFiles(ca: controller.caFile, certificate: controller.certFile!, key: controller.keyFile!),
+                                       logger: logger)
+        let client = ReplicaControlClient(timeout: .seconds(20), logger: logger,
+                                          security: DataPlaneSecurity(mode: .auth, identity: identity))
         try await client.createReplica(ReplicaNode(nodeID: "n1", dataAddress: "127.0.0.1:1", controlAddress: node.controlAddress),
                                        volumeID: "vol-1", sizeBytes: 1 << 20)
         XCTAssertTrue(FileManager.default.fileExists(atPath: dir + "/n1/replicas/vol-1"), "created through the control service")

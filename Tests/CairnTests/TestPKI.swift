@@ -21,16 +21,16 @@ struct TestPKI {
     var caFile: String { dir + "/ca.crt" }
 
     /// A node's identity: URI SAN spiffe://TD/node/NAME and DNS SAN NAME.
-    func node(_ name: String, ips: [String] = []) throws -> TLSIdentity {
+    func node(_ name: String, ips: [String] = []) throws -> TLSCredentials {
         try issue(name, uris: ["spiffe://\(trustDomain)/node/\(name)"], dns: [name], ips: ips)
     }
 
-    func controller(_ name: String) throws -> TLSIdentity {
+    func controller(_ name: String) throws -> TLSCredentials {
         try issue(name, uris: ["spiffe://\(trustDomain)/controller/\(name)"], dns: [name])
     }
 
     /// Writes DIR/NAME/{tls.crt,tls.key,ca.crt} (replacing an earlier NAME) and returns them.
-    func issue(_ name: String, uris: [String] = [], dns: [String] = [], ips: [String] = []) throws -> TLSIdentity {
+    func issue(_ name: String, uris: [String] = [], dns: [String] = [], ips: [String] = []) throws -> TLSCredentials {
         let out = dir + "/" + name
         try? FileManager.default.removeItem(atPath: out)
         try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
@@ -43,7 +43,7 @@ struct TestPKI {
         try Self.openssl(["x509", "-req", "-in", out + "/tls.csr", "-CA", caFile, "-CAkey", dir + "/ca.key",
                           "-CAcreateserial", "-out", out + "/tls.crt", "-days", "2", "-extfile", out + "/ext.cnf"])
         try FileManager.default.copyItem(atPath: caFile, toPath: out + "/ca.crt")
-        return TLSIdentity(directory: out)
+        return TLSCredentials(caFile: out + "/ca.crt", certFile: out + "/tls.crt", keyFile: out + "/tls.key")
     }
 
     private static func openssl(_ arguments: [String]) throws {

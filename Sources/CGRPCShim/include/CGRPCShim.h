@@ -28,14 +28,12 @@ typedef struct cgrpc_tls_files {
   const char *key_path;
 } cgrpc_tls_files;
 
-// Reads and checks a TLS identity with OpenSSL, the way the server and channel functions below
-// do: the CA file holds at least one certificate, the certificate file a leaf (then
-// intermediates), the key file an unencrypted private key matching the leaf, which has not
-// expired. Returns 0, and the leaf's SPIFFE ID (its one URI SAN spiffe://...; "" when none) in
-// `spiffe_id`; or -1 with the reason in `err`. Exists so that Swift can refuse bad files at
-// start with a clear message instead of a failed handshake later.
-int cgrpc_tls_check(const cgrpc_tls_files *files, char *spiffe_id, size_t spiffe_id_len, char *err,
-                    size_t err_len);
+// Reads and checks TLS files with OpenSSL, the way the server and channel functions below do:
+// the CA file holds at least one certificate, the certificate file a leaf (then intermediates),
+// the key file an unencrypted private key matching the leaf, which has not expired. Returns 0,
+// or -1 with the reason in `err`. Exists so that Swift can refuse bad files at start with a
+// clear message instead of a failed handshake later.
+int cgrpc_tls_check(const cgrpc_tls_files *files, char *err, size_t err_len);
 
 // Called on a gRPC thread once a unary request has been read. `call_id` is unique for the life
 // of the server. The callee must return quickly and later call cgrpc_call_finish(call, ...)
@@ -62,10 +60,10 @@ cgrpc_server *cgrpc_server_start(const char *const *endpoints, size_t endpoint_c
 
 // The caller of a call not yet finished, for the handler's authorization and logs: its address
 // as grpc spells it ("ipv4:10.0.0.2:41234") and, over mutual TLS, its verified certificate's
-// SPIFFE ID ("" when none, or over plaintext). Writes at most buffer_len bytes (NUL-terminated)
-// and returns the full length.
+// URI SANs, newline-separated ("" over plaintext). Writes at most buffer_len bytes
+// (NUL-terminated) and returns the full length.
 size_t cgrpc_call_peer(const cgrpc_call *call, char *buffer, size_t buffer_len);
-size_t cgrpc_call_peer_spiffe_id(const cgrpc_call *call, char *buffer, size_t buffer_len);
+size_t cgrpc_call_peer_uris(const cgrpc_call *call, char *buffer, size_t buffer_len);
 
 // Graceful shutdown bounded by `grace_ms`: stops accepting, lets in-flight calls finish, then
 // cancels what is left and waits for every call to be finished. Then frees the server.

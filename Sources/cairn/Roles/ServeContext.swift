@@ -9,6 +9,7 @@ import CairnNode
 import CairnProcess
 import CairnReplica
 import CairnRPC
+import CairnSecurity
 import CairnStore
 import Foundation
 import Logging
@@ -89,13 +90,16 @@ struct ServeContext {
         if etcd != nil && role == .all {
             logger.warning("--role all with --store etcd serves a controller in this process at once, outside the leader lease (each of its changes is one etcd transaction); re-replication runs only while this process holds the lease. In a cluster without a CO that needs a controller per node, run one `--role controller` (standbys wait for the lease) and on every node `--role agent` plus `--role node --agent-socket PATH`")
         }
+        // Every cluster process that speaks the data protocol (a split CSI node does not).
+        let speaksDataProtocol = etcd != nil && !(role == .node && options.agentSocket != "none")
+        let security: DataPlaneSecurity = speaksDataProtocol
+            ? try options.dataSecurityOptions.resolve(dataDir: dataDir, logger: logger) : .insecure
+        if let identity = security.identity {
+            try Self.checkIdentity(identity, role: role, nodeID: nodeID, logger: logger)
+        }
         let localFiles = try LocalFileBacking(dataDir: dataDir)
         // Engines run in the agent, all, and node-with-in-process-agent roles: their FUSE
         // connections are kept across a restart of this process (docs/design.md).
-        let identity = try options.tlsDir.map {
-            try ProcessIdentity(directory: $0, nodeID: nodeID,
-                                servesReplicas: options.dataAddress != nil && role != .controller)
-        }
         let runsEngines = etcd != nil && (role == .agent || role == .all || (role == .node && options.agentSocket == "none"))
         let keeper = runsEngines ? FUSEKeeperClient(socketPath: options.fuseKeeperSocket ?? dataDir + "/fuse-keeper.sock",
                                                     mode: options.fuseKeeper, logger: logger) : nil
@@ -105,7 +109,7 @@ struct ServeContext {
                                     recovery: .init(rebuildBytesPerSecond: UInt64(options.rebuildRate * 1e6),
                                                     scrubBytesPerSecond: UInt64(options.scrubRate * 1e6),
                                                     retrySeconds: options.resyncRetry),
-                                    keeper: keeper, controlTLS: identity?.files, logger: logger)
+                                    keeper: keeper, security: security, logger: logger)
         if runsEngines, let replicated = backing as? ReplicatedBacking {
             do { try replicated.lockEnginesDirectory() } catch let error as CairnError {
                 throw ValidationError(error.message)
@@ -128,7 +132,8 @@ struct ServeContext {
             do { address = try ReplicaAddress(dataAddress) } catch {
                 throw ValidationError("--data-address \(dataAddress) is not HOST:PORT (\(error))")
             }
-            let server = try ReplicaServer(dataDir: dataDir, host: address.host, port: address.port, logger: logger)
+            let server = try ReplicaServer(dataDir: dataDir, host: address.host, port: address.port, logger: logger,
+                                           security: security)
             // Listening before the node registers (the bound port is recorded); the
             // ReplicaServing service stops it on shutdown.
             try server.start()
@@ -141,7 +146,7 @@ struct ServeContext {
         }
         let nodeCapacity = try options.capacity.map(Serve.parseBytes) ?? Serve.filesystemBytes(dataDir)
         let control = try ReplicaControlServing(flag: options.controlAddress, replicaServer: replicaServer,
-                                                identity: identity, logger: logger)
+                                                identity: security.identity, nodeID: nodeID, logger: logger)
         var nodeRecord = NodeRecord(id: nodeID, topology: topology, maxVolumes: options.maxVolumes,
                                     dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity,
                                     controlAddress: control?.address)
@@ -149,14 +154,39 @@ struct ServeContext {
         var sweeper: ReplicaSweeper?
         if etcd != nil, let dataAddressRecorded {
             sweeper = ReplicaSweeper(nodeID: nodeID, store: store, dataDir: dataDir,
-                                     address: dataAddressRecorded, controlAddress: control?.address,
-                                     controlTLS: identity?.files, logger: logger)
+                                     address: dataAddressRecorded, controlAddress: control?.address, security: security,
+                                     logger: logger)
         }
         return ServeContext(options: options, logger: logger, endpoint: endpoint, nodeID: nodeID, topology: topology,
                             roots: roots, agentEndpoint: agentEndpoint, etcd: etcd, store: store, localFiles: localFiles,
                             backing: backing, runsEngines: runsEngines, inProcessAgent: inProcessAgent,
                             splitNode: splitNode, linux: linux, replicaServer: replicaServer, control: control, nodeRecord: nodeRecord,
                             sweeper: sweeper)
+    }
+
+    /// Refuses to start with a certificate that is not this process's: a node's must name this
+    /// node id, a controller's a controller; warns when it expires within 30 days.
+    static func checkIdentity(_ identity: TLSIdentity, role: Role, nodeID: String, logger: Logger) throws {
+        let context = identity.current
+        let me = context.identity
+        let td = identity.trustDomain
+        if role != .controller, me.node(in: td) != nodeID {
+            throw ValidationError("the certificate \(identity.files.certificate) names \(me), not this node (spiffe://\(td)/node/\(nodeID)); issue this node's with `cairn cert issue \(nodeID) --ca-dir CA_DIR --out DIR`")
+        }
+        if role == .controller || role == .all, !me.isController(in: td) {
+            throw ValidationError("the certificate \(identity.files.certificate) names \(me), not a controller; issue one with `cairn cert issue NAME --role \(role == .all ? "node,controller" : "controller") --ca-dir CA_DIR --out DIR`")
+        }
+        let left = context.info.notAfter.timeIntervalSinceNow
+        guard left > 0 else {
+            throw ValidationError("the certificate \(identity.files.certificate) expired at \(context.info.notAfter); issue a new one with `cairn cert issue`")
+        }
+        if left < 30 * 86400 {
+            logger.warning("this process's certificate expires soon; issue a new one into the same directory (it is picked up without a restart)",
+                           metadata: ["tls.certificate": "\(identity.files.certificate)", "tls.not_after": "\(context.info.notAfter)"])
+        }
+        logger.info("replica traffic is authenticated", metadata: [
+            "data.security": "\(identity.files.certificate)", "tls.identity": "\(me)", "tls.not_after": "\(context.info.notAfter)",
+        ])
     }
 
     /// Warns about each system tool the machine's mounter needs and cannot find.

@@ -1,0 +1,238 @@
+// The data protocol's secure transport: a mutual TLS 1.3 handshake (OpenSSL) over the TCP
+// socket, then records sealed with keys exported from that handshake (RFC 8446 7.5):
+//
+//   record = length (4 bytes, big-endian, 1…maxRecord) | data (length bytes) | tag (16 bytes)
+//
+// Each direction has its own AES-256-GCM key and IV; record n's nonce is the IV xor n, and the
+// length is authenticated with the data, so a record that is changed, dropped, reordered,
+// replayed or taken from another connection fails its tag and the connection is closed. `auth`
+// sends the data in the clear (the tag is a GMAC over it); `secure` encrypts it.
+//
+// Why not SSL_read/SSL_write: a replica connection sends on many threads while one thread
+// receives, and an OpenSSL session may not be used by two threads at once. Two independent
+// directions need no lock between them.
+//
+// Threading: `send` may be called from any thread (it serializes itself); `receive` from one
+// thread only (the connection's reader).
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CairnCore
+import CTLSShim
+import Synchronization
+
+public struct SecureChannelError: Error, Sendable, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
+public final class SecureChannel: @unchecked Sendable {
+    /// Largest data in one record; longer sends are split.
+    public static let maxRecord = 1 << 20
+    static let headerSize = 4
+    static let tagSize = 16
+    static let exporterLabel = "EXPORTER-cairn-data-v1"
+
+    public let mode: DataSecurity
+    /// Who the peer proved to be.
+    public let peer: PeerIdentity
+    private let fd: Int32
+    /// The sending direction's cipher; held while a record is sealed and sent (records must go
+    /// out in sequence-number order).
+    private let sealer: OpaquePointer
+    private let sendLock = Mutex(())
+    // Receiving: touched only by the one reader thread.
+    private let opener: OpaquePointer
+    private let buffer: UnsafeMutableRawBufferPointer
+    private var start = 0
+    private var end = 0
+
+    /// Runs the handshake on the connected socket `fd` within `timeout`. Throws when the peer's
+    /// certificate is not from this identity's CAs, it presents none, its mode differs, or it
+    /// does not finish in time; the caller then closes the socket.
+    public static func establish(fd: Int32, asServer: Bool, mode: DataSecurity, context: TLSContext,
+                                 timeout: Duration) throws -> SecureChannel {
+        precondition(mode != .none, "a secure channel needs auth or secure")
+        setTimeout(fd, timeout)
+        defer { setTimeout(fd, .zero) }
+        var peerMode: UInt8 = 0
+        var uris = [CChar](repeating: 0, count: 4096)
+        var keys = [UInt8](repeating: 0, count: 2 * (32 + 12))
+        var err = [CChar](repeating: 0, count: 1024)
+        guard ctls_handshake(context.raw, fd, asServer ? 1 : 0, mode.wireValue, &peerMode, &uris, uris.count,
+                             exporterLabel, &keys, keys.count, &err, err.count) == 0 else {
+            throw SecureChannelError(String(cString: err))
+        }
+        defer { for i in keys.indices { keys[i] = 0 } }
+        guard peerMode == mode.wireValue else {
+            let theirs = DataSecurity(wireValue: peerMode).map { "--data-security \($0)" } ?? "an unknown mode (\(peerMode))"
+            throw SecureChannelError("the peer runs \(theirs) and this process --data-security \(mode): every node must run the same mode")
+        }
+        let joined = String(cString: uris)
+        let peer = PeerIdentity(uris: joined.isEmpty ? [] : joined.split(separator: "\n").map(String.init))
+        // keys: client→server key, IV; server→client key, IV.
+        let (send, receive) = asServer ? (44, 0) : (0, 44)
+        let encrypt: Int32 = mode == .secure ? 1 : 0
+        let sealer = keys.withUnsafeBufferPointer { k in ctls_aead_new(k.baseAddress! + send, k.baseAddress! + send + 32, encrypt, 1) }
+        let opener = keys.withUnsafeBufferPointer { k in ctls_aead_new(k.baseAddress! + receive, k.baseAddress! + receive + 32, encrypt, 0) }
+        guard let sealer, let opener else {
+            ctls_aead_free(sealer)
+            ctls_aead_free(opener)
+            throw SecureChannelError("cannot set up AES-256-GCM")
+        }
+        return SecureChannel(fd: fd, mode: mode, peer: peer, sealer: sealer, opener: opener)
+    }
+
+    private init(fd: Int32, mode: DataSecurity, peer: PeerIdentity, sealer: OpaquePointer, opener: OpaquePointer) {
+        self.fd = fd
+        self.mode = mode
+        self.peer = peer
+        self.sealer = sealer
+        self.opener = opener
+        self.buffer = .allocate(byteCount: 2 * (Self.maxRecord + Self.headerSize + Self.tagSize), alignment: 16)
+    }
+
+    deinit {
+        ctls_aead_free(sealer)
+        ctls_aead_free(opener)
+        buffer.deallocate()
+    }
+
+    // MARK: sending
+
+    /// Seals `parts` (in order, as one stream of bytes) into records and writes them whole.
+    /// A failure leaves the connection unusable.
+    public func send(_ parts: [UnsafeRawBufferPointer]) throws {
+        try sendLock.withLock { _ in
+            var pending = parts.filter { $0.count > 0 }[...]
+            while !pending.isEmpty {
+                // The parts (or pieces of them) that fill the next record.
+                var record: [UnsafeRawBufferPointer] = []
+                var length = 0
+                while let part = pending.first, length < Self.maxRecord {
+                    let take = min(part.count, Self.maxRecord - length)
+                    record.append(UnsafeRawBufferPointer(rebasing: part[0..<take]))
+                    length += take
+                    if take == part.count { pending.removeFirst() } else {
+                        pending[pending.startIndex] = UnsafeRawBufferPointer(rebasing: part[take...])
+                    }
+                }
+                try sendRecord(sealer, record, length: length)
+            }
+        }
+    }
+
+    private func sendRecord(_ sealer: OpaquePointer, _ record: [UnsafeRawBufferPointer], length: Int) throws {
+        var header = UInt32(length).bigEndian
+        var tag = [UInt8](repeating: 0, count: Self.tagSize)
+        let parts = record.map { ctls_part(base: $0.baseAddress!.assumingMemoryBound(to: UInt8.self), len: $0.count) }
+        if mode == .secure {
+            let out = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 16)
+            defer { out.deallocate() }
+            let rc = withUnsafeBytes(of: &header) { h in
+                ctls_aead_seal(sealer, h.baseAddress!.assumingMemoryBound(to: UInt8.self), 4, parts, parts.count,
+                               out.baseAddress!.assumingMemoryBound(to: UInt8.self), &tag)
+            }
+            guard rc == 0 else { throw SecureChannelError("sealing a record failed") }
+            try withUnsafeBytes(of: &header) { h in
+                try tag.withUnsafeBytes { t in try Self.writeAll(fd, [h, UnsafeRawBufferPointer(out), t]) }
+            }
+        } else {
+            let rc = withUnsafeBytes(of: &header) { h in
+                ctls_aead_seal(sealer, h.baseAddress!.assumingMemoryBound(to: UInt8.self), 4, parts, parts.count, nil, &tag)
+            }
+            guard rc == 0 else { throw SecureChannelError("sealing a record failed") }
+            try withUnsafeBytes(of: &header) { h in
+                try tag.withUnsafeBytes { t in try Self.writeAll(fd, [h] + record + [t]) }
+            }
+        }
+    }
+
+    /// sendmsg until every byte of `parts` is written (short writes, EINTR); never SIGPIPE.
+    static func writeAll(_ fd: Int32, _ parts: [UnsafeRawBufferPointer]) throws {
+        var iov = parts.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress!), iov_len: $0.count) }
+        var first = 0
+        while first < iov.count {
+            let n = iov.withUnsafeMutableBufferPointer { v -> Int in
+                var msg = msghdr()
+                msg.msg_iov = v.baseAddress! + first
+                msg.msg_iovlen = min(v.count - first, 1024)
+                return sendmsg(fd, &msg, Int32(MSG_NOSIGNAL))
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SecureChannelError("send: \(String(cString: strerror(errno)))")
+            }
+            var left = n
+            while left > 0, first < iov.count {
+                if left >= iov[first].iov_len {
+                    left -= iov[first].iov_len
+                    first += 1
+                } else {
+                    iov[first].iov_base += left
+                    iov[first].iov_len -= left
+                    left = 0
+                }
+            }
+        }
+    }
+
+    // MARK: receiving
+
+    /// The data of the next record, valid until the next call; nil when the peer closed the
+    /// connection between records. Throws on a record that fails its tag, a bad length, a
+    /// connection closed inside a record, or a receive error.
+    public func receive() throws -> UnsafeRawBufferPointer? {
+        while true {
+            if end - start >= Self.headerSize {
+                let length = Int(UInt32(bigEndian: UnsafeRawPointer(buffer.baseAddress! + start).loadUnaligned(as: UInt32.self)))
+                guard length > 0, length <= Self.maxRecord else {
+                    throw SecureChannelError("a record of \(length) bytes (most: \(Self.maxRecord)): not a peer of this protocol")
+                }
+                let total = Self.headerSize + length + Self.tagSize
+                if end - start >= total {
+                    let record = buffer.baseAddress! + start
+                    start += total
+                    let data = (record + Self.headerSize).assumingMemoryBound(to: UInt8.self)
+                    let rc = ctls_aead_open(opener, record.assumingMemoryBound(to: UInt8.self), 4, data, length,
+                                            mode == .secure ? data : nil,
+                                            (record + Self.headerSize + length).assumingMemoryBound(to: UInt8.self))
+                    guard rc == 0 else {
+                        throw SecureChannelError("a record failed its integrity check (changed, replayed or out of order): the connection is closed")
+                    }
+                    return UnsafeRawBufferPointer(start: data, count: length)
+                }
+                if start + total > buffer.count { compact() }
+            } else if start > 0, buffer.count - end < Self.headerSize {
+                compact()
+            }
+            let n = recv(fd, buffer.baseAddress! + end, buffer.count - end, 0)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SecureChannelError("receive: \(String(cString: strerror(errno)))")
+            }
+            if n == 0 {
+                if end == start { return nil }
+                throw SecureChannelError("the peer closed the connection inside a record")
+            }
+            end += n
+        }
+    }
+
+    private func compact() {
+        let count = end - start
+        if count > 0 { memmove(buffer.baseAddress!, buffer.baseAddress! + start, count) }
+        start = 0
+        end = count
+    }
+
+    private static func setTimeout(_ fd: Int32, _ d: Duration) {
+        let (s, atto) = d.components
+        var tv = timeval(tv_sec: Int(s), tv_usec: Int(atto / 1_000_000_000_000))
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+}
