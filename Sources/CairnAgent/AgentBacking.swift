@@ -21,7 +21,7 @@ public struct AgentBacking: NodeBacking {
         }, as: Cairn_Agent_V1_VolumeFileResponse.self).file
     }
 
-    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch) async throws -> String {
+    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?) async throws -> String {
         // Starting an engine claims every in-sync replica over the network.
         try await client.call(AgentProtocol.Method.activateVolume, Cairn_Agent_V1_ActivateVolumeRequest.with {
             $0.volumeID = volume.id

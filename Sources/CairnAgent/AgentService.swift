@@ -286,7 +286,7 @@ public final class AgentService: Sendable {
                 throw CairnError.failedPrecondition(
                     "volume \(q.volumeID) is attached to node \(self.nodeID) with epoch \(attachment.epoch.rawValue), not \(q.epoch); the request is stale, retry NodeStageVolume")
             }
-            let file = try await self.requireBacking().activate(volume, epoch: attachment.epoch)
+            let file = try await self.requireBacking().activate(volume, attachment: attachment)
             return .with { $0.file = file }
         }
         serve(router, M.deactivateVolume) { (q: Cairn_Agent_V1_DeactivateVolumeRequest) async throws -> Cairn_Agent_V1_DeactivateVolumeResponse in

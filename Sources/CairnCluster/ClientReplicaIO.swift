@@ -1,3 +1,4 @@
+import CairnCore
 import CairnEngine
 import CairnReplica
 
@@ -22,12 +23,16 @@ extension ReplicaClientError: ReplicaDamageSignal {
 final class ClientReplicaIO: ReplicaIO {
     let client: ReplicaClient
 
-    init(_ client: ReplicaClient) {
+    /// The controller's grant of the engine's epoch to this node, carried by every claim.
+    let grant: ClaimGrant?
+
+    init(_ client: ReplicaClient, grant: ClaimGrant? = nil) {
         self.client = client
+        self.grant = grant
     }
 
     func claim(volumeID: String, epoch: UInt64) throws -> ReplicaStatus {
-        try client.claim(volumeID: volumeID, epoch: epoch)
+        try client.claim(volumeID: volumeID, epoch: epoch, grant: grant)
     }
 
     func read(volumeID: String, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, epoch: UInt64) throws {

@@ -164,7 +164,7 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
         return "\(enginesDirectory)/\(volumeID)/volume"
     }
 
-    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch) async throws -> String {
+    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?) async throws -> String {
         try Validate.volumeID(volume.id)
         // Already serving this epoch: no store read. (A newer epoch restarts the engine: the registry.)
         if let running = engines.state(volumeID: volume.id), running.epoch == epoch.rawValue, let path = running.path {
@@ -192,7 +192,7 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
                 return try LocalReplicaIO(server: server, volumeID: volumeID)
             }
             return ClientReplicaIO(try ReplicaClient.connect(host: replica.host, port: replica.port, security: security,
-                                                             expectedNode: replica.nodeID))
+                                                             expectedNode: replica.nodeID), grant: grant)
         }
         let markOutOfSync: @Sendable (String, String) throws -> Void = { failedNode, reason in
             do {

@@ -284,7 +284,7 @@ public final class ControllerService: Sendable {
                 || existing.contains { AccessRules.isSingleNode(AccessMode(rawValue: $0.accessMode) ?? .unknown) }
             let attachment = try await store.attach(volumeID: volume.id, nodeID: request.nodeID, readonly: request.readonly,
                                                     accessMode: access.mode.rawValue, exclusive: exclusive,
-                                                    nodeLimit: node.maxVolumes)
+                                                    nodeLimit: node.maxVolumes, signer: cluster?.claimSigner)
             logger.info("volume published to node", metadata: [
                 "volume.id": "\(volume.id)", "node.id": "\(request.nodeID)", "volume.epoch": "\(attachment.epoch)",
                 "readonly": "\(request.readonly)",

@@ -7,8 +7,12 @@ public struct ClusterConfig: Sendable {
     /// `--list-scope node`: ListVolumes and GetCapacity answer for this controller's node only
     /// (see NodeScope.swift).
     public var scopedToNode: Bool
+    /// Signs each attachment's claim grant (the controller's TLS identity); nil without data
+    /// security.
+    public var claimSigner: (any ClaimSigner)?
 
-    public init(defaultReplicas: Int = 3, scopedToNode: Bool = false) {
+    public init(defaultReplicas: Int = 3, scopedToNode: Bool = false, claimSigner: (any ClaimSigner)? = nil) {
+        self.claimSigner = claimSigner
         self.defaultReplicas = defaultReplicas
         self.scopedToNode = scopedToNode
     }

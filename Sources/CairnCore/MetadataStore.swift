@@ -30,9 +30,10 @@ public protocol MetadataStore: Sendable {
     /// Raises the volume's epoch and records the attachment with it, in one transaction.
     /// With `exclusive`, throws FAILED_PRECONDITION if another node holds an attachment; with
     /// `nodeLimit` > 0, RESOURCE_EXHAUSTED if the node already has that many volumes attached.
-    /// Returns the stored attachment.
+    /// Returns the stored attachment. `signer` signs the new epoch's grant inside the
+    /// transaction, so the attachment is never stored without it.
     func attach(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int,
-                exclusive: Bool, nodeLimit: Int64) async throws -> AttachmentRecord
+                exclusive: Bool, nodeLimit: Int64, signer: (any ClaimSigner)?) async throws -> AttachmentRecord
     func detach(volumeID: String, nodeID: String) async throws
 
     // Replicas
@@ -96,6 +97,13 @@ public protocol MetadataStore: Sendable {
 }
 
 extension MetadataStore {
+    /// `attach` without a grant (one machine, or data security off).
+    public func attach(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int,
+                       exclusive: Bool, nodeLimit: Int64) async throws -> AttachmentRecord {
+        try await attach(volumeID: volumeID, nodeID: nodeID, readonly: readonly, accessMode: accessMode,
+                         exclusive: exclusive, nodeLimit: nodeLimit, signer: nil)
+    }
+
     /// Deletes the volume and every record that refers to it. No error if absent.
     public func deleteVolume(id: String) async throws {
         try await deleteVolume(id: id, recordingReplicaDeletions: [])

@@ -15,8 +15,10 @@ public protocol NodeBacking: Sendable {
     func file(volumeID: String) async throws -> String
     /// Makes `file(volumeID:)` usable on this node for a writer holding `epoch` (replicated:
     /// starts the engine, which claims the replicas with the epoch and so fences older holders).
-    /// Returns the file.
-    func activate(_ volume: VolumeRecord, epoch: FencingEpoch) async throws -> String
+    /// Returns the file. `grant` is the controller's signature of that epoch for this node
+    /// (the attachment's), which every replica's claim carries; a backing that reads the
+    /// attachment itself (the agent's) ignores it.
+    func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?) async throws -> String
     /// Undoes `activate` once no loop device uses the file any more.
     func deactivate(volumeID: String) async throws
     /// The volume's health on this node, as CSI's VolumeCondition and NodeStage want it.
@@ -47,5 +49,17 @@ extension NodeBacking where Self: VolumeBacking {
     /// A backing that serves both sides in one process reports the controller's view.
     public func condition(_ volume: VolumeRecord) -> BackingCondition {
         BackingCondition(problem: problem(volume), healthy: healthy(volume), stageBlocker: stageBlocker(volume))
+    }
+}
+
+extension NodeBacking {
+    /// `activate` without a grant (one machine, tests, data security off).
+    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch) async throws -> String {
+        try await activate(volume, epoch: epoch, grant: nil)
+    }
+
+    /// `activate` of the attachment `attachment` (its epoch and grant).
+    public func activate(_ volume: VolumeRecord, attachment: AttachmentRecord) async throws -> String {
+        try await activate(volume, epoch: attachment.epoch, grant: attachment.grant)
     }
 }

@@ -323,9 +323,13 @@ public struct AttachmentRecord: Codable, Sendable, Equatable {
     public var accessMode: Int
     public var epoch: FencingEpoch
     public var createdAt: Date
+    /// The controller's signature of this attachment (nil without data security, or from a
+    /// release before signed claims).
+    public var grant: ClaimGrant?
 
     public init(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int, epoch: FencingEpoch,
-                createdAt: Date = Date()) {
+                createdAt: Date = Date(), grant: ClaimGrant? = nil) {
+        self.grant = grant
         self.volumeID = volumeID
         self.nodeID = nodeID
         self.readonly = readonly

@@ -43,7 +43,7 @@ public struct LocalFileBacking: VolumeBacking, NodeBacking {
         if unlink(path) != 0 && errno != ENOENT { throw SystemError("unlink \(path)", errno: errno) }
     }
 
-    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch) throws -> String {
+    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?) throws -> String {
         try file(volumeID: volume.id)
     }
 

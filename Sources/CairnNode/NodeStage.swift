@@ -61,7 +61,7 @@ extension NodeService {
             // is found below as an orphan and replaced. A failure here is the answer: a volume
             // no engine serves is never reported staged.
             do {
-                _ = try await backing.activate(volume, epoch: attachment.epoch)
+                _ = try await backing.activate(volume, attachment: attachment)
             } catch let error as CairnError {
                 throw CairnError(error.code, "volume \(volumeID) is staged on this node but its engine cannot serve it: \(error.message)")
             }
@@ -140,7 +140,7 @@ extension NodeService {
         // attachment's epoch, which fences every older holder, before any byte is written.
         let activatedNow = devices.isEmpty
         if activatedNow {
-            _ = try await backing.activate(volume, epoch: attachment.epoch)
+            _ = try await backing.activate(volume, attachment: attachment)
         }
         if let problem = try await backing.condition(volume).stageBlocker {
             if activatedNow { try? await backing.deactivate(volumeID: volumeID) }

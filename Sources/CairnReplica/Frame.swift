@@ -442,8 +442,6 @@ public struct VolumeRequest: WireCodable {
     }
 }
 
-/// The claimed epoch is the header's.
-public typealias ClaimRequest = VolumeRequest
 public typealias FlushRequest = VolumeRequest
 public typealias StatusRequest = VolumeRequest
 public typealias DeleteRequest = VolumeRequest

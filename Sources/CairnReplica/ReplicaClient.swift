@@ -15,6 +15,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CairnCore
 import CairnSecurity
 import Dispatch
 import Logging
@@ -232,8 +233,8 @@ public final class ReplicaClient: Sendable {
     }
 
     /// Claims `epoch` (persisted by the replica before it answers) and returns the status.
-    public func claim(volumeID: String, epoch: UInt64) throws -> ReplicaStatus {
-        _ = try call(DataOp.Claim.self, ClaimRequest(volume: volumeID), epoch: epoch)
+    public func claim(volumeID: String, epoch: UInt64, grant: ClaimGrant? = nil) throws -> ReplicaStatus {
+        _ = try call(DataOp.Claim.self, ClaimRequest(volume: volumeID, grant: grant), epoch: epoch)
         return try status(volumeID: volumeID, epoch: epoch)
     }
 

@@ -333,7 +333,7 @@ public final class ReplicaServer: Sendable {
                     // Small writes run on this thread: a hand-off to a worker and back costs
                     // more CPU than the write itself on a busy node. Larger ones (and reads,
                     // flushes, claims) go to the pool so a slow one does not stall the rest.
-                    c.send(handle(frame, peerVersion: peerVersion, logger: log))
+                    c.send(handle(frame, peerVersion: peerVersion, peer: c.channel?.peer, logger: log))
                     continue
                 }
                 inFlight.wait()
@@ -343,7 +343,7 @@ public final class ReplicaServer: Sendable {
                         inFlight.signal()
                         running.leave()
                     }
-                    c.send(handle(frame, peerVersion: peerVersion, logger: log))
+                    c.send(handle(frame, peerVersion: peerVersion, peer: c.channel?.peer, logger: log))
                 }
             }
         }
@@ -358,6 +358,8 @@ public final class ReplicaServer: Sendable {
         let requestFlags: UInt8
         /// The hello's negotiated protocol version (what the peer understands).
         let peerVersion: UInt16
+        /// Who the peer proved to be (auth and secure modes); nil on plain TCP.
+        var peer: PeerIdentity? = nil
         let log: Logger
     }
 
@@ -398,8 +400,23 @@ public final class ReplicaServer: Sendable {
             return PlainResponse(status: .ok)
         },
         handler(DataOp.Claim.self) { server, m, c in
+            if let identity = server.security.identity, let peer = c.peer,
+               let refusal = identity.refusal(ofClaim: m.grant, volumeID: m.volume, epoch: c.epoch, by: peer) {
+                c.log.warning("refused a claim: \(refusal)", metadata: [
+                    "volume.id": "\(m.volume)", "claim.epoch": "\(c.epoch)", "replica.peer_identity": "\(peer)",
+                ])
+                // Answered without the replica's epoch: only a valid grant learns it.
+                throw ReplicaError.badRequest("claim refused: \(refusal)")
+            }
             let store = try server.store(m.volume)
+            let before = store.status.epoch
             try store.claim(epoch: c.epoch)
+            if c.epoch > before {
+                c.log.info("claim accepted", metadata: [
+                    "volume.id": "\(m.volume)", "claim.epoch": "\(c.epoch)", "replica.previous_epoch": "\(before)",
+                    "replica.peer_identity": "\(c.peer.map { "\($0)" } ?? "unauthenticated")",
+                ])
+            }
             return ClaimResponse(status: .ok, replicaEpoch: store.status.epoch)
         },
         handler(DataOp.Status.self) { server, m, c in
@@ -478,9 +495,10 @@ public final class ReplicaServer: Sendable {
     ])
 
     /// Runs one request through its op's handler; every failure becomes the op's response.
-    func handle(_ frame: Frame, peerVersion: UInt16 = FrameLimits.protocolVersion, logger log: Logger) -> Frame {
+    func handle(_ frame: Frame, peerVersion: UInt16 = FrameLimits.protocolVersion, peer: PeerIdentity? = nil,
+                logger log: Logger) -> Frame {
         let context = RequestContext(epoch: frame.epoch, requestFlags: frame.headerFlags & ~FrameFlags.response,
-                                     peerVersion: peerVersion, log: log)
+                                     peerVersion: peerVersion, peer: peer, log: log)
         guard let handler = Self.handlers[frame.opcode] else {
             // Every declared op has a handler (a test pins it down); the decoder refuses the rest.
             let failure = failure(ReplicaError.badRequest("this replica server has no handler for \(frame.opcode)"),

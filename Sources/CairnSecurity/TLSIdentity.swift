@@ -140,13 +140,15 @@ public final class TLSIdentity: Sendable {
     }
 
     /// Loads the files; throws a message that says which file is wrong and how to make one.
-    public init(files: TLSFiles, logger: Logger) throws {
+    /// `trustDomain` is for a certificate that names no Cairn identity (a client that only
+    /// reads, in tests); otherwise it comes from the certificate.
+    public init(files: TLSFiles, logger: Logger, trustDomain: String? = nil) throws {
         for path in [files.ca, files.certificate, files.key] where access(path, R_OK) != 0 {
             throw CairnError.invalidArgument(
                 "cannot read \(path): \(String(cString: strerror(errno))); make the files with `cairn ca init --dir CA_DIR` and `cairn cert issue NAME --ca-dir CA_DIR --out DIR` (or bring ca.crt, tls.crt and tls.key, e.g. from a cert-manager Secret)")
         }
         let context = try TLSContext(files)
-        guard let td = context.identity.ids.first?.trustDomain else {
+        guard let td = context.identity.ids.first?.trustDomain ?? trustDomain else {
             throw CairnError.invalidArgument(
                 "the certificate \(files.certificate) names no Cairn identity (a URI subjectAltName spiffe://TRUST-DOMAIN/node/NODE-ID or spiffe://TRUST-DOMAIN/controller/NAME); issue one with `cairn cert issue`")
         }

@@ -491,7 +491,7 @@ public final class EtcdStore: MetadataStore, LeaderElection {
     }
 
     public func attach(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int,
-                       exclusive: Bool, nodeLimit: Int64) async throws -> AttachmentRecord {
+                       exclusive: Bool, nodeLimit: Int64, signer: (any ClaimSigner)?) async throws -> AttachmentRecord {
         try await transact("attach volume \(volumeID) to node \(nodeID)") { txn in
             guard var volume = try await txn.get(volumeKey(volumeID)).map({ try decode(VolumeRecord.self, $0) }) else {
                 throw StoreRules.volumeNotFound(volumeID)
@@ -502,7 +502,8 @@ public final class EtcdStore: MetadataStore, LeaderElection {
                                        attachedToNode: onNode, exclusive: exclusive, nodeLimit: nodeLimit)
             volume.epoch = volume.epoch.next
             let attachment = AttachmentRecord(volumeID: volumeID, nodeID: nodeID, readonly: readonly,
-                                              accessMode: accessMode, epoch: volume.epoch)
+                                              accessMode: accessMode, epoch: volume.epoch,
+                                              grant: try signer?.grant(volumeID: volumeID, nodeID: nodeID, epoch: volume.epoch))
             txn.put(volumeKey(volumeID), try StoreRules.encode(volume))
             txn.put(attachmentKey(volumeID, nodeID), try StoreRules.encode(attachment))
             txn.put(nodeAttachmentKey(nodeID, volumeID), Data())

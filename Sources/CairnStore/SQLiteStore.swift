@@ -229,7 +229,7 @@ public final class SQLiteStore: MetadataStore {
     }
 
     public func attach(volumeID: String, nodeID: String, readonly: Bool, accessMode: Int,
-                       exclusive: Bool, nodeLimit: Int64) async throws -> AttachmentRecord {
+                       exclusive: Bool, nodeLimit: Int64, signer: (any ClaimSigner)?) async throws -> AttachmentRecord {
         try await write { db in
             guard var volume = try Self.fetchOne(db, VolumeRecord.self, "SELECT doc FROM volumes WHERE id = ?", [volumeID]) else {
                 throw StoreRules.volumeNotFound(volumeID)
@@ -242,7 +242,8 @@ public final class SQLiteStore: MetadataStore {
                                        attachedToNode: onNode, exclusive: exclusive, nodeLimit: nodeLimit)
             volume.epoch = volume.epoch.next
             let attachment = AttachmentRecord(volumeID: volumeID, nodeID: nodeID, readonly: readonly,
-                                              accessMode: accessMode, epoch: volume.epoch)
+                                              accessMode: accessMode, epoch: volume.epoch,
+                                              grant: try signer?.grant(volumeID: volumeID, nodeID: nodeID, epoch: volume.epoch))
             try db.execute(sql: "UPDATE volumes SET doc = ? WHERE id = ?", arguments: [try Self.encode(volume), volumeID])
             try db.execute(sql: "INSERT OR REPLACE INTO attachments (volume_id, node_id, doc) VALUES (?, ?, ?)",
                            arguments: [volumeID, nodeID, try Self.encode(attachment)])

@@ -141,10 +141,10 @@ extension ParsableCommand {
 
 /// The options every command that speaks the data protocol shares.
 struct DataSecurityOptions: ParsableArguments {
-    @Option(name: .customLong("data-security"), help: "How replica traffic is protected: auth (mutual TLS 1.3 handshake, every record integrity-checked; the default), secure (also encrypted), or none (plain TCP: anyone on the network reads and writes replicas; needs --allow-unauthenticated-data).")
-    var dataSecurity = "auth"
+    @Option(name: .customLong("data-security"), help: "How replica traffic is protected: auth (mutual TLS 1.3 handshake, every record integrity-checked; the default), secure (also encrypted), or none (plain TCP: anyone on the network reads and writes replicas; needs --allow-unauthenticated-data). Default: $CAIRN_DATA_SECURITY, else auth.")
+    var dataSecurity: String?
 
-    @Option(name: .customLong("tls-dir"), help: "This process's identity: ca.crt, tls.crt, tls.key (from `cairn cert issue`, or a cert-manager Secret). Default: <data-dir>/tls.")
+    @Option(name: .customLong("tls-dir"), help: "This process's identity: ca.crt, tls.crt, tls.key (from `cairn cert issue`, or a cert-manager Secret). Default: $CAIRN_TLS_DIR, else <data-dir>/tls.")
     var tlsDir: String?
 
     @Flag(name: .customLong("allow-unauthenticated-data"), help: "Allow --data-security none.")
@@ -152,11 +152,14 @@ struct DataSecurityOptions: ParsableArguments {
 
     /// The mode and identity, or an error that says what to do.
     func resolve(dataDir: String?, logger: Logger) throws -> DataPlaneSecurity {
+        let env = ProcessInfo.processInfo.environment
+        let dataSecurity = self.dataSecurity ?? env["CAIRN_DATA_SECURITY"] ?? "auth"
+        let tlsDir = self.tlsDir ?? env["CAIRN_TLS_DIR"]
         guard let mode = DataSecurity(rawValue: dataSecurity) else {
             throw ValidationError("--data-security \(dataSecurity): use auth, secure or none")
         }
         if mode == .none {
-            guard allowUnauthenticatedData else {
+            guard allowUnauthenticatedData || env["CAIRN_ALLOW_UNAUTHENTICATED_DATA"] == "1" else {
                 throw ValidationError("--data-security none sends replica traffic unauthenticated (anyone who reaches the data port reads, overwrites and fences every replica); add --allow-unauthenticated-data to mean it, or give --tls-dir")
             }
             logger.warning("replica traffic is NOT authenticated (--data-security none): any process that reaches the data address can read, overwrite or fence this node's replicas; use --data-security auth with --tls-dir")

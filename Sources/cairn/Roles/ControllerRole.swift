@@ -23,7 +23,8 @@ extension ServeContext {
                                            localNodeID: nodeID, localTopology: topology, locks: VolumeLocks(),
                                            logger: logger,
                                            cluster: etcd == nil ? nil : ClusterConfig(defaultReplicas: options.defaultReplicas,
-                                                                                      scopedToNode: options.listScope == .node))
+                                                                                      scopedToNode: options.listScope == .node,
+                                                                                      claimSigner: security.identity))
         Routes.controller(controller, on: router)
         Routes.groupController(controller, on: router)
         guard let etcd else { return nil }

@@ -30,6 +30,8 @@ struct ServeContext {
     let roots: [String]
     /// The agent socket this role serves or reaches; nil when it has none.
     let agentEndpoint: String?
+    /// How this process's data-protocol traffic is authenticated (`.insecure` when it speaks none).
+    let security: DataPlaneSecurity
 
     /// The etcd client in cluster mode (the store, leader election and node leases); nil on one machine.
     let etcd: EtcdStore?
@@ -134,6 +136,10 @@ struct ServeContext {
             }
             let server = try ReplicaServer(dataDir: dataDir, host: address.host, port: address.port, logger: logger,
                                            security: security)
+            if let identity = security.identity {
+                let membership = PeerMembership(store: store, trustDomain: identity.trustDomain)
+                server.authorizePeer = { membership.refusal(of: $0) }
+            }
             // Listening before the node registers (the bound port is recorded); the
             // ReplicaServing service stops it on shutdown.
             try server.start()
@@ -158,7 +164,7 @@ struct ServeContext {
                                      logger: logger)
         }
         return ServeContext(options: options, logger: logger, endpoint: endpoint, nodeID: nodeID, topology: topology,
-                            roots: roots, agentEndpoint: agentEndpoint, etcd: etcd, store: store, localFiles: localFiles,
+                            roots: roots, agentEndpoint: agentEndpoint, security: security, etcd: etcd, store: store, localFiles: localFiles,
                             backing: backing, runsEngines: runsEngines, inProcessAgent: inProcessAgent,
                             splitNode: splitNode, linux: linux, replicaServer: replicaServer, control: control, nodeRecord: nodeRecord,
                             sweeper: sweeper)
