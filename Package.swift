@@ -35,6 +35,8 @@ let targets: [Target] = [
             .linkedLibrary("grpc"),
             .linkedLibrary("gpr"),
             .linkedLibrary("absl_synchronization"),
+            .linkedLibrary("ssl"),
+            .linkedLibrary("crypto"),
         ]
     ),
     // C over Debian's OpenSSL (libssl3): the CA and certificates, the TLS 1.3 handshake, AEAD
@@ -112,7 +114,7 @@ let targets: [Target] = [
     .target(
         name: "CairnRPC",
         dependencies: [
-            "CGRPCShim", "CairnCore",
+            "CGRPCShim", "CairnCore", "CairnSecurity",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             .product(name: "Logging", package: "swift-log"),
         ],
@@ -178,7 +180,7 @@ let targets: [Target] = [
     // Cluster mode's volume backing: replicas placed on nodes, an engine per staged volume.
     .target(
         name: "CairnCluster",
-        dependencies: ["CairnCore", "CairnReplica", "CairnReplicaControl", "CairnEngine", .product(name: "Logging", package: "swift-log")],
+        dependencies: ["CairnCore", "CairnReplica", "CairnReplicaControl", "CairnRPC", "CairnEngine", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
     .executableTarget(

@@ -1,15 +1,28 @@
 // C++17 implementation of CGRPCShim.h over grpc++ 1.51's callback generic service and generic
 // stub. Every RPC is unary: read one message, hand it to Swift, write one response.
+// TLS: grpc's Ssl(Server)Credentials over PEM the shim reads itself; OpenSSL (which grpc links
+// already) only checks the files first, so a bad file is a clear error, not a failed handshake.
 #include "CGRPCShim.h"
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/security/credentials.h>
 #include <grpcpp/security/server_credentials.h>
 
+#include <openssl/bio.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
 #include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -39,6 +52,112 @@ grpc::ByteBuffer wrap(const uint8_t *bytes, size_t len) {
   grpc::Slice slice(bytes, len);
   return grpc::ByteBuffer(&slice, 1);
 }
+
+void set_error(char *err, size_t err_len, const std::string &message) {
+  if (err && err_len) snprintf(err, err_len, "%s", message.c_str());
+}
+
+// A PEM file's bytes. The key's copy is wiped by ~tls_material: it must not linger in freed
+// memory longer than needed (grpc keeps its own copy).
+bool read_file(const char *path, std::string *out, std::string *error) {
+  FILE *f = fopen(path, "rb");
+  if (!f) {
+    *error = std::string("cannot read ") + path + ": " + strerror(errno);
+    return false;
+  }
+  char buffer[4096];
+  size_t n;
+  while ((n = fread(buffer, 1, sizeof buffer, f)) > 0) out->append(buffer, n);
+  bool failed = ferror(f) != 0;
+  int saved = errno;
+  fclose(f);
+  OPENSSL_cleanse(buffer, sizeof buffer);
+  if (failed) {
+    *error = std::string("cannot read ") + path + ": " + strerror(saved);
+    return false;
+  }
+  return true;
+}
+
+// Refuses to prompt for a passphrase on a terminal: an encrypted key is an error.
+int no_passphrase(char *, int, int, void *) { return 0; }
+
+// The three files of a TLS identity, read and checked with OpenSSL so that a bad file is a clear
+// error at start instead of a failed handshake later. Messages name files, never their contents.
+struct tls_material {
+  std::string ca, chain, key;
+  ~tls_material() {
+    if (!key.empty()) OPENSSL_cleanse(&key[0], key.size());
+  }
+
+  bool load(const cgrpc_tls_files *files, std::string *error) {
+    if (!files->ca_path || !*files->ca_path) {
+      *error = "no CA bundle given: the peer's certificate cannot be verified without one";
+      return false;
+    }
+    if (!read_file(files->ca_path, &ca, error)) return false;
+    int cas = count_certificates(ca);
+    if (cas == 0) {
+      *error = std::string(files->ca_path) + " holds no PEM certificate (expected the CA bundle, ca.crt)";
+      return false;
+    }
+    bool has_cert = files->cert_path && *files->cert_path, has_key = files->key_path && *files->key_path;
+    if (has_cert != has_key) {
+      *error = has_cert ? std::string("a certificate (") + files->cert_path + ") needs its private key"
+                        : std::string("a private key (") + files->key_path + ") needs its certificate";
+      return false;
+    }
+    if (!has_cert) return true;
+    if (!read_file(files->cert_path, &chain, error) || !read_file(files->key_path, &key, error)) return false;
+    BIO *cert_bio = BIO_new_mem_buf(chain.data(), static_cast<int>(chain.size()));
+    X509 *leaf = PEM_read_bio_X509(cert_bio, nullptr, no_passphrase, nullptr);
+    BIO_free(cert_bio);
+    if (!leaf) {
+      ERR_clear_error();
+      *error = std::string(files->cert_path) + " holds no PEM certificate (expected the leaf certificate, then intermediates)";
+      return false;
+    }
+    BIO *key_bio = BIO_new_mem_buf(key.data(), static_cast<int>(key.size()));
+    EVP_PKEY *pkey = PEM_read_bio_PrivateKey(key_bio, nullptr, no_passphrase, nullptr);
+    BIO_free(key_bio);
+    bool ok = true;
+    if (!pkey) {
+      *error = std::string(files->key_path) + " holds no usable PEM private key (an encrypted key is not supported)";
+      ok = false;
+    } else if (X509_check_private_key(leaf, pkey) != 1) {
+      *error = std::string("the private key in ") + files->key_path + " does not belong to the certificate in " +
+               files->cert_path + " (rotated one file without the other?)";
+      ok = false;
+    } else if (X509_cmp_current_time(X509_get0_notAfter(leaf)) < 0) {
+      *error = std::string("the certificate in ") + files->cert_path + " has expired; issue a new one";
+      ok = false;
+    }
+    ERR_clear_error();
+    EVP_PKEY_free(pkey);
+    X509_free(leaf);
+    return ok;
+  }
+
+  // load() reporting into a C caller's error buffer.
+  bool load(const cgrpc_tls_files *files, char *err, size_t err_len) {
+    std::string error;
+    if (load(files, &error)) return true;
+    set_error(err, err_len, error);
+    return false;
+  }
+
+  static int count_certificates(const std::string &pem) {
+    BIO *bio = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
+    int count = 0;
+    while (X509 *cert = PEM_read_bio_X509(bio, nullptr, no_passphrase, nullptr)) {
+      X509_free(cert);
+      count++;
+    }
+    BIO_free(bio);
+    ERR_clear_error();
+    return count;
+  }
+};
 
 }  // namespace
 
@@ -118,8 +237,22 @@ void cgrpc_call::finish(int code, const char *message, const uint8_t *response, 
 extern "C" {
 
 cgrpc_server *cgrpc_server_start(const char *const *endpoints, size_t endpoint_count,
-                                 cgrpc_handler_fn handler, cgrpc_cancel_fn on_cancel, void *ctx,
-                                 char *err, size_t err_len) {
+                                 const cgrpc_tls_files *tls, cgrpc_handler_fn handler,
+                                 cgrpc_cancel_fn on_cancel, void *ctx, char *err, size_t err_len) {
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (tls) {
+    tls_material material;
+    if (!material.load(tls, err, err_len)) return nullptr;
+    if (material.key.empty()) {
+      set_error(err, err_len, "a TLS server needs its certificate and private key");
+      return nullptr;
+    }
+    grpc::SslServerCredentialsOptions options(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    options.pem_root_certs = material.ca;
+    options.pem_key_cert_pairs.push_back({material.key, material.chain});
+    credentials = grpc::SslServerCredentials(options);
+    OPENSSL_cleanse(&options.pem_key_cert_pairs[0].private_key[0], options.pem_key_cert_pairs[0].private_key.size());
+  }
   auto server = std::make_unique<cgrpc_server>();
   server->handler_ = handler;
   server->on_cancel_ = on_cancel;
@@ -127,8 +260,7 @@ cgrpc_server *cgrpc_server_start(const char *const *endpoints, size_t endpoint_c
   grpc::ServerBuilder builder;
   std::vector<int> ports(endpoint_count, 0);
   for (size_t i = 0; i < endpoint_count; i++) {
-    builder.AddListeningPort(grpc_address(endpoints[i]), grpc::InsecureServerCredentials(),
-                             &ports[i]);
+    builder.AddListeningPort(grpc_address(endpoints[i]), credentials, &ports[i]);
   }
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
@@ -158,6 +290,32 @@ void cgrpc_server_shutdown_and_destroy(cgrpc_server *server, int64_t grace_ms) {
   delete server;
 }
 
+size_t cgrpc_call_peer(const cgrpc_call *call, char *buffer, size_t buffer_len) {
+  std::string peer = call->ctx_->peer();
+  if (buffer && buffer_len) snprintf(buffer, buffer_len, "%s", peer.c_str());
+  return peer.size();
+}
+
+size_t cgrpc_call_peer_uris(const cgrpc_call *call, char *buffer, size_t buffer_len) {
+  auto auth = call->ctx_->auth_context();
+  std::string uris;
+  if (auth && auth->IsPeerAuthenticated()) {
+    // Every URI SAN (grpc's peer_spiffe_id holds one only when the certificate has exactly one;
+    // a `--role all` certificate names a node and a controller).
+    for (const auto &value : auth->FindPropertyValues(GRPC_PEER_URI_PROPERTY_NAME)) {
+      if (!uris.empty()) uris += '\n';
+      uris.append(value.data(), value.size());
+    }
+  }
+  if (buffer && buffer_len) snprintf(buffer, buffer_len, "%s", uris.c_str());
+  return uris.size();
+}
+
+int cgrpc_tls_check(const cgrpc_tls_files *files, char *err, size_t err_len) {
+  tls_material material;
+  return material.load(files, err, err_len) ? 0 : -1;
+}
+
 void cgrpc_call_finish(cgrpc_call *call, int status_code, const char *message,
                        const uint8_t *response, size_t response_len) {
   call->finish(status_code, message, response, response_len);
@@ -169,11 +327,29 @@ struct cgrpc_channel {
 };
 
 cgrpc_channel *cgrpc_channel_create(const char *target) {
+  return cgrpc_channel_create_tls(target, nullptr, nullptr, nullptr, 0);
+}
+
+cgrpc_channel *cgrpc_channel_create_tls(const char *target, const cgrpc_tls_files *tls,
+                                        const char *server_name, char *err, size_t err_len) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(kMaxMessageBytes);
   args.SetMaxSendMessageSize(kMaxMessageBytes);
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (tls) {
+    tls_material material;
+    if (!material.load(tls, err, err_len)) return nullptr;
+    grpc::SslCredentialsOptions options;
+    options.pem_root_certs = material.ca;
+    options.pem_cert_chain = material.chain;
+    options.pem_private_key = material.key;
+    credentials = grpc::SslCredentials(options);
+    if (!options.pem_private_key.empty())
+      OPENSSL_cleanse(&options.pem_private_key[0], options.pem_private_key.size());
+    if (server_name && *server_name) args.SetSslTargetNameOverride(server_name);
+  }
   auto channel = new cgrpc_channel;
-  channel->channel = grpc::CreateCustomChannel(grpc_address(target), grpc::InsecureChannelCredentials(), args);
+  channel->channel = grpc::CreateCustomChannel(grpc_address(target), credentials, args);
   channel->stub = std::make_unique<grpc::GenericStub>(channel->channel);
   return channel;
 }

@@ -1,6 +1,7 @@
 import CairnCore
 import CairnReplica
 import CairnReplicaControl
+import CairnRPC
 import CairnSecurity
 import Foundation
 import Logging

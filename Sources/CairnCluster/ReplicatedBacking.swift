@@ -2,6 +2,7 @@ import CairnCore
 import CairnEngine
 import CairnReplica
 import CairnReplicaControl
+import CairnRPC
 import CairnSecurity
 import Dispatch
 import Foundation

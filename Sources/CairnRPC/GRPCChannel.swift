@@ -12,6 +12,22 @@ public final class GRPCChannel: Sendable {
         pointer = ChannelPointer(raw: cgrpc_channel_create(target))
     }
 
+    /// A TLS channel: the server's certificate must verify against `tls.caFile` and name
+    /// `serverName` (nil: the target's host); the client presents `tls.certFile` when it has one.
+    /// The files are read now, so a channel created after a rotation uses the new ones. Throws
+    /// INVALID_ARGUMENT naming the unusable file.
+    public init(target: String, tls: TLSCredentials, serverName: String? = nil) throws {
+        var err = [CChar](repeating: 0, count: 1024)
+        let raw = tls.withFiles { files in
+            if let serverName {
+                return serverName.withCString { cgrpc_channel_create_tls(target, files, $0, &err, err.count) }
+            }
+            return cgrpc_channel_create_tls(target, files, nil, &err, err.count)
+        }
+        guard let raw else { throw CairnError.invalidArgument("TLS files (\(tls)): \(String(cString: err))") }
+        pointer = ChannelPointer(raw: raw)
+    }
+
     deinit { cgrpc_channel_destroy(pointer.raw) }
 
     public func call<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message>(

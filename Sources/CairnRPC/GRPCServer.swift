@@ -1,5 +1,6 @@
 import CGRPCShim
 import CairnCore
+import CairnSecurity
 import Foundation
 import Logging
 import Synchronization
@@ -14,9 +15,14 @@ import Synchronization
 public final class GRPCServer: Sendable {
     private let core: ServerCore
     private let handle = Mutex<ServerHandle?>(nil)
+    private let tls: TLSCredentials?
 
-    public init(router: Router, logger: Logger) {
+    /// With `tls`, every endpoint serves mutual TLS: the server presents `tls.certFile` and
+    /// requires a client certificate that verifies against `tls.caFile`; handlers see the
+    /// caller's verified identity in `RPCContext.peer`. The files are read at `start`.
+    public init(router: Router, logger: Logger, tls: TLSCredentials? = nil) {
         core = ServerCore(router: router, logger: logger)
+        self.tls = tls
     }
 
     /// Binds every endpoint (`unix:///path`, `tcp://host:port`) and starts serving. Unix sockets
@@ -31,7 +37,12 @@ public final class GRPCServer: Sendable {
         let context = Unmanaged.passRetained(core).toOpaque()
         let oldMask = umask(~socketMode & 0o777)
         let server: OpaquePointer? = withCStrings(endpoints) { pointers in
-            cgrpc_server_start(pointers, endpoints.count, serverHandler, serverCancel, context, &err, err.count)
+            guard let tls else {
+                return cgrpc_server_start(pointers, endpoints.count, nil, serverHandler, serverCancel, context, &err, err.count)
+            }
+            return tls.withFiles { files in
+                cgrpc_server_start(pointers, endpoints.count, files, serverHandler, serverCancel, context, &err, err.count)
+            }
         }
         umask(oldMask)
         guard let server else {
@@ -43,7 +54,8 @@ public final class GRPCServer: Sendable {
             if let path = Endpoint.unixPath(endpoint) { chmod(path, socketMode) }
         }
         handle.withLock { $0 = ServerHandle(pointer: server, context: context) }
-        core.logger.info("serving gRPC", metadata: ["endpoints": "\(endpoints.joined(separator: ","))"])
+        core.logger.info("serving gRPC", metadata: ["endpoints": "\(endpoints.joined(separator: ","))",
+                                                    "tls": "\(tls.map { "mutual, \($0)" } ?? "none")"])
     }
 
     /// Stops accepting calls, waits up to `grace` for in-flight calls, cancels the rest.
@@ -99,14 +111,15 @@ final class ServerCore: Sendable {
         self.logger = logger
     }
 
-    func dispatch(call pointer: OpaquePointer, id: UInt64, method: String, request: [UInt8], deadlineMS: Int64) {
+    func dispatch(call pointer: OpaquePointer, id: UInt64, method: String, request: [UInt8], deadlineMS: Int64,
+                  peer: RPCPeer) {
         let call = InFlightCall(pointer: pointer)
         let start = ContinuousClock.now
         let deadline: ContinuousClock.Instant? = deadlineMS >= 0 ? start + .milliseconds(deadlineMS) : nil
         var callLogger = logger
         callLogger[metadataKey: "rpc.method"] = "\(method)"
         callLogger[metadataKey: "rpc.id"] = "\(id)"
-        let context = RPCContext(method: method, deadline: deadline, logger: callLogger)
+        let context = RPCContext(method: method, deadline: deadline, logger: callLogger, peer: peer)
         calls.withLock { $0[id] = call }
 
         Task {
@@ -161,7 +174,20 @@ private let serverHandler: cgrpc_handler_fn = { context, call, id, method, metho
     let core = Unmanaged<ServerCore>.fromOpaque(context).takeUnretainedValue()
     let name = String(decoding: UnsafeRawBufferPointer(start: method, count: methodLength), as: UTF8.self)
     let bytes = requestLength == 0 ? [] : [UInt8](UnsafeBufferPointer(start: request, count: requestLength))
-    core.dispatch(call: call, id: id, method: name, request: bytes, deadlineMS: deadlineMS)
+    let uris = callString(call, cgrpc_call_peer_uris).split(separator: "\n").map(String.init)
+    let peer = RPCPeer(address: callString(call, cgrpc_call_peer), identity: uris.isEmpty ? nil : PeerIdentity(uris: uris))
+    core.dispatch(call: call, id: id, method: name, request: bytes, deadlineMS: deadlineMS, peer: peer)
+}
+
+/// A string the shim writes about a call (its peer's address or identity).
+private func callString(_ call: OpaquePointer, _ read: (OpaquePointer?, UnsafeMutablePointer<CChar>?, Int) -> Int) -> String {
+    var buffer = [CChar](repeating: 0, count: 512)
+    let length = read(call, &buffer, buffer.count)
+    if length >= buffer.count {
+        buffer = [CChar](repeating: 0, count: length + 1)
+        _ = read(call, &buffer, buffer.count)
+    }
+    return String(cString: buffer)
 }
 
 private let serverCancel: cgrpc_cancel_fn = { context, id in

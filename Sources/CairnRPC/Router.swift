@@ -1,4 +1,5 @@
 import CairnCore
+import CairnSecurity
 import Logging
 import SwiftProtobuf
 import Synchronization
@@ -9,6 +10,31 @@ public struct RPCContext: Sendable {
     /// When the client gives up; nil when it set no deadline.
     public let deadline: ContinuousClock.Instant?
     public let logger: Logger
+    /// Who called: its address, and over mutual TLS what its verified certificate names.
+    public let peer: RPCPeer
+
+    public init(method: String, deadline: ContinuousClock.Instant?, logger: Logger, peer: RPCPeer = RPCPeer(address: "")) {
+        self.method = method
+        self.deadline = deadline
+        self.logger = logger
+        self.peer = peer
+    }
+}
+
+/// The caller of an RPC as the server's transport saw it.
+public struct RPCPeer: Sendable, CustomStringConvertible {
+    /// As grpc spells it: "ipv4:10.0.0.2:41234", "unix:/run/cairn/agent.sock".
+    public let address: String
+    /// The URI SANs (SPIFFE IDs) of the client certificate the server verified (mutual TLS);
+    /// nil over plaintext, or for a certificate without any.
+    public let identity: PeerIdentity?
+
+    public init(address: String, identity: PeerIdentity? = nil) {
+        self.address = address
+        self.identity = identity
+    }
+
+    public var description: String { "\(identity.map { "\($0)" } ?? "no identity") at \(address)" }
 }
 
 /// Maps full gRPC method names ("/csi.v1.Node/NodeStageVolume") to typed handlers.
@@ -42,11 +68,17 @@ public final class Router: Sendable {
     /// `prefixes` (except those named in `except`); what it throws is the call's answer.
     public func precede(methodsWithPrefixes prefixes: [String], except: Set<String> = [],
                         with check: @escaping @Sendable () throws -> Void) {
+        precede(methodsWithPrefixes: prefixes, except: except) { (_: RPCContext) in try check() }
+    }
+
+    /// `precede` with a check that sees the call (its method and peer): an authorization.
+    public func precede(methodsWithPrefixes prefixes: [String], except: Set<String> = [],
+                        with check: @escaping @Sendable (RPCContext) throws -> Void) {
         routes.withLock { routes in
             for (method, handler) in routes
             where !except.contains(method) && prefixes.contains(where: { method.hasPrefix($0) }) {
                 routes[method] = { bytes, context in
-                    try check()
+                    try check(context)
                     return try await handler(bytes, context)
                 }
             }

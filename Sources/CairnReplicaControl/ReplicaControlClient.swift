@@ -43,15 +43,25 @@ public final class ReplicaControlClient: Sendable {
     /// flushes: the deadline of every call (the data ops' timeout too).
     public let timeout: Duration
     private let logger: Logger
-    /// One channel per control address, kept: calls are rare, nodes few, connections reused.
+    /// The files of this process's identity for mutual TLS to the nodes' control services
+    /// (`security.identity`); nil: plaintext.
+    private let tls: TLSCredentials?
+    /// One channel per control address and node, kept: calls are rare, nodes few, connections
+    /// reused. A channel is dropped when its node is UNAVAILABLE, so the next one reads the TLS
+    /// files again (a rotated certificate is used from the next reconnection).
     private let channels = Mutex<[String: GRPCChannel]>([:])
 
     /// How the data protocol's fallback connections authenticate.
     public let security: DataPlaneSecurity
 
+    /// With an identity in `security`, every control call goes over mutual TLS too: the client
+    /// presents its certificate, and the node's must verify against the identity's CA bundle and
+    /// name the node id the caller means to reach (node certificates carry it as a DNS SAN), so
+    /// a call for n2 never runs on another node that answers at n2's address.
     public init(timeout: Duration = .seconds(120), logger: Logger, security: DataPlaneSecurity = .insecure) {
         self.security = security
         self.timeout = timeout
+        self.tls = security.identity.map { TLSCredentials($0.files) }
         self.logger = logger
     }
 
@@ -198,9 +208,10 @@ public final class ReplicaControlClient: Sendable {
     ) async throws -> Response {
         if let control = node.controlAddress {
             do {
-                return try await channel(control).call(ReplicaControlService.method(method), request, as: Response.self,
-                                                       timeout: timeout)
+                return try await channel(control, node: node.nodeID).call(ReplicaControlService.method(method), request,
+                                                                          as: Response.self, timeout: timeout)
             } catch let error as CairnError where error.code == .unimplemented || error.code == .unavailable {
+                if error.code == .unavailable { dropChannel(control, node: node.nodeID) }
                 logger.info("the node's replica control service cannot take the call; using the data protocol's op", metadata: [
                     "node.id": "\(node.nodeID)", "replica.control": "\(control)", "rpc.method": "\(method)",
                     "volume.id": "\(volumeID)", "error": "\(error)"])
@@ -220,13 +231,27 @@ public final class ReplicaControlClient: Sendable {
         }
     }
 
-    private func channel(_ address: String) -> GRPCChannel {
-        channels.withLock { open in
-            if let channel = open[address] { return channel }
-            let channel = GRPCChannel(target: "tcp://" + address)
-            open[address] = channel
+    private func channel(_ address: String, node: String) throws -> GRPCChannel {
+        let key = node + "@" + address
+        return try channels.withLock { open in
+            if let channel = open[key] { return channel }
+            let channel: GRPCChannel
+            if let tls {
+                do {
+                    channel = try GRPCChannel(target: "tcp://" + address, tls: tls, serverName: node)
+                } catch let error as CairnError {
+                    throw CairnError.failedPrecondition("cannot call node \(node)'s replica control at \(address): \(error.message)")
+                }
+            } else {
+                channel = GRPCChannel(target: "tcp://" + address)
+            }
+            open[key] = channel
             return channel
         }
+    }
+
+    private func dropChannel(_ address: String, node: String) {
+        _ = channels.withLock { $0.removeValue(forKey: node + "@" + address) }
     }
 
     /// Runs `body` over one data-protocol connection to the node, on a dispatch thread.

@@ -28,7 +28,15 @@ public final class ReplicaControlService: Sendable {
         self.server = server
     }
 
-    public func register(on router: Router) {
+    /// Registers every method; with `access` (mutual TLS), each call is authorized first.
+    public func register(on router: Router, access: ReplicaControlAccess? = nil) {
+        registerMethods(on: router)
+        if let access {
+            router.precede(methodsWithPrefixes: ["/\(Self.serviceName)/"]) { context in try access.authorize(context) }
+        }
+    }
+
+    private func registerMethods(on router: Router) {
         router.register(Self.method("CreateReplica")) { (q: Cairn_Agent_V1_CreateReplicaRequest, _) in
             try await self.run { try $0.createReplica(volume: q.volumeID, size: q.sizeBytes) }
             return Cairn_Agent_V1_CreateReplicaResponse()

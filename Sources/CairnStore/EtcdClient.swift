@@ -10,37 +10,73 @@ import Synchronization
 /// `EtcdStore` needs. Several endpoints are tried in order, starting with the last one that
 /// answered; a call moves on to the next endpoint when one is UNAVAILABLE (down, refusing
 /// connections, or not yet in a quorum).
+///
+/// TLS (https:// endpoints): every channel verifies etcd's certificate against the CA bundle and
+/// presents the client certificate, both read from their files when the channel is created —
+/// at start, and again whenever an endpoint was UNAVAILABLE and its channel is replaced. So
+/// rotated files take effect at the next reconnection; a channel that works keeps the identity
+/// it was created with (etcd does not close established connections when a certificate it
+/// issued expires).
 final class EtcdClient: Sendable {
     /// Endpoints as given (for messages), and as gRPC targets ("host:port").
     let endpoints: [String]
     private let targets: [String]
+    private let tls: TLSCredentials?
     private let channels: Mutex<[GRPCChannel]>
     private let preferred = Atomic<Int>(0)
     private let timeout: Duration
 
-    init(endpoints: [String], timeout: Duration = .seconds(5)) throws {
+    init(endpoints: [String], tls: TLSCredentials? = nil, timeout: Duration = .seconds(5)) throws {
         guard !endpoints.isEmpty else {
             throw CairnError.invalidArgument("no etcd endpoint given: name at least one, like http://127.0.0.1:2379")
         }
         self.endpoints = endpoints
-        targets = try endpoints.map(Self.target)
-        channels = Mutex(targets.map { GRPCChannel(target: $0) })
+        let parsed = try endpoints.map(Self.target)
+        let secure = Set(parsed.map(\.secure))
+        guard secure.count == 1 else {
+            throw CairnError.invalidArgument(
+                "etcd endpoints \(endpoints.joined(separator: ",")) mix http:// and https://: an etcd cluster serves its clients one way, name them all with the same scheme")
+        }
+        if secure.contains(true), tls == nil {
+            throw CairnError.invalidArgument(
+                "etcd endpoint \(endpoints[0]) is https:// but no CA bundle is given to verify etcd's certificate: pass --etcd-ca FILE (and --etcd-cert FILE --etcd-key FILE when etcd requires client certificates)")
+        }
+        if secure.contains(false), tls != nil {
+            throw CairnError.invalidArgument(
+                "--etcd-ca/--etcd-cert/--etcd-key are for https:// endpoints, but \(endpoints[0]) is plaintext: use https:// to reach etcd over TLS")
+        }
+        targets = parsed.map(\.target)
+        self.tls = tls
+        try tls?.check()
+        channels = Mutex(try targets.map { try Self.channel($0, tls: tls) })
         self.timeout = timeout
     }
 
-    /// "http://host:port", "host:port" → "host:port". TLS is not supported (yet).
-    static func target(_ endpoint: String) throws -> String {
+    /// "http://host:port", "https://host:port", "host:port" → "host:port" and whether it is TLS.
+    static func target(_ endpoint: String) throws -> (target: String, secure: Bool) {
         var rest = Substring(endpoint)
+        var secure = false
         if rest.hasPrefix("http://") {
             rest = rest.dropFirst("http://".count)
         } else if rest.hasPrefix("https://") {
-            throw CairnError.invalidArgument("etcd endpoint \(endpoint): TLS (https) is not supported; use http://")
+            rest = rest.dropFirst("https://".count)
+            secure = true
         }
         while rest.hasSuffix("/") { rest = rest.dropLast() }
         guard !rest.isEmpty, !rest.contains("/"), rest.contains(":") else {
-            throw CairnError.invalidArgument("etcd endpoint \"\(endpoint)\" is not host:port or http://host:port")
+            throw CairnError.invalidArgument("etcd endpoint \"\(endpoint)\" is not host:port, http://host:port or https://host:port")
         }
-        return String(rest)
+        return (String(rest), secure)
+    }
+
+    /// A channel to `target`; over TLS, etcd's certificate must name the target's host.
+    private static func channel(_ target: String, tls: TLSCredentials?) throws -> GRPCChannel {
+        guard let tls else { return GRPCChannel(target: target) }
+        do {
+            return try GRPCChannel(target: target, tls: tls)
+        } catch let error as CairnError {
+            throw CairnError.invalidArgument("etcd client \(error.message)")
+        }
     }
 
     var endpointList: String { endpoints.joined(separator: ",") }
@@ -66,9 +102,17 @@ final class EtcdClient: Sendable {
                     throw CairnError.internal("etcd at \(endpoints[index]) sent an undecodable \(method) reply: \(error)")
                 }
             case .unavailable:
-                // A fresh channel next time: no reconnect back-off after etcd comes back.
-                channels.withLock { $0[index] = GRPCChannel(target: targets[index]) }
-                reasons.append("\(endpoints[index]): \(reply.message)")
+                // A fresh channel next time: no reconnect back-off after etcd comes back, and
+                // the TLS files read again (rotation). Files unusable right now (halfway through
+                // a rotation) keep the old channel and say why.
+                var reason = "\(endpoints[index]): \(reply.message)"
+                do {
+                    let fresh = try Self.channel(targets[index], tls: tls)
+                    channels.withLock { $0[index] = fresh }
+                } catch {
+                    reason += " (and a new channel could not be made: \(error))"
+                }
+                reasons.append(reason)
             case .deadlineExceeded:
                 throw CairnError.unavailable(
                     "etcd at \(endpoints[index]) did not answer \(method) within \(timeout); check that etcd is healthy and has a quorum")
@@ -77,6 +121,11 @@ final class EtcdClient: Sendable {
             default:
                 throw CairnError.internal("etcd at \(endpoints[index]) refused \(method): \(reply.code) \(reply.message)")
             }
+        }
+        if let tls, reasons.contains(where: { $0.contains("andshake") || $0.contains("CERTIFICATE") }) {
+            throw CairnError.unavailable(
+                "cannot reach etcd at \(endpointList) over TLS: \(reasons.joined(separator: "; ")); check that etcd's certificate is issued by a CA in \(tls.caFile) and names the endpoint's host, and that etcd accepts "
+                + (tls.certFile.map { "the client certificate \($0)" } ?? "clients without a certificate (else pass --etcd-cert and --etcd-key)"))
         }
         throw CairnError.unavailable(
             "cannot reach etcd at \(endpointList): \(reasons.joined(separator: "; ")); check that etcd is running and reachable")

@@ -1,4 +1,5 @@
 import CairnCore
+import CairnRPC
 import EtcdProto
 import Foundation
 import Logging
@@ -60,12 +61,16 @@ public final class EtcdStore: MetadataStore, LeaderElection {
     }
 
     /// - Parameters:
-    ///   - endpoints: etcd client URLs, like "http://10.0.0.1:2379" or "127.0.0.1:2379"; tried
-    ///     in order, failing over when one is unreachable.
+    ///   - endpoints: etcd client URLs, like "http://10.0.0.1:2379", "https://10.0.0.1:2379" or
+    ///     "127.0.0.1:2379"; tried in order, failing over when one is unreachable.
+    ///   - tls: for https:// endpoints (required then): the CA bundle etcd's certificate must
+    ///     verify against, and the client certificate and key when etcd wants one
+    ///     (`--client-cert-auth`).
     ///   - prefix: every key lives under it (several Cairn clusters can share one etcd).
     ///   - nodeLeaseTTL: seconds a node's registration outlives its last keep-alive.
-    public init(endpoints: [String], prefix: String = "/cairn", nodeLeaseTTL: Int = 10, logger: Logger) throws {
-        client = try EtcdClient(endpoints: endpoints)
+    public init(endpoints: [String], tls: TLSCredentials? = nil, prefix: String = "/cairn", nodeLeaseTTL: Int = 10,
+                logger: Logger) throws {
+        client = try EtcdClient(endpoints: endpoints, tls: tls)
         var prefix = prefix
         while prefix.hasSuffix("/") { prefix.removeLast() }
         guard !prefix.isEmpty else {
@@ -77,7 +82,8 @@ public final class EtcdStore: MetadataStore, LeaderElection {
         self.prefix = prefix
         self.nodeLeaseTTL = nodeLeaseTTL
         self.logger = logger
-        logger.debug("etcd metadata store", metadata: ["etcd.endpoints": "\(client.endpointList)", "etcd.prefix": "\(prefix)"])
+        logger.debug("etcd metadata store", metadata: ["etcd.endpoints": "\(client.endpointList)", "etcd.prefix": "\(prefix)",
+                                                        "etcd.tls": "\(tls.map { "\($0)" } ?? "none")"])
     }
 
     // MARK: keys

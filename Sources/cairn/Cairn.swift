@@ -82,6 +82,8 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("etcd-endpoints"), help: "etcd client URLs, comma-separated or repeated (with --store etcd), e.g. http://10.0.0.1:2379.")
     var etcdEndpoints: [String] = []
 
+    @OptionGroup var etcdTLS: EtcdTLSOptions
+
     @Option(name: .customLong("data-address"), help: "HOST:PORT where this node's replica server listens for the data protocol (--store etcd; all, agent and node roles). Other nodes' engines reach this node's replicas there.")
     var dataAddress: String?
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import CairnCore
+import CairnRPC
 import CairnStore
 import Foundation
 import Logging
@@ -12,6 +13,8 @@ struct StoreOptions: ParsableArguments {
     @Option(name: .customLong("etcd-endpoints"), help: "etcd client URLs, comma-separated or repeated (with --store etcd).")
     var etcdEndpoints: [String] = []
 
+    @OptionGroup var etcdTLS: EtcdTLSOptions
+
     @Option(help: "The data directory of `cairn serve` (for --store sqlite).")
     var dataDir: String = "/var/lib/cairn"
 
@@ -23,8 +26,35 @@ struct StoreOptions: ParsableArguments {
         case .etcd:
             let endpoints = etcdEndpoints.flatMap { $0.split(separator: ",").map(String.init) }
             guard !endpoints.isEmpty else { throw ValidationError("--store etcd needs --etcd-endpoints URL[,URL...]") }
-            return try EtcdStore(endpoints: endpoints, logger: quiet)
+            return try EtcdStore(endpoints: endpoints, tls: try etcdTLS.identity(), logger: quiet)
         }
+    }
+}
+
+/// How a process reaches etcd over TLS (https:// endpoints): `cairn serve` and every command
+/// that opens the store. Paths only; the files are read when a channel is made.
+struct EtcdTLSOptions: ParsableArguments {
+    @Option(name: .customLong("etcd-ca"), help: "PEM CA bundle that etcd's certificate must verify against (required with https:// etcd endpoints).")
+    var ca: String?
+
+    @Option(name: .customLong("etcd-cert"), help: "PEM client certificate (then intermediates) to present to etcd (with --etcd-key; for etcd's --client-cert-auth).")
+    var cert: String?
+
+    @Option(name: .customLong("etcd-key"), help: "PEM private key of --etcd-cert.")
+    var key: String?
+
+    /// Nil without --etcd-ca; the certificate and key only together.
+    func identity() throws -> TLSCredentials? {
+        guard let ca else {
+            if cert != nil || key != nil {
+                throw ValidationError("--etcd-cert and --etcd-key need --etcd-ca: the CA bundle that etcd's certificate verifies against")
+            }
+            return nil
+        }
+        guard (cert == nil) == (key == nil) else {
+            throw ValidationError(cert == nil ? "--etcd-key needs --etcd-cert" : "--etcd-cert needs --etcd-key")
+        }
+        return TLSCredentials(caFile: ca, certFile: cert, keyFile: key)
     }
 }
 

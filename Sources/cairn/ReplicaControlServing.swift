@@ -2,6 +2,7 @@ import ArgumentParser
 import CairnReplica
 import CairnReplicaControl
 import CairnRPC
+import CairnSecurity
 import Logging
 
 /// The ReplicaControl service of a process that runs the replica server, on its TCP control
@@ -13,7 +14,9 @@ struct ReplicaControlServing {
     let served: ServedEndpoint
 
     /// Nil when this process serves no replicas, or `--control-address none`.
-    init?(flag: String?, replicaServer: ReplicaServer?, logger: Logger) throws {
+    /// With `identity` (the process's, `--tls-dir`), served over mutual TLS and authorized by
+    /// `ReplicaControlAccess` (the cluster's controllers and this node itself).
+    init?(flag: String?, replicaServer: ReplicaServer?, identity: TLSIdentity?, nodeID: String, logger: Logger) throws {
         guard let replicaServer else {
             if let flag, flag != "none" {
                 throw ValidationError("--control-address \(flag) is served beside the replica server: it needs --data-address (and the process that serves it)")
@@ -38,11 +41,15 @@ struct ReplicaControlServing {
         }
         address = "\(parsed)"
         let router = Router()
-        ReplicaControlService(server: replicaServer).register(on: router)
+        ReplicaControlService(server: replicaServer).register(
+            on: router, access: identity.map { ReplicaControlAccess(trustDomain: $0.trustDomain, nodeID: nodeID) })
         var controlLogger = logger
         controlLogger[metadataKey: "replica.control"] = "\(address)"
         served = ServedEndpoint(name: "replica-control", endpoint: "tcp://\(address)", socketMode: 0o600,
-                                server: GRPCServer(router: router, logger: controlLogger), optional: false)
-        logger.info("serving replica control", metadata: ["control.address": "\(address)"])
+                                server: GRPCServer(router: router, logger: controlLogger, tls: identity.map { TLSCredentials($0.files) }),
+                                optional: false)
+        logger.info("serving replica control", metadata: [
+            "control.address": "\(address)",
+            "control.tls": "\(identity.map { "mutual, as \($0.identity)" } ?? "none (plaintext, no caller checked)")"])
     }
 }

@@ -98,7 +98,7 @@ final class OrphanedReplicaTests: XCTestCase {
 
     private func etcd(_ op: String, _ request: [String: String]) throws -> [String: Any] {
         let json = String(decoding: try JSONSerialization.data(withJSONObject: request), as: UTF8.self)
-        let output = try bed.exec("ctl", ["curl", "-fsS", "--max-time", "5", "-X", "POST", "-d", json,
+        let output = try bed.exec("ctl", ["curl", "-fsS", "--max-time", "5"] + bed.etcdCurlArguments + ["-X", "POST", "-d", json,
                                           "\(bed.etcdEndpoint)/v3/kv/\(op)"])
         guard let start = output.firstIndex(of: "{"),
               let body = try JSONSerialization.jsonObject(with: Data(output[start...].utf8)) as? [String: Any] else {

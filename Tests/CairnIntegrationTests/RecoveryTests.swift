@@ -222,7 +222,7 @@ final class RecoveryTests: XCTestCase {
 
     /// Runs `cairn ARGS --store etcd --etcd-endpoints …` in the controller's namespace.
     func cairnCLI(_ arguments: [String]) throws -> String {
-        try bed.exec("ctl", [try PluginProcess.locateBinary()] + arguments + ["--store", "etcd", "--etcd-endpoints", bed.etcdEndpoint])
+        try bed.exec("ctl", [try PluginProcess.locateBinary()] + arguments + bed.etcdArguments)
     }
 
     /// Bytes received plus sent on the node's eth0 (its only link).

@@ -30,6 +30,20 @@ struct Testbed: Sendable {
 
     var controllerEndpoint: String { endpoints["controller"] ?? "unix://\(stateDir)/controller.sock" }
     var etcdEndpoint: String { endpoints["etcd"] ?? "http://10.77.0.1:2379" }
+    /// What a cairn command in the ctl namespace passes to reach the bed's etcd: the endpoint
+    /// and, on a TLS bed (the default), the controller's certificate as etcd's client.
+    var etcdArguments: [String] {
+        var arguments = ["--store", "etcd", "--etcd-endpoints", etcdEndpoint]
+        if let ca = endpoints["etcd-ca"], let cert = endpoints["etcd-cert"], let key = endpoints["etcd-key"] {
+            arguments += ["--etcd-ca", ca, "--etcd-cert", cert, "--etcd-key", key]
+        }
+        return arguments
+    }
+    /// curl's flags for etcd's HTTP gateway (the same certificate).
+    var etcdCurlArguments: [String] {
+        guard let ca = endpoints["etcd-ca"], let cert = endpoints["etcd-cert"], let key = endpoints["etcd-key"] else { return [] }
+        return ["--cacert", ca, "--cert", cert, "--key", key]
+    }
     func nodeEndpoint(_ node: String) -> String { endpoints[node] ?? "unix://\(stateDir)/\(node)/csi.sock" }
     /// Where node `n<i>` serves the data protocol.
     func dataAddress(_ node: String) -> String? {

@@ -75,13 +75,14 @@ struct ServeContext {
         switch options.store {
         case .sqlite:
             if !endpoints.isEmpty { throw ValidationError("--etcd-endpoints needs --store etcd") }
+            if options.etcdTLS.ca != nil { throw ValidationError("--etcd-ca needs --store etcd") }
             if options.dataAddress != nil { throw ValidationError("--data-address needs --store etcd: on one machine volumes are local files") }
             etcd = nil
             store = try SQLiteStore(path: dataDir + "/cairn.db", logger: logger)
         case .etcd:
             guard !endpoints.isEmpty else { throw ValidationError("--store etcd needs --etcd-endpoints URL[,URL...]") }
             guard (1...5).contains(options.defaultReplicas) else { throw ValidationError("--default-replicas must be 1 to 5") }
-            let client = try EtcdStore(endpoints: endpoints, logger: logger)
+            let client = try EtcdStore(endpoints: endpoints, tls: try options.etcdTLS.identity(), logger: logger)
             etcd = client
             store = client
         }
@@ -150,7 +151,8 @@ struct ServeContext {
             logger.warning("no --data-address: this node holds no replicas (it can still run volumes' engines)")
         }
         let nodeCapacity = try options.capacity.map(Serve.parseBytes) ?? Serve.filesystemBytes(dataDir)
-        let control = try ReplicaControlServing(flag: options.controlAddress, replicaServer: replicaServer, logger: logger)
+        let control = try ReplicaControlServing(flag: options.controlAddress, replicaServer: replicaServer,
+                                                identity: security.identity, nodeID: nodeID, logger: logger)
         var nodeRecord = NodeRecord(id: nodeID, topology: topology, maxVolumes: options.maxVolumes,
                                     dataAddress: dataAddressRecorded, capacityBytes: nodeCapacity,
                                     controlAddress: control?.address)
