@@ -51,8 +51,10 @@ final class DataPlaneAttackTests: XCTestCase {
         var result: [String: String] = [:]
         for node in bed.nodes {
             guard let address = bed.dataAddress(node) else { continue }
-            result[node] = try bed.exec(node, [try PluginProcess.locateBinary(), "replica", "digest", volume, "--address", address])
-                .trimmingCharacters(in: .whitespacesAndNewlines)
+            // "volume V replica at A: digest D over N blocks (M not zero) epoch E generation G": from "digest".
+            let line = try bed.exec(node, [try PluginProcess.locateBinary(), "replica", "digest", volume, "--address", address])
+            result[node] = line.range(of: "digest ").map { String(line[$0.lowerBound...]) }?
+                .trimmingCharacters(in: .whitespacesAndNewlines) ?? line
         }
         return result
     }
