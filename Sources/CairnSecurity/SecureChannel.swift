@@ -86,6 +86,20 @@ public final class SecureChannel: @unchecked Sendable {
         return SecureChannel(fd: fd, mode: mode, peer: peer, sealer: sealer, opener: opener)
     }
 
+    /// A channel over `fd` with fixed keys and no handshake, for the record layer's fuzz target
+    /// and tests: both directions use `key`/`iv`, so what one end sends the same end could open.
+    @_spi(Testing)
+    public static func withFixedKeys(fd: Int32, mode: DataSecurity, key: [UInt8], iv: [UInt8]) -> SecureChannel? {
+        guard mode != .none, key.count == 32, iv.count == 12 else { return nil }
+        let encrypt: Int32 = mode == .secure ? 1 : 0
+        guard let sealer = ctls_aead_new(key, iv, encrypt, 1) else { return nil }
+        guard let opener = ctls_aead_new(key, iv, encrypt, 0) else {
+            ctls_aead_free(sealer)
+            return nil
+        }
+        return SecureChannel(fd: fd, mode: mode, peer: PeerIdentity(uris: []), sealer: sealer, opener: opener)
+    }
+
     private init(fd: Int32, mode: DataSecurity, peer: PeerIdentity, sealer: OpaquePointer, opener: OpaquePointer) {
         self.fd = fd
         self.mode = mode
