@@ -9,6 +9,12 @@ public struct RPCContext: Sendable {
     /// When the client gives up; nil when it set no deadline.
     public let deadline: ContinuousClock.Instant?
     public let logger: Logger
+
+    public init(method: String, deadline: ContinuousClock.Instant?, logger: Logger) {
+        self.method = method
+        self.deadline = deadline
+        self.logger = logger
+    }
 }
 
 /// Maps full gRPC method names ("/csi.v1.Node/NodeStageVolume") to typed handlers.
