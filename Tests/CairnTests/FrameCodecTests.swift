@@ -480,6 +480,19 @@ final class FrameCodecTests: XCTestCase {
         XCTAssertThrowsError(try d.finish())
     }
 
+    /// Found by the `frames` fuzz target (fuzz/corpus/frames/crash-activity-all-with-regions): an
+    /// activity response saying "all" and listing regions decoded into a value no peer can send,
+    /// which changed in a round trip. It is malformed.
+    func testAnActivityResponseThatSaysAllAndListsRegionsIsMalformed() throws {
+        let input = try Data(contentsOf: URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("fuzz/corpus/frames/crash-activity-all-with-regions"))
+        // The fuzz input's first byte is the harness's mode (the whole stream at once); the rest is the stream.
+        assertFrameError([UInt8](input.dropFirst()), .malformedPayload, containing: "says 'all' and also lists 3 regions")
+        let listed = ActivityResponse(status: .ok, activity: ReplicaActivity(all: false, regions: [3, 9]))
+        XCTAssertEqual(try ActivityResponse(decoding: listed.encode()), listed)
+        XCTAssertEqual(try ActivityResponse(decoding: ActivityResponse(status: .ok).encode()).activity, .unknown)
+    }
+
     func testPayloadErrorsNameTheRequestID() {
         let frame = Frame(requestID: 77, epoch: 1, body: .request(DataOp.Write.request(WriteRequest(volume: "v", generation: 1, offset: 0, data: [1]))))
         assertFrameError(frame.encode(), .malformedPayload, containing: "request id 77")
