@@ -12,10 +12,18 @@ let buildCommit: String = {
     return String(git.currentCommit.prefix(7)) + (git.hasUncommittedChanges ? "-dirty" : "")
 }()
 
-let products: [Product] = [
+// The fuzz targets' executable (fuzz/run sets CAIRN_FUZZ=1): libFuzzer supplies its `main`, so it
+// links only with `-sanitize=fuzzer` and is left out of the ordinary build. Its harnesses
+// (CairnFuzz) are always built, and the unit tests replay the corpus through them.
+let fuzzing = Context.environment["CAIRN_FUZZ"] == "1"
+
+var products: [Product] = [
     .executable(name: "cairn", targets: ["cairn"]),
     .executable(name: "cairn-bench", targets: ["cairn-bench"]),
 ]
+if fuzzing {
+    products.append(.executable(name: "cairn-fuzz", targets: ["cairn-fuzz"]))
+}
 
 let dependencies: [Package.Dependency] = [
     .package(url: "https://github.com/apple/swift-protobuf", exact: "1.39.0"),
@@ -25,7 +33,7 @@ let dependencies: [Package.Dependency] = [
     .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
 ]
 
-let targets: [Target] = [
+var targets: [Target] = [
     // C++17 over Debian's libgrpc++ behind a plain C header. Linked by name (not pkg-config:
     // SwiftPM's pkg-config reader cannot parse abseil's .pc files).
     .target(
@@ -183,10 +191,30 @@ let targets: [Target] = [
         dependencies: ["CairnCore", "CairnReplica", "CairnReplicaControl", "CairnRPC", "CairnEngine", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
+    // The CSI method table (gRPC method names → service methods), shared by the plugin and the
+    // fuzz harness.
+    .target(
+        name: "CairnRoutes",
+        dependencies: ["CairnCore", "CairnCSI", "CairnController", "CairnNode", "CairnRPC", "CSIProto"],
+        swiftSettings: swiftSettings
+    ),
+    // The fuzz harnesses (docs/fuzzing.md): what each target does with one input. Pure library,
+    // no libFuzzer: the unit tests replay the committed corpus through it.
+    .target(
+        name: "CairnFuzz",
+        dependencies: [
+            "CairnCore", "CairnCSI", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CairnRoutes",
+            "CairnReplica", "CSIProto", "CairnProto",
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            .product(name: "Logging", package: "swift-log"),
+        ],
+        path: "fuzz/CairnFuzz",
+        swiftSettings: swiftSettings
+    ),
     .executableTarget(
         name: "cairn",
         dependencies: [
-            "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "CairnRPC", "CairnController",
+            "CairnRoutes", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "CairnRPC", "CairnController",
             "CairnNode", "CairnAgent", "CairnCluster", "CairnReplica", "CairnReplicaControl", "CairnEngine", "CairnSecurity",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -209,7 +237,7 @@ let targets: [Target] = [
     .executableTarget(name: "cairn-nsexec", path: "Sources/cairn-nsexec"),
     .testTarget(
         name: "CairnTests",
-        dependencies: ["CairnReplica", "CairnReplicaControl", "CairnSecurity", "CairnProto", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec"],
+        dependencies: ["CairnReplica", "CairnReplicaControl", "CairnSecurity", "CairnProto", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec", "CairnFuzz"],
         swiftSettings: swiftSettings
     ),
     .testTarget(
@@ -218,6 +246,12 @@ let targets: [Target] = [
         swiftSettings: swiftSettings
     ),
 ]
+
+if fuzzing {
+    // libFuzzer's entry point in C (LLVMFuzzerTestOneInput → CairnFuzz): a Swift executable
+    // would get SwiftPM's renamed `main`, which clashes with libFuzzer's.
+    targets.append(.executableTarget(name: "cairn-fuzz", dependencies: ["CairnFuzz"], path: "fuzz/cairn-fuzz"))
+}
 
 let package = Package(
     name: "cairn",

@@ -72,6 +72,10 @@ public struct ActivityResponse: WireResponse {
         guard count <= ActivityLog.maxTracked else {
             throw FrameError(.malformedPayload, "activity region count \(count) exceeds the limit of \(ActivityLog.maxTracked)")
         }
+        // "All" means no list: a peer that sends both says two things (found by fuzzing).
+        guard all == 0 || count == 0 else {
+            throw FrameError(.malformedPayload, "activity response says 'all' and also lists \(count) regions")
+        }
         guard r.remaining >= Int(count) * 8 else {
             throw FrameError(.malformedPayload, "payload ends inside the regions (needs \(Int(count) * 8) bytes, \(r.remaining) left)")
         }

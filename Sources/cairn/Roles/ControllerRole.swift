@@ -1,5 +1,6 @@
 import CairnController
 import CairnCore
+import CairnRoutes
 import CairnRPC
 
 /// `--role controller`: Identity + Controller (+ GroupController) on the CSI endpoint; with

@@ -1,6 +1,7 @@
 import CairnAgent
 import CairnCore
 import CairnNode
+import CairnRoutes
 import CairnRPC
 
 /// `--role node`: Identity + Node on the CSI endpoint. With `--agent-socket PATH` (a split

@@ -8,6 +8,7 @@ import CairnLocal
 import CairnNode
 import CairnProcess
 import CairnReplica
+import CairnRoutes
 import CairnRPC
 import CairnSecurity
 import CairnStore

@@ -6,15 +6,16 @@ import CairnNode
 import CairnRPC
 
 /// The CSI method table: full gRPC method names → service methods. The only place that knows
-/// both the wire names and the services.
-enum Routes {
-    static func identity(_ s: IdentityService, on r: Router) {
+/// both the wire names and the services: the plugin serves it, and the fuzz harness
+/// (fuzz/CairnFuzz) drives the same table.
+public enum Routes {
+    public static func identity(_ s: IdentityService, on r: Router) {
         r.register("/csi.v1.Identity/GetPluginInfo") { (q: Csi_V1_GetPluginInfoRequest, _) in try await s.getPluginInfo(q) }
         r.register("/csi.v1.Identity/GetPluginCapabilities") { (q: Csi_V1_GetPluginCapabilitiesRequest, _) in try await s.getPluginCapabilities(q) }
         r.register("/csi.v1.Identity/Probe") { (q: Csi_V1_ProbeRequest, _) in try await s.probe(q) }
     }
 
-    static func controller(_ s: ControllerService, on r: Router) {
+    public static func controller(_ s: ControllerService, on r: Router) {
         r.register("/csi.v1.Controller/CreateVolume") { (q: Csi_V1_CreateVolumeRequest, _) in try await s.createVolume(q) }
         r.register("/csi.v1.Controller/DeleteVolume") { (q: Csi_V1_DeleteVolumeRequest, _) in try await s.deleteVolume(q) }
         r.register("/csi.v1.Controller/ControllerPublishVolume") { (q: Csi_V1_ControllerPublishVolumeRequest, _) in try await s.controllerPublishVolume(q) }
@@ -32,14 +33,14 @@ enum Routes {
         r.register("/csi.v1.Controller/ControllerModifyVolume") { (q: Csi_V1_ControllerModifyVolumeRequest, _) in try await s.controllerModifyVolume(q) }
     }
 
-    static func groupController(_ s: ControllerService, on r: Router) {
+    public static func groupController(_ s: ControllerService, on r: Router) {
         r.register("/csi.v1.GroupController/GroupControllerGetCapabilities") { (q: Csi_V1_GroupControllerGetCapabilitiesRequest, _) in try await s.groupControllerGetCapabilities(q) }
         r.register("/csi.v1.GroupController/CreateVolumeGroupSnapshot") { (q: Csi_V1_CreateVolumeGroupSnapshotRequest, _) in try await s.createVolumeGroupSnapshot(q) }
         r.register("/csi.v1.GroupController/DeleteVolumeGroupSnapshot") { (q: Csi_V1_DeleteVolumeGroupSnapshotRequest, _) in try await s.deleteVolumeGroupSnapshot(q) }
         r.register("/csi.v1.GroupController/GetVolumeGroupSnapshot") { (q: Csi_V1_GetVolumeGroupSnapshotRequest, _) in try await s.getVolumeGroupSnapshot(q) }
     }
 
-    static func node(_ s: NodeService, on r: Router) {
+    public static func node(_ s: NodeService, on r: Router) {
         r.register("/csi.v1.Node/NodeStageVolume") { (q: Csi_V1_NodeStageVolumeRequest, _) in try await s.nodeStageVolume(q) }
         r.register("/csi.v1.Node/NodeUnstageVolume") { (q: Csi_V1_NodeUnstageVolumeRequest, _) in try await s.nodeUnstageVolume(q) }
         r.register("/csi.v1.Node/NodePublishVolume") { (q: Csi_V1_NodePublishVolumeRequest, _) in try await s.nodePublishVolume(q) }
