@@ -204,7 +204,7 @@ var targets: [Target] = [
         name: "CairnFuzz",
         dependencies: [
             "CairnCore", "CairnCSI", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CairnRoutes",
-            "CairnReplica", "CSIProto", "CairnProto",
+            "CairnReplica", "CairnSecurity", "CSIProto", "CairnProto",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             .product(name: "Logging", package: "swift-log"),
         ],

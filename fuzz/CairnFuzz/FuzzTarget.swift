@@ -26,7 +26,7 @@ public struct FuzzTarget: Sendable {
         bytes.withUnsafeBytes { run($0) }
     }
 
-    public static let all: [FuzzTarget] = [FrameFuzz.target, AgentFuzz.target, CSIFuzz.target]
+    public static let all: [FuzzTarget] = [FrameFuzz.target, AgentFuzz.target, CSIFuzz.target, RecordFuzz.target, HandshakeFuzz.target]
 
     public static func named(_ name: String) -> FuzzTarget? { all.first { $0.name == name } }
 }
