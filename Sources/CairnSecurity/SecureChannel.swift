@@ -44,6 +44,9 @@ public final class SecureChannel: @unchecked Sendable {
     /// out in sequence-number order).
     private let sealer: OpaquePointer
     private let sendLock = Mutex(())
+    /// Where `secure` records are encrypted before they are written (allocated at the first,
+    /// reused by every later one); touched only under `sendLock`.
+    private var sealBuffer: UnsafeMutableRawBufferPointer?
     // Receiving: touched only by the one reader thread.
     private let opener: OpaquePointer
     private let buffer: UnsafeMutableRawBufferPointer
@@ -113,6 +116,7 @@ public final class SecureChannel: @unchecked Sendable {
         ctls_aead_free(sealer)
         ctls_aead_free(opener)
         buffer.deallocate()
+        sealBuffer?.deallocate()
     }
 
     // MARK: sending
@@ -144,8 +148,10 @@ public final class SecureChannel: @unchecked Sendable {
         var tag = [UInt8](repeating: 0, count: Self.tagSize)
         let parts = record.map { ctls_part(base: $0.baseAddress!.assumingMemoryBound(to: UInt8.self), len: $0.count) }
         if mode == .secure {
-            let out = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 16)
-            defer { out.deallocate() }
+            // A fresh megabyte per record would cost an mmap, page faults and zeroing each time.
+            let buffer = sealBuffer ?? .allocate(byteCount: Self.maxRecord, alignment: 16)
+            sealBuffer = buffer
+            let out = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
             let rc = withUnsafeBytes(of: &header) { h in
                 ctls_aead_seal(sealer, h.baseAddress!.assumingMemoryBound(to: UInt8.self), 4, parts, parts.count,
                                out.baseAddress!.assumingMemoryBound(to: UInt8.self), &tag)
@@ -200,7 +206,11 @@ public final class SecureChannel: @unchecked Sendable {
     /// connection between records. Throws on a record that fails its tag, a bad length, a
     /// connection closed inside a record, or a receive error.
     public func receive() throws -> UnsafeRawBufferPointer? {
+        // Bytes to read at most: all that fits, but never past the end of a large record whose
+        // header is in (so a megabyte write is never moved to the front to make room).
+        var want = Int.max
         while true {
+            if start == end { start = 0; end = 0 }
             if end - start >= Self.headerSize {
                 let length = Int(UInt32(bigEndian: UnsafeRawPointer(buffer.baseAddress! + start).loadUnaligned(as: UInt32.self)))
                 guard length > 0, length <= Self.maxRecord else {
@@ -220,10 +230,12 @@ public final class SecureChannel: @unchecked Sendable {
                     return UnsafeRawBufferPointer(start: data, count: length)
                 }
                 if start + total > buffer.count { compact() }
+                let missing = total - (end - start)
+                want = missing >= 64 << 10 ? missing : Int.max
             } else if start > 0, buffer.count - end < Self.headerSize {
                 compact()
             }
-            let n = recv(fd, buffer.baseAddress! + end, buffer.count - end, 0)
+            let n = recv(fd, buffer.baseAddress! + end, min(buffer.count - end, want), 0)
             if n < 0 {
                 if errno == EINTR { continue }
                 throw SecureChannelError("receive: \(String(cString: strerror(errno)))")

@@ -125,7 +125,7 @@ final class DataSecurityTests: XCTestCase {
         // A certificate from another cluster's CA, with the right name.
         assertRefused(server, as: "foreign-n2", .auth, clientSays: "certificate", serverSays: "did not authenticate")
         // A certificate of this CA that names no node or controller.
-        assertRefused(server, as: "etcd", .auth, clientSays: "closed", serverSays: "names no node or controller")
+        assertRefused(server, as: "etcd", .auth, clientSays: "connection failed", serverSays: "names no node or controller")
         // The other mode: both ends say which.
         assertRefused(server, as: "n2", .secure, clientSays: "--data-security auth", serverSays: "--data-security secure")
         // A controller may connect (it creates and deletes replicas).
