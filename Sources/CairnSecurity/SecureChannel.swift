@@ -30,8 +30,9 @@ public struct SecureChannelError: Error, Sendable, CustomStringConvertible {
 }
 
 public final class SecureChannel: @unchecked Sendable {
-    /// Largest data in one record; longer sends are split.
-    public static let maxRecord = 1 << 20
+    /// Largest data in one record; longer sends are split. A 1 MiB write's frame (its header,
+    /// volume and offsets beside the data) fits in one.
+    public static let maxRecord = (1 << 20) + (64 << 10)
     static let headerSize = 4
     static let tagSize = 16
     static let exporterLabel = "EXPORTER-cairn-data-v1"
@@ -125,6 +126,12 @@ public final class SecureChannel: @unchecked Sendable {
     /// A failure leaves the connection unusable.
     public func send(_ parts: [UnsafeRawBufferPointer]) throws {
         try sendLock.withLock { _ in
+            let total = parts.reduce(0) { $0 + $1.count }
+            if total <= Self.maxRecord {
+                // The common case (every frame up to a 1 MiB write): one record, no copies.
+                if total > 0 { try sendRecord(sealer, parts, length: total) }
+                return
+            }
             var pending = parts.filter { $0.count > 0 }[...]
             while !pending.isEmpty {
                 // The parts (or pieces of them) that fill the next record.
@@ -143,30 +150,39 @@ public final class SecureChannel: @unchecked Sendable {
         }
     }
 
+    /// Seals `record` (`length` bytes in all, ≤ maxRecord) and writes it: `secure` as one
+    /// contiguous buffer (header, ciphertext, tag), `auth` straight from the caller's memory.
     private func sendRecord(_ sealer: OpaquePointer, _ record: [UnsafeRawBufferPointer], length: Int) throws {
         var header = UInt32(length).bigEndian
-        var tag = [UInt8](repeating: 0, count: Self.tagSize)
-        let parts = record.map { ctls_part(base: $0.baseAddress!.assumingMemoryBound(to: UInt8.self), len: $0.count) }
-        if mode == .secure {
-            // A fresh megabyte per record would cost an mmap, page faults and zeroing each time.
-            let buffer = sealBuffer ?? .allocate(byteCount: Self.maxRecord, alignment: 16)
-            sealBuffer = buffer
-            let out = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
-            let rc = withUnsafeBytes(of: &header) { h in
-                ctls_aead_seal(sealer, h.baseAddress!.assumingMemoryBound(to: UInt8.self), 4, parts, parts.count,
-                               out.baseAddress!.assumingMemoryBound(to: UInt8.self), &tag)
+        try withUnsafeTemporaryAllocation(of: ctls_part.self, capacity: record.count) { parts in
+            var count = 0
+            for r in record where r.count > 0 {
+                parts[count] = ctls_part(base: r.baseAddress!.assumingMemoryBound(to: UInt8.self), len: r.count)
+                count += 1
             }
-            guard rc == 0 else { throw SecureChannelError("sealing a record failed") }
-            try withUnsafeBytes(of: &header) { h in
-                try tag.withUnsafeBytes { t in try Self.writeAll(fd, [h, UnsafeRawBufferPointer(out), t]) }
-            }
-        } else {
-            let rc = withUnsafeBytes(of: &header) { h in
-                ctls_aead_seal(sealer, h.baseAddress!.assumingMemoryBound(to: UInt8.self), 4, parts, parts.count, nil, &tag)
-            }
-            guard rc == 0 else { throw SecureChannelError("sealing a record failed") }
-            try withUnsafeBytes(of: &header) { h in
-                try tag.withUnsafeBytes { t in try Self.writeAll(fd, [h] + record + [t]) }
+            let partsBase = parts.baseAddress!
+            if mode == .secure {
+                // A fresh megabyte per record would cost an mmap, page faults and zeroing each time.
+                let buffer = sealBuffer ?? .allocate(byteCount: Self.headerSize + Self.maxRecord + Self.tagSize, alignment: 16)
+                sealBuffer = buffer
+                let base = buffer.baseAddress!.assumingMemoryBound(to: UInt8.self)
+                withUnsafeBytes(of: &header) { h in UnsafeMutableRawPointer(base).copyMemory(from: h.baseAddress!, byteCount: 4) }
+                guard ctls_aead_seal(sealer, base, 4, partsBase, count, base + 4, base + 4 + length) == 0 else {
+                    throw SecureChannelError("sealing a record failed")
+                }
+                try Self.writeAll(fd, [UnsafeRawBufferPointer(rebasing: buffer[0..<(Self.headerSize + length + Self.tagSize)])])
+            } else {
+                var tag: (UInt64, UInt64) = (0, 0)
+                let rc = withUnsafeMutableBytes(of: &tag) { t in
+                    withUnsafeBytes(of: &header) { h in
+                        ctls_aead_seal(sealer, h.baseAddress!.assumingMemoryBound(to: UInt8.self), 4, partsBase, count, nil,
+                                       t.baseAddress!.assumingMemoryBound(to: UInt8.self))
+                    }
+                }
+                guard rc == 0 else { throw SecureChannelError("sealing a record failed") }
+                try withUnsafeBytes(of: &header) { h in
+                    try withUnsafeBytes(of: &tag) { t in try Self.writeAll(fd, [h] + record + [t]) }
+                }
             }
         }
     }
