@@ -12,7 +12,7 @@ public enum DataSecurity: String, Sendable, CaseIterable, CustomStringConvertibl
     /// Plain TCP: anyone who reaches the port reads and writes every replica. Only with
     /// `--allow-unauthenticated-data`, and warned about at every start.
     case none
-    /// Mutual TLS 1.3 handshake; every record carries an AES-GCM tag over its bytes (integrity,
+    /// Mutual TLS 1.3 handshake; every record carries a Poly1305 tag over its bytes (integrity,
     /// no confidentiality).
     case auth
     /// Like `auth`, and every record is encrypted (AES-256-GCM).

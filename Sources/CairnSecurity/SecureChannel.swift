@@ -3,10 +3,11 @@
 //
 //   record = length (4 bytes, big-endian, 1…maxRecord) | data (length bytes) | tag (16 bytes)
 //
-// Each direction has its own AES-256-GCM key and IV; record n's nonce is the IV xor n, and the
-// length is authenticated with the data, so a record that is changed, dropped, reordered,
-// replayed or taken from another connection fails its tag and the connection is closed. `auth`
-// sends the data in the clear (the tag is a GMAC over it); `secure` encrypts it.
+// Each direction has its own key and IV; record n's nonce is the IV xor n, and the length is
+// authenticated with the data, so a record that is changed, dropped, reordered, replayed or
+// taken from another connection fails its tag and the connection is closed. `auth` sends the
+// data in the clear with a Poly1305 tag over it (ChaCha20-Poly1305, the data as associated
+// data); `secure` encrypts it with AES-256-GCM.
 //
 // Why not SSL_read/SSL_write: a replica connection sends on many threads while one thread
 // receives, and an OpenSSL session may not be used by two threads at once. Two independent

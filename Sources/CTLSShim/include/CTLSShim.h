@@ -3,7 +3,7 @@
 // What it does, and nothing more: makes a cluster CA and the certificates it issues (ECDSA
 // P-256, SPIFFE URIs in the subjectAltName), runs a mutual TLS 1.3 handshake over a connected
 // blocking socket and exports keys from it (RFC 8446 7.5), seals and opens records with
-// AES-256-GCM under those keys, and signs/verifies short messages with a certificate's key.
+// AES-256-GCM (or, authenticating only, ChaCha20-Poly1305) under those keys, and signs/verifies short messages with a certificate's key.
 // Every primitive is OpenSSL's; the record layer is TLS 1.3's construction (per-direction key,
 // nonce = IV xor sequence number) so one thread may send while another receives.
 #ifndef CTLS_SHIM_H
@@ -57,9 +57,9 @@ int ctls_handshake(ctls_ctx *ctx, int fd, int is_server, uint8_t mode, uint8_t *
                    char *peer_uris, size_t peer_uris_len, const char *label, uint8_t *keys,
                    size_t keys_len, char *err, size_t err_len);
 
-// One direction of a connection: AES-256-GCM with a 32-byte key and 12-byte IV; record n uses
-// nonce IV xor n. `encrypt` 0: the record's data is authenticated only (GMAC: it travels in
-// the clear and goes into the tag); 1: it is encrypted too.
+// One direction of a connection, with a 32-byte key and 12-byte IV; record n uses nonce IV xor n.
+// `encrypt` 1: AES-256-GCM, the data encrypted; 0: ChaCha20-Poly1305 with the data as associated
+// data (it travels in the clear and only goes into the tag: a Poly1305 MAC per record).
 ctls_aead *ctls_aead_new(const uint8_t *key, const uint8_t *iv, int encrypt, int sealing);
 void ctls_aead_free(ctls_aead *a);
 // Seals the next record: `aad` (the record header) and the data in `parts`; with encrypt,
