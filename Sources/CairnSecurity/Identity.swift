@@ -94,3 +94,8 @@ public struct PeerIdentity: Sendable, CustomStringConvertible {
 
     public var description: String { uris.isEmpty ? "a certificate with no URI name" : uris.joined(separator: ", ") }
 }
+
+/// The NUL-terminated text a C call wrote into `buffer`.
+func cString(_ buffer: [CChar]) -> String {
+    String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}

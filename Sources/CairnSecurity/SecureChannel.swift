@@ -69,14 +69,14 @@ public final class SecureChannel: @unchecked Sendable {
         var err = [CChar](repeating: 0, count: 1024)
         guard ctls_handshake(context.raw, fd, asServer ? 1 : 0, mode.wireValue, &peerMode, &uris, uris.count,
                              exporterLabel, &keys, keys.count, &err, err.count) == 0 else {
-            throw SecureChannelError(String(cString: err))
+            throw SecureChannelError(cString(err))
         }
         defer { for i in keys.indices { keys[i] = 0 } }
         guard peerMode == mode.wireValue else {
             let theirs = DataSecurity(wireValue: peerMode).map { "--data-security \($0)" } ?? "an unknown mode (\(peerMode))"
             throw SecureChannelError("the peer runs \(theirs) and this process --data-security \(mode): every node must run the same mode")
         }
-        let joined = String(cString: uris)
+        let joined = cString(uris)
         let peer = PeerIdentity(uris: joined.isEmpty ? [] : joined.split(separator: "\n").map(String.init))
         // keys: client→server key, IV; server→client key, IV.
         let (send, receive) = asServer ? (44, 0) : (0, 44)

@@ -53,11 +53,11 @@ public struct CertificateInfo: Sendable {
         var notBefore: Int64 = 0
         var notAfter: Int64 = 0
         guard ctls_cert_file_info(path, &uris, uris.count, &subject, subject.count, &notBefore, &notAfter, &err, err.count) == 0 else {
-            throw CairnError.invalidArgument(String(cString: err))
+            throw CairnError.invalidArgument(cString(err))
         }
-        let joined = String(cString: uris)
+        let joined = cString(uris)
         return CertificateInfo(uris: joined.isEmpty ? [] : joined.split(separator: "\n").map(String.init),
-                               subject: String(cString: subject),
+                               subject: cString(subject),
                                notBefore: Date(timeIntervalSince1970: TimeInterval(notBefore)),
                                notAfter: Date(timeIntervalSince1970: TimeInterval(notAfter)))
     }
@@ -74,7 +74,7 @@ public final class TLSContext: @unchecked Sendable {
     public init(_ files: TLSFiles) throws {
         var err = [CChar](repeating: 0, count: 2048)
         guard let raw = ctls_ctx_new(files.ca, files.certificate, files.key, &err, err.count) else {
-            throw CairnError.invalidArgument("cannot load the TLS identity: \(String(cString: err))")
+            throw CairnError.invalidArgument("cannot load the TLS identity: \(cString(err))")
         }
         self.raw = raw
         self.files = files
@@ -96,7 +96,7 @@ public final class TLSContext: @unchecked Sendable {
         var len = sig.count
         var err = [CChar](repeating: 0, count: 512)
         guard ctls_ctx_sign(raw, message, message.count, &sig, &len, &err, err.count) == 0 else {
-            throw CairnError.internal("signing failed: \(String(cString: err))")
+            throw CairnError.internal("signing failed: \(cString(err))")
         }
         return Array(sig.prefix(len))
     }
@@ -118,9 +118,9 @@ public final class TLSContext: @unchecked Sendable {
         var err = [CChar](repeating: 0, count: 1024)
         guard ctls_ctx_verify_signed(raw, certificateDER, certificateDER.count, message, message.count,
                                      signature, signature.count, &uris, uris.count, &err, err.count) == 0 else {
-            throw CairnError(.permissionDenied, String(cString: err))
+            throw CairnError(.permissionDenied, cString(err))
         }
-        let joined = String(cString: uris)
+        let joined = cString(uris)
         return PeerIdentity(uris: joined.isEmpty ? [] : joined.split(separator: "\n").map(String.init))
     }
 }
@@ -214,7 +214,7 @@ public enum CertificateAuthority {
         }
         var err = [CChar](repeating: 0, count: 1024)
         guard ctls_ca_create("cairn CA \(trustDomain)", "spiffe://\(trustDomain)", Int32(days), key, cert, &err, err.count) == 0 else {
-            throw CairnError.internal("cannot create the CA: \(String(cString: err))")
+            throw CairnError.internal("cannot create the CA: \(cString(err))")
         }
     }
 
@@ -244,7 +244,7 @@ public enum CertificateAuthority {
         var err = [CChar](repeating: 0, count: 1024)
         guard ctls_cert_issue(caDirectory + "/ca.key", caDirectory + "/ca.crt", name, san.joined(separator: ","), Int32(days),
                               out + "/tls.key", out + "/tls.crt", &err, err.count) == 0 else {
-            throw CairnError.invalidArgument("cannot issue the certificate: \(String(cString: err))")
+            throw CairnError.invalidArgument("cannot issue the certificate: \(cString(err))")
         }
         let ca = try String(contentsOfFile: caDirectory + "/ca.crt", encoding: .utf8)
         try ca.write(toFile: out + "/ca.crt", atomically: true, encoding: .utf8)
