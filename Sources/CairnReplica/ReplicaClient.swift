@@ -531,7 +531,8 @@ public final class ReplicaClient: Sendable {
 
     private func readLoop() {
         var decoder = FrameDecoder()
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: ReplicaServer.receiveBufferSize, alignment: 16)
+        // The plaintext receive buffer; an authenticated connection reads into its channel's.
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: channel == nil ? ReplicaServer.receiveBufferSize : 0, alignment: 16)
         var reason = "connection to \(address) closed"
         read: while true {
             let chunk: UnsafeRawBufferPointer

@@ -265,7 +265,8 @@ public final class ReplicaServer: Sendable {
         var decoder = FrameDecoder()
         var greeted = false
         var peerVersion = FrameLimits.protocolVersion
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.receiveBufferSize, alignment: 16)
+        // The plaintext receive buffer; an authenticated connection reads into its channel's.
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: c.channel == nil ? Self.receiveBufferSize : 0, alignment: 16)
         defer { buffer.deallocate() }
         while true {
             let chunk: UnsafeRawBufferPointer

@@ -29,21 +29,11 @@ public enum HandshakeFuzz {
 
     static func run(_ input: UnsafeRawBufferPointer) {
         guard let server, let first = input.first else { return }
-        var fds: [Int32] = [-1, -1]
-        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { return }
-        defer { close(fds[0]); close(fds[1]) }
-        let rest = UnsafeRawBufferPointer(rebasing: input.dropFirst())
-        var sent = 0
-        while sent < rest.count {
-            let n = send(fds[1], rest.baseAddress! + sent, rest.count - sent, Int32(MSG_NOSIGNAL))
-            guard n > 0 else { return }
-            sent += n
+        RecordFuzz.withPeerStream(UnsafeRawBufferPointer(rebasing: input.dropFirst())) { fd in
+            let accepted = (try? SecureChannel.establish(fd: fd, asServer: true, mode: RecordFuzz.mode(first), context: server,
+                                                         timeout: .seconds(2))) != nil
+            precondition(!accepted, "a handshake without a certificate of the cluster's CA was accepted")
         }
-        shutdown(fds[1], Int32(SHUT_WR))
-        let mode: DataSecurity = first & 1 == 1 ? .secure : .auth
-        let accepted = (try? SecureChannel.establish(fd: fds[0], asServer: true, mode: mode, context: server,
-                                                     timeout: .seconds(2))) != nil
-        precondition(!accepted, "a handshake without a certificate of the cluster's CA was accepted")
     }
 
     /// No generated seeds: a ClientHello is random (its random and key share), so it could not

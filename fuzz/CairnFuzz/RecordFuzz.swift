@@ -20,19 +20,13 @@ public enum RecordFuzz {
 
     static func run(_ input: UnsafeRawBufferPointer) {
         guard let first = input.first else { return }
-        var fds: [Int32] = [-1, -1]
-        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { return }
-        defer { close(fds[0]); close(fds[1]) }
-        // Inputs are at most a few KiB (fuzz/run caps them): they fit the socket's buffer.
-        let rest = UnsafeRawBufferPointer(rebasing: input.dropFirst())
-        var sent = 0
-        while sent < rest.count {
-            let n = send(fds[1], rest.baseAddress! + sent, rest.count - sent, Int32(MSG_NOSIGNAL))
-            guard n > 0 else { return }
-            sent += n
+        withPeerStream(UnsafeRawBufferPointer(rebasing: input.dropFirst())) { fd in
+            guard let channel = SecureChannel.withFixedKeys(fd: fd, mode: mode(first), key: key, iv: iv) else { return }
+            receiveAll(channel)
         }
-        shutdown(fds[1], Int32(SHUT_WR))
-        guard let channel = SecureChannel.withFixedKeys(fd: fds[0], mode: mode(first), key: key, iv: iv) else { return }
+    }
+
+    private static func receiveAll(_ channel: SecureChannel) {
         var records = 0
         while records < 1 << 16 {
             do {
@@ -43,6 +37,23 @@ public enum RecordFuzz {
                 return
             }
         }
+    }
+
+    /// Runs `body` on one end of a socket pair whose other end has sent `bytes` and closed
+    /// (what a peer sent, as the channel reads it). Inputs are at most a few KiB (fuzz/run caps
+    /// them): they fit the socket's buffer.
+    static func withPeerStream(_ bytes: UnsafeRawBufferPointer, _ body: (Int32) -> Void) {
+        var fds: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { return }
+        defer { close(fds[0]); close(fds[1]) }
+        var sent = 0
+        while sent < bytes.count {
+            let n = send(fds[1], bytes.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL))
+            guard n > 0 else { return }
+            sent += n
+        }
+        shutdown(fds[1], Int32(SHUT_WR))
+        body(fds[0])
     }
 
     /// Records as a peer seals them: small, several in a row, and one split over two sends.
