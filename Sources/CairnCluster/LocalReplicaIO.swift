@@ -42,6 +42,10 @@ final class LocalReplicaIO: ReplicaIO {
         try store(volumeID).flush(epoch: epoch)
     }
 
+    func flush(volumeID: String, epoch: UInt64, through: UInt64) throws {
+        try store(volumeID).flush(epoch: epoch, through: through)
+    }
+
     func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws {
         let store = try store(volumeID)
         // The store bounds one call; a trim may cover the whole volume (as the server does).

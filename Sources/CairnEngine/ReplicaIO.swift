@@ -36,6 +36,9 @@ public protocol ReplicaIO: AnyObject, Sendable {
     func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
                     epoch: UInt64) -> () throws -> Void
     func flush(volumeID: String, epoch: UInt64) throws
+    /// A flush that records `through` as the flushed generation: every write numbered at or
+    /// below it has finished on every in-sync replica. The default flushes without it.
+    func flush(volumeID: String, epoch: UInt64, through: UInt64) throws
     func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws
     func close()
 
@@ -76,6 +79,10 @@ public protocol ReplicaIO: AnyObject, Sendable {
 }
 
 extension ReplicaIO {
+    public func flush(volumeID: String, epoch: UInt64, through: UInt64) throws {
+        try flush(volumeID: volumeID, epoch: epoch)
+    }
+
     public func activity(volumeID: String, cleanThrough: UInt64, converged: Bool, epoch: UInt64) throws -> ReplicaActivity {
         .unknown
     }

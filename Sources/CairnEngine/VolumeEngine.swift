@@ -143,6 +143,9 @@ public final class VolumeEngine: Sendable {
     /// the clean watermark stops (Convergence.swift) and the next engine compares those regions.
     let unsettled = Atomic<Bool>(false)
     let generation = Atomic<UInt64>(0)
+    /// The generations of the writes and trims in flight (numbered, not yet answered by every
+    /// replica): a flush records as flushed only what lies below all of them.
+    let inflightGenerations = Mutex<[UInt64]>([])
     let repaired = Atomic<UInt64>(0)
     let unrepairable = Atomic<UInt64>(0)
     let scrubbed = Atomic<UInt64>(0)
@@ -642,7 +645,8 @@ public final class VolumeEngine: Sendable {
         defer { leave(ticket) }
         guard inSyncCount > 0 else { return -EIO }
         guard meetsMinimum(inSyncCount, what: "write at offset \(offset)") else { return -EIO }
-        let generation = self.generation.wrappingAdd(1, ordering: .relaxed).newValue
+        let generation = takeGeneration()
+        defer { finishGeneration(generation) }
         let volumeID = volumeID, epoch = epoch
         return withUnsafeTemporaryAllocation(of: (() throws -> Void).self, capacity: members.count) { pending in
             for i in 1..<max(members.count, 1) {
@@ -688,8 +692,11 @@ public final class VolumeEngine: Sendable {
         enterGate()
         defer { leaveGate() }
         let volumeID = volumeID, epoch = epoch
+        // What this flush covers: every write answered before it (a write still in flight with
+        // a lower number must not be counted as flushed by a replica that saw a higher one).
+        let through = flushWatermark()
         let result = fanOut(what: "flush", numbered: false) { member, _ in
-            try member.io.flush(volumeID: volumeID, epoch: epoch)
+            try member.io.flush(volumeID: volumeID, epoch: epoch, through: through)
         }
         if result != 0 { return Int32(failed(-result)) }
         flushes.wrappingAdd(1, ordering: .relaxed)
@@ -735,7 +742,8 @@ public final class VolumeEngine: Sendable {
         let members = numbered ? all : Array(all.prefix(inSyncCount))
         guard inSyncCount > 0 else { return -EIO }
         guard meetsMinimum(inSyncCount, what: what()) else { return -EIO }
-        let generation = numbered ? self.generation.wrappingAdd(1, ordering: .relaxed).newValue : 0
+        let generation = numbered ? takeGeneration() : 0
+        defer { if numbered { finishGeneration(generation) } }
         if members.count == 1 {
             do {
                 try operation(members[0], generation)
@@ -773,6 +781,31 @@ public final class VolumeEngine: Sendable {
     ///   leave the volume with none in sync.
     /// - Otherwise each failed replica is recorded out of sync (once, even under concurrent
     ///   failures), then removed from the set. If recording fails, false.
+    /// The next generation for a write or trim, registered as in flight until `finishGeneration`.
+    func takeGeneration() -> UInt64 {
+        inflightGenerations.withLock { list in
+            let next = generation.wrappingAdd(1, ordering: .relaxed).newValue
+            list.append(next)
+            return next
+        }
+    }
+
+    func finishGeneration(_ done: UInt64) {
+        inflightGenerations.withLock { list in
+            guard let i = list.firstIndex(of: done) else { return }
+            list.swapAt(i, list.count - 1)
+            list.removeLast()
+        }
+    }
+
+    /// The highest generation at or below which no write or trim is in flight.
+    func flushWatermark() -> UInt64 {
+        inflightGenerations.withLock { list in
+            if let lowest = list.min() { return lowest - 1 }
+            return generation.load(ordering: .relaxed)
+        }
+    }
+
     /// The in-sync members (local first), then the catching-up ones; the count of in-sync ones;
     /// and the ticket `leave` takes. Registers the caller as in flight under the sets' version.
     @inline(__always)

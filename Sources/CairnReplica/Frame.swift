@@ -21,9 +21,10 @@ public enum FrameLimits {
     /// The header's version: the framing itself.
     public static let version: UInt16 = 1
     /// The newest protocol version a hello offers and this side speaks: 2 adds the damaged
-    /// block to a read's `checksumMismatch` (`FrameFlags.detail`). A server answers a hello
-    /// with the lower of the two versions and uses only what that version has.
-    public static let protocolVersion: UInt16 = 2
+    /// block to a read's `checksumMismatch` (`FrameFlags.detail`); 3 lets a flush say the
+    /// generation it covers (`FlushRequest.through`). A server answers a hello with the lower
+    /// of the two versions and uses only what that version has.
+    public static let protocolVersion: UInt16 = 3
     public static let supportedProtocolVersions: ClosedRange<UInt16> = 1...protocolVersion
     public static let headerSize = 32
     /// The header CRC covers every header byte before the CRC field.
@@ -442,7 +443,35 @@ public struct VolumeRequest: WireCodable {
     }
 }
 
-public typealias FlushRequest = VolumeRequest
+/// A flush: volume [| through generation u64]. `through` (protocol version 3) is the engine's
+/// word that every write numbered at or below it has finished on the replica, so the replica
+/// records that as flushed rather than the highest generation it happened to see (a write
+/// still on its way with a lower number would otherwise be counted). Without it the request
+/// is the earlier versions' `VolumeRequest`, byte for byte.
+public struct FlushRequest: WireCodable {
+    public var volume: String
+    public var through: UInt64?
+
+    public init(volume: String, through: UInt64? = nil) {
+        self.volume = volume
+        self.through = through
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.writeVolume(volume)
+        if let through { w.write(through) }
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
+        var r = ByteReader(payload)
+        volume = try r.readVolume()
+        through = r.remaining > 0 ? try r.readUInt64("flush through generation") : nil
+        try r.expectEnd()
+    }
+}
+
 public typealias StatusRequest = VolumeRequest
 public typealias DeleteRequest = VolumeRequest
 

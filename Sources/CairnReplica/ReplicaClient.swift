@@ -65,6 +65,10 @@ public final class ReplicaClient: Sendable {
     private let readerDone = DispatchSemaphore(value: 0)
     private let sentBytes = Atomic<UInt64>(0)
     private let receivedBytes = Atomic<UInt64>(0)
+    private let negotiated = Atomic<UInt16>(FrameLimits.supportedProtocolVersions.lowerBound)
+
+    /// The data protocol version the hello settled on (what this server understands).
+    public var protocolVersion: UInt16 { negotiated.load(ordering: .relaxed) }
 
     /// Every byte this connection sent (frames whole, headers included).
     public var bytesSent: UInt64 { sentBytes.load(ordering: .relaxed) }
@@ -123,6 +127,7 @@ public final class ReplicaClient: Sendable {
             guard FrameLimits.supportedProtocolVersions.contains(hello.protocolVersion) else {
                 throw protocolViolation("hello answered with protocol version \(hello.protocolVersion)")
             }
+            negotiated.store(min(hello.protocolVersion, protocolVersion), ordering: .relaxed)
         } catch {
             close()
             throw error
@@ -375,10 +380,13 @@ public final class ReplicaClient: Sendable {
         return try applied(m, of: Int(clamping: length / UInt64(FrameLimits.blockSize)), "an if-newer trim")
     }
 
-    /// Makes every write acknowledged so far durable on the replica; returns the flushed generation.
+    /// Makes every write acknowledged so far durable on the replica; returns the flushed
+    /// generation. `through`: every write numbered at or below it has finished (sent only to a
+    /// server of protocol version 3 or later; an older one records its highest generation).
     @discardableResult
-    public func flush(volumeID: String, epoch: UInt64) throws -> UInt64 {
-        try call(DataOp.Flush.self, FlushRequest(volume: volumeID), epoch: epoch).flushedGeneration
+    public func flush(volumeID: String, epoch: UInt64, through: UInt64? = nil) throws -> UInt64 {
+        let request = FlushRequest(volume: volumeID, through: protocolVersion >= 3 ? through : nil)
+        return try call(DataOp.Flush.self, request, epoch: epoch).flushedGeneration
     }
 
     /// Trims whole, aligned blocks (they read as zeros); they take `generation` (0: the

@@ -458,7 +458,7 @@ public final class ReplicaServer: Sendable {
         },
         handler(DataOp.Flush.self) { server, m, c in
             let store = try server.store(m.volume)
-            try store.flush(epoch: c.epoch)
+            try store.flush(epoch: c.epoch, through: m.through)
             return FlushResponse(status: .ok, flushedGeneration: store.status.flushedGeneration)
         },
         handler(DataOp.Snapshot.self) { server, m, c in

@@ -137,14 +137,24 @@ public final class ReplicaStore: Sendable {
         /// by a snapshot deletion's merge, which only adds blocks the layer fell through for.
         var sealed: [Layer]
         var isClosed = false
+        /// The journal (Journal.swift): small writes are appended to it, so a flush syncs it alone.
+        let journal: Journal
+        /// Set by a write or trim that went in place only (too large for the journal, or the
+        /// journal was full): the next flush syncs the data file and the block map too.
+        let dirtyInPlace = Atomic<Bool>(false)
+        /// Every write with a generation at or below this is durable (the superblock's copy is
+        /// updated at checkpoints; between them the journal carries it).
+        let flushedGeneration: Atomic<UInt64>
 
         var dataFD: Int32 { head.dataFD }
         var dataPath: String { head.dataPath }
         var blockMap: BlockMap { head.blockMap }
 
-        init(superblock: Superblock, highestGeneration: UInt64, head: Layer, sealed: [Layer]) {
+        init(superblock: Superblock, highestGeneration: UInt64, head: Layer, sealed: [Layer], journal: Journal) {
             self.superblock = superblock
             self.highestGeneration = Atomic(highestGeneration)
+            self.flushedGeneration = Atomic(superblock.flushedGeneration)
+            self.journal = journal
             self.head = head
             self.sealed = sealed
         }
@@ -205,6 +215,8 @@ public final class ReplicaStore: Sendable {
             guard fsync(blockMap.fd) == 0 else { throw SystemError("fsync \(blockMap.path)", errno: errno) }
             try FileIO.fsyncDirectory(layerDir)
             try FileIO.fsyncDirectory(directory + "/layers")
+            let journal = try Journal.create(directory: directory, capacity: Journal.capacity(forVolumeSize: size),
+                                             startSeq: 1, flushed: 0)
             let superblock = Superblock(volumeID: volumeID, size: size, clean: false, layers: [1])
             try superblock.write(directory: directory)
             logger.info("replica created", metadata: ["volume.id": "\(volumeID)", "replica.dir": "\(directory)",
@@ -212,7 +224,7 @@ public final class ReplicaStore: Sendable {
             let head = Layer(id: 1, directory: layerDir, dataFD: dataFD, blockMap: blockMap)
             return ReplicaStore(directory: directory, volumeID: volumeID, usesDirectIO: direct, recovery: RecoveryReport(),
                                 logger: logger,
-                                state: State(superblock: superblock, highestGeneration: 0, head: head, sealed: []))
+                                state: State(superblock: superblock, highestGeneration: 0, head: head, sealed: [], journal: journal))
         } catch {
             _ = Glibc.close(dataFD)
             throw error
@@ -251,7 +263,22 @@ public final class ReplicaStore: Sendable {
             }
             try blockMap.ensureCapacity(blocks: blocks)
 
+            // The journal first: what it holds is newer than the block map's entries may say.
+            let (journal, records, checkpointFlushed) = try Journal.open(
+                directory: directory, capacity: Journal.capacity(forVolumeSize: superblock.size), replay: !superblock.clean)
+            superblock.flushedGeneration = max(superblock.flushedGeneration, checkpointFlushed)
             var highest = superblock.flushedGeneration
+            if !records.isEmpty {
+                let replayed = try replayJournal(records, journal: journal, head: head, dataFD: dataFD, dataPath: dataPath,
+                                                 blockMap: blockMap, blocks: blocks)
+                superblock.flushedGeneration = max(superblock.flushedGeneration, replayed.flushed)
+                highest = max(highest, replayed.highest)
+                logger.warning("replica journal replayed after an unclean close", metadata: [
+                    "volume.id": "\(volumeID)", "replica.dir": "\(directory)",
+                    "replica.journal_records": "\(records.count)", "replica.journal_blocks_applied": "\(replayed.applied)",
+                    "replica.flushed_generation": "\(superblock.flushedGeneration)",
+                ])
+            }
             var report = RecoveryReport()
             if !superblock.clean {
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: blockSize, alignment: blockSize)
@@ -275,16 +302,68 @@ public final class ReplicaStore: Sendable {
                     "replica.rewritten_blocks": "\(report.rewrittenBlocks)",
                 ])
             }
+            // Everything replayed and recovered is in place and synced: the superblock takes the
+            // flushed generation, then the journal starts over.
             superblock.clean = false
             try superblock.write(directory: directory)
+            try journal.reset(flushed: superblock.flushedGeneration)
             let headLayer = Layer(id: head, directory: layerDir, dataFD: dataFD, blockMap: blockMap)
             return ReplicaStore(directory: directory, volumeID: volumeID, usesDirectIO: direct, recovery: report,
                                 logger: logger,
-                                state: State(superblock: superblock, highestGeneration: highest, head: headLayer, sealed: sealed))
+                                state: State(superblock: superblock, highestGeneration: highest, head: headLayer, sealed: sealed,
+                                             journal: journal))
         } catch {
             _ = Glibc.close(dataFD)
             throw error
         }
+    }
+
+    /// Applies the journal's whole records to the head layer in order: each block takes the
+    /// record's version unless the block map holds a newer one (or a trim of the same
+    /// generation). Syncs what it wrote. Returns the blocks applied, the highest generation seen
+    /// and the newest flushed generation the records carried.
+    static func replayJournal(_ records: [Journal.Record], journal: Journal, head: UInt64, dataFD: Int32, dataPath: String,
+                              blockMap: BlockMap, blocks: UInt64) throws -> (applied: Int, highest: UInt64, flushed: UInt64) {
+        var applied = 0, highest: UInt64 = 0, flushed: UInt64 = 0
+        var buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Journal.smallWriteLimit, alignment: blockSize)
+        defer { buffer.deallocate() }
+        for record in records {
+            flushed = max(flushed, record.flushedGeneration)
+            let count = record.crcs.count
+            let first = record.offset / UInt64(blockSize)
+            // A record of another layer (a snapshot checkpoints first, so none should be) or
+            // beyond the replica's size is not this head's to apply.
+            guard record.layer == head, record.offset % UInt64(blockSize) == 0, first + UInt64(count) <= blocks else { continue }
+            highest = max(highest, record.generation)
+            let length = count * blockSize
+            if length > buffer.count {
+                buffer.deallocate()
+                buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: blockSize)
+            }
+            let data = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
+            try journal.readData(of: record, into: data)
+            let current = try blockMap.read(first: first, count: count)
+            var i = 0
+            while i < count {
+                func applies(_ e: BlockMapEntry) -> Bool {
+                    record.generation > e.generation || (record.generation == e.generation && !e.isTrimmed)
+                }
+                guard applies(current[i]) else { i += 1; continue }
+                var end = i
+                while end < count && applies(current[end]) { end += 1 }
+                try FileIO.pwriteFully(dataFD, UnsafeRawBufferPointer(rebasing: data[(i * blockSize)..<(end * blockSize)]),
+                                       offset: record.offset + UInt64(i * blockSize), path: dataPath)
+                try blockMap.write(first: first + UInt64(i), (i..<end).map {
+                    BlockMapEntry(generation: record.generation, crc: record.crcs[$0]) })
+                applied += end - i
+                i = end
+            }
+        }
+        if applied > 0 {
+            guard fdatasync(dataFD) == 0 else { throw SystemError("fdatasync \(dataPath)", errno: errno) }
+            try blockMap.sync()
+        }
+        return (applied, highest, flushed)
     }
 
     /// An orderly close: flushes, records `clean = 1`, closes the files. Later calls throw
@@ -366,6 +445,13 @@ public final class ReplicaStore: Sendable {
                     let block = UnsafeRawBufferPointer(rebasing: source[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
                     entries.initializeElement(at: i, to: BlockMapEntry(generation: generation, crc: CRC32C.checksum(block)))
                 }
+                // Small writes go to the journal as well, so the flush that makes them durable
+                // syncs the journal alone; others (or when it is full) only in place.
+                let journaled = try data.count <= Journal.smallWriteLimit
+                    && (s.journal.append(layer: s.head.id, offset: offset, generation: generation,
+                                             flushedGeneration: s.flushedGeneration.load(ordering: .relaxed),
+                                             data: source, entries: UnsafeBufferPointer(entries)))
+                if !journaled { s.dirtyInPlace.store(true, ordering: .relaxed) }
                 try regions.withRange(offset: offset, length: data.count) {
                     try FileIO.pwriteFully(s.dataFD, source, offset: offset, path: s.dataPath)
                     try s.blockMap.write(first: first, UnsafeBufferPointer(entries))
@@ -414,6 +500,8 @@ public final class ReplicaStore: Sendable {
             try Self.checkGeneration(generation)
             activity.note(offset: offset, length: data.count, generation: generation)
             let source = Self.alignedSource(data)
+            // Resync and repair copies go in place only; the flush after them syncs the files.
+            s.dirtyInPlace.store(true, ordering: .relaxed)
             let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: data.count) {
                     // Decided on the effective generation (the newest layer's): what resync compared.
@@ -577,13 +665,40 @@ public final class ReplicaStore: Sendable {
         }
     }
 
-    /// Makes every write so far durable: fdatasync the data, then the block map, then record
-    /// the highest generation written as the superblock's flushed generation.
-    public func flush(epoch: UInt64) throws {
-        try state.withExclusive { s in
+    /// Makes every write acknowledged so far durable. `through` is the engine's word that every
+    /// write numbered at or below it has finished (the flushed generation recorded; without it,
+    /// the highest written so far).
+    ///
+    /// It drains the writes in flight (the exclusive lock, held only for that), then — outside
+    /// the lock, so writes go on — one fdatasync of the journal, plus the data file and the
+    /// block map if something went in place only since the last flush. A checkpoint (everything
+    /// in place synced, the journal started over) instead when the journal is past 3/4 full or
+    /// broken.
+    public func flush(epoch: UInt64, through: UInt64? = nil) throws {
+        let plan: (inPlace: Bool, journal: Journal, target: UInt64, state: State)? = try state.withExclusive { s in
+            try Self.checkOpenLocked(s)
             try Self.checkEpochLocked(s, epoch)
-            try Self.flushLocked(s, directory: directory)
+            let highest = s.highestGeneration.load(ordering: .relaxed)
+            let target = min(through ?? highest, highest)
+            if s.journal.broken.load(ordering: .relaxed) || s.journal.used * 4 >= s.journal.capacity * 3 {
+                try Self.flushLocked(s, directory: directory, through: target)
+                return nil
+            }
+            return (s.dirtyInPlace.exchange(false, ordering: .relaxed), s.journal, target, s)
         }
+        guard let plan else { return }
+        let s = plan.state
+        do {
+            if plan.inPlace {
+                guard fdatasync(s.dataFD) == 0 else { throw SystemError("fdatasync \(s.dataPath)", errno: errno) }
+                try s.blockMap.sync()
+            }
+            try plan.journal.sync()
+        } catch {
+            if plan.inPlace { s.dirtyInPlace.store(true, ordering: .relaxed) }
+            throw error
+        }
+        s.flushedGeneration.max(plan.target, ordering: .relaxed)
     }
 
     /// Trims whole, aligned blocks: punches holes in the data (PUNCH_HOLE | KEEP_SIZE) and
@@ -613,6 +728,7 @@ public final class ReplicaStore: Sendable {
             if generation == 0, !s.sealed.isEmpty {
                 throw ReplicaError.badRequest("a trim over a snapshot needs a generation above 0")
             }
+            s.dirtyInPlace.store(true, ordering: .relaxed)
             try regions.withRange(offset: offset, length: length) {
             let punch = FileIO.FALLOC_FL_PUNCH_HOLE | FileIO.FALLOC_FL_KEEP_SIZE
             if FileIO.fallocate(s.dataFD, mode: punch, offset: offset, length: UInt64(length)) != 0 {
@@ -645,6 +761,7 @@ public final class ReplicaStore: Sendable {
             }
             activity.note(offset: offset, length: length, generation: generation)
             let trimmed = BlockMapEntry(generation: generation, crc: Self.zeroBlockCRC, flags: BlockMapEntry.trimmedFlag)
+            s.dirtyInPlace.store(true, ordering: .relaxed)
             let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: length) {
                     _ = try Self.resolve(s, first: first, into: entries)
@@ -729,7 +846,8 @@ public final class ReplicaStore: Sendable {
     public var status: ReplicaStatus {
         state.withShared { s in
             ReplicaStatus(volumeID: s.superblock.volumeID, size: s.superblock.size, blockSize: s.superblock.blockSize,
-                          epoch: s.superblock.epoch, flushedGeneration: s.superblock.flushedGeneration,
+                          epoch: s.superblock.epoch,
+                          flushedGeneration: max(s.superblock.flushedGeneration, s.flushedGeneration.load(ordering: .relaxed)),
                           highestGeneration: s.highestGeneration.load(ordering: .relaxed))
         }
     }
@@ -807,16 +925,24 @@ public final class ReplicaStore: Sendable {
         return (offset / bs, length / blockSize)
     }
 
-    static func flushLocked(_ s: State, directory: String) throws {
+    /// A checkpoint (the exclusive lock held: nothing in flight): the data file and the block
+    /// map synced, then the journal started over with the flushed generation in its header —
+    /// `through` if given, else the highest generation written. The superblock keeps the
+    /// flushed generation it had; snapshots, close and claims write theirs.
+    static func flushLocked(_ s: State, directory: String, through: UInt64? = nil) throws {
         try checkOpenLocked(s)
-        guard fdatasync(s.dataFD) == 0 else { throw SystemError("fdatasync \(s.dataPath)", errno: errno) }
-        try s.blockMap.sync()
-        let highest = s.highestGeneration.load(ordering: .relaxed)
-        guard highest > s.superblock.flushedGeneration else { return }
-        var next = s.superblock
-        next.flushedGeneration = highest
-        try next.write(directory: directory)
-        s.superblock = next
+        s.dirtyInPlace.store(false, ordering: .relaxed)
+        do {
+            guard fdatasync(s.dataFD) == 0 else { throw SystemError("fdatasync \(s.dataPath)", errno: errno) }
+            try s.blockMap.sync()
+        } catch {
+            s.dirtyInPlace.store(true, ordering: .relaxed)
+            throw error
+        }
+        let flushed = max(s.flushedGeneration.load(ordering: .relaxed), through ?? s.highestGeneration.load(ordering: .relaxed))
+        try s.journal.reset(flushed: flushed)
+        s.flushedGeneration.max(flushed, ordering: .relaxed)
+        s.superblock.flushedGeneration = max(s.superblock.flushedGeneration, flushed)
     }
 
     /// Reads `buffer.count` bytes of blocks from `first` (a hole reads as zeros).

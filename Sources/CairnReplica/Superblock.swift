@@ -10,7 +10,12 @@ import CairnCore
 /// (write temp + fsync + rename + fsync directory), so a crash leaves the old or the new one.
 public struct Superblock: Sendable, Equatable {
     public static let magic: [UInt8] = Array("CAIRNRP1".utf8)
+    /// Version 1: a replica closed cleanly (its journal is empty), which every Cairn reads.
+    /// Version 2: a replica that is open or was not closed cleanly: its journal may hold writes
+    /// that only it makes whole, so a build from before the journal refuses it rather than
+    /// open it without them.
     public static let formatVersion: UInt32 = 1
+    public static let journaledFormatVersion: UInt32 = 2
     public static let encodedSize = 4096
     public static let volumeIDCapacity = 128
     /// Fixed fields before the layer ids: magic, version, block size, volume id, size, epoch,
@@ -52,7 +57,7 @@ public struct Superblock: Sendable, Equatable {
         var out: [UInt8] = []
         out.reserveCapacity(Self.encodedSize)
         out += Self.magic
-        out.appendLE(Self.formatVersion)
+        out.appendLE(clean ? Self.formatVersion : Self.journaledFormatVersion)
         out.appendLE(blockSize)
         let id = Array(volumeID.utf8)
         out += id + [UInt8](repeating: 0, count: Self.volumeIDCapacity - id.count)
@@ -79,8 +84,8 @@ public struct Superblock: Sendable, Equatable {
         }
         var r = LittleEndianReader(bytes: bytes, offset: 8)
         let version = r.u32()
-        guard version == formatVersion else {
-            throw .corruptSuperblock("unknown format version \(version) (this build reads \(formatVersion))")
+        guard version == formatVersion || version == journaledFormatVersion else {
+            throw .corruptSuperblock("unknown format version \(version) (this build reads \(formatVersion) and \(journaledFormatVersion))")
         }
         let blockSize = r.u32()
         let idBytes = Array(bytes[r.offset..<(r.offset + volumeIDCapacity)])
@@ -193,6 +198,28 @@ enum FileIO {
                 throw SystemError("pwrite \(path)", errno: errno)
             }
             done += n
+        }
+    }
+
+    /// Writes `first` then `second` contiguously at `offset` (one pwritev; a short write goes on
+    /// from where it stopped with plain pwrites).
+    static func pwritevFully(_ fd: Int32, _ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer,
+                             offset: UInt64, path: String) throws {
+        var iov = (iovec(iov_base: UnsafeMutableRawPointer(mutating: first.baseAddress), iov_len: first.count),
+                   iovec(iov_base: UnsafeMutableRawPointer(mutating: second.baseAddress), iov_len: second.count))
+        var n = -1
+        while n < 0 {
+            n = withUnsafeMutableBytes(of: &iov) { raw in
+                pwritev(fd, raw.baseAddress!.assumingMemoryBound(to: iovec.self), 2, off_t(offset))
+            }
+            if n < 0 && errno != EINTR { throw SystemError("pwritev \(path)", errno: errno) }
+        }
+        if n < first.count {
+            try pwriteFully(fd, UnsafeRawBufferPointer(rebasing: first[n...]), offset: offset + UInt64(n), path: path)
+            try pwriteFully(fd, second, offset: offset + UInt64(first.count), path: path)
+        } else if n < first.count + second.count {
+            let done = n - first.count
+            try pwriteFully(fd, UnsafeRawBufferPointer(rebasing: second[done...]), offset: offset + UInt64(n), path: path)
         }
     }
 

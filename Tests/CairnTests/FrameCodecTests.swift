@@ -317,13 +317,25 @@ final class FrameCodecTests: XCTestCase {
         }
     }
 
+    func testAFlushCarriesItsThroughGenerationOnlyWhenGiven() throws {
+        let plain = FlushRequest(volume: "pvc-1").encode()
+        XCTAssertEqual(plain, VolumeRequest(volume: "pvc-1").encode(), "without it, the earlier versions' request byte for byte")
+        XCTAssertNil(try FlushRequest(decoding: plain).through)
+        let through = FlushRequest(volume: "pvc-1", through: 1 << 44 | 77)
+        XCTAssertEqual(through.encode().count, plain.count + 8)
+        XCTAssertEqual(try FlushRequest(decoding: through.encode()).through, 1 << 44 | 77)
+    }
+
     func testUnknownOpcodeFlagsStatusAndTrailingBytesAreRejected() {
         let volume = Self.volumeField(Array("v".utf8))
         assertFrameError(Self.rawFrame(op: 0, payload: volume), .unknownOpcode)
         assertFrameError(Self.rawFrame(op: 200, payload: volume), .unknownOpcode)
         assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, flags: 0x80, payload: volume), .reservedFlags)
         assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: 1, payload: [99]), .malformedPayload, containing: "status")
-        assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, payload: volume + [0]), .malformedPayload, containing: "unexpected")
+        assertFrameError(Self.rawFrame(op: Opcode.status.rawValue, payload: volume + [0]), .malformedPayload, containing: "unexpected")
+        // A flush's optional through generation is 8 bytes or nothing, and nothing after it.
+        assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, payload: volume + [0]), .malformedPayload, containing: "ends inside")
+        assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, payload: volume + [UInt8](repeating: 0, count: 9)), .malformedPayload, containing: "unexpected")
         // A failed read carries no data.
         assertFrameError(Self.rawFrame(op: Opcode.read.rawValue, flags: 1, payload: [ReplyStatus.ioError.rawValue] + Self.le(UInt32(4096)) + Self.block + [0, 0]), .malformedPayload, containing: "carries")
         // An oversized auth token.

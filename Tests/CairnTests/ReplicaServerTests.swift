@@ -482,14 +482,14 @@ final class ReplicaServerTests: XCTestCase {
     }
 
     func testAnUnsupportedProtocolVersionIsRefusedWithAReason() throws {
-        let hello = Frame(requestID: 1, epoch: 0, body: .request(DataOp.Hello.request(HelloRequest(protocolVersion: 3)))).encode()
+        let hello = Frame(requestID: 1, epoch: 0, body: .request(DataOp.Hello.request(HelloRequest(protocolVersion: FrameLimits.protocolVersion + 1)))).encode()
         let (closed, received) = try sendRaw(hello)
         XCTAssertTrue(closed)
         var d = FrameDecoder()
         let replies = try d.feed(received)
         guard let r = replies.first?.response(DataOp.Hello.self) else { return XCTFail("no hello reply: \(replies)") }
         XCTAssertEqual(r.status, .badRequest)
-        XCTAssertTrue(r.message.contains("protocol version 3 is not supported"), r.message)
+        XCTAssertTrue(r.message.contains("protocol version \(FrameLimits.protocolVersion + 1) is not supported"), r.message)
     }
 
     // MARK: connection loss

@@ -13,6 +13,7 @@ public enum FrameSamples {
             DataOp.Read.request(ReadRequest(volume: "pvc-0f1e2d3c", offset: 8192, length: 8192)),
             DataOp.Write.request(WriteRequest(volume: "pvc-0f1e2d3c", generation: 42, offset: 4096, data: block + block)),
             DataOp.Flush.request(FlushRequest(volume: "pvc-0f1e2d3c")),
+            DataOp.Flush.request(FlushRequest(volume: "pvc-0f1e2d3c", through: 1 << 44 | 9)),
             DataOp.Trim.request(TrimRequest(volume: "völ-ü", generation: 43, offset: 1 << 30, length: 1 << 40)),
             DataOp.Status.request(StatusRequest(volume: String(repeating: "v", count: 128))),
             DataOp.Create.request(CreateRequest(volume: "pvc-0f1e2d3c", size: 16 << 20)),

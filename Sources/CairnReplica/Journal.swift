@@ -1,0 +1,300 @@
+// The replica's journal (docs/replica-format.md, "Journal"): a preallocated file beside the
+// superblock where every small write is also appended — a 4 KiB record header naming the layer,
+// offset, generation and each block's crc32c, then the data — so that a flush is one fdatasync
+// of this file instead of syncing the sparse data file, the block map and a rewritten
+// superblock. The data and the block map are still written in place (reads use them); they are
+// made durable together, rarely, at a checkpoint, after which the journal starts over.
+//
+// Crash rule: at open, the records from the journal's start are replayed in order while each is
+// whole (header checksum, every block's checksum, the expected sequence number); the first that
+// is not ends the replay. A flush that returned covered every record written before it, so all
+// of them are in that unbroken prefix. A record is applied to a block only when it is not older
+// than what the block map holds (the newest version wins; a same-generation trim is not undone).
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CairnCore
+import Synchronization
+
+/// One replica's journal file. Appends run concurrently (each reserves its own range under a
+/// short lock, then writes with one pwritev outside it); `sync` is the flush's one fdatasync.
+final class Journal: Sendable {
+    static let fileName = "journal"
+    static let magic: [UInt8] = Array("CAIRNJL1".utf8)
+    static let recordMagic: UInt64 = 0x4452_4345_524A_4E43  // "CNJRECRD" little-endian
+    static let blockSize = 4096
+    /// Writes up to this long are journaled; longer ones go in place only (the flush then syncs
+    /// the data file and the block map as well).
+    static let smallWriteLimit = 256 << 10
+    /// Header fields before the per-block checksums: magic, seq, layer, offset, generation,
+    /// flushed generation, block count.
+    static let headerFixed = 8 + 8 + 8 + 8 + 8 + 8 + 4
+    static let maxBlocksPerRecord = (blockSize - headerFixed - 4) / 4
+
+    /// The journal's size for a replica of `volumeSize` bytes: an eighth of it, 4–64 MiB.
+    static func capacity(forVolumeSize volumeSize: UInt64) -> UInt64 {
+        min(64 << 20, max(4 << 20, (volumeSize / 8) & ~UInt64(blockSize - 1)))
+    }
+
+    let fd: Int32
+    let path: String
+    let capacity: UInt64
+
+    struct Cursor {
+        /// Where the next record goes (the file's block 0 is the journal header).
+        var next: UInt64 = UInt64(Journal.blockSize)
+        /// The next record's sequence number.
+        var seq: UInt64
+        /// The sequence number the header says replay starts with.
+        var startSeq: UInt64
+    }
+    let cursor: Mutex<Cursor>
+    /// Records were reserved since the last sync (set at reservation: a flush first drains the
+    /// appends in flight under the store's exclusive lock, so each one set before is written).
+    let unsynced = Atomic<Bool>(false)
+    /// An append failed after its range was reserved: the record sequence has a hole, so what
+    /// follows it would not be replayed. No more appends; the next flush checkpoints (syncs
+    /// everything in place) and starts the journal over.
+    let broken = Atomic<Bool>(false)
+
+    private init(fd: Int32, path: String, capacity: UInt64, startSeq: UInt64, next: UInt64, seq: UInt64) {
+        self.fd = fd
+        self.path = path
+        self.capacity = capacity
+        self.cursor = Mutex(Cursor(next: next, seq: seq, startSeq: startSeq))
+    }
+
+    deinit { _ = Glibc.close(fd) }
+
+    /// Bytes of records since the start (what a checkpoint frees).
+    var used: UInt64 { cursor.withLock { $0.next - UInt64(Self.blockSize) } }
+
+    // MARK: opening
+
+    /// Opens `<directory>/journal`, making it (preallocated to `capacity`, empty) if it is
+    /// missing, the wrong size or unreadable. Returns the journal and its records, which the
+    /// caller replays and then discards with `reset()`, and the flushed generation the header
+    /// recorded at the last checkpoint.
+    static func open(directory: String, capacity: UInt64, replay: Bool) throws -> (Journal, [Record], UInt64) {
+        let path = directory + "/" + fileName
+        var fd = Glibc.open(path, O_RDWR | O_CLOEXEC | FileIO.O_DIRECT)
+        if fd < 0 && (errno == EINVAL || errno == EOPNOTSUPP) { fd = Glibc.open(path, O_RDWR | O_CLOEXEC) }
+        if fd >= 0 {
+            var st = stat()
+            if fstat(fd, &st) == 0, st.st_size >= Int(2 * blockSize),
+               let (startSeq, flushed) = try? readHeader(fd: fd, path: path) {
+                let size = UInt64(st.st_size)
+                let records = replay ? try scan(fd: fd, path: path, size: size, startSeq: startSeq) : []
+                let lastSeq = records.last?.seq ?? (startSeq &- 1)
+                // The next cycle's numbers start past anything this one may hold (a record
+                // after the replayed prefix may be whole), so none is taken for the new cycle's.
+                let journal = Journal(fd: fd, path: path, capacity: size, startSeq: startSeq,
+                                      next: UInt64(blockSize), seq: lastSeq &+ 1 &+ size / UInt64(blockSize))
+                return (journal, records, flushed)
+            }
+            _ = Glibc.close(fd)
+            // A torn or foreign file: nothing in it can be trusted, and nothing needs to be (a
+            // journal that was never whole was never synced by a flush). Made anew below.
+        }
+        return (try create(directory: directory, capacity: capacity, startSeq: 1, flushed: 0), [], 0)
+    }
+
+    /// Makes a new, empty journal (replacing any file there) and syncs it and its directory.
+    static func create(directory: String, capacity: UInt64, startSeq: UInt64, flushed: UInt64) throws -> Journal {
+        let path = directory + "/" + fileName
+        let tmp = path + ".tmp"
+        _ = unlink(tmp)
+        var fd = Glibc.open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | FileIO.O_DIRECT, 0o600)
+        if fd < 0 && (errno == EINVAL || errno == EOPNOTSUPP) { fd = Glibc.open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
+        guard fd >= 0 else { throw SystemError("open \(tmp)", errno: errno) }
+        do {
+            let rc = posix_fallocate(fd, 0, off_t(capacity))
+            if rc != 0 {
+                // Filesystems without fallocate: a sized (sparse) file still works, only slower.
+                guard rc == EOPNOTSUPP || rc == EINVAL, ftruncate(fd, off_t(capacity)) == 0 else {
+                    throw SystemError("fallocate \(tmp) to \(capacity) bytes", errno: rc == 0 ? errno : rc)
+                }
+            }
+            let journal = Journal(fd: fd, path: path, capacity: capacity, startSeq: startSeq,
+                                  next: UInt64(blockSize), seq: startSeq)
+            try journal.writeHeader(startSeq: startSeq, flushed: flushed)
+            guard fsync(fd) == 0 else { throw SystemError("fsync \(tmp)", errno: errno) }
+            guard rename(tmp, path) == 0 else { throw SystemError("rename \(tmp)", errno: errno) }
+            try FileIO.fsyncDirectory(directory)
+            return journal
+        } catch {
+            _ = Glibc.close(fd)
+            _ = unlink(tmp)
+            throw error
+        }
+    }
+
+    /// The header: magic | first record's sequence number u64 | flushed generation u64 | crc32c.
+    private static func readHeader(fd: Int32, path: String) throws -> (UInt64, UInt64)? {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: blockSize, alignment: blockSize)
+        defer { buffer.deallocate() }
+        guard try FileIO.preadFully(fd, buffer, offset: 0, path: path) == blockSize else { return nil }
+        guard buffer.prefix(8).elementsEqual(magic) else { return nil }
+        let startSeq = buffer.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
+        let flushed = buffer.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian
+        let stored = buffer.loadUnaligned(fromByteOffset: 24, as: UInt32.self).littleEndian
+        guard stored == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: buffer[0..<24])) else { return nil }
+        return (startSeq, flushed)
+    }
+
+    private func writeHeader(startSeq: UInt64, flushed: UInt64) throws {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.blockSize, alignment: Self.blockSize)
+        defer { buffer.deallocate() }
+        buffer.initializeMemory(as: UInt8.self, repeating: 0)
+        buffer.copyBytes(from: Self.magic)
+        buffer.storeBytes(of: startSeq.littleEndian, toByteOffset: 8, as: UInt64.self)
+        buffer.storeBytes(of: flushed.littleEndian, toByteOffset: 16, as: UInt64.self)
+        let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: buffer[0..<24]))
+        buffer.storeBytes(of: crc.littleEndian, toByteOffset: 24, as: UInt32.self)
+        try FileIO.pwriteFully(fd, UnsafeRawBufferPointer(buffer), offset: 0, path: path)
+    }
+
+    // MARK: records
+
+    /// A whole record found at open.
+    struct Record: Sendable, Equatable {
+        var seq: UInt64
+        var layer: UInt64
+        var offset: UInt64
+        var generation: UInt64
+        /// The replica's flushed generation when the record was written (durable with it).
+        var flushedGeneration: UInt64
+        var crcs: [UInt32]
+        /// Where the record's data starts in the journal file.
+        var dataOffset: UInt64
+    }
+
+    /// The whole records from the start, in order, up to the first that is not.
+    private static func scan(fd: Int32, path: String, size: UInt64, startSeq: UInt64) throws -> [Record] {
+        var records: [Record] = []
+        let header = UnsafeMutableRawBufferPointer.allocate(byteCount: blockSize, alignment: blockSize)
+        defer { header.deallocate() }
+        var data = UnsafeMutableRawBufferPointer.allocate(byteCount: smallWriteLimit, alignment: blockSize)
+        defer { data.deallocate() }
+        var at = UInt64(blockSize)
+        var seq = startSeq
+        while at + UInt64(blockSize) <= size {
+            guard try FileIO.preadFully(fd, header, offset: at, path: path) == blockSize else { break }
+            guard header.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian == recordMagic,
+                  header.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian == seq else { break }
+            let count = Int(header.loadUnaligned(fromByteOffset: 48, as: UInt32.self).littleEndian)
+            guard count >= 1, count <= maxBlocksPerRecord else { break }
+            let crcEnd = headerFixed + 4 * count
+            let stored = header.loadUnaligned(fromByteOffset: crcEnd, as: UInt32.self).littleEndian
+            guard stored == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<crcEnd])) else { break }
+            let length = count * blockSize
+            guard at + UInt64(blockSize) + UInt64(length) <= size else { break }
+            if length > data.count {
+                data.deallocate()
+                data = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: blockSize)
+            }
+            let body = UnsafeMutableRawBufferPointer(rebasing: data[0..<length])
+            guard try FileIO.preadFully(fd, body, offset: at + UInt64(blockSize), path: path) == length else { break }
+            var crcs: [UInt32] = []
+            crcs.reserveCapacity(count)
+            var whole = true
+            for i in 0..<count {
+                let crc = header.loadUnaligned(fromByteOffset: headerFixed + 4 * i, as: UInt32.self).littleEndian
+                let block = UnsafeRawBufferPointer(rebasing: body[(i * blockSize)..<((i + 1) * blockSize)])
+                if CRC32C.checksum(block) != crc { whole = false; break }
+                crcs.append(crc)
+            }
+            guard whole else { break }
+            records.append(Record(
+                seq: seq,
+                layer: header.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian,
+                offset: header.loadUnaligned(fromByteOffset: 24, as: UInt64.self).littleEndian,
+                generation: header.loadUnaligned(fromByteOffset: 32, as: UInt64.self).littleEndian,
+                flushedGeneration: header.loadUnaligned(fromByteOffset: 40, as: UInt64.self).littleEndian,
+                crcs: crcs, dataOffset: at + UInt64(blockSize)))
+            at += UInt64(blockSize + length)
+            seq &+= 1
+        }
+        return records
+    }
+
+    /// Reads a record's data (its blocks, checked again: the file was read once already).
+    func readData(of record: Record, into buffer: UnsafeMutableRawBufferPointer) throws {
+        let n = try FileIO.preadFully(fd, buffer, offset: record.dataOffset, path: path)
+        guard n == buffer.count else { throw ReplicaError.badRequest("journal record \(record.seq) is short") }
+    }
+
+    /// Appends one write's record: `data` is whole blocks, 4 KiB-aligned in memory, and its
+    /// blocks' checksums are `entries`' crcs. Returns false — nothing written — when the journal
+    /// has no room left (the caller writes in place only and the next flush checkpoints).
+    func append(layer: UInt64, offset: UInt64, generation: UInt64, flushedGeneration: UInt64,
+                data: UnsafeRawBufferPointer, entries: UnsafeBufferPointer<BlockMapEntry>) throws -> Bool {
+        let count = entries.count
+        guard count <= Self.maxBlocksPerRecord, data.count == count * Self.blockSize,
+              !broken.load(ordering: .relaxed) else { return false }
+        let size = UInt64(Self.blockSize + data.count)
+        let reserved: (UInt64, UInt64)? = cursor.withLock { c in
+            guard c.next + size <= capacity else { return nil }
+            defer {
+                c.next += size
+                c.seq &+= 1
+            }
+            return (c.next, c.seq)
+        }
+        guard let (at, seq) = reserved else { return false }
+        let header = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.blockSize, alignment: Self.blockSize)
+        defer { header.deallocate() }
+        header.initializeMemory(as: UInt8.self, repeating: 0)
+        header.storeBytes(of: Self.recordMagic.littleEndian, toByteOffset: 0, as: UInt64.self)
+        header.storeBytes(of: seq.littleEndian, toByteOffset: 8, as: UInt64.self)
+        header.storeBytes(of: layer.littleEndian, toByteOffset: 16, as: UInt64.self)
+        header.storeBytes(of: offset.littleEndian, toByteOffset: 24, as: UInt64.self)
+        header.storeBytes(of: generation.littleEndian, toByteOffset: 32, as: UInt64.self)
+        header.storeBytes(of: flushedGeneration.littleEndian, toByteOffset: 40, as: UInt64.self)
+        header.storeBytes(of: UInt32(count).littleEndian, toByteOffset: 48, as: UInt32.self)
+        for (i, e) in entries.enumerated() {
+            header.storeBytes(of: e.crc.littleEndian, toByteOffset: Self.headerFixed + 4 * i, as: UInt32.self)
+        }
+        let crcEnd = Self.headerFixed + 4 * count
+        let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<crcEnd]))
+        header.storeBytes(of: crc.littleEndian, toByteOffset: crcEnd, as: UInt32.self)
+        unsynced.store(true, ordering: .relaxed)
+        do {
+            try FileIO.pwritevFully(fd, UnsafeRawBufferPointer(header), data, offset: at, path: path)
+        } catch {
+            broken.store(true, ordering: .relaxed)
+            throw error
+        }
+        return true
+    }
+
+    /// Makes every record appended so far durable: the flush's one fdatasync (none when nothing
+    /// was appended since the last).
+    func sync() throws {
+        guard unsynced.exchange(false, ordering: .acquiringAndReleasing) else { return }
+        if fdatasync(fd) != 0 {
+            let e = errno
+            unsynced.store(true, ordering: .relaxed)
+            throw SystemError("fdatasync \(path)", errno: e)
+        }
+    }
+
+    /// Starts the journal over (a checkpoint: everything it held is durable in place). Only
+    /// with no append running (the store's exclusive lock). The new header is synced before the
+    /// space is reused, so a crash never replays an older cycle's records as this one's.
+    /// `flushed` is the replica's flushed generation, kept in the header (the records that
+    /// carried it are gone).
+    func reset(flushed: UInt64) throws {
+        try cursor.withLock { c in
+            let start = c.seq
+            try writeHeader(startSeq: start, flushed: flushed)
+            guard fdatasync(fd) == 0 else { throw SystemError("fdatasync \(path)", errno: errno) }
+            c = Cursor(next: UInt64(Self.blockSize), seq: start, startSeq: start)
+            unsynced.store(false, ordering: .relaxed)
+            broken.store(false, ordering: .relaxed)
+        }
+    }
+}

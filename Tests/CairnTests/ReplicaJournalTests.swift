@@ -1,0 +1,223 @@
+import CairnCore
+@testable import CairnReplica
+import Foundation
+import Synchronization
+import XCTest
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The replica's journal (docs/replica-format.md, "Journal"): a flush of small writes is one
+/// fdatasync of the journal, and what it covered survives the loss of every in-place write.
+final class ReplicaJournalTests: XCTestCase {
+    private var root = ""
+    private var dir: String { root + "/replica" }
+    private let volume = "pvc-journal"
+    private let bs = ReplicaStore.blockSize
+    private var dataPath: String { dir + "/layers/0000000001/data" }
+    private var blockMapPath: String { dir + "/layers/0000000001/blockmap" }
+    private var journalPath: String { dir + "/journal" }
+
+    override func setUpWithError() throws {
+        root = "/var/tmp/cairn-journal-test-" + UUID().uuidString
+        XCTAssertEqual(mkdir(root, 0o700), 0)
+    }
+
+    override func tearDownWithError() throws {
+        if !root.isEmpty { try? FileManager.default.removeItem(atPath: root) }
+    }
+
+    private func pattern(blocks: Int, seed: Int) -> [UInt8] { Self.pattern(blocks: blocks, seed: seed) }
+
+    private static func pattern(blocks: Int, seed: Int) -> [UInt8] {
+        (0..<(blocks * ReplicaStore.blockSize)).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ seed &* 101 &+ ($0 >> 12)) }
+    }
+
+    /// What a crash can leave when the page cache and the disk's cache are lost: none of the
+    /// in-place writes since the last checkpoint. Zeroes `blocks` in the data file and their
+    /// block-map entries (as if never written).
+    private func loseInPlaceWrites(blocks: [UInt64]) throws {
+        for (path, unit) in [(dataPath, bs), (blockMapPath, BlockMapEntry.encodedSize)] {
+            let fd = open(path, O_RDWR)
+            XCTAssertGreaterThanOrEqual(fd, 0)
+            defer { close(fd) }
+            let zeros = [UInt8](repeating: 0, count: unit)
+            for block in blocks {
+                let n = zeros.withUnsafeBytes { pwrite(fd, $0.baseAddress, unit, off_t(Int(block) * unit)) }
+                XCTAssertEqual(n, unit)
+            }
+            XCTAssertEqual(fsync(fd), 0)
+        }
+    }
+
+    private func fileBytes(_ path: String, at offset: Int, count: Int) throws -> [UInt8] {
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { throw SystemError("open \(path)", errno: errno) }
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: count)
+        XCTAssertEqual(bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(offset)) }, count)
+        return bytes
+    }
+
+    func testAFlushedSmallWriteSurvivesTheLossOfItsInPlaceCopyThroughTheJournal() throws {
+        do {
+            let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
+            try store.write(offset: 0, data: pattern(blocks: 2, seed: 1), generation: 1, epoch: 0)
+            try store.write(offset: 100 * UInt64(bs), data: pattern(blocks: 1, seed: 2), generation: 2, epoch: 0)
+            try store.flush(epoch: 0)
+            try store.write(offset: 0, data: pattern(blocks: 1, seed: 3), generation: 3, epoch: 0)
+            try store.flush(epoch: 0)
+            XCTAssertEqual(store.status.flushedGeneration, 3)
+        }  // crash: no close (and no record after the last flush to carry its generation)
+        try loseInPlaceWrites(blocks: [0, 1, 100])
+        let store = try ReplicaStore.open(directory: dir, volumeID: volume)
+        defer { try? store.close() }
+        XCTAssertEqual(try store.read(offset: 0, length: bs, epoch: 0), pattern(blocks: 1, seed: 3))
+        XCTAssertEqual(try store.read(offset: UInt64(bs), length: bs, epoch: 0), Array(pattern(blocks: 2, seed: 1)[bs...]))
+        XCTAssertEqual(try store.read(offset: 100 * UInt64(bs), length: bs, epoch: 0), pattern(blocks: 1, seed: 2))
+        XCTAssertEqual(try store.generations(firstBlock: 0, count: 2, epoch: 0), [3, 1])
+        // The last record carried the flushed generation of the flush before it: an underestimate
+        // (safe: recovery and resync look at a little more), never more than was made durable.
+        XCTAssertEqual(store.status.flushedGeneration, 2)
+        XCTAssertEqual(store.status.highestGeneration, 3)
+        XCTAssertEqual(try store.verify(firstBlock: 0, count: 4096, epoch: 0), [])
+    }
+
+    func testReplayStopsAtATornRecordAndKeepsEverythingBeforeIt() throws {
+        do {
+            let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
+            for g in 1...4 {
+                try store.write(offset: UInt64(g * 10 * bs), data: pattern(blocks: 1, seed: g), generation: UInt64(g), epoch: 0)
+            }
+            try store.flush(epoch: 0)
+        }
+        // Record 3 (gen 3) is torn: a byte of its data changed. Records are 8 KiB from offset 4 KiB.
+        let recordData = bs + 2 * (2 * bs) + bs
+        var byte = try fileBytes(journalPath, at: recordData + 7, count: 1)
+        byte[0] ^= 0xFF
+        let fd = open(journalPath, O_RDWR)
+        XCTAssertEqual(byte.withUnsafeBytes { pwrite(fd, $0.baseAddress, 1, off_t(recordData + 7)) }, 1)
+        close(fd)
+        try loseInPlaceWrites(blocks: [10, 20, 30, 40])
+        let store = try ReplicaStore.open(directory: dir, volumeID: volume)
+        defer { try? store.close() }
+        XCTAssertEqual(try store.read(offset: UInt64(10 * bs), length: bs, epoch: 0), pattern(blocks: 1, seed: 1))
+        XCTAssertEqual(try store.read(offset: UInt64(20 * bs), length: bs, epoch: 0), pattern(blocks: 1, seed: 2))
+        // Gen 3 and everything after the torn record are not replayed (a flush that returned
+        // would have made them whole): those blocks read as never written, consistently.
+        XCTAssertEqual(try store.generations(firstBlock: 30, count: 11, epoch: 0)[0], 0)
+        XCTAssertEqual(try store.generations(firstBlock: 30, count: 11, epoch: 0)[10], 0)
+        XCTAssertEqual(try store.verify(firstBlock: 0, count: 4096, epoch: 0), [])
+    }
+
+    func testReplayNeverUndoesANewerWriteOrATrimOfTheSameGeneration() throws {
+        do {
+            let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
+            try store.write(offset: UInt64(100 * bs), data: pattern(blocks: 1, seed: 1), generation: 5, epoch: 0)
+            try store.write(offset: UInt64(bs), data: pattern(blocks: 1, seed: 2), generation: 6, epoch: 0)
+            // A trim at the highest generation (6) of block 1, and a large in-place write over block 100.
+            try store.trim(offset: UInt64(bs), length: bs, epoch: 0)
+            var large = pattern(blocks: 80, seed: 9)
+            large[0] = 0xAB
+            try store.write(offset: UInt64(100 * bs), data: large, generation: 7, epoch: 0)
+            try store.flush(epoch: 0)
+        }
+        let store = try ReplicaStore.open(directory: dir, volumeID: volume)
+        defer { try? store.close() }
+        var expected = pattern(blocks: 1, seed: 9)
+        expected[0] = 0xAB
+        XCTAssert(try store.read(offset: UInt64(100 * bs), length: bs, epoch: 0) == expected, "the older journaled write came back")
+        XCTAssert(try store.read(offset: UInt64(bs), length: bs, epoch: 0) == [UInt8](repeating: 0, count: bs), "the trim was undone")
+        XCTAssertEqual(try store.generations(firstBlock: 1, count: 1, epoch: 0), [6 | BlockGenerations.trimmedBit])
+        XCTAssertEqual(try store.generations(firstBlock: 100, count: 1, epoch: 0), [7])
+    }
+
+    func testAFlushRecordsTheGenerationTheEngineVouchesForNotTheHighestSeen() throws {
+        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
+        defer { try? store.close() }
+        // Generation 11 arrived first; 10 is still on its way.
+        try store.write(offset: 0, data: pattern(blocks: 1, seed: 1), generation: 11, epoch: 0)
+        try store.flush(epoch: 0, through: 9)
+        XCTAssertEqual(store.status.flushedGeneration, 9)
+        try store.write(offset: UInt64(bs), data: pattern(blocks: 1, seed: 2), generation: 10, epoch: 0)
+        try store.flush(epoch: 0, through: 11)
+        XCTAssertEqual(store.status.flushedGeneration, 11)
+        // Never above what the replica holds, never backwards.
+        try store.flush(epoch: 0, through: 50)
+        XCTAssertEqual(store.status.flushedGeneration, 11)
+        try store.flush(epoch: 0, through: 3)
+        XCTAssertEqual(store.status.flushedGeneration, 11)
+    }
+
+    func testAFullJournalFallsBackToInPlaceWritesAndTheNextFlushCheckpoints() throws {
+        // A 16 MiB volume has a 4 MiB journal: 511 records of one block; write 700.
+        let blocks = 700
+        do {
+            let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
+            for b in 0..<blocks {
+                try store.write(offset: UInt64(b * bs), data: pattern(blocks: 1, seed: b), generation: UInt64(b + 1), epoch: 0)
+            }
+            try store.flush(epoch: 0)
+            XCTAssertEqual(store.status.flushedGeneration, UInt64(blocks))
+            // After the checkpoint the journal is empty again and takes small writes.
+            try store.write(offset: 0, data: pattern(blocks: 1, seed: 1000), generation: UInt64(blocks + 1), epoch: 0)
+            try store.flush(epoch: 0)
+        }
+        try loseInPlaceWrites(blocks: [0])
+        let store = try ReplicaStore.open(directory: dir, volumeID: volume)
+        defer { try? store.close() }
+        XCTAssertEqual(try store.read(offset: 0, length: bs, epoch: 0), pattern(blocks: 1, seed: 1000))
+        for b in [1, 300, 511, 699] {
+            XCTAssertEqual(try store.read(offset: UInt64(b * bs), length: bs, epoch: 0), pattern(blocks: 1, seed: b), "block \(b)")
+        }
+        XCTAssertEqual(store.status.flushedGeneration, UInt64(blocks), "the checkpoint's, kept in the journal header")
+    }
+
+    func testTheSuperblockSaysJournaledWhileOpenAndPlainAfterAnOrderlyClose() throws {
+        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
+        try store.write(offset: 0, data: pattern(blocks: 1, seed: 1), generation: 1, epoch: 0)
+        let open = try fileBytes(dir + "/superblock", at: 8, count: 4)
+        XCTAssertEqual(open, [2, 0, 0, 0], "version 2 while the journal may hold writes: older builds refuse it")
+        try store.close()
+        XCTAssertEqual(try fileBytes(dir + "/superblock", at: 8, count: 4), [1, 0, 0, 0])
+        let reopened = try ReplicaStore.open(directory: dir, volumeID: volume)
+        XCTAssertEqual(try reopened.read(offset: 0, length: bs, epoch: 0), pattern(blocks: 1, seed: 1))
+        try reopened.close()
+    }
+
+    func testConcurrentWritersAndFlushesLoseNothingFlushed() throws {
+        let writers = 6, perWriter = 150
+        let flushedUpTo = Mutex([Int](repeating: -1, count: writers))
+        let bs = bs
+        do {
+            // 512 MiB: a 64 MiB journal, so no checkpoint comes between (one would make the
+            // in-place copies durable, which this test then pretends were lost).
+            let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 512 << 20)
+            DispatchQueue.concurrentPerform(iterations: writers) { w in
+                for i in 0..<perWriter {
+                    let block = UInt64(w * 1000 + i)
+                    let generation = UInt64(w * perWriter + i + 1)
+                    try! store.write(offset: block * UInt64(bs), data: Self.pattern(blocks: 1, seed: w * 7919 + i),
+                                     generation: generation, epoch: 0)
+                    if i % 10 == 9 {
+                        try! store.flush(epoch: 0, through: 0)
+                        flushedUpTo.withLock { $0[w] = i }
+                    }
+                }
+            }
+        }
+        let flushed = flushedUpTo.withLock { $0 }
+        try loseInPlaceWrites(blocks: (0..<writers).flatMap { w in (0..<perWriter).map { UInt64(w * 1000 + $0) } })
+        let store = try ReplicaStore.open(directory: dir, volumeID: volume)
+        defer { try? store.close() }
+        for w in 0..<writers {
+            for i in 0...flushed[w] {
+                let block = UInt64(w * 1000 + i)
+                let found = try store.read(offset: block * UInt64(bs), length: bs, epoch: 0)
+                XCTAssert(found == pattern(blocks: 1, seed: w * 7919 + i), "writer \(w) write \(i) was flushed and is lost")
+            }
+        }
+        XCTAssertEqual(try store.verify(firstBlock: 0, count: 16384, epoch: 0), [])
+    }
+}
