@@ -49,6 +49,12 @@ public struct BlockMapEntry: Sendable, Equatable {
 final class BlockMap {
     let fd: Int32
     let path: String
+    /// A read-only shared mapping of the whole file (nil if mmap failed): entries are read from
+    /// it without a system call per I/O. Writes still go through pwrite — the page cache keeps
+    /// the two coherent — so a full disk fails a write with ENOSPC rather than raising SIGBUS
+    /// on a page fault. Remapped when the file grows (under the store's exclusive lock).
+    private var mapping: UnsafeRawPointer?
+    private var mappedLength = 0
 
     /// Opens (or with `create`, creates — empty, refusing nothing) the blockmap file.
     init(path: String, create: Bool) throws {
@@ -57,9 +63,29 @@ final class BlockMap {
         guard fd >= 0 else { throw SystemError("open \(path)", errno: errno) }
         self.fd = fd
         self.path = path
+        var st = stat()
+        if fstat(fd, &st) == 0 { remap(length: Int(st.st_size)) }
     }
 
-    deinit { _ = Glibc.close(fd) }
+    deinit {
+        unmap()
+        _ = Glibc.close(fd)
+    }
+
+    private func unmap() {
+        if let mapping { _ = munmap(UnsafeMutableRawPointer(mutating: mapping), mappedLength) }
+        mapping = nil
+        mappedLength = 0
+    }
+
+    private func remap(length: Int) {
+        unmap()
+        guard length > 0 else { return }
+        let p = mmap(nil, length, PROT_READ, MAP_SHARED, fd, 0)
+        guard let p, p != UnsafeMutableRawPointer(bitPattern: -1) else { return }  // reads fall back to pread
+        mapping = UnsafeRawPointer(p)
+        mappedLength = length
+    }
 
     /// Sizes the file for `blocks` entries (sparse extension; never shrinks).
     func ensureCapacity(blocks: UInt64) throws {
@@ -69,6 +95,7 @@ final class BlockMap {
         if st.st_size < want {
             guard ftruncate(fd, want) == 0 else { throw SystemError("ftruncate \(path)", errno: errno) }
         }
+        if Int(max(want, st.st_size)) != mappedLength { remap(length: Int(max(want, st.st_size))) }
     }
 
     /// The entries for blocks `first ..< first+count`.
@@ -87,6 +114,13 @@ final class BlockMap {
     /// The entries for blocks `first ..< first+entries.count`, into `entries` (initialized).
     func read(first: UInt64, into entries: UnsafeMutableBufferPointer<BlockMapEntry>) throws {
         let bytes = entries.count * BlockMapEntry.encodedSize
+        let start = Int(clamping: first) &* BlockMapEntry.encodedSize
+        if let mapping, start >= 0, start + bytes <= mappedLength {
+            for i in 0..<entries.count {
+                entries.initializeElement(at: i, to: BlockMapEntry.decode(from: mapping + start + i * BlockMapEntry.encodedSize))
+            }
+            return
+        }
         try withUnsafeTemporaryAllocation(byteCount: bytes, alignment: 16) { buffer in
             let n = try FileIO.preadFully(fd, buffer, offset: first * UInt64(BlockMapEntry.encodedSize), path: path)
             if n < bytes { buffer.baseAddress!.advanced(by: n).initializeMemory(as: UInt8.self, repeating: 0, count: bytes - n) }
