@@ -320,16 +320,45 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
         let path = enginesDirectory + "/.lock"
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw SystemError("open \(path)", errno: errno) }
-        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+        // A predecessor that was just killed may take a while to exit (its threads finish the
+        // disk I/O they are in, which a busy disk can make seconds): wait for it, not for a
+        // live one.
+        var waited = 0
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
             let holder = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
-            close(fd)
-            throw CairnError.failedPrecondition(
-                "another cairn process (pid \(holder)) runs the engines of \(enginesDirectory); stop it first, or give this one another --data-dir")
+            guard waited < 600, Self.isExiting(pid: holder) else {
+                close(fd)
+                throw CairnError.failedPrecondition(
+                    "another cairn process (pid \(holder)) runs the engines of \(enginesDirectory)\(waited > 0 ? " and did not exit within 60 s of being killed" : ""); stop it first, or give this one another --data-dir")
+            }
+            if waited == 0 {
+                logger.warning("waiting for the killed cairn process that ran the engines to exit", metadata: [
+                    "previous.pid": "\(holder)", "engines.dir": "\(enginesDirectory)"])
+            }
+            waited += 1
+            usleep(100_000)
+        }
+        if waited > 0 {
+            logger.info("the previous cairn process exited; this one runs the engines", metadata: [
+                "waited.seconds": "\(Double(waited) / 10)"])
         }
         _ = ftruncate(fd, 0)
         let pid = "\(getpid())\n"
         _ = pid.withCString { write(fd, $0, strlen($0)) }
         // Kept open (and locked) until the process exits.
+    }
+
+    /// Whether process `pid` is on its way out: gone already, a zombie, or with SIGKILL pending.
+    static func isExiting(pid: String) -> Bool {
+        guard let n = Int32(pid), n > 0 else { return false }
+        guard let status = try? String(contentsOfFile: "/proc/\(n)/status", encoding: .utf8) else { return true }
+        for line in status.split(separator: "\n") {
+            if line.hasPrefix("State:"), line.contains("Z") || line.contains("X") { return true }
+            if line.hasPrefix("SigPnd:") || line.hasPrefix("ShdPnd:"),
+               let mask = UInt64(line.split(separator: "\t").last.map(String.init) ?? "", radix: 16),
+               mask & (1 << (UInt64(SIGKILL) - 1)) != 0 { return true }
+        }
+        return false
     }
 
     /// At the start of the process that runs engines, before it serves: takes back the FUSE

@@ -228,6 +228,8 @@ struct ServeContext {
             "data_dir": "\(options.dataDir)", "version": "\(CairnVersion.version)",
             "path_roots": "\(roots.joined(separator: ","))",
         ].merging(role == .node ? ["agent.endpoint": "\(agentEndpoint ?? "")"] : [:]) { a, _ in a })
+        KernelFeatures.probe().log(to: logger, servesVolumes: role == .node || role == .all || role == .agent,
+                                   runsEngines: runsEngines)
         // Started in this order, shut down in the reverse one (Services.swift): calls first,
         // then leader and background work, the replica server, and the store's leases last.
         var services: [any Service] = []

@@ -1,0 +1,67 @@
+// What the kernel under this process offers that Cairn's data path uses or could use, read once
+// at start-up and logged in one line, with a warning for what a role needs and is missing — so a
+// user sees "no loop devices" at start-up, not as a failed NodeStage later.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import Logging
+
+struct KernelFeatures {
+    var fuse: Bool
+    /// `/sys/module/fuse/parameters/enable_uring`: nil when the kernel has no FUSE over io_uring.
+    var fuseIOUring: Bool?
+    var ioUring: Bool
+    var loop: Bool
+    var deviceMapper: Bool
+    var kernelTLS: Bool
+    /// "v2 io.max", "v1 blkio throttle" or "none".
+    var ioThrottling: String
+
+    static func probe() -> KernelFeatures {
+        func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+        func read(_ path: String) -> String? {
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { return nil }
+            defer { close(fd) }
+            var buffer = [UInt8](repeating: 0, count: 256)
+            let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            guard n > 0 else { return nil }
+            return String(decoding: buffer[0..<n], as: UTF8.self).split(separator: "\n").first.map(String.init) ?? ""
+        }
+        let uring = read("/sys/module/fuse/parameters/enable_uring")
+        let uringDisabled = read("/proc/sys/kernel/io_uring_disabled")
+        let v2 = read("/sys/fs/cgroup/cgroup.controllers")?.split(separator: " ").contains("io") ?? false
+        let v1 = exists("/sys/fs/cgroup/blkio/blkio.throttle.write_iops_device")
+        return KernelFeatures(
+            fuse: exists("/dev/fuse"),
+            fuseIOUring: uring.map { $0 == "Y" || $0 == "1" },
+            ioUring: uringDisabled.map { $0 == "0" } ?? exists("/proc/sys/kernel/io_uring_disabled"),
+            loop: exists("/dev/loop-control"),
+            deviceMapper: exists("/dev/mapper/control"),
+            kernelTLS: exists("/sys/module/tls"),
+            ioThrottling: v2 ? "v2 io.max" : v1 ? "v1 blkio throttle" : "none")
+    }
+
+    /// One info line with everything, and a warning per missing thing the role needs.
+    func log(to logger: Logger, servesVolumes: Bool, runsEngines: Bool) {
+        let uring: String = switch fuseIOUring {
+        case .none: "absent"
+        case .some(true): "enabled (not used yet: requests are served through /dev/fuse)"
+        case .some(false): "available, off (/sys/module/fuse/parameters/enable_uring)"
+        }
+        logger.info("kernel features", metadata: [
+            "kernel.fuse": "\(fuse)", "kernel.fuse_io_uring": "\(uring)", "kernel.io_uring": "\(ioUring)",
+            "kernel.loop": "\(loop)", "kernel.device_mapper": "\(deviceMapper)", "kernel.tls": "\(kernelTLS)",
+            "kernel.io_throttling": "\(ioThrottling)",
+        ])
+        if servesVolumes && !loop {
+            logger.warning("no loop devices (/dev/loop-control is missing): NodeStageVolume will fail; load the loop module (modprobe loop)")
+        }
+        if runsEngines && !fuse {
+            logger.warning("no /dev/fuse: replicated volumes cannot be staged on this node; load the fuse module (modprobe fuse) or, in a container, pass /dev/fuse through")
+        }
+    }
+}
