@@ -33,6 +33,10 @@ final class Journal: Sendable {
     /// flushed generation, block count.
     static let headerFixed = 8 + 8 + 8 + 8 + 8 + 8 + 4
     static let maxBlocksPerRecord = (blockSize - headerFixed - 4) / 4
+    /// `CAIRN_REPLICA_JOURNAL=off` writes everything in place only (flushes then sync the data
+    /// file and the block map, as before the journal): an escape hatch, and the comparison
+    /// `cairn replica latency` measures.
+    static let enabled: Bool = getenv("CAIRN_REPLICA_JOURNAL").map { String(cString: $0) != "off" } ?? true
 
     /// The journal's size for a replica of `volumeSize` bytes: an eighth of it, 4–64 MiB.
     static func capacity(forVolumeSize volumeSize: UInt64) -> UInt64 {
@@ -233,7 +237,7 @@ final class Journal: Sendable {
     func append(layer: UInt64, offset: UInt64, generation: UInt64, flushedGeneration: UInt64,
                 data: UnsafeRawBufferPointer, entries: UnsafeBufferPointer<BlockMapEntry>) throws -> Bool {
         let count = entries.count
-        guard count <= Self.maxBlocksPerRecord, data.count == count * Self.blockSize,
+        guard Self.enabled, count <= Self.maxBlocksPerRecord, data.count == count * Self.blockSize,
               !broken.load(ordering: .relaxed) else { return false }
         let size = UInt64(Self.blockSize + data.count)
         let reserved: (UInt64, UInt64)? = cursor.withLock { c in

@@ -9,7 +9,7 @@ struct ReplicaCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "replica",
         abstract: "Inspect one replica of a volume over the data protocol (read-only).",
-        subcommands: [ReplicaDigestCommand.self]
+        subcommands: [ReplicaDigestCommand.self, ReplicaLatencyCommand.self]
     )
 }
 
