@@ -175,6 +175,11 @@ def fmt(v, digits=None):
     return f"{v:,.{digits}f}"
 
 
+def signed(v):
+    """A difference, with its sign (fmt's digits)."""
+    return ("+" if v >= 0 else "−") + fmt(abs(v))
+
+
 def load_json(path):
     try:
         with open(path) as f:
@@ -362,7 +367,7 @@ def markdown(data, out):
             if not e:
                 continue
             approx = "≈ " if e.get("pair_method") != "histograms" else ""
-            added = (f"+{fmt(e['added_p50_us'])}", f"+{fmt(e['added_p99_us'])}") if "added_p50_us" in e else ("–", "–")
+            added = (signed(e["added_p50_us"]), signed(e["added_p99_us"])) if "added_p50_us" in e else ("–", "–")
             if system == "limit":
                 added = ("(base)", "(base)")
             lines.append(f"| {title.split(':')[0] if system == 'limit' else title} | {approx}{fmt(e['pair_p50_us'])} | {approx}{fmt(e['pair_p99_us'])}"
@@ -527,7 +532,8 @@ def markdown(data, out):
         for phase, values in phases.items():
             lines.append(f"| {phase_titles.get(phase, phase)} | " + " | ".join(fmt(values.get(n), 1) if n in values else "–" for n in names) + " |")
         lines.append("")
-    lines += ["Raw data: [raw/](raw/) (fio JSON per system and job, `cp-*.json`, `failover.json`, `resync.json`, `rss.jsonl`, `machine.json`)."]
+    lines += ["Raw data: [raw/](raw/) (fio JSON per system and job, `pgbench-*.txt`, `cp-*.json`, `scale.json`, `failover.json`,"
+              " `resync.json`, `restarts.json`, `rss.jsonl`, `machine.json`, `failed-*.txt`)."]
     return "\n".join(lines) + "\n"
 
 
