@@ -537,6 +537,14 @@ def markdown(data, out):
     return "\n".join(lines) + "\n"
 
 
+# Short legend entries: the tables have the long titles.
+CHART_LABELS = {
+    "one": "(b) one machine, 1 replica", "bed-r1": "(b') test bed, 1 replica", "bed-r2": "(c2) test bed, 2 replicas",
+    "bed-r3": "(c) test bed, 3 replicas", "bed-r3-none": "(c none) plaintext", "bed-r3-auth": "(c auth) authenticated",
+    "bed-r3-secure": "(c secure) encrypted", "gluster": "(d) GlusterFS replica 3",
+}
+
+
 def chart(data, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -557,7 +565,7 @@ def chart(data, path):
             if r and base and headline(job, base):
                 xs.append(j + (i - (len(series) - 1) / 2) * width)
                 ys.append(headline(job, r) / headline(job, base))
-        bars = ax.bar(xs, ys, width * 0.95, label=title.replace(" (FUSE engine)", ""), color=colors.get(system))
+        bars = ax.bar(xs, ys, width * 0.95, label=CHART_LABELS.get(system, title), color=colors.get(system))
         ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7, padding=1)
         targets = TARGETS.get((system, "limit"), {})
         for x, job in zip(xs, [j for j in JOBS if fio[system].get(j) and fio["limit"].get(j)]):
@@ -571,7 +579,7 @@ def chart(data, path):
                  f" {m.get('cores', '?')} cores, {m.get('mode', '')} run", fontsize=9)
     ax.plot([], [], color="black", linewidth=2, label="target for (b) / (c)")
     # Below the axes: above the bars it would hide the tallest ones.
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=5, frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=5 if len(series) < 5 else 4, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     return True
