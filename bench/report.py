@@ -323,7 +323,7 @@ def markdown(data, out):
     if data["gluster_skipped"]:
         lines += [f"**(d) GlusterFS was not measured:** {data['gluster_skipped']}", ""]
     if data.get("failed_stages"):
-        lines += ["**Stages that failed** (their rows are missing or partial below; the run went on):", ""]
+        lines += ["**Stages that failed** (their rows are missing or partial below):", ""]
         lines += [f"- `{name}`: {why}" for name, why in data["failed_stages"].items()] + [""]
 
     # Data path: one table, a row per job.
