@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""bench/run's report: reads OUT/raw/ (fio JSON per job, cairn-bench JSON, RSS samples,
-machine.json) and writes OUT/latest.json (the numbers), OUT/latest.md (the tables) and
+"""bench/run's report: reads OUT/raw/ (fio JSON per job, pgbench output, cairn-bench JSON, RSS
+samples, machine.json, failed-*.txt) and writes OUT/latest.json (the numbers), OUT/latest.md (the tables) and
 OUT/latest.png (the chart; needs matplotlib).
 
 usage: report.py OUT          the whole report
@@ -24,6 +24,7 @@ SYSTEMS = [
     ("limit", "(a) limit: ext4 on loop over a local file"),
     ("one", "(b) Cairn, one machine, 1 replica"),
     ("bed-r1", "(b') Cairn, test bed, 1 replica (FUSE engine)"),
+    ("bed-r2", "(c2) Cairn, test bed, 2 replicas"),
     ("bed-r3", "(c) Cairn, test bed, 3 replicas (--data-security auth, the default)"),
     ("bed-r3-none", "(c none) 3 replicas on a fresh bed, replica traffic in plaintext"),
     ("bed-r3-auth", "(c auth) the same, authenticated (integrity-checked records)"),
@@ -34,6 +35,7 @@ SYSTEMS = [
 TARGETS = {
     ("one", "limit"): {"seqwrite": 0.9, "seqread": 0.9, "randwrite": 0.45, "randread": 0.65, "fsync": 0.7},
     ("bed-r1", "limit"): {},
+    ("bed-r2", "limit"): {},
     ("bed-r3", "limit"): {"seqwrite": 0.5, "seqread": 0.6, "randwrite": 0.2, "randread": 0.6, "fsync": 0.4},
     ("bed-r3", "gluster"): {"seqwrite": 2.0, "randwrite": 3.0, "fsync": 3.0},
     # What authenticating (within 5%) and encrypting (within 15%) replica traffic may cost.
@@ -43,11 +45,47 @@ TARGETS = {
 RATIO_NAMES = {
     ("one", "limit"): "(b)/(a)",
     ("bed-r1", "limit"): "(b')/(a)",
+    ("bed-r2", "limit"): "(c2)/(a)",
     ("bed-r3", "limit"): "(c)/(a)",
     ("bed-r3", "gluster"): "(c)/(d)",
     ("bed-r3-auth", "bed-r3-none"): "(c auth)/(c none)",
     ("bed-r3-secure", "bed-r3-none"): "(c secure)/(c none)",
 }
+
+
+# pgbench runs on these (PGDATA in ext4 on each of (a), (b'), (c); on (d)'s mount itself).
+PG_SYSTEMS = ["limit", "bed-r1", "bed-r3", "gluster"]
+PG_RATIOS = [("bed-r1", "limit", "(b')/(a)"), ("bed-r3", "limit", "(c)/(a)"), ("gluster", "limit", "(d)/(a)"),
+             ("bed-r3", "gluster", "(c)/(d)")]
+
+
+def weighted_percentile(pairs, p):
+    """Nearest-rank percentile of (value, count) pairs sorted by value."""
+    total = sum(c for _, c in pairs)
+    rank = max(1, -(-p * total // 100))
+    seen = 0
+    for value, count in pairs:
+        seen += count
+        if seen >= rank:
+            return value
+    return pairs[-1][0] if pairs else None
+
+
+def pair_latency(write_bins, sync_bins):
+    """p50/p99 (ns) of one write + fdatasync pair: the distribution of the sum of the write's
+    completion latency and the fdatasync's latency, from fio's json+ histograms (each bin is a
+    latency with about 1.6 % resolution and a count), combining every write bin with every sync
+    bin — i.e. assuming a write's and the following fdatasync's latencies are independent."""
+    w = [(int(k), c) for k, c in write_bins.items() if c]
+    s = [(int(k), c) for k, c in sync_bins.items() if c]
+    if not w or not s:
+        return None
+    combined = {}
+    for wv, wc in w:
+        for sv, sc in s:
+            combined[wv + sv] = combined.get(wv + sv, 0) + wc * sc
+    pairs = sorted(combined.items())
+    return weighted_percentile(pairs, 50), weighted_percentile(pairs, 99)
 
 
 def fio_result(path):
@@ -69,6 +107,59 @@ def fio_result(path):
     if sync.get("lat_ns", {}).get("N", 0) > 0 and sync_pct:
         out["fdatasync_p50_us"] = sync_pct.get("50.000000", 0) / 1000
         out["fdatasync_p99_us"] = sync_pct.get("99.000000", 0) / 1000
+        # One write + fdatasync pair as the application sees it (psync: no submission latency,
+        # the write's clat is the pwrite call). From the histograms (json+) when fio wrote them;
+        # else the sum of the two percentiles (exact only if the two were perfectly correlated).
+        pair = pair_latency(side.get("clat_ns", {}).get("bins", {}), sync["lat_ns"].get("bins", {}))
+        if pair:
+            out["pair_p50_us"], out["pair_p99_us"] = pair[0] / 1000, pair[1] / 1000
+            out["pair_method"] = "histograms"
+        else:
+            out["pair_p50_us"] = out["clat_p50_us"] + out["fdatasync_p50_us"]
+            out["pair_p99_us"] = out["clat_p99_us"] + out["fdatasync_p99_us"]
+            out["pair_method"] = "sum of percentiles"
+        # The mean pair, fio's own loop included: the job's time per write at QD1.
+        out["pair_mean_us"] = 1e6 / side["iops"] if side["iops"] else None
+    return out
+
+
+def pgbench_result(path):
+    """tps, mean latency, transactions and the init time from pgbench's output (plus our header)."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("tps = "):
+                out["tps"] = float(line.split()[2])
+            elif line.startswith("latency average = "):
+                out["latency_avg_ms"] = float(line.split()[3])
+            elif line.startswith("number of transactions actually processed:"):
+                out["transactions"] = int(line.split(":")[1].split("/")[0])
+            elif line.startswith("number of failed transactions:"):
+                out["failed_transactions"] = int(line.split(":")[1].split()[0])
+            elif line.startswith("# init_seconds:"):
+                out["init_s"] = float(line.split(":")[1])
+            elif line.startswith("# pgbench on") and ": " in line:
+                out["options"] = line.split(": ", 1)[1]
+    return out if "tps" in out else None
+
+
+def etcd_numbers(probe):
+    """dbSize, dbSizeInUse, key count and revision from the scale stage's etcd probe."""
+    if not isinstance(probe, dict):
+        return {}
+    status = probe.get("status") if isinstance(probe.get("status"), dict) else {}
+    rng = probe.get("range") if isinstance(probe.get("range"), dict) else {}
+    out = {}
+    for key, name in (("dbSize", "db_bytes"), ("dbSizeInUse", "db_in_use_bytes")):
+        if key in status:
+            out[name] = int(status[key])
+    if "revision" in status.get("header", {}):
+        out["revision"] = int(status["header"]["revision"])
+    if rng:
+        out["keys"] = int(rng.get("count", 0))
+    if isinstance(probe.get("db_file_bytes"), int):
+        out["db_file_bytes"] = probe["db_file_bytes"]
     return out
 
 
@@ -84,10 +175,23 @@ def fmt(v, digits=None):
     return f"{v:,.{digits}f}"
 
 
+def signed(v):
+    """A difference, with its sign (fmt's digits)."""
+    return ("+" if v >= 0 else "−") + fmt(abs(v))
+
+
 def load_json(path):
     try:
         with open(path) as f:
             return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
     except FileNotFoundError:
         return None
 
@@ -118,14 +222,53 @@ def collect(raw):
     if os.path.exists(os.path.join(raw, "rss.jsonl")):
         with open(os.path.join(raw, "rss.jsonl")) as f:
             rss = [json.loads(line) for line in f if line.strip()]
-    gluster_skipped = None
-    if os.path.exists(os.path.join(raw, "gluster-skipped.txt")):
-        with open(os.path.join(raw, "gluster-skipped.txt")) as f:
-            gluster_skipped = f.read().strip()
+    gluster_skipped = read_text(os.path.join(raw, "gluster-skipped.txt"))
+    # The QD1 write + fdatasync pair, and what each system adds to the limit's.
+    latency = {}
+    base = fio.get("limit", {}).get("fsync")
+    for system, _ in SYSTEMS:
+        r = fio.get(system, {}).get("fsync")
+        if not r or "pair_p50_us" not in r:
+            continue
+        entry = {k: r.get(k) for k in ("pair_p50_us", "pair_p99_us", "pair_mean_us", "pair_method", "clat_p50_us",
+                                       "clat_p99_us", "fdatasync_p50_us", "fdatasync_p99_us")}
+        if base and "pair_p50_us" in base:
+            entry["added_p50_us"] = r["pair_p50_us"] - base["pair_p50_us"]
+            entry["added_p99_us"] = r["pair_p99_us"] - base["pair_p99_us"]
+        latency[system] = entry
+    pgbench = {}
+    for system in PG_SYSTEMS:
+        path = os.path.join(raw, f"pgbench-{system}.txt")
+        if os.path.exists(path):
+            r = pgbench_result(path)
+            if r:
+                pgbench[system] = r
+    pg_ratios = {}
+    for num, den, name in PG_RATIOS:
+        if num in pgbench and den in pgbench and pgbench[den]["tps"]:
+            pg_ratios[name] = pgbench[num]["tps"] / pgbench[den]["tps"]
+    scale = load_json(os.path.join(raw, "scale.json"))
+    if scale:
+        # The numbers only (raw/scale.json keeps the probes' output and every sample).
+        for b in scale.get("buckets", []):
+            b["etcd"] = etcd_numbers(b.pop("probe", None))
+        scale["etcd_before"] = etcd_numbers(scale.pop("probe_before", None))
+        scale["etcd_after_delete"] = etcd_numbers(scale.pop("probe_after_delete", None))
+        scale.pop("samples_ms", None)
+    failed = {}
+    for name in sorted(os.listdir(raw)) if os.path.isdir(raw) else []:
+        if name.startswith("failed-") and name.endswith(".txt"):
+            failed[name[len("failed-"):-4]] = read_text(os.path.join(raw, name))
     return {
         "machine": load_json(os.path.join(raw, "machine.json")) or {},
         "fio": fio,
         "ratios": ratios,
+        "fsync_latency": latency,
+        "pgbench": pgbench,
+        "pgbench_ratios": pg_ratios,
+        "pgbench_skipped": read_text(os.path.join(raw, "pgbench-skipped.txt")),
+        "scale": scale,
+        "failed_stages": failed,
         "control_plane": control,
         "failover": load_json(os.path.join(raw, "failover.json")),
         "resync": load_json(os.path.join(raw, "resync.json")),
@@ -179,6 +322,9 @@ def markdown(data, out):
     ]
     if data["gluster_skipped"]:
         lines += [f"**(d) GlusterFS was not measured:** {data['gluster_skipped']}", ""]
+    if data.get("failed_stages"):
+        lines += ["**Stages that failed** (their rows are missing or partial below):", ""]
+        lines += [f"- `{name}`: {why}" for name, why in data["failed_stages"].items()] + [""]
 
     # Data path: one table, a row per job.
     fio, ratios = data["fio"], data["ratios"]
@@ -205,6 +351,58 @@ def markdown(data, out):
             row.append(f"{e['value']:.2f}×{met(e)}" if e else "–")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "![ratios to the limit](latest.png)", ""]
+
+    # The commit path's latency.
+    lat = data.get("fsync_latency", {})
+    if lat:
+        lines += ["### QD1 4 KiB write + fdatasync: latency of one pair", "",
+                  "What an application waits for one 4 KiB write and its fdatasync (the fsync job, one at a time): the"
+                  " distribution of write latency + fdatasync latency combined from fio's json+ histograms (taken as"
+                  " independent); *added* is the difference to the limit (a). The mean is the job's time per pair"
+                  " (1/IOPS, fio's loop included). µs.", "",
+                  "| system | pair p50 | pair p99 | added p50 | added p99 | mean | write p50 / p99 | fdatasync p50 / p99 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for system, title in SYSTEMS:
+            e = lat.get(system)
+            if not e:
+                continue
+            approx = "≈ " if e.get("pair_method") != "histograms" else ""
+            added = (signed(e["added_p50_us"]), signed(e["added_p99_us"])) if "added_p50_us" in e else ("–", "–")
+            if system == "limit":
+                added = ("(base)", "(base)")
+            lines.append(f"| {title.split(':')[0] if system == 'limit' else title} | {approx}{fmt(e['pair_p50_us'])} | {approx}{fmt(e['pair_p99_us'])}"
+                         f" | {added[0]} | {added[1]} | {fmt(e.get('pair_mean_us'))}"
+                         f" | {fmt(e.get('clat_p50_us'))} / {fmt(e.get('clat_p99_us'))}"
+                         f" | {fmt(e.get('fdatasync_p50_us'))} / {fmt(e.get('fdatasync_p99_us'))} |")
+        if any(e.get("pair_method") != "histograms" for e in lat.values()):
+            lines.append("")
+            lines.append("≈: no histograms in that fio result (not json+): the sum of the two percentiles.")
+        lines.append("")
+
+    # The database.
+    pg = data.get("pgbench", {})
+    if pg or data.get("pgbench_skipped"):
+        lines += ["## Database (pgbench)", ""]
+    if data.get("pgbench_skipped"):
+        lines += [f"**Not measured:** {data['pgbench_skipped']}", ""]
+    if pg:
+        options = next((r["options"] for r in pg.values() if r.get("options")), "")
+        lines += ["PostgreSQL 15, TPC-B-like (`pgbench`'s built-in script), synchronous_commit on, fsync on, the rest"
+                  " default; PGDATA in ext4 on (a), (b') and (c) (the fio volumes), on (d)'s GlusterFS mount itself"
+                  + (f"; `pgbench {options.split(',')[0]}`" if options else "") + ".", "",
+                  "| system | tps | latency avg (ms) | transactions (failed) | ratio to (a) | pgbench -i (s) |", "|---|---|---|---|---|---|"]
+        titles = dict(SYSTEMS)
+        base = pg.get("limit", {}).get("tps")
+        for system in PG_SYSTEMS:
+            r = pg.get(system)
+            if not r:
+                continue
+            ratio = f"{r['tps'] / base:.2f}×" if base and system != "limit" else "–"
+            lines.append(f"| {titles[system]} | {fmt(r['tps'])} | {fmt(r.get('latency_avg_ms'))} | {r.get('transactions', '–')}"
+                         f" ({r.get('failed_transactions', 0)}) | {ratio} | {fmt(r.get('init_s'))} |")
+        if data.get("pgbench_ratios"):
+            lines += ["", "Ratios of tps: " + ", ".join(f"{k} **{v:.2f}×**" for k, v in data["pgbench_ratios"].items()) + "."]
+        lines.append("")
 
     # Control plane and failover.
     lines += ["## Control plane and failover", "",
@@ -238,6 +436,34 @@ def markdown(data, out):
                  ("first write", "first_direct_write")]
         checks.append("failover steps, p50 ms: " + ", ".join(f"{t} {fmt(fo.get(k, {}).get('p50'))}" for t, k in parts))
     lines += [f"- {c}" for c in checks] + [""]
+
+    sc = data.get("scale")
+    if sc:
+        mib = lambda v: f"{v / 2**20:.1f}" if isinstance(v, (int, float)) else "–"
+        lines += ["### At scale", "",
+                  f"{sc.get('created')} volumes of {sc.get('size_mib')} MiB, {sc.get('replicas')} replica each, created one after"
+                  f" the other on the test bed; after every {sc.get('bucket')}: that bucket's CreateVolume p50 / p99, a full"
+                  f" ListVolumes in pages of {sc.get('page_size')} (as a CO pages) and in one call, GetCapacity, and etcd's"
+                  " database (dbSize / dbSizeInUse from its maintenance status) and key count. ms unless marked.", "",
+                  "| volumes | CreateVolume p50 / p99 | ListVolumes, paged (pages) | ListVolumes, one call | GetCapacity p50 |"
+                  " etcd db / in use (MiB) | etcd keys |", "|---|---|---|---|---|---|---|"]
+        before = sc.get("etcd_before") or {}
+        if before:
+            lines.append(f"| 0 (before) | – | – | – | – | {mib(before.get('db_bytes'))} / {mib(before.get('db_in_use_bytes'))}"
+                         f" | {before.get('keys', '–')} |")
+        for b in sc.get("buckets", []):
+            cv, e = b.get("create_volume", {}), b.get("etcd", {})
+            lines.append(f"| {b['volumes']} | {fmt(cv.get('p50'))} / {fmt(cv.get('p99'))} | {fmt(b.get('list_paginated_ms'))}"
+                         f" ({b.get('list_pages', '–')}) | {fmt(b.get('list_unpaginated_ms'))} | {fmt(b.get('get_capacity', {}).get('p50'))}"
+                         f" | {mib(e.get('db_bytes'))} / {mib(e.get('db_in_use_bytes'))} | {e.get('keys', '–')} |")
+        dv, after = sc.get("delete_volume", {}), sc.get("etcd_after_delete") or {}
+        if dv.get("n"):
+            lines += ["", f"Deleting all {sc.get('created')}: **{sc.get('delete_all_ms', 0) / 1000:.1f} s**, DeleteVolume p50"
+                      f" {fmt(dv.get('p50'))} ms, p99 {fmt(dv.get('p99'))} ms; etcd afterwards {mib(after.get('db_bytes'))} MiB"
+                      f" ({mib(after.get('db_in_use_bytes'))} in use), {after.get('keys', '–')} keys."]
+        if sc.get("error") or sc.get("delete_failures"):
+            lines += ["", f"**The scale stage did not finish:** {sc.get('error') or ''} {len(sc.get('delete_failures', []))} failed deletes."]
+        lines.append("")
 
     # Recovery.
     rs = data.get("resync")
@@ -306,8 +532,17 @@ def markdown(data, out):
         for phase, values in phases.items():
             lines.append(f"| {phase_titles.get(phase, phase)} | " + " | ".join(fmt(values.get(n), 1) if n in values else "–" for n in names) + " |")
         lines.append("")
-    lines += ["Raw data: [raw/](raw/) (fio JSON per system and job, `cp-*.json`, `failover.json`, `resync.json`, `rss.jsonl`, `machine.json`)."]
+    lines += ["Raw data: [raw/](raw/) (fio JSON per system and job, `pgbench-*.txt`, `cp-*.json`, `scale.json`, `failover.json`,"
+              " `resync.json`, `restarts.json`, `rss.jsonl`, `machine.json`, `failed-*.txt`)."]
     return "\n".join(lines) + "\n"
+
+
+# Short legend entries: the tables have the long titles.
+CHART_LABELS = {
+    "one": "(b) one machine, 1 replica", "bed-r1": "(b') test bed, 1 replica", "bed-r2": "(c2) test bed, 2 replicas",
+    "bed-r3": "(c) test bed, 3 replicas", "bed-r3-none": "(c none) plaintext", "bed-r3-auth": "(c auth) authenticated",
+    "bed-r3-secure": "(c secure) encrypted", "gluster": "(d) GlusterFS replica 3",
+}
 
 
 def chart(data, path):
@@ -321,7 +556,7 @@ def chart(data, path):
         return False
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     width = 0.8 / len(series)
-    colors = {"one": "#4c72b0", "bed-r1": "#8fb0d8", "bed-r3": "#dd8452", "bed-r3-none": "#f0b48a", "bed-r3-auth": "#c8703a", "bed-r3-secure": "#a0522d",
+    colors = {"one": "#4c72b0", "bed-r1": "#8fb0d8", "bed-r2": "#e6c35c", "bed-r3": "#dd8452", "bed-r3-none": "#f0b48a", "bed-r3-auth": "#c8703a", "bed-r3-secure": "#a0522d",
               "gluster": "#8c8c8c"}
     for i, (system, title) in enumerate(series):
         xs, ys = [], []
@@ -330,7 +565,7 @@ def chart(data, path):
             if r and base and headline(job, base):
                 xs.append(j + (i - (len(series) - 1) / 2) * width)
                 ys.append(headline(job, r) / headline(job, base))
-        bars = ax.bar(xs, ys, width * 0.95, label=title.replace(" (FUSE engine)", ""), color=colors.get(system))
+        bars = ax.bar(xs, ys, width * 0.95, label=CHART_LABELS.get(system, title), color=colors.get(system))
         ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7, padding=1)
         targets = TARGETS.get((system, "limit"), {})
         for x, job in zip(xs, [j for j in JOBS if fio[system].get(j) and fio["limit"].get(j)]):
@@ -344,7 +579,7 @@ def chart(data, path):
                  f" {m.get('cores', '?')} cores, {m.get('mode', '')} run", fontsize=9)
     ax.plot([], [], color="black", linewidth=2, label="target for (b) / (c)")
     # Below the axes: above the bars it would hide the tallest ones.
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=5, frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=5 if len(series) < 5 else 4, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     return True
@@ -355,7 +590,7 @@ def main():
         r = fio_result(sys.argv[2])
         text = f"{fmt(r['mib_s'])} MiB/s, {fmt(r['iops'])} IOPS, p99 {fmt(r['clat_p99_us'])} µs"
         if "fdatasync_p99_us" in r:
-            text += f", fdatasync p99 {fmt(r['fdatasync_p99_us'])} µs"
+            text += f", fdatasync p99 {fmt(r['fdatasync_p99_us'])} µs, write+fdatasync p50 {fmt(r['pair_p50_us'])} p99 {fmt(r['pair_p99_us'])} µs"
         print(text)
         return
     if len(sys.argv) != 2:

@@ -46,3 +46,9 @@ for security, target in (("auth", 0.95), ("secure", 0.85)):
         ratio = statistics.median(a) / statistics.median(b)
         cells.append(f"{ratio:.2f}× (≥ {target}×: {'**met**' if ratio >= target else '**not met**'})")
     print(f"| {security}/none | " + " | ".join(cells) + " |")
+failed = sorted(glob.glob(os.path.join(raw, "failed-*.txt")))
+if failed:
+    print("\n**Rounds with a failure** (a failed fio run's numbers are missing from the medians):\n")
+    for path in failed:
+        with open(path) as f:
+            print(f"- `{os.path.basename(path)[len('failed-'):-4]}`: {f.read().strip()}")

@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
 
-/// bench/run's timer for what fio cannot measure: the control plane and failover. Each
+/// bench/run's timer for what fio cannot measure: the control plane (also at scale) and failover. Each
 /// subcommand writes one JSON document (samples in milliseconds plus p50/p99) and cleans up
 /// every volume it made, also when a step fails.
 @main
@@ -9,7 +9,7 @@ struct CairnBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cairn-bench",
         abstract: "Times Cairn's CSI control plane and failover (used by bench/run).",
-        subcommands: [ControlPlane.self, Failover.self, Stage.self, Unstage.self, Resync.self, CSICommands.self]
+        subcommands: [ControlPlane.self, Failover.self, Stage.self, Unstage.self, Resync.self, Scale.self, CSICommands.self]
     )
 }
 
