@@ -123,6 +123,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("fuse-keeper-socket"), help: "The FUSE keeper's unix socket. Default: <data-dir>/fuse-keeper.sock.")
     var fuseKeeperSocket: String?
 
+    @Option(name: .customLong("qos-cgroup"), help: "One machine (--role all): the cgroup v2 directory under which the workloads run, where a volume's iopsLimit/bandwidthLimit is written as io.max for its loop device (absolute, or relative to the cgroup v2 mount); `auto` looks for kubepods.slice, kubepods, mesos there; `none` turns it off. ControllerModifyVolume is offered on one machine only when this works (the log at start-up says why not). Default: $CAIRN_QOS_CGROUP, else auto.")
+    var qosCgroup: String?
+
     @OptionGroup var dataSecurityOptions: DataSecurityOptions
 
     /// Validates the flags, then hands over to the role's builder (Roles/: what each role runs,
