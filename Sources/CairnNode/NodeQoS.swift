@@ -34,8 +34,12 @@ extension NodeService: LocalLimitEnforcement {
             throw CairnError.internal(
                 "cannot limit volume \(volumeID)'s device \(stage.devicePath) in \(throttle.location): \(error); check that the cgroup still exists and has the io controller, then retry")
         }
-        logger.info(line.isUnlimited ? "the volume's device has no QoS limits" : "applied the volume's QoS limits to its device",
-                    metadata: meta.with("io.max", "\(line)").with("cgroup", throttle.location))
+        let logged = meta.with("io.max", "\(line)").with("cgroup", throttle.location)
+        if line.isUnlimited {
+            logger.debug("the volume's device has no QoS limits", metadata: logged)
+        } else {
+            logger.info("applied the volume's QoS limits to its device", metadata: logged)
+        }
         return true
     }
 
