@@ -1,7 +1,9 @@
 import CairnCore
 import Foundation
 
-// QoS of a one-machine volume: cgroup v2 `io.max` on the volume's loop device.
+// QoS of a one-machine volume: the kernel's block throttle on the volume's loop device — cgroup
+// v2 `io.max` here, cgroup v1 `blkio.throttle.*` in BlkioThrottle.swift, which one decided at
+// start-up by QoSCgroup.swift.
 //
 // A one-machine volume is a loop device straight on a file — no engine whose I/O path could
 // count operations. The kernel's block throttle can: `io.max` in a cgroup limits, per device
@@ -14,6 +16,8 @@ import Foundation
 // and which limits.
 
 /// One line of a cgroup's `io.max`: the limits of one block device, nil meaning `max` (none).
+/// (cgroup v1 keeps the same four limits in four files, `blkio.throttle.{read,write}_{iops,bps}_device`;
+/// BlkioThrottle reads and writes them as this too.)
 ///
 /// `io.max` cannot express a combined limit of reads and writes: it has one per direction. A
 /// volume's `iopsLimit` becomes the same limit on each direction (`riops` and `wiops`), and
@@ -88,8 +92,8 @@ public struct IOMaxLine: Equatable, Sendable, CustomStringConvertible {
     }
 }
 
-/// Limits the I/O of a block device for the machine's workloads. One Linux implementation
-/// (`CgroupIOMax`); the unit tests use a fake.
+/// Limits the I/O of a block device for the machine's workloads. Two Linux implementations
+/// (`CgroupIOMax`, cgroup v2; `CgroupBlkioThrottle`, cgroup v1); the unit tests use a fake.
 public protocol IOThrottle: Sendable {
     /// Where the limits are written, for logs and messages (e.g. the cgroup's io.max).
     var location: String { get }
@@ -102,10 +106,31 @@ public protocol IOThrottle: Sendable {
     func remove(device: String) throws
     /// The limits `device` has now, nil when none.
     func current(device: String) throws -> IOMaxLine?
+    /// Whether `reconcile()` has work to do now and then (cgroup v1: limits are per cgroup, so
+    /// cgroups created after a limit was set need their copy).
+    var needsReconciling: Bool { get }
+    /// Brings cgroups created since the last apply up to date; returns how many limits it wrote.
+    @discardableResult
+    func reconcile() throws -> Int
 }
 
-/// `io.max` of one cgroup v2 directory (`--qos-cgroup`).
-public struct CgroupIOMax: IOThrottle {
+extension IOThrottle {
+    public var needsReconciling: Bool { false }
+    @discardableResult
+    public func reconcile() throws -> Int { 0 }
+}
+
+/// A throttle bound to one cgroup, as start-up found it (QoSCgroup.locate).
+public protocol CgroupThrottle: IOThrottle {
+    /// The cgroup directory the limits are written at.
+    var cgroup: String { get }
+    /// How, for the start-up log: "cgroup v2 io.max" or "cgroup v1 blkio throttle".
+    var mechanism: String { get }
+}
+
+/// `io.max` of one cgroup v2 directory (`--qos-cgroup`). Throttling in v2 is hierarchical: the
+/// line holds for every process below the cgroup, all together.
+public struct CgroupIOMax: CgroupThrottle {
     /// The cgroup directory, e.g. /sys/fs/cgroup/kubepods.slice.
     public let cgroup: String
 
@@ -114,6 +139,7 @@ public struct CgroupIOMax: IOThrottle {
     }
 
     public var location: String { cgroup + "/io.max" }
+    public var mechanism: String { "cgroup v2 io.max" }
 
     @discardableResult
     public func apply(_ limits: QoSLimits, device: String) throws -> IOMaxLine {
@@ -150,7 +176,7 @@ public struct CgroupIOMax: IOThrottle {
     }
 
     /// The MAJ:MIN of a block device node.
-    static func deviceNumber(_ device: String) throws -> (UInt32, UInt32) {
+    public static func deviceNumber(_ device: String) throws -> (UInt32, UInt32) {
         var st = stat()
         guard stat(device, &st) == 0 else { throw SystemError("stat \(device)", errno: errno) }
         guard (st.st_mode & S_IFMT) == S_IFBLK else {
@@ -161,74 +187,5 @@ public struct CgroupIOMax: IOThrottle {
         let major = UInt32(truncatingIfNeeded: ((dev >> 8) & 0xfff) | ((dev >> 32) & ~UInt64(0xfff)))
         let minor = UInt32(truncatingIfNeeded: (dev & 0xff) | ((dev >> 12) & ~UInt64(0xff)))
         return (major, minor)
-    }
-}
-
-// MARK: Whether limits can be enforced here
-
-extension CgroupIOMax {
-    /// The workload cgroups looked for, in order, when `--qos-cgroup` names none: Kubernetes
-    /// with the systemd cgroup driver, with the cgroupfs driver, and Mesos's cgroups isolator.
-    public static let workloadCgroups = ["kubepods.slice", "kubepods", "mesos"]
-
-    /// What start-up found: a throttle, or why ControllerModifyVolume cannot be offered.
-    public enum Availability: Sendable {
-        case available(CgroupIOMax)
-        case unavailable(String)
-    }
-
-    /// Decides whether one-machine QoS can be enforced: cgroup v2 mounted, its io controller
-    /// available, and the workloads' cgroup (`setting`: a path, absolute or relative to the
-    /// cgroup v2 mount; nil or "auto" to look for `workloadCgroups`; "none" to turn it off)
-    /// existing with io.max writable. `mounts` is the machine's mount table.
-    public static func locate(_ setting: String?, mounts: [MountInfo]) -> Availability {
-        if setting == "none" { return .unavailable("--qos-cgroup none") }
-        let v2 = mounts.filter { $0.fsType == "cgroup2" }.map(\.mountPoint)
-        guard let root = v2.first(where: { $0 == "/sys/fs/cgroup" }) ?? v2.first else {
-            return .unavailable("cgroup v2 is not mounted (no cgroup2 filesystem in the mount table); io.max needs the unified hierarchy (boot with systemd.unified_cgroup_hierarchy=1)")
-        }
-        let controllers = ((try? ProcFile.text(root + "/cgroup.controllers")) ?? "").split(whereSeparator: \.isWhitespace)
-        guard controllers.contains("io") else {
-            if let v1 = mounts.first(where: { $0.fsType == "cgroup" && $0.superOptions.contains("blkio") }) {
-                return .unavailable("the io controller is bound to cgroup v1 (blkio at \(v1.mountPoint)), so the cgroup v2 hierarchy at \(root) cannot limit devices; run the machine on cgroup v2 alone (boot with systemd.unified_cgroup_hierarchy=1), or unmount the v1 blkio hierarchy")
-            }
-            return .unavailable("the cgroup v2 hierarchy at \(root) has no io controller (cgroup.controllers: \(controllers.joined(separator: " "))); the kernel needs CONFIG_BLK_CGROUP and CONFIG_BLK_DEV_THROTTLING")
-        }
-        let cgroup: String
-        switch setting {
-        case nil, "auto":
-            guard let found = workloadCgroups.map({ root + "/" + $0 }).first(where: isDirectory) else {
-                return .unavailable("no --qos-cgroup given and none of \(workloadCgroups.map { root + "/" + $0 }.joined(separator: ", ")) exists; pass --qos-cgroup PATH, the cgroup under which the workloads run")
-            }
-            cgroup = found
-        case let path?:
-            let absolute = path.hasPrefix("/") ? path : root + "/" + path
-            let trimmed = absolute.count > 1 && absolute.hasSuffix("/") ? String(absolute.dropLast()) : absolute
-            guard trimmed.hasPrefix(root + "/") else {
-                return .unavailable(trimmed == root
-                    ? "--qos-cgroup \(path) is the root cgroup, which has no io.max (limits exist only below it); name the cgroup under which the workloads run, e.g. \(root)/kubepods.slice"
-                    : "--qos-cgroup \(path) is not under the cgroup v2 mount \(root)")
-            }
-            guard isDirectory(trimmed) else {
-                return .unavailable("--qos-cgroup \(trimmed) does not exist; create it or name the cgroup under which the workloads run")
-            }
-            cgroup = trimmed
-        }
-        let ioMax = cgroup + "/io.max"
-        guard FileManager.default.fileExists(atPath: ioMax) else {
-            let parent = (cgroup as NSString).deletingLastPathComponent
-            return .unavailable("the io controller is not enabled for \(cgroup) (it has no io.max): add it to its parent's controllers (echo +io > \(parent)/cgroup.subtree_control; under systemd, IOAccounting=yes on the parent slice)")
-        }
-        let fd = open(ioMax, O_WRONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            return .unavailable("\(ioMax) is not writable (\(String(cString: strerror(errno)))); the process that stages volumes must run as root in the host's cgroup namespace, with the host's /sys/fs/cgroup")
-        }
-        close(fd)
-        return .available(CgroupIOMax(cgroup: cgroup))
-    }
-
-    private static func isDirectory(_ path: String) -> Bool {
-        var isDirectory: ObjCBool = false
-        return FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) && isDirectory.boolValue
     }
 }

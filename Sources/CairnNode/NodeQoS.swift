@@ -2,7 +2,8 @@ import CairnCore
 import Logging
 
 // One machine: a volume's QoS limits (`iopsLimit`, `bandwidthLimit`) on its loop device, through
-// `IOThrottle` (cgroup v2 io.max at the workloads' cgroup; docs/engine.md, "QoS on one machine").
+// `IOThrottle` (cgroup v2 io.max, or the cgroup v1 blkio throttle files, at the workloads' cgroup;
+// docs/engine.md, "QoS on one machine").
 // Applied at every NodeStage (and restore), again when ControllerModifyVolume records new
 // limits, and removed before NodeUnstage detaches the device.
 
@@ -32,9 +33,9 @@ extension NodeService: LocalLimitEnforcement {
             line = try throttle.apply(QoSLimits(volume: volume), device: stage.devicePath)
         } catch {
             throw CairnError.internal(
-                "cannot limit volume \(volumeID)'s device \(stage.devicePath) in \(throttle.location): \(error); check that the cgroup still exists and has the io controller, then retry")
+                "cannot limit volume \(volumeID)'s device \(stage.devicePath) in \(throttle.location): \(error); check that the cgroup still exists and has the io (v2) or blkio (v1) controller, then retry")
         }
-        let logged = meta.with("io.max", "\(line)").with("cgroup", throttle.location)
+        let logged = meta.with("limits", "\(line)").with("cgroup", throttle.location)
         if line.isUnlimited {
             logger.debug("the volume's device has no QoS limits", metadata: logged)
         } else {

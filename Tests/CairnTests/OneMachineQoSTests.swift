@@ -86,7 +86,7 @@ final class OneMachineQoSTests: XCTestCase {
         return [Self.mount("/proc", fsType: "proc"), Self.mount(dir, fsType: "cgroup2")]
     }
 
-    func reason(_ availability: CgroupIOMax.Availability, file: StaticString = #filePath, line: UInt = #line) -> String {
+    func reason(_ availability: QoSCgroup.Availability, file: StaticString = #filePath, line: UInt = #line) -> String {
         switch availability {
         case .available(let found):
             XCTFail("expected enforcement to be unavailable, found \(found.cgroup)", file: file, line: line)
@@ -95,7 +95,7 @@ final class OneMachineQoSTests: XCTestCase {
         }
     }
 
-    func cgroup(_ availability: CgroupIOMax.Availability, file: StaticString = #filePath, line: UInt = #line) -> String? {
+    func cgroup(_ availability: QoSCgroup.Availability, file: StaticString = #filePath, line: UInt = #line) -> String? {
         switch availability {
         case .available(let found): return found.cgroup
         case .unavailable(let why):
@@ -106,38 +106,152 @@ final class OneMachineQoSTests: XCTestCase {
 
     func testAutoFindsKubernetesSystemdThenCgroupfsThenMesos() throws {
         var mounts = try cgroupTree(cgroups: ["mesos": true, "kubepods": true])
-        XCTAssertEqual(cgroup(CgroupIOMax.locate(nil, mounts: mounts)), dir + "/kubepods")
+        XCTAssertEqual(cgroup(QoSCgroup.locate(nil, mounts: mounts)), dir + "/kubepods")
         mounts = try cgroupTree(cgroups: ["kubepods.slice": true])
-        XCTAssertEqual(cgroup(CgroupIOMax.locate("auto", mounts: mounts)), dir + "/kubepods.slice")
+        XCTAssertEqual(cgroup(QoSCgroup.locate("auto", mounts: mounts)), dir + "/kubepods.slice")
         try FileManager.default.removeItem(atPath: dir + "/kubepods.slice")
         try FileManager.default.removeItem(atPath: dir + "/kubepods")
-        XCTAssertEqual(cgroup(CgroupIOMax.locate(nil, mounts: mounts)), dir + "/mesos")
+        XCTAssertEqual(cgroup(QoSCgroup.locate(nil, mounts: mounts)), dir + "/mesos")
         try FileManager.default.removeItem(atPath: dir + "/mesos")
-        XCTAssertTrue(reason(CgroupIOMax.locate(nil, mounts: mounts)).contains("pass --qos-cgroup PATH"))
+        XCTAssertTrue(reason(QoSCgroup.locate(nil, mounts: mounts)).contains("pass --qos-cgroup PATH"))
     }
 
     func testAnExplicitCgroupIsAbsoluteOrRelativeToTheMountAndNeverTheRoot() throws {
         let mounts = try cgroupTree(cgroups: ["workloads/pods": true])
-        XCTAssertEqual(cgroup(CgroupIOMax.locate("workloads/pods", mounts: mounts)), dir + "/workloads/pods")
-        XCTAssertEqual(cgroup(CgroupIOMax.locate(dir + "/workloads/pods/", mounts: mounts)), dir + "/workloads/pods")
-        XCTAssertTrue(reason(CgroupIOMax.locate(dir, mounts: mounts)).contains("is the root cgroup, which has no io.max"))
-        XCTAssertTrue(reason(CgroupIOMax.locate("/elsewhere/x", mounts: mounts)).contains("is not under the cgroup v2 mount"))
-        XCTAssertTrue(reason(CgroupIOMax.locate("missing", mounts: mounts)).contains("does not exist"))
-        XCTAssertEqual(reason(CgroupIOMax.locate("none", mounts: mounts)), "--qos-cgroup none")
+        XCTAssertEqual(cgroup(QoSCgroup.locate("workloads/pods", mounts: mounts)), dir + "/workloads/pods")
+        XCTAssertEqual(cgroup(QoSCgroup.locate(dir + "/workloads/pods/", mounts: mounts)), dir + "/workloads/pods")
+        XCTAssertTrue(reason(QoSCgroup.locate(dir, mounts: mounts)).contains("is the root cgroup, which has no io.max"))
+        XCTAssertTrue(reason(QoSCgroup.locate("/elsewhere/x", mounts: mounts)).contains("is not under the cgroup v2 mount"))
+        XCTAssertTrue(reason(QoSCgroup.locate("missing", mounts: mounts)).contains("does not exist"))
+        XCTAssertEqual(reason(QoSCgroup.locate("none", mounts: mounts)), "--qos-cgroup none")
     }
 
     func testSaysWhatIsMissingCgroupV2TheIOControllerOrItsDelegation() throws {
-        XCTAssertTrue(reason(CgroupIOMax.locate(nil, mounts: [Self.mount("/proc", fsType: "proc")]))
-            .contains("cgroup v2 is not mounted"))
-        // A hybrid host: blkio on cgroup v1, so the v2 hierarchy has no io controller.
+        XCTAssertTrue(reason(QoSCgroup.locate(nil, mounts: [Self.mount("/proc", fsType: "proc")]))
+            .contains("neither cgroup v2 nor a cgroup v1 blkio hierarchy is mounted"))
+        // Neither the v2 io controller nor a v1 blkio hierarchy (a hybrid host is tested below).
         var mounts = try cgroupTree(controllers: "hugetlb", cgroups: ["kubepods": true])
-        mounts.append(Self.mount("/sys/fs/cgroup/blkio", fsType: "cgroup", superOptions: ["rw", "blkio"]))
-        XCTAssertTrue(reason(CgroupIOMax.locate(nil, mounts: mounts)).contains("bound to cgroup v1 (blkio at /sys/fs/cgroup/blkio)"))
-        mounts.removeLast()
-        XCTAssertTrue(reason(CgroupIOMax.locate(nil, mounts: mounts)).contains("has no io controller"))
+        XCTAssertTrue(reason(QoSCgroup.locate(nil, mounts: mounts)).contains("has no io controller"))
+        XCTAssertTrue(reason(QoSCgroup.locate("../x", mounts: mounts)).contains("has a .. component"))
         // io exists, but the parent does not hand it to the cgroup: no io.max there.
         mounts = try cgroupTree(cgroups: ["pods": false])
-        XCTAssertTrue(reason(CgroupIOMax.locate("pods", mounts: mounts)).contains("+io > \(dir)/cgroup.subtree_control"))
+        XCTAssertTrue(reason(QoSCgroup.locate("pods", mounts: mounts)).contains("+io > \(dir)/cgroup.subtree_control"))
+    }
+
+    // MARK: cgroup v1: the blkio throttle files
+
+    static let blkioFiles = ["blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device",
+                             "blkio.throttle.read_iops_device", "blkio.throttle.write_iops_device"]
+
+    /// A hybrid host: cgroup v2 at `dir`/unified with hugetlb only, and the v1 blkio hierarchy at
+    /// `dir`/blkio whose cgroups (and root) have the throttle files — or not (`false`).
+    func blkioTree(cgroups: [String: Bool]) throws -> [MountInfo] {
+        try FileManager.default.createDirectory(atPath: dir + "/unified", withIntermediateDirectories: true)
+        try "hugetlb\n".write(toFile: dir + "/unified/cgroup.controllers", atomically: true, encoding: .utf8)
+        for (name, throttled) in cgroups.merging(["": true]) { a, _ in a } {
+            let path = dir + "/blkio" + (name.isEmpty ? "" : "/" + name)
+            try makeBlkioCgroup(path, throttled: throttled)
+        }
+        return [Self.mount("/proc", fsType: "proc"), Self.mount(dir + "/unified", fsType: "cgroup2"),
+                Self.mount(dir + "/blkio", fsType: "cgroup", superOptions: ["rw", "blkio"])]
+    }
+
+    func makeBlkioCgroup(_ path: String, throttled: Bool = true) throws {
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        try "".write(toFile: path + "/cgroup.procs", atomically: true, encoding: .utf8)
+        if throttled {
+            for file in Self.blkioFiles where !FileManager.default.fileExists(atPath: path + "/" + file) {
+                try "".write(toFile: path + "/" + file, atomically: true, encoding: .utf8)
+            }
+        }
+    }
+
+    func testWithoutTheV2IOControllerTheV1BlkioHierarchyIsUsedAutoRelativeOrAbsolute() throws {
+        let mounts = try blkioTree(cgroups: ["mesos": true, "kubepods": true, "kubepods/burstable": true, "bare": false])
+        let blkio = dir + "/blkio"
+        guard case .available(let found) = QoSCgroup.locate(nil, mounts: mounts) else { return XCTFail("auto found nothing") }
+        XCTAssertEqual(found.cgroup, blkio + "/kubepods")
+        XCTAssertEqual(found.mechanism, "cgroup v1 blkio throttle")
+        XCTAssertTrue(found.needsReconciling, "v1 limits are per cgroup: new cgroups need their copy")
+        XCTAssertEqual(cgroup(QoSCgroup.locate("kubepods/burstable/", mounts: mounts)), blkio + "/kubepods/burstable",
+                       "a relative path is in the hierarchy that has the io controller")
+        XCTAssertEqual(cgroup(QoSCgroup.locate(blkio + "/mesos", mounts: mounts)), blkio + "/mesos")
+        XCTAssertEqual(cgroup(QoSCgroup.locate(blkio, mounts: mounts)), blkio, "the v1 root is allowed when named")
+        XCTAssertTrue(reason(QoSCgroup.locate("bare", mounts: mounts)).contains("CONFIG_BLK_DEV_THROTTLING"))
+        XCTAssertTrue(reason(QoSCgroup.locate("missing", mounts: mounts)).contains("does not exist in the cgroup v1 blkio hierarchy"))
+        XCTAssertTrue(reason(QoSCgroup.locate(dir + "/unified/x", mounts: mounts)).contains("has no io controller"),
+                      "a path in the v2 hierarchy, which lacks io here")
+        XCTAssertTrue(reason(QoSCgroup.locate("/elsewhere", mounts: mounts))
+            .contains("is not under the cgroup v2 mount \(dir)/unified or the cgroup v1 blkio mount \(blkio)"))
+        try FileManager.default.removeItem(atPath: blkio + "/kubepods")
+        try FileManager.default.removeItem(atPath: blkio + "/mesos")
+        XCTAssertTrue(reason(QoSCgroup.locate("auto", mounts: mounts)).contains("the io controller is cgroup v1 blkio at \(blkio)"),
+                      "auto never takes the v1 root")
+    }
+
+    func testTheV2IOControllerWinsOverAV1BlkioMount() throws {
+        var mounts = try cgroupTree(cgroups: ["kubepods": true])
+        try makeBlkioCgroup(dir + "/v1blkio/kubepods")
+        mounts.append(Self.mount(dir + "/v1blkio", fsType: "cgroup", superOptions: ["rw", "blkio"]))
+        guard case .available(let found) = QoSCgroup.locate(nil, mounts: mounts) else { return XCTFail("auto found nothing") }
+        XCTAssertEqual(found.cgroup, dir + "/kubepods")
+        XCTAssertEqual(found.mechanism, "cgroup v2 io.max")
+        XCTAssertFalse(found.needsReconciling, "v2 throttling is hierarchical")
+    }
+
+    func testV1RulesGoToTheCgroupAndEveryOneBelowNewOnesGetThemAndRemoveTakesThemAll() throws {
+        _ = try blkioTree(cgroups: ["kubepods": true, "kubepods/pod1": true, "kubepods/pod1/ctr": true, "other": true])
+        let top = dir + "/blkio/kubepods"
+        let files = FakeBlkioFiles()
+        let throttle = CgroupBlkioThrottle(cgroup: top, files: files)
+        func rules(_ cgroup: String) throws -> [String] {
+            try Self.blkioFiles.flatMap { file in
+                try String(contentsOfFile: cgroup + "/" + file, encoding: .utf8).split(separator: "\n").map { "\(file.dropFirst(15)) \($0)" }
+            }
+        }
+
+        let line = try throttle.apply(try QoSLimits(["iopsLimit": "500"]), major: 7, minor: 3)
+        XCTAssertEqual(line.description, "7:3 rbps=max wbps=max riops=500 wiops=500")
+        for cgroup in [top, top + "/pod1", top + "/pod1/ctr"] {
+            XCTAssertEqual(try rules(cgroup), ["read_iops_device 7:3 500", "write_iops_device 7:3 500"], cgroup)
+        }
+        XCTAssertEqual(try rules(dir + "/blkio/other"), [], "cgroups outside the named one are left alone")
+        XCTAssertEqual(try rules(dir + "/blkio"), [])
+        XCTAssertEqual(try throttle.current(major: 7, minor: 3), IOMaxLine(major: 7, minor: 3, readIOPS: 500, writeIOPS: 500))
+
+        // A container started after the limit was set: the reconciler gives it its copy, once.
+        try makeBlkioCgroup(top + "/pod2")
+        try makeBlkioCgroup(top + "/pod2/ctr")
+        XCTAssertEqual(try throttle.reconcile(), 2, "pod2 and its container")
+        XCTAssertEqual(try rules(top + "/pod2/ctr"), ["read_iops_device 7:3 500", "write_iops_device 7:3 500"])
+        XCTAssertEqual(try throttle.reconcile(), 0, "nothing left to copy")
+
+        // A change replaces every limit, everywhere: bandwidth only now.
+        try throttle.apply(try QoSLimits(["bandwidthLimit": "1Mi"]), major: 7, minor: 3)
+        XCTAssertEqual(try rules(top + "/pod1/ctr"), ["read_bps_device 7:3 1048576", "write_bps_device 7:3 1048576"])
+        try throttle.apply(try QoSLimits(["iopsLimit": "100"]), major: 7, minor: 4)
+        XCTAssertEqual(try throttle.current(major: 7, minor: 4)?.writeIOPS, 100)
+
+        try throttle.remove(major: 7, minor: 3)
+        for cgroup in [top, top + "/pod1", top + "/pod1/ctr", top + "/pod2", top + "/pod2/ctr"] {
+            XCTAssertEqual(try rules(cgroup), ["read_iops_device 7:4 100", "write_iops_device 7:4 100"], "only 7:4 is left in \(cgroup)")
+        }
+        XCTAssertNil(try throttle.current(major: 7, minor: 3))
+        try throttle.apply(try QoSLimits([:]), major: 7, minor: 4)
+        XCTAssertEqual(try rules(top + "/pod2/ctr"), [], "no limit writes 0, which removes the rule")
+        XCTAssertEqual(try throttle.reconcile(), 0, "no rules: nothing to copy")
+    }
+
+    func testAV1CgroupThatCannotBeWrittenFailsTheCallButOneRemovedMeanwhileIsSkipped() throws {
+        _ = try blkioTree(cgroups: ["pods": true, "pods/a": true, "pods/b": true])
+        let files = FakeBlkioFiles()
+        let throttle = CgroupBlkioThrottle(cgroup: dir + "/blkio/pods", files: files)
+        files.failing = [dir + "/blkio/pods/a"]
+        XCTAssertThrowsError(try throttle.apply(try QoSLimits(["iopsLimit": "5"]), major: 7, minor: 0))
+        try FileManager.default.removeItem(atPath: dir + "/blkio/pods/a")
+        XCTAssertNoThrow(try throttle.apply(try QoSLimits(["iopsLimit": "5"]), major: 7, minor: 0))
+        files.failing = [dir + "/blkio/pods"]
+        XCTAssertThrowsError(try throttle.apply(try QoSLimits(["iopsLimit": "6"]), major: 7, minor: 0))
     }
 
     // MARK: Node: applied at stage, removed before the device is detached
@@ -299,5 +413,27 @@ final class FakeEnforcement: LocalLimitEnforcement, @unchecked Sendable {
     func applyRecordedLimits(volumeID: String) async throws -> Bool {
         lock.withLock { $0.append(volumeID) }
         return true
+    }
+}
+
+/// The kernel's behaviour of a blkio.throttle.*_device file over a plain file: a write of
+/// "MAJ:MIN VALUE" sets that device's rule, VALUE 0 removes it.
+final class FakeBlkioFiles: CgroupFiles, @unchecked Sendable {
+    private let lock = Mutex(())
+    /// Cgroups whose files refuse writes (EACCES).
+    var failing: [String] = []
+
+    func read(_ path: String) throws -> String { try String(contentsOfFile: path, encoding: .utf8) }
+
+    func write(_ text: String, to path: String) throws {
+        try lock.withLock { _ in
+            if failing.contains((path as NSString).deletingLastPathComponent) { throw SystemError("open \(path)", errno: EACCES) }
+            guard FileManager.default.fileExists(atPath: path) else { throw SystemError("open \(path)", errno: ENOENT) }
+            let fields = text.split(separator: " ")
+            guard fields.count == 2, UInt64(fields[1]) != nil else { throw SystemError("write \(text) to \(path)", errno: EINVAL) }
+            var lines = try read(path).split(separator: "\n").map(String.init).filter { !$0.hasPrefix(fields[0] + " ") }
+            if fields[1] != "0" { lines.append(text) }
+            try lines.sorted().map { $0 + "\n" }.joined().write(toFile: path, atomically: true, encoding: .utf8)
+        }
     }
 }
