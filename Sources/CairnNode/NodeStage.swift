@@ -330,6 +330,7 @@ extension NodeService {
                 logger.info("unmounted the dead staging mount", metadata: meta.with("device", device))
             }
         }
+        try removeLimits(device: device, meta: meta)
         try await mounter.detachLoop(device: device)
         logger.info("detached the dead loop device", metadata: meta.with("device", device))
     }

@@ -70,6 +70,9 @@ public enum QoSCgroup {
             return .unavailable("neither cgroup v2 nor a cgroup v1 blkio hierarchy is mounted; limits need the kernel's block throttle in one of them")
         }
         guard controllers.contains("io") else {
+            if let v1 {
+                return .unavailable("--qos-cgroup \(setting ?? "") is in the cgroup v2 hierarchy at \(root), which has no io controller (cgroup.controllers: \(controllers.joined(separator: " "))): the io controller is cgroup v1 blkio at \(v1); name a cgroup there, absolute (\(v1)/…) or relative")
+            }
             return .unavailable("the cgroup v2 hierarchy at \(root) has no io controller (cgroup.controllers: \(controllers.joined(separator: " "))) and no cgroup v1 blkio hierarchy is mounted; the kernel needs CONFIG_BLK_CGROUP and CONFIG_BLK_DEV_THROTTLING")
         }
         let cgroup: String

@@ -77,6 +77,14 @@ final class OneMachineQoSTests: IntegrationTestCase {
         XCTAssertEqual(limited, Self.limit, accuracy: Self.limit * 0.1,
                        "measured \(limited) write IOPS with iopsLimit=\(Int(Self.limit)) (unlimited: \(Int(unlimited)))")
 
+        // A restart re-applies the recorded limit (the restore stages again): take the rules away
+        // behind the plugin's back, restart it, and they are back.
+        try cgroups.clearLimits(number)
+        XCTAssertNil(cgroups.ioMaxLine(number))
+        try await plugin.restart()
+        XCTAssertEqual(cgroups.ioMaxLine(number), expected, "the restore at start-up re-applies the recorded limit:\n\(plugin.logTail(lines: 20))")
+        if cgroups.isV1 { XCTAssertEqual(cgroups.ioMaxLine(number, in: cgroups.writerCgroup), expected, "below too") }
+
         try await must("ControllerModifyVolume iopsLimit=0") { try await csi.controllerModify(volume.volumeID, ["iopsLimit": "0"]) }
         XCTAssertNil(cgroups.ioMaxLine(number), "no limit leaves no io.max line")
         try await Task.sleep(for: .seconds(1))
@@ -147,13 +155,22 @@ struct TestCgroups {
         return made
     }
 
-    /// `dd` rewriting the device in O_DIRECT 4 KiB writes, over and over, inside `writer`.
+    /// Sixteen `dd`s, each rewriting its own 4 MiB of the (64 MiB) device in O_DIRECT 4 KiB
+    /// writes, over and over, inside `writer`: a dd has one write in flight, and many keep the
+    /// kernel's throttle queue full even when the machine is busy and the throttle's dispatch
+    /// work runs late — so the rate measured is the limit's, not the writers' latency. All share
+    /// the cgroup, and so the limit.
     func startWriter(device: String) throws -> Process {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/bin/sh")
         process.arguments = ["-c", """
             echo $$ > "$1/cgroup.procs" || exit 1
-            while :; do dd if=/dev/zero of="$2" bs=4096 oflag=direct count=16384 status=none || exit 1; done
+            i=0
+            while [ $i -lt 16 ]; do
+                (while :; do dd if=/dev/zero of="$2" bs=4096 oflag=direct seek=$((i * 1024)) count=1024 status=none || exit 1; done) &
+                i=$((i + 1))
+            done
+            wait
             """, "sh", writerCgroup, device]
         process.standardOutput = FileHandle.nullDevice
         try process.run()
@@ -162,7 +179,13 @@ struct TestCgroups {
 
     /// Kills everything in the writer cgroup (the shell and its dd).
     func stopWriter(_ process: Process) {
-        Self.killAll(in: writerCgroup)
+        // Until the cgroup is empty: a shell may have started a dd between the read and the kill.
+        for _ in 0..<50 {
+            Self.killAll(in: writerCgroup)
+            let left = (try? String(contentsOfFile: writerCgroup + "/cgroup.procs", encoding: .utf8)) ?? ""
+            if left.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty { break }
+            usleep(100_000)
+        }
         if process.isRunning { process.terminate() }
         process.waitUntilExit()
     }
@@ -214,6 +237,17 @@ struct TestCgroups {
         return values.allSatisfy { $0.hasSuffix("=max") } ? nil : "\(device) " + values.joined(separator: " ")
     }
 
+    /// Removes the device's limits from the test cgroup (and, v1, the cgroups below it) as if
+    /// they had been lost.
+    func clearLimits(_ device: String) throws {
+        guard isV1 else { return try Self.write("\(device) rbps=max wbps=max riops=max wiops=max", to: ancestor + "/io.max") }
+        for cgroup in [ancestor, writerCgroup, ancestor + "/late"] where FileManager.default.fileExists(atPath: cgroup) {
+            for file in ["read_bps", "write_bps", "read_iops", "write_iops"] {
+                try Self.write("\(device) 0", to: cgroup + "/blkio.throttle.\(file)_device")
+            }
+        }
+    }
+
     func remove() {
         // Deepest first: a cgroup is removed only once it has no children.
         var cgroups = [ancestor]
@@ -228,8 +262,9 @@ struct TestCgroups {
             index += 1
         }
         for cgroup in cgroups.reversed() {
-            Self.killAll(in: cgroup)
             for _ in 0..<50 {
+                // Again each time: a shell may have started a dd between the read and the kill.
+                Self.killAll(in: cgroup)
                 if rmdir(cgroup) == 0 || errno == ENOENT { break }
                 usleep(100_000)  // the killed processes leave the cgroup a moment later
             }

@@ -179,7 +179,8 @@ final class OneMachineQoSTests: XCTestCase {
         XCTAssertEqual(cgroup(QoSCgroup.locate(blkio, mounts: mounts)), blkio, "the v1 root is allowed when named")
         XCTAssertTrue(reason(QoSCgroup.locate("bare", mounts: mounts)).contains("CONFIG_BLK_DEV_THROTTLING"))
         XCTAssertTrue(reason(QoSCgroup.locate("missing", mounts: mounts)).contains("does not exist in the cgroup v1 blkio hierarchy"))
-        XCTAssertTrue(reason(QoSCgroup.locate(dir + "/unified/x", mounts: mounts)).contains("has no io controller"),
+        XCTAssertTrue(reason(QoSCgroup.locate(dir + "/unified/x", mounts: mounts))
+            .contains("which has no io controller (cgroup.controllers: hugetlb): the io controller is cgroup v1 blkio at \(blkio)"),
                       "a path in the v2 hierarchy, which lacks io here")
         XCTAssertTrue(reason(QoSCgroup.locate("/elsewhere", mounts: mounts))
             .contains("is not under the cgroup v2 mount \(dir)/unified or the cgroup v1 blkio mount \(blkio)"))
