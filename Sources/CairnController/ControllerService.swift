@@ -24,11 +24,16 @@ public final class ControllerService: Sendable {
     /// Cluster mode (etcd store): volumes are replicated across the live nodes, placed here.
     /// nil on one machine: every volume is a local file on `localNodeID`.
     let cluster: ClusterConfig?
+    /// One machine, `--role all`, where the node can enforce QoS limits on the loop devices
+    /// (cgroup v2 io.max): ControllerModifyVolume applies them through it. nil: MODIFY_VOLUME is
+    /// offered only in cluster mode (the engine enforces them there).
+    let localLimits: (any LocalLimitEnforcement)?
 
     public init(store: any MetadataStore, backing: any VolumeBacking, capacity: CapacityPolicy,
                 localNodeID: String, localTopology: [String: String], locks: VolumeLocks, logger: Logger,
-                cluster: ClusterConfig? = nil) {
+                cluster: ClusterConfig? = nil, localLimits: (any LocalLimitEnforcement)? = nil) {
         self.cluster = cluster
+        self.localLimits = cluster == nil ? localLimits : nil
         self.store = store
         self.backing = backing
         self.capacity = capacity
@@ -49,9 +54,9 @@ public final class ControllerService: Sendable {
         var size = try capacity.size(required: request.capacityRange.requiredBytes,
                                      limit: request.capacityRange.limitBytes, fsType: fsType)
         let limits = try QoSLimits(request.mutableParameters)
-        if cluster == nil, !limits.stored.isEmpty {
+        if !enforcesLimits, !limits.stored.isEmpty {
             throw CairnError.invalidArgument(
-                "mutable_parameters (\(limits.stored.keys.sorted().joined(separator: ", "))) need the replicated data path (cluster mode, --store etcd); one-machine volumes have no engine to enforce them")
+                "mutable_parameters (\(limits.stored.keys.sorted().joined(separator: ", "))) cannot be enforced here: \(Self.noEnforcement)")
         }
         if cluster == nil, parameters.replicas > 1 {
             throw CairnError.resourceExhausted(
@@ -440,6 +445,12 @@ public final class ControllerService: Sendable {
         return response
     }
 
+    /// Whether QoS limits (mutable parameters) are enforced: by the engine in a cluster, by the
+    /// node's io.max on one machine where start-up found it possible.
+    var enforcesLimits: Bool { cluster != nil || localLimits != nil }
+
+    static let noEnforcement = "one-machine volumes are limited with cgroup v2 io.max, which needs --role all and a cgroup v2 io controller with the workloads' cgroup (--qos-cgroup; the log at start-up says what is missing), or use the replicated data path (--store etcd)"
+
     func matchesLocalTopology(_ segments: [String: String]) -> Bool {
         segments.allSatisfy { localTopology[$0.key] == $0.value }
     }
@@ -449,7 +460,7 @@ public final class ControllerService: Sendable {
             .createDeleteVolume, .publishUnpublishVolume, .listVolumes, .getCapacity, .publishReadonly,
             .listVolumesPublishedNodes, .getVolume, .volumeCondition, .singleNodeMultiWriter,
             .createDeleteSnapshot, .listSnapshots, .getSnapshot, .cloneVolume, .expandVolume,
-        ] + (cluster != nil ? [.modifyVolume] : [])
+        ] + (enforcesLimits ? [.modifyVolume] : [])
         var response = Csi_V1_ControllerGetCapabilitiesResponse()
         response.capabilities = types.map { type in
             var capability = Csi_V1_ControllerServiceCapability()

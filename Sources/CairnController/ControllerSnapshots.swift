@@ -333,9 +333,8 @@ extension ControllerService {
 
     public func controllerModifyVolume(_ request: Csi_V1_ControllerModifyVolumeRequest) async throws -> Csi_V1_ControllerModifyVolumeResponse {
         try Validate.volumeID(request.volumeID)
-        guard cluster != nil else {
-            throw CairnError(.unimplemented,
-                             "ControllerModifyVolume needs the replicated data path (cluster mode, --store etcd): one-machine volumes are plain loop devices with no engine to enforce iopsLimit or bandwidthLimit")
+        guard enforcesLimits else {
+            throw CairnError(.unimplemented, "ControllerModifyVolume is not offered: \(Self.noEnforcement)")
         }
         let limits = try QoSLimits(request.mutableParameters)
         return try await locks.withLock(request.volumeID, operation: "ControllerModifyVolume") {
@@ -349,7 +348,15 @@ extension ControllerService {
                 volume.mutableParameters = merged
                 return true
             }
-            if changed {
+            if let localLimits {
+                // One machine: the node is this process; the device takes the recorded limits now
+                // (also when unchanged: a repeat repairs a device that lost them).
+                let staged = try await localLimits.applyRecordedLimits(volumeID: request.volumeID)
+                if changed {
+                    logger.info(staged ? "volume limits changed and applied to its device" : "volume limits changed; NodeStage applies them",
+                                metadata: ["volume.id": "\(request.volumeID)", "limits": "\(limits.stored)"])
+                }
+            } else if changed {
                 logger.info("volume limits changed; the engine applies them within its membership interval (2 s)",
                             metadata: ["volume.id": "\(request.volumeID)", "limits": "\(limits.stored)"])
             }

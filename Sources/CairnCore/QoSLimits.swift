@@ -50,3 +50,12 @@ public struct QoSLimits: Equatable, Sendable {
         return UInt64(text)
     }
 }
+
+/// One machine (`--role all`): the node side that enforces a volume's QoS limits on the device
+/// it is staged on. The controller and the node are one process there, so ControllerModifyVolume
+/// reaches the staged device directly through this, right after it recorded the new limits.
+public protocol LocalLimitEnforcement: Sendable {
+    /// Applies the limits recorded on the volume to its device where it is staged on this
+    /// machine. Returns false when it is not staged here (NodeStage applies them then).
+    func applyRecordedLimits(volumeID: String) async throws -> Bool
+}

@@ -17,7 +17,8 @@ import Logging
 /// rebuilds them.
 ///
 /// Owns: loop devices of volume backings, mounts at staging and target paths inside `pathRoots`,
-/// StageRecord and PublishRecord rows of this node. Never touches attachments or volumes.
+/// StageRecord and PublishRecord rows of this node, and (one machine) the io.max lines of its
+/// loop devices in the QoS cgroup. Never touches attachments or volumes.
 public final class NodeService: Sendable {
     /// The topology segment every node reports; volumes are accessible from one node today.
     public static let topologyKey = "topology.cairn.dev/node"
@@ -34,6 +35,9 @@ public final class NodeService: Sendable {
     /// The process whose mount namespace targets are published into when a request names
     /// none (`--target-namespace-pid`); nil: the host's (the agent's) namespace.
     let defaultTargetPID: Int32?
+    /// One machine (`--role all`): enforces volumes' QoS limits on their loop devices (cgroup v2
+    /// io.max); nil where limits are not enforced this way (a cluster's engine does it).
+    public let throttle: (any IOThrottle)?
 
     /// The volume_context / publish_context key that names the process (a container) whose
     /// mount namespace a target path belongs to.
@@ -41,8 +45,10 @@ public final class NodeService: Sendable {
 
     public init(nodeID: String, topology: [String: String], maxVolumesPerNode: Int64,
                 store: any MetadataStore, backing: any NodeBacking, mounter: any Mounter,
-                pathRoots: [String], locks: VolumeLocks, logger: Logger, defaultTargetPID: Int32? = nil) {
+                pathRoots: [String], locks: VolumeLocks, logger: Logger, defaultTargetPID: Int32? = nil,
+                throttle: (any IOThrottle)? = nil) {
         self.defaultTargetPID = defaultTargetPID
+        self.throttle = throttle
         self.nodeID = nodeID
         self.topology = topology
         self.maxVolumesPerNode = maxVolumesPerNode

@@ -23,7 +23,15 @@ extension NodeService {
         return Csi_V1_NodeStageVolumeResponse()
     }
 
+    /// Stages the volume (or finds it staged), then puts its QoS limits on the device: every
+    /// NodeStage — and the restore after a restart or reboot, which comes through here — leaves
+    /// the device limited as the volume's record says.
     func stage(volumeID: String, stagingPath: String, access: RequestedAccess) async throws {
+        try await attachAndMount(volumeID: volumeID, stagingPath: stagingPath, access: access)
+        try await enforceRecordedLimits(volumeID: volumeID)
+    }
+
+    private func attachAndMount(volumeID: String, stagingPath: String, access: RequestedAccess) async throws {
         let volume = try await requireVolume(volumeID)
         var meta = metadata(volumeID, path: stagingPath)
 
@@ -288,6 +296,7 @@ extension NodeService {
             throw CairnError.internal("\(stagingPath) is still mounted after repeated unmounts; inspect /proc/self/mountinfo")
         }
         for device in devices {
+            try removeLimits(device: device, meta: meta)
             try await mounter.detachLoop(device: device)
             logger.info("detached the loop device", metadata: meta.with("device", device))
         }
@@ -321,6 +330,7 @@ extension NodeService {
                 logger.info("unmounted the dead staging mount", metadata: meta.with("device", device))
             }
         }
+        try removeLimits(device: device, meta: meta)
         try await mounter.detachLoop(device: device)
         logger.info("detached the dead loop device", metadata: meta.with("device", device))
     }

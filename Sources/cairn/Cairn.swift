@@ -123,6 +123,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("fuse-keeper-socket"), help: "The FUSE keeper's unix socket. Default: <data-dir>/fuse-keeper.sock.")
     var fuseKeeperSocket: String?
 
+    @Option(name: .customLong("qos-cgroup"), help: "One machine (--role all): the cgroup under which the workloads run, where a volume's iopsLimit/bandwidthLimit become kernel throttle rules for its loop device — cgroup v2 io.max when the unified hierarchy has the io controller, else the cgroup v1 blkio.throttle.* files (written in that cgroup and every cgroup below it: v1 limits are per cgroup). An absolute path under the v2 mount or the v1 blkio mount picks that hierarchy (the v1 root, /sys/fs/cgroup/blkio itself, means every cgroup of the machine); a relative one is resolved in the hierarchy that has the io controller; `auto` looks for kubepods.slice, kubepods, mesos there; `none` turns it off. ControllerModifyVolume is offered on one machine only when this works (the log at start-up says which mechanism, or why not). Default: $CAIRN_QOS_CGROUP, else auto.")
+    var qosCgroup: String?
+
     @OptionGroup var dataSecurityOptions: DataSecurityOptions
 
     /// Validates the flags, then hands over to the role's builder (Roles/: what each role runs,

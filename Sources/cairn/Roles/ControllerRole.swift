@@ -9,6 +9,7 @@ enum ControllerRole {
     static func run(_ context: ServeContext) async throws {
         context.warnAboutMissingTools()
         let router = Router()
+        context.reportNoOneMachineQoS(reason: "the controller runs apart from the node that stages volumes (--role controller)")
         let leadership = try context.csiController(on: router)
         let csi = context.csiServer(router, leadership: leadership)
         try await context.serve([csi], leadership: leadership)
@@ -18,14 +19,15 @@ enum ControllerRole {
 extension ServeContext {
     /// The CSI Controller and GroupController services on `router`; in cluster mode also the
     /// leadership that runs re-replication (and, for `--role controller`, gates the calls).
-    func csiController(on router: Router) throws -> ControllerLeadership? {
+    func csiController(on router: Router, localLimits: (any LocalLimitEnforcement)? = nil) throws -> ControllerLeadership? {
         let pool = try options.capacity.map(Serve.parseBytes) ?? Serve.filesystemBytes(options.dataDir)
         let controller = ControllerService(store: store, backing: backing, capacity: CapacityPolicy(poolBytes: pool),
                                            localNodeID: nodeID, localTopology: topology, locks: VolumeLocks(),
                                            logger: logger,
                                            cluster: etcd == nil ? nil : ClusterConfig(defaultReplicas: options.defaultReplicas,
                                                                                       scopedToNode: options.listScope == .node,
-                                                                                      claimSigner: security.identity))
+                                                                                      claimSigner: security.identity),
+                                           localLimits: localLimits)
         Routes.controller(controller, on: router)
         Routes.groupController(controller, on: router)
         guard let etcd else { return nil }

@@ -11,6 +11,7 @@ enum NodeRole {
     static func run(_ context: ServeContext) async throws {
         context.warnAboutMissingTools()
         let router = Router()
+        context.reportNoOneMachineQoS(reason: "the node runs apart from the controller (--role node)")
         _ = try await context.csiNode(on: router)
         let csi = context.csiServer(router, leadership: nil)
         try await context.serve([csi], leadership: nil)
@@ -20,7 +21,7 @@ enum NodeRole {
 extension ServeContext {
     /// The CSI Node service on `router`: through the agent for a split node, else on this
     /// machine (restoring the staged volumes first where this process runs their engines).
-    func csiNode(on router: Router) async throws -> NodeService {
+    func csiNode(on router: Router, throttle: (any IOThrottle)? = nil) async throws -> NodeService {
         let mounter: any Mounter
         let nodeBacking: any NodeBacking
         if splitNode, let agentEndpoint {
@@ -53,7 +54,7 @@ extension ServeContext {
         }
         let service = NodeService(nodeID: nodeID, topology: topology, maxVolumesPerNode: options.maxVolumes, store: store,
                                   backing: nodeBacking, mounter: mounter, pathRoots: roots, locks: VolumeLocks(),
-                                  logger: logger, defaultTargetPID: options.targetNamespacePID)
+                                  logger: logger, defaultTargetPID: options.targetNamespacePID, throttle: throttle)
         if role == .all || inProcessAgent {
             // This process is the agent too: bring the machine back to the records first —
             // resuming the engines whose FUSE connections the keeper kept.

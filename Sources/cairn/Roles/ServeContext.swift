@@ -220,7 +220,7 @@ struct ServeContext {
     }
 
     /// Runs `servers` and the background services in one ServiceGroup until SIGTERM/SIGINT.
-    func serve(_ roleServers: [ServedEndpoint], leadership: ControllerLeadership?) async throws {
+    func serve(_ roleServers: [ServedEndpoint], leadership: ControllerLeadership?, background: [any Service] = []) async throws {
         // The ReplicaControl service goes with the replica server, whichever role serves it.
         let servers = roleServers + (control.map { [$0.served] } ?? [])
         logger.info("cairn starting", metadata: [
@@ -240,6 +240,7 @@ struct ServeContext {
         if runsEngines { services.append(UntilShutdown.enginesKept(backing as? ReplicatedBacking, logger: logger)) }
         if let sweeper { services.append(BackgroundLoop.sweeper(sweeper, logger: logger)) }
         if let leadership { services.append(BackgroundLoop.leadership(leadership, logger: logger)) }
+        services += background
         services.append(RPCServers(servers: servers, grace: .seconds(options.shutdownGrace), logger: logger))
         let group = ServiceGroup(configuration: .init(
             services: services.map { .init(service: $0) },
