@@ -56,7 +56,7 @@ final class ReplicaCrashTests: XCTestCase {
         print("ReplicaCrashTests: \(rounds) rounds, CAIRN_CRASH_SEED=\(seed)\(keepGoing ? ", going on after a failing round" : "")")
         let server = try ReplicaServerProcess()
         self.server = server
-        let directory = server.dataDir + "/replicas/" + Self.volumeID
+        let directory = server.replicasDir + "/" + Self.volumeID
         try ReplicaStore.create(directory: directory, volumeID: Self.volumeID, size: Self.volumeSize).close()
 
         var volume = VolumeModel(blocks: Self.blockCount)
@@ -267,15 +267,16 @@ enum BlockContent: Equatable, CustomStringConvertible {
     case zeros
     case written(block: UInt64, generation: UInt64)
     case garbage(String)
-    /// The read failed with a checksum mismatch.
-    case checksumMismatch
+    /// The read failed with a checksum mismatch; what the head layer's data file holds there
+    /// (read around the store, for the report), when known.
+    case checksumMismatch(onDisk: String?)
 
     var description: String {
         switch self {
         case .zeros: "zeros"
         case let .written(block, generation): "the data of block \(block) at generation \(generation)"
         case let .garbage(why): "garbage (\(why))"
-        case .checksumMismatch: "a checksum mismatch (unreadable)"
+        case let .checksumMismatch(onDisk): "a checksum mismatch (unreadable)" + (onDisk.map { "; the data file holds \($0) there" } ?? "")
         }
     }
 }
@@ -525,7 +526,7 @@ struct ReplicaView {
         defer { try? store.close() }
         let status = store.status
         let blocks = Int(status.size) / ReplicaStore.blockSize
-        return try read(name: "opened in-process", status: status, recovery: store.recovery, blocks: blocks,
+        var view = try read(name: "opened in-process", status: status, recovery: store.recovery, blocks: blocks,
                         generations: { try store.generations(firstBlock: $0, count: $1, epoch: epoch) },
                         verify: { try store.verify(firstBlock: $0, count: $1, epoch: epoch) },
                         read: { try store.read(offset: $0 * UInt64(ReplicaStore.blockSize), length: $1 * ReplicaStore.blockSize, epoch: epoch) },
@@ -533,6 +534,24 @@ struct ReplicaView {
                             if case ReplicaError.checksumMismatch = $0 { return true }
                             return false
                         })
+        for b in view.contents.indices where view.contents[b] == .checksumMismatch(onDisk: nil) {
+            view.contents[b] = .checksumMismatch(onDisk: rawHeadBlock(directory: directory, block: b)?.description)
+        }
+        return view
+    }
+
+    /// Block `b` as the head layer's data file holds it, read around the store (the layout of
+    /// docs/replica-format.md: the highest-numbered `layers/` entry, block i at i*4096); nil if
+    /// that layout is not there.
+    static func rawHeadBlock(directory: String, block b: Int) -> BlockContent? {
+        guard let head = (try? FileManager.default.contentsOfDirectory(atPath: directory + "/layers"))?.max() else { return nil }
+        let fd = open(directory + "/layers/" + head + "/data", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: ReplicaStore.blockSize)
+        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress!, $0.count, off_t(b * ReplicaStore.blockSize)) }
+        guard n == ReplicaStore.blockSize else { return nil }
+        return bytes.withUnsafeBytes { BlockPattern.identify($0) }
     }
 
     /// Reads the replica whole through a restarted `cairn replica serve`.
@@ -565,7 +584,7 @@ struct ReplicaView {
                     do {
                         try identify(read(UInt64(b), 1), into: &view.contents)
                     } catch where isChecksumMismatch(error) {
-                        view.contents.append(.checksumMismatch)
+                        view.contents.append(.checksumMismatch(onDisk: nil))
                     }
                 }
             }
@@ -698,13 +717,22 @@ struct CrashCheck {
                     }
                 }
                 let allowed = versions[durable...]
+                let reported = view.reported[b]
                 let where_ = "block \(b) (offset \(b * ReplicaStore.blockSize))"
-                let expected = "expected \(versions[durable].what)\(versions.count > durable + 1 ? " or a later one: " + allowed.dropFirst().map(\.what).joined(separator: "; ") : "")"
+                let later = allowed.dropFirst().prefix(6).map(\.what) + (allowed.count > 7 ? ["…"] : [])
+                let expected = "expected \(versions[durable].what)\(later.isEmpty ? "" : " or a later one: " + later.joined(separator: "; "))"
+                let entry = "its block-map entry says \(Self.show(reported))"
+                    + (versions.first { $0.reported == reported }.map { " (\($0.what))" } ?? "")
                 guard let newest = holds.last(where: { $0 >= durable }) else {
-                    if let older = holds.last {
-                        fail("\(where_): holds \(content) — \(versions[older].what), OLDER than \(versions[durable].what): a flushed write was lost; \(expected)")
-                    } else {
-                        fail("\(where_): holds \(content), which no operation on it wrote; \(expected)")
+                    switch content {
+                    case .checksumMismatch, .garbage:
+                        fail("\(where_): reads \(content); \(entry); \(expected)")
+                    case .zeros, .written:
+                        if let older = holds.last {
+                            fail("\(where_): holds \(content) — \(versions[older].what), OLDER than \(versions[durable].what): a flushed write was lost; \(entry); \(expected)")
+                        } else {
+                            fail("\(where_): holds \(content), which no operation on it wrote; \(entry); \(expected)")
+                        }
                     }
                     found.append(start)
                     continue
@@ -713,7 +741,6 @@ struct CrashCheck {
                 if let claimed = versions.lastIndex(where: { $0.generation <= F }), claimed > newest {
                     fail("\(where_): the replica reports flushed generation \(F), but holds \(versions[newest].what), older than \(versions[claimed].what) ≤ \(F): the flushed generation claims a write that is not there")
                 }
-                let reported = view.reported[b]
                 if !allowed.contains(where: { $0.reported == reported }) {
                     fail("\(where_): generations reports \(Self.show(reported)), none of the versions it may hold (\(allowed.map { Self.show($0.reported) }.joined(separator: ", "))); it holds \(content)")
                 }
@@ -752,6 +779,9 @@ struct CrashCheck {
         let mustSurvive = touching.indices.filter { b in
             touching[b].contains { ops[$0].acknowledgedAt.map { $0 < (covered?.sentAt ?? 0) } ?? false }
         }.count
+        let unacknowledged = ops.filter { $0.acknowledgedAt == nil }.prefix(8).map {
+            "\($0.isTrim ? "trim" : "write") \($0.generation) of blocks \($0.firstBlock)+\($0.blockCount)"
+        }
         let s = views.last?.status
         let recovery = views.compactMap(\.recovery).first
         let reportedOther = found.filter { start in
@@ -759,7 +789,7 @@ struct CrashCheck {
         }.count
         return """
             round \(round): \(ops.count) ops (\(writes.count) writes, \(trims) trims) from generation \(record.firstGeneration), \
-            \(acked) acknowledged, \(ops.count - acked) not; \(record.flushes.count) flushes, \(completed) completed \
+            \(acked) acknowledged, \(ops.count - acked) not (\(unacknowledged.joined(separator: ", "))); \(record.flushes.count) flushes, \(completed) completed \
             (the last covers \(covered?.acknowledgedOps ?? 0) ops up to generation \(covered?.highestAcknowledgedGeneration ?? 0)); \
             \(kill); replica flushed generation \(s?.flushedGeneration ?? 0), highest \(s?.highestGeneration ?? 0); \
             recovery: \(recovery?.unflushedBlocks.count ?? 0) unflushed blocks, \(recovery?.rewrittenBlocks.count ?? 0) rewritten; \

@@ -26,6 +26,7 @@ final class ReplicaServerProcess: @unchecked Sendable {
     let root: String
     let binary: String
     var dataDir: String { root + "/data" }
+    var replicasDir: String { dataDir + "/replicas" }
     var logPath: String { root + "/replica.log" }
     var portPath: String { root + "/port" }
 
@@ -36,13 +37,8 @@ final class ReplicaServerProcess: @unchecked Sendable {
     /// Makes the temporary directory; does not start the process (see `start`).
     init() throws {
         binary = try PluginProcess.locateBinary()
-        var template = Array("/tmp/cairn-replica.XXXXXX".utf8CString)
-        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
-            throw FixtureError("mkdtemp /tmp/cairn-replica.XXXXXX failed: \(String(cString: strerror(errno)))")
-        }
-        let path = String(cString: made)
-        root = Validate.realPath(path) ?? path
-        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        root = try PluginProcess.makeTemporaryRoot("cairn-replica")
+        try FileManager.default.createDirectory(atPath: replicasDir, withIntermediateDirectories: true)
     }
 
     var pid: Int32? { lock.withLock { process.map(\.processIdentifier) } }
@@ -53,24 +49,9 @@ final class ReplicaServerProcess: @unchecked Sendable {
     func start() throws -> UInt16 {
         precondition(!isRunning, "the replica server is already running")
         _ = unlink(portPath)
-        let fd = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw FixtureError("cannot open \(logPath): \(String(cString: strerror(errno)))") }
-        let log = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
         let arguments = ["replica", "serve", "--data-dir", dataDir, "--listen", "127.0.0.1:0", "--port-file", portPath,
                          "--data-security", "none", "--allow-unauthenticated-data", "--log-level", "info"]
-        log.write(Data("=== \(Date()) starting \(binary) \(arguments.joined(separator: " "))\n".utf8))
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = arguments
-        process.standardOutput = log
-        process.standardError = log
-        process.standardInput = FileHandle.nullDevice
-        do {
-            try process.run()
-        } catch {
-            throw FixtureError("could not start \(binary): \(error)")
-        }
-        try? log.close()
+        let process = try PluginProcess.launch([binary] + arguments, logPath: logPath)
         lock.withLock { self.process = process }
 
         let deadline = ContinuousClock.now + Self.readyTimeout
