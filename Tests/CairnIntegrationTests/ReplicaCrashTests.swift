@@ -98,13 +98,13 @@ final class ReplicaCrashTests: XCTestCase {
             }
             let shown = outcome.failures.prefix(40).joined(separator: "\n  ")
             let more = outcome.failures.count > 40 ? "\n  … and \(outcome.failures.count - 40) more" : ""
-            let report = "round \(round) (CAIRN_CRASH_SEED=\(seed)): \(outcome.failures.count) problem(s) after the kill:\n  \(shown)\(more)"
+            let report = "round \(round) (CAIRN_CRASH_SEED=\(seed)): \(outcome.failures.count) problem(s) after the kill (\(outcome.kinds.joined(separator: ", "))):\n  \(shown)\(more)"
             guard keepGoing else {
                 XCTFail(report)
                 return
             }
             print(report)
-            failedRounds.append("round \(round): \(outcome.failures.count) problem(s), the first: \(outcome.failures[0])")
+            failedRounds.append("round \(round): \(outcome.kinds.joined(separator: ", ")); the first: \(outcome.failures[0])")
             // Start over on a new replica: the damaged one would fail every later round.
             server.stop()
             try FileManager.default.removeItem(atPath: directory)
@@ -273,6 +273,11 @@ enum BlockContent: Equatable, CustomStringConvertible {
     /// The read failed with a checksum mismatch; what the head layer's data file holds there
     /// (read around the store, for the report), when known.
     case checksumMismatch(onDisk: String?)
+
+    var isChecksumMismatch: Bool {
+        if case .checksumMismatch = self { return true }
+        return false
+    }
 
     var description: String {
         switch self {
@@ -654,6 +659,8 @@ struct CrashCheck {
 
     struct Outcome {
         var failures: [String] = []
+        /// Each kind of failure and how many.
+        var kinds: [String] = []
         var figures = ""
         /// Each block's version as found (the next round's start).
         var found: [VolumeModel.Start] = []
@@ -669,8 +676,8 @@ struct CrashCheck {
 
     func run(views: [ReplicaView]) -> Outcome {
         var outcome = Outcome()
-        var failures: [String] = []
-        for error in record.unexpectedErrors { failures.append("before the kill: \(error)") }
+        var failures: [(kind: String, text: String)] = []
+        for error in record.unexpectedErrors { failures.append(("error before the kill", "before the kill: \(error)")) }
         let lastFlush = record.lastCompletedFlush
         let durableBefore = lastFlush.map { record.flushes[$0].sentAt } ?? 0
         let highestIssued = record.nextGeneration - 1
@@ -684,21 +691,21 @@ struct CrashCheck {
         for view in views {
             let s = view.status
             let F = s.flushedGeneration
-            func fail(_ text: String) { failures.append("[\(view.name)] \(text)") }
-            if s.size != volumeSize { fail("status: size \(s.size), expected \(volumeSize)") }
-            if s.epoch != epoch { fail("status: epoch \(s.epoch), but epoch \(epoch) was claimed (and acknowledged) before the I/O") }
-            if F > highestIssued { fail("status: flushed generation \(F) is above every generation ever sent (\(highestIssued))") }
+            func fail(_ kind: String, _ text: String) { failures.append((kind, "[\(view.name)] \(text)")) }
+            if s.size != volumeSize { fail("status", "status: size \(s.size), expected \(volumeSize)") }
+            if s.epoch != epoch { fail("status", "status: epoch \(s.epoch), but epoch \(epoch) was claimed (and acknowledged) before the I/O") }
+            if F > highestIssued { fail("status", "status: flushed generation \(F) is above every generation ever sent (\(highestIssued))") }
             if s.highestGeneration > highestIssued {
-                fail("status: highest generation \(s.highestGeneration) is above every generation ever sent (\(highestIssued))")
+                fail("status", "status: highest generation \(s.highestGeneration) is above every generation ever sent (\(highestIssued))")
             }
             if F < volume.flushedGeneration {
-                fail("status: flushed generation \(F) is below the previous round's \(volume.flushedGeneration): it went back")
+                fail("status", "status: flushed generation \(F) is below the previous round's \(volume.flushedGeneration): it went back")
             }
             if !view.failingVerify.isEmpty {
-                fail("verify reports \(view.failingVerify.count) block(s) failing their checksum: \(view.failingVerify.prefix(20).map(String.init).joined(separator: ", "))")
+                fail("verify", "verify reports \(view.failingVerify.count) block(s) failing their checksum: \(view.failingVerify.prefix(20).map(String.init).joined(separator: ", "))")
             }
             if view.contents.count != volume.blocks.count || view.reported.count != volume.blocks.count {
-                fail("read \(view.contents.count) blocks and \(view.reported.count) generations of \(volume.blocks.count)")
+                fail("read", "read \(view.contents.count) blocks and \(view.reported.count) generations of \(volume.blocks.count)")
                 continue
             }
             var found: [VolumeModel.Start] = []
@@ -736,12 +743,12 @@ struct CrashCheck {
                 guard let newest = holds.last(where: { $0 >= durable }) else {
                     switch content {
                     case .checksumMismatch, .garbage:
-                        fail("\(where_): reads \(content); \(entry); \(expected)")
+                        fail(content.isChecksumMismatch ? "checksum mismatch on read" : "garbage", "\(where_): reads \(content); \(entry); \(expected)")
                     case .zeros, .written:
                         if let older = holds.last {
-                            fail("\(where_): holds \(content) — \(versions[older].what), OLDER than \(versions[durable].what): a flushed write was lost; \(entry); \(expected)")
+                            fail("flushed write lost", "\(where_): holds \(content) — \(versions[older].what), OLDER than \(versions[durable].what): a flushed write was lost; \(entry); \(expected)")
                         } else {
-                            fail("\(where_): holds \(content), which no operation on it wrote; \(entry); \(expected)")
+                            fail("unknown version", "\(where_): holds \(content), which no operation on it wrote; \(entry); \(expected)")
                         }
                     }
                     found.append(start)
@@ -749,10 +756,10 @@ struct CrashCheck {
                 }
                 // The flushed generation's claim: every op at or below it is durable.
                 if let claimed = versions.lastIndex(where: { $0.generation <= F }), claimed > newest {
-                    fail("\(where_): the replica reports flushed generation \(F), but holds \(versions[newest].what), older than \(versions[claimed].what) ≤ \(F): the flushed generation claims a write that is not there")
+                    fail("flushed generation claims a missing write", "\(where_): the replica reports flushed generation \(F), but holds \(versions[newest].what), older than \(versions[claimed].what) ≤ \(F): the flushed generation claims a write that is not there")
                 }
                 if !allowed.contains(where: { $0.reported == reported }) {
-                    fail("\(where_): generations reports \(Self.show(reported)), none of the versions it may hold (\(allowed.map { Self.show($0.reported) }.joined(separator: ", "))); it holds \(content)")
+                    fail("reported generation", "\(where_): generations reports \(Self.show(reported)), none of the versions it may hold (\(allowed.map { Self.show($0.reported) }.joined(separator: ", "))); it holds \(content)")
                 }
                 found.append(.init(generation: versions[newest].generation, isZeros: versions[newest].isZeros, reported: reported))
             }
@@ -760,13 +767,18 @@ struct CrashCheck {
                 outcome.found = found
             } else if outcome.found != found {
                 let b = found.indices.first { outcome.found[$0] != found[$0] } ?? 0
-                fail("differs from the other view at block \(b): \(found[b]) vs \(outcome.found[b])")
+                fail("views differ", "differs from the other view at block \(b): \(found[b]) vs \(outcome.found[b])")
             }
         }
         if views.count == 2 && views[0].status.flushedGeneration != views[1].status.flushedGeneration {
-            failures.append("the views report different flushed generations: \(views.map { "\($0.name): \($0.status.flushedGeneration)" })")
+            failures.append(("views differ", "the views report different flushed generations: \(views.map { "\($0.name): \($0.status.flushedGeneration)" })"))
         }
-        outcome.failures = failures
+        // Every kind shows up front (a few of each), then the rest.
+        var kinds: [String] = []
+        for f in failures where !kinds.contains(f.kind) { kinds.append(f.kind) }
+        outcome.kinds = kinds.map { kind in "\(kind) ×\(failures.filter { $0.kind == kind }.count)" }
+        let firsts = kinds.flatMap { kind in failures.filter { $0.kind == kind }.prefix(4).map(\.text) }
+        outcome.failures = firsts + failures.map(\.text).filter { !firsts.contains($0) }
         outcome.figures = figures(views: views, lastFlush: lastFlush, touching: touching, found: outcome.found)
         return outcome
     }
