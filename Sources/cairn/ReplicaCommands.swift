@@ -3,14 +3,72 @@ import CairnCore
 import CairnReplica
 import Foundation
 import Logging
+import ServiceLifecycle
 
-/// `cairn replica …`: look at one replica through its node's data protocol (read only).
+/// `cairn replica …`: look at one replica through its node's data protocol (read only); and,
+/// hidden, serve a data directory's replicas on their own (crash tests).
 struct ReplicaCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "replica",
         abstract: "Inspect one replica of a volume over the data protocol (read-only).",
-        subcommands: [ReplicaDigestCommand.self, ReplicaLatencyCommand.self]
+        subcommands: [ReplicaDigestCommand.self, ReplicaServeCommand.self, ReplicaLatencyCommand.self]
     )
+}
+
+/// `cairn replica serve` (hidden): the node's replica server — the same `ReplicaServer` and
+/// `ReplicaStore`, stopped by the same lifecycle service — on a data directory, without a
+/// store, registration, engines or CSI. It exists so a test can SIGKILL a process holding
+/// replicas at any moment (ReplicaCrashTests) without standing up a cluster.
+struct ReplicaServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Serve the replicas in <data-dir>/replicas over the data protocol, standalone (for tests).",
+        shouldDisplay: false)
+
+    @Option(help: "The directory whose replicas/ to serve.")
+    var dataDir: String
+
+    @Option(help: "HOST:PORT to listen on; port 0 lets the kernel choose (see --port-file).")
+    var listen: String = "127.0.0.1:0"
+
+    @Option(name: .customLong("port-file"), help: "Once listening, write the bound port here (written to a temporary file and renamed).")
+    var portFile: String?
+
+    @OptionGroup var security: DataSecurityOptions
+
+    @Option(help: "Log level.")
+    var logLevel: String = "info"
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { LogfmtHandler(label: $0, level: level) }
+        var logger = Logger(label: "cairn.replica-server")
+        logger.logLevel = level
+        // ReplicaAddress refuses port 0 (a peer's address always names one): parse with a
+        // stand-in port and listen on 0.
+        let anyPort = listen.hasSuffix(":0")
+        let address: ReplicaAddress
+        do { address = try ReplicaAddress(anyPort ? String(listen.dropLast()) + "1" : listen) } catch {
+            throw ValidationError("--listen \(listen) is not HOST:PORT (\(error))")
+        }
+        let server = try ReplicaServer(dataDir: dataDir, host: address.host, port: anyPort ? 0 : address.port,
+                                       logger: logger, security: try security.resolve(dataDir: dataDir, logger: logger))
+        try server.start()
+        if let portFile {
+            let temporary = portFile + ".tmp"
+            try Data("\(server.boundPort)\n".utf8).write(to: URL(fileURLWithPath: temporary))
+            guard rename(temporary, portFile) == 0 else {
+                server.stop()
+                throw CLIFailure(SystemError("rename \(temporary) to \(portFile)", errno: errno))
+            }
+        }
+        logger.info("serving replicas", metadata: ["data.address": "\(address.host):\(server.boundPort)"])
+        let group = ServiceGroup(configuration: .init(
+            services: [.init(service: UntilShutdown.replicaServer(server, logger: logger))],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger))
+        try await group.run()
+    }
 }
 
 struct ReplicaDigestCommand: AsyncParsableCommand {

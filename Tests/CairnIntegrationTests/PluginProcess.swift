@@ -97,12 +97,7 @@ final class PluginProcess: @unchecked Sendable {
         self.capacity = capacity
         self.nodeID = nodeID
         self.extraArguments = extraArguments
-        var template = Array("/tmp/cairn-it.XXXXXX".utf8CString)
-        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
-            throw FixtureError("mkdtemp /tmp/cairn-it.XXXXXX failed: \(String(cString: strerror(errno)))")
-        }
-        let path = String(cString: made)
-        root = Validate.realPath(path) ?? path
+        root = try Self.makeTemporaryRoot("cairn-it")
         for dir in [stagingDir, podsDir, (socketPath as NSString).deletingLastPathComponent] {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         }
@@ -172,9 +167,6 @@ final class PluginProcess: @unchecked Sendable {
     /// Starts `cairn serve` and waits (at most 30 s) until Probe answers OK.
     func start() async throws {
         precondition(!isRunning, "the plugin is already running")
-        let fd = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw FixtureError("cannot open \(logPath): \(String(cString: strerror(errno)))") }
-        let log = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
         var environment = ProcessInfo.processInfo.environment
         environment["CSI_ENDPOINT"] = nil
         environment["MESOS_AGENT_ID"] = nil
@@ -191,22 +183,9 @@ final class PluginProcess: @unchecked Sendable {
             "--data-dir", dataDir, "--path-root", root, "--capacity", capacity, "--log-level", "debug",
         ] + (extraArguments.contains("--agent-socket") ? [] : ["--agent-socket", agentSocketPath]) + extraArguments
         let shownEnvironment = launch == .flags ? "" : "CSI_ENDPOINT=\(endpoint) MESOS_AGENT_ID=\(nodeID) "
-        log.write(Data("=== \(Date()) starting \(shownEnvironment)\(binary) \(arguments.joined(separator: " "))\n".utf8))
-
-        let process = Process()
-        process.environment = environment
-        let argv = launchPrefix + [binary] + arguments
-        process.executableURL = URL(fileURLWithPath: argv[0])  // launchPrefix[0]: an absolute path
-        process.arguments = Array(argv.dropFirst())
-        process.standardOutput = log
-        process.standardError = log
-        process.standardInput = FileHandle.nullDevice
-        do {
-            try process.run()
-        } catch {
-            throw FixtureError("could not start \(binary): \(error)")
-        }
-        try? log.close()
+        // launchPrefix[0]: an absolute path
+        let process = try Self.launch(launchPrefix + [binary] + arguments, environment: environment,
+                                      shownEnvironment: shownEnvironment, logPath: logPath)
         lock.withLock {
             self.process = process
             self.currentChannel = nil
@@ -296,6 +275,42 @@ final class PluginProcess: @unchecked Sendable {
         let exit = await stop()
         try await start()
         return exit
+    }
+
+    // MARK: Shared by the process fixtures
+
+    /// A new private directory /tmp/<prefix>.XXXXXX (mkdtemp), symlinks resolved.
+    static func makeTemporaryRoot(_ prefix: String) throws -> String {
+        var template = Array("/tmp/\(prefix).XXXXXX".utf8CString)
+        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+            throw FixtureError("mkdtemp /tmp/\(prefix).XXXXXX failed: \(String(cString: strerror(errno)))")
+        }
+        let path = String(cString: made)
+        return Validate.realPath(path) ?? path
+    }
+
+    /// Starts `argv` (argv[0] an absolute path) with `environment` (nil: this process's), its
+    /// stdout and stderr appended to `logPath` after a line saying what started and when.
+    static func launch(_ argv: [String], environment: [String: String]? = nil, shownEnvironment: String = "",
+                       logPath: String) throws -> Process {
+        let fd = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw FixtureError("cannot open \(logPath): \(String(cString: strerror(errno)))") }
+        let log = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
+        defer { try? log.close() }
+        log.write(Data("=== \(Date()) starting \(shownEnvironment)\(argv.joined(separator: " "))\n".utf8))
+        let process = Process()
+        if let environment { process.environment = environment }
+        process.executableURL = URL(fileURLWithPath: argv[0])
+        process.arguments = Array(argv.dropFirst())
+        process.standardOutput = log
+        process.standardError = log
+        process.standardInput = FileHandle.nullDevice
+        do {
+            try process.run()
+        } catch {
+            throw FixtureError("could not start \(argv[0]): \(error)")
+        }
+        return process
     }
 
     // MARK: Foreign paths

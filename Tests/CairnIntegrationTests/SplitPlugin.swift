@@ -46,12 +46,7 @@ final class SplitPlugin: @unchecked Sendable {
 
     init() throws {
         binary = try PluginProcess.locateBinary()
-        var template = Array("/tmp/cairn-split.XXXXXX".utf8CString)
-        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
-            throw FixtureError("mkdtemp /tmp/cairn-split.XXXXXX failed: \(String(cString: strerror(errno)))")
-        }
-        let path = String(cString: made)
-        root = Validate.realPath(path) ?? path
+        root = try PluginProcess.makeTemporaryRoot("cairn-split")
         for dir in [stagingDir, podsDir] {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         }
@@ -89,28 +84,9 @@ final class SplitPlugin: @unchecked Sendable {
     /// Starts one role and waits until it answers (the agent: Hello; the others: Probe).
     func start(_ role: Role) async throws {
         precondition(!isRunning(role), "cairn \(role) is already running")
-        let fd = open(logPath(role), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw FixtureError("cannot open \(logPath(role)): \(String(cString: strerror(errno)))") }
-        let log = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
-        let process = Process()
-        if role == .node {
-            // Its own mount namespace, as in a container. unshare execs cairn: same PID.
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/unshare")
-            process.arguments = ["--mount", "--propagation", "slave", binary] + arguments(role)
-        } else {
-            process.executableURL = URL(fileURLWithPath: binary)
-            process.arguments = arguments(role)
-        }
-        log.write(Data("=== \(Date()) starting \(process.executableURL!.path) \((process.arguments ?? []).joined(separator: " "))\n".utf8))
-        process.standardOutput = log
-        process.standardError = log
-        process.standardInput = FileHandle.nullDevice
-        do {
-            try process.run()
-        } catch {
-            throw FixtureError("could not start cairn \(role): \(error)")
-        }
-        try? log.close()
+        // The node in its own mount namespace, as in a container. unshare execs cairn: same PID.
+        let prefix = role == .node ? ["/usr/bin/unshare", "--mount", "--propagation", "slave"] : []
+        let process = try PluginProcess.launch(prefix + [binary] + arguments(role), logPath: logPath(role))
         lock.withLock {
             processes[role] = process
             channels[role] = nil
