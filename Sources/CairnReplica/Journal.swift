@@ -25,6 +25,14 @@ final class Journal: Sendable {
     static let fileName = "journal"
     static let magic: [UInt8] = Array("CAIRNJL1".utf8)
     static let recordMagic: UInt64 = 0x4452_4345_524A_4E43  // "CNJRECRD" little-endian
+    /// An intent: a header alone, written before an in-place write or trim of a range (large
+    /// writes, trims, resync and repair copies). If the process dies between that data and its
+    /// block-map entries, replay finds the blocks whose data no longer matches an older entry
+    /// and records what they hold at the intent's generation, instead of leaving a checksum
+    /// mismatch that would read as corruption.
+    static let intentMagic: UInt64 = 0x544E_544E_494A_4E43  // "CNJINTNT" little-endian
+    /// The most blocks one intent names (64 MiB: the store's largest request).
+    static let maxIntentBlocks = 1 << 14
     static let blockSize = 4096
     /// Writes up to this long are journaled; longer ones go in place only (the flush then syncs
     /// the data file and the block map as well).
@@ -174,6 +182,9 @@ final class Journal: Sendable {
         var crcs: [UInt32]
         /// Where the record's data starts in the journal file.
         var dataOffset: UInt64
+        /// An intent (no data): the range `offset`, `blocks` blocks, written in place at `generation`.
+        var intentBlocks = 0
+        var isIntent: Bool { intentBlocks > 0 }
     }
 
     /// The whole records from the start, in order, up to the first that is not.
@@ -187,8 +198,25 @@ final class Journal: Sendable {
         var seq = startSeq
         while at + UInt64(blockSize) <= size {
             guard try FileIO.preadFully(fd, header, offset: at, path: path) == blockSize else { break }
-            guard header.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian == recordMagic,
+            let magic = header.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
+            guard magic == recordMagic || magic == intentMagic,
                   header.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian == seq else { break }
+            if magic == intentMagic {
+                let blocks = Int(header.loadUnaligned(fromByteOffset: 48, as: UInt32.self).littleEndian)
+                let stored = header.loadUnaligned(fromByteOffset: headerFixed, as: UInt32.self).littleEndian
+                guard blocks >= 1, blocks <= maxIntentBlocks,
+                      stored == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<headerFixed])) else { break }
+                records.append(Record(
+                    seq: seq,
+                    layer: header.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian,
+                    offset: header.loadUnaligned(fromByteOffset: 24, as: UInt64.self).littleEndian,
+                    generation: header.loadUnaligned(fromByteOffset: 32, as: UInt64.self).littleEndian,
+                    flushedGeneration: header.loadUnaligned(fromByteOffset: 40, as: UInt64.self).littleEndian,
+                    crcs: [], dataOffset: 0, intentBlocks: blocks))
+                at += UInt64(blockSize)
+                seq &+= 1
+                continue
+            }
             let count = Int(header.loadUnaligned(fromByteOffset: 48, as: UInt32.self).littleEndian)
             guard count >= 1, count <= maxBlocksPerRecord else { break }
             let crcEnd = headerFixed + 4 * count
@@ -268,6 +296,43 @@ final class Journal: Sendable {
         unsynced.store(true, ordering: .relaxed)
         do {
             try FileIO.pwritevFully(fd, UnsafeRawBufferPointer(header), data, offset: at, path: path)
+        } catch {
+            broken.store(true, ordering: .relaxed)
+            throw error
+        }
+        return true
+    }
+
+    /// Appends an intent for an in-place write or trim of `blocks` blocks from `offset` at
+    /// `generation` (before the data changes). False — nothing written — when the journal is
+    /// full, off or broken (the in-place write then goes ahead without one).
+    func appendIntent(layer: UInt64, offset: UInt64, blocks: Int, generation: UInt64, flushedGeneration: UInt64) throws -> Bool {
+        guard Self.enabled, blocks >= 1, blocks <= Self.maxIntentBlocks, !broken.load(ordering: .relaxed) else { return false }
+        let size = UInt64(Self.blockSize)
+        let reserved: (UInt64, UInt64)? = cursor.withLock { c in
+            guard c.next + size <= capacity else { return nil }
+            defer {
+                c.next += size
+                c.seq &+= 1
+            }
+            return (c.next, c.seq)
+        }
+        guard let (at, seq) = reserved else { return false }
+        let header = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.blockSize, alignment: Self.blockSize)
+        defer { header.deallocate() }
+        header.initializeMemory(as: UInt8.self, repeating: 0)
+        header.storeBytes(of: Self.intentMagic.littleEndian, toByteOffset: 0, as: UInt64.self)
+        header.storeBytes(of: seq.littleEndian, toByteOffset: 8, as: UInt64.self)
+        header.storeBytes(of: layer.littleEndian, toByteOffset: 16, as: UInt64.self)
+        header.storeBytes(of: offset.littleEndian, toByteOffset: 24, as: UInt64.self)
+        header.storeBytes(of: generation.littleEndian, toByteOffset: 32, as: UInt64.self)
+        header.storeBytes(of: flushedGeneration.littleEndian, toByteOffset: 40, as: UInt64.self)
+        header.storeBytes(of: UInt32(blocks).littleEndian, toByteOffset: 48, as: UInt32.self)
+        let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<Self.headerFixed]))
+        header.storeBytes(of: crc.littleEndian, toByteOffset: Self.headerFixed, as: UInt32.self)
+        unsynced.store(true, ordering: .relaxed)
+        do {
+            try FileIO.pwriteFully(fd, UnsafeRawBufferPointer(header), offset: at, path: path)
         } catch {
             broken.store(true, ordering: .relaxed)
             throw error

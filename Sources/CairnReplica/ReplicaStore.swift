@@ -329,6 +329,12 @@ public final class ReplicaStore: Sendable {
         defer { buffer.deallocate() }
         for record in records {
             flushed = max(flushed, record.flushedGeneration)
+            if record.isIntent {
+                guard record.layer == head, record.offset % UInt64(blockSize) == 0 else { continue }
+                highest = max(highest, record.generation)
+                applied += try replayIntent(record, dataFD: dataFD, dataPath: dataPath, blockMap: blockMap, blocks: blocks)
+                continue
+            }
             let count = record.crcs.count
             let first = record.offset / UInt64(blockSize)
             // A record of another layer (a snapshot checkpoints first, so none should be) or
@@ -364,6 +370,38 @@ public final class ReplicaStore: Sendable {
             try blockMap.sync()
         }
         return (applied, highest, flushed)
+    }
+
+    /// An intent's range: a block whose data no longer matches an older entry (the write or
+    /// trim reached the data file, not the map, when the process died) is recorded as what it
+    /// holds, at the intent's generation — some version of an unacknowledged write, which the
+    /// generation lets resync and convergence replace — rather than read later as corruption.
+    static func replayIntent(_ record: Journal.Record, dataFD: Int32, dataPath: String, blockMap: BlockMap,
+                             blocks: UInt64) throws -> Int {
+        let first = record.offset / UInt64(blockSize)
+        let end = min(first + UInt64(record.intentBlocks), blocks)
+        guard first < end else { return 0 }
+        let chunk = 256
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk * blockSize, alignment: blockSize)
+        defer { buffer.deallocate() }
+        var applied = 0
+        var at = first
+        while at < end {
+            let count = Int(min(UInt64(chunk), end - at))
+            let entries = try blockMap.read(first: at, count: count)
+            let data = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<(count * blockSize)])
+            try readBlocks(fd: dataFD, path: dataPath, first: at, into: data)
+            for i in 0..<count where entries[i].generation < record.generation {
+                let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: data[(i * blockSize)..<((i + 1) * blockSize)]))
+                let e = entries[i]
+                if e.isPresent && !e.isTrimmed && crc == e.crc { continue }        // the old version, whole
+                if (!e.isPresent || e.isTrimmed) && crc == zeroBlockCRC { continue } // still reads as zeros
+                try blockMap.write(first: at + UInt64(i), [BlockMapEntry(generation: record.generation, crc: crc)])
+                applied += 1
+            }
+            at += UInt64(count)
+        }
+        return applied
     }
 
     /// An orderly close: flushes, records `clean = 1`, closes the files. Later calls throw
@@ -451,7 +489,11 @@ public final class ReplicaStore: Sendable {
                     && (s.journal.append(layer: s.head.id, offset: offset, generation: generation,
                                              flushedGeneration: s.flushedGeneration.load(ordering: .relaxed),
                                              data: source, entries: UnsafeBufferPointer(entries)))
-                if !journaled { s.dirtyInPlace.store(true, ordering: .relaxed) }
+                if !journaled {
+                    _ = try s.journal.appendIntent(layer: s.head.id, offset: offset, blocks: count, generation: generation,
+                                                   flushedGeneration: s.flushedGeneration.load(ordering: .relaxed))
+                    s.dirtyInPlace.store(true, ordering: .relaxed)
+                }
                 try regions.withRange(offset: offset, length: data.count) {
                     try FileIO.pwriteFully(s.dataFD, source, offset: offset, path: s.dataPath)
                     try s.blockMap.write(first: first, UnsafeBufferPointer(entries))
@@ -501,6 +543,8 @@ public final class ReplicaStore: Sendable {
             activity.note(offset: offset, length: data.count, generation: generation)
             let source = Self.alignedSource(data)
             // Resync and repair copies go in place only; the flush after them syncs the files.
+            _ = try s.journal.appendIntent(layer: s.head.id, offset: offset, blocks: count, generation: generation,
+                                           flushedGeneration: s.flushedGeneration.load(ordering: .relaxed))
             s.dirtyInPlace.store(true, ordering: .relaxed)
             let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: data.count) {
@@ -728,6 +772,10 @@ public final class ReplicaStore: Sendable {
             if generation == 0, !s.sealed.isEmpty {
                 throw ReplicaError.badRequest("a trim over a snapshot needs a generation above 0")
             }
+            if generation > 0 {
+                _ = try s.journal.appendIntent(layer: s.head.id, offset: offset, blocks: count, generation: generation,
+                                               flushedGeneration: s.flushedGeneration.load(ordering: .relaxed))
+            }
             s.dirtyInPlace.store(true, ordering: .relaxed)
             try regions.withRange(offset: offset, length: length) {
             let punch = FileIO.FALLOC_FL_PUNCH_HOLE | FileIO.FALLOC_FL_KEEP_SIZE
@@ -761,6 +809,8 @@ public final class ReplicaStore: Sendable {
             }
             activity.note(offset: offset, length: length, generation: generation)
             let trimmed = BlockMapEntry(generation: generation, crc: Self.zeroBlockCRC, flags: BlockMapEntry.trimmedFlag)
+            _ = try s.journal.appendIntent(layer: s.head.id, offset: offset, blocks: count, generation: generation,
+                                           flushedGeneration: s.flushedGeneration.load(ordering: .relaxed))
             s.dirtyInPlace.store(true, ordering: .relaxed)
             let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: length) {

@@ -174,6 +174,43 @@ final class ReplicaJournalTests: XCTestCase {
         XCTAssertEqual(store.status.flushedGeneration, UInt64(blocks), "the checkpoint's, kept in the journal header")
     }
 
+    /// Writes `entries` into the block map behind the store's back: what the map held before an
+    /// in-place write whose data landed and whose entries did not.
+    private func restoreEntries(first: UInt64, _ entries: [BlockMapEntry]) throws {
+        let fd = open(blockMapPath, O_RDWR)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: entries.count * BlockMapEntry.encodedSize)
+        bytes.withUnsafeMutableBytes { raw in
+            for (i, e) in entries.enumerated() { e.encode(into: raw.baseAddress! + i * BlockMapEntry.encodedSize) }
+        }
+        XCTAssertEqual(bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(Int(first) * BlockMapEntry.encodedSize)) },
+                       bytes.count)
+    }
+
+    func testAnInPlaceWriteOrTrimCutBeforeItsMapEntriesIsNotReadAsCorruption() throws {
+        var flushedEntries: [BlockMapEntry] = []
+        do {
+            let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
+            try store.write(offset: 0, data: pattern(blocks: 100, seed: 1), generation: 1, epoch: 0)  // in place (400 KiB)
+            try store.flush(epoch: 0)
+            flushedEntries = try store.state.withShared { try $0.blockMap.read(first: 0, count: 100) }
+            // In flight when the process dies: a large write over blocks 0–79 and a trim of 80–99,
+            // whose data reached the file and whose entries did not.
+            try store.write(offset: 0, data: pattern(blocks: 80, seed: 2), generation: 2, epoch: 0)
+            try store.trim(offset: 80 * UInt64(bs), length: 20 * bs, generation: 3, epoch: 0)
+        }
+        try restoreEntries(first: 0, flushedEntries)
+        let store = try ReplicaStore.open(directory: dir, volumeID: volume)
+        defer { try? store.close() }
+        XCTAssertEqual(try store.verify(firstBlock: 0, count: 100, epoch: 0), [], "no block may read as corrupt")
+        XCTAssert(try store.read(offset: 0, length: 80 * bs, epoch: 0) == pattern(blocks: 80, seed: 2))
+        XCTAssert(try store.read(offset: 80 * UInt64(bs), length: 20 * bs, epoch: 0) == [UInt8](repeating: 0, count: 20 * bs))
+        let generations = try store.generations(firstBlock: 0, count: 100, epoch: 0)
+        XCTAssertEqual(Set(generations[0..<80]), [2], "recorded at the unacknowledged write's generation")
+        XCTAssertEqual(Set(generations[80..<100]), [3])
+    }
+
     func testTheSuperblockSaysJournaledWhileOpenAndPlainAfterAnOrderlyClose() throws {
         let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
         try store.write(offset: 0, data: pattern(blocks: 1, seed: 1), generation: 1, epoch: 0)
