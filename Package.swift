@@ -153,9 +153,12 @@ var targets: [Target] = [
     // over POSIX files: no gRPC, no FUSE.
     .target(
         name: "CairnReplica",
-        dependencies: ["CairnCore", "CairnSecurity", "CCRC32C", .product(name: "Logging", package: "swift-log")],
+        dependencies: ["CairnCore", "CairnSecurity", "CCRC32C", "CDirectIO", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
+    // Two O_DIRECT writes in flight together (Linux native AIO, raw syscalls): a journaled
+    // write's record and its in-place copy cost one device round trip.
+    .target(name: "CDirectIO"),
     // The ReplicaControl gRPC service (proto/cairn.proto) over the replica server, and its
     // callers' client (falling back to the data protocol's ops for a node of the previous release).
     .target(

@@ -17,6 +17,7 @@ import Glibc
 import Musl
 #endif
 import CairnCore
+import CDirectIO
 import Synchronization
 
 /// One replica's journal file. Appends run concurrently (each reserves its own range under a
@@ -260,10 +261,13 @@ final class Journal: Sendable {
     }
 
     /// Appends one write's record: `data` is whole blocks, 4 KiB-aligned in memory, and its
-    /// blocks' checksums are `entries`' crcs. Returns false — nothing written — when the journal
-    /// has no room left (the caller writes in place only and the next flush checkpoints).
+    /// blocks' checksums are `entries`' crcs. With `inPlace`, the same data goes to that file at
+    /// that offset too, both writes in flight together (`cdio_write_pair`). Returns false —
+    /// nothing written — when the journal has no room left (the caller writes in place only and
+    /// the next flush checkpoints).
     func append(layer: UInt64, offset: UInt64, generation: UInt64, flushedGeneration: UInt64,
-                data: UnsafeRawBufferPointer, entries: UnsafeBufferPointer<BlockMapEntry>) throws -> Bool {
+                data: UnsafeRawBufferPointer, entries: UnsafeBufferPointer<BlockMapEntry>,
+                inPlace: (fd: Int32, path: String)? = nil) throws -> Bool {
         let count = entries.count
         guard Self.enabled, count <= Self.maxBlocksPerRecord, data.count == count * Self.blockSize,
               !broken.load(ordering: .relaxed) else { return false }
@@ -295,7 +299,13 @@ final class Journal: Sendable {
         header.storeBytes(of: crc.littleEndian, toByteOffset: crcEnd, as: UInt32.self)
         unsynced.store(true, ordering: .relaxed)
         do {
-            try FileIO.pwritevFully(fd, UnsafeRawBufferPointer(header), data, offset: at, path: path)
+            if let inPlace {
+                let rc = cdio_write_pair(fd, header.baseAddress, header.count, data.baseAddress, data.count, Int64(at),
+                                         inPlace.fd, data.baseAddress, data.count, Int64(offset))
+                if rc != 0 { throw SystemError("write \(inPlace.path) and \(path)", errno: -rc) }
+            } else {
+                try FileIO.pwritevFully(fd, UnsafeRawBufferPointer(header), data, offset: at, path: path)
+            }
         } catch {
             broken.store(true, ordering: .relaxed)
             throw error

@@ -483,19 +483,21 @@ public final class ReplicaStore: Sendable {
                     let block = UnsafeRawBufferPointer(rebasing: source[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
                     entries.initializeElement(at: i, to: BlockMapEntry(generation: generation, crc: CRC32C.checksum(block)))
                 }
-                // Small writes go to the journal as well, so the flush that makes them durable
-                // syncs the journal alone; others (or when it is full) only in place.
-                let journaled = try data.count <= Journal.smallWriteLimit
-                    && (s.journal.append(layer: s.head.id, offset: offset, generation: generation,
-                                             flushedGeneration: s.flushedGeneration.load(ordering: .relaxed),
-                                             data: source, entries: UnsafeBufferPointer(entries)))
-                if !journaled {
-                    _ = try s.journal.appendIntent(layer: s.head.id, offset: offset, blocks: count, generation: generation,
-                                                   flushedGeneration: s.flushedGeneration.load(ordering: .relaxed))
-                    s.dirtyInPlace.store(true, ordering: .relaxed)
-                }
                 try regions.withRange(offset: offset, length: data.count) {
-                    try FileIO.pwriteFully(s.dataFD, source, offset: offset, path: s.dataPath)
+                    // Small writes go to the journal as well — its record and the in-place copy in
+                    // flight together — so the flush that makes them durable syncs the journal
+                    // alone; others (or when it is full) only in place, announced by an intent.
+                    let journaled = try data.count <= Journal.smallWriteLimit
+                        && (s.journal.append(layer: s.head.id, offset: offset, generation: generation,
+                                             flushedGeneration: s.flushedGeneration.load(ordering: .relaxed),
+                                             data: source, entries: UnsafeBufferPointer(entries),
+                                             inPlace: (s.dataFD, s.dataPath)))
+                    if !journaled {
+                        _ = try s.journal.appendIntent(layer: s.head.id, offset: offset, blocks: count, generation: generation,
+                                                       flushedGeneration: s.flushedGeneration.load(ordering: .relaxed))
+                        s.dirtyInPlace.store(true, ordering: .relaxed)
+                        try FileIO.pwriteFully(s.dataFD, source, offset: offset, path: s.dataPath)
+                    }
                     try s.blockMap.write(first: first, UnsafeBufferPointer(entries))
                 }
             }
