@@ -34,6 +34,8 @@ final class Journal: Sendable {
     static let intentMagic: UInt64 = 0x544E_544E_494A_4E43  // "CNJINTNT" little-endian
     /// The most blocks one intent names (64 MiB: the store's largest request).
     static let maxIntentBlocks = 1 << 14
+    /// In an intent's block count: the intent is a trim's.
+    static let trimBit: UInt32 = 1 << 31
     static let blockSize = 4096
     /// Writes up to this long are journaled; longer ones go in place only (the flush then syncs
     /// the data file and the block map as well).
@@ -186,6 +188,8 @@ final class Journal: Sendable {
         /// An intent (no data): the range `offset`, `blocks` blocks, written in place at `generation`.
         var intentBlocks = 0
         var isIntent: Bool { intentBlocks > 0 }
+        /// The intent announces a trim: blocks found zeroed become trimmed entries.
+        var intentIsTrim = false
     }
 
     /// The whole records from the start, in order, up to the first that is not.
@@ -203,7 +207,8 @@ final class Journal: Sendable {
             guard magic == recordMagic || magic == intentMagic,
                   header.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian == seq else { break }
             if magic == intentMagic {
-                let blocks = Int(header.loadUnaligned(fromByteOffset: 48, as: UInt32.self).littleEndian)
+                let word = header.loadUnaligned(fromByteOffset: 48, as: UInt32.self).littleEndian
+                let blocks = Int(word & ~Self.trimBit)
                 let stored = header.loadUnaligned(fromByteOffset: headerFixed, as: UInt32.self).littleEndian
                 guard blocks >= 1, blocks <= maxIntentBlocks,
                       stored == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<headerFixed])) else { break }
@@ -213,7 +218,7 @@ final class Journal: Sendable {
                     offset: header.loadUnaligned(fromByteOffset: 24, as: UInt64.self).littleEndian,
                     generation: header.loadUnaligned(fromByteOffset: 32, as: UInt64.self).littleEndian,
                     flushedGeneration: header.loadUnaligned(fromByteOffset: 40, as: UInt64.self).littleEndian,
-                    crcs: [], dataOffset: 0, intentBlocks: blocks))
+                    crcs: [], dataOffset: 0, intentBlocks: blocks, intentIsTrim: word & Self.trimBit != 0))
                 at += UInt64(blockSize)
                 seq &+= 1
                 continue
@@ -316,7 +321,8 @@ final class Journal: Sendable {
     /// Appends an intent for an in-place write or trim of `blocks` blocks from `offset` at
     /// `generation` (before the data changes). False — nothing written — when the journal is
     /// full, off or broken (the in-place write then goes ahead without one).
-    func appendIntent(layer: UInt64, offset: UInt64, blocks: Int, generation: UInt64, flushedGeneration: UInt64) throws -> Bool {
+    func appendIntent(layer: UInt64, offset: UInt64, blocks: Int, generation: UInt64, flushedGeneration: UInt64,
+                      trim: Bool = false) throws -> Bool {
         guard Self.enabled, blocks >= 1, blocks <= Self.maxIntentBlocks, !broken.load(ordering: .relaxed) else { return false }
         let size = UInt64(Self.blockSize)
         let reserved: (UInt64, UInt64)? = cursor.withLock { c in
@@ -337,7 +343,7 @@ final class Journal: Sendable {
         header.storeBytes(of: offset.littleEndian, toByteOffset: 24, as: UInt64.self)
         header.storeBytes(of: generation.littleEndian, toByteOffset: 32, as: UInt64.self)
         header.storeBytes(of: flushedGeneration.littleEndian, toByteOffset: 40, as: UInt64.self)
-        header.storeBytes(of: UInt32(blocks).littleEndian, toByteOffset: 48, as: UInt32.self)
+        header.storeBytes(of: (UInt32(blocks) | (trim ? Self.trimBit : 0)).littleEndian, toByteOffset: 48, as: UInt32.self)
         let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<Self.headerFixed]))
         header.storeBytes(of: crc.littleEndian, toByteOffset: Self.headerFixed, as: UInt32.self)
         unsynced.store(true, ordering: .relaxed)

@@ -396,7 +396,10 @@ public final class ReplicaStore: Sendable {
                 let e = entries[i]
                 if e.isPresent && !e.isTrimmed && crc == e.crc { continue }        // the old version, whole
                 if (!e.isPresent || e.isTrimmed) && crc == zeroBlockCRC { continue } // still reads as zeros
-                try blockMap.write(first: at + UInt64(i), [BlockMapEntry(generation: record.generation, crc: crc)])
+                let found = record.intentIsTrim && crc == zeroBlockCRC
+                    ? BlockMapEntry(generation: record.generation, crc: crc, flags: BlockMapEntry.trimmedFlag)
+                    : BlockMapEntry(generation: record.generation, crc: crc)
+                try blockMap.write(first: at + UInt64(i), [found])
                 applied += 1
             }
             at += UInt64(count)
@@ -776,7 +779,7 @@ public final class ReplicaStore: Sendable {
             }
             if generation > 0 {
                 _ = try s.journal.appendIntent(layer: s.head.id, offset: offset, blocks: count, generation: generation,
-                                               flushedGeneration: s.flushedGeneration.load(ordering: .relaxed))
+                                               flushedGeneration: s.flushedGeneration.load(ordering: .relaxed), trim: true)
             }
             s.dirtyInPlace.store(true, ordering: .relaxed)
             try regions.withRange(offset: offset, length: length) {
@@ -812,7 +815,7 @@ public final class ReplicaStore: Sendable {
             activity.note(offset: offset, length: length, generation: generation)
             let trimmed = BlockMapEntry(generation: generation, crc: Self.zeroBlockCRC, flags: BlockMapEntry.trimmedFlag)
             _ = try s.journal.appendIntent(layer: s.head.id, offset: offset, blocks: count, generation: generation,
-                                           flushedGeneration: s.flushedGeneration.load(ordering: .relaxed))
+                                           flushedGeneration: s.flushedGeneration.load(ordering: .relaxed), trim: true)
             s.dirtyInPlace.store(true, ordering: .relaxed)
             let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: length) {
