@@ -41,8 +41,8 @@ final class Journal: Sendable {
     /// the data file and the block map as well).
     static let smallWriteLimit = 256 << 10
     /// Header fields before the per-block checksums: magic, seq, layer, offset, generation,
-    /// flushed generation, block count.
-    static let headerFixed = 8 + 8 + 8 + 8 + 8 + 8 + 4
+    /// flushed generation, block count, the cycle's nonce.
+    static let headerFixed = 8 + 8 + 8 + 8 + 8 + 8 + 4 + 8
     static let maxBlocksPerRecord = (blockSize - headerFixed - 4) / 4
     /// `CAIRN_REPLICA_JOURNAL=off` writes everything in place only (flushes then sync the data
     /// file and the block map, as before the journal): an escape hatch, and the comparison
@@ -65,6 +65,9 @@ final class Journal: Sendable {
         var seq: UInt64
         /// The sequence number the header says replay starts with.
         var startSeq: UInt64
+        /// Random per cycle, in the header and every record: replay skipping a hole accepts
+        /// only this cycle's records, never a copy of a record inside someone's data.
+        var nonce: UInt64
     }
     let cursor: Mutex<Cursor>
     /// Records were reserved since the last sync (set at reservation: a flush first drains the
@@ -75,11 +78,11 @@ final class Journal: Sendable {
     /// everything in place) and starts the journal over.
     let broken = Atomic<Bool>(false)
 
-    private init(fd: Int32, path: String, capacity: UInt64, startSeq: UInt64, next: UInt64, seq: UInt64) {
+    private init(fd: Int32, path: String, capacity: UInt64, startSeq: UInt64, next: UInt64, seq: UInt64, nonce: UInt64) {
         self.fd = fd
         self.path = path
         self.capacity = capacity
-        self.cursor = Mutex(Cursor(next: next, seq: seq, startSeq: startSeq))
+        self.cursor = Mutex(Cursor(next: next, seq: seq, startSeq: startSeq, nonce: nonce))
     }
 
     deinit { _ = Glibc.close(fd) }
@@ -100,14 +103,14 @@ final class Journal: Sendable {
         if fd >= 0 {
             var st = stat()
             if fstat(fd, &st) == 0, st.st_size >= Int(2 * blockSize),
-               let (startSeq, flushed) = try? readHeader(fd: fd, path: path) {
+               let (startSeq, flushed, nonce) = try? readHeader(fd: fd, path: path) {
                 let size = UInt64(st.st_size)
-                let records = replay ? try scan(fd: fd, path: path, size: size, startSeq: startSeq) : []
+                let records = replay ? try scan(fd: fd, path: path, size: size, startSeq: startSeq, nonce: nonce) : []
                 let lastSeq = records.last?.seq ?? (startSeq &- 1)
                 // The next cycle's numbers start past anything this one may hold (a record
                 // after the replayed prefix may be whole), so none is taken for the new cycle's.
                 let journal = Journal(fd: fd, path: path, capacity: size, startSeq: startSeq,
-                                      next: UInt64(blockSize), seq: lastSeq &+ 1 &+ size / UInt64(blockSize))
+                                      next: UInt64(blockSize), seq: lastSeq &+ 1 &+ size / UInt64(blockSize), nonce: nonce)
                 return (journal, records, flushed)
             }
             _ = Glibc.close(fd)
@@ -133,9 +136,10 @@ final class Journal: Sendable {
                     throw SystemError("fallocate \(tmp) to \(capacity) bytes", errno: rc == 0 ? errno : rc)
                 }
             }
+            let nonce = UInt64.random(in: 1...UInt64.max)
             let journal = Journal(fd: fd, path: path, capacity: capacity, startSeq: startSeq,
-                                  next: UInt64(blockSize), seq: startSeq)
-            try journal.writeHeader(startSeq: startSeq, flushed: flushed)
+                                  next: UInt64(blockSize), seq: startSeq, nonce: nonce)
+            try journal.writeHeader(startSeq: startSeq, flushed: flushed, nonce: nonce)
             guard fsync(fd) == 0 else { throw SystemError("fsync \(tmp)", errno: errno) }
             guard rename(tmp, path) == 0 else { throw SystemError("rename \(tmp)", errno: errno) }
             try FileIO.fsyncDirectory(directory)
@@ -147,28 +151,31 @@ final class Journal: Sendable {
         }
     }
 
-    /// The header: magic | first record's sequence number u64 | flushed generation u64 | crc32c.
-    private static func readHeader(fd: Int32, path: String) throws -> (UInt64, UInt64)? {
+    /// The header: magic | first record's sequence number u64 | flushed generation u64 | nonce
+    /// u64 | crc32c.
+    private static func readHeader(fd: Int32, path: String) throws -> (UInt64, UInt64, UInt64)? {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: blockSize, alignment: blockSize)
         defer { buffer.deallocate() }
         guard try FileIO.preadFully(fd, buffer, offset: 0, path: path) == blockSize else { return nil }
         guard buffer.prefix(8).elementsEqual(magic) else { return nil }
         let startSeq = buffer.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
         let flushed = buffer.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian
-        let stored = buffer.loadUnaligned(fromByteOffset: 24, as: UInt32.self).littleEndian
-        guard stored == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: buffer[0..<24])) else { return nil }
-        return (startSeq, flushed)
+        let nonce = buffer.loadUnaligned(fromByteOffset: 24, as: UInt64.self).littleEndian
+        let stored = buffer.loadUnaligned(fromByteOffset: 32, as: UInt32.self).littleEndian
+        guard stored == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: buffer[0..<32])) else { return nil }
+        return (startSeq, flushed, nonce)
     }
 
-    private func writeHeader(startSeq: UInt64, flushed: UInt64) throws {
+    private func writeHeader(startSeq: UInt64, flushed: UInt64, nonce: UInt64) throws {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.blockSize, alignment: Self.blockSize)
         defer { buffer.deallocate() }
         buffer.initializeMemory(as: UInt8.self, repeating: 0)
         buffer.copyBytes(from: Self.magic)
         buffer.storeBytes(of: startSeq.littleEndian, toByteOffset: 8, as: UInt64.self)
         buffer.storeBytes(of: flushed.littleEndian, toByteOffset: 16, as: UInt64.self)
-        let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: buffer[0..<24]))
-        buffer.storeBytes(of: crc.littleEndian, toByteOffset: 24, as: UInt32.self)
+        buffer.storeBytes(of: nonce.littleEndian, toByteOffset: 24, as: UInt64.self)
+        let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: buffer[0..<32]))
+        buffer.storeBytes(of: crc.littleEndian, toByteOffset: 32, as: UInt32.self)
         try FileIO.pwriteFully(fd, UnsafeRawBufferPointer(buffer), offset: 0, path: path)
     }
 
@@ -192,69 +199,93 @@ final class Journal: Sendable {
         var intentIsTrim = false
     }
 
-    /// The whole records from the start, in order, up to the first that is not.
-    private static func scan(fd: Int32, path: String, size: UInt64, startSeq: UInt64) throws -> [Record] {
+    /// The whole records of this cycle, in order. A hole — a range reserved by a write the
+    /// process did not get to issue before it died — is skipped by looking for the next of this
+    /// cycle's records (its nonce, a higher sequence number, a valid checksum) at each 4 KiB
+    /// boundary after it. No flush covered anything from the first hole on (a flush drains
+    /// every append before it syncs), so those records are unacknowledged-or-unflushed writes:
+    /// applying them is allowed, and it keeps a block whose in-place copy landed consistent
+    /// with its block-map entry.
+    private static func scan(fd: Int32, path: String, size: UInt64, startSeq: UInt64, nonce: UInt64) throws -> [Record] {
         var records: [Record] = []
         let header = UnsafeMutableRawBufferPointer.allocate(byteCount: blockSize, alignment: blockSize)
         defer { header.deallocate() }
         var data = UnsafeMutableRawBufferPointer.allocate(byteCount: smallWriteLimit, alignment: blockSize)
         defer { data.deallocate() }
-        var at = UInt64(blockSize)
-        var seq = startSeq
-        while at + UInt64(blockSize) <= size {
-            guard try FileIO.preadFully(fd, header, offset: at, path: path) == blockSize else { break }
+        let maxGap = size / UInt64(blockSize)
+
+        /// The record at `at` if it is whole and its sequence number is acceptable; its size.
+        func parse(at: UInt64, accept: (UInt64) -> Bool) throws -> (Record, UInt64)? {
+            guard at + UInt64(blockSize) <= size,
+                  try FileIO.preadFully(fd, header, offset: at, path: path) == blockSize else { return nil }
             let magic = header.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
-            guard magic == recordMagic || magic == intentMagic,
-                  header.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian == seq else { break }
-            if magic == intentMagic {
-                let word = header.loadUnaligned(fromByteOffset: 48, as: UInt32.self).littleEndian
-                let blocks = Int(word & ~Self.trimBit)
-                let stored = header.loadUnaligned(fromByteOffset: headerFixed, as: UInt32.self).littleEndian
-                guard blocks >= 1, blocks <= maxIntentBlocks,
-                      stored == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<headerFixed])) else { break }
-                records.append(Record(
-                    seq: seq,
-                    layer: header.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian,
-                    offset: header.loadUnaligned(fromByteOffset: 24, as: UInt64.self).littleEndian,
-                    generation: header.loadUnaligned(fromByteOffset: 32, as: UInt64.self).littleEndian,
-                    flushedGeneration: header.loadUnaligned(fromByteOffset: 40, as: UInt64.self).littleEndian,
-                    crcs: [], dataOffset: 0, intentBlocks: blocks, intentIsTrim: word & Self.trimBit != 0))
-                at += UInt64(blockSize)
-                seq &+= 1
-                continue
-            }
-            let count = Int(header.loadUnaligned(fromByteOffset: 48, as: UInt32.self).littleEndian)
-            guard count >= 1, count <= maxBlocksPerRecord else { break }
-            let crcEnd = headerFixed + 4 * count
-            let stored = header.loadUnaligned(fromByteOffset: crcEnd, as: UInt32.self).littleEndian
-            guard stored == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<crcEnd])) else { break }
-            let length = count * blockSize
-            guard at + UInt64(blockSize) + UInt64(length) <= size else { break }
-            if length > data.count {
-                data.deallocate()
-                data = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: blockSize)
-            }
-            let body = UnsafeMutableRawBufferPointer(rebasing: data[0..<length])
-            guard try FileIO.preadFully(fd, body, offset: at + UInt64(blockSize), path: path) == length else { break }
-            var crcs: [UInt32] = []
-            crcs.reserveCapacity(count)
-            var whole = true
-            for i in 0..<count {
-                let crc = header.loadUnaligned(fromByteOffset: headerFixed + 4 * i, as: UInt32.self).littleEndian
-                let block = UnsafeRawBufferPointer(rebasing: body[(i * blockSize)..<((i + 1) * blockSize)])
-                if CRC32C.checksum(block) != crc { whole = false; break }
-                crcs.append(crc)
-            }
-            guard whole else { break }
-            records.append(Record(
+            let seq = header.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
+            guard magic == recordMagic || magic == intentMagic, accept(seq),
+                  header.loadUnaligned(fromByteOffset: 52, as: UInt64.self).littleEndian == nonce else { return nil }
+            let word = header.loadUnaligned(fromByteOffset: 48, as: UInt32.self).littleEndian
+            var record = Record(
                 seq: seq,
                 layer: header.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian,
                 offset: header.loadUnaligned(fromByteOffset: 24, as: UInt64.self).littleEndian,
                 generation: header.loadUnaligned(fromByteOffset: 32, as: UInt64.self).littleEndian,
                 flushedGeneration: header.loadUnaligned(fromByteOffset: 40, as: UInt64.self).littleEndian,
-                crcs: crcs, dataOffset: at + UInt64(blockSize)))
-            at += UInt64(blockSize + length)
-            seq &+= 1
+                crcs: [], dataOffset: 0)
+            if magic == intentMagic {
+                let blocks = Int(word & ~Self.trimBit)
+                let stored = header.loadUnaligned(fromByteOffset: headerFixed, as: UInt32.self).littleEndian
+                guard blocks >= 1, blocks <= maxIntentBlocks,
+                      stored == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<headerFixed])) else { return nil }
+                record.intentBlocks = blocks
+                record.intentIsTrim = word & Self.trimBit != 0
+                return (record, UInt64(blockSize))
+            }
+            let count = Int(word)
+            guard count >= 1, count <= maxBlocksPerRecord else { return nil }
+            let crcEnd = headerFixed + 4 * count
+            let stored = header.loadUnaligned(fromByteOffset: crcEnd, as: UInt32.self).littleEndian
+            guard stored == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<crcEnd])) else { return nil }
+            let length = count * blockSize
+            guard at + UInt64(blockSize) + UInt64(length) <= size else { return nil }
+            if length > data.count {
+                data.deallocate()
+                data = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: blockSize)
+            }
+            let body = UnsafeMutableRawBufferPointer(rebasing: data[0..<length])
+            guard try FileIO.preadFully(fd, body, offset: at + UInt64(blockSize), path: path) == length else { return nil }
+            record.crcs.reserveCapacity(count)
+            for i in 0..<count {
+                let crc = header.loadUnaligned(fromByteOffset: headerFixed + 4 * i, as: UInt32.self).littleEndian
+                let block = UnsafeRawBufferPointer(rebasing: body[(i * blockSize)..<((i + 1) * blockSize)])
+                guard CRC32C.checksum(block) == crc else { return nil }
+                record.crcs.append(crc)
+            }
+            record.dataOffset = at + UInt64(blockSize)
+            return (record, UInt64(blockSize + length))
+        }
+
+        var at = UInt64(blockSize)
+        var expected = startSeq
+        while at + UInt64(blockSize) <= size {
+            if let (record, length) = try parse(at: at, accept: { $0 == expected }) {
+                records.append(record)
+                at += length
+                expected = record.seq &+ 1
+                continue
+            }
+            // A hole: the next of this cycle's records after it, if any.
+            var probe = at + UInt64(blockSize)
+            var found: (Record, UInt64, UInt64)?
+            while probe + UInt64(blockSize) <= size {
+                if let (record, length) = try parse(at: probe, accept: { $0 > expected && $0 - expected <= maxGap }) {
+                    found = (record, length, probe)
+                    break
+                }
+                probe += UInt64(blockSize)
+            }
+            guard let (record, length, where_) = found else { break }
+            records.append(record)
+            at = where_ + length
+            expected = record.seq &+ 1
         }
         return records
     }
@@ -277,15 +308,15 @@ final class Journal: Sendable {
         guard Self.enabled, count <= Self.maxBlocksPerRecord, data.count == count * Self.blockSize,
               !broken.load(ordering: .relaxed) else { return false }
         let size = UInt64(Self.blockSize + data.count)
-        let reserved: (UInt64, UInt64)? = cursor.withLock { c in
+        let reserved: (UInt64, UInt64, UInt64)? = cursor.withLock { c in
             guard c.next + size <= capacity else { return nil }
             defer {
                 c.next += size
                 c.seq &+= 1
             }
-            return (c.next, c.seq)
+            return (c.next, c.seq, c.nonce)
         }
-        guard let (at, seq) = reserved else { return false }
+        guard let (at, seq, nonce) = reserved else { return false }
         let header = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.blockSize, alignment: Self.blockSize)
         defer { header.deallocate() }
         header.initializeMemory(as: UInt8.self, repeating: 0)
@@ -296,6 +327,7 @@ final class Journal: Sendable {
         header.storeBytes(of: generation.littleEndian, toByteOffset: 32, as: UInt64.self)
         header.storeBytes(of: flushedGeneration.littleEndian, toByteOffset: 40, as: UInt64.self)
         header.storeBytes(of: UInt32(count).littleEndian, toByteOffset: 48, as: UInt32.self)
+        header.storeBytes(of: nonce.littleEndian, toByteOffset: 52, as: UInt64.self)
         for (i, e) in entries.enumerated() {
             header.storeBytes(of: e.crc.littleEndian, toByteOffset: Self.headerFixed + 4 * i, as: UInt32.self)
         }
@@ -325,15 +357,15 @@ final class Journal: Sendable {
                       trim: Bool = false) throws -> Bool {
         guard Self.enabled, blocks >= 1, blocks <= Self.maxIntentBlocks, !broken.load(ordering: .relaxed) else { return false }
         let size = UInt64(Self.blockSize)
-        let reserved: (UInt64, UInt64)? = cursor.withLock { c in
+        let reserved: (UInt64, UInt64, UInt64)? = cursor.withLock { c in
             guard c.next + size <= capacity else { return nil }
             defer {
                 c.next += size
                 c.seq &+= 1
             }
-            return (c.next, c.seq)
+            return (c.next, c.seq, c.nonce)
         }
-        guard let (at, seq) = reserved else { return false }
+        guard let (at, seq, nonce) = reserved else { return false }
         let header = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.blockSize, alignment: Self.blockSize)
         defer { header.deallocate() }
         header.initializeMemory(as: UInt8.self, repeating: 0)
@@ -344,6 +376,7 @@ final class Journal: Sendable {
         header.storeBytes(of: generation.littleEndian, toByteOffset: 32, as: UInt64.self)
         header.storeBytes(of: flushedGeneration.littleEndian, toByteOffset: 40, as: UInt64.self)
         header.storeBytes(of: (UInt32(blocks) | (trim ? Self.trimBit : 0)).littleEndian, toByteOffset: 48, as: UInt32.self)
+        header.storeBytes(of: nonce.littleEndian, toByteOffset: 52, as: UInt64.self)
         let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<Self.headerFixed]))
         header.storeBytes(of: crc.littleEndian, toByteOffset: Self.headerFixed, as: UInt32.self)
         unsynced.store(true, ordering: .relaxed)
@@ -375,9 +408,10 @@ final class Journal: Sendable {
     func reset(flushed: UInt64) throws {
         try cursor.withLock { c in
             let start = c.seq
-            try writeHeader(startSeq: start, flushed: flushed)
+            let nonce = UInt64.random(in: 1...UInt64.max)
+            try writeHeader(startSeq: start, flushed: flushed, nonce: nonce)
             guard fdatasync(fd) == 0 else { throw SystemError("fdatasync \(path)", errno: errno) }
-            c = Cursor(next: UInt64(Self.blockSize), seq: start, startSeq: start)
+            c = Cursor(next: UInt64(Self.blockSize), seq: start, startSeq: start, nonce: nonce)
             unsynced.store(false, ordering: .relaxed)
             broken.store(false, ordering: .relaxed)
         }
