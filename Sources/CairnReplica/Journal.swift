@@ -49,9 +49,9 @@ final class Journal: Sendable {
     /// `cairn replica latency` measures.
     static let enabled: Bool = getenv("CAIRN_REPLICA_JOURNAL").map { String(cString: $0) != "off" } ?? true
 
-    /// The journal's size for a replica of `volumeSize` bytes: an eighth of it, 4–64 MiB.
+    /// The journal's size for a replica of `volumeSize` bytes: an eighth of it, 1–64 MiB (a small volume need not pay a large one).
     static func capacity(forVolumeSize volumeSize: UInt64) -> UInt64 {
-        min(64 << 20, max(4 << 20, (volumeSize / 8) & ~UInt64(blockSize - 1)))
+        min(64 << 20, max(1 << 20, (volumeSize / 8) & ~UInt64(blockSize - 1)))
     }
 
     let fd: Int32

@@ -152,7 +152,7 @@ final class ReplicaJournalTests: XCTestCase {
     }
 
     func testAFullJournalFallsBackToInPlaceWritesAndTheNextFlushCheckpoints() throws {
-        // A 16 MiB volume has a 4 MiB journal: 511 records of one block; write 700.
+        // A 16 MiB volume has a 2 MiB journal: 255 records of one block; write 700.
         let blocks = 700
         do {
             let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
