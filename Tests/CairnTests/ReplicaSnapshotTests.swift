@@ -261,13 +261,16 @@ final class ReplicaSnapshotTests: XCTestCase {
         }
         Thread.sleep(forTimeInterval: 0.05)
         let started = Date()
+        let before = log.lock.withLock { log.written.count }
         try store.deleteSnapshot(id: "s", epoch: 1)
+        let during = log.lock.withLock { log.written.count } - before
         let mergeSeconds = Date().timeIntervalSince(started)
         log.lock.withLock { log.stop = true }
         while !log.lock.withLock({ log.done }) { Thread.sleep(forTimeInterval: 0.01) }
         let last = log.lock.withLock { log.written }
         XCTAssertNil(log.lock.withLock { log.failure })
-        XCTAssertGreaterThan(last.count, 100, "the writer ran during the merge")
+        // However slow the machine, writes landed while the merge ran (a count, not a rate).
+        XCTAssertGreaterThan(during, 0, "the writer ran during the merge")
         print(String(format: "snapshot merge of 32 MiB with a racing writer: %.2f s; the writer rewrote %d blocks (from 50 ms before the merge to its end)", mergeSeconds, last.count))
         XCTAssertEqual(try store.snapshots(), [])
         for b in 0..<blocks {
