@@ -296,56 +296,31 @@ final class Journal: Sendable {
         guard n == buffer.count else { throw ReplicaError.badRequest("journal record \(record.seq) is short") }
     }
 
-    /// Appends one write's record: `data` is whole blocks, 4 KiB-aligned in memory, and its
-    /// blocks' checksums are `entries`' crcs. With `inPlace`, the same data goes to that file at
-    /// that offset too, both writes in flight together (`cdio_write_pair`). Returns false —
-    /// nothing written — when the journal has no room left (the caller writes in place only and
+    /// Appends one write's record — `data` is whole blocks, 4 KiB-aligned in memory, and its
+    /// blocks' checksums are `entries`' crcs — and writes the same data in place (`inPlace` at
+    /// `offset`), both in flight together (`cdio_write_pair`). Returns false — nothing written —
+    /// when the journal is off, broken or has no room left (the caller writes in place only and
     /// the next flush checkpoints).
     func append(layer: UInt64, offset: UInt64, generation: UInt64, flushedGeneration: UInt64,
                 data: UnsafeRawBufferPointer, entries: UnsafeBufferPointer<BlockMapEntry>,
-                inPlace: (fd: Int32, path: String)? = nil) throws -> Bool {
+                inPlace: (fd: Int32, path: String)) throws -> Bool {
         let count = entries.count
-        guard Self.enabled, count <= Self.maxBlocksPerRecord, data.count == count * Self.blockSize,
-              !broken.load(ordering: .relaxed) else { return false }
-        let size = UInt64(Self.blockSize + data.count)
-        let reserved: (UInt64, UInt64, UInt64)? = cursor.withLock { c in
-            guard c.next + size <= capacity else { return nil }
-            defer {
-                c.next += size
-                c.seq &+= 1
-            }
-            return (c.next, c.seq, c.nonce)
-        }
-        guard let (at, seq, nonce) = reserved else { return false }
-        let header = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.blockSize, alignment: Self.blockSize)
+        guard count <= Self.maxBlocksPerRecord, data.count == count * Self.blockSize,
+              let (at, header) = reserve(size: UInt64(Self.blockSize + data.count), magic: Self.recordMagic, layer: layer,
+                                         offset: offset, generation: generation, flushedGeneration: flushedGeneration,
+                                         word: UInt32(count))
+        else { return false }
         defer { header.deallocate() }
-        header.initializeMemory(as: UInt8.self, repeating: 0)
-        header.storeBytes(of: Self.recordMagic.littleEndian, toByteOffset: 0, as: UInt64.self)
-        header.storeBytes(of: seq.littleEndian, toByteOffset: 8, as: UInt64.self)
-        header.storeBytes(of: layer.littleEndian, toByteOffset: 16, as: UInt64.self)
-        header.storeBytes(of: offset.littleEndian, toByteOffset: 24, as: UInt64.self)
-        header.storeBytes(of: generation.littleEndian, toByteOffset: 32, as: UInt64.self)
-        header.storeBytes(of: flushedGeneration.littleEndian, toByteOffset: 40, as: UInt64.self)
-        header.storeBytes(of: UInt32(count).littleEndian, toByteOffset: 48, as: UInt32.self)
-        header.storeBytes(of: nonce.littleEndian, toByteOffset: 52, as: UInt64.self)
         for (i, e) in entries.enumerated() {
             header.storeBytes(of: e.crc.littleEndian, toByteOffset: Self.headerFixed + 4 * i, as: UInt32.self)
         }
         let crcEnd = Self.headerFixed + 4 * count
         let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<crcEnd]))
         header.storeBytes(of: crc.littleEndian, toByteOffset: crcEnd, as: UInt32.self)
-        unsynced.store(true, ordering: .relaxed)
-        do {
-            if let inPlace {
-                let rc = cdio_write_pair(fd, header.baseAddress, header.count, data.baseAddress, data.count, Int64(at),
-                                         inPlace.fd, data.baseAddress, data.count, Int64(offset))
-                if rc != 0 { throw SystemError("write \(inPlace.path) and \(path)", errno: -rc) }
-            } else {
-                try FileIO.pwritevFully(fd, UnsafeRawBufferPointer(header), data, offset: at, path: path)
-            }
-        } catch {
-            broken.store(true, ordering: .relaxed)
-            throw error
+        try writing {
+            let rc = cdio_write_pair(fd, header.baseAddress, header.count, data.baseAddress, data.count, Int64(at),
+                                     inPlace.fd, data.baseAddress, data.count, Int64(offset))
+            if rc != 0 { throw SystemError("write \(inPlace.path) and \(path)", errno: -rc) }
         }
         return true
     }
@@ -355,8 +330,25 @@ final class Journal: Sendable {
     /// full, off or broken (the in-place write then goes ahead without one).
     func appendIntent(layer: UInt64, offset: UInt64, blocks: Int, generation: UInt64, flushedGeneration: UInt64,
                       trim: Bool = false) throws -> Bool {
-        guard Self.enabled, blocks >= 1, blocks <= Self.maxIntentBlocks, !broken.load(ordering: .relaxed) else { return false }
-        let size = UInt64(Self.blockSize)
+        guard blocks >= 1, blocks <= Self.maxIntentBlocks,
+              let (at, header) = reserve(size: UInt64(Self.blockSize), magic: Self.intentMagic, layer: layer, offset: offset,
+                                         generation: generation, flushedGeneration: flushedGeneration,
+                                         word: UInt32(blocks) | (trim ? Self.trimBit : 0))
+        else { return false }
+        defer { header.deallocate() }
+        let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<Self.headerFixed]))
+        header.storeBytes(of: crc.littleEndian, toByteOffset: Self.headerFixed, as: UInt32.self)
+        try writing { try FileIO.pwriteFully(fd, UnsafeRawBufferPointer(header), offset: at, path: path) }
+        return true
+    }
+
+    /// Reserves `size` bytes of the journal for the next record (nil when the journal is off,
+    /// broken or full) and returns where, with a 4 KiB header holding the fixed fields (the
+    /// caller adds its checksums and deallocates it). Marks the journal as holding unsynced
+    /// records: a flush drains every append before it syncs.
+    private func reserve(size: UInt64, magic: UInt64, layer: UInt64, offset: UInt64, generation: UInt64,
+                         flushedGeneration: UInt64, word: UInt32) -> (UInt64, UnsafeMutableRawBufferPointer)? {
+        guard Self.enabled, !broken.load(ordering: .relaxed) else { return nil }
         let reserved: (UInt64, UInt64, UInt64)? = cursor.withLock { c in
             guard c.next + size <= capacity else { return nil }
             defer {
@@ -365,28 +357,28 @@ final class Journal: Sendable {
             }
             return (c.next, c.seq, c.nonce)
         }
-        guard let (at, seq, nonce) = reserved else { return false }
+        guard let (at, seq, nonce) = reserved else { return nil }
         let header = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.blockSize, alignment: Self.blockSize)
-        defer { header.deallocate() }
         header.initializeMemory(as: UInt8.self, repeating: 0)
-        header.storeBytes(of: Self.intentMagic.littleEndian, toByteOffset: 0, as: UInt64.self)
+        header.storeBytes(of: magic.littleEndian, toByteOffset: 0, as: UInt64.self)
         header.storeBytes(of: seq.littleEndian, toByteOffset: 8, as: UInt64.self)
         header.storeBytes(of: layer.littleEndian, toByteOffset: 16, as: UInt64.self)
         header.storeBytes(of: offset.littleEndian, toByteOffset: 24, as: UInt64.self)
         header.storeBytes(of: generation.littleEndian, toByteOffset: 32, as: UInt64.self)
         header.storeBytes(of: flushedGeneration.littleEndian, toByteOffset: 40, as: UInt64.self)
-        header.storeBytes(of: (UInt32(blocks) | (trim ? Self.trimBit : 0)).littleEndian, toByteOffset: 48, as: UInt32.self)
+        header.storeBytes(of: word.littleEndian, toByteOffset: 48, as: UInt32.self)
         header.storeBytes(of: nonce.littleEndian, toByteOffset: 52, as: UInt64.self)
-        let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<Self.headerFixed]))
-        header.storeBytes(of: crc.littleEndian, toByteOffset: Self.headerFixed, as: UInt32.self)
         unsynced.store(true, ordering: .relaxed)
-        do {
-            try FileIO.pwriteFully(fd, UnsafeRawBufferPointer(header), offset: at, path: path)
-        } catch {
+        return (at, header)
+    }
+
+    /// Runs a reserved record's write; a failure leaves a hole in the sequence, so the journal
+    /// takes no more records until the next checkpoint.
+    private func writing(_ body: () throws -> Void) throws {
+        do { try body() } catch {
             broken.store(true, ordering: .relaxed)
             throw error
         }
-        return true
     }
 
     /// Makes every record appended so far durable: the flush's one fdatasync (none when nothing

@@ -496,8 +496,7 @@ public final class ReplicaStore: Sendable {
                                              data: source, entries: UnsafeBufferPointer(entries),
                                              inPlace: (s.dataFD, s.dataPath)))
                     if !journaled {
-                        _ = try s.journal.appendIntent(layer: s.head.id, offset: offset, blocks: count, generation: generation,
-                                                       flushedGeneration: s.flushedGeneration.load(ordering: .relaxed))
+                        try Self.announce(s, offset: offset, blocks: count, generation: generation)
                         s.dirtyInPlace.store(true, ordering: .relaxed)
                         try FileIO.pwriteFully(s.dataFD, source, offset: offset, path: s.dataPath)
                     }
@@ -548,8 +547,7 @@ public final class ReplicaStore: Sendable {
             activity.note(offset: offset, length: data.count, generation: generation)
             let source = Self.alignedSource(data)
             // Resync and repair copies go in place only; the flush after them syncs the files.
-            _ = try s.journal.appendIntent(layer: s.head.id, offset: offset, blocks: count, generation: generation,
-                                           flushedGeneration: s.flushedGeneration.load(ordering: .relaxed))
+            try Self.announce(s, offset: offset, blocks: count, generation: generation)
             s.dirtyInPlace.store(true, ordering: .relaxed)
             let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: data.count) {
@@ -778,8 +776,7 @@ public final class ReplicaStore: Sendable {
                 throw ReplicaError.badRequest("a trim over a snapshot needs a generation above 0")
             }
             if generation > 0 {
-                _ = try s.journal.appendIntent(layer: s.head.id, offset: offset, blocks: count, generation: generation,
-                                               flushedGeneration: s.flushedGeneration.load(ordering: .relaxed), trim: true)
+                try Self.announce(s, offset: offset, blocks: count, generation: generation, trim: true)
             }
             s.dirtyInPlace.store(true, ordering: .relaxed)
             try regions.withRange(offset: offset, length: length) {
@@ -814,8 +811,7 @@ public final class ReplicaStore: Sendable {
             }
             activity.note(offset: offset, length: length, generation: generation)
             let trimmed = BlockMapEntry(generation: generation, crc: Self.zeroBlockCRC, flags: BlockMapEntry.trimmedFlag)
-            _ = try s.journal.appendIntent(layer: s.head.id, offset: offset, blocks: count, generation: generation,
-                                           flushedGeneration: s.flushedGeneration.load(ordering: .relaxed), trim: true)
+            try Self.announce(s, offset: offset, blocks: count, generation: generation, trim: true)
             s.dirtyInPlace.store(true, ordering: .relaxed)
             let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: length) {
@@ -951,6 +947,13 @@ public final class ReplicaStore: Sendable {
         let scratch = AlignedScratch.buffer(data.count)
         scratch.copyMemory(from: data)
         return UnsafeRawBufferPointer(scratch)
+    }
+
+    /// An intent in the journal before an in-place write or trim of the head (Journal.swift):
+    /// a process killed between its data and its entries then leaves an unacknowledged version.
+    static func announce(_ s: State, offset: UInt64, blocks: Int, generation: UInt64, trim: Bool = false) throws {
+        _ = try s.journal.appendIntent(layer: s.head.id, offset: offset, blocks: blocks, generation: generation,
+                                       flushedGeneration: s.flushedGeneration.load(ordering: .relaxed), trim: trim)
     }
 
     static func checkOpenLocked(_ s: State) throws {

@@ -201,28 +201,6 @@ enum FileIO {
         }
     }
 
-    /// Writes `first` then `second` contiguously at `offset` (one pwritev; a short write goes on
-    /// from where it stopped with plain pwrites).
-    static func pwritevFully(_ fd: Int32, _ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer,
-                             offset: UInt64, path: String) throws {
-        var iov = (iovec(iov_base: UnsafeMutableRawPointer(mutating: first.baseAddress), iov_len: first.count),
-                   iovec(iov_base: UnsafeMutableRawPointer(mutating: second.baseAddress), iov_len: second.count))
-        var n = -1
-        while n < 0 {
-            n = withUnsafeMutableBytes(of: &iov) { raw in
-                pwritev(fd, raw.baseAddress!.assumingMemoryBound(to: iovec.self), 2, off_t(offset))
-            }
-            if n < 0 && errno != EINTR { throw SystemError("pwritev \(path)", errno: errno) }
-        }
-        if n < first.count {
-            try pwriteFully(fd, UnsafeRawBufferPointer(rebasing: first[n...]), offset: offset + UInt64(n), path: path)
-            try pwriteFully(fd, second, offset: offset + UInt64(first.count), path: path)
-        } else if n < first.count + second.count {
-            let done = n - first.count
-            try pwriteFully(fd, UnsafeRawBufferPointer(rebasing: second[done...]), offset: offset + UInt64(n), path: path)
-        }
-    }
-
     /// Constants and calls Swift's Glibc module does not import (they sit behind _GNU_SOURCE),
     /// spelled out here rather than in a C target: the values are Linux ABI.
     #if arch(x86_64) || arch(i386)

@@ -1,5 +1,5 @@
 // What the kernel under this process offers that Cairn's data path uses or could use, read once
-// at start-up and logged in one line, with a warning for what a role needs and is missing — so a
+// at start-up and logged in one line (I/O throttling is reported by the QoS check, QoSCgroup), with a warning for what a role needs and is missing — so a
 // user sees "no loop devices" at start-up, not as a failed NodeStage later.
 
 #if canImport(Glibc)
@@ -17,8 +17,6 @@ struct KernelFeatures {
     var loop: Bool
     var deviceMapper: Bool
     var kernelTLS: Bool
-    /// "v2 io.max", "v1 blkio throttle" or "none".
-    var ioThrottling: String
 
     static func probe() -> KernelFeatures {
         func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
@@ -33,16 +31,13 @@ struct KernelFeatures {
         }
         let uring = read("/sys/module/fuse/parameters/enable_uring")
         let uringDisabled = read("/proc/sys/kernel/io_uring_disabled")
-        let v2 = read("/sys/fs/cgroup/cgroup.controllers")?.split(separator: " ").contains("io") ?? false
-        let v1 = exists("/sys/fs/cgroup/blkio/blkio.throttle.write_iops_device")
         return KernelFeatures(
             fuse: exists("/dev/fuse"),
             fuseIOUring: uring.map { $0 == "Y" || $0 == "1" },
             ioUring: uringDisabled.map { $0 == "0" } ?? exists("/proc/sys/kernel/io_uring_disabled"),
             loop: exists("/dev/loop-control"),
             deviceMapper: exists("/dev/mapper/control"),
-            kernelTLS: exists("/sys/module/tls"),
-            ioThrottling: v2 ? "v2 io.max" : v1 ? "v1 blkio throttle" : "none")
+            kernelTLS: exists("/sys/module/tls"))
     }
 
     /// One info line with everything, and a warning per missing thing the role needs.
@@ -55,7 +50,6 @@ struct KernelFeatures {
         logger.info("kernel features", metadata: [
             "kernel.fuse": "\(fuse)", "kernel.fuse_io_uring": "\(uring)", "kernel.io_uring": "\(ioUring)",
             "kernel.loop": "\(loop)", "kernel.device_mapper": "\(deviceMapper)", "kernel.tls": "\(kernelTLS)",
-            "kernel.io_throttling": "\(ioThrottling)",
         ])
         if servesVolumes && !loop {
             logger.warning("no loop devices (/dev/loop-control is missing): NodeStageVolume will fail; load the loop module (modprobe loop)")
