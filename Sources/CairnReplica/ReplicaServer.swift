@@ -2,8 +2,9 @@
 // replica in `<data-dir>/replicas/<volume-id>/`.
 //
 // Owns: the listening socket, one reader thread per connection (decodes frames, enforces
-// "hello first", runs writes up to 64 KiB itself and hands every other request to a fixed pool
-// of worker threads so many run at once), the per-connection
+// "hello first", runs a lone write of up to 64 KiB itself when nothing else of the connection is
+// running and hands every other request to a fixed pool of worker threads so many run at
+// once), the per-connection
 // write lock (responses go out whole, possibly out of order), the registry of open
 // `ReplicaStore`s (one per volume, shared by every connection, opened lazily, closed at stop),
 // the table of op handlers (one per `DataOp`, registered with `handler(Op.self)`) and the
@@ -53,7 +54,11 @@ public final class ReplicaServer: Sendable {
     /// Requests one connection may have running at once; the reader stops reading beyond it.
     public static let maxInFlightPerConnection = 64
     static let receiveBufferSize = 1 << 20
-    /// Writes up to this size are handled on the connection's reader thread.
+    /// Writes up to this size are handled on the connection's reader thread when nothing else
+    /// of the connection is running and no other frame is waiting (queue depth 1: a hand-off
+    /// to a worker and back would cost more than the write). Otherwise they go to the workers:
+    /// a journaled write waits for the device, and one at a time per connection would cap a
+    /// replica at one write per device round trip.
     static let inlineWriteLimit = 64 << 10
 
     public let dataDir: String
@@ -257,6 +262,8 @@ public final class ReplicaServer: Sendable {
         let log = connectionLog
         let inFlight = DispatchSemaphore(value: Self.maxInFlightPerConnection)
         let running = DispatchGroup()
+        // Requests of this connection on the workers now.
+        let onWorkers = WorkerCount()
         defer {
             c.shutdown()
             running.wait()
@@ -302,7 +309,7 @@ public final class ReplicaServer: Sendable {
                 log.warning("closing connection: \(error.reason)")
                 return
             }
-            for frame in frames {
+            for (index, frame) in frames.enumerated() {
                 guard !frame.isResponse else {
                     log.warning("closing connection: the peer sent a \(frame.opcode) response (request id \(frame.requestID)); a replica server only takes requests")
                     return
@@ -330,17 +337,22 @@ public final class ReplicaServer: Sendable {
                     log.warning("closing connection: the first frame must be hello, got \(frame.opcode) (request id \(frame.requestID))")
                     return
                 }
-                if let m = frame.request(DataOp.Write.self), m.data.count <= Self.inlineWriteLimit {
-                    // Small writes run on this thread: a hand-off to a worker and back costs
-                    // more CPU than the write itself on a busy node. Larger ones (and reads,
-                    // flushes, claims) go to the pool so a slow one does not stall the rest.
+                // A lone small write (queue depth 1) runs on this thread. Everything else —
+                // writes with others in flight or behind them, larger ones, reads, flushes,
+                // claims — goes to the pool, so a slow one does not stall the rest and writes
+                // wait for the device in parallel. (Order between them does not matter: the
+                // engine never has two writes of one block in flight, OverlapGate.swift.)
+                if index == frames.count - 1, onWorkers.value.load(ordering: .acquiring) == 0,
+                   let m = frame.request(DataOp.Write.self), m.data.count <= Self.inlineWriteLimit {
                     c.send(handle(frame, peerVersion: peerVersion, peer: c.channel?.peer, logger: log))
                     continue
                 }
                 inFlight.wait()
                 running.enter()
+                onWorkers.value.wrappingAdd(1, ordering: .relaxed)
                 workers.submit { [self, peerVersion] in
                     defer {
+                        onWorkers.value.wrappingSubtract(1, ordering: .releasing)
                         inFlight.signal()
                         running.leave()
                     }
@@ -757,6 +769,11 @@ public final class ReplicaServer: Sendable {
             logger.info("replica deleted", metadata: ["volume.id": "\(volume)"])
         }
     }
+}
+
+/// How many of a connection's requests the workers are running.
+final class WorkerCount: Sendable {
+    let value = Atomic<Int>(0)
 }
 
 /// One accepted connection: the descriptor, and the lock that keeps responses whole.
