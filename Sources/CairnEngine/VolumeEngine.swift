@@ -6,6 +6,7 @@ import Musl
 import CFUSEShim
 import CairnCore
 import CairnReplica
+import CoreMetrics
 import Logging
 import Synchronization
 
@@ -183,8 +184,9 @@ public final class VolumeEngine: Sendable {
                 markOutOfSync: @escaping @Sendable (_ nodeID: String, _ reason: String) throws -> Void,
                 recovery: EngineRecovery? = nil,
                 keeper: FUSEKeeperClient? = nil, resume: KeptFUSE? = nil,
+                metricsFactory: any MetricsFactory = MetricsSystem.factory,
                 logger: Logger) {
-        self.metrics = VolumeMetrics(volumeID: volumeID)
+        self.metrics = VolumeMetrics(volumeID: volumeID, factory: metricsFactory)
         self.keeper = keeper
         self.resume.withLock { $0 = resume }
         self.volumeID = volumeID
