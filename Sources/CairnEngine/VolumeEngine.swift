@@ -6,6 +6,7 @@ import Musl
 import CFUSEShim
 import CairnCore
 import CairnReplica
+import CoreMetrics
 import Logging
 import Synchronization
 
@@ -175,6 +176,8 @@ public final class VolumeEngine: Sendable {
     private let bytesRead = Atomic<UInt64>(0)
     private let bytesWritten = Atomic<UInt64>(0)
     private let errors = Atomic<UInt64>(0)
+    /// This volume's series on the process's metrics endpoint (VolumeMetrics.swift).
+    let metrics: VolumeMetrics
 
     public init(volumeID: String, sizeBytes: UInt64, epoch: UInt64, replicas: [EngineReplica], localNodeID: String,
                 mountDirectory: String,
@@ -182,7 +185,9 @@ public final class VolumeEngine: Sendable {
                 markOutOfSync: @escaping @Sendable (_ nodeID: String, _ reason: String) throws -> Void,
                 recovery: EngineRecovery? = nil,
                 keeper: FUSEKeeperClient? = nil, resume: KeptFUSE? = nil,
+                metricsFactory: any MetricsFactory = MetricsSystem.factory,
                 logger: Logger) {
+        self.metrics = VolumeMetrics(volumeID: volumeID, factory: metricsFactory)
         self.keeper = keeper
         self.resume.withLock { $0 = resume }
         self.volumeID = volumeID
@@ -409,6 +414,7 @@ public final class VolumeEngine: Sendable {
             life.members = []
             life.stopped = true
         }
+        metrics.destroy()
     }
 
     /// Grows the volume online to `newSize` (a multiple of 4 KiB; the same size is a no-op,
@@ -571,7 +577,8 @@ public final class VolumeEngine: Sendable {
 
     fileprivate func read(offset: UInt64, size: Int, into buffer: UnsafeMutableRawPointer) -> Int {
         if fenced.load(ordering: .relaxed) { return failed(EIO) }
-        limiter.admit(bytes: size)
+        let began = metrics.start()
+        metrics.throttled(nanoseconds: limiter.admit(bytes: size))
         let block = UInt64(Self.blockSize)
         let start = offset & ~(block - 1)
         let end = (offset + UInt64(size) + block - 1) & ~(block - 1)
@@ -590,6 +597,7 @@ public final class VolumeEngine: Sendable {
         guard result == 0 else { return failed(-result) }
         reads.wrappingAdd(1, ordering: .relaxed)
         bytesRead.wrappingAdd(UInt64(size), ordering: .relaxed)
+        metrics.read(bytes: size, since: began)
         return size
     }
 
@@ -619,7 +627,8 @@ public final class VolumeEngine: Sendable {
 
     fileprivate func write(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
         let block = UInt64(Self.blockSize)
-        limiter.admit(bytes: data.count)
+        let began = metrics.start()
+        metrics.throttled(nanoseconds: limiter.admit(bytes: data.count))
         let start = offset & ~(block - 1)
         let end = (offset + UInt64(data.count) + block - 1) & ~(block - 1)
         // Overlapping writes one after the other, then the snapshot barrier's gate (a write
@@ -636,6 +645,7 @@ public final class VolumeEngine: Sendable {
         if result != 0 { return Int32(failed(-result)) }
         writes.wrappingAdd(1, ordering: .relaxed)
         bytesWritten.wrappingAdd(UInt64(data.count), ordering: .relaxed)
+        metrics.write(bytes: data.count, since: began)
         return 0
     }
 
@@ -695,6 +705,7 @@ public final class VolumeEngine: Sendable {
     }
 
     func flush() -> Int32 {
+        let began = metrics.start()
         enterGate()
         defer { leaveGate() }
         let volumeID = volumeID, epoch = epoch
@@ -706,6 +717,7 @@ public final class VolumeEngine: Sendable {
         }
         if result != 0 { return Int32(failed(-result)) }
         flushes.wrappingAdd(1, ordering: .relaxed)
+        metrics.flush(since: began)
         return 0
     }
 
@@ -936,6 +948,7 @@ public final class VolumeEngine: Sendable {
 
     func fence(by source: String, error: any Error) {
         if !fenced.exchange(true, ordering: .acquiringAndReleasing) {
+            metrics.fencingEvents.increment()
             logger.error("engine fenced: a newer epoch exists for this volume; every I/O now fails with EIO (the volume was attached elsewhere — unstage it here)", metadata: [
                 "by": "\(source)", "error": "\(error)"])
         }

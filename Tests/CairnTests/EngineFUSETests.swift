@@ -1,4 +1,5 @@
 import CairnCore
+import CoreMetrics
 @testable import CairnEngine
 import CairnReplica
 import Foundation
@@ -83,7 +84,8 @@ final class EngineFUSETests: XCTestCase {
     }
 
     func makeEngine(_ fakes: [FakeReplica], local: String = "n1", epoch: UInt64 = 5, name: String = "vol-a",
-                    outOfSync: Set<String> = [], spares: [FakeReplica] = [], recovery: EngineRecovery? = nil) -> VolumeEngine {
+                    outOfSync: Set<String> = [], spares: [FakeReplica] = [], recovery: EngineRecovery? = nil,
+                    metricsFactory: any MetricsFactory = MetricsSystem.factory) -> VolumeEngine {
         let byNode = Dictionary(uniqueKeysWithValues: (fakes + spares).map { ($0.nodeID, $0) })
         let recorder = recorder
         let engine = VolumeEngine(
@@ -98,6 +100,7 @@ final class EngineFUSETests: XCTestCase {
             },
             markOutOfSync: { try recorder.mark($0, $1) },
             recovery: recovery,
+            metricsFactory: metricsFactory,
             logger: logger)
         engines.append(engine)
         return engine
