@@ -30,12 +30,15 @@ public struct ObservabilityServer: Service {
         self.onListening = onListening
     }
 
+    /// Every metric name Cairn exports (each has its HELP line).
+    public static var metricNames: [String] { MetricHelp.text.keys.sorted() }
+
     /// The router: /metrics, /healthz, then the installers' routes.
     public func router() -> Router<BasicRequestContext> {
         let router = Router()
         let registry = self.registry
         router.get("/metrics") { _, _ -> Response in
-            let body = registry.emitToBuffer()
+            let body = MetricHelp.adding(to: registry.emitToBuffer())
             return Response(status: .ok,
                             headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
                             body: .init(byteBuffer: ByteBuffer(bytes: body)))

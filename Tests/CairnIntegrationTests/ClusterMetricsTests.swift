@@ -126,6 +126,16 @@ final class ClusterMetricsTests: XCTestCase {
                 - (value(before, "cairn_volume_\(op)_bytes_total\(label)") ?? 0)
             XCTAssertEqual(bytesCounted, ops * 4096, accuracy: ops * 4096 * 0.01, "\(rw): 4 KiB per I/O")
         }
+        // Well-formed, every family with its HELP: promtool (Debian's prometheus, when installed) lints the scrapes.
+        if FileManager.default.isExecutableFile(atPath: "/usr/bin/promtool") {
+            for (namespace, port) in [("n1", enginePort()), ("n2", enginePort()), ("n1", Self.nodePort), ("ctl", Self.controllerPort)] {
+                let lint = try bed.exec(namespace, ["sh", "-c", "curl -sS --fail --max-time 5 http://127.0.0.1:\(port)/metrics | promtool check metrics 2>&1; echo rc=$?"])
+                XCTAssertTrue(lint.contains("rc=0"), "promtool check metrics on \(namespace):\(port): \(lint)")
+            }
+        } else {
+            print("promtool not installed (apt-get install prometheus): the scrapes are not linted")
+        }
+
         // The other nodes' replica servers took the writes.
         let n2 = try scrape("n2", port: enginePort())
         XCTAssertGreaterThan(value(n2, #"cairn_replica_request_duration_seconds_count{op="write"}"#) ?? 0, 1000, n2)

@@ -53,6 +53,7 @@ final class ObservabilityServerTests: XCTestCase {
             let (status, type, body) = try await get(address, "/metrics")
             XCTAssertEqual(status, 200)
             XCTAssertTrue(type.hasPrefix("text/plain; version=0.0.4"), type)
+            XCTAssertTrue(body.contains("# HELP cairn_volume_write_ops_total Writes the volume's engine acknowledged"), body)
             XCTAssertTrue(body.contains("# TYPE cairn_volume_write_ops_total counter"), body)
             XCTAssertTrue(body.contains(#"cairn_volume_write_ops_total{volume="pvc-1"} 3"#), body)
             XCTAssertTrue(body.contains(#"cairn_volume_write_latency_seconds_bucket{volume="pvc-1",le="0.0001"} 0"#), body)
@@ -108,6 +109,17 @@ final class ObservabilityServerTests: XCTestCase {
             XCTAssertTrue(error.description.contains("another process listens on that port"), error.description)
             XCTAssertTrue(error.description.contains("127.0.0.1:\(port)"), error.description)
         }
+    }
+
+    /// docs/metrics.md lists every metric the exposition describes, and the other way round.
+    func testDocsListEveryMetric() throws {
+        let docs = try String(contentsOf: URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("docs/metrics.md"), encoding: .utf8)
+        let documented = Set(docs.split(whereSeparator: { !($0.isLetter || $0.isNumber || $0 == "_") })
+            .map(String.init).filter { $0.hasPrefix("cairn_") && !$0.hasSuffix("_") })
+        let described = Set(ObservabilityServer.metricNames)
+        XCTAssertEqual(described.subtracting(documented), [], "metrics missing from docs/metrics.md")
+        XCTAssertEqual(documented.subtracting(described), [], "docs/metrics.md names metrics that do not exist")
     }
 
     func testMetricsAddressParsing() throws {
