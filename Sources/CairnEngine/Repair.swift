@@ -79,6 +79,11 @@ extension VolumeEngine {
                     "source": "\(good.nodeID)", "found.by": "\(reason)"])
             }
             repaired.wrappingAdd(repairedHere, ordering: .relaxed)
+            if repairedHere > 0 {
+                recovery?.report(ClusterEvent(
+                    kind: .repaired, volumeID: volumeID, nodeID: damaged.nodeID,
+                    message: "repaired \(repairedHere) corrupted block\(repairedHere == 1 ? "" : "s") of node \(damaged.nodeID)'s replica from node \(good.nodeID)'s (found by \(reason))"))
+            }
             return repairedHere
         } catch {
             if isFencing(error) {
