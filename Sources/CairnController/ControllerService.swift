@@ -403,7 +403,8 @@ public final class ControllerService: Sendable {
         return response
     }
 
-    func condition(_ volume: VolumeRecord) -> Csi_V1_VolumeCondition {
+    /// The CSI volume condition (ListVolumes, ControllerGetVolume; the status page shows its message).
+    public func condition(_ volume: VolumeRecord) -> Csi_V1_VolumeCondition {
         var condition = Csi_V1_VolumeCondition()
         if let problem = backing.problem(volume) {
             condition.abnormal = true

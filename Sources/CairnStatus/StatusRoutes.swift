@@ -16,6 +16,14 @@ import NIOCore
 ///
 /// A store that cannot be read answers 503 with `{"error": "…"}` saying what to check.
 public enum StatusRoutes {
+    /// What the `--metrics-address` listener takes to add routes (CairnObservability's `RouteInstaller`).
+    public typealias Installer = @Sendable (Router<BasicRequestContext>) -> Void
+
+    /// The page and the API as an installer for the listener.
+    public static func installer(_ reader: ClusterStatusReader, logger: Logger) -> Installer {
+        { router in install(reader, on: router, logger: logger) }
+    }
+
     public static func install(_ reader: ClusterStatusReader, on router: Router<BasicRequestContext>, logger: Logger) {
         router.get("/") { _, _ -> Response in
             Response(status: .ok, headers: [.contentType: "text/html; charset=utf-8", .cacheControl: "no-store"],
