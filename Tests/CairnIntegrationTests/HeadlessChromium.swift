@@ -167,7 +167,8 @@ final class HeadlessChromium: @unchecked Sendable {
     func evaluate(_ expression: String) throws -> Any? {
         let result = try call("Runtime.evaluate", ["expression": expression, "returnByValue": true], session: session)
         if let exception = result["exceptionDetails"] as? [String: Any] {
-            throw FixtureError("the page's script failed: \(exception["text"] ?? exception)")
+            let detail = (exception["exception"] as? [String: Any])?["description"] ?? exception["text"] ?? exception
+            throw FixtureError("the page's script failed: \(detail)")
         }
         return (result["result"] as? [String: Any])?["value"]
     }

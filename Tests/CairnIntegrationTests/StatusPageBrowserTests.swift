@@ -68,6 +68,8 @@ final class StatusPageBrowserTests: XCTestCase {
         try fill(attached.target, mebibytes: 160)
         page = try await waitForPage(browser, volumeID, "degraded", seconds: 60)
         XCTAssertEqual(page.replicas["n3"], false, "n3's badge: \(page.replicas)")
+        // Once n3's registration lease runs out (10 s) the nodes table has it away.
+        page = try await waitForPage(browser, volumeID, "degraded", seconds: 60) { $0.nodes["n3"] == "away" }
         XCTAssertEqual(page.replicas["n1"], true)
         XCTAssertTrue(page.events.contains("replica-out-of-sync"), "events: \(page.events)")
         try browser.screenshot(to: output + "/degraded.png")
@@ -152,14 +154,19 @@ final class StatusPageBrowserTests: XCTestCase {
                      until: (Page) -> Bool = { _ in true }) async throws -> Page {
         let deadline = Date().addingTimeInterval(seconds)
         var last: Page?
+        var problem: (any Error)?
         while Date() < deadline {
-            let page = try read(browser, volumeID)
-            last = page
-            if page.condition == condition && until(page) { return page }
+            do {
+                let page = try read(browser, volumeID)
+                last = page
+                if page.condition == condition && until(page) { return page }
+            } catch {
+                problem = error  // the page is still loading
+            }
             try await Task.sleep(for: .milliseconds(200))
         }
-        let connection = (try? browser.evaluate("document.getElementById('connection').textContent")) as? String
-        throw FixtureError("the page did not show volume \(volumeID) \(condition) within \(Int(seconds)) s; it showed \(last.map { "\($0.condition ?? "no row"), replicas \($0.replicas), resync \($0.resync.map { "\($0.node) \($0.percent)% active=\($0.active)" }), nodes \($0.nodes)" } ?? "nothing") (connection: \(connection ?? "?"))")
+        let connection = (try? browser.evaluate("document.getElementById('connection')?.textContent ?? document.location.href")) as? String
+        throw FixtureError("the page did not show volume \(volumeID) \(condition) within \(Int(seconds)) s; it showed \(last.map { "\($0.condition ?? "no row"), replicas \($0.replicas), resync \($0.resync.map { "\($0.node) \($0.percent)% active=\($0.active)" }), nodes \($0.nodes)" } ?? "nothing") (connection: \(connection ?? "?"); last error reading it: \(problem.map { "\($0)" } ?? "none"))")
     }
 
     /// Writes `mebibytes` of random data from offset 0, O_DIRECT, then fsyncs.
