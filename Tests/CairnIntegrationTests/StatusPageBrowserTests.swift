@@ -43,6 +43,7 @@ final class StatusPageBrowserTests: XCTestCase {
         }
         let output = Self.outputDirectory
         try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
+        print("status page test: screenshots and the browser's log go to \(output)")
         for file in ["degraded", "resyncing", "healthy"] { try? FileManager.default.removeItem(atPath: "\(output)/\(file).png") }
 
         // A rebuild limited to 20 MB/s: the 160 MiB n3 misses takes about 8 s to copy back.
@@ -68,8 +69,11 @@ final class StatusPageBrowserTests: XCTestCase {
         try fill(attached.target, mebibytes: 160)
         page = try await waitForPage(browser, volumeID, "degraded", seconds: 60)
         XCTAssertEqual(page.replicas["n3"], false, "n3's badge: \(page.replicas)")
-        // Once n3's registration lease runs out (10 s) the nodes table has it away.
-        page = try await waitForPage(browser, volumeID, "degraded", seconds: 60) { $0.nodes["n3"] == "away" }
+        // Once n3's registration lease runs out (10 s) the nodes table has it away, and the
+        // controller's next pass (every 5 s) records that.
+        page = try await waitForPage(browser, volumeID, "degraded", seconds: 60) {
+            $0.nodes["n3"] == "away" && $0.events.contains("node-away")
+        }
         XCTAssertEqual(page.replicas["n1"], true)
         XCTAssertTrue(page.events.contains("replica-out-of-sync"), "events: \(page.events)")
         try browser.screenshot(to: output + "/degraded.png")
@@ -98,6 +102,7 @@ final class StatusPageBrowserTests: XCTestCase {
         XCTAssertEqual(page.replicas, ["n1": true, "n2": true, "n3": true])
         XCTAssertTrue(page.resync.isEmpty)
         XCTAssertTrue(page.events.contains("replica-in-sync"), "events: \(page.events)")
+        XCTAssertTrue(page.events.contains("attached"), "events: \(page.events)")
         XCTAssertGreaterThan(page.updates, updatesAtStart + 3, "the page redrew itself without a reload")
         try browser.screenshot(to: output + "/healthy.png")
         for file in ["degraded", "resyncing", "healthy"] {
