@@ -174,6 +174,8 @@ public final class VolumeEngine: Sendable {
     private let bytesRead = Atomic<UInt64>(0)
     private let bytesWritten = Atomic<UInt64>(0)
     private let errors = Atomic<UInt64>(0)
+    /// This volume's series on the process's metrics endpoint (VolumeMetrics.swift).
+    let metrics: VolumeMetrics
 
     public init(volumeID: String, sizeBytes: UInt64, epoch: UInt64, replicas: [EngineReplica], localNodeID: String,
                 mountDirectory: String,
@@ -182,6 +184,7 @@ public final class VolumeEngine: Sendable {
                 recovery: EngineRecovery? = nil,
                 keeper: FUSEKeeperClient? = nil, resume: KeptFUSE? = nil,
                 logger: Logger) {
+        self.metrics = VolumeMetrics(volumeID: volumeID)
         self.keeper = keeper
         self.resume.withLock { $0 = resume }
         self.volumeID = volumeID
@@ -408,6 +411,7 @@ public final class VolumeEngine: Sendable {
             life.members = []
             life.stopped = true
         }
+        metrics.destroy()
     }
 
     /// Grows the volume online to `newSize` (a multiple of 4 KiB; the same size is a no-op,
@@ -570,7 +574,8 @@ public final class VolumeEngine: Sendable {
 
     fileprivate func read(offset: UInt64, size: Int, into buffer: UnsafeMutableRawPointer) -> Int {
         if fenced.load(ordering: .relaxed) { return failed(EIO) }
-        limiter.admit(bytes: size)
+        let began = metrics.start()
+        metrics.throttled(nanoseconds: limiter.admit(bytes: size))
         let block = UInt64(Self.blockSize)
         let start = offset & ~(block - 1)
         let end = (offset + UInt64(size) + block - 1) & ~(block - 1)
@@ -589,6 +594,7 @@ public final class VolumeEngine: Sendable {
         guard result == 0 else { return failed(-result) }
         reads.wrappingAdd(1, ordering: .relaxed)
         bytesRead.wrappingAdd(UInt64(size), ordering: .relaxed)
+        metrics.read(bytes: size, since: began)
         return size
     }
 
@@ -618,7 +624,8 @@ public final class VolumeEngine: Sendable {
 
     fileprivate func write(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
         let block = UInt64(Self.blockSize)
-        limiter.admit(bytes: data.count)
+        let began = metrics.start()
+        metrics.throttled(nanoseconds: limiter.admit(bytes: data.count))
         enterGate()
         defer { leaveGate() }
         let result: Int32
@@ -630,6 +637,7 @@ public final class VolumeEngine: Sendable {
         if result != 0 { return Int32(failed(-result)) }
         writes.wrappingAdd(1, ordering: .relaxed)
         bytesWritten.wrappingAdd(UInt64(data.count), ordering: .relaxed)
+        metrics.write(bytes: data.count, since: began)
         return 0
     }
 
@@ -689,6 +697,7 @@ public final class VolumeEngine: Sendable {
     }
 
     func flush() -> Int32 {
+        let began = metrics.start()
         enterGate()
         defer { leaveGate() }
         let volumeID = volumeID, epoch = epoch
@@ -700,6 +709,7 @@ public final class VolumeEngine: Sendable {
         }
         if result != 0 { return Int32(failed(-result)) }
         flushes.wrappingAdd(1, ordering: .relaxed)
+        metrics.flush(since: began)
         return 0
     }
 
@@ -922,6 +932,7 @@ public final class VolumeEngine: Sendable {
 
     func fence(by source: String, error: any Error) {
         if !fenced.exchange(true, ordering: .acquiringAndReleasing) {
+            metrics.fencingEvents.increment()
             logger.error("engine fenced: a newer epoch exists for this volume; every I/O now fails with EIO (the volume was attached elsewhere — unstage it here)", metadata: [
                 "by": "\(source)", "error": "\(error)"])
             recovery?.report(ClusterEvent(kind: .fenced, volumeID: volumeID, nodeID: localNodeID,

@@ -86,6 +86,8 @@ public final class ReplicaServer: Sendable {
     }
     /// Runs every connection's requests (see `WorkerPool` for why not Dispatch).
     private let workers: WorkerPool
+    /// Request durations and errors by op, on the process's metrics endpoint.
+    let metrics = ReplicaRequestMetrics()
     public static let workerThreads = 32
     /// Entered by the accept thread and by every connection thread; `stop` waits on it.
     private let threads = DispatchGroup()
@@ -507,6 +509,8 @@ public final class ReplicaServer: Sendable {
             return Frame(requestID: frame.requestID, epoch: failure.epoch,
                          body: .response(DataOp.operation(frame.opcode)?.failureResponse(failure) ?? frame.message))
         }
+        let began = metrics.start()
+        defer { metrics.served(frame.opcode, since: began) }
         return handler(self, frame, context)
     }
 
@@ -515,6 +519,7 @@ public final class ReplicaServer: Sendable {
     /// peer that takes it. Logged here, once for every op.
     private func failure(_ error: any Error, frame: Frame, context: RequestContext) -> ReplyFailure {
         let (status, message) = Self.replyStatus(for: error)
+        metrics.failed(frame.opcode)
         var failure = ReplyFailure(status: status, message: message, epoch: context.epoch, requestFlags: context.requestFlags)
         if case let ReplicaError.staleEpoch(seen, _) = error { failure.epoch = seen }
         if case let ReplicaError.checksumMismatch(block) = error, context.peerVersion >= 2 { failure.damagedBlock = block }

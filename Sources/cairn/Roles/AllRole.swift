@@ -11,6 +11,7 @@ enum AllRole {
         let (leadership, status) = try context.csiController(on: router, localLimits: node.throttle != nil ? node : nil)
         var servers = [context.csiServer(router, leadership: leadership)]
         if let agent = try await context.agentServer(sharing: node) { servers.append(agent) }
-        try await context.serve(servers, leadership: leadership, background: [context.qosReconciler(node.throttle)].compactMap { $0 })
+        try await context.serve(servers, leadership: leadership, background: [context.qosReconciler(node.throttle)].compactMap { $0 },
+                                httpRoutes: [status])
     }
 }

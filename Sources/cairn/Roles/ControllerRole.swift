@@ -13,7 +13,7 @@ enum ControllerRole {
         context.reportNoOneMachineQoS(reason: "the controller runs apart from the node that stages volumes (--role controller)")
         let (leadership, status) = try context.csiController(on: router)
         let csi = context.csiServer(router, leadership: leadership)
-        try await context.serve([csi], leadership: leadership)
+        try await context.serve([csi], leadership: leadership, httpRoutes: [status])
     }
 }
 
