@@ -1,18 +1,19 @@
 import CairnCore
+import CairnObservability
 @testable import CairnStatus
 import CairnStore
 import Foundation
 import Hummingbird
 import Logging
-import NIOCore
-import Synchronization
+import Prometheus
+import ServiceLifecycle
 import XCTest
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
 
 /// The status page's model (conditions, rate and ETA, the document) and its routes over real
-/// HTTP on loopback.
+/// HTTP on loopback, on the `--metrics-address` listener the controller serves them on.
 final class StatusTests: XCTestCase {
     let now = Date(timeIntervalSince1970: 1_800_000_000)
 
@@ -130,20 +131,30 @@ final class StatusTests: XCTestCase {
         try await store.createVolume(volume([inSync("n1"), out("n2")]))
         try await store.appendEvent(ClusterEvent(kind: .replicaOutOfSync, volumeID: "vol-s", nodeID: "n2", message: "n2 fell behind"))
         let reader = ClusterStatusReader(store: store, reuse: 0, describe: { "degraded: \($0.id)" })
-        let router = Router()
-        StatusRoutes.install(reader, on: router, logger: Logger(label: "test"))
-        let port = Mutex<Int?>(nil)
-        let app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)),
-                              onServerRunning: { channel in port.withLock { $0 = channel.localAddress?.port } })
-        let server = Task { try await app.runService() }
-        defer { server.cancel() }
-        var bound: Int?
-        for _ in 0..<100 where bound == nil {
-            try await Task.sleep(for: .milliseconds(50))
-            bound = port.withLock { $0 }
+        // The controller's listener: /metrics and /healthz, and the status page installed on it.
+        let logger = Logger(label: "test")
+        let (bound, continuation) = AsyncStream.makeStream(of: MetricsAddress.self)
+        let server = ObservabilityServer(address: MetricsAddress(host: "127.0.0.1", port: 0), logger: logger,
+                                         registry: PrometheusCollectorRegistry(),
+                                         routes: [StatusRoutes.installer(reader, logger: logger)]) { continuation.yield($0) }
+        let group = ServiceGroup(services: [server], logger: logger)
+        let running = Task { try await group.run() }
+        var iterator = bound.makeAsyncIterator()
+        guard let address = await iterator.next() else { return XCTFail("the listener never started") }
+        let base = "http://\(address)"
+        do {
+            try await checkRoutes(base)
+        } catch {
+            await group.triggerGracefulShutdown()
+            throw error
         }
-        let base = "http://127.0.0.1:\(try XCTUnwrap(bound, "the server did not start"))"
+        await group.triggerGracefulShutdown()
+        try await running.value
+    }
 
+    func checkRoutes(_ base: String) async throws {
+        let (_, metrics) = try await get(base + "/metrics")
+        XCTAssertEqual(metrics.statusCode, 200, "the metrics stay served beside the page")
         let (page, pageResponse) = try await get(base + "/")
         XCTAssertEqual(pageResponse.statusCode, 200)
         XCTAssertTrue(pageResponse.value(forHTTPHeaderField: "Content-Type")?.hasPrefix("text/html") == true)
@@ -168,8 +179,6 @@ final class StatusTests: XCTestCase {
         XCTAssertTrue(String(decoding: missing, as: UTF8.self).contains("volume nope does not exist"))
         let (events, _) = try await get(base + "/api/v1/events")
         XCTAssertEqual(try ClusterStatus.decoder().decode([ClusterEvent].self, from: events).first?.message, "n2 fell behind")
-        server.cancel()
-        _ = await server.result
     }
 
     // MARK: Helpers
