@@ -88,7 +88,7 @@ extension ClusterStatus {
     /// The API's encoding: sorted keys (stable output), ISO 8601 dates.
     public static func encoder() -> JSONEncoder {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         encoder.dateEncodingStrategy = .iso8601
         return encoder
     }
