@@ -243,10 +243,6 @@ struct ServeContext {
             services.append(ObservabilityServer(address: metricsAddress, logger: logger, registry: ProcessMetrics.registry,
                                                 routes: httpRoutes))
         }
-        // The cluster's state as gauges, from the store: every controller exports them.
-        if metricsAddress != nil && (role == .controller || role == .all) {
-            services.append(ClusterGauges(store: store, logger: logger))
-        }
         if let etcd { services.append(UntilShutdown.storeLeases(etcd, logger: logger)) }
         // (Started after the replica server, so stopped before it: engines use this node's
         // replicas in process.)
@@ -254,6 +250,10 @@ struct ServeContext {
         if runsEngines { services.append(UntilShutdown.enginesKept(backing as? ReplicatedBacking, logger: logger)) }
         if let sweeper { services.append(BackgroundLoop.sweeper(sweeper, logger: logger)) }
         if let leadership { services.append(BackgroundLoop.leadership(leadership, logger: logger)) }
+        // The cluster's state as gauges, from the store: every controller exports them.
+        if metricsAddress != nil && (role == .controller || role == .all) {
+            services.append(ClusterGauges(store: store, logger: logger))
+        }
         services += background
         services.append(RPCServers(servers: servers, grace: .seconds(options.shutdownGrace), logger: logger))
         let group = ServiceGroup(configuration: .init(
