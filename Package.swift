@@ -213,6 +213,17 @@ var targets: [Target] = [
         dependencies: ["CairnCore", "CairnCSI", "CairnController", "CairnNode", "CairnRPC", "CSIProto"],
         swiftSettings: swiftSettings
     ),
+    // The controller's status page and its JSON API (docs/status-page.md): routes added to the
+    // --metrics-address listener, documents built from the cluster store.
+    .target(
+        name: "CairnStatus",
+        dependencies: [
+            "CairnCore",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "Logging", package: "swift-log"),
+        ],
+        swiftSettings: swiftSettings
+    ),
     // The fuzz harnesses (docs/fuzzing.md): what each target does with one input. Pure library,
     // no libFuzzer: the unit tests replay the committed corpus through it.
     .target(
@@ -247,6 +258,7 @@ var targets: [Target] = [
             "CairnObservability",
             "CairnRoutes", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "CairnRPC", "CairnController",
             "CairnNode", "CairnAgent", "CairnCluster", "CairnReplica", "CairnReplicaControl", "CairnEngine", "CairnSecurity",
+            "CairnStatus",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Logging", package: "swift-log"),
@@ -269,7 +281,7 @@ var targets: [Target] = [
     .testTarget(
         name: "CairnTests",
         dependencies: ["CairnReplica", "CairnReplicaControl", "CairnSecurity", "CairnProto", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec", "CairnFuzz",
-                       "CairnObservability",
+                       "CairnObservability", "CairnStatus",
                        .product(name: "Prometheus", package: "swift-prometheus"),
                        .product(name: "Hummingbird", package: "hummingbird"),
                        .product(name: "Metrics", package: "swift-metrics")],

@@ -194,11 +194,15 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
             return ClientReplicaIO(try ReplicaClient.connect(host: replica.host, port: replica.port, security: security,
                                                              expectedNode: replica.nodeID), grant: grant)
         }
+        let logger = self.logger
         let markOutOfSync: @Sendable (String, String) throws -> Void = { failedNode, reason in
             do {
                 try Self.waitFor(seconds: 15, what: "recording that node \(failedNode)'s replica is out of sync") {
                     try await store.markReplicaOutOfSync(volumeID: volumeID, nodeID: failedNode, epoch: epoch, reason: reason)
                 }
+                store.recordEvent(ClusterEvent(kind: .replicaOutOfSync, volumeID: volumeID, nodeID: failedNode,
+                                               message: "node \(failedNode)'s replica left the in-sync set (engine on \(nodeID), epoch \(epoch)): \(reason)"),
+                                  logger: logger)
             } catch let error as CairnError where error.code == .failedPrecondition {
                 // The store's epoch moved on: another node holds the volume now.
                 throw EngineFenced(error.message)
@@ -242,7 +246,7 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
         let store = self.store
         let logger = self.logger
         let engines = self.engines
-        return EngineRecovery(
+        var hooks = EngineRecovery(
             membership: {
                 let record = Mutex<VolumeRecord?>(nil)
                 try Self.waitFor(seconds: 15, what: "reading volume \(volumeID)'s replicas") {
@@ -267,6 +271,9 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
                     try Self.waitFor(seconds: 15, what: "recording that node \(node)'s replica is in sync again") {
                         try await store.markReplicaInSync(volumeID: volumeID, nodeID: node, epoch: epoch)
                     }
+                    store.recordEvent(ClusterEvent(kind: .replicaInSync, volumeID: volumeID, nodeID: node,
+                                                   message: "node \(node)'s replica is in sync again (resync done)"),
+                                      logger: logger)
                 } catch let error as CairnError where error.code == .failedPrecondition {
                     throw EngineFenced(error.message)
                 }
@@ -284,6 +291,8 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
             },
             throttle: throttle, retryInterval: options.retrySeconds,
             scrubBytesPerSecond: options.scrubBytesPerSecond)
+        hooks.report = { event in store.recordEvent(event, logger: logger) }
+        return hooks
     }
 
     static func progressRecord(_ report: ResyncReport) -> ResyncProgress {

@@ -294,6 +294,10 @@ public final class ControllerService: Sendable {
                 "volume.id": "\(volume.id)", "node.id": "\(request.nodeID)", "volume.epoch": "\(attachment.epoch)",
                 "readonly": "\(request.readonly)",
             ])
+            let fenced = volume.epoch.rawValue > 0 ? "; writers of epoch \(volume.epoch) and older are fenced" : ""
+            store.recordEvent(ClusterEvent(kind: .attached, volumeID: volume.id, nodeID: request.nodeID,
+                                           message: "attached to node \(request.nodeID)\(request.readonly ? " read-only" : "") at epoch \(attachment.epoch)\(fenced)"),
+                              logger: logger)
             return Self.publishResponse(attachment)
         }
     }
@@ -399,7 +403,8 @@ public final class ControllerService: Sendable {
         return response
     }
 
-    func condition(_ volume: VolumeRecord) -> Csi_V1_VolumeCondition {
+    /// The CSI volume condition (ListVolumes, ControllerGetVolume; the status page shows its message).
+    public func condition(_ volume: VolumeRecord) -> Csi_V1_VolumeCondition {
         var condition = Csi_V1_VolumeCondition()
         if let problem = backing.problem(volume) {
             condition.abnormal = true

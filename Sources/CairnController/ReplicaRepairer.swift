@@ -58,9 +58,13 @@ public final class ReplicaRepairer: Sendable {
         let store = controller.store
         let removed = Set(try await store.removedNodes())
         let live = Set(try await store.liveNodes().map(\.id))
-        let away = awaySince.withLock { away in
+        let (away, back) = awaySince.withLock { away in
+            let back = away.keys.filter { live.contains($0) }
             away = away.filter { !live.contains($0.key) }
-            return away
+            return (away, back)
+        }
+        for node in back.sorted() where !removed.contains(node) {
+            store.recordEvent(ClusterEvent(kind: .nodeBack, nodeID: node, message: "node \(node) is live again"), logger: logger)
         }
         var seen = away
         var done: [Replacement] = []
@@ -79,6 +83,11 @@ public final class ReplicaRepairer: Sendable {
                     }
                 }
             }
+        }
+        for (node, since) in seen.sorted(by: { $0.key < $1.key }) where away[node] == nil && !removed.contains(node) {
+            store.recordEvent(ClusterEvent(kind: .nodeAway, nodeID: node,
+                                           message: "node \(node) holds replicas but is not live (seen away since \(since.formatted(.iso8601)))"),
+                              logger: logger)
         }
         awaySince.withLock { $0 = seen }
         return done
@@ -115,6 +124,9 @@ public final class ReplicaRepairer: Sendable {
                     }
                     try await store.markReplicaOutOfSync(volumeID: volumeID, nodeID: oldNodeID, epoch: volume.epoch,
                                                          reason: why)
+                    store.recordEvent(ClusterEvent(kind: .replicaOutOfSync, volumeID: volumeID, nodeID: oldNodeID,
+                                                   message: "node \(oldNodeID)'s replica left the in-sync set to be replaced: \(why)"),
+                                      logger: logger)
                     guard let fresh = try await store.volume(id: volumeID) else { return nil }
                     volume = fresh
                 }
@@ -144,6 +156,9 @@ public final class ReplicaRepairer: Sendable {
                 try await store.recordReplicaDeletions([ReplicaDeletion(
                     nodeID: oldNodeID, volumeID: volumeID, reason: "replaced by a new replica on \(chosen.nodeID): \(why)")])
                 try await store.replaceReplica(volumeID: volumeID, oldNodeID: oldNodeID, with: replacement)
+                store.recordEvent(ClusterEvent(kind: .replicaReplaced, volumeID: volumeID, nodeID: chosen.nodeID,
+                                               message: "replica re-created on node \(chosen.nodeID) in place of node \(oldNodeID)'s: \(why)"),
+                                  logger: logger)
                 logger.notice("replica re-created on another node; the attached engine copies it in full", metadata: [
                     "volume.id": "\(volumeID)", "replica.old": "\(oldNodeID)", "replica.new": "\(chosen.nodeID)",
                     "reason": "\(why)"])

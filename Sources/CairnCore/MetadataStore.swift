@@ -63,6 +63,12 @@ public protocol MetadataStore: Sendable {
     /// The removed nodes' ids, sorted.
     func removedNodes() async throws -> [String]
 
+    // Events (the status page's recent events, `ClusterEvent`)
+    /// Appends the event and drops the oldest beyond `ClusterEvent.retained`.
+    func appendEvent(_ event: ClusterEvent) async throws
+    /// The newest events, oldest first, at most `limit`.
+    func recentEvents(limit: Int) async throws -> [ClusterEvent]
+
     // Snapshots
     /// Inserts the snapshot; ALREADY_EXISTS when its name or id is taken.
     func createSnapshot(_ snapshot: SnapshotRecord) async throws

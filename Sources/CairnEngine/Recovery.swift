@@ -35,6 +35,8 @@ public struct EngineRecovery: Sendable {
     public var scrubBytesPerSecond: UInt64
     /// Seconds between progress lines in the log (and progress records in the store).
     public var progressInterval: Double
+    /// Best effort, must not block: an event for the status page (a repair, this engine fenced).
+    public var report: @Sendable (ClusterEvent) -> Void = { _ in }
 
     public init(membership: @escaping @Sendable () throws -> [EngineReplica],
                 markInSync: @escaping @Sendable (_ nodeID: String) throws -> Void,

@@ -80,6 +80,11 @@ extension VolumeEngine {
             }
             repaired.wrappingAdd(repairedHere, ordering: .relaxed)
             metrics.repairedBlocks.increment(by: Int64(repairedHere))
+            if repairedHere > 0 {
+                recovery?.report(ClusterEvent(
+                    kind: .repaired, volumeID: volumeID, nodeID: damaged.nodeID,
+                    message: "repaired \(repairedHere) corrupted block\(repairedHere == 1 ? "" : "s") of node \(damaged.nodeID)'s replica from node \(good.nodeID)'s (found by \(reason))"))
+            }
             return repairedHere
         } catch {
             if isFencing(error) {

@@ -951,6 +951,8 @@ public final class VolumeEngine: Sendable {
             metrics.fencingEvents.increment()
             logger.error("engine fenced: a newer epoch exists for this volume; every I/O now fails with EIO (the volume was attached elsewhere — unstage it here)", metadata: [
                 "by": "\(source)", "error": "\(error)"])
+            recovery?.report(ClusterEvent(kind: .fenced, volumeID: volumeID, nodeID: localNodeID,
+                                          message: "the engine of epoch \(epoch) was fenced by \(source): a newer attachment owns the volume"))
         }
     }
 

@@ -21,6 +21,8 @@ import Synchronization
 ///     <prefix>/nodes/<node id>                             NodeRecord, under the node's lease
 ///     <prefix>/leader                                      the controller holding the leader
 ///                                                          lease (its id), under that lease
+///     <prefix>/events/<ms since 1970, 15 digits>-<random>  ClusterEvent (the newest
+///                                                          `ClusterEvent.retained` are kept)
 ///
 /// Every mutation is one etcd transaction. Those that depend on what they read are optimistic:
 /// read (remembering each key's mod_revision), decide, then commit with
@@ -105,6 +107,12 @@ public final class EtcdStore: MetadataStore, LeaderElection {
     private var removedNodesPrefix: String { "\(prefix)/removed-nodes/" }
     private func nodeKey(_ id: String) -> String { nodesPrefix + id }
     private var leaderKey: String { "\(prefix)/leader" }
+    private var eventsPrefix: String { "\(prefix)/events/" }
+    /// Sorted by time as keys sort; the random part keeps two events of one millisecond apart.
+    private func eventKey(_ event: ClusterEvent) -> String {
+        let ms = Int64((event.time.timeIntervalSince1970 * 1000).rounded())
+        return eventsPrefix + String(format: "%015lld-%08x", ms, UInt32.random(in: 0...UInt32.max))
+    }
     private var replicaDeletionsPrefix: String { "\(prefix)/replica-deletions/" }
     private func replicaDeletionKey(_ nodeID: String, _ volumeID: String) -> String {
         "\(replicaDeletionsPrefix)\(nodeID)/\(volumeID)"
@@ -266,13 +274,37 @@ public final class EtcdStore: MetadataStore, LeaderElection {
 
     public func removeNode(id: String) async throws {
         let stamp = try StoreRules.encode(["removedAt": Date().timeIntervalSince1970])
-        try await write([.put(removedNodesPrefix + id, stamp), .delete(nodeKey(id))])
+        // The event only the first time (a repeat changes nothing else either).
+        let first = try await client.get(removedNodesPrefix + id).kv == nil
+        let event = StoreRules.nodeRemovedEvent(id)
+        try await write([.put(removedNodesPrefix + id, stamp), .delete(nodeKey(id))]
+                        + (first ? [.put(eventKey(event), StoreRules.encode(event))] : []))
         logger.notice("node removed", metadata: ["node": "\(id)"])
+        if first { try? await trimEvents() }
     }
 
     public func removedNodes() async throws -> [String] {
         try await client.range(from: removedNodesPrefix, end: EtcdClient.prefixEnd(removedNodesPrefix), keysOnly: true)
             .kvs.map { String(decoding: $0.key, as: UTF8.self).dropFirst(removedNodesPrefix.count) }.map(String.init).sorted()
+    }
+
+    // MARK: events
+
+    public func appendEvent(_ event: ClusterEvent) async throws {
+        try await write([.put(eventKey(event), StoreRules.encode(event))])
+        try await trimEvents()
+    }
+
+    /// Deletes the events older than the newest `ClusterEvent.retained` (no transaction: two
+    /// trims at once delete the same keys).
+    private func trimEvents() async throws {
+        let keys = try await client.range(from: eventsPrefix, end: EtcdClient.prefixEnd(eventsPrefix), keysOnly: true).kvs.map(\.key)
+        guard keys.count > ClusterEvent.retained else { return }
+        try await write([.delete(eventsPrefix, rangeEnd: keys[keys.count - ClusterEvent.retained])])
+    }
+
+    public func recentEvents(limit: Int) async throws -> [ClusterEvent] {
+        Array(try await list(ClusterEvent.self, prefix: eventsPrefix).suffix(max(limit, 0)))
     }
 
     // MARK: leader lease

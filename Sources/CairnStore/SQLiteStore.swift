@@ -76,6 +76,9 @@ public final class SQLiteStore: MetadataStore {
                                                 PRIMARY KEY (node_id, volume_id));
                 """)
         }
+        migrator.registerMigration("v6-events") { db in
+            try db.execute(sql: "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, doc BLOB NOT NULL)")
+        }
         return migrator
     }
 
@@ -129,9 +132,11 @@ public final class SQLiteStore: MetadataStore {
     }
 
     public func removeNode(id: String) async throws {
+        let event = try Self.encode(StoreRules.nodeRemovedEvent(id))
         try await write { db in
             try db.execute(sql: "INSERT OR IGNORE INTO removed_nodes (id, removed_at) VALUES (?, ?)",
                            arguments: [id, Date().timeIntervalSince1970])
+            if db.changesCount > 0 { try Self.insertEvent(db, event) }
             try db.execute(sql: "DELETE FROM nodes WHERE id = ?", arguments: [id])
         }
         logger.notice("node removed", metadata: ["node": "\(id)"])
@@ -147,6 +152,27 @@ public final class SQLiteStore: MetadataStore {
 
     public func liveNodes() async throws -> [NodeRecord] {
         try await read { db in try Self.fetchAll(db, NodeRecord.self, "SELECT doc FROM nodes ORDER BY id") }
+    }
+
+    // MARK: events
+
+    public func appendEvent(_ event: ClusterEvent) async throws {
+        let doc = try Self.encode(event)
+        try await write { db in try Self.insertEvent(db, doc) }
+    }
+
+    /// Inserts an event and drops those beyond the newest `ClusterEvent.retained`.
+    private static func insertEvent(_ db: Database, _ doc: Data) throws {
+        try db.execute(sql: "INSERT INTO events (doc) VALUES (?)", arguments: [doc])
+        try db.execute(sql: "DELETE FROM events WHERE seq <= ? - ?",
+                       arguments: [db.lastInsertedRowID, ClusterEvent.retained])
+    }
+
+    public func recentEvents(limit: Int) async throws -> [ClusterEvent] {
+        try await read { db in
+            try Self.fetchAll(db, ClusterEvent.self, "SELECT doc FROM events ORDER BY seq DESC LIMIT ?", [max(limit, 0)])
+                .reversed()
+        }
     }
 
     // MARK: volumes

@@ -39,4 +39,10 @@ enum StoreRules {
         CairnError.failedPrecondition(
             "node \(id) was removed from the cluster (cairn node remove); its replicas were moved elsewhere. Give the machine a new --node-id to bring it back as a new node")
     }
+
+    /// The event both stores record with `removeNode`, in the same transaction.
+    static func nodeRemovedEvent(_ id: String) -> ClusterEvent {
+        ClusterEvent(kind: .nodeRemoved, nodeID: id,
+                     message: "node \(id) removed from the cluster (cairn node remove): its replicas are re-created on other nodes")
+    }
 }

@@ -105,6 +105,10 @@ struct Testbed: Sendable {
             "CAIRN_TESTBED_CONTROLLERS": controllers == 1 ? "" : String(controllers),
         ])
         guard started.status == 0 else {
+            // Refused because another bed is up (another test run's): that bed is not ours to remove.
+            if started.output.contains("a test bed is already up") {
+                throw FixtureError("scripts/testbed up --nodes \(nodes) was refused: \(started.output) (another run's bed; it was left alone. Wait for that run, or give this one its own CAIRN_TESTBED_DIR and CAIRN_TESTBED_PREFIX)")
+            }
             let cleanup = run(["down"])
             throw FixtureError("""
                 scripts/testbed up --nodes \(nodes) failed (exit status \(started.status)):

@@ -17,17 +17,21 @@ extension EngineFUSETests {
     final class RecoveryStore: Sendable {
         let inSync = Mutex<[String]>([])
         let progress = Mutex<[ResyncReport]>([])
+        /// What the engine reported for the status page.
+        let events = Mutex<[ClusterEvent]>([])
         let members: Mutex<[EngineReplica]>
 
         init(_ members: [EngineReplica]) { self.members = Mutex(members) }
 
         func hooks(rate: UInt64 = 0, scrub: UInt64 = 0) -> EngineRecovery {
-            EngineRecovery(
+            var hooks = EngineRecovery(
                 membership: { [self] in members.withLock { $0 } },
                 markInSync: { [self] node in inSync.withLock { $0.append(node) } },
                 reportProgress: { [self] _, report in if let report { progress.withLock { $0.append(report) } } },
                 throttle: ResyncThrottle(bytesPerSecond: rate), retryInterval: 0.2, membershipInterval: 0.2,
                 scrubBytesPerSecond: scrub, progressInterval: 0.2)
+            hooks.report = { [self] event in events.withLock { $0.append(event) } }
+            return hooks
         }
     }
 
@@ -148,6 +152,10 @@ extension EngineFUSETests {
         waitUntil(10, "the scrub to repair n2") { engine.state.repairedBlocks == 1 }
         XCTAssertEqual(fakes[1].bytes(block * 4096, 4096), [UInt8](repeating: 0x61, count: 4096))
         XCTAssertTrue(recorder.nodeIDs.isEmpty)
+        let events = store.events.withLock { $0 }
+        XCTAssertEqual(events.map(\.kind), [.repaired], "the status page hears of the repair")
+        XCTAssertEqual(events.first?.nodeID, "n2")
+        XCTAssertTrue(events.first?.message.contains("found by scrub") == true, events.first?.message ?? "")
     }
 
     func testTheThrottleHoldsItsRate() {

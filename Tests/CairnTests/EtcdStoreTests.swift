@@ -80,6 +80,10 @@ final class EtcdStoreTests: XCTestCase {
         try await StoreContract.aReplicaRejoinsRecordsProgressAndIsReplacedOnlyOutOfSync(makeStore())
     }
 
+    func testEventsAreKeptNewestLastAndBounded() async throws {
+        try await StoreContract.eventsAreKeptNewestLastAndBounded(makeStore())
+    }
+
     func testARemovedNodeCannotRegisterAgain() async throws {
         try await StoreContract.aRemovedNodeCannotRegisterAgain(makeStore())
     }

@@ -66,6 +66,41 @@ final class ReplicaRepairerTests: XCTestCase {
         _ = try await store.attach(volumeID: id, nodeID: replicas[0], readonly: false, accessMode: 7, exclusive: true, nodeLimit: 0)
     }
 
+    /// The status page's events: a removal and the re-replication it causes; a node that holds
+    /// replicas going away and coming back (each said once).
+    func testRemovalReplacementAndANodeAwayAndBackAreRecordedAsEvents() async throws {
+        try await volume("vol-e", replicas: ["n1", "n2", "n3"])
+        try await store.removeNode(id: "n3")
+        _ = try await repairer.scan()
+        try await waitForEvents([.nodeRemoved, .replicaOutOfSync, .replicaReplaced])
+        let replaced = try await store.recentEvents(limit: 10).first { $0.kind == .replicaReplaced }
+        XCTAssertEqual(replaced?.volumeID, "vol-e")
+        XCTAssertEqual(replaced?.nodeID, "n4")
+        XCTAssertTrue(replaced?.message.contains("in place of node n3") == true, replaced?.message ?? "")
+
+        // n5 holds a replica but is not registered: away; then it registers: back.
+        try await volume("vol-f", replicas: ["n1", "n2", "n5"])
+        _ = try await repairer.scan()
+        _ = try await repairer.scan()
+        try await waitForEvents([.nodeRemoved, .replicaOutOfSync, .replicaReplaced, .nodeAway])
+        try await store.registerNode(NodeRecord(id: "n5", topology: [:], maxVolumes: 0, dataAddress: "10.0.0.5:7410"))
+        _ = try await repairer.scan()
+        _ = try await repairer.scan()
+        try await waitForEvents([.nodeRemoved, .replicaOutOfSync, .replicaReplaced, .nodeAway, .nodeBack])
+    }
+
+    /// Events are appended in the background (each on its own, so in any order): waits until
+    /// the log holds `kinds`.
+    func waitForEvents(_ kinds: [ClusterEvent.Kind]) async throws {
+        var seen: [ClusterEvent.Kind] = []
+        for _ in 0..<100 {
+            seen = try await store.recentEvents(limit: 50).map(\.kind)
+            if seen.map(\.rawValue).sorted() == kinds.map(\.rawValue).sorted() { return }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        XCTFail("events \(seen), expected \(kinds)")
+    }
+
     func testARemovedNodesReplicaMovesToTheOnlyEligibleNodeEvenWhenItWasInSync() async throws {
         try await volume("vol-1", replicas: ["n1", "n2", "n3"])
         try await store.removeNode(id: "n3")

@@ -48,6 +48,10 @@ final class SQLiteStoreContractTests: XCTestCase {
         try await StoreContract.aReplicaRejoinsRecordsProgressAndIsReplacedOnlyOutOfSync(store)
     }
 
+    func testEventsAreKeptNewestLastAndBounded() async throws {
+        try await StoreContract.eventsAreKeptNewestLastAndBounded(store)
+    }
+
     func testARemovedNodeCannotRegisterAgain() async throws {
         try await StoreContract.aRemovedNodeCannotRegisterAgain(store)
     }

@@ -298,6 +298,30 @@ enum StoreContract {
         }
     }
 
+    /// The event log: oldest first, bounded to the newest `ClusterEvent.retained`; removing a
+    /// node records one event however often it is repeated.
+    static func eventsAreKeptNewestLastAndBounded(_ store: any MetadataStore) async throws {
+        try await store.registerNode(NodeRecord(id: "node-e", topology: [:], maxVolumes: 0, registeredAt: when))
+        try await store.removeNode(id: "node-e")
+        try await store.removeNode(id: "node-e")
+        var events = try await store.recentEvents(limit: 10)
+        XCTAssertEqual(events.map(\.kind), [.nodeRemoved])
+        XCTAssertEqual(events.first?.nodeID, "node-e")
+
+        let start = Date(timeIntervalSince1970: 1_800_000_000)
+        for i in 0..<(ClusterEvent.retained + 5) {
+            try await store.appendEvent(ClusterEvent(time: start.addingTimeInterval(Double(i)), kind: .replicaOutOfSync,
+                                                     volumeID: "vol-e", nodeID: "node-\(i)", message: "event \(i)"))
+        }
+        events = try await store.recentEvents(limit: 3)
+        XCTAssertEqual(events.map(\.message), ["event \(ClusterEvent.retained + 2)", "event \(ClusterEvent.retained + 3)",
+                                               "event \(ClusterEvent.retained + 4)"])
+        XCTAssertEqual(events.last?.time, start.addingTimeInterval(Double(ClusterEvent.retained + 4)))
+        let all = try await store.recentEvents(limit: 1000)
+        XCTAssertEqual(all.count, ClusterEvent.retained, "the log is bounded")
+        XCTAssertEqual(all.first?.message, "event 5", "the oldest went first")
+    }
+
     static func replicaDeletionsAreRecordedListedAndRemovedOnlyAsRead(_ store: any MetadataStore) async throws {
         let a2 = ReplicaDeletion(nodeID: "node-a", volumeID: "vol-2", reason: "volume vol-2 deleted", recordedAt: when)
         let a1 = ReplicaDeletion(nodeID: "node-a", volumeID: "vol-1", reason: "replaced", recordedAt: when)

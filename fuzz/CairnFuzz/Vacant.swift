@@ -32,6 +32,8 @@ struct VacantStore: MetadataStore {
     func removeReplicaDeletion(nodeID: String, volumeID: String, token: String?) async throws {}
     func removeNode(id: String) async throws {}
     func removedNodes() async throws -> [String] { [] }
+    func appendEvent(_ event: ClusterEvent) async throws { throw refuse() }
+    func recentEvents(limit: Int) async throws -> [ClusterEvent] { [] }
     func createSnapshot(_ snapshot: SnapshotRecord) async throws { throw refuse() }
     func updateSnapshot(_ snapshot: SnapshotRecord) async throws { throw refuse() }
     func snapshot(id: String) async throws -> SnapshotRecord? { nil }

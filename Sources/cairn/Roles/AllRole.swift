@@ -8,9 +8,10 @@ enum AllRole {
         let router = Router()
         let node = try await context.csiNode(on: router, throttle: context.oneMachineThrottle())
         // The node is this process: ControllerModifyVolume applies limits to its devices directly.
-        let leadership = try context.csiController(on: router, localLimits: node.throttle != nil ? node : nil)
+        let (leadership, status) = try context.csiController(on: router, localLimits: node.throttle != nil ? node : nil)
         var servers = [context.csiServer(router, leadership: leadership)]
         if let agent = try await context.agentServer(sharing: node) { servers.append(agent) }
-        try await context.serve(servers, leadership: leadership, background: [context.qosReconciler(node.throttle)].compactMap { $0 })
+        try await context.serve(servers, leadership: leadership, background: [context.qosReconciler(node.throttle)].compactMap { $0 },
+                                httpRoutes: [status])
     }
 }

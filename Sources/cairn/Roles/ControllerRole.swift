@@ -2,6 +2,7 @@ import CairnController
 import CairnCore
 import CairnRoutes
 import CairnRPC
+import CairnStatus
 
 /// `--role controller`: Identity + Controller (+ GroupController) on the CSI endpoint; with
 /// etcd, Controller calls and re-replication only while this process holds the leader lease.
@@ -10,16 +11,18 @@ enum ControllerRole {
         context.warnAboutMissingTools()
         let router = Router()
         context.reportNoOneMachineQoS(reason: "the controller runs apart from the node that stages volumes (--role controller)")
-        let leadership = try context.csiController(on: router)
+        let (leadership, status) = try context.csiController(on: router)
         let csi = context.csiServer(router, leadership: leadership)
-        try await context.serve([csi], leadership: leadership)
+        try await context.serve([csi], leadership: leadership, httpRoutes: [status])
     }
 }
 
 extension ServeContext {
     /// The CSI Controller and GroupController services on `router`; in cluster mode also the
-    /// leadership that runs re-replication (and, for `--role controller`, gates the calls).
-    func csiController(on router: Router, localLimits: (any LocalLimitEnforcement)? = nil) throws -> ControllerLeadership? {
+    /// leadership that runs re-replication (and, for `--role controller`, gates the calls). And
+    /// the status page (docs/status-page.md) for the `--metrics-address` listener.
+    func csiController(on router: Router, localLimits: (any LocalLimitEnforcement)? = nil) throws
+        -> (leadership: ControllerLeadership?, status: StatusRoutes.Installer) {
         let pool = try options.capacity.map(Serve.parseBytes) ?? Serve.filesystemBytes(options.dataDir)
         let controller = ControllerService(store: store, backing: backing, capacity: CapacityPolicy(poolBytes: pool),
                                            localNodeID: nodeID, localTopology: topology, locks: VolumeLocks(),
@@ -30,7 +33,10 @@ extension ServeContext {
                                            localLimits: localLimits)
         Routes.controller(controller, on: router)
         Routes.groupController(controller, on: router)
-        guard let etcd else { return nil }
+        let reader = ClusterStatusReader(store: store, localNodeID: etcd == nil ? nodeID : nil,
+                                         describe: { controller.condition($0).message })
+        let status = StatusRoutes.installer(reader, logger: logger)
+        guard let etcd else { return (nil, status) }
         // Re-replication acts on every volume: one process at a time, the lease holder.
         // A --role controller serves Controller calls only while it holds the lease too
         // (standbys answer UNAVAILABLE, Probe not ready); --role all serves them at once
@@ -48,6 +54,6 @@ extension ServeContext {
                 try lease.requireLeading()
             }
         }
-        return lease
+        return (lease, status)
     }
 }
