@@ -214,9 +214,17 @@ var targets: [Target] = [
         path: "fuzz/CairnFuzz",
         swiftSettings: swiftSettings
     ),
+    // What the operator commands show (`cairn volume|node|replica|snapshot list`, `volume watch`,
+    // `doctor`): views of the store's records, tables, units, progress bars. No I/O of its own.
+    .target(
+        name: "CairnCLI",
+        dependencies: ["CairnCore"],
+        swiftSettings: swiftSettings
+    ),
     .executableTarget(
         name: "cairn",
         dependencies: [
+            "CairnCLI",
             "CairnRoutes", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "CairnRPC", "CairnController",
             "CairnNode", "CairnAgent", "CairnCluster", "CairnReplica", "CairnReplicaControl", "CairnEngine", "CairnSecurity",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -240,7 +248,8 @@ var targets: [Target] = [
     .executableTarget(name: "cairn-nsexec", path: "Sources/cairn-nsexec"),
     .testTarget(
         name: "CairnTests",
-        dependencies: ["CairnReplica", "CairnReplicaControl", "CairnSecurity", "CairnProto", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec", "CairnFuzz"],
+        dependencies: ["CairnReplica", "CairnReplicaControl", "CairnSecurity", "CairnProto", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec", "CairnFuzz",
+                       "CairnCLI"],
         swiftSettings: swiftSettings
     ),
     .testTarget(
