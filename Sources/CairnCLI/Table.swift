@@ -43,3 +43,11 @@ public struct Table: Sendable {
         return text
     }
 }
+
+extension Table {
+    /// "name:  value" lines, the values aligned after the longest name (inspect's header).
+    public static func fields(_ fields: [(String, String)]) -> String {
+        let width = fields.map(\.0.count).max() ?? 0
+        return fields.map { "\($0.0):" + String(repeating: " ", count: width - $0.0.count + 1) + $0.1 + "\n" }.joined()
+    }
+}

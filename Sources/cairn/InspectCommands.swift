@@ -94,8 +94,7 @@ struct VolumeInspect: AsyncParsableCommand {
         if let source = d.contentSource { fields.append(("from", source)) }
         let parameters = d.parameters.merging(d.mutableParameters) { $1 }
         if !parameters.isEmpty { fields.append(("parameters", parameters.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))) }
-        let width = fields.map(\.0.count).max() ?? 0
-        var text = fields.map { "\($0.0):" + String(repeating: " ", count: width - $0.0.count + 1) + $0.1 + "\n" }.joined()
+        var text = Table.fields(fields)
 
         if let replicas = d.replicas {
             var table = Table([.init("NODE"), .init("ADDRESS"), .init("STATE"), .init("PROGRESS", .right), .init("DONE", .right),
@@ -196,8 +195,7 @@ struct NodeInspect: AsyncParsableCommand {
         if !d.topology.isEmpty { fields.append(("topology", d.topology.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))) }
         if let max = d.maxVolumes, max > 0 { fields.append(("max volumes", "\(max)")) }
         fields.append(("attached", d.attachedVolumes.isEmpty ? "none" : d.attachedVolumes.joined(separator: ", ")))
-        let width = fields.map(\.0.count).max() ?? 0
-        var text = fields.map { "\($0.0):" + String(repeating: " ", count: width - $0.0.count + 1) + $0.1 + "\n" }.joined()
+        var text = Table.fields(fields)
         if !d.replicas.isEmpty {
             text += "\nreplicas:\n" + ReplicaList.table(d.replicas, now: now)
         }

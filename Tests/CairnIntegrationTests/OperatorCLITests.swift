@@ -31,6 +31,7 @@ final class OperatorCLITests: XCTestCase {
             // it did not go.
             for pid in panes.split(separator: "\n").compactMap({ Int32($0) }) { kill(-pid, SIGKILL) }
             if let tmuxServer { kill(tmuxServer, SIGKILL) }
+            unlink("\(ProcessInfo.processInfo.environment["TMUX_TMPDIR"] ?? "/tmp")/tmux-\(getuid())/\(tmuxSocket)")
         }
         tmuxSocket = nil
         tmuxServer = nil

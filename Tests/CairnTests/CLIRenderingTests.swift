@@ -29,6 +29,10 @@ final class CLIRenderingTests: XCTestCase {
         XCTAssertEqual(Table([.init("A"), .init("BB", .right)]).render(), "A  BB\n")
     }
 
+    func testFieldsAlignTheirValues() {
+        XCTAssertEqual(Table.fields([("size", "1.0 GiB"), ("condition", "healthy")]), "size:      1.0 GiB\ncondition: healthy\n")
+    }
+
     // MARK: Units
 
     func testBytesUseBinaryUnitsWithOneDecimal() {
