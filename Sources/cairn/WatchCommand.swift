@@ -40,11 +40,28 @@ struct VolumeWatch: AsyncParsableCommand {
             let terminal = output == .table && isatty(STDOUT_FILENO) == 1
             var watcher = VolumeWatcher()
             var drawn = false
+            var failures = 0
+            var sampled = false
             while true {
-                guard let record = try await store.volume(id: volume) else {
+                let found: VolumeRecord?
+                do {
+                    found = try await store.volume(id: volume)
+                    failures = 0
+                } catch {
+                    // The store may be briefly away (an etcd leader change, a network blip): a
+                    // live view says so and keeps trying, for 30 samples in a row at most. A first
+                    // read that fails is a wrong flag more likely than a blip: it ends the watch.
+                    failures += 1
+                    guard sampled, failures < 30 else { throw error }
+                    FileHandle.standardError.write(Data("cannot read volume \(volume) from the store (try \(failures) of 30, again in \(String(format: "%g", interval)) s): \(RPCStatus.from(error).message)\n".utf8))
+                    try await Task.sleep(for: .seconds(interval))
+                    continue
+                }
+                guard let record = found else {
                     throw CairnError.notFound("volume \(volume) does not exist (or was deleted while watched); `cairn volume list` shows the volumes")
                 }
                 let sample = watcher.sample(record)
+                sampled = true
                 switch output {
                 case .json:
                     print(try JSONOutput.encode(sample, pretty: false))
