@@ -120,6 +120,11 @@ final class OperatorCLITests: XCTestCase {
         XCTAssertEqual(percents, percents.sorted(), "progress went backwards: \(percents)")
         let final = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(lines.last!.utf8)) as? [String: Any])
         XCTAssertEqual(final["condition"] as? String, "healthy")
+
+        // Not on a terminal (the bed's exec captures it): plain lines, no cursor movement.
+        let plain = try cli(["volume", "watch", volume])
+        XCTAssertTrue(plain.contains("\(volume) healthy 3/3 in sync") && plain.contains("every replica of \(volume) is in sync"), plain)
+        XCTAssertFalse(plain.contains("\u{1B}["), "escape sequences in plain output:\n\(plain)")
         try await bed.detach(volume, attached)
     }
 
