@@ -74,7 +74,7 @@ final class OperatorCLITests: XCTestCase {
         let json = Process()
         json.executableURL = URL(fileURLWithPath: "/usr/bin/nsenter")
         json.arguments = Array(watch.dropFirst()) + ["--output", "json"]
-        FileManager.default.createFile(atPath: jsonFile, contents: nil)
+        XCTAssertTrue(FileManager.default.createFile(atPath: jsonFile, contents: nil))
         json.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: jsonFile))
         try json.run()
         background = json
