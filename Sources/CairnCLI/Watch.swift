@@ -74,16 +74,19 @@ public struct WatchSample: Codable, Sendable, Equatable {
     public var condition: VolumeHealth.State
     public var message: String
     public var replicasInSync: Int
+    /// The replicas the volume has (1 for a one-machine volume, which lists none).
+    public var replicasTotal: Int
     public var replicas: [WatchedReplica]
 
     public init(time: Date, volumeID: String, epoch: UInt64, condition: VolumeHealth.State, message: String,
-                replicasInSync: Int, replicas: [WatchedReplica]) {
+                replicasInSync: Int, replicasTotal: Int, replicas: [WatchedReplica]) {
         self.time = time
         self.volumeID = volumeID
         self.epoch = epoch
         self.condition = condition
         self.message = message
         self.replicasInSync = replicasInSync
+        self.replicasTotal = replicasTotal
         self.replicas = replicas
     }
 
@@ -126,7 +129,7 @@ public struct VolumeWatcher: Sendable {
             replicas.append(w)
         }
         return WatchSample(time: now, volumeID: volume.id, epoch: volume.epoch.rawValue, condition: health.state,
-                           message: health.message, replicasInSync: health.inSync, replicas: replicas)
+                           message: health.message, replicasInSync: health.inSync, replicasTotal: health.total, replicas: replicas)
     }
 }
 
@@ -147,7 +150,7 @@ public enum WatchRendering {
 
     /// The whole screen: a header, a table of the replicas, a bar per tracked replica.
     public static func screen(_ s: WatchSample, interval: Double) -> [String] {
-        var lines = ["volume \(s.volumeID)  epoch \(s.epoch)  \(s.condition.rawValue)  \(s.replicasInSync)/\(s.replicas.count) in sync  (every \(Units.duration(interval)); \(timeOfDay(s.time)))",
+        var lines = ["volume \(s.volumeID)  epoch \(s.epoch)  \(s.condition.rawValue)  \(s.replicasInSync)/\(s.replicasTotal) in sync  (every \(Units.duration(interval)); \(timeOfDay(s.time)))",
                      s.message, ""]
         let width = s.replicas.map(\.nodeID.count).max() ?? 0
         for r in s.replicas {
@@ -161,7 +164,7 @@ public enum WatchRendering {
     /// Plain mode: one line per tracked replica, with the time; one line when nothing is out.
     public static func plainLines(_ s: WatchSample) -> [String] {
         let tracked = s.replicas.filter(\.tracked)
-        let head = "\(timeOfDay(s.time)) \(s.volumeID) \(s.condition.rawValue) \(s.replicasInSync)/\(s.replicas.count) in sync"
+        let head = "\(timeOfDay(s.time)) \(s.volumeID) \(s.condition.rawValue) \(s.replicasInSync)/\(s.replicasTotal) in sync"
         guard !tracked.isEmpty else { return [head] }
         return tracked.map { head + "  \($0.nodeID)  " + replicaLine($0) }
     }

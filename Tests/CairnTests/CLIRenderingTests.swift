@@ -132,6 +132,12 @@ final class CLIRenderingTests: XCTestCase {
         XCTAssertTrue(WatchRendering.replicaLine(s.replicas[1], barWidth: 12).hasPrefix("[==========]  100.0%"))
         XCTAssertTrue(WatchRendering.screen(s, interval: 1).contains { $0.contains("100.0%") })
         XCTAssertEqual(WatchRendering.plainLines(s).count, 1, "one line per tracked replica")
+
+        var local = VolumeWatcher()
+        let file = local.sample(volume(replicas: nil), at: t0)
+        XCTAssertTrue(file.allInSync)
+        XCTAssertTrue(WatchRendering.plainLines(file)[0].hasSuffix("vol-a healthy 1/1 in sync"), WatchRendering.plainLines(file)[0])
+        XCTAssertTrue(WatchRendering.screen(file, interval: 1).contains("a local file on one machine: nothing to resync"))
     }
 
     func testAWatchSampleIsOneJSONLineThatReadsBack() throws {
