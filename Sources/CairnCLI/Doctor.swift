@@ -95,6 +95,16 @@ public enum DoctorRules {
         return DoctorCheck("data-dir", .ok, detail)
     }
 
+    /// A certificate this machine presents (e.g. `--etcd-cert`): expired fails, under 30 days warns.
+    public static func certificate(_ name: String, path: String, notAfter: Date, now: Date = Date()) -> DoctorCheck {
+        let left = notAfter.timeIntervalSince(now)
+        let detail = "\(path) valid until \(notAfter.formatted(.iso8601))"
+        let fix = "issue a new certificate (e.g. `cairn cert issue NAME --ca-dir CA_DIR --out DIR`) into the same path"
+        if left <= 0 { return DoctorCheck(name, .fail, detail + ": expired", fix: fix) }
+        if left < 30 * 86400 { return DoctorCheck(name, .warn, detail + ": expires in \(Units.duration(left))", fix: fix) }
+        return DoctorCheck(name, .ok, detail + " (\(Units.duration(left)) left)")
+    }
+
     /// The first line of a tool's version output, trimmed ("mke2fs 1.47.0 (5-Feb-2023)").
     public static func versionLine(_ output: String) -> String {
         let lines = output.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }

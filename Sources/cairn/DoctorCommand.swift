@@ -4,6 +4,7 @@ import CairnCore
 import CairnEngine
 import CairnNode
 import CairnProcess
+import CairnSecurity
 import Foundation
 
 #if canImport(Glibc)
@@ -146,6 +147,13 @@ struct DoctorCommand: AsyncParsableCommand {
         let secure = endpoints.contains { $0.hasPrefix("https://") }
         let tls = secure ? (storeOptions.etcdTLS.cert != nil ? "TLS with a client certificate" : "TLS, no client certificate") : "plaintext (no TLS)"
         var checks: [DoctorCheck] = []
+        if let cert = storeOptions.etcdTLS.cert {
+            do {
+                checks.append(DoctorRules.certificate("etcd.cert", path: cert, notAfter: try CertificateInfo.read(cert).notAfter))
+            } catch {
+                checks.append(DoctorCheck("etcd.cert", .fail, "cannot read \(cert): \(error)", fix: "pass --etcd-cert a PEM certificate this process can read"))
+            }
+        }
         do {
             let store = try storeOptions.open()
             let nodes = try await store.liveNodes()

@@ -199,6 +199,10 @@ final class OperatorCLITests: XCTestCase {
         let etcd = try XCTUnwrap(checks.first { $0["name"] as? String == "etcd" })
         XCTAssertEqual(etcd["status"] as? String, "ok", "\(etcd)")
         XCTAssertNotNil(checks.first { $0["name"] as? String == "clock" }, "no clock check: \(checks)")
+        if bed.etcdArguments.contains("--etcd-cert") {
+            XCTAssertEqual(checks.first { $0["name"] as? String == "etcd.cert" }?["status"] as? String, "ok", "\(checks)")
+        }
+        print(try cli(["doctor"]))
         try await bed.controller.deleteSnapshot(snapshot)
     }
 

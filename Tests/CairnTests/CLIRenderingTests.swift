@@ -247,6 +247,9 @@ final class CLIRenderingTests: XCTestCase {
         XCTAssertEqual(DoctorRules.freeSpace(path: "/d", free: 1 << 20, total: 200 << 30).status, .fail)
         XCTAssertEqual(DoctorRules.versionLine("mke2fs 1.47.0 (5-Feb-2023)\n\tUsing EXT2FS Library version 1.47.0\n"), "mke2fs 1.47.0 (5-Feb-2023)")
         XCTAssertEqual(DoctorRules.versionLine("Usage: resize2fs [-d debug_flags] device\nresize2fs 1.47.0 (5-Feb-2023)"), "resize2fs 1.47.0 (5-Feb-2023)")
+        XCTAssertEqual(DoctorRules.certificate("c", path: "/c.pem", notAfter: t0.addingTimeInterval(90 * 86400), now: t0).status, .ok)
+        XCTAssertEqual(DoctorRules.certificate("c", path: "/c.pem", notAfter: t0.addingTimeInterval(86400), now: t0).status, .warn)
+        XCTAssertEqual(DoctorRules.certificate("c", path: "/c.pem", notAfter: t0, now: t0).status, .fail)
         let headers = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nDate: Thu, 03 Dec 2026 00:41:07 GMT\r\n\r\n{}"
         XCTAssertEqual(DoctorRules.httpDate(in: headers)?.timeIntervalSince1970, 1_796_258_467)
         XCTAssertNil(DoctorRules.httpDate(in: "HTTP/1.1 200 OK\r\n\r\n"))
