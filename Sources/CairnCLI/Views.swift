@@ -271,8 +271,16 @@ public struct ClusterView: Sendable {
 
     public static func read(from store: any MetadataStore, snapshots withSnapshots: Bool = false) async throws -> ClusterView {
         let volumes = try await store.listVolumes(afterID: nil, limit: 0)
-        var attachments: [String: [AttachmentRecord]] = [:]
-        for v in volumes { attachments[v.id] = try await store.attachments(volumeID: v.id) }
+        // One read per volume: 16 in flight, so a cluster of thousands lists in seconds.
+        let attachments = try await withThrowingTaskGroup(of: (String, [AttachmentRecord]).self) { group in
+            var all: [String: [AttachmentRecord]] = [:]
+            for (i, v) in volumes.enumerated() {
+                if i >= 16, let (id, list) = try await group.next() { all[id] = list }
+                group.addTask { (v.id, try await store.attachments(volumeID: v.id)) }
+            }
+            for try await (id, list) in group { all[id] = list }
+            return all
+        }
         return ClusterView(volumes: volumes, attachments: attachments, liveNodes: try await store.liveNodes(),
                            removedNodes: try await store.removedNodes(),
                            snapshots: withSnapshots ? try await store.listSnapshots(afterID: nil, limit: 0) : [])

@@ -208,7 +208,17 @@ final class CLIRenderingTests: XCTestCase {
         _ = try await store.attach(volumeID: "vol-b", nodeID: "n1", readonly: true, accessMode: 2, exclusive: false, nodeLimit: 0)
         try await store.createSnapshot(SnapshotRecord(id: "snap-1", name: "s", sourceVolumeID: "vol-a", sizeBytes: 1, readyToUse: true))
 
-        let cluster = try await ClusterView.read(from: store, snapshots: true)
+        for i in 0..<20 {
+            v.id = "vol-c\(i)"
+            v.name = "c\(i)"
+            try await store.createVolume(v)
+            _ = try await store.attach(volumeID: v.id, nodeID: "n\(i)", readonly: false, accessMode: 1, exclusive: false, nodeLimit: 0)
+        }
+
+        var cluster = try await ClusterView.read(from: store, snapshots: true)
+        XCTAssertEqual(cluster.attachments.count, 22, "every volume's attachments, read 16 at a time")
+        XCTAssertEqual((0..<20).map { cluster.attachments["vol-c\($0)"]?.map(\.nodeID) ?? [] }, (0..<20).map { ["n\($0)"] })
+        cluster.volumes.removeAll { $0.id.hasPrefix("vol-c") }
         XCTAssertEqual(cluster.volumes.map(\.id), ["vol-a", "vol-b"])
         XCTAssertEqual(cluster.replicas.map(\.nodeID), ["n1", "n2"])
         XCTAssertEqual(cluster.nodes.map(\.state), [.live, .away])
