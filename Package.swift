@@ -31,6 +31,9 @@ let dependencies: [Package.Dependency] = [
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
     .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+    .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+    .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+    .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
 ]
 
 var targets: [Target] = [
@@ -86,7 +89,10 @@ var targets: [Target] = [
     // Domain types, errors (one mapping to gRPC status), validation, the store protocol.
     .target(
         name: "CairnCore",
-        dependencies: ["CCairnBuildInfo", .product(name: "Logging", package: "swift-log")],
+        dependencies: [
+            "CCairnBuildInfo", .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+        ],
         swiftSettings: swiftSettings
     ),
     // CSI semantics shared by the services: access modes and capabilities (AccessRules), Identity.
@@ -153,7 +159,10 @@ var targets: [Target] = [
     // over POSIX files: no gRPC, no FUSE.
     .target(
         name: "CairnReplica",
-        dependencies: ["CairnCore", "CairnSecurity", "CCRC32C", "CDirectIO", .product(name: "Logging", package: "swift-log")],
+        dependencies: [
+            "CairnCore", "CairnSecurity", "CCRC32C", "CDirectIO", .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+        ],
         swiftSettings: swiftSettings
     ),
     // Two O_DIRECT writes in flight together (Linux native AIO, raw syscalls): a journaled
@@ -185,7 +194,10 @@ var targets: [Target] = [
     // importer of CFUSEShim.
     .target(
         name: "CairnEngine",
-        dependencies: ["CFUSEShim", "CairnReplica", "CairnCore", .product(name: "Logging", package: "swift-log")],
+        dependencies: [
+            "CFUSEShim", "CairnReplica", "CairnCore", .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+        ],
         swiftSettings: swiftSettings
     ),
     // Cluster mode's volume backing: replicas placed on nodes, an engine per staged volume.
@@ -221,10 +233,26 @@ var targets: [Target] = [
         dependencies: ["CairnCore"],
         swiftSettings: swiftSettings
     ),
+    // The process's metrics: the Prometheus registry behind swift-metrics (bootstrapped once by
+    // `cairn serve`), the HTTP listener of --metrics-address (GET /metrics, /healthz, and the
+    // routes other modules add to it), and the controller's gauges read from the store.
+    .target(
+        name: "CairnObservability",
+        dependencies: [
+            "CairnCore",
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "Logging", package: "swift-log"),
+        ],
+        swiftSettings: swiftSettings
+    ),
     .executableTarget(
         name: "cairn",
         dependencies: [
             "CairnCLI",
+            "CairnObservability",
             "CairnRoutes", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "CairnRPC", "CairnController",
             "CairnNode", "CairnAgent", "CairnCluster", "CairnReplica", "CairnReplicaControl", "CairnEngine", "CairnSecurity",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -249,6 +277,10 @@ var targets: [Target] = [
     .testTarget(
         name: "CairnTests",
         dependencies: ["CairnReplica", "CairnReplicaControl", "CairnSecurity", "CairnProto", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec", "CairnFuzz",
+                       "CairnObservability",
+                       .product(name: "Prometheus", package: "swift-prometheus"),
+                       .product(name: "Hummingbird", package: "hummingbird"),
+                       .product(name: "Metrics", package: "swift-metrics"),
                        "CairnCLI"],
         swiftSettings: swiftSettings
     ),

@@ -129,3 +129,16 @@ public enum Validate {
         return String(cString: p)
     }
 }
+
+/// "host:port" and "[ipv6]:port" split into their two parts (nil when the text has neither
+/// shape); the callers check the parts and say what a good address of theirs looks like.
+public enum HostPort {
+    public static func split(_ text: String) -> (host: Substring, port: Substring)? {
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") else { return nil }
+            return (text[text.index(after: text.startIndex)..<close], text[text.index(close, offsetBy: 2)...])
+        }
+        guard let colon = text.lastIndex(of: ":"), !text[..<colon].contains(":") else { return nil }
+        return (text[..<colon], text[text.index(after: colon)...])
+    }
+}

@@ -94,6 +94,7 @@ public final class EngineRegistry: Sendable {
                 // Failed before it reached the mount (the replicas): the kept connection waits
                 // for the next attempt (NodeStage retries).
                 if let unused = engine.takeUnusedResume() { kept.withLock { $0[volumeID] = unused } }
+                engine.metrics.destroy()
                 throw error
             }
             engines[volumeID] = engine

@@ -79,6 +79,7 @@ extension VolumeEngine {
                     "source": "\(good.nodeID)", "found.by": "\(reason)"])
             }
             repaired.wrappingAdd(repairedHere, ordering: .relaxed)
+            metrics.repairedBlocks.increment(by: Int64(repairedHere))
             return repairedHere
         } catch {
             if isFencing(error) {

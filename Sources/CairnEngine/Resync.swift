@@ -136,6 +136,7 @@ extension VolumeEngine {
                         sinceFlush += UInt64(bytes)
                     }
                     copiedBlocks += UInt64(run.count)
+                    metrics.resyncBytes.increment(by: Int64(bytes))
                     progress.bytesDone += UInt64(bytes)
                     let now = monotonicSeconds()
                     if now - rateWindow.at >= 1 {
@@ -163,6 +164,7 @@ extension VolumeEngine {
                                             generation: reserved, epoch: epoch)
                 }
                 copiedBlocks += 1
+                metrics.resyncBytes.increment(by: Int64(Self.blockSize))
             }
             progress.bytesTotal = progress.bytesDone
             progress.phase = .joining

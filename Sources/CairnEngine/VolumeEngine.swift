@@ -6,6 +6,7 @@ import Musl
 import CFUSEShim
 import CairnCore
 import CairnReplica
+import CoreMetrics
 import Logging
 import Synchronization
 
@@ -150,9 +151,10 @@ public final class VolumeEngine: Sendable {
     let unrepairable = Atomic<UInt64>(0)
     let scrubbed = Atomic<UInt64>(0)
     let scrubPasses = Atomic<UInt64>(0)
-    /// Serializes read-modify-write of partial blocks (rare: the loop device and filesystems
-    /// write whole 4 KiB blocks).
-    private let partialWrites = Mutex(())
+    /// Writes and trims of the same blocks wait for each other (OverlapGate.swift): every
+    /// replica then applies them in one order. Also what orders a partial block's
+    /// read-modify-write against other writes of that block.
+    let overlaps = OverlapGate()
     /// The write barrier (VolumeEngineControl.swift): 0 while open, else the monotonic deadline
     /// (ns) after which the hold lapses by itself.
     let holdDeadline = Atomic<UInt64>(0)
@@ -174,6 +176,8 @@ public final class VolumeEngine: Sendable {
     private let bytesRead = Atomic<UInt64>(0)
     private let bytesWritten = Atomic<UInt64>(0)
     private let errors = Atomic<UInt64>(0)
+    /// This volume's series on the process's metrics endpoint (VolumeMetrics.swift).
+    let metrics: VolumeMetrics
 
     public init(volumeID: String, sizeBytes: UInt64, epoch: UInt64, replicas: [EngineReplica], localNodeID: String,
                 mountDirectory: String,
@@ -181,7 +185,9 @@ public final class VolumeEngine: Sendable {
                 markOutOfSync: @escaping @Sendable (_ nodeID: String, _ reason: String) throws -> Void,
                 recovery: EngineRecovery? = nil,
                 keeper: FUSEKeeperClient? = nil, resume: KeptFUSE? = nil,
+                metricsFactory: any MetricsFactory = MetricsSystem.factory,
                 logger: Logger) {
+        self.metrics = VolumeMetrics(volumeID: volumeID, factory: metricsFactory)
         self.keeper = keeper
         self.resume.withLock { $0 = resume }
         self.volumeID = volumeID
@@ -408,6 +414,7 @@ public final class VolumeEngine: Sendable {
             life.members = []
             life.stopped = true
         }
+        metrics.destroy()
     }
 
     /// Grows the volume online to `newSize` (a multiple of 4 KiB; the same size is a no-op,
@@ -570,7 +577,8 @@ public final class VolumeEngine: Sendable {
 
     fileprivate func read(offset: UInt64, size: Int, into buffer: UnsafeMutableRawPointer) -> Int {
         if fenced.load(ordering: .relaxed) { return failed(EIO) }
-        limiter.admit(bytes: size)
+        let began = metrics.start()
+        metrics.throttled(nanoseconds: limiter.admit(bytes: size))
         let block = UInt64(Self.blockSize)
         let start = offset & ~(block - 1)
         let end = (offset + UInt64(size) + block - 1) & ~(block - 1)
@@ -589,6 +597,7 @@ public final class VolumeEngine: Sendable {
         guard result == 0 else { return failed(-result) }
         reads.wrappingAdd(1, ordering: .relaxed)
         bytesRead.wrappingAdd(UInt64(size), ordering: .relaxed)
+        metrics.read(bytes: size, since: began)
         return size
     }
 
@@ -618,18 +627,25 @@ public final class VolumeEngine: Sendable {
 
     fileprivate func write(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
         let block = UInt64(Self.blockSize)
-        limiter.admit(bytes: data.count)
-        enterGate()
-        defer { leaveGate() }
-        let result: Int32
-        if offset % block == 0 && UInt64(data.count) % block == 0 {
-            result = writeBlocks(offset: offset, data: data)
-        } else {
-            result = writePartial(offset: offset, data: data)
+        let began = metrics.start()
+        metrics.throttled(nanoseconds: limiter.admit(bytes: data.count))
+        let start = offset & ~(block - 1)
+        let end = (offset + UInt64(data.count) + block - 1) & ~(block - 1)
+        // Overlapping writes one after the other, then the snapshot barrier's gate (a write
+        // waiting for another is not yet in flight as the barrier counts it).
+        let result: Int32 = overlaps.with(start: start, end: end) {
+            enterGate()
+            defer { leaveGate() }
+            if offset % block == 0 && UInt64(data.count) % block == 0 {
+                return writeBlocks(offset: offset, data: data)
+            } else {
+                return writePartial(offset: offset, data: data)
+            }
         }
         if result != 0 { return Int32(failed(-result)) }
         writes.wrappingAdd(1, ordering: .relaxed)
         bytesWritten.wrappingAdd(UInt64(data.count), ordering: .relaxed)
+        metrics.write(bytes: data.count, since: began)
         return 0
     }
 
@@ -673,22 +689,23 @@ public final class VolumeEngine: Sendable {
     }
 
     /// A write that does not cover whole blocks: read the blocks, patch, write them whole.
+    /// The caller holds the blocks in `overlaps`, so no other write of them runs between the
+    /// read and the write.
     func writePartial(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
         let block = UInt64(Self.blockSize)
         let start = offset & ~(block - 1)
         let end = (offset + UInt64(data.count) + block - 1) & ~(block - 1)
-        return partialWrites.withLock { _ in
-            var blocks = [UInt8](repeating: 0, count: Int(end - start))
-            let read = blocks.withUnsafeMutableBytes { readBlocks(offset: start, into: $0) }
-            guard read == 0 else { return read }
-            blocks.withUnsafeMutableBytes { raw in
-                (raw.baseAddress! + Int(offset - start)).copyMemory(from: data.baseAddress!, byteCount: data.count)
-            }
-            return blocks.withUnsafeBytes { writeBlocks(offset: start, data: $0) }
+        var blocks = [UInt8](repeating: 0, count: Int(end - start))
+        let read = blocks.withUnsafeMutableBytes { readBlocks(offset: start, into: $0) }
+        guard read == 0 else { return read }
+        blocks.withUnsafeMutableBytes { raw in
+            (raw.baseAddress! + Int(offset - start)).copyMemory(from: data.baseAddress!, byteCount: data.count)
         }
+        return blocks.withUnsafeBytes { writeBlocks(offset: start, data: $0) }
     }
 
     func flush() -> Int32 {
+        let began = metrics.start()
         enterGate()
         defer { leaveGate() }
         let volumeID = volumeID, epoch = epoch
@@ -700,16 +717,25 @@ public final class VolumeEngine: Sendable {
         }
         if result != 0 { return Int32(failed(-result)) }
         flushes.wrappingAdd(1, ordering: .relaxed)
+        metrics.flush(since: began)
         return 0
     }
 
     /// Whole blocks inside the range are trimmed (one generation); the partial blocks at its
     /// edges are written with zeros, so the whole range reads as zeros.
     fileprivate func trim(offset: UInt64, length: UInt64) -> Int32 {
-        enterGate()
-        defer { leaveGate() }
         let block = UInt64(Self.blockSize)
         let end = offset + length
+        return overlaps.with(start: offset & ~(block - 1), end: (end + block - 1) & ~(block - 1)) {
+            enterGate()
+            defer { leaveGate() }
+            return trimHeld(offset: offset, end: end)
+        }
+    }
+
+    /// `trim` holding the blocks and the barrier's gate.
+    private func trimHeld(offset: UInt64, end: UInt64) -> Int32 {
+        let block = UInt64(Self.blockSize)
         let innerStart = (offset + block - 1) & ~(block - 1)
         let innerEnd = end & ~(block - 1)
         var result: Int32 = 0
@@ -922,6 +948,7 @@ public final class VolumeEngine: Sendable {
 
     func fence(by source: String, error: any Error) {
         if !fenced.exchange(true, ordering: .acquiringAndReleasing) {
+            metrics.fencingEvents.increment()
             logger.error("engine fenced: a newer epoch exists for this volume; every I/O now fails with EIO (the volume was attached elsewhere — unstage it here)", metadata: [
                 "by": "\(source)", "error": "\(error)"])
         }

@@ -12,14 +12,6 @@ import CairnReplica
 import Logging
 import Synchronization
 
-/// Monotonic nanoseconds (CLOCK_MONOTONIC: not moved by wall-clock changes).
-@inline(__always)
-func monotonicNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-}
-
 private func nanoseconds(_ d: Duration) -> UInt64 {
     let (s, atto) = d.components
     guard s >= 0 else { return 0 }
@@ -208,13 +200,14 @@ final class IOLimiter: Sendable {
         active.store(iops > 0 || bandwidth > 0, ordering: .releasing)
     }
 
+    /// Waits as long as the limits say; returns the nanoseconds waited.
     @inline(__always)
-    func admit(bytes: Int) {
-        guard active.load(ordering: .relaxed) else { return }
-        admitLimited(bytes: bytes)
+    func admit(bytes: Int) -> UInt64 {
+        guard active.load(ordering: .relaxed) else { return 0 }
+        return admitLimited(bytes: bytes)
     }
 
-    private func admitLimited(bytes: Int) {
+    private func admitLimited(bytes: Int) -> UInt64 {
         let wait: UInt64 = buckets.withLock { b in
             let now = monotonicNanoseconds()
             var wait: UInt64 = 0
@@ -229,5 +222,6 @@ final class IOLimiter: Sendable {
             return wait
         }
         if wait > 0 { sleepNanoseconds(wait) }
+        return wait
     }
 }

@@ -102,6 +102,10 @@ private final class InFlightCall: Sendable {
 }
 
 final class ServerCore: Sendable {
+    /// Every CSI call's duration by method and answer (docs/metrics.md); the agent's and
+    /// ReplicaControl's calls pass through the same dispatch and are not counted here.
+    static let csiOperations = TimerFamily(label: "cairn_csi_operations_seconds", labelNames: ["method", "grpc_status_code"])
+
     let router: Router
     let logger: Logger
     private let calls = Mutex<[UInt64: InFlightCall]>([:])
@@ -127,10 +131,15 @@ final class ServerCore: Sendable {
             var message = ""
             var response: [UInt8] = []
             if let handler = router.handler(for: method) {
+                let began = MetricsClock.now()
                 do {
                     response = try await handler(request, context)
                 } catch {
                     (code, message) = RPCStatus.from(error)
+                }
+                // Registered methods only: a client's made-up names never become series.
+                if method.hasPrefix("/csi.v1.") {
+                    Self.csiOperations.record([method, "\(code)"], since: began)
                 }
             } else {
                 code = .unimplemented

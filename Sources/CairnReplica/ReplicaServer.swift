@@ -2,8 +2,9 @@
 // replica in `<data-dir>/replicas/<volume-id>/`.
 //
 // Owns: the listening socket, one reader thread per connection (decodes frames, enforces
-// "hello first", runs writes up to 64 KiB itself and hands every other request to a fixed pool
-// of worker threads so many run at once), the per-connection
+// "hello first", runs a lone write of up to 64 KiB itself when nothing else of the connection is
+// running and hands every other request to a fixed pool of worker threads so many run at
+// once), the per-connection
 // write lock (responses go out whole, possibly out of order), the registry of open
 // `ReplicaStore`s (one per volume, shared by every connection, opened lazily, closed at stop),
 // the table of op handlers (one per `DataOp`, registered with `handler(Op.self)`) and the
@@ -53,7 +54,11 @@ public final class ReplicaServer: Sendable {
     /// Requests one connection may have running at once; the reader stops reading beyond it.
     public static let maxInFlightPerConnection = 64
     static let receiveBufferSize = 1 << 20
-    /// Writes up to this size are handled on the connection's reader thread.
+    /// Writes up to this size are handled on the connection's reader thread when nothing else
+    /// of the connection is running and no other frame is waiting (queue depth 1: a hand-off
+    /// to a worker and back would cost more than the write). Otherwise they go to the workers:
+    /// a journaled write waits for the device, and one at a time per connection would cap a
+    /// replica at one write per device round trip.
     static let inlineWriteLimit = 64 << 10
 
     public let dataDir: String
@@ -86,6 +91,8 @@ public final class ReplicaServer: Sendable {
     }
     /// Runs every connection's requests (see `WorkerPool` for why not Dispatch).
     private let workers: WorkerPool
+    /// Request durations and errors by op, on the process's metrics endpoint.
+    let metrics = ReplicaRequestMetrics()
     public static let workerThreads = 32
     /// Entered by the accept thread and by every connection thread; `stop` waits on it.
     private let threads = DispatchGroup()
@@ -257,6 +264,8 @@ public final class ReplicaServer: Sendable {
         let log = connectionLog
         let inFlight = DispatchSemaphore(value: Self.maxInFlightPerConnection)
         let running = DispatchGroup()
+        // Requests of this connection on the workers now.
+        let onWorkers = WorkerCount()
         defer {
             c.shutdown()
             running.wait()
@@ -302,7 +311,7 @@ public final class ReplicaServer: Sendable {
                 log.warning("closing connection: \(error.reason)")
                 return
             }
-            for frame in frames {
+            for (index, frame) in frames.enumerated() {
                 guard !frame.isResponse else {
                     log.warning("closing connection: the peer sent a \(frame.opcode) response (request id \(frame.requestID)); a replica server only takes requests")
                     return
@@ -330,17 +339,22 @@ public final class ReplicaServer: Sendable {
                     log.warning("closing connection: the first frame must be hello, got \(frame.opcode) (request id \(frame.requestID))")
                     return
                 }
-                if let m = frame.request(DataOp.Write.self), m.data.count <= Self.inlineWriteLimit {
-                    // Small writes run on this thread: a hand-off to a worker and back costs
-                    // more CPU than the write itself on a busy node. Larger ones (and reads,
-                    // flushes, claims) go to the pool so a slow one does not stall the rest.
+                // A lone small write (queue depth 1) runs on this thread. Everything else —
+                // writes with others in flight or behind them, larger ones, reads, flushes,
+                // claims — goes to the pool, so a slow one does not stall the rest and writes
+                // wait for the device in parallel. (Order between them does not matter: the
+                // engine never has two writes of one block in flight, OverlapGate.swift.)
+                if index == frames.count - 1, onWorkers.value.load(ordering: .acquiring) == 0,
+                   let m = frame.request(DataOp.Write.self), m.data.count <= Self.inlineWriteLimit {
                     c.send(handle(frame, peerVersion: peerVersion, peer: c.channel?.peer, logger: log))
                     continue
                 }
                 inFlight.wait()
                 running.enter()
+                onWorkers.value.wrappingAdd(1, ordering: .relaxed)
                 workers.submit { [self, peerVersion] in
                     defer {
+                        onWorkers.value.wrappingSubtract(1, ordering: .releasing)
                         inFlight.signal()
                         running.leave()
                     }
@@ -507,6 +521,8 @@ public final class ReplicaServer: Sendable {
             return Frame(requestID: frame.requestID, epoch: failure.epoch,
                          body: .response(DataOp.operation(frame.opcode)?.failureResponse(failure) ?? frame.message))
         }
+        let began = metrics.start()
+        defer { metrics.served(frame.opcode, since: began) }
         return handler(self, frame, context)
     }
 
@@ -515,6 +531,7 @@ public final class ReplicaServer: Sendable {
     /// peer that takes it. Logged here, once for every op.
     private func failure(_ error: any Error, frame: Frame, context: RequestContext) -> ReplyFailure {
         let (status, message) = Self.replyStatus(for: error)
+        metrics.failed(frame.opcode)
         var failure = ReplyFailure(status: status, message: message, epoch: context.epoch, requestFlags: context.requestFlags)
         if case let ReplicaError.staleEpoch(seen, _) = error { failure.epoch = seen }
         if case let ReplicaError.checksumMismatch(block) = error, context.peerVersion >= 2 { failure.damagedBlock = block }
@@ -757,6 +774,11 @@ public final class ReplicaServer: Sendable {
             logger.info("replica deleted", metadata: ["volume.id": "\(volume)"])
         }
     }
+}
+
+/// How many of a connection's requests the workers are running.
+final class WorkerCount: Sendable {
+    let value = Atomic<Int>(0)
 }
 
 /// One accepted connection: the descriptor, and the lock that keeps responses whole.

@@ -196,20 +196,10 @@ public struct ReplicaAddress: Sendable, Hashable, CustomStringConvertible {
 
     /// Parses "host:port" or "[ipv6]:port"; the port is required (1–65535).
     public init(_ string: String) throws {
-        let host: Substring
-        let portText: Substring
-        if string.hasPrefix("[") {
-            guard let close = string.firstIndex(of: "]"), string[string.index(after: close)...].hasPrefix(":") else {
-                throw CairnError.invalidArgument("replica address \"\(string)\" must look like [ipv6]:port")
-            }
-            host = string[string.index(after: string.startIndex)..<close]
-            portText = string[string.index(close, offsetBy: 2)...]
-        } else {
-            guard let colon = string.lastIndex(of: ":"), !string[..<colon].contains(":") else {
-                throw CairnError.invalidArgument("replica address \"\(string)\" must look like host:port (IPv6 in brackets: [::1]:7420)")
-            }
-            host = string[..<colon]
-            portText = string[string.index(after: colon)...]
+        guard let (host, portText) = HostPort.split(string) else {
+            throw CairnError.invalidArgument(string.hasPrefix("[")
+                ? "replica address \"\(string)\" must look like [ipv6]:port"
+                : "replica address \"\(string)\" must look like host:port (IPv6 in brackets: [::1]:7420)")
         }
         guard !host.isEmpty else { throw CairnError.invalidArgument("replica address \"\(string)\" has no host") }
         guard let port = UInt16(portText), port != 0 else {

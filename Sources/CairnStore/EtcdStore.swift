@@ -136,28 +136,34 @@ public final class EtcdStore: MetadataStore, LeaderElection {
     }
 
     private func get<T: Decodable>(_ type: T.Type, _ key: String) async throws -> T? {
-        try await client.get(key).kv.map { try decode(type, $0) }
+        try await StoreMetrics.timed("etcd", "get") { try await client.get(key) }.kv.map { try decode(type, $0) }
     }
 
     private func list<T: Decodable>(_ type: T.Type, prefix: String) async throws -> [T] {
-        try await client.range(from: prefix, end: EtcdClient.prefixEnd(prefix)).kvs.map { try decode(type, $0) }
+        try await StoreMetrics.timed("etcd", "range") {
+            try await client.range(from: prefix, end: EtcdClient.prefixEnd(prefix))
+        }.kvs.map { try decode(type, $0) }
     }
 
     /// Commits `ops` as one transaction with no condition.
     private func write(_ ops: [Etcdserverpb_RequestOp]) async throws {
         var request = Etcdserverpb_TxnRequest()
         request.success = ops
-        _ = try await client.txn(request)
+        _ = try await StoreMetrics.timed("etcd", "write") { try await client.txn(request) }
     }
 
     /// Runs `body` (reads through the transaction, then queues writes) and commits it if nothing
     /// it read changed meanwhile; otherwise runs it again. A body that queues no write commits
     /// nothing.
     private func transact<T>(_ what: String, _ body: (EtcdTransaction) async throws -> T) async throws -> T {
+        // One sample per transaction, its retries included: what the caller waited.
+        let began = MetricsClock.now()
+        defer { StoreMetrics.transactions.record(["etcd", "txn"], since: began) }
         for attempt in 1...Self.maxAttempts {
             let txn = EtcdTransaction(client: client)
             let result = try await body(txn)
             if try await txn.commit() { return result }
+            StoreMetrics.conflicts.increment(["etcd"])
             logger.debug("etcd transaction conflicted; retrying", metadata: ["operation": "\(what)", "attempt": "\(attempt)"])
             try await Task.sleep(for: .milliseconds(Int.random(in: 5...(10 + 10 * attempt))))
         }

@@ -96,14 +96,23 @@ public final class SQLiteStore: MetadataStore {
     }
 
     private func read<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
-        do { return try await pool.read(body) } catch let e as CairnError { throw e } catch {
+        do { return try await StoreMetrics.timed("sqlite", "read") { try await pool.read(body) } } catch let e as CairnError { throw e } catch {
+            Self.countConflict(error)
             throw CairnError.unavailable("metadata store read failed: \(error)")
         }
     }
 
     private func write<T: Sendable>(_ body: @escaping @Sendable (Database) throws -> T) async throws -> T {
-        do { return try await pool.write(body) } catch let e as CairnError { throw e } catch {
+        do { return try await StoreMetrics.timed("sqlite", "write") { try await pool.write(body) } } catch let e as CairnError { throw e } catch {
+            Self.countConflict(error)
             throw CairnError.unavailable("metadata store write failed: \(error)")
+        }
+    }
+
+    /// Another connection held the database past the busy timeout: SQLite's kind of conflict.
+    private static func countConflict(_ error: any Error) {
+        if let error = error as? DatabaseError, error.resultCode == .SQLITE_BUSY || error.resultCode == .SQLITE_LOCKED {
+            StoreMetrics.conflicts.increment(["sqlite"])
         }
     }
 

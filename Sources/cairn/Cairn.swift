@@ -5,6 +5,7 @@ import CairnController
 import CairnCore
 import CairnEngine
 import CairnNode
+import CairnObservability
 import CairnReplica
 import CairnRPC
 import CairnStore
@@ -112,6 +113,9 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("scrub-rate"), help: "MB/s at which the engine of a staged volume verifies every replica's checksums in the background, repairing bad blocks from another replica; 0 = no scrub (--store etcd).")
     var scrubRate: Double = 8
 
+    @Option(name: .customLong("metrics-address"), help: "HOST:PORT where this process serves its metrics (GET /metrics, Prometheus text format) and GET /healthz — and, on the controller and all roles, the status page; every role; port 0 picks a free one (logged). Default: none (no listener, no metrics recorded). docs/metrics.md lists the metrics.")
+    var metricsAddress: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
@@ -164,9 +168,12 @@ struct Serve: AsyncParsableCommand {
             throw ValidationError("--target-namespace-pid is for the node and all roles")
         }
         let agentEndpoint = try agentEndpoint()
+        let metrics = try metricsAddress.map(Serve.parseMetricsAddress)
+        // Before any role builds an instrument: those made earlier record into swift-metrics' no-op.
+        if metrics != nil { _ = ProcessMetrics.registry }
 
         let context = try await ServeContext.make(self, logger: logger, endpoint: endpoint, nodeID: nodeID, topology: topology,
-                                                  roots: roots, agentEndpoint: agentEndpoint)
+                                                  roots: roots, agentEndpoint: agentEndpoint, metricsAddress: metrics)
         switch role {
         case .controller: try await ControllerRole.run(context)
         case .node: try await NodeRole.run(context)
@@ -233,6 +240,13 @@ struct Serve: AsyncParsableCommand {
         guard let fd = UnixSocket.connect(path, type: Int32(SOCK_STREAM.rawValue)) else { return false }
         close(fd)
         return true
+    }
+
+    /// `--metrics-address` (also `cairn replica serve`'s) as a listener address, or a ValidationError.
+    static func parseMetricsAddress(_ text: String) throws -> MetricsAddress {
+        do { return try MetricsAddress(parsing: text) } catch let error as CairnError {
+            throw ValidationError(error.message)
+        }
     }
 
     static func parseBytes(_ text: String) throws -> Int64 {

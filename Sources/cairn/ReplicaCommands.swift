@@ -1,5 +1,6 @@
 import ArgumentParser
 import CairnCore
+import CairnObservability
 import CairnReplica
 import Foundation
 import Logging
@@ -36,10 +37,15 @@ struct ReplicaServeCommand: AsyncParsableCommand {
 
     @OptionGroup var security: DataSecurityOptions
 
+    @Option(name: .customLong("metrics-address"), help: "HOST:PORT where to serve GET /metrics (the replica server's request metrics) and /healthz; default none.")
+    var metricsAddress: String?
+
     @Option(help: "Log level.")
     var logLevel: String = "info"
 
     func run() async throws {
+        let metrics = try metricsAddress.map(Serve.parseMetricsAddress)
+        if metrics != nil { _ = ProcessMetrics.registry }  // before the server makes its instruments
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { LogfmtHandler(label: $0, level: level) }
         var logger = Logger(label: "cairn.replica-server")
@@ -63,8 +69,10 @@ struct ReplicaServeCommand: AsyncParsableCommand {
             }
         }
         logger.info("serving replicas", metadata: ["data.address": "\(address.host):\(server.boundPort)"])
+        var services: [any Service] = metrics.map { [ObservabilityServer(address: $0, logger: logger, registry: ProcessMetrics.registry)] } ?? []
+        services.append(UntilShutdown.replicaServer(server, logger: logger))
         let group = ServiceGroup(configuration: .init(
-            services: [.init(service: UntilShutdown.replicaServer(server, logger: logger))],
+            services: services.map { .init(service: $0) },
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         try await group.run()

@@ -17,6 +17,8 @@ import ServiceLifecycle
 //                          ones finish; their mounts outlive the process (the keeper)
 //   5. replicaServer       stop serving this node's replicas to other nodes' engines
 //   6. storeLeases         end the node registration's keep-alive and revoke it
+//   7. observability       the --metrics-address listener (CairnObservability), first up and last
+//                          down; the controller's cluster gauges stop with the background work
 
 /// A service that logs its start and stop, for the start-up and shutdown sequence to read in
 /// the log.

@@ -83,10 +83,11 @@ struct Testbed: Sendable {
     /// Builds a bed of `nodes` nodes with the `cairn` next to the test bundle (`withCairn: false`:
     /// network and etcd only). Skips the test when not root. When `up` fails, runs `down` and
     /// throws with up's output (it ends with the failing process's log).
-    /// `nodeArgs`/`controllerArgs`: extra `cairn serve` flags (kept across `restart`).
+    /// `nodeArgs`/`controllerArgs`: extra `cairn serve` flags (kept across `restart`); `agentArgs`
+    /// go to a split node's agent only, after `nodeArgs` (a flag given in both: the agent's wins).
     /// `controllers: 2` adds `controller2`, a standby waiting for the leader lease.
     static func up(nodes: Int, withCairn: Bool = true, pathRoots: [String] = [], nodeArgs: [String] = [],
-                   controllerArgs: [String] = [], controllers: Int = 1) throws -> Testbed {
+                   agentArgs: [String] = [], controllerArgs: [String] = [], controllers: Int = 1) throws -> Testbed {
         if getuid() != 0 {
             throw XCTSkip("the test bed makes network namespaces, mounts and loop devices: run the tests as root")
         }
@@ -99,6 +100,7 @@ struct Testbed: Sendable {
         for root in pathRoots { arguments += ["--path-root", root] }
         let started = run(arguments, environment: [
             "CAIRN_TESTBED_NODE_ARGS": nodeArgs.joined(separator: " "),
+            "CAIRN_TESTBED_AGENT_ARGS": agentArgs.joined(separator: " "),
             "CAIRN_TESTBED_CONTROLLER_ARGS": controllerArgs.joined(separator: " "),
             "CAIRN_TESTBED_CONTROLLERS": controllers == 1 ? "" : String(controllers),
         ])

@@ -212,6 +212,29 @@ final class ReplicaJournalTests: XCTestCase {
         XCTAssertEqual(Set(generations[80..<100]), [3 | BlockGenerations.trimmedBit], "a trim is recorded as a trim")
     }
 
+    /// A new journal's blocks are written (zeros), not just allocated: an append into an
+    /// *unwritten* extent makes its fdatasync commit the extent's conversion too — a filesystem
+    /// journal commit per flush on every fresh replica. `filefrag -v` flags such extents.
+    func testANewJournalHasNoUnwrittenExtents() throws {
+        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 64 << 20)
+        defer { try? store.close() }
+        let filefrag = Process()
+        filefrag.executableURL = URL(fileURLWithPath: "/usr/sbin/filefrag")
+        guard FileManager.default.isExecutableFile(atPath: filefrag.executableURL!.path) else {
+            throw XCTSkip("filefrag (e2fsprogs) is not installed")
+        }
+        filefrag.arguments = ["-v", journalPath]
+        let pipe = Pipe()
+        filefrag.standardOutput = pipe
+        filefrag.standardError = pipe
+        try filefrag.run()
+        let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        filefrag.waitUntilExit()
+        guard filefrag.terminationStatus == 0 else { throw XCTSkip("filefrag cannot map this filesystem: \(output)") }
+        XCTAssertTrue(output.contains(" found"), output)
+        XCTAssertFalse(output.contains("unwritten"), "the journal still has unwritten extents:\n\(output)")
+    }
+
     func testTheSuperblockSaysJournaledWhileOpenAndPlainAfterAnOrderlyClose() throws {
         let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
         try store.write(offset: 0, data: pattern(blocks: 1, seed: 1), generation: 1, epoch: 0)

@@ -6,6 +6,7 @@ import CairnCore
 import CairnEngine
 import CairnLocal
 import CairnNode
+import CairnObservability
 import CairnProcess
 import CairnReplica
 import CairnRoutes
@@ -59,13 +60,15 @@ struct ServeContext {
     /// Replicas the controller could not delete while this node was away (a lifecycle
     /// service, with the process that serves this node's replicas).
     let sweeper: ReplicaSweeper?
+    /// `--metrics-address`: where the observability listener serves; nil: none.
+    let metricsAddress: MetricsAddress?
 
     var role: Role { options.role }
 
     /// Opens the store and builds the backing, the mounter and the replica server (listening
     /// before the node registers, so the bound port is recorded).
     static func make(_ options: Serve, logger: Logger, endpoint: String, nodeID: String, topology: [String: String],
-                     roots: [String], agentEndpoint: String?) async throws -> ServeContext {
+                     roots: [String], agentEndpoint: String?, metricsAddress: MetricsAddress?) async throws -> ServeContext {
         let role = options.role
         let dataDir = options.dataDir
         try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true,
@@ -168,7 +171,7 @@ struct ServeContext {
                             roots: roots, agentEndpoint: agentEndpoint, security: security, etcd: etcd, store: store, localFiles: localFiles,
                             backing: backing, runsEngines: runsEngines, inProcessAgent: inProcessAgent,
                             splitNode: splitNode, linux: linux, replicaServer: replicaServer, control: control, nodeRecord: nodeRecord,
-                            sweeper: sweeper)
+                            sweeper: sweeper, metricsAddress: metricsAddress)
     }
 
     /// Refuses to start with a certificate that is not this process's: a node's must name this
@@ -219,7 +222,9 @@ struct ServeContext {
     }
 
     /// Runs `servers` and the background services in one ServiceGroup until SIGTERM/SIGINT.
-    func serve(_ roleServers: [ServedEndpoint], leadership: ControllerLeadership?, background: [any Service] = []) async throws {
+    /// `httpRoutes`: what the role adds to the `--metrics-address` listener (the status page).
+    func serve(_ roleServers: [ServedEndpoint], leadership: ControllerLeadership?, background: [any Service] = [],
+               httpRoutes: [RouteInstaller] = []) async throws {
         // The ReplicaControl service goes with the replica server, whichever role serves it.
         let servers = roleServers + (control.map { [$0.served] } ?? [])
         logger.info("cairn starting", metadata: [
@@ -232,6 +237,11 @@ struct ServeContext {
         // Started in this order, shut down in the reverse one (Services.swift): calls first,
         // then leader and background work, the replica server, and the store's leases last.
         var services: [any Service] = []
+        // First up, last down: metrics are readable for the whole start-up and shutdown.
+        if let metricsAddress {
+            services.append(ObservabilityServer(address: metricsAddress, logger: logger, registry: ProcessMetrics.registry,
+                                                routes: httpRoutes))
+        }
         if let etcd { services.append(UntilShutdown.storeLeases(etcd, logger: logger)) }
         // (Started after the replica server, so stopped before it: engines use this node's
         // replicas in process.)
@@ -239,6 +249,10 @@ struct ServeContext {
         if runsEngines { services.append(UntilShutdown.enginesKept(backing as? ReplicatedBacking, logger: logger)) }
         if let sweeper { services.append(BackgroundLoop.sweeper(sweeper, logger: logger)) }
         if let leadership { services.append(BackgroundLoop.leadership(leadership, logger: logger)) }
+        // The cluster's state as gauges, from the store: every controller exports them.
+        if metricsAddress != nil && (role == .controller || role == .all) {
+            services.append(ClusterGauges(store: store, logger: logger))
+        }
         services += background
         services.append(RPCServers(servers: servers, grace: .seconds(options.shutdownGrace), logger: logger))
         let group = ServiceGroup(configuration: .init(
