@@ -237,6 +237,13 @@ var targets: [Target] = [
         path: "fuzz/CairnFuzz",
         swiftSettings: swiftSettings
     ),
+    // What the operator commands show (`cairn volume|node|replica|snapshot list`, `volume watch`,
+    // `doctor`): views of the store's records, tables, units, progress bars. No I/O of its own.
+    .target(
+        name: "CairnCLI",
+        dependencies: ["CairnCore"],
+        swiftSettings: swiftSettings
+    ),
     // The process's metrics: the Prometheus registry behind swift-metrics (bootstrapped once by
     // `cairn serve`), the HTTP listener of --metrics-address (GET /metrics, /healthz, and the
     // routes other modules add to it), and the controller's gauges read from the store.
@@ -255,6 +262,7 @@ var targets: [Target] = [
     .executableTarget(
         name: "cairn",
         dependencies: [
+            "CairnCLI",
             "CairnObservability",
             "CairnRoutes", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "CairnRPC", "CairnController",
             "CairnNode", "CairnAgent", "CairnCluster", "CairnReplica", "CairnReplicaControl", "CairnEngine", "CairnSecurity",
@@ -284,7 +292,8 @@ var targets: [Target] = [
                        "CairnObservability", "CairnStatus",
                        .product(name: "Prometheus", package: "swift-prometheus"),
                        .product(name: "Hummingbird", package: "hummingbird"),
-                       .product(name: "Metrics", package: "swift-metrics")],
+                       .product(name: "Metrics", package: "swift-metrics"),
+                       "CairnCLI"],
         swiftSettings: swiftSettings
     ),
     .testTarget(

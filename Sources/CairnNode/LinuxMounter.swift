@@ -18,6 +18,10 @@ public struct LinuxMounter: Mounter {
     /// so the volume lock is released and the error reaches the CO. mkfs and fsck get longer.
     static let quickTimeout: Duration = .seconds(120)
 
+    /// Every tool this mounter runs: start-up warns about a missing one, `cairn doctor` checks
+    /// them and their versions. The xfs ones matter only for xfs volumes.
+    public static let tools = ["losetup", "mount", "umount", "blkid", "mkfs.ext4", "fsck.ext4", "resize2fs", "mkfs.xfs", "xfs_growfs"]
+
     let logger: Logger
     /// Where the kernel's block-device directories live (a test may point it elsewhere).
     let sysBlock: String

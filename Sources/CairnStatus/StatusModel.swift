@@ -40,7 +40,7 @@ public struct VolumeStatus: Codable, Sendable, Equatable {
     public var name: String
     public var sizeBytes: Int64
     public var epoch: UInt64
-    public var condition: VolumeHealth
+    public var condition: VolumeHealth.State
     /// The CSI volume condition's message (ControllerGetVolume says the same).
     public var message: String
     public var minInSync: Int

@@ -19,7 +19,8 @@ struct Cairn: AsyncParsableCommand {
         commandName: "cairn",
         abstract: "Cairn: replicated block volumes for stateful services, over CSI.",
         version: CairnVersion.version,
-        subcommands: [Serve.self, VolumeCommand.self, NodeCommand.self, ReplicaCommand.self, FUSEKeeperCommand.self, CACommand.self, CertCommand.self]
+        subcommands: [Serve.self, VolumeCommand.self, NodeCommand.self, ReplicaCommand.self, SnapshotCommand.self, DoctorCommand.self,
+                      FUSEKeeperCommand.self, CACommand.self, CertCommand.self]
     )
 }
 

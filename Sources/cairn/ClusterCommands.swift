@@ -61,39 +61,8 @@ struct EtcdTLSOptions: ParsableArguments {
 struct NodeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "node",
-        abstract: "List the cluster's nodes, or remove one for good (its replicas are re-created elsewhere).",
-        subcommands: [NodeList.self, NodeRemove.self])
-}
-
-struct NodeList: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "list", abstract: "The nodes: live or not, removed, data address, replicas held.")
-    @OptionGroup var storeOptions: StoreOptions
-
-    func run() async throws {
-        do {
-            let store = try storeOptions.open()
-            let live = try await store.liveNodes()
-            let removed = try await store.removedNodes()
-            var held: [String: (inSync: Int, outOfSync: Int)] = [:]
-            for volume in try await store.listVolumes(afterID: nil, limit: 0) {
-                for r in volume.replicas ?? [] {
-                    if r.inSync { held[r.nodeID, default: (0, 0)].inSync += 1 } else { held[r.nodeID, default: (0, 0)].outOfSync += 1 }
-                }
-            }
-            let ids = Set(live.map(\.id)).union(removed).union(held.keys).sorted()
-            for id in ids {
-                let node = live.first { $0.id == id }
-                let state = removed.contains(id) ? "removed" : node != nil ? "live" : "away"
-                let h = held[id] ?? (0, 0)
-                print("node \(id) \(state) data \(node?.dataAddress ?? "-") replicas \(h.inSync) in sync, \(h.outOfSync) out of sync"
-                      + (node?.engineRestarts.map { "; restarts \($0)" } ?? ""))
-            }
-        } catch let error as ValidationError {
-            throw error
-        } catch {
-            throw CLIFailure(error)
-        }
-    }
+        abstract: "List and inspect the cluster's nodes, or remove one for good (its replicas are re-created elsewhere).",
+        subcommands: [NodeList.self, NodeInspect.self, NodeRemove.self])
 }
 
 struct NodeRemove: AsyncParsableCommand {
@@ -125,43 +94,6 @@ struct NodeRemove: AsyncParsableCommand {
                 print("volumes with a replica on \(node), to be re-created on other nodes by the controller: "
                       + affected.map(\.id).joined(separator: ", "))
                 print("watch them with: cairn volume inspect VOLUME")
-            }
-        } catch {
-            throw CLIFailure(error)
-        }
-    }
-}
-
-struct VolumeInspect: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "inspect",
-        abstract: "A volume's record: size, epoch, attachments, and every replica with its state and resync progress.")
-
-    @Argument(help: "The volume's id.")
-    var volume: String
-    @OptionGroup var storeOptions: StoreOptions
-
-    func run() async throws {
-        do {
-            let store = try storeOptions.open()
-            guard let v = try await store.volume(id: volume) else {
-                throw CairnError.notFound("volume \(volume) does not exist")
-            }
-            print("volume \(v.id) name \(v.name)")
-            print("size \(v.capacityBytes) bytes (\(ResyncProgress.bytes(v.capacityBytes))), epoch \(v.epoch), created \(v.createdAt.formatted(.iso8601))")
-            for a in try await store.attachments(volumeID: v.id) {
-                print("attached to \(a.nodeID) at epoch \(a.epoch)\(a.readonly ? " read-only" : "")")
-            }
-            guard let replicas = v.replicas else {
-                print("local file on this machine (one-machine store: no replicas)")
-                return
-            }
-            for r in replicas {
-                var line = "replica \(r.nodeID) \(r.address) " + (r.inSync ? "in sync" : "out of sync")
-                if let since = r.outOfSyncSince { line += " since \(since.formatted(.iso8601))" }
-                if let reason = r.reason { line += ": \(reason)" }
-                if let resync = r.resync { line += "; resync \(resync.summary), updated \(resync.updatedAt.formatted(.iso8601))" }
-                print(line)
             }
         } catch {
             throw CLIFailure(error)

@@ -11,8 +11,8 @@ import ServiceLifecycle
 struct ReplicaCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "replica",
-        abstract: "Inspect one replica of a volume over the data protocol (read-only).",
-        subcommands: [ReplicaDigestCommand.self, ReplicaServeCommand.self, ReplicaLatencyCommand.self]
+        abstract: "List the replicas of the volumes (from the cluster store); inspect one replica over the data protocol (read-only).",
+        subcommands: [ReplicaList.self, ReplicaDigestCommand.self, ReplicaServeCommand.self, ReplicaLatencyCommand.self]
     )
 }
 

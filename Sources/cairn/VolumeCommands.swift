@@ -8,8 +8,8 @@ import Logging
 struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "volume",
-        abstract: "Hot-plug a volume staged on this machine into a running container, or remove it (talks to the local cairn agent); inspect a volume's record.",
-        subcommands: [VolumeAttach.self, VolumeDetach.self, VolumeInspect.self]
+        abstract: "List, inspect and watch volumes (from the cluster store); hot-plug a volume staged on this machine into a running container, or remove it (talks to the local cairn agent).",
+        subcommands: [VolumeList.self, VolumeInspect.self, VolumeWatch.self, VolumeAttach.self, VolumeDetach.self]
     )
 }
 

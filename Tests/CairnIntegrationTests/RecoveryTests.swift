@@ -210,14 +210,14 @@ final class RecoveryTests: XCTestCase {
         throw FixtureError("volume \(volume.id) is not healthy after \(Int(seconds)) s: \(message)")
     }
 
-    /// The nodes holding the volume's replicas, as `cairn volume inspect` lists them.
+    /// The nodes holding the volume's replicas, as `cairn volume inspect --output json` lists them.
     func replicaNodes(_ volume: Volume) throws -> [String] {
-        let text = try cairnCLI(["volume", "inspect", volume.id])
-        return text.split(separator: "\n").compactMap { line -> String? in
-            let words = line.split(separator: " ", omittingEmptySubsequences: true)
-            guard words.count >= 2, words[0] == "replica" else { return nil }
-            return String(words[1])
+        let text = try cairnCLI(["volume", "inspect", volume.id, "--output", "json"])
+        guard let object = try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any],
+              let replicas = object["replicas"] as? [[String: Any]] else {
+            throw FixtureError("cairn volume inspect --output json printed no replicas:\n\(text)")
         }
+        return replicas.compactMap { $0["nodeID"] as? String }
     }
 
     /// Runs `cairn ARGS --store etcd --etcd-endpoints …` in the controller's namespace.

@@ -202,8 +202,7 @@ struct ServeContext {
     /// Warns about each system tool the machine's mounter needs and cannot find.
     func warnAboutMissingTools() {
         guard linux != nil else { return }
-        let tools = ["losetup", "mount", "umount", "blkid", "mkfs.ext4", "fsck.ext4", "resize2fs", "mkfs.xfs", "xfs_growfs"]
-        for tool in Command.missing(tools) {
+        for tool in Command.missing(LinuxMounter.tools) {
             logger.warning("a tool the node needs is not installed; calls that need it will fail until it is (apt-get install util-linux e2fsprogs xfsprogs)",
                            metadata: ["tool": "\(tool)"])
         }
