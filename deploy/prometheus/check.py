@@ -7,9 +7,12 @@ line (and exits 1).
                             docs/metrics.md when it exists, else deploy/prometheus/metric-names.txt
   check.py alerts           every alert has a severity, a summary, a description and a runbook
                             section in docs/alerts.md, and every section there names an alert
-  check.py dashboard RULES  the dashboard is JSON with the variables it needs and a query in every
-                            panel; writes the queries (Grafana's variables substituted) to RULES as
-                            recording rules, for `promtool check rules` to parse
+  check.py dashboard DIR    the dashboard is JSON with the variables it needs and a query in every
+                            panel; writes DIR/dashboard-queries.yml, each query (Grafana's
+                            variables substituted) as an alert rule `count(QUERY) > 0`, and
+                            DIR/dashboard-queries.test.yml, series of every metric of
+                            metric-names.txt with its labels: `promtool test rules` on it shows
+                            that every query parses and returns data from the documented metrics
   check.py kubernetes PROMTOOL   what prometheus-kubernetes.yml's pod discovery and relabelling
                             make of the pods in deploy/kubernetes: one target per role with
                             --metrics-address, on that port, with its role and host (see below)
@@ -45,7 +48,7 @@ PROMETHEUS_SERIES = {"up", "ALERTS"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 METRIC = re.compile(r"\bcairn_[a-zA-Z0-9_]+")
 # Grafana's variables, as a query sees them once Grafana has substituted them.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h",
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "15s", "$__range": "1h",
                      "$volume": ".*", "$node": ".*"}
 
 
@@ -91,11 +94,17 @@ def documented_names():
             for name in METRIC.findall(line):
                 names[name] = names.get(name, False) or histogram
         return names, rel(METRICS_DOC)
-    for line in open(NAMES_FILE):
-        line = line.split("#", 1)[0].split()
-        if line:
-            names[line[0]] = len(line) > 1 and line[1] == "histogram"
+    for name, kind, _ in agreed_metrics():
+        names[name] = kind == "histogram"
     return names, rel(NAMES_FILE) + " (docs/metrics.md does not exist yet)"
+
+
+def agreed_metrics():
+    """(name, type, [labels]) of metric-names.txt."""
+    for line in open(NAMES_FILE):
+        fields = line.split("#", 1)[0].split()
+        if fields:
+            yield fields[0], fields[1], fields[2].split(",") if len(fields) > 2 else []
 
 
 def check_names():
@@ -155,7 +164,34 @@ def check_alerts():
 
 # --- dashboard ---------------------------------------------------------------------------------
 
-def check_dashboard(rules_out):
+# Test series for the dashboard's queries: a value for every label, a few values where a query
+# filters on them (a failed CSI call, a volume with bytes left to resync).
+LABEL_VALUES = {"volume": ["vol-a"], "node": ["node-1"], "op": ["write"], "store": ["etcd"],
+                "method": ["/csi.v1.Controller/CreateVolume"], "grpc_status_code": ["OK", "Internal"]}
+GAUGE_VALUES = {"cairn_volume_replicas": "3x30", "cairn_volume_replicas_in_sync": "2x30",
+                "cairn_volume_resync_remaining_bytes": "5e9-1e8x30", "cairn_volume_resync_progress_ratio": "0.5x30",
+                "cairn_node_capacity_bytes": "1000x30", "cairn_node_used_bytes": "900x30"}
+BUCKETS = [("0.001", 1), ("0.01", 3), ("0.1", 6), ("1", 9), ("+Inf", 10)]
+
+
+def test_series():
+    target = 'job="cairn",instance="10.0.0.21:7412",host="node-1"'
+    series = []
+    for name, kind, labels in agreed_metrics():
+        combos = [[]]
+        for label in labels:
+            combos = [c + [f'{label}="{v}"'] for c in combos for v in LABEL_VALUES.get(label, ["x"])]
+        for combo in combos:
+            sel = ",".join([target] + combo)
+            if kind == "histogram":
+                series += [(f'{name}_bucket{{{sel},le="{le}"}}', f"0+{n}x30") for le, n in BUCKETS]
+                series += [(f"{name}_count{{{sel}}}", "0+10x30"), (f"{name}_sum{{{sel}}}", "0+1x30")]
+            else:
+                series.append((f"{name}{{{sel}}}", "0+10x30" if kind == "counter" else GAUGE_VALUES.get(name, "1x30")))
+    return series
+
+
+def check_dashboard(outdir):
     try:
         dash = json.load(open(DASHBOARD))
     except Exception as e:
@@ -185,8 +221,8 @@ def check_dashboard(rules_out):
             problems.append(f"{where}: no query")
     if not panels:
         problems.append("the dashboard has no panels")
-    # The queries as recording rules: `promtool check rules` parses each one.
-    rules = []
+    # The queries as alert rules that fire when the query returns anything.
+    rules, tests = [], []
     for i, (where, expr) in enumerate(dashboard_queries(dash)):
         if where.startswith("variable"):
             m = re.fullmatch(r"label_values\((.+),\s*\w+\)", expr.strip())
@@ -198,8 +234,15 @@ def check_dashboard(rules_out):
             expr = expr.replace(var, value)
         if "$" in expr:
             problems.append(f"{where}: a Grafana variable the check does not know: {expr}")
-        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
-    yaml.safe_dump({"groups": [{"name": "dashboard-queries", "rules": rules}]}, open(rules_out, "w"), width=10**6)
+        name = re.sub(r"[^A-Za-z0-9_]+", "_", where.split(" (")[0] + " " + where.rsplit(" ", 1)[-1])
+        rules.append({"alert": name, "expr": f"count({expr}) > 0"})
+        tests.append({"eval_time": "20m", "alertname": name, "exp_alerts": [{"exp_labels": {}}]})
+    rules_file = os.path.join(outdir, "dashboard-queries.yml")
+    yaml.safe_dump({"groups": [{"name": "dashboard-queries", "rules": rules}]}, open(rules_file, "w"), width=10**6)
+    yaml.safe_dump({"rule_files": [rules_file], "evaluation_interval": "1m", "tests": [{
+        "name": "every dashboard query returns data from the documented metrics", "interval": "1m",
+        "input_series": [{"series": s, "values": v} for s, v in test_series()],
+        "alert_rule_test": tests}]}, open(os.path.join(outdir, "dashboard-queries.test.yml"), "w"), width=10**6)
     done(problems, f"{panels} panels, each with a query; variables datasource, volume, node")
 
 
