@@ -18,6 +18,12 @@ line (and exits 1).
                             --metrics-address, on that port, with its role and host (see below)
   check.py static PROMTOOL  what prometheus-static.yml makes of targets/*.yml: every target on the
                             port its role's systemd unit or Mesos config uses
+  check.py replay PROMTOOL STEP SNAPSHOT... --expect 'ALERT{label="v",...}'...
+                            the alert rules on real metrics: SNAPSHOTs are /metrics answers (text
+                            format) taken one after the other, replayed STEP apart (e.g. 1m:
+                            snapshots taken seconds apart stand for minutes, so a rule's `for`
+                            passes); after the last one, exactly the --expect alerts of those
+                            names must fire (with their labels; the rules' annotations are left out)
 
 Debian's promtool is built without Kubernetes discovery (it rejects kubernetes_sd_configs), so the
 kubernetes check checks that block's fields itself, then hands promtool the same configuration
@@ -418,6 +424,51 @@ def check_static(promtool):
     done(problems, f"{len(got)} targets, each on its role's port ({', '.join(f'{r} {p}' for r, p in sorted(ports.items()))})")
 
 
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(\s+\S+)?$")
+EXPECT = re.compile(r"^(\w+)(?:\{(.*)\})?$")
+
+
+def check_replay(promtool, step, snapshots, expect):
+    steps = int(re.fullmatch(r"(\d+)m", step).group(1)) if re.fullmatch(r"\d+m", step) else None
+    if not steps or not snapshots or not expect:
+        done(["usage: check.py replay PROMTOOL STEP(e.g. 1m) SNAPSHOT... --expect 'ALERT{label=\"value\"}'..."], "")
+    series = {}  # selector -> [value per snapshot]
+    for i, path in enumerate(snapshots):
+        for line in open(path):
+            m = SAMPLE.match(line.strip())
+            if not m or line.startswith("#"):
+                continue
+            name, labels, value = m.group(1), (m.group(2) or "{}")[1:-1], m.group(3)
+            selector = f'{name}{{job="cairn",instance="replay"{"," + labels if labels else ""}}}'
+            series.setdefault(selector, ["_"] * len(snapshots))[i] = value
+    series['up{job="cairn",instance="replay"}'] = ["1"] * len(snapshots)
+    expected = {}
+    for e in expect:
+        m = EXPECT.match(e.strip())
+        if not m:
+            done([f"--expect {e!r}: not ALERT or ALERT{{label=\"value\",...}}"], "")
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        expected.setdefault(m.group(1), []).append({"exp_labels": labels})
+    with tempfile.TemporaryDirectory(prefix="cairn-replay.") as tmp:
+        rules = yaml.safe_load(open(RULES))
+        for group in rules["groups"]:
+            for rule in group["rules"]:
+                rule.pop("annotations", None)
+        rules_file = os.path.join(tmp, "rules.yml")
+        yaml.safe_dump(rules, open(rules_file, "w"), width=10**6)
+        at = f"{(len(snapshots) - 1) * steps}m"
+        test = {"rule_files": [rules_file], "evaluation_interval": step, "tests": [{
+            "name": f"{len(snapshots)} snapshots replayed {step} apart", "interval": step,
+            "input_series": [{"series": k, "values": " ".join(v)} for k, v in sorted(series.items())],
+            "alert_rule_test": [{"eval_time": at, "alertname": a, "exp_alerts": x} for a, x in sorted(expected.items())]}]}
+        test_file = os.path.join(tmp, "replay.test.yml")
+        yaml.safe_dump(test, open(test_file, "w"), width=10**6)
+        out = subprocess.run([promtool, "test", "rules", test_file], capture_output=True, text=True)
+    if out.returncode != 0:
+        done([f"promtool test rules on {len(snapshots)} snapshots of {len(series)} series, replayed {step} apart:", out.stdout + out.stderr], "")
+    done([], f"{len(snapshots)} snapshots of {len(series)} series replayed {step} apart: at {at} firing exactly {', '.join(expect)}")
+
+
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command == "names":
@@ -430,6 +481,11 @@ if __name__ == "__main__":
         check_kubernetes(sys.argv[2])
     elif command == "static" and len(sys.argv) == 3:
         check_static(sys.argv[2])
+    elif command == "replay" and len(sys.argv) > 3:
+        rest = sys.argv[4:]
+        expect = [rest[i + 1] for i, a in enumerate(rest) if a == "--expect" and i + 1 < len(rest)]
+        files = [a for i, a in enumerate(rest) if a != "--expect" and (i == 0 or rest[i - 1] != "--expect")]
+        check_replay(sys.argv[2], sys.argv[3], files, expect)
     else:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         sys.exit(2)
