@@ -194,16 +194,6 @@ public struct VolumeDetail: Codable, Sendable, Equatable {
     }
 }
 
-/// A node's state as the store shows it.
-public enum NodeState: String, Codable, Sendable {
-    /// Registered and its registration is alive (etcd: its lease; SQLite: every registered node).
-    case live
-    /// Holds replicas but is not registered now: down, restarting or cut off.
-    case away
-    /// `cairn node remove`d: may not register again.
-    case removed
-}
-
 /// A row of `cairn node list`.
 public struct NodeSummary: Codable, Sendable, Equatable {
     public var id: String

@@ -77,3 +77,13 @@ extension VolumeRecord {
         VolumeHealth(self, at: now).state
     }
 }
+
+/// A node's state as the cluster store shows it (`cairn node list`, the status page).
+public enum NodeState: String, Codable, Sendable {
+    /// Registered and its registration is alive (etcd: its lease; SQLite: every registered node).
+    case live
+    /// Holds replicas or attachments but is not registered now: stopped, crashed or cut off.
+    case away
+    /// `cairn node remove`d: may not register again.
+    case removed
+}

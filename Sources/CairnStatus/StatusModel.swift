@@ -13,15 +13,6 @@ public struct ClusterStatus: Codable, Sendable, Equatable {
     public var events: [ClusterEvent]
 }
 
-public enum NodeState: String, Codable, Sendable {
-    /// Registered and keeping its registration alive.
-    case live
-    /// Holds replicas or attachments but is not registered now (stopped, crashed, cut off).
-    case away
-    /// Removed for good (`cairn node remove`).
-    case removed
-}
-
 public struct NodeStatus: Codable, Sendable, Equatable {
     public var id: String
     public var state: NodeState
