@@ -108,7 +108,7 @@ final class StatusPageBrowserTests: XCTestCase {
         for file in ["degraded", "resyncing", "healthy"] {
             let path = "\(output)/\(file).png"
             let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0
-            XCTAssertGreaterThan(size ?? 0, 1000, "\(path) is not a screenshot")
+            XCTAssertGreaterThan(size, 1000, "\(path) is not a screenshot")
             print("status page screenshot (\(file)): \(path)")
         }
         try await bed.detach(volumeID, attached)
