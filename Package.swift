@@ -56,6 +56,19 @@ var targets: [Target] = [
         name: "CTLSShim",
         linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]
     ),
+    // C over Debian's OpenSSL (libcrypto 3): AES-256-XTS, AES-256-GCM, PBKDF2 and the CSPRNG for
+    // volume encryption at rest. The only importer is CairnCrypto.
+    .target(
+        name: "CCryptoShim",
+        linkerSettings: [.linkedLibrary("crypto")]
+    ),
+    // Volume encryption at rest (docs/encryption.md): the data cipher the engine runs on every
+    // block, and the data key's wrapping under the passphrase.
+    .target(
+        name: "CairnCrypto",
+        dependencies: ["CCryptoShim", "CairnCore"],
+        swiftSettings: swiftSettings
+    ),
     // Identities (SPIFFE IDs in certificates from the cluster CA), the data protocol's secure
     // channel, signed grants.
     .target(
@@ -141,7 +154,7 @@ var targets: [Target] = [
     ),
     .target(
         name: "CairnNode",
-        dependencies: ["CairnCore", "CairnCSI", "CairnProcess", "CSIProto", .product(name: "Logging", package: "swift-log")],
+        dependencies: ["CairnCore", "CairnCSI", "CairnCrypto", "CairnProcess", "CSIProto", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
     // The agent: serves the Mounter over proto/cairn.proto (AgentService) and its client
@@ -195,7 +208,7 @@ var targets: [Target] = [
     .target(
         name: "CairnEngine",
         dependencies: [
-            "CFUSEShim", "CairnReplica", "CairnCore", .product(name: "Logging", package: "swift-log"),
+            "CFUSEShim", "CairnReplica", "CairnCore", "CairnCrypto", .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
         ],
         swiftSettings: swiftSettings
@@ -203,7 +216,7 @@ var targets: [Target] = [
     // Cluster mode's volume backing: replicas placed on nodes, an engine per staged volume.
     .target(
         name: "CairnCluster",
-        dependencies: ["CairnCore", "CairnReplica", "CairnReplicaControl", "CairnRPC", "CairnEngine", .product(name: "Logging", package: "swift-log")],
+        dependencies: ["CairnCore", "CairnCrypto", "CairnReplica", "CairnReplicaControl", "CairnRPC", "CairnEngine", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
     // The CSI method table (gRPC method names → service methods), shared by the plugin and the
@@ -266,7 +279,7 @@ var targets: [Target] = [
             "CairnObservability",
             "CairnRoutes", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "CairnRPC", "CairnController",
             "CairnNode", "CairnAgent", "CairnCluster", "CairnReplica", "CairnReplicaControl", "CairnEngine", "CairnSecurity",
-            "CairnStatus",
+            "CairnStatus", "CairnCrypto",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Logging", package: "swift-log"),
@@ -288,7 +301,7 @@ var targets: [Target] = [
     .executableTarget(name: "cairn-nsexec", path: "Sources/cairn-nsexec"),
     .testTarget(
         name: "CairnTests",
-        dependencies: ["CairnReplica", "CairnReplicaControl", "CairnSecurity", "CairnProto", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec", "CairnFuzz",
+        dependencies: ["CairnReplica", "CairnReplicaControl", "CairnSecurity", "CairnProto", "CCRC32C", "CairnCrypto", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec", "CairnFuzz",
                        "CairnObservability", "CairnStatus",
                        .product(name: "Prometheus", package: "swift-prometheus"),
                        .product(name: "Hummingbird", package: "hummingbird"),

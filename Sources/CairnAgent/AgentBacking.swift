@@ -1,5 +1,6 @@
 import CairnCore
 import CairnProto
+import Foundation
 
 /// The split node role's `NodeBacking`: the agent on this machine runs the volumes' engines
 /// (and owns the replica server and the FUSE mounts), so every step is one call to it. The
@@ -21,11 +22,12 @@ public struct AgentBacking: NodeBacking {
         }, as: Cairn_Agent_V1_VolumeFileResponse.self).file
     }
 
-    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?) async throws -> String {
+    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?, key: VolumeDataKey?) async throws -> String {
         // Starting an engine claims every in-sync replica over the network.
         try await client.call(AgentProtocol.Method.activateVolume, Cairn_Agent_V1_ActivateVolumeRequest.with {
             $0.volumeID = volume.id
             $0.epoch = Int64(bitPattern: epoch.rawValue)
+            if let key { $0.dataKey = Data(key.bytes) }
         }, as: Cairn_Agent_V1_ActivateVolumeResponse.self, timeout: AgentClient.slowTimeout).file
     }
 

@@ -286,7 +286,8 @@ public final class AgentService: Sendable {
                 throw CairnError.failedPrecondition(
                     "volume \(q.volumeID) is attached to node \(self.nodeID) with epoch \(attachment.epoch.rawValue), not \(q.epoch); the request is stale, retry NodeStageVolume")
             }
-            let file = try await self.requireBacking().activate(volume, attachment: attachment)
+            let key = q.dataKey.isEmpty ? nil : VolumeDataKey([UInt8](q.dataKey))
+            let file = try await self.requireBacking().activate(volume, attachment: attachment, key: key)
             return .with { $0.file = file }
         }
         serve(router, M.deactivateVolume) { (q: Cairn_Agent_V1_DeactivateVolumeRequest) async throws -> Cairn_Agent_V1_DeactivateVolumeResponse in

@@ -1,4 +1,5 @@
 import CairnCore
+import CairnCrypto
 import CairnEngine
 import CairnReplica
 import CairnReplicaControl
@@ -164,7 +165,7 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
         return "\(enginesDirectory)/\(volumeID)/volume"
     }
 
-    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?) async throws -> String {
+    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?, key: VolumeDataKey?) async throws -> String {
         try Validate.volumeID(volume.id)
         // Already serving this epoch: no store read. (A newer epoch restarts the engine: the registry.)
         if let running = engines.state(volumeID: volume.id), running.epoch == epoch.rawValue, let path = running.path {
@@ -179,6 +180,18 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
         guard !inSync.isEmpty else {
             throw CairnError.failedPrecondition(
                 "volume \(volume.id) has no replica in sync (\(replicas.map { "\($0.nodeID): \($0.reason ?? "out of sync")" }.joined(separator: "; "))); its data cannot be served until a replica that holds every acknowledged write returns")
+        }
+        // An encrypted volume's engine encrypts with the key NodeStage unwrapped: without it,
+        // it must not serve (the replicas hold ciphertext), whatever restarted it.
+        let cipher: VolumeCipher?
+        if current.isEncrypted {
+            guard let key else {
+                throw CairnError.failedPrecondition(
+                    "volume \(volume.id) is encrypted and its key is not loaded on node \(nodeID) (the process serving it restarted, or no passphrase came): call NodeStageVolume with the secret `\(EncryptionNames.passphraseSecret)` again")
+            }
+            cipher = try VolumeCipher(key)
+        } else {
+            cipher = nil
         }
         // Every replica: the engine claims the in-sync ones and resyncs the others.
         let targets = try Self.engineReplicas(replicas)
@@ -218,7 +231,7 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
         let file = try await Self.blocking {
             let file = try engines.start(volumeID: volumeID, sizeBytes: sizeBytes, epoch: epoch.rawValue, replicas: targets,
                                          localNodeID: nodeID, mountDirectory: mountDirectory,
-                                         connect: connect, markOutOfSync: markOutOfSync, recovery: recovery)
+                                         connect: connect, markOutOfSync: markOutOfSync, recovery: recovery, cipher: cipher)
             if limits.iops > 0 || limits.bandwidth > 0 {
                 engines.engine(volumeID: volumeID)?.setLimits(iopsLimit: limits.iops, bandwidthLimit: limits.bandwidth)
             }

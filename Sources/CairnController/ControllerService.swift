@@ -71,6 +71,10 @@ public final class ControllerService: Sendable {
             throw CairnError.invalidArgument(
                 "minInSync=\(parameters.minInSync) is more than the volume's \(count) replicas: no write could ever be acknowledged; use minInSync ≤ replicas")
         }
+        if cluster == nil, parameters.encrypted {
+            throw CairnError.invalidArgument(
+                "\(EncryptionNames.parameter)=\"true\" needs the replicated data path (cluster mode, --store etcd), whose engine encrypts every block; one-machine volumes are plain files in this release")
+        }
         if cluster == nil, request.hasAccessibilityRequirements {
             let requisite = request.accessibilityRequirements.requisite
             if !requisite.isEmpty && !requisite.contains(where: { matchesLocalTopology($0.segments) }) {
@@ -96,14 +100,18 @@ public final class ControllerService: Sendable {
                 logger.debug("volume already exists", metadata: ["volume.id": "\(existing.id)", "volume.name": "\(existing.name)"])
                 return Self.createResponse(existing)
             }
+            var encryption: VolumeEncryption?
             if let source {
                 try await checkSource(source, size: &size, limit: request.capacityRange.limitBytes, fsType: &fsType)
+                encryption = try await sourceEncryption(source, encrypted: parameters.encrypted)
             }
             var volume = VolumeRecord(
                 id: "vol-" + UUID().uuidString.lowercased(), name: request.name, capacityBytes: size,
                 parameters: parameters.stored, fsType: fsType, accessModes: access.map { $0.mode.rawValue },
                 accessibleTopology: localTopology, contentSource: source,
                 mutableParameters: limits.stored.isEmpty ? nil : limits.stored)
+            // A clone or restore holds its source's ciphertext: it takes the source's wrapped key.
+            volume.encryption = encryption
             if let cluster, let source {
                 volume.accessibleTopology = [:]
                 volume.replicas = try await cloneReplicas(source: source, count: parameters.explicitReplicas ?? cluster.defaultReplicas)

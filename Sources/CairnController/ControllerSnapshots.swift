@@ -65,6 +65,8 @@ extension ControllerService {
             }
             let started = ContinuousClock.now
             var snapshot = pending
+            // Its blocks are the volume's ciphertext: a restore needs the same wrapped key.
+            snapshot.encryption = volume.encryption
             do {
                 snapshot.holders = try await backing.takeSnapshot(pending, of: volume, in: try await use(of: volume))
             } catch {
@@ -226,6 +228,31 @@ extension ControllerService {
             }
             fsType = sourceFs
         }
+    }
+
+    /// The wrapped key a volume made from `source` takes (nil: none yet, or a plain source);
+    /// INVALID_ARGUMENT unless the new volume is encrypted exactly when its source is.
+    func sourceEncryption(_ source: ContentSource, encrypted: Bool) async throws -> VolumeEncryption? {
+        let sourceEncrypted: Bool
+        let encryption: VolumeEncryption?
+        switch source {
+        case .snapshot(let id):
+            let snapshot = try await store.snapshot(id: id)
+            var volume: VolumeRecord?
+            if let snapshot { volume = try await store.volume(id: snapshot.sourceVolumeID) }
+            encryption = snapshot?.encryption
+            sourceEncrypted = encryption != nil || volume?.isEncrypted == true
+        case .volume(let id):
+            let volume = try await store.volume(id: id)
+            encryption = volume?.encryption
+            sourceEncrypted = volume?.isEncrypted == true
+        }
+        guard sourceEncrypted == encrypted else {
+            throw CairnError.invalidArgument(sourceEncrypted
+                ? "\(source) is encrypted: a volume made from it holds its ciphertext, so create it with \(EncryptionNames.parameter)=\"true\" (it uses the source's passphrase)"
+                : "\(source) is not encrypted: a volume made from it would hold its plaintext; create it without \(EncryptionNames.parameter)=\"true\", or copy the data into a new encrypted volume")
+        }
+        return encryption
     }
 
     /// Fills a new volume (recorded with `contentPending`) from its source, then clears the mark.

@@ -4,7 +4,7 @@ import CairnCore
 /// CreateVolume / GetCapacity parameters (StorageClass parameters, Mesos profile parameters).
 /// Every key is validated: a typo must fail loudly, not be silently ignored.
 struct VolumeParameters: Equatable {
-    static let known = ["fsType", "replicas", "minInSync"]
+    static let known = ["fsType", "replicas", "minInSync", EncryptionNames.parameter]
     /// Keys the Kubernetes external-provisioner may pass through; accepted and not stored.
     static let ignoredPrefixes = ["csi.storage.k8s.io/"]
 
@@ -13,6 +13,9 @@ struct VolumeParameters: Equatable {
     /// Writes are refused while fewer replicas than this are in sync (Kafka's
     /// `min.insync.replicas`); 1 (the default) acknowledges a write on any one in-sync replica.
     var minInSync: Int = 1
+    /// `encrypted: "true"`: every block is encrypted by the engine before it leaves the node
+    /// (docs/encryption.md).
+    var encrypted = false
     /// `replicas` when the request named it (cluster mode defaults to 3, one machine to 1).
     var explicitReplicas: Int? { stored["replicas"] == nil ? nil : replicas }
     /// The parameters Cairn stores (normalised, without ignored keys).
@@ -38,6 +41,11 @@ struct VolumeParameters: Equatable {
                     throw CairnError.invalidArgument("parameter minInSync=\"\(Validate.printable(value))\" must be a whole number from 1 to 5 (and at most replicas)")
                 }
                 minInSync = n
+            case EncryptionNames.parameter:
+                guard value == "true" || value == "false" else {
+                    throw CairnError.invalidArgument("parameter \(key)=\"\(Validate.printable(value))\" must be \"true\" or \"false\"")
+                }
+                encrypted = value == "true"
             default:
                 throw CairnError.invalidArgument(
                     "unknown parameter \"\(Validate.printable(key))\"; Cairn accepts \(Self.known.joined(separator: ", ")) (and ignores csi.storage.k8s.io/* keys)")

@@ -17,8 +17,10 @@ public protocol NodeBacking: Sendable {
     /// starts the engine, which claims the replicas with the epoch and so fences older holders).
     /// Returns the file. `grant` is the controller's signature of that epoch for this node
     /// (the attachment's), which every replica's claim carries; a backing that reads the
-    /// attachment itself (the agent's) ignores it.
-    func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?) async throws -> String
+    /// attachment itself (the agent's) ignores it. `key` is an encrypted volume's data key,
+    /// unwrapped by NodeStage (docs/encryption.md): the engine encrypts with it; an encrypted
+    /// volume without it is refused unless its engine already runs here.
+    func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?, key: VolumeDataKey?) async throws -> String
     /// Undoes `activate` once no loop device uses the file any more.
     func deactivate(volumeID: String) async throws
     /// The volume's health on this node, as CSI's VolumeCondition and NodeStage want it.
@@ -54,12 +56,12 @@ extension NodeBacking where Self: VolumeBacking {
 
 extension NodeBacking {
     /// `activate` without a grant (one machine, tests, data security off).
-    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch) async throws -> String {
-        try await activate(volume, epoch: epoch, grant: nil)
+    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch, key: VolumeDataKey? = nil) async throws -> String {
+        try await activate(volume, epoch: epoch, grant: nil, key: key)
     }
 
     /// `activate` of the attachment `attachment` (its epoch and grant).
-    public func activate(_ volume: VolumeRecord, attachment: AttachmentRecord) async throws -> String {
-        try await activate(volume, epoch: attachment.epoch, grant: attachment.grant)
+    public func activate(_ volume: VolumeRecord, attachment: AttachmentRecord, key: VolumeDataKey? = nil) async throws -> String {
+        try await activate(volume, epoch: attachment.epoch, grant: attachment.grant, key: key)
     }
 }

@@ -57,6 +57,9 @@ public struct VolumeRecord: Codable, Sendable, Equatable {
     /// so that a CreateVolume cut off in the middle is finished by its repeat, and a
     /// DeleteVolume finds what it left); nil once the volume holds its content.
     public var contentPending: Bool?
+    /// An encrypted volume's wrapped data key (docs/encryption.md); nil for a plain volume, and
+    /// for an encrypted one until its first NodeStageVolume (or a CreateVolume with the secret).
+    public var encryption: VolumeEncryption?
 
     public init(id: String, name: String, capacityBytes: Int64, parameters: [String: String],
                 fsType: String, accessModes: [Int], accessibleTopology: [String: String],
@@ -114,6 +117,9 @@ public struct SnapshotRecord: Codable, Sendable, Equatable {
     /// The source volume's filesystem ("" for raw block): a volume restored from the snapshot
     /// has it already.
     public var fsType: String?
+    /// The source volume's wrapped data key when it is encrypted: a volume restored from the
+    /// snapshot takes it (its blocks are the source's ciphertext), even after the source is gone.
+    public var encryption: VolumeEncryption?
 
     public init(id: String, name: String, sourceVolumeID: String, sizeBytes: Int64, createdAt: Date = Date(),
                 readyToUse: Bool = false, holders: [String]? = nil, groupID: String? = nil, hidden: Bool? = nil,

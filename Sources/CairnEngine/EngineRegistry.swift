@@ -1,4 +1,5 @@
 import CairnCore
+import CairnCrypto
 import Foundation
 import Logging
 import Synchronization
@@ -67,7 +68,7 @@ public final class EngineRegistry: Sendable {
                       mountDirectory: String,
                       connect: @escaping @Sendable (EngineReplica) throws -> any ReplicaIO,
                       markOutOfSync: @escaping @Sendable (_ nodeID: String, _ reason: String) throws -> Void,
-                      recovery: EngineRecovery? = nil) throws -> String {
+                      recovery: EngineRecovery? = nil, cipher: VolumeCipher? = nil) throws -> String {
         try engines.withLock { engines in
             if let running = engines[volumeID] {
                 if running.epoch == epoch && running.mountDirectory == mountDirectory {
@@ -86,7 +87,7 @@ public final class EngineRegistry: Sendable {
             let engine = VolumeEngine(volumeID: volumeID, sizeBytes: sizeBytes, epoch: epoch, replicas: replicas,
                                       localNodeID: localNodeID, mountDirectory: mountDirectory,
                                       connect: connect, markOutOfSync: markOutOfSync, recovery: recovery,
-                                      keeper: keeper, resume: resume, logger: logger)
+                                      keeper: keeper, resume: resume, cipher: cipher, logger: logger)
             let path: String
             do {
                 path = try engine.start()

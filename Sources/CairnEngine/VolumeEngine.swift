@@ -5,6 +5,7 @@ import Musl
 #endif
 import CFUSEShim
 import CairnCore
+import CairnCrypto
 import CairnReplica
 import CoreMetrics
 import Logging
@@ -178,6 +179,10 @@ public final class VolumeEngine: Sendable {
     private let errors = Atomic<UInt64>(0)
     /// This volume's series on the process's metrics endpoint (VolumeMetrics.swift).
     let metrics: VolumeMetrics
+    /// An encrypted volume's data cipher (docs/encryption.md): every block is encrypted here,
+    /// before it leaves for any replica, and decrypted after a read; nil for a plain volume.
+    /// Resync, repair, scrub and snapshots move the replicas' blocks as they are: ciphertext.
+    let cipher: VolumeCipher?
 
     public init(volumeID: String, sizeBytes: UInt64, epoch: UInt64, replicas: [EngineReplica], localNodeID: String,
                 mountDirectory: String,
@@ -185,9 +190,11 @@ public final class VolumeEngine: Sendable {
                 markOutOfSync: @escaping @Sendable (_ nodeID: String, _ reason: String) throws -> Void,
                 recovery: EngineRecovery? = nil,
                 keeper: FUSEKeeperClient? = nil, resume: KeptFUSE? = nil,
+                cipher: VolumeCipher? = nil,
                 metricsFactory: any MetricsFactory = MetricsSystem.factory,
                 logger: Logger) {
         self.metrics = VolumeMetrics(volumeID: volumeID, factory: metricsFactory)
+        self.cipher = cipher
         self.keeper = keeper
         self.resume.withLock { $0 = resume }
         self.volumeID = volumeID
@@ -586,10 +593,10 @@ public final class VolumeEngine: Sendable {
         let result: Int32
         if skip == 0 && end - start == UInt64(size) {
             // Whole blocks (what the loop device asks for): straight into the reply buffer.
-            result = readBlocks(offset: start, into: UnsafeMutableRawBufferPointer(start: buffer, count: size))
+            result = readPlain(offset: start, into: UnsafeMutableRawBufferPointer(start: buffer, count: size))
         } else {
             var blocks = [UInt8](repeating: 0, count: Int(end - start))
-            result = blocks.withUnsafeMutableBytes { readBlocks(offset: start, into: $0) }
+            result = blocks.withUnsafeMutableBytes { readPlain(offset: start, into: $0) }
             if result == 0 {
                 blocks.withUnsafeBytes { buffer.copyMemory(from: $0.baseAddress! + skip, byteCount: size) }
             }
@@ -599,6 +606,33 @@ public final class VolumeEngine: Sendable {
         bytesRead.wrappingAdd(UInt64(size), ordering: .relaxed)
         metrics.read(bytes: size, since: began)
         return size
+    }
+
+    /// `readBlocks`, decrypted for an encrypted volume. 0 or -errno.
+    private func readPlain(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) -> Int32 {
+        let result = readBlocks(offset: offset, into: buffer)
+        guard result == 0, let cipher else { return result }
+        do {
+            try cipher.decrypt(offset: offset, buffer)
+            return 0
+        } catch {
+            logger.error("cannot decrypt a read; answered EIO", metadata: ["offset": "\(offset)", "error": "\(error)"])
+            return -EIO
+        }
+    }
+
+    /// `writeBlocks` of plaintext: encrypted first for an encrypted volume. 0 or -errno.
+    private func writePlain(offset: UInt64, data: UnsafeRawBufferPointer) -> Int32 {
+        guard let cipher else { return writeBlocks(offset: offset, data: data) }
+        return withUnsafeTemporaryAllocation(byteCount: data.count, alignment: VolumeEngine.blockSize) { sealed in
+            do {
+                try cipher.encrypt(offset: offset, data, into: sealed)
+            } catch {
+                logger.error("cannot encrypt a write; answered EIO", metadata: ["offset": "\(offset)", "error": "\(error)"])
+                return -EIO
+            }
+            return writeBlocks(offset: offset, data: UnsafeRawBufferPointer(sealed))
+        }
     }
 
     /// Reads aligned blocks from the first in-sync replica that answers (the local one first);
@@ -637,7 +671,7 @@ public final class VolumeEngine: Sendable {
             enterGate()
             defer { leaveGate() }
             if offset % block == 0 && UInt64(data.count) % block == 0 {
-                return writeBlocks(offset: offset, data: data)
+                return writePlain(offset: offset, data: data)
             } else {
                 return writePartial(offset: offset, data: data)
             }
@@ -696,12 +730,12 @@ public final class VolumeEngine: Sendable {
         let start = offset & ~(block - 1)
         let end = (offset + UInt64(data.count) + block - 1) & ~(block - 1)
         var blocks = [UInt8](repeating: 0, count: Int(end - start))
-        let read = blocks.withUnsafeMutableBytes { readBlocks(offset: start, into: $0) }
+        let read = blocks.withUnsafeMutableBytes { readPlain(offset: start, into: $0) }
         guard read == 0 else { return read }
         blocks.withUnsafeMutableBytes { raw in
             (raw.baseAddress! + Int(offset - start)).copyMemory(from: data.baseAddress!, byteCount: data.count)
         }
-        return blocks.withUnsafeBytes { writeBlocks(offset: start, data: $0) }
+        return blocks.withUnsafeBytes { writePlain(offset: start, data: $0) }
     }
 
     func flush() -> Int32 {

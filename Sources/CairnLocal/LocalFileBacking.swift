@@ -43,8 +43,14 @@ public struct LocalFileBacking: VolumeBacking, NodeBacking {
         if unlink(path) != 0 && errno != ENOENT { throw SystemError("unlink \(path)", errno: errno) }
     }
 
-    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?) throws -> String {
-        try file(volumeID: volume.id)
+    public func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?, key: VolumeDataKey?) throws -> String {
+        // CreateVolume refuses `encrypted` on one machine (docs/encryption.md): a plain file
+        // holds plaintext, so an encrypted volume must never be served from one.
+        if volume.isEncrypted {
+            throw CairnError.failedPrecondition(
+                "volume \(volume.id) is encrypted, which needs cluster mode's engine (--store etcd); this one-machine node cannot serve it")
+        }
+        return try file(volumeID: volume.id)
     }
 
     public func deactivate(volumeID: String) {}

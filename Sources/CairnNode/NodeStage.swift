@@ -17,8 +17,9 @@ extension NodeService {
         let access = try AccessRules.parse(request.volumeCapability, field: "volume_capability")
         try MountFlags.check(access.mountFlags, field: "volume_capability.mount.mount_flags")
         let volumeID = request.volumeID
+        let secrets = request.secrets
         try await locks.withLock(volumeID, operation: "NodeStageVolume") {
-            try await stage(volumeID: volumeID, stagingPath: stagingPath, access: access)
+            try await stage(volumeID: volumeID, stagingPath: stagingPath, access: access, secrets: secrets)
         }
         return Csi_V1_NodeStageVolumeResponse()
     }
@@ -26,12 +27,13 @@ extension NodeService {
     /// Stages the volume (or finds it staged), then puts its QoS limits on the device: every
     /// NodeStage — and the restore after a restart or reboot, which comes through here — leaves
     /// the device limited as the volume's record says.
-    func stage(volumeID: String, stagingPath: String, access: RequestedAccess) async throws {
-        try await attachAndMount(volumeID: volumeID, stagingPath: stagingPath, access: access)
+    func stage(volumeID: String, stagingPath: String, access: RequestedAccess, secrets: [String: String] = [:]) async throws {
+        try await attachAndMount(volumeID: volumeID, stagingPath: stagingPath, access: access, secrets: secrets)
         try await enforceRecordedLimits(volumeID: volumeID)
     }
 
-    private func attachAndMount(volumeID: String, stagingPath: String, access: RequestedAccess) async throws {
+    private func attachAndMount(volumeID: String, stagingPath: String, access: RequestedAccess,
+                                secrets: [String: String]) async throws {
         let volume = try await requireVolume(volumeID)
         var meta = metadata(volumeID, path: stagingPath)
 
@@ -61,6 +63,9 @@ extension NodeService {
         // Already staged? First what the records say…
         let file = try await backing.file(volumeID: volumeID)
         let existing = try await store.stage(volumeID: volumeID, nodeID: nodeID)
+        // An encrypted volume: a wrong passphrase fails here, before anything is attached,
+        // probed or formatted.
+        let key = try await dataKey(for: volume, secrets: secrets, stagedHere: existing != nil)
         if existing != nil {
             // Staged here before: whatever the mounts and loop devices look like, the volume is
             // staged only if its engine serves it. After a restart of the engine's process this
@@ -69,7 +74,7 @@ extension NodeService {
             // is found below as an orphan and replaced. A failure here is the answer: a volume
             // no engine serves is never reported staged.
             do {
-                _ = try await backing.activate(volume, attachment: attachment)
+                _ = try await backing.activate(volume, attachment: attachment, key: key)
             } catch let error as CairnError {
                 throw CairnError(error.code, "volume \(volumeID) is staged on this node but its engine cannot serve it: \(error.message)")
             }
@@ -148,7 +153,7 @@ extension NodeService {
         // attachment's epoch, which fences every older holder, before any byte is written.
         let activatedNow = devices.isEmpty
         if activatedNow {
-            _ = try await backing.activate(volume, attachment: attachment)
+            _ = try await backing.activate(volume, attachment: attachment, key: key)
         }
         if let problem = try await backing.condition(volume).stageBlocker {
             if activatedNow { try? await backing.deactivate(volumeID: volumeID) }

@@ -25,6 +25,11 @@
 /// "cairn.agent/mount-namespace-gone " (see AgentWire in Sources/CairnAgent): the client turns it
 /// back into MountNamespaceGone.
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 import SwiftProtobuf
 
 // If the compiler emits an error on this type, it is because this file
@@ -984,6 +989,10 @@ public nonisolated struct Cairn_Agent_V1_ActivateVolumeRequest: Sendable {
 
   /// the attachment's fencing epoch (the engine claims the replicas with it)
   public var epoch: Int64 = 0
+
+  /// An encrypted volume's data key, unwrapped by the node role's NodeStage (64 bytes; empty for
+  /// a plain volume). Only over the agent's root-only socket; never logged or stored.
+  public var dataKey: Data = Data()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -3127,7 +3136,7 @@ nonisolated extension Cairn_Agent_V1_VolumeFileResponse: SwiftProtobuf.Message, 
 
 nonisolated extension Cairn_Agent_V1_ActivateVolumeRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ActivateVolumeRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}volume_id\0\u{1}epoch\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}volume_id\0\u{1}epoch\0\u{3}data_key\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3137,6 +3146,7 @@ nonisolated extension Cairn_Agent_V1_ActivateVolumeRequest: SwiftProtobuf.Messag
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.volumeID) }()
       case 2: try { try decoder.decodeSingularInt64Field(value: &self.epoch) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.dataKey) }()
       default: break
       }
     }
@@ -3149,12 +3159,16 @@ nonisolated extension Cairn_Agent_V1_ActivateVolumeRequest: SwiftProtobuf.Messag
     if self.epoch != 0 {
       try visitor.visitSingularInt64Field(value: self.epoch, fieldNumber: 2)
     }
+    if !self.dataKey.isEmpty {
+      try visitor.visitSingularBytesField(value: self.dataKey, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Cairn_Agent_V1_ActivateVolumeRequest, rhs: Cairn_Agent_V1_ActivateVolumeRequest) -> Bool {
     if lhs.volumeID != rhs.volumeID {return false}
     if lhs.epoch != rhs.epoch {return false}
+    if lhs.dataKey != rhs.dataKey {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -144,7 +144,7 @@ final class RecordingNodeBacking: NodeBacking {
         return file
     }
 
-    func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?) throws -> String {
+    func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?, key: VolumeDataKey?) throws -> String {
         try record("activate \(volume.id) epoch=\(epoch.rawValue)")
         return file
     }

@@ -16,7 +16,7 @@ final class ReplicaRepairerTests: XCTestCase {
         func create(_ volume: VolumeRecord) async throws {}
         func delete(_ volume: VolumeRecord) async throws {}
         func file(volumeID: String) throws -> String { "/nonexistent/\(volumeID)" }
-        func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?) async throws -> String { "" }
+        func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?, key: VolumeDataKey?) async throws -> String { "" }
         func deactivate(volumeID: String) async throws {}
         func problem(_ volume: VolumeRecord) -> String? { nil }
         func healthy(_ volume: VolumeRecord) -> String { "healthy" }

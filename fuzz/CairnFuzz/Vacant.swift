@@ -67,7 +67,7 @@ struct VacantBacking: VolumeBacking, NodeBacking {
     func expand(_ volume: VolumeRecord) async throws {}
 
     func file(volumeID: String) async throws -> String { "/nonexistent/cairn-fuzz/\(volumeID).img" }
-    func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?) async throws -> String { try await file(volumeID: volume.id) }
+    func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?, key: VolumeDataKey?) async throws -> String { try await file(volumeID: volume.id) }
     func deactivate(volumeID: String) async throws {}
     func condition(_ volume: VolumeRecord) async throws -> BackingCondition {
         BackingCondition(problem: nil, healthy: "vacant", stageBlocker: nil)
