@@ -310,19 +310,21 @@ extension Testbed {
     var controller2: CSIClient { CSIClient(endpoint: endpoints["controller2"] ?? "unix://\(stateDir)/controller2.sock") }
     func node(_ name: String) -> CSIClient { CSIClient(endpoint: nodeEndpoint(name)) }
 
-    func attachBlock(_ volumeID: String, on name: String) async throws -> Attached {
-        try await attach(volumeID, on: name, access: .block)
+    func attachBlock(_ volumeID: String, on name: String, secrets: [String: String] = [:]) async throws -> Attached {
+        try await attach(volumeID, on: name, access: .block, secrets: secrets)
     }
 
-    func attach(_ volumeID: String, on name: String, access: Access) async throws -> Attached {
+    /// `secrets` go with NodeStage (an encrypted volume's `passphrase`).
+    func attach(_ volumeID: String, on name: String, access: Access, secrets: [String: String] = [:]) async throws -> Attached {
         let published = try await controller.controllerPublish(CSI.controllerPublish(volumeID, node: name, access: access))
         let root = stateDir + "/mnt/\(volumeID)-\(name)"
         let staging = root + "/staging"
         let target = root + "/target"
         try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
         let client = node(name)
-        _ = try await client.nodeStage(CSI.stage(volumeID, staging: staging, access: access,
-                                                 publishContext: published.publishContext))
+        var stage = CSI.stage(volumeID, staging: staging, access: access, publishContext: published.publishContext)
+        stage.secrets = secrets
+        _ = try await client.nodeStage(stage)
         _ = try await client.nodePublish(CSI.publish(volumeID, staging: staging, target: target, access: access,
                                                      publishContext: published.publishContext))
         return Attached(node: name, staging: staging, target: target)
