@@ -185,7 +185,8 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking {
         // it must not serve (the replicas hold ciphertext), whatever restarted it.
         let cipher: VolumeCipher?
         if current.isEncrypted {
-            guard let key else {
+            // After a restart of this process, the FUSE keeper kept the key with the connection.
+            guard let key = key ?? engines.keptKey(volumeID: volume.id) else {
                 throw CairnError.failedPrecondition(
                     "volume \(volume.id) is encrypted and its key is not loaded on node \(nodeID) (the process serving it restarted, or no passphrase came): call NodeStageVolume with the secret `\(EncryptionNames.passphraseSecret)` again")
             }

@@ -45,12 +45,28 @@ public struct VolumeEncryption: Codable, Sendable, Equatable {
 
 /// A volume's unwrapped data key (64 bytes: AES-256-XTS's two keys). Lives only in the memory of
 /// the node that stages the volume; never logged (its description hides it), never stored.
-public struct VolumeDataKey: Sendable, Equatable, CustomStringConvertible {
+/// Codable (base64) only for the FUSE keeper's socket, which holds it in memory with the
+/// volume's connection across a restart of the engines' process.
+public struct VolumeDataKey: Sendable, Equatable, Codable, CustomStringConvertible, CustomDebugStringConvertible {
     public let bytes: [UInt8]
 
     public init(_ bytes: [UInt8]) { self.bytes = bytes }
 
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        guard let data = Data(base64Encoded: text) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "a volume key is base64"))
+        }
+        bytes = [UInt8](data)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(Data(bytes).base64EncodedString())
+    }
+
     public var description: String { "VolumeDataKey(\(bytes.count) bytes, hidden)" }
+    public var debugDescription: String { description }
 }
 
 /// StorageClass parameter and CSI secret names of encryption.

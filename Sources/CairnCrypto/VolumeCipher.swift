@@ -10,13 +10,14 @@ import Foundation
 /// zeros (its ciphertext would have to be, a chance of 2^-32768).
 public struct VolumeCipher: Sendable {
     public static let unitBytes = 4096
-    private let key: [UInt8]
+    /// The data key (the FUSE keeper keeps it with the volume's connection).
+    public let key: VolumeDataKey
 
     public init(_ key: VolumeDataKey) throws {
         guard key.bytes.count == 64 else {
             throw CairnError.internal("an AES-256-XTS volume key is 64 bytes, not \(key.bytes.count)")
         }
-        self.key = key.bytes
+        self.key = key
     }
 
     /// Encrypts whole units starting at byte `offset` of the volume from `plain` into `cipher`
@@ -36,7 +37,7 @@ public struct VolumeCipher: Sendable {
                      "volume encryption works on whole 4 KiB units")
         if input.isEmpty { return }
         var message = [CChar](repeating: 0, count: 256)
-        let rc = key.withUnsafeBufferPointer { k in
+        let rc = key.bytes.withUnsafeBufferPointer { k in
             ccrypto_xts(k.baseAddress, encrypt ? 1 : 0, encrypt ? 0 : 1, offset / UInt64(unit), unit, input.count / unit,
                         input.baseAddress!.assumingMemoryBound(to: UInt8.self),
                         output.baseAddress!.assumingMemoryBound(to: UInt8.self), &message, message.count)

@@ -46,6 +46,11 @@ public final class EngineRegistry: Sendable {
         return list.map(\.0.volumeID)
     }
 
+    /// The data key the keeper kept with an encrypted volume's connection (nil: none kept).
+    public func keptKey(volumeID: String) -> VolumeDataKey? {
+        kept.withLock { $0[volumeID]?.entry.dataKey }
+    }
+
     /// After the node's records were restored: kept connections no engine resumed belong to
     /// volumes no longer staged here; the keeper lets go of them and they count as dead again.
     public func releaseUnresumed() -> [KeptConnection] {

@@ -27,8 +27,14 @@ public struct KeptConnection: Codable, Sendable, Equatable {
     public var connection: UInt32
     /// The FUSE protocol minor the kernel negotiated (>= 40: resend works).
     public var protoMinor: UInt32
+    /// An encrypted volume's data key (docs/encryption.md), kept in the keeper's memory with the
+    /// descriptor so that the next engine serves the connection without a new NodeStage; only
+    /// over the keeper's root-only socket, never on disk. A keeper of an older release drops it,
+    /// and the next engine then waits for NodeStage with the passphrase.
+    public var dataKey: VolumeDataKey?
 
-    public init(volumeID: String, mountPoint: String, connection: UInt32, protoMinor: UInt32) {
+    public init(volumeID: String, mountPoint: String, connection: UInt32, protoMinor: UInt32, dataKey: VolumeDataKey? = nil) {
+        self.dataKey = dataKey
         self.volumeID = volumeID
         self.mountPoint = mountPoint
         self.connection = connection

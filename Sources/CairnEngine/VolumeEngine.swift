@@ -321,7 +321,7 @@ public final class VolumeEngine: Sendable {
             DeadFUSEMounts.register(mountPoint: mountDirectory, connection: UInt32(cfuse_connection_id(session)))
             keeper?.hold(KeptConnection(volumeID: volumeID, mountPoint: mountDirectory,
                                         connection: UInt32(cfuse_connection_id(session)),
-                                        protoMinor: UInt32(cfuse_protocol_minor(session))),
+                                        protoMinor: UInt32(cfuse_protocol_minor(session)), dataKey: cipher?.key),
                          fd: cfuse_device_fd(session))
             if resumedFrom != nil {
                 // Only now — claimed, converged, serving — may the kernel hand out again what the

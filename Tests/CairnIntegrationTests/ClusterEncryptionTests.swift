@@ -94,7 +94,6 @@ final class ClusterEncryptionTests: XCTestCase {
         let tail = VolumeIO.randomBytes(1 << 20)
         try VolumeIO.writeDevice(onN2.target, at: grown - (1 << 20), tail)
         XCTAssertEqual(try VolumeIO.readDevice(onN2.target, at: grown - (1 << 20), count: 1 << 20), tail)
-        try BackgroundCommand.succeed(["resize2fs", onN2.target])
         XCTAssertEqual(try VolumeIO.readFile(fs + "/marker"), content)
         try unmount(fs)
 
@@ -144,6 +143,27 @@ final class ClusterEncryptionTests: XCTestCase {
                            "the writer's plaintext blocks are on \(node)'s replica")
         }
         try await bed.detach(volume, second)
+    }
+
+    /// The process running the engines (the agent) is SIGKILLed and started again under
+    /// checksummed O_DIRECT writes: the FUSE keeper kept the data key with the connection, so the
+    /// new engine decrypts and encrypts at once — no write fails, no NodeStage is needed, and
+    /// every acknowledged block reads back.
+    func testAnEncryptedVolumeServesOnAcrossAKillAndRestartOfItsEngineProcess() async throws {
+        bed = try Testbed.up(nodes: 3)
+        let bytes: Int64 = 64 << 20
+        let volume = try await createVolume("enc-restart", bytes: bytes, encrypted: true)
+        let attached = try await bed.attachBlock(volume, on: "n1", secrets: passphrase)
+        let writer = try BlockWriter(device: attached.target, blocks: Int(bytes) / BlockWriter.blockSize)
+        writer.start()
+        try await writer.waitForAcknowledged(200)
+        try bed.killEngineProcess("n1")
+        try bed.restartEngineProcess("n1")
+        try await writer.waitForAcknowledged(writer.acknowledgedCount + 300, seconds: 60)
+        try await writer.stopAndVerify("a write failed across the restart of the encrypted volume's engine process")
+        XCTAssertTrue(bed.logTail(bed.engineProcess("n1"), lines: 400).contains("resumed the volume's FUSE connection"),
+                      "the engine did not resume the kept connection")
+        try await bed.detach(volume, attached)
     }
 
     // MARK: Steps
