@@ -9,7 +9,7 @@ struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "volume",
         abstract: "List, inspect and watch volumes (from the cluster store); hot-plug a volume staged on this machine into a running container, or remove it (talks to the local cairn agent).",
-        subcommands: [VolumeList.self, VolumeInspect.self, VolumeWatch.self, VolumeAttach.self, VolumeDetach.self]
+        subcommands: [VolumeList.self, VolumeInspect.self, VolumeWatch.self, VolumeAttach.self, VolumeDetach.self, VolumeRekeyCommand.self]
     )
 }
 

@@ -1,7 +1,9 @@
 import CCryptoShim
 import CairnCore
 import CairnCrypto
+import CairnStore
 import Foundation
+import Logging
 import XCTest
 
 /// The volume cipher and the data key's wrapping (docs/encryption.md).
@@ -114,5 +116,53 @@ final class VolumeEncryptionTests: XCTestCase {
         let plain = try JSONEncoder().encode(volume)
         XCTAssertNil(try JSONDecoder().decode(VolumeRecord.self, from: plain).encryption)
         XCTAssertEqual("\(VolumeDataKey([1, 2, 3]))", "VolumeDataKey(3 bytes, hidden)")
+    }
+
+    /// `cairn volume rekey`'s work in a real store: the volume and its snapshot are sealed under
+    /// the new passphrase with the same data key (so every block stays readable); a wrong old
+    /// passphrase changes nothing.
+    func testRekeyRewrapsTheVolumeAndItsSnapshotsWithTheSameKey() async throws {
+        let dir = NSTemporaryDirectory() + "cairn-rekey-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try SQLiteStore(path: dir + "/cairn.db", logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
+        let (wrapped, key) = try VolumeKeys.create(passphrase: "old", iterations: 1000)
+        var volume = VolumeRecord(id: "vol-1", name: "v", capacityBytes: 1 << 20, parameters: ["encrypted": "true"],
+                                  fsType: "ext4", accessModes: [1], accessibleTopology: [:])
+        volume.encryption = wrapped
+        try await store.createVolume(volume)
+        var snapshot = SnapshotRecord(id: "snap-1", name: "s", sourceVolumeID: "vol-1", sizeBytes: 1 << 20, readyToUse: true)
+        snapshot.encryption = wrapped
+        try await store.createSnapshot(snapshot)
+
+        do {
+            _ = try await VolumeRekey.rekey(store: store, volumeID: "vol-1", oldPassphrase: "wrong", newPassphrase: "new")
+            XCTFail("a wrong passphrase rekeyed the volume")
+        } catch let error as CairnError {
+            XCTAssertEqual(error.code, .failedPrecondition)
+        }
+        let unchanged = try await store.volume(id: "vol-1")?.encryption
+        XCTAssertEqual(unchanged, wrapped)
+
+        let outcome = try await VolumeRekey.rekey(store: store, volumeID: "vol-1", oldPassphrase: "old", newPassphrase: "new")
+        XCTAssertEqual(outcome.snapshots, 1)
+        let rekeyed = try await store.volume(id: "vol-1")!.encryption!
+        XCTAssertEqual(try VolumeKeys.unwrap(rekeyed, passphrase: "new", volumeID: "vol-1"), key)
+        XCTAssertThrowsError(try VolumeKeys.unwrap(rekeyed, passphrase: "old", volumeID: "vol-1"))
+        let snapshotKey = try await store.snapshot(id: "snap-1")!.encryption!
+        XCTAssertEqual(try VolumeKeys.unwrap(snapshotKey, passphrase: "new", volumeID: "vol-1"), key)
+
+        var plain = volume
+        plain.id = "vol-2"
+        plain.name = "p"
+        plain.parameters = [:]
+        plain.encryption = nil
+        try await store.createVolume(plain)
+        do {
+            _ = try await VolumeRekey.rekey(store: store, volumeID: "vol-2", oldPassphrase: "old", newPassphrase: "new")
+            XCTFail("a plain volume was rekeyed")
+        } catch let error as CairnError {
+            XCTAssertEqual(error.code, .failedPrecondition)
+        }
     }
 }
