@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""bench/run --security / --metrics: the report of (c) run in several modes on fresh beds, the
+"""bench/run --security / --metrics / --encryption: the report of (c) run in several modes on fresh beds, the
 modes interleaved for some rounds. Per mode the median of each fio job over the rounds, and each
 mode's ratio to the base mode with its target.
 

@@ -56,7 +56,8 @@ enum Requests {
 
     /// `preferredNode`: the node the volume will be used on, as a CO with late binding says it
     /// (Kubernetes' WaitForFirstConsumer): Cairn puts a replica there first.
-    static func create(name: String, bytes: Int64, replicas: Int, preferredNode: String? = nil) -> Csi_V1_CreateVolumeRequest {
+    static func create(name: String, bytes: Int64, replicas: Int, preferredNode: String? = nil,
+                       parameters: [String: String] = [:]) -> Csi_V1_CreateVolumeRequest {
         var r = Csi_V1_CreateVolumeRequest()
         if let preferredNode {
             var topology = Csi_V1_Topology()
@@ -68,7 +69,7 @@ enum Requests {
         var range = Csi_V1_CapacityRange()
         range.requiredBytes = bytes
         r.capacityRange = range
-        r.parameters = ["replicas": String(replicas)]
+        r.parameters = parameters.merging(["replicas": String(replicas)]) { $1 }
         return r
     }
 }
@@ -145,9 +146,10 @@ struct Attachment {
 }
 
 func createVolume(_ controller: CSIClient, name: String, bytes: Int64, replicas: Int,
-                  preferredNode: String? = nil) async throws -> String {
+                  preferredNode: String? = nil, parameters: [String: String] = [:]) async throws -> String {
     try await controller.call("Controller", "CreateVolume",
-                              Requests.create(name: name, bytes: bytes, replicas: replicas, preferredNode: preferredNode),
+                              Requests.create(name: name, bytes: bytes, replicas: replicas, preferredNode: preferredNode,
+                                              parameters: parameters),
                               as: Csi_V1_CreateVolumeResponse.self).volume.volumeID
 }
 

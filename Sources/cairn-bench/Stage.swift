@@ -16,12 +16,17 @@ struct Stage: AsyncParsableCommand {
     @Option(help: "Replicas (the `replicas` parameter).") var replicas: Int = 1
     @Option(name: .customLong("size-mib"), help: "Volume size in MiB.") var sizeMiB: Int64 = 1024
     @Option(help: "The staging path (created; must be under the node's --path-root).") var path: String
+    @Flag(help: "Create the volume with `encrypted: \"true\"` and stage it with the secret `passphrase` (docs/encryption.md).")
+    var encrypted = false
+
+    /// The benchmark's passphrase: what it measures is the cipher, not the secret.
+    static let benchPassphrase = "cairn-bench-passphrase"
 
     func run() async throws {
         let controller = CSIClient(endpoint: self.controller)
         let node = CSIClient(endpoint: self.node)
         let volume = try await createVolume(controller, name: name, bytes: sizeMiB << 20, replicas: replicas,
-                                            preferredNode: nodeID)
+                                            preferredNode: nodeID, parameters: encrypted ? ["encrypted": "true"] : [:])
         do {
             var cp = Csi_V1_ControllerPublishVolumeRequest()
             cp.volumeID = volume
@@ -35,6 +40,7 @@ struct Stage: AsyncParsableCommand {
             stage.stagingTargetPath = path
             stage.volumeCapability = Requests.capability()
             stage.publishContext = published.publishContext
+            if encrypted { stage.secrets = ["passphrase": Self.benchPassphrase] }
             _ = try await node.call("Node", "NodeStageVolume", stage, as: Csi_V1_NodeStageVolumeResponse.self)
         } catch {
             try? await Unstage.undo(volume: volume, path: path, nodeID: nodeID, controller: controller, node: node)
