@@ -1,5 +1,6 @@
 import CCryptoShim
 import CairnCore
+import Dispatch
 import Foundation
 
 /// An encrypted volume's data key and its wrapping (docs/encryption.md): a random 64-byte key per
@@ -72,6 +73,13 @@ public enum VolumeKeys {
                               newPassphrase: String) throws -> VolumeEncryption {
         let key = try unwrap(encryption, passphrase: oldPassphrase, volumeID: volumeID)
         return try wrap(key, passphrase: newPassphrase, iterations: max(encryption.iterations, defaultIterations))
+    }
+
+    /// Runs key derivation (a few hundred milliseconds of CPU) off the cooperative pool.
+    public static func offThread<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { continuation in
+            DispatchQueue.global().async { continuation.resume(with: Result { try work() }) }
+        }
     }
 
     static func checkPassphrase(_ passphrase: String) throws {

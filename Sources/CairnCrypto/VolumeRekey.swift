@@ -1,5 +1,4 @@
 import CairnCore
-import Dispatch
 
 /// A passphrase change (`cairn volume rekey`): the volume's data key is sealed again under the
 /// new passphrase, in its record and in every snapshot of it that carries the same wrapping.
@@ -21,7 +20,7 @@ public enum VolumeRekey {
             throw CairnError.failedPrecondition(
                 "volume \(volumeID) has no key yet: it gets one at its first NodeStageVolume, with the passphrase that stage carries")
         }
-        let new = try await offThread {
+        let new = try await VolumeKeys.offThread {
             try VolumeKeys.rewrap(old, volumeID: volumeID, oldPassphrase: oldPassphrase, newPassphrase: newPassphrase)
         }
         let changed = try await store.updateVolume(id: volumeID, what: "rekey volume \(volumeID)") { record in
@@ -40,11 +39,5 @@ public enum VolumeRekey {
             snapshots += 1
         }
         return Outcome(snapshots: snapshots)
-    }
-
-    static func offThread<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-        try await withCheckedThrowingContinuation { continuation in
-            DispatchQueue.global().async { continuation.resume(with: Result { try work() }) }
-        }
     }
 }

@@ -1,6 +1,5 @@
 import CairnCore
 import CairnCrypto
-import Dispatch
 
 // An encrypted volume's data key at NodeStageVolume (docs/encryption.md): unwrapped from the
 // volume record with the passphrase in the stage's secrets, or — at the volume's first stage —
@@ -19,11 +18,11 @@ extension NodeService {
                 "volume \(volume.id) is encrypted: NodeStageVolume needs its passphrase in the secret `\(EncryptionNames.passphraseSecret)` (Kubernetes: the StorageClass parameters csi.storage.k8s.io/node-stage-secret-name and csi.storage.k8s.io/node-stage-secret-namespace name a Secret holding it)")
         }
         if let wrapped = volume.encryption {
-            return try await Self.offThread { try VolumeKeys.unwrap(wrapped, passphrase: passphrase, volumeID: volume.id) }
+            return try await VolumeKeys.offThread { try VolumeKeys.unwrap(wrapped, passphrase: passphrase, volumeID: volume.id) }
         }
         // The volume's first stage: a new key, recorded only if no other node recorded one
         // meanwhile (the store's transaction decides); the loser unwraps the winner's.
-        let (made, key) = try await Self.offThread { try VolumeKeys.create(passphrase: passphrase) }
+        let (made, key) = try await VolumeKeys.offThread { try VolumeKeys.create(passphrase: passphrase) }
         _ = try await store.updateVolume(id: volume.id, what: "record volume \(volume.id)'s wrapped key") { record in
             guard record.encryption == nil else { return false }
             record.encryption = made
@@ -36,13 +35,6 @@ extension NodeService {
             logger.info("made and recorded the encrypted volume's wrapped key", metadata: ["volume.id": "\(volume.id)"])
             return key
         }
-        return try await Self.offThread { try VolumeKeys.unwrap(recorded, passphrase: passphrase, volumeID: volume.id) }
-    }
-
-    /// Key derivation costs a few hundred milliseconds of CPU: not on the cooperative pool.
-    static func offThread<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-        try await withCheckedThrowingContinuation { continuation in
-            DispatchQueue.global().async { continuation.resume(with: Result { try work() }) }
-        }
+        return try await VolumeKeys.offThread { try VolumeKeys.unwrap(recorded, passphrase: passphrase, volumeID: volume.id) }
     }
 }

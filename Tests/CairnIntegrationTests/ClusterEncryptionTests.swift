@@ -11,12 +11,11 @@ import XCTest
 /// the volume fails over, snapshots, restores, clones and grows with the same passphrase.
 final class ClusterEncryptionTests: XCTestCase {
     var bed: Testbed!
-    var mounts: [String] = []
+    let mounts = TestMounts()
     let passphrase = ["passphrase": "correct horse battery staple"]
 
     override func tearDown() async throws {
-        for dir in mounts.reversed() { _ = Testbed.run(["umount", dir]) }
-        mounts = []
+        mounts.removeAll()
         if let problem = bed?.down(after: testRun) { XCTFail(problem) }
         bed = nil
     }
@@ -199,15 +198,8 @@ final class ClusterEncryptionTests: XCTestCase {
     }
 
     func mount(_ device: String, name: String) throws -> String {
-        let dir = bed.stateDir + "/mnt/fs-\(name)"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        try BackgroundCommand.succeed(["mount", "-t", "ext4", device, dir])
-        mounts.append(dir)
-        return dir
+        try mounts.mount(device, at: bed.stateDir + "/mnt/fs-\(name)")
     }
 
-    func unmount(_ dir: String) throws {
-        try BackgroundCommand.succeed(["umount", dir])
-        mounts.removeAll { $0 == dir }
-    }
+    func unmount(_ dir: String) throws { try mounts.unmount(dir) }
 }

@@ -13,11 +13,10 @@ import Glibc
 /// power cut); clones share the snapshot's layers; growth and QoS limits reach the engine.
 final class ClusterSnapshotTests: XCTestCase {
     var bed: Testbed!
-    var mounts: [String] = []
+    let mounts = TestMounts()
 
     override func tearDown() async throws {
-        for dir in mounts.reversed() { _ = Testbed.run(["umount", dir]) }
-        mounts = []
+        mounts.removeAll()
         if let problem = bed?.down(after: testRun) { XCTFail(problem) }
         bed = nil
     }
@@ -187,17 +186,10 @@ final class ClusterSnapshotTests: XCTestCase {
     }
 
     func mount(_ device: String, name: String) throws -> String {
-        let dir = bed.stateDir + "/mnt/fs-\(name)"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        try BackgroundCommand.succeed(["mount", "-t", "ext4", device, dir])
-        mounts.append(dir)
-        return dir
+        try mounts.mount(device, at: bed.stateDir + "/mnt/fs-\(name)")
     }
 
-    func unmount(_ dir: String) throws {
-        try BackgroundCommand.succeed(["umount", dir])
-        mounts.removeAll { $0 == dir }
-    }
+    func unmount(_ dir: String) throws { try mounts.unmount(dir) }
 
     /// fio's random 4 KiB write IOPS on `device` over `seconds` (QD8, direct).
     func iops(_ device: String, seconds: Int) throws -> Double {

@@ -337,3 +337,27 @@ extension Testbed {
         _ = try await controller.controllerUnpublish(CSI.controllerUnpublish(volumeID, node: attached.node))
     }
 }
+
+/// The filesystems a test mounts on its volumes' devices (ext4); `removeAll` in tearDown
+/// unmounts what a failed test left.
+final class TestMounts: @unchecked Sendable {
+    private var dirs: [String] = []
+
+    /// Mounts `device` (ext4) at `dir`, created first; returns `dir`.
+    func mount(_ device: String, at dir: String) throws -> String {
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try BackgroundCommand.succeed(["mount", "-t", "ext4", device, dir])
+        dirs.append(dir)
+        return dir
+    }
+
+    func unmount(_ dir: String) throws {
+        try BackgroundCommand.succeed(["umount", dir])
+        dirs.removeAll { $0 == dir }
+    }
+
+    func removeAll() {
+        for dir in dirs.reversed() { _ = Testbed.run(["umount", dir]) }
+        dirs = []
+    }
+}
