@@ -149,7 +149,7 @@ var targets: [Target] = [
     ),
     .target(
         name: "CairnController",
-        dependencies: ["CairnCore", "CairnCSI", "CSIProto", .product(name: "Logging", package: "swift-log")],
+        dependencies: ["CairnCore", "CairnCSI", "CairnCrypto", "CSIProto", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
     .target(

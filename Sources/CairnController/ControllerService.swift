@@ -1,5 +1,6 @@
 import CSIProto
 import CairnCSI
+import CairnCrypto
 import CairnCore
 import Foundation
 import Logging
@@ -112,6 +113,11 @@ public final class ControllerService: Sendable {
                 mutableParameters: limits.stored.isEmpty ? nil : limits.stored)
             // A clone or restore holds its source's ciphertext: it takes the source's wrapped key.
             volume.encryption = encryption
+            if parameters.encrypted, source == nil, let passphrase = request.secrets[EncryptionNames.passphraseSecret] {
+                // The provisioner's secret carries the passphrase: the key is made now, so the
+                // first NodeStage must bring the same passphrase (docs/encryption.md).
+                volume.encryption = try await VolumeKeys.offThread { try VolumeKeys.create(passphrase: passphrase).0 }
+            }
             if let cluster, let source {
                 volume.accessibleTopology = [:]
                 volume.replicas = try await cloneReplicas(source: source, count: parameters.explicitReplicas ?? cluster.defaultReplicas)

@@ -257,23 +257,29 @@ extension ControllerService {
 
     /// Fills a new volume (recorded with `contentPending`) from its source, then clears the mark.
     func fill(_ volume: VolumeRecord, from source: ContentSource) async throws {
-        try await createFromSource(volume, source: source)
+        let encryption = try await createFromSource(volume, source: source)
         _ = try await store.updateVolume(id: volume.id, what: "finish creating volume \(volume.id) from \(source)") { record in
             guard record.contentPending != nil else { return false }
             record.contentPending = nil
+            // The snapshot the blocks came from says which key encrypted them (the source may
+            // have got its key after CreateVolume read it).
+            if record.isEncrypted, let encryption { record.encryption = encryption }
             return true
         }
     }
 
     /// Fills the new volume's storage from its source, instead of `backing.create`. Idempotent:
-    /// a repeat after an interruption redoes or finishes each step.
-    func createFromSource(_ volume: VolumeRecord, source: ContentSource) async throws {
+    /// a repeat after an interruption redoes or finishes each step. Returns the wrapped key of
+    /// the snapshot the blocks came from (nil: a plain source, or one never staged).
+    @discardableResult
+    func createFromSource(_ volume: VolumeRecord, source: ContentSource) async throws -> VolumeEncryption? {
         switch source {
         case .snapshot(let id):
             guard let snapshot = try await store.snapshot(id: id) else {
                 throw CairnError.notFound("source snapshot \(id) was deleted meanwhile")
             }
             try await backing.createFromSnapshot(volume, snapshot: snapshot, source: try await store.volume(id: snapshot.sourceVolumeID))
+            return snapshot.encryption
         case .volume(let id):
             // A clone of a volume is a clone of a snapshot taken now, at a barrier if it is in
             // use. Cluster mode keeps that snapshot (hidden; the clone shares its layers) until
@@ -292,6 +298,7 @@ extension ControllerService {
                 throw error
             }
             if cluster == nil { try await removeSnapshot(snapshot) }
+            return snapshot.encryption
         }
     }
 

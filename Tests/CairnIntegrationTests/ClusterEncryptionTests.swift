@@ -122,7 +122,14 @@ final class ClusterEncryptionTests: XCTestCase {
     func testAnEncryptedVolumeFailsOverWithEveryAcknowledgedWrite() async throws {
         bed = try Testbed.up(nodes: 3)
         let bytes: Int64 = 64 << 20
-        let volume = try await createVolume("enc-failover", bytes: bytes, encrypted: true)
+        // The passphrase in CreateVolume's secrets (a provisioner secret): the key is made there,
+        // and even the first NodeStage must bring the same passphrase.
+        var create = CSI.create(name: "enc-failover", access: .block, required: bytes, parameters: ["replicas": "3", "encrypted": "true"])
+        create.secrets = passphrase
+        let volume = try await bed.controller.createVolume(create).volume.volumeID
+        await expect(.failedPrecondition, containing: "does not unlock") {
+            _ = try await self.bed.attachBlock(volume, on: "n1", secrets: ["passphrase": "another one"])
+        }
         let first = try await bed.attachBlock(volume, on: "n1", secrets: passphrase)
         let writer = try BlockWriter(device: first.target, blocks: Int(bytes) / BlockWriter.blockSize)
         writer.start()
