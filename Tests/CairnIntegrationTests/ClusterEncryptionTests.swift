@@ -111,6 +111,12 @@ final class ClusterEncryptionTests: XCTestCase {
             XCTAssertEqual(try replicaFiles(containing: marker, node: node, volume: nil), [],
                            "plaintext on \(node)'s replicas after the snapshot, restore, clone and growth")
         }
+        // The passphrase is in no log of any process of the bed.
+        for name in bed.processNames {
+            let log = (try? String(contentsOfFile: bed.logPath(name), encoding: .utf8)) ?? ""
+            XCTAssertFalse(log.isEmpty, "no log at \(bed.logPath(name))")
+            XCTAssertFalse(log.contains(passphrase["passphrase"]!), "\(name)'s log holds the passphrase")
+        }
         for volume in [clone, restored] { _ = try await bed.controller.deleteVolume(CSI.delete(volume)) }
         try await bed.controller.deleteSnapshot(snapshot.snapshotID)
         _ = try await bed.controller.deleteVolume(CSI.delete(encrypted))
