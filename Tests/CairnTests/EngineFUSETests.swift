@@ -1,4 +1,5 @@
 import CairnCore
+import CairnCrypto
 import CoreMetrics
 @testable import CairnEngine
 import CairnReplica
@@ -85,6 +86,7 @@ final class EngineFUSETests: XCTestCase {
 
     func makeEngine(_ fakes: [FakeReplica], local: String = "n1", epoch: UInt64 = 5, name: String = "vol-a",
                     outOfSync: Set<String> = [], spares: [FakeReplica] = [], recovery: EngineRecovery? = nil,
+                    cipher: VolumeCipher? = nil,
                     metricsFactory: any MetricsFactory = MetricsSystem.factory) -> VolumeEngine {
         let byNode = Dictionary(uniqueKeysWithValues: (fakes + spares).map { ($0.nodeID, $0) })
         let recorder = recorder
@@ -100,6 +102,7 @@ final class EngineFUSETests: XCTestCase {
             },
             markOutOfSync: { try recorder.mark($0, $1) },
             recovery: recovery,
+            cipher: cipher,
             metricsFactory: metricsFactory,
             logger: logger)
         engines.append(engine)
@@ -243,6 +246,44 @@ final class EngineFUSETests: XCTestCase {
         }
         XCTAssertEqual(fallocate(fd, 0, 0, 4096), -1, "preallocation is refused")
         XCTAssertEqual(errno, EOPNOTSUPP)
+    }
+
+    /// An encrypted volume (docs/encryption.md): the replicas get the same ciphertext, which
+    /// decrypts to what was written at that place only; partial writes and reads, unwritten and
+    /// trimmed blocks read as on a plain volume.
+    func testAnEncryptedEngineSendsOnlyCiphertextToTheReplicas() throws {
+        let cipher = try VolumeCipher(VolumeDataKey((0..<64).map { UInt8(($0 * 7 + 3) & 0xff) }))
+        let fakes = fakes(2)
+        let path = try makeEngine(fakes, cipher: cipher).start()
+        let direct = try Self.open(path)
+        defer { close(direct) }
+        XCTAssertEqual(Self.write(direct, 4096, 8192, 0x5A), 0)
+        let plain = [UInt8](repeating: 0x5A, count: 8192)
+        let stored = fakes[0].bytes(4096, 8192)
+        XCTAssertNotEqual(stored, plain)
+        XCTAssertEqual(fakes[1].bytes(4096, 8192), stored, "the replicas differ")
+        var opened = stored
+        try opened.withUnsafeMutableBytes { try cipher.decrypt(offset: 4096, $0) }
+        XCTAssertEqual(opened, plain)
+        XCTAssertNotEqual(Array(stored[0..<4096]), Array(stored[4096..<8192]), "two blocks of one plaintext share a ciphertext")
+        XCTAssertEqual(Self.read(direct, 4096, 8192).1, plain)
+        XCTAssertEqual(Self.read(direct, 65536, 4096).1, [UInt8](repeating: 0, count: 4096), "an unwritten block")
+
+        let buffered = try Self.open(path, direct: false)
+        defer { close(buffered) }
+        let text = Array("a known plaintext".utf8)
+        XCTAssertEqual(text.withUnsafeBytes { pwrite(buffered, $0.baseAddress, $0.count, 4100) }, text.count)
+        XCTAssertEqual(fsync(buffered), 0)
+        XCTAssertEqual(Self.read(direct, 4096, 4096).1, [0x5A, 0x5A, 0x5A, 0x5A] + text + [UInt8](repeating: 0x5A, count: 4096 - 4 - text.count))
+        for fake in fakes {
+            let block = fake.bytes(4096, 4096)
+            XCTAssertFalse(block.indices.dropLast(text.count).contains { Array(block[$0..<$0 + text.count]) == text },
+                           "the plaintext reached replica \(fake.nodeID)")
+        }
+        // A hole: the trimmed block is zeros on the replicas and reads as zeros.
+        XCTAssertEqual(fallocate(buffered, punchHole | keepSize, 8192, 4096), 0)
+        for fake in fakes { XCTAssertEqual(fake.bytes(8192, 4096), [UInt8](repeating: 0, count: 4096)) }
+        XCTAssertEqual(Self.read(direct, 8192, 4096).1, [UInt8](repeating: 0, count: 4096))
     }
 
     func testAFailingReplicaIsRecordedOutOfSyncBeforeTheWriteReturnsAndIsSkippedAfterwards() throws {
