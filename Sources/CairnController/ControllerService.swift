@@ -72,10 +72,6 @@ public final class ControllerService: Sendable {
             throw CairnError.invalidArgument(
                 "minInSync=\(parameters.minInSync) is more than the volume's \(count) replicas: no write could ever be acknowledged; use minInSync ≤ replicas")
         }
-        if cluster == nil, parameters.encrypted {
-            throw CairnError.invalidArgument(
-                "\(EncryptionNames.parameter)=\"true\" needs the replicated data path (cluster mode, --store etcd), whose engine encrypts every block; one-machine volumes are plain files in this release")
-        }
         if cluster == nil, request.hasAccessibilityRequirements {
             let requisite = request.accessibilityRequirements.requisite
             if !requisite.isEmpty && !requisite.contains(where: { matchesLocalTopology($0.segments) }) {

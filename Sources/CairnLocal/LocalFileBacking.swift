@@ -44,11 +44,11 @@ public struct LocalFileBacking: VolumeBacking, NodeBacking {
     }
 
     public func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?, key: VolumeDataKey?) throws -> String {
-        // CreateVolume refuses `encrypted` on one machine (docs/encryption.md): a plain file
-        // holds plaintext, so an encrypted volume must never be served from one.
+        // An encrypted volume's file holds ciphertext: only an engine may serve it
+        // (`LocalEngineBacking`, docs/encryption.md), never a loop device on the file itself.
         if volume.isEncrypted {
             throw CairnError.failedPrecondition(
-                "volume \(volume.id) is encrypted, which needs cluster mode's engine (--store etcd); this one-machine node cannot serve it")
+                "volume \(volume.id) is encrypted: its file holds ciphertext and is served through an engine (cairn serve with --store sqlite does it); this backing cannot serve it")
         }
         return try file(volumeID: volume.id)
     }

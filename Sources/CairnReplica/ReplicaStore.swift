@@ -85,6 +85,16 @@ public struct ReplicaStatus: Sendable, Equatable {
     public var flushedGeneration: UInt64
     /// The highest generation written (durable or not).
     public var highestGeneration: UInt64
+
+    public init(volumeID: String, size: UInt64, blockSize: UInt32, epoch: UInt64, flushedGeneration: UInt64,
+                highestGeneration: UInt64) {
+        self.volumeID = volumeID
+        self.size = size
+        self.blockSize = blockSize
+        self.epoch = epoch
+        self.flushedGeneration = flushedGeneration
+        self.highestGeneration = highestGeneration
+    }
 }
 
 /// What recovery found when a replica was opened after an unclean close.

@@ -93,9 +93,8 @@ final class ControllerServiceTests: XCTestCase {
         await assertStatus(.invalidArgument) { try await self.create("p9", parameters: ["minInSync": "two"]) }
         // One machine keeps one copy: minInSync 2 could never be met.
         await assertStatus(.invalidArgument) { try await self.create("p10", parameters: ["minInSync": "2"]) }
-        // encrypted: only true or false; true needs the engine (cluster mode).
+        // encrypted: only true or false.
         await assertStatus(.invalidArgument) { try await self.create("p11", parameters: ["encrypted": "yes"]) }
-        await assertStatus(.invalidArgument) { try await self.create("p12", parameters: ["encrypted": "true"]) }
         await assertStatus(.invalidArgument) { try await self.create("p7", mode: .multiNodeMultiWriter) }
         await assertStatus(.invalidArgument) { try await self.create("") }
         await assertStatus(.invalidArgument) { try await self.create(String(repeating: "n", count: 10 * 1024)) }

@@ -46,7 +46,7 @@ extension ServeContext {
         }
         let service = AgentService(mounter: linux,
                                    confinement: AgentConfinement(pathRoots: roots, volumesDirectory: localFiles.directory,
-                                                                 enginesDirectory: etcd == nil ? nil : options.dataDir + "/engines"),
+                                                                 enginesDirectory: options.dataDir + "/engines"),
                                    hotPlug: hotPlug, backing: backing, store: store, nodeID: nodeID, logger: agentLogger)
         let router = Router()
         service.register(on: router)

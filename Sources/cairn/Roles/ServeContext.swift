@@ -110,7 +110,9 @@ struct ServeContext {
         let keeper = runsEngines ? FUSEKeeperClient(socketPath: options.fuseKeeperSocket ?? dataDir + "/fuse-keeper.sock",
                                                     mode: options.fuseKeeper, logger: logger) : nil
         let restarts = runsEngines ? Serve.reportRestartSupport(keeper: keeper!, logger: logger) : nil
-        let backing: any VolumeBacking & NodeBacking = etcd == nil ? localFiles
+        // One machine: plain volumes on their files, encrypted ones through an engine over theirs.
+        let backing: any VolumeBacking & NodeBacking = etcd == nil
+            ? try LocalEngineBacking(files: localFiles, dataDir: dataDir, nodeID: nodeID, logger: logger)
             : try ReplicatedBacking(dataDir: dataDir, nodeID: nodeID, store: store,
                                     recovery: .init(rebuildBytesPerSecond: UInt64(options.rebuildRate * 1e6),
                                                     scrubBytesPerSecond: UInt64(options.scrubRate * 1e6),

@@ -1,0 +1,104 @@
+import CSIProto
+import CairnCore
+import CairnProcess
+import Foundation
+import XCTest
+
+/// Issue 18 on one machine (`cairn serve --role all`, SQLite): an encrypted volume is served
+/// through an engine whose one replica is the volume's file, so the file — and the snapshots and
+/// clones copied from it — hold ciphertext only; a wrong passphrase fails NodeStage and formats
+/// nothing; online growth works through the engine.
+final class OneMachineEncryptionTests: IntegrationTestCase {
+    let passphrase = ["passphrase": "one machine, one passphrase"]
+
+    func testAnEncryptedVolumeOnOneMachineKeepsOnlyCiphertextInItsFileAndSnapshots() async throws {
+        let plugin = try await startPlugin()
+        let csi = CSIClient(plugin: plugin)
+        let access = Access.mount(fsType: "ext4")
+        let marker = "cairn-one-machine-plaintext-" + UUID().uuidString + "\n"
+        let content = Array(String(repeating: marker, count: 2048).utf8)
+
+        var ids: [String: String] = [:]
+        for (name, encrypted) in [("enc", true), ("plain", false)] {
+            let parameters = encrypted ? ["encrypted": "true"] : [:]
+            let volume = try await csi.createVolume(CSI.create(name: name, access: access, required: 64 * CSI.mib, parameters: parameters)).volume
+            ids[name] = volume.volumeID
+            let staging = try await stage(csi, plugin, volume.volumeID, name: name, secrets: encrypted ? passphrase : [:])
+            try VolumeIO.writeFile(staging + "/marker", content)
+            try BackgroundCommand.succeed(["sync", "-f", staging + "/marker"])
+        }
+        let enc = ids["enc"]!, plain = ids["plain"]!
+        XCTAssertFalse(try files(containing: marker, under: plugin.dataDir + "/volumes/\(plain).img").isEmpty,
+                       "the plain volume's file does not hold the marker: the check cannot see plaintext")
+        XCTAssertEqual(try files(containing: marker, under: plugin.dataDir + "/volumes/\(enc).img"), [])
+
+        // A snapshot of the staged volume (the filesystem frozen for the copy), and its restore.
+        let snapshot = try await csi.createSnapshot(CSI.snapshot(enc, name: "enc-snap")).snapshot
+        XCTAssertTrue(snapshot.readyToUse)
+        let restored = try await csi.createVolume(CSI.create(name: "restored", access: access, required: 64 * CSI.mib,
+                                                             from: snapshot.snapshotID, parameters: ["encrypted": "true"])).volume.volumeID
+
+        // Unstaged and grown (online ext4 growth needs CAP_SYS_RESOURCE, which the test's plugin
+        // may lack; cluster mode's test grows online), then a wrong and a missing passphrase:
+        // refused, nothing formatted.
+        try await unstage(csi, plugin, enc, name: "enc")
+        let grown: Int64 = 128 * CSI.mib
+        _ = try await csi.controllerExpand(enc, bytes: grown)
+        var request = stageRequest(enc, staging: plugin.stagingDir + "/enc")
+        request.secrets = ["passphrase": "wrong"]
+        let wrong = await expectStatus(.failedPrecondition, "NodeStage with a wrong passphrase") { _ = try await csi.nodeStage(request) }
+        XCTAssertTrue(wrong.message.contains("does not unlock"), wrong.message)
+        request.secrets = [:]
+        await expectStatus(.invalidArgument, "NodeStage without a passphrase") { _ = try await csi.nodeStage(request) }
+        request.secrets = passphrase
+        _ = try await csi.nodeStage(request)
+        XCTAssertEqual(try VolumeIO.readFile(plugin.stagingDir + "/enc/marker"), content, "the data did not survive the refused stages")
+        let device = try Command.runBlocking(["findmnt", "-n", "-o", "SOURCE", plugin.stagingDir + "/enc"], timeout: .seconds(10))
+            .stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let bytes = try Command.runBlocking(["blockdev", "--getsize64", device], timeout: .seconds(10)).stdout
+        XCTAssertEqual(Int64(bytes.trimmingCharacters(in: .whitespacesAndNewlines)), grown, "the engine does not serve the grown size on \(device)")
+        try await unstage(csi, plugin, enc, name: "enc")
+
+        let restoredStaging = try await stage(csi, plugin, restored, name: "restored", secrets: passphrase)
+        XCTAssertEqual(try VolumeIO.readFile(restoredStaging + "/marker"), content, "the restore does not read back")
+        try await unstage(csi, plugin, restored, name: "restored")
+
+        for path in [plugin.dataDir + "/volumes", plugin.dataDir + "/snapshots"] {
+            let found = try files(containing: marker, under: path).filter { !$0.contains(plain) }
+            XCTAssertEqual(found, [], "plaintext of an encrypted volume under \(path)")
+        }
+        try await unstage(csi, plugin, plain, name: "plain")
+        for id in [enc, restored, plain] { _ = try await csi.controllerUnpublish(CSI.controllerUnpublish(id, node: plugin.nodeID)) }
+        for id in [restored, plain] { _ = try await csi.deleteVolume(CSI.delete(id)) }
+        try await csi.deleteSnapshot(snapshot.snapshotID)
+        _ = try await csi.deleteVolume(CSI.delete(enc))
+    }
+
+    // MARK: Steps
+
+    func stageRequest(_ id: String, staging: String) -> Csi_V1_NodeStageVolumeRequest {
+        CSI.stage(id, staging: staging, access: .mount(fsType: "ext4"))
+    }
+
+    func stage(_ csi: CSIClient, _ plugin: PluginProcess, _ id: String, name: String, secrets: [String: String]) async throws -> String {
+        _ = try await csi.controllerPublish(CSI.controllerPublish(id, node: plugin.nodeID, access: .mount(fsType: "ext4")))
+        let staging = plugin.stagingDir + "/" + name
+        try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
+        var request = stageRequest(id, staging: staging)
+        request.secrets = secrets
+        _ = try await csi.nodeStage(request)
+        return staging
+    }
+
+    func unstage(_ csi: CSIClient, _ plugin: PluginProcess, _ id: String, name: String) async throws {
+        _ = try await csi.nodeUnstage(CSI.unstage(id, staging: plugin.stagingDir + "/" + name))
+    }
+
+    /// The files under `path` (a file or a directory) that hold `text`.
+    func files(containing text: String, under path: String) throws -> [String] {
+        let result = try Command.runBlocking(["env", "LC_ALL=C", "grep", "-rlaF", "--", text.trimmingCharacters(in: .newlines), path],
+                                             timeout: .seconds(300))
+        guard result.status == 0 || result.status == 1 else { throw FixtureError("grep failed (\(result.status)): \(result.output)") }
+        return result.stdout.split(separator: "\n").map(String.init)
+    }
+}
