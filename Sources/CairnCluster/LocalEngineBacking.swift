@@ -139,9 +139,4 @@ public final class LocalEngineBacking: VolumeBacking, NodeBacking {
         }
         try await ReplicatedBacking.blocking { try engine.grow(to: UInt64(volume.capacityBytes)) }
     }
-
-    /// At shutdown: every engine stops (the loop devices on them fail from then on).
-    public func stopEngines() {
-        engines.stopAll()
-    }
 }
