@@ -176,6 +176,16 @@ final class MesosReplayTests: IntegrationTestCase {
     /// first (ControllerPublishVolume, the operator's step, e.g. with csc); without that the
     /// stage fails for good and says so.
     func testCSIIsolatorNodeOnlySequencePublishesAPreProvisionedVolumeAndCleansUp() async throws {
+        try await isolatorReplay(encrypted: false)
+    }
+
+    /// The same with an encrypted volume whose passphrase comes in the CSI volume's
+    /// `node_stage_secrets` (docs/mesos.md, "Encrypted volumes").
+    func testCSIIsolatorStagesAnEncryptedVolumeWithItsNodeStageSecrets() async throws {
+        try await isolatorReplay(encrypted: true)
+    }
+
+    func isolatorReplay(encrypted: Bool) async throws {
         let plugin = try await startPlugin(nodeID: Self.agentID, launch: .mesosManagedPlugin)
         let csi = CSIClient(plugin: plugin)
         let profile = try XCTUnwrap(try MesosProfile.load().first { $0.name == "cairn-r1-ext4" })
@@ -183,9 +193,10 @@ final class MesosReplayTests: IntegrationTestCase {
         // The operator pre-provisions the volume and attaches it to the agent's node.
         let volume = try await must("operator: CreateVolume") {
             try await csi.createVolume(CSI.create(name: "mysql-data", access: .mount(fsType: "ext4"), required: 64 * CSI.mib,
-                                                  parameters: ["replicas": "1"]))
+                                                  parameters: encrypted ? ["replicas": "1", "encrypted": "true"] : ["replicas": "1"]))
         }.volume
         let isolator = MesosVolumeManager(csi: csi, workDir: plugin.root + "/mesos")
+        if encrypted { isolator.nodeStageSecrets = ["passphrase": "mesos secret store value"] }
 
         // Without the attachment the isolator's NodeStage is refused, finally and with the fix named.
         try await isolator.prepareServices(controller: false, node: true, test: self)
@@ -297,6 +308,10 @@ final class MesosVolumeManager: @unchecked Sendable {
     /// `csi::paths::getMountRootDir(<work_dir>/csi, type, name)`.
     let mountRootDir: String
     private(set) var nodeID = ""
+    /// The CSI volume's `static_provisioning.node_stage_secrets`, resolved by the agent's secret
+    /// resolver: the isolator passes them with every NodeStageVolume (an encrypted volume's
+    /// `passphrase`, docs/mesos.md).
+    var nodeStageSecrets: [String: String] = [:]
 
     init(csi: CSIClient, workDir: String) {
         self.csi = csi
@@ -405,6 +420,7 @@ final class MesosVolumeManager: @unchecked Sendable {
         request.stagingTargetPath = stagingPath(volumeID)
         request.volumeCapability = capability
         request.volumeContext = context
+        request.secrets = nodeStageSecrets
         return request
     }
 
