@@ -168,6 +168,8 @@ public struct VolumeDetail: Codable, Sendable, Equatable {
     public var mutableParameters: [String: String]
     public var minInSync: Int
     public var contentSource: String?
+    /// An encrypted volume's cipher and key wrapping (docs/encryption.md); nil for a plain one.
+    public var encryption: String?
     public var createdAt: Date
     public var condition: ConditionView
     /// nil for a one-machine volume (a local file).
@@ -186,6 +188,11 @@ public struct VolumeDetail: Codable, Sendable, Equatable {
         mutableParameters = v.mutableParameters ?? [:]
         minInSync = v.minInSync
         contentSource = v.contentSource?.description
+        if v.isEncrypted {
+            encryption = v.encryption.map {
+                "\($0.cipher), key wrapped with \($0.kdf) (\($0.iterations) iterations) and \($0.wrap)"
+            } ?? "no key yet: made at the first NodeStageVolume (secret `passphrase`)"
+        }
         createdAt = v.createdAt
         condition = ConditionView(VolumeHealth(v))
         replicas = v.replicas?.map { ReplicaView(volumeID: v.id, $0) }

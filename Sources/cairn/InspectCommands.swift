@@ -92,6 +92,7 @@ struct VolumeInspect: AsyncParsableCommand {
             ("condition", d.condition.message),
         ]
         if let source = d.contentSource { fields.append(("from", source)) }
+        if let encryption = d.encryption { fields.append(("encryption", encryption)) }
         let parameters = d.parameters.merging(d.mutableParameters) { $1 }
         if !parameters.isEmpty { fields.append(("parameters", parameters.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))) }
         var text = Table.fields(fields)

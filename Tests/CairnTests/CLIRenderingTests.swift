@@ -175,6 +175,15 @@ final class CLIRenderingTests: XCTestCase {
         XCTAssertEqual((object["condition"] as? [String: Any])?["state"] as? String, "resyncing")
         XCTAssertEqual(((object["attachments"] as? [[String: Any]])?.first?["accessMode"]) as? String, "single-node-writer")
         XCTAssertEqual(((object["replicas"] as? [[String: Any]])?[1]["resync"] as? [String: Any])?["percent"] as? Double, 25)
+        XCTAssertNil(object["encryption"], "a plain volume shows no encryption")
+        // An encrypted volume: before its first stage, then with its wrapped key (never the key).
+        var encrypted = v
+        encrypted.parameters["encrypted"] = "true"
+        XCTAssertEqual(VolumeDetail(encrypted, attachments: [], snapshots: []).encryption,
+                       "no key yet: made at the first NodeStageVolume (secret `passphrase`)")
+        encrypted.encryption = VolumeEncryption(iterations: 310_000, salt: "c2FsdA==", nonce: "bm9uY2U=", wrappedKey: "a2V5", tag: "dGFn")
+        XCTAssertEqual(VolumeDetail(encrypted, attachments: [], snapshots: []).encryption,
+                       "aes-256-xts-plain64, key wrapped with pbkdf2-hmac-sha256 (310000 iterations) and aes-256-gcm")
 
         let cluster = ClusterView(volumes: [v], attachments: [v.id: [attachment]],
                                   liveNodes: [NodeRecord(id: "n1", topology: [:], maxVolumes: 0, registeredAt: t0, dataAddress: "10.0.0.1:7410", capacityBytes: 10 << 30)],
