@@ -65,10 +65,12 @@ extension ControllerService {
         func locked(_ rest: ArraySlice<String>) async throws -> [[String]?] {
             guard let first = rest.first else {
                 var members: [GroupSnapshotMember] = []
-                for snapshot in snapshots {
+                for (i, snapshot) in snapshots.enumerated() {
                     guard let volume = try await store.volume(id: snapshot.sourceVolumeID) else {
                         throw CairnError.notFound("source volume \(snapshot.sourceVolumeID) was deleted before the group snapshot was taken")
                     }
+                    // Its blocks are the volume's ciphertext: a restore needs the same wrapped key.
+                    snapshots[i].encryption = volume.encryption
                     members.append(GroupSnapshotMember(snapshot: snapshot, volume: volume, use: try await use(of: volume)))
                 }
                 return try await backing.takeGroupSnapshot(members)

@@ -37,6 +37,11 @@ final class OneMachineEncryptionTests: IntegrationTestCase {
         XCTAssertTrue(snapshot.readyToUse)
         let restored = try await csi.createVolume(CSI.create(name: "restored", access: access, required: 64 * CSI.mib,
                                                              from: snapshot.snapshotID, parameters: ["encrypted": "true"])).volume.volumeID
+        // A group snapshot's member carries the key too.
+        let group = try await csi.createGroupSnapshot(name: "enc-group", volumes: [enc, plain]).groupSnapshot
+        let member = try XCTUnwrap(group.snapshots.first { $0.sourceVolumeID == enc })
+        let fromGroup = try await csi.createVolume(CSI.create(name: "from-group", access: access, required: 64 * CSI.mib,
+                                                              from: member.snapshotID, parameters: ["encrypted": "true"])).volume.volumeID
 
         // Unstaged and grown (online ext4 growth needs CAP_SYS_RESOURCE, which the test's plugin
         // may lack; cluster mode's test grows online), then a wrong and a missing passphrase:
@@ -59,17 +64,23 @@ final class OneMachineEncryptionTests: IntegrationTestCase {
         XCTAssertEqual(Int64(bytes.trimmingCharacters(in: .whitespacesAndNewlines)), grown, "the engine does not serve the grown size on \(device)")
         try await unstage(csi, plugin, enc, name: "enc")
 
-        let restoredStaging = try await stage(csi, plugin, restored, name: "restored", secrets: passphrase)
-        XCTAssertEqual(try VolumeIO.readFile(restoredStaging + "/marker"), content, "the restore does not read back")
-        try await unstage(csi, plugin, restored, name: "restored")
+        for (volume, name) in [(restored, "restored"), (fromGroup, "from-group")] {
+            let staging = try await stage(csi, plugin, volume, name: name, secrets: passphrase)
+            XCTAssertEqual(try VolumeIO.readFile(staging + "/marker"), content, "the \(name) volume does not read back")
+            try await unstage(csi, plugin, volume, name: name)
+        }
 
         for path in [plugin.dataDir + "/volumes", plugin.dataDir + "/snapshots"] {
-            let found = try files(containing: marker, under: path).filter { !$0.contains(plain) }
+            // The plain volume's file and its group snapshot member hold the plaintext, rightly.
+            let plainFiles = [plain] + group.snapshots.filter { $0.sourceVolumeID == plain }.map(\.snapshotID)
+            let found = try files(containing: marker, under: path).filter { file in !plainFiles.contains { file.contains($0) } }
             XCTAssertEqual(found, [], "plaintext of an encrypted volume under \(path)")
         }
         try await unstage(csi, plugin, plain, name: "plain")
-        for id in [enc, restored, plain] { _ = try await csi.controllerUnpublish(CSI.controllerUnpublish(id, node: plugin.nodeID)) }
-        for id in [restored, plain] { _ = try await csi.deleteVolume(CSI.delete(id)) }
+        for id in [enc, restored, fromGroup, plain] { _ = try await csi.controllerUnpublish(CSI.controllerUnpublish(id, node: plugin.nodeID)) }
+        for id in [restored, fromGroup] { _ = try await csi.deleteVolume(CSI.delete(id)) }
+        try await csi.deleteGroupSnapshot(group.groupSnapshotID)
+        _ = try await csi.deleteVolume(CSI.delete(plain))
         try await csi.deleteSnapshot(snapshot.snapshotID)
         _ = try await csi.deleteVolume(CSI.delete(enc))
     }
