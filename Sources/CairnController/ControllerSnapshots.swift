@@ -284,7 +284,7 @@ extension ControllerService {
             // A clone of a volume is a clone of a snapshot taken now, at a barrier if it is in
             // use. Cluster mode keeps that snapshot (hidden; the clone shares its layers) until
             // the clone is deleted; on one machine the clone is a copy and it goes at once.
-            let baseName = "clone-base-\(volume.id)"
+            let baseName = SnapshotRecord.cloneBaseName(of: volume.id)
             let snapshot: SnapshotRecord
             if let existing = try await store.snapshot(named: baseName) {
                 snapshot = existing.readyToUse ? existing : try await finishSnapshot(existing)
@@ -305,7 +305,7 @@ extension ControllerService {
     /// DeleteVolume: the hidden snapshot a clone of a volume was made from goes with the clone.
     func removeCloneBase(of volume: VolumeRecord) async throws {
         guard case .volume = volume.contentSource,
-              let base = try await store.snapshot(named: "clone-base-\(volume.id)"), base.isHidden else { return }
+              let base = try await store.snapshot(named: SnapshotRecord.cloneBaseName(of: volume.id)), base.isHidden else { return }
         try await removeSnapshot(base)
     }
 

@@ -137,6 +137,10 @@ public struct SnapshotRecord: Codable, Sendable, Equatable {
     }
 
     public var isHidden: Bool { hidden == true }
+
+    /// The name of the hidden snapshot a clone of a volume is made from (CreateVolume with a
+    /// volume as its source): taken at a barrier, deleted with the clone.
+    public static func cloneBaseName(of cloneID: String) -> String { "clone-base-\(cloneID)" }
 }
 
 /// A crash-consistent snapshot of several volumes taken at one barrier (GroupController).

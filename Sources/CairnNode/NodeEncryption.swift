@@ -20,6 +20,17 @@ extension NodeService {
         if let wrapped = volume.encryption {
             return try await VolumeKeys.offThread { try VolumeKeys.unwrap(wrapped, passphrase: passphrase, volumeID: volume.id) }
         }
+        // A clone or restore holds its source's ciphertext: never a new key for it while its
+        // source's is known (a new key would read the blocks as noise, and stage would format).
+        if let inherited = try await sourceEncryption(of: volume) {
+            _ = try await store.updateVolume(id: volume.id, what: "record volume \(volume.id)'s wrapped key from its source") { record in
+                guard record.encryption == nil else { return false }
+                record.encryption = inherited
+                return true
+            }
+            let recorded = try await store.volume(id: volume.id)?.encryption ?? inherited
+            return try await VolumeKeys.offThread { try VolumeKeys.unwrap(recorded, passphrase: passphrase, volumeID: volume.id) }
+        }
         // The volume's first stage: a new key, recorded only if no other node recorded one
         // meanwhile (the store's transaction decides); the loser unwraps the winner's.
         let (made, key) = try await VolumeKeys.offThread { try VolumeKeys.create(passphrase: passphrase) }
@@ -36,5 +47,23 @@ extension NodeService {
             return key
         }
         return try await VolumeKeys.offThread { try VolumeKeys.unwrap(recorded, passphrase: passphrase, volumeID: volume.id) }
+    }
+
+    /// The wrapped key of the snapshot a clone or restore was made from (a clone of a volume:
+    /// its hidden base snapshot), else its source volume's, or nil.
+    private func sourceEncryption(of volume: VolumeRecord) async throws -> VolumeEncryption? {
+        switch volume.contentSource {
+        case nil:
+            return nil
+        case .snapshot(let id):
+            // The data key never changes (a rekey only rewraps it): the source volume's
+            // wrapping unlocks a snapshot that lacks its own.
+            guard let snapshot = try await store.snapshot(id: id) else { return nil }
+            if let own = snapshot.encryption { return own }
+            return try await store.volume(id: snapshot.sourceVolumeID)?.encryption
+        case .volume(let id):
+            if let base = try await store.snapshot(named: SnapshotRecord.cloneBaseName(of: volume.id))?.encryption { return base }
+            return try await store.volume(id: id)?.encryption
+        }
     }
 }
