@@ -308,7 +308,7 @@ var targets: [Target] = [
     .testTarget(
         name: "CairnTests",
         dependencies: ["CairnReplica", "CairnReplicaControl", "CairnSecurity", "CairnProto", "CCRC32C", "CairnEngine", "CairnCluster", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "EtcdProto", "CairnController", "CairnNode", "CairnAgent", "CairnRPC", "CSIProto", "cairn-nsexec", "CairnFuzz",
-                       "CairnObservability", "CairnStatus", "CairnBackup",
+                       "CairnObservability", "CairnStatus",
                        .product(name: "Prometheus", package: "swift-prometheus"),
                        .product(name: "Hummingbird", package: "hummingbird"),
                        .product(name: "Metrics", package: "swift-metrics"),
@@ -317,7 +317,8 @@ var targets: [Target] = [
     ),
     .testTarget(
         name: "CairnIntegrationTests",
-        dependencies: ["CairnCore", "CairnCSI", "CairnProcess", "CairnRPC", "CSIProto", "CairnProto", "CairnReplica", "CairnSecurity", "CCRC32C"],
+        dependencies: ["CairnCore", "CairnCSI", "CairnProcess", "CairnRPC", "CSIProto", "CairnProto", "CairnReplica", "CairnSecurity", "CCRC32C",
+                       "CairnBackup"],
         swiftSettings: swiftSettings
     ),
 ]

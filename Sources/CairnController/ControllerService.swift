@@ -28,10 +28,14 @@ public final class ControllerService: Sendable {
     /// (cgroup v2 io.max): ControllerModifyVolume applies them through it. nil: MODIFY_VOLUME is
     /// offered only in cluster mode (the engine enforces them there).
     let localLimits: (any LocalLimitEnforcement)?
+    /// The backup targets of `--backup-targets`: CreateVolume from `backup:<target>/<id>`.
+    let backups: (any BackupSource)?
 
     public init(store: any MetadataStore, backing: any VolumeBacking, capacity: CapacityPolicy,
                 localNodeID: String, localTopology: [String: String], locks: VolumeLocks, logger: Logger,
-                cluster: ClusterConfig? = nil, localLimits: (any LocalLimitEnforcement)? = nil) {
+                cluster: ClusterConfig? = nil, localLimits: (any LocalLimitEnforcement)? = nil,
+                backups: (any BackupSource)? = nil) {
+        self.backups = backups
         self.cluster = cluster
         self.localLimits = cluster == nil ? localLimits : nil
         self.store = store
@@ -90,14 +94,15 @@ public final class ControllerService: Sendable {
                     // The CreateVolume that made the record was cut off before the content was in.
                     logger.notice("finishing a volume whose creation from its source was interrupted",
                                   metadata: ["volume.id": "\(existing.id)", "volume.source": "\(source)"])
-                    try await fill(existing, from: source)
+                    try await fill(existing, from: source, secrets: request.secrets)
                     return Self.createResponse(try await store.volume(id: existing.id) ?? existing)
                 }
                 logger.debug("volume already exists", metadata: ["volume.id": "\(existing.id)", "volume.name": "\(existing.name)"])
                 return Self.createResponse(existing)
             }
             if let source {
-                try await checkSource(source, size: &size, limit: request.capacityRange.limitBytes, fsType: &fsType)
+                try await checkSource(source, size: &size, limit: request.capacityRange.limitBytes, fsType: &fsType,
+                                      secrets: request.secrets)
             }
             var volume = VolumeRecord(
                 id: "vol-" + UUID().uuidString.lowercased(), name: request.name, capacityBytes: size,
@@ -134,7 +139,7 @@ public final class ControllerService: Sendable {
                     // fill, and DeleteVolume of a half-made clone finds it (and its hidden base).
                     volume.contentPending = true
                     try await store.createVolume(volume)
-                    try await fill(volume, from: source)
+                    try await fill(volume, from: source, secrets: request.secrets)
                     volume.contentPending = nil
                 } else {
                     try await backing.create(volume)

@@ -13,7 +13,7 @@ import XCTest
 final class S3TestServer: @unchecked Sendable {
     static var venv: String {
         if let v = ProcessInfo.processInfo.environment["CAIRN_MOTO_VENV"] { return v }
-        // Tests/CairnTests/S3TestServer.swift → the package root.
+        // Tests/CairnIntegrationTests/S3TestServer.swift → the package root.
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         return root.path + "/.build/moto-venv"
     }
@@ -39,7 +39,7 @@ final class S3TestServer: @unchecked Sendable {
         }
         let dir = NSTemporaryDirectory() + "cairn-s3-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        let port = try EtcdTestServer.freePort()
+        let port = try freePort()
         let endpoint = "http://127.0.0.1:\(port)"
         let process = Process()
         process.executableURL = URL(fileURLWithPath: server)
@@ -114,6 +114,22 @@ final class S3TestServer: @unchecked Sendable {
     /// The server's own count: the sizes of every object under `prefix` (ListObjectsV2).
     func storedBytes(_ client: S3Client) async throws -> Int64 {
         try await client.list("").reduce(0) { $0 + $1.size }
+    }
+
+    /// A loopback TCP port nobody listens on now (bound to port 0, read back, released).
+    static func freePort() throws -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw CairnError.unavailable("socket: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+        }
+        guard bound else { throw CairnError.unavailable("bind 127.0.0.1:0: \(String(cString: strerror(errno)))") }
+        return Int(UInt16(bigEndian: address.sin_port))
     }
 
     /// SIGKILL: moto's server ignores SIGTERM.
