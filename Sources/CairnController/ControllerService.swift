@@ -53,7 +53,13 @@ public final class ControllerService: Sendable {
         try Validate.volumeName(request.name)
         let access = try AccessRules.parseAll(request.volumeCapabilities, field: "volume_capabilities")
         let parameters = try VolumeParameters(request.parameters)
-        let source = try Self.contentSource(request)
+        var source = try Self.contentSource(request)
+        if let restoreFrom = parameters.restoreFrom {
+            guard source == nil else {
+                throw CairnError.invalidArgument("parameter restoreFrom and volume_content_source both name a source; give one")
+            }
+            source = .snapshot(id: restoreFrom)
+        }
         var fsType = try Self.filesystem(parameters: parameters, access: access)
         var size = try capacity.size(required: request.capacityRange.requiredBytes,
                                      limit: request.capacityRange.limitBytes, fsType: fsType)

@@ -65,6 +65,13 @@ final class BackupCSITests: IntegrationTestCase {
         let again = try await csi.createVolume(restoreRequest).volume
         XCTAssertEqual(again.volumeID, restored.volumeID, "CreateVolume from a backup is idempotent by name")
 
+        // Mesos: a disk profile's parameter names the backup instead of a content source.
+        let profiled = try await must("CreateVolume with restoreFrom") {
+            try await csi.createVolume(CSI.create(name: "bk-profile", access: .block, required: size,
+                                                  parameters: ["restoreFrom": "offsite/nightly"]))
+        }.volume
+        XCTAssertEqual(try BackupTests.sha256(plugin.volumesDir + "/\(profiled.volumeID).img"), expected)
+
         // The CLI's restore, SIGKILLed once some packs are recorded, then run again.
         let into = config + "/restore.img"
         let progress = into + ".restore-progress"
@@ -98,7 +105,7 @@ final class BackupCSITests: IntegrationTestCase {
         let left = try await client.list("")
         XCTAssertEqual(left.map(\.key), [])
 
-        for id in [restored.volumeID] { _ = try await csi.deleteVolume(CSI.delete(id)) }
+        for id in [restored.volumeID, profiled.volumeID] { _ = try await csi.deleteVolume(CSI.delete(id)) }
         try await csi.deleteSnapshot(snapshot.snapshotID)
         _ = try await csi.deleteVolume(CSI.delete(source.volumeID))
     }
