@@ -98,6 +98,25 @@ final class BackupTests: XCTestCase {
         }
     }
 
+    func testTheUploadLimitHoldsBackupsToItsRate() async throws {
+        let server = try await S3TestServer.start()
+        defer { server.stop() }
+        let dir = try Self.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let client = try await server.client()
+        let rate: Int64 = 2_000_000
+        let target = BackupTarget(client: client, uploadLimit: rate, logger: logger)
+        let size: Int64 = 16 << 20
+        try Self.databaseLike(dir + "/snap.img", size: size, fill: 1)
+        let clock = ContinuousClock.now
+        let backup = try await target.create(id: "slow", volumeID: "v", snapshotID: "s", path: dir + "/snap.img", sizeBytes: size)
+        let seconds = (ContinuousClock.now - clock).seconds
+        // A second's worth may go at once (the bucket's depth); the rest at the rate.
+        let least = Double(backup.uploadedBytes - rate) / Double(rate)
+        XCTAssertGreaterThan(least, 1.5, "the test needs more bytes than the burst")
+        XCTAssertGreaterThanOrEqual(seconds, least * 0.9, "\(backup.uploadedBytes) bytes went up in \(seconds) s at a limit of \(rate) B/s")
+    }
+
     func testDeletionNeverRemovesAPackAnotherBackupUses() async throws {
         let server = try await S3TestServer.start()
         defer { server.stop() }
