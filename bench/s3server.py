@@ -2,9 +2,10 @@
 in this process on 127.0.0.1:PORT, with SigV4 verification on. Its first requests make an IAM
 user with an allow-all policy and an access key (moto checks signatures only after
 INITIAL_NO_AUTH_ACTION_COUNT requests); every later request must be signed with that key.
-Prints "ACCESS_KEY SECRET_KEY" on one line, then serves until it is killed.
+Writes "ACCESS_KEY SECRET_KEY" to KEYS_FILE (the server's own output goes to stdout/stderr), then
+serves until it is killed.
 
-    .build/moto-venv/bin/python bench/s3server.py PORT
+    .build/moto-venv/bin/python bench/s3server.py PORT KEYS_FILE
 """
 import json
 import os
@@ -29,6 +30,8 @@ key = iam.create_access_key(UserName="cairn")["AccessKey"]
 s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                   aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
 s3.create_bucket(Bucket="cairn-bench")
-print(key["AccessKeyId"], key["SecretAccessKey"], flush=True)
+with open(sys.argv[2] + ".tmp", "w") as f:
+    f.write(key["AccessKeyId"] + " " + key["SecretAccessKey"] + "\n")
+os.rename(sys.argv[2] + ".tmp", sys.argv[2])
 while True:
     time.sleep(3600)
