@@ -100,8 +100,19 @@ final class BackupCSITests: IntegrationTestCase {
         XCTAssertEqual(try BackupTests.sha256(into), expected)
         print("backup: CLI restore killed after \(recorded) packs; the second run fetched \(fetched)")
 
-        // Deleting the backup takes every object with it (no other backup uses its packs).
-        _ = try cli(["backup", "delete", "nightly", "--grace", "0s"] + flags(config, plugin))
+        // Retention: a second backup of the volume (from its file, as for a device), then keep
+        // one: the older goes, and the newer still restores.
+        _ = try cli(["backup", "create", "--file", snapshotFile, "--volume", source.volumeID, "--id", "later"] + flags(config, plugin))
+        let pruned = try lastJSON(try cli(["backup", "prune", "--keep", "1", "--grace", "0s"] + flags(config, plugin)))
+        XCTAssertEqual(pruned["removed"] as? [String], ["nightly"])
+        let inspected = try lastJSON(try cli(["backup", "inspect", "later"] + flags(config, plugin)))
+        XCTAssertEqual(inspected["parent"] as? String, "nightly")
+        XCTAssertEqual(inspected["newBlocks"] as? Int, 0, "the same data again uploads nothing")
+        _ = try cli(["backup", "restore", "later", "--to", config + "/later.img"] + flags(config, plugin))
+        XCTAssertEqual(try BackupTests.sha256(config + "/later.img"), expected)
+
+        // Deleting the last backup takes every object with it.
+        _ = try cli(["backup", "delete", "later", "--grace", "0s"] + flags(config, plugin))
         let left = try await client.list("")
         XCTAssertEqual(left.map(\.key), [])
 
