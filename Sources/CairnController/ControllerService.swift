@@ -152,6 +152,15 @@ public final class ControllerService: Sendable {
                     try await store.createVolume(volume)
                 }
             } catch {
+                if case .snapshot(let id)? = source, (try? BackupReference.parse(id)) != nil,
+                   (error as? CairnError)?.code == .unavailable {
+                    // A restore from a backup cut off by a transient fault (the object store
+                    // unreachable): the record stays pending with what was written, and the CO's
+                    // retry of CreateVolume resumes it where it stopped (docs/backups.md).
+                    logger.warning("restoring a backup into a new volume stopped; a retry of CreateVolume resumes it",
+                                   metadata: ["volume.id": "\(volume.id)", "volume.source": "\(id)", "error": "\(error)"])
+                    throw error
+                }
                 if source != nil {
                     try? await removeCloneBase(of: volume)
                     try? await store.deleteVolume(id: volume.id)
