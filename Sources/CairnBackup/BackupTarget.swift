@@ -123,6 +123,7 @@ public struct BackupTarget: Sendable {
         let chunk = 1 << 20
         var buffer = [UInt8](repeating: 0, count: chunk)
         var offset: Int64 = 0
+        do {
         while offset < sizeBytes {
             let want = Int(min(Int64(chunk), sizeBytes - offset))
             try buffer.withUnsafeMutableBytes { try Self.readFully(fd, $0, count: want, offset: offset, path: path) }
@@ -157,12 +158,19 @@ public struct BackupTarget: Sendable {
                 packs.append("")
             }
             progress(TransferProgress(doneBytes: offset, totalBytes: sizeBytes, transferredBytes: uploaded))
+            // Cancelled (Ctrl-C, a caller giving up): the packs sealed so far still go up, so
+            // a run with the same id resumes after them.
+            try Task.checkCancellation()
         }
         if pending.count > 0 {
             let sealed = pending.seal()
             packs[pending.number] = sealed.hash
             uploaded += Int64(sealed.bytes.count)
             try await uploader.upload(sealed)
+        }
+        } catch {
+            try? await uploader.finish()
+            throw error
         }
         try await uploader.finish()
 

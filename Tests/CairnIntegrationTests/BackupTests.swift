@@ -98,6 +98,37 @@ final class BackupTests: XCTestCase {
         }
     }
 
+    func testAnInterruptedBackupRunAgainUploadsOnlyWhatWasMissing() async throws {
+        let server = try await S3TestServer.start()
+        defer { server.stop() }
+        let dir = try Self.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let client = try await server.client()
+        let target = BackupTarget(client: client, logger: logger)
+        let size: Int64 = 32 << 20
+        let source = dir + "/snap.img"
+        try Self.databaseLike(source, size: size, fill: 1)
+        let cut = Task {
+            try await target.create(id: "b", volumeID: "v", snapshotID: "s", path: source, sizeBytes: size) { p in
+                if p.doneBytes >= size / 2 + (1 << 20) { withUnsafeCurrentTask { $0?.cancel() } }
+            }
+        }
+        do {
+            _ = try await cut.value
+            XCTFail("the backup was not interrupted")
+        } catch is CancellationError {}
+        let none = try await target.manifest("b")
+        XCTAssertNil(none, "an interrupted backup has no manifest, so it is not listed")
+        let indexed = try await client.list("index/").count
+        XCTAssertEqual(indexed, 2, "the two packs sealed before the interruption went up")
+
+        let done = try await target.create(id: "b", volumeID: "v", snapshotID: "s", path: source, sizeBytes: size)
+        XCTAssertEqual(done.dataBlocks, Int(size / 4096))
+        XCTAssertEqual(done.newBlocks, done.dataBlocks - 2 * BackupLayout.packRawBytes / 4096, "the second run uploaded only the rest")
+        _ = try await target.restore(id: "b", to: dir + "/r.img", progressPath: dir + "/r.progress", zeroFill: false)
+        XCTAssertEqual(try Self.sha256(dir + "/r.img"), try Self.sha256(source))
+    }
+
     func testTheUploadLimitHoldsBackupsToItsRate() async throws {
         let server = try await S3TestServer.start()
         defer { server.stop() }
