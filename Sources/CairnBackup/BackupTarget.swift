@@ -127,7 +127,7 @@ public struct BackupTarget: Sendable {
         while offset < sizeBytes {
             let want = Int(min(Int64(chunk), sizeBytes - offset))
             try buffer.withUnsafeMutableBytes { try Self.readFully(fd, $0, count: want, offset: offset, path: path) }
-            try buffer.withUnsafeBytes { raw in
+            buffer.withUnsafeBytes { raw in
                 var at = 0
                 while at < want {
                     let block = UnsafeRawBufferPointer(rebasing: raw[at..<at + BackupLayout.blockSize])

@@ -209,7 +209,7 @@ public final class S3Client: Sendable {
                              nil, 0, 300, &out, &err, err.count)
         }
         guard rc == 0 else {
-            throw CairnError.unavailable("cannot reach the object store at \(location.endpoint): \(String(cString: err)); check the target's endpoint and that the server runs")
+            throw CairnError.unavailable("cannot reach the object store at \(location.endpoint): \(String(decoding: err.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)); check the target's endpoint and that the server runs")
         }
         defer { cs3_response_free(&out) }
         let bytes = out.body.map { Array(UnsafeBufferPointer(start: $0, count: out.body_len)) } ?? []

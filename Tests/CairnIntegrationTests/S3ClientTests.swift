@@ -32,6 +32,18 @@ final class S3ClientTests: XCTestCase {
         XCTAssertFalse(afterDelete)
     }
 
+    func testAnUnreachableServerIsUnavailableAndSaysWhere() async throws {
+        let port = try S3TestServer.freePort()
+        let client = S3Client(S3Location(endpoint: "http://127.0.0.1:\(port)", bucket: "b", accessKeyID: "a", secretAccessKey: "s"))
+        do {
+            _ = try await client.get("x")
+            XCTFail("a request to a closed port was answered")
+        } catch let error as CairnError {
+            XCTAssertEqual(error.code, .unavailable)
+            XCTAssertTrue(error.message.contains("127.0.0.1:\(port)") && error.message.contains("Couldn't connect"), error.message)
+        }
+    }
+
     func testAWrongSecretKeyIsRefused() async throws {
         let server = try await S3TestServer.start()
         defer { server.stop() }
