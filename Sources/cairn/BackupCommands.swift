@@ -36,6 +36,7 @@ final class TransferReporter: @unchecked Sendable {
     private let lock = NSLock()
     private let started = Date()
     private var lastShown = Date.distantPast
+    private var finishedShown = false
     private let tty = isatty(2) == 1
 
     init(json: Bool, verb: String) {
@@ -57,8 +58,9 @@ final class TransferReporter: @unchecked Sendable {
         defer { lock.unlock() }
         let now = Date()
         let finished = p.doneBytes >= p.totalBytes
-        guard finished || now.timeIntervalSince(lastShown) >= (tty && !json ? 0.2 : 2) else { return }
+        guard !finishedShown, finished || now.timeIntervalSince(lastShown) >= (tty && !json ? 0.2 : 2) else { return }
         lastShown = now
+        finishedShown = finished
         let elapsed = max(0.001, now.timeIntervalSince(started))
         let rate = Double(p.doneBytes) / elapsed
         let eta = rate > 0 ? Double(p.totalBytes - p.doneBytes) / rate : nil
