@@ -250,6 +250,25 @@ var targets: [Target] = [
         path: "fuzz/CairnFuzz",
         swiftSettings: swiftSettings
     ),
+    // C over Debian's libcurl: one SigV4-signed HTTP request to S3-compatible storage (libcurl
+    // signs; Debian's libs3 signs only V2). The only importer is CairnBackup.
+    .target(
+        name: "CS3Shim",
+        linkerSettings: [.linkedLibrary("curl"), .linkedLibrary("crypto")]
+    ),
+    // C over Debian's libzstd: compress and decompress one frame. The only importer is CairnBackup.
+    .target(
+        name: "CZstdShim",
+        linkerSettings: [.linkedLibrary("zstd")]
+    ),
+    // Backups of snapshots to S3-compatible object storage and restores from them
+    // (docs/backups.md): the S3 client, packs of compressed content-addressed blocks, manifests,
+    // retention. Reads and writes block files; knows nothing of CSI or the store.
+    .target(
+        name: "CairnBackup",
+        dependencies: ["CS3Shim", "CZstdShim", "CairnCore", .product(name: "Logging", package: "swift-log")],
+        swiftSettings: swiftSettings
+    ),
     // What the operator commands show (`cairn volume|node|replica|snapshot list`, `volume watch`,
     // `doctor`): views of the store's records, tables, units, progress bars. No I/O of its own.
     .target(
@@ -279,7 +298,7 @@ var targets: [Target] = [
             "CairnObservability",
             "CairnRoutes", "CairnCore", "CairnCSI", "CairnLocal", "CairnProcess", "CairnStore", "CairnRPC", "CairnController",
             "CairnNode", "CairnAgent", "CairnCluster", "CairnReplica", "CairnReplicaControl", "CairnEngine", "CairnSecurity",
-            "CairnStatus", "CairnCrypto",
+            "CairnStatus", "CairnCrypto", "CairnBackup",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Logging", package: "swift-log"),
@@ -311,7 +330,8 @@ var targets: [Target] = [
     ),
     .testTarget(
         name: "CairnIntegrationTests",
-        dependencies: ["CairnCore", "CairnCSI", "CairnProcess", "CairnRPC", "CSIProto", "CairnProto", "CairnReplica", "CairnSecurity", "CCRC32C"],
+        dependencies: ["CairnCore", "CairnCSI", "CairnProcess", "CairnRPC", "CSIProto", "CairnProto", "CairnReplica", "CairnSecurity", "CCRC32C",
+                       "CairnBackup"],
         swiftSettings: swiftSettings
     ),
 ]

@@ -29,10 +29,14 @@ public final class ControllerService: Sendable {
     /// (cgroup v2 io.max): ControllerModifyVolume applies them through it. nil: MODIFY_VOLUME is
     /// offered only in cluster mode (the engine enforces them there).
     let localLimits: (any LocalLimitEnforcement)?
+    /// The backup targets of `--backup-targets`: CreateVolume from `backup:<target>/<id>`.
+    let backups: (any BackupSource)?
 
     public init(store: any MetadataStore, backing: any VolumeBacking, capacity: CapacityPolicy,
                 localNodeID: String, localTopology: [String: String], locks: VolumeLocks, logger: Logger,
-                cluster: ClusterConfig? = nil, localLimits: (any LocalLimitEnforcement)? = nil) {
+                cluster: ClusterConfig? = nil, localLimits: (any LocalLimitEnforcement)? = nil,
+                backups: (any BackupSource)? = nil) {
+        self.backups = backups
         self.cluster = cluster
         self.localLimits = cluster == nil ? localLimits : nil
         self.store = store
@@ -50,7 +54,13 @@ public final class ControllerService: Sendable {
         try Validate.volumeName(request.name)
         let access = try AccessRules.parseAll(request.volumeCapabilities, field: "volume_capabilities")
         let parameters = try VolumeParameters(request.parameters)
-        let source = try Self.contentSource(request)
+        var source = try Self.contentSource(request)
+        if let restoreFrom = parameters.restoreFrom {
+            guard source == nil else {
+                throw CairnError.invalidArgument("parameter restoreFrom and volume_content_source both name a source; give one")
+            }
+            source = .snapshot(id: restoreFrom)
+        }
         var fsType = try Self.filesystem(parameters: parameters, access: access)
         var size = try capacity.size(required: request.capacityRange.requiredBytes,
                                      limit: request.capacityRange.limitBytes, fsType: fsType)
@@ -91,7 +101,7 @@ public final class ControllerService: Sendable {
                     // The CreateVolume that made the record was cut off before the content was in.
                     logger.notice("finishing a volume whose creation from its source was interrupted",
                                   metadata: ["volume.id": "\(existing.id)", "volume.source": "\(source)"])
-                    try await fill(existing, from: source)
+                    try await fill(existing, from: source, secrets: request.secrets)
                     return Self.createResponse(try await store.volume(id: existing.id) ?? existing)
                 }
                 logger.debug("volume already exists", metadata: ["volume.id": "\(existing.id)", "volume.name": "\(existing.name)"])
@@ -99,7 +109,8 @@ public final class ControllerService: Sendable {
             }
             var encryption: VolumeEncryption?
             if let source {
-                try await checkSource(source, size: &size, limit: request.capacityRange.limitBytes, fsType: &fsType)
+                try await checkSource(source, size: &size, limit: request.capacityRange.limitBytes, fsType: &fsType,
+                                      secrets: request.secrets)
                 encryption = try await sourceEncryption(source, encrypted: parameters.encrypted)
             }
             var volume = VolumeRecord(
@@ -144,13 +155,22 @@ public final class ControllerService: Sendable {
                     // fill, and DeleteVolume of a half-made clone finds it (and its hidden base).
                     volume.contentPending = true
                     try await store.createVolume(volume)
-                    try await fill(volume, from: source)
+                    try await fill(volume, from: source, secrets: request.secrets)
                     volume.contentPending = nil
                 } else {
                     try await backing.create(volume)
                     try await store.createVolume(volume)
                 }
             } catch {
+                if case .snapshot(let id)? = source, (try? BackupReference.parse(id)) != nil,
+                   (error as? CairnError)?.code == .unavailable {
+                    // A restore from a backup cut off by a transient fault (the object store
+                    // unreachable): the record stays pending with what was written, and the CO's
+                    // retry of CreateVolume resumes it where it stopped (docs/backups.md).
+                    logger.warning("restoring a backup into a new volume stopped; a retry of CreateVolume resumes it",
+                                   metadata: ["volume.id": "\(volume.id)", "volume.source": "\(id)", "error": "\(error)"])
+                    throw error
+                }
                 if source != nil {
                     try? await removeCloneBase(of: volume)
                     try? await store.deleteVolume(id: volume.id)

@@ -167,6 +167,17 @@ extension ControllerService {
 
     public func getSnapshot(_ request: Csi_V1_GetSnapshotRequest) async throws -> Csi_V1_GetSnapshotResponse {
         if request.snapshotID.isEmpty { throw CairnError.invalidArgument("snapshot_id is required") }
+        if let reference = try BackupReference.parse(request.snapshotID) {
+            let backup = try await backupSource(reference).describe(reference, secrets: request.secrets)
+            var response = Csi_V1_GetSnapshotResponse()
+            response.snapshot = .with {
+                $0.snapshotID = reference.description
+                $0.sizeBytes = backup.sizeBytes
+                $0.readyToUse = true
+                $0.creationTime = Google_Protobuf_Timestamp(date: backup.createdAt)
+            }
+            return response
+        }
         guard let snapshot = try await store.snapshot(id: request.snapshotID), !snapshot.isHidden else {
             throw CairnError.notFound("snapshot \(Validate.printable(request.snapshotID)) does not exist")
         }
@@ -195,11 +206,22 @@ extension ControllerService {
     /// Checks the source exists (NOT_FOUND) and is ready, and fits the new volume: raises `size`
     /// to the source's when smaller (OUT_OF_RANGE past `limit`) and takes the source's filesystem
     /// (INVALID_ARGUMENT when the request names another).
-    func checkSource(_ source: ContentSource, size: inout Int64, limit: Int64, fsType: inout String) async throws {
+    func checkSource(_ source: ContentSource, size: inout Int64, limit: Int64, fsType: inout String,
+                     secrets: [String: String] = [:]) async throws {
         let sourceBytes: Int64
         let sourceFs: String
         switch source {
         case .snapshot(let id):
+            if let reference = try BackupReference.parse(id) {
+                let backup = try await backupSource(reference).describe(reference, secrets: secrets)
+                if cluster != nil {
+                    throw CairnError.unimplemented(
+                        "CreateVolume from \(reference) restores into one machine's volumes only so far; in a cluster, create an empty volume, attach it and run `cairn backup restore \(reference.backupID) --target \(reference.target) --to DEVICE`")
+                }
+                sourceBytes = backup.sizeBytes
+                sourceFs = backup.fsType
+                break
+            }
             guard let snapshot = try await store.snapshot(id: id), !snapshot.isHidden else {
                 throw CairnError.notFound("source snapshot \(Validate.printable(id)) does not exist")
             }
@@ -256,8 +278,8 @@ extension ControllerService {
     }
 
     /// Fills a new volume (recorded with `contentPending`) from its source, then clears the mark.
-    func fill(_ volume: VolumeRecord, from source: ContentSource) async throws {
-        let encryption = try await createFromSource(volume, source: source)
+    func fill(_ volume: VolumeRecord, from source: ContentSource, secrets: [String: String] = [:]) async throws {
+        let encryption = try await createFromSource(volume, source: source, secrets: secrets)
         _ = try await store.updateVolume(id: volume.id, what: "finish creating volume \(volume.id) from \(source)") { record in
             guard record.contentPending != nil else { return false }
             record.contentPending = nil
@@ -270,11 +292,16 @@ extension ControllerService {
 
     /// Fills the new volume's storage from its source, instead of `backing.create`. Idempotent:
     /// a repeat after an interruption redoes or finishes each step. Returns the wrapped key of
-    /// the snapshot the blocks came from (nil: a plain source, or one never staged).
+    /// the snapshot the blocks came from (nil: a plain source, one never staged, or a backup).
     @discardableResult
-    func createFromSource(_ volume: VolumeRecord, source: ContentSource) async throws -> VolumeEncryption? {
+    func createFromSource(_ volume: VolumeRecord, source: ContentSource, secrets: [String: String] = [:]) async throws -> VolumeEncryption? {
         switch source {
         case .snapshot(let id):
+            if let reference = try BackupReference.parse(id) {
+                try await backing.create(volume)
+                try await backupSource(reference).restore(reference, into: volume, secrets: secrets)
+                return nil
+            }
             guard let snapshot = try await store.snapshot(id: id) else {
                 throw CairnError.notFound("source snapshot \(id) was deleted meanwhile")
             }
@@ -300,6 +327,14 @@ extension ControllerService {
             if cluster == nil { try await removeSnapshot(snapshot) }
             return snapshot.encryption
         }
+    }
+
+    /// The configured backup targets, or NOT_FOUND for a `backup:` source without any.
+    func backupSource(_ reference: BackupReference) throws -> any BackupSource {
+        guard let backups else {
+            throw CairnError.notFound("source snapshot \(reference) does not exist: this plugin has no backup targets (start it with --backup-targets FILE)")
+        }
+        return backups
     }
 
     /// DeleteVolume: the hidden snapshot a clone of a volume was made from goes with the clone.

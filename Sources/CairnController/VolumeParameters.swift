@@ -4,7 +4,7 @@ import CairnCore
 /// CreateVolume / GetCapacity parameters (StorageClass parameters, Mesos profile parameters).
 /// Every key is validated: a typo must fail loudly, not be silently ignored.
 struct VolumeParameters: Equatable {
-    static let known = ["fsType", "replicas", "minInSync", EncryptionNames.parameter]
+    static let known = ["fsType", "replicas", "minInSync", EncryptionNames.parameter, "restoreFrom"]
     /// Keys the Kubernetes external-provisioner may pass through; accepted and not stored.
     static let ignoredPrefixes = ["csi.storage.k8s.io/"]
 
@@ -20,6 +20,9 @@ struct VolumeParameters: Equatable {
     var explicitReplicas: Int? { stored["replicas"] == nil ? nil : replicas }
     /// The parameters Cairn stores (normalised, without ignored keys).
     var stored: [String: String] = [:]
+    /// `restoreFrom: backup:<target>/<id>`: the volume is restored from that backup, as if the
+    /// request named it as its content source (Mesos disk profiles have no content source).
+    var restoreFrom: String?
 
     init(_ raw: [String: String]) throws {
         for (key, value) in raw.sorted(by: { $0.key < $1.key }) {
@@ -46,6 +49,10 @@ struct VolumeParameters: Equatable {
                     throw CairnError.invalidArgument("parameter \(key)=\"\(Validate.printable(value))\" must be \"true\" or \"false\"")
                 }
                 encrypted = value == "true"
+            case "restoreFrom":
+                let id = value.hasPrefix(BackupReference.scheme) ? value : BackupReference.scheme + value
+                guard try BackupReference.parse(id) != nil else { throw CairnError.invalidArgument("parameter restoreFrom must name a backup") }
+                restoreFrom = id
             default:
                 throw CairnError.invalidArgument(
                     "unknown parameter \"\(Validate.printable(key))\"; Cairn accepts \(Self.known.joined(separator: ", ")) (and ignores csi.storage.k8s.io/* keys)")

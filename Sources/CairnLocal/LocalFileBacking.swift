@@ -41,6 +41,8 @@ public struct LocalFileBacking: VolumeBacking, NodeBacking {
     public func delete(_ volume: VolumeRecord) throws {
         let path = try file(volumeID: volume.id)
         if unlink(path) != 0 && errno != ENOENT { throw SystemError("unlink \(path)", errno: errno) }
+        // A volume deleted while its restore from a backup was unfinished (docs/backups.md).
+        unlink(path + ".restore-progress")
     }
 
     public func activate(_ volume: VolumeRecord, epoch: FencingEpoch, grant: ClaimGrant?, key: VolumeDataKey?) throws -> String {

@@ -19,7 +19,7 @@ struct Cairn: AsyncParsableCommand {
         commandName: "cairn",
         abstract: "Cairn: replicated block volumes for stateful services, over CSI.",
         version: CairnVersion.version,
-        subcommands: [Serve.self, VolumeCommand.self, NodeCommand.self, ReplicaCommand.self, SnapshotCommand.self, DoctorCommand.self,
+        subcommands: [Serve.self, VolumeCommand.self, NodeCommand.self, ReplicaCommand.self, SnapshotCommand.self, BackupCommand.self, DoctorCommand.self,
                       FUSEKeeperCommand.self, CACommand.self, CertCommand.self]
     )
 }
@@ -132,6 +132,9 @@ struct Serve: AsyncParsableCommand {
     var qosCgroup: String?
 
     @OptionGroup var dataSecurityOptions: DataSecurityOptions
+
+    @Option(name: .customLong("backup-targets"), help: "A backup targets file (docs/backups.md): CreateVolume from the snapshot id backup:<target>/<backup-id> restores that backup (one machine). Default: none.")
+    var backupTargets: String?
 
     /// Validates the flags, then hands over to the role's builder (Roles/: what each role runs,
     /// in which order it starts).

@@ -180,6 +180,10 @@ struct CSIClient: Sendable {
         _ = try await channel().call("/csi.v1.Controller/DeleteSnapshot", Csi_V1_DeleteSnapshotRequest.with { $0.snapshotID = id },
                                      as: Csi_V1_DeleteSnapshotResponse.self)
     }
+    func getSnapshot(_ id: String) async throws -> Csi_V1_GetSnapshotResponse {
+        try await channel().call("/csi.v1.Controller/GetSnapshot", Csi_V1_GetSnapshotRequest.with { $0.snapshotID = id },
+                                 as: Csi_V1_GetSnapshotResponse.self)
+    }
     func listSnapshots(_ r: Csi_V1_ListSnapshotsRequest = Csi_V1_ListSnapshotsRequest()) async throws -> Csi_V1_ListSnapshotsResponse {
         try await channel().call("/csi.v1.Controller/ListSnapshots", r, as: Csi_V1_ListSnapshotsResponse.self)
     }

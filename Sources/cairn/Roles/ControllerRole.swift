@@ -1,3 +1,4 @@
+import CairnBackup
 import CairnController
 import CairnCore
 import CairnRoutes
@@ -30,7 +31,11 @@ extension ServeContext {
                                            cluster: etcd == nil ? nil : ClusterConfig(defaultReplicas: options.defaultReplicas,
                                                                                       scopedToNode: options.listScope == .node,
                                                                                       claimSigner: security.identity),
-                                           localLimits: localLimits)
+                                           localLimits: localLimits,
+                                           backups: try options.backupTargets.map { [localFiles, logger] path in
+                                               LocalBackupSource(targets: try BackupTargets.load(path),
+                                                                 volumeFile: { try localFiles.file(volumeID: $0) }, logger: logger)
+                                           })
         Routes.controller(controller, on: router)
         Routes.groupController(controller, on: router)
         let reader = ClusterStatusReader(store: store, localNodeID: etcd == nil ? nodeID : nil,

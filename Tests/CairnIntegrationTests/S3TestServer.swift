@@ -1,0 +1,143 @@
+import CairnBackup
+import CairnCore
+import Foundation
+import XCTest
+
+/// A real S3-compatible server for the backup tests: moto's server (PyPI `moto[server]`, which
+/// scripts/setup installs into .build/moto-venv) on a free loopback port, with SigV4 verification
+/// on. moto checks signatures only after its first INITIAL_NO_AUTH_ACTION_COUNT requests, so
+/// those make an IAM user with an allow-all policy and its access key (boto3, from the same
+/// venv); every request after that must be signed with that key pair. `stop()` kills it and
+/// removes its directory (it keeps objects in memory); a test that dies leaves no server behind
+/// only if it gets that far, so each test calls `stop()` in a `defer`.
+final class S3TestServer: @unchecked Sendable {
+    static var venv: String {
+        if let v = ProcessInfo.processInfo.environment["CAIRN_MOTO_VENV"] { return v }
+        // Tests/CairnIntegrationTests/S3TestServer.swift → the package root.
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        return root.path + "/.build/moto-venv"
+    }
+
+    let dir: String
+    let endpoint: String
+    let accessKeyID: String
+    let secretAccessKey: String
+    private let process: Process
+
+    private init(dir: String, endpoint: String, accessKeyID: String, secretAccessKey: String, process: Process) {
+        self.dir = dir
+        self.endpoint = endpoint
+        self.accessKeyID = accessKeyID
+        self.secretAccessKey = secretAccessKey
+        self.process = process
+    }
+
+    static func start() async throws -> S3TestServer {
+        let server = venv + "/bin/moto_server"
+        guard FileManager.default.isExecutableFile(atPath: server) else {
+            throw CairnError.failedPrecondition("\(server) is missing: run `source scripts/setup` (it installs moto[server] from PyPI there)")
+        }
+        let dir = NSTemporaryDirectory() + "cairn-s3-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let port = try freePort()
+        let endpoint = "http://127.0.0.1:\(port)"
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: server)
+        process.arguments = ["-H", "127.0.0.1", "-p", "\(port)"]
+        var environment = ProcessInfo.processInfo.environment
+        environment["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
+        process.environment = environment
+        FileManager.default.createFile(atPath: dir + "/moto.log", contents: nil)
+        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/moto.log"))
+        process.standardOutput = log
+        process.standardError = log
+        do {
+            try process.run()
+            let keys = try await makeUser(endpoint: endpoint, dir: dir, process: process)
+            return S3TestServer(dir: dir, endpoint: endpoint, accessKeyID: keys.0, secretAccessKey: keys.1, process: process)
+        } catch {
+            if process.isRunning { kill(process.processIdentifier, SIGKILL); process.waitUntilExit() }
+            try? FileManager.default.removeItem(atPath: dir)
+            throw error
+        }
+    }
+
+    /// Waits for the server, then spends the three unauthenticated requests on the user.
+    private static func makeUser(endpoint: String, dir: String, process: Process) async throws -> (String, String) {
+        let script = """
+            import boto3, json, sys, time
+            kw = dict(endpoint_url=sys.argv[1], region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
+            iam = boto3.client("iam", **kw)
+            for _ in range(200):
+                try:
+                    iam.create_user(UserName="cairn")
+                    break
+                except Exception as e:
+                    if "Connect" not in type(e).__name__ and "Connection" not in str(e): raise
+                    time.sleep(0.1)
+            iam.put_user_policy(UserName="cairn", PolicyName="all", PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+            key = iam.create_access_key(UserName="cairn")["AccessKey"]
+            print(key["AccessKeyId"], key["SecretAccessKey"])
+            """
+        try script.write(toFile: dir + "/user.py", atomically: true, encoding: .utf8)
+        let python = Process()
+        python.executableURL = URL(fileURLWithPath: venv + "/bin/python3")
+        python.arguments = [dir + "/user.py", endpoint]
+        let out = Pipe()
+        python.standardOutput = out
+        python.standardError = out
+        try python.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        python.waitUntilExit()
+        let text = String(decoding: data, as: UTF8.self)
+        let words = text.split(whereSeparator: { $0 == " " || $0 == "\n" })
+        guard python.terminationStatus == 0, words.count >= 2, process.isRunning else {
+            let log = (try? String(contentsOfFile: dir + "/moto.log", encoding: .utf8)) ?? ""
+            throw CairnError.unavailable("moto_server did not start or refused the IAM set-up: \(text.suffix(2000))\n\(log.suffix(2000))")
+        }
+        return (String(words[words.count - 2]), String(words[words.count - 1]))
+    }
+
+    /// A client for a fresh bucket (made), keys under `prefix`.
+    func client(bucket: String = "b-\(UUID().uuidString.prefix(8).lowercased())", prefix: String = "cairn") async throws -> S3Client {
+        let client = S3Client(location(bucket: bucket, prefix: prefix))
+        try await client.createBucket()
+        return client
+    }
+
+    func location(bucket: String, prefix: String = "cairn", secret: String? = nil) -> S3Location {
+        S3Location(endpoint: endpoint, bucket: bucket, region: "us-east-1", prefix: prefix,
+                   accessKeyID: accessKeyID, secretAccessKey: secret ?? secretAccessKey)
+    }
+
+    /// The server's own count: the sizes of every object under `prefix` (ListObjectsV2).
+    func storedBytes(_ client: S3Client) async throws -> Int64 {
+        try await client.list("").reduce(0) { $0 + $1.size }
+    }
+
+    /// A loopback TCP port nobody listens on now (bound to port 0, read back, released).
+    static func freePort() throws -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw CairnError.unavailable("socket: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+        }
+        guard bound else { throw CairnError.unavailable("bind 127.0.0.1:0: \(String(cString: strerror(errno)))") }
+        return Int(UInt16(bigEndian: address.sin_port))
+    }
+
+    /// SIGKILL: moto's server ignores SIGTERM.
+    func stop() {
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}
