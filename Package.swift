@@ -216,7 +216,7 @@ var targets: [Target] = [
     // Cluster mode's volume backing: replicas placed on nodes, an engine per staged volume.
     .target(
         name: "CairnCluster",
-        dependencies: ["CairnCore", "CairnCrypto", "CairnLocal", "CairnReplica", "CairnReplicaControl", "CairnRPC", "CairnEngine", .product(name: "Logging", package: "swift-log")],
+        dependencies: ["CairnBackup", "CairnCore", "CairnCrypto", "CairnLocal", "CairnReplica", "CairnReplicaControl", "CairnRPC", "CairnEngine", .product(name: "Logging", package: "swift-log")],
         swiftSettings: swiftSettings
     ),
     // The CSI method table (gRPC method names → service methods), shared by the plugin and the

@@ -193,12 +193,17 @@ public struct BackupManifest: Codable, Sendable, Equatable {
     /// The backup this one was made against (its blocks were looked up first); informational:
     /// every manifest names all the packs it needs, so deleting the parent breaks nothing.
     public var parent: String?
-    /// The snapshot's generation (cluster replicas) when it was read; nil on one machine.
+    /// The snapshot's generation (cluster replicas: every block of it is at most this) and the
+    /// volume incarnation the generations belong to; nil when the source had none (one machine).
+    /// The next backup of the volume reads only blocks written above it.
     public var sourceGeneration: UInt64?
+    public var lineage: String?
     /// The source volume's filesystem ("" raw block), for a volume restored from it.
     public var fsType: String?
-    /// The volume's encryption wrapper, copied verbatim (the blocks are already ciphertext).
-    public var encryption: String?
+    /// An encrypted volume's wrapped key, copied verbatim (the blocks are ciphertext already):
+    /// a volume restored from the backup takes it, and opens with the passphrase that was the
+    /// volume's when the backup was made.
+    public var encryption: VolumeEncryption?
     /// Pack hashes; a run's `pack` indexes this list.
     public var packs: [String]
     public var runs: Int
@@ -208,6 +213,8 @@ public struct BackupManifest: Codable, Sendable, Equatable {
     public var dataBlocks: Int
     public var newBlocks: Int
     public var uploadedBytes: Int64
+    /// Bytes read from the snapshot to make the backup (nil in a manifest from before it was kept).
+    public var scannedBytes: Int64?
 
     public func map() throws -> BlockMap {
         guard let bytes = Data(base64Encoded: blockMap),
@@ -216,6 +223,29 @@ public struct BackupManifest: Codable, Sendable, Equatable {
             throw CairnError.failedPrecondition("backup \(id)'s block map is damaged; delete the backup and take it again")
         }
         return map
+    }
+}
+
+/// Walks a block map block by block: the place of block 0, 1, 2…; past the map's end, zero.
+struct BlockCursor {
+    let runs: [BlockRun]
+    var run = 0
+    var within: UInt32 = 0
+
+    init(_ map: BlockMap) {
+        runs = map.runs
+    }
+
+    mutating func next() -> (pack: UInt32, entry: UInt32) {
+        guard run < runs.count else { return (BlockMap.zero, 0) }
+        let r = runs[run]
+        let place = (r.pack, r.pack == BlockMap.zero ? 0 : r.entry + within)
+        within += 1
+        if within == r.count {
+            run += 1
+            within = 0
+        }
+        return place
     }
 }
 

@@ -80,13 +80,25 @@ public struct BackupTarget: Sendable {
     // MARK: Backup
 
     /// Backs up the block file at `path` (the snapshot's data, `sizeBytes` long) as backup `id`.
-    /// Idempotent by id: a complete backup is returned as it is; a run interrupted earlier
-    /// uploads only the blocks whose packs did not make it.
     public func create(id: String, volumeID: String, snapshotID: String, path: String, sizeBytes: Int64, fsType: String? = nil,
-                       encryption: String? = nil, progress: @Sendable (TransferProgress) -> Void = { _ in }) async throws -> BackupManifest {
+                       encryption: VolumeEncryption? = nil, progress: @Sendable (TransferProgress) -> Void = { _ in }) async throws -> BackupManifest {
+        try await create(id: id, volumeID: volumeID, snapshotID: snapshotID, source: try FileBlockSource(path: path), sizeBytes: sizeBytes,
+                         fsType: fsType, encryption: encryption, progress: progress)
+    }
+
+    /// Backs up `source` (a snapshot, `sizeBytes` long) as backup `id`. Idempotent by id: a
+    /// complete backup is returned as it is; a run interrupted earlier uploads only the blocks
+    /// whose packs did not make it. When the source reports generations and the volume's latest
+    /// backup was made from the same incarnation, only the blocks written since that backup's
+    /// generation are read; the others are taken from its block map. `encryption`: the volume's
+    /// wrapped key, kept in the manifest for a restore (the blocks are ciphertext already).
+    public func create(id: String, volumeID: String, snapshotID: String, source: some BackupBlockSource, sizeBytes: Int64,
+                       fsType: String? = nil, encryption: VolumeEncryption? = nil,
+                       progress: @Sendable (TransferProgress) -> Void = { _ in }) async throws -> BackupManifest {
         try Validate.volumeID(id)
-        guard sizeBytes % Int64(BackupLayout.blockSize) == 0 else {
-            throw CairnError.invalidArgument("a backup's size must be a multiple of \(BackupLayout.blockSize) bytes; \(sizeBytes) is not")
+        let blockSize = BackupLayout.blockSize
+        guard sizeBytes % Int64(blockSize) == 0 else {
+            throw CairnError.invalidArgument("a backup's size must be a multiple of \(blockSize) bytes; \(sizeBytes) is not")
         }
         if let done = try await manifest(id) {
             guard done.snapshotID == snapshotID else {
@@ -96,68 +108,106 @@ public struct BackupTarget: Sendable {
         }
         let parent = try await backups().last { $0.volumeID == volumeID }
         var (packs, known) = try await blockIndex()
-        logger.info("backup starting", metadata: ["backup.id": "\(id)", "volume.id": "\(volumeID)", "target.blocks": "\(known.count)"])
-
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw CairnError.notFound("cannot read the snapshot's data at \(path): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
+        var numberOf = Dictionary(packs.enumerated().map { ($1, $0) }, uniquingKeysWith: { a, _ in a })
+        // The parent's map stands for every block whose generation is not above the parent's.
+        var base: (cursor: BlockCursor, since: UInt64, numbers: [Int])?
+        if let generations = source.generations, let parent, parent.lineage == generations.lineage,
+           let since = parent.sourceGeneration, since <= generations.generation, parent.blockSize == blockSize {
+            let numbers = parent.packs.map { name in
+                if let n = numberOf[name] { return n }
+                packs.append(name)
+                numberOf[name] = packs.count - 1
+                return packs.count - 1
+            }
+            base = (BlockCursor(try parent.map()), since, numbers)
+        }
+        logger.info("backup starting", metadata: [
+            "backup.id": "\(id)", "volume.id": "\(volumeID)", "target.blocks": "\(known.count)",
+            "backup.parent": "\(parent?.id ?? "-")", "backup.since_generation": "\(base.map { "\($0.since)" } ?? "- (every block is read)")",
+        ])
 
         let throttle = uploadLimit.map { Throttle(bytesPerSecond: $0) }
         let uploader = PackUploader(client: client, throttle: throttle, limit: parallelism)
         var map = BlockMap()
         var slots: [Int: UInt32] = [:]  // pack number → index in the manifest's pack list
-        var manifestPacks: [String] = []
+        var manifestPacks: [Int] = []
         var pending = PendingPack(number: packs.count)
         packs.append("")
         var newBlocks = 0, dataBlocks = 0
-        var uploaded: Int64 = 0
+        var uploaded: Int64 = 0, scanned: Int64 = 0
 
         func slot(_ number: Int) -> UInt32 {
             if let s = slots[number] { return s }
             let s = UInt32(manifestPacks.count)
             slots[number] = s
-            manifestPacks.append("#\(number)")
+            manifestPacks.append(number)
             return s
         }
 
-        let chunk = 1 << 20
-        var buffer = [UInt8](repeating: 0, count: chunk)
-        var offset: Int64 = 0
+        let readBlocks = 256  // one read: 1 MiB
+        let totalBlocks = Int64(sizeBytes) / Int64(blockSize)
+        let window = base == nil ? readBlocks : max(1, source.changedWindow)
+        var first: Int64 = 0
         do {
-        while offset < sizeBytes {
-            let want = Int(min(Int64(chunk), sizeBytes - offset))
-            try buffer.withUnsafeMutableBytes { try Self.readFully(fd, $0, count: want, offset: offset, path: path) }
-            buffer.withUnsafeBytes { raw in
-                var at = 0
-                while at < want {
-                    let block = UnsafeRawBufferPointer(rebasing: raw[at..<at + BackupLayout.blockSize])
-                    at += BackupLayout.blockSize
-                    if Self.isZero(block) {
+        while first < totalBlocks {
+            let n = Int(min(Int64(window), totalBlocks - first))
+            let changed = base == nil ? nil : try await source.changed(since: base!.since, firstBlock: first, count: n)
+            var i = 0
+            while i < n {
+                if let changed, !changed[i] {
+                    let (pack, entry) = base!.cursor.next()
+                    if pack == BlockMap.zero {
                         map.append(pack: BlockMap.zero, entry: 0)
-                        continue
+                    } else {
+                        guard Int(pack) < base!.numbers.count else {
+                            throw CairnError.failedPrecondition("backup \(parent?.id ?? "")'s block map names a pack it does not list; delete that backup and back up again")
+                        }
+                        dataBlocks += 1
+                        map.append(pack: slot(base!.numbers[Int(pack)]), entry: entry)
                     }
-                    dataBlocks += 1
-                    let hash = BlockHash.of(block)
-                    if let place = known[hash] {
-                        map.append(pack: slot(place.pack), entry: place.entry)
-                        continue
+                    i += 1
+                    continue
+                }
+                var end = i + 1
+                while end < n, end - i < readBlocks, changed?[end] ?? true { end += 1 }
+                let bytes = (end - i) * blockSize
+                let buffer = try await source.read(offset: (first + Int64(i)) * Int64(blockSize), count: bytes)
+                guard buffer.count == bytes else {
+                    throw CairnError.internal("the snapshot's source returned \(buffer.count) bytes for a read of \(bytes)")
+                }
+                scanned += Int64(bytes)
+                buffer.withUnsafeBytes { raw in
+                    for k in 0..<(end - i) {
+                        _ = base?.cursor.next()
+                        let block = UnsafeRawBufferPointer(rebasing: raw[(k * blockSize)..<((k + 1) * blockSize)])
+                        if Self.isZero(block) {
+                            map.append(pack: BlockMap.zero, entry: 0)
+                            continue
+                        }
+                        dataBlocks += 1
+                        let hash = BlockHash.of(block)
+                        if let place = known[hash] {
+                            map.append(pack: slot(place.pack), entry: place.entry)
+                            continue
+                        }
+                        let entry = pending.append(block, hash: hash)
+                        known[hash] = (pending.number, entry)
+                        newBlocks += 1
+                        map.append(pack: slot(pending.number), entry: entry)
                     }
-                    let entry = pending.append(block, hash: hash)
-                    known[hash] = (pending.number, entry)
-                    newBlocks += 1
-                    map.append(pack: slot(pending.number), entry: entry)
+                }
+                i = end
+                if pending.rawBytes >= BackupLayout.packRawBytes {
+                    let sealed = pending.seal()
+                    packs[pending.number] = sealed.hash
+                    uploaded += Int64(sealed.bytes.count)
+                    try await uploader.upload(sealed)
+                    pending = PendingPack(number: packs.count)
+                    packs.append("")
                 }
             }
-            offset += Int64(want)
-            if pending.rawBytes >= BackupLayout.packRawBytes {
-                let sealed = pending.seal()
-                packs[pending.number] = sealed.hash
-                uploaded += Int64(sealed.bytes.count)
-                try await uploader.upload(sealed)
-                pending = PendingPack(number: packs.count)
-                packs.append("")
-            }
-            progress(TransferProgress(doneBytes: offset, totalBytes: sizeBytes, transferredBytes: uploaded))
+            first += Int64(n)
+            progress(TransferProgress(doneBytes: first * Int64(blockSize), totalBytes: sizeBytes, transferredBytes: uploaded))
             // Cancelled (Ctrl-C, a caller giving up): the packs sealed so far still go up, so
             // a run with the same id resumes after them.
             try Task.checkCancellation()
@@ -174,19 +224,23 @@ public struct BackupTarget: Sendable {
         }
         try await uploader.finish()
 
-        let packNames = manifestPacks.map { name in packs[Int(name.dropFirst())!] }
+        let packNames = manifestPacks.map { packs[$0] }
         let manifest = BackupManifest(
-            id: id, volumeID: volumeID, snapshotID: snapshotID, sizeBytes: sizeBytes, blockSize: BackupLayout.blockSize,
-            createdAt: Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down)), parent: parent?.id, sourceGeneration: nil, fsType: fsType, encryption: encryption,
+            id: id, volumeID: volumeID, snapshotID: snapshotID, sizeBytes: sizeBytes, blockSize: blockSize,
+            createdAt: Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down)), parent: parent?.id,
+            sourceGeneration: source.generations?.generation, lineage: source.generations?.lineage, fsType: fsType, encryption: encryption,
             packs: packNames, runs: map.runs.count, blockMap: Data(map.encoded()).base64EncodedString(),
-            dataBlocks: dataBlocks, newBlocks: newBlocks, uploadedBytes: uploaded)
+            dataBlocks: dataBlocks, newBlocks: newBlocks, uploadedBytes: uploaded, scannedBytes: scanned)
         // Every pack it names must still be there: a prune running meanwhile may have removed
         // one this backup found in the index.
         for name in Set(packNames) where !(try await client.exists(BackupLayout.pack(name))) {
             throw CairnError.aborted("pack \(name) disappeared while backup \(id) was made (a prune ran meanwhile?); run the backup again")
         }
         try await client.put(BackupLayout.manifest(id), Array(try Self.encoder.encode(manifest)))
-        logger.info("backup complete", metadata: ["backup.id": "\(id)", "backup.new_blocks": "\(newBlocks)", "backup.uploaded_bytes": "\(uploaded)"])
+        logger.info("backup complete", metadata: [
+            "backup.id": "\(id)", "backup.new_blocks": "\(newBlocks)", "backup.uploaded_bytes": "\(uploaded)",
+            "backup.scanned_bytes": "\(scanned)",
+        ])
         progress(TransferProgress(doneBytes: sizeBytes, totalBytes: sizeBytes, transferredBytes: uploaded))
         return manifest
     }
@@ -203,6 +257,17 @@ public struct BackupTarget: Sendable {
         guard let manifest = try await manifest(id) else {
             throw CairnError.notFound("backup \(id) does not exist in bucket \(client.location.bucket); `cairn backup list` shows the backups")
         }
+        return try await restore(manifest, into: try FileRestoreSink(path: path, sizeBytes: manifest.sizeBytes),
+                                 journal: FileRestoreJournal(path: progressPath), zeroFill: zeroFill, progress: progress)
+    }
+
+    /// Writes the backup `manifest` describes into `sink`, `parallelism` packs at once. Each
+    /// pack is recorded in `journal` once the sink has synced its blocks, so a restore cut off
+    /// and run again fetches only the packs it had not finished. `zeroFill`: write the backup's
+    /// zero blocks too (a sink not known to read zeros where nothing was written).
+    public func restore(_ manifest: BackupManifest, into sink: some RestoreSink, journal: some RestoreJournal, zeroFill: Bool,
+                        progress: @Sendable (TransferProgress) -> Void = { _ in }) async throws -> RestoreResult {
+        let id = manifest.id
         let map = try manifest.map()
         var byPack: [[(block: Int, entry: UInt32)]] = Array(repeating: [], count: manifest.packs.count)
         var zeroRuns: [(block: Int, count: Int)] = []
@@ -217,69 +282,44 @@ public struct BackupTarget: Sendable {
             block += Int(run.count)
         }
 
-        let fresh = !FileManager.default.fileExists(atPath: progressPath)
-        var done = Set<String>()
-        if !fresh, let text = try? String(contentsOfFile: progressPath, encoding: .utf8) {
-            let lines = text.split(separator: "\n").map(String.init)
-            guard lines.first == "restore \(id)" else {
-                throw CairnError.failedPrecondition("\(progressPath) records a restore of another backup (\(lines.first ?? "")); remove it to restore \(id) from the start")
-            }
-            done = Set(lines.dropFirst())
-        } else {
-            try "restore \(id)\n".write(toFile: progressPath, atomically: true, encoding: .utf8)
-        }
-        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw CairnError.unavailable("cannot open \(path) to restore into: \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        var st = stat()
-        if fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, st.st_size < manifest.sizeBytes {
-            guard ftruncate(fd, off_t(manifest.sizeBytes)) == 0 else {
-                throw CairnError.resourceExhausted("cannot size \(path) to \(manifest.sizeBytes) bytes: \(String(cString: strerror(errno)))")
-            }
-        }
-        let record = open(progressPath, O_WRONLY | O_APPEND | O_CLOEXEC)
-        guard record >= 0 else { throw CairnError.unavailable("cannot write the restore's progress to \(progressPath): \(String(cString: strerror(errno)))") }
-        defer { close(record) }
-
-        if zeroFill && fresh {
+        let done = try await journal.begin(backupID: id)
+        let blockSize = manifest.blockSize
+        if zeroFill && done.isEmpty {
             let zeros = [UInt8](repeating: 0, count: 1 << 20)
             for run in zeroRuns {
-                var at = Int64(run.block) * Int64(manifest.blockSize)
-                let end = at + Int64(run.count) * Int64(manifest.blockSize)
+                var at = Int64(run.block) * Int64(blockSize)
+                let end = at + Int64(run.count) * Int64(blockSize)
                 while at < end {
                     let n = Int(min(Int64(zeros.count), end - at))
-                    try zeros.withUnsafeBytes { try Self.writeFully(fd, UnsafeRawBufferPointer(rebasing: $0[0..<n]), offset: at, path: path) }
+                    try await sink.write(n == zeros.count ? zeros : Array(zeros[0..<n]), offset: at)
                     at += Int64(n)
                 }
             }
         }
 
         let total = manifest.sizeBytes
-        let blockSize = manifest.blockSize
-        let work = manifest.packs.indices.filter { !done.contains(manifest.packs[$0]) && !byPack[$0].isEmpty }
+        let work = manifest.packs.indices.filter { !done.contains($0) && !byPack[$0].isEmpty }
         let alreadyDone = manifest.packs.indices.count - work.count
         var fetched = 0, written = 0
         var downloaded: Int64 = 0
         var doneBlocks = Int64(manifest.sizeBytes) / Int64(blockSize) - Int64(work.reduce(0) { $0 + byPack[$1].count })
         let client = self.client
-        try await withThrowingTaskGroup(of: (String, Int64, Int).self) { group in
+        try await withThrowingTaskGroup(of: (Int, Int64, Int).self) { group in
             var next = 0
             func launch() {
                 let number = work[next]
                 next += 1
                 let name = manifest.packs[number], blocks = byPack[number]
                 group.addTask {
-                    try await Self.restorePack(name, blocks: blocks, client: client, fd: fd, blockSize: blockSize, path: path)
+                    let (bytes, count) = try await Self.restorePack(name, blocks: blocks, client: client, sink: sink, blockSize: blockSize)
+                    return (number, bytes, count)
                 }
             }
             while next < work.count && next < parallelism { launch() }
-            while let (name, bytes, count) = try await group.next() {
-                // On disk before it is recorded as done.
-                guard fdatasync(fd) == 0 else { throw CairnError.unavailable("cannot flush \(path): \(String(cString: strerror(errno)))") }
-                let line = Array("\(name)\n".utf8)
-                guard line.withUnsafeBytes({ write(record, $0.baseAddress, $0.count) }) == line.count, fdatasync(record) == 0 else {
-                    throw CairnError.unavailable("cannot record the restore's progress in \(progressPath): \(String(cString: strerror(errno)))")
-                }
+            while let (number, bytes, count) = try await group.next() {
+                // Durable before it is recorded as done.
+                try await sink.sync()
+                try await journal.finished(pack: number)
                 fetched += 1
                 written += count
                 downloaded += bytes
@@ -289,14 +329,15 @@ public struct BackupTarget: Sendable {
                 if next < work.count { launch() }
             }
         }
-        guard fsync(fd) == 0 else { throw CairnError.unavailable("cannot flush \(path): \(String(cString: strerror(errno)))") }
-        try? FileManager.default.removeItem(atPath: progressPath)
+        try await sink.sync()
+        try await journal.complete()
         return RestoreResult(backupID: id, packsFetched: fetched, packsAlreadyDone: alreadyDone, bytesDownloaded: downloaded, blocksWritten: written)
     }
 
-    /// Fetches one pack and its index, checks both, and writes its blocks where they go.
-    static func restorePack(_ name: String, blocks: [(block: Int, entry: UInt32)], client: S3Client, fd: Int32, blockSize: Int,
-                            path: String) async throws -> (String, Int64, Int) {
+    /// Fetches one pack and its index, checks both, and writes its blocks where they go (runs
+    /// of consecutive blocks, up to 1 MiB, in one write).
+    static func restorePack(_ name: String, blocks: [(block: Int, entry: UInt32)], client: S3Client, sink: some RestoreSink,
+                            blockSize: Int) async throws -> (Int64, Int) {
         guard let indexBytes = try await client.get(BackupLayout.index(name)), let pack = try await client.get(BackupLayout.pack(name)) else {
             throw CairnError.failedPrecondition("pack \(name) or its index is missing from the target: the backup is damaged; restore another backup")
         }
@@ -304,7 +345,11 @@ public struct BackupTarget: Sendable {
             throw CairnError.failedPrecondition("pack \(name) does not match its checksum (damaged in the store); restore another backup")
         }
         let index = try PackIndex.decode(indexBytes, name: BackupLayout.index(name))
-        for (block, entry) in blocks {
+        let sorted = blocks.sorted { $0.block < $1.block }
+        let maxRun = (1 << 20) / blockSize
+        var run: [UInt8] = []
+        var runStart = -1, runCount = 0
+        for (block, entry) in sorted {
             let e = Int(entry)
             guard e < index.count, Int(index.offsets[e]) + Int(index.lengths[e]) <= pack.count,
                   let data = Zstd.decompress(pack[Int(index.offsets[e])..<Int(index.offsets[e]) + Int(index.lengths[e])], size: blockSize),
@@ -312,9 +357,17 @@ public struct BackupTarget: Sendable {
             else {
                 throw CairnError.failedPrecondition("block \(e) of pack \(name) fails its checksum; the backup is damaged; restore another backup")
             }
-            try data.withUnsafeBytes { try writeFully(fd, $0, offset: Int64(block) * Int64(blockSize), path: path) }
+            if runCount > 0 && (block != runStart + runCount || runCount == maxRun) {
+                try await sink.write(run, offset: Int64(runStart) * Int64(blockSize))
+                run.removeAll(keepingCapacity: true)
+                runCount = 0
+            }
+            if runCount == 0 { runStart = block }
+            run += data
+            runCount += 1
         }
-        return (name, Int64(pack.count + indexBytes.count), blocks.count)
+        if runCount > 0 { try await sink.write(run, offset: Int64(runStart) * Int64(blockSize)) }
+        return (Int64(pack.count + indexBytes.count), blocks.count)
     }
 
     // MARK: Delete and retention

@@ -79,6 +79,23 @@ public struct BackupTargets: Sendable, Equatable {
     }
 }
 
+extension BackupTargets {
+    /// The backup `reference` names, NOT_FOUND when its target has none by that id.
+    public func manifest(_ reference: BackupReference, secrets: [String: String], logger: Logger) async throws -> (BackupTarget, BackupManifest) {
+        let target = try target(reference.target, secrets: secrets, logger: logger)
+        guard let manifest = try await target.manifest(reference.backupID) else {
+            throw CairnError.notFound("source snapshot \(reference) does not exist: target \(reference.target) has no backup \(reference.backupID)")
+        }
+        return (target, manifest)
+    }
+
+    public func describe(_ reference: BackupReference, secrets: [String: String], logger: Logger) async throws -> BackupDescription {
+        let (_, manifest) = try await manifest(reference, secrets: secrets, logger: logger)
+        return BackupDescription(sizeBytes: manifest.sizeBytes, fsType: manifest.fsType ?? "", createdAt: manifest.createdAt,
+                                 encryption: manifest.encryption)
+    }
+}
+
 /// CreateVolume from `backup:<target>/<id>` on one machine: the backup is restored into the
 /// new volume's file, with a progress file beside it so a repeated CreateVolume resumes.
 public struct LocalBackupSource: BackupSource {
@@ -92,12 +109,8 @@ public struct LocalBackupSource: BackupSource {
         self.logger = logger
     }
 
-    public func describe(_ reference: BackupReference, secrets: [String: String]) async throws -> (sizeBytes: Int64, fsType: String, createdAt: Date) {
-        let target = try targets.target(reference.target, secrets: secrets, logger: logger)
-        guard let manifest = try await target.manifest(reference.backupID) else {
-            throw CairnError.notFound("source snapshot \(reference) does not exist: target \(reference.target) has no backup \(reference.backupID)")
-        }
-        return (manifest.sizeBytes, manifest.fsType ?? "", manifest.createdAt)
+    public func describe(_ reference: BackupReference, secrets: [String: String]) async throws -> BackupDescription {
+        try await targets.describe(reference, secrets: secrets, logger: logger)
     }
 
     public func restore(_ reference: BackupReference, into volume: VolumeRecord, secrets: [String: String]) async throws {

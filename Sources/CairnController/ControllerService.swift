@@ -111,7 +111,7 @@ public final class ControllerService: Sendable {
             if let source {
                 try await checkSource(source, size: &size, limit: request.capacityRange.limitBytes, fsType: &fsType,
                                       secrets: request.secrets)
-                encryption = try await sourceEncryption(source, encrypted: parameters.encrypted)
+                encryption = try await sourceEncryption(source, encrypted: parameters.encrypted, secrets: request.secrets)
             }
             var volume = VolumeRecord(
                 id: "vol-" + UUID().uuidString.lowercased(), name: request.name, capacityBytes: size,
@@ -125,7 +125,8 @@ public final class ControllerService: Sendable {
                 // first NodeStage must bring the same passphrase (docs/encryption.md).
                 volume.encryption = try await VolumeKeys.offThread { try VolumeKeys.create(passphrase: passphrase).0 }
             }
-            if let cluster, let source {
+            if let cluster, let source, !source.isBackup {
+                // A clone shares its source's layers: its replicas go where the source's are.
                 volume.accessibleTopology = [:]
                 volume.replicas = try await cloneReplicas(source: source, count: parameters.explicitReplicas ?? cluster.defaultReplicas)
                 volume.createdByNode = scopedToNode ? localNodeID : nil

@@ -214,10 +214,6 @@ extension ControllerService {
         case .snapshot(let id):
             if let reference = try BackupReference.parse(id) {
                 let backup = try await backupSource(reference).describe(reference, secrets: secrets)
-                if cluster != nil {
-                    throw CairnError.unimplemented(
-                        "CreateVolume from \(reference) restores into one machine's volumes only so far; in a cluster, create an empty volume, attach it and run `cairn backup restore \(reference.backupID) --target \(reference.target) --to DEVICE`")
-                }
                 sourceBytes = backup.sizeBytes
                 sourceFs = backup.fsType
                 break
@@ -254,11 +250,17 @@ extension ControllerService {
 
     /// The wrapped key a volume made from `source` takes (nil: none yet, or a plain source);
     /// INVALID_ARGUMENT unless the new volume is encrypted exactly when its source is.
-    func sourceEncryption(_ source: ContentSource, encrypted: Bool) async throws -> VolumeEncryption? {
+    func sourceEncryption(_ source: ContentSource, encrypted: Bool, secrets: [String: String] = [:]) async throws -> VolumeEncryption? {
         let sourceEncrypted: Bool
         let encryption: VolumeEncryption?
         switch source {
         case .snapshot(let id):
+            if let reference = try BackupReference.parse(id) {
+                // The backup of an encrypted volume holds its ciphertext and its wrapped key.
+                encryption = try await backupSource(reference).describe(reference, secrets: secrets).encryption
+                sourceEncrypted = encryption != nil
+                break
+            }
             let snapshot = try await store.snapshot(id: id)
             var volume: VolumeRecord?
             if let snapshot { volume = try await store.volume(id: snapshot.sourceVolumeID) }

@@ -5,13 +5,29 @@ import Foundation
 /// `<target>`. The controller asks a `BackupSource` (the executable wires one in when
 /// `--backup-targets` is given) what the backup holds and to write it into a new volume.
 public protocol BackupSource: Sendable {
-    /// The backup's size and filesystem ("" raw block). NOT_FOUND when the target has no such
-    /// backup; `secrets` are the request's CSI secrets (credentials that override the target's).
-    func describe(_ reference: BackupReference, secrets: [String: String]) async throws -> (sizeBytes: Int64, fsType: String, createdAt: Date)
+    /// What the backup holds. NOT_FOUND when the target has no such backup; `secrets` are the
+    /// request's CSI secrets (credentials that override the target's).
+    func describe(_ reference: BackupReference, secrets: [String: String]) async throws -> BackupDescription
 
     /// Writes the backup into the volume's (just created) storage. Idempotent and resumable: a
     /// repeat after an interruption fetches only what the earlier run had not finished.
     func restore(_ reference: BackupReference, into volume: VolumeRecord, secrets: [String: String]) async throws
+}
+
+/// A backup as a content source: its size, filesystem ("" raw block), when it was made, and
+/// the wrapped key of an encrypted volume's backup (a volume restored from it takes that key).
+public struct BackupDescription: Sendable, Equatable {
+    public var sizeBytes: Int64
+    public var fsType: String
+    public var createdAt: Date
+    public var encryption: VolumeEncryption?
+
+    public init(sizeBytes: Int64, fsType: String, createdAt: Date, encryption: VolumeEncryption?) {
+        self.sizeBytes = sizeBytes
+        self.fsType = fsType
+        self.createdAt = createdAt
+        self.encryption = encryption
+    }
 }
 
 /// `backup:<target>/<backup-id>`.

@@ -60,6 +60,10 @@ public struct VolumeRecord: Codable, Sendable, Equatable {
     /// An encrypted volume's wrapped data key (docs/encryption.md); nil for a plain volume, and
     /// for an encrypted one until its first NodeStageVolume (or a CreateVolume with the secret).
     public var encryption: VolumeEncryption?
+    /// While a cluster volume is being restored from a backup: the packs already written to every
+    /// replica (a bitmap over the manifest's pack list, base64), so a CreateVolume repeated after
+    /// the controller was cut off fetches only the rest (docs/backups.md); nil otherwise.
+    public var restoredPacks: String?
 
     public init(id: String, name: String, capacityBytes: Int64, parameters: [String: String],
                 fsType: String, accessModes: [Int], accessibleTopology: [String: String],
@@ -90,6 +94,12 @@ public enum ContentSource: Codable, Sendable, Equatable, CustomStringConvertible
         case .snapshot(let id): "snapshot \(id)"
         case .volume(let id): "volume \(id)"
         }
+    }
+
+    /// A backup named as a snapshot (`backup:<target>/<id>`): restored, not cloned.
+    public var isBackup: Bool {
+        if case .snapshot(let id) = self { return id.hasPrefix(BackupReference.scheme) }
+        return false
     }
 }
 

@@ -1,6 +1,7 @@
 import ArgumentParser
 import CairnBackup
 import CairnCLI
+import CairnCluster
 import CairnCore
 import CairnLocal
 import Foundation
@@ -115,16 +116,20 @@ struct BackupSummary: Encodable {
 struct BackupCreate: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "create",
-        abstract: "Back up a snapshot (one machine: its file in the data directory) or a block file/device.",
+        abstract: "Back up a snapshot (one machine: its file; a cluster: read from a replica holding it) or a block file/device.",
         discussion: """
             Only blocks the target does not hold yet are uploaded (content addressed, zstd). Idempotent by --id:
-            run it again after an interruption and it uploads only what is missing.
+            run it again after an interruption and it uploads only what is missing. In a cluster (--store etcd)
+            only the blocks written since the volume's previous backup are read (the replicas' generations);
+            the command connects to a replica with --tls-dir (a node's or a controller's identity).
               cairn backup create --target offsite --snapshot snap-123
+              cairn backup create --target offsite --snapshot snap-456 --store etcd --etcd-endpoints https://10.0.0.1:2379 --tls-dir /etc/cairn/ctl
               cairn backup create --target offsite --volume db --file /dev/loop7 --id db-nightly
             """)
     @OptionGroup var targetOptions: BackupTargetOptions
     @OptionGroup var storeOptions: StoreOptions
     @OptionGroup var outputOptions: OutputOptions
+    @OptionGroup var security: DataSecurityOptions
 
     @Option(help: "The snapshot to back up (the store says its volume and size).")
     var snapshot: String?
@@ -145,32 +150,48 @@ struct BackupCreate: AsyncParsableCommand {
         try await readingStore {
             var target = try targetOptions.open()
             if let limitRate { target.uploadLimit = try Serve.parseBytes(limitRate) }
-            let path: String, volumeID: String, snapshotID: String, size: Int64, fsType: String?
+            let source: any BackupBlockSource, volumeID: String, snapshotID: String, size: Int64, fsType: String?
+            var encryption: VolumeEncryption?
+            var replicaSource: ReplicaSnapshotSource?
+            defer { replicaSource?.close() }
             switch (snapshot, file) {
             case (let s?, nil):
-                guard storeOptions.store == .sqlite else {
-                    throw ValidationError("backing up a snapshot by id reads its file on one machine (--store sqlite); in a cluster, back up the snapshot's device with --file and --volume")
-                }
-                guard let record = try await storeOptions.open().snapshot(id: s), record.readyToUse else {
+                let store = try storeOptions.open()
+                guard let record = try await store.snapshot(id: s), record.readyToUse else {
                     throw CairnError.notFound("snapshot \(s) does not exist or is not ready; `cairn snapshot list` shows them")
                 }
-                path = try LocalFileBacking(dataDir: storeOptions.dataDir).snapshotFile(snapshotID: s)
                 (volumeID, snapshotID, size, fsType) = (record.sourceVolumeID, s, record.sizeBytes, record.fsType)
+                encryption = record.encryption
+                if storeOptions.store == .sqlite {
+                    source = try FileBlockSource(path: try LocalFileBacking(dataDir: storeOptions.dataDir).snapshotFile(snapshotID: s))
+                } else {
+                    // A cluster snapshot: read from a replica holding it, over the data protocol.
+                    guard let volume = try await store.volume(id: record.sourceVolumeID) else {
+                        throw CairnError.notFound("snapshot \(s)'s volume \(record.sourceVolumeID) no longer exists, and with it its replicas")
+                    }
+                    encryption = encryption ?? volume.encryption
+                    let quiet = Logger(label: "cairn.backup") { _ in SwiftLogNoOpLogHandler() }
+                    let opened = try await ReplicaSnapshotSource.open(snapshot: record, volume: volume,
+                                                                      security: try security.resolve(dataDir: storeOptions.dataDir, logger: quiet),
+                                                                      logger: quiet)
+                    replicaSource = opened
+                    source = opened
+                }
             case (nil, let f?):
                 guard let v = volume else { throw ValidationError("--file needs --volume (the volume the backup belongs to)") }
-                path = f
+                source = try FileBlockSource(path: f)
                 (volumeID, snapshotID, size, fsType) = (v, "file", try Self.size(of: f), nil)
             default:
                 throw ValidationError("give either --snapshot or --file")
             }
             let backupID = id ?? (snapshot ?? "\(volumeID)-\(Int(Date().timeIntervalSince1970))")
             let reporter = TransferReporter(json: outputOptions.output == .json, verb: "backup")
-            let manifest = try await target.create(id: backupID, volumeID: volumeID, snapshotID: snapshotID, path: path,
-                                                   sizeBytes: size / 4096 * 4096, fsType: fsType) { reporter.report($0) }
+            let manifest = try await target.create(id: backupID, volumeID: volumeID, snapshotID: snapshotID, source: source,
+                                                   sizeBytes: size / 4096 * 4096, fsType: fsType, encryption: encryption) { reporter.report($0) }
             let traffic = target.client.counters
             struct Done: Encodable { var event = "done"; var backup: BackupSummary; var traffic: S3Traffic }
             try outputOptions.emit(Done(backup: BackupSummary(manifest), traffic: traffic)) {
-                "backup \(manifest.id) of volume \(manifest.volumeID): \(manifest.newBlocks) new blocks of \(manifest.dataBlocks), \(Units.bytes(manifest.uploadedBytes)) uploaded in \(traffic.puts) PUTs\n"
+                "backup \(manifest.id) of volume \(manifest.volumeID): \(manifest.newBlocks) new blocks of \(manifest.dataBlocks), \(Units.bytes(manifest.scannedBytes ?? manifest.sizeBytes)) read, \(Units.bytes(manifest.uploadedBytes)) uploaded in \(traffic.puts) PUTs\n"
             }
         }
     }

@@ -2,6 +2,7 @@ import CSIProto
 import CairnCSI
 import CairnController
 import CairnCore
+import CairnCrypto
 import CairnLocal
 import CairnStore
 import Foundation
@@ -24,11 +25,18 @@ final class ControllerBackupSourceTests: XCTestCase {
             calls.withLock { $0.failures = failures }
         }
 
-        func describe(_ reference: BackupReference, secrets: [String: String]) async throws -> (sizeBytes: Int64, fsType: String, createdAt: Date) {
-            guard reference == BackupReference(target: "offsite", backupID: "nightly") else {
+        /// `offsite/sealed`: the backup of an encrypted volume, with its wrapped key.
+        static let sealed = try! VolumeKeys.create(passphrase: "pass", iterations: 1000).0
+
+        func describe(_ reference: BackupReference, secrets: [String: String]) async throws -> BackupDescription {
+            switch reference {
+            case BackupReference(target: "offsite", backupID: "nightly"):
+                return BackupDescription(sizeBytes: 96 << 20, fsType: "ext4", createdAt: Date(timeIntervalSince1970: 1_700_000_000), encryption: nil)
+            case BackupReference(target: "offsite", backupID: "sealed"):
+                return BackupDescription(sizeBytes: 64 << 20, fsType: "", createdAt: Date(), encryption: Self.sealed)
+            default:
                 throw CairnError.notFound("source snapshot \(reference) does not exist")
             }
-            return (96 << 20, "ext4", Date(timeIntervalSince1970: 1_700_000_000))
         }
 
         func restore(_ reference: BackupReference, into volume: VolumeRecord, secrets: [String: String]) async throws {
@@ -115,6 +123,19 @@ final class ControllerBackupSourceTests: XCTestCase {
         await assertStatus(.notFound) { _ = try await controller.createVolume(self.request("c", from: "backup:offsite/other")) }
         let volumes = try await store.listVolumes(afterID: nil, limit: 0)
         XCTAssertEqual(volumes.count, 0, "a refused source leaves no volume")
+
+        // An encrypted volume's backup restores only into an encrypted volume, which takes its key.
+        await assertStatus(.invalidArgument) { _ = try await controller.createVolume(self.request("e", from: "backup:offsite/sealed")) }
+        var encrypted = request("e", from: "backup:offsite/sealed")
+        encrypted.parameters = ["encrypted": "true"]
+        let restored = try await controller.createVolume(encrypted).volume
+        let record = try await store.volume(id: restored.volumeID)
+        XCTAssertEqual(record?.encryption, Source.sealed, "the restored volume does not take the backup's wrapped key")
+        await assertStatus(.invalidArgument) {
+            var plain = self.request("f", from: "backup:offsite/nightly")
+            plain.parameters = ["encrypted": "true"]
+            _ = try await controller.createVolume(plain)
+        }
 
         let without = try self.controller(nil)
         await assertStatus(.notFound) { _ = try await without.createVolume(self.request("d", from: "backup:offsite/nightly")) }

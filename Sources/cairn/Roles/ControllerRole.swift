@@ -1,4 +1,5 @@
 import CairnBackup
+import CairnCluster
 import CairnController
 import CairnCore
 import CairnRoutes
@@ -32,9 +33,13 @@ extension ServeContext {
                                                                                       scopedToNode: options.listScope == .node,
                                                                                       claimSigner: security.identity),
                                            localLimits: localLimits,
-                                           backups: try options.backupTargets.map { [localFiles, logger] path in
-                                               LocalBackupSource(targets: try BackupTargets.load(path),
-                                                                 volumeFile: { try localFiles.file(volumeID: $0) }, logger: logger)
+                                           backups: try options.backupTargets.map { [localFiles, backing, logger] path -> any BackupSource in
+                                               let targets = try BackupTargets.load(path)
+                                               if let replicated = backing as? ReplicatedBacking {
+                                                   return ClusterBackupSource(targets: targets, backing: replicated, logger: logger)
+                                               }
+                                               return LocalBackupSource(targets: targets, volumeFile: { try localFiles.file(volumeID: $0) },
+                                                                        logger: logger)
                                            })
         Routes.controller(controller, on: router)
         Routes.groupController(controller, on: router)
