@@ -88,6 +88,13 @@ struct BackupSummary: Encodable {
     var dataBlocks: Int
     var newBlocks: Int
     var uploadedBytes: Int64
+    /// Bytes read from the snapshot (less than its size when generations told what changed).
+    var scannedBytes: Int64?
+    var encrypted: Bool
+    /// The snapshot's generation (cluster snapshots): the next backup reads what is newer.
+    var sourceGeneration: UInt64?
+    /// The pack objects it names (`inspect` only).
+    var packNames: [String]?
 
     init(_ m: BackupManifest) {
         id = m.id
@@ -100,6 +107,9 @@ struct BackupSummary: Encodable {
         dataBlocks = m.dataBlocks
         newBlocks = m.newBlocks
         uploadedBytes = m.uploadedBytes
+        scannedBytes = m.scannedBytes
+        encrypted = m.encryption != nil
+        sourceGeneration = m.sourceGeneration
     }
 
     static func table(_ rows: [BackupSummary]) -> String {
@@ -233,7 +243,8 @@ struct BackupInspect: AsyncParsableCommand {
             guard let m = try await targetOptions.open().manifest(id) else {
                 throw CairnError.notFound("target \(targetOptions.target) has no backup \(id); `cairn backup list` shows them")
             }
-            let summary = BackupSummary(m)
+            var summary = BackupSummary(m)
+            summary.packNames = m.packs
             try outputOptions.emit(summary) {
                 """
                 backup:      \(m.id)
@@ -242,7 +253,9 @@ struct BackupInspect: AsyncParsableCommand {
                 size:        \(Units.bytes(m.sizeBytes)) (\(m.dataBlocks) non-zero blocks of \(m.blockSize) bytes)
                 created:     \(ISO8601DateFormatter().string(from: m.createdAt)) (\(Units.age(of: m.createdAt)) ago)
                 parent:      \(m.parent ?? "-")
-                new blocks:  \(m.newBlocks), \(Units.bytes(m.uploadedBytes)) uploaded
+                new blocks:  \(m.newBlocks), \(Units.bytes(m.uploadedBytes)) uploaded, \(m.scannedBytes.map { Units.bytes($0) } ?? "-") read from the snapshot
+                generation:  \(m.sourceGeneration.map { "\($0) (the next backup of the volume reads only blocks written after it)" } ?? "- (the next backup reads every block)")
+                encrypted:   \(m.encryption == nil ? "no" : "yes (a restore takes the volume's wrapped key; it opens with the passphrase of the time of the backup)")
                 packs:       \(m.packs.count), block map \(m.runs) runs
                 restore as:  snapshot id backup:\(targetOptions.target)/\(m.id)
 

@@ -23,8 +23,10 @@ final class S3TestServer: @unchecked Sendable {
     let accessKeyID: String
     let secretAccessKey: String
     private let process: Process
+    let namespace: String?
 
-    private init(dir: String, endpoint: String, accessKeyID: String, secretAccessKey: String, process: Process) {
+    private init(dir: String, endpoint: String, accessKeyID: String, secretAccessKey: String, process: Process, namespace: String?) {
+        self.namespace = namespace
         self.dir = dir
         self.endpoint = endpoint
         self.accessKeyID = accessKeyID
@@ -32,18 +34,21 @@ final class S3TestServer: @unchecked Sendable {
         self.process = process
     }
 
-    static func start() async throws -> S3TestServer {
+    /// The server on loopback; or, with `namespace`, inside that network namespace (a test
+    /// bed's, where only its processes reach it) on `host:port`, with `bucket` made there.
+    static func start(namespace: String? = nil, host: String = "127.0.0.1", port: Int? = nil, bucket: String? = nil) async throws -> S3TestServer {
         let server = venv + "/bin/moto_server"
         guard FileManager.default.isExecutableFile(atPath: server) else {
             throw CairnError.failedPrecondition("\(server) is missing: run `source scripts/setup` (it installs moto[server] from PyPI there)")
         }
         let dir = NSTemporaryDirectory() + "cairn-s3-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        let port = try freePort()
-        let endpoint = "http://127.0.0.1:\(port)"
+        let port = try port ?? freePort()
+        let endpoint = "http://\(host):\(port)"
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: server)
-        process.arguments = ["-H", "127.0.0.1", "-p", "\(port)"]
+        // nsenter without --fork execs the server: the process is the server itself.
+        process.executableURL = URL(fileURLWithPath: namespace == nil ? server : "/usr/bin/nsenter")
+        process.arguments = (namespace.map { ["--net=/run/netns/\($0)", "--", server] } ?? []) + ["-H", host, "-p", "\(port)"]
         var environment = ProcessInfo.processInfo.environment
         environment["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
         process.environment = environment
@@ -53,8 +58,8 @@ final class S3TestServer: @unchecked Sendable {
         process.standardError = log
         do {
             try process.run()
-            let keys = try await makeUser(endpoint: endpoint, dir: dir, process: process)
-            return S3TestServer(dir: dir, endpoint: endpoint, accessKeyID: keys.0, secretAccessKey: keys.1, process: process)
+            let keys = try await makeUser(endpoint: endpoint, dir: dir, process: process, namespace: namespace, bucket: bucket)
+            return S3TestServer(dir: dir, endpoint: endpoint, accessKeyID: keys.0, secretAccessKey: keys.1, process: process, namespace: namespace)
         } catch {
             if process.isRunning { kill(process.processIdentifier, SIGKILL); process.waitUntilExit() }
             try? FileManager.default.removeItem(atPath: dir)
@@ -62,8 +67,9 @@ final class S3TestServer: @unchecked Sendable {
         }
     }
 
-    /// Waits for the server, then spends the three unauthenticated requests on the user.
-    private static func makeUser(endpoint: String, dir: String, process: Process) async throws -> (String, String) {
+    /// Waits for the server, then spends the three unauthenticated requests on the user (and
+    /// makes `bucket` with its key).
+    private static func makeUser(endpoint: String, dir: String, process: Process, namespace: String?, bucket: String?) async throws -> (String, String) {
         let script = """
             import boto3, json, sys, time
             kw = dict(endpoint_url=sys.argv[1], region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
@@ -78,25 +84,57 @@ final class S3TestServer: @unchecked Sendable {
             iam.put_user_policy(UserName="cairn", PolicyName="all", PolicyDocument=json.dumps(
                 {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
             key = iam.create_access_key(UserName="cairn")["AccessKey"]
+            if len(sys.argv) > 2:
+                boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1", aws_access_key_id=key["AccessKeyId"],
+                             aws_secret_access_key=key["SecretAccessKey"]).create_bucket(Bucket=sys.argv[2])
             print(key["AccessKeyId"], key["SecretAccessKey"])
             """
         try script.write(toFile: dir + "/user.py", atomically: true, encoding: .utf8)
+        let (status, text) = try python([dir + "/user.py", endpoint] + (bucket.map { [$0] } ?? []), namespace: namespace)
+        let words = text.split(whereSeparator: { $0 == " " || $0 == "\n" })
+        guard status == 0, words.count >= 2, process.isRunning else {
+            let log = (try? String(contentsOfFile: dir + "/moto.log", encoding: .utf8)) ?? ""
+            throw CairnError.unavailable("moto_server did not start or refused the IAM set-up: \(text.suffix(2000))\n\(log.suffix(2000))")
+        }
+        return (String(words[words.count - 2]), String(words[words.count - 1]))
+    }
+
+    /// Runs the venv's python (in `namespace`, if any); its status and output.
+    static func python(_ arguments: [String], namespace: String?) throws -> (Int32, String) {
         let python = Process()
-        python.executableURL = URL(fileURLWithPath: venv + "/bin/python3")
-        python.arguments = [dir + "/user.py", endpoint]
+        python.executableURL = URL(fileURLWithPath: namespace == nil ? venv + "/bin/python3" : "/usr/bin/nsenter")
+        python.arguments = (namespace.map { ["--net=/run/netns/\($0)", "--", venv + "/bin/python3"] } ?? []) + arguments
         let out = Pipe()
         python.standardOutput = out
         python.standardError = out
         try python.run()
         let data = out.fileHandleForReading.readDataToEndOfFile()
         python.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
-        let words = text.split(whereSeparator: { $0 == " " || $0 == "\n" })
-        guard python.terminationStatus == 0, words.count >= 2, process.isRunning else {
-            let log = (try? String(contentsOfFile: dir + "/moto.log", encoding: .utf8)) ?? ""
-            throw CairnError.unavailable("moto_server did not start or refused the IAM set-up: \(text.suffix(2000))\n\(log.suffix(2000))")
+        return (python.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    /// Downloads every object of `bucket` into `directory` (keys as paths) with boto3, where the
+    /// server is reachable (its namespace); returns the total of their sizes.
+    func download(bucket: String, into directory: String) throws -> Int64 {
+        let script = """
+            import boto3, os, sys
+            s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1", aws_access_key_id=sys.argv[2],
+                              aws_secret_access_key=sys.argv[3])
+            total = 0
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=sys.argv[4]):
+                for o in page.get("Contents", []):
+                    path = os.path.join(sys.argv[5], o["Key"])
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    s3.download_file(sys.argv[4], o["Key"], path)
+                    total += o["Size"]
+            print(total)
+            """
+        try script.write(toFile: dir + "/download.py", atomically: true, encoding: .utf8)
+        let (status, text) = try Self.python([dir + "/download.py", endpoint, accessKeyID, secretAccessKey, bucket, directory], namespace: namespace)
+        guard status == 0, let total = Int64(text.split(separator: "\n").last ?? "") else {
+            throw CairnError.unavailable("downloading bucket \(bucket) failed: \(text.suffix(2000))")
         }
-        return (String(words[words.count - 2]), String(words[words.count - 1]))
+        return total
     }
 
     /// A client for a fresh bucket (made), keys under `prefix`.
