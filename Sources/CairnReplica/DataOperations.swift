@@ -217,11 +217,26 @@ public enum DataOp {
         public static let opcode = Opcode.activity
     }
 
+    /// A sealed snapshot's content (`ReadRequest`'s layout plus the snapshot id); not fenced.
+    public enum SnapshotRead: DataOperation {
+        public typealias Request = SnapshotReadRequest
+        public typealias Response = ReadResponse
+        public static let opcode = Opcode.snapshotRead
+    }
+
+    /// A sealed snapshot's block generations (`generations`' answer); not fenced.
+    public enum SnapshotGenerations: DataOperation {
+        public typealias Request = SnapshotGenerationsRequest
+        public typealias Response = GenerationsResponse
+        public static let opcode = Opcode.snapshotGenerations
+    }
+
     /// Every declared op (the codec's, client's and server's one list).
     public static let all: [any DataOperation.Type] = [
         Hello.self, Claim.self, Read.self, Write.self, Flush.self, Trim.self, Status.self, Create.self, Delete.self,
         Generations.self, Summary.self, Verify.self, Snapshot.self, DeleteSnapshot.self, ListSnapshots.self,
-        Clone.self, Grow.self, HoldWrites.self, ReleaseWrites.self, Activity.self,
+        Clone.self, Grow.self, HoldWrites.self, ReleaseWrites.self, Activity.self, SnapshotRead.self,
+        SnapshotGenerations.self,
     ]
 
     /// The op an opcode names (every `Opcode` has one: a test pins it down).

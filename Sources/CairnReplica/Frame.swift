@@ -22,9 +22,10 @@ public enum FrameLimits {
     public static let version: UInt16 = 1
     /// The newest protocol version a hello offers and this side speaks: 2 adds the damaged
     /// block to a read's `checksumMismatch` (`FrameFlags.detail`); 3 lets a flush say the
-    /// generation it covers (`FlushRequest.through`). A server answers a hello with the lower
-    /// of the two versions and uses only what that version has.
-    public static let protocolVersion: UInt16 = 3
+    /// generation it covers (`FlushRequest.through`); 4 adds `snapshotRead` and
+    /// `snapshotGenerations` (a client refuses to send them to an older peer). A server answers
+    /// a hello with the lower of the two versions and uses only what that version has.
+    public static let protocolVersion: UInt16 = 4
     public static let supportedProtocolVersions: ClosedRange<UInt16> = 1...protocolVersion
     public static let headerSize = 32
     /// The header CRC covers every header byte before the CRC field.
@@ -74,6 +75,10 @@ public enum Opcode: UInt8, Sendable, CaseIterable {
     case releaseWrites = 19
     /// Settle and report the regions written above the engine's clean watermark (FrameActivity.swift).
     case activity = 20
+    /// Backups: a sealed snapshot's content, and its blocks' generations (FrameSnapshots.swift;
+    /// protocol version 4).
+    case snapshotRead = 21
+    case snapshotGenerations = 22
 }
 
 /// Header flag bits. Bits other than these are reserved and must be zero (a peer that sets
@@ -956,7 +961,7 @@ public typealias TrimResponse = WriteResponse
 // MARK: - Validation and byte access
 
 /// A non-empty, block-aligned range that does not wrap around 2^64.
-private func validateBlockRange(offset: UInt64, length: UInt64, maxLength: UInt64, what: String) throws(FrameError) {
+func validateBlockRange(offset: UInt64, length: UInt64, maxLength: UInt64, what: String) throws(FrameError) {
     let block = UInt64(FrameLimits.blockSize)
     guard offset % block == 0 else {
         throw FrameError(.malformedPayload, "\(what) offset \(offset) is not a multiple of \(block)")

@@ -1,4 +1,5 @@
-// The data protocol's snapshot, clone and growth messages (ops 13–17; docs/replica-format.md).
+// The data protocol's snapshot, clone and growth messages (ops 13–19), and the backups' snapshot reads
+// (ops 21–22; docs/replica-format.md).
 // Same rules as Frame.swift: little-endian, length-prefixed strings checked before use, a
 // payload with bytes left over is malformed.
 
@@ -252,3 +253,75 @@ public struct HoldWritesRequest: WireCodable {
 
 /// `releaseWrites`: the volume alone.
 public typealias ReleaseWritesRequest = StatusRequest
+
+/// `snapshotRead` (op 21): volume | snapshot id | offset u64 | length u32 — a `read` of the
+/// sealed snapshot's content, checked like a read's range (whole blocks, at most
+/// `FrameLimits.maxDataLength`). Answered with a `ReadResponse`.
+public struct SnapshotReadRequest: WireCodable {
+    public var volume: String
+    public var snapshotID: String
+    public var offset: UInt64
+    public var length: UInt32
+
+    public init(volume: String, snapshotID: String, offset: UInt64, length: UInt32) {
+        self.volume = volume
+        self.snapshotID = snapshotID
+        self.offset = offset
+        self.length = length
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.writeVolume(volume)
+        w.writeVolume(snapshotID)
+        w.write(offset)
+        w.write(length)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
+        var r = ByteReader(payload)
+        volume = try r.readVolume()
+        snapshotID = try r.readName("snapshot id")
+        offset = try r.readUInt64("offset")
+        length = try r.readUInt32("length")
+        try r.expectEnd()
+        try validateBlockRange(offset: offset, length: UInt64(length), maxLength: UInt64(FrameLimits.maxDataLength),
+                               what: "snapshot read")
+    }
+}
+
+/// `snapshotGenerations` (op 22): volume | snapshot id | first block u64 | count u32 — the
+/// `generations` of the sealed snapshot's blocks. The count and the range are the replica's to
+/// refuse, as for `generations`. Answered with a `GenerationsResponse`.
+public struct SnapshotGenerationsRequest: WireCodable {
+    public var volume: String
+    public var snapshotID: String
+    public var firstBlock: UInt64
+    public var count: UInt32
+
+    public init(volume: String, snapshotID: String, firstBlock: UInt64, count: UInt32) {
+        self.volume = volume
+        self.snapshotID = snapshotID
+        self.firstBlock = firstBlock
+        self.count = count
+    }
+
+    public func encode() -> [UInt8] {
+        var w = ByteWriter()
+        w.writeVolume(volume)
+        w.writeVolume(snapshotID)
+        w.write(firstBlock)
+        w.write(count)
+        return w.bytes
+    }
+
+    public init(decoding payload: some Collection<UInt8>, flags: UInt8 = 0) throws(FrameError) {
+        var r = ByteReader(payload)
+        volume = try r.readVolume()
+        snapshotID = try r.readName("snapshot id")
+        firstBlock = try r.readUInt64("first block")
+        count = try r.readUInt32("count")
+        try r.expectEnd()
+    }
+}

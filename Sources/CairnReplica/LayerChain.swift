@@ -167,18 +167,26 @@ extension ReplicaStore {
 
     // MARK: reads through the chain (called holding the lock and the region locks)
 
+    /// The layer at `index` of `sealed + [head]`.
+    static func layer(_ s: State, at index: Int) -> Layer {
+        index == s.sealed.count ? s.head : s.sealed[index]
+    }
+
     /// Fills `entries` (uninitialized) with the effective entry of each block from `first`: the
-    /// newest layer's whose entry is present. Returns nil when the chain is the head alone
-    /// (every entry is the head's); else, per block, the serving layer's index in
+    /// newest layer's whose entry is present, among the layers up to and including `top` (an
+    /// index into `sealed + [head]`; nil: the head — the volume; a sealed layer's index: that
+    /// snapshot's content, newer layers unseen). Returns nil when `top` is the only layer to
+    /// look at (every entry is its own); else, per block, the serving layer's index in
     /// `sealed + [head]`, or -1 when no layer has the block.
-    static func resolve(_ s: State, first: UInt64, into entries: UnsafeMutableBufferPointer<BlockMapEntry>) throws -> [Int]? {
-        try s.blockMap.read(first: first, into: entries)
-        guard !s.sealed.isEmpty else { return nil }
-        let headIndex = s.sealed.count
-        var owners = [Int](repeating: headIndex, count: entries.count)
+    static func resolve(_ s: State, first: UInt64, into entries: UnsafeMutableBufferPointer<BlockMapEntry>,
+                        top: Int? = nil) throws -> [Int]? {
+        let top = top ?? s.sealed.count
+        try layer(s, at: top).blockMap.read(first: first, into: entries)
+        guard top > 0 else { return nil }
+        var owners = [Int](repeating: top, count: entries.count)
         var missing: [Int] = []
         for i in 0..<entries.count where !entries[i].isPresent { missing.append(i) }
-        var layer = s.sealed.count - 1
+        var layer = top - 1
         while layer >= 0, !missing.isEmpty {
             let older = try s.sealed[layer].blockMap.read(first: first, count: entries.count)
             missing.removeAll { i in
@@ -193,15 +201,16 @@ extension ReplicaStore {
         return owners
     }
 
-    /// `resolve`, then the data of every present, untrimmed block from the layer serving it into
-    /// `target` (block i at i*4096). Other blocks' bytes are left unspecified (readers zero
-    /// them). With `onlyIfWritten`, no data is read when no block is written.
+    /// `resolve` (up to `top`), then the data of every present, untrimmed block from the layer
+    /// serving it into `target` (block i at i*4096). Other blocks' bytes are left unspecified
+    /// (readers zero them). With `onlyIfWritten`, no data is read when no block is written.
     static func readResolved(_ s: State, first: UInt64, entries: UnsafeMutableBufferPointer<BlockMapEntry>,
-                             into target: UnsafeMutableRawBufferPointer, onlyIfWritten: Bool = false) throws {
-        let owners = try resolve(s, first: first, into: entries)
+                             into target: UnsafeMutableRawBufferPointer, top: Int? = nil, onlyIfWritten: Bool = false) throws {
+        let owners = try resolve(s, first: first, into: entries, top: top)
         if onlyIfWritten, !entries.contains(where: { $0.isPresent && !$0.isTrimmed }) { return }
         guard let owners else {
-            try readBlocks(fd: s.dataFD, path: s.dataPath, first: first, into: target)
+            let only = layer(s, at: top ?? s.sealed.count)
+            try readBlocks(fd: only.dataFD, path: only.dataPath, first: first, into: target)
             return
         }
         let bs = blockSize
@@ -211,10 +220,66 @@ extension ReplicaStore {
             guard owner >= 0, !entries[i].isTrimmed else { i += 1; continue }
             var end = i + 1
             while end < owners.count, owners[end] == owner, !entries[end].isTrimmed { end += 1 }
-            let layer = owner == s.sealed.count ? s.head : s.sealed[owner]
+            let layer = layer(s, at: owner)
             try readBlocks(fd: layer.dataFD, path: layer.dataPath, first: first + UInt64(i),
                            into: UnsafeMutableRawBufferPointer(rebasing: target[(i * bs)..<(end * bs)]))
             i = end
+        }
+    }
+
+    // MARK: reading a snapshot (backups)
+
+    /// Snapshot `id`'s index in `sealed`, and the snapshot; `notFound` when this replica has no
+    /// such snapshot (never taken here, or deleted).
+    func snapshotLocked(_ s: State, _ id: String) throws -> (index: Int, snapshot: ReplicaSnapshot) {
+        guard let i = s.sealed.firstIndex(where: { $0.snapshot?.id == id }), let snap = s.sealed[i].snapshot else {
+            throw ReplicaError.notFound("volume \(volumeID) has no snapshot \(id) on this node (it was deleted, or never taken on this replica); list the replica's snapshots")
+        }
+        return (i, snap)
+    }
+
+    /// Snapshot `id` as this replica holds it (not taken: that is `snapshot(id:epoch:)`);
+    /// `notFound` without it.
+    public func existingSnapshot(id: String) throws -> ReplicaSnapshot {
+        try state.withShared { s in
+            try Self.checkOpenLocked(s)
+            return try snapshotLocked(s, id).snapshot
+        }
+    }
+
+    /// Snapshot `snapshotID`'s content: per block, the newest entry among the sealed layers up
+    /// to and including the snapshot's (never the head or a newer snapshot), its crc32c checked
+    /// as `read` checks it; never-written and trimmed blocks read as zeros. The range (whole
+    /// blocks, at most `maxRequestLength`) must lie within the snapshot's size. Not fenced:
+    /// sealed layers never change content, so reading fences nobody and changes nothing. Holds
+    /// the lock shared and the region locks like `read`, so a merge into or out of the
+    /// snapshot's layer (a `deleteSnapshot`) is never seen half-done; once the snapshot itself
+    /// is deleted, `notFound`.
+    public func read(snapshotID: String, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        try state.withShared { s in
+            try Self.checkOpenLocked(s)
+            let (index, snap) = try snapshotLocked(s, snapshotID)
+            let (first, count) = try Self.checkRange(offset: offset, length: buffer.count, size: snap.size,
+                                                     what: "snapshot \(snapshotID)")
+            try readLocked(s, first: first, count: count, offset: offset, into: buffer, top: index)
+        }
+    }
+
+    /// `read(snapshotID:offset:into:)` into a new array of `length` bytes.
+    public func read(snapshotID: String, offset: UInt64, length: Int) throws -> [UInt8] {
+        try Self.readArray(length: length) { try read(snapshotID: snapshotID, offset: offset, into: $0) }
+    }
+
+    /// Snapshot `snapshotID`'s block generations, as `generations(firstBlock:count:epoch:)`
+    /// reports the volume's (0 never written, `BlockGenerations.trimmedBit` for a trim), for
+    /// the snapshot's effective entries. Every value is at most the snapshot's generation; a
+    /// block whose value is above an older snapshot's generation changed since that snapshot.
+    /// Not fenced, and locked, like `read(snapshotID:offset:into:)`.
+    public func generations(snapshotID: String, firstBlock: UInt64, count: Int) throws -> [UInt64] {
+        try state.withShared { s in
+            try Self.checkOpenLocked(s)
+            let (index, snap) = try snapshotLocked(s, snapshotID)
+            return try generationsLocked(s, firstBlock: firstBlock, count: count, size: snap.size, top: index)
         }
     }
 
@@ -423,9 +488,7 @@ extension ReplicaStore {
         return try source.maintenance.withLock { _ in
             let (layers, highest) = try source.state.withShared { s -> ([UInt64], UInt64) in
                 try checkOpenLocked(s)
-                guard let i = s.sealed.firstIndex(where: { $0.snapshot?.id == snapshotID }), let snap = s.sealed[i].snapshot else {
-                    throw ReplicaError.notFound("volume \(source.volumeID) has no snapshot \(snapshotID) on this node")
-                }
+                let (i, snap) = try source.snapshotLocked(s, snapshotID)
                 guard size >= snap.size else {
                     throw ReplicaError.badRequest("a clone of snapshot \(snapshotID) needs at least its size, \(snap.size) bytes, not \(size)")
                 }

@@ -451,6 +451,46 @@ public final class ReplicaClient: Sendable {
         _ = try call(DataOp.ReleaseWrites.self, ReleaseWritesRequest(volume: volumeID), epoch: epoch)
     }
 
+    // Backups: a sealed snapshot's content and generations (ops 21–22, protocol version 4).
+    // Sent with epoch 0: sealed layers never change, so the replica does not fence these.
+
+    /// Reads whole, aligned blocks (at most `FrameLimits.maxDataLength`) of snapshot
+    /// `snapshotID` of the replica: its content as taken, never later writes.
+    public func readSnapshot(volumeID: String, snapshotID: String, offset: UInt64, length: Int) throws -> [UInt8] {
+        try requireSnapshotReads("read snapshot \(snapshotID) of volume \(volumeID)")
+        let request = SnapshotReadRequest(volume: volumeID, snapshotID: snapshotID, offset: offset, length: UInt32(clamping: length))
+        let m = try call(DataOp.SnapshotRead.self, request, epoch: 0)
+        guard m.data.count == length else {
+            throw protocolViolation("snapshot read of \(length) bytes answered with \(m.data.count)")
+        }
+        return m.data
+    }
+
+    /// The generations (as `generations` reports them) of blocks `firstBlock ..< firstBlock+count`
+    /// of snapshot `snapshotID`: a block whose generation is above an older snapshot's changed
+    /// since it.
+    public func snapshotGenerations(volumeID: String, snapshotID: String, firstBlock: UInt64, count: Int) throws -> [UInt64] {
+        try requireSnapshotReads("list the generations of snapshot \(snapshotID) of volume \(volumeID)")
+        let request = SnapshotGenerationsRequest(volume: volumeID, snapshotID: snapshotID, firstBlock: firstBlock,
+                                                 count: UInt32(clamping: count))
+        let m = try call(DataOp.SnapshotGenerations.self, request, epoch: 0)
+        guard m.generations.count == count else {
+            throw protocolViolation("snapshot generations of \(count) blocks answered with \(m.generations.count)")
+        }
+        return m.generations
+    }
+
+    /// The protocol version that has snapshot reads.
+    static let snapshotReadsVersion: UInt16 = 4
+
+    /// Refuses (without sending anything: an older server would close the connection on the
+    /// unknown op) when the server speaks a protocol without snapshot reads.
+    private func requireSnapshotReads(_ what: String) throws(ReplicaClientError) {
+        let version = protocolVersion
+        guard version < Self.snapshotReadsVersion else { return }
+        throw .remote(.badRequest, "cannot \(what): the replica server at \(address) runs an older Cairn without snapshot reads (data protocol version \(version), they need \(Self.snapshotReadsVersion)); upgrade Cairn on that node and retry")
+    }
+
     /// Snapshot deletion merges layers and a barrier snapshot waits for a volume's in-flight
     /// writes and flushes: both can outlast an I/O's timeout.
     static let controlTimeout: Duration = .seconds(120)

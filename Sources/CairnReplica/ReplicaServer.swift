@@ -449,12 +449,8 @@ public final class ReplicaServer: Sendable {
         handler(DataOp.Generations.self) { server, m, c in
             let store = try server.store(m.volume)
             try ReplicaStore.checkGenerationsCount(Int(m.count))
-            let blockSize = UInt64(ReplicaStore.blockSize)
-            let (start, overflow) = m.firstBlock.multipliedReportingOverflow(by: blockSize)
-            guard !overflow else {
-                throw CairnError.outOfRange("block \(m.firstBlock) is beyond the end of volume \(store.volumeID)")
-            }
-            try server.checkRange(store, offset: start, length: UInt64(m.count) * blockSize)
+            let start = try server.blockOffset(m.firstBlock, of: store)
+            try server.checkRange(store, offset: start, length: UInt64(m.count) * UInt64(ReplicaStore.blockSize))
             let generations = try store.generations(firstBlock: m.firstBlock, count: Int(m.count), epoch: c.epoch)
             return GenerationsResponse(status: .ok, generations: generations)
         },
@@ -507,6 +503,20 @@ public final class ReplicaServer: Sendable {
             return PlainResponse(status: .ok)
         },
         handler(DataOp.Trim.self) { server, m, c in try server.trim(m, context: c) },
+        // Backups read sealed snapshots: not fenced (the header's epoch is not checked).
+        handler(DataOp.SnapshotRead.self) { server, m, _ in
+            let store = try server.store(m.volume)
+            try server.checkSnapshotRange(store, snapshotID: m.snapshotID, offset: m.offset, length: UInt64(m.length))
+            return ReadResponse(status: .ok, data: try store.read(snapshotID: m.snapshotID, offset: m.offset, length: Int(m.length)))
+        },
+        handler(DataOp.SnapshotGenerations.self) { server, m, _ in
+            let store = try server.store(m.volume)
+            try ReplicaStore.checkGenerationsCount(Int(m.count))
+            let start = try server.blockOffset(m.firstBlock, of: store)
+            try server.checkSnapshotRange(store, snapshotID: m.snapshotID, offset: start, length: UInt64(m.count) * UInt64(ReplicaStore.blockSize))
+            let generations = try store.generations(snapshotID: m.snapshotID, firstBlock: m.firstBlock, count: Int(m.count))
+            return GenerationsResponse(status: .ok, generations: generations)
+        },
     ])
 
     /// Runs one request through its op's handler; every failure becomes the op's response.
@@ -609,6 +619,22 @@ public final class ReplicaServer: Sendable {
         case .outOfRange: .outOfRange
         case .dataLoss: .checksumMismatch
         default: .ioError
+        }
+    }
+
+    /// Block `block`'s byte offset; `outOfRange` when it overflows.
+    private func blockOffset(_ block: UInt64, of store: ReplicaStore) throws -> UInt64 {
+        let (start, overflow) = block.multipliedReportingOverflow(by: UInt64(ReplicaStore.blockSize))
+        guard !overflow else { throw CairnError.outOfRange("block \(block) is beyond the end of volume \(store.volumeID)") }
+        return start
+    }
+
+    /// `checkRange` against snapshot `snapshotID`'s size (`notFound` without the snapshot).
+    private func checkSnapshotRange(_ store: ReplicaStore, snapshotID: String, offset: UInt64, length: UInt64) throws {
+        let snap = try store.existingSnapshot(id: snapshotID)
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        guard !overflow, end <= snap.size else {
+            throw CairnError.outOfRange("range \(offset)+\(length) is beyond the end of snapshot \(snapshotID) of volume \(store.volumeID) (\(snap.size) bytes)")
         }
     }
 

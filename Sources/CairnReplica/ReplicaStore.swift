@@ -437,11 +437,16 @@ public final class ReplicaStore: Sendable {
     /// Reads whole, aligned blocks. Every block present in the map is checked against its
     /// crc32c; never-written and trimmed blocks read as zeros.
     public func read(offset: UInt64, length: Int, epoch: UInt64) throws -> [UInt8] {
-        guard length > 0, length <= Self.maxRequestLength else {
-            throw ReplicaError.badRequest("length \(length) is not a positive multiple of \(Self.blockSize) up to \(Self.maxRequestLength)")
+        try Self.readArray(length: length) { try read(offset: offset, into: $0, epoch: epoch) }
+    }
+
+    /// A new array of `length` bytes (checked before it is allocated) filled by `read`.
+    static func readArray(length: Int, _ read: (UnsafeMutableRawBufferPointer) throws -> Void) throws -> [UInt8] {
+        guard length > 0, length <= maxRequestLength else {
+            throw ReplicaError.badRequest("length \(length) is not a positive multiple of \(blockSize) up to \(maxRequestLength)")
         }
         return try [UInt8](unsafeUninitializedCapacity: length) { buffer, count in
-            try read(offset: offset, into: UnsafeMutableRawBufferPointer(buffer), epoch: epoch)
+            try read(UnsafeMutableRawBufferPointer(buffer))
             count = length
         }
     }
@@ -451,30 +456,39 @@ public final class ReplicaStore: Sendable {
     public func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, epoch: UInt64) throws {
         try state.withShared { s in
             let (first, count) = try Self.checkLocked(s, offset: offset, length: buffer.count, epoch: epoch)
-            let aligned = Int(bitPattern: buffer.baseAddress) % Self.blockSize == 0
-            let target = aligned ? buffer : AlignedScratch.buffer(buffer.count)
-            try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
-                try regions.withRange(offset: offset, length: buffer.count) {
-                    try Self.readResolved(s, first: first, entries: entries, into: target)
+            try readLocked(s, first: first, count: count, offset: offset, into: buffer)
+        }
+    }
+
+    /// The read of blocks `first ..< first+count` (at byte `offset`) through the layers up to
+    /// `top` (`resolve`'s; nil: the volume), under their region locks, each present block checked
+    /// against its crc32c, holes and trims zeroed. Called holding the lock shared, range checked.
+    func readLocked(_ s: State, first: UInt64, count: Int, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                    top: Int? = nil) throws {
+        let aligned = Int(bitPattern: buffer.baseAddress) % Self.blockSize == 0
+        let target = aligned ? buffer : AlignedScratch.buffer(buffer.count)
+        try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
+            try regions.withRange(offset: offset, length: buffer.count) {
+                try Self.readResolved(s, first: first, entries: entries, into: target, top: top)
+            }
+            for (i, entry) in entries.enumerated() {
+                let block = UnsafeMutableRawBufferPointer(rebasing: target[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
+                if !entry.isPresent || entry.isTrimmed {
+                    // A hole reads as zeros anyway; zeroing also hides a stale, un-punched block.
+                    block.initializeMemory(as: UInt8.self, repeating: 0)
+                    continue
                 }
-                for (i, entry) in entries.enumerated() {
-                    let block = UnsafeMutableRawBufferPointer(rebasing: target[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
-                    if !entry.isPresent || entry.isTrimmed {
-                        // A hole reads as zeros anyway; zeroing also hides a stale, un-punched block.
-                        block.initializeMemory(as: UInt8.self, repeating: 0)
-                        continue
-                    }
-                    if CRC32C.checksum(UnsafeRawBufferPointer(block)) != entry.crc {
-                        logger.error("replica block checksum mismatch", metadata: [
-                            "volume.id": "\(volumeID)", "replica.block": "\(first + UInt64(i))",
-                            "replica.generation": "\(entry.generation)",
-                        ])
-                        throw ReplicaError.checksumMismatch(block: first + UInt64(i))
-                    }
+                if CRC32C.checksum(UnsafeRawBufferPointer(block)) != entry.crc {
+                    logger.error("replica block checksum mismatch", metadata: [
+                        "volume.id": "\(volumeID)", "replica.block": "\(first + UInt64(i))",
+                        "replica.generation": "\(entry.generation)",
+                        "replica.read": "\(top.map { "snapshot layer \(Self.layer(s, at: $0).id)" } ?? "volume")",
+                    ])
+                    throw ReplicaError.checksumMismatch(block: first + UInt64(i))
                 }
             }
-            if !aligned { buffer.copyMemory(from: UnsafeRawBufferPointer(target)) }
         }
+        if !aligned { buffer.copyMemory(from: UnsafeRawBufferPointer(target)) }
     }
 
     /// Writes whole, aligned blocks at `generation` (> 0, numbered by the engine): the data
@@ -600,19 +614,25 @@ public final class ReplicaStore: Sendable {
         try state.withShared { s in
             try Self.checkOpenLocked(s)
             try Self.checkEpochLocked(s, epoch)
-            try Self.checkGenerationsCount(count)
-            let blocks = s.superblock.size / UInt64(Self.blockSize)
-            let (end, overflow) = firstBlock.addingReportingOverflow(UInt64(count))
-            guard !overflow, end <= blocks else {
-                throw ReplicaError.badRequest("blocks \(firstBlock)+\(count) are beyond the replica's \(blocks) blocks")
+            return try generationsLocked(s, firstBlock: firstBlock, count: count, size: s.superblock.size)
+        }
+    }
+
+    /// `generations` of the layers up to `top` (`resolve`'s), for blocks within `size` bytes;
+    /// called holding the lock shared.
+    func generationsLocked(_ s: State, firstBlock: UInt64, count: Int, size: UInt64, top: Int? = nil) throws -> [UInt64] {
+        try Self.checkGenerationsCount(count)
+        let blocks = size / UInt64(Self.blockSize)
+        let (end, overflow) = firstBlock.addingReportingOverflow(UInt64(count))
+        guard !overflow, end <= blocks else {
+            throw ReplicaError.badRequest("blocks \(firstBlock)+\(count) are beyond the \(top == nil ? "replica" : "snapshot")'s \(blocks) blocks")
+        }
+        return try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
+            // The region locks: an entry is never read half-written.
+            try regions.withRange(offset: firstBlock * UInt64(Self.blockSize), length: count * Self.blockSize) {
+                _ = try Self.resolve(s, first: firstBlock, into: entries, top: top)
             }
-            return try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
-                // The region locks: an entry is never read half-written.
-                try regions.withRange(offset: firstBlock * UInt64(Self.blockSize), length: count * Self.blockSize) {
-                    _ = try Self.resolve(s, first: firstBlock, into: entries)
-                }
-                return entries.map { $0.isTrimmed ? $0.generation | BlockGenerations.trimmedBit : $0.generation }
-            }
+            return entries.map { $0.isTrimmed ? $0.generation | BlockGenerations.trimmedBit : $0.generation }
         }
     }
 
@@ -978,6 +998,12 @@ public final class ReplicaStore: Sendable {
     private static func checkLocked(_ s: State, offset: UInt64, length: Int, epoch: UInt64) throws -> (UInt64, Int) {
         try checkOpenLocked(s)
         try checkEpochLocked(s, epoch)
+        return try checkRange(offset: offset, length: length, size: s.superblock.size, what: "the replica")
+    }
+
+    /// Validates an I/O range of whole blocks, at most `maxRequestLength`, within `size` bytes
+    /// (`what`'s: the replica, a snapshot); returns (first block, block count).
+    static func checkRange(offset: UInt64, length: Int, size: UInt64, what: String) throws -> (UInt64, Int) {
         let bs = UInt64(blockSize)
         guard offset % bs == 0 else { throw ReplicaError.badRequest("offset \(offset) is not a multiple of \(blockSize)") }
         guard length > 0, length % blockSize == 0 else {
@@ -987,8 +1013,8 @@ public final class ReplicaStore: Sendable {
             throw ReplicaError.badRequest("length \(length) is above the per-request limit of \(maxRequestLength)")
         }
         let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
-        guard !overflow, end <= s.superblock.size else {
-            throw ReplicaError.badRequest("range \(offset)+\(length) is beyond the replica's size \(s.superblock.size)")
+        guard !overflow, end <= size else {
+            throw ReplicaError.badRequest("range \(offset)+\(length) is beyond \(what)'s size \(size)")
         }
         return (offset / bs, length / blockSize)
     }

@@ -483,6 +483,59 @@ final class FrameCodecTests: XCTestCase {
         XCTAssertEqual(try Self.decodeAll(frame.encode()), [frame])
     }
 
+    func testSnapshotReadAndSnapshotGenerationsRequestsRoundTripAndRefuseMalformedPayloads() throws {
+        XCTAssertEqual(Opcode.snapshotRead.rawValue, 21)
+        XCTAssertEqual(Opcode.snapshotGenerations.rawValue, 22)
+        XCTAssertTrue(DataOp.SnapshotRead.Response.self == ReadResponse.self)
+        XCTAssertTrue(DataOp.SnapshotGenerations.Response.self == GenerationsResponse.self)
+        let volume = Self.volumeField(Array("v".utf8)), snap = Self.volumeField(Array("s1".utf8))
+
+        // Layout: volume | snapshot id | offset u64 | length u32, and both round-trip as frames.
+        let read = SnapshotReadRequest(volume: "v", snapshotID: "s1", offset: 8192, length: 4096)
+        XCTAssertEqual(read.encode(), volume + snap + Self.le(UInt64(8192)) + Self.le(UInt32(4096)))
+        let generations = SnapshotGenerationsRequest(volume: "v", snapshotID: "s1", firstBlock: 0x0102, count: 3)
+        XCTAssertEqual(generations.encode(), volume + snap + Self.le(UInt64(0x0102)) + Self.le(UInt32(3)))
+        let frames = [Frame(requestID: 9, epoch: 0, body: .request(DataOp.SnapshotRead.request(read))),
+                      Frame(requestID: 10, epoch: 0, body: .request(DataOp.SnapshotGenerations.request(generations)))]
+        XCTAssertEqual(try Self.decodeAll(frames.flatMap { $0.encode() }), frames)
+        XCTAssertEqual(try Self.decodeAll(frames[0].encode()).first?.request(DataOp.SnapshotRead.self), read)
+        XCTAssertEqual(try Self.decodeAll(frames[1].encode()).first?.request(DataOp.SnapshotGenerations.self), generations)
+        // A generations count is the replica's to refuse (an answer), like `generations`'.
+        XCTAssertEqual(try SnapshotGenerationsRequest(decoding: volume + snap + Self.le(UInt64(0)) + Self.le(UInt32(0))).count, 0)
+
+        let readOp = Opcode.snapshotRead.rawValue, generationsOp = Opcode.snapshotGenerations.rawValue
+        // Reads: whole blocks, at most 8 MiB, no wrap.
+        assertFrameError(Self.rawFrame(op: readOp, payload: volume + snap + Self.le(UInt64(100)) + Self.le(UInt32(4096))),
+                         .malformedPayload, containing: "snapshot read offset")
+        assertFrameError(Self.rawFrame(op: readOp, payload: volume + snap + Self.le(UInt64(0)) + Self.le(UInt32(0))),
+                         .malformedPayload, containing: "snapshot read length")
+        assertFrameError(Self.rawFrame(op: readOp, payload: volume + snap + Self.le(UInt64(0)) + Self.le(UInt32(FrameLimits.maxDataLength + 4096))),
+                         .malformedPayload, containing: "exceeds the limit")
+        assertFrameError(Self.rawFrame(op: readOp, payload: volume + snap + Self.le(UInt64.max - 4095) + Self.le(UInt32(8192))),
+                         .malformedPayload, containing: "overflows")
+        // The snapshot id is required, 1...128 bytes of UTF-8; nothing may follow, nothing may be missing.
+        for op in [readOp, generationsOp] {
+            let tail = Self.le(UInt64(0)) + Self.le(UInt32(4096))
+            assertFrameError(Self.rawFrame(op: op, payload: volume + tail), .malformedPayload)
+            assertFrameError(Self.rawFrame(op: op, payload: volume + Self.volumeField([]) + tail), .malformedPayload, containing: "snapshot id")
+            assertFrameError(Self.rawFrame(op: op, payload: volume + Self.volumeField([UInt8](repeating: 0x61, count: 129)) + tail),
+                             .malformedPayload, containing: "snapshot id")
+            assertFrameError(Self.rawFrame(op: op, payload: volume + Self.volumeField([0xFF, 0xFE]) + tail), .malformedPayload, containing: "UTF-8")
+            assertFrameError(Self.rawFrame(op: op, payload: volume + snap + tail + [0]), .malformedPayload, containing: "unexpected")
+            assertFrameError(Self.rawFrame(op: op, payload: volume + snap + Array(tail.dropLast())), .malformedPayload)
+            // Neither takes a flag.
+            assertFrameError(Self.rawFrame(op: op, flags: FrameFlags.barrier, payload: volume + snap + tail), .reservedFlags)
+            assertFrameError(Self.rawFrame(op: op, flags: FrameFlags.ifNewer, payload: volume + snap + tail), .reservedFlags)
+        }
+        // Their responses are read's and generations': data or generations only with ok.
+        assertFrameError(Self.rawFrame(op: readOp, flags: FrameFlags.response,
+                                       payload: [ReplyStatus.notFound.rawValue] + Self.le(UInt32(4096)) + Self.block + [0, 0]),
+                         .malformedPayload, containing: "carries")
+        assertFrameError(Self.rawFrame(op: generationsOp, flags: FrameFlags.response,
+                                       payload: [ReplyStatus.notFound.rawValue] + Self.le(UInt32(1)) + Self.le(UInt64(5)) + [0, 0]),
+                         .malformedPayload, containing: "carries")
+    }
+
     func testTheFirstErrorIsSticky() throws {
         var d = FrameDecoder()
         XCTAssertThrowsError(try d.feed([0, 0, 0, 0] + [UInt8](repeating: 0, count: 28)))

@@ -256,6 +256,87 @@ final class ReplicaServerTests: XCTestCase {
         }
     }
 
+    func testSnapshotReadsAndGenerationsOverTheWire() throws {
+        let c = try client()
+        XCTAssertEqual(c.protocolVersion, FrameLimits.protocolVersion)
+        try c.create(volumeID: volume, sizeBytes: size)
+        _ = try c.claim(volumeID: volume, epoch: 4)
+        let a = pattern(4 * bs, seed: 1), b = pattern(bs, seed: 2), later = pattern(2 * bs, seed: 3)
+        try write(c, 0, a, generation: 1, epoch: 4)
+        let s1 = try c.snapshot(volumeID: volume, snapshotID: "s1", epoch: 4)
+        try write(c, UInt64(bs), b, generation: 2, epoch: 4)
+        try c.trim(volumeID: volume, offset: 2 * UInt64(bs), length: UInt64(bs), generation: 3, epoch: 4)
+        let s2 = try c.snapshot(volumeID: volume, snapshotID: "s2", epoch: 4)
+        try write(c, 0, later, generation: 4, epoch: 4)
+        // A newer engine claims the replica: backups still read (they send epoch 0, never fenced).
+        _ = try c.claim(volumeID: volume, epoch: 9)
+
+        XCTAssertEqual(try c.readSnapshot(volumeID: volume, snapshotID: "s1", offset: 0, length: 4 * bs), a)
+        let s2Content = Array(a[0..<bs]) + b + [UInt8](repeating: 0, count: bs) + Array(a[(3 * bs)...])
+        XCTAssertEqual(try c.readSnapshot(volumeID: volume, snapshotID: "s2", offset: 0, length: 4 * bs), s2Content)
+        XCTAssertEqual(try c.read(volumeID: volume, offset: 0, length: 2 * bs, epoch: 9), later, "the volume moved on")
+        XCTAssertEqual(try c.snapshotGenerations(volumeID: volume, snapshotID: "s1", firstBlock: 0, count: 5), [1, 1, 1, 1, 0])
+        let generations = try c.snapshotGenerations(volumeID: volume, snapshotID: "s2", firstBlock: 0, count: 5)
+        XCTAssertEqual(generations, [1, 2, 3 | BlockGenerations.trimmedBit, 1, 0])
+        XCTAssertEqual(generations.indices.filter { BlockGenerations.generation(generations[$0]) > s1.generation }, [1, 2])
+        XCTAssertTrue(generations.allSatisfy { BlockGenerations.generation($0) <= s2.generation })
+        // The largest read one frame carries, over the wire.
+        let whole = try c.readSnapshot(volumeID: volume, snapshotID: "s2", offset: 0, length: FrameLimits.maxDataLength)
+        XCTAssertEqual(Array(whole.prefix(4 * bs)), s2Content)
+        XCTAssertTrue(whole.dropFirst(4 * bs).allSatisfy { $0 == 0 })
+
+        // Refusals travel as statuses: no snapshot, beyond its size, a bad count, no replica.
+        func expect(_ status: ReplyStatus, containing text: String = "", _ body: () throws -> Any) {
+            XCTAssertThrowsError(try body()) { error in
+                guard case .remote(let got, let message) = error as? ReplicaClientError, got == status else {
+                    return XCTFail("expected \(status), got \(error)")
+                }
+                XCTAssertTrue(text.isEmpty || message.contains(text), "\(message) lacks \(text)")
+            }
+        }
+        expect(.notFound, containing: "no snapshot nope") { try c.readSnapshot(volumeID: self.volume, snapshotID: "nope", offset: 0, length: self.bs) }
+        expect(.notFound, containing: "no snapshot nope") {
+            try c.snapshotGenerations(volumeID: self.volume, snapshotID: "nope", firstBlock: 0, count: 1)
+        }
+        expect(.outOfRange, containing: "snapshot s1") { try c.readSnapshot(volumeID: self.volume, snapshotID: "s1", offset: self.size, length: self.bs) }
+        expect(.outOfRange) { try c.snapshotGenerations(volumeID: self.volume, snapshotID: "s1", firstBlock: self.size / 4096, count: 1) }
+        expect(.outOfRange) { try c.snapshotGenerations(volumeID: self.volume, snapshotID: "s1", firstBlock: .max, count: 2) }
+        expect(.badRequest) { try c.snapshotGenerations(volumeID: self.volume, snapshotID: "s1", firstBlock: 0, count: 65_537) }
+        expect(.notFound) { try c.readSnapshot(volumeID: "vol-none", snapshotID: "s1", offset: 0, length: self.bs) }
+
+        // After S1 merges into S2, S2 reads the same and S1 is not found.
+        try c.deleteSnapshot(volumeID: volume, snapshotID: "s1", epoch: 9)
+        XCTAssertEqual(try c.readSnapshot(volumeID: volume, snapshotID: "s2", offset: 0, length: 4 * bs), s2Content)
+        XCTAssertEqual(try c.snapshotGenerations(volumeID: volume, snapshotID: "s2", firstBlock: 0, count: 5), generations)
+        expect(.notFound, containing: "no snapshot s1") { try c.readSnapshot(volumeID: self.volume, snapshotID: "s1", offset: 0, length: self.bs) }
+        XCTAssertFalse(c.isBroken)
+    }
+
+    /// A replica server of the previous release (protocol version 3) closes the connection on an
+    /// op it does not know: the client refuses to send snapshot reads to it, and says why.
+    func testSnapshotReadsToAnOlderServerSayToUpgradeItAndKeepTheConnection() throws {
+        let old = try ReplicaServer(dataDir: root + "/old", host: "127.0.0.1", port: 0, logger: logs.logger,
+                                    protocolVersions: 1...3)
+        try old.start()
+        defer { old.stop() }
+        let client = try ReplicaClient.connect(host: "127.0.0.1", port: old.boundPort)
+        defer { client.close() }
+        XCTAssertEqual(client.protocolVersion, 3)
+        try client.create(volumeID: "vol-old", sizeBytes: 1 << 20)
+        _ = try client.snapshot(volumeID: "vol-old", snapshotID: "s", epoch: 0)
+        for call in [{ _ = try client.readSnapshot(volumeID: "vol-old", snapshotID: "s", offset: 0, length: 4096) },
+                     { _ = try client.snapshotGenerations(volumeID: "vol-old", snapshotID: "s", firstBlock: 0, count: 1) }] {
+            XCTAssertThrowsError(try call()) { error in
+                let text = "\(error)"
+                XCTAssertTrue(text.contains("older Cairn without snapshot reads"), text)
+                XCTAssertTrue(text.contains("upgrade"), text)
+                XCTAssertTrue(text.contains("\(client.address)"), text)
+            }
+        }
+        XCTAssertFalse(client.isBroken, "nothing was sent: the connection still serves other ops")
+        XCTAssertEqual(try client.listSnapshots(volumeID: "vol-old", epoch: 0).map(\.id), ["s"])
+    }
+
     private final class FakeHooks: ReplicaEngineHooks, @unchecked Sendable {
         let lock = NSLock()
         var calls: [String] = []

@@ -60,6 +60,29 @@ final class ReplicaSnapshotTests: XCTestCase {
         } catch { XCTFail("expected badRequest, got \(error)", file: file, line: line) }
     }
 
+    /// Silent corruption: `bytes` over layer `layer`'s data at byte `offset`, behind the store's back.
+    private func corrupt(layer: Int, at offset: Int, with bytes: [UInt8], file: StaticString = #filePath, line: UInt = #line) {
+        let fd = open(ReplicaStore.layerDirectory(dir, layer: UInt64(layer)) + "/data", O_WRONLY)
+        XCTAssertGreaterThanOrEqual(fd, 0, file: file, line: line)
+        XCTAssertEqual(pwrite(fd, bytes, bytes.count, off_t(offset)), bytes.count, file: file, line: line)
+        close(fd)
+    }
+
+    /// A 4-block replica with block 3 written, snapshot "small" of it, then grown to 8 blocks.
+    private func grownAfterASmallSnapshot() throws -> ReplicaStore {
+        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 4 * UInt64(bs))
+        do {
+            try store.claim(epoch: 1)
+            try write(store, 3, 3, generation: 1)
+            try store.snapshot(id: "small", epoch: 1)
+            try store.grow(to: 8 * UInt64(bs), epoch: 1)
+            return store
+        } catch {
+            try? store.close()
+            throw error
+        }
+    }
+
     // MARK: snapshots
 
     func testReadsFallThroughToTheNewestLayerHoldingTheBlock() throws {
@@ -97,10 +120,7 @@ final class ReplicaSnapshotTests: XCTestCase {
         try store.snapshot(id: "s", epoch: 1)
         try write(store, 3, 8, generation: 2)
         // Silent corruption in the sealed layer's data file.
-        let fd = open(dir + "/layers/0000000001/data", O_WRONLY)
-        XCTAssertGreaterThanOrEqual(fd, 0)
-        XCTAssertEqual(pwrite(fd, [UInt8](repeating: 0xFF, count: 16), 16, off_t(2 * bs + 100)), 16)
-        close(fd)
+        corrupt(layer: 1, at: 2 * bs + 100, with: [UInt8](repeating: 0xFF, count: 16))
         XCTAssertThrowsError(try read(store, 2)) { error in
             XCTAssertEqual(error as? ReplicaError, .checksumMismatch(block: 2))
         }
@@ -309,6 +329,234 @@ final class ReplicaSnapshotTests: XCTestCase {
         XCTAssertEqual(try layerDirs(dir), ["0000000002"])
     }
 
+    // MARK: reading a snapshot (backups)
+
+    private func expectNotFound<T>(_ body: () throws -> T, naming words: [String], file: StaticString = #filePath, line: UInt = #line) {
+        do {
+            _ = try body()
+            XCTFail("expected notFound", file: file, line: line)
+        } catch let e as ReplicaError {
+            guard case .notFound(let message) = e else { return XCTFail("expected notFound, got \(e)", file: file, line: line) }
+            for word in words { XCTAssertTrue(message.contains(word), "\(message) lacks \(word)", file: file, line: line) }
+            XCTAssertEqual(RPCStatus.from(e).code, .notFound, file: file, line: line)
+            XCTAssertEqual(ReplicaServer.replyStatus(for: e).0, .notFound, file: file, line: line)
+        } catch { XCTFail("expected notFound, got \(error)", file: file, line: line) }
+    }
+
+    private var zeros: [UInt8] { [UInt8](repeating: 0, count: bs) }
+
+    /// Each block of `store`'s snapshot `id`, read one at a time and all at once (through an
+    /// unaligned array and an aligned buffer: the scratch and the direct paths).
+    private func snapshotBlocks(_ store: ReplicaStore, _ id: String, blocks: Int) throws -> [[UInt8]] {
+        let single = try (0..<blocks).map { try store.read(snapshotID: id, offset: UInt64($0 * bs), length: bs) }
+        let whole = try store.read(snapshotID: id, offset: 0, length: blocks * bs)
+        XCTAssertEqual(whole, single.flatMap { $0 }, "one read of the whole snapshot equals its blocks read one by one")
+        let aligned = UnsafeMutableRawBufferPointer.allocate(byteCount: blocks * bs, alignment: bs)
+        defer { aligned.deallocate() }
+        try store.read(snapshotID: id, offset: 0, into: aligned)
+        XCTAssertEqual(Array(aligned), whole)
+        return single
+    }
+
+    func testSnapshotReadsAndGenerationsSeeEachSnapshotsOwnContentAndSurviveAnOlderSnapshotsMerge() throws {
+        let blocks = 16
+        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: UInt64(blocks * bs))
+        defer { try? store.close() }
+        try store.claim(epoch: 1)
+        for b in 0..<8 { try write(store, UInt64(b), UInt8(b), generation: UInt64(b + 1)) }
+        let s1 = try store.snapshot(id: "s1", epoch: 1)
+        XCTAssertEqual(s1.generation, 8)
+        // Between the snapshots: two overwrites, a trim, a new block.
+        try write(store, 1, 21, generation: 9)
+        try write(store, 2, 22, generation: 10)
+        try store.trim(offset: 3 * UInt64(bs), length: bs, generation: 11, epoch: 1)
+        try write(store, 8, 28, generation: 12)
+        let s2 = try store.snapshot(id: "s2", epoch: 1)
+        XCTAssertEqual(s2.generation, 12)
+        // After S2, in the head only: neither snapshot may see these.
+        try write(store, 0, 40, generation: 13)
+        try store.trim(offset: 4 * UInt64(bs), length: bs, generation: 14, epoch: 1)
+        try write(store, 9, 41, generation: 15)
+        try write(store, 1, 42, generation: 16)
+
+        let s1Blocks = (0..<blocks).map { $0 < 8 ? block(UInt8($0)) : zeros }
+        var s2Blocks = s1Blocks
+        s2Blocks[1] = block(21)
+        s2Blocks[2] = block(22)
+        s2Blocks[3] = zeros
+        s2Blocks[8] = block(28)
+        let s1Generations: [UInt64] = (0..<blocks).map { $0 < 8 ? UInt64($0 + 1) : 0 }
+        let s2Generations: [UInt64] = [1, 9, 10, 11 | BlockGenerations.trimmedBit, 5, 6, 7, 8, 12, 0, 0, 0, 0, 0, 0, 0]
+        func check(_ context: String) throws {
+            XCTAssertEqual(try snapshotBlocks(store, "s2", blocks: blocks), s2Blocks, context)
+            XCTAssertEqual(try store.generations(snapshotID: "s2", firstBlock: 0, count: blocks), s2Generations, context)
+            XCTAssertEqual(try store.generations(snapshotID: "s2", firstBlock: 3, count: 2), [11 | BlockGenerations.trimmedBit, 5], context)
+        }
+        XCTAssertEqual(try snapshotBlocks(store, "s1", blocks: blocks), s1Blocks)
+        XCTAssertEqual(try store.generations(snapshotID: "s1", firstBlock: 0, count: blocks), s1Generations)
+        try check("before any merge")
+        // What changed between the snapshots is exactly what is newer than S1 in S2.
+        let s2Now = try store.generations(snapshotID: "s2", firstBlock: 0, count: blocks)
+        XCTAssertEqual(s2Now.indices.filter { BlockGenerations.generation(s2Now[$0]) > s1.generation }, [1, 2, 3, 8])
+        XCTAssertTrue(s2Now.allSatisfy { BlockGenerations.generation($0) <= s2.generation })
+        // The volume itself did move on.
+        XCTAssertEqual(try read(store, 0), block(40))
+        XCTAssertEqual(try read(store, 1), block(42))
+        XCTAssertEqual(try read(store, 4), zeros)
+        XCTAssertEqual(try store.generations(firstBlock: 9, count: 1, epoch: 1), [15])
+
+        // Not fenced: a newer claim does not stop a backup reading.
+        try store.claim(epoch: 7)
+        try check("after a newer claim")
+
+        // S1 merges into S2's layer: S2 reads the same; S1 is gone.
+        try store.deleteSnapshot(id: "s1", epoch: 7)
+        try check("after S1 merged into S2")
+        expectNotFound({ try store.read(snapshotID: "s1", offset: 0, length: bs) }, naming: [volume, "s1"])
+        expectNotFound({ try store.generations(snapshotID: "s1", firstBlock: 0, count: 1) }, naming: [volume, "s1"])
+        expectNotFound({ try store.existingSnapshot(id: "never") }, naming: [volume, "never"])
+        XCTAssertEqual(try store.existingSnapshot(id: "s2"), s2)
+
+        // S2 merges into the head: gone too, and the volume keeps its own content.
+        try store.deleteSnapshot(id: "s2", epoch: 7)
+        expectNotFound({ try store.read(snapshotID: "s2", offset: 0, length: bs) }, naming: [volume, "s2"])
+        XCTAssertEqual(try store.read(offset: 2 * UInt64(bs), length: 2 * bs, epoch: 7), block(22) + zeros)
+    }
+
+    func testSnapshotReadsAreRangeCheckedAgainstTheSnapshotsSize() throws {
+        let store = try grownAfterASmallSnapshot()
+        defer { try? store.close() }
+        try write(store, 5, 5, generation: 2)
+        try store.snapshot(id: "large", epoch: 1)
+        // The volume is 8 blocks now, the first snapshot only 4.
+        XCTAssertEqual(try store.read(snapshotID: "small", offset: 3 * UInt64(bs), length: bs), block(3))
+        expectBadRequest { try store.read(snapshotID: "small", offset: 4 * UInt64(bs), length: bs) }
+        expectBadRequest { try store.read(snapshotID: "small", offset: 2 * UInt64(bs), length: 3 * bs) }
+        expectBadRequest { try store.generations(snapshotID: "small", firstBlock: 4, count: 1) }
+        expectBadRequest { try store.generations(snapshotID: "small", firstBlock: .max, count: 2) }
+        XCTAssertEqual(try store.generations(snapshotID: "small", firstBlock: 0, count: 4), [0, 0, 0, 1])
+        // The larger one reads past the older layer's end as zeros, its own block as written.
+        XCTAssertEqual(try store.read(snapshotID: "large", offset: 4 * UInt64(bs), length: 2 * bs), zeros + block(5))
+        XCTAssertEqual(try store.generations(snapshotID: "large", firstBlock: 0, count: 8), [0, 0, 0, 1, 0, 2, 0, 0])
+        // Whole blocks, a positive length, a sane count.
+        expectBadRequest { try store.read(snapshotID: "large", offset: 100, length: bs) }
+        expectBadRequest { try store.read(snapshotID: "large", offset: 0, length: 100) }
+        expectBadRequest { try store.read(snapshotID: "large", offset: 0, length: 0) }
+        expectBadRequest { try store.generations(snapshotID: "large", firstBlock: 0, count: 0) }
+        expectBadRequest { try store.generations(snapshotID: "large", firstBlock: 0, count: FrameLimits.maxGenerationsCount + 1) }
+    }
+
+    func testASnapshotReadVerifiesTheChecksumOfTheSealedLayerServingTheBlock() throws {
+        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 * UInt64(bs))
+        defer { try? store.close() }
+        try store.claim(epoch: 1)
+        try write(store, 2, 9, generation: 1)
+        try write(store, 5, 10, generation: 2)
+        try store.snapshot(id: "s1", epoch: 1)
+        try write(store, 3, 8, generation: 3)
+        try store.snapshot(id: "s2", epoch: 1)
+        // The head rewrites block 2: the volume no longer reads the corrupted copy, the snapshots do.
+        try write(store, 2, 11, generation: 4)
+        corrupt(layer: 1, at: 2 * bs + 100, with: [UInt8](repeating: 0xFF, count: 16))
+        for id in ["s1", "s2"] {
+            XCTAssertThrowsError(try store.read(snapshotID: id, offset: 0, length: 4 * bs), id) { error in
+                XCTAssertEqual(error as? ReplicaError, .checksumMismatch(block: 2))
+            }
+        }
+        XCTAssertEqual(try read(store, 2), block(11), "the volume reads the head's copy")
+        XCTAssertEqual(try store.read(snapshotID: "s2", offset: 3 * UInt64(bs), length: 3 * bs), block(8) + zeros + block(10),
+                       "the snapshot's other blocks read")
+        // A corrupted block of the snapshot's own layer too.
+        corrupt(layer: 2, at: 3 * bs, with: [0x5A])
+        XCTAssertThrowsError(try store.read(snapshotID: "s2", offset: 3 * UInt64(bs), length: bs)) { error in
+            XCTAssertEqual(error as? ReplicaError, .checksumMismatch(block: 3))
+        }
+        XCTAssertEqual(try store.read(snapshotID: "s1", offset: 3 * UInt64(bs), length: bs), zeros, "S1 predates block 3")
+    }
+
+    /// Snapshot reads race deletions: the merge of an older snapshot into this one (the answer
+    /// never changes), then the merge of this one into the head (the same answer until it is
+    /// gone, then notFound for good).
+    func testSnapshotReadsRacingMergesNeverSeeATornOrWrongSnapshot() throws {
+        let blocks = 2 * Int(ReplicaStore.mergeChunkBlocks) + 512  // several merge chunks
+        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: UInt64(blocks * bs))
+        defer { try? store.close() }
+        try store.claim(epoch: 1)
+        for b in stride(from: 0, to: blocks, by: 3) { try write(store, UInt64(b), UInt8(b % 200), generation: UInt64(b + 1)) }
+        try store.snapshot(id: "old", epoch: 1)
+        var generation = UInt64(blocks + 1)
+        for b in stride(from: 0, to: blocks, by: 7) {
+            try write(store, UInt64(b), 250, generation: generation)
+            generation += 1
+        }
+        try store.snapshot(id: "new", epoch: 1)
+        for b in stride(from: 0, to: blocks, by: 5) {
+            try write(store, UInt64(b), 251, generation: generation)
+            generation += 1
+        }
+        let chunk = 256
+        let expected = try (0..<(blocks / chunk)).map {
+            try store.read(snapshotID: "new", offset: UInt64($0 * chunk * bs), length: chunk * bs)
+        }
+        let expectedGenerations = try store.generations(snapshotID: "new", firstBlock: 0, count: blocks)
+        XCTAssertEqual(expected[0].prefix(bs), ArraySlice(block(250)))
+
+        final class Reader: @unchecked Sendable {
+            let lock = NSLock()
+            var stop = false, done = false, reads = 0, gone = false
+            var failure: String?
+        }
+        func race(_ delete: () throws -> Void, mayVanish: Bool) throws -> (reads: Int, sawItGone: Bool) {
+            let r = Reader()
+            let bs = self.bs
+            let thread = Thread {
+                var i = 0
+                while !r.lock.withLock({ r.stop }) {
+                    let c = i % expected.count
+                    do {
+                        let got = try store.read(snapshotID: "new", offset: UInt64(c * chunk * bs), length: chunk * bs)
+                        let generations = try store.generations(snapshotID: "new", firstBlock: UInt64(c * chunk), count: chunk)
+                        if r.lock.withLock({ r.gone }) { r.lock.withLock { r.failure = "read the snapshot after it was gone" }; break }
+                        if got != expected[c] || generations != Array(expectedGenerations[(c * chunk)..<((c + 1) * chunk)]) {
+                            r.lock.withLock { r.failure = "chunk \(c) differs from the snapshot's content" }
+                            break
+                        }
+                        r.lock.withLock { r.reads += 1 }
+                    } catch ReplicaError.notFound(_) where mayVanish {
+                        r.lock.withLock { r.gone = true }
+                    } catch {
+                        r.lock.withLock { r.failure = "\(error)" }
+                        break
+                    }
+                    i += 1
+                }
+                r.lock.withLock { r.done = true }
+            }
+            thread.start()
+            defer {
+                r.lock.withLock { r.stop = true }
+                while !r.lock.withLock({ r.done }) { Thread.sleep(forTimeInterval: 0.01) }
+            }
+            while r.lock.withLock({ r.reads }) == 0, r.lock.withLock({ r.failure }) == nil { Thread.sleep(forTimeInterval: 0.005) }
+            let before = r.lock.withLock { r.reads }
+            try delete()
+            let during = r.lock.withLock { r.reads } - before
+            // The reader goes on after the deletion: gone stays gone.
+            let after = r.lock.withLock { r.reads }
+            while r.lock.withLock({ r.reads }) == after, !r.lock.withLock({ r.gone }), r.lock.withLock({ r.failure }) == nil {
+                Thread.sleep(forTimeInterval: 0.005)
+            }
+            Thread.sleep(forTimeInterval: 0.05)
+            XCTAssertNil(r.lock.withLock { r.failure })
+            return (during, r.lock.withLock { r.gone })
+        }
+        let older = try race({ try store.deleteSnapshot(id: "old", epoch: 1) }, mayVanish: false)
+        print("snapshot reads while the older snapshot merged into it: \(older.reads)")
+        XCTAssertEqual(try store.snapshots().map(\.id), ["new"])
+        XCTAssertTrue(try race({ try store.deleteSnapshot(id: "new", epoch: 1) }, mayVanish: true).sawItGone)
+        expectNotFound({ try store.read(snapshotID: "new", offset: 0, length: bs) }, naming: ["new"])
+    }
+
     // MARK: clones
 
     func testACloneSharesLayersByHardLinkAndIsIndependentOfItsSource() throws {
@@ -404,12 +652,8 @@ final class ReplicaSnapshotTests: XCTestCase {
     }
 
     func testSnapshotRecordsTheSizeAtTheTimeAndReadsBeyondAnOlderLayerAreZeros() throws {
-        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 4 * UInt64(bs))
+        let store = try grownAfterASmallSnapshot()
         defer { try? store.close() }
-        try store.claim(epoch: 1)
-        try write(store, 3, 3, generation: 1)
-        try store.snapshot(id: "small", epoch: 1)
-        try store.grow(to: 8 * UInt64(bs), epoch: 1)
         try write(store, 7, 7, generation: 2)
         let big = try store.snapshot(id: "big", epoch: 1)
         XCTAssertEqual(try store.snapshots().map(\.size), [4 * UInt64(bs), 8 * UInt64(bs)])

@@ -33,6 +33,9 @@ public enum FrameSamples {
             DataOp.HoldWrites.request(HoldWritesRequest(volume: "pvc-0f1e2d3c", timeoutMilliseconds: 30_000)),
             DataOp.ReleaseWrites.request(ReleaseWritesRequest(volume: "pvc-0f1e2d3c")),
             DataOp.Activity.request(ActivityRequest(volume: "pvc-0f1e2d3c", cleanThrough: 41, converged: true)),
+            DataOp.SnapshotRead.request(SnapshotReadRequest(volume: "pvc-0f1e2d3c", snapshotID: "snap-1", offset: 1 << 32, length: 8 << 20)),
+            DataOp.SnapshotGenerations.request(SnapshotGenerationsRequest(volume: "völ-ü", snapshotID: String(repeating: "s", count: 128),
+                                                                          firstBlock: 1 << 20, count: 65_536)),
         ]
         let responses: [FrameMessage] = [
             DataOp.Hello.response(HelloResponse(status: .ok, protocolVersion: 1, authToken: [1, 2, 3])),
@@ -64,6 +67,9 @@ public enum FrameSamples {
             DataOp.HoldWrites.response(PlainResponse(status: .notFound, message: "no engine runs volume v on this node")),
             DataOp.ReleaseWrites.response(PlainResponse(status: .ok)),
             DataOp.Activity.response(ActivityResponse(status: .ok, activity: ReplicaActivity(all: false, regions: [3, 9, 1 << 40]))),
+            DataOp.SnapshotRead.response(ReadResponse(status: .ok, data: block)),
+            DataOp.SnapshotRead.response(ReadResponse(status: .notFound, message: "volume v has no snapshot s on this node")),
+            DataOp.SnapshotGenerations.response(GenerationsResponse(status: .ok, generations: [0, 5, 6 | BlockGenerations.trimmedBit])),
         ]
         var frames: [Frame] = []
         for (i, r) in requests.enumerated() {
