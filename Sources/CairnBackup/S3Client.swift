@@ -173,6 +173,9 @@ public final class S3Client: Sendable {
         var status: Int
         var body: [UInt8]
         var etag: String
+        /// Request and response bytes on the wire (headers and bodies).
+        var sent: Int64 = 0
+        var received: Int64 = 0
     }
 
     func request(_ method: String, path: String, query: String = "", body: [UInt8]? = nil) async throws -> Response {
@@ -186,6 +189,8 @@ public final class S3Client: Sendable {
             }
         }
         traffic.withLock {
+            $0.bytesSent += response.sent
+            $0.bytesReceived += response.received
             switch method {
             case "PUT": $0.puts += 1
             case "GET": $0.gets += 1
@@ -215,7 +220,7 @@ public final class S3Client: Sendable {
         let bytes = out.body.map { Array(UnsafeBufferPointer(start: $0, count: out.body_len)) } ?? []
         let etag = withUnsafeBytes(of: out.etag) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
         S3Client.recordWire(sent: out.bytes_sent, received: out.bytes_received)
-        return Response(status: out.status, body: bytes, etag: etag)
+        return Response(status: out.status, body: bytes, etag: etag, sent: out.bytes_sent, received: out.bytes_received)
     }
 
     private func expect(_ response: Response, _ statuses: Set<Int>, _ what: String) throws {

@@ -144,7 +144,9 @@ final class BackupCSITests: IntegrationTestCase {
     }
 
     /// The output's last JSON document (progress lines come first, one per line).
-    func lastJSON(_ text: String) throws -> [String: Any] {
+    func lastJSON(_ text: String) throws -> [String: Any] { try Self.lastJSON(text) }
+
+    static func lastJSON(_ text: String) throws -> [String: Any] {
         let start = text.range(of: "\n{\n", options: .backwards).map { text.index(after: $0.lowerBound) } ?? text.startIndex
         guard let object = try JSONSerialization.jsonObject(with: Data(text[start...].utf8)) as? [String: Any] else {
             throw CairnError.internal("not a JSON object: \(text)")

@@ -174,10 +174,8 @@ final class ClusterBackupTests: XCTestCase {
         let output = try bed.exec("ctl", [try PluginProcess.locateBinary(), "backup", "create", "--snapshot", snapshot, "--id", id,
                                           "--backup-targets", config + "/targets.json", "--target", "offsite", "--output", "json"]
                                   + bed.etcdArguments)
-        let done = try XCTUnwrap(output.split(separator: "\n").compactMap { line -> [String: Any]? in
-            guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], object["event"] as? String == "done" else { return nil }
-            return object
-        }.last, "no done line from cairn backup create: \(output)")
+        let done = try BackupCSITests.lastJSON(output)
+        XCTAssertEqual(done["event"] as? String, "done", output)
         return (try XCTUnwrap(done["backup"] as? [String: Any]), try XCTUnwrap(done["traffic"] as? [String: Any]))
     }
 
@@ -185,8 +183,7 @@ final class ClusterBackupTests: XCTestCase {
     func packs(of id: String) throws -> Set<String> {
         let output = try bed.exec("ctl", [try PluginProcess.locateBinary(), "backup", "inspect", id,
                                           "--backup-targets", config + "/targets.json", "--target", "offsite", "--output", "json"])
-        let start = try XCTUnwrap(output.firstIndex(of: "{"))
-        let object = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(output[start...].utf8)) as? [String: Any])
+        let object = try BackupCSITests.lastJSON(output)
         return Set(try XCTUnwrap(object["packNames"] as? [String], "no packs in \(output)"))
     }
 
