@@ -14,16 +14,8 @@ final class BackupCSITests: IntegrationTestCase {
         let server = try await S3TestServer.start()
         defer { server.stop() }
         let client = try await server.client(bucket: "cairn-e2e", prefix: "site-a")
-        let config = NSTemporaryDirectory() + "cairn-backup-cfg-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: config, withIntermediateDirectories: true)
+        let config = try server.writeTargets(bucket: "cairn-e2e", prefix: "site-a", parallelism: 1)
         defer { try? FileManager.default.removeItem(atPath: config) }
-        try "# test key\naws_access_key_id = \(server.accessKeyID)\naws_secret_access_key = \(server.secretAccessKey)\n"
-            .write(toFile: config + "/credentials", atomically: true, encoding: .utf8)
-        let targets = """
-            {"targets": {"offsite": {"endpoint": "\(server.endpoint)", "bucket": "cairn-e2e", "region": "us-east-1",
-                                     "prefix": "site-a", "credentialsFile": "\(config)/credentials", "parallelism": 1}}}
-            """
-        try targets.write(toFile: config + "/targets.json", atomically: true, encoding: .utf8)
 
         let plugin = try await startPlugin(extraArguments: ["--backup-targets", config + "/targets.json"])
         let csi = CSIClient(plugin: plugin)
@@ -121,11 +113,16 @@ final class BackupCSITests: IntegrationTestCase {
         _ = try await csi.deleteVolume(CSI.delete(source.volumeID))
     }
 
-    func flags(_ config: String, _ plugin: PluginProcess) -> [String] {
+    func flags(_ config: String, _ plugin: PluginProcess) -> [String] { Self.flags(config) }
+
+    static func flags(_ config: String) -> [String] {
         ["--backup-targets", config + "/targets.json", "--target", "offsite", "--output", "json"]
     }
 
-    func cli(_ arguments: [String]) throws -> String {
+    func cli(_ arguments: [String]) throws -> String { try Self.cli(arguments) }
+
+    /// Runs the cairn executable; its standard output, or an error with both outputs.
+    static func cli(_ arguments: [String]) throws -> String {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: try PluginProcess.locateBinary())
         p.arguments = arguments

@@ -85,6 +85,68 @@ final class OneMachineEncryptionTests: IntegrationTestCase {
         _ = try await csi.deleteVolume(CSI.delete(enc))
     }
 
+    /// A backup of an encrypted volume's snapshot (`cairn backup create`) holds no plaintext in
+    /// any object of the bucket, while the same check finds it in a plain volume's backup; it
+    /// restores (CreateVolume from `backup:offsite/<id>`) only into an encrypted volume, which
+    /// opens with the source's passphrase.
+    func testAnEncryptedVolumesBackupIsCiphertextAndRestoresWithItsPassphrase() async throws {
+        let server = try await S3TestServer.start()
+        defer { server.stop() }
+        let client = try await server.client(bucket: "cairn-enc", prefix: "site")
+        let config = try server.writeTargets(bucket: "cairn-enc", prefix: "site")
+        defer { try? FileManager.default.removeItem(atPath: config) }
+        let plugin = try await startPlugin(extraArguments: ["--backup-targets", config + "/targets.json"])
+        let csi = CSIClient(plugin: plugin)
+        let access = Access.mount(fsType: "ext4")
+        // Each 4 KiB a marker, then random bytes: zstd keeps the marker as a literal.
+        let marker = "cairn-backup-plaintext-" + UUID().uuidString
+        var content: [UInt8] = []
+        for _ in 0..<256 { content += Array(marker.utf8) + VolumeIO.randomBytes(4096 - marker.utf8.count) }
+
+        var made: [String: (volume: String, snapshot: String, packs: [String])] = [:]
+        for (name, encrypted) in [("plain", false), ("enc", true)] {
+            let volume = try await csi.createVolume(CSI.create(name: name, access: access, required: 64 * CSI.mib,
+                                                               parameters: encrypted ? ["encrypted": "true"] : [:])).volume.volumeID
+            let staging = try await stage(csi, plugin, volume, name: name, secrets: encrypted ? passphrase : [:])
+            try VolumeIO.writeFile(staging + "/marker", content)
+            try BackgroundCommand.succeed(["sync", "-f", staging + "/marker"])
+            let snapshot = try await csi.createSnapshot(CSI.snapshot(volume, name: name + "-snap")).snapshot.snapshotID
+            try await unstage(csi, plugin, volume, name: name)
+            _ = try BackupCSITests.cli(["backup", "create", "--snapshot", snapshot, "--id", name, "--data-dir", plugin.dataDir]
+                                       + BackupCSITests.flags(config))
+            let inspected = try BackupCSITests.lastJSON(try BackupCSITests.cli(["backup", "inspect", name] + BackupCSITests.flags(config)))
+            XCTAssertEqual(inspected["encrypted"] as? Bool, encrypted)
+            made[name] = (volume, snapshot, try XCTUnwrap(inspected["packNames"] as? [String]))
+        }
+        // Every object of the bucket, searched for the marker.
+        let needle = Array(marker.utf8)
+        var holding: [String] = []
+        for object in try await client.list("") {
+            let fetched = try await client.get(object.key)
+            let bytes = try XCTUnwrap(fetched)
+            if Self.contains(bytes, needle) { holding.append(object.key) }
+        }
+        XCTAssertFalse(holding.isEmpty, "the marker is in no object, not even the plain volume's backup: the check cannot see plaintext")
+        for key in holding {
+            XCTAssertFalse(made["enc"]!.packs.contains { key.hasSuffix("/" + $0) } || key.contains("backups/enc"),
+                           "plaintext of the encrypted volume in backup object \(key)")
+        }
+
+        await expectStatus(.invalidArgument, "a plain volume from an encrypted volume's backup") {
+            _ = try await csi.createVolume(CSI.create(name: "plain-from-enc", access: access, required: 64 * CSI.mib, from: "backup:offsite/enc"))
+        }
+        let restored = try await csi.createVolume(CSI.create(name: "enc-restored", access: access, required: 64 * CSI.mib,
+                                                             from: "backup:offsite/enc", parameters: ["encrypted": "true"])).volume.volumeID
+        let staging = try await stage(csi, plugin, restored, name: "enc-restored", secrets: passphrase)
+        XCTAssertEqual(try VolumeIO.readFile(staging + "/marker"), content, "the restored encrypted volume does not read back")
+        try await unstage(csi, plugin, restored, name: "enc-restored")
+        for id in [restored, made["plain"]!.volume, made["enc"]!.volume] {
+            _ = try await csi.controllerUnpublish(CSI.controllerUnpublish(id, node: plugin.nodeID))
+        }
+        for (_, m) in made { try await csi.deleteSnapshot(m.snapshot) }
+        for id in [restored, made["plain"]!.volume, made["enc"]!.volume] { _ = try await csi.deleteVolume(CSI.delete(id)) }
+    }
+
     // MARK: Steps
 
     func stageRequest(_ id: String, staging: String) -> Csi_V1_NodeStageVolumeRequest {
@@ -103,6 +165,16 @@ final class OneMachineEncryptionTests: IntegrationTestCase {
 
     func unstage(_ csi: CSIClient, _ plugin: PluginProcess, _ id: String, name: String) async throws {
         _ = try await csi.nodeUnstage(CSI.unstage(id, staging: plugin.stagingDir + "/" + name))
+    }
+
+    static func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
+        guard let first = needle.first, haystack.count >= needle.count else { return false }
+        var i = 0
+        while i <= haystack.count - needle.count {
+            if haystack[i] == first, haystack[i..<i + needle.count].elementsEqual(needle) { return true }
+            i += 1
+        }
+        return false
     }
 
     /// The files under `path` (a file or a directory) that hold `text`.

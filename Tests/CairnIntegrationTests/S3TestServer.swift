@@ -137,6 +137,21 @@ final class S3TestServer: @unchecked Sendable {
         return total
     }
 
+    /// A new directory with `credentials` (this server's key) and `targets.json` naming one
+    /// target `offsite` on this server; the caller removes the directory.
+    func writeTargets(bucket: String, prefix: String, parallelism: Int = 4) throws -> String {
+        let config = NSTemporaryDirectory() + "cairn-backup-cfg-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: config, withIntermediateDirectories: true)
+        try "# test key\naws_access_key_id = \(accessKeyID)\naws_secret_access_key = \(secretAccessKey)\n"
+            .write(toFile: config + "/credentials", atomically: true, encoding: .utf8)
+        let targets = """
+            {"targets": {"offsite": {"endpoint": "\(endpoint)", "bucket": "\(bucket)", "region": "us-east-1",
+                                     "prefix": "\(prefix)", "credentialsFile": "\(config)/credentials", "parallelism": \(parallelism)}}}
+            """
+        try targets.write(toFile: config + "/targets.json", atomically: true, encoding: .utf8)
+        return config
+    }
+
     /// A client for a fresh bucket (made), keys under `prefix`.
     func client(bucket: String = "b-\(UUID().uuidString.prefix(8).lowercased())", prefix: String = "cairn") async throws -> S3Client {
         let client = S3Client(location(bucket: bucket, prefix: prefix))
