@@ -12,22 +12,26 @@ import Logging
 /// file `<data-dir>/engines/<id>/volume`, and the engine encrypts every block before it reaches
 /// the file. Snapshots, clones and growth stay the file backing's (they copy and extend
 /// ciphertext); `<data-dir>/volumes/<id>.encrypted` marks the volumes served through an engine.
-public final class LocalEngineBacking: VolumeBacking, NodeBacking {
+/// As in a cluster, the FUSE keeper holds each engine's connection and data key, so a restart of
+/// `cairn serve` resumes an encrypted volume's I/O without a new NodeStage (`EngineHost`).
+public final class LocalEngineBacking: VolumeBacking, NodeBacking, EngineHosting {
     public let files: LocalFileBacking
     let engines: EngineRegistry
     let enginesDirectory: String
     let nodeID: String
     let logger: Logger
 
-    public init(files: LocalFileBacking, dataDir: String, nodeID: String, logger: Logger) throws {
+    public init(files: LocalFileBacking, dataDir: String, nodeID: String, keeper: FUSEKeeperClient? = nil, logger: Logger) throws {
         self.files = files
         self.enginesDirectory = dataDir + "/engines"
         self.nodeID = nodeID
         self.logger = logger
-        self.engines = EngineRegistry(logger: logger)
+        self.engines = EngineRegistry(logger: logger, keeper: keeper)
         try FileManager.default.createDirectory(atPath: enginesDirectory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
     }
+
+    public var engineHost: EngineHost { EngineHost(engines: engines, enginesDirectory: enginesDirectory, logger: logger) }
 
     func marker(_ volumeID: String) throws -> String {
         try Validate.volumeID(volumeID)
@@ -94,7 +98,8 @@ public final class LocalEngineBacking: VolumeBacking, NodeBacking {
         if let running = engines.state(volumeID: volume.id), running.epoch == epoch.rawValue, let path = running.path {
             return path
         }
-        guard let key else {
+        // After a restart of this process, the FUSE keeper kept the key with the connection.
+        guard let key = key ?? engines.keptKey(volumeID: volume.id) else {
             throw CairnError.failedPrecondition(
                 "volume \(volume.id) is encrypted and its key is not loaded on node \(nodeID) (the process serving it restarted, or no passphrase came): call NodeStageVolume with the secret `\(EncryptionNames.passphraseSecret)` again")
         }

@@ -210,8 +210,8 @@ struct Serve: AsyncParsableCommand {
     /// top of them), runs `restore` (NodeStage again for each staged volume: its engine resumes
     /// a kept connection), then lets go of kept connections no staged volume claimed.
     static func recoverEngines(_ backing: any VolumeBacking, linux: LinuxMounter?, restore: () async -> Void) async {
-        guard let replicated = backing as? ReplicatedBacking, let linux else { return await restore() }
-        await replicated.recoverEngines(inUse: { file in
+        guard let hosting = backing as? any EngineHosting, let linux else { return await restore() }
+        await hosting.engineHost.recoverEngines(inUse: { file in
             (try? await linux.loopDevices(backing: file))?.isEmpty == false
         }, restore: restore)
     }

@@ -89,7 +89,7 @@ struct UntilShutdown: Service {
     /// what arrives meanwhile for the next process (resent). A clean shutdown therefore leaves
     /// every staged volume's FUSE mount in place, exactly as a crash does — without recording
     /// this node's own replica out of sync because the replica server went first.
-    static func enginesKept(_ backing: ReplicatedBacking?, logger: Logger) -> Self {
+    static func enginesKept(_ backing: EngineHost?, logger: Logger) -> Self {
         Self(name: "engines", logger: logger) {
             logger.notice("handing the staged volumes' engines over to the next process: their mounts stay with the FUSE keeper")
             guard let backing else { return }

@@ -85,6 +85,49 @@ final class OneMachineEncryptionTests: IntegrationTestCase {
         _ = try await csi.deleteVolume(CSI.delete(enc))
     }
 
+    /// `cairn serve` SIGKILLed and started again under checksummed O_DIRECT writes to a staged
+    /// encrypted block volume: the FUSE keeper kept the engine's connection and the data key, so
+    /// the new process resumes it — no write fails, no NodeStage is needed (the CO would not
+    /// repeat one), every acknowledged block reads back. Then the same after a graceful restart.
+    func testAnEncryptedVolumeServesOnAcrossAKillAndARestartOfThePlugin() async throws {
+        let plugin = try await startPlugin()
+        let csi = CSIClient(plugin: plugin)
+        let size: Int64 = 64 * CSI.mib
+        var create = CSI.create(name: "enc-restart", access: .block, required: size, parameters: ["encrypted": "true"])
+        create.secrets = passphrase
+        let volume = try await csi.createVolume(create).volume.volumeID
+        let published = try await csi.controllerPublish(CSI.controllerPublish(volume, node: plugin.nodeID, access: .block))
+        let staging = plugin.stagingDir + "/enc-restart"
+        let podDir = plugin.podsDir + "/enc-restart"
+        for dir in [staging, podDir] { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
+        let target = podDir + "/target"
+        var stage = CSI.stage(volume, staging: staging, access: .block, publishContext: published.publishContext)
+        stage.secrets = passphrase
+        _ = try await csi.nodeStage(stage)
+        _ = try await csi.nodePublish(CSI.publish(volume, staging: staging, target: target, access: .block,
+                                                  publishContext: published.publishContext))
+
+        let writer = try BlockWriter(device: target, blocks: Int(size) / BlockWriter.blockSize)
+        writer.start()
+        try await writer.waitForAcknowledged(200)
+        await plugin.crash()
+        try await plugin.start()
+        try await writer.waitForAcknowledged(writer.acknowledgedCount + 300, seconds: 60)
+        XCTAssertNil(writer.failure, "a write failed across the kill of cairn serve")
+        try await plugin.restart()
+        try await writer.waitForAcknowledged(writer.acknowledgedCount + 300, seconds: 60)
+        try await writer.stopAndVerify("a write failed across the restarts of cairn serve serving the encrypted volume")
+        XCTAssertTrue(plugin.logTail(lines: 400).contains("resumed the volume's FUSE connection"),
+                      "the engine did not resume the kept connection: \(plugin.logTail(lines: 60))")
+        let stats = try await csi.nodeGetVolumeStats(CSI.stats(volume, path: target))
+        XCTAssertFalse(stats.volumeCondition.abnormal, stats.volumeCondition.message)
+
+        _ = try await csi.nodeUnpublish(CSI.unpublish(volume, target: target))
+        _ = try await csi.nodeUnstage(CSI.unstage(volume, staging: staging))
+        _ = try await csi.controllerUnpublish(CSI.controllerUnpublish(volume, node: plugin.nodeID))
+        _ = try await csi.deleteVolume(CSI.delete(volume))
+    }
+
     /// A backup of an encrypted volume's snapshot (`cairn backup create`) holds no plaintext in
     /// any object of the bucket, while the same check finds it in a plain volume's backup; it
     /// restores (CreateVolume from `backup:offsite/<id>`) only into an encrypted volume, which

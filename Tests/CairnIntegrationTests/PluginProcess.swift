@@ -412,6 +412,23 @@ final class PluginProcess: @unchecked Sendable {
         return Self.loopDevices(backedUnder: path).map { "could not detach \($0.device) (backed by \($0.backingFile))" }
     }
 
+    /// Ends the FUSE keeper whose pid file is `pidFile` (SIGTERM, then SIGKILL after 5 s); nil
+    /// when none runs or it ended, else what went wrong.
+    static func stopKeeper(pidFile: String) async -> String? {
+        guard let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+              let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0,
+              let cmdline = try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8), cmdline.contains("fuse-keeper")
+        else { return nil }
+        kill(pid, SIGTERM)
+        for _ in 0..<50 where kill(pid, 0) == 0 {
+            if (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8))?.contains("State:\tZ") == true { return nil }
+            try? await Task.sleep(for: .milliseconds(100))
+        }
+        guard kill(pid, 0) == 0 else { return nil }
+        kill(pid, SIGKILL)
+        return "the FUSE keeper (pid \(pid)) ignored SIGTERM and was killed"
+    }
+
     /// Stops the process and removes every trace of the test. Idempotent. Returns the problems
     /// it met (things it could not clean, or a plugin that ignored SIGTERM); prints the tail of
     /// cairn.log when `testFailed`, when there were problems, or when $CAIRN_IT_PRINT_LOGS is set.
@@ -421,6 +438,8 @@ final class PluginProcess: @unchecked Sendable {
         if let exit = await stop(), exit.killed {
             problems.append("cairn did not exit within \(Self.stopGrace) of SIGTERM and was killed")
         }
+        // The FUSE keeper `cairn serve` spawned (encrypted volumes' engines) outlives it by design.
+        if let problem = await Self.stopKeeper(pidFile: dataDir + "/fuse-keeper.pid") { problems.append(problem) }
         let foreign = lock.withLock { foreignPaths }
         problems += await Self.unmountAll(under: [root] + foreign)
         problems += await Self.detachLoops(backedUnder: root)

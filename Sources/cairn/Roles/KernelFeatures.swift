@@ -55,7 +55,7 @@ struct KernelFeatures {
             logger.warning("no loop devices (/dev/loop-control is missing): NodeStageVolume will fail; load the loop module (modprobe loop)")
         }
         if runsEngines && !fuse {
-            logger.warning("no /dev/fuse: replicated volumes cannot be staged on this node; load the fuse module (modprobe fuse) or, in a container, pass /dev/fuse through")
+            logger.warning("no /dev/fuse: replicated and encrypted volumes cannot be staged on this node; load the fuse module (modprobe fuse) or, in a container, pass /dev/fuse through")
         }
     }
 }

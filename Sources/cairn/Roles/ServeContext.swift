@@ -106,20 +106,21 @@ struct ServeContext {
         let localFiles = try LocalFileBacking(dataDir: dataDir)
         // Engines run in the agent, all, and node-with-in-process-agent roles: their FUSE
         // connections are kept across a restart of this process (docs/design.md).
-        let runsEngines = etcd != nil && (role == .agent || role == .all || (role == .node && options.agentSocket == "none"))
+        // One machine (`--role all`, SQLite) runs engines for its encrypted volumes.
+        let runsEngines = role == .all || (etcd != nil && (role == .agent || (role == .node && options.agentSocket == "none")))
         let keeper = runsEngines ? FUSEKeeperClient(socketPath: options.fuseKeeperSocket ?? dataDir + "/fuse-keeper.sock",
                                                     mode: options.fuseKeeper, logger: logger) : nil
         let restarts = runsEngines ? Serve.reportRestartSupport(keeper: keeper!, logger: logger) : nil
         // One machine: plain volumes on their files, encrypted ones through an engine over theirs.
         let backing: any VolumeBacking & NodeBacking = etcd == nil
-            ? try LocalEngineBacking(files: localFiles, dataDir: dataDir, nodeID: nodeID, logger: logger)
+            ? try LocalEngineBacking(files: localFiles, dataDir: dataDir, nodeID: nodeID, keeper: keeper, logger: logger)
             : try ReplicatedBacking(dataDir: dataDir, nodeID: nodeID, store: store,
                                     recovery: .init(rebuildBytesPerSecond: UInt64(options.rebuildRate * 1e6),
                                                     scrubBytesPerSecond: UInt64(options.scrubRate * 1e6),
                                                     retrySeconds: options.resyncRetry),
                                     keeper: keeper, security: security, logger: logger)
-        if runsEngines, let replicated = backing as? ReplicatedBacking {
-            do { try replicated.lockEnginesDirectory() } catch let error as CairnError {
+        if runsEngines, let hosting = backing as? any EngineHosting {
+            do { try hosting.engineHost.lockEnginesDirectory() } catch let error as CairnError {
                 throw ValidationError(error.message)
             }
         }
@@ -248,7 +249,7 @@ struct ServeContext {
         // (Started after the replica server, so stopped before it: engines use this node's
         // replicas in process.)
         if let replicaServer { services.append(UntilShutdown.replicaServer(replicaServer, logger: logger)) }
-        if runsEngines { services.append(UntilShutdown.enginesKept(backing as? ReplicatedBacking, logger: logger)) }
+        if runsEngines { services.append(UntilShutdown.enginesKept((backing as? any EngineHosting)?.engineHost, logger: logger)) }
         if let sweeper { services.append(BackgroundLoop.sweeper(sweeper, logger: logger)) }
         if let leadership { services.append(BackgroundLoop.leadership(leadership, logger: logger)) }
         // The cluster's state as gauges, from the store: every controller exports them.
