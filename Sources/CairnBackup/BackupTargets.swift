@@ -89,9 +89,17 @@ extension BackupTargets {
         return (target, manifest)
     }
 
+    /// DeleteSnapshot of a backup id: the manifest, then garbage older than an hour (a backup
+    /// being made may be using what no manifest names yet).
+    public func delete(_ reference: BackupReference, secrets: [String: String], logger: Logger) async throws {
+        let target = try target(reference.target, secrets: secrets, logger: logger)
+        let deleted = try await target.delete(id: reference.backupID, gracePeriod: 3600)
+        logger.notice("backup deleted (DeleteSnapshot)", metadata: ["backup": "\(reference)", "backup.packs_deleted": "\(deleted)"])
+    }
+
     public func describe(_ reference: BackupReference, secrets: [String: String], logger: Logger) async throws -> BackupDescription {
         let (_, manifest) = try await manifest(reference, secrets: secrets, logger: logger)
-        return BackupDescription(sizeBytes: manifest.sizeBytes, fsType: manifest.fsType ?? "", createdAt: manifest.createdAt,
+        return BackupDescription(sourceVolumeID: manifest.volumeID, sizeBytes: manifest.sizeBytes, fsType: manifest.fsType ?? "", createdAt: manifest.createdAt,
                                  encryption: manifest.encryption)
     }
 }
@@ -111,6 +119,10 @@ public struct LocalBackupSource: BackupSource {
 
     public func describe(_ reference: BackupReference, secrets: [String: String]) async throws -> BackupDescription {
         try await targets.describe(reference, secrets: secrets, logger: logger)
+    }
+
+    public func delete(_ reference: BackupReference, secrets: [String: String]) async throws {
+        try await targets.delete(reference, secrets: secrets, logger: logger)
     }
 
     public func restore(_ reference: BackupReference, into volume: VolumeRecord, secrets: [String: String]) async throws {

@@ -209,6 +209,10 @@ public struct ClusterBackupSource: BackupSource {
         try await targets.describe(reference, secrets: secrets, logger: logger)
     }
 
+    public func delete(_ reference: BackupReference, secrets: [String: String]) async throws {
+        try await targets.delete(reference, secrets: secrets, logger: logger)
+    }
+
     public func restore(_ reference: BackupReference, into volume: VolumeRecord, secrets: [String: String]) async throws {
         let (target, manifest) = try await targets.manifest(reference, secrets: secrets, logger: logger)
         guard let replicas = volume.replicas, !replicas.isEmpty else {

@@ -115,8 +115,26 @@ extension ControllerService {
         return s
     }
 
+    static func csiSnapshot(_ reference: BackupReference, _ backup: BackupDescription) -> Csi_V1_Snapshot {
+        .with {
+            $0.snapshotID = reference.description
+            $0.sourceVolumeID = backup.sourceVolumeID
+            $0.sizeBytes = backup.sizeBytes
+            $0.readyToUse = true
+            $0.creationTime = Google_Protobuf_Timestamp(date: backup.createdAt)
+        }
+    }
+
     public func deleteSnapshot(_ request: Csi_V1_DeleteSnapshotRequest) async throws -> Csi_V1_DeleteSnapshotResponse {
         if request.snapshotID.isEmpty { throw CairnError.invalidArgument("snapshot_id is required") }
+        if let reference = try BackupReference.parse(request.snapshotID) {
+            // A backup as a snapshot (a VolumeSnapshotContent with deletionPolicy Delete).
+            guard backups != nil else { return Csi_V1_DeleteSnapshotResponse() }
+            try await locks.withLock(request.snapshotID, operation: "DeleteSnapshot") {
+                try await backupSource(reference).delete(reference, secrets: request.secrets)
+            }
+            return Csi_V1_DeleteSnapshotResponse()
+        }
         try Validate.volumeID(request.snapshotID, field: "snapshot_id")
         return try await locks.withLock(request.snapshotID, operation: "DeleteSnapshot") {
             guard let snapshot = try await store.snapshot(id: request.snapshotID), !snapshot.isHidden else {
@@ -147,6 +165,17 @@ extension ControllerService {
             throw CairnError.aborted("starting_token \"\(Validate.printable(request.startingToken))\" was not issued by this plugin; list again from the start")
         }
         var response = Csi_V1_ListSnapshotsResponse()
+        if !request.snapshotID.isEmpty, let reference = try? BackupReference.parse(request.snapshotID) {
+            // A backup (the external-snapshotter checks a pre-provisioned content this way).
+            guard backups != nil else { return response }
+            do {
+                let backup = try await backupSource(reference).describe(reference, secrets: request.secrets)
+                if request.sourceVolumeID.isEmpty || request.sourceVolumeID == backup.sourceVolumeID {
+                    response.entries = [.with { $0.snapshot = Self.csiSnapshot(reference, backup) }]
+                }
+            } catch let error as CairnError where error.code == .notFound {}
+            return response
+        }
         if !request.snapshotID.isEmpty {
             // One snapshot, or none: an id that names nothing is an empty list, not an error.
             if let snapshot = try await store.snapshot(id: request.snapshotID), !snapshot.isHidden,
@@ -170,12 +199,7 @@ extension ControllerService {
         if let reference = try BackupReference.parse(request.snapshotID) {
             let backup = try await backupSource(reference).describe(reference, secrets: request.secrets)
             var response = Csi_V1_GetSnapshotResponse()
-            response.snapshot = .with {
-                $0.snapshotID = reference.description
-                $0.sizeBytes = backup.sizeBytes
-                $0.readyToUse = true
-                $0.creationTime = Google_Protobuf_Timestamp(date: backup.createdAt)
-            }
+            response.snapshot = Self.csiSnapshot(reference, backup)
             return response
         }
         guard let snapshot = try await store.snapshot(id: request.snapshotID), !snapshot.isHidden else {

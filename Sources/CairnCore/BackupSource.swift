@@ -12,17 +12,24 @@ public protocol BackupSource: Sendable {
     /// Writes the backup into the volume's (just created) storage. Idempotent and resumable: a
     /// repeat after an interruption fetches only what the earlier run had not finished.
     func restore(_ reference: BackupReference, into volume: VolumeRecord, secrets: [String: String]) async throws
+
+    /// Deletes the backup (DeleteSnapshot of its id): its manifest at once, the packs no other
+    /// backup uses after the target's grace period. A backup that is not there is fine.
+    func delete(_ reference: BackupReference, secrets: [String: String]) async throws
 }
 
 /// A backup as a content source: its size, filesystem ("" raw block), when it was made, and
 /// the wrapped key of an encrypted volume's backup (a volume restored from it takes that key).
 public struct BackupDescription: Sendable, Equatable {
+    /// The volume the backup was made of.
+    public var sourceVolumeID: String
     public var sizeBytes: Int64
     public var fsType: String
     public var createdAt: Date
     public var encryption: VolumeEncryption?
 
-    public init(sizeBytes: Int64, fsType: String, createdAt: Date, encryption: VolumeEncryption?) {
+    public init(sourceVolumeID: String, sizeBytes: Int64, fsType: String, createdAt: Date, encryption: VolumeEncryption?) {
+        self.sourceVolumeID = sourceVolumeID
         self.sizeBytes = sizeBytes
         self.fsType = fsType
         self.createdAt = createdAt

@@ -103,8 +103,22 @@ final class BackupCSITests: IntegrationTestCase {
         _ = try cli(["backup", "restore", "later", "--to", config + "/later.img"] + flags(config, plugin))
         XCTAssertEqual(try BackupTests.sha256(config + "/later.img"), expected)
 
-        // Deleting the last backup takes every object with it.
-        _ = try cli(["backup", "delete", "later", "--grace", "0s"] + flags(config, plugin))
+        // CSI sees the backup as a snapshot (ListSnapshots by id, as the external-snapshotter
+        // checks a pre-provisioned VolumeSnapshotContent), and DeleteSnapshot deletes it (its
+        // manifest; the packs after the grace period, collected here at once).
+        var byID = Csi_V1_ListSnapshotsRequest()
+        byID.snapshotID = "backup:offsite/later"
+        let listedLater = try await csi.listSnapshots(byID).entries
+        XCTAssertEqual(listedLater.map(\.snapshot.sourceVolumeID), [source.volumeID])
+        XCTAssertTrue(listedLater.first?.snapshot.readyToUse ?? false)
+        try await csi.deleteSnapshot("backup:offsite/later")
+        try await csi.deleteSnapshot("backup:offsite/later")
+        let listedAfterDelete = try await csi.listSnapshots(byID).entries
+        XCTAssertEqual(listedAfterDelete.count, 0)
+        let afterDelete = try lastJSON(try cli(["backup", "list"] + flags(config, plugin)))
+        XCTAssertEqual((afterDelete["backups"] as? [[String: Any]])?.count, 0)
+        // Garbage collection with no grace takes every object with it.
+        _ = try cli(["backup", "prune", "--keep", "100", "--grace", "0s"] + flags(config, plugin))
         let left = try await client.list("")
         XCTAssertEqual(left.map(\.key), [])
 

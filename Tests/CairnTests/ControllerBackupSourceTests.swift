@@ -18,7 +18,7 @@ final class ControllerBackupSourceTests: XCTestCase {
     /// failing the first `failures` times (a restore cut off half-way).
     final class Source: BackupSource {
         let dir: String
-        let calls = Mutex((restores: 0, failures: 0, secrets: [String: String]()))
+        let calls = Mutex((restores: 0, failures: 0, secrets: [String: String](), deleted: Set<String>()))
 
         init(dir: String, failures: Int) {
             self.dir = dir
@@ -31,12 +31,17 @@ final class ControllerBackupSourceTests: XCTestCase {
         func describe(_ reference: BackupReference, secrets: [String: String]) async throws -> BackupDescription {
             switch reference {
             case BackupReference(target: "offsite", backupID: "nightly"):
-                return BackupDescription(sizeBytes: 96 << 20, fsType: "ext4", createdAt: Date(timeIntervalSince1970: 1_700_000_000), encryption: nil)
+                if calls.withLock({ $0.deleted.contains(reference.backupID) }) { throw CairnError.notFound("source snapshot \(reference) does not exist") }
+                return BackupDescription(sourceVolumeID: "vol-db", sizeBytes: 96 << 20, fsType: "ext4", createdAt: Date(timeIntervalSince1970: 1_700_000_000), encryption: nil)
             case BackupReference(target: "offsite", backupID: "sealed"):
-                return BackupDescription(sizeBytes: 64 << 20, fsType: "", createdAt: Date(), encryption: Self.sealed)
+                return BackupDescription(sourceVolumeID: "vol-sealed", sizeBytes: 64 << 20, fsType: "", createdAt: Date(), encryption: Self.sealed)
             default:
                 throw CairnError.notFound("source snapshot \(reference) does not exist")
             }
+        }
+
+        func delete(_ reference: BackupReference, secrets: [String: String]) async throws {
+            calls.withLock { _ = $0.deleted.insert(reference.backupID) }
         }
 
         func restore(_ reference: BackupReference, into volume: VolumeRecord, secrets: [String: String]) async throws {
@@ -123,6 +128,25 @@ final class ControllerBackupSourceTests: XCTestCase {
         await assertStatus(.notFound) { _ = try await controller.createVolume(self.request("c", from: "backup:offsite/other")) }
         let volumes = try await store.listVolumes(afterID: nil, limit: 0)
         XCTAssertEqual(volumes.count, 0, "a refused source leaves no volume")
+
+        // ListSnapshots by a backup's id (how the external-snapshotter checks a pre-provisioned
+        // content), then DeleteSnapshot of it; both idempotent.
+        let listed = try await controller.listSnapshots(.with { $0.snapshotID = "backup:offsite/nightly" }).entries
+        XCTAssertEqual(listed.map(\.snapshot.snapshotID), ["backup:offsite/nightly"])
+        XCTAssertEqual(listed.first?.snapshot.sourceVolumeID, "vol-db")
+        let unknown = try await controller.listSnapshots(.with { $0.snapshotID = "backup:offsite/other" }).entries
+        XCTAssertEqual(unknown.count, 0)
+        let otherVolume = try await controller.listSnapshots(.with {
+            $0.snapshotID = "backup:offsite/nightly"; $0.sourceVolumeID = "vol-else"
+        }).entries
+        XCTAssertEqual(otherVolume.count, 0)
+        let source = Source(dir: dir, failures: 0)
+        let deleting = try self.controller(source)
+        _ = try await deleting.deleteSnapshot(.with { $0.snapshotID = "backup:offsite/nightly" })
+        _ = try await deleting.deleteSnapshot(.with { $0.snapshotID = "backup:offsite/nightly" })
+        XCTAssertEqual(source.calls.withLock { $0.deleted }, ["nightly"])
+        let gone = try await deleting.listSnapshots(.with { $0.snapshotID = "backup:offsite/nightly" }).entries
+        XCTAssertEqual(gone.count, 0)
 
         // An encrypted volume's backup restores only into an encrypted volume, which takes its key.
         await assertStatus(.invalidArgument) { _ = try await controller.createVolume(self.request("e", from: "backup:offsite/sealed")) }
