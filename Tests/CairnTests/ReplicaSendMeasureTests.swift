@@ -77,6 +77,7 @@ final class ReplicaSendMeasureTests: XCTestCase {
         let n = writes.load(ordering: .relaxed)
         XCTAssertGreaterThan(n, 0)
         print("send-measure: \(n) writes in \(String(format: "%.2f", elapsed)) s = \(Int(Double(n) / elapsed)) writes/s; "
-              + "frames sent (requests + replies) ≈ \(2 * n); client bytes sent \(client.bytesSent)")
+              + "frames sent (requests + replies) ≈ \(2 * n); client bytes sent \(client.bytesSent); "
+              + "client: \(client.sendQueue.framesWritten) requests in \(client.sendQueue.writeCalls) writes")
     }
 }
