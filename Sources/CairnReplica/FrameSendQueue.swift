@@ -5,8 +5,9 @@
 // 1: no timer, no hand-off, exactly one write as before). A thread that sends while another is
 // writing appends its frame to the pending list and returns at once; the writer, after each
 // write, takes everything pending and writes it in one call (one sendmsg with an iovec per
-// part, or one record of the secure channel), until nothing is pending. So at queue depth 32 a
-// burst of replies or requests costs a few system calls and wake-ups instead of one each.
+// part, or one record of the secure channel), until nothing is pending. So when sends overlap
+// (many threads on many cores, a write that blocks or is preempted) the frames that piled up
+// cost one system call, not one each, and no thread waits on a lock to send.
 //
 // Frames are never interleaved (a frame's parts go out together, in order) and go out in the
 // order they were queued. Parts are kept by reference: a 1 MiB write is never copied into a
