@@ -1,7 +1,8 @@
 // The replica client: one TCP connection to a replica server, shared by many threads.
 //
 // Owns: the connection (connect with a timeout, hello), request ids, pipelining (any number of
-// callers send on the one socket under a lock and each waits for its own reply), the reader
+// callers send on the one socket and each waits for its own reply; a request sent while another
+// thread is sending goes out in that thread's next write, FrameSendQueue), the reader
 // thread that hands replies to their waiters, timeouts, and the "broken" state: after any
 // connection error, protocol violation or timeout the socket is shut down, every waiter fails
 // with `.connection`, and every later call fails fast. Reconnecting is the caller's decision
@@ -54,16 +55,15 @@ public enum ReplicaClientError: Error, Sendable, Equatable, CustomStringConverti
 public final class ReplicaClient: Sendable {
     public let address: ReplicaAddress
     public let requestTimeout: Duration
-    private let fd: Int32
+    let fd: Int32
     /// The authenticated channel (auth and secure modes); nil for plain TCP.
     private let channel: SecureChannel?
     private let logger: Logger
     private let state = Mutex(ClientState())
-    /// Held while sending; true once the descriptor is closed (by the reader, on its way out).
-    private let sendLock = Mutex(false)
+    /// Every request goes out through it; closed (with the descriptor) by the reader on its way out.
+    let sendQueue: FrameSendQueue
     /// Signalled when the reader thread has finished (socket closed, waiters failed).
     private let readerDone = DispatchSemaphore(value: 0)
-    private let sentBytes = Atomic<UInt64>(0)
     private let receivedBytes = Atomic<UInt64>(0)
     private let negotiated = Atomic<UInt16>(FrameLimits.supportedProtocolVersions.lowerBound)
 
@@ -71,7 +71,7 @@ public final class ReplicaClient: Sendable {
     public var protocolVersion: UInt16 { negotiated.load(ordering: .relaxed) }
 
     /// Every byte this connection sent (frames whole, headers included).
-    public var bytesSent: UInt64 { sentBytes.load(ordering: .relaxed) }
+    public var bytesSent: UInt64 { sendQueue.bytesWritten }
     /// Every byte this connection received.
     public var bytesReceived: UInt64 { receivedBytes.load(ordering: .relaxed) }
 
@@ -115,6 +115,9 @@ public final class ReplicaClient: Sendable {
         } catch {
             _ = Glibc.close(fd)
             throw error
+        }
+        sendQueue = FrameSendQueue { [fd, channel] parts in
+            if let channel { try channel.send(parts) } else { try StreamSocket.sendAll(fd, parts) }
         }
         do {
             try startThread { [self] in readLoop() }
@@ -513,8 +516,9 @@ public final class ReplicaClient: Sendable {
         return .connection(reason)
     }
 
-    /// Registers a waiter and sends the frame `encode` builds for the new request id. A send
-    /// failure breaks the connection, which completes the waiter with the error.
+    /// Registers a waiter and sends the frame `encode` builds for the new request id (or hands
+    /// it to the thread sending now). A send failure breaks the connection, which completes the
+    /// waiter with the error, and every other waiter, those whose frames were lost with it too.
     private func send(opcode: Opcode, encode: (UInt64) -> [UInt8]) throws(ReplicaClientError) -> (Waiter, UInt64) {
         let waiter = Waiter()
         let registered: Result<UInt64, ReplicaClientError> = state.withLock { s in
@@ -525,23 +529,8 @@ public final class ReplicaClient: Sendable {
             return .success(id)
         }
         let id = try registered.get()
-        let bytes = encode(id)
-        let sent: String? = sendLock.withLock { closed in
-            guard !closed else { return "the connection is closed" }
-            do {
-                if let channel {
-                    try bytes.withUnsafeBytes { try channel.send([$0]) }
-                } else {
-                    try bytes.withUnsafeBytes { try Socket.sendAll(fd, $0) }
-                }
-                sentBytes.wrappingAdd(UInt64(bytes.count), ordering: .relaxed)
-                return nil
-            } catch {
-                return "\(error)"
-            }
-        }
-        if let failure = sent {
-            markBroken("sending \(opcode) to \(address) failed: \(failure)")
+        if let failure = sendQueue.send([encode(id)]) {
+            markBroken("sending \(opcode) (and the requests sent with it) to \(address) failed: \(failure)")
         }
         return (waiter, id)
     }
@@ -630,10 +619,7 @@ public final class ReplicaClient: Sendable {
         }
         let error = ReplicaClientError.connection(state.withLock { $0.broken ?? reason })
         for w in waiters { w.complete(.failure(error)) }
-        sendLock.withLock { closed in
-            closed = true
-            _ = Glibc.close(fd)
-        }
+        sendQueue.close { _ = Glibc.close(fd) }
         readerDone.signal()
     }
 }

@@ -5,7 +5,8 @@
 // "hello first", runs a lone write of up to 64 KiB itself when nothing else of the connection is
 // running and hands every other request to a fixed pool of worker threads so many run at
 // once), the per-connection
-// write lock (responses go out whole, possibly out of order), the registry of open
+// send queue (responses go out whole, possibly out of order; a response finished while another
+// is being sent goes out with that thread's next write, FrameSendQueue), the registry of open
 // `ReplicaStore`s (one per volume, shared by every connection, opened lazily, closed at stop),
 // the table of op handlers (one per `DataOp`, registered with `handler(Op.self)`) and the
 // mapping of errors to `ReplyStatus` (once, for every op: `failure`).
@@ -807,19 +808,23 @@ final class WorkerCount: Sendable {
     let value = Atomic<Int>(0)
 }
 
-/// One accepted connection: the descriptor, and the lock that keeps responses whole.
+/// One accepted connection: the descriptor, and the queue that keeps responses whole.
 final class ServerConnection: @unchecked Sendable {
     let fd: Int32
     let peer: String
     /// The authenticated channel (auth and secure modes); set by the reader before any frame is
     /// read or sent, never changed afterwards.
     var channel: SecureChannel?
-    /// True once the descriptor is closed; held while sending.
-    private let closed = Mutex(false)
+    /// Every response goes out through it; closed with the descriptor.
+    private(set) var sendQueue: FrameSendQueue!
 
     init(fd: Int32, peer: String) {
         self.fd = fd
         self.peer = peer
+        // The connection owns the queue, so the queue's writer never outlives it.
+        sendQueue = FrameSendQueue { [unowned self] parts in
+            if let channel { try channel.send(parts) } else { try StreamSocket.sendAll(fd, parts) }
+        }
     }
 
     /// Sends a whole frame; a failure (the peer went) is left to the reader to notice.
@@ -827,18 +832,8 @@ final class ServerConnection: @unchecked Sendable {
         let payload = frame.encodePayload()
         let header = FrameHeader(opcode: frame.opcode, flags: frame.headerFlags,
                                  requestID: frame.requestID, payloadLength: UInt32(payload.count), epoch: frame.epoch)
-        closed.withLock { isClosed in
-            guard !isClosed else { return }
-            do {
-                if let channel {
-                    try header.encode().withUnsafeBytes { h in try payload.withUnsafeBytes { p in try channel.send([h, p]) } }
-                } else {
-                    try header.encode().withUnsafeBytes { try Socket.sendAll(fd, $0, more: !payload.isEmpty) }
-                    try payload.withUnsafeBytes { try Socket.sendAll(fd, $0) }
-                }
-            } catch {
-                _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
-            }
+        if sendQueue.send([header.encode(), payload]) != nil {
+            _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
         }
     }
 
@@ -846,11 +841,7 @@ final class ServerConnection: @unchecked Sendable {
     func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
 
     func close() {
-        closed.withLock { isClosed in
-            guard !isClosed else { return }
-            isClosed = true
-            _ = Glibc.close(fd)
-        }
+        sendQueue.close { _ = Glibc.close(fd) }
     }
 }
 

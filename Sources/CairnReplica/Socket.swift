@@ -105,12 +105,10 @@ enum Socket {
         _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
     }
 
-    /// Writes every byte (retrying short writes and EINTR); never raises SIGPIPE. `more` tells
-    /// the kernel more bytes follow at once (MSG_MORE), so a header and its payload share a
-    /// segment despite TCP_NODELAY.
-    static func sendAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, more: Bool = false) throws {
+    /// Writes every byte (retrying short writes and EINTR); never raises SIGPIPE.
+    static func sendAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) throws {
         var done = 0
-        let flags = Int32(MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0)
+        let flags = Int32(MSG_NOSIGNAL)
         while done < bytes.count {
             let n = send(fd, bytes.baseAddress! + done, bytes.count - done, flags)
             if n < 0 {

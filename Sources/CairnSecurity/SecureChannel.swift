@@ -190,30 +190,10 @@ public final class SecureChannel: @unchecked Sendable {
 
     /// sendmsg until every byte of `parts` is written (short writes, EINTR); never SIGPIPE.
     static func writeAll(_ fd: Int32, _ parts: [UnsafeRawBufferPointer]) throws {
-        var iov = parts.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress!), iov_len: $0.count) }
-        var first = 0
-        while first < iov.count {
-            let n = iov.withUnsafeMutableBufferPointer { v -> Int in
-                var msg = msghdr()
-                msg.msg_iov = v.baseAddress! + first
-                msg.msg_iovlen = min(v.count - first, 1024)
-                return sendmsg(fd, &msg, Int32(MSG_NOSIGNAL))
-            }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw SecureChannelError("send: \(String(cString: strerror(errno)))")
-            }
-            var left = n
-            while left > 0, first < iov.count {
-                if left >= iov[first].iov_len {
-                    left -= iov[first].iov_len
-                    first += 1
-                } else {
-                    iov[first].iov_base += left
-                    iov[first].iov_len -= left
-                    left = 0
-                }
-            }
+        do {
+            try StreamSocket.sendAll(fd, parts)
+        } catch {
+            throw SecureChannelError("send: \(String(cString: strerror(error.errno)))")
         }
     }
 

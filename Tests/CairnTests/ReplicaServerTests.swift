@@ -107,20 +107,6 @@ final class ReplicaServerTests: XCTestCase {
 
     private func pattern(_ bytes: Int, seed: Int) -> [UInt8] { Self.pattern(bytes, seed: seed) }
 
-    /// Runs `body(i)` for i in 0..<n on n threads of their own, all at once (concurrentPerform
-    /// would use only as many threads as there are cores), and waits for them.
-    private static func onThreads(_ n: Int, _ body: @escaping @Sendable (Int) -> Void) {
-        let group = DispatchGroup()
-        for i in 0..<n {
-            group.enter()
-            Thread.detachNewThread {
-                body(i)
-                group.leave()
-            }
-        }
-        group.wait()
-    }
-
     private static func pattern(_ bytes: Int, seed: Int) -> [UInt8] {
         (0..<bytes).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ seed &* 101 &+ ($0 >> 12)) }
     }
@@ -443,7 +429,7 @@ final class ReplicaServerTests: XCTestCase {
         let volume = volume, bs = bs
         let failures = Mutex<[String]>([])
         let generation = Atomic<UInt64>(0)
-        Self.onThreads( threads) { t in
+        onThreads(threads) { t in
             for i in 0..<perThread {
                 let block = t * perThread + i
                 let data = Self.pattern(2 * bs, seed: block)
@@ -460,7 +446,7 @@ final class ReplicaServerTests: XCTestCase {
         XCTAssertEqual(failures.withLock { $0 }, [])
         try c.flush(volumeID: volume, epoch: 1)
         // Read back concurrently too (responses come back out of order).
-        Self.onThreads( threads) { t in
+        onThreads(threads) { t in
             for i in 0..<perThread {
                 let block = t * perThread + i
                 do {
@@ -625,7 +611,7 @@ final class ReplicaServerTests: XCTestCase {
         let errors = Mutex<[ReplicaClientError]>([])
         let volume = volume
         let start = ContinuousClock.now
-        Self.onThreads( n) { _ in
+        onThreads(n) { _ in
             do {
                 _ = try c.status(volumeID: volume, epoch: 1)
             } catch let e as ReplicaClientError {
@@ -721,7 +707,7 @@ final class ReplicaServerTests: XCTestCase {
             let count = Atomic<Int>(0)
             let start = ContinuousClock.now
             let deadline = start + .seconds(2)
-            Self.onThreads( 16) { t in
+            onThreads(16) { t in
                 var i = 0
                 while ContinuousClock.now < deadline {
                     let slot = (t * 1_000_003 + i) % window
@@ -767,4 +753,18 @@ extension XCTestCase {
             XCTFail("expected remote \(status), got \(error)", file: file, line: line)
         }
     }
+}
+
+/// Runs `body(i)` for i in 0..<n on n threads of their own, all at once (concurrentPerform
+/// would use only as many threads as there are cores), and waits for them.
+func onThreads(_ n: Int, _ body: @escaping @Sendable (Int) -> Void) {
+    let group = DispatchGroup()
+    for i in 0..<n {
+        group.enter()
+        Thread.detachNewThread {
+            body(i)
+            group.leave()
+        }
+    }
+    group.wait()
 }

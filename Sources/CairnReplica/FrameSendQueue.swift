@@ -1,0 +1,147 @@
+// Send combining for one connection (issue 16): many threads send frames on one socket; at
+// most one of them writes at a time, and the others hand it their frames instead of waiting.
+//
+// A thread that sends while nobody is writing writes its frame at once, itself (queue depth
+// 1: no timer, no hand-off, exactly one write as before). A thread that sends while another is
+// writing appends its frame to the pending list and returns at once; the writer, after each
+// write, takes everything pending and writes it in one call (one sendmsg with an iovec per
+// part, or one record of the secure channel), until nothing is pending. So when sends overlap
+// (many threads on many cores, a write that blocks or is preempted) the frames that piled up
+// cost one system call, not one each, and no thread waits on a lock to send.
+//
+// Frames are never interleaved (a frame's parts go out together, in order) and go out in the
+// order they were queued. Parts are kept by reference: a 1 MiB write is never copied into a
+// combined buffer. After a failed write or `close` nothing more is written: the frames still
+// pending are dropped, and `send` tells the caller why, so it breaks the connection (the client
+// fails every waiter, which includes the dropped frames' callers; the server shuts the socket).
+//
+// Used by ReplicaClient (requests) and ServerConnection (replies).
+
+import Synchronization
+
+final class FrameSendQueue: Sendable {
+    /// Writes `parts` to the connection as one stream, whole, or throws.
+    typealias Writer = @Sendable ([UnsafeRawBufferPointer]) throws -> Void
+
+    /// Frames written in one call at most (each frame's parts are one level of recursion in
+    /// `withBuffers`; the rest wait for the next call).
+    static let maxFramesPerWrite = 128
+
+    private struct State {
+        /// A thread is writing (it takes `pending` when its write is done).
+        var writing = false
+        /// Frames waiting for the writer, each its parts, oldest first.
+        var pending: [[[UInt8]]] = []
+        /// Why nothing more can be sent (closed, or a write failed); nil while it works.
+        var failure: String?
+    }
+
+    private let state = Mutex(State())
+    /// Held while writing; true once `close` ran (the descriptor may be gone).
+    private let wire = Mutex(false)
+    private let writer: Writer
+    private let bytes = Atomic<UInt64>(0)
+    private let writes = Atomic<UInt64>(0)
+    private let frames = Atomic<UInt64>(0)
+
+    init(writer: @escaping Writer) {
+        self.writer = writer
+    }
+
+    /// Every byte written (frames whole).
+    var bytesWritten: UInt64 { bytes.load(ordering: .relaxed) }
+    /// Calls of the writer (each usually one system call): fewer than `framesWritten` when
+    /// frames were combined.
+    var writeCalls: UInt64 { writes.load(ordering: .relaxed) }
+    /// Frames written.
+    var framesWritten: UInt64 { frames.load(ordering: .relaxed) }
+
+    /// Sends one frame made of `parts`. Returns nil when the frame was written, or queued
+    /// behind the thread writing now (which writes it next). Otherwise returns why the
+    /// connection can no longer send — it is closed, or a write of this thread failed (its own
+    /// frame's or frames combined with it, which are then lost) — and the caller must break the
+    /// connection.
+    func send(_ parts: [[UInt8]]) -> String? {
+        let turn: Turn = state.withLock { s in
+            if let failure = s.failure { return .refused(failure) }
+            if s.writing {
+                s.pending.append(parts)
+                return .queued
+            }
+            s.writing = true
+            return .write
+        }
+        switch turn {
+        case .refused(let failure): return failure
+        case .queued: return nil
+        case .write: break
+        }
+        var batch = [parts]
+        while true {
+            let failed = write(batch)
+            let (next, failure): ([[[UInt8]]]?, String?) = state.withLock { s in
+                if let failed, s.failure == nil { s.failure = failed }
+                if s.failure != nil || s.pending.isEmpty {
+                    s.pending.removeAll(keepingCapacity: true)
+                    s.writing = false
+                    return (nil, s.failure)
+                }
+                let take = min(s.pending.count, Self.maxFramesPerWrite)
+                defer { s.pending.removeFirst(take) }
+                return (Array(s.pending.prefix(take)), nil)
+            }
+            // Frames may have been dropped after a close or another thread's failure even when
+            // this thread's writes went out: the caller learns it as well.
+            guard let next else { return failure }
+            batch = next
+        }
+    }
+
+    /// Stops sending: later sends fail, pending frames are dropped, and `body` (closing the
+    /// descriptor) runs once no write is under way. Idempotent (`body` runs once).
+    func close(_ reason: String = "the connection is closed", _ body: () -> Void) {
+        state.withLock { s in
+            if s.failure == nil { s.failure = reason }
+        }
+        wire.withLock { closed in
+            guard !closed else { return }
+            closed = true
+            body()
+        }
+    }
+
+    /// What `send` does with a frame: write it (nobody else is), leave it to the thread
+    /// writing now, or refuse it.
+    private enum Turn {
+        case write, queued, refused(String)
+    }
+
+    /// Writes the frames of `batch` in one writer call; returns why it failed.
+    private func write(_ batch: [[[UInt8]]]) -> String? {
+        let parts = batch.flatMap { $0 }
+        return wire.withLock { closed -> String? in
+            guard !closed else { return "the connection is closed" }
+            do {
+                var buffers: [UnsafeRawBufferPointer] = []
+                buffers.reserveCapacity(parts.count)
+                try Self.withBuffers(parts[...], &buffers, writer)
+            } catch {
+                return "\(error)"
+            }
+            writes.wrappingAdd(1, ordering: .relaxed)
+            frames.wrappingAdd(UInt64(batch.count), ordering: .relaxed)
+            bytes.wrappingAdd(UInt64(parts.reduce(0) { $0 + $1.count }), ordering: .relaxed)
+            return nil
+        }
+    }
+
+    /// Calls `body` with the memory of every array of `arrays`, in order, without copying.
+    private static func withBuffers(_ arrays: ArraySlice<[UInt8]>, _ buffers: inout [UnsafeRawBufferPointer],
+                                    _ body: ([UnsafeRawBufferPointer]) throws -> Void) throws {
+        guard let first = arrays.first else { return try body(buffers) }
+        try first.withUnsafeBytes { b in
+            buffers.append(b)
+            try withBuffers(arrays.dropFirst(), &buffers, body)
+        }
+    }
+}
