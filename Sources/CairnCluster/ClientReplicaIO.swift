@@ -57,6 +57,10 @@ final class ClientReplicaIO: ReplicaIO {
         try client.flush(volumeID: volumeID, epoch: epoch, through: through)
     }
 
+    func beginFlush(volumeID: String, epoch: UInt64, through: UInt64) -> () throws -> Void {
+        client.beginFlush(volumeID: volumeID, epoch: epoch, through: through)
+    }
+
     func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws {
         try client.trim(volumeID: volumeID, offset: offset, length: length, generation: generation, epoch: epoch)
     }

@@ -39,6 +39,10 @@ public protocol ReplicaIO: AnyObject, Sendable {
     /// A flush that records `through` as the flushed generation: every write numbered at or
     /// below it has finished on every in-sync replica. The default flushes without it.
     func flush(volumeID: String, epoch: UInt64, through: UInt64) throws
+    /// Starts `flush(volumeID:epoch:through:)` and returns a function that waits for its
+    /// outcome (called exactly once), as `beginWrite` does for writes: the engine flushes every
+    /// replica from one thread, no helper threads. The default flushes at once.
+    func beginFlush(volumeID: String, epoch: UInt64, through: UInt64) -> () throws -> Void
     func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws
     func close()
 
@@ -85,6 +89,15 @@ extension ReplicaIO {
 
     public func activity(volumeID: String, cleanThrough: UInt64, converged: Bool, epoch: UInt64) throws -> ReplicaActivity {
         .unknown
+    }
+
+    public func beginFlush(volumeID: String, epoch: UInt64, through: UInt64) -> () throws -> Void {
+        do {
+            try flush(volumeID: volumeID, epoch: epoch, through: through)
+            return {}
+        } catch {
+            return { throw error }
+        }
     }
 
     public func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,

@@ -2,8 +2,12 @@
 //
 // Owns: the connection (connect with a timeout, hello), request ids, pipelining (any number of
 // callers send on the one socket and each waits for its own reply; a request sent while another
-// thread is sending goes out in that thread's next write, FrameSendQueue), the reader
-// thread that hands replies to their waiters, timeouts, and the "broken" state: after any
+// thread is sending goes out in that thread's next write, FrameSendQueue), reading the replies
+// (no reader thread: a waiting caller reads the socket itself while no other does — the leader —
+// and hands the replies it finds to their waiters, which sleep meanwhile; when its own reply is
+// in, it wakes one sleeping waiter to read next. At queue depth 1 the reply wakes the thread
+// waiting for it directly, without a hop through a reader thread), timeouts, and the "broken"
+// state: after any
 // connection error, protocol violation or timeout the socket is shut down, every waiter fails
 // with `.connection`, and every later call fails fast. Reconnecting is the caller's decision
 // (the engine must first decide whether the replica is still in sync).
@@ -62,8 +66,10 @@ public final class ReplicaClient: Sendable {
     private let state = Mutex(ClientState())
     /// Every request goes out through it; closed (with the descriptor) by the reader on its way out.
     let sendQueue: FrameSendQueue
-    /// Signalled when the reader thread has finished (socket closed, waiters failed).
+    /// Signalled once the connection is torn down (socket closed, waiters failed).
     private let readerDone = DispatchSemaphore(value: 0)
+    /// The receive side: touched only by the thread holding the reader role (`ClientState.reading`).
+    private let readSide: ReadSide
     private let receivedBytes = Atomic<UInt64>(0)
     private let negotiated = Atomic<UInt16>(FrameLimits.supportedProtocolVersions.lowerBound)
 
@@ -80,6 +86,26 @@ public final class ReplicaClient: Sendable {
         var waiters: [UInt64: Waiter] = [:]
         /// Why the connection is unusable; nil while it works.
         var broken: String?
+        /// A thread holds the reader role (reads the socket and hands replies out).
+        var reading = false
+        /// The connection was torn down: nobody reads again.
+        var tornDown = false
+        /// Waiters asleep while another thread reads: one of them takes the reader role when
+        /// the reader leaves.
+        var sleepers: [UInt64: Waiter] = [:]
+    }
+
+    /// The decoder and plaintext buffer of the receive side. Only the thread holding the reader
+    /// role touches them, so they need no lock of their own.
+    private final class ReadSide: @unchecked Sendable {
+        var decoder = FrameDecoder()
+        let buffer: UnsafeMutableRawBufferPointer
+
+        init(bufferSize: Int) {
+            buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 16)
+        }
+
+        deinit { buffer.deallocate() }
     }
 
     /// One caller waiting for the reply to one request.
@@ -119,12 +145,7 @@ public final class ReplicaClient: Sendable {
         sendQueue = FrameSendQueue { [fd, channel] parts in
             if let channel { try channel.send(parts) } else { try StreamSocket.sendAll(fd, parts) }
         }
-        do {
-            try startThread { [self] in readLoop() }
-        } catch {
-            _ = Glibc.close(fd)
-            throw ReplicaClientError.connection("cannot start the reader thread: \(error)")
-        }
+        readSide = ReadSide(bufferSize: channel == nil ? ReplicaServer.receiveBufferSize : 0)
         do {
             let hello = try call(DataOp.Hello.self, HelloRequest(protocolVersion: protocolVersion), epoch: 0, timeout: connectTimeout)
             guard FrameLimits.supportedProtocolVersions.contains(hello.protocolVersion) else {
@@ -187,11 +208,20 @@ public final class ReplicaClient: Sendable {
                       requestTimeout: requestTimeout, logger: logger)
     }
 
+    /// A client dropped without `close` still closes its socket (no thread holds it any more).
+    deinit {
+        let open = state.withLock { s -> Bool in
+            defer { s.tornDown = true }
+            return !s.tornDown
+        }
+        if open { sendQueue.close { _ = Glibc.close(fd) } }
+    }
+
     /// After a connection error, protocol violation, timeout or `close`: every call fails fast.
     public var isBroken: Bool { state.withLock { $0.broken != nil } }
 
-    /// Shuts the connection down, fails every waiting call, and waits for the reader thread.
-    /// Idempotent.
+    /// Shuts the connection down, fails every waiting call, and waits until the socket is
+    /// closed. Idempotent.
     public func close() {
         markBroken("the client was closed")
         readerDone.wait()
@@ -392,6 +422,24 @@ public final class ReplicaClient: Sendable {
         return try call(DataOp.Flush.self, request, epoch: epoch).flushedGeneration
     }
 
+    /// Sends a flush (as `flush`) and returns at once with a function that waits for its reply
+    /// and throws what `flush` would (called exactly once): one thread flushes several
+    /// replicas at once without a thread per replica.
+    public func beginFlush(volumeID: String, epoch: UInt64, through: UInt64? = nil) -> () throws -> Void {
+        let request = FlushRequest(volume: volumeID, through: protocolVersion >= 3 ? through : nil)
+        let sent: (Waiter, UInt64)
+        do {
+            sent = try send(opcode: .flush) { id in
+                Frame(requestID: id, epoch: epoch, body: .request(DataOp.Flush.request(request))).encode()
+            }
+        } catch {
+            return { throw error }
+        }
+        return { [self] in
+            _ = try answer(DataOp.Flush.self, waiter: sent.0, id: sent.1, timeout: requestTimeout)
+        }
+    }
+
     /// Trims whole, aligned blocks (they read as zeros); they take `generation` (0: the
     /// replica's highest written).
     public func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws {
@@ -535,19 +583,135 @@ public final class ReplicaClient: Sendable {
         return (waiter, id)
     }
 
-    /// Waits for the reply to request `id` (sent by `send`).
+    /// Waits for the reply to request `id` (sent by `send`): reads the socket itself while no
+    /// other thread does (the reader role), else sleeps until the reader hands it its reply or
+    /// leaves the role to it.
     private func wait(for waiter: Waiter, id: UInt64, opcode: Opcode,
                       timeout: Duration) throws(ReplicaClientError) -> Frame {
-        if waiter.done.wait(timeout: .now() + Self.dispatchInterval(timeout)) == .timedOut {
-            _ = state.withLock { $0.waiters.removeValue(forKey: id) }
-            if waiter.result.withLock({ $0 == nil }) {
-                let reason = "no reply to \(opcode) (request id \(id)) from \(address) within \(timeout)"
-                markBroken(reason)
-                logger.warning("replica request timed out; connection closed", metadata: ["replica.address": "\(address)", "error": "\(reason)"])
-                throw .timeout(reason)
+        let deadline = DispatchTime.now() + Self.dispatchInterval(timeout)
+        var leading = false
+        enum Next { case done, read, sleep }
+        while true {
+            let (next, wake): (Next, Waiter?) = state.withLock { s in
+                if s.waiters[id] == nil {
+                    // Answered (or failed). A reader leaving wakes a sleeper to read next.
+                    if leading { s.reading = false }
+                    return (.done, s.reading || s.tornDown ? nil : Self.takeSleeper(&s))
+                }
+                if leading { return (.read, nil) }
+                if !s.reading && !s.tornDown {
+                    s.reading = true
+                    return (.read, nil)
+                }
+                s.sleepers[id] = waiter
+                return (.sleep, nil)
+            }
+            wake?.done.signal()
+            switch next {
+            case .done:
+                // Whoever took it out of `waiters` sets its result right after (outside the lock).
+                while true {
+                    if let result = waiter.result.withLock({ $0 }) { return try result.get() }
+                    waiter.done.wait()
+                }
+            case .read:
+                leading = true
+                if let reason = receiveOnce(deadline: deadline, opcode: opcode, id: id) {
+                    logger.warning("replica request timed out; connection closed", metadata: ["replica.address": "\(address)", "error": "\(reason)"])
+                    throw .timeout(reason)
+                }
+            case .sleep:
+                if waiter.done.wait(timeout: deadline) == .timedOut {
+                    let abandoned = state.withLock { s in
+                        s.sleepers[id] = nil
+                        return s.waiters.removeValue(forKey: id) != nil
+                    }
+                    if abandoned {
+                        let reason = "no reply to \(opcode) (request id \(id)) from \(address) within \(timeout)"
+                        markBroken(reason)
+                        logger.warning("replica request timed out; connection closed", metadata: ["replica.address": "\(address)", "error": "\(reason)"])
+                        throw .timeout(reason)
+                    }
+                }
             }
         }
-        return try waiter.result.withLock { $0! }.get()
+    }
+
+    /// Removes and returns one sleeping waiter (to take the reader role); nil when none sleeps.
+    private static func takeSleeper(_ s: inout ClientState) -> Waiter? {
+        guard let (key, waiter) = s.sleepers.first else { return nil }
+        s.sleepers[key] = nil
+        return waiter
+    }
+
+    /// One receive of the reader role: waits (until `deadline`) for bytes, decodes the frames
+    /// and hands each reply to its waiter. On a closed connection, a receive error or a bad
+    /// frame the connection is torn down (every waiter fails). Returns the timeout's reason when
+    /// nothing came by the deadline (the connection is then torn down too).
+    private func receiveOnce(deadline: DispatchTime, opcode: Opcode, id: UInt64) -> String? {
+        if state.withLock({ $0.broken }) != nil {
+            tearDown(reason: "connection to \(address) closed")
+            return nil
+        }
+        if !(channel?.hasBufferedBytes ?? false) {
+            let now = DispatchTime.now().uptimeNanoseconds
+            let remaining = deadline.uptimeNanoseconds > now ? deadline.uptimeNanoseconds - now : 0
+            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let rc = poll(&pfd, 1, Int32(clamping: (remaining + 999_999) / 1_000_000))
+            if rc < 0 {
+                if errno == EINTR { return nil }
+                tearDown(reason: "waiting for replies from \(address) failed: \(String(cString: strerror(errno)))")
+                return nil
+            }
+            if rc == 0 {
+                if DispatchTime.now() < deadline { return nil }
+                let reason = "no reply to \(opcode) (request id \(id)) from \(address) within the request timeout"
+                tearDown(reason: reason)
+                return reason
+            }
+        }
+        let chunk: UnsafeRawBufferPointer
+        if let channel {
+            do {
+                chunk = try channel.receive() ?? UnsafeRawBufferPointer(start: nil, count: 0)
+            } catch {
+                tearDown(reason: "receiving from \(address) failed: \(error)")
+                return nil
+            }
+        } else {
+            let n = recv(fd, readSide.buffer.baseAddress, readSide.buffer.count, 0)
+            if n < 0 {
+                if errno == EINTR || errno == EAGAIN { return nil }
+                tearDown(reason: "receiving from \(address) failed: \(String(cString: strerror(errno)))")
+                return nil
+            }
+            chunk = UnsafeRawBufferPointer(rebasing: readSide.buffer[0..<n])
+        }
+        if chunk.isEmpty {
+            tearDown(reason: "\(address) closed the connection")
+            return nil
+        }
+        receivedBytes.wrappingAdd(UInt64(chunk.count), ordering: .relaxed)
+        let frames: [Frame]
+        do {
+            frames = try readSide.decoder.feed(chunk)
+        } catch {
+            logger.warning("closing replica connection", metadata: ["replica.address": "\(address)", "error": "\(error.reason)"])
+            tearDown(reason: "bad frame from \(address): \(error.reason)")
+            return nil
+        }
+        for frame in frames {
+            guard frame.isResponse else {
+                tearDown(reason: "\(address) sent a \(frame.opcode) request; a client only takes responses")
+                return nil
+            }
+            let waiter = state.withLock { s -> Waiter? in
+                s.sleepers[frame.requestID] = nil
+                return s.waiters.removeValue(forKey: frame.requestID)
+            }
+            waiter?.complete(.success(frame))
+        }
+        return nil
     }
 
     private static func dispatchInterval(_ d: Duration) -> DispatchTimeInterval {
@@ -555,70 +719,36 @@ public final class ReplicaClient: Sendable {
         return .nanoseconds(Int(clamping: s * 1_000_000_000 + atto / 1_000_000_000))
     }
 
-    /// Marks the connection broken (the first reason wins) and wakes the reader, which fails
-    /// every waiter and closes the socket.
+    /// Marks the connection broken (the first reason wins) and shuts the socket down: the
+    /// thread reading now (if any) then tears the connection down; with none reading, this
+    /// thread does.
     private func markBroken(_ reason: String) {
-        let first = state.withLock { s -> Bool in
-            guard s.broken == nil else { return false }
-            s.broken = reason
-            return true
+        let (first, tearDownHere) = state.withLock { s -> (Bool, Bool) in
+            let first = s.broken == nil
+            if first { s.broken = reason }
+            guard !s.reading, !s.tornDown else { return (first, false) }
+            s.reading = true
+            return (first, true)
         }
         if first { _ = shutdown(fd, Int32(SHUT_RDWR)) }
+        if tearDownHere { tearDown(reason: reason) }
     }
 
-    private func readLoop() {
-        var decoder = FrameDecoder()
-        // The plaintext receive buffer; an authenticated connection reads into its channel's.
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: channel == nil ? ReplicaServer.receiveBufferSize : 0, alignment: 16)
-        var reason = "connection to \(address) closed"
-        read: while true {
-            let chunk: UnsafeRawBufferPointer
-            if let channel {
-                do {
-                    chunk = try channel.receive() ?? UnsafeRawBufferPointer(start: nil, count: 0)
-                } catch {
-                    reason = "receiving from \(address) failed: \(error)"
-                    break
-                }
-            } else {
-                let n = recv(fd, buffer.baseAddress, buffer.count, 0)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    reason = "receiving from \(address) failed: \(String(cString: strerror(errno)))"
-                    break
-                }
-                chunk = UnsafeRawBufferPointer(rebasing: buffer[0..<n])
-            }
-            if !chunk.isEmpty { receivedBytes.wrappingAdd(UInt64(chunk.count), ordering: .relaxed) }
-            if chunk.isEmpty {
-                reason = "\(address) closed the connection"
-                break
-            }
-            let frames: [Frame]
-            do {
-                frames = try decoder.feed(chunk)
-            } catch {
-                reason = "bad frame from \(address): \(error.reason)"
-                logger.warning("closing replica connection", metadata: ["replica.address": "\(address)", "error": "\(error.reason)"])
-                break
-            }
-            for frame in frames {
-                guard frame.isResponse else {
-                    reason = "\(address) sent a \(frame.opcode) request; a client only takes responses"
-                    break read
-                }
-                let waiter = state.withLock { $0.waiters.removeValue(forKey: frame.requestID) }
-                waiter?.complete(.success(frame))
-            }
-        }
-        buffer.deallocate()
-        let waiters = state.withLock { s -> [Waiter] in
+    /// Called by the thread holding the reader role: fails every waiter, closes the socket
+    /// (once no send is running) and never lets anyone read again.
+    private func tearDown(reason: String) {
+        let (waiters, firstTime) = state.withLock { s -> ([Waiter], Bool) in
             if s.broken == nil { s.broken = reason }
+            let firstTime = !s.tornDown
+            s.tornDown = true
+            s.sleepers.removeAll()
             defer { s.waiters.removeAll() }
-            return Array(s.waiters.values)
+            return (Array(s.waiters.values), firstTime)
         }
+        guard firstTime else { return }
         let error = ReplicaClientError.connection(state.withLock { $0.broken ?? reason })
         for w in waiters { w.complete(.failure(error)) }
+        _ = shutdown(fd, Int32(SHUT_RDWR))
         sendQueue.close { _ = Glibc.close(fd) }
         readerDone.signal()
     }

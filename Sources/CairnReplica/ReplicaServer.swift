@@ -2,8 +2,8 @@
 // replica in `<data-dir>/replicas/<volume-id>/`.
 //
 // Owns: the listening socket, one reader thread per connection (decodes frames, enforces
-// "hello first", runs a lone write of up to 64 KiB itself when nothing else of the connection is
-// running and hands every other request to a fixed pool of worker threads so many run at
+// "hello first", runs a lone write of up to 64 KiB or a lone flush itself when nothing else of the
+// connection is running and hands every other request to a fixed pool of worker threads so many run at
 // once), the per-connection
 // send queue (responses go out whole, possibly out of order; a response finished while another
 // is being sent goes out with that thread's next write, FrameSendQueue), the registry of open
@@ -340,13 +340,14 @@ public final class ReplicaServer: Sendable {
                     log.warning("closing connection: the first frame must be hello, got \(frame.opcode) (request id \(frame.requestID))")
                     return
                 }
-                // A lone small write (queue depth 1) runs on this thread. Everything else —
-                // writes with others in flight or behind them, larger ones, reads, flushes,
-                // claims — goes to the pool, so a slow one does not stall the rest and writes
-                // wait for the device in parallel. (Order between them does not matter: the
-                // engine never has two writes of one block in flight, OverlapGate.swift.)
+                // A lone small write or a lone flush (queue depth 1: a database's commit) runs
+                // on this thread. Everything else — writes with others in flight or behind
+                // them, larger ones, reads, claims — goes to the pool, so a slow one does not
+                // stall the rest and writes wait for the device in parallel. (Order between
+                // them does not matter: the engine never has two writes of one block in flight,
+                // OverlapGate.swift, and a flush covers only writes answered before it.)
                 if index == frames.count - 1, onWorkers.value.load(ordering: .acquiring) == 0,
-                   let m = frame.request(DataOp.Write.self), m.data.count <= Self.inlineWriteLimit {
+                   Self.runsInline(frame) {
                     c.send(handle(frame, peerVersion: peerVersion, peer: c.channel?.peer, logger: log))
                     continue
                 }
@@ -363,6 +364,15 @@ public final class ReplicaServer: Sendable {
                 }
             }
         }
+    }
+
+    /// Whether a request that arrives alone (nothing else of its connection running or
+    /// waiting) is run on the reader: a write of up to `inlineWriteLimit`, or a flush. A hand-off
+    /// to a worker and back costs two wake-ups, more than either takes on this thread.
+    static func runsInline(_ frame: Frame) -> Bool {
+        if frame.opcode == .flush { return true }
+        if let m = frame.request(DataOp.Write.self) { return m.data.count <= inlineWriteLimit }
+        return false
     }
 
     // MARK: requests

@@ -199,6 +199,10 @@ public final class SecureChannel: @unchecked Sendable {
 
     // MARK: receiving
 
+    /// Whether received bytes wait in the channel's buffer (`receive` may then answer without
+    /// waiting for the socket to become readable).
+    public var hasBufferedBytes: Bool { end > start }
+
     /// The data of the next record, valid until the next call; nil when the peer closed the
     /// connection between records. Throws on a record that fails its tag, a bad length, a
     /// connection closed inside a record, or a receive error.
