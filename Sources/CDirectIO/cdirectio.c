@@ -14,6 +14,10 @@
 
 static pthread_key_t ctx_key;
 static pthread_once_t ctx_once = PTHREAD_ONCE_INIT;
+/// A second per-thread context, for `cdio_write_many`'s larger batches.
+static pthread_key_t many_key;
+static pthread_once_t many_once = PTHREAD_ONCE_INIT;
+#define CDIO_MANY_BATCH 128
 
 static void ctx_destroy(void *p) {
     aio_context_t ctx = (aio_context_t)(uintptr_t)p;
@@ -21,6 +25,21 @@ static void ctx_destroy(void *p) {
 }
 
 static void ctx_make_key(void) { pthread_key_create(&ctx_key, ctx_destroy); }
+static void many_make_key(void) { pthread_key_create(&many_key, ctx_destroy); }
+
+/// The calling thread's context for batches of up to CDIO_MANY_BATCH; 0 when AIO cannot be used.
+static aio_context_t thread_many_ctx(void) {
+    pthread_once(&many_once, many_make_key);
+    void *p = pthread_getspecific(many_key);
+    if (p == NULL) {
+        aio_context_t ctx = 0;
+        if (syscall(SYS_io_setup, CDIO_MANY_BATCH, &ctx) != 0) ctx = (aio_context_t)-1;
+        pthread_setspecific(many_key, (void *)(uintptr_t)ctx);
+        p = (void *)(uintptr_t)ctx;
+    }
+    aio_context_t ctx = (aio_context_t)(uintptr_t)p;
+    return ctx == (aio_context_t)-1 ? 0 : ctx;
+}
 
 /// The calling thread's context; 0 when AIO cannot be used here (then never tried again on this thread).
 static aio_context_t thread_ctx(void) {
@@ -106,4 +125,66 @@ int cdio_write_pair(int fd_a, const void *a1, size_t a_len1, const void *a2, siz
     int rc = finish(fd_a, va, va_cnt, off_a, 0);
     int rb = finish(fd_b, vb, 1, off_b, 0);
     return rc != 0 ? rc : rb;
+}
+
+static void write_plain(struct cdio_write *w, size_t done) {
+    struct iovec v[2] = {{(void *)w->base1, w->len1}, {(void *)w->base2, w->len2}};
+    w->result = finish(w->fd, v, w->len2 > 0 ? 2 : 1, w->offset, done);
+}
+
+void cdio_write_many(struct cdio_write *writes, int count) {
+    aio_context_t ctx = thread_many_ctx();
+    for (int start = 0; start < count; start += CDIO_MANY_BATCH) {
+        int n = count - start < CDIO_MANY_BATCH ? count - start : CDIO_MANY_BATCH;
+        struct cdio_write *w = writes + start;
+        if (ctx == 0) {
+            for (int i = 0; i < n; i++) write_plain(&w[i], 0);
+            continue;
+        }
+        struct iovec iov[CDIO_MANY_BATCH][2];
+        struct iocb cb[CDIO_MANY_BATCH];
+        struct iocb *list[CDIO_MANY_BATCH];
+        memset(cb, 0, sizeof(struct iocb) * (size_t)n);
+        for (int i = 0; i < n; i++) {
+            iov[i][0].iov_base = (void *)w[i].base1;
+            iov[i][0].iov_len = w[i].len1;
+            iov[i][1].iov_base = (void *)w[i].base2;
+            iov[i][1].iov_len = w[i].len2;
+            cb[i].aio_lio_opcode = IOCB_CMD_PWRITEV;
+            cb[i].aio_fildes = (uint32_t)w[i].fd;
+            cb[i].aio_buf = (uint64_t)(uintptr_t)iov[i];
+            cb[i].aio_nbytes = w[i].len2 > 0 ? 2 : 1;
+            cb[i].aio_offset = w[i].offset;
+            cb[i].aio_data = (uint64_t)i;
+            list[i] = &cb[i];
+            w[i].result = 0;
+        }
+        long submitted = 0;
+        while (submitted < n) {
+            long rc = syscall(SYS_io_submit, ctx, n - submitted, list + submitted);
+            if (rc < 0) { if (errno == EINTR) continue; break; }
+            if (rc == 0) break;
+            submitted += rc;
+        }
+        // What was submitted must be reaped before returning (the buffers are the caller's).
+        long reaped = 0;
+        long results[CDIO_MANY_BATCH];
+        char done[CDIO_MANY_BATCH];
+        memset(done, 0, (size_t)n);
+        while (reaped < submitted) {
+            struct io_event ev[CDIO_MANY_BATCH];
+            long got = syscall(SYS_io_getevents, ctx, 1, submitted - reaped, ev, NULL);
+            if (got < 0) { if (errno == EINTR) continue; break; }
+            for (long k = 0; k < got; k++) { results[ev[k].data] = ev[k].res; done[ev[k].data] = 1; }
+            reaped += got;
+        }
+        for (int i = 0; i < n; i++) {
+            if (i >= submitted) { write_plain(&w[i], 0); continue; }
+            if (!done[i]) { w[i].result = -EIO; continue; }
+            long r = results[i];
+            size_t total = w[i].len1 + w[i].len2;
+            if (r < 0) w[i].result = (int)r;
+            else if ((size_t)r < total) write_plain(&w[i], (size_t)r);
+        }
+    }
 }

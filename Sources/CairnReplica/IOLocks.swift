@@ -81,6 +81,25 @@ final class RegionLocks: @unchecked Sendable {
         defer { for i in 0..<Self.stripes { pthread_mutex_unlock(locks + i) } }
         return try body()
     }
+
+    /// Runs `body` holding every stripe that covers any of `ranges` (offset, length), each
+    /// stripe once, taken in ascending stripe order as `withRange` takes them, so the two never
+    /// deadlock.
+    func withRanges<R>(_ ranges: [(offset: UInt64, length: Int)], _ body: () throws -> R) rethrows -> R {
+        var held = [Bool](repeating: false, count: Self.stripes)
+        for r in ranges {
+            let first = r.offset >> Self.regionShift
+            let last = (r.offset + UInt64(max(r.length, 1)) - 1) >> Self.regionShift
+            if last - first >= UInt64(Self.stripes) {
+                for i in 0..<Self.stripes { held[i] = true }
+                break
+            }
+            for region in first...last { held[Int(region % UInt64(Self.stripes))] = true }
+        }
+        for i in 0..<Self.stripes where held[i] { pthread_mutex_lock(locks + i) }
+        defer { for i in 0..<Self.stripes where held[i] { pthread_mutex_unlock(locks + i) } }
+        return try body()
+    }
 }
 
 /// One 4 KiB-aligned scratch buffer per thread, grown on demand and freed when the thread

@@ -323,19 +323,10 @@ final class Journal: Sendable {
     func append(layer: UInt64, offset: UInt64, generation: UInt64, flushedGeneration: UInt64,
                 data: UnsafeRawBufferPointer, entries: UnsafeBufferPointer<BlockMapEntry>,
                 inPlace: (fd: Int32, path: String)) throws -> Bool {
-        let count = entries.count
-        guard count <= Self.maxBlocksPerRecord, data.count == count * Self.blockSize,
-              let (at, header) = reserve(size: UInt64(Self.blockSize + data.count), magic: Self.recordMagic, layer: layer,
-                                         offset: offset, generation: generation, flushedGeneration: flushedGeneration,
-                                         word: UInt32(count))
+        guard let (at, header) = prepareRecord(layer: layer, offset: offset, generation: generation,
+                                               flushedGeneration: flushedGeneration, dataCount: data.count, entries: entries)
         else { return false }
         defer { header.deallocate() }
-        for (i, e) in entries.enumerated() {
-            header.storeBytes(of: e.crc.littleEndian, toByteOffset: Self.headerFixed + 4 * i, as: UInt32.self)
-        }
-        let crcEnd = Self.headerFixed + 4 * count
-        let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<crcEnd]))
-        header.storeBytes(of: crc.littleEndian, toByteOffset: crcEnd, as: UInt32.self)
         try writing {
             let rc = cdio_write_pair(fd, header.baseAddress, header.count, data.baseAddress, data.count, Int64(at),
                                      inPlace.fd, data.baseAddress, data.count, Int64(offset))
@@ -343,6 +334,32 @@ final class Journal: Sendable {
         }
         return true
     }
+
+    /// Reserves and fills in the header of a record for `dataCount` bytes with `entries`'
+    /// checksums, for a caller that writes it — the header, then the data, at `at` — together
+    /// with other writes (`ReplicaStore.writeGroup`), deallocates the header, and calls
+    /// `recordFailed` if that write fails. Nil (nothing reserved) when the journal is off,
+    /// broken or full, or the write is too long for one record.
+    func prepareRecord(layer: UInt64, offset: UInt64, generation: UInt64, flushedGeneration: UInt64, dataCount: Int,
+                       entries: UnsafeBufferPointer<BlockMapEntry>) -> (at: UInt64, header: UnsafeMutableRawBufferPointer)? {
+        let count = entries.count
+        guard count <= Self.maxBlocksPerRecord, dataCount == count * Self.blockSize,
+              let (at, header) = reserve(size: UInt64(Self.blockSize + dataCount), magic: Self.recordMagic, layer: layer,
+                                         offset: offset, generation: generation, flushedGeneration: flushedGeneration,
+                                         word: UInt32(count))
+        else { return nil }
+        for (i, e) in entries.enumerated() {
+            header.storeBytes(of: e.crc.littleEndian, toByteOffset: Self.headerFixed + 4 * i, as: UInt32.self)
+        }
+        let crcEnd = Self.headerFixed + 4 * count
+        let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<crcEnd]))
+        header.storeBytes(of: crc.littleEndian, toByteOffset: crcEnd, as: UInt32.self)
+        return (at, header)
+    }
+
+    /// A prepared record was not written whole: the sequence has a hole, so the journal takes
+    /// no more records until the next checkpoint.
+    func recordFailed() { broken.store(true, ordering: .relaxed) }
 
     /// Appends an intent for an in-place write or trim of `blocks` blocks from `offset` at
     /// `generation` (before the data changes). False — nothing written — when the journal is

@@ -94,6 +94,8 @@ public final class ReplicaServer: Sendable {
     private let workers: WorkerPool
     /// Request durations and errors by op, on the process's metrics endpoint.
     let metrics = ReplicaRequestMetrics()
+    /// Writes run in groups (`handleWriteGroup`) and the groups, since start.
+    let grouped = Atomic<UInt64>(0), groups = Atomic<UInt64>(0)
     public static let workerThreads = 32
     /// Entered by the accept thread and by every connection thread; `stop` waits on it.
     private let threads = DispatchGroup()
@@ -272,6 +274,20 @@ public final class ReplicaServer: Sendable {
             running.wait()
             c.close()
         }
+        // Runs `job` (a request's or a group's) on a worker, counted in flight for this connection.
+        func onWorker(_ job: @escaping @Sendable () -> Void) {
+            inFlight.wait()
+            running.enter()
+            onWorkers.value.wrappingAdd(1, ordering: .relaxed)
+            workers.submit {
+                defer {
+                    onWorkers.value.wrappingSubtract(1, ordering: .releasing)
+                    inFlight.signal()
+                    running.leave()
+                }
+                job()
+            }
+        }
         var decoder = FrameDecoder()
         var greeted = false
         var peerVersion = FrameLimits.protocolVersion
@@ -312,7 +328,9 @@ public final class ReplicaServer: Sendable {
                 log.warning("closing connection: \(error.reason)")
                 return
             }
-            for (index, frame) in frames.enumerated() {
+            // Frames already handed out with a group of writes.
+            var grouped: Set<Int> = []
+            for (index, frame) in frames.enumerated() where !grouped.contains(index) {
                 guard !frame.isResponse else {
                     log.warning("closing connection: the peer sent a \(frame.opcode) response (request id \(frame.requestID)); a replica server only takes requests")
                     return
@@ -340,6 +358,18 @@ public final class ReplicaServer: Sendable {
                     log.warning("closing connection: the first frame must be hello, got \(frame.opcode) (request id \(frame.requestID))")
                     return
                 }
+                // Several small writes of one volume in this receive (a queue of writes): one
+                // job for a worker, their device writes submitted together (writeGroup) and
+                // their replies sent in one go — one wake-up and one device notification for
+                // the lot instead of one each.
+                if frames.count - index >= 2, let group = Self.writeGroup(frames, from: index), group.count >= 2 {
+                    grouped.formUnion(group)
+                    let members = group.map { frames[$0] }
+                    onWorker { [self, peerVersion] in
+                        c.send(handleWriteGroup(members, peerVersion: peerVersion, peer: c.channel?.peer, logger: log))
+                    }
+                    continue
+                }
                 // A lone small write or a lone flush (queue depth 1: a database's commit) runs
                 // on this thread. Everything else — writes with others in flight or behind
                 // them, larger ones, reads, claims — goes to the pool, so a slow one does not
@@ -351,18 +381,87 @@ public final class ReplicaServer: Sendable {
                     c.send(handle(frame, peerVersion: peerVersion, peer: c.channel?.peer, logger: log))
                     continue
                 }
-                inFlight.wait()
-                running.enter()
-                onWorkers.value.wrappingAdd(1, ordering: .relaxed)
-                workers.submit { [self, peerVersion] in
-                    defer {
-                        onWorkers.value.wrappingSubtract(1, ordering: .releasing)
-                        inFlight.signal()
-                        running.leave()
-                    }
+                onWorker { [self, peerVersion] in
                     c.send(handle(frame, peerVersion: peerVersion, peer: c.channel?.peer, logger: log))
                 }
             }
+        }
+    }
+
+    /// Most writes one group takes (`writeGroup`).
+    static let maxGroupedWrites = 64
+
+    /// A plain write (not a resync or repair copy) of whole blocks, at most `inlineWriteLimit`:
+    /// what may go in a group.
+    static func groupable(_ frame: Frame) -> WriteRequest? {
+        guard let m = frame.request(DataOp.Write.self), !m.ifNewer, !m.repair, !m.data.isEmpty,
+              m.data.count <= inlineWriteLimit, m.data.count % FrameLimits.blockSize == 0 else { return nil }
+        return m
+    }
+
+    /// The indices of the frames from `index` on that can go in one group with `frames[index]`:
+    /// groupable writes of the same volume and epoch, at most `maxGroupedWrites`. Nil when
+    /// `frames[index]` is not a groupable write.
+    static func writeGroup(_ frames: [Frame], from index: Int) -> [Int]? {
+        guard let first = groupable(frames[index]) else { return nil }
+        var group = [index]
+        for j in (index + 1)..<frames.count where group.count < maxGroupedWrites {
+            if frames[j].epoch == frames[index].epoch, let m = groupable(frames[j]), m.volume == first.volume { group.append(j) }
+        }
+        return group
+    }
+
+    /// Runs a group of writes of one volume (`writeGroup`'s) with `ReplicaStore.writeGroup` and
+    /// returns their responses, in order: each as `handle` would answer it alone.
+    func handleWriteGroup(_ frames: [Frame], peerVersion: UInt16, peer: PeerIdentity?, logger log: Logger) -> [Frame] {
+        let began = metrics.start()
+        grouped.wrappingAdd(UInt64(frames.count), ordering: .relaxed)
+        groups.wrappingAdd(1, ordering: .relaxed)
+        let requests = frames.map { Self.groupable($0)! }
+        let contexts = frames.map {
+            RequestContext(epoch: $0.epoch, requestFlags: $0.headerFlags & ~FrameFlags.response, peerVersion: peerVersion,
+                           peer: peer, log: log)
+        }
+        var errors = [(any Error)?](repeating: nil, count: frames.count)
+        do {
+            let store = try store(requests[0].volume)
+            // One aligned buffer for the lot (O_DIRECT), each write's data copied in.
+            let total = requests.reduce(0) { $0 + $1.data.count }
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: total, alignment: FrameLimits.blockSize)
+            defer { buffer.deallocate() }
+            var writes: [ReplicaStore.GroupWrite] = []
+            var indices: [Int] = []
+            var at = 0
+            for (i, m) in requests.enumerated() {
+                do {
+                    try checkRange(store, offset: m.offset, length: UInt64(m.data.count))
+                } catch {
+                    errors[i] = error
+                    continue
+                }
+                let slot = UnsafeMutableRawBufferPointer(rebasing: buffer[at..<(at + m.data.count)])
+                m.data.withUnsafeBytes { slot.copyMemory(from: $0) }
+                at += m.data.count
+                writes.append(ReplicaStore.GroupWrite(offset: m.offset, data: UnsafeRawBufferPointer(slot), generation: m.generation))
+                indices.append(i)
+            }
+            // A group's writes carry one epoch (`writeGroup` groups no others).
+            let epoch = frames[0].epoch
+            for (k, error) in store.writeGroup(writes, epoch: epoch).enumerated() where error != nil {
+                errors[indices[k]] = error
+            }
+        } catch {
+            for i in errors.indices where errors[i] == nil { errors[i] = error }
+        }
+        return frames.indices.map { i in
+            metrics.served(.write, since: began)
+            if let error = errors[i] {
+                let failure = failure(error, frame: frames[i], context: contexts[i])
+                return Frame(requestID: frames[i].requestID, epoch: failure.epoch,
+                             body: .response(DataOp.Write.failureResponse(failure)))
+            }
+            return Frame(requestID: frames[i].requestID, epoch: contexts[i].epoch,
+                         body: .response(DataOp.Write.response(WriteResponse(status: .ok))))
         }
     }
 
@@ -834,6 +933,23 @@ final class ServerConnection: @unchecked Sendable {
         // The connection owns the queue, so the queue's writer never outlives it.
         sendQueue = FrameSendQueue { [unowned self] parts in
             if let channel { try channel.send(parts) } else { try StreamSocket.sendAll(fd, parts) }
+        }
+    }
+
+    /// Sends frames whole, in order, as one entry of the send queue (one system call when
+    /// nobody else is sending).
+    func send(_ frames: [Frame]) {
+        var parts: [[UInt8]] = []
+        parts.reserveCapacity(frames.count * 2)
+        for frame in frames {
+            let payload = frame.encodePayload()
+            let header = FrameHeader(opcode: frame.opcode, flags: frame.headerFlags,
+                                     requestID: frame.requestID, payloadLength: UInt32(payload.count), epoch: frame.epoch)
+            parts.append(header.encode())
+            parts.append(payload)
+        }
+        if sendQueue.send(parts) != nil {
+            _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
         }
     }
 

@@ -84,6 +84,55 @@ final class ReplicaJournalTests: XCTestCase {
         XCTAssertEqual(try store.verify(firstBlock: 0, count: 4096, epoch: 0), [])
     }
 
+    /// A group of writes (a replica server's receive of many small writes) goes to the device
+    /// at once, but each write is what it would be alone: journaled, in place, its block-map
+    /// entries; a bad one among them fails alone; after a flush the group survives the loss of
+    /// every in-place copy through the journal; a write that no longer fits the journal goes
+    /// in place only and the next flush syncs it.
+    func testAGroupOfWritesIsEachWriteAloneAndSurvivesACrashAfterItsFlush() throws {
+        let blocks: [UInt64] = [3, 0, 700, 41, 42, 1000]
+        do {
+            let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
+            try store.claim(epoch: 2)
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: (blocks.count + 1) * bs, alignment: bs)
+            defer { buffer.deallocate() }
+            var writes: [ReplicaStore.GroupWrite] = []
+            for (i, block) in blocks.enumerated() {
+                let slot = UnsafeMutableRawBufferPointer(rebasing: buffer[(i * bs)..<((i + 1) * bs)])
+                pattern(blocks: 1, seed: 10 + i).withUnsafeBytes { slot.copyMemory(from: $0) }
+                writes.append(ReplicaStore.GroupWrite(offset: block * UInt64(bs), data: UnsafeRawBufferPointer(slot),
+                                                      generation: UInt64(5 + i)))
+            }
+            // Beyond the end of the 16 MiB replica: refused, alone.
+            writes.insert(ReplicaStore.GroupWrite(offset: 16 << 20, data: UnsafeRawBufferPointer(rebasing: buffer[0..<bs]),
+                                                  generation: 50), at: 2)
+            let errors = store.writeGroup(writes, epoch: 2)
+            XCTAssertEqual(errors.count, blocks.count + 1)
+            for (i, e) in errors.enumerated() {
+                if i == 2 { XCTAssertNotNil(e, "the write beyond the end is refused") } else { XCTAssertNil(e, "write \(i): \(String(describing: e))") }
+            }
+            // A stale epoch fails every write of the group, and nothing of it is applied.
+            let stale = store.writeGroup([ReplicaStore.GroupWrite(offset: 9 * UInt64(bs), data: UnsafeRawBufferPointer(rebasing: buffer[0..<bs]),
+                                                                  generation: 60)], epoch: 1)
+            guard case ReplicaError.staleEpoch? = stale[0] else { return XCTFail("\(String(describing: stale[0]))") }
+            for (i, block) in blocks.enumerated() {
+                XCTAssertEqual(try store.read(offset: block * UInt64(bs), length: bs, epoch: 2), pattern(blocks: 1, seed: 10 + i))
+            }
+            XCTAssertEqual(try store.generations(firstBlock: 9, count: 1, epoch: 2), [0])
+            XCTAssertEqual(store.status.highestGeneration, UInt64(5 + blocks.count - 1))
+            try store.flush(epoch: 2)
+        }  // crash: no close
+        try loseInPlaceWrites(blocks: blocks)
+        let store = try ReplicaStore.open(directory: dir, volumeID: volume)
+        defer { try? store.close() }
+        for (i, block) in blocks.enumerated() {
+            XCTAssertEqual(try store.read(offset: block * UInt64(bs), length: bs, epoch: 2), pattern(blocks: 1, seed: 10 + i),
+                           "block \(block) came back from the journal")
+            XCTAssertEqual(try store.generations(firstBlock: block, count: 1, epoch: 2), [UInt64(5 + i)])
+        }
+        XCTAssertEqual(try store.verify(firstBlock: 0, count: 4096, epoch: 2), [])
+    }
+
     func testReplaySkipsATornRecordAndAppliesTheWholeOnesAroundIt() throws {
         do {
             let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)

@@ -607,6 +607,51 @@ final class ReplicaServerTests: XCTestCase {
         }
     }
 
+    /// Many writes in one receive are run as a group (one worker, their device writes
+    /// submitted together): sent in one TCP write, each is answered under its own request id —
+    /// the one beyond the end refused, a resync copy among them applied as a resync copy — and
+    /// every block reads back as written.
+    func testWritesArrivingTogetherAreAnsweredEachAndAppliedEach() throws {
+        let c = try client()
+        try c.create(volumeID: volume, sizeBytes: size)
+        _ = try c.claim(volumeID: volume, epoch: 3)
+        let fd = try Socket.connect(host: "127.0.0.1", port: port, timeout: .seconds(3))
+        defer { Glibc.close(fd) }
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var bytes = Frame(requestID: 1, epoch: 0, body: .request(DataOp.Hello.request(HelloRequest()))).encode()
+        let count = 40
+        for i in 0..<count {
+            let offset = i == 7 ? size : UInt64(i * 3) * UInt64(bs)
+            var request = WriteRequest(volume: volume, generation: UInt64(100 + i), offset: offset, data: pattern(bs, seed: i))
+            if i == 11 { request.ifNewer = true }
+            bytes += Frame(requestID: UInt64(10 + i), epoch: 3, body: .request(DataOp.Write.request(request))).encode()
+        }
+        try bytes.withUnsafeBytes { try Socket.sendAll(fd, $0) }
+        var decoder = FrameDecoder()
+        var answers: [UInt64: WriteResponse] = [:]
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while answers.count < count {
+            let n = recv(fd, &buffer, buffer.count, 0)
+            guard n > 0 else { return XCTFail("the server stopped answering after \(answers.count) replies") }
+            for frame in try buffer.withUnsafeBytes({ try decoder.feed(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }) {
+                if let r = frame.response(DataOp.Write.self) { answers[frame.requestID] = r }
+            }
+        }
+        for i in 0..<count {
+            let status = answers[UInt64(10 + i)]?.status
+            XCTAssertEqual(status, i == 7 ? .outOfRange : .ok, "write \(i)")
+        }
+        XCTAssertEqual(answers[21]?.appliedBlocks, 1, "the resync copy among them was applied as one")
+        for i in 0..<count where i != 7 {
+            XCTAssertEqual(try c.read(volumeID: volume, offset: UInt64(i * 3) * UInt64(bs), length: bs, epoch: 3), pattern(bs, seed: i))
+        }
+        XCTAssertEqual(try c.generations(volumeID: volume, firstBlock: 0, count: 1, epoch: 3), [100])
+        let (grouped, groups) = (server!.grouped.load(ordering: .relaxed), server!.groups.load(ordering: .relaxed))
+        XCTAssertGreaterThan(grouped, 0, "writes that arrived together ran as a group")
+        XCTAssertLessThan(groups, grouped, "a group holds several writes")
+    }
+
     /// No reader thread: waiting callers take turns reading the socket and hand replies to
     /// each other. Many threads on one client, each with writes begun to two replicas at once
     /// (as the engine sends them), reads and flushes in between: every call gets its own answer,

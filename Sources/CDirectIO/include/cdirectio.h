@@ -14,4 +14,23 @@
 int cdio_write_pair(int fd_a, const void *a1, size_t a_len1, const void *a2, size_t a_len2, int64_t off_a,
                     int fd_b, const void *b_buf, size_t b_len, int64_t off_b);
 
+/// One write of `cdio_write_many`: `len1` bytes at `base1` followed by `len2` at `base2` (may
+/// be 0), to `fd` at `offset`. `result` is set to 0 or -errno.
+struct cdio_write {
+    int fd;
+    const void *base1;
+    size_t len1;
+    const void *base2;
+    size_t len2;
+    int64_t offset;
+    int result;
+};
+
+/// Submits every write of `writes` to the kernel at once (native AIO: one io_submit per up to
+/// 128 writes, so the device gets them together and is notified once) and waits for all of them.
+/// Each write gets its own result; a short completion is finished with plain writes, and where
+/// AIO is not available every write is a plain one. Buffers, lengths and offsets must suit
+/// O_DIRECT.
+void cdio_write_many(struct cdio_write *writes, int count);
+
 #endif
