@@ -147,7 +147,7 @@ public final class VolumeEngine: Sendable {
     let generation = Atomic<UInt64>(0)
     /// The generations of the writes and trims in flight (numbered, not yet answered by every
     /// replica): a flush records as flushed only what lies below all of them.
-    let inflightGenerations = Mutex<[UInt64]>([])
+    let inflightGenerations = InflightGenerations()
     let repaired = Atomic<UInt64>(0)
     let unrepairable = Atomic<UInt64>(0)
     let scrubbed = Atomic<UInt64>(0)
@@ -695,8 +695,8 @@ public final class VolumeEngine: Sendable {
         defer { leave(ticket) }
         guard inSyncCount > 0 else { return -EIO }
         guard meetsMinimum(inSyncCount, what: "write at offset \(offset)") else { return -EIO }
-        let generation = takeGeneration()
-        defer { finishGeneration(generation) }
+        let (generation, slot) = takeGeneration()
+        defer { finishGeneration(slot: slot) }
         let volumeID = volumeID, epoch = epoch
         return withUnsafeTemporaryAllocation(of: (() throws -> Void).self, capacity: members.count) { pending in
             for i in 1..<max(members.count, 1) {
@@ -832,8 +832,8 @@ public final class VolumeEngine: Sendable {
         let members = numbered ? all : Array(all.prefix(inSyncCount))
         guard inSyncCount > 0 else { return -EIO }
         guard meetsMinimum(inSyncCount, what: what()) else { return -EIO }
-        let generation = numbered ? takeGeneration() : 0
-        defer { if numbered { finishGeneration(generation) } }
+        let (generation, slot) = numbered ? takeGeneration() : (0, -1)
+        defer { if numbered { finishGeneration(slot: slot) } }
         if members.count == 1 {
             do {
                 try operation(members[0], generation)
@@ -871,29 +871,19 @@ public final class VolumeEngine: Sendable {
     ///   leave the volume with none in sync.
     /// - Otherwise each failed replica is recorded out of sync (once, even under concurrent
     ///   failures), then removed from the set. If recording fails, false.
-    /// The next generation for a write or trim, registered as in flight until `finishGeneration`.
-    func takeGeneration() -> UInt64 {
-        inflightGenerations.withLock { list in
-            let next = generation.wrappingAdd(1, ordering: .relaxed).newValue
-            list.append(next)
-            return next
-        }
+    /// The next generation for a write or trim, registered as in flight until `finishGeneration`
+    /// (with the slot returned here).
+    func takeGeneration() -> (generation: UInt64, slot: Int) {
+        inflightGenerations.take(from: generation)
     }
 
-    func finishGeneration(_ done: UInt64) {
-        inflightGenerations.withLock { list in
-            guard let i = list.firstIndex(of: done) else { return }
-            list.swapAt(i, list.count - 1)
-            list.removeLast()
-        }
+    func finishGeneration(slot: Int) {
+        inflightGenerations.finish(slot: slot)
     }
 
     /// The highest generation at or below which no write or trim is in flight.
     func flushWatermark() -> UInt64 {
-        inflightGenerations.withLock { list in
-            if let lowest = list.min() { return lowest - 1 }
-            return generation.load(ordering: .relaxed)
-        }
+        inflightGenerations.watermark(of: generation)
     }
 
     /// The in-sync members (local first), then the catching-up ones; the count of in-sync ones;

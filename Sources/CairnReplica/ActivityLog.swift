@@ -15,16 +15,25 @@ public final class ActivityLog: Sendable {
     public static let regionShift: UInt64 = 20
     /// Regions tracked one by one; beyond it the log covers the whole volume for a while.
     public static let maxTracked = 65_536
+    /// Regions are spread over this many independently locked shards (region mod count): every
+    /// write notes its regions, and one lock for all of them was contended under a queue of
+    /// writes (issue 16). Each shard tracks `maxTracked / shardCount` regions at most.
+    public static let shardCount = 16
 
-    struct State {
-        var restarted = true
-        /// Set by an overflow: everything written up to this generation may be unsettled.
+    struct Shard {
+        /// Set by an overflow: everything written into this shard's regions up to this
+        /// generation may be unsettled.
         var overflowThrough: UInt64?
         /// Region → the highest generation written into it that is not settled yet.
         var regions: [UInt64: UInt64] = [:]
     }
 
-    let state = Mutex(State())
+    final class ShardBox: Sendable {
+        let state = Mutex(Shard())
+    }
+
+    private let restarted = Atomic<Bool>(true)
+    private let shards: [ShardBox] = (0..<ActivityLog.shardCount).map { _ in ShardBox() }
 
     public init() {}
 
@@ -32,17 +41,30 @@ public final class ActivityLog: Sendable {
     public func note(offset: UInt64, length: Int, generation: UInt64) {
         let first = offset >> Self.regionShift
         let last = (offset + UInt64(max(length, 1)) - 1) >> Self.regionShift
-        state.withLock { s in
-            if let through = s.overflowThrough {
-                s.overflowThrough = max(through, generation)
-                return
+        let perShard = Self.maxTracked / Self.shardCount
+        // A range covering every shard many times over (a discard of a large volume) overflows them all.
+        if last - first >= UInt64(perShard) {
+            for box in shards {
+                box.state.withLock { s in
+                    s.overflowThrough = max(s.overflowThrough ?? 0, generation, s.regions.values.max() ?? 0)
+                    s.regions = [:]
+                }
             }
-            if s.regions.count + Int(last - first + 1) > Self.maxTracked {
-                s.overflowThrough = max(generation, s.regions.values.max() ?? 0)
-                s.regions = [:]
-                return
+            return
+        }
+        for region in first...last {
+            shards[Int(region % UInt64(Self.shardCount))].state.withLock { s in
+                if let through = s.overflowThrough {
+                    s.overflowThrough = max(through, generation)
+                    return
+                }
+                if s.regions[region] == nil && s.regions.count + 1 > perShard {
+                    s.overflowThrough = max(generation, s.regions.values.max() ?? 0)
+                    s.regions = [:]
+                    return
+                }
+                s.regions[region] = max(s.regions[region] ?? 0, generation)
             }
-            for region in first...last { s.regions[region] = max(s.regions[region] ?? 0, generation) }
         }
     }
 
@@ -50,13 +72,19 @@ public final class ActivityLog: Sendable {
     /// every in-sync replica); with `converged`, also the restart's unknown. Returns what is
     /// left: everything (`all`), or the regions, ascending.
     public func settle(cleanThrough: UInt64, converged: Bool) -> ReplicaActivity {
-        state.withLock { s in
-            if converged { s.restarted = false }
-            if let through = s.overflowThrough, through <= cleanThrough { s.overflowThrough = nil }
-            if cleanThrough > 0 { s.regions = s.regions.filter { $0.value > cleanThrough } }
-            if s.restarted || s.overflowThrough != nil { return ReplicaActivity(all: true, regions: []) }
-            return ReplicaActivity(all: false, regions: s.regions.keys.sorted())
+        if converged { restarted.store(false, ordering: .relaxed) }
+        var overflowed = false
+        var left: [UInt64] = []
+        for box in shards {
+            box.state.withLock { s in
+                if let through = s.overflowThrough, through <= cleanThrough { s.overflowThrough = nil }
+                if cleanThrough > 0 { s.regions = s.regions.filter { $0.value > cleanThrough } }
+                if s.overflowThrough != nil { overflowed = true }
+                left.append(contentsOf: s.regions.keys)
+            }
         }
+        if restarted.load(ordering: .relaxed) || overflowed { return ReplicaActivity(all: true, regions: []) }
+        return ReplicaActivity(all: false, regions: left.sorted())
     }
 }
 

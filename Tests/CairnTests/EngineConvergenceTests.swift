@@ -273,6 +273,25 @@ final class ActivityLogTests: XCTestCase {
         XCTAssertEqual(log.settle(cleanThrough: 8, converged: false), ReplicaActivity(all: false, regions: []))
     }
 
+    /// The log is sharded by region; one shard filling up overflows (everything until the
+    /// watermark passes it), as the whole log did, and regions of other shards settle normally.
+    func testAShardThatFillsUpOverflowsAndConcurrentNotesAreAllKept() {
+        let log = ActivityLog()
+        _ = log.settle(cleanThrough: 0, converged: true)
+        let perShard = ActivityLog.maxTracked / ActivityLog.shardCount
+        for i in 0...perShard {  // one more than a shard holds, all in shard 0
+            log.note(offset: UInt64(i * ActivityLog.shardCount) << 20, length: 4096, generation: UInt64(10 + i))
+        }
+        XCTAssertTrue(log.settle(cleanThrough: 0, converged: false).all)
+        XCTAssertEqual(log.settle(cleanThrough: UInt64(10 + perShard), converged: false), ReplicaActivity(all: false, regions: []))
+        onThreads(8) { t in
+            for i in 0..<200 { log.note(offset: UInt64(t * 1000 + i) << 20, length: 4096, generation: 100_000 + UInt64(i)) }
+        }
+        let left = log.settle(cleanThrough: UInt64(10 + perShard), converged: false)
+        XCTAssertFalse(left.all)
+        XCTAssertEqual(left.regions, (0..<8).flatMap { t in (0..<200).map { UInt64(t * 1000 + $0) } }.sorted())
+    }
+
     func testTheReplicaStoreLogsWritesAndTrimsAndRefusesAStaleEngine() throws {
         let dir = NSTemporaryDirectory() + "cairn-activity-\(UUID().uuidString)"
         defer { try? FileManager.default.removeItem(atPath: dir) }
