@@ -146,6 +146,12 @@ public final class ReplicaClient: Sendable {
             if let channel { try channel.send(parts) } else { try StreamSocket.sendAll(fd, parts) }
         }
         readSide = ReadSide(bufferSize: channel == nil ? ReplicaServer.receiveBufferSize : 0)
+        // A reply's record that stops arriving halfway (the peer hangs, the network is cut)
+        // must not hold the reading caller forever: the secure channel waits in recv for the
+        // rest of a record, so recv itself gives up after the request timeout.
+        let (seconds, attoseconds) = max(requestTimeout, .milliseconds(1)).components
+        var limit = timeval(tv_sec: Int(seconds), tv_usec: Int(attoseconds / 1_000_000_000_000))
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
         do {
             let hello = try call(DataOp.Hello.self, HelloRequest(protocolVersion: protocolVersion), epoch: 0, timeout: connectTimeout)
             guard FrameLimits.supportedProtocolVersions.contains(hello.protocolVersion) else {
@@ -675,7 +681,9 @@ public final class ReplicaClient: Sendable {
             do {
                 chunk = try channel.receive() ?? UnsafeRawBufferPointer(start: nil, count: 0)
             } catch {
-                tearDown(reason: "receiving from \(address) failed: \(error)")
+                let stalled = "\(error)".contains(String(cString: strerror(EAGAIN)))
+                tearDown(reason: "receiving from \(address) failed: \(error)"
+                         + (stalled ? " (a reply stopped arriving halfway for \(requestTimeout))" : ""))
                 return nil
             }
         } else {

@@ -174,6 +174,38 @@ final class DataSecurityTests: XCTestCase {
         }
     }
 
+    /// A reply whose record stops arriving halfway (the server hangs, the network is cut) does
+    /// not hold the caller forever: the call fails once the request timeout passes with
+    /// nothing more received, and the connection is broken (the caller reads the socket itself,
+    /// and the secure channel waits in recv for the rest of a record).
+    func testAReplyCutHalfwayFailsAtTheRequestTimeout() throws {
+        let server = try startServer(.secure)
+        let relay = try Relay(to: server.boundPort)
+        stops.append { relay.stop() }
+        let c = try ReplicaClient.connect(host: "127.0.0.1", port: relay.port, connectTimeout: .seconds(3),
+                                          requestTimeout: .seconds(1), security: try security("n2", .secure), expectedNode: "n1")
+        stops.append { c.close() }
+        try c.create(volumeID: volume, sizeBytes: 1 << 20)
+        _ = try c.claim(volumeID: volume, epoch: 1, grant: try grant(1))
+        relay.stallReplies()
+        let outcome = Mutex<String?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        let client = c
+        DispatchQueue.global().async { [volume] in
+            do {
+                _ = try client.read(volumeID: volume, offset: 0, length: 256 << 10, epoch: 1)
+                outcome.withLock { $0 = "answered" }
+            } catch {
+                outcome.withLock { $0 = "\(error)" }
+            }
+            done.signal()
+        }
+        XCTAssertEqual(done.wait(timeout: .now() + 15), .success, "the read still waits for the rest of its reply")
+        let text = outcome.withLock { $0 } ?? ""
+        XCTAssertTrue(text.contains("replica connection failed") || text.contains("timed out"), text)
+        XCTAssertTrue(c.isBroken)
+    }
+
     func testIdentityFilesAreReloadedWhenTheyChange() throws {
         let identity = try TLSIdentity(files: TLSFiles(directory: root + "/n1"), logger: logs.logger)
         let first = identity.current.info.notAfter
@@ -262,12 +294,23 @@ final class Relay: Sendable {
 
     func arm(_ attack: Attack) { armed.withLock { $0 = attack } }
 
+    /// From the next chunk on, replies are cut: half of that chunk reaches the client, then
+    /// nothing more, and the connection stays open (a peer that hangs halfway through a record).
+    func stallReplies() { stalling.withLock { $0 = true } }
+    private let stalling = Mutex(false)
+
     private func pump(from: Int32, to: Int32, attacking: Bool) {
         var buffer = [UInt8](repeating: 0, count: 1 << 16)
         while true {
             let n = recv(from, &buffer, buffer.count, 0)
             guard n > 0 else { _ = shutdown(to, Int32(SHUT_RDWR)); return }
             var chunk = Array(buffer[0..<n])
+            if !attacking, stalling.withLock({ $0 }) {
+                let half = Array(chunk[0..<max(1, chunk.count / 2)])
+                _ = try? half.withUnsafeBytes { try Socket.sendAll(to, $0) }
+                while recv(from, &buffer, buffer.count, 0) > 0 {}  // swallow the rest until closed
+                return
+            }
             let attack = attacking ? armed.withLock { a -> Attack? in defer { a = nil }; return a } : nil
             if attack == .flipBit { chunk[chunk.count - 20] ^= 0x01 }
             let copies = attack == .replay ? 2 : 1
