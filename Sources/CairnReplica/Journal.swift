@@ -366,16 +366,28 @@ final class Journal: Sendable {
     /// full, off or broken (the in-place write then goes ahead without one).
     func appendIntent(layer: UInt64, offset: UInt64, blocks: Int, generation: UInt64, flushedGeneration: UInt64,
                       trim: Bool = false) throws -> Bool {
+        guard let (at, header) = prepareIntent(layer: layer, offset: offset, blocks: blocks, generation: generation,
+                                               flushedGeneration: flushedGeneration, trim: trim)
+        else { return false }
+        defer { header.deallocate() }
+        try writing { try FileIO.pwriteFully(fd, UnsafeRawBufferPointer(header), offset: at, path: path) }
+        return true
+    }
+
+    /// Reserves and fills in an intent (as `appendIntent` writes it) for a caller that writes
+    /// it at `at` together with the in-place write it announces (`ReplicaStore.writeAnnounced`,
+    /// `writeGroup`), deallocates it, and calls `recordFailed` if that write fails. Nil when
+    /// the journal is off, broken or full.
+    func prepareIntent(layer: UInt64, offset: UInt64, blocks: Int, generation: UInt64, flushedGeneration: UInt64,
+                       trim: Bool = false) -> (at: UInt64, header: UnsafeMutableRawBufferPointer)? {
         guard blocks >= 1, blocks <= Self.maxIntentBlocks,
               let (at, header) = reserve(size: UInt64(Self.blockSize), magic: Self.intentMagic, layer: layer, offset: offset,
                                          generation: generation, flushedGeneration: flushedGeneration,
                                          word: UInt32(blocks) | (trim ? Self.trimBit : 0))
-        else { return false }
-        defer { header.deallocate() }
+        else { return nil }
         let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<Self.headerFixed]))
         header.storeBytes(of: crc.littleEndian, toByteOffset: Self.headerFixed, as: UInt32.self)
-        try writing { try FileIO.pwriteFully(fd, UnsafeRawBufferPointer(header), offset: at, path: path) }
-        return true
+        return (at, header)
     }
 
     /// Reserves `size` bytes of the journal for the next record (nil when the journal is off,

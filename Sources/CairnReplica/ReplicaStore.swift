@@ -521,9 +521,8 @@ public final class ReplicaStore: Sendable {
                                              data: source, entries: UnsafeBufferPointer(entries),
                                              inPlace: (s.dataFD, s.dataPath)))
                     if !journaled {
-                        try Self.announce(s, offset: offset, blocks: count, generation: generation)
                         s.dirtyInPlace.store(true, ordering: .relaxed)
-                        try FileIO.pwriteFully(s.dataFD, source, offset: offset, path: s.dataPath)
+                        try Self.writeAnnounced(s, offset: offset, blocks: count, generation: generation, data: source)
                     }
                     try s.blockMap.write(first: first, UnsafeBufferPointer(entries))
                 }
@@ -613,11 +612,13 @@ public final class ReplicaStore: Sendable {
                                                      base2: w.data.baseAddress, len2: w.data.count, offset: Int64(at), result: 0))
                                 owner.append((i, true))
                             } else {
-                                do {
-                                    try Self.announce(s, offset: w.offset, blocks: ranges[i]!.count, generation: w.generation)
-                                } catch {
-                                    errors[i] = error
-                                    continue
+                                // In place only, announced by an intent submitted with it.
+                                if let (at, header) = s.journal.prepareIntent(layer: s.head.id, offset: w.offset, blocks: ranges[i]!.count,
+                                                                              generation: w.generation, flushedGeneration: flushed) {
+                                    headers.append(header)
+                                    io.append(cdio_write(fd: s.journal.fd, base1: UnsafeRawPointer(header.baseAddress), len1: header.count,
+                                                         base2: nil, len2: 0, offset: Int64(at), result: 0))
+                                    owner.append((i, true))
                                 }
                                 s.dirtyInPlace.store(true, ordering: .relaxed)
                             }
@@ -1098,6 +1099,27 @@ public final class ReplicaStore: Sendable {
         let scratch = AlignedScratch.buffer(data.count)
         scratch.copyMemory(from: data)
         return UnsafeRawBufferPointer(scratch)
+    }
+
+    /// An in-place write of the head announced by an intent (Journal.swift), both submitted to
+    /// the device together (`cdio_write_pair`: one round trip, not an intent and then the
+    /// data). Together is as safe as one after the other: the intent only has to be there when
+    /// the process dies between the data and its block-map entries, and once submitted both
+    /// complete whatever happens to the process; neither is durable before a flush either way.
+    /// Without room in the journal the data goes alone.
+    static func writeAnnounced(_ s: State, offset: UInt64, blocks: Int, generation: UInt64, data: UnsafeRawBufferPointer) throws {
+        guard let (at, header) = s.journal.prepareIntent(layer: s.head.id, offset: offset, blocks: blocks, generation: generation,
+                                                         flushedGeneration: s.flushedGeneration.load(ordering: .relaxed)) else {
+            try FileIO.pwriteFully(s.dataFD, data, offset: offset, path: s.dataPath)
+            return
+        }
+        defer { header.deallocate() }
+        let rc = cdio_write_pair(s.journal.fd, header.baseAddress, header.count, nil, 0, Int64(at),
+                                 s.dataFD, data.baseAddress, data.count, Int64(offset))
+        if rc != 0 {
+            s.journal.recordFailed()
+            throw SystemError("write \(s.dataPath) and its intent in \(s.journal.path)", errno: -rc)
+        }
     }
 
     /// An intent in the journal before an in-place write or trim of the head (Journal.swift):
