@@ -698,27 +698,33 @@ public final class VolumeEngine: Sendable {
         let (generation, slot) = takeGeneration()
         defer { finishGeneration(slot: slot) }
         let volumeID = volumeID, epoch = epoch
-        return withUnsafeTemporaryAllocation(of: (() throws -> Void).self, capacity: members.count) { pending in
-            for i in 1..<max(members.count, 1) {
-                pending.initializeElement(at: i, to: members[i].io.beginWrite(
-                    volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch))
-            }
+        let failures = fromThisThread(members, begin: {
+            $0.io.beginWrite(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+        }, local: {
+            try $0.io.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+        })
+        if failures.isEmpty { return 0 }
+        if settleWithCatchingUp(failures, members: members, inSyncCount: inSyncCount, what: "write at offset \(offset)") {
+            return 0
+        }
+        unsettled.store(true, ordering: .releasing)
+        return -EIO
+    }
+
+    /// Runs one operation on every member from the calling thread: `begin` starts it on the
+    /// others (their frames sent), `local` runs it on the first (the local replica) meanwhile,
+    /// then the others' outcomes are awaited. Returns the failures.
+    private func fromThisThread(_ members: [Member], begin: (Member) -> () throws -> Void,
+                                local: (Member) throws -> Void) -> [(Member, any Error)] {
+        withUnsafeTemporaryAllocation(of: (() throws -> Void).self, capacity: members.count) { pending in
+            for i in 1..<max(members.count, 1) { pending.initializeElement(at: i, to: begin(members[i])) }
             var failures: [(Member, any Error)] = []
-            do {
-                try members[0].io.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
-            } catch {
-                failures.append((members[0], error))
-            }
+            do { try local(members[0]) } catch { failures.append((members[0], error)) }
             for i in 1..<max(members.count, 1) {
                 do { try pending[i]() } catch { failures.append((members[i], error)) }
                 pending.deinitializeElement(at: i)
             }
-            if failures.isEmpty { return 0 }
-            if settleWithCatchingUp(failures, members: members, inSyncCount: inSyncCount, what: "write at offset \(offset)") {
-                return 0
-            }
-            unsettled.store(true, ordering: .releasing)
-            return -EIO
+            return failures
         }
     }
 
@@ -765,24 +771,14 @@ public final class VolumeEngine: Sendable {
         guard inSyncCount > 0 else { return -EIO }
         guard meetsMinimum(inSyncCount, what: "flush") else { return -EIO }
         let members = inSyncCount == all.count ? all : Array(all.prefix(inSyncCount))
-        return withUnsafeTemporaryAllocation(of: (() throws -> Void).self, capacity: members.count) { pending in
-            for i in 1..<members.count {
-                pending.initializeElement(at: i, to: members[i].io.beginFlush(volumeID: volumeID, epoch: epoch, through: through))
-            }
-            var failures: [(Member, any Error)] = []
-            do {
-                try members[0].io.flush(volumeID: volumeID, epoch: epoch, through: through)
-            } catch {
-                failures.append((members[0], error))
-            }
-            for i in 1..<members.count {
-                do { try pending[i]() } catch { failures.append((members[i], error)) }
-                pending.deinitializeElement(at: i)
-            }
-            if failures.isEmpty { return 0 }
-            if settleWithCatchingUp(failures, members: members, inSyncCount: inSyncCount, what: "flush") { return 0 }
-            return -EIO
-        }
+        let failures = fromThisThread(members, begin: {
+            $0.io.beginFlush(volumeID: volumeID, epoch: epoch, through: through)
+        }, local: {
+            try $0.io.flush(volumeID: volumeID, epoch: epoch, through: through)
+        })
+        if failures.isEmpty { return 0 }
+        if settleWithCatchingUp(failures, members: members, inSyncCount: inSyncCount, what: "flush") { return 0 }
+        return -EIO
     }
 
     /// Whole blocks inside the range are trimmed (one generation); the partial blocks at its
