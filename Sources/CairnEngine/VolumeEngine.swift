@@ -132,7 +132,8 @@ public final class VolumeEngine: Sendable {
     }
 
     private let lifecycle = Mutex(Lifecycle())
-    let sets = Mutex(Sets())
+    /// Read under the shared lock by every I/O (`enter`), changed under the exclusive one.
+    let sets = ReadWriteLocked(Sets())
     /// Writes and trims between reading the member sets and finishing, by the parity of the
     /// sets' version they read (see `changeMembers`).
     let inflightEven = Atomic<Int>(0)
@@ -886,7 +887,7 @@ public final class VolumeEngine: Sendable {
     /// and the ticket `leave` takes. Registers the caller as in flight under the sets' version.
     @inline(__always)
     func enter() -> ([Member], Int, Int) {
-        sets.withLock { s in
+        sets.withShared { s in
             let parity = s.version & 1
             if parity == 0 { inflightEven.wrappingAdd(1, ordering: .relaxed) } else { inflightOdd.wrappingAdd(1, ordering: .relaxed) }
             if s.catchingUp.isEmpty { return (s.inSync, s.inSync.count, parity) }

@@ -3,40 +3,11 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CairnCore
 
-/// A reader-writer lock around a value (pthread rwlock, writers preferred so a claim or a flush
-/// is not starved by a steady stream of I/O). Shared holders may only touch what is safe to
-/// touch concurrently; exclusive holders own the value.
-final class SharedExclusive<Value>: @unchecked Sendable {
-    private let lock = UnsafeMutablePointer<pthread_rwlock_t>.allocate(capacity: 1)
-    private let value: Value
-
-    init(_ value: Value) {
-        self.value = value
-        var attributes = pthread_rwlockattr_t()
-        pthread_rwlockattr_init(&attributes)
-        pthread_rwlockattr_setkind_np(&attributes, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
-        pthread_rwlock_init(lock, &attributes)
-        pthread_rwlockattr_destroy(&attributes)
-    }
-
-    deinit {
-        pthread_rwlock_destroy(lock)
-        lock.deallocate()
-    }
-
-    func withShared<R>(_ body: (Value) throws -> R) rethrows -> R {
-        pthread_rwlock_rdlock(lock)
-        defer { pthread_rwlock_unlock(lock) }
-        return try body(value)
-    }
-
-    func withExclusive<R>(_ body: (Value) throws -> R) rethrows -> R {
-        pthread_rwlock_wrlock(lock)
-        defer { pthread_rwlock_unlock(lock) }
-        return try body(value)
-    }
-}
+/// The store's state lock: shared for I/O, exclusive for claims, flushes' drains and layout
+/// changes (`ReadWriteLocked`, writers preferred).
+typealias SharedExclusive = ReadWriteLocked
 
 /// Mutexes striped over 1 MiB regions of a replica: I/O to the same blocks is serialized (so a
 /// block's data and its block-map entry always change together, and a read never sees one

@@ -20,8 +20,8 @@ import CairnCore
 import CDirectIO
 import Synchronization
 
-/// One replica's journal file. Appends run concurrently (each reserves its own range under a
-/// short lock, then writes with one pwritev outside it); `sync` is the flush's one fdatasync.
+/// One replica's journal file. Appends run concurrently (each reserves its own range with one
+/// compare-exchange, then writes with one pwritev outside it); `sync` is the flush's one fdatasync.
 final class Journal: Sendable {
     static let fileName = "journal"
     static let magic: [UInt8] = Array("CAIRNJL1".utf8)
@@ -58,18 +58,22 @@ final class Journal: Sendable {
     let path: String
     let capacity: UInt64
 
-    struct Cursor {
-        /// Where the next record goes (the file's block 0 is the journal header).
-        var next: UInt64 = UInt64(Journal.blockSize)
-        /// The next record's sequence number.
-        var seq: UInt64
-        /// The sequence number the header says replay starts with.
-        var startSeq: UInt64
-        /// Random per cycle, in the header and every record: replay skipping a hole accepts
-        /// only this cycle's records, never a copy of a record inside someone's data.
-        var nonce: UInt64
-    }
-    let cursor: Mutex<Cursor>
+    /// Where records go, without a lock (appends run on many threads at once): one atomic
+    /// word, the records reserved this cycle in its high 32 bits and the next record's block
+    /// (block 0 is the journal's header) in its low 32. A reservation is one compare-exchange
+    /// that advances both, so the sequence numbers follow the order of the file.
+    let cursor: Atomic<UInt64>
+    /// The sequence number of this cycle's first record (a record's is this plus its index in
+    /// the cycle). Changed only by `reset`, when no append runs (the store's exclusive lock).
+    let cycleSeq: Atomic<UInt64>
+    /// Random per cycle, in the header and every record: replay skipping a hole accepts only
+    /// this cycle's records, never a copy of a record inside someone's data. Changed only by
+    /// `reset`, as `cycleSeq`.
+    let cycleNonce: Atomic<UInt64>
+    static let cursorBlockMask: UInt64 = 0xFFFF_FFFF
+
+    static func cursorWord(records: UInt64, nextBlock: UInt64) -> UInt64 { records << 32 | nextBlock }
+
     /// Records were reserved since the last sync (set at reservation: a flush first drains the
     /// appends in flight under the store's exclusive lock, so each one set before is written).
     let unsynced = Atomic<Bool>(false)
@@ -82,13 +86,16 @@ final class Journal: Sendable {
         self.fd = fd
         self.path = path
         self.capacity = capacity
-        self.cursor = Mutex(Cursor(next: next, seq: seq, startSeq: startSeq, nonce: nonce))
+        precondition(capacity / UInt64(Self.blockSize) <= Self.cursorBlockMask, "journal too large for its cursor")
+        self.cursor = Atomic(Self.cursorWord(records: 0, nextBlock: next / UInt64(Self.blockSize)))
+        self.cycleSeq = Atomic(seq)
+        self.cycleNonce = Atomic(nonce)
     }
 
     deinit { _ = Glibc.close(fd) }
 
     /// Bytes of records since the start (what a checkpoint frees).
-    var used: UInt64 { cursor.withLock { $0.next - UInt64(Self.blockSize) } }
+    var used: UInt64 { ((cursor.load(ordering: .relaxed) & Self.cursorBlockMask) - 1) * UInt64(Self.blockSize) }
 
     // MARK: opening
 
@@ -397,15 +404,25 @@ final class Journal: Sendable {
     private func reserve(size: UInt64, magic: UInt64, layer: UInt64, offset: UInt64, generation: UInt64,
                          flushedGeneration: UInt64, word: UInt32) -> (UInt64, UnsafeMutableRawBufferPointer)? {
         guard Self.enabled, !broken.load(ordering: .relaxed) else { return nil }
-        let reserved: (UInt64, UInt64, UInt64)? = cursor.withLock { c in
-            guard c.next + size <= capacity else { return nil }
-            defer {
-                c.next += size
-                c.seq &+= 1
-            }
-            return (c.next, c.seq, c.nonce)
+        precondition(size > 0 && size % UInt64(Self.blockSize) == 0, "a journal record is whole blocks")
+        let blocks = size / UInt64(Self.blockSize)
+        let capacityBlocks = capacity / UInt64(Self.blockSize)
+        var current = cursor.load(ordering: .relaxed)
+        var index: UInt64
+        var nextBlock: UInt64
+        while true {
+            index = current >> 32
+            nextBlock = current & Self.cursorBlockMask
+            guard nextBlock + blocks <= capacityBlocks else { return nil }
+            let (exchanged, original) = cursor.compareExchange(
+                expected: current, desired: Self.cursorWord(records: index + 1, nextBlock: nextBlock + blocks),
+                ordering: .relaxed)
+            if exchanged { break }
+            current = original
         }
-        guard let (at, seq, nonce) = reserved else { return nil }
+        let at = nextBlock * UInt64(Self.blockSize)
+        let seq = cycleSeq.load(ordering: .relaxed) &+ index
+        let nonce = cycleNonce.load(ordering: .relaxed)
         let header = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.blockSize, alignment: Self.blockSize)
         header.initializeMemory(as: UInt8.self, repeating: 0)
         header.storeBytes(of: magic.littleEndian, toByteOffset: 0, as: UInt64.self)
@@ -446,14 +463,14 @@ final class Journal: Sendable {
     /// `flushed` is the replica's flushed generation, kept in the header (the records that
     /// carried it are gone).
     func reset(flushed: UInt64) throws {
-        try cursor.withLock { c in
-            let start = c.seq
-            let nonce = UInt64.random(in: 1...UInt64.max)
-            try writeHeader(startSeq: start, flushed: flushed, nonce: nonce)
-            guard fdatasync(fd) == 0 else { throw SystemError("fdatasync \(path)", errno: errno) }
-            c = Cursor(next: UInt64(Self.blockSize), seq: start, startSeq: start, nonce: nonce)
-            unsynced.store(false, ordering: .relaxed)
-            broken.store(false, ordering: .relaxed)
-        }
+        let start = cycleSeq.load(ordering: .relaxed) &+ (cursor.load(ordering: .relaxed) >> 32)
+        let nonce = UInt64.random(in: 1...UInt64.max)
+        try writeHeader(startSeq: start, flushed: flushed, nonce: nonce)
+        guard fdatasync(fd) == 0 else { throw SystemError("fdatasync \(path)", errno: errno) }
+        cycleSeq.store(start, ordering: .relaxed)
+        cycleNonce.store(nonce, ordering: .relaxed)
+        cursor.store(Self.cursorWord(records: 0, nextBlock: 1), ordering: .relaxed)
+        unsynced.store(false, ordering: .relaxed)
+        broken.store(false, ordering: .relaxed)
     }
 }
