@@ -236,6 +236,7 @@ def collect(raw):
             entry["added_p50_us"] = r["pair_p50_us"] - base["pair_p50_us"]
             entry["added_p99_us"] = r["pair_p99_us"] - base["pair_p99_us"]
         latency[system] = entry
+    stability = limit_stability(raw, fio)
     pgbench = {}
     for system in PG_SYSTEMS:
         path = os.path.join(raw, f"pgbench-{system}.txt")
@@ -276,7 +277,49 @@ def collect(raw):
         "rss_per_volume": load_json(os.path.join(raw, "rss-per-volume.json")),
         "rss_samples": rss,
         "gluster_skipped": gluster_skipped,
+        "limit_stability": stability,
     }
+
+
+# How far the limit (a) may move between the start and the end of a run before the run counts
+# as disturbed: its ratios divide by a denominator that did not hold still.
+DISTURBED_CHANGE = 0.25
+
+
+def limit_stability(raw, fio):
+    """The limit's random write and fsync jobs at the start and again at the end of the run."""
+    jobs = {}
+    for job in ("randwrite", "fsync"):
+        path = os.path.join(raw, f"fio-limit-end-{job}.json")
+        start = fio.get("limit", {}).get(job)
+        if not start or not os.path.exists(path):
+            continue
+        end = fio_result(path)
+        a, b = headline(job, start), headline(job, end)
+        entry = {"start": a, "end": b, "change": (b - a) / a if a else None}
+        if job == "fsync":
+            entry["fdatasync_p99_us_start"] = start.get("fdatasync_p99_us")
+            entry["fdatasync_p99_us_end"] = end.get("fdatasync_p99_us")
+        jobs[job] = entry
+    if not jobs:
+        return None
+    disturbed = [job for job, e in jobs.items() if e["change"] is None or abs(e["change"]) > DISTURBED_CHANGE]
+    return {"jobs": jobs, "disturbed": bool(disturbed), "moved": disturbed, "threshold": DISTURBED_CHANGE}
+
+
+def stability_lines(st):
+    if not st:
+        return []
+    parts = []
+    for job, e in st["jobs"].items():
+        change = f"{e['change'] * 100:+.0f}%" if e["change"] is not None else "?"
+        parts.append(f"{JOB_TITLES[job]} {fmt(e['start'])} → {fmt(e['end'])} {UNIT[job]} ({change})")
+    measured = "; ".join(parts)
+    if st["disturbed"]:
+        return [f"- **⚠ Disturbed run: the limit (a) moved by more than {st['threshold'] * 100:.0f}% between the start and the end**"
+                f" ({measured}). The machine's disk or CPUs changed speed while it ran, so the ratios below divide by a"
+                " denominator that did not hold still: do not compare them with another run's. Run again when the machine is quiet."]
+    return [f"- **Limit (a) at the start and the end of the run** {measured}: steady (within {st['threshold'] * 100:.0f}%)"]
 
 
 def met(entry):
@@ -312,8 +355,9 @@ def markdown(data, out):
             f"- **Tools** {m.get('fio')}; {m.get('gluster') or 'GlusterFS not installed'}",
             f"- **Load average** at start {' '.join(m.get('loadavg_start') or [])}, at end {' '.join(m.get('loadavg_end') or [])}"
             " (other work on the machine skews every number: compare ratios from one run only)",
-            "",
         ]
+        lines += stability_lines(data.get("limit_stability"))
+        lines += [""]
     lines += [
         "All fio jobs use direct I/O on one file in the filesystem under test; (a)–(c) are ext4 on a loop device"
         " (direct I/O), (d) is the GlusterFS FUSE mount itself. Ratios are of MiB/s (sequential) or IOPS (random, fsync)"
