@@ -16,7 +16,7 @@
 extern "C" {
 #endif
 
-#define CFUSE_MAX_THREADS 16
+#define CFUSE_MAX_THREADS 32
 #define CFUSE_MAX_WRITE (1u << 20)
 
 typedef struct cfuse_callbacks {
