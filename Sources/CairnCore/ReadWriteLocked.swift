@@ -46,13 +46,4 @@ public final class ReadWriteLocked<Value>: @unchecked Sendable {
         defer { pthread_rwlock_unlock(lock) }
         return try body(&value)
     }
-
-    /// As `withLock`, for a value that is itself a reference (the exclusive holder changes
-    /// what it points to, not which object it is).
-    @inline(__always)
-    public func withExclusive<R>(_ body: (Value) throws -> R) rethrows -> R {
-        pthread_rwlock_wrlock(lock)
-        defer { pthread_rwlock_unlock(lock) }
-        return try body(value)
-    }
 }

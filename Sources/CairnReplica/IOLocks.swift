@@ -3,11 +3,6 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CairnCore
-
-/// The store's state lock: shared for I/O, exclusive for claims, flushes' drains and layout
-/// changes (`ReadWriteLocked`, writers preferred).
-typealias SharedExclusive = ReadWriteLocked
 
 /// Mutexes striped over 1 MiB regions of a replica: I/O to the same blocks is serialized (so a
 /// block's data and its block-map entry always change together, and a read never sees one

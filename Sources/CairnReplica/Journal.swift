@@ -82,7 +82,7 @@ final class Journal: Sendable {
     /// everything in place) and starts the journal over.
     let broken = Atomic<Bool>(false)
 
-    private init(fd: Int32, path: String, capacity: UInt64, startSeq: UInt64, next: UInt64, seq: UInt64, nonce: UInt64) {
+    private init(fd: Int32, path: String, capacity: UInt64, next: UInt64, seq: UInt64, nonce: UInt64) {
         self.fd = fd
         self.path = path
         self.capacity = capacity
@@ -116,7 +116,7 @@ final class Journal: Sendable {
                 let lastSeq = records.last?.seq ?? (startSeq &- 1)
                 // The next cycle's numbers start past anything this one may hold (a record
                 // after the replayed prefix may be whole), so none is taken for the new cycle's.
-                let journal = Journal(fd: fd, path: path, capacity: size, startSeq: startSeq,
+                let journal = Journal(fd: fd, path: path, capacity: size,
                                       next: UInt64(blockSize), seq: lastSeq &+ 1 &+ size / UInt64(blockSize), nonce: nonce)
                 return (journal, records, flushed)
             }
@@ -145,7 +145,7 @@ final class Journal: Sendable {
             }
             try fillWithZeros(fd: fd, capacity: capacity, path: tmp)
             let nonce = UInt64.random(in: 1...UInt64.max)
-            let journal = Journal(fd: fd, path: path, capacity: capacity, startSeq: startSeq,
+            let journal = Journal(fd: fd, path: path, capacity: capacity,
                                   next: UInt64(blockSize), seq: startSeq, nonce: nonce)
             try journal.writeHeader(startSeq: startSeq, flushed: flushed, nonce: nonce)
             guard fsync(fd) == 0 else { throw SystemError("fsync \(tmp)", errno: errno) }

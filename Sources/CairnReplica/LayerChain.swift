@@ -303,7 +303,7 @@ extension ReplicaStore {
     @discardableResult
     public func snapshot(id: String, epoch: UInt64) throws -> ReplicaSnapshot {
         try Self.validateSnapshotID(id)
-        return try state.withExclusive { s in
+        return try state.withLock { s in
             try Self.checkOpenLocked(s)
             try Self.checkEpochLocked(s, epoch)
             if let existing = s.sealed.lazy.compactMap(\.snapshot).first(where: { $0.id == id }) { return existing }
@@ -369,7 +369,7 @@ extension ReplicaStore {
                 return
             }
             let merged = try merge(layer, into: target, epoch: epoch)
-            try state.withExclusive { s in
+            try state.withLock { s in
                 try Self.checkOpenLocked(s)
                 try Self.checkEpochLocked(s, epoch)
                 guard let i = s.sealed.firstIndex(where: { $0 === layer }) else { return }

@@ -129,7 +129,7 @@ public final class ReplicaStore: Sendable {
     /// What recovery did at open (empty after a clean close or for a new replica).
     public let recovery: RecoveryReport
     let logger: Logger
-    let state: SharedExclusive<State>
+    let state: ReadWriteLocked<State>
     let regions = RegionLocks()
     /// Regions written above the engine's clean watermark (convergence at the next claim).
     public let activity = ActivityLog()
@@ -183,7 +183,7 @@ public final class ReplicaStore: Sendable {
         self.usesDirectIO = usesDirectIO
         self.recovery = recovery
         self.logger = logger
-        self.state = SharedExclusive(state)
+        self.state = ReadWriteLocked(state)
     }
 
     static func layerDirectory(_ directory: String, layer: UInt64) -> String {
@@ -422,7 +422,7 @@ public final class ReplicaStore: Sendable {
     /// `closed`; closing twice is harmless. (Dropping the store without `close` leaves
     /// `clean = 0`, which the next `open` treats as a crash.)
     public func close() throws {
-        try state.withExclusive { s in
+        try state.withLock { s in
             guard !s.isClosed else { return }
             try Self.flushLocked(s, directory: directory)
             s.superblock.clean = true
@@ -874,7 +874,7 @@ public final class ReplicaStore: Sendable {
     /// in place synced, the journal started over) instead when the journal is past 3/4 full or
     /// broken.
     public func flush(epoch: UInt64, through: UInt64? = nil) throws {
-        let plan: (inPlace: Bool, journal: Journal, target: UInt64, state: State)? = try state.withExclusive { s in
+        let plan: (inPlace: Bool, journal: Journal, target: UInt64, state: State)? = try state.withLock { s in
             try Self.checkOpenLocked(s)
             try Self.checkEpochLocked(s, epoch)
             let highest = s.highestGeneration.load(ordering: .relaxed)
@@ -1000,7 +1000,7 @@ public final class ReplicaStore: Sendable {
     /// Grows the replica to `newSize` (a multiple of the block size, not smaller than now;
     /// the same size is a no-op): the superblock first, then the head's files (sparse).
     public func grow(to newSize: UInt64, epoch: UInt64) throws {
-        try state.withExclusive { s in
+        try state.withLock { s in
             try Self.checkOpenLocked(s)
             try Self.checkEpochLocked(s, epoch)
             guard newSize % UInt64(Self.blockSize) == 0 else {
@@ -1034,7 +1034,7 @@ public final class ReplicaStore: Sendable {
     }
 
     public func claim(epoch: UInt64) throws {
-        try state.withExclusive { s in
+        try state.withLock { s in
             try Self.checkOpenLocked(s)
             try Self.checkEpochLocked(s, epoch)
             guard epoch > s.superblock.epoch else { return }
@@ -1060,7 +1060,7 @@ public final class ReplicaStore: Sendable {
     /// newer layer's entries are newer than an older one's, so a block newer in a sealed layer
     /// is newer in the volume too.)
     public func blocksNewer(than generation: UInt64) throws -> [UInt64] {
-        try state.withExclusive { s in
+        try state.withLock { s in
             try Self.checkOpenLocked(s)
             var blocks = Set<UInt64>()
             for layer in s.sealed + [s.head] {
