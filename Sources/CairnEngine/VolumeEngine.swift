@@ -42,6 +42,8 @@ public struct EngineState: Sendable, Equatable {
     /// Blocks the scrub has verified since the engine started, and completed passes.
     public var scrubbedBlocks: UInt64 = 0
     public var scrubPasses: UInt64 = 0
+    /// Of `scrubbedBlocks`, those verified while the volume served I/O (the scrub's slower pace).
+    public var scrubbedWhileBusyBlocks: UInt64 = 0
     /// The volume's `minInSync`: writes, trims and flushes are refused (EIO) while fewer
     /// replicas are in sync.
     public var minInSync: Int = 1
@@ -153,6 +155,8 @@ public final class VolumeEngine: Sendable {
     let unrepairable = Atomic<UInt64>(0)
     let scrubbed = Atomic<UInt64>(0)
     let scrubPasses = Atomic<UInt64>(0)
+    /// Blocks the scrub verified while the volume was serving I/O (at its slower pace).
+    let scrubbedWhileBusy = Atomic<UInt64>(0)
     /// Writes and trims of the same blocks wait for each other (OverlapGate.swift): every
     /// replica then applies them in one order. Also what orders a partial block's
     /// read-modify-write against other writes of that block.
@@ -170,6 +174,13 @@ public final class VolumeEngine: Sendable {
     let minimumInSync = Atomic<Int>(1)
     let refusedBelowMinimum = Atomic<UInt64>(0)
     private let refusalLogged = Mutex<Double>(0)
+
+    /// Reads, writes, flushes and trims the application has issued: the scrub compares it
+    /// between steps to tell a busy volume from an idle one.
+    var foregroundOperations: UInt64 {
+        reads.load(ordering: .relaxed) &+ writes.load(ordering: .relaxed) &+ flushes.load(ordering: .relaxed)
+            &+ trims.load(ordering: .relaxed)
+    }
 
     private let reads = Atomic<UInt64>(0)
     private let writes = Atomic<UInt64>(0)
@@ -480,6 +491,7 @@ public final class VolumeEngine: Sendable {
             errors: errors.load(ordering: .relaxed), resync: resync,
             repairedBlocks: repaired.load(ordering: .relaxed), unrepairableBlocks: unrepairable.load(ordering: .relaxed),
             scrubbedBlocks: scrubbed.load(ordering: .relaxed), scrubPasses: scrubPasses.load(ordering: .relaxed),
+            scrubbedWhileBusyBlocks: scrubbedWhileBusy.load(ordering: .relaxed),
             minInSync: minimumInSync.load(ordering: .relaxed),
             refusedBelowMinInSync: refusedBelowMinimum.load(ordering: .relaxed))
     }

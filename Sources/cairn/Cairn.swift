@@ -110,7 +110,7 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("resync-retry"), help: "Seconds before an engine tries again to resync an out-of-sync replica it could not reach (doubling after each failure, up to 8×) (--store etcd).")
     var resyncRetry: Double = 5
 
-    @Option(name: .customLong("scrub-rate"), help: "MB/s at which the engine of a staged volume verifies every replica's checksums in the background, repairing bad blocks from another replica; 0 = no scrub (--store etcd).")
+    @Option(name: .customLong("scrub-rate"), help: "MB/s at which the engine of a staged volume verifies every replica's checksums in the background, repairing bad blocks from another replica; an eighth of it while the volume serves I/O; 0 = no scrub (--store etcd).")
     var scrubRate: Double = 8
 
     @Option(name: .customLong("metrics-address"), help: "HOST:PORT where this process serves its metrics (GET /metrics, Prometheus text format) and GET /healthz — and, on the controller and all roles, the status page; every role; port 0 picks a free one (logged). Default: none (no listener, no metrics recorded). docs/metrics.md lists the metrics.")

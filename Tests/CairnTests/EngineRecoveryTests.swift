@@ -158,6 +158,43 @@ extension EngineFUSETests {
         XCTAssertTrue(events.first?.message.contains("found by scrub") == true, events.first?.message ?? "")
     }
 
+    /// The scrub's reads share the disks with the application's: while the volume serves I/O
+    /// the scrub slows to an eighth of its rate (and still moves); idle, it runs at full rate.
+    func testTheScrubYieldsToTheApplication() throws {
+        let fakes = fakes(3)
+        let store = RecoveryStore(replicas(fakes))
+        let engine = makeEngine(fakes, recovery: store.hooks(scrub: 16 << 20))
+        let fd = try Self.open(try engine.start())
+        openFiles.append(fd)
+        func scrubbed(over seconds: Double) -> UInt64 {
+            let before = engine.state.scrubbedBlocks
+            usleep(useconds_t(seconds * 1e6))
+            return engine.state.scrubbedBlocks - before
+        }
+        usleep(300_000)
+        let idle = scrubbed(over: 1)
+        XCTAssertEqual(engine.state.scrubbedWhileBusyBlocks, 0, "nothing ran: no step was counted busy")
+        // An application writing without pause.
+        let stop = Atomic<Bool>(false)
+        let stopped = DispatchSemaphore(value: 0)
+        Thread {
+            var i = 0
+            while !stop.load(ordering: .relaxed) {
+                _ = Self.write(fd, (i % 64) * 4096, 4096, UInt8(truncatingIfNeeded: i))
+                i += 1
+            }
+            stopped.signal()
+        }.start()
+        usleep(300_000)
+        let busy = scrubbed(over: 1)
+        stop.store(true, ordering: .relaxed)
+        stopped.wait()
+        XCTAssertGreaterThan(engine.state.scrubbedWhileBusyBlocks, 0)
+        XCTAssertGreaterThan(busy, 0, "a busy volume is still scrubbed")
+        XCTAssertGreaterThan(idle, 2 * 1024, "idle, the scrub runs near its 16 MiB/s (4,096 blocks a second): \(idle)")
+        XCTAssertLessThan(busy * 3, idle, "busy, the scrub yields (an eighth of the rate): \(busy) blocks against \(idle) idle")
+    }
+
     func testTheThrottleHoldsItsRate() {
         let throttle = ResyncThrottle(bytesPerSecond: 20_000_000)
         let start = Date()
