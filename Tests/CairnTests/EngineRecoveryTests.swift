@@ -140,12 +140,18 @@ extension EngineFUSETests {
         XCTAssertEqual(engine.state.unrepairableBlocks, 1)
     }
 
-    func testTheScrubFindsAndRepairsCorruptionOnAPeer() throws {
+    /// Three fake replicas, an engine scrubbing at `rate` bytes a second, and its volume open.
+    func scrubbing(rate: UInt64) throws -> (fakes: [FakeReplica], store: RecoveryStore, engine: VolumeEngine, fd: Int32) {
         let fakes = fakes(3)
         let store = RecoveryStore(replicas(fakes))
-        let engine = makeEngine(fakes, recovery: store.hooks(scrub: 256 << 20))
+        let engine = makeEngine(fakes, recovery: store.hooks(scrub: rate))
         let fd = try Self.open(try engine.start())
         openFiles.append(fd)
+        return (fakes, store, engine, fd)
+    }
+
+    func testTheScrubFindsAndRepairsCorruptionOnAPeer() throws {
+        let (fakes, store, engine, fd) = try scrubbing(rate: 256 << 20)
         XCTAssertEqual(Self.write(fd, 40 << 20, 1 << 20, 0x61), 0)
         let block = (40 << 20) / 4096 + 17
         fakes[1].tamper(block: block, byte: 0x00, corrupt: true)
@@ -161,11 +167,7 @@ extension EngineFUSETests {
     /// The scrub's reads share the disks with the application's: while the volume serves I/O
     /// the scrub slows to an eighth of its rate (and still moves); idle, it runs at full rate.
     func testTheScrubYieldsToTheApplication() throws {
-        let fakes = fakes(3)
-        let store = RecoveryStore(replicas(fakes))
-        let engine = makeEngine(fakes, recovery: store.hooks(scrub: 16 << 20))
-        let fd = try Self.open(try engine.start())
-        openFiles.append(fd)
+        let (_, _, engine, fd) = try scrubbing(rate: 16 << 20)
         func scrubbed(over seconds: Double) -> UInt64 {
             let before = engine.state.scrubbedBlocks
             usleep(useconds_t(seconds * 1e6))
