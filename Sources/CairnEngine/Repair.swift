@@ -25,7 +25,7 @@ extension VolumeEngine {
             "replica.node": "\(damaged.nodeID)", "offset": "\(offset)", "error": "\(error)"])
         var tried: [ObjectIdentifier] = [ObjectIdentifier(damaged)]
         while true {
-            guard let good = sets.withLock({ s in s.inSync.first { !tried.contains(ObjectIdentifier($0)) } }) else {
+            guard let good = sets.withShared({ s in s.inSync.first { !tried.contains(ObjectIdentifier($0)) } }) else {
                 unrepairable.wrappingAdd(UInt64(count), ordering: .relaxed)
                 logger.critical("no in-sync replica holds a good copy of these blocks; the read fails with EIO", metadata: [
                     "offset": "\(offset)", "length": "\(buffer.count)", "damaged": "\(damaged.nodeID)"])

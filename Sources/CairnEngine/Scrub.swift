@@ -16,7 +16,7 @@ extension VolumeEngine {
     /// Verifies blocks `firstBlock ..< firstBlock+count` on every in-sync replica and repairs
     /// what is bad from another one. Returns the blocks repaired.
     func scrub(firstBlock: UInt64, count: Int) -> UInt64 {
-        let members = sets.withLock { $0.inSync }
+        let members = sets.withShared { $0.inSync }
         var total: UInt64 = 0
         for member in members {
             let bad: [UInt64]

@@ -453,7 +453,7 @@ public final class VolumeEngine: Sendable {
             if fenced.load(ordering: .acquiring) {
                 throw CairnError.failedPrecondition("the engine for volume \(volumeID) was fenced (attached elsewhere); grow it there")
             }
-            let members = sets.withLock { $0.inSync }
+            let members = sets.withShared { $0.inSync }
             var failures: [(Member, any Error)] = []
             for member in members {
                 do { try member.io.grow(volumeID: volumeID, sizeBytes: newSize, epoch: epoch) } catch { failures.append((member, error)) }
@@ -478,7 +478,7 @@ public final class VolumeEngine: Sendable {
 
     public var state: EngineState {
         let running = lifecycle.withLock { $0.session != nil }
-        let (inSync, outOfSync, resync, known) = sets.withLock { s in (s.inSync.map(\.nodeID), s.outOfSync, s.resync, s.known) }
+        let (inSync, outOfSync, resync, known) = sets.withShared { s in (s.inSync.map(\.nodeID), s.outOfSync, s.resync, s.known) }
         let order = (replicas + known).map(\.nodeID)
         return EngineState(
             volumeID: volumeID, epoch: epoch, path: running ? path : nil,
@@ -654,7 +654,7 @@ public final class VolumeEngine: Sendable {
         var tried: [ObjectIdentifier] = []
         while true {
             if fenced.load(ordering: .relaxed) { return -EIO }
-            guard let member = sets.withLock({ s in s.inSync.first { !tried.contains(ObjectIdentifier($0)) } }) else {
+            guard let member = sets.withShared({ s in s.inSync.first { !tried.contains(ObjectIdentifier($0)) } }) else {
                 return -EIO
             }
             do {
@@ -929,7 +929,7 @@ public final class VolumeEngine: Sendable {
         let succeeded = inSyncCount - inSyncFailures.filter { f in !catching.contains(ObjectIdentifier(f.0)) }.count
         guard settle(inSyncFailures, succeeded: succeeded, what: what) else { return false }
         // The failed replicas left the set: the write reached fewer than the volume asks for.
-        return meetsMinimum(sets.withLock { $0.inSync.count }, what: what)
+        return meetsMinimum(sets.withShared { $0.inSync.count }, what: what)
     }
 
     /// Sets the volume's `minInSync` (1...; values below 1 count as 1).
@@ -950,7 +950,7 @@ public final class VolumeEngine: Sendable {
             return true
         }
         if log {
-            let inSync = sets.withLock { $0.inSync.map(\.nodeID) }
+            let inSync = sets.withShared { $0.inSync.map(\.nodeID) }
             logger.error("I/O refused: fewer replicas in sync than the volume's minInSync; it is served again once a replica is back in sync", metadata: [
                 "operation": "\(what())", "min_in_sync": "\(minimum)", "replicas.in_sync": "\(inSync)",
                 "refused.total": "\(refused)"])
@@ -981,7 +981,7 @@ public final class VolumeEngine: Sendable {
     func recordOutOfSync(_ member: Member, reason: String) -> Bool {
         member.recordedOut.withLock { recorded in
             if recorded { return true }
-            let others = sets.withLock { s in s.inSync.contains { $0 !== member } }
+            let others = sets.withShared { s in s.inSync.contains { $0 !== member } }
             guard others else {
                 logger.error("the last in-sync replica failed; answered EIO, it stays in sync", metadata: [
                     "replica.node": "\(member.nodeID)", "reason": "\(reason)"])
