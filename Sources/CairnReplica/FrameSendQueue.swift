@@ -17,6 +17,7 @@
 //
 // Used by ReplicaClient (requests) and ServerConnection (replies).
 
+import CairnCore
 import Synchronization
 
 final class FrameSendQueue: Sendable {
@@ -36,9 +37,9 @@ final class FrameSendQueue: Sendable {
         var failure: String?
     }
 
-    private let state = Mutex(State())
+    private let state = PlainLocked(State())
     /// Held while writing; true once `close` ran (the descriptor may be gone).
-    private let wire = Mutex(false)
+    private let wire = PlainLocked(false)
     private let writer: Writer
     private let bytes = Atomic<UInt64>(0)
     private let writes = Atomic<UInt64>(0)

@@ -63,7 +63,7 @@ public final class ReplicaClient: Sendable {
     /// The authenticated channel (auth and secure modes); nil for plain TCP.
     private let channel: SecureChannel?
     private let logger: Logger
-    private let state = Mutex(ClientState())
+    private let state = PlainLocked(ClientState())
     /// Every request goes out through it; closed (with the descriptor) by the reader on its way out.
     let sendQueue: FrameSendQueue
     /// Signalled once the connection is torn down (socket closed, waiters failed).
