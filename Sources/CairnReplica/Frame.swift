@@ -597,8 +597,9 @@ public struct WriteRequest: WireCodable {
     /// The volume-wide write generation (strictly increasing, assigned by the engine).
     public var generation: UInt64
     public var offset: UInt64
-    /// Whole 4 KiB blocks, at most `FrameLimits.maxDataLength`.
-    public var data: [UInt8]
+    /// Whole 4 KiB blocks, at most `FrameLimits.maxDataLength`, in aligned memory (decoded
+    /// once from the wire into memory the store writes from directly).
+    public var data: BlockData
     /// A resync write (`FrameFlags.ifNewer` in the header, not in the payload): applied only to
     /// the blocks whose current generation is lower than `generation`.
     public var ifNewer: Bool
@@ -606,7 +607,7 @@ public struct WriteRequest: WireCodable {
     /// generation is at most `generation`.
     public var repair: Bool
 
-    public init(volume: String, generation: UInt64, offset: UInt64, data: [UInt8], ifNewer: Bool = false,
+    public init(volume: String, generation: UInt64, offset: UInt64, data: BlockData, ifNewer: Bool = false,
                 repair: Bool = false) {
         self.volume = volume
         self.generation = generation
@@ -614,6 +615,12 @@ public struct WriteRequest: WireCodable {
         self.data = data
         self.ifNewer = ifNewer
         self.repair = repair
+    }
+
+    public init(volume: String, generation: UInt64, offset: UInt64, data: [UInt8], ifNewer: Bool = false,
+                repair: Bool = false) {
+        self.init(volume: volume, generation: generation, offset: offset, data: BlockData(data), ifNewer: ifNewer,
+                  repair: repair)
     }
 
     public var headerFlags: UInt8 { (ifNewer ? FrameFlags.ifNewer : 0) | (repair ? FrameFlags.repair : 0) }
@@ -632,7 +639,7 @@ public struct WriteRequest: WireCodable {
         volume = try r.readVolume()
         generation = try r.readUInt64("generation")
         offset = try r.readUInt64("offset")
-        data = try r.readData(allowEmpty: false)
+        data = try r.readBlockData()
         ifNewer = flags & FrameFlags.ifNewer != 0
         repair = flags & FrameFlags.repair != 0
         try r.expectEnd()
@@ -1020,38 +1027,77 @@ struct ByteWriter {
         write(n)
         bytes.append(contentsOf: data[0..<Int(n)])
     }
+
+    mutating func writeData(_ data: BlockData) {
+        let n = UInt32(clamping: data.count)
+        write(n)
+        data.withUnsafeBytes { bytes.append(contentsOf: $0[0..<Int(n)]) }
+    }
 }
 
 /// Reads little-endian integers and length-prefixed fields from untrusted bytes: every read
 /// checks what is left first, so a lying length throws instead of trapping or allocating.
 struct ByteReader {
-    private let bytes: ArraySlice<UInt8>
-    private var index: Int
-
-    /// A payload that is already a slice (what `FrameDecoder` hands over) is read in place:
-    /// a write's data is copied once, into its `[UInt8]`.
-    init(_ bytes: some Collection<UInt8>) {
-        self.bytes = (bytes as? ArraySlice<UInt8>) ?? ArraySlice(bytes)
-        self.index = self.bytes.startIndex
+    /// Where the bytes are: a slice (what `FrameDecoder` hands over from its buffer), read in
+    /// place, or raw memory the caller keeps valid while this reader lives (a payload decoded
+    /// straight from a received chunk). Either way a write's data is copied once, into its
+    /// aligned `BlockData`.
+    private enum Storage {
+        case slice(ArraySlice<UInt8>)
+        case raw(UnsafeRawBufferPointer)
     }
 
-    var remaining: Int { bytes.endIndex - index }
+    private let storage: Storage
+    /// Bytes before this offset (from the start of the payload) are read.
+    private var consumed = 0
+    private let count: Int
 
-    mutating func take(_ count: Int, _ field: String) throws(FrameError) -> ArraySlice<UInt8> {
-        guard count >= 0, count <= remaining else {
-            throw FrameError(.malformedPayload, "payload ends inside \(field) (needs \(count) bytes, \(remaining) left)")
+    init(_ bytes: some Collection<UInt8>) {
+        if let raw = bytes as? UnsafeRawBufferPointer {
+            storage = .raw(raw)
+        } else if let slice = bytes as? Slice<UnsafeRawBufferPointer> {
+            storage = .raw(UnsafeRawBufferPointer(rebasing: slice))
+        } else {
+            storage = .slice((bytes as? ArraySlice<UInt8>) ?? ArraySlice(bytes))
         }
-        defer { index += count }
-        return bytes[index..<(index + count)]
+        switch storage {
+        case .slice(let s): count = s.count
+        case .raw(let r): count = r.count
+        }
+    }
+
+    var remaining: Int { count - consumed }
+
+    private mutating func claim(_ n: Int, _ field: String) throws(FrameError) -> Int {
+        guard n >= 0, n <= remaining else {
+            throw FrameError(.malformedPayload, "payload ends inside \(field) (needs \(n) bytes, \(remaining) left)")
+        }
+        defer { consumed += n }
+        return consumed
+    }
+
+    /// The next `n` bytes (copied when the reader is over raw memory: use it for small fields).
+    mutating func take(_ n: Int, _ field: String) throws(FrameError) -> ArraySlice<UInt8> {
+        let at = try claim(n, field)
+        switch storage {
+        case .slice(let s): return s[(s.startIndex + at)..<(s.startIndex + at + n)]
+        case .raw(let r): return ArraySlice(UnsafeRawBufferPointer(rebasing: r[at..<(at + n)]))
+        }
+    }
+
+    /// Calls `body` with the next `n` bytes in place.
+    private mutating func withNext<R>(_ n: Int, _ field: String, _ body: (UnsafeRawBufferPointer) -> R) throws(FrameError) -> R {
+        let at = try claim(n, field)
+        switch storage {
+        case .slice(let s):
+            return s.withUnsafeBytes { body(UnsafeRawBufferPointer(rebasing: $0[at..<(at + n)])) }
+        case .raw(let r):
+            return body(UnsafeRawBufferPointer(rebasing: r[at..<(at + n)]))
+        }
     }
 
     private mutating func readInteger<T: FixedWidthInteger & UnsignedInteger>(_: T.Type, _ field: String) throws(FrameError) -> T {
-        let slice = try take(MemoryLayout<T>.size, field)
-        var value: T = 0
-        for (shift, byte) in slice.enumerated() {
-            value |= T(byte) << (shift * 8)
-        }
-        return value
+        try withNext(MemoryLayout<T>.size, field) { T(littleEndian: $0.loadUnaligned(as: T.self)) }
     }
 
     mutating func readUInt8(_ field: String) throws(FrameError) -> UInt8 { try readInteger(UInt8.self, field) }
@@ -1099,7 +1145,8 @@ struct ByteReader {
         return message
     }
 
-    mutating func readData(allowEmpty: Bool) throws(FrameError) -> [UInt8] {
+    /// A data field's u32 length, checked: at most `FrameLimits.maxDataLength`, whole blocks.
+    private mutating func dataLength(allowEmpty: Bool) throws(FrameError) -> Int {
         let n = Int(try readUInt32("data length"))
         guard n <= FrameLimits.maxDataLength else {
             throw FrameError(.malformedPayload, "data is \(n) bytes (limit \(FrameLimits.maxDataLength))")
@@ -1107,7 +1154,18 @@ struct ByteReader {
         guard n % FrameLimits.blockSize == 0, allowEmpty || n > 0 else {
             throw FrameError(.malformedPayload, "data length \(n) is not a \(allowEmpty ? "" : "positive ")multiple of \(FrameLimits.blockSize)")
         }
-        return Array(try take(n, "data"))
+        return n
+    }
+
+    mutating func readData(allowEmpty: Bool) throws(FrameError) -> [UInt8] {
+        let n = try dataLength(allowEmpty: allowEmpty)
+        return try withNext(n, "data") { Array($0) }
+    }
+
+    /// `readData(allowEmpty: false)` into aligned memory of its own: one copy.
+    mutating func readBlockData() throws(FrameError) -> BlockData {
+        let n = try dataLength(allowEmpty: false)
+        return try withNext(n, "data") { BlockData(copying: $0) }
     }
 
     func expectEnd() throws(FrameError) {
@@ -1120,24 +1178,30 @@ struct ByteReader {
 // MARK: - Hot path
 
 extension WriteRequest {
+    /// A write request frame's header and fields, up to (not including) its `dataCount` bytes
+    /// of data, which the caller sends right after from where they are: the frame is
+    /// `encodeFrameHead(...) + data`, the same bytes as `encodeFrame`.
+    public static func encodeFrameHead(requestID: UInt64, epoch: UInt64, volume: String, generation: UInt64,
+                                       offset: UInt64, dataCount: Int, ifNewer: Bool = false,
+                                       repair: Bool = false) -> [UInt8] {
+        var fields = ByteWriter()
+        fields.writeVolume(volume)
+        fields.write(generation)
+        fields.write(offset)
+        fields.write(UInt32(clamping: dataCount))
+        let header = FrameHeader(opcode: .write, flags: (ifNewer ? FrameFlags.ifNewer : 0) | (repair ? FrameFlags.repair : 0),
+                                 requestID: requestID,
+                                 payloadLength: UInt32(clamping: fields.bytes.count + dataCount), epoch: epoch)
+        return header.encode() + fields.bytes
+    }
+
     /// A whole write request frame (header and payload) built straight from `data`: the data
     /// is copied once, into the returned buffer. Same bytes as `Frame(...).encode()`.
     public static func encodeFrame(requestID: UInt64, epoch: UInt64, volume: String, generation: UInt64,
                                    offset: UInt64, data: UnsafeRawBufferPointer, ifNewer: Bool = false,
                                    repair: Bool = false) -> [UInt8] {
-        var fields = ByteWriter()
-        fields.writeVolume(volume)
-        fields.write(generation)
-        fields.write(offset)
-        fields.write(UInt32(clamping: data.count))
-        let payloadLength = fields.bytes.count + data.count
-        let header = FrameHeader(opcode: .write, flags: (ifNewer ? FrameFlags.ifNewer : 0) | (repair ? FrameFlags.repair : 0),
-                                 requestID: requestID,
-                                 payloadLength: UInt32(clamping: payloadLength), epoch: epoch)
-        var bytes: [UInt8] = []
-        bytes.reserveCapacity(FrameLimits.headerSize + payloadLength)
-        bytes.append(contentsOf: header.encode())
-        bytes.append(contentsOf: fields.bytes)
+        var bytes = encodeFrameHead(requestID: requestID, epoch: epoch, volume: volume, generation: generation,
+                                    offset: offset, dataCount: data.count, ifNewer: ifNewer, repair: repair)
         bytes.append(contentsOf: data)
         return bytes
     }

@@ -25,12 +25,45 @@ public struct FrameDecoder: Sendable {
     public mutating func feed(_ bytes: some Collection<UInt8>) throws(FrameError) -> [Frame] {
         if let failure { throw failure }
         compact()
+        if bufferedByteCount == 0, pendingHeader == nil,
+           let direct = bytes.withContiguousStorageIfAvailable({ chunk in
+               Result { () throws(FrameError) -> [Frame] in try feedDirect(UnsafeRawBufferPointer(chunk)) }
+           }) {
+            return try direct.get()
+        }
         buffer.append(contentsOf: bytes)
         var frames: [Frame] = []
         while let frame = try next() {
             frames.append(frame)
         }
         compact()
+        return frames
+    }
+
+    /// `feed` with nothing held: the whole frames of `chunk` are decoded from it in place (a
+    /// write's data is copied once, into its aligned `BlockData`, instead of into this buffer
+    /// first); only a partial frame at its end is kept.
+    private mutating func feedDirect(_ chunk: UnsafeRawBufferPointer) throws(FrameError) -> [Frame] {
+        var frames: [Frame] = []
+        var at = 0
+        do throws(FrameError) {
+            while chunk.count - at >= FrameLimits.headerSize {
+                let header = try FrameHeader(decoding: UnsafeRawBufferPointer(rebasing: chunk[at..<(at + FrameLimits.headerSize)]))
+                let total = FrameLimits.headerSize + Int(header.payloadLength)
+                guard chunk.count - at >= total else { break }
+                let payload = UnsafeRawBufferPointer(rebasing: chunk[(at + FrameLimits.headerSize)..<(at + total)])
+                frames.append(try Frame(header: header, payload: payload))
+                at += total
+            }
+        } catch {
+            failure = error
+            throw error
+        }
+        if at < chunk.count {
+            // The partial frame waits here; its header (when in) is checked now, as `feed` does.
+            buffer.append(contentsOf: UnsafeRawBufferPointer(rebasing: chunk[at...]))
+            while let frame = try next() { frames.append(frame) }
+        }
         return frames
     }
 

@@ -11,14 +11,30 @@
 //
 // Frames are never interleaved (a frame's parts go out together, in order) and go out in the
 // order they were queued. Parts are kept by reference: a 1 MiB write is never copied into a
-// combined buffer. After a failed write or `close` nothing more is written: the frames still
-// pending are dropped, and `send` tells the caller why, so it breaks the connection (the client
-// fails every waiter, which includes the dropped frames' callers; the server shuts the socket).
+// combined buffer, and a write's data may be *borrowed* — the caller's own memory, sent from
+// where it is — as long as the caller keeps it valid until its reply came or, when the reply
+// will not come, until `fence` returned. After a failed write, `fence` or `close` nothing more
+// is written: the frames still pending are dropped, and `send` tells the caller why, so it
+// breaks the connection (the client fails every waiter, which includes the dropped frames'
+// callers; the server shuts the socket).
 //
 // Used by ReplicaClient (requests) and ServerConnection (replies).
 
 import CairnCore
 import Synchronization
+
+/// One piece of a frame: bytes the queue holds, or memory the sender keeps valid (see above).
+enum FramePart: @unchecked Sendable {
+    case owned([UInt8])
+    case borrowed(UnsafeRawBufferPointer)
+
+    var count: Int {
+        switch self {
+        case .owned(let bytes): bytes.count
+        case .borrowed(let memory): memory.count
+        }
+    }
+}
 
 final class FrameSendQueue: Sendable {
     /// Writes `parts` to the connection as one stream, whole, or throws.
@@ -32,14 +48,21 @@ final class FrameSendQueue: Sendable {
         /// A thread is writing (it takes `pending` when its write is done).
         var writing = false
         /// Frames waiting for the writer, each its parts, oldest first.
-        var pending: [[[UInt8]]] = []
+        var pending: [[FramePart]] = []
         /// Why nothing more can be sent (closed, or a write failed); nil while it works.
         var failure: String?
     }
 
+    /// Held while writing.
+    private struct Wire {
+        /// Nothing more is written (`fence` or `close` ran).
+        var stopped = false
+        /// `close`'s body ran: the descriptor may be gone.
+        var closed = false
+    }
+
     private let state = PlainLocked(State())
-    /// Held while writing; true once `close` ran (the descriptor may be gone).
-    private let wire = PlainLocked(false)
+    private let wire = PlainLocked(Wire())
     private let writer: Writer
     private let bytes = Atomic<UInt64>(0)
     private let writes = Atomic<UInt64>(0)
@@ -62,7 +85,7 @@ final class FrameSendQueue: Sendable {
     /// connection can no longer send — it is closed, or a write of this thread failed (its own
     /// frame's or frames combined with it, which are then lost) — and the caller must break the
     /// connection.
-    func send(_ parts: [[UInt8]]) -> String? {
+    func send(_ parts: [FramePart]) -> String? {
         let turn: Turn = state.withLock { s in
             if let failure = s.failure { return .refused(failure) }
             if s.writing {
@@ -80,7 +103,7 @@ final class FrameSendQueue: Sendable {
         var batch = [parts]
         while true {
             let failed = write(batch)
-            let (next, failure): ([[[UInt8]]]?, String?) = state.withLock { s in
+            let (next, failure): ([[FramePart]]?, String?) = state.withLock { s in
                 if let failed, s.failure == nil { s.failure = failed }
                 if s.failure != nil || s.pending.isEmpty {
                     s.pending.removeAll(keepingCapacity: true)
@@ -104,11 +127,23 @@ final class FrameSendQueue: Sendable {
         state.withLock { s in
             if s.failure == nil { s.failure = reason }
         }
-        wire.withLock { closed in
-            guard !closed else { return }
-            closed = true
+        wire.withLock { w in
+            w.stopped = true
+            guard !w.closed else { return }
+            w.closed = true
             body()
         }
+    }
+
+    /// Stops sending (as `close`, but the descriptor stays open for `close`) and returns once
+    /// no write is under way: after it, no frame's memory is read again. A caller whose frame
+    /// borrowed memory and whose reply will not come calls it before reusing that memory.
+    func fence(_ reason: String) {
+        state.withLock { s in
+            if s.failure == nil { s.failure = reason }
+            s.pending.removeAll()
+        }
+        wire.withLock { $0.stopped = true }
     }
 
     /// What `send` does with a frame: write it (nobody else is), leave it to the thread
@@ -118,10 +153,10 @@ final class FrameSendQueue: Sendable {
     }
 
     /// Writes the frames of `batch` in one writer call; returns why it failed.
-    private func write(_ batch: [[[UInt8]]]) -> String? {
+    private func write(_ batch: [[FramePart]]) -> String? {
         let parts = batch.flatMap { $0 }
-        return wire.withLock { closed -> String? in
-            guard !closed else { return "the connection is closed" }
+        return wire.withLock { w -> String? in
+            guard !w.stopped else { return "the connection is closed" }
             do {
                 var buffers: [UnsafeRawBufferPointer] = []
                 buffers.reserveCapacity(parts.count)
@@ -136,13 +171,19 @@ final class FrameSendQueue: Sendable {
         }
     }
 
-    /// Calls `body` with the memory of every array of `arrays`, in order, without copying.
-    private static func withBuffers(_ arrays: ArraySlice<[UInt8]>, _ buffers: inout [UnsafeRawBufferPointer],
+    /// Calls `body` with the memory of every part of `parts`, in order, without copying.
+    private static func withBuffers(_ parts: ArraySlice<FramePart>, _ buffers: inout [UnsafeRawBufferPointer],
                                     _ body: ([UnsafeRawBufferPointer]) throws -> Void) throws {
-        guard let first = arrays.first else { return try body(buffers) }
-        try first.withUnsafeBytes { b in
-            buffers.append(b)
-            try withBuffers(arrays.dropFirst(), &buffers, body)
+        guard let first = parts.first else { return try body(buffers) }
+        switch first {
+        case .owned(let bytes):
+            try bytes.withUnsafeBytes { b in
+                buffers.append(b)
+                try withBuffers(parts.dropFirst(), &buffers, body)
+            }
+        case .borrowed(let memory):
+            buffers.append(memory)
+            try withBuffers(parts.dropFirst(), &buffers, body)
         }
     }
 }

@@ -243,12 +243,45 @@ public final class ReplicaClient: Sendable {
         try call(op, timeout: timeout) { id in Frame(requestID: id, epoch: epoch, body: .request(Op.request(request))).encode() }
     }
 
-    /// `call` with the frame built by `encode` for the request id (a write straight from the
-    /// caller's buffer: `WriteRequest.encodeFrame`).
+    /// `call` with the frame built by `encode` for the request id.
     private func call<Op: DataOperation>(_ op: Op.Type, timeout: Duration? = nil,
                                          encode: (UInt64) -> [UInt8]) throws(ReplicaClientError) -> Op.Response {
         let (waiter, id) = try send(opcode: Op.opcode, encode: encode)
         return try answer(op, waiter: waiter, id: id, timeout: timeout ?? requestTimeout)
+    }
+
+    /// `call` for a write whose data is sent from the caller's memory (`borrowed`): `encode`
+    /// builds the frame up to the data. Returns (or throws) only once that memory is no longer
+    /// read.
+    private func call<Op: DataOperation>(_ op: Op.Type, borrowing borrowed: UnsafeRawBufferPointer,
+                                         encode: (UInt64) -> [UInt8]) throws(ReplicaClientError) -> Op.Response {
+        let sent: (Waiter, UInt64)
+        do {
+            sent = try send(opcode: Op.opcode, borrowing: borrowed, encode: encode)
+        } catch {
+            sendQueue.fence("sending \(Op.opcode) to \(address) failed: \(error)")
+            throw error
+        }
+        return try answerBorrowed(op, waiter: sent.0, id: sent.1, timeout: requestTimeout)
+    }
+
+    /// `answer` for a request that borrowed the caller's memory. A reply (even a refusal) means
+    /// the server read the whole frame, so the memory was sent; with none (the connection
+    /// broke, or timed out) the frame may still sit in the send queue or be half written, so
+    /// the queue is fenced — nothing more goes out, no write is under way — before the caller
+    /// gets the error and reuses the memory. Otherwise a later send could put the memory's new
+    /// contents on the wire under this write's header.
+    private func answerBorrowed<Op: DataOperation>(_ op: Op.Type, waiter: Waiter, id: UInt64,
+                                                   timeout: Duration) throws(ReplicaClientError) -> Op.Response {
+        do {
+            return try answer(op, waiter: waiter, id: id, timeout: timeout)
+        } catch {
+            switch error {
+            case .remote, .damagedBlock: break
+            case .connection(let reason), .timeout(let reason): sendQueue.fence(reason)
+            }
+            throw error
+        }
     }
 
     /// Waits for the reply to request `id` and checks it is `Op`'s, and `ok`.
@@ -300,9 +333,9 @@ public final class ReplicaClient: Sendable {
 
     /// Writes whole, aligned blocks at `generation` (> 0); durable after the next `flush`.
     public func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws {
-        _ = try call(DataOp.Write.self) { id in
-            WriteRequest.encodeFrame(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
-                                     offset: offset, data: data)
+        _ = try call(DataOp.Write.self, borrowing: data) { id in
+            WriteRequest.encodeFrameHead(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
+                                         offset: offset, dataCount: data.count)
         }
     }
 
@@ -316,9 +349,9 @@ public final class ReplicaClient: Sendable {
             try write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
             return data.count / FrameLimits.blockSize
         }
-        let m = try call(DataOp.Write.self) { id in
-            WriteRequest.encodeFrame(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
-                                     offset: offset, data: data, ifNewer: true)
+        let m = try call(DataOp.Write.self, borrowing: data) { id in
+            WriteRequest.encodeFrameHead(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
+                                         offset: offset, dataCount: data.count, ifNewer: true)
         }
         return try applied(m, of: data.count / FrameLimits.blockSize, "a resync write")
     }
@@ -328,9 +361,9 @@ public final class ReplicaClient: Sendable {
     @discardableResult
     public func repairWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
                             epoch: UInt64) throws -> Int {
-        let m = try call(DataOp.Write.self) { id in
-            WriteRequest.encodeFrame(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
-                                     offset: offset, data: data, repair: true)
+        let m = try call(DataOp.Write.self, borrowing: data) { id in
+            WriteRequest.encodeFrameHead(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
+                                         offset: offset, dataCount: data.count, repair: true)
         }
         return try applied(m, of: data.count / FrameLimits.blockSize, "a repair write")
     }
@@ -358,21 +391,23 @@ public final class ReplicaClient: Sendable {
 
     /// Sends a write (as `write`) and returns at once with a function that waits for its reply
     /// and throws what `write` would: one thread can have writes to several replicas in flight
-    /// without a thread per replica. The data is copied into the frame before this returns.
-    /// The returned function must be called exactly once.
+    /// without a thread per replica. The data is sent from where it is, not copied: it must
+    /// stay valid and unchanged until the returned function has returned. That function must
+    /// be called exactly once.
     public func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
                            epoch: UInt64) -> () throws -> Void {
         let sent: (Waiter, UInt64)
         do {
-            sent = try send(opcode: .write) { id in
-                WriteRequest.encodeFrame(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
-                                         offset: offset, data: data)
+            sent = try send(opcode: .write, borrowing: data) { id in
+                WriteRequest.encodeFrameHead(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
+                                             offset: offset, dataCount: data.count)
             }
         } catch {
+            sendQueue.fence("sending a write to \(address) failed: \(error)")
             return { throw error }
         }
         return { [self] in
-            _ = try answer(DataOp.Write.self, waiter: sent.0, id: sent.1, timeout: requestTimeout)
+            _ = try answerBorrowed(DataOp.Write.self, waiter: sent.0, id: sent.1, timeout: requestTimeout)
         }
     }
 
@@ -573,7 +608,8 @@ public final class ReplicaClient: Sendable {
     /// Registers a waiter and sends the frame `encode` builds for the new request id (or hands
     /// it to the thread sending now). A send failure breaks the connection, which completes the
     /// waiter with the error, and every other waiter, those whose frames were lost with it too.
-    private func send(opcode: Opcode, encode: (UInt64) -> [UInt8]) throws(ReplicaClientError) -> (Waiter, UInt64) {
+    private func send(opcode: Opcode, borrowing borrowed: UnsafeRawBufferPointer? = nil,
+                      encode: (UInt64) -> [UInt8]) throws(ReplicaClientError) -> (Waiter, UInt64) {
         let waiter = Waiter()
         let registered: Result<UInt64, ReplicaClientError> = state.withLock { s in
             if let reason = s.broken { return .failure(.connection(reason)) }
@@ -583,7 +619,9 @@ public final class ReplicaClient: Sendable {
             return .success(id)
         }
         let id = try registered.get()
-        if let failure = sendQueue.send([encode(id)]) {
+        var parts: [FramePart] = [.owned(encode(id))]
+        if let borrowed, borrowed.count > 0 { parts.append(.borrowed(borrowed)) }
+        if let failure = sendQueue.send(parts) {
             markBroken("sending \(opcode) (and the requests sent with it) to \(address) failed: \(failure)")
         }
         return (waiter, id)

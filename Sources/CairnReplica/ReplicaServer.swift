@@ -425,13 +425,8 @@ public final class ReplicaServer: Sendable {
         var errors = [(any Error)?](repeating: nil, count: frames.count)
         do {
             let store = try store(requests[0].volume)
-            // One aligned buffer for the lot (O_DIRECT), each write's data copied in.
-            let total = requests.reduce(0) { $0 + $1.data.count }
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: total, alignment: FrameLimits.blockSize)
-            defer { buffer.deallocate() }
             var writes: [ReplicaStore.GroupWrite] = []
             var indices: [Int] = []
-            var at = 0
             for (i, m) in requests.enumerated() {
                 do {
                     try checkRange(store, offset: m.offset, length: UInt64(m.data.count))
@@ -439,15 +434,16 @@ public final class ReplicaServer: Sendable {
                     errors[i] = error
                     continue
                 }
-                let slot = UnsafeMutableRawBufferPointer(rebasing: buffer[at..<(at + m.data.count)])
-                m.data.withUnsafeBytes { slot.copyMemory(from: $0) }
-                at += m.data.count
-                writes.append(ReplicaStore.GroupWrite(offset: m.offset, data: UnsafeRawBufferPointer(slot), generation: m.generation))
+                // The decoded data is aligned memory of its own (BlockData), alive while
+                // `requests` is: the store writes from it directly (O_DIRECT), no copy.
+                let data = m.data.withUnsafeBytes { $0 }
+                writes.append(ReplicaStore.GroupWrite(offset: m.offset, data: data, generation: m.generation))
                 indices.append(i)
             }
             // A group's writes carry one epoch (`writeGroup` groups no others).
             let epoch = frames[0].epoch
-            for (k, error) in store.writeGroup(writes, epoch: epoch).enumerated() where error != nil {
+            let outcomes = withExtendedLifetime(requests) { store.writeGroup(writes, epoch: epoch) }
+            for (k, error) in outcomes.enumerated() where error != nil {
                 errors[indices[k]] = error
             }
         } catch {
@@ -667,7 +663,7 @@ public final class ReplicaServer: Sendable {
         let store = try store(m.volume)
         try checkRange(store, offset: m.offset, length: UInt64(m.data.count))
         guard m.ifNewer || m.repair else {
-            try store.write(offset: m.offset, data: m.data, generation: m.generation, epoch: c.epoch)
+            try m.data.withUnsafeBytes { try store.write(offset: m.offset, bytes: $0, generation: m.generation, epoch: c.epoch) }
             return WriteResponse(status: .ok)
         }
         let applied = try m.data.withUnsafeBytes {
@@ -939,14 +935,14 @@ final class ServerConnection: @unchecked Sendable {
     /// Sends frames whole, in order, as one entry of the send queue (one system call when
     /// nobody else is sending).
     func send(_ frames: [Frame]) {
-        var parts: [[UInt8]] = []
+        var parts: [FramePart] = []
         parts.reserveCapacity(frames.count * 2)
         for frame in frames {
             let payload = frame.encodePayload()
             let header = FrameHeader(opcode: frame.opcode, flags: frame.headerFlags,
                                      requestID: frame.requestID, payloadLength: UInt32(payload.count), epoch: frame.epoch)
-            parts.append(header.encode())
-            parts.append(payload)
+            parts.append(.owned(header.encode()))
+            parts.append(.owned(payload))
         }
         if sendQueue.send(parts) != nil {
             _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
@@ -958,7 +954,7 @@ final class ServerConnection: @unchecked Sendable {
         let payload = frame.encodePayload()
         let header = FrameHeader(opcode: frame.opcode, flags: frame.headerFlags,
                                  requestID: frame.requestID, payloadLength: UInt32(payload.count), epoch: frame.epoch)
-        if sendQueue.send([header.encode(), payload]) != nil {
+        if sendQueue.send([.owned(header.encode()), .owned(payload)]) != nil {
             _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
         }
     }

@@ -74,7 +74,7 @@ final class FrameSendQueueTests: XCTestCase {
                     for frame in try decoder.feed(chunk) {
                         count += 1
                         let thread = Int(frame.requestID >> 32), index = Int(frame.requestID & 0xffff_ffff)
-                        guard let m = frame.request(DataOp.Write.self), Self.same(m.data, Self.data(thread, index)) else {
+                        guard let m = frame.request(DataOp.Write.self), Self.same(Array(m.data), Self.data(thread, index)) else {
                             throw SocketError("frame \(thread)/\(index) arrived damaged")
                         }
                         received.withLock { $0[frame.requestID, default: 0] += 1 }
@@ -86,14 +86,35 @@ final class FrameSendQueueTests: XCTestCase {
         }
         let failures = Atomic<Int>(0)
         let expectedBytes = Atomic<UInt64>(0)
+        // Every third frame's data is borrowed (sent from the sender's memory, as the replica
+        // client sends a write): that memory stays valid until the receiver has everything.
+        final class Borrowed: @unchecked Sendable {
+            let lock = NSLock()
+            var memory: [UnsafeMutableRawBufferPointer] = []
+            func keep(_ m: UnsafeMutableRawBufferPointer) { lock.lock(); memory.append(m); lock.unlock() }
+            deinit { memory.forEach { $0.deallocate() } }
+        }
+        let borrowed = Borrowed()
         onThreads(threads) { t in
             for i in 0..<perThread {
-                let frame = Self.data(t, i).withUnsafeBytes {
-                    WriteRequest.encodeFrame(requestID: Self.requestID(t, i), epoch: 1, volume: "vol-q", generation: 1, offset: 0, data: $0)
+                let data = Self.data(t, i)
+                let parts: [FramePart]
+                if i % 3 == 0 {
+                    let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count, alignment: 16)
+                    data.withUnsafeBytes { memory.copyMemory(from: $0) }
+                    borrowed.keep(memory)
+                    let head = WriteRequest.encodeFrameHead(requestID: Self.requestID(t, i), epoch: 1, volume: "vol-q",
+                                                            generation: 1, offset: 0, dataCount: data.count)
+                    parts = [.owned(head), .borrowed(UnsafeRawBufferPointer(memory))]
+                } else {
+                    let frame = data.withUnsafeBytes {
+                        WriteRequest.encodeFrame(requestID: Self.requestID(t, i), epoch: 1, volume: "vol-q", generation: 1, offset: 0, data: $0)
+                    }
+                    // The header apart from the rest, as the server sends a reply.
+                    parts = [.owned(Array(frame[0..<FrameLimits.headerSize])), .owned(Array(frame[FrameLimits.headerSize...]))]
                 }
-                expectedBytes.wrappingAdd(UInt64(frame.count), ordering: .relaxed)
-                // The header apart from the rest, as the server sends a reply.
-                if queue.send([Array(frame[0..<FrameLimits.headerSize]), Array(frame[FrameLimits.headerSize...])]) != nil {
+                expectedBytes.wrappingAdd(UInt64(parts.reduce(0) { $0 + $1.count }), ordering: .relaxed)
+                if queue.send(parts) != nil {
                     failures.wrappingAdd(1, ordering: .relaxed)
                 }
             }
@@ -126,7 +147,7 @@ final class FrameSendQueueTests: XCTestCase {
         for round in 1...3 {
             let frame = Frame(requestID: UInt64(round), epoch: 0, body: .request(DataOp.Hello.request(HelloRequest(protocolVersion: 4))))
                 .encode()
-            XCTAssertNil(queue.send([frame]))
+            XCTAssertNil(queue.send([.owned(frame)]))
             XCTAssertEqual(writer.withLock { $0 }.map { pthread_equal($0, pthread_self()) != 0 }, true, "written by the sender")
             XCTAssertEqual(queue.writeCalls, UInt64(round))
             var bytes = [UInt8](repeating: 0, count: frame.count)
@@ -134,8 +155,48 @@ final class FrameSendQueueTests: XCTestCase {
             XCTAssertEqual(bytes, frame)
         }
         queue.close {}
-        XCTAssertNotNil(queue.send([[1, 2, 3]]), "a closed queue refuses")
+        XCTAssertNotNil(queue.send([.owned([1, 2, 3])]), "a closed queue refuses")
         XCTAssertEqual(queue.writeCalls, 3)
+    }
+
+    /// What makes borrowed memory safe to reuse after a failed request: `fence` returns only
+    /// once the write under way has ended, and the frames queued behind it are never written.
+    func testFenceWaitsForTheWriteUnderWayAndDropsWhatIsQueued() throws {
+        let writing = Atomic<Bool>(false)
+        let writes = Atomic<Int>(0)
+        let release = DispatchSemaphore(value: 0)
+        let queue = FrameSendQueue { _ in
+            writing.store(true, ordering: .sequentiallyConsistent)
+            release.wait()
+            writes.wrappingAdd(1, ordering: .sequentiallyConsistent)
+            writing.store(false, ordering: .sequentiallyConsistent)
+        }
+        let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 16)
+        defer { memory.deallocate() }
+        let first = DispatchSemaphore(value: 0)
+        let part = FramePart.borrowed(UnsafeRawBufferPointer(memory))
+        try startThread {
+            _ = queue.send([.owned([1]), part])
+            first.signal()
+        }
+        while !writing.load(ordering: .sequentiallyConsistent) { usleep(1000) }
+        XCTAssertNil(queue.send([.owned([2]), .borrowed(UnsafeRawBufferPointer(memory))]), "queued behind the write under way")
+        let fenced = Atomic<Bool>(false)
+        let fenceDone = DispatchSemaphore(value: 0)
+        try startThread {
+            queue.fence("the request failed")
+            fenced.store(true, ordering: .sequentiallyConsistent)
+            fenceDone.signal()
+        }
+        usleep(200_000)
+        XCTAssertFalse(fenced.load(ordering: .sequentiallyConsistent), "fence returned while a write still read the memory")
+        release.signal()
+        XCTAssertEqual(fenceDone.wait(timeout: .now() + 10), .success)
+        XCTAssertFalse(writing.load(ordering: .sequentiallyConsistent))
+        XCTAssertEqual(first.wait(timeout: .now() + 10), .success)
+        XCTAssertEqual(writes.load(ordering: .sequentiallyConsistent), 1, "the frame queued behind was dropped, not written")
+        XCTAssertNotNil(queue.send([.owned([3])]), "a fenced queue refuses")
+        XCTAssertEqual(writes.load(ordering: .sequentiallyConsistent), 1)
     }
 
     /// A replica client through a server that stops reading: the socket fills, a write times
