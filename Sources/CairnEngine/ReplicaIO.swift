@@ -32,7 +32,8 @@ public protocol ReplicaIO: AnyObject, Sendable {
     func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws
     /// Starts `write` and returns a function that waits for its outcome (called exactly once),
     /// so the engine can have a write in flight to several replicas from one thread. The data
-    /// may be reused once this returns. The default writes at once.
+    /// may be sent from where it is (the data protocol's client does not copy it): keep it
+    /// valid and unchanged until the returned function has returned. The default writes at once.
     func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
                     epoch: UInt64) -> () throws -> Void
     func flush(volumeID: String, epoch: UInt64) throws
