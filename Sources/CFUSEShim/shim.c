@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <spawn.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -289,16 +290,91 @@ static const struct fuse_lowlevel_ops ops = {
     .fallocate = op_fallocate,
 };
 
+// The session's workers: CFUSE_MAX_THREADS threads, each reading requests from /dev/fuse into a
+// buffer of its own and running them (fuse_session_receive_buf + fuse_session_process_buf, the
+// loop libfuse documents for an event loop of one's own). libfuse's fuse_session_loop_mt does
+// the same with buffers from malloc, where a write's data lands 80 bytes past the start: not
+// 4 KiB-aligned, so the engine had to copy every write before an O_DIRECT write of it. Here
+// the buffer is placed so that a write's data (after the fuse_in_header and fuse_write_in)
+// starts on a page: the engine writes the local replica from it and sends it to the others as
+// it is. libfuse 3.14 reads at most its bufsize (FUSE_MAX_MAX_PAGES = 256 pages + one page of
+// header, 1 MiB + 4 KiB) into a buffer it is given; WORKER_BUFFER leaves room for twice that.
+#define WORKER_BUFFER ((size_t)(2u << 20) + 8192)
+#define WRITE_HEADER (sizeof(struct fuse_in_header) + sizeof(struct fuse_write_in))
+
+struct worker_pool {
+    struct cfuse_session *s;
+    pthread_t threads[CFUSE_MAX_THREADS];
+    int started;
+    // Posted by each worker as it ends: the first one ends the loop (below).
+    sem_t finished;
+};
+
+static void free_buffer(void *p) { free(p); }
+
+static void *worker_thread(void *arg) {
+    struct worker_pool *pool = arg;
+    struct fuse_session *se = pool->s->se;
+    // Cancellation (by the loop, once another worker ended) only while waiting for a request,
+    // never in the middle of one.
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
+    void *base = NULL;
+    if (posix_memalign(&base, 4096, WORKER_BUFFER) != 0) {
+        fprintf(stderr, "cairn fuse: cannot allocate a worker's request buffer\n");
+        fuse_session_exit(se);
+        sem_post(&pool->finished);
+        return NULL;
+    }
+    pthread_cleanup_push(free_buffer, base);
+    char *mem = (char *)base + 4096 - WRITE_HEADER;
+    while (!fuse_session_exited(se)) {
+        struct fuse_buf fbuf;
+        memset(&fbuf, 0, sizeof fbuf);
+        fbuf.mem = mem;
+        fbuf.fd = -1;
+        pthread_setcancelstate(PTHREAD_CANCEL_ENABLE, NULL);
+        int res = fuse_session_receive_buf(se, &fbuf);
+        pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
+        if (res == -EINTR || res == -EAGAIN) continue;
+        if (res <= 0) {
+            // 0: the connection ended (unmounted or aborted); < 0: a read error.
+            if (res < 0) fprintf(stderr, "cairn fuse: reading /dev/fuse failed: %s\n", strerror(-res));
+            fuse_session_exit(se);
+            break;
+        }
+        // libfuse replaces fbuf.mem only when it had to allocate one (never: it was given).
+        fuse_session_process_buf(se, &fbuf);
+    }
+    pthread_cleanup_pop(1);
+    sem_post(&pool->finished);
+    return NULL;
+}
+
 static void *loop_thread(void *arg) {
     struct cfuse_session *s = arg;
-    struct fuse_loop_config *config = fuse_loop_cfg_create();
-    if (config) {
-        fuse_loop_cfg_set_clone_fd(config, 0);
-        fuse_loop_cfg_set_max_threads(config, CFUSE_MAX_THREADS);
-        fuse_loop_cfg_set_idle_threads(config, CFUSE_MAX_THREADS);
+    struct worker_pool pool;
+    memset(&pool, 0, sizeof pool);
+    pool.s = s;
+    sem_init(&pool.finished, 0, 0);
+    for (int i = 0; i < CFUSE_MAX_THREADS; i++) {
+        if (pthread_create(&pool.threads[pool.started], NULL, worker_thread, &pool) != 0) {
+            fprintf(stderr, "cairn fuse: started %d of %d worker threads\n", pool.started, CFUSE_MAX_THREADS);
+            break;
+        }
+        pool.started++;
     }
-    fuse_session_loop_mt(s->se, config);
-    if (config) fuse_loop_cfg_destroy(config);
+    if (pool.started == 0) fuse_session_exit(s->se);
+    // Every worker ends once the connection ends (each read then fails). When one ends for
+    // another reason, the rest would serve on alone: as libfuse's loop does, the first to end
+    // ends them all (those waiting for a request are cancelled; one running a request
+    // finishes it first).
+    if (pool.started > 0) {
+        while (sem_wait(&pool.finished) != 0 && errno == EINTR) {}
+        fuse_session_exit(s->se);
+        for (int i = 0; i < pool.started; i++) pthread_cancel(pool.threads[i]);
+    }
+    for (int i = 0; i < pool.started; i++) pthread_join(pool.threads[i], NULL);
+    sem_destroy(&pool.finished);
     return NULL;
 }
 

@@ -556,6 +556,19 @@ final class EngineFUSETests: XCTestCase {
         XCTAssertEqual(counts.most.load(ordering: .sequentiallyConsistent), 2, "direct writes to the volume file were serialized by the kernel")
     }
 
+    /// A write's data reaches the replicas in page-aligned memory straight from the FUSE
+    /// request (the shim's workers place it so), so the local store writes it with O_DIRECT
+    /// and the client sends it without a copy. With libfuse's own loop it sat 80 bytes into a
+    /// malloc'd buffer and every write was copied.
+    func testWriteDataArrivesPageAlignedFromTheKernel() throws {
+        let (_, fakes, fd) = try mounted(1)
+        for (i, size) in [4096, 65536, 1 << 20, 8192].enumerated() {
+            XCTAssertEqual(Self.write(fd, i * (1 << 20), size, 0x40 + UInt8(i)), 0)
+        }
+        XCTAssertGreaterThanOrEqual(fakes[0].snapshot.writes.count, 4)
+        XCTAssertEqual(fakes[0].unalignedWrites.load(ordering: .relaxed), 0, "write data was not page-aligned")
+    }
+
     /// The fear: two writes of one block in flight at once reach the replicas in different
     /// orders (each connection, each server worker, races on its own) and the replicas end up
     /// holding different data, every write acknowledged. The engine must keep them one after the

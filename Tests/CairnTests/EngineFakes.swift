@@ -46,6 +46,9 @@ final class FakeReplica: ReplicaIO {
     let log = ActivityLog()
     /// Called at the start of every write, outside the lock (to observe concurrency).
     let onWrite = Mutex<(@Sendable () -> Void)?>(nil)
+    /// Writes whose data was not 4 KiB-aligned memory (the store would have had to copy it for
+    /// O_DIRECT).
+    let unalignedWrites = Atomic<Int>(0)
 
     init(nodeID: String, size: Int, highestGeneration: UInt64 = 0, storesData: Bool = true) {
         self.nodeID = nodeID
@@ -101,6 +104,7 @@ final class FakeReplica: ReplicaIO {
 
     func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws {
         try checkAligned(offset, data.count)
+        if Int(bitPattern: data.baseAddress) % 4096 != 0 { unalignedWrites.wrappingAdd(1, ordering: .relaxed) }
         state.withLock { $0.writesInFlight += 1 }
         defer { state.withLock { $0.writesInFlight -= 1 } }
         onWrite.withLock { $0 }?()
