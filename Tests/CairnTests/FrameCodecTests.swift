@@ -624,6 +624,46 @@ final class FrameCodecTests: XCTestCase {
         XCTAssertGreaterThan(errorCount, 0)
         XCTAssertGreaterThan(decodedCount, 0)
     }
+
+    /// A write's data is decoded once into 4 KiB-aligned memory of its own (the store writes it
+    /// with O_DIRECT as it is), whether its frame came whole in one chunk (decoded in place) or
+    /// in pieces (through the decoder's buffer), and next to other frames and a partial one.
+    func testWriteDataIsDecodedIntoAlignedMemoryWholeOrInPieces() throws {
+        func frame(_ id: UInt64, _ count: Int) -> ([UInt8], [UInt8]) {
+            let data = (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(id)) }
+            let bytes = data.withUnsafeBytes {
+                WriteRequest.encodeFrame(requestID: id, epoch: 2, volume: "vol-a", generation: id, offset: 4096, data: $0)
+            }
+            return (bytes, data)
+        }
+        let big = frame(1, 1 << 20), small = frame(2, 4096), third = frame(3, 8192)
+        let stream = big.0 + small.0 + third.0
+        // Cuts: all at once; the third frame split; byte pieces of 7; the first split at its header.
+        for cuts in [[stream.count], [big.0.count + small.0.count + 100, stream.count],
+                     Array(stride(from: 7, to: stream.count, by: 7)) + [stream.count], [20, stream.count]] {
+            var decoder = FrameDecoder()
+            var frames: [Frame] = []
+            var at = 0
+            for cut in cuts {
+                frames += try stream[at..<cut].withUnsafeBytes { try decoder.feed($0) }
+                at = cut
+            }
+            try decoder.finish()
+            XCTAssertEqual(frames.map(\.requestID), [1, 2, 3], "cuts \(cuts.prefix(3))")
+            for (frame, expected) in zip(frames, [big.1, small.1, third.1]) {
+                let m = try XCTUnwrap(frame.request(DataOp.Write.self))
+                XCTAssertTrue(m.data == expected, "request \(frame.requestID)'s data")
+                m.data.withUnsafeBytes { XCTAssertEqual(Int(bitPattern: $0.baseAddress) % 4096, 0, "request \(frame.requestID)'s data is aligned") }
+            }
+        }
+        // A large buffer goes back to the pool and comes out again for the next large write.
+        let a = BlockData(big.1)
+        let address = a.withUnsafeBytes { Int(bitPattern: $0.baseAddress) }
+        _ = consume a
+        let b = BlockData(big.1)
+        XCTAssertEqual(b.withUnsafeBytes { Int(bitPattern: $0.baseAddress) }, address, "the freed 1 MiB buffer was reused")
+        XCTAssertTrue(b == big.1)
+    }
 }
 
 /// A small seeded generator, so a failing fuzz case reproduces.
