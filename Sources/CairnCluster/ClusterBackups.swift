@@ -115,18 +115,20 @@ struct ReplicaRestoreSink: RestoreSink {
     func write(_ data: [UInt8], offset: Int64) async throws {
         let (replicas, volumeID, epoch) = (self.replicas, self.volumeID, self.epoch)
         try await ReplicatedBacking.blocking {
-            // Sent to every replica before any answer is awaited.
-            let waits = data.withUnsafeBytes { bytes in
-                replicas.map { r in
+            // Sent to every replica before any answer is awaited. The data is sent from where it
+            // is (not copied), so the answers are awaited while it is still borrowed.
+            let failure: (any Error)? = data.withUnsafeBytes { bytes in
+                let waits = replicas.map { r in
                     (r.nodeID, r.client.beginWrite(volumeID: volumeID, offset: UInt64(offset), data: bytes, generation: Self.generation, epoch: epoch))
                 }
-            }
-            var failure: (any Error)?
-            for (nodeID, wait) in waits {
-                do { try wait() } catch {
-                    failure = failure ?? CairnError.unavailable(
-                        "writing restored data into volume \(volumeID)'s replica on node \(nodeID) failed: \(error); repeat the CreateVolume to resume the restore")
+                var failure: (any Error)?
+                for (nodeID, wait) in waits {
+                    do { try wait() } catch {
+                        failure = failure ?? CairnError.unavailable(
+                            "writing restored data into volume \(volumeID)'s replica on node \(nodeID) failed: \(error); repeat the CreateVolume to resume the restore")
+                    }
                 }
+                return failure
             }
             if let failure { throw failure }
         }

@@ -675,10 +675,11 @@ final class ReplicaServerTests: XCTestCase {
                 let data = Self.pattern(bs, seed: t &* 1000 &+ r)
                 do {
                     let g = generation.wrappingAdd(1, ordering: .relaxed).newValue
-                    let waits = data.withUnsafeBytes { bytes in
-                        [a, b].map { $0.beginWrite(volumeID: volume, offset: block * UInt64(bs), data: bytes, generation: g, epoch: 1) }
+                    // The data is borrowed by the frames until their replies: awaited inside.
+                    try data.withUnsafeBytes { bytes in
+                        let waits = [a, b].map { $0.beginWrite(volumeID: volume, offset: block * UInt64(bs), data: bytes, generation: g, epoch: 1) }
+                        for w in waits { try w() }
                     }
-                    for w in waits { try w() }
                     if r % 10 == 0 {
                         let flushes = [a.beginFlush(volumeID: volume, epoch: 1), b.beginFlush(volumeID: volume, epoch: 1)]
                         for f in flushes { try f() }
