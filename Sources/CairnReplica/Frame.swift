@@ -1118,8 +1118,7 @@ struct ByteReader {
         guard n >= 1, n <= FrameLimits.maxVolumeIDLength else {
             throw FrameError(.malformedPayload, "volume id is \(n) bytes (must be 1...\(FrameLimits.maxVolumeIDLength))")
         }
-        let raw = try take(n, "volume id")
-        guard let volume = String(validating: raw, as: UTF8.self) else {
+        guard let volume = try withNext(n, "volume id", { String(validating: $0, as: UTF8.self) }) else {
             throw FrameError(.malformedPayload, "volume id is not valid UTF-8")
         }
         return volume
@@ -1138,8 +1137,7 @@ struct ByteReader {
         guard n <= FrameLimits.maxMessageLength else {
             throw FrameError(.malformedPayload, "message is \(n) bytes (limit \(FrameLimits.maxMessageLength))")
         }
-        let raw = try take(n, "message")
-        guard let message = String(validating: raw, as: UTF8.self) else {
+        guard let message = try withNext(n, "message", { String(validating: $0, as: UTF8.self) }) else {
             throw FrameError(.malformedPayload, "message is not valid UTF-8")
         }
         return message
