@@ -315,6 +315,8 @@ static void free_buffer(void *p) { free(p); }
 static void *worker_thread(void *arg) {
     struct worker_pool *pool = arg;
     struct fuse_session *se = pool->s->se;
+    // Named for top -H, perf and gdb: the threads that run the volume's I/O callbacks.
+    pthread_setname_np(pthread_self(), "cairn-fuse");
     // Cancellation (by the loop, once another worker ended) only while waiting for a request,
     // never in the middle of one.
     pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
