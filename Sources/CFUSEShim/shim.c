@@ -290,25 +290,50 @@ static const struct fuse_lowlevel_ops ops = {
     .fallocate = op_fallocate,
 };
 
-// The session's workers: CFUSE_MAX_THREADS threads, each reading requests from /dev/fuse into a
-// buffer of its own and running them (fuse_session_receive_buf + fuse_session_process_buf, the
-// loop libfuse documents for an event loop of one's own). libfuse's fuse_session_loop_mt does
-// the same with buffers from malloc, where a write's data lands 80 bytes past the start: not
-// 4 KiB-aligned, so the engine had to copy every write before an O_DIRECT write of it. Here
-// the buffer is placed so that a write's data (after the fuse_in_header and fuse_write_in)
-// starts on a page: the engine writes the local replica from it and sends it to the others as
-// it is. libfuse 3.14 reads at most its bufsize (FUSE_MAX_MAX_PAGES = 256 pages + one page of
-// header, 1 MiB + 4 KiB) into a buffer it is given; WORKER_BUFFER leaves room for twice that.
+// The session's workers: up to CFUSE_MAX_THREADS threads, each reading requests from
+// /dev/fuse into a buffer of its own and running them (fuse_session_receive_buf +
+// fuse_session_process_buf, the loop libfuse documents for an event loop of one's own).
+// libfuse's fuse_session_loop_mt does the same with buffers from malloc, where a write's data
+// lands 80 bytes past the start: not 4 KiB-aligned, so the engine had to copy every write
+// before an O_DIRECT write of it. Here the buffer is placed so that a write's data (after the
+// fuse_in_header and fuse_write_in) starts on a page: the engine writes the local replica from
+// it and sends it to the others as it is. libfuse 3.14 reads at most its bufsize
+// (FUSE_MAX_MAX_PAGES = 256 pages + one page of header, 1 MiB + 4 KiB) into a buffer it is
+// given; WORKER_BUFFER leaves room for twice that.
+//
+// Workers are started as load needs them, as libfuse's loop does: one at first, and another
+// whenever a worker takes a request while none is left waiting for the next, up to the limit.
+// Once started a worker stays (an idle volume keeps the few it ever needed: a node with many
+// staged volumes does not hold 32 threads for each).
 #define WORKER_BUFFER ((size_t)(2u << 20) + 8192)
 #define WRITE_HEADER (sizeof(struct fuse_in_header) + sizeof(struct fuse_write_in))
 
 struct worker_pool {
     struct cfuse_session *s;
+    pthread_mutex_t lock;
+    // Under `lock`: the threads started, and whether the loop is ending (no more start then).
     pthread_t threads[CFUSE_MAX_THREADS];
     int started;
+    int ending;
+    // Workers waiting for a request now (atomic).
+    int idle;
     // Posted by each worker as it ends: the first one ends the loop (below).
     sem_t finished;
 };
+
+static void *worker_thread(void *arg);
+
+// Starts one more worker unless the limit is reached or the loop is ending. 0 or an errno.
+static int start_worker(struct worker_pool *pool) {
+    int rc = 0;
+    pthread_mutex_lock(&pool->lock);
+    if (!pool->ending && pool->started < CFUSE_MAX_THREADS) {
+        rc = pthread_create(&pool->threads[pool->started], NULL, worker_thread, pool);
+        if (rc == 0) pool->started++;
+    }
+    pthread_mutex_unlock(&pool->lock);
+    return rc;
+}
 
 static void free_buffer(void *p) { free(p); }
 
@@ -334,15 +359,23 @@ static void *worker_thread(void *arg) {
         memset(&fbuf, 0, sizeof fbuf);
         fbuf.mem = mem;
         fbuf.fd = -1;
+        __atomic_add_fetch(&pool->idle, 1, __ATOMIC_SEQ_CST);
         pthread_setcancelstate(PTHREAD_CANCEL_ENABLE, NULL);
         int res = fuse_session_receive_buf(se, &fbuf);
         pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
+        int waiting = __atomic_sub_fetch(&pool->idle, 1, __ATOMIC_SEQ_CST);
         if (res == -EINTR || res == -EAGAIN) continue;
         if (res <= 0) {
             // 0: the connection ended (unmounted or aborted); < 0: a read error.
             if (res < 0) fprintf(stderr, "cairn fuse: reading /dev/fuse failed: %s\n", strerror(-res));
             fuse_session_exit(se);
             break;
+        }
+        // Nobody left waiting for the next request: one more worker (a failure to start one
+        // only leaves fewer in flight).
+        if (waiting == 0) {
+            int rc = start_worker(pool);
+            if (rc != 0) fprintf(stderr, "cairn fuse: cannot start another worker thread: %s\n", strerror(rc));
         }
         // libfuse replaces fbuf.mem only when it had to allocate one (never: it was given).
         fuse_session_process_buf(se, &fbuf);
@@ -357,26 +390,28 @@ static void *loop_thread(void *arg) {
     struct worker_pool pool;
     memset(&pool, 0, sizeof pool);
     pool.s = s;
+    pthread_mutex_init(&pool.lock, NULL);
     sem_init(&pool.finished, 0, 0);
-    for (int i = 0; i < CFUSE_MAX_THREADS; i++) {
-        if (pthread_create(&pool.threads[pool.started], NULL, worker_thread, &pool) != 0) {
-            fprintf(stderr, "cairn fuse: started %d of %d worker threads\n", pool.started, CFUSE_MAX_THREADS);
-            break;
-        }
-        pool.started++;
-    }
-    if (pool.started == 0) fuse_session_exit(s->se);
-    // Every worker ends once the connection ends (each read then fails). When one ends for
-    // another reason, the rest would serve on alone: as libfuse's loop does, the first to end
-    // ends them all (those waiting for a request are cancelled; one running a request
-    // finishes it first).
-    if (pool.started > 0) {
+    int rc = start_worker(&pool);
+    if (rc != 0) {
+        fprintf(stderr, "cairn fuse: cannot start a worker thread: %s\n", strerror(rc));
+        fuse_session_exit(s->se);
+    } else {
+        // Every worker ends once the connection ends (each read then fails). When one ends
+        // for another reason, the rest would serve on alone: as libfuse's loop does, the first
+        // to end ends them all (those waiting for a request are cancelled; one running a
+        // request finishes it first).
         while (sem_wait(&pool.finished) != 0 && errno == EINTR) {}
         fuse_session_exit(s->se);
-        for (int i = 0; i < pool.started; i++) pthread_cancel(pool.threads[i]);
     }
-    for (int i = 0; i < pool.started; i++) pthread_join(pool.threads[i], NULL);
+    pthread_mutex_lock(&pool.lock);
+    pool.ending = 1;
+    int started = pool.started;
+    pthread_mutex_unlock(&pool.lock);
+    for (int i = 0; i < started; i++) pthread_cancel(pool.threads[i]);
+    for (int i = 0; i < started; i++) pthread_join(pool.threads[i], NULL);
     sem_destroy(&pool.finished);
+    pthread_mutex_destroy(&pool.lock);
     return NULL;
 }
 

@@ -567,6 +567,14 @@ final class EngineFUSETests: XCTestCase {
         }
         XCTAssertGreaterThanOrEqual(fakes[0].snapshot.writes.count, 4)
         XCTAssertEqual(fakes[0].unalignedWrites.load(ordering: .relaxed), 0, "write data was not page-aligned")
+        // One request at a time needs one worker and one waiting: the shim starts workers as
+        // load needs them, so a node with many quiet volumes does not hold 32 threads each.
+        let workers = try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").filter { task in
+            (try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8))?
+                .trimmingCharacters(in: .whitespacesAndNewlines) == "cairn-fuse"
+        }
+        XCTAssertGreaterThan(workers.count, 0)
+        XCTAssertLessThanOrEqual(workers.count, 3, "FUSE workers started before any load needed them")
     }
 
     /// The fear: two writes of one block in flight at once reach the replicas in different
