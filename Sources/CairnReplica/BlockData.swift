@@ -63,14 +63,15 @@ public struct BlockData: Sendable, RandomAccessCollection, Equatable, Expressibl
     }
 
     public static func == (lhs: BlockData, rhs: BlockData) -> Bool {
-        guard lhs.count == rhs.count else { return false }
-        if lhs.storage === rhs.storage { return true }
-        return lhs.withUnsafeBytes { a in rhs.withUnsafeBytes { b in a.count == 0 || memcmp(a.baseAddress!, b.baseAddress!, a.count) == 0 } }
+        lhs.storage === rhs.storage || lhs.withUnsafeBytes { a in rhs.withUnsafeBytes { b in same(a, b) } }
     }
 
     public static func == (lhs: BlockData, rhs: [UInt8]) -> Bool {
-        guard lhs.count == rhs.count else { return false }
-        return lhs.withUnsafeBytes { a in rhs.withUnsafeBytes { b in a.count == 0 || memcmp(a.baseAddress!, b.baseAddress!, a.count) == 0 } }
+        lhs.withUnsafeBytes { a in rhs.withUnsafeBytes { b in same(a, b) } }
+    }
+
+    private static func same(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer) -> Bool {
+        a.count == b.count && (a.count == 0 || memcmp(a.baseAddress!, b.baseAddress!, a.count) == 0)
     }
 
     public static func == (lhs: [UInt8], rhs: BlockData) -> Bool { rhs == lhs }
