@@ -49,6 +49,18 @@ final class ClientReplicaIO: ReplicaIO {
         client.beginWrite(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
     }
 
+    func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                    epoch: UInt64, durable: Bool) -> () throws -> Bool {
+        client.beginWrite(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch,
+                          durable: durable)
+    }
+
+    func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64,
+               durable: Bool) throws -> Bool {
+        try client.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch,
+                         durable: durable)
+    }
+
     func flush(volumeID: String, epoch: UInt64) throws {
         try client.flush(volumeID: volumeID, epoch: epoch)
     }

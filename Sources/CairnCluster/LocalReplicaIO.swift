@@ -38,6 +38,11 @@ final class LocalReplicaIO: ReplicaIO {
         try store(volumeID).write(offset: offset, bytes: data, generation: generation, epoch: epoch)
     }
 
+    func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64,
+               durable: Bool) throws -> Bool {
+        try store(volumeID).write(offset: offset, bytes: data, generation: generation, epoch: epoch, durable: durable)
+    }
+
     func flush(volumeID: String, epoch: UInt64) throws {
         try store(volumeID).flush(epoch: epoch)
     }

@@ -74,6 +74,8 @@ extension VolumeEngine {
                                                    generation: generation, epoch: epoch)
                 }
                 repairedHere += 1
+                // Written in place, not durable yet: the next flush goes to this replica.
+                damaged.noteUnflushed()
                 logger.warning("repaired a corrupted block from another replica", metadata: [
                     "replica.node": "\(damaged.nodeID)", "block": "\(block)", "generation": "\(generation)",
                     "source": "\(good.nodeID)", "found.by": "\(reason)"])

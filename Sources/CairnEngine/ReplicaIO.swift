@@ -36,6 +36,15 @@ public protocol ReplicaIO: AnyObject, Sendable {
     /// valid and unchanged until the returned function has returned. The default writes at once.
     func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
                     epoch: UInt64) -> () throws -> Void
+    /// `beginWrite` that, with `durable`, asks the replica to make the write durable before it
+    /// answers, if it can do so cheaply (docs/engine.md, "Durable writes"). The returned
+    /// function says whether it did: only then may a flush skip this replica for it. The
+    /// default asks nothing and says false.
+    func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                    epoch: UInt64, durable: Bool) -> () throws -> Bool
+    /// `write` with `durable`, as `beginWrite(...durable:)`. The default says false.
+    func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64,
+               durable: Bool) throws -> Bool
     func flush(volumeID: String, epoch: UInt64) throws
     /// A flush that records `through` as the flushed generation: every write numbered at or
     /// below it has finished on every in-sync replica. The default flushes without it.
@@ -109,6 +118,21 @@ extension ReplicaIO {
         } catch {
             return { throw error }
         }
+    }
+
+    public func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                           epoch: UInt64, durable: Bool) -> () throws -> Bool {
+        let wait = beginWrite(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+        return {
+            try wait()
+            return false
+        }
+    }
+
+    public func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64,
+                      durable: Bool) throws -> Bool {
+        try write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+        return false
     }
 }
 

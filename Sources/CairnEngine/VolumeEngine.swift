@@ -49,6 +49,10 @@ public struct EngineState: Sendable, Equatable {
     public var minInSync: Int = 1
     /// Writes, trims and flushes refused because fewer than `minInSync` replicas were in sync.
     public var refusedBelowMinInSync: UInt64 = 0
+    /// Writes sent as durable writes (docs/engine.md, "Durable writes"), and flushes answered
+    /// without flushing any replica because every write since the last was durable already.
+    public var durableWrites: UInt64 = 0
+    public var flushesWithoutSync: UInt64 = 0
 }
 
 /// One replica as the engine holds it.
@@ -64,6 +68,17 @@ final class Member: Sendable {
 
     /// The replica's size when it was claimed (0 when not known).
     let claimedSize: UInt64
+
+    /// Writes and trims this replica answered without saying they were durable, counted after
+    /// each answer and before the application's; and that count as the last successful flush
+    /// of the replica read it before it was sent. While the two are equal, everything the
+    /// replica acknowledged is durable and a flush need not be sent to it. Starts unequal: the
+    /// first flush of a member always goes out.
+    let unflushed = Atomic<UInt64>(1)
+    let flushedThrough = Atomic<UInt64>(0)
+
+    @inline(__always)
+    func noteUnflushed() { unflushed.wrappingAdd(1, ordering: .releasing) }
 
     init(replica: EngineReplica, io: any ReplicaIO, claimedSize: UInt64 = 0) {
         self.replica = replica
@@ -174,6 +189,18 @@ public final class VolumeEngine: Sendable {
     let minimumInSync = Atomic<Int>(1)
     let refusedBelowMinimum = Atomic<UInt64>(0)
     private let refusalLogged = Mutex<Double>(0)
+    /// Durable writes (docs/engine.md): writes in `writeBlocks` now, writes since the
+    /// application's last flush, and how many came between its last two flushes (when any).
+    let writesInFlight = Atomic<Int>(0)
+    let writesSinceFlush = Atomic<UInt64>(0)
+    let lastFlushInterval = Atomic<UInt64>(0)
+    let durableWriteCount = Atomic<UInt64>(0)
+    let flushesWithoutSync = Atomic<UInt64>(0)
+    /// `CAIRN_DURABLE_WRITES=off` never asks for durable writes (every flush goes to every
+    /// replica, as before they existed): an escape hatch and the benchmark's comparison.
+    static let durableWritesEnabled: Bool = getenv("CAIRN_DURABLE_WRITES").map { String(cString: $0) != "off" } ?? true
+    /// Longest durable write: what a replica journals (`Journal.smallWriteLimit`).
+    static let durableWriteLimit = 256 << 10
 
     /// Reads, writes, flushes and trims the application has issued: the scrub compares it
     /// between steps to tell a busy volume from an idle one.
@@ -493,7 +520,9 @@ public final class VolumeEngine: Sendable {
             scrubbedBlocks: scrubbed.load(ordering: .relaxed), scrubPasses: scrubPasses.load(ordering: .relaxed),
             scrubbedWhileBusyBlocks: scrubbedWhileBusy.load(ordering: .relaxed),
             minInSync: minimumInSync.load(ordering: .relaxed),
-            refusedBelowMinInSync: refusedBelowMinimum.load(ordering: .relaxed))
+            refusedBelowMinInSync: refusedBelowMinimum.load(ordering: .relaxed),
+            durableWrites: durableWriteCount.load(ordering: .relaxed),
+            flushesWithoutSync: flushesWithoutSync.load(ordering: .relaxed))
     }
 
     private struct ClaimFailure { var replica: EngineReplica; var reason: String }
@@ -711,17 +740,55 @@ public final class VolumeEngine: Sendable {
         let (generation, slot) = takeGeneration()
         defer { finishGeneration(slot: slot) }
         let volumeID = volumeID, epoch = epoch
-        let failures = fromThisThread(members, begin: {
-            $0.io.beginWrite(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
-        }, local: {
-            try $0.io.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
-        })
+        let alone = writesInFlight.wrappingAdd(1, ordering: .relaxed).oldValue == 0
+        defer { writesInFlight.wrappingSubtract(1, ordering: .relaxed) }
+        let failures: [(Member, any Error)]
+        if wantsDurable(alone: alone, length: data.count) {
+            durableWriteCount.wrappingAdd(1, ordering: .relaxed)
+            metrics.durableWrite()
+            // Each replica says whether it made the write durable; one that did not is flushed
+            // by the next flush (its count moves on after its answer, before the application's).
+            failures = fromThisThread(members, begin: { member in
+                let wait = member.io.beginWrite(volumeID: volumeID, offset: offset, data: data, generation: generation,
+                                                epoch: epoch, durable: true)
+                return { if try !wait() { member.noteUnflushed() } }
+            }, local: { member in
+                if try !member.io.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch,
+                                        durable: true) {
+                    member.noteUnflushed()
+                }
+            })
+        } else {
+            failures = fromThisThread(members, begin: {
+                $0.io.beginWrite(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+            }, local: {
+                try $0.io.write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+            })
+            // After the answers, before the application's: a flush that reads the count from
+            // now on is sent to these replicas.
+            for member in members { member.noteUnflushed() }
+        }
         if failures.isEmpty { return 0 }
         if settleWithCatchingUp(failures, members: members, inSyncCount: inSyncCount, what: "write at offset \(offset)") {
             return 0
         }
         unsettled.store(true, ordering: .releasing)
         return -EIO
+    }
+
+    /// Whether this write should be a durable write: the application writes one block range
+    /// and then flushes, at queue depth 1 — a database's commit. Then asking every replica to
+    /// make the write durable as it writes it (one sync each, the one the flush would have
+    /// cost) lets the flush that follows answer at once, saving a round trip to every replica.
+    /// Guessed from what the application did: this is the only write in flight, the first
+    /// since the last flush, and the last flush came after exactly one write. A wrong guess
+    /// costs a sync per replica, never correctness: a flush is still sent to any replica with
+    /// a write it did not make durable.
+    @inline(__always)
+    func wantsDurable(alone: Bool, length: Int) -> Bool {
+        let since = writesSinceFlush.wrappingAdd(1, ordering: .relaxed).oldValue
+        return Self.durableWritesEnabled && alone && since == 0 && length <= Self.durableWriteLimit
+            && lastFlushInterval.load(ordering: .relaxed) == 1
     }
 
     /// Runs one operation on every member from the calling thread: `begin` starts it on the
@@ -762,6 +829,8 @@ public final class VolumeEngine: Sendable {
         enterGate()
         defer { leaveGate() }
         let volumeID = volumeID, epoch = epoch
+        let interval = writesSinceFlush.exchange(0, ordering: .relaxed)
+        if interval > 0 { lastFlushInterval.store(interval, ordering: .relaxed) }
         // What this flush covers: every write answered before it (a write still in flight with
         // a lower number must not be counted as flushed by a replica that saw a higher one).
         let through = flushWatermark()
@@ -783,14 +852,37 @@ public final class VolumeEngine: Sendable {
         defer { leave(ticket) }
         guard inSyncCount > 0 else { return -EIO }
         guard meetsMinimum(inSyncCount, what: "flush") else { return -EIO }
-        let members = inSyncCount == all.count ? all : Array(all.prefix(inSyncCount))
+        // Only the replicas with a write or trim they did not make durable since their last
+        // flush (the local one, when it is among them, still first).
+        var members: [Member] = []
+        var marks: [UInt64] = []
+        members.reserveCapacity(inSyncCount)
+        marks.reserveCapacity(inSyncCount)
+        for member in all.prefix(inSyncCount) {
+            let mark = member.unflushed.load(ordering: .acquiring)
+            if mark != member.flushedThrough.load(ordering: .relaxed) {
+                members.append(member)
+                marks.append(mark)
+            }
+        }
+        if members.isEmpty {
+            flushesWithoutSync.wrappingAdd(1, ordering: .relaxed)
+            metrics.flushWithoutSync()
+            return 0
+        }
         let failures = fromThisThread(members, begin: {
             $0.io.beginFlush(volumeID: volumeID, epoch: epoch, through: through)
         }, local: {
             try $0.io.flush(volumeID: volumeID, epoch: epoch, through: through)
         })
+        for (member, mark) in zip(members, marks) where !failures.contains(where: { $0.0 === member }) {
+            member.flushedThrough.max(mark, ordering: .relaxed)
+        }
         if failures.isEmpty { return 0 }
-        if settleWithCatchingUp(failures, members: members, inSyncCount: inSyncCount, what: "flush") { return 0 }
+        // The replicas not flushed count as succeeded: everything they acknowledged is durable.
+        if settleWithCatchingUp(failures, members: Array(all.prefix(inSyncCount)), inSyncCount: inSyncCount, what: "flush") {
+            return 0
+        }
         return -EIO
     }
 
@@ -843,6 +935,8 @@ public final class VolumeEngine: Sendable {
         guard meetsMinimum(inSyncCount, what: what()) else { return -EIO }
         let (generation, slot) = numbered ? takeGeneration() : (0, -1)
         defer { if numbered { finishGeneration(slot: slot) } }
+        // A trim is never durable as it is made: the next flush goes to every replica it reached.
+        defer { if numbered { for member in members { member.noteUnflushed() } } }
         if members.count == 1 {
             do {
                 try operation(members[0], generation)

@@ -21,6 +21,8 @@ final class VolumeMetrics: Sendable {
     let fencingEvents: CoreMetrics.Counter
     let qosThrottled: CoreMetrics.FloatingPointCounter
     let resyncBytes: CoreMetrics.Counter
+    let durableWrites: CoreMetrics.Counter
+    let flushesWithoutSync: CoreMetrics.Counter
     private let destroyed = Atomic<Bool>(false)
 
     init(volumeID: String, factory: any MetricsFactory = MetricsSystem.factory) {
@@ -45,6 +47,8 @@ final class VolumeMetrics: Sendable {
         qosThrottled = CoreMetrics.FloatingPointCounter(label: "cairn_volume_qos_throttled_seconds_total", dimensions: volume,
                                                         factory: factory)
         resyncBytes = counter("cairn_volume_resync_bytes_total")
+        durableWrites = counter("cairn_volume_durable_writes_total")
+        flushesWithoutSync = counter("cairn_volume_flushes_without_sync_total")
     }
 
     /// The start of a timed I/O (0 when nothing records).
@@ -69,6 +73,12 @@ final class VolumeMetrics: Sendable {
         bytesCounter?.increment(by: Int64(bytes))
     }
 
+    @inline(__always)
+    func durableWrite() { if records { durableWrites.increment() } }
+
+    @inline(__always)
+    func flushWithoutSync() { if records { flushesWithoutSync.increment() } }
+
     /// Time the QoS limiter held an I/O back.
     func throttled(nanoseconds: UInt64) {
         guard records, nanoseconds > 0 else { return }
@@ -78,7 +88,8 @@ final class VolumeMetrics: Sendable {
     /// Removes every series of the volume from the registry (its engine stopped). Idempotent.
     func destroy() {
         guard !destroyed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        for counter in [readOps, writeOps, flushOps, readBytes, writeBytes, repairedBlocks, fencingEvents, resyncBytes] {
+        for counter in [readOps, writeOps, flushOps, readBytes, writeBytes, repairedBlocks, fencingEvents, resyncBytes,
+                        durableWrites, flushesWithoutSync] {
             counter.destroy()
         }
         for timer in [readLatency, writeLatency, flushLatency] { timer.destroy() }

@@ -23,9 +23,10 @@ public enum FrameLimits {
     /// The newest protocol version a hello offers and this side speaks: 2 adds the damaged
     /// block to a read's `checksumMismatch` (`FrameFlags.detail`); 3 lets a flush say the
     /// generation it covers (`FlushRequest.through`); 4 adds `snapshotRead` and
-    /// `snapshotGenerations` (a client refuses to send them to an older peer). A server answers
-    /// a hello with the lower of the two versions and uses only what that version has.
-    public static let protocolVersion: UInt16 = 4
+    /// `snapshotGenerations` (a client refuses to send them to an older peer); 5 adds durable
+    /// writes (`FrameFlags.durable`). A server answers a hello with the lower of the two
+    /// versions and uses only what that version has.
+    public static let protocolVersion: UInt16 = 5
     public static let supportedProtocolVersions: ClosedRange<UInt16> = 1...protocolVersion
     public static let headerSize = 32
     /// The header CRC covers every header byte before the CRC field.
@@ -99,7 +100,12 @@ public enum FrameFlags {
     /// Only on a `read` response with status `checksumMismatch` (protocol version 2): the
     /// payload ends with the damaged block's number, u64, after the message.
     public static let detail: UInt8 = 0x10
-    public static let known: UInt8 = response | ifNewer | repair | barrier | detail
+    /// Only on a plain `write` (protocol version 5). On the request: make the write durable
+    /// before answering, if the replica can do so cheaply (a journaled small write: the record
+    /// is synced). On the response: it is durable — the engine need not flush this replica for
+    /// it. A response without it promises only what a write always did.
+    public static let durable: UInt8 = 0x20
+    public static let known: UInt8 = response | ifNewer | repair | barrier | detail | durable
 }
 
 /// The status a response carries. Wire values: never renumber.
@@ -230,6 +236,9 @@ public struct FrameHeader: Equatable, Sendable {
         }
         guard flags & FrameFlags.detail == 0 || (opcode == .read && flags & FrameFlags.response != 0) else {
             throw FrameError(.reservedFlags, "the detail flag is only valid on a read response, not \(opcode) (request id \(requestID))")
+        }
+        guard flags & FrameFlags.durable == 0 || (opcode == .write && flags & (FrameFlags.ifNewer | FrameFlags.repair) == 0) else {
+            throw FrameError(.reservedFlags, "the durable flag is only valid on a plain write, not \(opcode) (request id \(requestID))")
         }
         self.init(opcode: opcode, flags: flags, requestID: requestID, payloadLength: payloadLength, epoch: epoch)
     }
@@ -606,24 +615,30 @@ public struct WriteRequest: WireCodable {
     /// A repair (`FrameFlags.repair` in the header): applied only to the blocks whose current
     /// generation is at most `generation`.
     public var repair: Bool
+    /// Asks for the write to be made durable before the answer (`FrameFlags.durable`; plain
+    /// writes only).
+    public var durable: Bool
 
     public init(volume: String, generation: UInt64, offset: UInt64, data: BlockData, ifNewer: Bool = false,
-                repair: Bool = false) {
+                repair: Bool = false, durable: Bool = false) {
         self.volume = volume
         self.generation = generation
         self.offset = offset
         self.data = data
         self.ifNewer = ifNewer
         self.repair = repair
+        self.durable = durable
     }
 
     public init(volume: String, generation: UInt64, offset: UInt64, data: [UInt8], ifNewer: Bool = false,
-                repair: Bool = false) {
+                repair: Bool = false, durable: Bool = false) {
         self.init(volume: volume, generation: generation, offset: offset, data: BlockData(data), ifNewer: ifNewer,
-                  repair: repair)
+                  repair: repair, durable: durable)
     }
 
-    public var headerFlags: UInt8 { (ifNewer ? FrameFlags.ifNewer : 0) | (repair ? FrameFlags.repair : 0) }
+    public var headerFlags: UInt8 {
+        (ifNewer ? FrameFlags.ifNewer : 0) | (repair ? FrameFlags.repair : 0) | (durable ? FrameFlags.durable : 0)
+    }
 
     public func encode() -> [UInt8] {
         var w = ByteWriter(capacity: 2 + volume.utf8.count + 20 + data.count)
@@ -642,6 +657,7 @@ public struct WriteRequest: WireCodable {
         data = try r.readBlockData()
         ifNewer = flags & FrameFlags.ifNewer != 0
         repair = flags & FrameFlags.repair != 0
+        durable = flags & FrameFlags.durable != 0
         try r.expectEnd()
         guard generation != 0 else {
             // Generation 0 means "never written" in the block map.
@@ -932,11 +948,14 @@ public struct WriteResponse: WireResponse {
     /// A conditional request's blocks applied (their generation allowed it); the rest were left
     /// alone. Nil for a plain write or trim; 0 unless `status` is `ok`.
     public var appliedBlocks: UInt32?
+    /// A plain write's: it is durable (`FrameFlags.durable`), no flush needed for it.
+    public var durable: Bool
 
-    public init(status: ReplyStatus, appliedBlocks: UInt32? = nil, message: String = "") {
+    public init(status: ReplyStatus, appliedBlocks: UInt32? = nil, message: String = "", durable: Bool = false) {
         self.status = status
         self.appliedBlocks = appliedBlocks
         self.message = message
+        self.durable = durable
     }
 
     public init(failure: ReplyFailure) {
@@ -944,7 +963,9 @@ public struct WriteResponse: WireResponse {
         self.init(status: failure.status, appliedBlocks: conditional ? 0 : nil, message: failure.message)
     }
 
-    public var headerFlags: UInt8 { appliedBlocks == nil ? 0 : FrameFlags.ifNewer }
+    public var headerFlags: UInt8 {
+        (appliedBlocks == nil ? 0 : FrameFlags.ifNewer) | (durable && appliedBlocks == nil ? FrameFlags.durable : 0)
+    }
 
     public func encode() -> [UInt8] {
         var w = ByteWriter()
@@ -958,8 +979,12 @@ public struct WriteResponse: WireResponse {
         var r = ByteReader(payload)
         status = try r.readStatus()
         appliedBlocks = flags & FrameFlags.ifNewer != 0 ? try r.readUInt32("applied blocks") : nil
+        durable = flags & FrameFlags.durable != 0
         message = try r.readMessage()
         try r.expectEnd()
+        guard !durable || status == .ok else {
+            throw FrameError(.malformedPayload, "a write response with status \(status) says it is durable")
+        }
     }
 }
 
@@ -1181,13 +1206,14 @@ extension WriteRequest {
     /// `encodeFrameHead(...) + data`, the same bytes as `encodeFrame`.
     public static func encodeFrameHead(requestID: UInt64, epoch: UInt64, volume: String, generation: UInt64,
                                        offset: UInt64, dataCount: Int, ifNewer: Bool = false,
-                                       repair: Bool = false) -> [UInt8] {
+                                       repair: Bool = false, durable: Bool = false) -> [UInt8] {
         var fields = ByteWriter()
         fields.writeVolume(volume)
         fields.write(generation)
         fields.write(offset)
         fields.write(UInt32(clamping: dataCount))
-        let header = FrameHeader(opcode: .write, flags: (ifNewer ? FrameFlags.ifNewer : 0) | (repair ? FrameFlags.repair : 0),
+        let flags = (ifNewer ? FrameFlags.ifNewer : 0) | (repair ? FrameFlags.repair : 0) | (durable ? FrameFlags.durable : 0)
+        let header = FrameHeader(opcode: .write, flags: flags,
                                  requestID: requestID,
                                  payloadLength: UInt32(clamping: fields.bytes.count + dataCount), epoch: epoch)
         return header.encode() + fields.bytes
@@ -1197,9 +1223,10 @@ extension WriteRequest {
     /// is copied once, into the returned buffer. Same bytes as `Frame(...).encode()`.
     public static func encodeFrame(requestID: UInt64, epoch: UInt64, volume: String, generation: UInt64,
                                    offset: UInt64, data: UnsafeRawBufferPointer, ifNewer: Bool = false,
-                                   repair: Bool = false) -> [UInt8] {
+                                   repair: Bool = false, durable: Bool = false) -> [UInt8] {
         var bytes = encodeFrameHead(requestID: requestID, epoch: epoch, volume: volume, generation: generation,
-                                    offset: offset, dataCount: data.count, ifNewer: ifNewer, repair: repair)
+                                    offset: offset, dataCount: data.count, ifNewer: ifNewer, repair: repair,
+                                    durable: durable)
         bytes.append(contentsOf: data)
         return bytes
     }

@@ -446,6 +446,17 @@ final class Journal: Sendable {
         }
     }
 
+    /// Past 3/4 full: the next flush checkpoints (and a durable write does not say it is
+    /// durable, so that flush comes).
+    var dueForCheckpoint: Bool { used * 4 >= capacity * 3 }
+
+    /// A durable write's sync: every record whose write has completed is durable after it. It
+    /// leaves `unsynced` alone — records still being written by other threads are not covered,
+    /// so the next flush must still sync.
+    func syncRecords() throws {
+        if fdatasync(fd) != 0 { throw SystemError("fdatasync \(path)", errno: errno) }
+    }
+
     /// Makes every record appended so far durable: the flush's one fdatasync (none when nothing
     /// was appended since the last).
     func sync() throws {

@@ -333,10 +333,20 @@ public final class ReplicaClient: Sendable {
 
     /// Writes whole, aligned blocks at `generation` (> 0); durable after the next `flush`.
     public func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws {
-        _ = try call(DataOp.Write.self, borrowing: data) { id in
+        _ = try write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch, durable: false)
+    }
+
+    /// A write that, with `durable`, asks the replica to make it durable before answering
+    /// (`FrameFlags.durable`, protocol 5; an older server is not asked). Returns whether the
+    /// replica says it is durable: if not, only a flush makes it so.
+    public func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64,
+                      durable: Bool) throws -> Bool {
+        let asks = durable && protocolVersion >= 5
+        let m = try call(DataOp.Write.self, borrowing: data) { id in
             WriteRequest.encodeFrameHead(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
-                                         offset: offset, dataCount: data.count)
+                                         offset: offset, dataCount: data.count, durable: asks)
         }
+        return asks && m.durable
     }
 
     /// A resync write (`FrameFlags.ifNewer`): the replica applies it only to the blocks whose
@@ -396,18 +406,29 @@ public final class ReplicaClient: Sendable {
     /// be called exactly once.
     public func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
                            epoch: UInt64) -> () throws -> Void {
+        let wait = beginWrite(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch,
+                              durable: false)
+        return { _ = try wait() }
+    }
+
+    /// `beginWrite` with `durable` as `write(...durable:)` takes it: the returned function
+    /// says whether the replica made the write durable.
+    public func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                           epoch: UInt64, durable: Bool) -> () throws -> Bool {
+        let asks = durable && protocolVersion >= 5
         let sent: (Waiter, UInt64)
         do {
             sent = try send(opcode: .write, borrowing: data) { id in
                 WriteRequest.encodeFrameHead(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
-                                             offset: offset, dataCount: data.count)
+                                             offset: offset, dataCount: data.count, durable: asks)
             }
         } catch {
             sendQueue.fence("sending a write to \(address) failed: \(error)")
             return { throw error }
         }
         return { [self] in
-            _ = try answerBorrowed(DataOp.Write.self, waiter: sent.0, id: sent.1, timeout: requestTimeout)
+            let m = try answerBorrowed(DataOp.Write.self, waiter: sent.0, id: sent.1, timeout: requestTimeout)
+            return asks && m.durable
         }
     }
 

@@ -392,9 +392,10 @@ public final class ReplicaServer: Sendable {
     static let maxGroupedWrites = 64
 
     /// A plain write (not a resync or repair copy) of whole blocks, at most `inlineWriteLimit`:
-    /// what may go in a group.
+    /// what may go in a group. Not a durable write: the engine asks for one only when it has
+    /// no other write in flight, and it is answered after its own sync.
     static func groupable(_ frame: Frame) -> WriteRequest? {
-        guard let m = frame.request(DataOp.Write.self), !m.ifNewer, !m.repair, !m.data.isEmpty,
+        guard let m = frame.request(DataOp.Write.self), !m.ifNewer, !m.repair, !m.durable, !m.data.isEmpty,
               m.data.count <= inlineWriteLimit, m.data.count % FrameLimits.blockSize == 0 else { return nil }
         return m
     }
@@ -663,8 +664,10 @@ public final class ReplicaServer: Sendable {
         let store = try store(m.volume)
         try checkRange(store, offset: m.offset, length: UInt64(m.data.count))
         guard m.ifNewer || m.repair else {
-            try m.data.withUnsafeBytes { try store.write(offset: m.offset, bytes: $0, generation: m.generation, epoch: c.epoch) }
-            return WriteResponse(status: .ok)
+            let durable = try m.data.withUnsafeBytes {
+                try store.write(offset: m.offset, bytes: $0, generation: m.generation, epoch: c.epoch, durable: m.durable)
+            }
+            return WriteResponse(status: .ok, durable: durable)
         }
         let applied = try m.data.withUnsafeBytes {
             try store.write(offset: m.offset, bytes: $0, generation: m.generation, epoch: c.epoch,

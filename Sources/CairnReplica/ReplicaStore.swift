@@ -133,6 +133,9 @@ public final class ReplicaStore: Sendable {
     let regions = RegionLocks()
     /// Regions written above the engine's clean watermark (convergence at the next claim).
     public let activity = ActivityLog()
+    /// Writes made durable as they were written (`write(...durable:)` that returned true).
+    let durableWrites = Atomic<UInt64>(0)
+    public var durableWriteCount: UInt64 { durableWrites.load(ordering: .relaxed) }
     /// Serializes the operations that rewrite sealed layers or depend on them staying put:
     /// `deleteSnapshot` (its merge runs in chunks, taking the shared lock per chunk so writes go
     /// on) and `clone` (it hard-links sealed layers). Always taken before `state`.
@@ -501,17 +504,29 @@ public final class ReplicaStore: Sendable {
     /// `write(offset:data:generation:epoch:)` from memory the caller owns: a 4 KiB-aligned
     /// buffer is written from directly (O_DIRECT), any other is copied into a per-thread one.
     public func write(offset: UInt64, bytes data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws {
-        try state.withShared { s in
+        _ = try write(offset: offset, bytes: data, generation: generation, epoch: epoch, durable: false)
+    }
+
+    /// `write(offset:bytes:generation:epoch:)` that, with `durable`, also makes the write
+    /// durable before it returns when that is cheap: a journaled write's record is synced (one
+    /// fdatasync of the journal, as a flush would do; replay finds the record even past a hole
+    /// left by a write still in flight). Returns whether the write is durable now. False for
+    /// writes that went in place only (too long for the journal, or the journal full or
+    /// broken) and when the journal is past the point where the next flush checkpoints (so
+    /// that flush is not skipped): those wait for a flush as every write did.
+    public func write(offset: UInt64, bytes data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64,
+                      durable: Bool) throws -> Bool {
+        let journal: Journal? = try state.withShared { s in
             let (first, count) = try Self.checkLocked(s, offset: offset, length: data.count, epoch: epoch)
             try Self.checkGeneration(generation)
             activity.note(offset: offset, length: data.count, generation: generation)
             let source = Self.alignedSource(data)
-            try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
+            return try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 for i in 0..<count {
                     let block = UnsafeRawBufferPointer(rebasing: source[(i * Self.blockSize)..<((i + 1) * Self.blockSize)])
                     entries.initializeElement(at: i, to: BlockMapEntry(generation: generation, crc: CRC32C.checksum(block)))
                 }
-                try regions.withRange(offset: offset, length: data.count) {
+                return try regions.withRange(offset: offset, length: data.count) {
                     // Small writes go to the journal as well — its record and the in-place copy in
                     // flight together — so the flush that makes them durable syncs the journal
                     // alone; others (or when it is full) only in place, announced by an intent.
@@ -525,10 +540,17 @@ public final class ReplicaStore: Sendable {
                         try Self.writeAnnounced(s, offset: offset, blocks: count, generation: generation, data: source)
                     }
                     try s.blockMap.write(first: first, UnsafeBufferPointer(entries))
+                    s.highestGeneration.max(generation, ordering: .relaxed)
+                    return journaled && durable && !s.journal.dueForCheckpoint ? s.journal : nil
                 }
             }
-            s.highestGeneration.max(generation, ordering: .relaxed)
         }
+        // Outside the lock: a flush's drain need not wait for this sync. A checkpoint that ran
+        // meanwhile synced the write in place; this sync is then merely redundant.
+        guard let journal else { return false }
+        try journal.syncRecords()
+        durableWrites.wrappingAdd(1, ordering: .relaxed)
+        return true
     }
 
     /// One write of `writeGroup`: whole, aligned blocks at `offset`, numbered `generation`.
@@ -879,7 +901,7 @@ public final class ReplicaStore: Sendable {
             try Self.checkEpochLocked(s, epoch)
             let highest = s.highestGeneration.load(ordering: .relaxed)
             let target = min(through ?? highest, highest)
-            if s.journal.broken.load(ordering: .relaxed) || s.journal.used * 4 >= s.journal.capacity * 3 {
+            if s.journal.broken.load(ordering: .relaxed) || s.journal.dueForCheckpoint {
                 try Self.flushLocked(s, directory: directory, through: target)
                 return nil
             }

@@ -37,6 +37,11 @@ final class FakeReplica: ReplicaIO {
         /// Writes that started and have not finished.
         var writesInFlight = 0
         var grows: [UInt64] = []
+        /// Writes that asked to be made durable (`write(...durable: true)`).
+        var durableAsked = 0
+        /// Blocks of writes answered as not durable and not flushed since (what a power loss
+        /// could take): a flush empties it, a durable write of a block takes it out.
+        var volatileBlocks: Set<UInt64> = []
     }
 
     let nodeID: String
@@ -57,6 +62,10 @@ final class FakeReplica: ReplicaIO {
         if storesData { initial.generations = [UInt64](repeating: 0, count: size / 4096) }
         state = Mutex(initial)
     }
+
+    /// Whether a write asked to be durable is answered as durable (a journaling replica store);
+    /// else it is answered as any write (an older replica server).
+    let makesDurable = Atomic<Bool>(false)
 
     func fail(with error: (any Error & Sendable)?) { state.withLock { $0.failure = error } }
     var snapshot: (writes: [Write], reads: Int, flushes: Int, closed: Bool) {
@@ -110,6 +119,7 @@ final class FakeReplica: ReplicaIO {
         onWrite.withLock { $0 }?()
         try state.withLock { s in
             try check(s, epoch: epoch)
+            s.volatileBlocks.formUnion((offset / 4096)..<((offset + UInt64(data.count)) / 4096))
             guard storesData else { return }
             log.note(offset: offset, length: data.count, generation: generation)
             s.writes.append(Write(offset: offset, length: data.count, generation: generation))
@@ -122,10 +132,31 @@ final class FakeReplica: ReplicaIO {
         }
     }
 
+    func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64,
+               durable: Bool) throws -> Bool {
+        if durable { state.withLock { $0.durableAsked += 1 } }
+        try write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch)
+        let made = durable && makesDurable.load(ordering: .relaxed)
+        if made { state.withLock { $0.volatileBlocks.subtract((offset / 4096)..<((offset + UInt64(data.count)) / 4096)) } }
+        return made
+    }
+
+    func beginWrite(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64,
+                    epoch: UInt64, durable: Bool) -> () throws -> Bool {
+        do {
+            let made = try write(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch,
+                                 durable: durable)
+            return { made }
+        } catch {
+            return { throw error }
+        }
+    }
+
     func flush(volumeID: String, epoch: UInt64) throws {
         try state.withLock { s in
             try check(s, epoch: epoch)
             s.flushes += 1
+            s.volatileBlocks.removeAll()
         }
     }
 
@@ -135,6 +166,7 @@ final class FakeReplica: ReplicaIO {
             try check(s, epoch: epoch)
             log.note(offset: offset, length: Int(length), generation: generation)
             s.trims.append((offset, length, generation))
+            s.volatileBlocks.formUnion((offset / 4096)..<((offset + length) / 4096))
             guard storesData else { return }
             for i in Int(offset)..<Int(offset + length) { s.data[i] = 0 }
             for b in Int(offset / 4096)..<Int((offset + length) / 4096) {

@@ -403,6 +403,35 @@ final class FrameCodecTests: XCTestCase {
         XCTAssertFalse(decoded.ifNewer)
     }
 
+    func testTheDurableFlagIsOnlyValidOnAPlainWriteAndItsOKResponse() throws {
+        let data = Self.block
+        let fast = data.withUnsafeBytes {
+            WriteRequest.encodeFrame(requestID: 3, epoch: 4, volume: "v", generation: 5, offset: 0, data: $0, durable: true)
+        }
+        let generic = Frame(requestID: 3, epoch: 4, body: .request(DataOp.Write.request(
+            WriteRequest(volume: "v", generation: 5, offset: 0, data: data, durable: true)))).encode()
+        XCTAssertEqual(fast, generic)
+        XCTAssertEqual(fast[7], FrameFlags.durable)
+        guard let decoded = try Self.decodeAll(fast).first?.request(DataOp.Write.self) else { return XCTFail("not a write") }
+        XCTAssertTrue(decoded.durable)
+        XCTAssertFalse(decoded.ifNewer || decoded.repair)
+        let payload = WriteRequest(volume: "v", generation: 3, offset: 0, data: [UInt8](repeating: 1, count: 4096)).encode()
+        for flags in [FrameFlags.durable | FrameFlags.ifNewer, FrameFlags.durable | FrameFlags.repair] {
+            assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: flags, payload: payload), .reservedFlags, containing: "durable")
+        }
+        assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, flags: FrameFlags.durable, payload: Self.volumeField(Array("v".utf8))),
+                         .reservedFlags, containing: "durable")
+        assertFrameError(Self.rawFrame(op: Opcode.trim.rawValue, flags: FrameFlags.durable | FrameFlags.response, payload: [0, 0, 0]),
+                         .reservedFlags, containing: "durable")
+        // The response: durable only with ok.
+        let ok = Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.response | FrameFlags.durable, payload: [0, 0, 0])
+        XCTAssertEqual(try? Self.decodeAll(ok).first?.body, .response(DataOp.Write.response(WriteResponse(status: .ok, durable: true))))
+        let encoded = Frame(requestID: 1, epoch: 0, body: .response(DataOp.Write.response(WriteResponse(status: .ok, durable: true)))).encode()
+        XCTAssertEqual(encoded[7], FrameFlags.response | FrameFlags.durable)
+        assertFrameError(Self.rawFrame(op: Opcode.write.rawValue, flags: FrameFlags.response | FrameFlags.durable,
+                                       payload: [ReplyStatus.ioError.rawValue, 0, 0]), .malformedPayload, containing: "durable")
+    }
+
     func testTheIfNewerFlagIsOnlyValidOnWrite() {
         let volume = Self.volumeField(Array("v".utf8))
         assertFrameError(Self.rawFrame(op: Opcode.flush.rawValue, flags: FrameFlags.ifNewer, payload: volume), .reservedFlags, containing: "only valid on write and trim")

@@ -84,6 +84,66 @@ final class ReplicaJournalTests: XCTestCase {
         XCTAssertEqual(try store.verify(firstBlock: 0, count: 4096, epoch: 0), [])
     }
 
+    /// A durable write (the engine's commit at queue depth 1, docs/engine.md "Durable writes")
+    /// is synced through its journal record as it is written: it survives the loss of every
+    /// in-place copy with no flush after it — even when the record of an earlier, unflushed
+    /// write before it never reached the disk (replay skips that hole).
+    func testADurableWriteSurvivesTheLossOfItsInPlaceCopyWithNoFlushAfterIt() throws {
+        do {
+            let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
+            try store.write(offset: 0, data: pattern(blocks: 1, seed: 1), generation: 1, epoch: 0)
+            try store.flush(epoch: 0)
+            // Journal blocks 1-2 hold the first record; the next, unflushed, takes 3-4.
+            try store.write(offset: 5 * UInt64(bs), data: pattern(blocks: 1, seed: 2), generation: 2, epoch: 0)
+            let durable = try pattern(blocks: 2, seed: 3).withUnsafeBytes {
+                try store.write(offset: 9 * UInt64(bs), bytes: $0, generation: 3, epoch: 0, durable: true)
+            }
+            XCTAssertTrue(durable, "a small journaled write is made durable when asked")
+            XCTAssertEqual(store.durableWriteCount, 1)
+            // Too long for the journal: in place only, so not durable until a flush.
+            let long = try pattern(blocks: 80, seed: 4).withUnsafeBytes {
+                try store.write(offset: 100 * UInt64(bs), bytes: $0, generation: 4, epoch: 0, durable: true)
+            }
+            XCTAssertFalse(long)
+            XCTAssertEqual(store.durableWriteCount, 1)
+        }  // crash: no close, no flush after the durable write
+        // The unflushed write's record never reached the disk, nor did any in-place copy.
+        let journalFD = open(journalPath, O_RDWR)
+        XCTAssertGreaterThanOrEqual(journalFD, 0)
+        let zeros = [UInt8](repeating: 0, count: 2 * bs)
+        XCTAssertEqual(zeros.withUnsafeBytes { pwrite(journalFD, $0.baseAddress, $0.count, off_t(3 * bs)) }, 2 * bs)
+        close(journalFD)
+        try loseInPlaceWrites(blocks: [0, 5, 9, 10])
+        let store = try ReplicaStore.open(directory: dir, volumeID: volume)
+        defer { try? store.close() }
+        XCTAssertEqual(try store.read(offset: 0, length: bs, epoch: 0), pattern(blocks: 1, seed: 1), "flushed")
+        XCTAssertEqual(try store.read(offset: 9 * UInt64(bs), length: 2 * bs, epoch: 0), pattern(blocks: 2, seed: 3), "durable")
+        XCTAssertEqual(try store.generations(firstBlock: 9, count: 2, epoch: 0), [3, 3])
+        XCTAssertEqual(try store.read(offset: 5 * UInt64(bs), length: bs, epoch: 0), [UInt8](repeating: 0, count: bs),
+                       "the lost, never-flushed write is gone, and nothing else took its place")
+        XCTAssertEqual(try store.verify(firstBlock: 0, count: 4096, epoch: 0), [])
+    }
+
+    /// A journal past 3/4 full is due for a checkpoint at the next flush: a durable write then
+    /// says it is not durable, so the engine sends that flush instead of skipping it.
+    func testADurableWriteIntoAJournalDueForACheckpointAsksForTheFlush() throws {
+        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
+        defer { try? store.close() }
+        func durableWrite(_ block: Int, _ generation: UInt64) throws -> Bool {
+            try pattern(blocks: 1, seed: block).withUnsafeBytes {
+                try store.write(offset: UInt64(block * bs), bytes: $0, generation: generation, epoch: 0, durable: true)
+            }
+        }
+        XCTAssertTrue(try durableWrite(0, 1))
+        // A 2 MiB journal: 192 one-block records (two journal blocks each) fill 3/4 of it.
+        for b in 1...200 {
+            try store.write(offset: UInt64(b * bs), data: pattern(blocks: 1, seed: b), generation: UInt64(b + 1), epoch: 0)
+        }
+        XCTAssertFalse(try durableWrite(300, 300))
+        try store.flush(epoch: 0)  // the checkpoint
+        XCTAssertTrue(try durableWrite(301, 301))
+    }
+
     /// A group of writes (a replica server's receive of many small writes) goes to the device
     /// at once, but each write is what it would be alone: journaled, in place, its block-map
     /// entries; a bad one among them fails alone; after a flush the group survives the loss of

@@ -298,6 +298,39 @@ final class ReplicaServerTests: XCTestCase {
         XCTAssertFalse(c.isBroken)
     }
 
+    /// A durable write over the data protocol (version 5): the server syncs the write's journal
+    /// record and says so; a long write it cannot make durable cheaply is answered as any write.
+    /// A server of the previous release is never asked (it would refuse the flag).
+    func testADurableWriteIsAnsweredDurableAndAnOlderServerIsNotAsked() throws {
+        let server = try ReplicaServer(dataDir: root + "/new", host: "127.0.0.1", port: 0, logger: logs.logger)
+        try server.start()
+        defer { server.stop() }
+        let client = try ReplicaClient.connect(host: "127.0.0.1", port: server.boundPort)
+        defer { client.close() }
+        XCTAssertEqual(client.protocolVersion, 5)
+        try client.create(volumeID: "vol-d", sizeBytes: 8 << 20)
+        _ = try client.claim(volumeID: "vol-d", epoch: 2)
+        let small = [UInt8](repeating: 7, count: 2 * bs), long = [UInt8](repeating: 8, count: 300 << 10)
+        XCTAssertTrue(try small.withUnsafeBytes { try client.write(volumeID: "vol-d", offset: 0, data: $0, generation: 1, epoch: 2, durable: true) })
+        XCTAssertFalse(try small.withUnsafeBytes { try client.write(volumeID: "vol-d", offset: 0, data: $0, generation: 2, epoch: 2, durable: false) })
+        XCTAssertFalse(try long.withUnsafeBytes { try client.write(volumeID: "vol-d", offset: 1 << 20, data: $0, generation: 3, epoch: 2, durable: true) })
+        let wait = small.withUnsafeBytes { client.beginWrite(volumeID: "vol-d", offset: 16384, data: $0, generation: 4, epoch: 2, durable: true) }
+        XCTAssertTrue(try small.withUnsafeBytes { _ in try wait() })
+        XCTAssertEqual(try client.read(volumeID: "vol-d", offset: 16384, length: 2 * bs, epoch: 2), small)
+
+        let old = try ReplicaServer(dataDir: root + "/old", host: "127.0.0.1", port: 0, logger: logs.logger,
+                                    protocolVersions: 1...4)
+        try old.start()
+        defer { old.stop() }
+        let oldClient = try ReplicaClient.connect(host: "127.0.0.1", port: old.boundPort)
+        defer { oldClient.close() }
+        XCTAssertEqual(oldClient.protocolVersion, 4)
+        try oldClient.create(volumeID: "vol-o", sizeBytes: 8 << 20)
+        XCTAssertFalse(try small.withUnsafeBytes { try oldClient.write(volumeID: "vol-o", offset: 0, data: $0, generation: 1, epoch: 0, durable: true) })
+        XCTAssertFalse(oldClient.isBroken, "the older server was not sent a flag it refuses")
+        XCTAssertEqual(try oldClient.read(volumeID: "vol-o", offset: 0, length: 2 * bs, epoch: 0), small)
+    }
+
     /// A replica server of the previous release (protocol version 3) closes the connection on an
     /// op it does not know: the client refuses to send snapshot reads to it, and says why.
     func testSnapshotReadsToAnOlderServerSayToUpgradeItAndKeepTheConnection() throws {
