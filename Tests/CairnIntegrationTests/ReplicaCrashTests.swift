@@ -339,10 +339,12 @@ final class CrashLedger: @unchecked Sendable {
         }
     }
 
-    func acknowledge(_ index: Int) {
+    /// `durable`: the replica answered that the write is durable (a durable write).
+    func acknowledge(_ index: Int, durable: Bool = false) {
         lock.withLock {
             clock += 1
             ops[index].acknowledgedAt = clock
+            ops[index].durable = durable
             for b in ops[index].firstBlock..<(ops[index].firstBlock + ops[index].blockCount) { busy[b] = false }
             highestAcknowledged = max(highestAcknowledged, ops[index].generation)
             acknowledged += 1
@@ -423,6 +425,8 @@ struct CrashRecord {
         var isTrim: Bool
         var issuedAt: UInt64
         var acknowledgedAt: UInt64?
+        /// Acknowledged as durable (a durable write): it must survive without a flush.
+        var durable = false
     }
 
     struct Flush {
@@ -485,15 +489,20 @@ struct CrashWorkload: Sendable {
             }
             let offset = UInt64(first * ReplicaStore.blockSize)
             let length = count * ReplicaStore.blockSize
+            // A quarter of the small writes are durable writes (an engine's commits): each
+            // one acknowledged as durable must survive the kill with no flush after it.
+            let asksDurable = !isTrim && count <= 64 && Int.random(in: 0..<4, using: &random) == 0
             do {
+                var durable = false
                 if isTrim {
                     try client.trim(volumeID: volumeID, offset: offset, length: UInt64(length), generation: generation, epoch: epoch)
                 } else {
                     BlockPattern.fill(buffer, first: UInt64(first), count: count, generation: generation)
-                    try client.write(volumeID: volumeID, offset: offset, data: UnsafeRawBufferPointer(rebasing: buffer[0..<length]),
-                                     generation: generation, epoch: epoch)
+                    durable = try client.write(volumeID: volumeID, offset: offset,
+                                               data: UnsafeRawBufferPointer(rebasing: buffer[0..<length]),
+                                               generation: generation, epoch: epoch, durable: asksDurable)
                 }
-                ledger.acknowledge(index)
+                ledger.acknowledge(index, durable: durable)
             } catch {
                 ledger.fail(index, error)
                 return
@@ -718,9 +727,10 @@ struct CrashCheck {
                 for i in touching[b] {
                     let op = record.ops[i]
                     let state = op.acknowledgedAt.map { $0 < durableBefore ? "acknowledged before flush #\(lastFlush! + 1) was sent, which completed"
+                        : op.durable ? "acknowledged as durable, not flushed"
                         : $0 <= record.killedAt ? "acknowledged, not flushed" : "acknowledged as the kill came" }
                         ?? "in flight at the kill"
-                    if let acked = op.acknowledgedAt, acked < durableBefore { durable = versions.count }
+                    if let acked = op.acknowledgedAt, acked < durableBefore || op.durable { durable = versions.count }
                     versions.append(Version(generation: op.generation, isZeros: op.isTrim,
                                             reported: op.generation | (op.isTrim ? BlockGenerations.trimmedBit : 0),
                                             what: "\(op.isTrim ? "trim" : "write") generation \(op.generation) (\(state))"))
@@ -792,6 +802,7 @@ struct CrashCheck {
         let writes = ops.filter { !$0.isTrim }
         let trims = ops.count - writes.count
         let acked = ops.filter { $0.acknowledgedAt != nil }.count
+        let durable = ops.filter(\.durable).count
         let completed = record.flushes.filter { $0.completedAt != nil }.count
         let covered = lastFlush.map { record.flushes[$0] }
         var kill = "kill at \(record.killMilliseconds) ms (\(plan))"
@@ -811,7 +822,7 @@ struct CrashCheck {
         }.count
         return """
             round \(round): \(ops.count) ops (\(writes.count) writes, \(trims) trims) from generation \(record.firstGeneration), \
-            \(acked) acknowledged, \(ops.count - acked) not (\(unacknowledged.joined(separator: ", "))); \(record.flushes.count) flushes, \(completed) completed \
+            \(acked) acknowledged (\(durable) as durable writes), \(ops.count - acked) not (\(unacknowledged.joined(separator: ", "))); \(record.flushes.count) flushes, \(completed) completed \
             (the last covers \(covered?.acknowledgedOps ?? 0) ops up to generation \(covered?.highestAcknowledgedGeneration ?? 0)); \
             \(kill); flushes answered up to flushed generation \(record.flushes.compactMap(\.reportedGeneration).max() ?? 0); \
             after the kill: flushed generation \(s?.flushedGeneration ?? 0), highest \(s?.highestGeneration ?? 0); \
