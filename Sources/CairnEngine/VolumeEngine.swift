@@ -190,10 +190,13 @@ public final class VolumeEngine: Sendable {
     let refusedBelowMinimum = Atomic<UInt64>(0)
     private let refusalLogged = Mutex<Double>(0)
     /// Durable writes (docs/engine.md): writes in `writeBlocks` now, writes since the
-    /// application's last flush, and how many came between its last two flushes (when any).
+    /// application's last flush, and the recent flushes that came after exactly one write
+    /// (one bit per flush that followed any write, newest lowest: 1 when it followed one).
     let writesInFlight = Atomic<Int>(0)
     let writesSinceFlush = Atomic<UInt64>(0)
-    let lastFlushInterval = Atomic<UInt64>(0)
+    let recentSingleWriteFlushes = Atomic<UInt64>(0)
+    /// The last this many flushes (after writes) each came after exactly one write: commits.
+    static let commitRun: UInt64 = 2
     let durableWriteCount = Atomic<UInt64>(0)
     let flushesWithoutSync = Atomic<UInt64>(0)
     /// `CAIRN_DURABLE_WRITES=off` never asks for durable writes (every flush goes to every
@@ -781,14 +784,18 @@ public final class VolumeEngine: Sendable {
     /// make the write durable as it writes it (one sync each, the one the flush would have
     /// cost) lets the flush that follows answer at once, saving a round trip to every replica.
     /// Guessed from what the application did: this is the only write in flight, the first
-    /// since the last flush, and the last flush came after exactly one write. A wrong guess
-    /// costs a sync per replica, never correctness: a flush is still sent to any replica with
-    /// a write it did not make durable.
+    /// since the last flush, and each of the last two flushes came after exactly one write.
+    /// (One is not enough: a filesystem's journal commit on the volume flushes, writes its
+    /// commit block, and flushes again — one write between two flushes — after several
+    /// writes of journal blocks; guessing from one would sync every transaction's first
+    /// journal write for nothing.) A wrong guess costs a sync per replica, never correctness:
+    /// a flush is still sent to any replica with a write it did not make durable.
     @inline(__always)
     func wantsDurable(alone: Bool, length: Int) -> Bool {
         let since = writesSinceFlush.wrappingAdd(1, ordering: .relaxed).oldValue
+        let run: UInt64 = (1 << Self.commitRun) - 1
         return Self.durableWritesEnabled && alone && since == 0 && length <= Self.durableWriteLimit
-            && lastFlushInterval.load(ordering: .relaxed) == 1
+            && recentSingleWriteFlushes.load(ordering: .relaxed) & run == run
     }
 
     /// Runs one operation on every member from the calling thread: `begin` starts it on the
@@ -830,7 +837,11 @@ public final class VolumeEngine: Sendable {
         defer { leaveGate() }
         let volumeID = volumeID, epoch = epoch
         let interval = writesSinceFlush.exchange(0, ordering: .relaxed)
-        if interval > 0 { lastFlushInterval.store(interval, ordering: .relaxed) }
+        if interval > 0 {
+            // Flushes race only with each other here; a lost update only delays a guess.
+            let recent = recentSingleWriteFlushes.load(ordering: .relaxed)
+            recentSingleWriteFlushes.store(recent << 1 | (interval == 1 ? 1 : 0), ordering: .relaxed)
+        }
         // What this flush covers: every write answered before it (a write still in flight with
         // a lower number must not be counted as flushed by a replica that saw a higher one).
         let through = flushWatermark()

@@ -36,16 +36,16 @@ extension EngineFUSETests {
         let fd = try Self.open(try engine.start())
         openFiles.append(fd)
         for i in 0..<10 { commit(fd, block: i, byte: UInt8(i + 1)) }
-        // The first commit teaches the engine the pattern (one write per flush); from the second
-        // on, each write is durable on every replica and its flush is answered at once.
+        // The first two commits teach the engine the pattern (one write per flush); from the
+        // third on, each write is durable on every replica and its flush is answered at once.
         for fake in fakes {
             let (flushes, asked) = fake.state.withLock { ($0.flushes, $0.durableAsked) }
-            XCTAssertEqual(flushes, 1, "\(fake.nodeID) was flushed although every write since was durable")
-            XCTAssertEqual(asked, 9, "\(fake.nodeID)")
+            XCTAssertEqual(flushes, 2, "\(fake.nodeID) was flushed although every write since was durable")
+            XCTAssertEqual(asked, 8, "\(fake.nodeID)")
             XCTAssertEqual(fake.bytes(9 * 4096, 4096), [UInt8](repeating: 10, count: 4096))
         }
-        XCTAssertEqual(engine.state.durableWrites, 9)
-        XCTAssertEqual(engine.state.flushesWithoutSync, 9)
+        XCTAssertEqual(engine.state.durableWrites, 8)
+        XCTAssertEqual(engine.state.flushesWithoutSync, 8)
         XCTAssertEqual(volatile(fakes), [[], [], []])
     }
 
@@ -59,11 +59,11 @@ extension EngineFUSETests {
             commit(fd, block: i, byte: UInt8(i + 1))
             XCTAssertEqual(volatile(fakes), [[], [], []], "commit \(i): a flush returned with an unsynced write")
         }
-        XCTAssertEqual(fakes.map { f in f.state.withLock { $0.flushes } }, [1, 10, 1])
+        XCTAssertEqual(fakes.map { f in f.state.withLock { $0.flushes } }, [2, 10, 2])
         XCTAssertEqual(engine.state.flushesWithoutSync, 0)
     }
 
-    func testWritesWithoutFlushesOrSeveralPerFlushAreNotMadeDurableAndATrimIsFlushed() throws {
+    func testWritesWithoutFlushesOrSeveralPerFlushOrAJournalCommitAreNotMadeDurableAndATrimIsFlushed() throws {
         let fakes = durableFakes(2)
         let engine = makeEngine(fakes)
         let fd = try Self.open(try engine.start())
@@ -77,17 +77,28 @@ extension EngineFUSETests {
             XCTAssertEqual(Self.write(fd, (41 + 2 * i) * 4096, 4096, 0x23), 0)
             XCTAssertEqual(fdatasync(fd), 0)
         }
+        // A filesystem's journal commits: several journal writes, a flush, the commit block, a
+        // flush — one write between two flushes every other time is not a commit pattern.
+        for i in 0..<5 {
+            for j in 0..<3 { XCTAssertEqual(Self.write(fd, (60 + 4 * i + j) * 4096, 4096, 0x24), 0) }
+            XCTAssertEqual(fdatasync(fd), 0)
+            XCTAssertEqual(Self.write(fd, (63 + 4 * i) * 4096, 4096, 0x25), 0)
+            XCTAssertEqual(fdatasync(fd), 0)
+        }
         XCTAssertEqual(fakes.map { f in f.state.withLock { $0.durableAsked } }, [0, 0])
-        XCTAssertEqual(fakes.map { f in f.state.withLock { $0.flushes } }, [6, 6])
-        // One write per flush again: durable from the second commit on.
+        XCTAssertEqual(fakes.map { f in f.state.withLock { $0.flushes } }, [16, 16])
+        // One write per flush again (the commit block's flush was the first of the run): the
+        // second commit on is durable and its flush sends nothing.
         commit(fd, block: 100, byte: 0x33)
         commit(fd, block: 101, byte: 0x34)
-        XCTAssertEqual(fakes.map { f in f.state.withLock { $0.flushes } }, [7, 7])
+        commit(fd, block: 102, byte: 0x35)
+        XCTAssertEqual(fakes.map { f in f.state.withLock { $0.flushes } }, [17, 17])
+        XCTAssertEqual(fakes.map { f in f.state.withLock { $0.durableAsked } }, [2, 2])
         // A trim is never durable as it is made: the flush after it goes everywhere.
-        XCTAssertEqual(Self.write(fd, 102 * 4096, 4096, 0x35), 0)
+        XCTAssertEqual(Self.write(fd, 103 * 4096, 4096, 0x36), 0)
         XCTAssertEqual(punch(fd, 0x02 | 0x01, 200 * 4096, 8192), 0)
         XCTAssertEqual(fdatasync(fd), 0)
-        XCTAssertEqual(fakes.map { f in f.state.withLock { $0.flushes } }, [8, 8])
+        XCTAssertEqual(fakes.map { f in f.state.withLock { $0.flushes } }, [18, 18])
         XCTAssertEqual(volatile(fakes), [[], []])
     }
 
