@@ -189,14 +189,19 @@ public final class VolumeEngine: Sendable {
     let minimumInSync = Atomic<Int>(1)
     let refusedBelowMinimum = Atomic<UInt64>(0)
     private let refusalLogged = Mutex<Double>(0)
-    /// Durable writes (docs/engine.md): writes in `writeBlocks` now, writes since the
-    /// application's last flush, and the recent flushes that came after exactly one write
-    /// (one bit per flush that followed any write, newest lowest: 1 when it followed one).
-    let writesInFlight = Atomic<Int>(0)
+    /// Durable writes (docs/engine.md): writes since the application's last flush (counted up
+    /// to 2 only, so a stream of writes reads this word and does not write it), and the recent
+    /// flushes that came after exactly one write (one bit per flush that followed any write,
+    /// newest lowest: 1 when it followed one). Whether a write is alone comes from the
+    /// barrier's count of I/O in flight (`gatedInFlight`), which every write already keeps.
     let writesSinceFlush = Atomic<UInt64>(0)
     let recentSingleWriteFlushes = Atomic<UInt64>(0)
     /// The last this many flushes (after writes) each came after exactly one write: commits.
     static let commitRun: UInt64 = 2
+    /// Tests: instead of the guess, every other write is a durable write (the flush skipping
+    /// logic then meets durable and plain writes mixed under any concurrency).
+    let alternateDurableForTesting = Atomic<Bool>(false)
+    let alternation = Atomic<UInt64>(0)
     let durableWriteCount = Atomic<UInt64>(0)
     let flushesWithoutSync = Atomic<UInt64>(0)
     /// `CAIRN_DURABLE_WRITES=off` never asks for durable writes (every flush goes to every
@@ -743,10 +748,8 @@ public final class VolumeEngine: Sendable {
         let (generation, slot) = takeGeneration()
         defer { finishGeneration(slot: slot) }
         let volumeID = volumeID, epoch = epoch
-        let alone = writesInFlight.wrappingAdd(1, ordering: .relaxed).oldValue == 0
-        defer { writesInFlight.wrappingSubtract(1, ordering: .relaxed) }
         let failures: [(Member, any Error)]
-        if wantsDurable(alone: alone, length: data.count) {
+        if wantsDurable(length: data.count) {
             durableWriteCount.wrappingAdd(1, ordering: .relaxed)
             metrics.durableWrite()
             // Each replica says whether it made the write durable; one that did not is flushed
@@ -790,11 +793,17 @@ public final class VolumeEngine: Sendable {
     /// writes of journal blocks; guessing from one would sync every transaction's first
     /// journal write for nothing.) A wrong guess costs a sync per replica, never correctness:
     /// a flush is still sent to any replica with a write it did not make durable.
+    /// The caller is past the barrier's gate (`gatedInFlight` counts it).
     @inline(__always)
-    func wantsDurable(alone: Bool, length: Int) -> Bool {
-        let since = writesSinceFlush.wrappingAdd(1, ordering: .relaxed).oldValue
+    func wantsDurable(length: Int) -> Bool {
+        let since = writesSinceFlush.load(ordering: .relaxed)
+        if since < 2 { writesSinceFlush.wrappingAdd(1, ordering: .relaxed) }
+        if alternateDurableForTesting.load(ordering: .relaxed) {
+            return alternation.wrappingAdd(1, ordering: .relaxed).oldValue & 1 == 0 && length <= Self.durableWriteLimit
+        }
         let run: UInt64 = (1 << Self.commitRun) - 1
-        return Self.durableWritesEnabled && alone && since == 0 && length <= Self.durableWriteLimit
+        return Self.durableWritesEnabled && since == 0 && length <= Self.durableWriteLimit
+            && gatedInFlight.load(ordering: .relaxed) == 1
             && recentSingleWriteFlushes.load(ordering: .relaxed) & run == run
     }
 
@@ -836,7 +845,7 @@ public final class VolumeEngine: Sendable {
         enterGate()
         defer { leaveGate() }
         let volumeID = volumeID, epoch = epoch
-        let interval = writesSinceFlush.exchange(0, ordering: .relaxed)
+        let interval = writesSinceFlush.load(ordering: .relaxed) == 0 ? 0 : writesSinceFlush.exchange(0, ordering: .relaxed)
         if interval > 0 {
             // Flushes race only with each other here; a lost update only delays a guess.
             let recent = recentSingleWriteFlushes.load(ordering: .relaxed)

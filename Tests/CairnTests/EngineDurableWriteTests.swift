@@ -102,14 +102,16 @@ extension EngineFUSETests {
         XCTAssertEqual(volatile(fakes), [[], []])
     }
 
-    /// The race that matters: a writer at queue depth 1 on other blocks (some writes durable,
-    /// some not, one replica sometimes refusing) while a committer writes and flushes. After
-    /// every flush, no replica may hold as volatile a block whose write was acknowledged
-    /// before that flush began. Each block is written once, so a volatile block names one write.
+    /// The race that matters: a writer at queue depth 1 on other blocks while a committer
+    /// writes and flushes — every other write durable (whatever the guess would say), one
+    /// replica sometimes refusing, one slow. After every flush, no replica may hold as volatile
+    /// a block whose write was acknowledged before that flush began. Each block is written
+    /// once, so a volatile block names one write.
     func testNoFlushReturnsWhileAReplicaHoldsAWriteAcknowledgedBeforeItUnsynced() throws {
         let fakes = durableFakes(3)
         let engine = makeEngine(fakes)
         _ = try engine.start()
+        engine.alternateDurableForTesting.store(true, ordering: .relaxed)
         let clock = Atomic<UInt64>(1)
         let blocks = 4096
         // The tick at which each block's write was acknowledged (0: not yet).
@@ -139,15 +141,19 @@ extension EngineFUSETests {
             // Straight into the engine, as FUSE workers call it: the kernel's inode lock
             // would otherwise keep this file's writes and fsyncs apart.
             let rc = Self.withAligned(4096, fill: UInt8(truncatingIfNeeded: block)) {
-                engine.writeBlocks(offset: UInt64(block * 4096), data: UnsafeRawBufferPointer(start: $0, count: 4096))
+                engine.enterGate()
+                defer { engine.leaveGate() }
+                return engine.writeBlocks(offset: UInt64(block * 4096), data: UnsafeRawBufferPointer(start: $0, count: 4096))
             }
             XCTAssertEqual(rc, 0)
             let tick = clock.wrappingAdd(1, ordering: .relaxed).oldValue
             acked.withLock { $0[block] = tick }
             return true
         }
-        // n3's writes take a while (a slow disk), so a write and a flush overlap on it often.
+        // n3's writes and flushes take a while (a slow disk), so writes and flushes overlap on
+        // it often — also a write landing after a flush took effect but before it answered.
         fakes[2].onWrite.withLock { $0 = { usleep(300) } }
+        fakes[2].onFlush.withLock { $0 = { usleep(300) } }
         // A sparse writer beside the committer: most commits are alone (their writes durable),
         // and now and then a write of its own lands around one.
         spawn {

@@ -51,6 +51,8 @@ final class FakeReplica: ReplicaIO {
     let log = ActivityLog()
     /// Called at the start of every write, outside the lock (to observe concurrency).
     let onWrite = Mutex<(@Sendable () -> Void)?>(nil)
+    /// Called at the end of every flush (after it took effect), outside the lock.
+    let onFlush = Mutex<(@Sendable () -> Void)?>(nil)
     /// Writes whose data was not 4 KiB-aligned memory (the store would have had to copy it for
     /// O_DIRECT).
     let unalignedWrites = Atomic<Int>(0)
@@ -158,6 +160,7 @@ final class FakeReplica: ReplicaIO {
             s.flushes += 1
             s.volatileBlocks.removeAll()
         }
+        onFlush.withLock { $0 }?()
     }
 
     func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws {
