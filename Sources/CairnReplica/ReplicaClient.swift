@@ -341,12 +341,8 @@ public final class ReplicaClient: Sendable {
     /// replica says it is durable: if not, only a flush makes it so.
     public func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64,
                       durable: Bool) throws -> Bool {
-        let asks = durable && protocolVersion >= 5
-        let m = try call(DataOp.Write.self, borrowing: data) { id in
-            WriteRequest.encodeFrameHead(requestID: id, epoch: epoch, volume: volumeID, generation: generation,
-                                         offset: offset, dataCount: data.count, durable: asks)
-        }
-        return asks && m.durable
+        try beginWrite(volumeID: volumeID, offset: offset, data: data, generation: generation, epoch: epoch,
+                       durable: durable)()
     }
 
     /// A resync write (`FrameFlags.ifNewer`): the replica applies it only to the blocks whose
