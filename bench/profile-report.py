@@ -39,7 +39,8 @@ def demangle(names):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--report", required=True)
-    ap.add_argument("--fio", required=True)
+    ap.add_argument("--fio", help="fio's JSON output: the I/Os counted")
+    ap.add_argument("--transactions", type=int, help="instead of --fio: pgbench's transactions counted")
     ap.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--cpus", type=int, required=True)
     ap.add_argument("--job", required=True)
@@ -47,10 +48,14 @@ def main():
     ap.add_argument("--pids", default="")
     a = ap.parse_args()
 
-    fio = json.load(open(a.fio))["jobs"][0]
-    side = fio["write"] if fio["write"]["total_ios"] > 0 else fio["read"]
-    ops = side["total_ios"]
-    runtime = side["runtime"] / 1000.0 or a.seconds
+    if a.fio:
+        fio = json.load(open(a.fio))["jobs"][0]
+        side = fio["write"] if fio["write"]["total_ios"] > 0 else fio["read"]
+        ops = side["total_ios"]
+        runtime = side["runtime"] / 1000.0 or a.seconds
+        unit = "I/O"
+    else:
+        ops, runtime, unit = a.transactions or 0, a.seconds, "transaction"
     node_of = {}
     for pair in a.pids.split():
         node, tids = pair.split("=")
@@ -101,8 +106,8 @@ def main():
 
     # Other processes on the machine (builds, other tests) are listed but not counted.
     busy = sum(v for k, v in by_proc.items() if k != "idle" and not k.startswith("other"))
-    print(f"# CPU per I/O: {a.job}, {a.replicas} replica(s), {ops:,} I/Os in {runtime:.1f} s "
-          f"({ops / runtime:,.0f}/s), {a.cpus} CPUs sampled (perf cpu-clock)\n")
+    print(f"# CPU per {unit}: {a.job}, {a.replicas} replica(s), {ops:,} {unit}s in {runtime:.1f} s "
+          f"({ops / runtime:,.0f}/s; counted per {unit}), {a.cpus} CPUs sampled (perf cpu-clock)\n")
     others = sum(v for k, v in by_proc.items() if k.startswith("other"))
     print(f"CPU per I/O in Cairn, fio and the kernel threads serving them: **{busy:,.1f} µs** "
           f"(idle {by_proc.get('idle', 0):,.1f} µs; other processes on the machine {others:,.1f} µs, not counted)\n")
