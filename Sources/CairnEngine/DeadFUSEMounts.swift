@@ -126,6 +126,8 @@ public enum DeadFUSEMounts {
                 continue
             }
             defer { close(fd) }
+            // Freed in write-through mode, it would drop the flushes of the next file attached.
+            LoopWriteCache.restoreWriteBack(entry, logger: logger)
             if ioctl(fd, loopClearFD, 0) == 0 {
                 logger.warning("detached a loop device over a dead engine's file (it goes once nothing holds it open)",
                                metadata: ["device": "/dev/\(entry)", "file": "\(file)"])

@@ -53,6 +53,12 @@ public struct EngineState: Sendable, Equatable {
     /// without flushing any replica because every write since the last was durable already.
     public var durableWrites: UInt64 = 0
     public var flushesWithoutSync: UInt64 = 0
+    /// Write-through commits (docs/engine.md): the volume's loop device sends no flush now
+    /// because every write is durable when answered; switches in and out so far; writes and
+    /// trims that needed a flush of their own meanwhile.
+    public var writeThrough: Bool = false
+    public var writeThroughSwitches: UInt64 = 0
+    public var writeThroughOwnFlushes: UInt64 = 0
 }
 
 /// One replica as the engine holds it.
@@ -204,6 +210,9 @@ public final class VolumeEngine: Sendable {
     let alternation = Atomic<UInt64>(0)
     let durableWriteCount = Atomic<UInt64>(0)
     let flushesWithoutSync = Atomic<UInt64>(0)
+    /// Write-through commits (WriteThrough.swift): the kernel skips the volume's flushes while
+    /// every write is durable when answered.
+    let writeThrough = WriteThrough()
     /// `CAIRN_DURABLE_WRITES=off` never asks for durable writes (every flush goes to every
     /// replica, as before they existed): an escape hatch and the benchmark's comparison.
     static let durableWritesEnabled: Bool = getenv("CAIRN_DURABLE_WRITES").map { String(cString: $0) != "off" } ?? true
@@ -322,6 +331,8 @@ public final class VolumeEngine: Sendable {
             }
             life.members = claimed
 
+            // Before the first request: a predecessor may have left the kernel skipping flushes.
+            adoptWriteThroughLeftByPredecessor()
             let retained = Unmanaged.passRetained(self)
             var callbacks = cfuse_callbacks(read: engineRead, write: engineWrite, flush: engineFlush, trim: engineTrim)
             var message = [CChar](repeating: 0, count: 512)
@@ -437,6 +448,7 @@ public final class VolumeEngine: Sendable {
             return life.driver
         }
         // Each step logged: a stop that hangs says where (docs/soak.md, the open split-bed case).
+        quiesceWriteThrough()
         logger.info("stopping the volume engine: its recovery thread first", metadata: ["fenced": "\(fenced.load(ordering: .relaxed))"])
         driver?.stop()
         logger.info("the volume engine's recovery thread stopped; unmounting FUSE")
@@ -530,7 +542,10 @@ public final class VolumeEngine: Sendable {
             minInSync: minimumInSync.load(ordering: .relaxed),
             refusedBelowMinInSync: refusedBelowMinimum.load(ordering: .relaxed),
             durableWrites: durableWriteCount.load(ordering: .relaxed),
-            flushesWithoutSync: flushesWithoutSync.load(ordering: .relaxed))
+            flushesWithoutSync: flushesWithoutSync.load(ordering: .relaxed),
+            writeThrough: writeThrough.allDurable.load(ordering: .relaxed),
+            writeThroughSwitches: writeThrough.switches.load(ordering: .relaxed),
+            writeThroughOwnFlushes: writeThrough.ownFlushes.load(ordering: .relaxed))
     }
 
     private struct ClaimFailure { var replica: EngineReplica; var reason: String }
@@ -717,14 +732,20 @@ public final class VolumeEngine: Sendable {
         let end = (offset + UInt64(data.count) + block - 1) & ~(block - 1)
         // Overlapping writes one after the other, then the snapshot barrier's gate (a write
         // waiting for another is not yet in flight as the barrier counts it).
-        let result: Int32 = overlaps.with(start: start, end: end) {
+        var alone = true
+        var result: Int32 = overlaps.with(start: start, end: end) {
             enterGate()
             defer { leaveGate() }
+            alone = gatedInFlight.load(ordering: .relaxed) == 1
             if offset % block == 0 && UInt64(data.count) % block == 0 {
                 return writePlain(offset: offset, data: data)
             } else {
                 return writePartial(offset: offset, data: data)
             }
+        }
+        // Write-through: the kernel sends no flush, so nothing is answered before it is durable.
+        if result == 0 && writeThrough.allDurable.load(ordering: .sequentiallyConsistent) {
+            result = finishWriteThrough(alone: alone, trim: false)
         }
         if result != 0 { return Int32(failed(-result)) }
         writes.wrappingAdd(1, ordering: .relaxed)
@@ -801,6 +822,8 @@ public final class VolumeEngine: Sendable {
         if alternateDurableForTesting.load(ordering: .relaxed) {
             return alternation.wrappingAdd(1, ordering: .relaxed).oldValue & 1 == 0 && length <= Self.durableWriteLimit
         }
+        // Write-through: every write must be durable before its answer; as it is written is cheapest.
+        if writeThrough.allDurable.load(ordering: .relaxed) { return Self.durableWritesEnabled && length <= Self.durableWriteLimit }
         let run: UInt64 = (1 << Self.commitRun) - 1
         return Self.durableWritesEnabled && since == 0 && length <= Self.durableWriteLimit
             && gatedInFlight.load(ordering: .relaxed) == 1
@@ -854,8 +877,13 @@ public final class VolumeEngine: Sendable {
         // What this flush covers: every write answered before it (a write still in flight with
         // a lower number must not be counted as flushed by a replica that saw a higher one).
         let through = flushWatermark()
-        let result = flushInSync(volumeID: volumeID, epoch: epoch, through: through)
+        let (result, sent) = flushInSyncMembers(volumeID: volumeID, epoch: epoch, through: through)
         if result != 0 { return Int32(failed(-result)) }
+        if !sent {
+            flushesWithoutSync.wrappingAdd(1, ordering: .relaxed)
+            metrics.flushWithoutSync()
+        }
+        noteFlushForWriteThrough(syncedNothing: !sent, afterOneWrite: interval == 1)
         flushes.wrappingAdd(1, ordering: .relaxed)
         metrics.flush(since: began)
         return 0
@@ -866,12 +894,13 @@ public final class VolumeEngine: Sendable {
     /// then the others' replies are awaited. No helper threads: a flush is on the path of every
     /// database commit, and a hand-off to a helper and back cost two wake-ups per replica.
     /// Failures settle as `fanOut`'s do. 0 or -errno.
-    private func flushInSync(volumeID: String, epoch: UInt64, through: UInt64) -> Int32 {
-        if fenced.load(ordering: .relaxed) { return -EIO }
+    /// Returns 0 or -errno, and whether any replica was sent a flush.
+    func flushInSyncMembers(volumeID: String, epoch: UInt64, through: UInt64) -> (Int32, Bool) {
+        if fenced.load(ordering: .relaxed) { return (-EIO, false) }
         let (all, inSyncCount, ticket) = enter()
         defer { leave(ticket) }
-        guard inSyncCount > 0 else { return -EIO }
-        guard meetsMinimum(inSyncCount, what: "flush") else { return -EIO }
+        guard inSyncCount > 0 else { return (-EIO, false) }
+        guard meetsMinimum(inSyncCount, what: "flush") else { return (-EIO, false) }
         // Only the replicas with a write or trim they did not make durable since their last
         // flush (the local one, when it is among them, still first).
         var members: [Member] = []
@@ -885,11 +914,7 @@ public final class VolumeEngine: Sendable {
                 marks.append(mark)
             }
         }
-        if members.isEmpty {
-            flushesWithoutSync.wrappingAdd(1, ordering: .relaxed)
-            metrics.flushWithoutSync()
-            return 0
-        }
+        if members.isEmpty { return (0, false) }
         let failures = fromThisThread(members, begin: {
             $0.io.beginFlush(volumeID: volumeID, epoch: epoch, through: through)
         }, local: {
@@ -898,12 +923,12 @@ public final class VolumeEngine: Sendable {
         for (member, mark) in zip(members, marks) where !failures.contains(where: { $0.0 === member }) {
             member.flushedThrough.max(mark, ordering: .relaxed)
         }
-        if failures.isEmpty { return 0 }
+        if failures.isEmpty { return (0, true) }
         // The replicas not flushed count as succeeded: everything they acknowledged is durable.
         if settleWithCatchingUp(failures, members: Array(all.prefix(inSyncCount)), inSyncCount: inSyncCount, what: "flush") {
-            return 0
+            return (0, true)
         }
-        return -EIO
+        return (-EIO, true)
     }
 
     /// Whole blocks inside the range are trimmed (one generation); the partial blocks at its
@@ -911,11 +936,17 @@ public final class VolumeEngine: Sendable {
     fileprivate func trim(offset: UInt64, length: UInt64) -> Int32 {
         let block = UInt64(Self.blockSize)
         let end = offset + length
-        return overlaps.with(start: offset & ~(block - 1), end: (end + block - 1) & ~(block - 1)) {
+        let result = overlaps.with(start: offset & ~(block - 1), end: (end + block - 1) & ~(block - 1)) {
             enterGate()
             defer { leaveGate() }
             return trimHeld(offset: offset, end: end)
         }
+        // Write-through: a trim (or zeroing) is durable before its answer, as a write is.
+        if result == 0 && writeThrough.allDurable.load(ordering: .sequentiallyConsistent) {
+            let made = finishWriteThrough(alone: false, trim: true)
+            if made != 0 { return Int32(failed(-made)) }
+        }
+        return result
     }
 
     /// `trim` holding the blocks and the barrier's gate.
@@ -1201,6 +1232,9 @@ extension VolumeEngine {
     /// timeout (0: all done).
     @discardableResult
     public func handOver(timeout: Duration = .seconds(5)) -> Int {
+        // A switch of the loop device's write cache waits for the requests in flight: finish
+        // it while they are still served here. The next engine adopts the mode it finds.
+        quiesceWriteThrough()
         handedOver.store(true, ordering: .sequentiallyConsistent)
         let deadline = ContinuousClock.now + timeout
         while serving.load(ordering: .sequentiallyConsistent) > 0 && ContinuousClock.now < deadline {

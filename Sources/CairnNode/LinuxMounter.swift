@@ -82,6 +82,19 @@ public struct LinuxMounter: Mounter {
                 "could not attach \(file) as a loop device (losetup exit \(result.status): \(result.output)); check that the file exists, that free loop devices remain (losetup -a; modprobe loop max_loop=…) and that this process may use /dev/loop-control")
         }
         let name = (device as NSString).lastPathComponent
+        // A device freed while in write-through mode keeps it (LoopWriteCache): flushes of the
+        // volume would never reach its engine. Cairn's engine decides that mode itself.
+        if sysBlock == "/sys/block", LoopWriteCache.mode(name) == .writeThrough {
+            do {
+                try LoopWriteCache.lock.withLock { _ in try LoopWriteCache.set(name, .writeBack) }
+                logger.notice("a loop device came out of the kernel's pool in write-through mode (left so by whoever detached it); set it back to write back",
+                              metadata: ["device": "\(device)", "path": "\(file)"])
+            } catch {
+                _ = try? await Command.run(["losetup", "--detach", device], timeout: Self.quickTimeout, logger: logger)
+                throw CairnError.internal(
+                    "loop device \(device) is in write-through mode (its flushes would never reach \(file)) and cannot be set back to write back: \(error); check that /sys is writable for this process, or set it by hand: echo 'write back' > /sys/block/\(name)/queue/write_cache")
+            }
+        }
         if let dio = ProcFile.textIfReadable("\(sysBlock)/\(name)/loop/dio"),
            dio.trimmingCharacters(in: .whitespacesAndNewlines) != "1" {
             logger.warning("loop device runs without direct I/O; the filesystem holding the backing file may not support O_DIRECT (expect about 3× lower throughput)",
@@ -119,12 +132,23 @@ public struct LinuxMounter: Mounter {
     public func detachLoop(device: String) async throws {
         let name = (device as NSString).lastPathComponent
         guard FileManager.default.fileExists(atPath: "\(sysBlock)/\(name)/loop") else { return }  // already free
+        // Never free a device in write-through mode (the engine's, docs/engine.md): the next
+        // file attached to it would lose its flushes. Before the detach, and again after it
+        // in case an engine switched it in between.
+        restoreWriteBack(name)
         let result = try await Command.run(["losetup", "--detach", device], timeout: Self.quickTimeout, logger: logger)
+        restoreWriteBack(name)
         guard result.status == 0 else {
             if !FileManager.default.fileExists(atPath: "\(sysBlock)/\(name)/loop") { return }  // lost a race; it is free
             throw CairnError.internal(
                 "could not detach loop device \(device) (losetup exit \(result.status): \(result.output)); check what still uses it with `losetup -l \(device)` and `grep \(name) /proc/self/mountinfo`")
         }
+    }
+
+    /// Sets loop device `name` back to write back if it is in write-through mode.
+    private func restoreWriteBack(_ name: String) {
+        guard sysBlock == "/sys/block" else { return }
+        LoopWriteCache.restoreWriteBack(name, logger: logger)
     }
 
     // MARK: Filesystems

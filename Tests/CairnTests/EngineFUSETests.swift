@@ -46,7 +46,12 @@ final class EngineFUSETests: XCTestCase {
     override func tearDownWithError() throws {
         for fd in openFiles { close(fd) }
         for mount in mounts.reversed() where run(["umount", mount]) != 0 { _ = run(["umount", "-l", mount]) }
-        for device in loopDevices { _ = run(["losetup", "-d", device]) }
+        for device in loopDevices {
+            // Never free one in write-through mode (the next user would lose its flushes).
+            let name = LoopWriteCache.name(device)
+            if LoopWriteCache.mode(name) == .writeThrough { try? LoopWriteCache.set(name, .writeBack) }
+            _ = run(["losetup", "-d", device])
+        }
         for engine in engines { engine.stop() }
         for registry in registries { registry.stopAll() }
         if !dir.isEmpty {

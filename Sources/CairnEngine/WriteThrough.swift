@@ -1,0 +1,254 @@
+import CairnCore
+import Dispatch
+import Foundation
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Write-through commits (docs/engine.md): while an application commits at queue depth 1 —
+/// one write, then a flush, over and over — every write is already durable on every replica
+/// when it is answered (a durable write), and its flush then syncs nothing. The flush still
+/// costs a trip from the application through the loop device, FUSE and back (about 100 µs
+/// here). So the engine makes every write and trim durable before answering it, and then tells
+/// the kernel the volume's loop devices keep nothing volatile (write cache "write through"):
+/// their flushes are answered by the block layer at once and never reach the engine.
+///
+/// The one rule: while any loop device over the volume's file is in write-through mode,
+/// `allDurable` is set, and then no write or trim is answered before it is durable on every
+/// in-sync replica (a durable write, or a flush of its own). So `allDurable` is set before
+/// the first device is switched and cleared only after the last one was switched back; an
+/// engine that starts and finds a device in that mode (its predecessor died in it) starts
+/// with it set.
+///
+/// The kernel drains a device's I/O to switch it (about 15 ms), so switches are rare: in after
+/// `enterAfter` commits in a row, out when writes stop looking like commits (several in
+/// flight, large writes, trims), and out every `probeAfter` to look again — in write-through
+/// mode no flush arrives to show whether the application still commits, and a stream of
+/// writes at queue depth 1 with no flush would pay a sync each. All of it runs on one
+/// background queue, never on a FUSE worker (a switch waits for the FUSE requests in flight).
+final class WriteThrough: Sendable {
+    /// Every write and trim is durable on every in-sync replica before it is answered.
+    let allDurable = Atomic<Bool>(false)
+    /// Flushes in a row that synced nothing and came after exactly one write.
+    let commitStreak = Atomic<Int>(0)
+    /// While write-through: +4 per write that needed a flush of its own, had company in
+    /// flight or was a trim; −1 per write that was alone and durable. Out at `leaveScore`.
+    let score = Atomic<Int>(0)
+    /// Monotonic ns: no switch is tried before it (a switch or a failed attempt moves it on);
+    /// when write-through began (0: adopted from a predecessor, leave at once).
+    let notBefore = Atomic<UInt64>(0)
+    let enteredAt = Atomic<UInt64>(0)
+    /// Write-through found at start (a predecessor's): leave it at the first write.
+    let adopted = Atomic<Bool>(false)
+    let switchQueued = Atomic<Bool>(false)
+    let stopping = Atomic<Bool>(false)
+    /// Write-through is off for good on this engine (sysfs not writable, …).
+    let disabled = Atomic<Bool>(false)
+    let switches = Atomic<UInt64>(0)
+    /// Writes and trims made durable by a flush of their own while write-through.
+    let ownFlushes = Atomic<UInt64>(0)
+    let queue = DispatchQueue(label: "cairn.write-through")
+
+    static let enterAfter = 64
+    static let leaveScore = 64
+    static let minimumDwell: UInt64 = 2_000_000_000
+    static let probeAfter: UInt64 = 30_000_000_000
+    /// Attempts that found no loop device over the file wait this long before the next.
+    static let retryAfter: UInt64 = 10_000_000_000
+    /// `CAIRN_WRITE_THROUGH=off`: never switch (flushes always reach the engine).
+    static let enabled: Bool = getenv("CAIRN_WRITE_THROUGH").map { String(cString: $0) != "off" } ?? true
+
+    static func now() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+}
+
+extension VolumeEngine {
+    /// The loop devices over this volume's file now.
+    func loopDevicesOverFile() -> [String] {
+        LoopWriteCache.devices(backing: Validate.realPath(path) ?? path)
+    }
+
+    /// At start, before any request is served: a predecessor that died in write-through mode
+    /// left the kernel skipping this volume's flushes, so every write must be durable from the
+    /// first; the probe switches back soon.
+    func adoptWriteThroughLeftByPredecessor() {
+        let left = loopDevicesOverFile().filter { LoopWriteCache.mode($0) == .writeThrough }
+        guard !left.isEmpty else { return }
+        writeThrough.allDurable.store(true, ordering: .sequentiallyConsistent)
+        writeThrough.adopted.store(true, ordering: .relaxed)
+        writeThrough.enteredAt.store(0, ordering: .relaxed)
+        logger.notice("the volume's loop device is in write-through mode (left by the engine before this one): every write is made durable before it is answered until it is switched back",
+                      metadata: ["devices": "\(left.joined(separator: ","))"])
+    }
+
+    /// Called by `flush` with what it did: counts commits in a row and asks for write-through.
+    @inline(__always)
+    func noteFlushForWriteThrough(syncedNothing: Bool, afterOneWrite: Bool) {
+        let w = writeThrough
+        guard syncedNothing && afterOneWrite else {
+            if w.commitStreak.load(ordering: .relaxed) != 0 { w.commitStreak.store(0, ordering: .relaxed) }
+            return
+        }
+        let streak = w.commitStreak.wrappingAdd(1, ordering: .relaxed).newValue
+        if streak >= WriteThrough.enterAfter && !w.allDurable.load(ordering: .relaxed) {
+            requestWriteThroughSwitch()
+        }
+    }
+
+    /// Called after every write and trim while `allDurable`, before it is answered: makes it
+    /// durable if it is not yet (a flush of the replicas that answered it without saying so)
+    /// and judges whether the workload still looks like commits. 0 or -errno.
+    func finishWriteThrough(alone: Bool, trim: Bool) -> Int32 {
+        let w = writeThrough
+        let (result, flushed) = makeDurable()
+        let costly = flushed || !alone || trim
+        if costly {
+            if flushed { w.ownFlushes.wrappingAdd(1, ordering: .relaxed) }
+            if w.score.wrappingAdd(4, ordering: .relaxed).newValue >= WriteThrough.leaveScore { requestWriteThroughSwitch() }
+        } else if w.score.load(ordering: .relaxed) > 0 {
+            w.score.wrappingSubtract(1, ordering: .relaxed)
+        }
+        if WriteThrough.now() &- w.enteredAt.load(ordering: .relaxed) > WriteThrough.probeAfter { requestWriteThroughSwitch() }
+        return result
+    }
+
+    /// Flushes the in-sync replicas holding a write or trim they did not make durable (none:
+    /// nothing is sent). Returns 0 or -errno, and whether anything was sent.
+    func makeDurable() -> (Int32, Bool) {
+        enterGate()
+        defer { leaveGate() }
+        return flushInSyncMembers(volumeID: volumeID, epoch: epoch, through: flushWatermark())
+    }
+
+    /// Asks the background queue to switch (in when out, out when in); one request at a time.
+    func requestWriteThroughSwitch() {
+        let w = writeThrough
+        guard WriteThrough.enabled, VolumeEngine.durableWritesEnabled, !w.stopping.load(ordering: .relaxed),
+              !w.disabled.load(ordering: .relaxed) || w.allDurable.load(ordering: .relaxed),
+              WriteThrough.now() >= w.notBefore.load(ordering: .relaxed) || w.adopted.load(ordering: .relaxed) else { return }
+        if w.switchQueued.exchange(true, ordering: .acquiringAndReleasing) { return }
+        w.queue.async { [self] in
+            defer { w.switchQueued.store(false, ordering: .releasing) }
+            guard !w.stopping.load(ordering: .acquiring) else { return }
+            if w.allDurable.load(ordering: .sequentiallyConsistent) { leaveWriteThrough() } else { enterWriteThrough() }
+        }
+    }
+
+    private func enterWriteThrough() {
+        let w = writeThrough
+        let now = WriteThrough.now()
+        guard !w.disabled.load(ordering: .relaxed), now >= w.notBefore.load(ordering: .relaxed),
+              !fenced.load(ordering: .relaxed) else { return }
+        let file = Validate.realPath(path) ?? path
+        let devices = LoopWriteCache.devices(backing: file)
+        guard !devices.isEmpty else {
+            // The application uses the file itself: its flushes must reach the engine.
+            w.notBefore.store(now &+ WriteThrough.retryAfter, ordering: .relaxed)
+            return
+        }
+        // First every write from now on durable, then everything answered before now.
+        w.allDurable.store(true, ordering: .sequentiallyConsistent)
+        guard makeDurable().0 == 0 else {
+            w.allDurable.store(false, ordering: .sequentiallyConsistent)
+            w.notBefore.store(WriteThrough.now() &+ WriteThrough.minimumDwell, ordering: .relaxed)
+            return
+        }
+        var switched: [String] = []
+        var failure: String?
+        LoopWriteCache.lock.withLock { _ in
+            for device in devices {
+                do {
+                    try LoopWriteCache.set(device, .writeThrough)
+                    switched.append(device)
+                    // Detached (and perhaps reused) meanwhile: not ours to leave so.
+                    if LoopWriteCache.backingFile(device) != file {
+                        try LoopWriteCache.set(device, .writeBack)
+                        switched.removeLast()
+                    }
+                } catch {
+                    failure = "\(error)"
+                    break
+                }
+            }
+            if failure != nil {
+                for device in switched { try? LoopWriteCache.set(device, .writeBack) }
+                switched = []
+            }
+        }
+        w.notBefore.store(WriteThrough.now() &+ WriteThrough.minimumDwell, ordering: .relaxed)
+        if let failure {
+            w.allDurable.store(false, ordering: .sequentiallyConsistent)
+            w.disabled.store(true, ordering: .relaxed)
+            logger.warning("cannot put the volume's loop device in write-through mode; every commit keeps a flush round trip (about 100 µs more)",
+                           metadata: ["error": "\(failure)", "devices": "\(devices.joined(separator: ","))",
+                                      "fix": "give the node plugin a writable /sys (a privileged container), or set CAIRN_WRITE_THROUGH=off to silence this"])
+            return
+        }
+        guard !switched.isEmpty else {
+            w.allDurable.store(false, ordering: .sequentiallyConsistent)
+            return
+        }
+        w.enteredAt.store(WriteThrough.now(), ordering: .relaxed)
+        w.adopted.store(false, ordering: .relaxed)
+        w.score.store(0, ordering: .relaxed)
+        w.switches.wrappingAdd(1, ordering: .relaxed)
+        metrics.writeThroughSwitch()
+        logger.info("commits at queue depth 1: every write is now durable when answered, and the loop device no longer sends flushes (write through)",
+                    metadata: ["devices": "\(switched.joined(separator: ","))",
+                               "commits.in_a_row": "\(w.commitStreak.load(ordering: .relaxed))"])
+    }
+
+    private func leaveWriteThrough() {
+        let w = writeThrough
+        let now = WriteThrough.now()
+        guard now >= w.notBefore.load(ordering: .relaxed) || w.adopted.load(ordering: .relaxed) else { return }
+        let file = Validate.realPath(path) ?? path
+        var failure: String?
+        var devices: [String] = []
+        LoopWriteCache.lock.withLock { _ in
+            devices = LoopWriteCache.devices(backing: file).filter { LoopWriteCache.mode($0) == .writeThrough }
+            for device in devices {
+                do { try LoopWriteCache.set(device, .writeBack) } catch { failure = "\(error)" }
+            }
+        }
+        w.notBefore.store(WriteThrough.now() &+ WriteThrough.minimumDwell, ordering: .relaxed)
+        if let failure {
+            // Still skipping flushes somewhere: every write stays durable.
+            logger.error("cannot switch the volume's loop device back to write back; every write stays durable when answered",
+                         metadata: ["error": "\(failure)", "devices": "\(devices.joined(separator: ","))"])
+            return
+        }
+        w.commitStreak.store(0, ordering: .relaxed)
+        let adopted = w.adopted.exchange(false, ordering: .relaxed)
+        w.allDurable.store(false, ordering: .sequentiallyConsistent)
+        w.switches.wrappingAdd(1, ordering: .relaxed)
+        metrics.writeThroughSwitch()
+        let probe = now &- w.enteredAt.load(ordering: .relaxed) > WriteThrough.probeAfter
+        logger.info("the loop device sends flushes again (write back)",
+                    metadata: ["devices": "\(devices.joined(separator: ","))",
+                               "why": "\(adopted ? "found in write-through mode at start" : probe ? "periodic look at the workload (no flush arrives while write through)" : "writes no longer look like commits at queue depth 1")"])
+    }
+
+    /// Before a stop or a hand-over: no switch starts any more, and one running has finished
+    /// (a switch waits for the FUSE requests in flight, which are still served here).
+    func quiesceWriteThrough() {
+        writeThrough.stopping.store(true, ordering: .sequentiallyConsistent)
+        writeThrough.queue.sync {}
+    }
+}
+
+extension VolumeEngine {
+    /// Tests: every write durable when answered, as in write-through mode, with no loop device
+    /// and no switch out for an hour.
+    func holdWriteThroughForTesting() {
+        writeThrough.allDurable.store(true, ordering: .sequentiallyConsistent)
+        writeThrough.enteredAt.store(WriteThrough.now(), ordering: .relaxed)
+        writeThrough.notBefore.store(WriteThrough.now() &+ 3_600_000_000_000, ordering: .relaxed)
+    }
+}
