@@ -83,8 +83,11 @@ final class Member: Sendable {
     let unflushed = Atomic<UInt64>(1)
     let flushedThrough = Atomic<UInt64>(0)
 
+    /// Sequentially consistent: against a switch to write-through (WriteThrough.swift), which
+    /// sets its flag and then reads these counts while a write moves its count and then reads
+    /// the flag — one of the two must see the other's (on x86 the add is a full fence anyway).
     @inline(__always)
-    func noteUnflushed() { unflushed.wrappingAdd(1, ordering: .releasing) }
+    func noteUnflushed() { unflushed.wrappingAdd(1, ordering: .sequentiallyConsistent) }
 
     init(replica: EngineReplica, io: any ReplicaIO, claimedSize: UInt64 = 0) {
         self.replica = replica
@@ -908,7 +911,7 @@ public final class VolumeEngine: Sendable {
         members.reserveCapacity(inSyncCount)
         marks.reserveCapacity(inSyncCount)
         for member in all.prefix(inSyncCount) {
-            let mark = member.unflushed.load(ordering: .acquiring)
+            let mark = member.unflushed.load(ordering: .sequentiallyConsistent)
             if mark != member.flushedThrough.load(ordering: .relaxed) {
                 members.append(member)
                 marks.append(mark)

@@ -23,19 +23,22 @@ import Glibc
 /// engine that starts and finds a device in that mode (its predecessor died in it) starts
 /// with it set.
 ///
-/// The kernel drains a device's I/O to switch it (about 15 ms), so switches are rare: in after
-/// `enterAfter` commits in a row, out when writes stop looking like commits (several in
-/// flight, large writes, trims), and out every `probeAfter` to look again — in write-through
+/// The kernel drains a device's I/O to switch it (about 15 ms), so switches are rare: in when
+/// most flushes are commits (`commitScore`), out when writes stop looking like commits (several
+/// in flight, large writes, trims: `score`), and out every `probeAfter` to look again — in write-through
 /// mode no flush arrives to show whether the application still commits, and a stream of
 /// writes at queue depth 1 with no flush would pay a sync each. All of it runs on one
 /// background queue, never on a FUSE worker (a switch waits for the FUSE requests in flight).
 final class WriteThrough: Sendable {
     /// Every write and trim is durable on every in-sync replica before it is answered.
     let allDurable = Atomic<Bool>(false)
-    /// Flushes in a row that synced nothing and came after exactly one write.
-    let commitStreak = Atomic<Int>(0)
-    /// While write-through: +4 per write that needed a flush of its own, had company in
-    /// flight or was a trim; −1 per write that was alone and durable. Out at `leaveScore`.
+    /// While write back: +1 per flush that synced nothing and came after exactly one write (a
+    /// commit), −2 per other flush (not below 0). In at `enterScore`: when over two thirds of
+    /// the flushes are commits.
+    let commitScore = Atomic<Int>(0)
+    /// While write-through: +2 per write that needed a flush of its own, had company in flight
+    /// or was a trim; −1 per write that was alone and durable. Out at `leaveScore`: when over a
+    /// third of the writes are not commits.
     let score = Atomic<Int>(0)
     /// Monotonic ns: no switch is tried before it (a switch or a failed attempt moves it on);
     /// when write-through began (0: adopted from a predecessor, leave at once).
@@ -52,7 +55,7 @@ final class WriteThrough: Sendable {
     let ownFlushes = Atomic<UInt64>(0)
     let queue = DispatchQueue(label: "cairn.write-through")
 
-    static let enterAfter = 64
+    static let enterScore = 64
     static let leaveScore = 64
     static let minimumDwell: UInt64 = 2_000_000_000
     static let probeAfter: UInt64 = 30_000_000_000
@@ -87,16 +90,19 @@ extension VolumeEngine {
                       metadata: ["devices": "\(left.joined(separator: ","))"])
     }
 
-    /// Called by `flush` with what it did: counts commits in a row and asks for write-through.
+    /// Called by `flush` with what it did: scores commits and asks for write-through.
+    /// (Flushes race only with each other here; a lost update only delays a switch.)
     @inline(__always)
     func noteFlushForWriteThrough(syncedNothing: Bool, afterOneWrite: Bool) {
         let w = writeThrough
+        let score = w.commitScore.load(ordering: .relaxed)
         guard syncedNothing && afterOneWrite else {
-            if w.commitStreak.load(ordering: .relaxed) != 0 { w.commitStreak.store(0, ordering: .relaxed) }
+            if score != 0 { w.commitScore.store(max(0, score - 2), ordering: .relaxed) }
             return
         }
-        let streak = w.commitStreak.wrappingAdd(1, ordering: .relaxed).newValue
-        if streak >= WriteThrough.enterAfter && !w.allDurable.load(ordering: .relaxed) {
+        if score < WriteThrough.enterScore {
+            w.commitScore.store(score + 1, ordering: .relaxed)
+        } else if !w.allDurable.load(ordering: .relaxed) {
             requestWriteThroughSwitch()
         }
     }
@@ -110,7 +116,7 @@ extension VolumeEngine {
         let costly = flushed || !alone || trim
         if costly {
             if flushed { w.ownFlushes.wrappingAdd(1, ordering: .relaxed) }
-            if w.score.wrappingAdd(4, ordering: .relaxed).newValue >= WriteThrough.leaveScore { requestWriteThroughSwitch() }
+            if w.score.wrappingAdd(2, ordering: .relaxed).newValue >= WriteThrough.leaveScore { requestWriteThroughSwitch() }
         } else if w.score.load(ordering: .relaxed) > 0 {
             w.score.wrappingSubtract(1, ordering: .relaxed)
         }
@@ -201,7 +207,7 @@ extension VolumeEngine {
         metrics.writeThroughSwitch()
         logger.info("commits at queue depth 1: every write is now durable when answered, and the loop device no longer sends flushes (write through)",
                     metadata: ["devices": "\(switched.joined(separator: ","))",
-                               "commits.in_a_row": "\(w.commitStreak.load(ordering: .relaxed))"])
+                               "commit.score": "\(w.commitScore.load(ordering: .relaxed))"])
     }
 
     private func leaveWriteThrough() {
@@ -224,7 +230,7 @@ extension VolumeEngine {
                          metadata: ["error": "\(failure)", "devices": "\(devices.joined(separator: ","))"])
             return
         }
-        w.commitStreak.store(0, ordering: .relaxed)
+        w.commitScore.store(0, ordering: .relaxed)
         let adopted = w.adopted.exchange(false, ordering: .relaxed)
         w.allDurable.store(false, ordering: .sequentiallyConsistent)
         w.switches.wrappingAdd(1, ordering: .relaxed)

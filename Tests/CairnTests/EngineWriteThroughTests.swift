@@ -90,7 +90,7 @@ extension EngineFUSETests {
             block += 1
         }
         XCTAssertEqual(LoopWriteCache.mode(name), .writeThrough, "\(block) commits did not switch the loop device")
-        XCTAssertGreaterThanOrEqual(block, WriteThrough.enterAfter)
+        XCTAssertGreaterThanOrEqual(block, WriteThrough.enterScore)
         XCTAssertTrue(engine.state.writeThrough)
         // Flushes no longer reach the replicas, and every write is durable when answered.
         let flushesBefore = fakes.map { f in f.state.withLock { $0.flushes } }
