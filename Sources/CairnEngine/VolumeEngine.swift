@@ -825,8 +825,11 @@ public final class VolumeEngine: Sendable {
         if alternateDurableForTesting.load(ordering: .relaxed) {
             return alternation.wrappingAdd(1, ordering: .relaxed).oldValue & 1 == 0 && length <= Self.durableWriteLimit
         }
-        // Write-through: every write must be durable before its answer; as it is written is cheapest.
-        if writeThrough.allDurable.load(ordering: .relaxed) { return Self.durableWritesEnabled && length <= Self.durableWriteLimit }
+        // Write-through: every write must be durable before its answer. Alone, as it is written
+        // is cheapest; with others in flight, a flush round shared with them (FlushRounds).
+        if writeThrough.allDurable.load(ordering: .relaxed) {
+            return Self.durableWritesEnabled && length <= Self.durableWriteLimit && gatedInFlight.load(ordering: .relaxed) == 1
+        }
         let run: UInt64 = (1 << Self.commitRun) - 1
         return Self.durableWritesEnabled && since == 0 && length <= Self.durableWriteLimit
             && gatedInFlight.load(ordering: .relaxed) == 1

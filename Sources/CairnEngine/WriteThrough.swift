@@ -54,6 +54,8 @@ final class WriteThrough: Sendable {
     /// Writes and trims made durable by a flush of their own while write-through.
     let ownFlushes = Atomic<UInt64>(0)
     let queue = DispatchQueue(label: "cairn.write-through")
+    /// The flushes made for writes and trims that were not durable as made share rounds.
+    let rounds = FlushRounds()
 
     static let enterScore = 64
     static let leaveScore = 64
@@ -125,11 +127,19 @@ extension VolumeEngine {
     }
 
     /// Flushes the in-sync replicas holding a write or trim they did not make durable (none:
-    /// nothing is sent). Returns 0 or -errno, and whether anything was sent.
+    /// nothing is sent), in a round shared with the other callers that arrive meanwhile.
+    /// Returns 0 or -errno, and whether a flush was needed.
     func makeDurable() -> (Int32, Bool) {
-        enterGate()
-        defer { leaveGate() }
-        return flushInSyncMembers(volumeID: volumeID, epoch: epoch, through: flushWatermark())
+        let pending = sets.withShared { s in
+            s.inSync.contains { $0.unflushed.load(ordering: .sequentiallyConsistent) != $0.flushedThrough.load(ordering: .relaxed) }
+        }
+        guard pending else { return (0, false) }
+        let result = writeThrough.rounds.flush {
+            enterGate()
+            defer { leaveGate() }
+            return flushInSyncMembers(volumeID: volumeID, epoch: epoch, through: flushWatermark()).0
+        }
+        return (result, true)
     }
 
     /// Asks the background queue to switch (in when out, out when in); one request at a time.
