@@ -9,6 +9,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sys/prctl.h>
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#endif
 #include <semaphore.h>
 #include <spawn.h>
 #include <stdarg.h>
@@ -342,6 +346,9 @@ static void *worker_thread(void *arg) {
     struct fuse_session *se = pool->s->se;
     // Named for top -H, perf and gdb: the threads that run the volume's I/O callbacks.
     pthread_setname_np(pthread_self(), "cairn-fuse");
+    // A FUSE daemon under its own volume: memory allocations here must never wait for
+    // writeback to the volume (its loop device and filesystem), which waits for this thread.
+    prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
     // Cancellation (by the loop, once another worker ended) only while waiting for a request,
     // never in the middle of one.
     pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);

@@ -1,6 +1,5 @@
 import Foundation
 import Logging
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -26,10 +25,6 @@ public enum LoopWriteCache {
         case writeBack = "write back"
         case writeThrough = "write through"
     }
-
-    /// Serializes this process's changes of the setting with its detaches, so an engine that
-    /// switches a device never races a detach of that device in the same process.
-    public static let lock = Mutex(())
 
     static let sysBlock = "/sys/block"
 
@@ -75,7 +70,7 @@ public enum LoopWriteCache {
     public static func restoreWriteBack(_ device: String, logger: Logger) {
         guard mode(device) == .writeThrough else { return }
         do {
-            try lock.withLock { _ in try set(device, .writeBack) }
+            try set(device, .writeBack)
         } catch {
             logger.error("cannot set a loop device back to write back; the next file attached to it would lose its flushes: set it by hand",
                          metadata: ["device": "/dev/\(device)", "error": "\(error)",

@@ -86,7 +86,7 @@ public struct LinuxMounter: Mounter {
         // volume would never reach its engine. Cairn's engine decides that mode itself.
         if sysBlock == "/sys/block", LoopWriteCache.mode(name) == .writeThrough {
             do {
-                try LoopWriteCache.lock.withLock { _ in try LoopWriteCache.set(name, .writeBack) }
+                try LoopWriteCache.set(name, .writeBack)
                 logger.notice("a loop device came out of the kernel's pool in write-through mode (left so by whoever detached it); set it back to write back",
                               metadata: ["device": "\(device)", "path": "\(file)"])
             } catch {

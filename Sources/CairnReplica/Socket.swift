@@ -6,6 +6,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CDirectIO
 import CairnCore
 
 enum Socket {
@@ -172,6 +173,9 @@ func startThread(_ body: @escaping @Sendable () -> Void) throws {
     var thread = pthread_t()
     let rc = pthread_create(&thread, nil, { arg in
         let box = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+        // These threads serve replica I/O that a volume's writes wait for (on this node, for a
+        // volume staged here): their allocations must never wait for writeback to it.
+        _ = cdio_mark_io_flusher()
         box.body()
         return nil
     }, box)

@@ -75,6 +75,7 @@ extension EngineFUSETests {
         let fakes = fakes(2)
         for fake in fakes { fake.makesDurable.store(true, ordering: .relaxed) }
         let engine = makeEngine(fakes)
+        engine.writeThrough.enabledForTesting.store(true, ordering: .relaxed)  // off by default
         let (device, name) = try loopDevice(over: try engine.start())
         XCTAssertEqual(LoopWriteCache.mode(name), .writeBack)
         let fd = try Self.open(device)
@@ -84,7 +85,7 @@ extension EngineFUSETests {
             XCTAssertEqual(fdatasync(fd), 0)
         }
         var block = 0
-        let deadline = Date().addingTimeInterval(20)
+        let deadline = Date().addingTimeInterval(60)
         while LoopWriteCache.mode(name) != .writeThrough && Date() < deadline {
             commit(block)
             block += 1
@@ -101,7 +102,7 @@ extension EngineFUSETests {
         }
         XCTAssertEqual(fakes.map { f in f.state.withLock { $0.flushes } }, flushesBefore, "flushes still reached the replicas")
         // Writes with company in flight: not commits any more; out once the dwell has passed.
-        let out = Date().addingTimeInterval(20)
+        let out = Date().addingTimeInterval(60)
         var round = 0
         while LoopWriteCache.mode(name) != .writeBack && Date() < out {
             let base = round * 64
@@ -158,5 +159,35 @@ extension EngineFUSETests {
         if againName != name { try LoopWriteCache.set(name, .writeBack) }
         XCTAssertEqual(LoopWriteCache.mode(againName), .writeBack)
         try await mounter.detachLoop(device: again)
+    }
+}
+
+extension EngineFUSETests {
+    /// PF_MEMALLOC_NOIO of the calling thread, from /proc/thread-self/stat (field 9, flags).
+    static func threadDoesNoIOOnReclaim() -> Bool {
+        guard let stat = ProcFile.textIfReadable("/proc/thread-self/stat"),
+              let close = stat.lastIndex(of: ")") else { return false }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        // After "pid (comm)": state is field 3, flags field 9.
+        guard fields.count > 6, let flags = UInt64(fields[6]) else { return false }
+        return flags & 0x0008_0000 != 0
+    }
+
+    /// The FUSE workers serve a volume whose page cache may need them to write it back: their
+    /// allocations must never wait for that writeback (PR_SET_IO_FLUSHER), or memory pressure
+    /// deadlocks the volume against itself.
+    func testFUSEWorkersAreIOFlushers() throws {
+        // PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE, which some sandboxes drop even for root.
+        let capabilities = ProcFile.textIfReadable("/proc/self/status")?.split(separator: "\n")
+            .first { $0.hasPrefix("CapEff:") }.flatMap { UInt64($0.dropFirst(7).trimmingCharacters(in: .whitespaces), radix: 16) } ?? 0
+        try XCTSkipUnless(capabilities & (1 << 24) != 0, "no CAP_SYS_RESOURCE here: a thread cannot be made an I/O flusher")
+        let fakes = fakes(1)
+        let seen = Mutex<[Bool]>([])
+        fakes[0].onWrite.withLock { $0 = { seen.withLock { $0.append(Self.threadDoesNoIOOnReclaim()) } } }
+        let engine = makeEngine(fakes)
+        let fd = try Self.open(try engine.start())
+        openFiles.append(fd)
+        XCTAssertEqual(Self.write(fd, 0, 4096, 1), 0)
+        XCTAssertEqual(seen.withLock { $0 }, [true], "a FUSE worker may wait for writeback while it allocates")
     }
 }

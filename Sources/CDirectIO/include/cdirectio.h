@@ -34,3 +34,9 @@ struct cdio_write {
 void cdio_write_many(struct cdio_write *writes, int count);
 
 #endif
+
+/// Marks the calling thread (and the threads it starts afterwards) as an I/O flusher
+/// (prctl PR_SET_IO_FLUSHER: its memory allocations never wait for writeback, which could be
+/// writeback to a volume this very process serves). Returns 0, or -errno (EPERM without
+/// CAP_SYS_RESOURCE; EINVAL before Linux 5.6).
+int cdio_mark_io_flusher(void);
