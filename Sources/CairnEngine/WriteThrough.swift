@@ -80,9 +80,16 @@ final class WriteThrough: Sendable {
 }
 
 extension VolumeEngine {
+    /// The volume file's path as sysfs shows a loop device's backing file, found without
+    /// looking inside the FUSE mount (a lookup there waits for this engine to serve it: at a
+    /// resume, before it does, it would never return).
+    var volumeFileRealPath: String {
+        (Validate.realPath(mountDirectory) ?? mountDirectory) + "/volume"
+    }
+
     /// The loop devices over this volume's file now.
     func loopDevicesOverFile() -> [String] {
-        LoopWriteCache.devices(backing: Validate.realPath(path) ?? path)
+        LoopWriteCache.devices(backing: volumeFileRealPath)
     }
 
     /// At start, before any request is served: a predecessor that died in write-through mode
@@ -173,7 +180,7 @@ extension VolumeEngine {
         let now = WriteThrough.now()
         guard !w.disabled.load(ordering: .relaxed), now >= w.notBefore.load(ordering: .relaxed),
               !fenced.load(ordering: .relaxed) else { return }
-        let file = Validate.realPath(path) ?? path
+        let file = volumeFileRealPath
         let devices = LoopWriteCache.devices(backing: file)
         guard !devices.isEmpty else {
             // The application uses the file itself: its flushes must reach the engine.
@@ -239,7 +246,7 @@ extension VolumeEngine {
         let w = writeThrough
         let now = WriteThrough.now()
         guard now >= w.notBefore.load(ordering: .relaxed) || w.adopted.load(ordering: .relaxed) else { return }
-        let file = Validate.realPath(path) ?? path
+        let file = volumeFileRealPath
         var failure: String?
         var devices: [String] = []
         do {
