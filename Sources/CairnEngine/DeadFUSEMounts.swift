@@ -116,9 +116,7 @@ public enum DeadFUSEMounts {
     /// it open, otherwise the kernel marks it autoclear and it goes when its last opener closes).
     static func releaseLoopDevices(over file: String, logger: Logger) {
         let loopClearFD: UInt = 0x4C01
-        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? [] where entry.hasPrefix("loop") {
-            guard let back = ProcFile.textIfReadable("/sys/block/\(entry)/loop/backing_file")?
-                    .trimmingCharacters(in: .whitespacesAndNewlines), back == file else { continue }
+        for entry in LoopWriteCache.devices(backing: file) {
             let fd = open("/dev/\(entry)", O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else {
                 logger.error("cannot open a loop device over a dead engine's file to detach it; detach it by hand (losetup -d)",

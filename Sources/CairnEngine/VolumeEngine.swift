@@ -89,6 +89,14 @@ final class Member: Sendable {
     @inline(__always)
     func noteUnflushed() { unflushed.wrappingAdd(1, ordering: .sequentiallyConsistent) }
 
+    /// The count a flush of this member records, when it holds a write or trim it did not make
+    /// durable since its last flush; nil when it holds none.
+    @inline(__always)
+    func pendingMark() -> UInt64? {
+        let mark = unflushed.load(ordering: .sequentiallyConsistent)
+        return mark != flushedThrough.load(ordering: .relaxed) ? mark : nil
+    }
+
     init(replica: EngineReplica, io: any ReplicaIO, claimedSize: UInt64 = 0) {
         self.replica = replica
         self.io = io
@@ -914,8 +922,7 @@ public final class VolumeEngine: Sendable {
         members.reserveCapacity(inSyncCount)
         marks.reserveCapacity(inSyncCount)
         for member in all.prefix(inSyncCount) {
-            let mark = member.unflushed.load(ordering: .sequentiallyConsistent)
-            if mark != member.flushedThrough.load(ordering: .relaxed) {
+            if let mark = member.pendingMark() {
                 members.append(member)
                 marks.append(mark)
             }

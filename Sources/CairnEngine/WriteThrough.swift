@@ -71,12 +71,6 @@ final class WriteThrough: Sendable {
     static let enabled: Bool = getenv("CAIRN_WRITE_THROUGH").map { String(cString: $0) == "on" } ?? false
     /// Tests: switch in as if `CAIRN_WRITE_THROUGH=on`.
     let enabledForTesting = Atomic<Bool>(false)
-
-    static func now() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-    }
 }
 
 extension VolumeEngine {
@@ -135,7 +129,7 @@ extension VolumeEngine {
         } else if w.score.load(ordering: .relaxed) > 0 {
             w.score.wrappingSubtract(1, ordering: .relaxed)
         }
-        if WriteThrough.now() &- w.enteredAt.load(ordering: .relaxed) > WriteThrough.probeAfter { requestWriteThroughSwitch(on: false) }
+        if monotonicNanoseconds() &- w.enteredAt.load(ordering: .relaxed) > WriteThrough.probeAfter { requestWriteThroughSwitch(on: false) }
         return result
     }
 
@@ -143,9 +137,7 @@ extension VolumeEngine {
     /// nothing is sent), in a round shared with the other callers that arrive meanwhile.
     /// Returns 0 or -errno, and whether a flush was needed.
     func makeDurable() -> (Int32, Bool) {
-        let pending = sets.withShared { s in
-            s.inSync.contains { $0.unflushed.load(ordering: .sequentiallyConsistent) != $0.flushedThrough.load(ordering: .relaxed) }
-        }
+        let pending = sets.withShared { s in s.inSync.contains { $0.pendingMark() != nil } }
         guard pending else { return (0, false) }
         let result = writeThrough.rounds.flush {
             enterGate()
@@ -162,7 +154,7 @@ extension VolumeEngine {
         guard !on || ((WriteThrough.enabled || w.enabledForTesting.load(ordering: .relaxed)) && VolumeEngine.durableWritesEnabled),
               !w.stopping.load(ordering: .relaxed),
               !w.disabled.load(ordering: .relaxed) || w.allDurable.load(ordering: .relaxed),
-              WriteThrough.now() >= w.notBefore.load(ordering: .relaxed) || w.adopted.load(ordering: .relaxed) else { return }
+              monotonicNanoseconds() >= w.notBefore.load(ordering: .relaxed) || w.adopted.load(ordering: .relaxed) else { return }
         if w.switchQueued.exchange(true, ordering: .acquiringAndReleasing) { return }
         w.queue.async { [self] in
             defer { w.switchQueued.store(false, ordering: .releasing) }
@@ -177,7 +169,7 @@ extension VolumeEngine {
 
     private func enterWriteThrough() {
         let w = writeThrough
-        let now = WriteThrough.now()
+        let now = monotonicNanoseconds()
         guard !w.disabled.load(ordering: .relaxed), now >= w.notBefore.load(ordering: .relaxed),
               !fenced.load(ordering: .relaxed) else { return }
         let file = volumeFileRealPath
@@ -191,7 +183,7 @@ extension VolumeEngine {
         w.allDurable.store(true, ordering: .sequentiallyConsistent)
         guard makeDurable().0 == 0 else {
             w.allDurable.store(false, ordering: .sequentiallyConsistent)
-            w.notBefore.store(WriteThrough.now() &+ WriteThrough.minimumDwell, ordering: .relaxed)
+            w.notBefore.store(monotonicNanoseconds() &+ WriteThrough.minimumDwell, ordering: .relaxed)
             return
         }
         var switched: [String] = []
@@ -217,7 +209,7 @@ extension VolumeEngine {
                 switched = []
             }
         }
-        w.notBefore.store(WriteThrough.now() &+ WriteThrough.minimumDwell, ordering: .relaxed)
+        w.notBefore.store(monotonicNanoseconds() &+ WriteThrough.minimumDwell, ordering: .relaxed)
         if let failure {
             // A device still in write-through mode keeps every write durable (the flag stays).
             if stuck.isEmpty { w.allDurable.store(false, ordering: .sequentiallyConsistent) }
@@ -232,7 +224,7 @@ extension VolumeEngine {
             w.allDurable.store(false, ordering: .sequentiallyConsistent)
             return
         }
-        w.enteredAt.store(WriteThrough.now(), ordering: .relaxed)
+        w.enteredAt.store(monotonicNanoseconds(), ordering: .relaxed)
         w.adopted.store(false, ordering: .relaxed)
         w.score.store(0, ordering: .relaxed)
         w.switches.wrappingAdd(1, ordering: .relaxed)
@@ -244,7 +236,7 @@ extension VolumeEngine {
 
     private func leaveWriteThrough() {
         let w = writeThrough
-        let now = WriteThrough.now()
+        let now = monotonicNanoseconds()
         guard now >= w.notBefore.load(ordering: .relaxed) || w.adopted.load(ordering: .relaxed) else { return }
         let file = volumeFileRealPath
         var failure: String?
@@ -255,7 +247,7 @@ extension VolumeEngine {
                 do { try LoopWriteCache.set(device, .writeBack) } catch { failure = "\(error)" }
             }
         }
-        w.notBefore.store(WriteThrough.now() &+ WriteThrough.minimumDwell, ordering: .relaxed)
+        w.notBefore.store(monotonicNanoseconds() &+ WriteThrough.minimumDwell, ordering: .relaxed)
         if let failure {
             // Still skipping flushes somewhere: every write stays durable.
             logger.error("cannot switch the volume's loop device back to write back; every write stays durable when answered",
@@ -292,7 +284,7 @@ extension VolumeEngine {
     /// and no switch out for an hour.
     func holdWriteThroughForTesting() {
         writeThrough.allDurable.store(true, ordering: .sequentiallyConsistent)
-        writeThrough.enteredAt.store(WriteThrough.now(), ordering: .relaxed)
-        writeThrough.notBefore.store(WriteThrough.now() &+ 3_600_000_000_000, ordering: .relaxed)
+        writeThrough.enteredAt.store(monotonicNanoseconds(), ordering: .relaxed)
+        writeThrough.notBefore.store(monotonicNanoseconds() &+ 3_600_000_000_000, ordering: .relaxed)
     }
 }
