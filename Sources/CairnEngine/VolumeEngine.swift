@@ -56,8 +56,10 @@ public struct EngineState: Sendable, Equatable {
     /// Write-through commits (docs/engine.md): the volume's loop device sends no flush now
     /// because every write is durable when answered; switches in and out so far; writes and
     /// trims that needed a flush of their own meanwhile.
+    /// Every write and trim is durable on every replica before it is answered (the volume's
+    /// loop device may be in write-through mode: docs/engine.md, "Write-through volumes").
     public var writeThrough: Bool = false
-    public var writeThroughSwitches: UInt64 = 0
+    /// Writes and trims that needed a flush round of the engine's own to be durable.
     public var writeThroughOwnFlushes: UInt64 = 0
 }
 
@@ -83,9 +85,8 @@ final class Member: Sendable {
     let unflushed = Atomic<UInt64>(1)
     let flushedThrough = Atomic<UInt64>(0)
 
-    /// Sequentially consistent: against a switch to write-through (WriteThrough.swift), which
-    /// sets its flag and then reads these counts while a write moves its count and then reads
-    /// the flag — one of the two must see the other's (on x86 the add is a full fence anyway).
+    /// Sequentially consistent: a flush round (WriteThrough.swift) reads these counts after
+    /// the write that moved one was answered by its replicas.
     @inline(__always)
     func noteUnflushed() { unflushed.wrappingAdd(1, ordering: .sequentiallyConsistent) }
 
@@ -221,8 +222,8 @@ public final class VolumeEngine: Sendable {
     let alternation = Atomic<UInt64>(0)
     let durableWriteCount = Atomic<UInt64>(0)
     let flushesWithoutSync = Atomic<UInt64>(0)
-    /// Write-through commits (WriteThrough.swift): the kernel skips the volume's flushes while
-    /// every write is durable when answered.
+    /// Write-through volumes (WriteThrough.swift): every write durable when answered, so the
+    /// kernel may skip the volume's flushes.
     let writeThrough = WriteThrough()
     /// `CAIRN_DURABLE_WRITES=off` never asks for durable writes (every flush goes to every
     /// replica, as before they existed): an escape hatch and the benchmark's comparison.
@@ -342,8 +343,8 @@ public final class VolumeEngine: Sendable {
             }
             life.members = claimed
 
-            // Before the first request: a predecessor may have left the kernel skipping flushes.
-            adoptWriteThroughLeftByPredecessor()
+            // Before the first request: whether every write is durable when answered.
+            decideDurabilityAtStart()
             let retained = Unmanaged.passRetained(self)
             var callbacks = cfuse_callbacks(read: engineRead, write: engineWrite, flush: engineFlush, trim: engineTrim)
             var message = [CChar](repeating: 0, count: 512)
@@ -459,7 +460,6 @@ public final class VolumeEngine: Sendable {
             return life.driver
         }
         // Each step logged: a stop that hangs says where (docs/soak.md, the open split-bed case).
-        quiesceWriteThrough()
         logger.info("stopping the volume engine: its recovery thread first", metadata: ["fenced": "\(fenced.load(ordering: .relaxed))"])
         driver?.stop()
         logger.info("the volume engine's recovery thread stopped; unmounting FUSE")
@@ -555,7 +555,6 @@ public final class VolumeEngine: Sendable {
             durableWrites: durableWriteCount.load(ordering: .relaxed),
             flushesWithoutSync: flushesWithoutSync.load(ordering: .relaxed),
             writeThrough: writeThrough.allDurable.load(ordering: .relaxed),
-            writeThroughSwitches: writeThrough.switches.load(ordering: .relaxed),
             writeThroughOwnFlushes: writeThrough.ownFlushes.load(ordering: .relaxed))
     }
 
@@ -743,20 +742,18 @@ public final class VolumeEngine: Sendable {
         let end = (offset + UInt64(data.count) + block - 1) & ~(block - 1)
         // Overlapping writes one after the other, then the snapshot barrier's gate (a write
         // waiting for another is not yet in flight as the barrier counts it).
-        var alone = true
         var result: Int32 = overlaps.with(start: start, end: end) {
             enterGate()
             defer { leaveGate() }
-            alone = gatedInFlight.load(ordering: .relaxed) == 1
             if offset % block == 0 && UInt64(data.count) % block == 0 {
                 return writePlain(offset: offset, data: data)
             } else {
                 return writePartial(offset: offset, data: data)
             }
         }
-        // Write-through: the kernel sends no flush, so nothing is answered before it is durable.
-        if result == 0 && writeThrough.allDurable.load(ordering: .sequentiallyConsistent) {
-            result = finishWriteThrough(alone: alone, trim: false)
+        // Write-through: the kernel may send no flush, so nothing is answered before it is durable.
+        if result == 0 && writeThrough.allDurable.load(ordering: .relaxed) {
+            result = makeAnswerDurable()
         }
         if result != 0 { return Int32(failed(-result)) }
         writes.wrappingAdd(1, ordering: .relaxed)
@@ -897,7 +894,6 @@ public final class VolumeEngine: Sendable {
             flushesWithoutSync.wrappingAdd(1, ordering: .relaxed)
             metrics.flushWithoutSync()
         }
-        noteFlushForWriteThrough(syncedNothing: !sent, afterOneWrite: interval == 1)
         flushes.wrappingAdd(1, ordering: .relaxed)
         metrics.flush(since: began)
         return 0
@@ -955,8 +951,8 @@ public final class VolumeEngine: Sendable {
             return trimHeld(offset: offset, end: end)
         }
         // Write-through: a trim (or zeroing) is durable before its answer, as a write is.
-        if result == 0 && writeThrough.allDurable.load(ordering: .sequentiallyConsistent) {
-            let made = finishWriteThrough(alone: false, trim: true)
+        if result == 0 && writeThrough.allDurable.load(ordering: .relaxed) {
+            let made = makeAnswerDurable()
             if made != 0 { return Int32(failed(-made)) }
         }
         return result
@@ -1245,9 +1241,6 @@ extension VolumeEngine {
     /// timeout (0: all done).
     @discardableResult
     public func handOver(timeout: Duration = .seconds(5)) -> Int {
-        // A switch of the loop device's write cache waits for the requests in flight: finish
-        // it while they are still served here. The next engine adopts the mode it finds.
-        quiesceWriteThrough()
         handedOver.store(true, ordering: .sequentiallyConsistent)
         let deadline = ContinuousClock.now + timeout
         while serving.load(ordering: .sequentiallyConsistent) > 0 && ContinuousClock.now < deadline {

@@ -23,7 +23,7 @@ final class VolumeMetrics: Sendable {
     let resyncBytes: CoreMetrics.Counter
     let durableWrites: CoreMetrics.Counter
     let flushesWithoutSync: CoreMetrics.Counter
-    let writeThroughSwitches: CoreMetrics.Counter
+    let durabilityFlushes: CoreMetrics.Counter
     private let destroyed = Atomic<Bool>(false)
 
     init(volumeID: String, factory: any MetricsFactory = MetricsSystem.factory) {
@@ -50,7 +50,7 @@ final class VolumeMetrics: Sendable {
         resyncBytes = counter("cairn_volume_resync_bytes_total")
         durableWrites = counter("cairn_volume_durable_writes_total")
         flushesWithoutSync = counter("cairn_volume_flushes_without_sync_total")
-        writeThroughSwitches = counter("cairn_volume_write_through_switches_total")
+        durabilityFlushes = counter("cairn_volume_durability_flushes_total")
     }
 
     /// The start of a timed I/O (0 when nothing records).
@@ -80,7 +80,7 @@ final class VolumeMetrics: Sendable {
 
     @inline(__always)
     func flushWithoutSync() { if records { flushesWithoutSync.increment() } }
-    func writeThroughSwitch() { if records { writeThroughSwitches.increment() } }
+    func durabilityFlush() { if records { durabilityFlushes.increment() } }
 
     /// Time the QoS limiter held an I/O back.
     func throttled(nanoseconds: UInt64) {
@@ -92,7 +92,7 @@ final class VolumeMetrics: Sendable {
     func destroy() {
         guard !destroyed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         for counter in [readOps, writeOps, flushOps, readBytes, writeBytes, repairedBlocks, fencingEvents, resyncBytes,
-                        durableWrites, flushesWithoutSync, writeThroughSwitches] {
+                        durableWrites, flushesWithoutSync, durabilityFlushes] {
             counter.destroy()
         }
         for timer in [readLatency, writeLatency, flushLatency] { timer.destroy() }

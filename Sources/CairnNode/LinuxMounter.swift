@@ -82,11 +82,12 @@ public struct LinuxMounter: Mounter {
                 "could not attach \(file) as a loop device (losetup exit \(result.status): \(result.output)); check that the file exists, that free loop devices remain (losetup -a; modprobe loop max_loop=…) and that this process may use /dev/loop-control")
         }
         let name = (device as NSString).lastPathComponent
+        guard sysBlock == "/sys/block" else { return try warnWithoutDirectIO(device, name: name, file: file) }
         // A device freed while in write-through mode keeps it (LoopWriteCache): flushes of the
-        // volume would never reach its engine. Cairn's engine decides that mode itself.
-        if sysBlock == "/sys/block", LoopWriteCache.mode(name) == .writeThrough {
+        // file would never reach it.
+        if LoopWriteCache.mode(name) == .writeThrough {
             do {
-                try LoopWriteCache.set(name, .writeBack)
+                try await LoopWriteCache.setOffPool(name, .writeBack)
                 logger.notice("a loop device came out of the kernel's pool in write-through mode (left so by whoever detached it); set it back to write back",
                               metadata: ["device": "\(device)", "path": "\(file)"])
             } catch {
@@ -95,6 +96,23 @@ public struct LinuxMounter: Mounter {
                     "loop device \(device) is in write-through mode (its flushes would never reach \(file)) and cannot be set back to write back: \(error); check that /sys is writable for this process, or set it by hand: echo 'write back' > /sys/block/\(name)/queue/write_cache")
             }
         }
+        // An engine's file: every write is durable when the engine answers it, so the device's
+        // flushes need not travel to it (docs/engine.md, "Write-through volumes"). Set now,
+        // before anything uses the device: the kernel drains a device to switch it.
+        if !readOnly && LoopWriteCache.enabled && LoopWriteCache.isEngineFile(file) {
+            do {
+                try await LoopWriteCache.setOffPool(name, .writeThrough)
+                logger.debug("loop device in write-through mode (the engine makes every write durable)", metadata: ["device": "\(device)"])
+            } catch {
+                logger.warning("cannot put the volume's loop device in write-through mode; every commit keeps a flush round trip through the loop device and FUSE (about 100 µs more)",
+                               metadata: ["device": "\(device)", "error": "\(error)",
+                                          "fix": "give the node plugin a writable /sys (a privileged container), or set CAIRN_WRITE_THROUGH=off to silence this"])
+            }
+        }
+        return try warnWithoutDirectIO(device, name: name, file: file)
+    }
+
+    private func warnWithoutDirectIO(_ device: String, name: String, file: String) throws -> String {
         if let dio = ProcFile.textIfReadable("\(sysBlock)/\(name)/loop/dio"),
            dio.trimmingCharacters(in: .whitespacesAndNewlines) != "1" {
             logger.warning("loop device runs without direct I/O; the filesystem holding the backing file may not support O_DIRECT (expect about 3× lower throughput)",
@@ -132,12 +150,13 @@ public struct LinuxMounter: Mounter {
     public func detachLoop(device: String) async throws {
         let name = (device as NSString).lastPathComponent
         guard FileManager.default.fileExists(atPath: "\(sysBlock)/\(name)/loop") else { return }  // already free
-        // Never free a device in write-through mode (the engine's, docs/engine.md): the next
-        // file attached to it would lose its flushes. Before the detach, and again after it
-        // in case an engine switched it in between.
-        restoreWriteBack(name)
+        // Never free a device in write-through mode (an engine's, docs/engine.md): the next
+        // file attached to it would lose its flushes. Before the detach (nothing uses the
+        // device by now, so the kernel has nothing to drain), and again after it: a device
+        // still held open is only marked to go at its last close, still bound.
+        await restoreWriteBack(name)
         let result = try await Command.run(["losetup", "--detach", device], timeout: Self.quickTimeout, logger: logger)
-        restoreWriteBack(name)
+        await restoreWriteBack(name)
         guard result.status == 0 else {
             if !FileManager.default.fileExists(atPath: "\(sysBlock)/\(name)/loop") { return }  // lost a race; it is free
             throw CairnError.internal(
@@ -146,9 +165,9 @@ public struct LinuxMounter: Mounter {
     }
 
     /// Sets loop device `name` back to write back if it is in write-through mode.
-    private func restoreWriteBack(_ name: String) {
+    private func restoreWriteBack(_ name: String) async {
         guard sysBlock == "/sys/block" else { return }
-        LoopWriteCache.restoreWriteBack(name, logger: logger)
+        await LoopWriteCache.restoreWriteBackOffPool(name, logger: logger)
     }
 
     // MARK: Filesystems

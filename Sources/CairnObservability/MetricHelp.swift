@@ -16,7 +16,7 @@ enum MetricHelp {
         "cairn_volume_resync_bytes_total": "Bytes copied to out-of-sync or new replicas by resync and rebuild.",
         "cairn_volume_durable_writes_total": "Writes every replica was asked to make durable as it wrote them (queue-depth-1 commits).",
         "cairn_volume_flushes_without_sync_total": "Flushes answered without flushing any replica: everything since was durable already.",
-        "cairn_volume_write_through_switches_total": "Switches of the volume's loop device between write back and write through (commits with no flush round trip).",
+        "cairn_volume_durability_flushes_total": "Writes and trims the engine flushed on the replicas itself before answering them (not durable as written: large, with others in flight, trims), so every write is durable when answered (docs/engine.md, \"Write-through volumes\").",
         "cairn_replica_request_duration_seconds": "Time this node's replica server took per data-protocol request.",
         "cairn_replica_request_errors_total": "Data-protocol requests this node's replica server answered with an error.",
         "cairn_csi_operations_seconds": "CSI call durations by method and gRPC status code.",

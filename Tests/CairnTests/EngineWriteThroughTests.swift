@@ -14,10 +14,11 @@ import Glibc
 @_silgen_name("fallocate")
 private func punchHole(_ fd: Int32, _ mode: Int32, _ offset: off_t, _ length: off_t) -> Int32
 
-/// Write-through commits (docs/engine.md): while the engine has a volume's loop device in
-/// write-through mode the kernel sends no flush, so what must never happen is a write or trim
-/// answered before it is durable on every in-sync replica — and a loop device freed in that
-/// mode, which would drop the flushes of whatever is attached to it next.
+/// Write-through volumes (docs/engine.md): the engine answers no write or trim before it is
+/// durable on every in-sync replica, so the loop device over its file is attached in
+/// write-through mode and the kernel sends it no flush. What must never happen is a write or
+/// trim answered before it is durable everywhere — and a loop device freed in that mode, which
+/// would drop the flushes of whatever is attached to it next.
 extension EngineFUSETests {
     private func volatileBlocks(_ fakes: [FakeReplica]) -> [Set<UInt64>] { Self.volatileBlocks(fakes) }
 
@@ -37,7 +38,9 @@ extension EngineFUSETests {
         let engine = makeEngine(fakes)
         let fd = try Self.open(try engine.start())
         openFiles.append(fd)
-        engine.holdWriteThroughForTesting()
+        // The default (CAIRN_WRITE_THROUGH unset) is every write durable when answered.
+        if LoopWriteCache.enabled { XCTAssertTrue(engine.state.writeThrough, "an engine starts without making every write durable") }
+        engine.setAllDurableForTesting(true)
         for i in 0..<8 {
             XCTAssertEqual(Self.write(fd, i * 4096, 4096, UInt8(i + 1)), 0)
             XCTAssertEqual(volatileBlocks(fakes), [[], [], []], "write \(i) was answered while a replica held it unsynced")
@@ -68,76 +71,84 @@ extension EngineFUSETests {
         XCTAssertTrue(engine.state.writeThrough)
     }
 
-    /// A loop device over the volume: commits at queue depth 1 switch it to write through (its
-    /// flushes stop reaching the replicas, every write stays durable), concurrent writes switch
-    /// it back, and a device detached while in that mode is freed in write-back mode.
-    func testCommitsSwitchTheLoopDeviceToWriteThroughAndConcurrentWritesSwitchItBack() throws {
+    /// NodeStage's attach: a loop device over an engine's file comes up in write-through mode
+    /// (one over a plain file does not); commits through it never send the replicas a flush,
+    /// and every write is durable on each replica when it is answered; detached, it is freed in
+    /// write-back mode.
+    func testALoopDeviceOverAnEngineFileIsAttachedWriteThroughAndCommitsSendNoFlush() async throws {
+        try XCTSkipUnless(LoopWriteCache.enabled, "CAIRN_WRITE_THROUGH=off in this environment")
         let fakes = fakes(2)
-        for fake in fakes { fake.makesDurable.store(true, ordering: .relaxed) }
         let engine = makeEngine(fakes)
-        engine.writeThrough.enabledForTesting.store(true, ordering: .relaxed)  // off by default
-        let (device, name) = try loopDevice(over: try engine.start())
-        XCTAssertEqual(LoopWriteCache.mode(name), .writeBack)
+        let file = try engine.start()
+        XCTAssertTrue(LoopWriteCache.isEngineFile(file))
+        XCTAssertTrue(engine.state.writeThrough)
+        let mounter = LinuxMounter(logger: logger)
+        let device = try await mounter.attachLoop(file: file, readOnly: false)
+        loopDevices.append(device)
+        let name = LoopWriteCache.name(device)
+        XCTAssertEqual(LoopWriteCache.mode(name), .writeThrough, "the engine's loop device was attached in write-back mode")
         let fd = try Self.open(device)
-        defer { close(fd) }
-        func commit(_ block: Int) {
-            XCTAssertEqual(Self.write(fd, block * 4096, 4096, UInt8(truncatingIfNeeded: block)), 0)
+        let flushesBefore = fakes.map { f in f.state.withLock { $0.flushes } }
+        // Neither replica makes writes durable as written: each write gets a flush round of
+        // the engine's own before its answer, and the application's fdatasync none at all.
+        for block in 0..<32 {
+            XCTAssertEqual(Self.write(fd, block * 4096, 4096, UInt8(block + 1)), 0)
+            XCTAssertEqual(volatileBlocks(fakes), [[], []], "write \(block) was answered while a replica held it unsynced")
             XCTAssertEqual(fdatasync(fd), 0)
         }
-        var block = 0
-        let deadline = Date().addingTimeInterval(60)
-        while LoopWriteCache.mode(name) != .writeThrough && Date() < deadline {
-            commit(block)
-            block += 1
-        }
-        XCTAssertEqual(LoopWriteCache.mode(name), .writeThrough, "\(block) commits did not switch the loop device")
-        XCTAssertGreaterThanOrEqual(block, WriteThrough.enterScore)
-        XCTAssertTrue(engine.state.writeThrough)
-        // Flushes no longer reach the replicas, and every write is durable when answered.
-        let flushesBefore = fakes.map { f in f.state.withLock { $0.flushes } }
-        for _ in 0..<50 {
-            commit(block)
-            block += 1
-            XCTAssertEqual(volatileBlocks(fakes), [[], []])
-        }
-        XCTAssertEqual(fakes.map { f in f.state.withLock { $0.flushes } }, flushesBefore, "flushes still reached the replicas")
-        // Writes with company in flight: not commits any more; out once the dwell has passed.
-        let out = Date().addingTimeInterval(60)
-        var round = 0
-        while LoopWriteCache.mode(name) != .writeBack && Date() < out {
-            let base = round * 64
-            DispatchQueue.concurrentPerform(iterations: 8) { t in
-                for k in 0..<8 { XCTAssertEqual(Self.write(fd, (4096 + (base + t * 8 + k) % 8192) * 4096, 4096, 0x33), 0) }
+        let rounds = fakes.map { f in f.state.withLock { $0.flushes } }
+        XCTAssertEqual(zip(rounds, flushesBefore).map { $0 - $1 }, [32, 32], "one flush round per write, and none for the application's fdatasync")
+        // Concurrent writers share flush rounds and still find their blocks durable.
+        let violations = Mutex<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: 8) { t in
+            for k in 0..<16 {
+                let block = 256 + t * 16 + k
+                XCTAssertEqual(Self.write(fd, block * 4096, 4096, 0x33), 0)
+                for (fake, volatile) in zip(fakes, Self.volatileBlocks(fakes)) where volatile.contains(UInt64(block)) {
+                    violations.withLock { $0.append("\(fake.nodeID): block \(block) answered unsynced") }
+                }
             }
-            round += 1
         }
-        while engine.state.writeThrough && Date() < out { usleep(10_000) }  // cleared right after the switch
-        XCTAssertEqual(LoopWriteCache.mode(name), .writeBack, "concurrent writes did not switch the loop device back")
-        XCTAssertFalse(engine.state.writeThrough)
-        XCTAssertGreaterThanOrEqual(engine.state.writeThroughSwitches, 2)
-        // Flushes reach the replicas again.
-        XCTAssertEqual(Self.write(fd, 0, 4096, 0x44), 0)
-        XCTAssertEqual(fdatasync(fd), 0)
-        XCTAssertGreaterThan(fakes[1].state.withLock { $0.flushes }, flushesBefore[1])
+        XCTAssertEqual(violations.withLock { $0 }.prefix(5), [])
+        close(fd)
+        // What was written reads back through a fresh open.
+        let check = try Self.open(device)
+        let (status, bytes) = Self.read(check, 7 * 4096, 4096)
+        XCTAssertEqual(status, 0)
+        XCTAssertEqual(Set(bytes), [8])
+        close(check)
+        try await mounter.detachLoop(device: device)
+        XCTAssertNotEqual(LoopWriteCache.mode(name), .writeThrough, "a loop device was freed in write-through mode")
+        // A plain file's loop device keeps its flushes.
+        let plain = dir + "/plain.img"
+        XCTAssertTrue(FileManager.default.createFile(atPath: plain, contents: nil))
+        XCTAssertEqual(truncate(plain, 16 << 20), 0)
+        XCTAssertFalse(LoopWriteCache.isEngineFile(plain))
+        let other = try await mounter.attachLoop(file: plain, readOnly: false)
+        loopDevices.append(other)
+        XCTAssertEqual(LoopWriteCache.mode(LoopWriteCache.name(other)), .writeBack, "a plain file's loop device was attached in write-through mode")
+        try await mounter.detachLoop(device: other)
     }
 
-    func testAnEngineThatFindsItsLoopDeviceInWriteThroughMakesEveryWriteDurableThenSwitchesItBack() throws {
+    /// CAIRN_WRITE_THROUGH=off: an engine makes writes durable only at flushes, unless it finds
+    /// a loop device over its file in write-through mode at start (attached before the setting
+    /// changed) — then every write, for its whole life.
+    func testWithWriteThroughOffAnEngineThatFindsItsLoopDeviceInThatModeMakesEveryWriteDurable() throws {
         let fakes = fakes(2)
         let engine = makeEngine(fakes)
         let (device, name) = try loopDevice(over: try engine.start())
-        // As a predecessor that died in write-through mode leaves it.
+        engine.setAllDurableForTesting(false)
+        engine.decideDurabilityAtStart(enabled: false)
+        XCTAssertFalse(engine.state.writeThrough, "write-back devices only, write-through off: flushes make writes durable")
         try LoopWriteCache.set(name, .writeThrough)
-        engine.adoptWriteThroughLeftByPredecessor()
+        engine.decideDurabilityAtStart(enabled: false)
         XCTAssertTrue(engine.state.writeThrough)
         let fd = try Self.open(device)
         defer { close(fd) }
         // No replica makes writes durable as written: each write is flushed before its answer.
         XCTAssertEqual(Self.write(fd, 0, 4096, 0x10), 0)
         XCTAssertEqual(volatileBlocks(fakes), [[], []])
-        let deadline = Date().addingTimeInterval(10)
-        while (LoopWriteCache.mode(name) != .writeBack || engine.state.writeThrough) && Date() < deadline { usleep(20_000) }
-        XCTAssertEqual(LoopWriteCache.mode(name), .writeBack)
-        XCTAssertFalse(engine.state.writeThrough)
+        XCTAssertGreaterThan(engine.state.writeThroughOwnFlushes, 0)
     }
 
     func testALoopDeviceIsNeverFreedOrHandedOutInWriteThroughMode() async throws {
