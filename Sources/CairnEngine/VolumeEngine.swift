@@ -53,9 +53,6 @@ public struct EngineState: Sendable, Equatable {
     /// without flushing any replica because every write since the last was durable already.
     public var durableWrites: UInt64 = 0
     public var flushesWithoutSync: UInt64 = 0
-    /// Write-through commits (docs/engine.md): the volume's loop device sends no flush now
-    /// because every write is durable when answered; switches in and out so far; writes and
-    /// trims that needed a flush of their own meanwhile.
     /// Every write and trim is durable on every replica before it is answered (the volume's
     /// loop device may be in write-through mode: docs/engine.md, "Write-through volumes").
     public var writeThrough: Bool = false

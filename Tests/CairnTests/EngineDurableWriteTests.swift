@@ -34,6 +34,7 @@ extension EngineFUSETests {
         let fakes = durableFakes(3)
         let engine = makeEngine(fakes)
         let fd = try Self.open(try engine.start())
+        engine.setAllDurableForTesting(false)  // as with CAIRN_WRITE_THROUGH=off: flushes make writes durable
         openFiles.append(fd)
         for i in 0..<10 { commit(fd, block: i, byte: UInt8(i + 1)) }
         // The first two commits teach the engine the pattern (one write per flush); from the
@@ -54,6 +55,7 @@ extension EngineFUSETests {
         fakes[1].makesDurable.store(false, ordering: .relaxed)  // an older replica server
         let engine = makeEngine(fakes)
         let fd = try Self.open(try engine.start())
+        engine.setAllDurableForTesting(false)  // as with CAIRN_WRITE_THROUGH=off: flushes make writes durable
         openFiles.append(fd)
         for i in 0..<10 {
             commit(fd, block: i, byte: UInt8(i + 1))
@@ -67,6 +69,7 @@ extension EngineFUSETests {
         let fakes = durableFakes(2)
         let engine = makeEngine(fakes)
         let fd = try Self.open(try engine.start())
+        engine.setAllDurableForTesting(false)  // as with CAIRN_WRITE_THROUGH=off: flushes make writes durable
         openFiles.append(fd)
         // Streaming writes with no flush: a sync per write would be wasted.
         for i in 0..<20 { XCTAssertEqual(Self.write(fd, i * 4096, 4096, 0x11), 0) }

@@ -128,6 +128,14 @@ final class EngineFUSETests: XCTestCase {
         return (engine, fakes, fd)
     }
 
+    /// This process's threads named `name` now.
+    static func threadsNamed(_ name: String) -> Int {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []).filter { task in
+            (try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8))?
+                .trimmingCharacters(in: .whitespacesAndNewlines) == name
+        }.count
+    }
+
     /// A 4 KiB-aligned buffer filled with `byte` (O_DIRECT needs aligned memory).
     static func withAligned<R>(_ count: Int, fill byte: UInt8, _ body: (UnsafeMutableRawPointer) throws -> R) rethrows -> R {
         var raw: UnsafeMutableRawPointer?
@@ -566,6 +574,9 @@ final class EngineFUSETests: XCTestCase {
     /// and the client sends it without a copy. With libfuse's own loop it sat 80 bytes into a
     /// malloc'd buffer and every write was copied.
     func testWriteDataArrivesPageAlignedFromTheKernel() throws {
+        // Threads named as FUSE workers before this engine starts: an earlier test's thread
+        // pools (a thread inherits the name of the thread that creates it).
+        let before = Self.threadsNamed("cairn-fuse")
         let (_, fakes, fd) = try mounted(1)
         for (i, size) in [4096, 65536, 1 << 20, 8192].enumerated() {
             XCTAssertEqual(Self.write(fd, i * (1 << 20), size, 0x40 + UInt8(i)), 0)
@@ -573,13 +584,12 @@ final class EngineFUSETests: XCTestCase {
         XCTAssertGreaterThanOrEqual(fakes[0].snapshot.writes.count, 4)
         XCTAssertEqual(fakes[0].unalignedWrites.load(ordering: .relaxed), 0, "write data was not page-aligned")
         // One request at a time needs one worker and one waiting: the shim starts workers as
-        // load needs them, so a node with many quiet volumes does not hold 32 threads each.
-        let workers = try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").filter { task in
-            (try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8))?
-                .trimmingCharacters(in: .whitespacesAndNewlines) == "cairn-fuse"
-        }
-        XCTAssertGreaterThan(workers.count, 0)
-        XCTAssertLessThanOrEqual(workers.count, 3, "FUSE workers started before any load needed them")
+        // load needs them, so a node with many quiet volumes does not hold 32 threads each. (A
+        // worker still finishing its answer when the next request comes makes another start:
+        // a few, never the limit.)
+        let workers = Self.threadsNamed("cairn-fuse") - before
+        XCTAssertGreaterThan(workers, 0)
+        XCTAssertLessThanOrEqual(workers, 4, "FUSE workers started before any load needed them")
     }
 
     /// The fear: two writes of one block in flight at once reach the replicas in different

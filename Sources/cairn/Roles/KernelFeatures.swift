@@ -7,6 +7,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CairnCore
 import Logging
 
 struct KernelFeatures {
@@ -17,6 +18,9 @@ struct KernelFeatures {
     var loop: Bool
     var deviceMapper: Bool
     var kernelTLS: Bool
+    /// `/sys` is writable here: a loop device over an engine's file can be put in write-through
+    /// mode (docs/engine.md, "Write-through volumes").
+    var sysWritable: Bool
 
     static func probe() -> KernelFeatures {
         func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
@@ -37,7 +41,11 @@ struct KernelFeatures {
             ioUring: uringDisabled.map { $0 == "0" } ?? exists("/proc/sys/kernel/io_uring_disabled"),
             loop: exists("/dev/loop-control"),
             deviceMapper: exists("/dev/mapper/control"),
-            kernelTLS: exists("/sys/module/tls"))
+            kernelTLS: exists("/sys/module/tls"),
+            sysWritable: {
+                var fs = statvfs()
+                return statvfs("/sys/block", &fs) == 0 && fs.f_flag & UInt(ST_RDONLY) == 0
+            }())
     }
 
     /// One info line with everything, and a warning per missing thing the role needs.
@@ -47,12 +55,19 @@ struct KernelFeatures {
         case .some(true): "enabled (not used yet: requests are served through /dev/fuse)"
         case .some(false): "available, off (/sys/module/fuse/parameters/enable_uring)"
         }
+        let writeThrough = !LoopWriteCache.enabled ? "off (CAIRN_WRITE_THROUGH=off: commits keep a flush round trip)"
+            : sysWritable ? "on (engines' loop devices are attached in write-through mode)"
+            : "unavailable (/sys is read-only: commits keep a flush round trip)"
         logger.info("kernel features", metadata: [
             "kernel.fuse": "\(fuse)", "kernel.fuse_io_uring": "\(uring)", "kernel.io_uring": "\(ioUring)",
             "kernel.loop": "\(loop)", "kernel.device_mapper": "\(deviceMapper)", "kernel.tls": "\(kernelTLS)",
+            "loop.write_through": "\(writeThrough)",
         ])
         if servesVolumes && !loop {
             logger.warning("no loop devices (/dev/loop-control is missing): NodeStageVolume will fail; load the loop module (modprobe loop)")
+        }
+        if servesVolumes && runsEngines && LoopWriteCache.enabled && !sysWritable {
+            logger.warning("/sys is read-only: replicated volumes' loop devices stay in write-back mode and every commit keeps a flush round trip through the loop device and FUSE (about 100 µs); run the node plugin privileged (a writable /sys), or set CAIRN_WRITE_THROUGH=off to silence this")
         }
         if runsEngines && !fuse {
             logger.warning("no /dev/fuse: replicated and encrypted volumes cannot be staged on this node; load the fuse module (modprobe fuse) or, in a container, pass /dev/fuse through")
