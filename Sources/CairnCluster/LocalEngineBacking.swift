@@ -105,7 +105,7 @@ public final class LocalEngineBacking: VolumeBacking, NodeBacking, EngineHosting
         }
         let cipher = try VolumeCipher(key)
         let image = try files.file(volumeID: volume.id)
-        let (engines, nodeID, volumeID) = (self.engines, self.nodeID, volume.id)
+        let (engines, nodeID, volumeID, writeThrough) = (self.engines, self.nodeID, volume.id, volume.writeThrough)
         let (size, mountDirectory) = (UInt64(volume.capacityBytes), "\(enginesDirectory)/\(volume.id)")
         let replica = EngineReplica(nodeID: nodeID, host: "localhost", port: 0, inSync: true)
         let file = try await ReplicatedBacking.blocking {
@@ -115,7 +115,7 @@ public final class LocalEngineBacking: VolumeBacking, NodeBacking, EngineHosting
                               markOutOfSync: { node, reason in
                                   throw CairnError.internal("volume \(volumeID)'s only copy (\(node)) failed: \(reason)")
                               },
-                              cipher: cipher)
+                              cipher: cipher, writeThrough: writeThrough)
         }
         logger.info("the encrypted volume's engine is serving it", metadata: ["volume.id": "\(volume.id)", "file": "\(file)"])
         return file

@@ -229,10 +229,12 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking, EngineHosting 
         let recovery = recoveryHooks(volumeID: volumeID, epoch: epoch)
         let limits = Self.limits(current)
         let minInSync = current.minInSync
+        let writeThrough = current.writeThrough
         let file = try await Self.blocking {
             let file = try engines.start(volumeID: volumeID, sizeBytes: sizeBytes, epoch: epoch.rawValue, replicas: targets,
                                          localNodeID: nodeID, mountDirectory: mountDirectory,
-                                         connect: connect, markOutOfSync: markOutOfSync, recovery: recovery, cipher: cipher)
+                                         connect: connect, markOutOfSync: markOutOfSync, recovery: recovery, cipher: cipher,
+                                         writeThrough: writeThrough)
             if limits.iops > 0 || limits.bandwidth > 0 {
                 engines.engine(volumeID: volumeID)?.setLimits(iopsLimit: limits.iops, bandwidthLimit: limits.bandwidth)
             }

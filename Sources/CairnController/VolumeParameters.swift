@@ -4,7 +4,7 @@ import CairnCore
 /// CreateVolume / GetCapacity parameters (StorageClass parameters, Mesos profile parameters).
 /// Every key is validated: a typo must fail loudly, not be silently ignored.
 struct VolumeParameters: Equatable {
-    static let known = ["fsType", "replicas", "minInSync", EncryptionNames.parameter, "restoreFrom"]
+    static let known = ["fsType", "replicas", "minInSync", EncryptionNames.parameter, "restoreFrom", VolumeRecord.writeThroughParameter]
     /// Keys the Kubernetes external-provisioner may pass through; accepted and not stored.
     static let ignoredPrefixes = ["csi.storage.k8s.io/"]
 
@@ -49,6 +49,10 @@ struct VolumeParameters: Equatable {
                     throw CairnError.invalidArgument("parameter \(key)=\"\(Validate.printable(value))\" must be \"true\" or \"false\"")
                 }
                 encrypted = value == "true"
+            case VolumeRecord.writeThroughParameter:
+                guard value == "true" || value == "false" else {
+                    throw CairnError.invalidArgument("parameter \(key)=\"\(Validate.printable(value))\" must be \"true\" (the default: every write durable when answered, commits fastest) or \"false\" (writes durable at the application's flushes: more throughput for writers that rarely flush)")
+                }
             case "restoreFrom":
                 let id = value.hasPrefix(BackupReference.scheme) ? value : BackupReference.scheme + value
                 guard try BackupReference.parse(id) != nil else { throw CairnError.invalidArgument("parameter restoreFrom must name a backup") }

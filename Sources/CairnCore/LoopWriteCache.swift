@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -35,18 +36,26 @@ public enum LoopWriteCache {
     /// when answered either way.
     public static let enabled: Bool = getenv("CAIRN_WRITE_THROUGH").map { String(cString: $0) != "off" } ?? true
 
-    /// The FUSE file system type of an engine's mount (`subtype=cairn`).
-    public static let engineFSType = "fuse.cairn"
+    /// Files whose engine (in this process) answers every write only once it is durable on
+    /// every in-sync replica: a loop device over one may skip its flushes. Real paths.
+    private static let vouched = Mutex<Set<String>>([])
 
-    /// Whether `file` is an engine's volume file: the file itself is what a FUSE mount of type
-    /// `fuse.cairn` shows at `<mount point>/volume`. `mounts` defaults to this process's table.
-    public static func isEngineFile(_ file: String, mounts: [MountInfo]? = nil) -> Bool {
-        let real = Validate.realPath(file) ?? file
-        let directory = (real as NSString).deletingLastPathComponent
-        guard (real as NSString).lastPathComponent == "volume",
-              let table = mounts ?? (try? MountTable.read()) else { return false }
-        // The last mount at that point is the one visible there.
-        return table.last { $0.mountPoint == directory }?.fsType == engineFSType
+    /// An engine's word that every write to `file` is durable when answered, for as long as it
+    /// serves it (until `withdraw`).
+    public static func vouch(_ file: String) { _ = vouched.withLock { $0.insert(canonical(file)) } }
+
+    public static func withdraw(_ file: String) { _ = vouched.withLock { $0.remove(canonical(file)) } }
+
+    /// Whether an engine in this process vouched for `file`: NodeStage then attaches its loop
+    /// device in write-through mode (the mounter and the engines always share a process: the
+    /// node plugin's, or the agent's).
+    public static func isVouched(_ file: String) -> Bool { vouched.withLock { $0.contains(canonical(file)) } }
+
+    /// `file` with its directory resolved (the file itself is not looked up: inside an engine's
+    /// FUSE mount that waits for the engine to serve it).
+    static func canonical(_ file: String) -> String {
+        let directory = (file as NSString).deletingLastPathComponent
+        return (Validate.realPath(directory) ?? directory) + "/" + (file as NSString).lastPathComponent
     }
 
     /// The loop devices (`loop3`, …) whose backing file is `file` (a real path, as sysfs shows it).

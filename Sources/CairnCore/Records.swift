@@ -268,6 +268,13 @@ extension VolumeRecord {
     /// replicas are in sync. 1 when the volume was created without it.
     public var minInSync: Int { parameters["minInSync"].flatMap { Int($0) } ?? 1 }
 
+    /// The CreateVolume parameter choosing write-through (docs/engine.md, "Write-through volumes").
+    public static let writeThroughParameter = "writeThrough"
+
+    /// Every write durable when answered, and the loop device in write-through mode (the
+    /// default); `writeThrough: "false"` makes writes durable at the application's flushes.
+    public var writeThrough: Bool { parameters[Self.writeThroughParameter] != "false" }
+
     /// `markReplicaOutOfSync`'s rule, shared by every store: fenced unless the volume's epoch is
     /// still `epoch`; NOT_FOUND without that replica. Returns false (and changes nothing) when
     /// the replica is already out of sync.

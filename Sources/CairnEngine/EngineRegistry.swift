@@ -73,7 +73,8 @@ public final class EngineRegistry: Sendable {
                       mountDirectory: String,
                       connect: @escaping @Sendable (EngineReplica) throws -> any ReplicaIO,
                       markOutOfSync: @escaping @Sendable (_ nodeID: String, _ reason: String) throws -> Void,
-                      recovery: EngineRecovery? = nil, cipher: VolumeCipher? = nil) throws -> String {
+                      recovery: EngineRecovery? = nil, cipher: VolumeCipher? = nil,
+                      writeThrough: Bool = true) throws -> String {
         try engines.withLock { engines in
             if let running = engines[volumeID] {
                 if running.epoch == epoch && running.mountDirectory == mountDirectory {
@@ -92,7 +93,8 @@ public final class EngineRegistry: Sendable {
             let engine = VolumeEngine(volumeID: volumeID, sizeBytes: sizeBytes, epoch: epoch, replicas: replicas,
                                       localNodeID: localNodeID, mountDirectory: mountDirectory,
                                       connect: connect, markOutOfSync: markOutOfSync, recovery: recovery,
-                                      keeper: keeper, resume: resume, cipher: cipher, logger: logger)
+                                      keeper: keeper, resume: resume, cipher: cipher, writeThrough: writeThrough,
+                                      logger: logger)
             let path: String
             do {
                 path = try engine.start()

@@ -222,6 +222,8 @@ public final class VolumeEngine: Sendable {
     /// Write-through volumes (WriteThrough.swift): every write durable when answered, so the
     /// kernel may skip the volume's flushes.
     let writeThrough = WriteThrough()
+    /// The volume's `writeThrough` parameter (true unless the volume was created with "false").
+    let wantsWriteThrough: Bool
     /// `CAIRN_DURABLE_WRITES=off` never asks for durable writes (every flush goes to every
     /// replica, as before they existed): an escape hatch and the benchmark's comparison.
     static let durableWritesEnabled: Bool = getenv("CAIRN_DURABLE_WRITES").map { String(cString: $0) != "off" } ?? true
@@ -256,9 +258,11 @@ public final class VolumeEngine: Sendable {
                 recovery: EngineRecovery? = nil,
                 keeper: FUSEKeeperClient? = nil, resume: KeptFUSE? = nil,
                 cipher: VolumeCipher? = nil,
+                writeThrough: Bool = true,
                 metricsFactory: any MetricsFactory = MetricsSystem.factory,
                 logger: Logger) {
         self.metrics = VolumeMetrics(volumeID: volumeID, factory: metricsFactory)
+        self.wantsWriteThrough = writeThrough
         self.cipher = cipher
         self.keeper = keeper
         self.resume.withLock { $0 = resume }
@@ -457,6 +461,7 @@ public final class VolumeEngine: Sendable {
             return life.driver
         }
         // Each step logged: a stop that hangs says where (docs/soak.md, the open split-bed case).
+        LoopWriteCache.withdraw(volumeFileRealPath)
         logger.info("stopping the volume engine: its recovery thread first", metadata: ["fenced": "\(fenced.load(ordering: .relaxed))"])
         driver?.stop()
         logger.info("the volume engine's recovery thread stopped; unmounting FUSE")

@@ -46,18 +46,21 @@ extension VolumeEngine {
         LoopWriteCache.devices(backing: volumeFileRealPath)
     }
 
-    /// At start, before any request is served: every write durable when answered unless
-    /// write-through is off here and no loop device over the file is in that mode.
+    /// At start, before any request is served: every write durable when answered if the
+    /// volume wants write-through (its parameter, and `CAIRN_WRITE_THROUGH` not off here), or
+    /// if a loop device over the file is in that mode already (attached while it did). Then
+    /// the engine vouches for its file, so NodeStage attaches loop devices write-through.
     func decideDurabilityAtStart(enabled: Bool = LoopWriteCache.enabled) {
-        if enabled {
-            writeThrough.allDurable.store(true, ordering: .sequentiallyConsistent)
-            return
+        let file = volumeFileRealPath
+        if !(enabled && wantsWriteThrough) {
+            let left = loopDevicesOverFile().filter { LoopWriteCache.mode($0) == .writeThrough }
+            guard !left.isEmpty else { return }
+            logger.notice("the volume's loop device is in write-through mode (attached while write-through was on for it): every write is made durable before it is answered until the volume is staged again",
+                          metadata: ["devices": "\(left.joined(separator: ","))",
+                                     "volume.write_through": "\(wantsWriteThrough)", "CAIRN_WRITE_THROUGH": "\(enabled ? "on" : "off")"])
         }
-        let left = loopDevicesOverFile().filter { LoopWriteCache.mode($0) == .writeThrough }
-        guard !left.isEmpty else { return }
         writeThrough.allDurable.store(true, ordering: .sequentiallyConsistent)
-        logger.notice("CAIRN_WRITE_THROUGH=off, but the volume's loop device is in write-through mode (attached before the setting changed): every write is made durable before it is answered until the volume is staged again",
-                      metadata: ["devices": "\(left.joined(separator: ","))"])
+        LoopWriteCache.vouch(file)
     }
 
     /// Called after every write and trim while `allDurable`, before it is answered: makes it

@@ -96,10 +96,11 @@ public struct LinuxMounter: Mounter {
                     "loop device \(device) is in write-through mode (its flushes would never reach \(file)) and cannot be set back to write back: \(error); check that /sys is writable for this process, or set it by hand: echo 'write back' > /sys/block/\(name)/queue/write_cache")
             }
         }
-        // An engine's file: every write is durable when the engine answers it, so the device's
-        // flushes need not travel to it (docs/engine.md, "Write-through volumes"). Set now,
-        // before anything uses the device: the kernel drains a device to switch it.
-        if !readOnly && LoopWriteCache.enabled && LoopWriteCache.isEngineFile(file) {
+        // An engine's file whose every write is durable when answered (the engine vouched for
+        // it): the device's flushes need not travel to it (docs/engine.md, "Write-through
+        // volumes"). Set now, before anything uses the device: the kernel drains a device to
+        // switch it.
+        if !readOnly && LoopWriteCache.enabled && LoopWriteCache.isVouched(file) {
             do {
                 try await LoopWriteCache.setOffPool(name, .writeThrough)
                 logger.debug("loop device in write-through mode (the engine makes every write durable)", metadata: ["device": "\(device)"])

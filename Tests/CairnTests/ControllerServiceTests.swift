@@ -95,11 +95,17 @@ final class ControllerServiceTests: XCTestCase {
         await assertStatus(.invalidArgument) { try await self.create("p10", parameters: ["minInSync": "2"]) }
         // encrypted: only true or false.
         await assertStatus(.invalidArgument) { try await self.create("p11", parameters: ["encrypted": "yes"]) }
+        // writeThrough: only true or false, and stored as given.
+        await assertStatus(.invalidArgument) { try await self.create("p12", parameters: ["writeThrough": "on"]) }
+        let p13 = try await create("p13", parameters: ["writeThrough": "false"])
+        let stored = try await store.volume(id: p13.volumeID)
+        XCTAssertEqual(stored?.parameters["writeThrough"], "false")
+        XCTAssertEqual(stored?.writeThrough, false)
         await assertStatus(.invalidArgument) { try await self.create("p7", mode: .multiNodeMultiWriter) }
         await assertStatus(.invalidArgument) { try await self.create("") }
         await assertStatus(.invalidArgument) { try await self.create(String(repeating: "n", count: 10 * 1024)) }
         let count = try await store.listVolumes(afterID: nil, limit: 0).count
-        XCTAssertEqual(count, 1)
+        XCTAssertEqual(count, 2)
     }
 
     func testPublishRaisesTheEpochAndFencesSingleNodeVolumes() async throws {

@@ -91,7 +91,7 @@ final class EngineFUSETests: XCTestCase {
 
     func makeEngine(_ fakes: [FakeReplica], local: String = "n1", epoch: UInt64 = 5, name: String = "vol-a",
                     outOfSync: Set<String> = [], spares: [FakeReplica] = [], recovery: EngineRecovery? = nil,
-                    cipher: VolumeCipher? = nil,
+                    cipher: VolumeCipher? = nil, writeThrough: Bool = true,
                     metricsFactory: any MetricsFactory = MetricsSystem.factory) -> VolumeEngine {
         let byNode = Dictionary(uniqueKeysWithValues: (fakes + spares).map { ($0.nodeID, $0) })
         let recorder = recorder
@@ -108,6 +108,7 @@ final class EngineFUSETests: XCTestCase {
             markOutOfSync: { try recorder.mark($0, $1) },
             recovery: recovery,
             cipher: cipher,
+            writeThrough: writeThrough,
             metricsFactory: metricsFactory,
             logger: logger)
         engines.append(engine)

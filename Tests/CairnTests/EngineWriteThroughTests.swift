@@ -80,7 +80,7 @@ extension EngineFUSETests {
         let fakes = fakes(2)
         let engine = makeEngine(fakes)
         let file = try engine.start()
-        XCTAssertTrue(LoopWriteCache.isEngineFile(file))
+        XCTAssertTrue(LoopWriteCache.isVouched(file), "the engine did not vouch for its file")
         XCTAssertTrue(engine.state.writeThrough)
         let mounter = LinuxMounter(logger: logger)
         let device = try await mounter.attachLoop(file: file, readOnly: false)
@@ -123,11 +123,39 @@ extension EngineFUSETests {
         let plain = dir + "/plain.img"
         XCTAssertTrue(FileManager.default.createFile(atPath: plain, contents: nil))
         XCTAssertEqual(truncate(plain, 16 << 20), 0)
-        XCTAssertFalse(LoopWriteCache.isEngineFile(plain))
+        XCTAssertFalse(LoopWriteCache.isVouched(plain))
         let other = try await mounter.attachLoop(file: plain, readOnly: false)
         loopDevices.append(other)
         XCTAssertEqual(LoopWriteCache.mode(LoopWriteCache.name(other)), .writeBack, "a plain file's loop device was attached in write-through mode")
         try await mounter.detachLoop(device: other)
+        // A stopped engine vouches for nothing.
+        engine.stop()
+        XCTAssertFalse(LoopWriteCache.isVouched(file))
+    }
+
+    /// A volume created with `writeThrough: "false"`: its engine makes writes durable at the
+    /// application's flushes (more throughput for writers that rarely flush), so its loop device
+    /// must keep write back — and its flushes must reach the replicas.
+    func testAVolumeWithoutWriteThroughKeepsWriteBackAndItsFlushesReachTheReplicas() async throws {
+        let fakes = fakes(2)
+        let engine = makeEngine(fakes, writeThrough: false)
+        let file = try engine.start()
+        XCTAssertFalse(engine.state.writeThrough)
+        XCTAssertFalse(LoopWriteCache.isVouched(file))
+        let mounter = LinuxMounter(logger: logger)
+        let device = try await mounter.attachLoop(file: file, readOnly: false)
+        loopDevices.append(device)
+        XCTAssertEqual(LoopWriteCache.mode(LoopWriteCache.name(device)), .writeBack, "a write-back volume's loop device was attached in write-through mode")
+        let fd = try Self.open(device)
+        let before = fakes.map { f in f.state.withLock { $0.flushes } }
+        // Many writes per flush: not durable as written, so the flush reaches both replicas.
+        for block in 0..<8 { XCTAssertEqual(Self.write(fd, block * 4096, 4096, 0x21), 0) }
+        XCTAssertFalse(volatileBlocks(fakes).allSatisfy(\.isEmpty), "writes were made durable before the flush")
+        XCTAssertEqual(fdatasync(fd), 0)
+        XCTAssertEqual(volatileBlocks(fakes), [[], []], "the application's flush did not make the writes durable")
+        XCTAssertTrue(zip(fakes.map { f in f.state.withLock { $0.flushes } }, before).allSatisfy { $0 > $1 }, "the flush did not reach the replicas")
+        close(fd)
+        try await mounter.detachLoop(device: device)
     }
 
     /// CAIRN_WRITE_THROUGH=off: an engine makes writes durable only at flushes, unless it finds
