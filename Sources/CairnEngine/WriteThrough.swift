@@ -19,10 +19,12 @@ import Glibc
 /// load could not rule out a wedge (docs/engine.md).
 ///
 /// The one rule: while any loop device over the engine's file is in write-through mode,
-/// `allDurable` is set. It is set from the engine's start whenever loop devices may be put in
-/// that mode (`LoopWriteCache.enabled`, the default), and also when `CAIRN_WRITE_THROUGH=off`
-/// but a device over the file is found in that mode at start (a predecessor's); it is never
-/// cleared while the engine runs.
+/// `allDurable` is set. It is set at the engine's start, before it serves a request, when the
+/// volume wants write-through (its `writeThrough` parameter, and `CAIRN_WRITE_THROUGH` not off
+/// on this node), and also when a device over the file is found in that mode then (attached
+/// while the setting was on); it is never cleared while the engine runs. Only then does the
+/// engine vouch for its file (`LoopWriteCache.vouch`), and only a vouched file's loop device is
+/// attached in write-through mode.
 final class WriteThrough: Sendable {
     /// Every write and trim is durable on every in-sync replica before it is answered.
     let allDurable = Atomic<Bool>(false)
