@@ -217,7 +217,7 @@ final class OperatorCLITests: XCTestCase {
         for line in lines.dropLast() {
             XCTAssertTrue(line.hasPrefix("ok ") || line.hasPrefix("warn ") || line.hasPrefix("FAIL "), "no status: \(line)")
         }
-        for name in ["kernel", "fuse", "fuse.resend", "fuse.io_uring", "io_uring", "loop", "tool.mkfs.ext4", "tool.losetup", "cgroup.io", "data-dir"] {
+        for name in ["kernel", "fuse", "fuse.resend", "fuse.io_uring", "io_uring", "loop", "loop.write_through", "tool.mkfs.ext4", "tool.losetup", "cgroup.io", "data-dir"] {
             XCTAssertTrue(lines.contains { $0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first.map(String.init) == name }, "no \(name) line")
         }
         let json = try Command.runBlocking([cairn, "doctor", "--output", "json"], timeout: .seconds(60))
