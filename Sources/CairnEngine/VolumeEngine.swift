@@ -389,6 +389,8 @@ public final class VolumeEngine: Sendable {
             }
             life.session = session
             life.retained = retained
+            // Serving now: NodeStage may attach the file's loop device write-through.
+            if writeThrough.allDurable.load(ordering: .relaxed) { LoopWriteCache.vouch(volumeFileRealPath) }
             DeadFUSEMounts.register(mountPoint: mountDirectory, connection: UInt32(cfuse_connection_id(session)))
             keeper?.hold(KeptConnection(volumeID: volumeID, mountPoint: mountDirectory,
                                         connection: UInt32(cfuse_connection_id(session)),
@@ -416,7 +418,8 @@ public final class VolumeEngine: Sendable {
                 "converge.regions": "\(convergence.compareWhole ? "all" : String(convergence.regionsCompared))",
                 "converge.seconds": "\(String(format: "%.3f", convergence.seconds))",
                 "fuse.connection": "\(cfuse_connection_id(session))",
-                "fuse.resumed": "\(resumedFrom != nil)"])
+                "fuse.resumed": "\(resumedFrom != nil)",
+                "write_through": "\(writeThrough.allDurable.load(ordering: .relaxed))"])
             return path
         }
     }

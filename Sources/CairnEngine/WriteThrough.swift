@@ -50,10 +50,10 @@ extension VolumeEngine {
 
     /// At start, before any request is served: every write durable when answered if the
     /// volume wants write-through (its parameter, and `CAIRN_WRITE_THROUGH` not off here), or
-    /// if a loop device over the file is in that mode already (attached while it did). Then
-    /// the engine vouches for its file, so NodeStage attaches loop devices write-through.
+    /// if a loop device over the file is in that mode already (attached while it did). Once
+    /// it serves, the engine then vouches for its file (`start`), so NodeStage attaches loop
+    /// devices write-through.
     func decideDurabilityAtStart(enabled: Bool = LoopWriteCache.enabled) {
-        let file = volumeFileRealPath
         if !(enabled && wantsWriteThrough) {
             let left = loopDevicesOverFile().filter { LoopWriteCache.mode($0) == .writeThrough }
             guard !left.isEmpty else { return }
@@ -62,7 +62,6 @@ extension VolumeEngine {
                                      "volume.write_through": "\(wantsWriteThrough)", "CAIRN_WRITE_THROUGH": "\(enabled ? "on" : "off")"])
         }
         writeThrough.allDurable.store(true, ordering: .sequentiallyConsistent)
-        LoopWriteCache.vouch(file)
     }
 
     /// Called after every write and trim while `allDurable`, before it is answered: makes it
