@@ -416,18 +416,11 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking, EngineHosting 
 
     /// Runs blocking work (sockets, FUSE mounts) off the cooperative pool.
     static func blocking<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-        try await withCheckedThrowingContinuation { continuation in
-            DispatchQueue.global().async { continuation.resume(with: Result { try work() }) }
-        }
+        try await offCooperativePool(work)
     }
 
     static func blocking(_ work: @escaping @Sendable () -> Void) async {
-        await withCheckedContinuation { continuation in
-            DispatchQueue.global().async {
-                work()
-                continuation.resume()
-            }
-        }
+        await offCooperativePool(work)
     }
 
     /// Runs async store work from a blocking thread (a FUSE worker), with a deadline: a write

@@ -108,24 +108,6 @@ public enum LoopWriteCache {
         }
     }
 
-    /// `set`, on a thread of its own: the kernel may take a while to drain the device, and the
-    /// caller's (a Swift concurrency pool thread) must not wait for it.
-    public static func setOffPool(_ device: String, _ mode: Mode) async throws {
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            DispatchQueue.global().async { continuation.resume(with: Result { try set(device, mode) }) }
-        }
-    }
-
-    /// `restoreWriteBack`, on a thread of its own (as `setOffPool`).
-    public static func restoreWriteBackOffPool(_ device: String, logger: Logger) async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            DispatchQueue.global().async {
-                restoreWriteBack(device, logger: logger)
-                continuation.resume()
-            }
-        }
-    }
-
     /// `device` as a name (`loop3`) from a path (`/dev/loop3`) or a name.
     public static func name(_ device: String) -> String {
         (device as NSString).lastPathComponent

@@ -77,9 +77,7 @@ public enum VolumeKeys {
 
     /// Runs key derivation (a few hundred milliseconds of CPU) off the cooperative pool.
     public static func offThread<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-        try await withCheckedThrowingContinuation { continuation in
-            DispatchQueue.global().async { continuation.resume(with: Result { try work() }) }
-        }
+        try await offCooperativePool(work)
     }
 
     static func checkPassphrase(_ passphrase: String) throws {

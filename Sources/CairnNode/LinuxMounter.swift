@@ -87,7 +87,7 @@ public struct LinuxMounter: Mounter {
         // file would never reach it.
         if LoopWriteCache.mode(name) == .writeThrough {
             do {
-                try await LoopWriteCache.setOffPool(name, .writeBack)
+                try await offCooperativePool { try LoopWriteCache.set(name, .writeBack) }
                 logger.notice("a loop device came out of the kernel's pool in write-through mode (left so by whoever detached it); set it back to write back",
                               metadata: ["device": "\(device)", "path": "\(file)"])
             } catch {
@@ -102,7 +102,7 @@ public struct LinuxMounter: Mounter {
         // switch it.
         if !readOnly && LoopWriteCache.enabled && LoopWriteCache.isVouched(file) {
             do {
-                try await LoopWriteCache.setOffPool(name, .writeThrough)
+                try await offCooperativePool { try LoopWriteCache.set(name, .writeThrough) }
                 logger.debug("loop device in write-through mode (the engine makes every write durable)", metadata: ["device": "\(device)"])
             } catch {
                 logger.warning("cannot put the volume's loop device in write-through mode; every commit keeps a flush round trip through the loop device and FUSE (about 100 µs more)",
@@ -165,10 +165,12 @@ public struct LinuxMounter: Mounter {
         }
     }
 
-    /// Sets loop device `name` back to write back if it is in write-through mode.
+    /// Sets loop device `name` back to write back if it is in write-through mode (off the
+    /// concurrency pool: the kernel may take its time).
     private func restoreWriteBack(_ name: String) async {
         guard sysBlock == "/sys/block" else { return }
-        await LoopWriteCache.restoreWriteBackOffPool(name, logger: logger)
+        let logger = logger
+        await offCooperativePool { LoopWriteCache.restoreWriteBack(name, logger: logger) }
     }
 
     // MARK: Filesystems

@@ -90,9 +90,7 @@ public final class ReplicaControlService: Sendable {
     /// Runs a blocking replica operation on a dispatch thread.
     private func run<T: Sendable>(_ body: @escaping @Sendable (ReplicaServer) throws -> T) async throws -> T {
         let server = self.server
-        return try await withCheckedThrowingContinuation { continuation in
-            DispatchQueue.global().async { continuation.resume(with: Result { try body(server) }) }
-        }
+        return try await offCooperativePool { try body(server) }
     }
 }
 

@@ -91,11 +91,12 @@ struct DoctorCommand: AsyncParsableCommand {
             checks.append(DoctorCheck("loop", .fail, "no /dev/loop-control (\(module)): NodeStageVolume attaches every volume as a loop device and will fail",
                                       fix: "modprobe loop (in a container: pass /dev/loop-control and /dev/loop* through)"))
         }
-        if !LoopWriteCache.enabled {
+        switch features.loopWriteThrough {
+        case .offByEnvironment:
             checks.append(DoctorCheck("loop.write_through", .ok, "off here (CAIRN_WRITE_THROUGH=off): every volume's commits keep a flush round trip through the loop device and FUSE"))
-        } else if features.sysWritable {
+        case .on:
             checks.append(DoctorCheck("loop.write_through", .ok, "/sys is writable: write-through volumes' loop devices skip their flushes (docs/engine.md, \"Write-through volumes\")"))
-        } else {
+        case .readOnlySys:
             checks.append(DoctorCheck("loop.write_through", .warn, "/sys is read-only: write-through volumes' loop devices keep write back, and every commit a flush round trip (about 100 µs)",
                                       fix: "run cairn privileged (a writable /sys), or set CAIRN_WRITE_THROUGH=off"))
         }

@@ -22,6 +22,12 @@ struct KernelFeatures {
     /// mode (docs/engine.md, "Write-through volumes").
     var sysWritable: Bool
 
+    /// Whether write-through volumes' loop devices skip their flushes on this node.
+    enum LoopWriteThrough { case on, offByEnvironment, readOnlySys }
+    var loopWriteThrough: LoopWriteThrough {
+        !LoopWriteCache.enabled ? .offByEnvironment : sysWritable ? .on : .readOnlySys
+    }
+
     static func probe() -> KernelFeatures {
         func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
         func read(_ path: String) -> String? {
@@ -55,9 +61,11 @@ struct KernelFeatures {
         case .some(true): "enabled (not used yet: requests are served through /dev/fuse)"
         case .some(false): "available, off (/sys/module/fuse/parameters/enable_uring)"
         }
-        let writeThrough = !LoopWriteCache.enabled ? "off (CAIRN_WRITE_THROUGH=off: commits keep a flush round trip)"
-            : sysWritable ? "on (engines' loop devices are attached in write-through mode)"
-            : "unavailable (/sys is read-only: commits keep a flush round trip)"
+        let writeThrough = switch loopWriteThrough {
+        case .offByEnvironment: "off (CAIRN_WRITE_THROUGH=off: commits keep a flush round trip)"
+        case .on: "on (engines' loop devices are attached in write-through mode)"
+        case .readOnlySys: "unavailable (/sys is read-only: commits keep a flush round trip)"
+        }
         logger.info("kernel features", metadata: [
             "kernel.fuse": "\(fuse)", "kernel.fuse_io_uring": "\(uring)", "kernel.io_uring": "\(ioUring)",
             "kernel.loop": "\(loop)", "kernel.device_mapper": "\(deviceMapper)", "kernel.tls": "\(kernelTLS)",
@@ -66,7 +74,7 @@ struct KernelFeatures {
         if servesVolumes && !loop {
             logger.warning("no loop devices (/dev/loop-control is missing): NodeStageVolume will fail; load the loop module (modprobe loop)")
         }
-        if servesVolumes && runsEngines && LoopWriteCache.enabled && !sysWritable {
+        if servesVolumes && runsEngines && loopWriteThrough == .readOnlySys {
             logger.warning("/sys is read-only: replicated volumes' loop devices stay in write-back mode and every commit keeps a flush round trip through the loop device and FUSE (about 100 µs); run the node plugin privileged (a writable /sys), or set CAIRN_WRITE_THROUGH=off to silence this")
         }
         if runsEngines && !fuse {
