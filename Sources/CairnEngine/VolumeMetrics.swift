@@ -24,6 +24,7 @@ final class VolumeMetrics: Sendable {
     let durableWrites: CoreMetrics.Counter
     let flushesWithoutSync: CoreMetrics.Counter
     let durabilityFlushes: CoreMetrics.Counter
+    let durabilityRounds: CoreMetrics.Timer
     private let destroyed = Atomic<Bool>(false)
 
     init(volumeID: String, factory: any MetricsFactory = MetricsSystem.factory) {
@@ -51,6 +52,7 @@ final class VolumeMetrics: Sendable {
         durableWrites = counter("cairn_volume_durable_writes_total")
         flushesWithoutSync = counter("cairn_volume_flushes_without_sync_total")
         durabilityFlushes = counter("cairn_volume_durability_flushes_total")
+        durabilityRounds = timer("cairn_volume_durability_flush_round_seconds")
     }
 
     /// The start of a timed I/O (0 when nothing records).
@@ -82,6 +84,13 @@ final class VolumeMetrics: Sendable {
     func flushWithoutSync() { if records { flushesWithoutSync.increment() } }
     func durabilityFlush() { if records { durabilityFlushes.increment() } }
 
+    /// One flush round of the engine's own (group commit: its count against
+    /// `durabilityFlushes` says how many writes a round carries).
+    func durabilityRound(since start: UInt64) {
+        guard records else { return }
+        durabilityRounds.recordNanoseconds(Int64(clamping: monotonicNanoseconds() &- start))
+    }
+
     /// Time the QoS limiter held an I/O back.
     func throttled(nanoseconds: UInt64) {
         guard records, nanoseconds > 0 else { return }
@@ -95,7 +104,7 @@ final class VolumeMetrics: Sendable {
                         durableWrites, flushesWithoutSync, durabilityFlushes] {
             counter.destroy()
         }
-        for timer in [readLatency, writeLatency, flushLatency] { timer.destroy() }
+        for timer in [readLatency, writeLatency, flushLatency, durabilityRounds] { timer.destroy() }
         qosThrottled.destroy()
     }
 }

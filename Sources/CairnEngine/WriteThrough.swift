@@ -83,6 +83,8 @@ extension VolumeEngine {
         let pending = sets.withShared { s in s.inSync.contains { $0.pendingMark() != nil } }
         guard pending else { return (0, false) }
         let result = writeThrough.rounds.flush {
+            let start = metrics.start()
+            defer { metrics.durabilityRound(since: start) }
             enterGate()
             defer { leaveGate() }
             return flushInSyncMembers(volumeID: volumeID, epoch: epoch, through: flushWatermark()).0

@@ -339,8 +339,14 @@ final class Journal: Sendable {
                                      inPlace.fd, data.baseAddress, data.count, Int64(offset))
             if rc != 0 { throw SystemError("write \(inPlace.path) and \(path)", errno: -rc) }
         }
+        recordWritten()
         return true
     }
+
+    /// A record's write has completed: the next `sync` must not be skipped. (Reserving set the
+    /// mark already, but a sync running while the record was in flight may have taken it, and
+    /// its fdatasync need not cover a write that completed after it began.)
+    func recordWritten() { unsynced.store(true, ordering: .releasing) }
 
     /// Reserves and fills in the header of a record for `dataCount` bytes with `entries`'
     /// checksums, for a caller that writes it — the header, then the data, at `at` — together
@@ -361,6 +367,11 @@ final class Journal: Sendable {
         let crcEnd = Self.headerFixed + 4 * count
         let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<crcEnd]))
         header.storeBytes(of: crc.littleEndian, toByteOffset: crcEnd, as: UInt32.self)
+        // A record must be synced by the next flush (and is marked again once written,
+        // `recordWritten`). An intent need not: a flush makes the in-place write it announces
+        // durable itself (the data file and the block map), after which the intent says
+        // nothing recovery needs; before that flush neither is durable anyway.
+        unsynced.store(true, ordering: .relaxed)
         return (at, header)
     }
 
@@ -399,8 +410,7 @@ final class Journal: Sendable {
 
     /// Reserves `size` bytes of the journal for the next record (nil when the journal is off,
     /// broken or full) and returns where, with a 4 KiB header holding the fixed fields (the
-    /// caller adds its checksums and deallocates it). Marks the journal as holding unsynced
-    /// records: a flush drains every append before it syncs.
+    /// caller adds its checksums and deallocates it).
     private func reserve(size: UInt64, magic: UInt64, layer: UInt64, offset: UInt64, generation: UInt64,
                          flushedGeneration: UInt64, word: UInt32) -> (UInt64, UnsafeMutableRawBufferPointer)? {
         guard Self.enabled, !broken.load(ordering: .relaxed) else { return nil }
@@ -433,7 +443,6 @@ final class Journal: Sendable {
         header.storeBytes(of: flushedGeneration.littleEndian, toByteOffset: 40, as: UInt64.self)
         header.storeBytes(of: word.littleEndian, toByteOffset: 48, as: UInt32.self)
         header.storeBytes(of: nonce.littleEndian, toByteOffset: 52, as: UInt64.self)
-        unsynced.store(true, ordering: .relaxed)
         return (at, header)
     }
 

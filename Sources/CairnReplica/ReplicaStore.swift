@@ -540,6 +540,9 @@ public final class ReplicaStore: Sendable {
                         try Self.writeAnnounced(s, offset: offset, blocks: count, generation: generation, data: source)
                     }
                     try s.blockMap.write(first: first, UnsafeBufferPointer(entries))
+                    // Again once the data and entries are written: a flush without a drain
+                    // may have taken the flag while this write was in flight (`flush`).
+                    if !journaled { s.dirtyInPlace.store(true, ordering: .relaxed) }
                     s.highestGeneration.max(generation, ordering: .relaxed)
                     return journaled && durable && !s.journal.dueForCheckpoint ? s.journal : nil
                 }
@@ -622,6 +625,7 @@ public final class ReplicaStore: Sendable {
                         var headers: [UnsafeMutableRawBufferPointer] = []
                         defer { for h in headers { h.deallocate() } }
                         var owner: [(write: Int, journal: Bool)] = []
+                        var inPlaceOnly = false, anyRecord = false
                         let flushed = s.flushedGeneration.load(ordering: .relaxed)
                         for i in live {
                             let w = writes[i]
@@ -633,6 +637,7 @@ public final class ReplicaStore: Sendable {
                                 io.append(cdio_write(fd: s.journal.fd, base1: UnsafeRawPointer(header.baseAddress), len1: header.count,
                                                      base2: w.data.baseAddress, len2: w.data.count, offset: Int64(at), result: 0))
                                 owner.append((i, true))
+                                anyRecord = true
                             } else {
                                 // In place only, announced by an intent submitted with it.
                                 if let (at, header) = s.journal.prepareIntent(layer: s.head.id, offset: w.offset, blocks: ranges[i]!.count,
@@ -643,12 +648,14 @@ public final class ReplicaStore: Sendable {
                                     owner.append((i, true))
                                 }
                                 s.dirtyInPlace.store(true, ordering: .relaxed)
+                                inPlaceOnly = true
                             }
                             io.append(cdio_write(fd: s.dataFD, base1: w.data.baseAddress, len1: w.data.count,
                                                  base2: nil, len2: 0, offset: Int64(w.offset), result: 0))
                             owner.append((i, false))
                         }
                         io.withUnsafeMutableBufferPointer { cdio_write_many($0.baseAddress, Int32($0.count)) }
+                        if anyRecord { s.journal.recordWritten() }
                         for (k, op) in io.enumerated() where op.result != 0 {
                             let (i, journal) = owner[k]
                             if journal { s.journal.recordFailed() }
@@ -666,6 +673,8 @@ public final class ReplicaStore: Sendable {
                                 errors[i] = error
                             }
                         }
+                        // Again once written, as `write` does.
+                        if inPlaceOnly { s.dirtyInPlace.store(true, ordering: .relaxed) }
                     }
                 }
             }
@@ -738,6 +747,8 @@ public final class ReplicaStore: Sendable {
                         applied += end - i
                         i = end
                     }
+                    // Again once written (`flush` may have taken the flag meanwhile).
+                    if applied > 0 { s.dirtyInPlace.store(true, ordering: .relaxed) }
                     return applied
                 }
             }
@@ -890,12 +901,30 @@ public final class ReplicaStore: Sendable {
     /// write numbered at or below it has finished (the flushed generation recorded; without it,
     /// the highest written so far).
     ///
-    /// It drains the writes in flight (the exclusive lock, held only for that), then — outside
-    /// the lock, so writes go on — one fdatasync of the journal, plus the data file and the
-    /// block map if something went in place only since the last flush. A checkpoint (everything
-    /// in place synced, the journal started over) instead when the journal is past 3/4 full or
-    /// broken.
+    /// Without `through` it drains the writes in flight (the exclusive lock, held only for
+    /// that): what it then syncs covers every write numbered up to the highest one. With
+    /// `through` there is nothing to drain — every write it must cover has finished — so writes
+    /// go on meanwhile: a write-through volume's engine flushes after every burst of writes,
+    /// and a drain each time stalled them all behind the slowest one. Either way, then —
+    /// outside the lock, so writes go on — one fdatasync of the journal, plus the data file and
+    /// the block map if something went in place only since the last flush (a write in place
+    /// sets that flag once more when it is done, so a flush that took it meanwhile leaves it
+    /// for the next). A checkpoint (everything in place synced, the journal started over)
+    /// instead when the journal is past 3/4 full or broken; it drains.
     public func flush(epoch: UInt64, through: UInt64? = nil) throws {
+        if let through {
+            let plan: (inPlace: Bool, journal: Journal, target: UInt64, state: State)? = try state.withShared { s in
+                try Self.checkOpenLocked(s)
+                try Self.checkEpochLocked(s, epoch)
+                if s.journal.broken.load(ordering: .relaxed) || s.journal.dueForCheckpoint { return nil }
+                let target = min(through, s.highestGeneration.load(ordering: .relaxed))
+                return (s.dirtyInPlace.exchange(false, ordering: .relaxed), s.journal, target, s)
+            }
+            if let plan {
+                try syncForFlush(plan)
+                return
+            }
+        }
         let plan: (inPlace: Bool, journal: Journal, target: UInt64, state: State)? = try state.withLock { s in
             try Self.checkOpenLocked(s)
             try Self.checkEpochLocked(s, epoch)
@@ -908,6 +937,12 @@ public final class ReplicaStore: Sendable {
             return (s.dirtyInPlace.exchange(false, ordering: .relaxed), s.journal, target, s)
         }
         guard let plan else { return }
+        try syncForFlush(plan)
+    }
+
+    /// A flush's syncs, outside the lock: the data file and the block map when something went
+    /// in place only, then the journal; the flushed generation moves to `target` after them.
+    private func syncForFlush(_ plan: (inPlace: Bool, journal: Journal, target: UInt64, state: State)) throws {
         let s = plan.state
         do {
             if plan.inPlace {
@@ -970,6 +1005,8 @@ public final class ReplicaStore: Sendable {
                 : BlockMapEntry(generation: generation, crc: Self.zeroBlockCRC, flags: BlockMapEntry.trimmedFlag)
             try s.blockMap.write(first: first, [BlockMapEntry](repeating: entry, count: count))
             }
+            // Again once done (`flush` may have taken the flag meanwhile).
+            s.dirtyInPlace.store(true, ordering: .relaxed)
             s.highestGeneration.max(generation, ordering: .relaxed)
             return count
         }
@@ -1011,6 +1048,8 @@ public final class ReplicaStore: Sendable {
                         applied += end - i
                         i = end
                     }
+                    // Again once written (`flush` may have taken the flag meanwhile).
+                    if applied > 0 { s.dirtyInPlace.store(true, ordering: .relaxed) }
                     return applied
                 }
             }

@@ -356,6 +356,30 @@ final class ReplicaJournalTests: XCTestCase {
         try reopened.close()
     }
 
+    /// The lost-write race of a flush that does not drain: a record reserved before a sync
+    /// took the journal's "unsynced" mark, but written after that sync's fdatasync began, must
+    /// leave the mark set, or the flush that follows its answer would sync nothing.
+    func testARecordWrittenWhileASyncRunsIsSyncedByTheNextFlush() throws {
+        XCTAssertEqual(mkdir(dir, 0o700), 0)
+        let (journal, _, _) = try Journal.open(directory: dir, capacity: 4 << 20, replay: false)
+        let data = UnsafeMutableRawBufferPointer.allocate(byteCount: bs, alignment: bs)
+        defer { data.deallocate() }
+        pattern(blocks: 1, seed: 3).withUnsafeBytes { data.copyMemory(from: $0) }
+        let entry = BlockMapEntry(generation: 5, crc: CRC32C.checksum(UnsafeRawBufferPointer(data)))
+        let (at, header) = try XCTUnwrap([entry].withUnsafeBufferPointer {
+            journal.prepareRecord(layer: 1, offset: 0, generation: 5, flushedGeneration: 0, dataCount: bs, entries: $0)
+        })
+        defer { header.deallocate() }
+        // A flush's sync runs now: it takes the mark the reservation set.
+        try journal.sync()
+        XCTAssertFalse(journal.unsynced.load(ordering: .relaxed))
+        // The record's write completes after it (the group path writes it so).
+        XCTAssertEqual(pwrite(journal.fd, header.baseAddress, header.count, off_t(at)), header.count)
+        XCTAssertEqual(pwrite(journal.fd, data.baseAddress, bs, off_t(at) + off_t(header.count)), bs)
+        journal.recordWritten()
+        XCTAssertTrue(journal.unsynced.load(ordering: .relaxed), "the next flush would skip the fdatasync this record needs")
+    }
+
     func testConcurrentWritersAndFlushesLoseNothingFlushed() throws {
         let writers = 6, perWriter = 150
         let flushedUpTo = Mutex([Int](repeating: -1, count: writers))
