@@ -348,6 +348,10 @@ final class Journal: Sendable {
     /// its fdatasync need not cover a write that completed after it began.)
     func recordWritten() { unsynced.store(true, ordering: .releasing) }
 
+    /// Tests only: runs after a record's place is reserved and before it is written (a flush's
+    /// sync that lands in between).
+    nonisolated(unsafe) static var afterReservingARecordForTesting: ((Journal) -> Void)?
+
     /// Reserves and fills in the header of a record for `dataCount` bytes with `entries`'
     /// checksums, for a caller that writes it — the header, then the data, at `at` — together
     /// with other writes (`ReplicaStore.writeGroup`), deallocates the header, and calls
@@ -372,6 +376,7 @@ final class Journal: Sendable {
         // durable itself (the data file and the block map), after which the intent says
         // nothing recovery needs; before that flush neither is durable anyway.
         unsynced.store(true, ordering: .relaxed)
+        if let hook = Self.afterReservingARecordForTesting { hook(self) }
         return (at, header)
     }
 

@@ -356,28 +356,48 @@ final class ReplicaJournalTests: XCTestCase {
         try reopened.close()
     }
 
-    /// The lost-write race of a flush that does not drain: a record reserved before a sync
-    /// took the journal's "unsynced" mark, but written after that sync's fdatasync began, must
-    /// leave the mark set, or the flush that follows its answer would sync nothing.
-    func testARecordWrittenWhileASyncRunsIsSyncedByTheNextFlush() throws {
-        XCTAssertEqual(mkdir(dir, 0o700), 0)
-        let (journal, _, _) = try Journal.open(directory: dir, capacity: 4 << 20, replay: false)
-        let data = UnsafeMutableRawBufferPointer.allocate(byteCount: bs, alignment: bs)
+    /// The lost-write race of a flush that does not drain: a flush's sync that runs after a
+    /// record's place is reserved (taking the journal's "unsynced" mark) and before the record
+    /// is written does not cover it, so the mark must be set again once it is written, or the
+    /// flush that follows the write's answer would sync nothing. Both ways a record is
+    /// written: a write alone and a group of writes.
+    func testARecordWrittenWhileAFlushSyncsIsSyncedByTheNextFlush() throws {
+        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
+        defer {
+            Journal.afterReservingARecordForTesting = nil
+            try? store.close()
+        }
+        let journal = store.state.withShared { $0.journal }
+        let data = UnsafeMutableRawBufferPointer.allocate(byteCount: 2 * bs, alignment: bs)
         defer { data.deallocate() }
-        pattern(blocks: 1, seed: 3).withUnsafeBytes { data.copyMemory(from: $0) }
-        let entry = BlockMapEntry(generation: 5, crc: CRC32C.checksum(UnsafeRawBufferPointer(data)))
-        let (at, header) = try XCTUnwrap([entry].withUnsafeBufferPointer {
-            journal.prepareRecord(layer: 1, offset: 0, generation: 5, flushedGeneration: 0, dataCount: bs, entries: $0)
-        })
-        defer { header.deallocate() }
-        // A flush's sync runs now: it takes the mark the reservation set.
-        try journal.sync()
-        XCTAssertFalse(journal.unsynced.load(ordering: .relaxed))
-        // The record's write completes after it (the group path writes it so).
-        XCTAssertEqual(pwrite(journal.fd, header.baseAddress, header.count, off_t(at)), header.count)
-        XCTAssertEqual(pwrite(journal.fd, data.baseAddress, bs, off_t(at) + off_t(header.count)), bs)
-        journal.recordWritten()
-        XCTAssertTrue(journal.unsynced.load(ordering: .relaxed), "the next flush would skip the fdatasync this record needs")
+        pattern(blocks: 2, seed: 3).withUnsafeBytes { data.copyMemory(from: $0) }
+        var generation: UInt64 = 0
+        for grouped in [false, true] {
+            let overtaken = Atomic<Int>(0)
+            Journal.afterReservingARecordForTesting = { j in
+                // A flush's sync lands here: it takes the mark the reservation set.
+                try? j.sync()
+                overtaken.wrappingAdd(1, ordering: .relaxed)
+            }
+            if grouped {
+                let writes = (0..<2).map { i -> ReplicaStore.GroupWrite in
+                    generation += 1
+                    return ReplicaStore.GroupWrite(offset: UInt64((10 + i) * bs),
+                                                   data: UnsafeRawBufferPointer(rebasing: data[(i * bs)..<((i + 1) * bs)]),
+                                                   generation: generation)
+                }
+                XCTAssert(store.writeGroup(writes, epoch: 0).allSatisfy { $0 == nil })
+            } else {
+                generation += 1
+                try store.write(offset: 0, bytes: UnsafeRawBufferPointer(rebasing: data[0..<bs]), generation: generation, epoch: 0)
+            }
+            Journal.afterReservingARecordForTesting = nil
+            XCTAssertGreaterThan(overtaken.load(ordering: .relaxed), 0, "no record was written (grouped: \(grouped))")
+            XCTAssertTrue(journal.unsynced.load(ordering: .relaxed),
+                          "a record written after a flush's sync began is left for no flush to sync (grouped: \(grouped))")
+            try store.flush(epoch: 0, through: generation)
+            XCTAssertFalse(journal.unsynced.load(ordering: .relaxed))
+        }
     }
 
     func testConcurrentWritersAndFlushesLoseNothingFlushed() throws {
