@@ -47,7 +47,7 @@ public struct ReplicaSnapshotSource: BackupBlockSource {
         var reasons: [String] = []
         for replica in candidates {
             do {
-                return try await ReplicatedBacking.blocking {
+                return try await offCooperativePool {
                     let client = try ReplicatedBacking.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID,
                                                                doing: "read snapshot \(snapshot.id)", security: security)
                     do {
@@ -78,7 +78,7 @@ public struct ReplicaSnapshotSource: BackupBlockSource {
     public func read(offset: Int64, count: Int) async throws -> [UInt8] {
         let (client, volumeID, snapshotID, nodeID) = (self.client, self.volumeID, self.snapshotID, self.nodeID)
         do {
-            return try await ReplicatedBacking.blocking {
+            return try await offCooperativePool {
                 try client.readSnapshot(volumeID: volumeID, snapshotID: snapshotID, offset: UInt64(offset), length: count)
             }
         } catch {
@@ -89,7 +89,7 @@ public struct ReplicaSnapshotSource: BackupBlockSource {
     public func changed(since: UInt64, firstBlock: Int64, count: Int) async throws -> [Bool] {
         let (client, volumeID, snapshotID, nodeID) = (self.client, self.volumeID, self.snapshotID, self.nodeID)
         do {
-            let generations = try await ReplicatedBacking.blocking {
+            let generations = try await offCooperativePool {
                 try client.snapshotGenerations(volumeID: volumeID, snapshotID: snapshotID, firstBlock: UInt64(firstBlock), count: count)
             }
             guard generations.count == count else {
@@ -114,7 +114,7 @@ struct ReplicaRestoreSink: RestoreSink {
 
     func write(_ data: [UInt8], offset: Int64) async throws {
         let (replicas, volumeID, epoch) = (self.replicas, self.volumeID, self.epoch)
-        try await ReplicatedBacking.blocking {
+        try await offCooperativePool {
             // Sent to every replica before any answer is awaited. The data is sent from where it
             // is (not copied), so the answers are awaited while it is still borrowed.
             let failure: (any Error)? = data.withUnsafeBytes { bytes in
@@ -136,7 +136,7 @@ struct ReplicaRestoreSink: RestoreSink {
 
     func sync() async throws {
         let (replicas, volumeID, epoch) = (self.replicas, self.volumeID, self.epoch)
-        try await ReplicatedBacking.blocking {
+        try await offCooperativePool {
             for r in replicas {
                 do { try r.client.flush(volumeID: volumeID, epoch: epoch) } catch {
                     throw CairnError.unavailable(
@@ -224,7 +224,7 @@ public struct ClusterBackupSource: BackupSource {
         var clients: [(nodeID: String, client: ReplicaClient)] = []
         defer { for c in clients { c.client.close() } }
         for replica in replicas {
-            let client = try await ReplicatedBacking.blocking {
+            let client = try await offCooperativePool {
                 try ReplicatedBacking.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID,
                                               doing: "restore \(reference)", security: security)
             }

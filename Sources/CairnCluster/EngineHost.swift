@@ -93,7 +93,7 @@ public struct EngineHost: Sendable {
             }
             let (directory, logger) = (enginesDirectory, self.logger)
             let kept = held
-            let detached = try await ReplicatedBacking.blocking {
+            let detached = try await offCooperativePool {
                 try DeadFUSEMounts.detach(under: directory, logger: logger, keep: { kept.contains($0.mountPoint) })
             }
             if !detached.isEmpty || !held.isEmpty {

@@ -108,7 +108,7 @@ public final class LocalEngineBacking: VolumeBacking, NodeBacking, EngineHosting
         let (engines, nodeID, volumeID, writeThrough) = (self.engines, self.nodeID, volume.id, volume.writeThrough)
         let (size, mountDirectory) = (UInt64(volume.capacityBytes), "\(enginesDirectory)/\(volume.id)")
         let replica = EngineReplica(nodeID: nodeID, host: "localhost", port: 0, inSync: true)
-        let file = try await ReplicatedBacking.blocking {
+        let file = try await offCooperativePool {
             try engines.start(volumeID: volumeID, sizeBytes: size, epoch: epoch.rawValue, replicas: [replica],
                               localNodeID: nodeID, mountDirectory: mountDirectory,
                               connect: { _ in try FileReplicaIO(path: image) },
@@ -126,9 +126,9 @@ public final class LocalEngineBacking: VolumeBacking, NodeBacking, EngineHosting
         let (engines, logger) = (self.engines, self.logger)
         let mountDirectory = "\(enginesDirectory)/\(volumeID)"
         if engines.state(volumeID: volumeID) != nil {
-            await ReplicatedBacking.blocking { engines.stop(volumeID: volumeID) }
+            await offCooperativePool { engines.stop(volumeID: volumeID) }
         }
-        try await ReplicatedBacking.blocking {
+        try await offCooperativePool {
             _ = try DeadFUSEMounts.detach(under: mountDirectory, exactly: true, logger: logger)
         }
     }
@@ -142,6 +142,6 @@ public final class LocalEngineBacking: VolumeBacking, NodeBacking, EngineHosting
         guard let engine = engines.engine(volumeID: volume.id) else {
             throw CairnError.failedPrecondition("volume \(volume.id) has no engine running on node \(nodeID); stage it here before NodeExpandVolume")
         }
-        try await ReplicatedBacking.blocking { try engine.grow(to: UInt64(volume.capacityBytes)) }
+        try await offCooperativePool { try engine.grow(to: UInt64(volume.capacityBytes)) }
     }
 }

@@ -230,7 +230,7 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking, EngineHosting 
         let limits = Self.limits(current)
         let minInSync = current.minInSync
         let writeThrough = current.writeThrough
-        let file = try await Self.blocking {
+        let file = try await offCooperativePool {
             let file = try engines.start(volumeID: volumeID, sizeBytes: sizeBytes, epoch: epoch.rawValue, replicas: targets,
                                          localNodeID: nodeID, mountDirectory: mountDirectory,
                                          connect: connect, markOutOfSync: markOutOfSync, recovery: recovery, cipher: cipher,
@@ -322,12 +322,12 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking, EngineHosting 
         let (engines, logger) = (self.engines, self.logger)
         let mountDirectory = "\(enginesDirectory)/\(volumeID)"
         if engines.state(volumeID: volumeID) != nil {
-            await Self.blocking { engines.stop(volumeID: volumeID) }
+            await offCooperativePool { engines.stop(volumeID: volumeID) }
             logger.info("stopped the volume's engine", metadata: ["volume.id": "\(volumeID)"])
         }
         // A killed process's engine left its mount here (NodeUnstage after a crash): the node
         // has detached the loop devices on it by now, so it goes too.
-        try await Self.blocking {
+        try await offCooperativePool {
             _ = try DeadFUSEMounts.detach(under: mountDirectory, exactly: true, logger: logger)
         }
     }
@@ -412,15 +412,6 @@ public final class ReplicatedBacking: VolumeBacking, NodeBacking, EngineHosting 
 
     static func timestamp(_ date: Date) -> String {
         date.formatted(.iso8601)
-    }
-
-    /// Runs blocking work (sockets, FUSE mounts) off the cooperative pool.
-    static func blocking<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-        try await offCooperativePool(work)
-    }
-
-    static func blocking(_ work: @escaping @Sendable () -> Void) async {
-        await offCooperativePool(work)
     }
 
     /// Runs async store work from a blocking thread (a FUSE worker), with a deadline: a write

@@ -87,7 +87,7 @@ extension ReplicatedBacking {
             do {
                 if claimFirst {
                     // Claiming is the data protocol's (the engine's own first step).
-                    try await Self.blocking {
+                    try await offCooperativePool {
                         let client = try Self.connect(replica.address, volumeID: volume.id, nodeID: replica.nodeID, doing: "take snapshot \(snapshotID)",
                                                       security: security)
                         defer { client.close() }
@@ -251,7 +251,7 @@ extension ReplicatedBacking {
             }
         }
         if let engine = engineRegistry.engine(volumeID: volume.id) {
-            try await Self.blocking { try engine.grow(to: UInt64(sizeBytes)) }
+            try await offCooperativePool { try engine.grow(to: UInt64(sizeBytes)) }
         }
     }
 

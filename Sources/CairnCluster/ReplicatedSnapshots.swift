@@ -47,6 +47,6 @@ extension ReplicatedBacking {
         guard let engine = engineRegistry.engine(volumeID: volume.id) else {
             throw CairnError.failedPrecondition("volume \(volume.id) has no engine running on node \(nodeID); stage it here before NodeExpandVolume")
         }
-        try await Self.blocking { try engine.grow(to: UInt64(volume.capacityBytes)) }
+        try await offCooperativePool { try engine.grow(to: UInt64(volume.capacityBytes)) }
     }
 }

@@ -123,7 +123,7 @@ public final class ControllerService: Sendable {
             if parameters.encrypted, source == nil, let passphrase = request.secrets[EncryptionNames.passphraseSecret] {
                 // The provisioner's secret carries the passphrase: the key is made now, so the
                 // first NodeStage must bring the same passphrase (docs/encryption.md).
-                volume.encryption = try await VolumeKeys.offThread { try VolumeKeys.create(passphrase: passphrase).0 }
+                volume.encryption = try await offCooperativePool { try VolumeKeys.create(passphrase: passphrase).0 }
             }
             if let cluster, let source, !source.isBackup {
                 // A clone shares its source's layers: its replicas go where the source's are.

@@ -75,11 +75,6 @@ public enum VolumeKeys {
         return try wrap(key, passphrase: newPassphrase, iterations: max(encryption.iterations, defaultIterations))
     }
 
-    /// Runs key derivation (a few hundred milliseconds of CPU) off the cooperative pool.
-    public static func offThread<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-        try await offCooperativePool(work)
-    }
-
     static func checkPassphrase(_ passphrase: String) throws {
         guard !passphrase.isEmpty else {
             throw CairnError.invalidArgument("secret `\(EncryptionNames.passphraseSecret)` is empty; an encrypted volume needs a passphrase")

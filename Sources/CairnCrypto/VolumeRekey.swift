@@ -20,7 +20,7 @@ public enum VolumeRekey {
             throw CairnError.failedPrecondition(
                 "volume \(volumeID) has no key yet: it gets one at its first NodeStageVolume, with the passphrase that stage carries")
         }
-        let new = try await VolumeKeys.offThread {
+        let new = try await offCooperativePool {
             try VolumeKeys.rewrap(old, volumeID: volumeID, oldPassphrase: oldPassphrase, newPassphrase: newPassphrase)
         }
         let changed = try await store.updateVolume(id: volumeID, what: "rekey volume \(volumeID)") { record in

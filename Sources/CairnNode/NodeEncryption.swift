@@ -18,7 +18,7 @@ extension NodeService {
                 "volume \(volume.id) is encrypted: NodeStageVolume needs its passphrase in the secret `\(EncryptionNames.passphraseSecret)` (Kubernetes: the StorageClass parameters csi.storage.k8s.io/node-stage-secret-name and csi.storage.k8s.io/node-stage-secret-namespace name a Secret holding it)")
         }
         if let wrapped = volume.encryption {
-            return try await VolumeKeys.offThread { try VolumeKeys.unwrap(wrapped, passphrase: passphrase, volumeID: volume.id) }
+            return try await offCooperativePool { try VolumeKeys.unwrap(wrapped, passphrase: passphrase, volumeID: volume.id) }
         }
         // A clone or restore holds its source's ciphertext: never a new key for it while its
         // source's is known (a new key would read the blocks as noise, and stage would format).
@@ -29,11 +29,11 @@ extension NodeService {
                 return true
             }
             let recorded = try await store.volume(id: volume.id)?.encryption ?? inherited
-            return try await VolumeKeys.offThread { try VolumeKeys.unwrap(recorded, passphrase: passphrase, volumeID: volume.id) }
+            return try await offCooperativePool { try VolumeKeys.unwrap(recorded, passphrase: passphrase, volumeID: volume.id) }
         }
         // The volume's first stage: a new key, recorded only if no other node recorded one
         // meanwhile (the store's transaction decides); the loser unwraps the winner's.
-        let (made, key) = try await VolumeKeys.offThread { try VolumeKeys.create(passphrase: passphrase) }
+        let (made, key) = try await offCooperativePool { try VolumeKeys.create(passphrase: passphrase) }
         _ = try await store.updateVolume(id: volume.id, what: "record volume \(volume.id)'s wrapped key") { record in
             guard record.encryption == nil else { return false }
             record.encryption = made
@@ -46,7 +46,7 @@ extension NodeService {
             logger.info("made and recorded the encrypted volume's wrapped key", metadata: ["volume.id": "\(volume.id)"])
             return key
         }
-        return try await VolumeKeys.offThread { try VolumeKeys.unwrap(recorded, passphrase: passphrase, volumeID: volume.id) }
+        return try await offCooperativePool { try VolumeKeys.unwrap(recorded, passphrase: passphrase, volumeID: volume.id) }
     }
 
     /// The wrapped key of the snapshot a clone or restore was made from (a clone of a volume:

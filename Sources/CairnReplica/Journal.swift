@@ -343,9 +343,11 @@ final class Journal: Sendable {
         return true
     }
 
-    /// A record's write has completed: the next `sync` must not be skipped. (Reserving set the
-    /// mark already, but a sync running while the record was in flight may have taken it, and
-    /// its fdatasync need not cover a write that completed after it began.)
+    /// A record's write has completed: the next `sync` must not be skipped. Marked only now, not
+    /// when its place is reserved: a sync running while the record is in flight would take the
+    /// mark, and its fdatasync need not cover a write that completes after it began. Intents do
+    /// not mark: a flush makes the in-place write an intent announces durable itself (the data
+    /// file and the block map), after which the intent says nothing recovery needs.
     func recordWritten() { unsynced.store(true, ordering: .releasing) }
 
     /// Tests only: runs after a record's place is reserved and before it is written (a flush's
@@ -371,11 +373,6 @@ final class Journal: Sendable {
         let crcEnd = Self.headerFixed + 4 * count
         let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<crcEnd]))
         header.storeBytes(of: crc.littleEndian, toByteOffset: crcEnd, as: UInt32.self)
-        // A record must be synced by the next flush (and is marked again once written,
-        // `recordWritten`). An intent need not: a flush makes the in-place write it announces
-        // durable itself (the data file and the block map), after which the intent says
-        // nothing recovery needs; before that flush neither is durable anyway.
-        unsynced.store(true, ordering: .relaxed)
         if let hook = Self.afterReservingARecordForTesting { hook(self) }
         return (at, header)
     }

@@ -527,6 +527,10 @@ public final class ReplicaStore: Sendable {
                     entries.initializeElement(at: i, to: BlockMapEntry(generation: generation, crc: CRC32C.checksum(block)))
                 }
                 return try regions.withRange(offset: offset, length: data.count) {
+                    // Marked once the write is done, data and entries (a flush that does not
+                    // drain must leave the mark for the next flush while this is on its way).
+                    var inPlace = false
+                    defer { if inPlace { s.dirtyInPlace.store(true, ordering: .relaxed) } }
                     // Small writes go to the journal as well — its record and the in-place copy in
                     // flight together — so the flush that makes them durable syncs the journal
                     // alone; others (or when it is full) only in place, announced by an intent.
@@ -536,13 +540,10 @@ public final class ReplicaStore: Sendable {
                                              data: source, entries: UnsafeBufferPointer(entries),
                                              inPlace: (s.dataFD, s.dataPath)))
                     if !journaled {
-                        s.dirtyInPlace.store(true, ordering: .relaxed)
+                        inPlace = true
                         try Self.writeAnnounced(s, offset: offset, blocks: count, generation: generation, data: source)
                     }
                     try s.blockMap.write(first: first, UnsafeBufferPointer(entries))
-                    // Again once the data and entries are written: a flush without a drain
-                    // may have taken the flag while this write was in flight (`flush`).
-                    if !journaled { s.dirtyInPlace.store(true, ordering: .relaxed) }
                     s.highestGeneration.max(generation, ordering: .relaxed)
                     return journaled && durable && !s.journal.dueForCheckpoint ? s.journal : nil
                 }
@@ -626,6 +627,8 @@ public final class ReplicaStore: Sendable {
                         defer { for h in headers { h.deallocate() } }
                         var owner: [(write: Int, journal: Bool)] = []
                         var inPlaceOnly = false, anyRecord = false
+                        // Marked once done, as `write` does.
+                        defer { if inPlaceOnly { s.dirtyInPlace.store(true, ordering: .relaxed) } }
                         let flushed = s.flushedGeneration.load(ordering: .relaxed)
                         for i in live {
                             let w = writes[i]
@@ -647,7 +650,6 @@ public final class ReplicaStore: Sendable {
                                                          base2: nil, len2: 0, offset: Int64(at), result: 0))
                                     owner.append((i, true))
                                 }
-                                s.dirtyInPlace.store(true, ordering: .relaxed)
                                 inPlaceOnly = true
                             }
                             io.append(cdio_write(fd: s.dataFD, base1: w.data.baseAddress, len1: w.data.count,
@@ -673,8 +675,6 @@ public final class ReplicaStore: Sendable {
                                 errors[i] = error
                             }
                         }
-                        // Again once written, as `write` does.
-                        if inPlaceOnly { s.dirtyInPlace.store(true, ordering: .relaxed) }
                     }
                 }
             }
@@ -725,7 +725,8 @@ public final class ReplicaStore: Sendable {
             let source = Self.alignedSource(data)
             // Resync and repair copies go in place only; the flush after them syncs the files.
             try Self.announce(s, offset: offset, blocks: count, generation: generation)
-            s.dirtyInPlace.store(true, ordering: .relaxed)
+            // Marked once done (`write`), also when a later run fails after earlier ones landed.
+            defer { s.dirtyInPlace.store(true, ordering: .relaxed) }
             let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: data.count) {
                     // Decided on the effective generation (the newest layer's): what resync compared.
@@ -747,8 +748,6 @@ public final class ReplicaStore: Sendable {
                         applied += end - i
                         i = end
                     }
-                    // Again once written (`flush` may have taken the flag meanwhile).
-                    if applied > 0 { s.dirtyInPlace.store(true, ordering: .relaxed) }
                     return applied
                 }
             }
@@ -913,7 +912,7 @@ public final class ReplicaStore: Sendable {
     /// instead when the journal is past 3/4 full or broken; it drains.
     public func flush(epoch: UInt64, through: UInt64? = nil) throws {
         if let through {
-            let plan: (inPlace: Bool, journal: Journal, target: UInt64, state: State)? = try state.withShared { s in
+            let plan: FlushPlan? = try state.withShared { s in
                 try Self.checkOpenLocked(s)
                 try Self.checkEpochLocked(s, epoch)
                 if s.journal.broken.load(ordering: .relaxed) || s.journal.dueForCheckpoint { return nil }
@@ -925,7 +924,7 @@ public final class ReplicaStore: Sendable {
                 return
             }
         }
-        let plan: (inPlace: Bool, journal: Journal, target: UInt64, state: State)? = try state.withLock { s in
+        let plan: FlushPlan? = try state.withLock { s in
             try Self.checkOpenLocked(s)
             try Self.checkEpochLocked(s, epoch)
             let highest = s.highestGeneration.load(ordering: .relaxed)
@@ -940,9 +939,13 @@ public final class ReplicaStore: Sendable {
         try syncForFlush(plan)
     }
 
+    /// What a flush syncs, decided under the lock: the data file and block map too (something
+    /// went in place only since the last flush), the journal, the generation to record, the state.
+    private typealias FlushPlan = (inPlace: Bool, journal: Journal, target: UInt64, state: State)
+
     /// A flush's syncs, outside the lock: the data file and the block map when something went
     /// in place only, then the journal; the flushed generation moves to `target` after them.
-    private func syncForFlush(_ plan: (inPlace: Bool, journal: Journal, target: UInt64, state: State)) throws {
+    private func syncForFlush(_ plan: FlushPlan) throws {
         let s = plan.state
         do {
             if plan.inPlace {
@@ -987,7 +990,8 @@ public final class ReplicaStore: Sendable {
             if generation > 0 {
                 try Self.announce(s, offset: offset, blocks: count, generation: generation, trim: true)
             }
-            s.dirtyInPlace.store(true, ordering: .relaxed)
+            // Marked once done (`write`).
+            defer { s.dirtyInPlace.store(true, ordering: .relaxed) }
             try regions.withRange(offset: offset, length: length) {
             let punch = FileIO.FALLOC_FL_PUNCH_HOLE | FileIO.FALLOC_FL_KEEP_SIZE
             if FileIO.fallocate(s.dataFD, mode: punch, offset: offset, length: UInt64(length)) != 0 {
@@ -1005,8 +1009,6 @@ public final class ReplicaStore: Sendable {
                 : BlockMapEntry(generation: generation, crc: Self.zeroBlockCRC, flags: BlockMapEntry.trimmedFlag)
             try s.blockMap.write(first: first, [BlockMapEntry](repeating: entry, count: count))
             }
-            // Again once done (`flush` may have taken the flag meanwhile).
-            s.dirtyInPlace.store(true, ordering: .relaxed)
             s.highestGeneration.max(generation, ordering: .relaxed)
             return count
         }
@@ -1023,7 +1025,8 @@ public final class ReplicaStore: Sendable {
             activity.note(offset: offset, length: length, generation: generation)
             let trimmed = BlockMapEntry(generation: generation, crc: Self.zeroBlockCRC, flags: BlockMapEntry.trimmedFlag)
             try Self.announce(s, offset: offset, blocks: count, generation: generation, trim: true)
-            s.dirtyInPlace.store(true, ordering: .relaxed)
+            // Marked once done (`write`).
+            defer { s.dirtyInPlace.store(true, ordering: .relaxed) }
             let applied = try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 try regions.withRange(offset: offset, length: length) {
                     _ = try Self.resolve(s, first: first, into: entries)
@@ -1048,8 +1051,6 @@ public final class ReplicaStore: Sendable {
                         applied += end - i
                         i = end
                     }
-                    // Again once written (`flush` may have taken the flag meanwhile).
-                    if applied > 0 { s.dirtyInPlace.store(true, ordering: .relaxed) }
                     return applied
                 }
             }

@@ -357,10 +357,10 @@ final class ReplicaJournalTests: XCTestCase {
     }
 
     /// The lost-write race of a flush that does not drain: a flush's sync that runs after a
-    /// record's place is reserved (taking the journal's "unsynced" mark) and before the record
-    /// is written does not cover it, so the mark must be set again once it is written, or the
-    /// flush that follows the write's answer would sync nothing. Both ways a record is
-    /// written: a write alone and a group of writes.
+    /// record's place is reserved and before the record is written does not cover it, so the
+    /// journal's "unsynced" mark must be set once it is written, or the flush that follows the
+    /// write's answer would sync nothing. Both ways a record is written: a write alone and a
+    /// group of writes.
     func testARecordWrittenWhileAFlushSyncsIsSyncedByTheNextFlush() throws {
         let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 16 << 20)
         defer {
@@ -375,7 +375,7 @@ final class ReplicaJournalTests: XCTestCase {
         for grouped in [false, true] {
             let overtaken = Atomic<Int>(0)
             Journal.afterReservingARecordForTesting = { j in
-                // A flush's sync lands here: it takes the mark the reservation set.
+                // A flush's sync lands here, between the reservation and the write.
                 try? j.sync()
                 overtaken.wrappingAdd(1, ordering: .relaxed)
             }
