@@ -198,10 +198,10 @@ var targets: [Target] = [
         name: "CCRC32C",
         cSettings: [.unsafeFlags(["-O2"])]
     ),
-    // C over Debian's libfuse3 (3.14, low-level API): one file per mount, a plain C header.
+    // C over Debian's libfuse3 (3.14, low-level API) and liburing (2.3, the asynchronous reads): one file per mount, a plain C header.
     .target(
         name: "CFUSEShim",
-        linkerSettings: [.linkedLibrary("fuse3"), .linkedLibrary("pthread")]
+        linkerSettings: [.linkedLibrary("fuse3"), .linkedLibrary("uring"), .linkedLibrary("pthread")]
     ),
     // The volume engine: the FUSE file whose writes fan out to every in-sync replica. The only
     // importer of CFUSEShim.

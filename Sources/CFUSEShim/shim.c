@@ -3,6 +3,7 @@
 #define FUSE_USE_VERSION 312
 #include <fuse3/fuse_lowlevel.h>
 #include <linux/fuse.h>
+#include <liburing.h>
 
 #include "CFUSEShim.h"
 
@@ -31,8 +32,13 @@
 #define VOLUME_NAME "volume"
 #define ATTR_TIMEOUT 3600.0
 
+struct read_ring;
+
 struct cfuse_session {
     struct fuse_session *se;
+    // The asynchronous reads' io_uring (NULL: every read is synchronous; `ring_reason` says why).
+    struct read_ring *ring;
+    char ring_reason[160];
     pthread_t thread;
     int thread_started;
     uint64_t size;
@@ -168,6 +174,240 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     fuse_reply_buf(req, (const char *)&out, sizeof out);
 }
 
+// Asynchronous reads (docs/engine.md, "Asynchronous reads"). A worker that takes a read of
+// whole blocks asks the engine for a plan (which file range holds them), queues it and goes
+// back to /dev/fuse; one submission then carries every read queued by then (one syscall, one
+// plug of the block layer, one doorbell), and the completion thread hands each finished read
+// back to the engine (which checks it) and answers the kernel. Submission is combined: the
+// worker that finds nobody submitting submits, and keeps submitting what others queue
+// meanwhile, so the ring's submission queue has one producer at a time without a lock held
+// across the syscall.
+#define RING_ENTRIES 256
+// Reads in flight at most (queued or submitted); more go synchronously. The kernel keeps at
+// most max_background (128) asynchronous requests outstanding, plus the workers' own.
+#define RING_MAX_INFLIGHT 224
+// Finished reads kept for reuse (each with a buffer of CFUSE_ASYNC_READ_MAX_BLOCKS blocks).
+#define RING_KEEP 64
+#define RING_BUFFER ((size_t)CFUSE_ASYNC_READ_MAX_BLOCKS * 4096)
+
+struct ring_read {
+    cfuse_read_plan plan;
+    uint32_t crc[CFUSE_ASYNC_READ_MAX_BLOCKS];
+    fuse_req_t req;
+    uint64_t offset;
+    size_t size;
+    void *buf;
+    struct ring_read *next;
+};
+
+struct read_ring {
+    struct io_uring ring;
+    struct cfuse_session *s;
+    pthread_mutex_t lock;
+    // Under `lock`: queued reads not yet submitted, whether a worker is submitting, kept reads,
+    // reads in flight, and whether the session is ending.
+    struct ring_read *queued, *queued_tail;
+    int submitting;
+    struct ring_read *kept;
+    int kept_count;
+    int inflight;
+    pthread_t reaper;
+};
+
+static struct ring_read *ring_take(struct read_ring *r) {
+    pthread_mutex_lock(&r->lock);
+    if (r->inflight >= RING_MAX_INFLIGHT) { pthread_mutex_unlock(&r->lock); return NULL; }
+    struct ring_read *rd = r->kept;
+    if (rd) { r->kept = rd->next; r->kept_count--; }
+    r->inflight++;
+    pthread_mutex_unlock(&r->lock);
+    if (!rd) {
+        rd = calloc(1, sizeof *rd);
+        if (rd && posix_memalign(&rd->buf, 4096, RING_BUFFER) != 0) { free(rd); rd = NULL; }
+        if (!rd) {
+            pthread_mutex_lock(&r->lock);
+            r->inflight--;
+            pthread_mutex_unlock(&r->lock);
+            return NULL;
+        }
+    }
+    memset(&rd->plan, 0, sizeof rd->plan);
+    rd->plan.fd = -1;
+    rd->plan.crc = rd->crc;
+    rd->next = NULL;
+    return rd;
+}
+
+static void ring_give(struct read_ring *r, struct ring_read *rd) {
+    pthread_mutex_lock(&r->lock);
+    r->inflight--;
+    if (r->kept_count < RING_KEEP) {
+        rd->next = r->kept;
+        r->kept = rd;
+        r->kept_count++;
+        rd = NULL;
+    }
+    pthread_mutex_unlock(&r->lock);
+    if (rd) { free(rd->buf); free(rd); }
+}
+
+// Queues a planned read; the caller submits everything queued unless another worker is at it.
+static void ring_submit(struct read_ring *r, struct ring_read *rd) {
+    pthread_mutex_lock(&r->lock);
+    if (r->queued_tail) r->queued_tail->next = rd; else r->queued = rd;
+    r->queued_tail = rd;
+    if (r->submitting) { pthread_mutex_unlock(&r->lock); return; }
+    r->submitting = 1;
+    for (;;) {
+        struct ring_read *batch = r->queued;
+        r->queued = r->queued_tail = NULL;
+        if (!batch) { r->submitting = 0; break; }
+        pthread_mutex_unlock(&r->lock);
+        while (batch) {
+            struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+            if (!sqe) {
+                // Full (never, with RING_MAX_INFLIGHT below RING_ENTRIES): submit what is there.
+                io_uring_submit(&r->ring);
+                continue;
+            }
+            struct ring_read *next = batch->next;
+            io_uring_prep_read(sqe, batch->plan.fd, batch->buf, (unsigned)batch->size, batch->plan.file_offset);
+            io_uring_sqe_set_data(sqe, batch);
+            batch = next;
+        }
+        for (;;) {
+            int n = io_uring_submit(&r->ring);
+            if (n >= 0) break;
+            // EINTR, or EAGAIN/EBUSY (the kernel short of memory, or completions not yet
+            // reaped): the reads stay in the submission queue; try again.
+            if (n != -EINTR) {
+                static int logged;
+                if (!__atomic_exchange_n(&logged, 1, __ATOMIC_RELAXED))
+                    fprintf(stderr, "cairn fuse: io_uring submission failed (%s); retrying\n", strerror(-n));
+                usleep(100);
+            }
+        }
+        pthread_mutex_lock(&r->lock);
+    }
+    pthread_mutex_unlock(&r->lock);
+}
+
+static void ring_finish(struct read_ring *r, struct ring_read *rd, ssize_t result) {
+    struct cfuse_session *s = r->s;
+    ssize_t n = s->callbacks.read_end(s->context, rd->offset, rd->size, rd->buf, result, &rd->plan);
+    if (n < 0) fuse_reply_err(rd->req, (int)-n);
+    else fuse_reply_buf(rd->req, rd->buf, (size_t)n);
+    ring_give(r, rd);
+}
+
+// The completion thread: answers each finished read; ends at the stop marker (a NOP without
+// data, submitted once no worker is left) after every read in flight has finished.
+static void *ring_reaper(void *arg) {
+    struct read_ring *r = arg;
+    pthread_setname_np(pthread_self(), "cairn-fuse-io");
+    prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
+    int stopping = 0;
+    for (;;) {
+        struct io_uring_cqe *cqe = NULL;
+        int rc = io_uring_wait_cqe(&r->ring, &cqe);
+        if (rc == -EINTR || rc == -EAGAIN) continue;
+        if (rc < 0) {
+            fprintf(stderr, "cairn fuse: waiting for io_uring completions failed: %s\n", strerror(-rc));
+            usleep(1000);
+            continue;
+        }
+        unsigned head, seen = 0;
+        io_uring_for_each_cqe(&r->ring, head, cqe) {
+            struct ring_read *rd = io_uring_cqe_get_data(cqe);
+            ssize_t res = cqe->res;
+            seen++;
+            if (!rd) { stopping = 1; continue; }
+            ring_finish(r, rd, res);
+        }
+        io_uring_cq_advance(&r->ring, seen);
+        if (stopping) {
+            pthread_mutex_lock(&r->lock);
+            int inflight = r->inflight;
+            pthread_mutex_unlock(&r->lock);
+            if (inflight == 0) break;
+        }
+    }
+    return NULL;
+}
+
+// Sets up the session's ring, or says in ring_reason why reads stay synchronous.
+static void ring_start(struct cfuse_session *s) {
+    if (!s->callbacks.read_begin || !s->callbacks.read_end) {
+        snprintf(s->ring_reason, sizeof s->ring_reason, "turned off (the engine reads synchronously)");
+        return;
+    }
+    struct read_ring *r = calloc(1, sizeof *r);
+    if (!r) { snprintf(s->ring_reason, sizeof s->ring_reason, "out of memory"); return; }
+    int rc = io_uring_queue_init(RING_ENTRIES, &r->ring, 0);
+    if (rc < 0) {
+        snprintf(s->ring_reason, sizeof s->ring_reason,
+                 "the kernel refused an io_uring (%s; kernel.io_uring_disabled, or a seccomp profile?)", strerror(-rc));
+        free(r);
+        return;
+    }
+    r->s = s;
+    pthread_mutex_init(&r->lock, NULL);
+    rc = pthread_create(&r->reaper, NULL, ring_reaper, r);
+    if (rc != 0) {
+        snprintf(s->ring_reason, sizeof s->ring_reason, "cannot start the completion thread: %s", strerror(rc));
+        io_uring_queue_exit(&r->ring);
+        pthread_mutex_destroy(&r->lock);
+        free(r);
+        return;
+    }
+    s->ring = r;
+}
+
+// After every worker has ended (nobody submits any more): lets every read in flight finish
+// and be answered, then frees the ring.
+static void ring_stop(struct cfuse_session *s) {
+    struct read_ring *r = s->ring;
+    if (!r) return;
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    while (!sqe) { io_uring_submit(&r->ring); sqe = io_uring_get_sqe(&r->ring); }
+    io_uring_prep_nop(sqe);
+    io_uring_sqe_set_data(sqe, NULL);
+    while (io_uring_submit(&r->ring) < 0) usleep(100);
+    pthread_join(r->reaper, NULL);
+    while (r->kept) { struct ring_read *rd = r->kept; r->kept = rd->next; free(rd->buf); free(rd); }
+    io_uring_queue_exit(&r->ring);
+    pthread_mutex_destroy(&r->lock);
+    free(r);
+    s->ring = NULL;
+}
+
+int cfuse_async_reads(const cfuse_session *s, char *reason, size_t reason_size) {
+    if (!s) return 0;
+    if (s->ring) return 1;
+    if (reason && reason_size) snprintf(reason, reason_size, "%s", s->ring_reason);
+    return 0;
+}
+
+// A read of whole blocks through the ring, if the engine plans one. 1 if answered or handed on.
+static int read_async(struct cfuse_session *s, fuse_req_t req, uint64_t offset, size_t size) {
+    struct read_ring *r = s->ring;
+    if (!r || offset % 4096 != 0 || size % 4096 != 0 || size > RING_BUFFER) return 0;
+    struct ring_read *rd = ring_take(r);
+    if (!rd) return 0;
+    rd->req = req;
+    rd->offset = offset;
+    rd->size = size;
+    ssize_t n = s->callbacks.read_begin(s->context, offset, size, rd->buf, &rd->plan);
+    if (n == CFUSE_READ_PLANNED) {
+        ring_submit(r, rd);
+        return 1;
+    }
+    if (n < 0) fuse_reply_err(req, (int)-n);
+    else fuse_reply_buf(req, rd->buf, (size_t)n);
+    ring_give(r, rd);
+    return 1;
+}
+
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
     (void)fi;
     struct cfuse_session *s = session_of(req);
@@ -176,6 +416,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     uint64_t offset = (uint64_t)off;
     if (offset >= s->size || size == 0) { fuse_reply_buf(req, NULL, 0); return; }
     if (size > s->size - offset) size = (size_t)(s->size - offset);
+    if (read_async(s, req, offset, size)) return;
     void *buf = read_buffer(size);
     if (!buf) { fuse_reply_err(req, ENOMEM); return; }
     ssize_t n = s->callbacks.read(s->context, offset, size, buf);
@@ -399,6 +640,7 @@ static void *loop_thread(void *arg) {
     pool.s = s;
     pthread_mutex_init(&pool.lock, NULL);
     sem_init(&pool.finished, 0, 0);
+    ring_start(s);
     int rc = start_worker(&pool);
     if (rc != 0) {
         fprintf(stderr, "cairn fuse: cannot start a worker thread: %s\n", strerror(rc));
@@ -417,6 +659,8 @@ static void *loop_thread(void *arg) {
     pthread_mutex_unlock(&pool.lock);
     for (int i = 0; i < started; i++) pthread_cancel(pool.threads[i]);
     for (int i = 0; i < started; i++) pthread_join(pool.threads[i], NULL);
+    // Reads still on the ring are answered before the session goes (no callback after stop).
+    ring_stop(s);
     sem_destroy(&pool.finished);
     pthread_mutex_destroy(&pool.lock);
     return NULL;

@@ -34,6 +34,13 @@ final class LocalReplicaIO: ReplicaIO {
         try store(volumeID).read(offset: offset, into: buffer, epoch: epoch)
     }
 
+    func planRead(volumeID: String, offset: UInt64, length: Int, epoch: UInt64, checksums: UnsafeMutablePointer<UInt32>,
+                  capacity: Int) throws -> (fd: Int32, fileOffset: UInt64, zeros: UInt64)? {
+        try store(volumeID).planRead(offset: offset, length: length, epoch: epoch, checksums: checksums, capacity: capacity)
+    }
+
+    func endPlannedRead() { opened.endPlannedRead() }
+
     func write(volumeID: String, offset: UInt64, data: UnsafeRawBufferPointer, generation: UInt64, epoch: UInt64) throws {
         try store(volumeID).write(offset: offset, bytes: data, generation: generation, epoch: epoch)
     }

@@ -56,6 +56,14 @@ public protocol ReplicaIO: AnyObject, Sendable {
     func trim(volumeID: String, offset: UInt64, length: UInt64, generation: UInt64, epoch: UInt64) throws
     func close()
 
+    /// A read this process can do itself, asynchronously (`ReplicaStore.planRead`: the
+    /// replica's data file, its offset, each block's checksum or a zero bit), for a replica
+    /// whose files this process holds; nil (the default) when it cannot: the engine calls
+    /// `read`. Each plan with a descriptor is ended by `endPlannedRead` once its read is done.
+    func planRead(volumeID: String, offset: UInt64, length: Int, epoch: UInt64, checksums: UnsafeMutablePointer<UInt32>,
+                  capacity: Int) throws -> (fd: Int32, fileOffset: UInt64, zeros: UInt64)?
+    func endPlannedRead()
+
     // Resync, repair and scrub (docs/recovery.md).
 
     /// Block generations as the `generations` op reports them (bit 63: trimmed); count ≤ 65,536.
@@ -93,6 +101,13 @@ public protocol ReplicaIO: AnyObject, Sendable {
 }
 
 extension ReplicaIO {
+    public func planRead(volumeID: String, offset: UInt64, length: Int, epoch: UInt64,
+                         checksums: UnsafeMutablePointer<UInt32>, capacity: Int) throws -> (fd: Int32, fileOffset: UInt64, zeros: UInt64)? {
+        nil
+    }
+
+    public func endPlannedRead() {}
+
     public func flush(volumeID: String, epoch: UInt64, through: UInt64) throws {
         try flush(volumeID: volumeID, epoch: epoch)
     }

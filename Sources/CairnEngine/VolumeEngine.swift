@@ -58,6 +58,11 @@ public struct EngineState: Sendable, Equatable {
     public var writeThrough: Bool = false
     /// Writes and trims that needed a flush round of the engine's own to be durable.
     public var writeThroughOwnFlushes: UInt64 = 0
+    /// Reads of the local replica go through the FUSE shim's io_uring (docs/engine.md,
+    /// "Asynchronous reads"); those whose data did not match the block map when they arrived
+    /// (a write or trim of the block raced them, or damage) and were read again.
+    public var asyncReads: Bool = false
+    public var readsRedone: UInt64 = 0
 }
 
 /// One replica as the engine holds it.
@@ -238,6 +243,19 @@ public final class VolumeEngine: Sendable {
     }
 
     private let reads = Atomic<UInt64>(0)
+    /// Asynchronous reads whose data did not match the block map when they arrived, read again.
+    private let readsRedone = Atomic<UInt64>(0)
+    /// Whether the running session reads asynchronously.
+    private let asyncReadsOn = Atomic<Bool>(false)
+
+    /// Asynchronous reads unless `CAIRN_ASYNC_READS` is `off` (or `0`/`false`): the way back to
+    /// one synchronous read per FUSE worker, for comparing the two or working around a kernel.
+    static let asyncReads: Bool = {
+        guard let value = getenv("CAIRN_ASYNC_READS").map({ String(cString: $0).lowercased() }) else { return true }
+        return !["off", "0", "false", "no"].contains(value)
+    }()
+    /// The first engine to find io_uring refused says so at warning level; later ones at debug.
+    private static let toldAsyncReadsMissing = Atomic<Bool>(false)
     private let writes = Atomic<UInt64>(0)
     private let flushes = Atomic<UInt64>(0)
     private let trims = Atomic<UInt64>(0)
@@ -347,7 +365,9 @@ public final class VolumeEngine: Sendable {
             // Before the first request: whether every write is durable when answered.
             decideDurabilityAtStart()
             let retained = Unmanaged.passRetained(self)
-            var callbacks = cfuse_callbacks(read: engineRead, write: engineWrite, flush: engineFlush, trim: engineTrim)
+            var callbacks = cfuse_callbacks(read: engineRead, write: engineWrite, flush: engineFlush, trim: engineTrim,
+                                            read_begin: Self.asyncReads ? engineReadBegin : nil,
+                                            read_end: Self.asyncReads ? engineReadEnd : nil)
             var message = [CChar](repeating: 0, count: 512)
             // A predecessor in this data directory died with the volume staged and the keeper
             // kept its connection: serve that one (the loop device and every request in flight
@@ -389,6 +409,16 @@ public final class VolumeEngine: Sendable {
             }
             life.session = session
             life.retained = retained
+            var why = [CChar](repeating: 0, count: 256)
+            let async = cfuse_async_reads(session, &why, why.count) == 1
+            asyncReadsOn.store(async, ordering: .relaxed)
+            if !async && Self.asyncReads {
+                let reason = String(decoding: why.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                let first = !Self.toldAsyncReadsMissing.exchange(true, ordering: .relaxed)
+                logger.log(level: first ? .warning : .debug,
+                           "reads of the local replica stay synchronous (one per FUSE worker, about a third of the device's random-read rate): io_uring is not available",
+                           metadata: ["reason": "\(reason)", "hint": "allow io_uring for this process (sysctl kernel.io_uring_disabled=0, or the container's seccomp profile)"])
+            }
             // Serving now: NodeStage may attach the file's loop device write-through.
             if writeThrough.allDurable.load(ordering: .relaxed) { LoopWriteCache.vouch(volumeFileRealPath) }
             DeadFUSEMounts.register(mountPoint: mountDirectory, connection: UInt32(cfuse_connection_id(session)))
@@ -419,7 +449,8 @@ public final class VolumeEngine: Sendable {
                 "converge.seconds": "\(String(format: "%.3f", convergence.seconds))",
                 "fuse.connection": "\(cfuse_connection_id(session))",
                 "fuse.resumed": "\(resumedFrom != nil)",
-                "write_through": "\(writeThrough.allDurable.load(ordering: .relaxed))"])
+                "write_through": "\(writeThrough.allDurable.load(ordering: .relaxed))",
+                "reads.async": "\(async)"])
             return path
         }
     }
@@ -560,7 +591,8 @@ public final class VolumeEngine: Sendable {
             durableWrites: durableWriteCount.load(ordering: .relaxed),
             flushesWithoutSync: flushesWithoutSync.load(ordering: .relaxed),
             writeThrough: writeThrough.allDurable.load(ordering: .relaxed),
-            writeThroughOwnFlushes: writeThrough.ownFlushes.load(ordering: .relaxed))
+            writeThroughOwnFlushes: writeThrough.ownFlushes.load(ordering: .relaxed),
+            asyncReads: asyncReadsOn.load(ordering: .relaxed), readsRedone: readsRedone.load(ordering: .relaxed))
     }
 
     private struct ClaimFailure { var replica: EngineReplica; var reason: String }
@@ -666,6 +698,94 @@ public final class VolumeEngine: Sendable {
         if fenced.load(ordering: .relaxed) { return failed(EIO) }
         let began = metrics.start()
         metrics.throttled(nanoseconds: limiter.admit(bytes: size))
+        return readAdmitted(offset: offset, size: size, into: buffer, began: began)
+    }
+
+    /// A read of whole blocks that the shim may do asynchronously (docs/engine.md,
+    /// "Asynchronous reads"): when the first in-sync replica is one this process reads itself
+    /// and the blocks lie in one file, the plan says where and `CFUSE_READ_PLANNED` is
+    /// returned; `endRead` checks the data when it has arrived. Otherwise read here, as `read`.
+    fileprivate func beginRead(offset: UInt64, size: Int, into buffer: UnsafeMutableRawPointer,
+                               plan: UnsafeMutablePointer<cfuse_read_plan>) -> Int {
+        if fenced.load(ordering: .relaxed) { return failed(EIO) }
+        let began = metrics.start()
+        metrics.throttled(nanoseconds: limiter.admit(bytes: size))
+        guard let member = sets.withShared({ $0.inSync.first }) else { return failed(EIO) }
+        let planned: (fd: Int32, fileOffset: UInt64, zeros: UInt64)?
+        do {
+            planned = try member.io.planRead(volumeID: volumeID, offset: offset, length: size, epoch: epoch,
+                                             checksums: plan.pointee.crc, capacity: Int(CFUSE_ASYNC_READ_MAX_BLOCKS))
+        } catch {
+            // The read proper says what is wrong (and records the replica if it must).
+            planned = nil
+        }
+        guard let planned else { return readAdmitted(offset: offset, size: size, into: buffer, began: began) }
+        guard planned.fd >= 0 else {
+            // Nothing written there: zeros, no I/O (an encrypted volume's never-written blocks
+            // read as zeros as well).
+            buffer.initializeMemory(as: UInt8.self, repeating: 0, count: size)
+            return finishedRead(size: size, began: began)
+        }
+        plan.pointee.fd = planned.fd
+        plan.pointee.file_offset = planned.fileOffset
+        plan.pointee.zero_mask = planned.zeros
+        plan.pointee.began = began
+        plan.pointee.owner = Unmanaged.passRetained(member).toOpaque()
+        return Int(CFUSE_READ_PLANNED)
+    }
+
+    /// A planned read has arrived (`result`: bytes read or -errno): every block checked against
+    /// the checksum it had when the read was planned. A block that does not match was written
+    /// or trimmed since (or is damaged), so the range is read again the ordinary way, under
+    /// the replica's locks, which answers from another replica and repairs this one if the
+    /// damage is real. Runs on the shim's completion thread.
+    fileprivate func endRead(offset: UInt64, size: Int, into buffer: UnsafeMutableRawPointer, result: Int,
+                             plan: UnsafeMutablePointer<cfuse_read_plan>) -> Int {
+        let member = Unmanaged<Member>.fromOpaque(plan.pointee.owner!).takeRetainedValue()
+        member.io.endPlannedRead()
+        let began = plan.pointee.began
+        var good = result >= 0
+        if good && result < size {
+            // The file ends there (never written so far): the rest reads as zeros.
+            (buffer + result).initializeMemory(as: UInt8.self, repeating: 0, count: size - result)
+        }
+        let zeros = plan.pointee.zero_mask
+        let blocks = size / Self.blockSize
+        var i = 0
+        while good && i < blocks {
+            let block = UnsafeMutableRawBufferPointer(start: buffer + i * Self.blockSize, count: Self.blockSize)
+            if zeros & (1 << UInt64(i)) != 0 {
+                block.initializeMemory(as: UInt8.self, repeating: 0)
+            } else if CRC32C.checksum(UnsafeRawBufferPointer(block)) != plan.pointee.crc[i] {
+                good = false
+            }
+            i += 1
+        }
+        if !good {
+            readsRedone.wrappingAdd(1, ordering: .relaxed)
+            metrics.readRedone()
+            if result < 0 {
+                logger.warning("an asynchronous read of the local replica failed; reading it again the ordinary way", metadata: [
+                    "offset": "\(offset)", "length": "\(size)", "error": "\(String(cString: strerror(Int32(-result))))"])
+            }
+            let r = readPlain(offset: offset, into: UnsafeMutableRawBufferPointer(start: buffer, count: size))
+            guard r == 0 else { return failed(-r) }
+            return finishedRead(size: size, began: began)
+        }
+        if let r = decrypt(offset: offset, UnsafeMutableRawBufferPointer(start: buffer, count: size)), r != 0 {
+            return failed(-r)
+        }
+        return finishedRead(size: size, began: began)
+    }
+
+    private func finishedRead(size: Int, began: UInt64) -> Int {
+        reads.wrappingAdd(1, ordering: .relaxed)
+        bytesRead.wrappingAdd(UInt64(size), ordering: .relaxed)
+        metrics.read(bytes: size, since: began)
+        return size
+    }
+
+    private func readAdmitted(offset: UInt64, size: Int, into buffer: UnsafeMutableRawPointer, began: UInt64) -> Int {
         let block = UInt64(Self.blockSize)
         let start = offset & ~(block - 1)
         let end = (offset + UInt64(size) + block - 1) & ~(block - 1)
@@ -682,16 +802,20 @@ public final class VolumeEngine: Sendable {
             }
         }
         guard result == 0 else { return failed(-result) }
-        reads.wrappingAdd(1, ordering: .relaxed)
-        bytesRead.wrappingAdd(UInt64(size), ordering: .relaxed)
-        metrics.read(bytes: size, since: began)
-        return size
+        return finishedRead(size: size, began: began)
     }
 
     /// `readBlocks`, decrypted for an encrypted volume. 0 or -errno.
     private func readPlain(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) -> Int32 {
         let result = readBlocks(offset: offset, into: buffer)
-        guard result == 0, let cipher else { return result }
+        guard result == 0 else { return result }
+        return decrypt(offset: offset, buffer) ?? 0
+    }
+
+    /// Decrypts blocks read of an encrypted volume in place: nil for a plain volume, else 0 or
+    /// -errno.
+    private func decrypt(offset: UInt64, _ buffer: UnsafeMutableRawBufferPointer) -> Int32? {
+        guard let cipher else { return nil }
         do {
             try cipher.decrypt(offset: offset, buffer)
             return 0
@@ -1196,6 +1320,25 @@ private let engineRead: @convention(c) (UnsafeMutableRawPointer?, UInt64, Int, U
     e.admit()
     defer { e.release() }
     return e.read(offset: offset, size: size, into: buffer!)
+}
+
+private let engineReadBegin: @convention(c) (UnsafeMutableRawPointer?, UInt64, Int, UnsafeMutableRawPointer?,
+                                              UnsafeMutablePointer<cfuse_read_plan>?) -> Int = {
+    context, offset, size, buffer, plan in
+    let e = engine(context)
+    e.admit()
+    let n = e.beginRead(offset: offset, size: size, into: buffer!, plan: plan!)
+    // A planned read stays admitted until it ends (a hand-over waits for it).
+    if n != Int(CFUSE_READ_PLANNED) { e.release() }
+    return n
+}
+
+private let engineReadEnd: @convention(c) (UnsafeMutableRawPointer?, UInt64, Int, UnsafeMutableRawPointer?, Int,
+                                            UnsafeMutablePointer<cfuse_read_plan>?) -> Int = {
+    context, offset, size, buffer, result, plan in
+    let e = engine(context)
+    defer { e.release() }
+    return e.endRead(offset: offset, size: size, into: buffer!, result: result, plan: plan!)
 }
 
 private let engineWrite: @convention(c) (UnsafeMutableRawPointer?, UInt64, UnsafeRawPointer?, Int) -> Int32 = {

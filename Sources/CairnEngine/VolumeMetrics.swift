@@ -25,6 +25,7 @@ final class VolumeMetrics: Sendable {
     let flushesWithoutSync: CoreMetrics.Counter
     let durabilityFlushes: CoreMetrics.Counter
     let durabilityRounds: CoreMetrics.Timer
+    let readsRedone: CoreMetrics.Counter
     private let destroyed = Atomic<Bool>(false)
 
     init(volumeID: String, factory: any MetricsFactory = MetricsSystem.factory) {
@@ -53,6 +54,7 @@ final class VolumeMetrics: Sendable {
         flushesWithoutSync = counter("cairn_volume_flushes_without_sync_total")
         durabilityFlushes = counter("cairn_volume_durability_flushes_total")
         durabilityRounds = timer("cairn_volume_durability_flush_round_seconds")
+        readsRedone = counter("cairn_volume_reads_redone_total")
     }
 
     /// The start of a timed I/O (0 when nothing records).
@@ -84,6 +86,9 @@ final class VolumeMetrics: Sendable {
     func flushWithoutSync() { if records { flushesWithoutSync.increment() } }
     func durabilityFlush() { if records { durabilityFlushes.increment() } }
 
+    /// An asynchronous read whose data did not match the block map when it arrived, read again.
+    func readRedone() { if records { readsRedone.increment() } }
+
     /// One flush round of the engine's own (group commit: its count against
     /// `durabilityFlushes` says how many writes a round carries).
     func durabilityRound(since start: UInt64) {
@@ -101,7 +106,7 @@ final class VolumeMetrics: Sendable {
     func destroy() {
         guard !destroyed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         for counter in [readOps, writeOps, flushOps, readBytes, writeBytes, repairedBlocks, fencingEvents, resyncBytes,
-                        durableWrites, flushesWithoutSync, durabilityFlushes] {
+                        durableWrites, flushesWithoutSync, durabilityFlushes, readsRedone] {
             counter.destroy()
         }
         for timer in [readLatency, writeLatency, flushLatency, durabilityRounds] { timer.destroy() }

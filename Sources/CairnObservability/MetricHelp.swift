@@ -17,6 +17,7 @@ enum MetricHelp {
         "cairn_volume_durable_writes_total": "Writes every replica was asked to make durable as it wrote them (queue-depth-1 commits).",
         "cairn_volume_flushes_without_sync_total": "Flushes answered without flushing any replica: everything since was durable already.",
         "cairn_volume_durability_flushes_total": "Writes and trims the engine flushed on the replicas itself before answering them (not durable as written: large, with others in flight, trims), so every write is durable when answered (docs/engine.md, \"Write-through volumes\").",
+        "cairn_volume_reads_redone_total": "Asynchronous reads of the local replica whose data did not match the block map when they arrived (a write or trim of the block raced the read, or the block is damaged), read again the ordinary way (docs/engine.md, \"Asynchronous reads\"); a steady rise without writes to the same blocks means damage the scrub should find.",
         "cairn_volume_durability_flush_round_seconds": "How long each of the engine's own flush rounds took (a flush of every in-sync replica holding writes not yet durable); writes and trims share rounds, so cairn_volume_durability_flushes_total over this count is the writes per round (docs/engine.md, \"Write-through volumes\").",
         "cairn_replica_request_duration_seconds": "Time this node's replica server took per data-protocol request.",
         "cairn_replica_request_errors_total": "Data-protocol requests this node's replica server answered with an error.",

@@ -378,6 +378,7 @@ extension ReplicaStore {
                 try next.write(directory: directory)
                 s.superblock = next
                 s.sealed.remove(at: i)
+                waitForPlannedReads()
                 layer.close()
             }
             do {

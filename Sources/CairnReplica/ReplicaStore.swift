@@ -131,6 +131,9 @@ public final class ReplicaStore: Sendable {
     let logger: Logger
     let state: ReadWriteLocked<State>
     let regions = RegionLocks()
+    /// Reads planned (`planRead`) and not yet ended: the descriptors they read from stay open
+    /// until this is zero (`waitForPlannedReads`, before any data file is closed).
+    let plannedReads = Atomic<Int>(0)
     /// Regions written above the engine's clean watermark (convergence at the next claim).
     public let activity = ActivityLog()
     /// Writes made durable as they were written (`write(...durable:)` that returned true).
@@ -431,6 +434,7 @@ public final class ReplicaStore: Sendable {
             s.superblock.clean = true
             try s.superblock.write(directory: directory)
             s.isClosed = true
+            waitForPlannedReads()
             s.closeFiles()
         }
         logger.debug("replica closed", metadata: ["volume.id": "\(volumeID)"])
@@ -461,6 +465,75 @@ public final class ReplicaStore: Sendable {
         try state.withShared { s in
             let (first, count) = try Self.checkLocked(s, offset: offset, length: buffer.count, epoch: epoch)
             try readLocked(s, first: first, count: count, offset: offset, into: buffer)
+        }
+    }
+
+    /// Where a read of whole blocks lies, for a caller that reads it itself, asynchronously
+    /// (the engine's io_uring reads of its local replica; docs/engine.md, "Asynchronous
+    /// reads"): the data file's descriptor and byte offset of the range, and per block either
+    /// the crc32c its data must have (`checksums[i]`) or bit i of `zeros` (a hole or a trim:
+    /// it reads as zeros, whatever the file holds). Checked like `read` (open, epoch, range).
+    /// nil when the blocks are not in one layer's file (a snapshot's chain serves them from
+    /// several): the caller reads them with `read`. A plan with `fd` -1 needs no I/O (every
+    /// block reads as zeros).
+    ///
+    /// Nothing is held once it returns: a write or trim may change the blocks before the
+    /// caller's read, so the caller must check every block against its checksum and, if one
+    /// does not match, read the range again with `read` (under the locks) before it calls
+    /// anything damaged. The descriptor stays open until `endPlannedRead`, which the caller
+    /// must call exactly once for each non-nil plan whose `fd` is not -1, when its read is done.
+    public func planRead(offset: UInt64, length: Int, epoch: UInt64, checksums: UnsafeMutablePointer<UInt32>,
+                         capacity: Int) throws -> (fd: Int32, fileOffset: UInt64, zeros: UInt64)? {
+        try state.withShared { s in
+            let (first, count) = try Self.checkLocked(s, offset: offset, length: length, epoch: epoch)
+            guard count <= min(capacity, 64) else { return nil }
+            return try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
+                let owners = try regions.withRange(offset: offset, length: length) {
+                    try Self.resolve(s, first: first, into: entries)
+                }
+                var serving = s.sealed.count
+                var zeros: UInt64 = 0
+                var one: Int?
+                for i in 0..<count {
+                    let entry = entries[i]
+                    if !entry.isPresent || entry.isTrimmed {
+                        zeros |= 1 << UInt64(i)
+                        continue
+                    }
+                    checksums[i] = entry.crc
+                    guard let owners else { continue }
+                    if one == nil { one = owners[i] } else if one != owners[i] { return nil }
+                }
+                if count == 64 ? zeros == ~0 : zeros == (1 << UInt64(count)) - 1 {
+                    return (fd: -1, fileOffset: 0, zeros: zeros)
+                }
+                if let one { serving = one }
+                let layer = Self.layer(s, at: serving)
+                // Under the shared lock: a closer (holding it exclusively) waits for this read.
+                plannedReads.wrappingAdd(1, ordering: .acquiringAndReleasing)
+                return (fd: layer.dataFD, fileOffset: first * UInt64(Self.blockSize), zeros: zeros)
+            }
+        }
+    }
+
+    /// A planned read is done: its descriptor may be closed.
+    public func endPlannedRead() {
+        plannedReads.wrappingSubtract(1, ordering: .acquiringAndReleasing)
+    }
+
+    /// Waits until no planned read is left in flight. Called holding the lock exclusively (no
+    /// read is planned meanwhile) before a data file is closed: a read in flight must never
+    /// find its descriptor closed, or given to another file or socket.
+    func waitForPlannedReads() {
+        var waited = 0
+        while plannedReads.load(ordering: .acquiring) > 0 {
+            usleep(100)
+            waited += 1
+            if waited == 100_000 {
+                // 10 s for reads of a local file: the device is stuck; this waits on.
+                logger.warning("still waiting for asynchronous reads of this replica to finish before closing a data file",
+                               metadata: ["volume.id": "\(volumeID)"])
+            }
         }
     }
 

@@ -118,6 +118,74 @@ final class ReplicaStoreTests: XCTestCase {
         XCTAssertEqual(reopened.status.flushedGeneration, 4)
     }
 
+    // MARK: planned (asynchronous) reads
+
+    /// A plan names the data file's descriptor and offset, each written block's checksum and
+    /// each hole's zero bit; a range of holes needs no I/O at all.
+    func testAPlannedReadNamesTheFileTheChecksumsAndTheHoles() throws {
+        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 8 << 20)
+        defer { try? store.close() }
+        try store.claim(epoch: 2)
+        let data = pattern(blocks: 2, seed: 7)
+        try store.write(offset: UInt64(4 * bs), data: data, generation: 1, epoch: 2)
+        try store.trim(offset: UInt64(5 * bs), length: bs, generation: 2, epoch: 2)
+        var crcs = [UInt32](repeating: 0, count: 64)
+        let plan = try crcs.withUnsafeMutableBufferPointer {
+            try store.planRead(offset: UInt64(3 * bs), length: 4 * bs, epoch: 2, checksums: $0.baseAddress!, capacity: 64)
+        }
+        let p = try XCTUnwrap(plan)
+        defer { store.endPlannedRead() }
+        XCTAssertGreaterThanOrEqual(p.fd, 0)
+        XCTAssertEqual(p.fileOffset, UInt64(3 * bs))
+        XCTAssertEqual(p.zeros, 0b1101, "blocks 3 (never written), 5 (trimmed) and 6 read as zeros")
+        XCTAssertEqual(crcs[1], data.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<bs])) })
+        // What the descriptor holds there is what `read` answers.
+        let direct = UnsafeMutableRawBufferPointer(start: aligned_alloc(4096, bs), count: bs)
+        defer { free(direct.baseAddress) }
+        XCTAssertEqual(pread(p.fd, direct.baseAddress, bs, off_t(4 * bs)), bs)
+        XCTAssertEqual(Array(direct), Array(data[0..<bs]))
+
+        let none = try crcs.withUnsafeMutableBufferPointer {
+            try store.planRead(offset: UInt64(100 * bs), length: 64 * bs, epoch: 2, checksums: $0.baseAddress!, capacity: 64)
+        }
+        XCTAssertEqual(none?.fd, -1, "no block written: zeros without I/O")
+        XCTAssertEqual(none?.zeros, ~0)
+        // Stale epochs are refused as `read` refuses them; too long a range is not planned.
+        assertReplicaError(.staleEpoch(seen: 2, got: 1)) {
+            try crcs.withUnsafeMutableBufferPointer {
+                try store.planRead(offset: 0, length: bs, epoch: 1, checksums: $0.baseAddress!, capacity: 64)
+            }
+        }
+        XCTAssertNil(try crcs.withUnsafeMutableBufferPointer {
+            try store.planRead(offset: 0, length: 65 * bs, epoch: 2, checksums: $0.baseAddress!, capacity: 64)
+        })
+    }
+
+    /// The hazard a plan carries: its descriptor must not be closed (and its number given to
+    /// another file or a socket) while the read is in flight. Closing waits for it.
+    func testClosingTheStoreWaitsForAPlannedReadInFlight() throws {
+        let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 1 << 20)
+        try store.write(offset: 0, data: pattern(blocks: 1, seed: 3), generation: 1, epoch: 0)
+        var crcs = [UInt32](repeating: 0, count: 64)
+        let plan = try crcs.withUnsafeMutableBufferPointer {
+            try store.planRead(offset: 0, length: bs, epoch: 0, checksums: $0.baseAddress!, capacity: 64)
+        }
+        let fd = try XCTUnwrap(plan?.fd)
+        let closed = Atomic<Bool>(false)
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            try? store.close()
+            closed.store(true, ordering: .releasing)
+            done.signal()
+        }.start()
+        usleep(300_000)
+        XCTAssertFalse(closed.load(ordering: .acquiring), "the store closed its files under a planned read")
+        XCTAssertGreaterThanOrEqual(fcntl(fd, F_GETFD), 0, "the planned read's descriptor is still open")
+        store.endPlannedRead()
+        XCTAssertEqual(done.wait(timeout: .now() + 10), .success)
+        XCTAssertTrue(closed.load(ordering: .acquiring))
+    }
+
     func testOverwriteReplacesDataAndGeneration() throws {
         let store = try ReplicaStore.create(directory: dir, volumeID: volume, size: 1 << 20)
         defer { try? store.close() }

@@ -19,6 +19,26 @@ extern "C" {
 #define CFUSE_MAX_THREADS 32
 #define CFUSE_MAX_WRITE (1u << 20)
 
+/// Reads of at most this many blocks may go asynchronously (below).
+#define CFUSE_ASYNC_READ_MAX_BLOCKS 64
+/// `read_begin`'s answer when it filled the plan: the shim reads it through its io_uring.
+#define CFUSE_READ_PLANNED (-1000000)
+
+/// An asynchronous read of the volume file (docs/engine.md, "Asynchronous reads"): what
+/// `read_begin` plans — one file range read into the request's buffer — and what `read_end` is
+/// handed back. The shim owns it; the callbacks fill and read the fields.
+typedef struct cfuse_read_plan {
+    /// Filled by `read_begin`: the descriptor and byte offset the blocks are read from.
+    int fd;
+    uint64_t file_offset;
+    /// The callbacks' own: what `read_end` needs to check and finish the read.
+    uint64_t began;
+    uint64_t zero_mask;
+    void *owner;
+    /// CFUSE_ASYNC_READ_MAX_BLOCKS slots the callbacks may fill (e.g. expected checksums).
+    uint32_t *crc;
+} cfuse_read_plan;
+
 typedef struct cfuse_callbacks {
     /// Fill `buf` with `size` bytes at `offset` (the shim already clipped the range to the
     /// volume). Returns the number of bytes filled (== size) or -errno.
@@ -29,6 +49,17 @@ typedef struct cfuse_callbacks {
     int (*flush)(void *context);
     /// Discard [offset, offset+length) (reads as zeros afterwards). 0 or -errno.
     int (*trim)(void *context, uint64_t offset, uint64_t length);
+    /// Optional (NULL: every read goes through `read`). A read of whole 4 KiB blocks (at most
+    /// CFUSE_ASYNC_READ_MAX_BLOCKS) into `buf` (4 KiB-aligned): either done here — the byte
+    /// count or -errno, as `read` — or planned: `plan`'s fd and file_offset filled and
+    /// CFUSE_READ_PLANNED returned. The shim then reads `size` bytes from there into `buf` on
+    /// its io_uring, many reads in one submission, and the worker goes back to the kernel.
+    ssize_t (*read_begin)(void *context, uint64_t offset, size_t size, void *buf, cfuse_read_plan *plan);
+    /// A planned read's end, on the session's completion thread: `result` is what the kernel
+    /// read (bytes, or -errno). Returns the bytes to answer (== size) or -errno; it may check
+    /// `buf`, or read again into it.
+    ssize_t (*read_end)(void *context, uint64_t offset, size_t size, void *buf, ssize_t result,
+                        cfuse_read_plan *plan);
 } cfuse_callbacks;
 
 typedef struct cfuse_session cfuse_session;
@@ -40,6 +71,10 @@ typedef struct cfuse_session cfuse_session;
 cfuse_session *cfuse_mount(const char *mountpoint, const char *name, uint64_t size,
                            const cfuse_callbacks *callbacks, void *context,
                            char *error, size_t error_size);
+
+/// Whether the session reads asynchronously (1), or why not (0, with the reason in `reason`:
+/// no `read_begin`, io_uring refused by the kernel, turned off).
+int cfuse_async_reads(const cfuse_session *session, char *reason, size_t reason_size);
 
 /// Unmounts (lazily, so a loop device still holding the file does not block it), aborts the
 /// kernel connection if the loop does not end by itself (a mount someone detached lazily while a

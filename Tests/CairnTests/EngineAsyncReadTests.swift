@@ -1,0 +1,182 @@
+@testable import CairnCluster
+import CairnCore
+@testable import CairnEngine
+import CairnReplica
+import Foundation
+import Logging
+import Synchronization
+import XCTest
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Asynchronous reads of the local replica (docs/engine.md, "Asynchronous reads"): the FUSE
+/// shim reads what the store planned through its io_uring, and the engine checks every block
+/// against the checksum it had when the read was planned. Real replica servers: n1 in this
+/// process (`LocalReplicaIO`, the path that plans reads), n2 over the data protocol.
+extension EngineFUSETests {
+    private static let asyncVolume = "vol-async"
+    private static let asyncSize = 16 << 20
+
+    /// Two started replica servers with the volume created on both, and a started engine over
+    /// them (n1 local), the volume file opened O_DIRECT. The servers stop after the engine.
+    private func asyncEngine() throws -> (VolumeEngine, [ReplicaServer], Int32) {
+        var servers: [ReplicaServer] = []
+        for node in ["n1", "n2"] {
+            let server = try ReplicaServer(dataDir: dir + "/" + node, host: "127.0.0.1", port: 0, logger: logger)
+            try server.start()
+            servers.append(server)
+            let c = try ReplicaClient(host: "127.0.0.1", port: server.boundPort)
+            defer { c.close() }
+            try c.create(volumeID: Self.asyncVolume, sizeBytes: UInt64(Self.asyncSize))
+        }
+        let local = servers[0]
+        let engine = VolumeEngine(
+            volumeID: Self.asyncVolume, sizeBytes: UInt64(Self.asyncSize), epoch: 3,
+            replicas: servers.enumerated().map { EngineReplica(nodeID: "n\($0 + 1)", host: "127.0.0.1", port: $1.boundPort) },
+            localNodeID: "n1", mountDirectory: dir + "/mnt-async",
+            connect: { replica in
+                if replica.nodeID == "n1" { return try LocalReplicaIO(server: local, volumeID: Self.asyncVolume) }
+                return ClientReplicaIO(try ReplicaClient(host: replica.host, port: replica.port))
+            },
+            markOutOfSync: { [recorder] in try recorder.mark($0, $1) }, logger: logger)
+        engines.append(engine)
+        let fd: Int32
+        do {
+            fd = try Self.open(try engine.start())
+        } catch {
+            engine.stop()
+            servers.forEach { $0.stop() }
+            throw error
+        }
+        return (engine, servers, fd)
+    }
+
+    /// `count` bytes at `offset` where block b holds the byte (b % 251) + 1 (never zero).
+    private static func pattern(_ offset: Int, _ count: Int) -> [UInt8] {
+        (0..<count).map { UInt8(((offset + $0) / 4096) % 251 + 1) }
+    }
+
+    func testReadsOfTheLocalReplicaAreAsynchronousAndAnswerWhatWasWritten() throws {
+        let (engine, servers, fd) = try asyncEngine()
+        defer { close(fd); engine.stop(); servers.forEach { $0.stop() } }
+        XCTAssertTrue(engine.state.asyncReads, "io_uring is enabled on this kernel: reads should be asynchronous")
+
+        // 2 MiB written, 1 MiB at a time; the rest of the volume never written.
+        let written = 2 << 20
+        for offset in stride(from: 0, to: written, by: 1 << 20) {
+            let data = Self.pattern(offset, 1 << 20)
+            let n = data.withUnsafeBytes { bytes in
+                Self.withAligned(1 << 20, fill: 0) { buffer in
+                    buffer.copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+                    return pwrite(fd, buffer, 1 << 20, off_t(offset))
+                }
+            }
+            XCTAssertEqual(n, 1 << 20)
+        }
+        let before = engine.state.reads
+        // Single blocks, runs up to the asynchronous limit (256 KiB) and past it (synchronous),
+        // across the written edge, and wholly unwritten (zeros without I/O).
+        for (offset, count) in [(0, 4096), (4096 * 77, 4096), (4096 * 3, 65536), (0, 262_144), (4096 * 100, 1 << 20),
+                                (written - 8192, 16384), (written + 4096 * 9, 8192), (Self.asyncSize - 4096, 4096)] {
+            let (e, got) = Self.read(fd, offset, count)
+            XCTAssertEqual(e, 0, "read of \(count) bytes at \(offset)")
+            let expected = (0..<count).map { i -> UInt8 in offset + i < written ? Self.pattern(offset + i, 1)[0] : 0 }
+            XCTAssertTrue(got == expected, "read of \(count) bytes at \(offset) answered other data")
+        }
+        XCTAssertGreaterThanOrEqual(engine.state.reads - before, 8)
+        XCTAssertEqual(engine.state.readsRedone, 0, "nothing raced these reads")
+        XCTAssertEqual(engine.state.errors, 0)
+    }
+
+    /// The race the checksum check is for: a read planned before a write of its block, done
+    /// after it. Every read answers one whole version of the block (old or new, never a mix),
+    /// and none is taken for damage: no replica recorded out of sync, no repair.
+    func testReadsRacingWritesOfTheirBlocksAnswerWholeVersionsAndAreNotTakenForDamage() throws {
+        let (engine, servers, fd) = try asyncEngine()
+        defer { close(fd); engine.stop(); servers.forEach { $0.stop() } }
+        XCTAssertTrue(engine.state.asyncReads)
+        let blocks = 8
+        for b in 0..<blocks { XCTAssertEqual(Self.write(fd, b * 4096, 4096, 1), 0) }
+
+        let stop = Atomic<Bool>(false)
+        let torn = Atomic<Int>(0), failed = Atomic<Int>(0), readCount = Atomic<Int>(0)
+        let group = DispatchGroup()
+        for w in 0..<2 {
+            group.enter()
+            Thread {
+                var value: UInt8 = UInt8(2 + w)
+                var i = w
+                while !stop.load(ordering: .relaxed) {
+                    if Self.write(fd, (i % blocks) * 4096, 4096, value) != 0 { failed.wrappingAdd(1, ordering: .relaxed) }
+                    value = value == 250 ? 2 : value + 1
+                    i += 1
+                }
+                group.leave()
+            }.start()
+        }
+        for r in 0..<4 {
+            group.enter()
+            Thread {
+                var i = r
+                while !stop.load(ordering: .relaxed) {
+                    let (e, got) = Self.read(fd, (i % blocks) * 4096, 4096)
+                    if e != 0 || got.count != 4096 {
+                        failed.wrappingAdd(1, ordering: .relaxed)
+                    } else if got.contains(where: { $0 != got[0] }) || got[0] == 0 {
+                        torn.wrappingAdd(1, ordering: .relaxed)
+                    }
+                    readCount.wrappingAdd(1, ordering: .relaxed)
+                    i += 1
+                }
+                group.leave()
+            }.start()
+        }
+        // Until a race was seen (and redone), at most 20 s.
+        let deadline = Date().addingTimeInterval(20)
+        while engine.state.readsRedone < 3 && Date() < deadline { usleep(50_000) }
+        usleep(300_000)
+        stop.store(true, ordering: .relaxed)
+        group.wait()
+
+        XCTAssertEqual(failed.load(ordering: .relaxed), 0, "a read or write failed")
+        XCTAssertEqual(torn.load(ordering: .relaxed), 0, "a read answered a mix of two versions of a block")
+        XCTAssertGreaterThan(readCount.load(ordering: .relaxed), 100)
+        XCTAssertGreaterThan(engine.state.readsRedone, 0, "no read raced a write of its block: the test did not test the race")
+        XCTAssertEqual(engine.state.repairedBlocks, 0, "a raced read was taken for damage")
+        XCTAssertTrue(recorder.nodeIDs.isEmpty, "a replica was recorded out of sync: \(recorder.nodeIDs)")
+        XCTAssertEqual(engine.state.inSync, ["n1", "n2"])
+    }
+
+    /// Real damage on the local replica still is damage: the read that finds it is answered
+    /// from n2 and the local copy repaired.
+    func testADamagedBlockFoundByAnAsynchronousReadIsAnsweredFromAnotherReplicaAndRepaired() throws {
+        let (engine, servers, fd) = try asyncEngine()
+        defer { close(fd); engine.stop(); servers.forEach { $0.stop() } }
+        XCTAssertTrue(engine.state.asyncReads)
+        XCTAssertEqual(Self.write(fd, 4096 * 10, 4096, 0x6C), 0)
+        XCTAssertEqual(fsync(fd), 0)
+
+        // Flip bytes of block 10 in n1's data file, as the store reads it (O_DIRECT).
+        let layers = dir + "/n1/replicas/\(Self.asyncVolume)/layers"
+        let head = try XCTUnwrap(try FileManager.default.contentsOfDirectory(atPath: layers).sorted().last)
+        let data = Glibc.open("\(layers)/\(head)/data", O_RDWR | 0o40000)
+        XCTAssertGreaterThanOrEqual(data, 0)
+        Self.withAligned(4096, fill: 0) { buffer in
+            XCTAssertEqual(pread(data, buffer, 4096, 4096 * 10), 4096)
+            buffer.storeBytes(of: 0x5A5A_5A5A as UInt32, toByteOffset: 200, as: UInt32.self)
+            XCTAssertEqual(pwrite(data, buffer, 4096, 4096 * 10), 4096)
+        }
+        close(data)
+
+        let (e, got) = Self.read(fd, 4096 * 10, 4096)
+        XCTAssertEqual(e, 0)
+        XCTAssertEqual(got, [UInt8](repeating: 0x6C, count: 4096), "answered from n2")
+        XCTAssertGreaterThanOrEqual(engine.state.readsRedone, 1)
+        XCTAssertEqual(engine.state.repairedBlocks, 1, "the local copy is repaired")
+        let store = try servers[0].openStore(volumeID: Self.asyncVolume)
+        XCTAssertEqual(try store.read(offset: 4096 * 10, length: 4096, epoch: 3), [UInt8](repeating: 0x6C, count: 4096))
+        XCTAssertEqual(engine.state.inSync, ["n1", "n2"])
+    }
+}
