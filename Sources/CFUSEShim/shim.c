@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -175,13 +176,12 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
 }
 
 // Asynchronous reads (docs/engine.md, "Asynchronous reads"). A worker that takes a read of
-// whole blocks asks the engine for a plan (which file range holds them), queues it and goes
-// back to /dev/fuse; one submission then carries every read queued by then (one syscall, one
-// plug of the block layer, one doorbell), and the completion thread hands each finished read
-// back to the engine (which checks it) and answers the kernel. Submission is combined: the
-// worker that finds nobody submitting submits, and keeps submitting what others queue
-// meanwhile, so the ring's submission queue has one producer at a time without a lock held
-// across the syscall.
+// whole blocks asks the engine for a plan (which file range holds them), queues it, wakes the
+// ring's thread if it sleeps, and goes back to /dev/fuse. The ring's thread is the ring's only
+// submitter (IORING_SETUP_SINGLE_ISSUER): it submits every read queued by then in one
+// io_uring_enter (one plug of the block layer, one doorbell), and the kernel completes them in
+// that same thread, which hands each back to the engine (which checks it) and answers the
+// kernel. It sleeps in the ring itself, on a read of an eventfd the workers write to.
 #define RING_ENTRIES 256
 // Reads in flight at most (queued or submitted); more go synchronously. The kernel keeps at
 // most max_background (128) asynchronous requests outstanding, plus the workers' own.
@@ -189,6 +189,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
 // Finished reads kept for reuse (each with a buffer of CFUSE_ASYNC_READ_MAX_BLOCKS blocks).
 #define RING_KEEP 64
 #define RING_BUFFER ((size_t)CFUSE_ASYNC_READ_MAX_BLOCKS * 4096)
+// The user_data of the ring's own read of its eventfd.
+#define RING_WAKE ((void *)1)
 
 struct ring_read {
     cfuse_read_plan plan;
@@ -203,15 +205,22 @@ struct ring_read {
 struct read_ring {
     struct io_uring ring;
     struct cfuse_session *s;
+    int wake_fd;
+    uint64_t wake_value;
     pthread_mutex_t lock;
-    // Under `lock`: queued reads not yet submitted, whether a worker is submitting, kept reads,
-    // reads in flight, and whether the session is ending.
+    // Under `lock`: queued reads not yet submitted, whether the ring's thread is (about to be)
+    // asleep, kept reads, reads in flight, and whether the session is ending.
     struct ring_read *queued, *queued_tail;
-    int submitting;
+    int sleeping;
     struct ring_read *kept;
     int kept_count;
     int inflight;
-    pthread_t reaper;
+    int stopping;
+    pthread_t thread;
+    // Start-up: the thread sets up the ring (a single issuer's ring belongs to its creator) and
+    // posts `started` with `start_error` (0 or -errno).
+    sem_t started;
+    int start_error;
 };
 
 static struct ring_read *ring_take(struct read_ring *r) {
@@ -251,45 +260,20 @@ static void ring_give(struct read_ring *r, struct ring_read *rd) {
     if (rd) { free(rd->buf); free(rd); }
 }
 
-// Queues a planned read; the caller submits everything queued unless another worker is at it.
-static void ring_submit(struct read_ring *r, struct ring_read *rd) {
+static void ring_wake(struct read_ring *r) {
+    uint64_t one = 1;
+    while (write(r->wake_fd, &one, sizeof one) < 0 && errno == EINTR) {}
+}
+
+// Queues a planned read for the ring's thread.
+static void ring_queue(struct read_ring *r, struct ring_read *rd) {
     pthread_mutex_lock(&r->lock);
     if (r->queued_tail) r->queued_tail->next = rd; else r->queued = rd;
     r->queued_tail = rd;
-    if (r->submitting) { pthread_mutex_unlock(&r->lock); return; }
-    r->submitting = 1;
-    for (;;) {
-        struct ring_read *batch = r->queued;
-        r->queued = r->queued_tail = NULL;
-        if (!batch) { r->submitting = 0; break; }
-        pthread_mutex_unlock(&r->lock);
-        while (batch) {
-            struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
-            if (!sqe) {
-                // Full (never, with RING_MAX_INFLIGHT below RING_ENTRIES): submit what is there.
-                io_uring_submit(&r->ring);
-                continue;
-            }
-            struct ring_read *next = batch->next;
-            io_uring_prep_read(sqe, batch->plan.fd, batch->buf, (unsigned)batch->size, batch->plan.file_offset);
-            io_uring_sqe_set_data(sqe, batch);
-            batch = next;
-        }
-        for (;;) {
-            int n = io_uring_submit(&r->ring);
-            if (n >= 0) break;
-            // EINTR, or EAGAIN/EBUSY (the kernel short of memory, or completions not yet
-            // reaped): the reads stay in the submission queue; try again.
-            if (n != -EINTR) {
-                static int logged;
-                if (!__atomic_exchange_n(&logged, 1, __ATOMIC_RELAXED))
-                    fprintf(stderr, "cairn fuse: io_uring submission failed (%s); retrying\n", strerror(-n));
-                usleep(100);
-            }
-        }
-        pthread_mutex_lock(&r->lock);
-    }
+    int wake = r->sleeping;
+    r->sleeping = 0;
     pthread_mutex_unlock(&r->lock);
+    if (wake) ring_wake(r);
 }
 
 static void ring_finish(struct read_ring *r, struct ring_read *rd, ssize_t result) {
@@ -300,42 +284,97 @@ static void ring_finish(struct read_ring *r, struct ring_read *rd, ssize_t resul
     ring_give(r, rd);
 }
 
-// The completion thread: answers each finished read; ends at the stop marker (a NOP without
-// data, submitted once no worker is left) after every read in flight has finished.
-static void *ring_reaper(void *arg) {
+static struct io_uring_sqe *ring_sqe(struct read_ring *r) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    // Full (never, with RING_MAX_INFLIGHT below RING_ENTRIES): submit what is there first.
+    while (!sqe) { io_uring_submit(&r->ring); sqe = io_uring_get_sqe(&r->ring); }
+    return sqe;
+}
+
+static void ring_arm_wake(struct read_ring *r) {
+    struct io_uring_sqe *sqe = ring_sqe(r);
+    io_uring_prep_read(sqe, r->wake_fd, &r->wake_value, sizeof r->wake_value, 0);
+    io_uring_sqe_set_data(sqe, RING_WAKE);
+}
+
+// Takes the queued reads into the submission queue; 1 if there were any. With `sleep`, marks
+// the thread as about to sleep when there were none (a worker then wakes it).
+static int ring_take_queued(struct read_ring *r, int sleep, int *done) {
+    pthread_mutex_lock(&r->lock);
+    struct ring_read *batch = r->queued;
+    r->queued = r->queued_tail = NULL;
+    if (!batch && done) *done = r->stopping && r->inflight == 0;
+    if (!batch && sleep) r->sleeping = 1;
+    pthread_mutex_unlock(&r->lock);
+    for (struct ring_read *rd = batch; rd; rd = rd->next) {
+        struct io_uring_sqe *sqe = ring_sqe(r);
+        io_uring_prep_read(sqe, rd->plan.fd, rd->buf, (unsigned)rd->size, rd->plan.file_offset);
+        io_uring_sqe_set_data(sqe, rd);
+    }
+    return batch != NULL;
+}
+
+static void ring_submit_failed(int rc) {
+    // EAGAIN/EBUSY (short of memory, completions not yet taken): the reads stay in the
+    // submission queue for the next round.
+    static int logged;
+    if (!__atomic_exchange_n(&logged, 1, __ATOMIC_RELAXED))
+        fprintf(stderr, "cairn fuse: io_uring submission failed (%s); retrying\n", strerror(-rc));
+    usleep(100);
+}
+
+// The ring's thread: sets the ring up, then submits what the workers queue and answers what
+// completes, until the session ends and nothing is in flight. Reads queued while it answers
+// completions are submitted between two answers, not after the last: the device is kept busy
+// while the answers go out, instead of every read moving through it in one convoy.
+static void *ring_thread(void *arg) {
     struct read_ring *r = arg;
     pthread_setname_np(pthread_self(), "cairn-fuse-io");
+    // A FUSE daemon's thread under its own volume: its allocations must not wait for writeback.
     prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
-    int stopping = 0;
+    struct io_uring_params params;
+    memset(&params, 0, sizeof params);
+    params.flags = IORING_SETUP_SINGLE_ISSUER;
+    int rc = io_uring_queue_init_params(RING_ENTRIES, &r->ring, &params);
+    if (rc == -EINVAL) {
+        // A kernel before 6.0 has no single-issuer rings; this one is a single issuer anyway.
+        memset(&params, 0, sizeof params);
+        rc = io_uring_queue_init_params(RING_ENTRIES, &r->ring, &params);
+    }
+    r->start_error = rc < 0 ? rc : 0;
+    sem_post(&r->started);
+    if (rc < 0) return NULL;
+    ring_arm_wake(r);
     for (;;) {
-        struct io_uring_cqe *cqe = NULL;
-        int rc = io_uring_wait_cqe(&r->ring, &cqe);
-        if (rc == -EINTR || rc == -EAGAIN) continue;
-        if (rc < 0) {
-            fprintf(stderr, "cairn fuse: waiting for io_uring completions failed: %s\n", strerror(-rc));
-            usleep(1000);
-            continue;
-        }
+        int done = 0;
+        int some = ring_take_queued(r, 1, &done);
+        if (done) break;
+        // With reads to submit: submit them and take what has completed, without waiting.
+        // Without: wait for a completion or a worker's wake-up.
+        rc = some ? io_uring_submit(&r->ring) : io_uring_submit_and_wait(&r->ring, 1);
+        if (rc < 0 && rc != -EINTR && rc != -ETIME) ring_submit_failed(rc);
+        struct io_uring_cqe *cqe;
         unsigned head, seen = 0;
+        int rearm = 0;
         io_uring_for_each_cqe(&r->ring, head, cqe) {
-            struct ring_read *rd = io_uring_cqe_get_data(cqe);
+            void *data = io_uring_cqe_get_data(cqe);
             ssize_t res = cqe->res;
             seen++;
-            if (!rd) { stopping = 1; continue; }
-            ring_finish(r, rd, res);
+            if (data == RING_WAKE) { rearm = 1; continue; }
+            ring_finish(r, data, res);
+            if (__atomic_load_n(&r->queued, __ATOMIC_RELAXED) && ring_take_queued(r, 0, NULL)) {
+                rc = io_uring_submit(&r->ring);
+                if (rc < 0 && rc != -EINTR) ring_submit_failed(rc);
+            }
         }
         io_uring_cq_advance(&r->ring, seen);
-        if (stopping) {
-            pthread_mutex_lock(&r->lock);
-            int inflight = r->inflight;
-            pthread_mutex_unlock(&r->lock);
-            if (inflight == 0) break;
-        }
+        if (rearm) ring_arm_wake(r);
     }
+    io_uring_queue_exit(&r->ring);
     return NULL;
 }
 
-// Sets up the session's ring, or says in ring_reason why reads stay synchronous.
+// Starts the session's ring, or says in ring_reason why reads stay synchronous.
 static void ring_start(struct cfuse_session *s) {
     if (!s->callbacks.read_begin || !s->callbacks.read_end) {
         snprintf(s->ring_reason, sizeof s->ring_reason, "turned off (the engine reads synchronously)");
@@ -343,40 +382,45 @@ static void ring_start(struct cfuse_session *s) {
     }
     struct read_ring *r = calloc(1, sizeof *r);
     if (!r) { snprintf(s->ring_reason, sizeof s->ring_reason, "out of memory"); return; }
-    int rc = io_uring_queue_init(RING_ENTRIES, &r->ring, 0);
-    if (rc < 0) {
-        snprintf(s->ring_reason, sizeof s->ring_reason,
-                 "the kernel refused an io_uring (%s; kernel.io_uring_disabled, or a seccomp profile?)", strerror(-rc));
-        free(r);
-        return;
-    }
     r->s = s;
-    pthread_mutex_init(&r->lock, NULL);
-    rc = pthread_create(&r->reaper, NULL, ring_reaper, r);
-    if (rc != 0) {
-        snprintf(s->ring_reason, sizeof s->ring_reason, "cannot start the completion thread: %s", strerror(rc));
-        io_uring_queue_exit(&r->ring);
-        pthread_mutex_destroy(&r->lock);
+    r->wake_fd = eventfd(0, EFD_CLOEXEC);
+    if (r->wake_fd < 0) {
+        snprintf(s->ring_reason, sizeof s->ring_reason, "cannot create an eventfd: %s", strerror(errno));
         free(r);
         return;
     }
-    s->ring = r;
+    pthread_mutex_init(&r->lock, NULL);
+    sem_init(&r->started, 0, 0);
+    int rc = pthread_create(&r->thread, NULL, ring_thread, r);
+    if (rc == 0) {
+        while (sem_wait(&r->started) != 0 && errno == EINTR) {}
+        if (r->start_error == 0) { s->ring = r; return; }
+        pthread_join(r->thread, NULL);
+        snprintf(s->ring_reason, sizeof s->ring_reason,
+                 "the kernel refused an io_uring (%s; kernel.io_uring_disabled, or a seccomp profile?)", strerror(-r->start_error));
+    } else {
+        snprintf(s->ring_reason, sizeof s->ring_reason, "cannot start the ring's thread: %s", strerror(rc));
+    }
+    sem_destroy(&r->started);
+    pthread_mutex_destroy(&r->lock);
+    close(r->wake_fd);
+    free(r);
 }
 
-// After every worker has ended (nobody submits any more): lets every read in flight finish
-// and be answered, then frees the ring.
+// After every worker has ended (nobody queues any more): lets every read in flight finish and
+// be answered, then frees the ring.
 static void ring_stop(struct cfuse_session *s) {
     struct read_ring *r = s->ring;
     if (!r) return;
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
-    while (!sqe) { io_uring_submit(&r->ring); sqe = io_uring_get_sqe(&r->ring); }
-    io_uring_prep_nop(sqe);
-    io_uring_sqe_set_data(sqe, NULL);
-    while (io_uring_submit(&r->ring) < 0) usleep(100);
-    pthread_join(r->reaper, NULL);
+    pthread_mutex_lock(&r->lock);
+    r->stopping = 1;
+    pthread_mutex_unlock(&r->lock);
+    ring_wake(r);
+    pthread_join(r->thread, NULL);
     while (r->kept) { struct ring_read *rd = r->kept; r->kept = rd->next; free(rd->buf); free(rd); }
-    io_uring_queue_exit(&r->ring);
+    sem_destroy(&r->started);
     pthread_mutex_destroy(&r->lock);
+    close(r->wake_fd);
     free(r);
     s->ring = NULL;
 }
@@ -399,7 +443,7 @@ static int read_async(struct cfuse_session *s, fuse_req_t req, uint64_t offset, 
     rd->size = size;
     ssize_t n = s->callbacks.read_begin(s->context, offset, size, rd->buf, &rd->plan);
     if (n == CFUSE_READ_PLANNED) {
-        ring_submit(r, rd);
+        ring_queue(r, rd);
         return 1;
     }
     if (n < 0) fuse_reply_err(req, (int)-n);
