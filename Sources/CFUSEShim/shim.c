@@ -334,8 +334,13 @@ static void *ring_thread(void *arg) {
     prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
     struct io_uring_params params;
     memset(&params, 0, sizeof params);
-    params.flags = IORING_SETUP_SINGLE_ISSUER;
+    params.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
     int rc = io_uring_queue_init_params(RING_ENTRIES, &r->ring, &params);
+    if (rc == -EINVAL) {
+        memset(&params, 0, sizeof params);
+        params.flags = IORING_SETUP_SINGLE_ISSUER;
+        rc = io_uring_queue_init_params(RING_ENTRIES, &r->ring, &params);
+    }
     if (rc == -EINVAL) {
         // A kernel before 6.0 has no single-issuer rings; this one is a single issuer anyway.
         memset(&params, 0, sizeof params);
@@ -351,7 +356,7 @@ static void *ring_thread(void *arg) {
         if (done) break;
         // With reads to submit: submit them and take what has completed, without waiting.
         // Without: wait for a completion or a worker's wake-up.
-        rc = some ? io_uring_submit(&r->ring) : io_uring_submit_and_wait(&r->ring, 1);
+        rc = some ? io_uring_submit_and_get_events(&r->ring) : io_uring_submit_and_wait(&r->ring, 1);
         if (rc < 0 && rc != -EINTR && rc != -ETIME) ring_submit_failed(rc);
         struct io_uring_cqe *cqe;
         unsigned head, seen = 0;
