@@ -304,7 +304,8 @@ static int ring_take_queued(struct read_ring *r, int sleep, int *done) {
     struct ring_read *batch = r->queued;
     r->queued = r->queued_tail = NULL;
     if (!batch && done) *done = r->stopping && r->inflight == 0;
-    if (!batch && sleep) r->sleeping = 1;
+    // About to sleep only when nothing was queued; with reads to submit it is awake.
+    if (sleep) r->sleeping = !batch;
     pthread_mutex_unlock(&r->lock);
     for (struct ring_read *rd = batch; rd; rd = rd->next) {
         struct io_uring_sqe *sqe = ring_sqe(r);

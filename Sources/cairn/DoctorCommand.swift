@@ -79,9 +79,9 @@ struct DoctorCommand: AsyncParsableCommand {
         }
         let disabled = (try? ProcFile.text("/proc/sys/kernel/io_uring_disabled"))?.trimmingCharacters(in: .whitespacesAndNewlines)
         switch disabled {
-        case "0": checks.append(DoctorCheck("io_uring", .ok, "enabled (kernel.io_uring_disabled=0)"))
-        case let value?: checks.append(DoctorCheck("io_uring", .warn, "disabled for some or all processes (kernel.io_uring_disabled=\(value))",
-                                                   fix: "sysctl -w kernel.io_uring_disabled=0 if cairn's processes should use io_uring"))
+        case "0": checks.append(DoctorCheck("io_uring", .ok, "enabled (kernel.io_uring_disabled=0): engines read their local replica asynchronously"))
+        case let value?: checks.append(DoctorCheck("io_uring", .warn, "disabled for some or all processes (kernel.io_uring_disabled=\(value)): engines read their local replica synchronously, at about a third of the device's random-read rate",
+                                                   fix: "sysctl -w kernel.io_uring_disabled=0 so that cairn's engines read asynchronously (docs/engine.md, \"Asynchronous reads\")"))
         case nil: checks.append(DoctorCheck("io_uring", features.ioUring ? .ok : .warn, features.ioUring ? "present" : "no /proc/sys/kernel/io_uring_disabled: kernel without io_uring or older than 6.6"))
         }
         let module = access("/sys/module/loop", F_OK) == 0 ? "loop module loaded" : "loop module not loaded"

@@ -77,6 +77,9 @@ struct KernelFeatures {
         if servesVolumes && runsEngines && loopWriteThrough == .readOnlySys {
             logger.warning("/sys is read-only: replicated volumes' loop devices stay in write-back mode and every commit keeps a flush round trip through the loop device and FUSE (about 100 µs); run the node plugin privileged (a writable /sys), or set CAIRN_WRITE_THROUGH=off to silence this")
         }
+        if runsEngines && !ioUring {
+            logger.warning("io_uring is disabled here (kernel.io_uring_disabled): engines read their local replica synchronously, one read per FUSE worker, at about a third of the device's random-read rate; sysctl -w kernel.io_uring_disabled=0 to allow it (docs/engine.md, \"Asynchronous reads\")")
+        }
         if runsEngines && !fuse {
             logger.warning("no /dev/fuse: replicated and encrypted volumes cannot be staged on this node; load the fuse module (modprobe fuse) or, in a container, pass /dev/fuse through")
         }
