@@ -1,5 +1,6 @@
 @testable import CairnCluster
 import CairnCore
+import CairnCrypto
 @testable import CairnEngine
 import CairnReplica
 import Foundation
@@ -21,7 +22,7 @@ extension EngineFUSETests {
 
     /// Two started replica servers with the volume created on both, and a started engine over
     /// them (n1 local), the volume file opened O_DIRECT. The servers stop after the engine.
-    private func asyncEngine() throws -> (VolumeEngine, [ReplicaServer], Int32) {
+    private func asyncEngine(cipher: VolumeCipher? = nil) throws -> (VolumeEngine, [ReplicaServer], Int32) {
         var servers: [ReplicaServer] = []
         for node in ["n1", "n2"] {
             let server = try ReplicaServer(dataDir: dir + "/" + node, host: "127.0.0.1", port: 0, logger: logger)
@@ -40,7 +41,7 @@ extension EngineFUSETests {
                 if replica.nodeID == "n1" { return try LocalReplicaIO(server: local, volumeID: Self.asyncVolume) }
                 return ClientReplicaIO(try ReplicaClient(host: replica.host, port: replica.port))
             },
-            markOutOfSync: { [recorder] in try recorder.mark($0, $1) }, logger: logger)
+            markOutOfSync: { [recorder] in try recorder.mark($0, $1) }, cipher: cipher, logger: logger)
         engines.append(engine)
         let fd: Int32
         do {
@@ -88,6 +89,59 @@ extension EngineFUSETests {
         XCTAssertGreaterThanOrEqual(engine.state.reads - before, 8)
         XCTAssertEqual(engine.state.readsRedone, 0, "nothing raced these reads")
         XCTAssertEqual(engine.state.errors, 0)
+    }
+
+    /// An encrypted volume: what the ring reads is ciphertext, decrypted once checked; blocks
+    /// never written read as zeros whether the plan needed I/O or not.
+    func testAsynchronousReadsOfAnEncryptedVolumeAnswerThePlaintext() throws {
+        let cipher = try VolumeCipher(VolumeDataKey((0..<64).map { UInt8(($0 * 5 + 1) & 0xff) }))
+        let (engine, servers, fd) = try asyncEngine(cipher: cipher)
+        defer { close(fd); engine.stop(); servers.forEach { $0.stop() } }
+        XCTAssertTrue(engine.state.asyncReads)
+        XCTAssertEqual(Self.write(fd, 4096 * 20, 8192, 0x3C), 0)
+        // Written blocks, a run half written, and a run of holes only.
+        XCTAssertEqual(Self.read(fd, 4096 * 20, 8192).1, [UInt8](repeating: 0x3C, count: 8192))
+        XCTAssertEqual(Self.read(fd, 4096 * 18, 16384).1,
+                       [UInt8](repeating: 0, count: 8192) + [UInt8](repeating: 0x3C, count: 8192))
+        XCTAssertEqual(Self.read(fd, 4096 * 200, 65536).1, [UInt8](repeating: 0, count: 65536))
+        // The replica holds ciphertext, not the plaintext.
+        let store = try servers[0].openStore(volumeID: Self.asyncVolume)
+        XCTAssertNotEqual(try store.read(offset: 4096 * 20, length: 4096, epoch: 3), [UInt8](repeating: 0x3C, count: 4096))
+        XCTAssertEqual(engine.state.readsRedone, 0)
+        XCTAssertEqual(engine.state.errors, 0)
+    }
+
+    /// Stopping the engine under a stream of reads: the ring's reads in flight are answered
+    /// and its thread ends before `stop` returns; nothing waits forever.
+    func testStoppingTheEngineUnderAStreamOfReadsReturns() throws {
+        let (engine, servers, fd) = try asyncEngine()
+        defer { close(fd); servers.forEach { $0.stop() } }
+        XCTAssertTrue(engine.state.asyncReads)
+        XCTAssertEqual(Self.write(fd, 0, 1 << 20, 0x11), 0)
+        let stop = Atomic<Bool>(false)
+        let group = DispatchGroup()
+        for r in 0..<4 {
+            group.enter()
+            Thread {
+                var i = r
+                while !stop.load(ordering: .relaxed) {
+                    let (e, got) = Self.read(fd, (i % 256) * 4096, 4096)
+                    // Once the engine has stopped, reads fail (the connection is gone).
+                    if e != 0 { break }
+                    if got != [UInt8](repeating: 0x11, count: 4096) { XCTFail("read answered other data") }
+                    i += 7
+                }
+                group.leave()
+            }.start()
+        }
+        usleep(300_000)
+        XCTAssertGreaterThan(engine.state.reads, 0)
+        let stopped = DispatchSemaphore(value: 0)
+        Thread { engine.stop(); stopped.signal() }.start()
+        XCTAssertEqual(stopped.wait(timeout: .now() + 20), .success, "the engine did not stop under a stream of reads")
+        stop.store(true, ordering: .relaxed)
+        XCTAssertEqual(group.wait(timeout: .now() + 20), .success, "a reader never got its answer")
+        XCTAssertEqual(Self.threadsNamed("cairn-fuse-io"), 0, "the ring's thread outlived the engine")
     }
 
     /// The race the checksum check is for: a read planned before a write of its block, done
