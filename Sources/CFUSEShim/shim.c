@@ -217,6 +217,14 @@ struct read_ring {
     int inflight;
     int stopping;
     pthread_t thread;
+    // Reads to do again the ordinary way (`read_again`), on a thread of their own, started at
+    // the first: it may wait for the replica's locks, and a replica closing a file holds its
+    // lock until every planned read has ended — which this ring's thread does. Under `lock`.
+    struct ring_read *redo, *redo_tail;
+    pthread_cond_t redo_ready;
+    pthread_t redo_thread;
+    int redo_started;
+    int redo_stopping;
     // Start-up: the thread sets up the ring (a single issuer's ring belongs to its creator) and
     // posts `started` with `start_error` (0 or -errno).
     sem_t started;
@@ -247,9 +255,17 @@ static struct ring_read *ring_take(struct read_ring *r) {
     return rd;
 }
 
+static void ring_wake(struct read_ring *r) {
+    uint64_t one = 1;
+    while (write(r->wake_fd, &one, sizeof one) < 0 && errno == EINTR) {}
+}
+
 static void ring_give(struct read_ring *r, struct ring_read *rd) {
     pthread_mutex_lock(&r->lock);
     r->inflight--;
+    // The last read of an ending session (one redone on the redo thread): the ring's thread
+    // may be asleep waiting for it.
+    int last = r->stopping && r->inflight == 0;
     if (r->kept_count < RING_KEEP) {
         rd->next = r->kept;
         r->kept = rd;
@@ -258,11 +274,7 @@ static void ring_give(struct read_ring *r, struct ring_read *rd) {
     }
     pthread_mutex_unlock(&r->lock);
     if (rd) { free(rd->buf); free(rd); }
-}
-
-static void ring_wake(struct read_ring *r) {
-    uint64_t one = 1;
-    while (write(r->wake_fd, &one, sizeof one) < 0 && errno == EINTR) {}
+    if (last) ring_wake(r);
 }
 
 // Queues a planned read for the ring's thread.
@@ -276,9 +288,60 @@ static void ring_queue(struct read_ring *r, struct ring_read *rd) {
     if (wake) ring_wake(r);
 }
 
+static void *redo_thread(void *arg) {
+    struct read_ring *r = arg;
+    struct cfuse_session *s = r->s;
+    pthread_setname_np(pthread_self(), "cairn-fuse-redo");
+    prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
+    pthread_mutex_lock(&r->lock);
+    for (;;) {
+        while (!r->redo && !r->redo_stopping) pthread_cond_wait(&r->redo_ready, &r->lock);
+        struct ring_read *rd = r->redo;
+        if (!rd) break;
+        r->redo = rd->next;
+        if (!r->redo) r->redo_tail = NULL;
+        pthread_mutex_unlock(&r->lock);
+        ssize_t n = s->callbacks.read_again(s->context, rd->offset, rd->size, rd->buf, &rd->plan);
+        if (n < 0) fuse_reply_err(rd->req, (int)-n);
+        else fuse_reply_buf(rd->req, rd->buf, (size_t)n);
+        ring_give(r, rd);
+        pthread_mutex_lock(&r->lock);
+    }
+    pthread_mutex_unlock(&r->lock);
+    return NULL;
+}
+
+// Hands a read to the redo thread (started at the first). 0, or an errno when the thread
+// cannot be started.
+static int ring_redo(struct read_ring *r, struct ring_read *rd) {
+    int rc = 0;
+    pthread_mutex_lock(&r->lock);
+    if (!r->redo_started) {
+        rc = pthread_create(&r->redo_thread, NULL, redo_thread, r);
+        if (rc == 0) r->redo_started = 1;
+    }
+    if (rc == 0) {
+        rd->next = NULL;
+        if (r->redo_tail) r->redo_tail->next = rd; else r->redo = rd;
+        r->redo_tail = rd;
+        pthread_cond_signal(&r->redo_ready);
+    }
+    pthread_mutex_unlock(&r->lock);
+    return rc;
+}
+
 static void ring_finish(struct read_ring *r, struct ring_read *rd, ssize_t result) {
     struct cfuse_session *s = r->s;
     ssize_t n = s->callbacks.read_end(s->context, rd->offset, rd->size, rd->buf, result, &rd->plan);
+    if (n == CFUSE_READ_AGAIN) {
+        int rc = ring_redo(r, rd);
+        if (rc == 0) return;
+        // No thread for it: done here (it may wait for the replica's lock).
+        static int logged;
+        if (!__atomic_exchange_n(&logged, 1, __ATOMIC_RELAXED))
+            fprintf(stderr, "cairn fuse: cannot start the redo thread (%s); redoing reads on the ring's thread\n", strerror(rc));
+        n = s->callbacks.read_again(s->context, rd->offset, rd->size, rd->buf, &rd->plan);
+    }
     if (n < 0) fuse_reply_err(rd->req, (int)-n);
     else fuse_reply_buf(rd->req, rd->buf, (size_t)n);
     ring_give(r, rd);
@@ -382,7 +445,7 @@ static void *ring_thread(void *arg) {
 
 // Starts the session's ring, or says in ring_reason why reads stay synchronous.
 static void ring_start(struct cfuse_session *s) {
-    if (!s->callbacks.read_begin || !s->callbacks.read_end) {
+    if (!s->callbacks.read_begin || !s->callbacks.read_end || !s->callbacks.read_again) {
         snprintf(s->ring_reason, sizeof s->ring_reason, "turned off (the engine reads synchronously)");
         return;
     }
@@ -396,6 +459,7 @@ static void ring_start(struct cfuse_session *s) {
         return;
     }
     pthread_mutex_init(&r->lock, NULL);
+    pthread_cond_init(&r->redo_ready, NULL);
     sem_init(&r->started, 0, 0);
     int rc = pthread_create(&r->thread, NULL, ring_thread, r);
     if (rc == 0) {
@@ -408,6 +472,7 @@ static void ring_start(struct cfuse_session *s) {
         snprintf(s->ring_reason, sizeof s->ring_reason, "cannot start the ring's thread: %s", strerror(rc));
     }
     sem_destroy(&r->started);
+    pthread_cond_destroy(&r->redo_ready);
     pthread_mutex_destroy(&r->lock);
     close(r->wake_fd);
     free(r);
@@ -422,9 +487,17 @@ static void ring_stop(struct cfuse_session *s) {
     r->stopping = 1;
     pthread_mutex_unlock(&r->lock);
     ring_wake(r);
+    // It ends once every read is answered, those on the redo thread included.
     pthread_join(r->thread, NULL);
+    pthread_mutex_lock(&r->lock);
+    r->redo_stopping = 1;
+    pthread_cond_signal(&r->redo_ready);
+    int redo = r->redo_started;
+    pthread_mutex_unlock(&r->lock);
+    if (redo) pthread_join(r->redo_thread, NULL);
     while (r->kept) { struct ring_read *rd = r->kept; r->kept = rd->next; free(rd->buf); free(rd); }
     sem_destroy(&r->started);
+    pthread_cond_destroy(&r->redo_ready);
     pthread_mutex_destroy(&r->lock);
     close(r->wake_fd);
     free(r);

@@ -367,7 +367,8 @@ public final class VolumeEngine: Sendable {
             let retained = Unmanaged.passRetained(self)
             var callbacks = cfuse_callbacks(read: engineRead, write: engineWrite, flush: engineFlush, trim: engineTrim,
                                             read_begin: Self.asyncReads ? engineReadBegin : nil,
-                                            read_end: Self.asyncReads ? engineReadEnd : nil)
+                                            read_end: Self.asyncReads ? engineReadEnd : nil,
+                                            read_again: Self.asyncReads ? engineReadAgain : nil)
             var message = [CChar](repeating: 0, count: 512)
             // A predecessor in this data directory died with the volume staged and the keeper
             // kept its connection: serve that one (the loop device and every request in flight
@@ -736,9 +737,10 @@ public final class VolumeEngine: Sendable {
 
     /// A planned read has arrived (`result`: bytes read or -errno): every block checked against
     /// the checksum it had when the read was planned. A block that does not match was written
-    /// or trimmed since (or is damaged), so the range is read again the ordinary way, under
-    /// the replica's locks, which answers from another replica and repairs this one if the
-    /// damage is real. Runs on the shim's completion thread.
+    /// or trimmed since (or is damaged): `CFUSE_READ_AGAIN`, and the shim has `readAgain` read
+    /// the range the ordinary way on its redo thread. Runs on the shim's completion thread,
+    /// which must never wait for the replica's lock: a replica closing a data file holds it
+    /// exclusively until every planned read has ended, and this thread ends them.
     fileprivate func endRead(offset: UInt64, size: Int, into buffer: UnsafeMutableRawPointer, result: Int,
                              plan: UnsafeMutablePointer<cfuse_read_plan>) -> Int {
         let member = Unmanaged<Member>.fromOpaque(plan.pointee.owner!).takeRetainedValue()
@@ -768,14 +770,22 @@ public final class VolumeEngine: Sendable {
                 logger.warning("an asynchronous read of the local replica failed; reading it again the ordinary way", metadata: [
                     "offset": "\(offset)", "length": "\(size)", "error": "\(String(cString: strerror(Int32(-result))))"])
             }
-            let r = readPlain(offset: offset, into: UnsafeMutableRawBufferPointer(start: buffer, count: size))
-            guard r == 0 else { return failed(-r) }
-            return finishedRead(size: size, began: began)
+            return Int(CFUSE_READ_AGAIN)
         }
         if let r = decrypt(offset: offset, UnsafeMutableRawBufferPointer(start: buffer, count: size)), r != 0 {
             return failed(-r)
         }
         return finishedRead(size: size, began: began)
+    }
+
+    /// A planned read `endRead` sent back, read the ordinary way: under the replica's locks,
+    /// from another replica (and this one repaired) if the damage is real. On the shim's redo
+    /// thread.
+    fileprivate func readAgain(offset: UInt64, size: Int, into buffer: UnsafeMutableRawPointer,
+                               plan: UnsafeMutablePointer<cfuse_read_plan>) -> Int {
+        let r = readPlain(offset: offset, into: UnsafeMutableRawBufferPointer(start: buffer, count: size))
+        guard r == 0 else { return failed(-r) }
+        return finishedRead(size: size, began: plan.pointee.began)
     }
 
     private func finishedRead(size: Int, began: UInt64) -> Int {
@@ -1337,8 +1347,18 @@ private let engineReadEnd: @convention(c) (UnsafeMutableRawPointer?, UInt64, Int
                                             UnsafeMutablePointer<cfuse_read_plan>?) -> Int = {
     context, offset, size, buffer, result, plan in
     let e = engine(context)
+    let n = e.endRead(offset: offset, size: size, into: buffer!, result: result, plan: plan!)
+    // A read done again stays admitted until then.
+    if n != Int(CFUSE_READ_AGAIN) { e.release() }
+    return n
+}
+
+private let engineReadAgain: @convention(c) (UnsafeMutableRawPointer?, UInt64, Int, UnsafeMutableRawPointer?,
+                                              UnsafeMutablePointer<cfuse_read_plan>?) -> Int = {
+    context, offset, size, buffer, plan in
+    let e = engine(context)
     defer { e.release() }
-    return e.endRead(offset: offset, size: size, into: buffer!, result: result, plan: plan!)
+    return e.readAgain(offset: offset, size: size, into: buffer!, plan: plan!)
 }
 
 private let engineWrite: @convention(c) (UnsafeMutableRawPointer?, UInt64, UnsafeRawPointer?, Int) -> Int32 = {

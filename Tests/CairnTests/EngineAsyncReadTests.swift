@@ -203,6 +203,96 @@ extension EngineFUSETests {
         XCTAssertEqual(engine.state.inSync, ["n1", "n2"])
     }
 
+    /// Snapshots taken and deleted on the local replica under reads racing writes of their
+    /// blocks. A deletion's merge closes the dropped layer holding the store's lock exclusively,
+    /// after every planned read has ended; a read redone meanwhile needs that lock shared. Were
+    /// the redo done by the thread that ends the planned reads, each would wait for the other
+    /// and every I/O of the volume would stop. A watchdog ends the test process if reads or
+    /// snapshots stop moving for 30 s (a deadlock cannot be undone from inside the process).
+    func testSnapshotsDeletedUnderRacingReadsAndWritesNeverStopTheVolume() throws {
+        let (engine, servers, fd) = try asyncEngine()
+        defer { close(fd); engine.stop(); servers.forEach { $0.stop() } }
+        XCTAssertTrue(engine.state.asyncReads)
+        let store = try servers[0].openStore(volumeID: Self.asyncVolume)
+        let blocks = 16
+        for b in 0..<blocks { XCTAssertEqual(Self.write(fd, b * 4096, 4096, 1), 0) }
+
+        let stop = Atomic<Bool>(false)
+        let progress = Atomic<Int>(0), failed = Atomic<Int>(0), snapshots = Atomic<Int>(0)
+        let group = DispatchGroup()
+        for w in 0..<2 {
+            group.enter()
+            Thread {
+                var i = w, value: UInt8 = 2
+                while !stop.load(ordering: .relaxed) {
+                    if Self.write(fd, (i % blocks) * 4096, 4096, value) != 0 { failed.wrappingAdd(1, ordering: .relaxed) }
+                    value = value == 250 ? 2 : value + 1
+                    i += 3
+                    progress.wrappingAdd(1, ordering: .relaxed)
+                }
+                group.leave()
+            }.start()
+        }
+        for r in 0..<4 {
+            group.enter()
+            Thread {
+                var i = r
+                while !stop.load(ordering: .relaxed) {
+                    let (e, got) = Self.read(fd, (i % blocks) * 4096, 4096)
+                    if e != 0 || got.count != 4096 || got.contains(where: { $0 != got[0] }) {
+                        failed.wrappingAdd(1, ordering: .relaxed)
+                    }
+                    i += 1
+                    progress.wrappingAdd(1, ordering: .relaxed)
+                }
+                group.leave()
+            }.start()
+        }
+        group.enter()
+        Thread {
+            var k = 0
+            while !stop.load(ordering: .relaxed) {
+                do {
+                    _ = try store.snapshot(id: "s\(k)", epoch: 3)
+                    usleep(2_000)
+                    try store.deleteSnapshot(id: "s\(k)", epoch: 3)
+                    snapshots.wrappingAdd(1, ordering: .relaxed)
+                } catch {
+                    failed.wrappingAdd(1, ordering: .relaxed)
+                }
+                k += 1
+            }
+            group.leave()
+        }.start()
+
+        // Each of the two counters must move at least once every 30 s.
+        var last = (-1, -1), moved = (Date(), Date())
+        func watch() {
+            let now = (progress.load(ordering: .relaxed), snapshots.load(ordering: .relaxed))
+            if now.0 != last.0 { moved.0 = Date() }
+            if now.1 != last.1 { moved.1 = Date() }
+            last = now
+            if min(moved.0, moved.1).timeIntervalSinceNow < -30 {
+                fatalError("the volume's I/O or its snapshots stopped for 30 s: a deadlock between a redone read and a snapshot deletion")
+            }
+        }
+        let until = Date().addingTimeInterval(8)
+        while Date() < until {
+            usleep(200_000)
+            watch()
+        }
+        stop.store(true, ordering: .relaxed)
+        while group.wait(timeout: .now() + 1) == .timedOut {
+            // The snapshot thread has stopped on purpose by now: only the I/O must move.
+            moved.1 = Date()
+            watch()
+        }
+        XCTAssertEqual(failed.load(ordering: .relaxed), 0, "a read, write or snapshot failed (or a read was torn)")
+        XCTAssertGreaterThan(snapshots.load(ordering: .relaxed), 10)
+        XCTAssertGreaterThan(engine.state.readsRedone, 0, "no read raced a write: the test did not test the redo")
+        XCTAssertTrue(recorder.nodeIDs.isEmpty, "a replica was recorded out of sync: \(recorder.nodeIDs)")
+    }
+
     /// Real damage on the local replica still is damage: the read that finds it is answered
     /// from n2 and the local copy repaired.
     func testADamagedBlockFoundByAnAsynchronousReadIsAnsweredFromAnotherReplicaAndRepaired() throws {

@@ -23,6 +23,9 @@ extern "C" {
 #define CFUSE_ASYNC_READ_MAX_BLOCKS 64
 /// `read_begin`'s answer when it filled the plan: the shim reads it through its io_uring.
 #define CFUSE_READ_PLANNED (-1000000)
+/// `read_end`'s answer when the read must be done again the ordinary way (`read_again`, on a
+/// thread of its own: it may wait for locks the completion thread must never wait for).
+#define CFUSE_READ_AGAIN (-1000001)
 
 /// An asynchronous read of the volume file (docs/engine.md, "Asynchronous reads"): what
 /// `read_begin` plans — one file range read into the request's buffer — and what `read_end` is
@@ -56,10 +59,13 @@ typedef struct cfuse_callbacks {
     /// its io_uring, many reads in one submission, and the worker goes back to the kernel.
     ssize_t (*read_begin)(void *context, uint64_t offset, size_t size, void *buf, cfuse_read_plan *plan);
     /// A planned read's end, on the session's completion thread: `result` is what the kernel
-    /// read (bytes, or -errno). Returns the bytes to answer (== size) or -errno; it may check
-    /// `buf`, or read again into it.
+    /// read (bytes, or -errno). Returns the bytes to answer (== size), -errno, or
+    /// CFUSE_READ_AGAIN. It must not block on anything a reader may hold.
     ssize_t (*read_end)(void *context, uint64_t offset, size_t size, void *buf, ssize_t result,
                         cfuse_read_plan *plan);
+    /// A planned read `read_end` sent back (CFUSE_READ_AGAIN), done again into `buf`, on the
+    /// session's redo thread. The bytes to answer (== size) or -errno.
+    ssize_t (*read_again)(void *context, uint64_t offset, size_t size, void *buf, cfuse_read_plan *plan);
 } cfuse_callbacks;
 
 typedef struct cfuse_session cfuse_session;
