@@ -59,6 +59,55 @@ extension EngineFUSETests {
         (0..<count).map { UInt8(((offset + $0) / 4096) % 251 + 1) }
     }
 
+    /// What a racing load saw: I/O that failed, reads that answered a mix of two versions of a
+    /// block (or zeros), and I/Os done.
+    private final class RacingLoad: Sendable {
+        let stop = Atomic<Bool>(false)
+        let failed = Atomic<Int>(0), torn = Atomic<Int>(0), done = Atomic<Int>(0)
+        let group = DispatchGroup()
+
+        /// Two writers and four readers on blocks 0 ..< `blocks` of `fd`, each block always
+        /// written whole with one byte value (never zero), until `finish`.
+        init(fd: Int32, blocks: Int) {
+            for w in 0..<2 {
+                group.enter()
+                Thread { [self] in
+                    var value = UInt8(2 + w), i = w
+                    while !stop.load(ordering: .relaxed) {
+                        if EngineFUSETests.write(fd, (i % blocks) * 4096, 4096, value) != 0 { failed.wrappingAdd(1, ordering: .relaxed) }
+                        value = value == 250 ? 2 : value + 1
+                        i += 1
+                        done.wrappingAdd(1, ordering: .relaxed)
+                    }
+                    group.leave()
+                }.start()
+            }
+            for r in 0..<4 {
+                group.enter()
+                Thread { [self] in
+                    var i = r
+                    while !stop.load(ordering: .relaxed) {
+                        let (e, got) = EngineFUSETests.read(fd, (i % blocks) * 4096, 4096)
+                        if e != 0 || got.count != 4096 {
+                            failed.wrappingAdd(1, ordering: .relaxed)
+                        } else if got.contains(where: { $0 != got[0] }) || got[0] == 0 {
+                            torn.wrappingAdd(1, ordering: .relaxed)
+                        }
+                        i += 1
+                        done.wrappingAdd(1, ordering: .relaxed)
+                    }
+                    group.leave()
+                }.start()
+            }
+        }
+
+        /// Stops the load; false if its threads did not end within `seconds`.
+        func finish(within seconds: Double) -> Bool {
+            stop.store(true, ordering: .relaxed)
+            return group.wait(timeout: .now() + seconds) == .success
+        }
+    }
+
     func testReadsOfTheLocalReplicaAreAsynchronousAndAnswerWhatWasWritten() throws {
         let (engine, servers, fd) = try asyncEngine()
         defer { close(fd); engine.stop(); servers.forEach { $0.stop() } }
@@ -154,49 +203,16 @@ extension EngineFUSETests {
         let blocks = 8
         for b in 0..<blocks { XCTAssertEqual(Self.write(fd, b * 4096, 4096, 1), 0) }
 
-        let stop = Atomic<Bool>(false)
-        let torn = Atomic<Int>(0), failed = Atomic<Int>(0), readCount = Atomic<Int>(0)
-        let group = DispatchGroup()
-        for w in 0..<2 {
-            group.enter()
-            Thread {
-                var value: UInt8 = UInt8(2 + w)
-                var i = w
-                while !stop.load(ordering: .relaxed) {
-                    if Self.write(fd, (i % blocks) * 4096, 4096, value) != 0 { failed.wrappingAdd(1, ordering: .relaxed) }
-                    value = value == 250 ? 2 : value + 1
-                    i += 1
-                }
-                group.leave()
-            }.start()
-        }
-        for r in 0..<4 {
-            group.enter()
-            Thread {
-                var i = r
-                while !stop.load(ordering: .relaxed) {
-                    let (e, got) = Self.read(fd, (i % blocks) * 4096, 4096)
-                    if e != 0 || got.count != 4096 {
-                        failed.wrappingAdd(1, ordering: .relaxed)
-                    } else if got.contains(where: { $0 != got[0] }) || got[0] == 0 {
-                        torn.wrappingAdd(1, ordering: .relaxed)
-                    }
-                    readCount.wrappingAdd(1, ordering: .relaxed)
-                    i += 1
-                }
-                group.leave()
-            }.start()
-        }
+        let load = RacingLoad(fd: fd, blocks: blocks)
         // Until a race was seen (and redone), at most 20 s.
         let deadline = Date().addingTimeInterval(20)
         while engine.state.readsRedone < 3 && Date() < deadline { usleep(50_000) }
         usleep(300_000)
-        stop.store(true, ordering: .relaxed)
-        group.wait()
+        XCTAssertTrue(load.finish(within: 60), "the racing load's I/O did not end")
 
-        XCTAssertEqual(failed.load(ordering: .relaxed), 0, "a read or write failed")
-        XCTAssertEqual(torn.load(ordering: .relaxed), 0, "a read answered a mix of two versions of a block")
-        XCTAssertGreaterThan(readCount.load(ordering: .relaxed), 100)
+        XCTAssertEqual(load.failed.load(ordering: .relaxed), 0, "a read or write failed")
+        XCTAssertEqual(load.torn.load(ordering: .relaxed), 0, "a read answered a mix of two versions of a block")
+        XCTAssertGreaterThan(load.done.load(ordering: .relaxed), 100)
         XCTAssertGreaterThan(engine.state.readsRedone, 0, "no read raced a write of its block: the test did not test the race")
         XCTAssertEqual(engine.state.repairedBlocks, 0, "a raced read was taken for damage")
         XCTAssertTrue(recorder.nodeIDs.isEmpty, "a replica was recorded out of sync: \(recorder.nodeIDs)")
@@ -217,48 +233,21 @@ extension EngineFUSETests {
         let blocks = 16
         for b in 0..<blocks { XCTAssertEqual(Self.write(fd, b * 4096, 4096, 1), 0) }
 
-        let stop = Atomic<Bool>(false)
-        let progress = Atomic<Int>(0), failed = Atomic<Int>(0), snapshots = Atomic<Int>(0)
+        let load = RacingLoad(fd: fd, blocks: blocks)
+        let stopSnapshots = Atomic<Bool>(false)
+        let snapshotFailures = Atomic<Int>(0), snapshots = Atomic<Int>(0)
         let group = DispatchGroup()
-        for w in 0..<2 {
-            group.enter()
-            Thread {
-                var i = w, value: UInt8 = 2
-                while !stop.load(ordering: .relaxed) {
-                    if Self.write(fd, (i % blocks) * 4096, 4096, value) != 0 { failed.wrappingAdd(1, ordering: .relaxed) }
-                    value = value == 250 ? 2 : value + 1
-                    i += 3
-                    progress.wrappingAdd(1, ordering: .relaxed)
-                }
-                group.leave()
-            }.start()
-        }
-        for r in 0..<4 {
-            group.enter()
-            Thread {
-                var i = r
-                while !stop.load(ordering: .relaxed) {
-                    let (e, got) = Self.read(fd, (i % blocks) * 4096, 4096)
-                    if e != 0 || got.count != 4096 || got.contains(where: { $0 != got[0] }) {
-                        failed.wrappingAdd(1, ordering: .relaxed)
-                    }
-                    i += 1
-                    progress.wrappingAdd(1, ordering: .relaxed)
-                }
-                group.leave()
-            }.start()
-        }
         group.enter()
         Thread {
             var k = 0
-            while !stop.load(ordering: .relaxed) {
+            while !stopSnapshots.load(ordering: .relaxed) {
                 do {
                     _ = try store.snapshot(id: "s\(k)", epoch: 3)
                     usleep(2_000)
                     try store.deleteSnapshot(id: "s\(k)", epoch: 3)
                     snapshots.wrappingAdd(1, ordering: .relaxed)
                 } catch {
-                    failed.wrappingAdd(1, ordering: .relaxed)
+                    snapshotFailures.wrappingAdd(1, ordering: .relaxed)
                 }
                 k += 1
             }
@@ -268,7 +257,7 @@ extension EngineFUSETests {
         // Each of the two counters must move at least once every 30 s.
         var last = (-1, -1), moved = (Date(), Date())
         func watch() {
-            let now = (progress.load(ordering: .relaxed), snapshots.load(ordering: .relaxed))
+            let now = (load.done.load(ordering: .relaxed), snapshots.load(ordering: .relaxed))
             if now.0 != last.0 { moved.0 = Date() }
             if now.1 != last.1 { moved.1 = Date() }
             last = now
@@ -281,13 +270,16 @@ extension EngineFUSETests {
             usleep(200_000)
             watch()
         }
-        stop.store(true, ordering: .relaxed)
-        while group.wait(timeout: .now() + 1) == .timedOut {
-            // The snapshot thread has stopped on purpose by now: only the I/O must move.
+        stopSnapshots.store(true, ordering: .relaxed)
+        load.stop.store(true, ordering: .relaxed)
+        while group.wait(timeout: .now() + 1) == .timedOut || load.group.wait(timeout: .now() + 1) == .timedOut {
+            // The snapshots stop on purpose now: only the I/O must move.
             moved.1 = Date()
             watch()
         }
-        XCTAssertEqual(failed.load(ordering: .relaxed), 0, "a read, write or snapshot failed (or a read was torn)")
+        XCTAssertEqual(load.failed.load(ordering: .relaxed), 0, "a read or write failed")
+        XCTAssertEqual(load.torn.load(ordering: .relaxed), 0, "a read answered a mix of two versions of a block")
+        XCTAssertEqual(snapshotFailures.load(ordering: .relaxed), 0, "a snapshot or its deletion failed")
         XCTAssertGreaterThan(snapshots.load(ordering: .relaxed), 10)
         XCTAssertGreaterThan(engine.state.readsRedone, 0, "no read raced a write: the test did not test the redo")
         XCTAssertTrue(recorder.nodeIDs.isEmpty, "a replica was recorded out of sync: \(recorder.nodeIDs)")
