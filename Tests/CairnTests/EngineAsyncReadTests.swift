@@ -24,13 +24,18 @@ extension EngineFUSETests {
     /// them (n1 local), the volume file opened O_DIRECT. The servers stop after the engine.
     private func asyncEngine(cipher: VolumeCipher? = nil) throws -> (VolumeEngine, [ReplicaServer], Int32) {
         var servers: [ReplicaServer] = []
-        for node in ["n1", "n2"] {
-            let server = try ReplicaServer(dataDir: dir + "/" + node, host: "127.0.0.1", port: 0, logger: logger)
-            try server.start()
-            servers.append(server)
-            let c = try ReplicaClient(host: "127.0.0.1", port: server.boundPort)
-            defer { c.close() }
-            try c.create(volumeID: Self.asyncVolume, sizeBytes: UInt64(Self.asyncSize))
+        do {
+            for node in ["n1", "n2"] {
+                let server = try ReplicaServer(dataDir: dir + "/" + node, host: "127.0.0.1", port: 0, logger: logger)
+                try server.start()
+                servers.append(server)
+                let c = try ReplicaClient(host: "127.0.0.1", port: server.boundPort)
+                defer { c.close() }
+                try c.create(volumeID: Self.asyncVolume, sizeBytes: UInt64(Self.asyncSize))
+            }
+        } catch {
+            servers.forEach { $0.stop() }
+            throw error
         }
         let local = servers[0]
         let engine = VolumeEngine(
