@@ -396,18 +396,15 @@ static void *ring_thread(void *arg) {
     pthread_setname_np(pthread_self(), "cairn-fuse-io");
     // A FUSE daemon's thread under its own volume: its allocations must not wait for writeback.
     prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
-    struct io_uring_params params;
-    memset(&params, 0, sizeof params);
-    params.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
-    int rc = io_uring_queue_init_params(RING_ENTRIES, &r->ring, &params);
-    if (rc == -EINVAL) {
+    // What older kernels refuse (EINVAL) is dropped in turn: deferred task running (6.1),
+    // then single issuer (6.0); this thread is the only issuer either way.
+    static const unsigned setups[] = {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+                                      IORING_SETUP_SINGLE_ISSUER, 0};
+    int rc = -EINVAL;
+    for (size_t i = 0; i < sizeof setups / sizeof setups[0] && rc == -EINVAL; i++) {
+        struct io_uring_params params;
         memset(&params, 0, sizeof params);
-        params.flags = IORING_SETUP_SINGLE_ISSUER;
-        rc = io_uring_queue_init_params(RING_ENTRIES, &r->ring, &params);
-    }
-    if (rc == -EINVAL) {
-        // A kernel before 6.0 has no single-issuer rings; this one is a single issuer anyway.
-        memset(&params, 0, sizeof params);
+        params.flags = setups[i];
         rc = io_uring_queue_init_params(RING_ENTRIES, &r->ring, &params);
     }
     r->start_error = rc < 0 ? rc : 0;

@@ -34,9 +34,9 @@ final class LocalReplicaIO: ReplicaIO {
         try store(volumeID).read(offset: offset, into: buffer, epoch: epoch)
     }
 
-    func planRead(volumeID: String, offset: UInt64, length: Int, epoch: UInt64, checksums: UnsafeMutablePointer<UInt32>,
-                  capacity: Int) throws -> (fd: Int32, fileOffset: UInt64, zeros: UInt64)? {
-        try store(volumeID).planRead(offset: offset, length: length, epoch: epoch, checksums: checksums, capacity: capacity)
+    func planRead(volumeID: String, offset: UInt64, length: Int, epoch: UInt64,
+                  checksums: UnsafeMutablePointer<UInt32>) throws -> ReplicaStore.PlannedRead? {
+        try store(volumeID).planRead(offset: offset, length: length, epoch: epoch, checksums: checksums)
     }
 
     func endPlannedRead() { opened.endPlannedRead() }

@@ -60,8 +60,8 @@ public protocol ReplicaIO: AnyObject, Sendable {
     /// replica's data file, its offset, each block's checksum or a zero bit), for a replica
     /// whose files this process holds; nil (the default) when it cannot: the engine calls
     /// `read`. Each plan with a descriptor is ended by `endPlannedRead` once its read is done.
-    func planRead(volumeID: String, offset: UInt64, length: Int, epoch: UInt64, checksums: UnsafeMutablePointer<UInt32>,
-                  capacity: Int) throws -> (fd: Int32, fileOffset: UInt64, zeros: UInt64)?
+    func planRead(volumeID: String, offset: UInt64, length: Int, epoch: UInt64,
+                  checksums: UnsafeMutablePointer<UInt32>) throws -> ReplicaStore.PlannedRead?
     func endPlannedRead()
 
     // Resync, repair and scrub (docs/recovery.md).
@@ -102,7 +102,7 @@ public protocol ReplicaIO: AnyObject, Sendable {
 
 extension ReplicaIO {
     public func planRead(volumeID: String, offset: UInt64, length: Int, epoch: UInt64,
-                         checksums: UnsafeMutablePointer<UInt32>, capacity: Int) throws -> (fd: Int32, fileOffset: UInt64, zeros: UInt64)? {
+                         checksums: UnsafeMutablePointer<UInt32>) throws -> ReplicaStore.PlannedRead? {
         nil
     }
 

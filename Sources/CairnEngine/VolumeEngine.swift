@@ -696,10 +696,16 @@ public final class VolumeEngine: Sendable {
     // MARK: I/O (called on FUSE worker threads)
 
     fileprivate func read(offset: UInt64, size: Int, into buffer: UnsafeMutableRawPointer) -> Int {
-        if fenced.load(ordering: .relaxed) { return failed(EIO) }
+        guard let began = admitRead(size: size) else { return failed(EIO) }
+        return readAdmitted(offset: offset, size: size, into: buffer, began: began)
+    }
+
+    /// A read's start: nil once fenced; else its QoS admission, and its start time.
+    private func admitRead(size: Int) -> UInt64? {
+        if fenced.load(ordering: .relaxed) { return nil }
         let began = metrics.start()
         metrics.throttled(nanoseconds: limiter.admit(bytes: size))
-        return readAdmitted(offset: offset, size: size, into: buffer, began: began)
+        return began
     }
 
     /// A read of whole blocks that the shim may do asynchronously (docs/engine.md,
@@ -708,14 +714,14 @@ public final class VolumeEngine: Sendable {
     /// returned; `endRead` checks the data when it has arrived. Otherwise read here, as `read`.
     fileprivate func beginRead(offset: UInt64, size: Int, into buffer: UnsafeMutableRawPointer,
                                plan: UnsafeMutablePointer<cfuse_read_plan>) -> Int {
-        if fenced.load(ordering: .relaxed) { return failed(EIO) }
-        let began = metrics.start()
-        metrics.throttled(nanoseconds: limiter.admit(bytes: size))
+        guard let began = admitRead(size: size) else { return failed(EIO) }
         guard let member = sets.withShared({ $0.inSync.first }) else { return failed(EIO) }
-        let planned: (fd: Int32, fileOffset: UInt64, zeros: UInt64)?
+        let planned: ReplicaStore.PlannedRead?
         do {
+            // The shim sends at most CFUSE_ASYNC_READ_MAX_BLOCKS (== maxPlannedBlocks) blocks,
+            // one checksum slot each.
             planned = try member.io.planRead(volumeID: volumeID, offset: offset, length: size, epoch: epoch,
-                                             checksums: plan.pointee.crc, capacity: Int(CFUSE_ASYNC_READ_MAX_BLOCKS))
+                                             checksums: plan.pointee.crc)
         } catch {
             // The read proper says what is wrong (and records the replica if it must).
             planned = nil

@@ -468,12 +468,19 @@ public final class ReplicaStore: Sendable {
         }
     }
 
+    /// A planned read (`planRead`): the data file's descriptor (-1: no I/O needed), the byte
+    /// offset of the range in it, and a bit per block that reads as zeros.
+    public typealias PlannedRead = (fd: Int32, fileOffset: UInt64, zeros: UInt64)
+    /// The most blocks one plan covers (one bit each in `PlannedRead.zeros`).
+    public static let maxPlannedBlocks = 64
+
     /// Where a read of whole blocks lies, for a caller that reads it itself, asynchronously
     /// (the engine's io_uring reads of its local replica; docs/engine.md, "Asynchronous
     /// reads"): the data file's descriptor and byte offset of the range, and per block either
     /// the crc32c its data must have (`checksums[i]`) or bit i of `zeros` (a hole or a trim:
     /// it reads as zeros, whatever the file holds). Checked like `read` (open, epoch, range).
-    /// nil when the blocks are not in one layer's file (a snapshot's chain serves them from
+    /// `checksums` holds a slot per block. nil when the range is longer than `maxPlannedBlocks`
+    /// or the blocks are not in one layer's file (a snapshot's chain serves them from
     /// several): the caller reads them with `read`. A plan with `fd` -1 needs no I/O (every
     /// block reads as zeros).
     ///
@@ -482,11 +489,11 @@ public final class ReplicaStore: Sendable {
     /// does not match, read the range again with `read` (under the locks) before it calls
     /// anything damaged. The descriptor stays open until `endPlannedRead`, which the caller
     /// must call exactly once for each non-nil plan whose `fd` is not -1, when its read is done.
-    public func planRead(offset: UInt64, length: Int, epoch: UInt64, checksums: UnsafeMutablePointer<UInt32>,
-                         capacity: Int) throws -> (fd: Int32, fileOffset: UInt64, zeros: UInt64)? {
+    public func planRead(offset: UInt64, length: Int, epoch: UInt64,
+                         checksums: UnsafeMutablePointer<UInt32>) throws -> PlannedRead? {
         try state.withShared { s in
             let (first, count) = try Self.checkLocked(s, offset: offset, length: length, epoch: epoch)
-            guard count <= min(capacity, 64) else { return nil }
+            guard count <= Self.maxPlannedBlocks else { return nil }
             return try withUnsafeTemporaryAllocation(of: BlockMapEntry.self, capacity: count) { entries in
                 let owners = try regions.withRange(offset: offset, length: length) {
                     try Self.resolve(s, first: first, into: entries)
@@ -504,7 +511,7 @@ public final class ReplicaStore: Sendable {
                     guard let owners else { continue }
                     if one == nil { one = owners[i] } else if one != owners[i] { return nil }
                 }
-                if count == 64 ? zeros == ~0 : zeros == (1 << UInt64(count)) - 1 {
+                if count == Self.maxPlannedBlocks ? zeros == ~0 : zeros == (1 << UInt64(count)) - 1 {
                     return (fd: -1, fileOffset: 0, zeros: zeros)
                 }
                 if let one { serving = one }

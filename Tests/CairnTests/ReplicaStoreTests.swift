@@ -131,7 +131,7 @@ final class ReplicaStoreTests: XCTestCase {
         try store.trim(offset: UInt64(5 * bs), length: bs, generation: 2, epoch: 2)
         var crcs = [UInt32](repeating: 0, count: 64)
         let plan = try crcs.withUnsafeMutableBufferPointer {
-            try store.planRead(offset: UInt64(3 * bs), length: 4 * bs, epoch: 2, checksums: $0.baseAddress!, capacity: 64)
+            try store.planRead(offset: UInt64(3 * bs), length: 4 * bs, epoch: 2, checksums: $0.baseAddress!)
         }
         let p = try XCTUnwrap(plan)
         defer { store.endPlannedRead() }
@@ -146,18 +146,18 @@ final class ReplicaStoreTests: XCTestCase {
         XCTAssertEqual(Array(direct), Array(data[0..<bs]))
 
         let none = try crcs.withUnsafeMutableBufferPointer {
-            try store.planRead(offset: UInt64(100 * bs), length: 64 * bs, epoch: 2, checksums: $0.baseAddress!, capacity: 64)
+            try store.planRead(offset: UInt64(100 * bs), length: 64 * bs, epoch: 2, checksums: $0.baseAddress!)
         }
         XCTAssertEqual(none?.fd, -1, "no block written: zeros without I/O")
         XCTAssertEqual(none?.zeros, ~0)
         // Stale epochs are refused as `read` refuses them; too long a range is not planned.
         assertReplicaError(.staleEpoch(seen: 2, got: 1)) {
             try crcs.withUnsafeMutableBufferPointer {
-                try store.planRead(offset: 0, length: bs, epoch: 1, checksums: $0.baseAddress!, capacity: 64)
+                try store.planRead(offset: 0, length: bs, epoch: 1, checksums: $0.baseAddress!)
             }
         }
         XCTAssertNil(try crcs.withUnsafeMutableBufferPointer {
-            try store.planRead(offset: 0, length: 65 * bs, epoch: 2, checksums: $0.baseAddress!, capacity: 64)
+            try store.planRead(offset: 0, length: 65 * bs, epoch: 2, checksums: $0.baseAddress!)
         })
     }
 
@@ -168,7 +168,7 @@ final class ReplicaStoreTests: XCTestCase {
         try store.write(offset: 0, data: pattern(blocks: 1, seed: 3), generation: 1, epoch: 0)
         var crcs = [UInt32](repeating: 0, count: 64)
         let plan = try crcs.withUnsafeMutableBufferPointer {
-            try store.planRead(offset: 0, length: bs, epoch: 0, checksums: $0.baseAddress!, capacity: 64)
+            try store.planRead(offset: 0, length: bs, epoch: 0, checksums: $0.baseAddress!)
         }
         let fd = try XCTUnwrap(plan?.fd)
         let closed = Atomic<Bool>(false)
