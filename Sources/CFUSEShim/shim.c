@@ -216,6 +216,9 @@ struct read_ring {
     int kept_count;
     int inflight;
     int stopping;
+    // Whether a worker reads a planned read itself when it is the only one in flight (atomic;
+    // on unless the engine turns it off).
+    int inline_alone;
     pthread_t thread;
     // Reads to do again the ordinary way (`read_again`), on a thread of their own, started at
     // the first: it may wait for the replica's locks, and a replica closing a file holds its
@@ -275,6 +278,16 @@ static void ring_give(struct read_ring *r, struct ring_read *rd) {
     pthread_mutex_unlock(&r->lock);
     if (rd) { free(rd->buf); free(rd); }
     if (last) ring_wake(r);
+}
+
+// Whether the caller's read (already counted) is the only one in flight: nothing queued,
+// submitted or being redone, so the ring's thread is asleep or about to be.
+static int ring_alone(struct read_ring *r) {
+    if (!__atomic_load_n(&r->inline_alone, __ATOMIC_RELAXED)) return 0;
+    pthread_mutex_lock(&r->lock);
+    int alone = r->inflight == 1 && !r->stopping;
+    pthread_mutex_unlock(&r->lock);
+    return alone;
 }
 
 // Queues a planned read for the ring's thread.
@@ -448,6 +461,7 @@ static void ring_start(struct cfuse_session *s) {
     }
     struct read_ring *r = calloc(1, sizeof *r);
     if (!r) { snprintf(s->ring_reason, sizeof s->ring_reason, "out of memory"); return; }
+    r->inline_alone = 1;
     r->s = s;
     r->wake_fd = eventfd(0, EFD_CLOEXEC);
     if (r->wake_fd < 0) {
@@ -501,6 +515,10 @@ static void ring_stop(struct cfuse_session *s) {
     s->ring = NULL;
 }
 
+void cfuse_set_inline_reads(cfuse_session *s, int on) {
+    if (s && s->ring) __atomic_store_n(&s->ring->inline_alone, on ? 1 : 0, __ATOMIC_RELAXED);
+}
+
 int cfuse_async_reads(const cfuse_session *s, char *reason, size_t reason_size) {
     if (!s) return 0;
     if (s->ring) return 1;
@@ -519,6 +537,16 @@ static int read_async(struct cfuse_session *s, fuse_req_t req, uint64_t offset, 
     rd->size = size;
     ssize_t n = s->callbacks.read_begin(s->context, offset, size, rd->buf, &rd->plan);
     if (n == CFUSE_READ_PLANNED) {
+        if (ring_alone(r)) {
+            // The only read in flight: handing it to the ring's thread would add a wake-up
+            // (about a tenth of a read at queue depth 1) for no batch to share; read it here.
+            // It stays counted in `inflight`, so reads that come meanwhile go to the ring.
+            ssize_t got = pread(rd->plan.fd, rd->buf, rd->size, (off_t)rd->plan.file_offset);
+            if (got < 0) got = -errno;
+            rd->plan.inline_read = 1;
+            ring_finish(r, rd, got);
+            return 1;
+        }
         ring_queue(r, rd);
         return 1;
     }

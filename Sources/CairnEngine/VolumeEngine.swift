@@ -63,6 +63,9 @@ public struct EngineState: Sendable, Equatable {
     /// (a write or trim of the block raced them, or damage) and were read again.
     public var asyncReads: Bool = false
     public var readsRedone: UInt64 = 0
+    /// Planned reads a FUSE worker read itself, being the only read in flight (queue depth 1:
+    /// no batch to share, so no hand-off to the ring's thread).
+    public var readsInline: UInt64 = 0
 }
 
 /// One replica as the engine holds it.
@@ -245,15 +248,24 @@ public final class VolumeEngine: Sendable {
     private let reads = Atomic<UInt64>(0)
     /// Asynchronous reads whose data did not match the block map when they arrived, read again.
     private let readsRedone = Atomic<UInt64>(0)
+    private let readsInline = Atomic<UInt64>(0)
     /// Whether the running session reads asynchronously.
     private let asyncReadsOn = Atomic<Bool>(false)
 
     /// Asynchronous reads unless `CAIRN_ASYNC_READS` is `off` (or `0`/`false`): the way back to
     /// one synchronous read per FUSE worker, for comparing the two or working around a kernel.
-    static let asyncReads: Bool = {
-        guard let value = getenv("CAIRN_ASYNC_READS").map({ String(cString: $0).lowercased() }) else { return true }
+    static let asyncReads = switchedOn("CAIRN_ASYNC_READS")
+    /// A switch in the environment: on unless set to `off`, `0`, `false` or `no`.
+    private static func switchedOn(_ name: String) -> Bool {
+        guard let value = getenv(name).map({ String(cString: $0).lowercased() }) else { return true }
         return !["off", "0", "false", "no"].contains(value)
-    }()
+    }
+    /// Whether a FUSE worker reads a planned read itself when it is the only read in flight
+    /// (queue depth 1: a hand-off to the ring's thread would only add a wake-up). On unless
+    /// `CAIRN_INLINE_READS` is `off` (or `0`/`false`); tests turn it off per engine, before its
+    /// start, to exercise the ring with one read at a time.
+    static let inlineReadsDefault = switchedOn("CAIRN_INLINE_READS")
+    let inlineReads = Atomic<Bool>(VolumeEngine.inlineReadsDefault)
     /// The first engine to find io_uring refused says so at warning level; later ones at debug.
     private static let toldAsyncReadsMissing = Atomic<Bool>(false)
     private let writes = Atomic<UInt64>(0)
@@ -413,6 +425,7 @@ public final class VolumeEngine: Sendable {
             var why = [CChar](repeating: 0, count: 256)
             let async = cfuse_async_reads(session, &why, why.count) == 1
             asyncReadsOn.store(async, ordering: .relaxed)
+            cfuse_set_inline_reads(session, inlineReads.load(ordering: .relaxed) ? 1 : 0)
             if !async && Self.asyncReads {
                 let reason = String(decoding: why.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
                 let first = !Self.toldAsyncReadsMissing.exchange(true, ordering: .relaxed)
@@ -451,7 +464,7 @@ public final class VolumeEngine: Sendable {
                 "fuse.connection": "\(cfuse_connection_id(session))",
                 "fuse.resumed": "\(resumedFrom != nil)",
                 "write_through": "\(writeThrough.allDurable.load(ordering: .relaxed))",
-                "reads.async": "\(async)"])
+                "reads.async": "\(async)", "reads.inline_when_alone": "\(async && inlineReads.load(ordering: .relaxed))"])
             return path
         }
     }
@@ -593,7 +606,8 @@ public final class VolumeEngine: Sendable {
             flushesWithoutSync: flushesWithoutSync.load(ordering: .relaxed),
             writeThrough: writeThrough.allDurable.load(ordering: .relaxed),
             writeThroughOwnFlushes: writeThrough.ownFlushes.load(ordering: .relaxed),
-            asyncReads: asyncReadsOn.load(ordering: .relaxed), readsRedone: readsRedone.load(ordering: .relaxed))
+            asyncReads: asyncReadsOn.load(ordering: .relaxed), readsRedone: readsRedone.load(ordering: .relaxed),
+            readsInline: readsInline.load(ordering: .relaxed))
     }
 
     private struct ClaimFailure { var replica: EngineReplica; var reason: String }
@@ -751,6 +765,7 @@ public final class VolumeEngine: Sendable {
                              plan: UnsafeMutablePointer<cfuse_read_plan>) -> Int {
         let member = Unmanaged<Member>.fromOpaque(plan.pointee.owner!).takeRetainedValue()
         member.io.endPlannedRead()
+        if plan.pointee.inline_read != 0 { readsInline.wrappingAdd(1, ordering: .relaxed) }
         let began = plan.pointee.began
         var good = result >= 0
         if good && result < size {

@@ -22,7 +22,9 @@ extension EngineFUSETests {
 
     /// Two started replica servers with the volume created on both, and a started engine over
     /// them (n1 local), the volume file opened O_DIRECT. The servers stop after the engine.
-    private func asyncEngine(cipher: VolumeCipher? = nil) throws -> (VolumeEngine, [ReplicaServer], Int32) {
+    /// `inline`: whether a worker reads a lone read itself (the default) or hands every planned
+    /// read to the ring (so one read at a time still goes through it).
+    private func asyncEngine(cipher: VolumeCipher? = nil, inline: Bool = true) throws -> (VolumeEngine, [ReplicaServer], Int32) {
         var servers: [ReplicaServer] = []
         do {
             for node in ["n1", "n2"] {
@@ -47,6 +49,7 @@ extension EngineFUSETests {
                 return ClientReplicaIO(try ReplicaClient(host: replica.host, port: replica.port))
             },
             markOutOfSync: { [recorder] in try recorder.mark($0, $1) }, cipher: cipher, logger: logger)
+        engine.inlineReads.store(inline, ordering: .relaxed)
         engines.append(engine)
         let fd: Int32
         do {
@@ -114,7 +117,21 @@ extension EngineFUSETests {
     }
 
     func testReadsOfTheLocalReplicaAreAsynchronousAndAnswerWhatWasWritten() throws {
-        let (engine, servers, fd) = try asyncEngine()
+        let engine = try readsAnswerWhatWasWritten(inline: false)
+        XCTAssertEqual(engine.state.readsInline, 0, "every planned read went through the ring")
+    }
+
+    /// One read at a time: each is the only read in flight, so its worker reads it itself (no
+    /// hand-off to the ring's thread), checked the same way.
+    func testALoneReadIsReadByItsWorkerAndAnswersWhatWasWritten() throws {
+        let engine = try readsAnswerWhatWasWritten(inline: true)
+        // At least the three single-block reads and the 64 KiB one (a larger read may reach
+        // the engine as requests in parallel, which go to the ring).
+        XCTAssertGreaterThanOrEqual(engine.state.readsInline, 4)
+    }
+
+    private func readsAnswerWhatWasWritten(inline: Bool) throws -> VolumeEngine {
+        let (engine, servers, fd) = try asyncEngine(inline: inline)
         defer { close(fd); engine.stop(); servers.forEach { $0.stop() } }
         XCTAssertTrue(engine.state.asyncReads, "io_uring is enabled on this kernel: reads should be asynchronous")
 
@@ -143,13 +160,22 @@ extension EngineFUSETests {
         XCTAssertGreaterThanOrEqual(engine.state.reads - before, 8)
         XCTAssertEqual(engine.state.readsRedone, 0, "nothing raced these reads")
         XCTAssertEqual(engine.state.errors, 0)
+        return engine
     }
 
     /// An encrypted volume: what the ring reads is ciphertext, decrypted once checked; blocks
     /// never written read as zeros whether the plan needed I/O or not.
     func testAsynchronousReadsOfAnEncryptedVolumeAnswerThePlaintext() throws {
+        try encryptedReadsAnswerThePlaintext(inline: false)
+    }
+
+    func testLoneReadsOfAnEncryptedVolumeAnswerThePlaintext() throws {
+        try encryptedReadsAnswerThePlaintext(inline: true)
+    }
+
+    private func encryptedReadsAnswerThePlaintext(inline: Bool) throws {
         let cipher = try VolumeCipher(VolumeDataKey((0..<64).map { UInt8(($0 * 5 + 1) & 0xff) }))
-        let (engine, servers, fd) = try asyncEngine(cipher: cipher)
+        let (engine, servers, fd) = try asyncEngine(cipher: cipher, inline: inline)
         defer { close(fd); engine.stop(); servers.forEach { $0.stop() } }
         XCTAssertTrue(engine.state.asyncReads)
         XCTAssertEqual(Self.write(fd, 4096 * 20, 8192, 0x3C), 0)
@@ -293,7 +319,16 @@ extension EngineFUSETests {
     /// Real damage on the local replica still is damage: the read that finds it is answered
     /// from n2 and the local copy repaired.
     func testADamagedBlockFoundByAnAsynchronousReadIsAnsweredFromAnotherReplicaAndRepaired() throws {
-        let (engine, servers, fd) = try asyncEngine()
+        try damagedBlockIsAnsweredFromAnotherReplicaAndRepaired(inline: false)
+    }
+
+    /// The same damage found by a lone read its worker read itself.
+    func testADamagedBlockFoundByALoneReadIsAnsweredFromAnotherReplicaAndRepaired() throws {
+        try damagedBlockIsAnsweredFromAnotherReplicaAndRepaired(inline: true)
+    }
+
+    private func damagedBlockIsAnsweredFromAnotherReplicaAndRepaired(inline: Bool) throws {
+        let (engine, servers, fd) = try asyncEngine(inline: inline)
         defer { close(fd); engine.stop(); servers.forEach { $0.stop() } }
         XCTAssertTrue(engine.state.asyncReads)
         XCTAssertEqual(Self.write(fd, 4096 * 10, 4096, 0x6C), 0)
@@ -315,6 +350,7 @@ extension EngineFUSETests {
         XCTAssertEqual(e, 0)
         XCTAssertEqual(got, [UInt8](repeating: 0x6C, count: 4096), "answered from n2")
         XCTAssertGreaterThanOrEqual(engine.state.readsRedone, 1)
+        if inline { XCTAssertGreaterThanOrEqual(engine.state.readsInline, 1, "the damaged read was read by its worker") }
         XCTAssertEqual(engine.state.repairedBlocks, 1, "the local copy is repaired")
         let store = try servers[0].openStore(volumeID: Self.asyncVolume)
         XCTAssertEqual(try store.read(offset: 4096 * 10, length: 4096, epoch: 3), [UInt8](repeating: 0x6C, count: 4096))

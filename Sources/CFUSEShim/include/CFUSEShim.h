@@ -40,6 +40,9 @@ typedef struct cfuse_read_plan {
     void *owner;
     /// CFUSE_ASYNC_READ_MAX_BLOCKS slots the callbacks may fill (e.g. expected checksums).
     uint32_t *crc;
+    /// Set by the shim before `read_end`: 1 when the FUSE worker read the blocks itself (the
+    /// only read in flight: no batch to share), 0 when the ring did.
+    int inline_read;
 } cfuse_read_plan;
 
 typedef struct cfuse_callbacks {
@@ -58,8 +61,9 @@ typedef struct cfuse_callbacks {
     /// CFUSE_READ_PLANNED returned. The shim then reads `size` bytes from there into `buf` on
     /// its io_uring, many reads in one submission, and the worker goes back to the kernel.
     ssize_t (*read_begin)(void *context, uint64_t offset, size_t size, void *buf, cfuse_read_plan *plan);
-    /// A planned read's end, on the session's completion thread: `result` is what the kernel
-    /// read (bytes, or -errno). Returns the bytes to answer (== size), -errno, or
+    /// A planned read's end, on the session's completion thread (or on the worker that read
+    /// it, when it was the only read in flight): `result` is what the kernel read (bytes, or
+    /// -errno). Returns the bytes to answer (== size), -errno, or
     /// CFUSE_READ_AGAIN. It must not block on anything a reader may hold.
     ssize_t (*read_end)(void *context, uint64_t offset, size_t size, void *buf, ssize_t result,
                         cfuse_read_plan *plan);
@@ -81,6 +85,10 @@ cfuse_session *cfuse_mount(const char *mountpoint, const char *name, uint64_t si
 /// Whether the session reads asynchronously (1), or why not (0, with the reason in `reason`:
 /// no `read_begin`, io_uring refused by the kernel, turned off).
 int cfuse_async_reads(const cfuse_session *session, char *reason, size_t reason_size);
+
+/// Whether a FUSE worker reads a planned read itself when it is the only read in flight (1, the
+/// default: no hand-off to the ring's thread at queue depth 1) or always hands it to the ring (0).
+void cfuse_set_inline_reads(cfuse_session *session, int on);
 
 /// Unmounts (lazily, so a loop device still holding the file does not block it), aborts the
 /// kernel connection if the loop does not end by itself (a mount someone detached lazily while a
