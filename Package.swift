@@ -6,7 +6,9 @@ let swiftSettings: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
 ]
 
-// The commit the binary is built from, reported as part of the plugin's vendor_version.
+// The commit the binary is built from, reported as part of the plugin's vendor_version. SwiftPM
+// caches an evaluated manifest across commits, so the project's build commands (scripts/run,
+// scripts/test, bench/run) pass --manifest-cache none: otherwise the stamp names an older commit.
 let buildCommit: String = {
     guard let git = Context.gitInformation else { return "unknown" }
     return String(git.currentCommit.prefix(7)) + (git.hasUncommittedChanges ? "-dirty" : "")
