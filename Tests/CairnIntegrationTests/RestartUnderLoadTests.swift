@@ -247,8 +247,9 @@ extension ReplicatedFailoverTests {
     }
 }
 
-/// fio with crc32c verification (a write job that verifies every block it wrote, as it goes and
-/// at the end), JSON output; direct, synchronous 4 KiB random writes.
+/// fio with JSON output, direct I/O: by default the restart tests' writer (synchronous 4 KiB
+/// random writes with crc32c verification of every block written, as it goes and at the end),
+/// or any job given by its arguments.
 struct Fio {
     let process: Process
     let output: URL
