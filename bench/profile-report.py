@@ -54,8 +54,14 @@ def main():
         ops = side["total_ios"]
         runtime = side["runtime"] / 1000.0 or a.seconds
         unit = "I/O"
+        # fio's completion latency of the counted side (the write of a write+fdatasync pair).
+        pct = side.get("clat_ns", {}).get("percentile", {})
+        latency = (f"fio completion latency p50 {pct.get('50.000000', 0) / 1000:,.0f} µs, "
+                   f"p99 {pct.get('99.000000', 0) / 1000:,.0f} µs, queue depth {fio.get('job options', {}).get('iodepth', '?')}\n"
+                   if pct else "")
     else:
         ops, runtime, unit = a.transactions or 0, a.seconds, "transaction"
+        latency = ""
     node_of = {}
     for pair in a.pids.split():
         node, tids = pair.split("=")
@@ -108,6 +114,8 @@ def main():
     busy = sum(v for k, v in by_proc.items() if k != "idle" and not k.startswith("other"))
     print(f"# CPU per {unit}: {a.job}, {a.replicas} replica(s), {ops:,} {unit}s in {runtime:.1f} s "
           f"({ops / runtime:,.0f}/s; counted per {unit}), {a.cpus} CPUs sampled (perf cpu-clock)\n")
+    if latency:
+        print(latency)
     others = sum(v for k, v in by_proc.items() if k.startswith("other"))
     print(f"CPU per I/O in Cairn, fio and the kernel threads serving them: **{busy:,.1f} µs** "
           f"(idle {by_proc.get('idle', 0):,.1f} µs; other processes on the machine {others:,.1f} µs, not counted)\n")
