@@ -234,12 +234,16 @@ struct read_ring {
     int start_error;
 };
 
-static struct ring_read *ring_take(struct read_ring *r) {
+// A read slot, counted in `inflight` until ring_give. `alone`: it is the only read in flight
+// (nothing queued, submitted or being redone, so the ring's thread is asleep or about to be)
+// and the engine lets a worker read such a read itself.
+static struct ring_read *ring_take(struct read_ring *r, int *alone) {
     pthread_mutex_lock(&r->lock);
     if (r->inflight >= RING_MAX_INFLIGHT) { pthread_mutex_unlock(&r->lock); return NULL; }
     struct ring_read *rd = r->kept;
     if (rd) { r->kept = rd->next; r->kept_count--; }
     r->inflight++;
+    *alone = r->inflight == 1 && !r->stopping && __atomic_load_n(&r->inline_alone, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&r->lock);
     if (!rd) {
         rd = calloc(1, sizeof *rd);
@@ -278,16 +282,6 @@ static void ring_give(struct read_ring *r, struct ring_read *rd) {
     pthread_mutex_unlock(&r->lock);
     if (rd) { free(rd->buf); free(rd); }
     if (last) ring_wake(r);
-}
-
-// Whether the caller's read (already counted) is the only one in flight: nothing queued,
-// submitted or being redone, so the ring's thread is asleep or about to be.
-static int ring_alone(struct read_ring *r) {
-    if (!__atomic_load_n(&r->inline_alone, __ATOMIC_RELAXED)) return 0;
-    pthread_mutex_lock(&r->lock);
-    int alone = r->inflight == 1 && !r->stopping;
-    pthread_mutex_unlock(&r->lock);
-    return alone;
 }
 
 // Queues a planned read for the ring's thread.
@@ -530,17 +524,19 @@ int cfuse_async_reads(const cfuse_session *s, char *reason, size_t reason_size) 
 static int read_async(struct cfuse_session *s, fuse_req_t req, uint64_t offset, size_t size) {
     struct read_ring *r = s->ring;
     if (!r || offset % 4096 != 0 || size % 4096 != 0 || size > RING_BUFFER) return 0;
-    struct ring_read *rd = ring_take(r);
+    int alone = 0;
+    struct ring_read *rd = ring_take(r, &alone);
     if (!rd) return 0;
     rd->req = req;
     rd->offset = offset;
     rd->size = size;
     ssize_t n = s->callbacks.read_begin(s->context, offset, size, rd->buf, &rd->plan);
     if (n == CFUSE_READ_PLANNED) {
-        if (ring_alone(r)) {
-            // The only read in flight: handing it to the ring's thread would add a wake-up
-            // (about a tenth of a read at queue depth 1) for no batch to share; read it here.
-            // It stays counted in `inflight`, so reads that come meanwhile go to the ring.
+        if (alone) {
+            // The only read in flight when it took its slot: handing it to the ring's thread
+            // would add a wake-up (about a tenth of a read at queue depth 1) for no batch to
+            // share; read it here. It stays counted in `inflight`, so reads that come meanwhile
+            // go to the ring.
             ssize_t got = pread(rd->plan.fd, rd->buf, rd->size, (off_t)rd->plan.file_offset);
             if (got < 0) got = -errno;
             rd->plan.inline_read = 1;
