@@ -572,7 +572,8 @@ def markdown(data, out):
         lines += ["| phase | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         phase_titles = {"one-idle": "one machine, volume staged, idle", "bed-idle": "test bed, idle (no volume)",
                         "bed-staged-idle": "test bed, 3-replica volume staged on n1, idle",
-                        "bed-fio-r3": "test bed, under the 3-replica fio jobs (1 s samples)"}
+                        "bed-fio-r3": "test bed, under the 3-replica fio jobs (1 s samples)",
+                        "bed-after-idle": "test bed, the same volume idle again after fio and pgbench, past the idle trim"}
         for phase, values in phases.items():
             lines.append(f"| {phase_titles.get(phase, phase)} | " + " | ".join(fmt(values.get(n), 1) if n in values else "–" for n in names) + " |")
         lines.append("")

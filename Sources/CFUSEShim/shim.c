@@ -20,7 +20,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -34,6 +36,34 @@
 #define ATTR_TIMEOUT 3600.0
 
 struct read_ring;
+struct cfuse_session;
+struct worker_pool;
+
+// One FUSE worker: its thread and its buffers — one anonymous mapping holding the request
+// buffer (WORKER_BUFFER) and then the read buffer (CFUSE_MAX_WRITE) — set by the worker as it
+// starts and unchanged until it ends.
+struct worker_slot {
+    struct worker_pool *pool;
+    pthread_t thread;
+    char *area;
+};
+
+struct worker_pool {
+    struct cfuse_session *s;
+    pthread_mutex_t lock;
+    // Under `lock`: the workers started, and whether the loop is ending (no more start then).
+    struct worker_slot slots[CFUSE_MAX_THREADS];
+    int started;
+    int ending;
+    // Workers waiting for a request now (atomic).
+    int idle;
+    // Posted by each worker as it ends: the first one ends the loop (below).
+    sem_t finished;
+    // Requests received (atomic): the idle trim's measure of activity.
+    uint64_t received;
+    // Moved by each idle trim (atomic): a worker that sees it move drops its buffers.
+    unsigned trim_gen;
+};
 
 struct cfuse_session {
     struct fuse_session *se;
@@ -49,40 +79,17 @@ struct cfuse_session {
     unsigned proto_minor;
     int resumed;
     char *mountpoint;
+    struct worker_pool pool;
+    // Idle trim (atomics): the idle time that triggers one (ms, 0: never), trims so far and
+    // the bytes they gave back.
+    unsigned idle_trim_ms;
+    uint64_t trims;
+    uint64_t released;
 };
 
-// One read buffer per worker thread, grown as needed and freed when the thread exits: no
-// allocation per read.
-static pthread_key_t read_buffer_key;
-static pthread_once_t read_buffer_once = PTHREAD_ONCE_INIT;
-
-struct read_buffer { size_t capacity; void *data; };
-
-static void read_buffer_free(void *p) {
-    struct read_buffer *b = p;
-    if (b) { free(b->data); free(b); }
-}
-
-static void read_buffer_init(void) { pthread_key_create(&read_buffer_key, read_buffer_free); }
-
-static void *read_buffer(size_t size) {
-    pthread_once(&read_buffer_once, read_buffer_init);
-    struct read_buffer *b = pthread_getspecific(read_buffer_key);
-    if (!b) {
-        b = calloc(1, sizeof *b);
-        if (!b) return NULL;
-        pthread_setspecific(read_buffer_key, b);
-    }
-    if (b->capacity < size) {
-        size_t capacity = size < CFUSE_MAX_WRITE ? CFUSE_MAX_WRITE : size;
-        void *data = NULL;
-        if (posix_memalign(&data, 4096, capacity) != 0) return NULL;
-        free(b->data);
-        b->data = data;
-        b->capacity = capacity;
-    }
-    return b->data;
-}
+// A worker's read buffer (in its slot's mapping, CFUSE_MAX_WRITE bytes: no FUSE read is
+// larger); NULL on any other thread.
+static __thread char *worker_read_buffer;
 
 static void fill_attr(const struct cfuse_session *s, fuse_ino_t ino, struct stat *st) {
     memset(st, 0, sizeof *st);
@@ -561,11 +568,15 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     if (offset >= s->size || size == 0) { fuse_reply_buf(req, NULL, 0); return; }
     if (size > s->size - offset) size = (size_t)(s->size - offset);
     if (read_async(s, req, offset, size)) return;
-    void *buf = read_buffer(size);
-    if (!buf) { fuse_reply_err(req, ENOMEM); return; }
+    void *buf = worker_read_buffer, *own = NULL;
+    if (!buf || size > CFUSE_MAX_WRITE) {
+        if (posix_memalign(&own, 4096, size) != 0) { fuse_reply_err(req, ENOMEM); return; }
+        buf = own;
+    }
     ssize_t n = s->callbacks.read(s->context, offset, size, buf);
-    if (n < 0) { fuse_reply_err(req, (int)-n); return; }
-    fuse_reply_buf(req, buf, (size_t)n);
+    if (n < 0) fuse_reply_err(req, (int)-n);
+    else fuse_reply_buf(req, buf, (size_t)n);
+    free(own);
 }
 
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off, struct fuse_file_info *fi) {
@@ -695,20 +706,108 @@ static const struct fuse_lowlevel_ops ops = {
 // Once started a worker stays (an idle volume keeps the few it ever needed: a node with many
 // staged volumes does not hold 32 threads for each).
 #define WORKER_BUFFER ((size_t)(2u << 20) + 8192)
+#define WORKER_AREA (WORKER_BUFFER + CFUSE_MAX_WRITE)
 #define WRITE_HEADER (sizeof(struct fuse_in_header) + sizeof(struct fuse_write_in))
 
-struct worker_pool {
-    struct cfuse_session *s;
-    pthread_mutex_t lock;
-    // Under `lock`: the threads started, and whether the loop is ending (no more start then).
-    pthread_t threads[CFUSE_MAX_THREADS];
-    int started;
-    int ending;
-    // Workers waiting for a request now (atomic).
-    int idle;
-    // Posted by each worker as it ends: the first one ends the loop (below).
-    sem_t finished;
-};
+// Idle trim (docs/engine.md, "Idle volumes give their buffers back"). A volume that served
+// large requests keeps every worker's buffers resident as far as they were touched — tens of
+// MiB per volume, for as long as it stays staged. Once no request has come for the idle time,
+// the loop thread drops the ring's kept buffers and wakes every worker with a signal; a worker
+// drops its own buffers (MADV_DONTNEED) before it reads the next request. The signal is
+// unblocked only while a worker waits in /dev/fuse, where it ends the read with EINTR and
+// nothing else: a worker running a request (its system calls, the engine's) never sees it, and
+// one that gets it late drops its buffers between two requests all the same.
+static int trim_signal;
+static char trim_signal_reason[128];
+static pthread_once_t trim_signal_once = PTHREAD_ONCE_INIT;
+
+static void trim_signal_handler(int sig) { (void)sig; }
+
+static void trim_signal_init(void) {
+    for (int sig = SIGRTMIN + 6; sig <= SIGRTMAX - 2; sig++) {
+        struct sigaction old;
+        if (sigaction(sig, NULL, &old) != 0) continue;
+        if ((old.sa_flags & SA_SIGINFO) || old.sa_handler != SIG_DFL) continue;
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = trim_signal_handler;
+        sigemptyset(&sa.sa_mask);
+        sa.sa_flags = 0; // no SA_RESTART: the worker's read of /dev/fuse must end with EINTR
+        if (sigaction(sig, &sa, NULL) == 0) { trim_signal = sig; return; }
+    }
+    snprintf(trim_signal_reason, sizeof trim_signal_reason,
+             "every real-time signal from SIGRTMIN+6 has a handler already");
+}
+
+int cfuse_idle_trim_signal(char *reason, size_t reason_size) {
+    pthread_once(&trim_signal_once, trim_signal_init);
+    if (!trim_signal && reason && reason_size) snprintf(reason, reason_size, "%s", trim_signal_reason);
+    return trim_signal;
+}
+
+// Resident bytes of [p, p+size) (page-aligned), by mincore.
+static uint64_t resident_bytes(const void *p, size_t size) {
+    size_t pages = size / 4096;
+    unsigned char vec[1024];
+    uint64_t total = 0;
+    for (size_t done = 0; done < pages; ) {
+        size_t n = pages - done < sizeof vec ? pages - done : sizeof vec;
+        if (mincore((char *)p + done * 4096, n * 4096, vec) != 0) return total;
+        for (size_t i = 0; i < n; i++) if (vec[i] & 1) total += 4096;
+        done += n;
+    }
+    return total;
+}
+
+static void note_released(struct cfuse_session *s, uint64_t bytes) {
+    if (bytes == 0) return;
+    __atomic_add_fetch(&s->released, bytes, __ATOMIC_RELAXED);
+    if (s->callbacks.buffers_released) s->callbacks.buffers_released(s->context, bytes);
+}
+
+// On the worker's own thread, between two requests: nothing in its buffers is in use.
+static void worker_trim(struct worker_slot *slot) {
+    uint64_t resident = resident_bytes(slot->area, WORKER_AREA);
+    if (resident == 0) return;
+    if (madvise(slot->area, WORKER_AREA, MADV_DONTNEED) != 0) return;
+    note_released(slot->pool->s, resident);
+}
+
+// The ring's kept buffers (none of them in use: a read takes one under the lock).
+static uint64_t ring_trim(struct read_ring *r) {
+    if (!r) return 0;
+    uint64_t released = 0;
+    pthread_mutex_lock(&r->lock);
+    for (struct ring_read *rd = r->kept; rd; rd = rd->next) {
+        uint64_t resident = resident_bytes(rd->buf, RING_BUFFER);
+        if (resident && madvise(rd->buf, RING_BUFFER, MADV_DONTNEED) == 0) released += resident;
+    }
+    pthread_mutex_unlock(&r->lock);
+    return released;
+}
+
+void cfuse_set_idle_trim(cfuse_session *s, unsigned milliseconds) {
+    if (s) __atomic_store_n(&s->idle_trim_ms, milliseconds, __ATOMIC_RELAXED);
+}
+
+void cfuse_buffer_stats(cfuse_session *s, uint64_t *trims, uint64_t *released, uint64_t *resident) {
+    if (!s) return;
+    if (trims) *trims = __atomic_load_n(&s->trims, __ATOMIC_RELAXED);
+    if (released) *released = __atomic_load_n(&s->released, __ATOMIC_RELAXED);
+    if (!resident) return;
+    uint64_t total = 0;
+    pthread_mutex_lock(&s->pool.lock);
+    for (int i = 0; i < s->pool.started; i++)
+        if (s->pool.slots[i].area) total += resident_bytes(s->pool.slots[i].area, WORKER_AREA);
+    pthread_mutex_unlock(&s->pool.lock);
+    struct read_ring *r = s->ring;
+    if (r) {
+        pthread_mutex_lock(&r->lock);
+        for (struct ring_read *rd = r->kept; rd; rd = rd->next) total += resident_bytes(rd->buf, RING_BUFFER);
+        pthread_mutex_unlock(&r->lock);
+    }
+    *resident = total;
+}
 
 static void *worker_thread(void *arg);
 
@@ -717,17 +816,29 @@ static int start_worker(struct worker_pool *pool) {
     int rc = 0;
     pthread_mutex_lock(&pool->lock);
     if (!pool->ending && pool->started < CFUSE_MAX_THREADS) {
-        rc = pthread_create(&pool->threads[pool->started], NULL, worker_thread, pool);
+        struct worker_slot *slot = &pool->slots[pool->started];
+        slot->pool = pool;
+        slot->area = NULL;
+        rc = pthread_create(&slot->thread, NULL, worker_thread, slot);
         if (rc == 0) pool->started++;
     }
     pthread_mutex_unlock(&pool->lock);
     return rc;
 }
 
-static void free_buffer(void *p) { free(p); }
+static void worker_unmap(void *p) {
+    struct worker_slot *slot = p;
+    pthread_mutex_lock(&slot->pool->lock);
+    char *area = slot->area;
+    slot->area = NULL;
+    pthread_mutex_unlock(&slot->pool->lock);
+    worker_read_buffer = NULL;
+    if (area) munmap(area, WORKER_AREA);
+}
 
 static void *worker_thread(void *arg) {
-    struct worker_pool *pool = arg;
+    struct worker_slot *slot = arg;
+    struct worker_pool *pool = slot->pool;
     struct fuse_session *se = pool->s->se;
     // Named for top -H, perf and gdb: the threads that run the volume's I/O callbacks.
     pthread_setname_np(pthread_self(), "cairn-fuse");
@@ -737,23 +848,40 @@ static void *worker_thread(void *arg) {
     // Cancellation (by the loop, once another worker ended) only while waiting for a request,
     // never in the middle of one.
     pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
-    void *base = NULL;
-    if (posix_memalign(&base, 4096, WORKER_BUFFER) != 0) {
-        fprintf(stderr, "cairn fuse: cannot allocate a worker's request buffer\n");
+    // The idle trim's signal, blocked except while waiting for a request.
+    sigset_t trim_set;
+    sigemptyset(&trim_set);
+    int sig = cfuse_idle_trim_signal(NULL, 0);
+    if (sig) {
+        sigaddset(&trim_set, sig);
+        pthread_sigmask(SIG_BLOCK, &trim_set, NULL);
+    }
+    char *area = mmap(NULL, WORKER_AREA, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (area == MAP_FAILED) {
+        fprintf(stderr, "cairn fuse: cannot allocate a worker's request buffer: %s\n", strerror(errno));
         fuse_session_exit(se);
         sem_post(&pool->finished);
         return NULL;
     }
-    pthread_cleanup_push(free_buffer, base);
-    char *mem = (char *)base + 4096 - WRITE_HEADER;
+    pthread_mutex_lock(&pool->lock);
+    slot->area = area;
+    pthread_mutex_unlock(&pool->lock);
+    worker_read_buffer = area + WORKER_BUFFER;
+    pthread_cleanup_push(worker_unmap, slot);
+    char *mem = area + 4096 - WRITE_HEADER;
+    unsigned trimmed = __atomic_load_n(&pool->trim_gen, __ATOMIC_RELAXED);
     while (!fuse_session_exited(se)) {
+        unsigned gen = __atomic_load_n(&pool->trim_gen, __ATOMIC_RELAXED);
+        if (gen != trimmed) { trimmed = gen; worker_trim(slot); }
         struct fuse_buf fbuf;
         memset(&fbuf, 0, sizeof fbuf);
         fbuf.mem = mem;
         fbuf.fd = -1;
         __atomic_add_fetch(&pool->idle, 1, __ATOMIC_SEQ_CST);
         pthread_setcancelstate(PTHREAD_CANCEL_ENABLE, NULL);
+        if (sig) pthread_sigmask(SIG_UNBLOCK, &trim_set, NULL);
         int res = fuse_session_receive_buf(se, &fbuf);
+        if (sig) pthread_sigmask(SIG_BLOCK, &trim_set, NULL);
         pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
         int waiting = __atomic_sub_fetch(&pool->idle, 1, __ATOMIC_SEQ_CST);
         if (res == -EINTR || res == -EAGAIN) continue;
@@ -763,6 +891,7 @@ static void *worker_thread(void *arg) {
             fuse_session_exit(se);
             break;
         }
+        __atomic_add_fetch(&pool->received, 1, __ATOMIC_RELAXED);
         // Nobody left waiting for the next request: one more worker (a failure to start one
         // only leaves fewer in flight).
         if (waiting == 0) {
@@ -777,15 +906,30 @@ static void *worker_thread(void *arg) {
     return NULL;
 }
 
+static uint64_t monotonic_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+// One idle trim: the ring's kept buffers here, every worker's by itself (woken by the signal).
+static void trim_now(struct cfuse_session *s) {
+    struct worker_pool *pool = &s->pool;
+    __atomic_add_fetch(&s->trims, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&pool->trim_gen, 1, __ATOMIC_SEQ_CST);
+    int sig = cfuse_idle_trim_signal(NULL, 0);
+    pthread_mutex_lock(&pool->lock);
+    if (sig && !pool->ending)
+        for (int i = 0; i < pool->started; i++) pthread_kill(pool->slots[i].thread, sig);
+    pthread_mutex_unlock(&pool->lock);
+    note_released(s, ring_trim(s->ring));
+}
+
 static void *loop_thread(void *arg) {
     struct cfuse_session *s = arg;
-    struct worker_pool pool;
-    memset(&pool, 0, sizeof pool);
-    pool.s = s;
-    pthread_mutex_init(&pool.lock, NULL);
-    sem_init(&pool.finished, 0, 0);
+    struct worker_pool *pool = &s->pool;
     ring_start(s);
-    int rc = start_worker(&pool);
+    int rc = start_worker(pool);
     if (rc != 0) {
         fprintf(stderr, "cairn fuse: cannot start a worker thread: %s\n", strerror(rc));
         fuse_session_exit(s->se);
@@ -793,20 +937,41 @@ static void *loop_thread(void *arg) {
         // Every worker ends once the connection ends (each read then fails). When one ends
         // for another reason, the rest would serve on alone: as libfuse's loop does, the first
         // to end ends them all (those waiting for a request are cancelled; one running a
-        // request finishes it first).
-        while (sem_wait(&pool.finished) != 0 && errno == EINTR) {}
+        // request finishes it first). Meanwhile this thread watches for an idle spell.
+        uint64_t seen = 0, trimmed_at = 0, changed = monotonic_ns();
+        for (;;) {
+            unsigned idle_ms = __atomic_load_n(&s->idle_trim_ms, __ATOMIC_RELAXED);
+            unsigned tick_ms = idle_ms == 0 ? 1000 : idle_ms / 4 < 5 ? 5 : idle_ms / 4 > 1000 ? 1000 : idle_ms / 4;
+            struct timespec deadline;
+            clock_gettime(CLOCK_REALTIME, &deadline);
+            deadline.tv_nsec += (long)tick_ms * 1000000L;
+            deadline.tv_sec += deadline.tv_nsec / 1000000000L;
+            deadline.tv_nsec %= 1000000000L;
+            if (sem_timedwait(&pool->finished, &deadline) == 0) break;
+            if (errno != ETIMEDOUT && errno != EINTR) {
+                while (sem_wait(&pool->finished) != 0 && errno == EINTR) {}
+                break;
+            }
+            uint64_t received = __atomic_load_n(&pool->received, __ATOMIC_RELAXED);
+            uint64_t now = monotonic_ns();
+            if (received != seen) {
+                seen = received;
+                changed = now;
+            } else if (idle_ms != 0 && received != trimmed_at && now - changed >= (uint64_t)idle_ms * 1000000u) {
+                trim_now(s);
+                trimmed_at = received;
+            }
+        }
         fuse_session_exit(s->se);
     }
-    pthread_mutex_lock(&pool.lock);
-    pool.ending = 1;
-    int started = pool.started;
-    pthread_mutex_unlock(&pool.lock);
-    for (int i = 0; i < started; i++) pthread_cancel(pool.threads[i]);
-    for (int i = 0; i < started; i++) pthread_join(pool.threads[i], NULL);
+    pthread_mutex_lock(&pool->lock);
+    pool->ending = 1;
+    int started = pool->started;
+    pthread_mutex_unlock(&pool->lock);
+    for (int i = 0; i < started; i++) pthread_cancel(pool->slots[i].thread);
+    for (int i = 0; i < started; i++) pthread_join(pool->slots[i].thread, NULL);
     // Reads still on the ring are answered before the session goes (no callback after stop).
     ring_stop(s);
-    sem_destroy(&pool.finished);
-    pthread_mutex_destroy(&pool.lock);
     return NULL;
 }
 
@@ -835,6 +1000,9 @@ static struct cfuse_session *new_cfuse(const char *mountpoint, const char *name,
     s->callbacks = *callbacks;
     s->context = context;
     s->mountpoint = strdup(mountpoint);
+    s->pool.s = s;
+    pthread_mutex_init(&s->pool.lock, NULL);
+    sem_init(&s->pool.finished, 0, 0);
     char options[512];
     snprintf(options, sizeof options, "default_permissions,fsname=cairn:%s,subtype=cairn", name);
     char *argv[] = {"cairn", "-o", options, NULL};
@@ -932,6 +1100,8 @@ int cfuse_unmount(cfuse_session *s) {
         }
     }
     fuse_session_destroy(s->se);
+    sem_destroy(&s->pool.finished);
+    pthread_mutex_destroy(&s->pool.lock);
     free(s->mountpoint);
     free(s);
     return aborted;

@@ -66,6 +66,12 @@ public struct EngineState: Sendable, Equatable {
     /// Planned reads a FUSE worker read itself, being the only read in flight (queue depth 1:
     /// no batch to share, so no hand-off to the ring's thread).
     public var readsInline: UInt64 = 0
+    /// Idle trims (no request for `CAIRN_IDLE_TRIM_SECONDS`: docs/engine.md, "Idle volumes give
+    /// their buffers back"), the bytes of FUSE buffers they gave back, and the bytes of those
+    /// buffers resident now (the FUSE workers' request and read buffers, the read ring's).
+    public var idleTrims: UInt64 = 0
+    public var bufferBytesReleased: UInt64 = 0
+    public var bufferBytesResident: UInt64 = 0
 }
 
 /// One replica as the engine holds it.
@@ -266,6 +272,18 @@ public final class VolumeEngine: Sendable {
     /// start, to exercise the ring with one read at a time.
     static let inlineReadsDefault = switchedOn("CAIRN_INLINE_READS")
     let inlineReads = Atomic<Bool>(VolumeEngine.inlineReadsDefault)
+    /// How long a volume must go without a request before its FUSE buffers go back to the
+    /// kernel (milliseconds, 0: never): `CAIRN_IDLE_TRIM_SECONDS` (default 30; 0 turns it off).
+    static let idleTrimDefault: UInt32 = {
+        guard let raw = getenv("CAIRN_IDLE_TRIM_SECONDS").map({ String(cString: $0) }) else { return 30_000 }
+        guard let seconds = Double(raw.trimmingCharacters(in: .whitespaces)), seconds >= 0, seconds < 86_400 * 7 else {
+            return 30_000
+        }
+        return UInt32((seconds * 1000).rounded())
+    }()
+    private let idleTrimMilliseconds = Atomic<UInt32>(VolumeEngine.idleTrimDefault)
+    /// The first engine to find the idle trim's signal taken says so at warning level.
+    private static let toldTrimSignalMissing = Atomic<Bool>(false)
     /// The first engine to find io_uring refused says so at warning level; later ones at debug.
     private static let toldAsyncReadsMissing = Atomic<Bool>(false)
     private let writes = Atomic<UInt64>(0)
@@ -380,7 +398,8 @@ public final class VolumeEngine: Sendable {
             var callbacks = cfuse_callbacks(read: engineRead, write: engineWrite, flush: engineFlush, trim: engineTrim,
                                             read_begin: Self.asyncReads ? engineReadBegin : nil,
                                             read_end: Self.asyncReads ? engineReadEnd : nil,
-                                            read_again: Self.asyncReads ? engineReadAgain : nil)
+                                            read_again: Self.asyncReads ? engineReadAgain : nil,
+                                            buffers_released: engineBuffersReleased)
             var message = [CChar](repeating: 0, count: 512)
             // A predecessor in this data directory died with the volume staged and the keeper
             // kept its connection: serve that one (the loop device and every request in flight
@@ -426,6 +445,14 @@ public final class VolumeEngine: Sendable {
             let async = cfuse_async_reads(session, &why, why.count) == 1
             asyncReadsOn.store(async, ordering: .relaxed)
             cfuse_set_inline_reads(session, inlineReads.load(ordering: .relaxed) ? 1 : 0)
+            cfuse_set_idle_trim(session, idleTrimMilliseconds.load(ordering: .relaxed))
+            var trimWhy = [CChar](repeating: 0, count: 160)
+            if cfuse_idle_trim_signal(&trimWhy, trimWhy.count) == 0,
+               !Self.toldTrimSignalMissing.exchange(true, ordering: .relaxed) {
+                let reason = String(decoding: trimWhy.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                logger.warning("idle volumes keep their FUSE workers' buffers (up to 3 MiB per worker): no signal is free to wake the workers; only the read ring's buffers are given back",
+                               metadata: ["reason": "\(reason)"])
+            }
             if !async && Self.asyncReads {
                 let reason = String(decoding: why.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
                 let first = !Self.toldAsyncReadsMissing.exchange(true, ordering: .relaxed)
@@ -464,7 +491,8 @@ public final class VolumeEngine: Sendable {
                 "fuse.connection": "\(cfuse_connection_id(session))",
                 "fuse.resumed": "\(resumedFrom != nil)",
                 "write_through": "\(writeThrough.allDurable.load(ordering: .relaxed))",
-                "reads.async": "\(async)", "reads.inline_when_alone": "\(async && inlineReads.load(ordering: .relaxed))"])
+                "reads.async": "\(async)", "reads.inline_when_alone": "\(async && inlineReads.load(ordering: .relaxed))",
+                "buffers.idle_trim_seconds": "\(Double(idleTrimMilliseconds.load(ordering: .relaxed)) / 1000)"])
             return path
         }
     }
@@ -584,8 +612,23 @@ public final class VolumeEngine: Sendable {
         }
     }
 
+    /// Sets how long the volume must go without a request before its FUSE buffers go back to the
+    /// kernel (0: never); applies to the running session at once.
+    public func setIdleTrim(milliseconds: UInt32) {
+        idleTrimMilliseconds.store(milliseconds, ordering: .relaxed)
+        lifecycle.withLock { life in
+            if let session = life.session { cfuse_set_idle_trim(session, milliseconds) }
+        }
+    }
+
+    fileprivate func buffersReleased(bytes: UInt64) { metrics.buffersReleased(bytes: bytes) }
+
     public var state: EngineState {
-        let running = lifecycle.withLock { $0.session != nil }
+        var buffers: (trims: UInt64, released: UInt64, resident: UInt64) = (0, 0, 0)
+        let running = lifecycle.withLock { life in
+            if let session = life.session { cfuse_buffer_stats(session, &buffers.trims, &buffers.released, &buffers.resident) }
+            return life.session != nil
+        }
         let (inSync, outOfSync, resync, known) = sets.withShared { s in (s.inSync.map(\.nodeID), s.outOfSync, s.resync, s.known) }
         let order = (replicas + known).map(\.nodeID)
         return EngineState(
@@ -607,7 +650,8 @@ public final class VolumeEngine: Sendable {
             writeThrough: writeThrough.allDurable.load(ordering: .relaxed),
             writeThroughOwnFlushes: writeThrough.ownFlushes.load(ordering: .relaxed),
             asyncReads: asyncReadsOn.load(ordering: .relaxed), readsRedone: readsRedone.load(ordering: .relaxed),
-            readsInline: readsInline.load(ordering: .relaxed))
+            readsInline: readsInline.load(ordering: .relaxed),
+            idleTrims: buffers.trims, bufferBytesReleased: buffers.released, bufferBytesResident: buffers.resident)
     }
 
     private struct ClaimFailure { var replica: EngineReplica; var reason: String }
@@ -1380,6 +1424,10 @@ private let engineReadAgain: @convention(c) (UnsafeMutableRawPointer?, UInt64, I
     let e = engine(context)
     defer { e.release() }
     return e.readAgain(offset: offset, size: size, into: buffer!, plan: plan!)
+}
+
+private let engineBuffersReleased: @convention(c) (UnsafeMutableRawPointer?, UInt64) -> Void = { context, bytes in
+    engine(context).buffersReleased(bytes: bytes)
 }
 
 private let engineWrite: @convention(c) (UnsafeMutableRawPointer?, UInt64, UnsafeRawPointer?, Int) -> Int32 = {

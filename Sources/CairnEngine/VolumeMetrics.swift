@@ -26,6 +26,7 @@ final class VolumeMetrics: Sendable {
     let durabilityFlushes: CoreMetrics.Counter
     let durabilityRounds: CoreMetrics.Timer
     let readsRedone: CoreMetrics.Counter
+    let bufferBytesReleased: CoreMetrics.Counter
     private let destroyed = Atomic<Bool>(false)
 
     init(volumeID: String, factory: any MetricsFactory = MetricsSystem.factory) {
@@ -55,6 +56,7 @@ final class VolumeMetrics: Sendable {
         durabilityFlushes = counter("cairn_volume_durability_flushes_total")
         durabilityRounds = timer("cairn_volume_durability_flush_round_seconds")
         readsRedone = counter("cairn_volume_reads_redone_total")
+        bufferBytesReleased = counter("cairn_volume_buffer_bytes_released_total")
     }
 
     /// The start of a timed I/O (0 when nothing records).
@@ -89,6 +91,9 @@ final class VolumeMetrics: Sendable {
     /// An asynchronous read whose data did not match the block map when it arrived, read again.
     func readRedone() { if records { readsRedone.increment() } }
 
+    /// FUSE buffers given back to the kernel by an idle trim.
+    func buffersReleased(bytes: UInt64) { if records { bufferBytesReleased.increment(by: Int64(clamping: bytes)) } }
+
     /// One flush round of the engine's own (group commit: its count against
     /// `durabilityFlushes` says how many writes a round carries).
     func durabilityRound(since start: UInt64) {
@@ -106,7 +111,7 @@ final class VolumeMetrics: Sendable {
     func destroy() {
         guard !destroyed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         for counter in [readOps, writeOps, flushOps, readBytes, writeBytes, repairedBlocks, fencingEvents, resyncBytes,
-                        durableWrites, flushesWithoutSync, durabilityFlushes, readsRedone] {
+                        durableWrites, flushesWithoutSync, durabilityFlushes, readsRedone, bufferBytesReleased] {
             counter.destroy()
         }
         for timer in [readLatency, writeLatency, flushLatency, durabilityRounds] { timer.destroy() }

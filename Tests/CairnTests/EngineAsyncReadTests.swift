@@ -17,14 +17,14 @@ import Glibc
 /// against the checksum it had when the read was planned. Real replica servers: n1 in this
 /// process (`LocalReplicaIO`, the path that plans reads), n2 over the data protocol.
 extension EngineFUSETests {
-    private static let asyncVolume = "vol-async"
-    private static let asyncSize = 16 << 20
+    static let asyncVolume = "vol-async"
+    static let asyncSize = 16 << 20
 
     /// Two started replica servers with the volume created on both, and a started engine over
     /// them (n1 local), the volume file opened O_DIRECT. The servers stop after the engine.
     /// `inline`: whether a worker reads a lone read itself (the default) or hands every planned
     /// read to the ring (so one read at a time still goes through it).
-    private func asyncEngine(cipher: VolumeCipher? = nil, inline: Bool = true) throws -> (VolumeEngine, [ReplicaServer], Int32) {
+    func asyncEngine(cipher: VolumeCipher? = nil, inline: Bool = true) throws -> (VolumeEngine, [ReplicaServer], Int32) {
         var servers: [ReplicaServer] = []
         do {
             for node in ["n1", "n2"] {

@@ -70,6 +70,9 @@ typedef struct cfuse_callbacks {
     /// A planned read `read_end` sent back (CFUSE_READ_AGAIN), done again into `buf`, on the
     /// session's redo thread. The bytes to answer (== size) or -errno.
     ssize_t (*read_again)(void *context, uint64_t offset, size_t size, void *buf, cfuse_read_plan *plan);
+    /// Optional: `bytes` of the session's buffers went back to the kernel because the volume was
+    /// idle (`cfuse_set_idle_trim`); on a worker or the session's loop thread.
+    void (*buffers_released)(void *context, uint64_t bytes);
 } cfuse_callbacks;
 
 typedef struct cfuse_session cfuse_session;
@@ -89,6 +92,24 @@ int cfuse_async_reads(const cfuse_session *session, char *reason, size_t reason_
 /// Whether a FUSE worker reads a planned read itself when it is the only read in flight (1, the
 /// default: no hand-off to the ring's thread at queue depth 1) or always hands it to the ring (0).
 void cfuse_set_inline_reads(cfuse_session *session, int on);
+
+/// Gives the session's buffers back to the kernel once no request has arrived for
+/// `milliseconds` (0: never, the default): each FUSE worker's request and read buffers (up to
+/// 3 MiB each, resident as far as the largest requests touched them) and the read ring's kept
+/// buffers (256 KiB each). A worker drops its own buffers between two requests, woken by a
+/// signal (`cfuse_idle_trim_signal`) only while it waits for a request; nothing is dropped while
+/// it is in use. Again after the next request, never twice for one idle spell.
+void cfuse_set_idle_trim(cfuse_session *session, unsigned milliseconds);
+
+/// The signal that wakes idle workers to drop their buffers (a real-time signal with a handler
+/// that does nothing, unblocked only while a worker waits for a request), or 0 when none could
+/// be set up (its handler was taken): then only the ring's buffers are dropped, and `reason`
+/// says why.
+int cfuse_idle_trim_signal(char *reason, size_t reason_size);
+
+/// The session's idle trims so far, the bytes they gave back, and the bytes of its buffers
+/// resident now (workers' request and read buffers and the ring's kept buffers, by mincore).
+void cfuse_buffer_stats(cfuse_session *session, uint64_t *trims, uint64_t *released, uint64_t *resident);
 
 /// Unmounts (lazily, so a loop device still holding the file does not block it), aborts the
 /// kernel connection if the loop does not end by itself (a mount someone detached lazily while a
