@@ -1,4 +1,5 @@
 import CairnCluster
+import CairnCore
 import CairnController
 import CairnReplica
 import CairnStore
@@ -45,6 +46,28 @@ struct BackgroundLoop: Service {
     /// over at once instead of after the TTL.
     static func leadership(_ leadership: ControllerLeadership, logger: Logger) -> Self {
         Self(name: "leadership", logger: logger) { await leadership.run() }
+    }
+
+    /// Gives the process's freed heap back to the kernel after an idle spell
+    /// (`IdleHeapTrimPolicy`); nothing when `CAIRN_IDLE_TRIM_SECONDS` is 0.
+    static func idleHeapTrim(logger: Logger) -> Self? {
+        let seconds = IdleHeapTrim.idleSeconds
+        guard seconds > 0 else { return nil }
+        return Self(name: "idle-heap-trim", logger: logger) {
+            var policy = IdleHeapTrimPolicy(idleNanoseconds: UInt64(seconds * 1e9))
+            let interval = min(5.0, max(0.5, seconds / 6))
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .seconds(interval))
+                guard !Task.isCancelled else { return }
+                guard policy.sample(time: monotonicNanoseconds(), cpu: IdleHeapTrim.processCPUNanoseconds()) else { continue }
+                let (before, after) = IdleHeapTrim.trim()
+                let mib = { (bytes: UInt64) in String(format: "%.1f", Double(bytes) / 1_048_576) }
+                logger.log(level: before > after &+ (4 << 20) ? .info : .debug,
+                           "idle: gave the heap's free pages back to the kernel",
+                           metadata: ["rss.before_mib": "\(mib(before))", "rss.after_mib": "\(mib(after))",
+                                      "idle_seconds": "\(seconds)"])
+            }
+        }
     }
 
     /// The node's sweeper of orphaned replicas.

@@ -256,6 +256,7 @@ struct ServeContext {
         if metricsAddress != nil && (role == .controller || role == .all) {
             services.append(ClusterGauges(store: store, logger: logger))
         }
+        if let trim = BackgroundLoop.idleHeapTrim(logger: logger) { services.append(trim) }
         services += background
         services.append(RPCServers(servers: servers, grace: .seconds(options.shutdownGrace), logger: logger))
         let group = ServiceGroup(configuration: .init(
