@@ -1,3 +1,5 @@
+import CairnCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -69,12 +71,16 @@ final class RegionLocks: @unchecked Sendable {
 }
 
 /// One 4 KiB-aligned scratch buffer per thread, grown on demand and freed when the thread
-/// exits: O_DIRECT needs aligned memory, and the data path must not allocate per request.
+/// exits: O_DIRECT needs aligned memory, and the data path must not allocate per request. An
+/// anonymous mapping, not malloc's: it is resident only as far as requests touched it, its
+/// pages go back to the kernel when the thread has been idle (`drop`, docs/engine.md, "Idle
+/// volumes give their buffers back"), and freeing it really unmaps it (a freed 1 MiB malloc
+/// chunk raises glibc's mmap threshold, and the next ones then stay in an arena).
 enum AlignedScratch {
     private final class Buffer {
         var pointer: UnsafeMutableRawPointer?
         var capacity = 0
-        deinit { free(pointer) }
+        deinit { if let pointer { munmap(pointer, capacity) } }
     }
 
     private static let key: pthread_key_t = {
@@ -83,27 +89,46 @@ enum AlignedScratch {
         return key
     }()
 
+    private static var current: Buffer? {
+        pthread_getspecific(key).map { Unmanaged<Buffer>.fromOpaque($0).takeUnretainedValue() }
+    }
+
     /// The calling thread's buffer, at least `count` bytes (valid until the next call on this
     /// thread).
     static func buffer(_ count: Int) -> UnsafeMutableRawBufferPointer {
         let buffer: Buffer
-        if let existing = pthread_getspecific(key) {
-            buffer = Unmanaged<Buffer>.fromOpaque(existing).takeUnretainedValue()
+        if let existing = current {
+            buffer = existing
         } else {
             buffer = Buffer()
             pthread_setspecific(key, Unmanaged.passRetained(buffer).toOpaque())
         }
         if buffer.capacity < count {
-            free(buffer.pointer)
+            if let old = buffer.pointer { munmap(old, buffer.capacity) }
             buffer.pointer = nil
             buffer.capacity = 0
-            let capacity = max(count, 1 << 20)
-            var raw: UnsafeMutableRawPointer?
-            guard posix_memalign(&raw, 4096, capacity) == 0, let raw else { fatalError("out of memory for a \(capacity)-byte I/O buffer") }
+            let capacity = (max(count, 1 << 20) + 4095) & ~4095
+            let raw = mmap(nil, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            guard let raw, raw != MAP_FAILED else { fatalError("out of memory for a \(capacity)-byte I/O buffer") }
             buffer.pointer = raw
             buffer.capacity = capacity
         }
         return UnsafeMutableRawBufferPointer(start: buffer.pointer, count: count)
+    }
+
+    /// Gives the calling thread's buffer's pages back to the kernel (the mapping stays; the next
+    /// request that needs a page gets a zeroed one). Only between two requests of this thread.
+    static func drop() {
+        guard let buffer = current, let pointer = buffer.pointer else { return }
+        _ = madvise(pointer, buffer.capacity, MADV_DONTNEED)
+    }
+
+    /// Resident bytes of the calling thread's buffer (mincore).
+    static func residentBytes() -> Int {
+        guard let buffer = current, let pointer = buffer.pointer else { return 0 }
+        var pages = [UInt8](repeating: 0, count: buffer.capacity / 4096)
+        guard mincore(pointer, buffer.capacity, &pages) == 0 else { return 0 }
+        return pages.reduce(0) { $0 + Int($1 & 1) } * 4096
     }
 }
 
@@ -120,8 +145,14 @@ final class WorkerPool: @unchecked Sendable {
     private var head = 0
     private var running = 0
     private var stopping = false
+    /// A thread that has had no job for this long drops its scratch buffer's pages
+    /// (nanoseconds; 0: never).
+    private let idleDrop: UInt64
 
-    init() {
+    /// `idleSeconds`: how long a thread waits without a job before it gives its scratch
+    /// buffer's pages back (`CAIRN_IDLE_TRIM_SECONDS` by default; 0 never).
+    init(idleSeconds: Double = IdleHeapTrim.idleSeconds) {
+        idleDrop = UInt64(max(0, idleSeconds) * 1e9)
         pthread_mutex_init(lock, nil)
         pthread_cond_init(ready, nil)
         pthread_cond_init(exited, nil)
@@ -171,8 +202,26 @@ final class WorkerPool: @unchecked Sendable {
 
     private func work() {
         pthread_mutex_lock(lock)
+        // Whether this thread's scratch holds nothing since its last job (or it never had one).
+        var dropped = true
         while true {
-            while head == jobs.count && !stopping { pthread_cond_wait(ready, lock) }
+            while head == jobs.count && !stopping {
+                if dropped || idleDrop == 0 {
+                    pthread_cond_wait(ready, lock)
+                    continue
+                }
+                var deadline = timespec()
+                clock_gettime(CLOCK_REALTIME, &deadline)
+                let nanoseconds = UInt64(deadline.tv_nsec) + idleDrop
+                deadline.tv_sec += Int(nanoseconds / 1_000_000_000)
+                deadline.tv_nsec = Int(nanoseconds % 1_000_000_000)
+                if pthread_cond_timedwait(ready, lock, &deadline) == ETIMEDOUT, head == jobs.count, !stopping {
+                    pthread_mutex_unlock(lock)
+                    AlignedScratch.drop()
+                    pthread_mutex_lock(lock)
+                    dropped = true
+                }
+            }
             if head == jobs.count { break }
             let job = jobs[head]!
             jobs[head] = nil
@@ -187,6 +236,7 @@ final class WorkerPool: @unchecked Sendable {
             }
             pthread_mutex_unlock(lock)
             job()
+            dropped = false
             pthread_mutex_lock(lock)
         }
         running -= 1
