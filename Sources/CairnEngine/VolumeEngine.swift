@@ -274,13 +274,7 @@ public final class VolumeEngine: Sendable {
     let inlineReads = Atomic<Bool>(VolumeEngine.inlineReadsDefault)
     /// How long a volume must go without a request before its FUSE buffers go back to the
     /// kernel (milliseconds, 0: never): `CAIRN_IDLE_TRIM_SECONDS` (default 30; 0 turns it off).
-    static let idleTrimDefault: UInt32 = {
-        guard let raw = getenv("CAIRN_IDLE_TRIM_SECONDS").map({ String(cString: $0) }) else { return 30_000 }
-        guard let seconds = Double(raw.trimmingCharacters(in: .whitespaces)), seconds >= 0, seconds < 86_400 * 7 else {
-            return 30_000
-        }
-        return UInt32((seconds * 1000).rounded())
-    }()
+    static let idleTrimDefault = UInt32((IdleHeapTrim.idleSeconds * 1000).rounded())
     private let idleTrimMilliseconds = Atomic<UInt32>(VolumeEngine.idleTrimDefault)
     /// The first engine to find the idle trim's signal taken says so at warning level.
     private static let toldTrimSignalMissing = Atomic<Bool>(false)
