@@ -773,17 +773,18 @@ static void worker_trim(struct worker_slot *slot) {
     note_released(slot->pool->s, resident);
 }
 
-// The ring's kept buffers (none of them in use: a read takes one under the lock).
-static uint64_t ring_trim(struct read_ring *r) {
+// The resident bytes of the ring's kept buffers; with `drop`, dropped (none of them is in use:
+// a read takes one under the lock) and the bytes given back.
+static uint64_t ring_kept(struct read_ring *r, int drop) {
     if (!r) return 0;
-    uint64_t released = 0;
+    uint64_t total = 0;
     pthread_mutex_lock(&r->lock);
     for (struct ring_read *rd = r->kept; rd; rd = rd->next) {
         uint64_t resident = resident_bytes(rd->buf, RING_BUFFER);
-        if (resident && madvise(rd->buf, RING_BUFFER, MADV_DONTNEED) == 0) released += resident;
+        if (resident && (!drop || madvise(rd->buf, RING_BUFFER, MADV_DONTNEED) == 0)) total += resident;
     }
     pthread_mutex_unlock(&r->lock);
-    return released;
+    return total;
 }
 
 void cfuse_set_idle_trim(cfuse_session *s, unsigned milliseconds) {
@@ -800,13 +801,7 @@ void cfuse_buffer_stats(cfuse_session *s, uint64_t *trims, uint64_t *released, u
     for (int i = 0; i < s->pool.started; i++)
         if (s->pool.slots[i].area) total += resident_bytes(s->pool.slots[i].area, WORKER_AREA);
     pthread_mutex_unlock(&s->pool.lock);
-    struct read_ring *r = s->ring;
-    if (r) {
-        pthread_mutex_lock(&r->lock);
-        for (struct ring_read *rd = r->kept; rd; rd = rd->next) total += resident_bytes(rd->buf, RING_BUFFER);
-        pthread_mutex_unlock(&r->lock);
-    }
-    *resident = total;
+    *resident = total + ring_kept(s->ring, 0);
 }
 
 static void *worker_thread(void *arg);
@@ -922,7 +917,7 @@ static void trim_now(struct cfuse_session *s) {
     if (sig && !pool->ending)
         for (int i = 0; i < pool->started; i++) pthread_kill(pool->slots[i].thread, sig);
     pthread_mutex_unlock(&pool->lock);
-    note_released(s, ring_trim(s->ring));
+    note_released(s, ring_kept(s->ring, 1));
 }
 
 static void *loop_thread(void *arg) {
