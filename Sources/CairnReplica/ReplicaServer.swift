@@ -321,12 +321,34 @@ public final class ReplicaServer: Sendable {
                 }
                 return
             }
-            let frames: [Frame]
+            var frames: [Frame]
             do {
                 frames = try decoder.feed(chunk)
             } catch {
                 log.warning("closing connection: \(error.reason)")
                 return
+            }
+            // An authenticated connection hands over one record at a time; the records one
+            // receive brought are taken together (as a plaintext receive's frames are), so a
+            // queue of writes goes out as a group and the lone-request path below sees only a
+            // request that really is alone. Before, each record's frame looked alone and ran on
+            // this thread, one device write after another, with flushes queued behind them.
+            // A record that breaks the stream closes the connection after the requests before
+            // it are served, as when it came in a receive of its own.
+            var broken: (message: Logger.Message, error: String?)?
+            if let channel = c.channel {
+                while frames.count < Self.maxFramesPerReceive, channel.hasCompleteRecord {
+                    do {
+                        guard let more = try channel.receive() else { break }
+                        frames += try decoder.feed(more)
+                    } catch let error as FrameError {
+                        broken = ("closing connection: \(error.reason)", nil)
+                        break
+                    } catch {
+                        broken = ("closing replica connection", "\(error)")
+                        break
+                    }
+                }
             }
             // Frames already handed out with a group of writes.
             var grouped: Set<Int> = []
@@ -385,11 +407,17 @@ public final class ReplicaServer: Sendable {
                     c.send(handle(frame, peerVersion: peerVersion, peer: c.channel?.peer, logger: log))
                 }
             }
+            if let broken {
+                log.warning(broken.message, metadata: broken.error.map { ["error": "\($0)"] })
+                return
+            }
         }
     }
 
     /// Most writes one group takes (`writeGroup`).
     static let maxGroupedWrites = 64
+    /// Most frames the reader takes from buffered records before it hands them out.
+    static let maxFramesPerReceive = 64
 
     /// A plain write (not a resync or repair copy) of whole blocks, at most `inlineWriteLimit`:
     /// what may go in a group. Not a durable write: the engine asks for one only when it has

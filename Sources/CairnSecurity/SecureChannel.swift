@@ -203,6 +203,18 @@ public final class SecureChannel: @unchecked Sendable {
     /// waiting for the socket to become readable).
     public var hasBufferedBytes: Bool { end > start }
 
+    /// Whether a whole record waits in the channel's buffer: `receive` then answers it without
+    /// a system call or a wait. A reader takes every such record before it acts on what they
+    /// carry, as a plaintext reader takes everything one `recv` returned (a queue of requests
+    /// then goes to its workers as one batch, not one request at a time).
+    public var hasCompleteRecord: Bool {
+        guard end - start >= Self.headerSize else { return false }
+        let length = Int(UInt32(bigEndian: UnsafeRawPointer(buffer.baseAddress! + start).loadUnaligned(as: UInt32.self)))
+        // A bad length is `receive`'s to report.
+        guard length > 0, length <= Self.maxRecord else { return true }
+        return end - start >= Self.headerSize + length + Self.tagSize
+    }
+
     /// The data of the next record, valid until the next call; nil when the peer closed the
     /// connection between records. Throws on a record that fails its tag, a bad length, a
     /// connection closed inside a record, or a receive error.

@@ -139,19 +139,26 @@ final class DataSecurityTests: XCTestCase {
 
     /// Records changed or replayed on the wire fail their tag: the connection is closed and the
     /// replica keeps what it had.
+    /// A fresh server in `mode` (the last one stopped, its data gone), reached by n2 through a
+    /// relay, with the test volume created and claimed at epoch 1.
+    private func serverBehindRelay(_ mode: DataSecurity) throws -> (ReplicaServer, Relay, ReplicaClient) {
+        for stop in stops.reversed() { stop() }
+        stops = []
+        try? FileManager.default.removeItem(atPath: root + "/data-n1")
+        let server = try startServer(mode)
+        let relay = try Relay(to: server.boundPort)
+        stops.append { relay.stop() }
+        let c = try connect(server, as: "n2", mode, port: relay.port)
+        try c.create(volumeID: volume, sizeBytes: 1 << 20)
+        _ = try c.claim(volumeID: volume, epoch: 1, grant: try grant(1))
+        return (server, relay, c)
+    }
+
     func testTamperedOrReplayedRecordsChangeNothing() throws {
         for mode in [DataSecurity.auth, .secure] {
             for attack in [Relay.Attack.flipBit, .replay] {
                 do {
-                    for stop in stops.reversed() { stop() }
-                    stops = []
-                    try? FileManager.default.removeItem(atPath: root + "/data-n1")
-                    let server = try startServer(mode)
-                    let relay = try Relay(to: server.boundPort)
-                    stops.append { relay.stop() }
-                    let c = try connect(server, as: "n2", mode, port: relay.port)
-                    try c.create(volumeID: volume, sizeBytes: 1 << 20)
-                    _ = try c.claim(volumeID: volume, epoch: 1, grant: try grant(1))
+                    let (server, relay, c) = try serverBehindRelay(mode)
                     let before = pattern(bs, seed: 9)
                     try before.withUnsafeBytes { try c.write(volumeID: volume, offset: 0, data: $0, generation: 1, epoch: 1) }
                     relay.arm(attack)
@@ -170,6 +177,37 @@ final class DataSecurityTests: XCTestCase {
                     XCTAssertEqual(try fresh.status(volumeID: volume, epoch: 1).highestGeneration, attack == .flipBit ? 1 : 2)
                     XCTAssertTrue(logs.contains(.warning, "closing replica connection"))
                 }
+            }
+        }
+    }
+
+    /// Requests that arrive together on an authenticated or encrypted connection, each in a
+    /// record of its own, are taken together, as a plaintext reader takes what one receive
+    /// brings: a queue of small writes runs as a group (one worker, one submission). Taken one
+    /// record at a time, each looked alone and ran on the reader, one device write after
+    /// another, with a flush queued behind them all (the 3-replica random-write row).
+    func testWritesArrivingTogetherInSeparateRecordsRunAsAGroup() throws {
+        for mode in [DataSecurity.auth, .secure] {
+            let (server, relay, c) = try serverBehindRelay(mode)
+            let before = server.groups.load(ordering: .relaxed)
+            XCTAssertEqual(server.grouped.load(ordering: .relaxed), 0, "\(mode)")
+            relay.holdRequests()
+            let count = 24
+            let blocks = (0..<count).map { pattern(bs, seed: UInt8($0)) }
+            var waits: [() throws -> Void] = []
+            for (i, block) in blocks.enumerated() {
+                waits.append(block.withUnsafeBytes {
+                    c.beginWrite(volumeID: volume, offset: UInt64(i * 2 * bs), data: $0, generation: UInt64(10 + i), epoch: 1)
+                })
+            }
+            usleep(100_000)  // every record is at the relay
+            relay.release()
+            for (i, wait) in waits.enumerated() { XCTAssertNoThrow(try wait(), "\(mode) write \(i)") }
+            withExtendedLifetime(blocks) {}
+            XCTAssertGreaterThan(server.grouped.load(ordering: .relaxed), 1, "\(mode): writes that arrived together ran as a group")
+            XCTAssertGreaterThan(server.groups.load(ordering: .relaxed), before, "\(mode)")
+            for (i, block) in blocks.enumerated() {
+                XCTAssertEqual(try c.read(volumeID: volume, offset: UInt64(i * 2 * bs), length: bs, epoch: 1), block, "\(mode) block \(i)")
             }
         }
     }
@@ -299,6 +337,18 @@ final class Relay: Sendable {
     func stallReplies() { stalling.withLock { $0 = true } }
     private let stalling = Mutex(false)
 
+    /// From now on the client's bytes are held here until `release`, which sends all of them
+    /// to the server in one write: requests sent one record at a time arrive together.
+    func holdRequests() { held.withLock { $0 = ($0?.0 ?? [], $0?.1 ?? -1) } }
+    func release() {
+        held.withLock { h in
+            if let (bytes, to) = h, to >= 0, !bytes.isEmpty { _ = try? bytes.withUnsafeBytes { try Socket.sendAll(to, $0) } }
+            h = nil
+        }
+    }
+    /// Bytes held for the server, and the server's socket (-1 until the first chunk).
+    private let held = Mutex<([UInt8], Int32)?>(nil)
+
     private func pump(from: Int32, to: Int32, attacking: Bool) {
         var buffer = [UInt8](repeating: 0, count: 1 << 16)
         while true {
@@ -311,6 +361,12 @@ final class Relay: Sendable {
                 while recv(from, &buffer, buffer.count, 0) > 0 {}  // swallow the rest until closed
                 return
             }
+            if attacking, held.withLock({ h in
+                guard h != nil else { return false }
+                h!.0 += chunk
+                h!.1 = to
+                return true
+            }) { continue }
             let attack = attacking ? armed.withLock { a -> Attack? in defer { a = nil }; return a } : nil
             if attack == .flipBit { chunk[chunk.count - 20] ^= 0x01 }
             let copies = attack == .replay ? 2 : 1
