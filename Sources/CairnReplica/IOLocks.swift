@@ -136,15 +136,32 @@ enum AlignedScratch {
 /// runs requests on it: they block on disk I/O, and Dispatch's pool keeps only about one
 /// thread per CPU running for them, so a replica would see two or three requests at a time
 /// however many are queued.
+///
+/// A job wakes the thread that went idle last (each waiting thread has a condition of its own,
+/// on a stack): a trickle of requests — a scrub, one volume's commits — keeps one or two
+/// threads warm (their stacks, scratch buffers and caches) while the rest stay asleep long
+/// enough to give their scratch back. Woken in turn, as one shared condition does, every
+/// thread ran a job every few milliseconds and none was ever idle.
 final class WorkerPool: @unchecked Sendable {
     private let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let ready = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     private let exited = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    /// A waiting thread's own condition, and whether a job or the shutdown woke it.
+    private final class Sleeper {
+        let ready = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+        var woken = false
+        init() { pthread_cond_init(ready, nil) }
+        deinit {
+            pthread_cond_destroy(ready)
+            ready.deallocate()
+        }
+    }
     // Guarded by `lock`.
     private var jobs: [(@Sendable () -> Void)?] = []
     private var head = 0
     private var running = 0
     private var stopping = false
+    /// The threads waiting for a job, the one that went idle last at the end.
+    private var sleepers: [Sleeper] = []
     /// A thread that has had no job for this long drops its scratch buffer's pages
     /// (nanoseconds; 0: never).
     private let idleDrop: UInt64
@@ -154,16 +171,14 @@ final class WorkerPool: @unchecked Sendable {
     init(idleSeconds: Double = IdleHeapTrim.idleSeconds) {
         idleDrop = UInt64(max(0, idleSeconds) * 1e9)
         pthread_mutex_init(lock, nil)
-        pthread_cond_init(ready, nil)
         pthread_cond_init(exited, nil)
+        sleepers.reserveCapacity(64)
     }
 
     deinit {
         pthread_mutex_destroy(lock)
-        pthread_cond_destroy(ready)
         pthread_cond_destroy(exited)
         lock.deallocate()
-        ready.deallocate()
         exited.deallocate()
     }
 
@@ -187,7 +202,10 @@ final class WorkerPool: @unchecked Sendable {
     func submit(_ job: @escaping @Sendable () -> Void) {
         pthread_mutex_lock(lock)
         jobs.append(job)
-        pthread_cond_signal(ready)
+        if let sleeper = sleepers.popLast() {
+            sleeper.woken = true
+            pthread_cond_signal(sleeper.ready)
+        }
         pthread_mutex_unlock(lock)
     }
 
@@ -195,27 +213,38 @@ final class WorkerPool: @unchecked Sendable {
     func shutdown() {
         pthread_mutex_lock(lock)
         stopping = true
-        pthread_cond_broadcast(ready)
+        for sleeper in sleepers {
+            sleeper.woken = true
+            pthread_cond_signal(sleeper.ready)
+        }
+        sleepers.removeAll()
         while running > 0 { pthread_cond_wait(exited, lock) }
         pthread_mutex_unlock(lock)
     }
 
     private func work() {
+        let me = Sleeper()
         pthread_mutex_lock(lock)
         // Whether this thread's scratch holds nothing since its last job (or it never had one).
         var dropped = true
         while true {
             while head == jobs.count && !stopping {
+                me.woken = false
+                sleepers.append(me)
+                var timedOut = false
                 if dropped || idleDrop == 0 {
-                    pthread_cond_wait(ready, lock)
-                    continue
+                    pthread_cond_wait(me.ready, lock)
+                } else {
+                    var deadline = timespec()
+                    clock_gettime(CLOCK_REALTIME, &deadline)
+                    let nanoseconds = UInt64(deadline.tv_nsec) + idleDrop
+                    deadline.tv_sec += Int(nanoseconds / 1_000_000_000)
+                    deadline.tv_nsec = Int(nanoseconds % 1_000_000_000)
+                    timedOut = pthread_cond_timedwait(me.ready, lock, &deadline) == ETIMEDOUT
                 }
-                var deadline = timespec()
-                clock_gettime(CLOCK_REALTIME, &deadline)
-                let nanoseconds = UInt64(deadline.tv_nsec) + idleDrop
-                deadline.tv_sec += Int(nanoseconds / 1_000_000_000)
-                deadline.tv_nsec = Int(nanoseconds % 1_000_000_000)
-                if pthread_cond_timedwait(ready, lock, &deadline) == ETIMEDOUT, head == jobs.count, !stopping {
+                // Not taken off the stack by `submit` (a timeout, a spurious wake-up): off it now.
+                if !me.woken, let at = sleepers.lastIndex(where: { $0 === me }) { sleepers.remove(at: at) }
+                if timedOut, !me.woken, head == jobs.count, !stopping {
                     pthread_mutex_unlock(lock)
                     AlignedScratch.drop()
                     pthread_mutex_lock(lock)
