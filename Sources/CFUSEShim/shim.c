@@ -63,6 +63,10 @@ struct worker_pool {
     uint64_t received;
     // Moved by each idle trim (atomic): a worker that sees it move drops its buffers.
     unsigned trim_gen;
+    // Writes deferred and not answered yet (under `lock`); the loop's end waits for them
+    // (`answered`) after the workers are gone.
+    int deferred;
+    pthread_cond_t answered;
 };
 
 struct cfuse_session {
@@ -579,6 +583,41 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     free(own);
 }
 
+struct cfuse_deferred_write {
+    fuse_req_t req;
+    size_t size;
+    struct worker_pool *pool;
+};
+
+// The write whose callback runs on this thread (NULL outside one), and whether the callback
+// deferred its answer (`cfuse_defer_write`).
+static __thread struct cfuse_deferred_write *current_write;
+static __thread int current_write_deferred;
+
+cfuse_deferred_write *cfuse_defer_write(void) {
+    struct cfuse_deferred_write *w = current_write;
+    if (!w || current_write_deferred) return NULL;
+    struct cfuse_deferred_write *copy = malloc(sizeof *copy);
+    if (!copy) return NULL;
+    *copy = *w;
+    pthread_mutex_lock(&w->pool->lock);
+    w->pool->deferred++;
+    pthread_mutex_unlock(&w->pool->lock);
+    current_write_deferred = 1;
+    return copy;
+}
+
+void cfuse_answer_write(cfuse_deferred_write *w, int result) {
+    if (!w) return;
+    if (result < 0) fuse_reply_err(w->req, -result);
+    else fuse_reply_write(w->req, w->size);
+    struct worker_pool *pool = w->pool;
+    free(w);
+    pthread_mutex_lock(&pool->lock);
+    if (--pool->deferred == 0) pthread_cond_broadcast(&pool->answered);
+    pthread_mutex_unlock(&pool->lock);
+}
+
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off, struct fuse_file_info *fi) {
     (void)fi;
     struct cfuse_session *s = session_of(req);
@@ -587,7 +626,13 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     uint64_t offset = (uint64_t)off;
     if (size == 0) { fuse_reply_write(req, 0); return; }
     if (offset >= s->size || size > s->size - offset) { fuse_reply_err(req, ENOSPC); return; }
+    struct cfuse_deferred_write me = {req, size, &s->pool};
+    current_write = &me;
+    current_write_deferred = 0;
     int r = s->callbacks.write(s->context, offset, buf, size);
+    current_write = NULL;
+    // Taken by the callback: answered by whoever calls cfuse_answer_write.
+    if (current_write_deferred) { current_write_deferred = 0; return; }
     if (r < 0) { fuse_reply_err(req, -r); return; }
     fuse_reply_write(req, size);
 }
@@ -965,6 +1010,11 @@ static void *loop_thread(void *arg) {
     pthread_mutex_unlock(&pool->lock);
     for (int i = 0; i < started; i++) pthread_cancel(pool->slots[i].thread);
     for (int i = 0; i < started; i++) pthread_join(pool->slots[i].thread, NULL);
+    // Writes the engine answers later are answered before the session goes (no callback, and
+    // no answer, after stop).
+    pthread_mutex_lock(&pool->lock);
+    while (pool->deferred > 0) pthread_cond_wait(&pool->answered, &pool->lock);
+    pthread_mutex_unlock(&pool->lock);
     // Reads still on the ring are answered before the session goes (no callback after stop).
     ring_stop(s);
     return NULL;
@@ -997,6 +1047,7 @@ static struct cfuse_session *new_cfuse(const char *mountpoint, const char *name,
     s->mountpoint = strdup(mountpoint);
     s->pool.s = s;
     pthread_mutex_init(&s->pool.lock, NULL);
+    pthread_cond_init(&s->pool.answered, NULL);
     sem_init(&s->pool.finished, 0, 0);
     char options[512];
     snprintf(options, sizeof options, "default_permissions,fsname=cairn:%s,subtype=cairn", name);
@@ -1097,6 +1148,7 @@ int cfuse_unmount(cfuse_session *s) {
     fuse_session_destroy(s->se);
     sem_destroy(&s->pool.finished);
     pthread_mutex_destroy(&s->pool.lock);
+    pthread_cond_destroy(&s->pool.answered);
     free(s->mountpoint);
     free(s);
     return aborted;

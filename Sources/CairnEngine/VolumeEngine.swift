@@ -950,13 +950,26 @@ public final class VolumeEngine: Sendable {
             }
         }
         // Write-through: the kernel may send no flush, so nothing is answered before it is durable.
+        // On a FUSE worker the answer goes with the flush round that makes it durable, and the
+        // worker goes back to the kernel meanwhile (`deferUntilDurable`).
         if result == 0 && writeThrough.allDurable.load(ordering: .relaxed) {
+            let bytes = data.count
+            if deferUntilDurable({ [self] deferred, result in
+                cfuse_answer_write(deferred, Int32(finishedWrite(result, bytes: bytes, began: began)))
+            }) {
+                return 0
+            }
             result = makeAnswerDurable()
         }
-        if result != 0 { return Int32(failed(-result)) }
+        return Int32(finishedWrite(result, bytes: data.count, began: began))
+    }
+
+    /// A write's end: counted, and its answer (0 or -errno).
+    private func finishedWrite(_ result: Int32, bytes: Int, began: UInt64) -> Int {
+        if result != 0 { return failed(-result) }
         writes.wrappingAdd(1, ordering: .relaxed)
-        bytesWritten.wrappingAdd(UInt64(data.count), ordering: .relaxed)
-        metrics.write(bytes: data.count, since: began)
+        bytesWritten.wrappingAdd(UInt64(bytes), ordering: .relaxed)
+        metrics.write(bytes: bytes, since: began)
         return 0
     }
 

@@ -1,4 +1,5 @@
 import CairnCore
+import CFUSEShim
 import Foundation
 import Logging
 import Synchronization
@@ -80,17 +81,41 @@ extension VolumeEngine {
     /// nothing is sent), in a round shared with the other callers that arrive meanwhile.
     /// Returns 0 or -errno, and whether a flush was needed.
     func makeDurable() -> (Int32, Bool) {
-        let pending = sets.withShared { s in s.inSync.contains { $0.pendingMark() != nil } }
-        guard pending else { return (0, false) }
-        let result = writeThrough.rounds.flush {
-            let start = metrics.start()
-            defer { metrics.durabilityRound(since: start) }
-            enterGate()
-            defer { leaveGate() }
-            return flushInSyncMembers(volumeID: volumeID, epoch: epoch, through: flushWatermark()).0
-        }
-        return (result, true)
+        guard needsDurabilityFlush else { return (0, false) }
+        return (writeThrough.rounds.flush { durabilityRound() }, true)
     }
+
+    /// Whether an in-sync replica holds a write or trim it did not make durable.
+    var needsDurabilityFlush: Bool {
+        sets.withShared { s in s.inSync.contains { $0.pendingMark() != nil } }
+    }
+
+    /// One flush round of the engine's own: every in-sync replica holding something not yet
+    /// durable. 0 or -errno.
+    func durabilityRound() -> Int32 {
+        let start = metrics.start()
+        defer { metrics.durabilityRound(since: start) }
+        enterGate()
+        defer { leaveGate() }
+        return flushInSyncMembers(volumeID: volumeID, epoch: epoch, through: flushWatermark()).0
+    }
+
+    /// For a write served on a FUSE worker that must be made durable before its answer: the
+    /// answer is deferred to the flush round that makes it durable (`FlushRounds.join`), and
+    /// `answer(result)` runs on that round's thread; the worker goes back to the kernel at
+    /// once. False when the write cannot be deferred (not on a FUSE worker's write, nothing to
+    /// flush, or `CAIRN_DEFERRED_WRITE_ANSWERS=off`): the caller then makes it durable itself.
+    func deferUntilDurable(_ answer: @escaping (_ deferred: OpaquePointer, _ result: Int32) -> Void) -> Bool {
+        guard Self.deferredWriteAnswers, needsDurabilityFlush, let deferred = cfuse_defer_write() else { return false }
+        writeThrough.ownFlushes.wrappingAdd(1, ordering: .relaxed)
+        metrics.durabilityFlush()
+        writeThrough.rounds.join({ answer(deferred, $0) }, round: { durabilityRound() })
+        return true
+    }
+
+    /// `CAIRN_DEFERRED_WRITE_ANSWERS=off`: a write-through write's FUSE worker waits for the flush
+    /// round and answers itself (an escape hatch, and the A/B switch for measurements).
+    static let deferredWriteAnswers: Bool = getenv("CAIRN_DEFERRED_WRITE_ANSWERS").map { String(cString: $0) != "off" } ?? true
 }
 
 extension VolumeEngine {

@@ -111,6 +111,20 @@ int cfuse_idle_trim_signal(char *reason, size_t reason_size);
 /// resident now (workers' request and read buffers and the ring's kept buffers, by mincore).
 void cfuse_buffer_stats(cfuse_session *session, uint64_t *trims, uint64_t *released, uint64_t *resident);
 
+/// A write answered later (`cfuse_defer_write`).
+typedef struct cfuse_deferred_write cfuse_deferred_write;
+
+/// Called from inside the `write` callback, on its thread: the write is answered later, by
+/// `cfuse_answer_write` (any thread), instead of when the callback returns — the worker goes
+/// back to the kernel for the next request meanwhile. Returns NULL outside a `write` callback
+/// (the callback then returns its result as usual). The callback must have finished with `buf`
+/// (the worker reuses it) and must answer every deferred write before the session's stop can
+/// end: the stop waits for them.
+cfuse_deferred_write *cfuse_defer_write(void);
+
+/// Answers a deferred write: `result` 0 (the whole write done) or -errno. Frees `write`.
+void cfuse_answer_write(cfuse_deferred_write *write, int result);
+
 /// Unmounts (lazily, so a loop device still holding the file does not block it), aborts the
 /// kernel connection if the loop does not end by itself (a mount someone detached lazily while a
 /// loop device still uses it), joins the loop thread and frees the session. After it returns no
