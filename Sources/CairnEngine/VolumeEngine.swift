@@ -485,6 +485,7 @@ public final class VolumeEngine: Sendable {
                 "fuse.connection": "\(cfuse_connection_id(session))",
                 "fuse.resumed": "\(resumedFrom != nil)",
                 "write_through": "\(writeThrough.allDurable.load(ordering: .relaxed))",
+                "writes.answered_by_round": "\(writeThrough.allDurable.load(ordering: .relaxed) && Self.deferredWriteAnswers)",
                 "reads.async": "\(async)", "reads.inline_when_alone": "\(async && inlineReads.load(ordering: .relaxed))",
                 "buffers.idle_trim_seconds": "\(Double(idleTrimMilliseconds.load(ordering: .relaxed)) / 1000)"])
             return path
