@@ -589,21 +589,20 @@ struct cfuse_deferred_write {
     struct worker_pool *pool;
 };
 
-// The write whose callback runs on this thread (NULL outside one), and whether the callback
-// deferred its answer (`cfuse_defer_write`).
+// The write whose callback runs on this thread and has not deferred its answer (NULL outside
+// a write callback, and once `cfuse_defer_write` took it).
 static __thread struct cfuse_deferred_write *current_write;
-static __thread int current_write_deferred;
 
 cfuse_deferred_write *cfuse_defer_write(void) {
     struct cfuse_deferred_write *w = current_write;
-    if (!w || current_write_deferred) return NULL;
+    if (!w) return NULL;
     struct cfuse_deferred_write *copy = malloc(sizeof *copy);
     if (!copy) return NULL;
     *copy = *w;
     pthread_mutex_lock(&w->pool->lock);
     w->pool->deferred++;
     pthread_mutex_unlock(&w->pool->lock);
-    current_write_deferred = 1;
+    current_write = NULL;
     return copy;
 }
 
@@ -628,11 +627,11 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     if (offset >= s->size || size > s->size - offset) { fuse_reply_err(req, ENOSPC); return; }
     struct cfuse_deferred_write me = {req, size, &s->pool};
     current_write = &me;
-    current_write_deferred = 0;
     int r = s->callbacks.write(s->context, offset, buf, size);
+    // Taken by the callback (cfuse_defer_write cleared it): answered by cfuse_answer_write.
+    int deferred = current_write == NULL;
     current_write = NULL;
-    // Taken by the callback: answered by whoever calls cfuse_answer_write.
-    if (current_write_deferred) { current_write_deferred = 0; return; }
+    if (deferred) return;
     if (r < 0) { fuse_reply_err(req, -r); return; }
     fuse_reply_write(req, size);
 }

@@ -953,7 +953,7 @@ public final class VolumeEngine: Sendable {
         // Write-through: the kernel may send no flush, so nothing is answered before it is durable.
         // On a FUSE worker the answer goes with the flush round that makes it durable, and the
         // worker goes back to the kernel meanwhile (`deferUntilDurable`).
-        if result == 0 && writeThrough.allDurable.load(ordering: .relaxed) {
+        if result == 0 && writeThrough.allDurable.load(ordering: .relaxed) && needsDurabilityFlush {
             let bytes = data.count
             if deferUntilDurable({ [self] deferred, result in
                 cfuse_answer_write(deferred, Int32(finishedWrite(result, bytes: bytes, began: began)))

@@ -103,10 +103,11 @@ extension VolumeEngine {
     /// For a write served on a FUSE worker that must be made durable before its answer: the
     /// answer is deferred to the flush round that makes it durable (`FlushRounds.join`), and
     /// `answer(result)` runs on that round's thread; the worker goes back to the kernel at
-    /// once. False when the write cannot be deferred (not on a FUSE worker's write, nothing to
-    /// flush, or `CAIRN_DEFERRED_WRITE_ANSWERS=off`): the caller then makes it durable itself.
+    /// once. The caller has seen `needsDurabilityFlush`. False when the write cannot be
+    /// deferred (not on a FUSE worker's write, or `CAIRN_DEFERRED_WRITE_ANSWERS=off`): the
+    /// caller then makes it durable itself.
     func deferUntilDurable(_ answer: @escaping (_ deferred: OpaquePointer, _ result: Int32) -> Void) -> Bool {
-        guard Self.deferredWriteAnswers, needsDurabilityFlush, let deferred = cfuse_defer_write() else { return false }
+        guard Self.deferredWriteAnswers, let deferred = cfuse_defer_write() else { return false }
         writeThrough.ownFlushes.wrappingAdd(1, ordering: .relaxed)
         metrics.durabilityFlush()
         writeThrough.rounds.join({ answer(deferred, $0) }, round: { durabilityRound() })
