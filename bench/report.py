@@ -8,6 +8,7 @@ usage: report.py OUT          the whole report
 """
 import json
 import os
+import re
 import sys
 
 JOBS = ["seqwrite", "seqread", "randwrite", "randread", "fsync"]
@@ -237,6 +238,11 @@ def collect(raw):
             entry["added_p99_us"] = r["pair_p99_us"] - base["pair_p99_us"]
         latency[system] = entry
     stability = limit_stability(raw, fio)
+    stores = {}
+    for n in (1, 2, 3):
+        r = store_rounds(os.path.join(raw, f"stores-r{n}.txt"))
+        if r:
+            stores[n] = r
     pgbench = {}
     for system in PG_SYSTEMS:
         path = os.path.join(raw, f"pgbench-{system}.txt")
@@ -278,7 +284,27 @@ def collect(raw):
         "rss_samples": rss,
         "gluster_skipped": gluster_skipped,
         "limit_stability": stability,
+        "stores": stores,
     }
+
+
+# `cairn replica latency --durable` prints the commit rounds as
+# "  4 KiB write + flush (durable write): p50 57 µs, p99 89 µs, mean 57 µs (17551 per second)".
+STORE_LINE = re.compile(r"write \+ flush.*?: p50 (\d+) µs, p99 (\d+) µs, mean (\d+) µs \((\d+) per second\)")
+
+
+def store_rounds(path):
+    """N replica stores on this disk, 4 KiB durable writes in lockstep: p50, p99, mean, rounds/s."""
+    text = read_text(path)
+    m = STORE_LINE.search(text or "")
+    if not m:
+        return None
+    p50, p99, mean, per_s = (int(g) for g in m.groups())
+    return {"p50_us": p50, "p99_us": p99, "mean_us": mean, "per_s": per_s}
+
+
+# The rows an N-store measurement bounds: the test bed's N-replica volumes.
+STORE_ROWS = {1: "bed-r1", 2: "bed-r2", 3: "bed-r3"}
 
 
 # How far the limit (a) may move between the start and the end of a run before the run counts
@@ -421,6 +447,32 @@ def markdown(data, out):
         if any(e.get("pair_method") != "histograms" for e in lat.values()):
             lines.append("")
             lines.append("≈: no histograms in that fio result (not json+): the sum of the two percentiles.")
+        lines.append("")
+
+    # What the disk allows each replicated row: the replica stores alone, in lockstep.
+    stores = data.get("stores", {})
+    limit_fsync = fio.get("limit", {}).get("fsync")
+    if stores:
+        lines += ["### The disk's share: replica stores alone on this disk", "",
+                  "N replica stores on this machine's disk (the test bed's nodes share it), 4 KiB durable writes in"
+                  " lockstep with no network, FUSE or engine (`cairn replica latency --stores N --durable`): the"
+                  " most write+fdatasync pairs per second an N-replica row can reach here. *Of the limit* is that"
+                  " bound over the limit (a)'s pairs/s; *reached* is the row's pairs/s over the bound; *path* is the"
+                  " row's mean pair minus the stores' mean round (what FUSE, the engine and the network add).", "",
+                  "| row | stores: rounds/s | round p50 / p99 / mean (µs) | of the limit | row pairs/s | reached | path (µs) |",
+                  "|---|---|---|---|---|---|---|"]
+        titles = dict(SYSTEMS)
+        for n in sorted(stores):
+            st = stores[n]
+            system = STORE_ROWS[n]
+            row = fio.get(system, {}).get("fsync")
+            bound = f"{st['per_s'] / headline('fsync', limit_fsync):.2f}×" if limit_fsync and headline("fsync", limit_fsync) else "–"
+            pairs = headline("fsync", row) if row else None
+            reached = f"{pairs / st['per_s']:.2f}" if pairs else "–"
+            path = signed(1e6 / pairs - st["mean_us"]) if pairs else "–"
+            lines.append(f"| {titles[system].split(' ')[0]} {n} replica{'s' if n > 1 else ''} | {fmt(st['per_s'])}"
+                         f" | {st['p50_us']} / {st['p99_us']} / {st['mean_us']} | {bound} | {fmt(pairs) if pairs else '–'}"
+                         f" | {reached} | {path} |")
         lines.append("")
 
     # The database.

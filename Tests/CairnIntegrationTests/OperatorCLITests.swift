@@ -235,6 +235,33 @@ final class OperatorCLITests: XCTestCase {
         XCTAssertTrue(unreachable.stdout.contains("FAIL  etcd"), unreachable.stdout)
     }
 
+    /// `cairn replica latency --stores N --durable` (bench/run's "disk's share" stage): N scratch
+    /// stores written in lockstep; it prints the rounds per second, makes nearly every commit
+    /// durable as written (a flush follows only where a store could not), leaves nothing behind
+    /// in --dir, and refuses a store count it cannot run.
+    func testReplicaLatencyRunsStoresInLockstepAndLeavesNothingBehind() throws {
+        let cairn = try PluginProcess.locateBinary()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-latency-test-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let run = try Command.runBlocking([cairn, "replica", "latency", "--dir", dir, "--stores", "3", "--durable",
+                                           "--ops", "200", "--size-mib", "16"], timeout: .seconds(120))
+        XCTAssertEqual(run.status, 0, run.output)
+        XCTAssertTrue(run.stdout.contains("3 stores in lockstep"), run.stdout)
+        let line = try XCTUnwrap(run.stdout.split(separator: "\n").first { $0.contains("write + flush (durable write)") }, run.stdout)
+        let perSecond = try XCTUnwrap(line.split(separator: "(").last.flatMap { Int($0.split(separator: " ")[0]) }, String(line))
+        XCTAssertGreaterThan(perSecond, 0)
+        let missedLine = try XCTUnwrap(run.stdout.split(separator: "\n").first { $0.contains("could not make durable") }, run.stdout)
+        let missed = try XCTUnwrap(missedLine.split(separator: " ").last.flatMap { Int($0) }, String(missedLine))
+        // 3 stores × (50 warm-up + 200) commits: a store syncs its journal record as it writes.
+        XCTAssertLessThan(missed, 3 * 250 / 10, run.stdout)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir), [], "scratch stores left in \(dir)")
+
+        let refused = try Command.runBlocking([cairn, "replica", "latency", "--dir", dir, "--stores", "0"], timeout: .seconds(30))
+        XCTAssertNotEqual(refused.status, 0)
+        XCTAssertTrue(refused.output.contains("--stores takes 1 to 8"), refused.output)
+    }
+
     // MARK: Steps
 
     /// Starts `argv` (an absolute path first) with stdin, stdout and stderr on /dev/null, no
