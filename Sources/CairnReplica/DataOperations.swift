@@ -239,11 +239,18 @@ public enum DataOp {
         SnapshotGenerations.self,
     ]
 
-    /// The op an opcode names (every `Opcode` has one: a test pins it down).
-    static let byOpcode: [Opcode: any DataOperation.Type] = Dictionary(
-        all.map { ($0.opcode, $0) }, uniquingKeysWith: { first, _ in first })
+    /// The op an opcode names, at the opcode's raw value (every `Opcode` has one: a test pins
+    /// it down). An array, not a dictionary: every frame received looks its op up.
+    static let byOpcode: [(any DataOperation.Type)?] = {
+        var table = [(any DataOperation.Type)?](repeating: nil, count: Int(Opcode.allCases.map(\.rawValue).max() ?? 0) + 1)
+        for op in all where table[Int(op.opcode.rawValue)] == nil { table[Int(op.opcode.rawValue)] = op }
+        return table
+    }()
 
-    public static func operation(_ opcode: Opcode) -> (any DataOperation.Type)? { byOpcode[opcode] }
+    public static func operation(_ opcode: Opcode) -> (any DataOperation.Type)? {
+        let index = Int(opcode.rawValue)
+        return index < byOpcode.count ? byOpcode[index] : nil
+    }
 }
 
 /// One frame's body: a request or a response of the op `opcode` names (its `Request` or

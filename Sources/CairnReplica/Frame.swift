@@ -222,25 +222,57 @@ public struct FrameHeader: Equatable, Sendable {
         guard let opcode = Opcode(rawValue: rawOpcode) else {
             throw FrameError(.unknownOpcode, "unknown op \(rawOpcode) (request id \(requestID))")
         }
+        if let error = Self.flagError(opcode: opcode, flags: flags, requestID: requestID) { throw error }
+        self.init(opcode: opcode, flags: flags, requestID: requestID, payloadLength: payloadLength, epoch: epoch)
+    }
+
+    /// `init(decoding:)` for bytes in memory (every frame a connection receives): the same
+    /// checks in the same order, read in place — no copies into arrays, no generic reader.
+    /// Any header that fails a check is handed to the general decoder, which names the fault.
+    public init(decoding raw: UnsafeRawBufferPointer) throws(FrameError) {
+        if raw.count == FrameLimits.headerSize, let header = Self.decodedInPlace(raw) {
+            self = header
+            return
+        }
+        try self.init(decoding: Array(raw))
+    }
+
+    /// The header in `raw` (exactly `headerSize` bytes) when it passes every check; nil otherwise.
+    private static func decodedInPlace(_ raw: UnsafeRawBufferPointer) -> FrameHeader? {
+        guard UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt32.self)) == FrameLimits.magic,
+              UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 4, as: UInt16.self)) == FrameLimits.version,
+              UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 28, as: UInt32.self))
+                == CRC32C.checksum(UnsafeRawBufferPointer(rebasing: raw[0..<FrameLimits.checksummedHeaderSize])) else { return nil }
+        let flags = raw[7]
+        let requestID = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+        let payloadLength = UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 16, as: UInt32.self))
+        guard UInt64(payloadLength) <= UInt64(FrameLimits.maxPayloadLength), let opcode = Opcode(rawValue: raw[6]),
+              flagError(opcode: opcode, flags: flags, requestID: requestID) == nil else { return nil }
+        return FrameHeader(opcode: opcode, flags: flags, requestID: requestID, payloadLength: payloadLength,
+                           epoch: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 20, as: UInt64.self)))
+    }
+
+    /// Why `flags` are not valid on `opcode`'s frames; nil when they are.
+    private static func flagError(opcode: Opcode, flags: UInt8, requestID: UInt64) -> FrameError? {
         guard flags & ~FrameFlags.known == 0 else {
-            throw FrameError(.reservedFlags, "reserved flag bits set: 0x\(String(flags, radix: 16)) (request id \(requestID))")
+            return FrameError(.reservedFlags, "reserved flag bits set: 0x\(String(flags, radix: 16)) (request id \(requestID))")
         }
         guard flags & FrameFlags.ifNewer == 0 || opcode == .write || opcode == .trim else {
-            throw FrameError(.reservedFlags, "the if-newer flag is only valid on write and trim, not \(opcode) (request id \(requestID))")
+            return FrameError(.reservedFlags, "the if-newer flag is only valid on write and trim, not \(opcode) (request id \(requestID))")
         }
         guard flags & FrameFlags.repair == 0 || (opcode == .write && flags & (FrameFlags.response | FrameFlags.ifNewer) == 0) else {
-            throw FrameError(.reservedFlags, "the repair flag is only valid on a write request, without if-newer (request id \(requestID))")
+            return FrameError(.reservedFlags, "the repair flag is only valid on a write request, without if-newer (request id \(requestID))")
         }
         guard flags & FrameFlags.barrier == 0 || opcode == .snapshot else {
-            throw FrameError(.reservedFlags, "the barrier flag is only valid on snapshot, not \(opcode) (request id \(requestID))")
+            return FrameError(.reservedFlags, "the barrier flag is only valid on snapshot, not \(opcode) (request id \(requestID))")
         }
         guard flags & FrameFlags.detail == 0 || (opcode == .read && flags & FrameFlags.response != 0) else {
-            throw FrameError(.reservedFlags, "the detail flag is only valid on a read response, not \(opcode) (request id \(requestID))")
+            return FrameError(.reservedFlags, "the detail flag is only valid on a read response, not \(opcode) (request id \(requestID))")
         }
         guard flags & FrameFlags.durable == 0 || (opcode == .write && flags & (FrameFlags.ifNewer | FrameFlags.repair) == 0) else {
-            throw FrameError(.reservedFlags, "the durable flag is only valid on a plain write, not \(opcode) (request id \(requestID))")
+            return FrameError(.reservedFlags, "the durable flag is only valid on a plain write, not \(opcode) (request id \(requestID))")
         }
-        self.init(opcode: opcode, flags: flags, requestID: requestID, payloadLength: payloadLength, epoch: epoch)
+        return nil
     }
 }
 
@@ -317,7 +349,14 @@ public struct Frame: Equatable, Sendable {
         }
         let message: FrameMessage
         do throws(FrameError) {
-            message = try op.decode(response: header.isResponse, flags: header.flags, payload: payload)
+            // The data path's ops by their concrete types (decoders specialized for this
+            // payload), every other through the op table.
+            switch header.opcode {
+            case .write: message = try DataOp.Write.decode(response: header.isResponse, flags: header.flags, payload: payload)
+            case .read: message = try DataOp.Read.decode(response: header.isResponse, flags: header.flags, payload: payload)
+            case .flush: message = try DataOp.Flush.decode(response: header.isResponse, flags: header.flags, payload: payload)
+            default: message = try op.decode(response: header.isResponse, flags: header.flags, payload: payload)
+            }
         } catch {
             throw FrameError(error.kind, "\(error.reason) (\(op.name) \(header.isResponse ? "response" : "request"), request id \(header.requestID))")
         }

@@ -131,6 +131,45 @@ final class FrameCodecTests: XCTestCase {
         XCTAssertEqual(bytes, Self.rawFrame(op: 6, flags: 1, requestID: 0x0102_0304_0506_0708, epoch: 0x1112_1314_1516_1718, payload: [0, 0, 0]))
     }
 
+    /// The in-place header decoder (every received frame's) against the general one, on valid
+    /// headers of every op and flag combination and on each with one byte changed (checksum
+    /// fixed up half the time, so the checks after it are reached): the same header, or the
+    /// same error. A fast path that accepted what the general decoder refuses would let a
+    /// malformed frame in.
+    func testTheInPlaceHeaderDecoderAgreesWithTheGeneralOne() throws {
+        var rng = SystemRandomNumberGenerator()
+        var compared = 0, refused = 0
+        func check(_ bytes: [UInt8]) {
+            let general = Result { () throws(FrameError) in try FrameHeader(decoding: bytes) }
+            let inPlace = bytes.withUnsafeBytes { raw in Result { () throws(FrameError) in try FrameHeader(decoding: raw) } }
+            switch (general, inPlace) {
+            case let (.success(a), .success(b)): XCTAssertEqual(a, b)
+            case let (.failure(a), .failure(b)): XCTAssertEqual(a, b); refused += 1
+            default: XCTFail("the decoders disagree on \(bytes): \(general) against \(inPlace)")
+            }
+            compared += 1
+        }
+        for opcode in Opcode.allCases {
+            for flags in 0...UInt8.max {
+                let header = FrameHeader(opcode: opcode, flags: flags, requestID: UInt64.random(in: 0...UInt64.max, using: &rng),
+                                         payloadLength: UInt32.random(in: 0...UInt32(FrameLimits.maxPayloadLength) + 1, using: &rng),
+                                         epoch: UInt64.random(in: 0...UInt64.max, using: &rng))
+                let bytes = header.encode()
+                check(bytes)
+                var damaged = bytes
+                let at = Int.random(in: 0..<FrameLimits.headerSize, using: &rng)
+                damaged[at] ^= UInt8.random(in: 1...UInt8.max, using: &rng)
+                if Bool.random(using: &rng) && at < FrameLimits.checksummedHeaderSize {
+                    let crc = CRC32C.checksum(Array(damaged[0..<FrameLimits.checksummedHeaderSize]))
+                    withUnsafeBytes(of: crc.littleEndian) { damaged.replaceSubrange(FrameLimits.checksummedHeaderSize..<FrameLimits.headerSize, with: $0) }
+                }
+                check(damaged)
+            }
+        }
+        check(Array(FrameHeader(opcode: .write, flags: 0, requestID: 1, payloadLength: 0, epoch: 0).encode().dropLast()))
+        XCTAssertGreaterThan(refused, compared / 4, "too few refusals to have exercised the checks")
+    }
+
     func testLargestWriteIsAcceptedAndOneBlockMoreIsNot() throws {
         let data = [UInt8](repeating: 0xA5, count: FrameLimits.maxDataLength)
         let write = Frame(requestID: 1, epoch: 1, body: .request(DataOp.Write.request(WriteRequest(volume: String(repeating: "x", count: 128), generation: 1, offset: 0, data: data))))
