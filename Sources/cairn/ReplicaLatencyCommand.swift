@@ -111,8 +111,10 @@ struct ReplicaLatencyCommand: ParsableCommand {
     }
 }
 
-/// N replica stores written in lockstep: one thread per store (so a store's device waits
-/// overlap the others', as separate replica processes' do), started together each round.
+/// N replica stores written in lockstep: the calling thread writes the first store and one
+/// thread of its own each of the others (so the stores' device waits overlap, as separate
+/// replica processes' do) — the shape of the engine's `fromThisThread`, local replica on the
+/// caller. A round returns when every store is done.
 private final class LockstepStores: @unchecked Sendable {
     enum Mode { case write, writeAndFlush, durableWrite }
 
@@ -126,76 +128,83 @@ private final class LockstepStores: @unchecked Sendable {
     private let stores: [ReplicaStore]
     private let lock = NSCondition()
     // Under `lock`: the round's job and number (a worker runs each number once), the workers
-    // not done with it, the first error, whether to stop, the writes not durable as written.
+    // not done with it, the first error, whether to stop, the workers still running, the
+    // writes not durable as written.
     private var job: Job?
     private var number = 0
     private var pending = 0
     private var failure: (any Error)?
     private var stopping = false
     private var running = 0
-    private(set) var notDurable = 0
+    private var missed = 0
 
     init(stores: [ReplicaStore]) {
         self.stores = stores
-        guard stores.count > 1 else { return }
-        running = stores.count
-        for (i, store) in stores.enumerated() {
+        running = stores.count - 1
+        for (i, store) in stores.enumerated().dropFirst() {
             let thread = Thread { [self] in work(store) }
             thread.name = "cairn-latency-\(i)"
             thread.start()
         }
     }
 
+    var notDurable: Int { lock.withLock { missed } }
+
     func round(offset: UInt64, bytes: UnsafeRawBufferPointer, generation: UInt64, mode: Mode) throws {
         let job = Job(offset: offset, bytes: bytes, generation: generation, mode: mode)
-        if stores.count == 1 {
-            let missed = try Self.run(job, on: stores[0])
-            if missed { notDurable += 1 }
-            return
+        lock.withLock {
+            self.job = job
+            number += 1
+            pending = stores.count - 1
+            failure = nil
+            lock.broadcast()
         }
-        lock.lock()
-        self.job = job
-        number += 1
-        pending = stores.count
-        failure = nil
-        lock.broadcast()
-        while pending > 0 { lock.wait() }
-        let error = failure
-        lock.unlock()
-        if let error { throw error }
+        var error: (any Error)?
+        do { if try Self.run(job, on: stores[0]) { finished(true, nil) } } catch let e { error = e }
+        try lock.withLock {
+            while pending > 0 { lock.wait() }
+            if let failure = error ?? failure { throw failure }
+        }
     }
 
     func stop() {
-        lock.lock()
-        stopping = true
-        lock.broadcast()
-        while running > 0 { lock.wait() }
-        lock.unlock()
+        lock.withLock {
+            stopping = true
+            lock.broadcast()
+            while running > 0 { lock.wait() }
+        }
+    }
+
+    /// Counts one store's part of the round done (`missed`: not durable as written).
+    private func finished(_ wasMissed: Bool, _ error: (any Error)?) {
+        lock.withLock {
+            if wasMissed { missed += 1 }
+            if let error, failure == nil { failure = error }
+        }
     }
 
     private func work(_ store: ReplicaStore) {
         var done = 0
         while true {
-            lock.lock()
-            while !stopping && number == done { lock.wait() }
-            if stopping {
-                running -= 1
-                lock.broadcast()
-                lock.unlock()
-                return
+            let job: Job? = lock.withLock {
+                while !stopping && number == done { lock.wait() }
+                if stopping {
+                    running -= 1
+                    lock.broadcast()
+                    return nil
+                }
+                done = number
+                return self.job
             }
-            done = number
-            let job = self.job!
-            lock.unlock()
-            var missed = false
+            guard let job else { return }
+            var wasMissed = false
             var error: (any Error)?
-            do { missed = try Self.run(job, on: store) } catch let e { error = e }
-            lock.lock()
-            if missed { notDurable += 1 }
-            if let error, failure == nil { failure = error }
-            pending -= 1
-            if pending == 0 { lock.broadcast() }
-            lock.unlock()
+            do { wasMissed = try Self.run(job, on: store) } catch let e { error = e }
+            finished(wasMissed, error)
+            lock.withLock {
+                pending -= 1
+                if pending == 0 { lock.broadcast() }
+            }
         }
     }
 
