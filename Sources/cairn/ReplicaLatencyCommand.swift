@@ -12,8 +12,9 @@ import Foundation
 /// before the rounds (commits overwrite blocks a volume has).
 ///
 /// `--stores N` runs N stores side by side in lockstep, each round writing the same block to
-/// every store from a thread of its own and ending when the slowest is done: what the replicas
-/// of one volume ask of a disk they share (bench/run's test bed puts every node on one disk).
+/// every store (the first from the calling thread, each other from a thread of its own) and
+/// ending when the slowest is done: what the replicas of one volume ask of a disk they share
+/// (bench/run's test bed puts every node on one disk).
 /// `--durable` sends the commit's write as the engine does for a lone write (the store syncs
 /// its journal record before answering; a flush follows only when a store could not). The
 /// rounds per second are then the most write+fdatasync pairs per second N replicas of a volume
