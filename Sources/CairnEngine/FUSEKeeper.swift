@@ -138,15 +138,23 @@ public enum FUSEKeeperServer {
         signal(SIGTERM) { _ in FUSEKeeperServer.stopRequested.store(true, ordering: .relaxed) }
         signal(SIGINT) { _ in FUSEKeeperServer.stopRequested.store(true, ordering: .relaxed) }
 
+        // Held connections are looked at once a second (a poll that does not wait), never waited
+        // on: the kernel wakes every waiter on a /dev/fuse descriptor each time it queues a
+        // request (FUSE passes no event mask with the wake-up), so a wait for errors only still
+        // woke this process once per I/O of every kept volume — tens of thousands of wake-ups a
+        // second under load, on the CPUs the I/O itself needs (docs/engine.md, "The keeper's
+        // wake-ups"). A connection the kernel ended is dropped within a second instead of at once.
+        var lastHeldCheck = ContinuousClock.now
         while !stopping {
             let polled = clients
-            let keys = held.keys.sorted()
             var fds = [pollfd(fd: listener, events: Int16(POLLIN), revents: 0)]
             fds += polled.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-            // Held connections: errors only (POLLIN would fire while requests wait for the engine).
-            fds += keys.map { pollfd(fd: held[$0]!.fd, events: 0, revents: 0) }
             let n = poll(&fds, nfds_t(fds.count), 1000)
             if stopRequested.load(ordering: .relaxed) { stopping = true; break }
+            if ContinuousClock.now - lastHeldCheck >= .seconds(1) {
+                dropEnded(&held, logger: logger)
+                lastHeldCheck = ContinuousClock.now
+            }
             if n < 0 { continue }
             var closed = Set<Int32>()
             for (i, client) in polled.enumerated() where fds[1 + i].revents != 0 {
@@ -158,15 +166,6 @@ public enum FUSEKeeperServer {
             }
             for client in closed { close(client) }
             clients.removeAll { closed.contains($0) }
-            for (i, key) in keys.enumerated() {
-                let revents = fds[1 + polled.count + i].revents
-                if revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0, let gone = held[key], gone.fd == fds[1 + polled.count + i].fd {
-                    held[key] = nil
-                    close(gone.fd)
-                    logger.info("the kernel ended a kept FUSE connection (unmounted or aborted); dropped it",
-                                metadata: ["volume.id": "\(key)", "fuse.connection": "\(gone.entry.connection)"])
-                }
-            }
             if fds[0].revents & Int16(POLLIN) != 0 {
                 let client = accept(listener, nil, nil)
                 if client >= 0 {
@@ -189,6 +188,22 @@ public enum FUSEKeeperServer {
     }
 
     static let stopRequested = Atomic<Bool>(false)
+
+    /// Drops the held connections the kernel has ended (unmounted and released, or aborted):
+    /// one poll of them that does not wait, so the keeper never sleeps on a /dev/fuse descriptor.
+    static func dropEnded(_ held: inout [String: (entry: KeptConnection, fd: Int32)], logger: Logger) {
+        let keys = held.keys.sorted()
+        guard !keys.isEmpty else { return }
+        var fds = keys.map { pollfd(fd: held[$0]!.fd, events: 0, revents: 0) }
+        guard poll(&fds, nfds_t(fds.count), 0) > 0 else { return }
+        for (i, key) in keys.enumerated() where fds[i].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 {
+            guard let gone = held[key], gone.fd == fds[i].fd else { continue }
+            held[key] = nil
+            close(gone.fd)
+            logger.info("the kernel ended a kept FUSE connection (unmounted or aborted); dropped it",
+                        metadata: ["volume.id": "\(key)", "fuse.connection": "\(gone.entry.connection)"])
+        }
+    }
 
     private static func handle(_ message: KeeperMessage, fd: Int32, client: Int32,
                                held: inout [String: (entry: KeptConnection, fd: Int32)], logger: Logger) {

@@ -102,6 +102,41 @@ extension ReplicatedFailoverTests {
         try await detach(volume, attached)
     }
 
+    /// The keeper holds every staged volume's /dev/fuse descriptor and must cost their I/O
+    /// nothing: the kernel wakes every waiter on such a descriptor for each request it queues,
+    /// so a keeper that waited on them (even for errors only) woke once per I/O — on this
+    /// machine kind's two CPUs, a third of the wake-ups of a random-read load. Its context
+    /// switches during a load are counted against the reads done.
+    func testTheKeeperIsNotWokenByItsVolumesIO() async throws {
+        let volume = try await createBlockVolume("keeper-quiet")
+        let attached = try await attach(volume, on: "n1")
+        let pidFile = bed.stateDir + "/n1/fuse-keeper.pid"
+        let keeper = try XCTUnwrap(Int32(try String(contentsOfFile: pidFile, encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines)))
+        // Every thread's (the keeper's loop need not run on the main thread).
+        func switches() throws -> Int {
+            try FileManager.default.contentsOfDirectory(atPath: "/proc/\(keeper)/task").map { task in
+                let status = (try? String(contentsOfFile: "/proc/\(keeper)/task/\(task)/status", encoding: .utf8)) ?? ""
+                return status.split(separator: "\n")
+                    .filter { $0.hasPrefix("voluntary_ctxt_switches") || $0.hasPrefix("nonvoluntary_ctxt_switches") }
+                    .compactMap { Int($0.split(separator: ":").last!.trimmingCharacters(in: .whitespaces)) }.reduce(0, +)
+            }.reduce(0, +)
+        }
+        let before = try switches()
+        let result = try await Fio.start(file: attached.target, sizeMiB: 32, arguments: [
+            "--rw=randread", "--bs=4k", "--ioengine=libaio", "--iodepth=32", "--runtime=4", "--time_based"]).wait(seconds: 60)
+        let woken = try switches() - before
+        print("keeper \(keeper): \(woken) context switches during \(result.reads) reads")
+        result.assertNoIOError()
+        XCTAssertGreaterThan(result.reads, 2_000, "the load must have reached the volume")
+        // Once a second it looks at its connections, and the engine process talks to it now
+        // and then; one wake-up per hundred reads would already be a wait on /dev/fuse.
+        XCTAssertLessThan(woken, max(40, result.reads / 100),
+                          "the keeper was woken \(woken) times by \(result.reads) reads: it waits on a /dev/fuse descriptor")
+        XCTAssertEqual(kill(keeper, 0), 0, "the keeper still runs")
+        try await detach(volume, attached)
+    }
+
     /// A replica node's process restarts (an upgrade) while the volume is written on another
     /// node: no I/O error, and the replica is back in sync within 30 s by a delta — the resync
     /// copies what changed while it was away, never the whole volume. The volume is written
