@@ -209,6 +209,7 @@ public enum FUSEKeeperServer {
                                held: inout [String: (entry: KeptConnection, fd: Int32)], logger: Logger) {
         switch message.op {
         case "hello":
+            dropEnded(&held, logger: logger)
             _ = send(client, KeeperMessage(ok: true, count: held.count, pid: getpid(), version: KeeperMessage.version))
         case "hold":
             guard let entry = message.entry, fd >= 0 else {
@@ -229,6 +230,9 @@ public enum FUSEKeeperServer {
             _ = send(client, KeeperMessage(ok: true))
         case "list":
             if fd >= 0 { close(fd) }
+            // Exact (as hello's count), not as of the last once-a-second look: a restarted engine
+            // process must not take a connection the kernel already ended for one it can resume.
+            dropEnded(&held, logger: logger)
             for key in held.keys.sorted() {
                 _ = send(client, KeeperMessage(entry: held[key]!.entry, more: true), fd: held[key]!.fd)
             }
