@@ -80,7 +80,10 @@ def main():
 
     def who(pid, comm):
         if pid in node_of:
-            return node_of[pid] + (" (engine + local replica)" if node_of[pid] == "n1" else " (replica server)")
+            node = node_of[pid]
+            if node.endswith("-keeper"):
+                return node + " (FUSE keeper)"
+            return node + (" (engine + local replica)" if node == "n1" else " (replica server)")
         if comm.startswith("fio"):
             return "fio"
         if pid == "0":
