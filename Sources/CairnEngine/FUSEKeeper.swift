@@ -151,9 +151,10 @@ public enum FUSEKeeperServer {
             fds += polled.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
             let n = poll(&fds, nfds_t(fds.count), 1000)
             if stopRequested.load(ordering: .relaxed) { stopping = true; break }
-            if ContinuousClock.now - lastHeldCheck >= .seconds(1) {
+            let now = ContinuousClock.now
+            if now - lastHeldCheck >= .seconds(1) {
                 dropEnded(&held, logger: logger)
-                lastHeldCheck = ContinuousClock.now
+                lastHeldCheck = now
             }
             if n < 0 { continue }
             var closed = Set<Int32>()

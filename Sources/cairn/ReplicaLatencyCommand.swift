@@ -161,7 +161,7 @@ private final class LockstepStores: @unchecked Sendable {
             lock.broadcast()
         }
         var error: (any Error)?
-        do { if try Self.run(job, on: stores[0]) { finished(true, nil) } } catch let e { error = e }
+        do { if try Self.run(job, on: stores[0]) { finished(true, nil, worker: false) } } catch let e { error = e }
         try lock.withLock {
             while pending > 0 { lock.wait() }
             if let failure = error ?? failure { throw failure }
@@ -176,11 +176,16 @@ private final class LockstepStores: @unchecked Sendable {
         }
     }
 
-    /// Counts one store's part of the round done (`missed`: not durable as written).
-    private func finished(_ wasMissed: Bool, _ error: (any Error)?) {
+    /// Records one store's part of the round (`wasMissed`: not durable as written); a worker's
+    /// (`worker`) also counts it done, in the same hold of the lock.
+    private func finished(_ wasMissed: Bool, _ error: (any Error)?, worker: Bool) {
         lock.withLock {
             if wasMissed { missed += 1 }
             if let error, failure == nil { failure = error }
+            if worker {
+                pending -= 1
+                if pending == 0 { lock.broadcast() }
+            }
         }
     }
 
@@ -201,11 +206,7 @@ private final class LockstepStores: @unchecked Sendable {
             var wasMissed = false
             var error: (any Error)?
             do { wasMissed = try Self.run(job, on: store) } catch let e { error = e }
-            finished(wasMissed, error)
-            lock.withLock {
-                pending -= 1
-                if pending == 0 { lock.broadcast() }
-            }
+            finished(wasMissed, error, worker: true)
         }
     }
 

@@ -16,6 +16,12 @@ extension ReplicatedFailoverTests {
         try bed.restartEngineProcess(node)
     }
 
+    /// The pid in the node's FUSE keeper pid file (`<data-dir>/fuse-keeper.pid`); nil while none.
+    func keeperPID(_ node: String) -> Int32? {
+        (try? String(contentsOfFile: bed.stateDir + "/\(node)/fuse-keeper.pid", encoding: .utf8))
+            .flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+    }
+
     func testEngineProcessKilledUnderBlockLoadLosesNoIO() async throws {
         let volume = try await createBlockVolume("restart-block")
         let attached = try await attach(volume, on: "n1")
@@ -76,16 +82,13 @@ extension ReplicatedFailoverTests {
     func testKeeperKilledThenEngineProcessKilledStillLosesNoIO() async throws {
         let volume = try await createBlockVolume("keeper-killed")
         let attached = try await attach(volume, on: "n1")
-        let pidFile = bed.stateDir + "/n1/fuse-keeper.pid"
-        let first = try XCTUnwrap(Int32(try String(contentsOfFile: pidFile, encoding: .utf8)
-            .trimmingCharacters(in: .whitespacesAndNewlines)))
+        let first = try XCTUnwrap(keeperPID("n1"), "n1's keeper pid file")
         XCTAssertEqual(kill(first, SIGKILL), 0, "SIGKILL of the keeper \(first)")
         // The engine process notices within its 2 s watch and starts a new keeper.
         var second: Int32?
         for _ in 0..<100 {
             try await Task.sleep(for: .milliseconds(100))
-            if let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
-               let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid != first, kill(pid, 0) == 0 {
+            if let pid = keeperPID("n1"), pid != first, kill(pid, 0) == 0 {
                 second = pid
                 break
             }
@@ -110,9 +113,7 @@ extension ReplicatedFailoverTests {
     func testTheKeeperIsNotWokenByItsVolumesIO() async throws {
         let volume = try await createBlockVolume("keeper-quiet")
         let attached = try await attach(volume, on: "n1")
-        let pidFile = bed.stateDir + "/n1/fuse-keeper.pid"
-        let keeper = try XCTUnwrap(Int32(try String(contentsOfFile: pidFile, encoding: .utf8)
-            .trimmingCharacters(in: .whitespacesAndNewlines)))
+        let keeper = try XCTUnwrap(keeperPID("n1"), "n1's keeper pid file")
         // Every thread's (the keeper's loop need not run on the main thread).
         func switches() throws -> Int {
             try FileManager.default.contentsOfDirectory(atPath: "/proc/\(keeper)/task").map { task in
