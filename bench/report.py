@@ -243,6 +243,14 @@ def collect(raw):
         r = store_rounds(os.path.join(raw, f"stores-r{n}.txt"))
         if r:
             stores[n] = r
+    copies = {}
+    for n in (1, 2, 3):
+        path = os.path.join(raw, f"copies-r{n}.json")
+        if os.path.exists(path):
+            try:
+                copies[n] = {"total_mib_s": fio_result(path)["mib_s"]}
+            except (ValueError, KeyError, IndexError):
+                pass
     pgbench = {}
     for system in PG_SYSTEMS:
         path = os.path.join(raw, f"pgbench-{system}.txt")
@@ -285,6 +293,7 @@ def collect(raw):
         "gluster_skipped": gluster_skipped,
         "limit_stability": stability,
         "stores": stores,
+        "copies": copies,
     }
 
 
@@ -305,6 +314,18 @@ def store_rounds(path):
 
 # The rows an N-store measurement bounds: the test bed's N-replica volumes.
 STORE_ROWS = {1: "bed-r1", 2: "bed-r2", 3: "bed-r3"}
+
+
+def bound_row(fio, n, job):
+    """The N-replica bed row a disk's-share bound applies to: its label and its figure for `job`."""
+    system = STORE_ROWS[n]
+    row = fio.get(system, {}).get(job)
+    return f"{dict(SYSTEMS)[system].split(' ')[0]} {n} replica{'s' if n > 1 else ''}", headline(job, row) if row else None
+
+
+def over_limit(bound, job, limit):
+    """A bound over the limit (a)'s figure for `job`, as the report prints ratios."""
+    return f"{bound / headline(job, limit):.2f}×" if limit and headline(job, limit) else "–"
 
 
 # How far the limit (a) may move between the start and the end of a run before the run counts
@@ -461,18 +482,37 @@ def markdown(data, out):
                   " row's mean pair minus the stores' mean round (what FUSE, the engine and the network add).", "",
                   "| row | stores: rounds/s | round p50 / p99 / mean (µs) | of the limit | row pairs/s | reached | path (µs) |",
                   "|---|---|---|---|---|---|---|"]
-        titles = dict(SYSTEMS)
         for n in sorted(stores):
             st = stores[n]
-            system = STORE_ROWS[n]
-            row = fio.get(system, {}).get("fsync")
-            bound = f"{st['per_s'] / headline('fsync', limit_fsync):.2f}×" if limit_fsync and headline("fsync", limit_fsync) else "–"
-            pairs = headline("fsync", row) if row else None
+            label, pairs = bound_row(fio, n, "fsync")
+            bound = over_limit(st["per_s"], "fsync", limit_fsync)
             reached = f"{pairs / st['per_s']:.2f}" if pairs else "–"
             path = signed(1e6 / pairs - st["mean_us"]) if pairs else "–"
-            lines.append(f"| {titles[system].split(' ')[0]} {n} replica{'s' if n > 1 else ''} | {fmt(st['per_s'])}"
+            lines.append(f"| {label} | {fmt(st['per_s'])}"
                          f" | {st['p50_us']} / {st['p99_us']} / {st['mean_us']} | {bound} | {fmt(pairs) if pairs else '–'}"
                          f" | {reached} | {path} |")
+        lines.append("")
+
+    # What the disk's bandwidth allows each replicated row's sequential write: N copies of every byte.
+    copies = data.get("copies", {})
+    limit_seq = fio.get("limit", {}).get("seqwrite")
+    if copies:
+        lines += ["### The disk's share: N copies of every byte", "",
+                  "N sequential writers at once on this machine's disk (fio, 1 MiB QD8, direct I/O, a file each):"
+                  " on the test bed an N-replica row writes every byte N times to this one disk, so their total"
+                  " MiB/s over N is the most sequential write that row can reach here, whatever FUSE, the engine"
+                  " and the network cost. *Of the limit* is that bound over the limit (a)'s sequential write;"
+                  " *reached* is the row's MiB/s over the bound. With a disk per replica the 1-writer figure bounds"
+                  " every row.", "",
+                  "| row | N writers: total MiB/s | per copy: the bound (MiB/s) | of the limit | row MiB/s | reached |",
+                  "|---|---|---|---|---|---|"]
+        for n in sorted(copies):
+            total = copies[n]["total_mib_s"]
+            bound = total / n
+            label, mib = bound_row(fio, n, "seqwrite")
+            reached = f"{mib / bound:.2f}" if mib and bound else "–"
+            lines.append(f"| {label} | {fmt(total)} | {fmt(bound)} | {over_limit(bound, 'seqwrite', limit_seq)}"
+                         f" | {fmt(mib) if mib else '–'} | {reached} |")
         lines.append("")
 
     # The database.
