@@ -32,12 +32,13 @@ SYSTEMS = [
     ("bed-r3-secure", "(c secure) the same, encrypted"),
     ("gluster", "(d) GlusterFS replica 3 (FUSE)"),
 ]
-# (numerator, denominator) -> {job: target}; "≥" targets throughout.
+# (numerator, denominator) -> {job: target}; "≥" targets throughout. The bed rows' are issue 16's
+# (its "Done when"; (c) sequential read and (c)/(d) sequential write are issue 5's).
 TARGETS = {
     ("one", "limit"): {"seqwrite": 0.9, "seqread": 0.9, "randwrite": 0.45, "randread": 0.65, "fsync": 0.7},
-    ("bed-r1", "limit"): {},
-    ("bed-r2", "limit"): {},
-    ("bed-r3", "limit"): {"seqwrite": 0.5, "seqread": 0.6, "randwrite": 0.2, "randread": 0.6, "fsync": 0.4},
+    ("bed-r1", "limit"): {"seqwrite": 0.9, "randwrite": 0.7, "randread": 0.8, "fsync": 0.7},
+    ("bed-r2", "limit"): {"seqwrite": 0.55, "randwrite": 0.21, "fsync": 0.41},
+    ("bed-r3", "limit"): {"seqwrite": 0.5, "seqread": 0.6, "randwrite": 0.25, "randread": 0.8, "fsync": 0.4},
     ("bed-r3", "gluster"): {"seqwrite": 2.0, "randwrite": 3.0, "fsync": 3.0},
     # What authenticating (within 5%) and encrypting (within 15%) replica traffic may cost.
     ("bed-r3-auth", "bed-r3-none"): {job: 0.95 for job in ("seqwrite", "seqread", "randwrite", "randread", "fsync")},
@@ -53,6 +54,10 @@ RATIO_NAMES = {
     ("bed-r3-secure", "bed-r3-none"): "(c secure)/(c none)",
 }
 
+
+# Issue 16's other targets: pgbench tps ratios, and the (c) commit's added p50 over the limit.
+PG_TARGETS = {"(c)/(a)": 0.5, "(c)/(d)": 3.0}
+ADDED_P50_TARGET_US = 300
 
 # pgbench runs on these (PGDATA in ext4 on each of (a), (b'), (c); on (d)'s mount itself).
 PG_SYSTEMS = ["limit", "bed-r1", "bed-r3", "gluster"]
@@ -468,6 +473,10 @@ def markdown(data, out):
         if any(e.get("pair_method") != "histograms" for e in lat.values()):
             lines.append("")
             lines.append("≈: no histograms in that fio result (not json+): the sum of the two percentiles.")
+        added = lat.get("bed-r3", {}).get("added_p50_us")
+        if added is not None:
+            lines += ["", f"Added p50 of (c) over (a): {signed(added)} µs (≤ {ADDED_P50_TARGET_US} µs:"
+                          f" {'**met**' if added <= ADDED_P50_TARGET_US else '**not met**'})."]
         lines.append("")
 
     # What the disk allows each replicated row: the replica stores alone, in lockstep.
@@ -537,7 +546,10 @@ def markdown(data, out):
             lines.append(f"| {titles[system]} | {fmt(r['tps'])} | {fmt(r.get('latency_avg_ms'))} | {r.get('transactions', '–')}"
                          f" ({r.get('failed_transactions', 0)}) | {ratio} | {fmt(r.get('init_s'))} |")
         if data.get("pgbench_ratios"):
-            lines += ["", "Ratios of tps: " + ", ".join(f"{k} **{v:.2f}×**" for k, v in data["pgbench_ratios"].items()) + "."]
+            lines += ["", "Ratios of tps: " + ", ".join(
+                f"{k} **{v:.2f}×**" + (f" (≥ {PG_TARGETS[k]}×: {'**met**' if v >= PG_TARGETS[k] else '**not met**'})"
+                                       if k in PG_TARGETS else "")
+                for k, v in data["pgbench_ratios"].items()) + "."]
         lines.append("")
 
     # Control plane and failover.
@@ -714,7 +726,7 @@ def chart(data, path):
     m = data["machine"]
     ax.set_title(f"Cairn vs the limit (ext4 on a loop device over a local file) — {m.get('date', '')}, {m.get('commit', '')},"
                  f" {m.get('cores', '?')} cores, {m.get('mode', '')} run", fontsize=9)
-    ax.plot([], [], color="black", linewidth=2, label="target for (b) / (c)")
+    ax.plot([], [], color="black", linewidth=2, label="target (the bed rows: issue 16)")
     # Below the axes: above the bars it would hide the tallest ones.
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=5 if len(series) < 5 else 4, frameon=False)
     fig.tight_layout()
