@@ -328,6 +328,11 @@ def bound_row(fio, n, job):
     return f"{dict(SYSTEMS)[system].split(' ')[0]} {n} replica{'s' if n > 1 else ''}", headline(job, row) if row else None
 
 
+def table_head(title, intro, columns):
+    """A report section's heading, its paragraph and the head of its table, as lines."""
+    return [f"### {title}", "", intro, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
 def over_limit(bound, job, limit):
     """A bound over the limit (a)'s figure for `job`, as the report prints ratios."""
     return f"{bound / headline(job, limit):.2f}×" if limit and headline(job, limit) else "–"
@@ -483,14 +488,14 @@ def markdown(data, out):
     stores = data.get("stores", {})
     limit_fsync = fio.get("limit", {}).get("fsync")
     if stores:
-        lines += ["### The disk's share: replica stores alone on this disk", "",
-                  "N replica stores on this machine's disk (the test bed's nodes share it), 4 KiB durable writes in"
-                  " lockstep with no network, FUSE or engine (`cairn replica latency --stores N --durable`): the"
-                  " most write+fdatasync pairs per second an N-replica row can reach here. *Of the limit* is that"
-                  " bound over the limit (a)'s pairs/s; *reached* is the row's pairs/s over the bound; *path* is the"
-                  " row's mean pair minus the stores' mean round (what FUSE, the engine and the network add).", "",
-                  "| row | stores: rounds/s | round p50 / p99 / mean (µs) | of the limit | row pairs/s | reached | path (µs) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += table_head("The disk's share: replica stores alone on this disk",
+                            "N replica stores on this machine's disk (the test bed's nodes share it), 4 KiB durable writes in"
+                            " lockstep with no network, FUSE or engine (`cairn replica latency --stores N --durable`): the"
+                            " most write+fdatasync pairs per second an N-replica row can reach here. *Of the limit* is that"
+                            " bound over the limit (a)'s pairs/s; *reached* is the row's pairs/s over the bound; *path* is the"
+                            " row's mean pair minus the stores' mean round (what FUSE, the engine and the network add).",
+                            ["row", "stores: rounds/s", "round p50 / p99 / mean (µs)", "of the limit", "row pairs/s",
+                             "reached", "path (µs)"])
         for n in sorted(stores):
             st = stores[n]
             label, pairs = bound_row(fio, n, "fsync")
@@ -506,15 +511,15 @@ def markdown(data, out):
     copies = data.get("copies", {})
     limit_seq = fio.get("limit", {}).get("seqwrite")
     if copies:
-        lines += ["### The disk's share: N copies of every byte", "",
-                  "N sequential writers at once on this machine's disk (fio, 1 MiB QD8, direct I/O, a file each):"
-                  " on the test bed an N-replica row writes every byte N times to this one disk, so their total"
-                  " MiB/s over N is the most sequential write that row can reach here, whatever FUSE, the engine"
-                  " and the network cost. *Of the limit* is that bound over the limit (a)'s sequential write;"
-                  " *reached* is the row's MiB/s over the bound. With a disk per replica the 1-writer figure bounds"
-                  " every row.", "",
-                  "| row | N writers: total MiB/s | per copy: the bound (MiB/s) | of the limit | row MiB/s | reached |",
-                  "|---|---|---|---|---|---|"]
+        lines += table_head("The disk's share: N copies of every byte",
+                            "N sequential writers at once on this machine's disk (fio, 1 MiB QD8, direct I/O, a file each):"
+                            " on the test bed an N-replica row writes every byte N times to this one disk, so their total"
+                            " MiB/s over N is the most sequential write that row can reach here, whatever FUSE, the engine"
+                            " and the network cost. *Of the limit* is that bound over the limit (a)'s sequential write;"
+                            " *reached* is the row's MiB/s over the bound. With a disk per replica the 1-writer figure bounds"
+                            " every row.",
+                            ["row", "N writers: total MiB/s", "per copy: the bound (MiB/s)", "of the limit", "row MiB/s",
+                             "reached"])
         for n in sorted(copies):
             total = copies[n]["total_mib_s"]
             bound = total / n
